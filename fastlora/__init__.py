@@ -1,0 +1,1 @@
+"""fastlora: LoRA layers with fused Triton kernels and a lean PyTorch reference path."""

@@ -1,0 +1,197 @@
+"""Measurements: per-iteration forward/backward timing, saved-activation bytes, peak memory.
+
+Saved activations
+    Counted with ``torch.autograd.graph.saved_tensors_hooks`` during one forward: every tensor autograd
+    saves for backward is seen by the pack hook.  We count each *storage* once (q/k/v saving views of
+    one input count it once), by ``untyped_storage().nbytes()`` (the whole storage, as that is what is
+    kept alive), and exclude parameters and buffers (frozen weights are kept alive by the model anyway).
+    ``saved_new`` also excludes the storages of the inputs the caller hands in (the layer's input, which
+    the previous layer keeps anyway): what the layer itself allocates and keeps.
+
+Peak memory
+    CUDA: ``torch.cuda.max_memory_allocated`` over one forward+backward, minus the allocation before it
+    (so parameters and the input are not counted; activations, temporaries and gradients are).
+    CPU: torch's CPU allocator reports each allocation and free to ``torch.profiler`` when
+    ``profile_memory=True``; the peak of the running sum over one forward+backward is the same quantity
+    (allocations through torch's allocator only: oneDNN/BLAS scratch space is invisible and not counted).
+    If the profiler cannot give it, the result is ``None`` (shown "n/a"), never an estimate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterable
+
+import torch
+
+__all__ = ["SavedTensorCounter", "count_saved", "peak_memory", "Timer", "median"]
+
+
+def median(values: Iterable[float]) -> float | None:
+    vals = list(values)
+    return statistics.median(vals) if vals else None
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int] | None:
+    try:
+        st = t.untyped_storage()
+        return (str(t.device), st.data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+class SavedTensorCounter:
+    """Context manager: records the unique storages autograd saves while it is active."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = (), inputs: Iterable[torch.Tensor] = ()):
+        self._exclude = {k for k in (_storage_key(t) for t in exclude) if k is not None}
+        self._inputs = {k for k in (_storage_key(t) for t in inputs) if k is not None}
+        self.storages: dict[tuple[str, int], int] = {}
+        self.count = 0  # tensors packed (before de-duplication, parameters excluded)
+        self._hooks = None
+
+    def _pack(self, t: torch.Tensor):
+        key = _storage_key(t)
+        if key is not None and key not in self._exclude:
+            self.count += 1
+            if key not in self.storages:
+                self.storages[key] = t.untyped_storage().nbytes()
+        return t
+
+    @staticmethod
+    def _unpack(t):
+        return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of all unique saved storages (parameters and buffers excluded)."""
+        return sum(self.storages.values())
+
+    @property
+    def new_bytes(self) -> int:
+        """As ``bytes`` but without the storages of the declared inputs."""
+        return sum(n for k, n in self.storages.items() if k not in self._inputs)
+
+
+def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for m in modules:
+        out.extend(p.detach() for p in m.parameters())
+        out.extend(b for b in m.buffers())
+    return out
+
+
+def count_saved(
+    forward: Callable[[], object], exclude: Iterable[torch.Tensor] = (), inputs: Iterable[torch.Tensor] = ()
+) -> tuple[int, int, object]:
+    """Run ``forward()`` under the counter: ``(saved_bytes, saved_new_bytes, output)``.
+
+    Keep ``output`` alive until you have read the numbers (or backward it), so nothing is freed early.
+    """
+    with SavedTensorCounter(exclude=exclude, inputs=inputs) as c:
+        out = forward()
+    return c.bytes, c.new_bytes, out
+
+
+def _cpu_peak_from_profiler(step: Callable[[], None]) -> int | None:
+    from torch.profiler import ProfilerActivity, profile
+
+    fd, path = tempfile.mkstemp(suffix=".json", prefix="fastlora-bench-")
+    os.close(fd)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            step()
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    except Exception:  # noqa: BLE001 - "n/a" rather than a made-up number
+        return None
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    events = [
+        e
+        for e in trace.get("traceEvents", [])
+        if e.get("name") == "[memory]" and int(e.get("args", {}).get("Device Type", 0)) == 0
+    ]
+    if not events:
+        return None
+    events.sort(key=lambda e: e.get("ts", 0))
+    cur = peak = 0
+    for e in events:
+        cur += int(e["args"].get("Bytes", 0))
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[int | None, str]:
+    """Peak bytes allocated above the start while ``step()`` runs, and how it was measured."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    if device.type == "cpu":
+        peak = _cpu_peak_from_profiler(step)
+        return peak, ("cpu allocator via torch.profiler" if peak is not None else "n/a")
+    return None, "n/a"
+
+
+class Timer:
+    """Marks points in one iteration and returns the intervals in milliseconds.
+
+    CPU: ``time.perf_counter`` (ops are synchronous).  CUDA: CUDA events, read after one synchronize at
+    the end of the iteration so that timing does not stall the stream between the marks.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._marks: list = []
+
+    def mark(self) -> None:
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._marks.append(ev)
+        else:
+            self._marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            out = [a.elapsed_time(b) for a, b in zip(self._marks, self._marks[1:])]
+        else:
+            out = [(b - a) * 1e3 for a, b in zip(self._marks, self._marks[1:])]
+        self._marks = []
+        return out
+
+
+@contextmanager
+def num_threads(n: int | None):
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -1,0 +1,104 @@
+"""What machine and software a result came from: stamped into every JSON/CSV row."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import re
+import subprocess
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+__all__ = ["environment", "cpu_name", "gpu_name", "git_commit", "hardware_slug", "package_version"]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def gpu_name(device: str | torch.device | None = None) -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        dev = torch.device("cuda")
+    return torch.cuda.get_device_name(dev)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    """HEAD of the checkout fastlora is imported from (with ``-dirty`` when it has uncommitted changes)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def hardware_slug(device: str | torch.device) -> str:
+    """``cpu-amd-epyc`` / ``gpu-nvidia-h200``: the hardware part of a results file name."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "gpu-" + _slug(gpu_name(dev) or "cuda")
+    return "cpu-" + _slug(cpu_name())
+
+
+def environment(device: str | torch.device) -> dict:
+    """Machine, CPU/GPU name, versions and git commit, one flat dict (copied into every row)."""
+    dev = torch.device(device)
+    try:
+        import fastlora
+
+        fastlora_version = getattr(fastlora, "__version__", None) or package_version("fastlora-kernels")
+    except Exception:  # noqa: BLE001 - the bench must still run when fastlora's import is broken
+        fastlora_version = None
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(dev),
+        "gpu": gpu_name(dev) if dev.type == "cuda" else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": package_version("triton"),
+        "peft": package_version("peft"),
+        "transformers": package_version("transformers"),
+        "fastlora": fastlora_version,
+        "git_commit": git_commit(),
+    }

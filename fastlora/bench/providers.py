@@ -1,0 +1,203 @@
+"""Providers: who builds the layer (or adapts the model) being measured.
+
+Every provider builds, for ``(K, N, bias, r, alpha, p, dtype, device)``, a module that maps an (M, K)
+input to (M, N), with the base weight (and bias) frozen, and adapts a transformers model with the seed
+config for ``--model``.  Side by side in one run:
+
+* ``frozen``          – the base ``nn.Linear`` alone, weight frozen, input requiring grad: the floor.
+                        In ``--model`` mode: every weight frozen, the input embeddings' output requires
+                        grad (``model.enable_input_require_grads()``), so the step has a full backward.
+* ``peft``            – Hugging Face PEFT's ``lora.Linear`` (``inject_adapter_in_model``), PEFT defaults.
+* ``fastlora-torch``  – fastlora's ``LoRALinear`` with the PyTorch backend.
+* ``fastlora-triton`` – fastlora's ``LoRALinear`` with the Triton backend (CUDA only, unless asked for by
+                        name under ``TRITON_INTERPRET=1``, where the timings mean nothing).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "resolve_providers", "SEED_TARGETS"]
+
+SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Wrap(nn.Module):
+    """One Linear under a name PEFT's ``target_modules`` can match."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _frozen_linear(K, N, bias, dtype, device) -> nn.Linear:
+    lin = nn.Linear(K, N, bias=bias, device=device, dtype=dtype)
+    lin.requires_grad_(False)
+    return lin
+
+
+def _set_backend(module: nn.Module, backend: str) -> int:
+    """Set ``backend`` on every fastlora LoRALinear inside ``module``; returns how many."""
+    import fastlora
+
+    cls = getattr(fastlora, "LoRALinear", None)
+    n = 0
+    for m in module.modules():
+        if (cls is not None and isinstance(m, cls)) or hasattr(m, "lora_A") and hasattr(m, "backend"):
+            if hasattr(m, "backend"):
+                m.backend = backend
+                n += 1
+    return n
+
+
+@dataclass
+class Provider:
+    name: str
+    unavailable: Callable[[torch.device, bool], str | None]  # (device, explicitly requested) → reason or None
+    layer: Callable[..., nn.Module]
+    model: Callable[..., nn.Module]
+
+
+# ---- frozen base -------------------------------------------------------------------------------------
+
+
+def _frozen_unavailable(device, explicit):
+    return None
+
+
+def _frozen_layer(K, N, bias, r, alpha, p, dtype, device):
+    return _frozen_linear(K, N, bias, dtype, device)
+
+
+def _frozen_model(model, r, alpha, p, targets):
+    model.requires_grad_(False)
+    model.enable_input_require_grads()
+    return model
+
+
+# ---- PEFT --------------------------------------------------------------------------------------------
+
+
+def _peft_unavailable(device, explicit):
+    try:
+        import peft  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return f"peft not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def _peft_config(r, alpha, p, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=list(targets), bias="none")
+
+
+def _peft_layer(K, N, bias, r, alpha, p, dtype, device):
+    from peft import inject_adapter_in_model
+
+    wrap = _Wrap(_frozen_linear(K, N, bias, dtype, device))
+    wrap = inject_adapter_in_model(_peft_config(r, alpha, p, ["proj"]), wrap)
+    for name, prm in wrap.named_parameters():
+        prm.requires_grad_("lora_" in name)
+    return wrap
+
+
+def _peft_model(model, r, alpha, p, targets):
+    from peft import get_peft_model
+
+    cfg = _peft_config(r, alpha, p, targets)
+    cfg.task_type = "CAUSAL_LM"
+    return get_peft_model(model, cfg)
+
+
+# ---- fastlora ----------------------------------------------------------------------------------------
+
+
+def _fastlora_unavailable_for(backend):
+    def check(device, explicit):
+        try:
+            import fastlora
+        except Exception as e:  # noqa: BLE001
+            return f"fastlora not importable ({type(e).__name__}: {e})"
+        if not hasattr(fastlora, "LoRALinear"):
+            return "fastlora.LoRALinear not there yet"
+        if backend == "triton":
+            try:
+                import triton  # noqa: F401
+            except Exception as e:  # noqa: BLE001
+                return f"triton not importable ({e})"
+            interp = os.environ.get("TRITON_INTERPRET") == "1"
+            if device.type != "cuda" and not (explicit and interp):
+                return "needs CUDA (or TRITON_INTERPRET=1 and --providers fastlora-triton)"
+        return None
+
+    return check
+
+
+def _fastlora_layer_for(backend):
+    def build(K, N, bias, r, alpha, p, dtype, device):
+        import fastlora
+
+        m = fastlora.LoRALinear(K, N, bias=bias, r=r, lora_alpha=alpha, lora_dropout=p, device=device, dtype=dtype)
+        m.weight.requires_grad_(False)
+        if m.bias is not None:
+            m.bias.requires_grad_(False)
+        if hasattr(m, "backend"):
+            m.backend = backend
+        return m
+
+    return build
+
+
+def _fastlora_model_for(backend):
+    def adapt(model, r, alpha, p, targets):
+        import fastlora
+
+        cfg = fastlora.LoraConfig(
+            task_type="CAUSAL_LM", target_modules=list(targets), r=r, lora_alpha=alpha, lora_dropout=p
+        )
+        out = fastlora.get_peft_model(model, cfg)
+        _set_backend(out, backend)
+        return out
+
+    return adapt
+
+
+PROVIDERS: dict[str, Provider] = {
+    "frozen": Provider("frozen", _frozen_unavailable, _frozen_layer, _frozen_model),
+    "peft": Provider("peft", _peft_unavailable, _peft_layer, _peft_model),
+    "fastlora-torch": Provider(
+        "fastlora-torch", _fastlora_unavailable_for("torch"), _fastlora_layer_for("torch"), _fastlora_model_for("torch")
+    ),
+    "fastlora-triton": Provider(
+        "fastlora-triton",
+        _fastlora_unavailable_for("triton"),
+        _fastlora_layer_for("triton"),
+        _fastlora_model_for("triton"),
+    ),
+}
+DEFAULT_ORDER = ["frozen", "peft", "fastlora-torch", "fastlora-triton"]
+
+
+def resolve_providers(names: list[str] | None, device: torch.device) -> tuple[list[Provider], dict[str, str]]:
+    """The providers to run (in table order) and, for each one left out, why."""
+    explicit = names is not None
+    wanted = names if names else DEFAULT_ORDER
+    chosen, skipped = [], {}
+    for n in wanted:
+        if n not in PROVIDERS:
+            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(DEFAULT_ORDER)}")
+        reason = PROVIDERS[n].unavailable(device, explicit)
+        if reason is None:
+            chosen.append(PROVIDERS[n])
+        else:
+            skipped[n] = reason
+    return chosen, skipped

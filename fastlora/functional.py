@@ -1,0 +1,119 @@
+"""``lora_linear``: argument checks, the dropout seed draw and the backend choice, then the registered op."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from fastlora import ops
+
+BACKENDS = ("auto", "torch", "triton")
+
+# Seeds are drawn below 2^31 so the kernels' Philox key and the CPU generator see the same value.
+_SEED_HIGH = 2**31 - 1
+
+
+def _triton_interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_kernels(backend: str, x: Tensor) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    if x.is_cuda or (backend == "triton" and _triton_interpreter_on()):
+        if backend == "auto":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return False
+        return True
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "
+            f"x is on {x.device}"
+        )
+    return False
+
+
+def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(
+            f"weight, lora_A and lora_B must be 2-D, got shapes {tuple(weight.shape)}, "
+            f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
+        )
+    out_features, in_features = weight.shape
+    r = lora_A.shape[0]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}"
+        )
+    if lora_A.shape != (r, in_features) or lora_B.shape != (out_features, r):
+        raise ValueError(
+            f"lora_A must be (r, {in_features}) and lora_B ({out_features}, r) with one r; got "
+            f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+        )
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {devices}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    base = {"x": x.dtype, "weight": weight.dtype} | ({"bias": bias.dtype} if bias is not None else {})
+    if len(set(base.values())) > 1:
+        raise TypeError(f"x, weight and bias must share one dtype, got {base}")
+    if lora_A.dtype != lora_B.dtype or not lora_A.is_floating_point():
+        raise TypeError(
+            f"lora_A and lora_B must share one floating dtype, got {lora_A.dtype} and {lora_B.dtype}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    scaling: float,
+    dropout_p: float = 0.0,
+    *,
+    training: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, dropout on the LoRA branch only and only in training.
+
+    ``x`` is (..., in_features); ``weight`` (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r).  The
+    adapters may be kept in a wider dtype than the base (fp32 beside bf16, as PEFT does): the LoRA
+    branch then runs in the adapters' dtype.  ``backend``: "torch" (reference, any device), "triton"
+    (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), "auto" (triton on CUDA, else torch).
+    The dropout mask comes from a seed drawn from torch's RNG on x's device, so ``torch.manual_seed``
+    reproduces it and activation checkpointing replays it.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+    _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    use_kernels = _use_kernels(backend, x)
+    seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
+    with torch.autocast(x.device.type, enabled=False):
+        y, _ = ops.lora_linear_op(
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, use_kernels
+        )
+    return y.view(*x.shape[:-1], weight.shape[0])

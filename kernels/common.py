@@ -1,0 +1,49 @@
+"""Launcher-side helpers shared by the forward and backward launchers: flags derived from the operands."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .configs import INTERPRET
+
+__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "launch"]
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def block_r(r: int) -> int:
+    """r padded to a power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+def dot_precision() -> str:
+    """fp32 dots follow torch's matmul precision setting: "highest" → exact fp32, otherwise tf32."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def needs_int64(*tensors: Tensor | None) -> bool:
+    """True when some operand's furthest element lies past 2^31 - 1 (int32 offsets would wrap)."""
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if max(extent, t.numel()) > _INT32_LIMIT:
+            return True
+    return False
+
+
+def upcast(*tensors: Tensor | None) -> bool:
+    """Interpreter only: compute in fp32 when any operand is bf16 (the interpreter has no bf16 arithmetic)."""
+    return INTERPRET and any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def row_major(t: Tensor) -> Tensor:
+    """t itself when its last stride is 1, else a contiguous copy (the kernels take any leading stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def launch(kernel):
+    """The kernel as PyTorch's custom-op machinery wants it: ``torch.library.wrap_triton(kernel)``."""
+    return torch.library.wrap_triton(kernel)

@@ -1,0 +1,73 @@
+"""Forward launcher: S from the row-skinny kernel, then the fused GEMM writes y = x Wᵀ + b + s·S Bᵀ once."""
+
+from __future__ import annotations
+
+import torch
+import triton
+from torch import Tensor
+
+from .common import block_r, dot_precision, launch, needs_int64, row_major, upcast
+from .configs import R_CHUNK_MAX, m_bucket, rows_blocks
+from .dropout import keep_threshold
+from .gemm import autotuned_gemm
+from .skinny import rows_kernel
+
+__all__ = ["lora_forward"]
+
+
+def lora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    seed: Tensor,
+    scaling: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor]:
+    """Return ``(y, S)``: S = (x ⊙ m) Aᵀ / (1-p) in lora_A's dtype, y = x Wᵀ + b + s·S Bᵀ in x's dtype.
+
+    x (M, K) any strides (copied only when its last stride is not 1); weight (N, K); bias (N,) or None;
+    lora_A (r, K); lora_B (N, r); seed: int64 tensor of shape (1,) on x's device (loaded by the kernels).
+    dropout_p == 0 compiles the mask out.  fp32 accumulation throughout; no host synchronisation.
+    """
+    x = row_major(x)
+    M, K = x.shape
+    N = weight.shape[0]
+    r = lora_A.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    S = torch.empty((M, r), device=x.device, dtype=lora_A.dtype)
+    if M == 0:
+        return y, S
+
+    dropout = dropout_p > 0.0
+    threshold = keep_threshold(dropout_p) if dropout else 0
+    br = block_r(r)
+    common = dict(
+        INT64=needs_int64(x, y, weight),
+        UPCAST=upcast(x, lora_A),
+        PRECISION=dot_precision(),
+    )
+
+    blocks = rows_blocks(br)
+    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]),)](
+        x, lora_A, S, S, S, seed,
+        M, K, r,
+        x.stride(0), x.stride(1), lora_A.stride(1), lora_A.stride(0), S.stride(0), S.stride(1),
+        0, 0, 0, 0,
+        1.0 / (1.0 - dropout_p), 1.0, threshold,
+        DROPOUT=dropout, STORE_OUT=True, ACC_DQ=False, BLOCK_R=br, **common, **blocks,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(autotuned_gemm(x.dtype == torch.float32))[grid](
+        x, weight, y, bias if bias is not None else y, S, lora_B, seed,
+        M, N, K, r,
+        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
+        S.stride(0), S.stride(1), lora_B.stride(1), lora_B.stride(0),
+        float(scaling), 0, m_bucket(M),
+        HAS_BIAS=bias is not None, DROPOUT=False, BLOCK_R=min(br, R_CHUNK_MAX), **common,
+    )
+    return y, S

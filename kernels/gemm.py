@@ -1,0 +1,108 @@
+"""The fused GEMM: a base matmul whose accumulator also takes the (optionally dropout-masked) low-rank term.
+
+    C[M, N] = A[M, K] · B[K, N]  (+ bias[N])  +  scale · keep(m, n) ⊙ (P[M, R] · Q[R, N])
+
+forward: A = x, B = Wᵀ, P = S, Q = Bᵀ (the LoRA B), scale = s, no mask          → y, written once.
+dx:      A = dy, B = W,  P = dS·s/(1-p), Q = A (the LoRA A), scale = 1, mask m  → dx, written once.
+
+Grid: one program per (BLOCK_M × BLOCK_N) tile of C, ``cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N)`` programs in
+GROUP_M-row swizzled order (L2 reuse of B).  Every operand is addressed through its strides (stride 0 is
+fine); tails are masked; the accumulator is fp32; the low-rank product runs over R in BLOCK_R chunks in
+the epilogue, in the adapters' dtype (P is cast to Q's dtype), and C is stored once in its own dtype.
+INT64 switches row / column offsets to 64 bits (for operands past 2^31 elements); UPCAST (interpreter only)
+computes bf16 in fp32, which the interpreter cannot do natively.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import triton
+import triton.language as tl
+
+from .configs import gemm_configs
+from .dropout import keep_mask
+
+__all__ = ["fused_gemm_kernel", "autotuned_gemm"]
+
+
+@triton.jit
+def fused_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_pm, stride_pr, stride_qr, stride_qn,
+    lora_scale, keep_threshold, M_BUCKET,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m % M  # wrapped rows/cols keep the main loop free of M/N masks; the store masks them
+    cols = offs_n % N
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+
+    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue 1: the low-rank term, P · Q over R in BLOCK_R chunks.
+    offs_r = tl.arange(0, BLOCK_R)
+    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
+    q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
+    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in range(0, tl.cdiv(R, BLOCK_R)):
+        r_left = R - r * BLOCK_R
+        q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        low = tl.dot(p, q, low, input_precision=PRECISION)
+        p_ptrs += BLOCK_R * stride_pr
+        q_ptrs += BLOCK_R * stride_qr
+    if DROPOUT:
+        keep = keep_mask(seed_ptr, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N)
+        low = tl.where(keep, low, 0.0)
+    acc += lora_scale * low
+
+    # Epilogue 2: bias, one store.
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    c_rows = offs_m
+    c_cols = offs_n
+    if INT64:
+        c_rows = c_rows.to(tl.int64)
+        c_cols = c_cols.to(tl.int64)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + c_cols[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@lru_cache(maxsize=None)
+def autotuned_gemm(fp32: bool):
+    """The fused GEMM under ``triton.autotune`` with the device's config list, keyed by (M bucket, N, K)."""
+    return triton.autotune(configs=list(gemm_configs(fp32)), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)

@@ -1,0 +1,127 @@
+"""The rank-r ("skinny") kernels: each reads its big M × D operand once.
+
+rows_kernel — one program per BLOCK_M rows, walking D in BLOCK_D steps:
+    out[M, R]  = out_scale · (keep ⊙ X)[M, D] · Q[D, R]              (STORE_OUT)
+    dq[D, R]  += dq_scale  · X[M, D]ᵀ · S[M, R]     fp32 atomics      (ACC_DQ)
+  forward:  X = x,  Q = Aᵀ, out = S,  out_scale = 1/(1-p), keep mask on          (S = h Aᵀ)
+  backward: X = dy, Q = B,  out = dS, out_scale = s/(1-p), dq = dB, dq_scale = s  (dS and dB from one read of dy)
+
+cols_kernel — grid (cdiv(D, BLOCK_D), splits); program (d, j) reduces rows [j·rows_per_split, (j+1)·rows_per_split):
+    out[R, D] (+)= P[M, R]ᵀ · (keep ⊙ X)[M, D]    (fp32 atomics when ATOMIC, plain store for one split)
+  backward: X = x, P = dS (already carrying s/(1-p)), out = dA                   (dA = dSᵀ h)
+
+X is cast to the adapters' dtype (Q's / P's) before the dot, as the reference casts x to lora_A.dtype; BLOCK_R
+is r padded to a power of two >= 16 for tl.dot, padded columns masked; accumulation is fp32; INT64 and
+UPCAST as in gemm.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .dropout import keep_mask
+
+__all__ = ["rows_kernel", "cols_kernel"]
+
+
+@triton.jit
+def rows_kernel(
+    x_ptr, q_ptr, out_ptr, s_ptr, dq_ptr, seed_ptr,
+    M, D, R,
+    stride_xm, stride_xd, stride_qd, stride_qr, stride_om, stride_or,
+    stride_sm, stride_sr, stride_dqd, stride_dqr,
+    out_scale, dq_scale, keep_threshold,
+    DROPOUT: tl.constexpr, STORE_OUT: tl.constexpr, ACC_DQ: tl.constexpr, BLOCK_R: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    row_ok = offs_m < M
+    r_ok = offs_r < R
+    rows = offs_m
+    if INT64:
+        rows = rows.to(tl.int64)
+
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd
+    q_ptrs = q_ptr + offs_d[:, None] * stride_qd + offs_r[None, :] * stride_qr
+    dq_ptrs = dq_ptr + offs_d[:, None] * stride_dqd + offs_r[None, :] * stride_dqr
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if ACC_DQ:
+        s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                         mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        if UPCAST:
+            s_tile = s_tile.to(tl.float32)
+    for d in range(0, tl.cdiv(D, BLOCK_D)):
+        d_ok = offs_d < D - d * BLOCK_D
+        x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(keep_mask(seed_ptr, offs_m, d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
+        x = x.to(q.dtype)
+        if UPCAST:
+            x = x.to(tl.float32)
+            q = q.to(tl.float32)
+        if STORE_OUT:
+            acc = tl.dot(x, q, acc, input_precision=PRECISION)
+        if ACC_DQ:
+            part = tl.dot(tl.trans(x), s_tile.to(x.dtype), input_precision=PRECISION)
+            tl.atomic_add(dq_ptrs, part * dq_scale, mask=d_ok[:, None] & r_ok[None, :])
+            dq_ptrs += BLOCK_D * stride_dqd
+        x_ptrs += BLOCK_D * stride_xd
+        q_ptrs += BLOCK_D * stride_qd
+    if STORE_OUT:
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
+        tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def cols_kernel(
+    x_ptr, p_ptr, out_ptr, seed_ptr,
+    M, D, R, rows_per_split,
+    stride_xm, stride_xd, stride_pm, stride_pr, stride_or, stride_od,
+    keep_threshold,
+    DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    d_ok = offs_d < D
+    r_ok = offs_r < R
+    cols = offs_d
+    if INT64:
+        cols = cols.to(tl.int64)
+    m_lo = pid_s * rows_per_split
+    m_hi = min(M, m_lo + rows_per_split)
+
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_hi
+        rows = offs_m
+        if INT64:
+            rows = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        if DROPOUT:
+            x = tl.where(keep_mask(seed_ptr, offs_m, pid_d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
+        x = x.to(p.dtype)
+        if UPCAST:
+            x = x.to(tl.float32)
+            p = p.to(tl.float32)
+        acc = tl.dot(tl.trans(p), x, acc, input_precision=PRECISION)
+
+    out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od
+    out_mask = r_ok[:, None] & d_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

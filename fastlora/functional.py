@@ -39,6 +39,14 @@ def _use_kernels(backend: str, x: Tensor) -> bool:
     return False
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        return None
+    return torch.get_autocast_dtype(device_type) if enabled else None
+
+
 def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, Tensor):
@@ -69,6 +77,11 @@ def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, drop
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_dtypes(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
     base = {"x": x.dtype, "weight": weight.dtype} | ({"bias": bias.dtype} if bias is not None else {})
@@ -78,8 +91,6 @@ def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, drop
         raise TypeError(
             f"lora_A and lora_B must share one floating dtype, got {lora_A.dtype} and {lora_B.dtype}"
         )
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
 
 def lora_linear(
@@ -103,12 +114,13 @@ def lora_linear(
     The dropout mask comes from a seed drawn from torch's RNG on x's device, so ``torch.manual_seed``
     reproduces it and activation checkpointing replays it.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
-    _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    _check_dtypes(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     use_kernels = _use_kernels(backend, x)
     seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device) if p > 0.0 else None

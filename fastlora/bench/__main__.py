@@ -1,0 +1,3 @@
+from fastlora.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,232 @@
+"""``fastlora bench`` / ``python -m fastlora.bench``: argument parsing and the run."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from . import report
+from .meta import environment, gpu_name
+from .presets import GPU_SPECS, MODEL_PRESETS, PROJECTIONS, find_gpu_spec, parse_shape, projections
+from .providers import DEFAULT_ORDER, SEED_TARGETS, resolve_providers
+from .roofline import Roofline
+from .runner import DTYPES, LayerCase, ModelCase, add_ratios, run_layers, run_model
+
+__all__ = ["main", "build_parser"]
+
+QUICK_PROJ = ["q_proj", "gate_proj", "down_proj"]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(t) for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fastlora bench",
+        description=(
+            "Benchmark LoRA layers (and one training step of a small Llama-architecture model with --model): "
+            "the frozen base, PEFT, fastlora's torch path and (on CUDA) its triton path, side by side. "
+            "Reports forward/backward time, ratios to the frozen base and to PEFT, saved-activation bytes, "
+            "peak memory and a roofline floor."
+        ),
+    )
+    g = ap.add_argument_group("what to run")
+    g.add_argument("--preset", action="append", choices=sorted(MODEL_PRESETS), help="layer shapes of this model (repeatable; default llama-3-8b)")
+    g.add_argument("--proj", help=f"comma list of projections of the preset (default all: {','.join(PROJECTIONS)})")
+    g.add_argument("--shape", action="append", type=parse_shape, metavar="M,K,N", help="an extra layer shape: tokens M, in K, out N (repeatable)")
+    g.add_argument("--tokens", type=int, help="tokens M for preset shapes (default 8192 on CUDA, 256 on CPU)")
+    g.add_argument(
+        "--model",
+        nargs="?",
+        const="tiny",
+        choices=sorted(MODEL_PRESETS),
+        help="end-to-end mode: one training step of a Llama-architecture model at this preset's width (default tiny)",
+    )
+    g.add_argument("--layers", type=int, help="decoder layers for --model (default: the preset's, 2)")
+    g.add_argument("--batch", type=int, help="batch for --model (default: the preset's)")
+    g.add_argument("--seq", type=int, help="sequence length for --model (default: the preset's)")
+    g.add_argument("--vocab", type=int, help="vocabulary for --model (default: the preset's real one)")
+    g.add_argument("--providers", help=f"comma list from {','.join(DEFAULT_ORDER)} (default: all available)")
+    g.add_argument("--quick", action="store_true", help="small cases and few repeats: under a minute on a 2-core CPU")
+    g = ap.add_argument_group("LoRA and numerics")
+    g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank (default 8)")
+    g.add_argument("--alpha", type=float, help="lora_alpha (default 4 × rank, the seed config's 32 at r=8)")
+    g.add_argument("--dropout", type=_floats, help="comma list of dropout p (default 0.1 for layers, 0.1,0 for --model)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="default float32 on CPU, bfloat16 on CUDA (model mode: the tiny preset is float32)")
+    g.add_argument("--device", help="cpu or cuda[:i] (default cuda when available)")
+    g.add_argument("--threads", type=int, help="torch.set_num_threads for the run")
+    g = ap.add_argument_group("timing")
+    g.add_argument("--warmup", type=int, help="warm-up rounds (default 10 CUDA / 2 CPU)")
+    g.add_argument("--repeats", type=int, help="timed rounds, median reported (default 50 CUDA / 10 CPU)")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    g = ap.add_argument_group("roofline")
+    g.add_argument("--gpu", help=f"use this GPU's peak figures ({', '.join(s.name for s in GPU_SPECS)}); default: detected")
+    g.add_argument("--peak-tflops", type=float, help="peak matrix rate in TFLOP/s (overrides the table)")
+    g.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth in GB/s (overrides the table)")
+    g = ap.add_argument_group("output")
+    g.add_argument("--json", metavar="FILE", help="write rows (with machine, versions and git commit in each) as JSON")
+    g.add_argument("--csv", metavar="FILE", help="write rows as CSV")
+    g.add_argument("--plot", metavar="FILE.png", help="grouped bars of time and memory per case and provider")
+    g.add_argument("--markdown", metavar="FILE", help="write the markdown table (as in the README) to FILE ('-' for stdout)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _roofline(args, device: torch.device, dtype: torch.dtype) -> Roofline | None:
+    spec = find_gpu_spec(args.gpu) if args.gpu else (find_gpu_spec(gpu_name(device)) if device.type == "cuda" else None)
+    if args.gpu and spec is None:
+        raise SystemExit(f"--gpu {args.gpu!r}: not in the table ({', '.join(s.name for s in GPU_SPECS)})")
+    dname = str(dtype).replace("torch.", "")
+    allow_tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if device.type == "cuda" else False
+    tflops = args.peak_tflops if args.peak_tflops else (spec.tflops(dname, allow_tf32) if spec else None)
+    bw = args.bandwidth_gbs if args.bandwidth_gbs else (spec.bandwidth_gbs if spec else None)
+    if tflops is None or bw is None:
+        return None
+    name = spec.name if spec and not (args.peak_tflops or args.bandwidth_gbs) else (
+        f"{spec.name if spec else 'custom'} ({tflops:g} TFLOP/s, {bw:g} GB/s)"
+    )
+    return Roofline(name, tflops, bw)
+
+
+class _Progress:
+    def __init__(self, total_rounds: int, enabled: bool):
+        self.bar = None
+        if enabled and total_rounds > 0:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total_rounds, desc="fastlora bench", unit="round", file=sys.stderr, leave=False)
+            except ImportError:
+                self.bar = None
+
+    def round(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def describe(self, text: str):
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv_list)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("fastlora bench: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
+    alpha = args.alpha if args.alpha is not None else 4.0 * args.rank
+    warmup = args.warmup if args.warmup is not None else ((3 if on_gpu else 1) if args.quick else (10 if on_gpu else 2))
+    repeats = args.repeats if args.repeats is not None else ((10 if on_gpu else 5) if args.quick else (50 if on_gpu else 10))
+    names = [n.strip() for n in args.providers.split(",")] if args.providers else None
+    try:
+        providers, skipped = resolve_providers(names, device)
+    except ValueError as e:
+        print(f"fastlora bench: {e}", file=sys.stderr)
+        return 2
+    if not providers:
+        print("fastlora bench: no provider available: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), file=sys.stderr)
+        return 2
+
+    # ---- cases
+    want_layers = bool(args.preset or args.shape) or args.model is None
+    want_model = args.model is not None or (args.quick and not (args.preset or args.shape))
+    layer_cases: list[LayerCase] = []
+    if want_layers:
+        presets = args.preset or (["tiny"] if args.quick and not on_gpu and not args.shape else ([] if args.shape else ["llama-3-8b"]))
+        only = [p.strip() for p in args.proj.split(",")] if args.proj else (QUICK_PROJ if args.quick else None)
+        tokens = args.tokens or ((4096 if on_gpu else 1024) if args.quick else (8192 if on_gpu else 256))
+        if args.quick and not on_gpu and "tiny" in presets and not args.tokens:
+            tokens = 1024
+        drops = args.dropout or [0.1]
+        for p in drops:
+            for pname in presets:
+                for proj, K, N, bias in projections(MODEL_PRESETS[pname], only):
+                    layer_cases.append(LayerCase(proj, pname, tokens, K, N, bias, args.rank, alpha, p, dtype))
+            for M, K, N in args.shape or []:
+                layer_cases.append(LayerCase("shape", None, M, K, N, False, args.rank, alpha, p, dtype))
+    model_cases: list[ModelCase] = []
+    if want_model:
+        pr = MODEL_PRESETS[args.model or "tiny"]
+        mdtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if pr.name == "tiny" or not on_gpu else torch.bfloat16)
+        for p in args.dropout or [0.1, 0.0]:
+            model_cases.append(
+                ModelCase(
+                    pr,
+                    args.layers or pr.layers,
+                    args.batch or pr.batch,
+                    args.seq or pr.seq,
+                    args.vocab or pr.vocab,
+                    args.rank,
+                    alpha,
+                    p,
+                    mdtype,
+                    list(SEED_TARGETS),
+                )
+            )
+
+    roof = _roofline(args, device, dtype)
+    meta = environment(device)
+    for name, why in skipped.items():
+        print(f"fastlora bench: skipping {name}: {why}", file=sys.stderr)
+
+    progress = _Progress((len(layer_cases) + len(model_cases)) * (warmup + repeats), not args.no_progress)
+    rows: list[dict] = []
+    try:
+        if layer_cases:
+            progress.describe("layers")
+            rows += run_layers(
+                layer_cases, providers, device, warmup=warmup, repeats=repeats, roofline=roof,
+                memory=not args.no_memory, on_round=progress.round,
+            )
+        if model_cases:
+            progress.describe("model")
+            rows += run_model(
+                model_cases, providers, device, warmup=warmup, repeats=repeats,
+                memory=not args.no_memory, on_round=progress.round,
+            )
+    finally:
+        progress.close()
+    add_ratios(rows)
+
+    header = report._machine_line(meta)
+    print(f"fastlora bench — {header}")
+    if roof is None:
+        print("roofline: n/a (no GPU table entry for this device; pass --peak-tflops and --bandwidth-gbs)")
+    else:
+        print(f"roofline: {roof.name}: {roof.tflops:g} TFLOP/s, {roof.bandwidth_gbs:g} GB/s")
+    print()
+    print(report.format_table(rows))
+    command = "fastlora bench " + " ".join(shlex.quote(a) for a in argv_list)
+    extra = {"command": command.strip(), "skipped": skipped}
+    if args.json:
+        report.write_json(args.json, rows, meta, extra)
+        print(f"wrote {args.json}")
+    if args.csv:
+        report.write_csv(args.csv, rows, meta)
+        print(f"wrote {args.csv}")
+    if args.plot:
+        report.plot(rows, args.plot, title=header)
+        print(f"wrote {args.plot}")
+    if args.markdown:
+        doc = {"schema": report.SCHEMA, "meta": meta, "rows": [{**meta, **r} for r in rows], **extra}
+        text = report.markdown([doc])
+        if args.markdown == "-":
+            print(text)
+        else:
+            with open(args.markdown, "w") as f:
+                f.write(text)
+            print(f"wrote {args.markdown}")
+    return 0

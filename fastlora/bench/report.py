@@ -1,0 +1,339 @@
+"""Tables (stdout, markdown), JSON/CSV files and plots from result rows.
+
+``python -m fastlora.bench.report RESULTS.json [...] [--plot-link PATH]`` renders the README's
+performance section (markdown) from results files, so no figure is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterable
+
+__all__ = [
+    "format_table",
+    "markdown",
+    "write_json",
+    "write_csv",
+    "read_results",
+    "plot",
+    "targets",
+    "main",
+]
+
+SCHEMA = "fastlora-bench/1"
+MIB = 2**20
+PROVIDER_ORDER = {"frozen": 0, "peft": 1, "fastlora-torch": 2, "fastlora-triton": 3}
+
+# The CPU targets of issue 4 (tiny model, torch path), checked from model rows.
+TARGET_SAVED_P_VS_P0 = 1.0
+TARGET_SAVED_VS_PEFT = 0.7
+TARGET_TIME_VS_PEFT = 0.85
+
+
+# ---- formatting helpers ----------------------------------------------------------------------------
+
+
+def _num(v, fmt="{:.2f}", na="n/a"):
+    if v is None or (isinstance(v, float) and (math.isnan(v) or math.isinf(v))):
+        return na
+    return fmt.format(v)
+
+
+def _ms(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def _mib(v):
+    return _num(None if v is None else v / MIB, "{:.2f}")
+
+
+def _x(v):
+    return _num(v, "{:.2f}×", "–")
+
+
+def _sort_key(row):
+    return PROVIDER_ORDER.get(row["provider"], 99)
+
+
+def _case_label(row) -> str:
+    if row["mode"] == "layer":
+        name = row["case"] if not row.get("preset") else f"{row['preset']} {row['case']}"
+        return f"{name} {row['M']}×{row['K']}→{row['N']} p={row['dropout']:g}"
+    return f"{row['case']} p={row['dropout']:g}"
+
+
+def _grouped(rows: Iterable[dict]) -> list[tuple[str, list[dict]]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["mode"], _case_label(r), r.get("dtype")), []).append(r)
+    return [(f"{k[1]} {k[2]}", sorted(v, key=_sort_key)) for k, v in out.items()]
+
+
+def _columns(mode: str, with_floor: bool):
+    """(header, function of row) pairs; the ratio columns lead."""
+    if mode == "layer":
+        cols = [
+            ("provider", lambda r: r["provider"]),
+            ("time ×frozen", lambda r: _x(r.get("time_vs_frozen"))),
+            ("time ×PEFT", lambda r: _x(r.get("time_vs_peft"))),
+            ("saved ×PEFT", lambda r: _x(r.get("saved_vs_peft"))),
+            ("fwd+bwd ms", lambda r: _ms(r.get("fwd_bwd_ms"))),
+            ("fwd ms", lambda r: _ms(r.get("fwd_ms"))),
+            ("bwd ms", lambda r: _ms(r.get("bwd_ms"))),
+            ("saved MiB", lambda r: _mib(r.get("saved_bytes"))),
+            ("new saved MiB", lambda r: _mib(r.get("saved_new_bytes"))),
+            ("peak MiB", lambda r: _mib(r.get("peak_mem_bytes"))),
+        ]
+        if with_floor:
+            cols += [
+                ("floor ms", lambda r: _ms(r.get("floor_ms"))),
+                ("×floor", lambda r: _x(r.get("of_floor"))),
+            ]
+        else:
+            cols += [("floor", lambda r: "n/a")]
+        return cols
+    return [
+        ("provider", lambda r: r["provider"]),
+        ("step ×frozen", lambda r: _x(r.get("time_vs_frozen"))),
+        ("step ×PEFT", lambda r: _x(r.get("time_vs_peft"))),
+        ("saved ×frozen", lambda r: _x(r.get("saved_vs_frozen"))),
+        ("saved ×PEFT", lambda r: _x(r.get("saved_vs_peft"))),
+        ("step ms", lambda r: _ms(r.get("fwd_bwd_ms"))),
+        ("tokens/s", lambda r: _num(r.get("tokens_per_s"), "{:,.0f}")),
+        ("fwd ms", lambda r: _ms(r.get("fwd_ms"))),
+        ("bwd ms", lambda r: _ms(r.get("bwd_ms"))),
+        ("saved MiB", lambda r: _mib(r.get("saved_bytes"))),
+        ("peak MiB", lambda r: _mib(r.get("peak_mem_bytes"))),
+        ("peak ×PEFT", lambda r: _x(r.get("peak_vs_peft"))),
+    ]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table per mode, one block per case."""
+    out = []
+    for mode in ("layer", "model"):
+        mrows = [r for r in rows if r["mode"] == mode]
+        if not mrows:
+            continue
+        with_floor = any(r.get("floor_ms") for r in mrows)
+        cols = _columns(mode, with_floor)
+        for label, group in _grouped(mrows):
+            cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in group]
+            widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+            out.append(label)
+            for j, line in enumerate(cells):
+                out.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+                if j == 0:
+                    out.append("  " + "  ".join("-" * w for w in widths))
+            out.append("")
+    tl = targets(rows)
+    if tl:
+        out.append("targets (fastlora torch path vs PEFT, model mode):")
+        out.extend("  " + line for line in tl)
+        out.append("")
+    return "\n".join(out)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return lines
+
+
+def _machine_line(meta: dict) -> str:
+    hw = meta.get("gpu") or meta.get("cpu") or "?"
+    parts = [f"{hw} ({meta.get('device')}, {meta.get('threads')} threads)" if not meta.get("gpu") else f"{hw}"]
+    for k in ("torch", "triton", "peft", "transformers"):
+        if meta.get(k):
+            parts.append(f"{k} {meta[k]}")
+    if meta.get("git_commit"):
+        parts.append(f"fastlora @ {meta['git_commit'][:12]}")
+    if meta.get("date"):
+        parts.append(meta["date"][:10])
+    return ", ".join(parts)
+
+
+def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
+    """Lines checking the issue-4 targets from model rows (empty if the rows do not have them)."""
+    lines = []
+    by = {}
+    for r in rows:
+        if r["mode"] == "model":
+            by[(r["case"], r["dtype"], r["dropout"], r["provider"])] = r
+    cases = sorted({(k[0], k[1]) for k in by})
+    for case, dtype in cases:
+        drops = sorted({k[2] for k in by if k[0] == case and k[1] == dtype})
+        p_pos = [d for d in drops if d > 0]
+        for p in p_pos:
+            fl, pe = by.get((case, dtype, p, provider)), by.get((case, dtype, p, "peft"))
+            fl0 = by.get((case, dtype, 0.0, provider))
+            if fl is None:
+                continue
+            head = f"{case} {dtype} p={p:g}:"
+            checks = []
+            if fl0 is not None and fl0.get("saved_bytes"):
+                v = fl["saved_bytes"] / fl0["saved_bytes"]
+                checks.append(("saved(p) / saved(p=0)", v, TARGET_SAVED_P_VS_P0))
+            if pe is not None:
+                if pe.get("saved_bytes"):
+                    checks.append(("saved / PEFT saved", fl["saved_bytes"] / pe["saved_bytes"], TARGET_SAVED_VS_PEFT))
+                if pe.get("fwd_bwd_ms"):
+                    checks.append(("step time / PEFT step time", fl["fwd_bwd_ms"] / pe["fwd_bwd_ms"], TARGET_TIME_VS_PEFT))
+            for name, v, tgt in checks:
+                ok = "met" if v <= tgt + 1e-9 else "MISSED"
+                lines.append(f"{head} {provider} {name} = {v:.2f} (target ≤ {tgt:g}): {ok}")
+    return lines
+
+
+def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
+    """The README performance section for one or more results documents (``read_results`` output)."""
+    out = ["## Performance", ""]
+    out.append(
+        "Generated by `python -m fastlora.bench.report` from the files in `bench/results/`; every figure "
+        "below is in one of them. Ratios are per case, measured in one run with the providers interleaved "
+        "(median of the timed rounds after warm-up). *frozen* is the base layer/model with every weight "
+        "frozen and the input requiring grad (the floor); *saved* is the bytes autograd keeps for backward "
+        "(unique storages, parameters excluded), measured with `saved_tensors_hooks`; *peak* is the most "
+        "memory allocated above the start of one forward+backward (CPU: torch's allocator via "
+        "`torch.profiler`)."
+    )
+    out.append("")
+    for doc in results:
+        rows = doc["rows"]
+        meta = doc.get("meta") or (rows[0] if rows else {})
+        src = doc.get("_path")
+        mode = "model" if all(r["mode"] == "model" for r in rows) else "layer"
+        title = "One training step, Llama-architecture model" if mode == "model" else "Single layers"
+        out.append(f"### {title} — {_machine_line(meta)}")
+        out.append("")
+        if src:
+            out.append(f"Source: `{src}`" + (f"; command: `{doc['command']}`" if doc.get("command") else ""))
+            out.append("")
+        for m in ("layer", "model"):
+            mrows = [r for r in rows if r["mode"] == m]
+            if not mrows:
+                continue
+            with_floor = any(r.get("floor_ms") for r in mrows)
+            cols = _columns(m, with_floor)
+            header = ["case"] + [h for h, _ in cols]
+            body = []
+            for label, group in _grouped(mrows):
+                for i, r in enumerate(group):
+                    body.append([label if i == 0 else ""] + [f(r) for _, f in cols])
+            out.extend(_md_table(header, body))
+            out.append("")
+        tl = targets(rows)
+        if tl:
+            out.append("Targets (issue 4, fastlora's torch path):")
+            out.append("")
+            out.extend(f"- {line}" for line in tl)
+            out.append("")
+        if not any(r.get("floor_ms") for r in rows if r["mode"] == "layer") and any(r["mode"] == "layer" for r in rows):
+            out.append("Roofline: n/a on CPU (no peak rate/bandwidth table entry; pass `--peak-tflops` and `--bandwidth-gbs`).")
+            out.append("")
+    for link in plot_links:
+        out.append(f"![fastlora benchmark]({link})")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+# ---- files -----------------------------------------------------------------------------------------
+
+
+def write_json(path: str | Path, rows: list[dict], meta: dict, extra: dict | None = None) -> None:
+    doc = {"schema": SCHEMA, "meta": meta, **(extra or {}), "rows": [{**meta, **r} for r in rows]}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=1, default=str) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict], meta: dict) -> None:
+    full = [{**meta, **r} for r in rows]
+    fields: list[str] = []
+    for r in full:
+        for k in r:
+            if k not in fields:
+                fields.append(k)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in full:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+
+
+def read_results(path: str | Path) -> dict:
+    doc = json.loads(Path(path).read_text())
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: not a fastlora bench results file (schema {doc.get('schema')!r})")
+    doc["_path"] = str(path)
+    return doc
+
+
+def plot(rows: list[dict], path: str | Path, title: str | None = None) -> None:
+    """Grouped bars per case and provider: fwd+bwd time, saved activations and (if measured) peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _grouped(rows)
+    provs = sorted({r["provider"] for r in rows}, key=lambda p: PROVIDER_ORDER.get(p, 99))
+    panels = [("fwd_bwd_ms", "forward+backward (ms)", 1.0), ("saved_bytes", "saved activations (MiB)", 1 / MIB)]
+    if any(r.get("peak_mem_bytes") for r in rows):
+        panels.append(("peak_mem_bytes", "peak memory (MiB)", 1 / MIB))
+    n = len(groups)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.1 * n * len(provs) / 2 + 2), 2.6 * len(panels) + 0.8), squeeze=False)
+    width = 0.8 / max(1, len(provs))
+    colors = {"frozen": "#999999", "peft": "#d62728", "fastlora-torch": "#1f77b4", "fastlora-triton": "#2ca02c"}
+    for ax, (metric, ylabel, scale) in zip(axes[:, 0], panels):
+        for j, p in enumerate(provs):
+            vals = []
+            for _, g in groups:
+                r = next((r for r in g if r["provider"] == p), None)
+                v = None if r is None else r.get(metric)
+                vals.append(float("nan") if v is None else v * scale)
+            xs = [i + (j - (len(provs) - 1) / 2) * width for i in range(n)]
+            ax.bar(xs, vals, width, label=p, color=colors.get(p))
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(range(n))
+        ax.set_xticklabels([lbl for lbl, _ in groups], rotation=20, ha="right", fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, ncol=len(provs))
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m fastlora.bench.report",
+        description="Render the README performance section (markdown) from fastlora bench results files.",
+    )
+    ap.add_argument("results", nargs="+", help="results JSON files written by `fastlora bench --json`")
+    ap.add_argument("--plot-link", action="append", default=[], help="image path to show under the tables")
+    ap.add_argument("--plot", help="also (re)draw a plot of all rows to this PNG")
+    ap.add_argument("-o", "--output", help="write the markdown here instead of stdout")
+    args = ap.parse_args(argv)
+    docs = [read_results(p) for p in args.results]
+    if args.plot:
+        plot([r for d in docs for r in d["rows"]], args.plot)
+    text = markdown(docs, args.plot_link)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,344 @@
+"""The two benchmark modes: single layers (``run_layers``) and one training step of a model (``run_model``).
+
+Providers are measured interleaved: each round runs one iteration of every provider of the case in
+turn, so slow drifts of a shared machine (other jobs, clock changes) hit all providers alike.  Timings
+are the median over the timed rounds, after the warm-up rounds.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+
+from .measure import Timer, count_saved, median, module_tensors, peak_memory
+from .presets import ModelPreset
+from .providers import SEED_TARGETS, Provider
+from .roofline import Roofline, floor_ms, layer_cost
+
+__all__ = ["LayerCase", "ModelCase", "run_layers", "run_model", "add_ratios", "DTYPES"]
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass
+class LayerCase:
+    label: str  # preset projection name ("q_proj") or "shape"
+    preset: str | None
+    M: int
+    K: int
+    N: int
+    bias: bool
+    r: int
+    alpha: float
+    dropout: float
+    dtype: torch.dtype
+
+
+@dataclass
+class ModelCase:
+    preset: ModelPreset
+    layers: int
+    batch: int
+    seq: int
+    vocab: int
+    r: int
+    alpha: float
+    dropout: float
+    dtype: torch.dtype
+    targets: list[str] = field(default_factory=lambda: list(SEED_TARGETS))
+
+
+def _clear_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _round(providers, iterate, device, warmup, repeats, progress=None):
+    """Interleaved rounds; returns {provider name: (list fwd ms, list bwd ms)}."""
+    times = {p.name: ([], []) for p in providers}
+    for i in range(warmup + repeats):
+        for p in providers:
+            fwd, bwd = iterate(p)
+            if i >= warmup:
+                times[p.name][0].append(fwd)
+                times[p.name][1].append(bwd)
+        if progress is not None:
+            progress()
+    return times
+
+
+def _timing_fields(fwd: list[float], bwd: list[float]) -> dict:
+    tot = [a + b for a, b in zip(fwd, bwd)]
+    return {
+        "fwd_ms": median(fwd),
+        "bwd_ms": median(bwd),
+        "fwd_bwd_ms": median(tot),
+        "fwd_bwd_ms_min": min(tot) if tot else None,
+        "fwd_bwd_ms_max": max(tot) if tot else None,
+    }
+
+
+def run_layers(
+    cases: list[LayerCase],
+    providers: list[Provider],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    roofline: Roofline | None = None,
+    memory: bool = True,
+    on_case_done: Callable[[], None] | None = None,
+    on_round: Callable[[], None] | None = None,
+) -> list[dict]:
+    rows: list[dict] = []
+    for case in cases:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(case.M, case.K, generator=gen).to(device=device, dtype=case.dtype).requires_grad_(True)
+        dy = torch.randn(case.M, case.N, generator=gen).to(device=device, dtype=case.dtype)
+        mods = {}
+        for p in providers:
+            torch.manual_seed(0)
+            mods[p.name] = p.layer(case.K, case.N, case.bias, case.r, case.alpha, case.dropout, case.dtype, device)
+            mods[p.name].train()
+        trainable = {n: [t for t in m.parameters() if t.requires_grad] + [x] for n, m in mods.items()}
+
+        def iterate(p: Provider):
+            _clear_grads(trainable[p.name])
+            t = Timer(device)
+            t.mark()
+            y = mods[p.name](x)
+            t.mark()
+            y.backward(dy)
+            t.mark()
+            fwd, bwd = t.intervals_ms()
+            return fwd, bwd
+
+        times = _round(providers, iterate, device, warmup, repeats, on_round)
+        elem = torch.empty((), dtype=case.dtype).element_size()
+        for p in providers:
+            m = mods[p.name]
+            lora = p.name != "frozen"
+            adapter_elem = elem
+            for n_, prm in m.named_parameters():
+                if "lora_A" in n_:
+                    adapter_elem = prm.element_size()
+            row = {
+                "mode": "layer",
+                "preset": case.preset,
+                "case": case.label,
+                "M": case.M,
+                "K": case.K,
+                "N": case.N,
+                "bias": case.bias,
+                "r": case.r,
+                "alpha": case.alpha,
+                "dropout": case.dropout,
+                "dtype": dtype_name(case.dtype),
+                "adapter_dtype": dtype_name(next((q.dtype for k, q in m.named_parameters() if "lora_A" in k), case.dtype)) if lora else None,
+                "provider": p.name,
+                "warmup": warmup,
+                "repeats": repeats,
+            }
+            row.update(_timing_fields(*times[p.name]))
+            # Saved activations: one forward under the hooks, then its backward (frees the graph).
+            _clear_grads(trainable[p.name])
+            sb, snb, y = count_saved(lambda: m(x), exclude=module_tensors(m), inputs=[x])
+            y.backward(dy)
+            del y
+            row["saved_bytes"] = sb
+            row["saved_new_bytes"] = snb
+            if memory:
+                _clear_grads(trainable[p.name])
+                _sync(device)
+                peak, how = peak_memory(lambda: m(x).backward(dy), device)
+            else:
+                peak, how = None, "not measured"
+            row["peak_mem_bytes"] = peak
+            row["peak_mem_method"] = how
+            cost = layer_cost(case.M, case.K, case.N, case.r, lora=lora, elem=elem, adapter_elem=adapter_elem, bias=case.bias)
+            row["flops"] = cost.flops
+            row["min_bytes"] = cost.bytes
+            if roofline is not None:
+                fl = floor_ms(cost, roofline)
+                row["roofline"] = roofline.name
+                row["floor_fwd_ms"] = fl["fwd"]
+                row["floor_bwd_ms"] = fl["bwd"]
+                row["floor_ms"] = fl["fwd_bwd"]
+                row["of_floor"] = row["fwd_bwd_ms"] / fl["fwd_bwd"] if row["fwd_bwd_ms"] else None
+            else:
+                row["roofline"] = None
+                row["floor_ms"] = None
+                row["of_floor"] = None
+            rows.append(row)
+        del mods, trainable, x, dy
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_case_done is not None:
+            on_case_done()
+    return rows
+
+
+def build_model(case: ModelCase, device: torch.device):
+    """A Llama-architecture causal LM at the preset's width: ``case.layers`` decoder layers, random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pr = case.preset
+    cfg = LlamaConfig(
+        vocab_size=case.vocab,
+        hidden_size=pr.hidden,
+        intermediate_size=pr.intermediate,
+        num_hidden_layers=case.layers,
+        num_attention_heads=pr.heads,
+        num_key_value_heads=pr.kv_heads,
+        head_dim=pr.head_dim,
+        max_position_embeddings=max(case.seq, 128),
+        attention_bias=pr.qkv_bias,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=case.dtype)
+    if pr.qkv_bias:
+        # Llama's attention_bias puts a bias on o_proj too; Qwen2.5 has it on q/k/v only.
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.bias = None
+    return model
+
+
+def run_model(
+    cases: list[ModelCase],
+    providers: list[Provider],
+    device: torch.device,
+    *,
+    warmup: int,
+    repeats: int,
+    memory: bool = True,
+    on_case_done: Callable[[], None] | None = None,
+    on_round: Callable[[], None] | None = None,
+) -> list[dict]:
+    rows: list[dict] = []
+    for case in cases:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        ids = torch.randint(0, case.vocab, (case.batch, case.seq), generator=gen).to(device)
+        models = {}
+        for p in providers:
+            m = build_model(case, device)
+            m = p.model(m, case.r, case.alpha, case.dropout, case.targets)
+            m.train()
+            models[p.name] = m
+        trainable = {n: [t for t in m.parameters() if t.requires_grad] for n, m in models.items()}
+
+        def step(m):
+            return m(input_ids=ids, labels=ids).loss
+
+        def iterate(p: Provider):
+            m = models[p.name]
+            _clear_grads(trainable[p.name])
+            t = Timer(device)
+            t.mark()
+            loss = step(m)
+            t.mark()
+            loss.backward()
+            t.mark()
+            fwd, bwd = t.intervals_ms()
+            return fwd, bwd
+
+        times = _round(providers, iterate, device, warmup, repeats, on_round)
+        tokens = case.batch * case.seq
+        for p in providers:
+            m = models[p.name]
+            row = {
+                "mode": "model",
+                "preset": case.preset.name,
+                "case": f"{case.preset.name} {case.layers}L {case.batch}x{case.seq}",
+                "hidden": case.preset.hidden,
+                "intermediate": case.preset.intermediate,
+                "layers": case.layers,
+                "batch": case.batch,
+                "seq": case.seq,
+                "tokens": tokens,
+                "vocab": case.vocab,
+                "r": case.r,
+                "alpha": case.alpha,
+                "dropout": case.dropout,
+                "targets": ",".join(case.targets) if p.name != "frozen" else None,
+                "dtype": dtype_name(case.dtype),
+                "provider": p.name,
+                "trainable_params": sum(t.numel() for t in trainable[p.name]),
+                "warmup": warmup,
+                "repeats": repeats,
+            }
+            row.update(_timing_fields(*times[p.name]))
+            row["tokens_per_s"] = tokens / (row["fwd_bwd_ms"] / 1e3) if row["fwd_bwd_ms"] else None
+            _clear_grads(trainable[p.name])
+            sb, snb, loss = count_saved(lambda: step(m), exclude=module_tensors(m), inputs=[ids])
+            loss.backward()
+            del loss
+            row["saved_bytes"] = sb
+            row["saved_new_bytes"] = snb
+            if memory:
+                _clear_grads(trainable[p.name])
+                _sync(device)
+                peak, how = peak_memory(lambda: step(m).backward(), device)
+            else:
+                peak, how = None, "not measured"
+            row["peak_mem_bytes"] = peak
+            row["peak_mem_method"] = how
+            rows.append(row)
+        del models, trainable
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_case_done is not None:
+            on_case_done()
+    return rows
+
+
+_GROUP_KEYS_LAYER = ("mode", "preset", "case", "M", "K", "N", "bias", "r", "dropout", "dtype")
+_GROUP_KEYS_MODEL = ("mode", "preset", "case", "layers", "batch", "seq", "r", "dropout", "dtype")
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Add ``<metric>_vs_frozen`` and ``<metric>_vs_peft`` to every row, within its case."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        keys = _GROUP_KEYS_LAYER if row["mode"] == "layer" else _GROUP_KEYS_MODEL
+        groups.setdefault(tuple(row.get(k) for k in keys), {})[row["provider"]] = row
+    for group in groups.values():
+        for row in group.values():
+            for ref in ("frozen", "peft"):
+                other = group.get(ref)
+                for metric, short in (
+                    ("fwd_bwd_ms", "time"),
+                    ("fwd_ms", "fwd"),
+                    ("bwd_ms", "bwd"),
+                    ("saved_bytes", "saved"),
+                    ("peak_mem_bytes", "peak"),
+                ):
+                    row[f"{short}_vs_{ref}"] = _ratio(row.get(metric), other.get(metric)) if other else None
+    return rows

@@ -1,0 +1,53 @@
+"""LoraConfig validation and its PEFT JSON form."""
+
+import pytest
+
+from fastlora import LoraConfig, TaskType
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_seed_config_and_scaling():
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=TARGETS, inference_mode=False,
+                        r=8, lora_alpha=32, lora_dropout=0.1)
+    assert config.scaling == 4.0
+    assert LoraConfig(target_modules="all-linear", r=16, lora_alpha=8, use_rslora=True).scaling == 2.0
+    assert LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS).task_type is TaskType.CAUSAL_LM
+    assert [t.value for t in TaskType] == ["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS",
+                                           "FEATURE_EXTRACTION"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"r": 0}, ValueError, "r must be"),
+        ({"lora_alpha": 0}, ValueError, "lora_alpha"),
+        ({"lora_dropout": 1.0}, ValueError, "lora_dropout"),
+        ({"bias": "some"}, ValueError, "bias must be"),
+        ({"task_type": "CAUSAL"}, ValueError, "task_type"),
+        ({"target_modules": None}, ValueError, "target_modules"),
+        ({"target_modules": []}, ValueError, "target_modules"),
+        ({"target_modules": [1]}, TypeError, "target_modules"),
+        ({"init_lora_weights": "olora"}, ValueError, "init_lora_weights"),
+        ({"layers_to_transform": [-1]}, ValueError, "layers_to_transform"),
+        ({"modules_to_save": "lm_head"}, TypeError, "modules_to_save"),
+    ],
+)
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        LoraConfig(**{"target_modules": TARGETS, **kwargs})
+
+
+def test_json_round_trip_and_unsupported_features():
+    config = LoraConfig(task_type="CAUSAL_LM", target_modules=TARGETS, r=4, lora_alpha=16, lora_dropout=0.05)
+    data = config.to_dict()
+    assert data["peft_type"] == "LORA" and data["task_type"] == "CAUSAL_LM"
+    assert data["target_modules"] == sorted(TARGETS) and data["use_dora"] is False
+    assert LoraConfig.from_dict(data) == config.replace(target_modules=sorted(TARGETS))
+    assert LoraConfig.from_dict({**data, "some_new_peft_field": 3}).r == 4
+    with pytest.raises(ValueError, match="use_dora"):
+        LoraConfig.from_dict({**data, "use_dora": True})
+    with pytest.raises(ValueError, match="rank_pattern"):
+        LoraConfig.from_dict({**data, "rank_pattern": {"q_proj": 16}})
+    with pytest.raises(ValueError, match="not a LoRA adapter"):
+        LoraConfig.from_dict({**data, "peft_type": "IA3"})

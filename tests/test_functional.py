@@ -1,0 +1,73 @@
+"""lora_linear's argument checks and backend choice: every bad input gets a clear error."""
+
+import pytest
+import torch
+
+from fastlora import lora_linear
+
+
+def _args(K=6, N=4, r=2):
+    return torch.randn(3, K), torch.randn(N, K), torch.randn(N), torch.randn(r, K), torch.randn(N, r)
+
+
+def test_wrong_last_dimension():
+    x, W, b, A, B = _args()
+    with pytest.raises(ValueError, match=r"last dimension must be in_features=6.*\(3, 5\)"):
+        lora_linear(torch.randn(3, 5), W, b, A, B, 1.0)
+
+
+def test_mismatched_adapter_shapes_and_bias():
+    x, W, b, A, B = _args()
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lora_linear(x, W, b, torch.randn(2, 5), B, 1.0)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        lora_linear(x, W, b, A, torch.randn(4, 3), 1.0)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        lora_linear(x, W, torch.randn(5), A, B, 1.0)
+
+
+def test_mismatched_dtypes():
+    x, W, b, A, B = _args()
+    with pytest.raises(TypeError, match="share one dtype"):
+        lora_linear(x.double(), W, b, A, B, 1.0)
+    with pytest.raises(TypeError, match="lora_A and lora_B"):
+        lora_linear(x, W, b, A.double(), B, 1.0)
+    with pytest.raises(TypeError, match="floating-point"):
+        lora_linear(x.long(), W.long(), None, A, B, 1.0)
+
+
+def test_mismatched_devices():
+    x, W, b, A, B = _args()
+    with pytest.raises(ValueError, match="one device"):
+        lora_linear(x.to("meta"), W, b, A, B, 1.0)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_out_of_range(p):
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        lora_linear(*_args(), 1.0, p)
+
+
+def test_backend_choice(monkeypatch):
+    args = _args()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lora_linear(*args, 1.0, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        lora_linear(*args, 1.0, backend="triton")
+    # auto on CPU is the torch path, whatever the interpreter setting
+    torch.testing.assert_close(lora_linear(*args, 1.0, backend="auto"), lora_linear(*args, 1.0, backend="torch"))
+
+
+def test_zero_and_one_token_inputs():
+    x, W, b, A, B = _args()
+    assert lora_linear(torch.randn(0, 6), W, b, A, B, 1.0, 0.2).shape == (0, 4)
+    assert lora_linear(torch.randn(2, 0, 6), W, b, A, B, 1.0).shape == (2, 0, 4)
+    assert lora_linear(torch.randn(6), W, b, A, B, 1.0).shape == (4,)
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    x, W, b, A, B = _args()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, W, b, A, B, 1.0)
+    assert y.dtype == torch.bfloat16

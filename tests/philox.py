@@ -47,12 +47,12 @@ def keep_threshold(dropout_p: float) -> int:
     return min(-(2**31) + round(dropout_p * 2**32), 2**31 - 1)
 
 
-def keep_mask(seed: int, rows: int, cols: int, dropout_p: float) -> torch.Tensor:
-    """Bool (rows, cols) keep mask of the kernels' stream for ``seed``."""
+def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device="cpu", row_start: int = 0) -> torch.Tensor:
+    """Bool (rows, cols) keep mask of the kernels' stream for ``seed``, rows ``row_start ... row_start+rows-1``."""
     seed &= (1 << 64) - 1
     groups = (cols + 3) // 4
-    g = torch.arange(groups, dtype=torch.int64)[None, :].expand(rows, groups)
-    r = torch.arange(rows, dtype=torch.int64)[:, None].expand(rows, groups)
+    g = torch.arange(groups, dtype=torch.int64, device=device)[None, :].expand(rows, groups)
+    r = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)[:, None].expand(rows, groups)
     zero = torch.zeros_like(g)
     words = torch.stack(philox4x32_10(g, r, zero, zero, seed & _MASK32, seed >> 32), dim=-1)  # rows, groups, 4
     words = words.reshape(rows, groups * 4)[:, :cols]

@@ -1,0 +1,197 @@
+"""get_peft_model / LoraModel against PEFT itself on a small Llama, target selection, failures that
+change nothing, merge / unload / disable."""
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import LoraConfig, LoRALinear, TaskType, get_peft_model
+from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+
+
+def _pair(dropout=0.1, **kwargs):
+    base = tiny_llama()
+    common = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=dropout,
+                  inference_mode=False, **kwargs)
+    # init_lora_weights=False on PEFT's side gives non-zero B; fastlora then copies PEFT's values
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(init_lora_weights=False, **common))
+    fm = get_peft_model(clone(base), LoraConfig(**common))
+    copy_lora_weights(pm, fm)
+    return base, pm, fm
+
+
+def test_eval_outputs_and_loss_equal_peft():
+    _, pm, fm = _pair(dropout=0.1)
+    ids = tokens()
+    pm.eval(), fm.eval()
+    a, b = pm(input_ids=ids, labels=ids), fm(input_ids=ids, labels=ids)
+    torch.testing.assert_close(b.logits, a.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-6, rtol=1e-6)
+
+
+def test_lora_gradients_equal_peft_without_dropout():
+    _, pm, fm = _pair(dropout=0.0)
+    ids = tokens()
+    pm.train(), fm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    fm(input_ids=ids, labels=ids).loss.backward()
+    peft_grads = {k.replace(".default", ""): p.grad for k, p in pm.named_parameters() if p.requires_grad}
+    n = 0
+    for name, layer in fm.lora_layers():
+        for which, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            want = peft_grads[f"base_model.model.{name}.{which}.weight"]
+            torch.testing.assert_close(param.grad, want, atol=1e-5, rtol=1e-4)
+            n += 1
+    assert n == 2 * 7 * 2
+
+
+def test_trainable_parameter_counts_and_line_equal_peft(capsys):
+    _, pm, fm = _pair()
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    pm.print_trainable_parameters()
+    fm.print_trainable_parameters()
+    peft_line, ours = capsys.readouterr().out.strip().splitlines()
+    assert ours == peft_line
+    only_lora = {n for n, p in fm.named_parameters() if p.requires_grad}
+    assert only_lora and all(n.endswith((".lora_A", ".lora_B")) for n in only_lora)
+
+
+def test_only_adapter_parameters_change_in_training():
+    _, _, fm = _pair()
+    before = {n: p.detach().clone() for n, p in fm.named_parameters()}
+    opt = torch.optim.SGD([p for p in fm.parameters() if p.requires_grad], lr=0.1)
+    ids = tokens()
+    fm.train()
+    fm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    for name, p in fm.named_parameters():
+        assert torch.equal(p, before[name]) != name.endswith((".lora_A", ".lora_B")), name
+
+
+def test_attribute_access_reaches_the_wrapped_model():
+    _, _, fm = _pair()
+    assert fm.config.hidden_size == 64
+    out = fm.generate(tokens(batch=1, length=4), max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 7)
+    assert isinstance(fm.model.model.layers[0].self_attn.q_proj, LoRALinear)
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (["q_proj"], 2),
+        (["self_attn.v_proj"], 2),
+        ("all-linear", 14),  # everything but lm_head
+        (r".*\.layers\.1\.mlp\.(gate|up)_proj", 2),
+    ],
+)
+def test_target_selection_like_peft(targets, expected):
+    base = tiny_llama()
+    fm = get_peft_model(clone(base), LoraConfig(target_modules=targets))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=targets))
+    ours = sorted(n for n, _ in fm.lora_layers())
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.Linear))
+    assert ours == theirs and len(ours) == expected
+
+
+def test_exclude_and_layers_to_transform():
+    fm = get_peft_model(tiny_llama(), LoraConfig(target_modules=SEED_TARGETS, exclude_modules=["down_proj"],
+                                                 layers_to_transform=[1]))
+    names = sorted(n for n, _ in fm.lora_layers())
+    assert len(names) == 6 and all(".layers.1." in n and "down_proj" not in n for n in names)
+
+
+def test_no_match_lists_existing_modules_and_changes_nothing():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"matched no module.*q_proj"):
+        get_peft_model(model, LoraConfig(target_modules=["query"]))
+    assert_unchanged(model, before)
+
+
+def test_non_linear_target_is_a_type_error_and_changes_nothing():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"not nn.Linear.*LlamaMLP"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj", "mlp"]))
+    assert_unchanged(model, before)
+    with pytest.raises(TypeError, match="LoraConfig"):
+        get_peft_model(model, peft.LoraConfig(target_modules=["q_proj"]))
+    assert_unchanged(model, before)
+
+
+def test_failure_while_applying_rolls_back(monkeypatch):
+    model = tiny_llama()
+    before = snapshot(model)
+    calls = []
+
+    def flaky(linear, **kwargs):
+        if len(calls) == 5:
+            raise RuntimeError("out of memory (simulated)")
+        calls.append(1)
+        return original(linear, **kwargs)
+
+    original = LoRALinear.from_linear
+    monkeypatch.setattr(LoRALinear, "from_linear", staticmethod(flaky))
+    with pytest.raises(RuntimeError, match="simulated"):
+        get_peft_model(model, LoraConfig(target_modules=SEED_TARGETS))
+    assert_unchanged(model, before)
+
+
+def test_applying_twice_is_refused():
+    fm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already"):
+        get_peft_model(fm.model, LoraConfig(target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_bias_modes_match_peft(bias):
+    base = tiny_llama(attention_bias=True, mlp_bias=True)
+    fm = get_peft_model(clone(base), LoraConfig(target_modules=["q_proj", "v_proj"], bias=bias))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=["q_proj", "v_proj"], bias=bias))
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+def test_inference_mode_freezes_adapters():
+    fm = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], inference_mode=True))
+    assert fm.get_nb_trainable_parameters()[0] == 0
+
+
+def test_half_precision_base_gets_fp32_adapters_like_peft():
+    model = tiny_llama().to(torch.bfloat16)
+    fm = get_peft_model(model, LoraConfig(target_modules=["q_proj"]))
+    layer = fm.model.model.layers[0].self_attn.q_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    ids = tokens()
+    fm.train()
+    fm(input_ids=ids, labels=ids).loss.backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+
+
+def test_merge_and_unload_unload_disable():
+    base, _, fm = _pair()
+    fm.eval()
+    ids = tokens()
+    with torch.no_grad():
+        adapted = fm(input_ids=ids).logits
+        plain = base(input_ids=ids).logits
+        with fm.disable_adapter():
+            torch.testing.assert_close(fm(input_ids=ids).logits, plain)
+        torch.testing.assert_close(fm(input_ids=ids).logits, adapted)
+        fm.merge_adapter()
+        torch.testing.assert_close(fm(input_ids=ids).logits, adapted, atol=1e-4, rtol=1e-4)
+        fm.unmerge_adapter()
+        merged_model = clone(fm).merge_and_unload()
+        assert not any(isinstance(m, LoRALinear) for m in merged_model.modules())
+        assert all(type(m) is nn.Linear for n, m in merged_model.named_modules() if n.endswith("q_proj"))
+        torch.testing.assert_close(merged_model(input_ids=ids).logits, adapted, atol=1e-4, rtol=1e-4)
+        unloaded = fm.unload()
+        torch.testing.assert_close(unloaded(input_ids=ids).logits, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_public_names():
+    for name in ("LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel"):
+        assert hasattr(fastlora, name)
+    assert TaskType.CAUSAL_LM.value == "CAUSAL_LM"

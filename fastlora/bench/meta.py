@@ -101,4 +101,13 @@ def environment(device: str | torch.device) -> dict:
         "transformers": package_version("transformers"),
         "fastlora": fastlora_version,
         "git_commit": git_commit(),
+        "loadavg_1m": _loadavg(),
     }
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average when the run started: other jobs on the machine skew CPU timings."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None

@@ -78,8 +78,12 @@ def _frozen_layer(K, N, bias, r, alpha, p, dtype, device):
 
 
 def _frozen_model(model, r, alpha, p, targets):
+    import warnings
+
     model.requires_grad_(False)
-    model.enable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers 5 warns about a deprecated name it calls itself
+        model.enable_input_require_grads()
     return model
 
 
@@ -113,9 +117,13 @@ def _peft_layer(K, N, bias, r, alpha, p, dtype, device):
 def _peft_model(model, r, alpha, p, targets):
     from peft import get_peft_model
 
+    import warnings
+
     cfg = _peft_config(r, alpha, p, targets)
     cfg.task_type = "CAUSAL_LM"
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecation raised inside PEFT
+        return get_peft_model(model, cfg)
 
 
 # ---- fastlora ----------------------------------------------------------------------------------------

@@ -1,0 +1,260 @@
+"""Fast CPU tests of the benchmark engine (fastlora.bench): tiny shapes, few repeats."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from fastlora.bench import main
+from fastlora.bench import report
+from fastlora.bench.measure import SavedTensorCounter, count_saved, module_tensors, peak_memory
+from fastlora.bench.presets import MODEL_PRESETS, find_gpu_spec, parse_shape, projections
+from fastlora.bench.providers import PROVIDERS, resolve_providers
+from fastlora.bench.roofline import Roofline, floor_ms, layer_cost
+from fastlora.bench.runner import LayerCase, add_ratios, run_layers
+
+CPU = torch.device("cpu")
+META_KEYS = ("machine", "cpu", "device", "torch", "triton", "peft", "git_commit", "date")
+
+
+# ---- saved activations ------------------------------------------------------------------------------
+
+
+def test_saved_counter_counts_each_storage_once_and_excludes_inputs():
+    a = torch.randn(4, 8, requires_grad=True)
+    with SavedTensorCounter(inputs=[a]) as c:
+        y = a.sin() + a.cos()  # both save `a`: one storage
+        z = (a * 3).exp()  # exp saves its output: a new 4×8 float32 storage
+    assert c.bytes == 2 * 4 * 8 * 4
+    assert c.new_bytes == 4 * 8 * 4
+    (y.sum() + z.sum()).backward()
+
+
+def test_saved_counter_views_share_the_storage():
+    a = torch.randn(6, 8, requires_grad=True)
+    b = a * 1.0
+    with SavedTensorCounter() as c:
+        y = b[:3].sin() + b[3:].sin()  # two views of one storage
+    assert c.bytes == 6 * 8 * 4
+    y.sum().backward()
+
+
+def test_frozen_linear_saves_nothing_but_its_weight():
+    lin = nn.Linear(16, 8, bias=True).requires_grad_(False)
+    x = torch.randn(5, 16, requires_grad=True)
+    saved, new, y = count_saved(lambda: lin(x), exclude=module_tensors(lin), inputs=[x])
+    assert saved == 0 and new == 0
+    y.sum().backward()
+
+
+def test_peft_layer_saved_bytes_match_what_peft_keeps():
+    M, K, N, r = 32, 16, 24, 4
+    x = torch.randn(M, K, requires_grad=True)
+    # p = 0: the input itself (excluded from "new") and the rank-r activation.
+    m0 = PROVIDERS["peft"].layer(K, N, False, r, 8, 0.0, torch.float32, CPU).train()
+    saved, new, y = count_saved(lambda: m0(x), exclude=module_tensors(m0), inputs=[x])
+    assert saved == M * K * 4 + M * r * 4
+    assert new == M * r * 4
+    y.sum().backward()
+    # p > 0: a dropped copy of x, its mask and the rank-r activation.  The mask is bool where torch
+    # uses its fused dropout (CUDA) and a float tensor of the noise on CPU (ATen's _dropout_impl).
+    m1 = PROVIDERS["peft"].layer(K, N, False, r, 8, 0.1, torch.float32, CPU).train()
+    saved, new, y = count_saved(lambda: m1(x), exclude=module_tensors(m1), inputs=[x])
+    assert new == M * K * 4 + M * K * 4 + M * r * 4
+    y.sum().backward()
+
+
+def test_fastlora_torch_layer_keeps_x_s_and_a_seed():
+    reason = PROVIDERS["fastlora-torch"].unavailable(CPU, False)
+    if reason:
+        pytest.skip(reason)
+    M, K, N, r = 32, 16, 24, 4
+    x = torch.randn(M, K, requires_grad=True)
+    m = PROVIDERS["fastlora-torch"].layer(K, N, False, r, 8, 0.1, torch.float32, CPU).train()
+    saved, new, y = count_saved(lambda: m(x), exclude=module_tensors(m), inputs=[x])
+    assert M * r * 4 <= new <= M * r * 4 + 64  # S and the one-element seed; never the mask or dropout(x)
+    y.sum().backward()
+
+
+# ---- peak memory ------------------------------------------------------------------------------------
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    def step():
+        t = torch.empty(256, 1024)  # 1 MiB, freed at the end of the step
+        t.fill_(1.0)
+        u = torch.empty(128, 1024)  # 0.5 MiB more while t is alive
+        u.fill_(2.0)
+        del t, u
+
+    peak, how = peak_memory(step, CPU)
+    if peak is None:
+        assert how == "n/a"
+        pytest.skip("torch.profiler gave no memory events here")
+    assert 1.5 * 2**20 <= peak < 1.6 * 2**20
+    assert "profiler" in how
+
+
+# ---- roofline, presets, ratios ----------------------------------------------------------------------
+
+
+def test_layer_cost_flops_and_bytes():
+    M, K, N, r = 64, 32, 48, 4
+    base = layer_cost(M, K, N, r, lora=False, elem=2)
+    assert base.flops == 4 * M * K * N
+    assert base.bytes == 2 * (2 * (M * K + N * K + M * N))
+    lora = layer_cost(M, K, N, r, lora=True, elem=2, adapter_elem=4)
+    assert lora.flops - base.flops == 6 * M * r * (K + N)
+    # forward adds A, B, S; backward reads x again and A, B, S, writes dA, dB
+    assert lora.bytes - base.bytes == 4 * (r * K + N * r + M * r) + 2 * M * K + 4 * (M * r + 2 * (r * K + N * r))
+
+
+def test_floor_is_max_of_compute_and_memory():
+    roof = Roofline("test", tflops=1.0, bandwidth_gbs=1.0)  # 1e12 FLOP/s, 1e9 B/s
+    cost = layer_cost(1000, 1000, 1000, 8, lora=False, elem=2)
+    fl = floor_ms(cost, roof)
+    assert fl["fwd"] == pytest.approx(max(2e9 / 1e12, 2 * 3e6 / 1e9) * 1e3)
+    assert fl["fwd_bwd"] == pytest.approx(fl["fwd"] + fl["bwd"])
+
+
+def test_gpu_table_lookup():
+    assert find_gpu_spec("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert find_gpu_spec("NVIDIA H100 NVL").name == "H100 NVL"
+    assert find_gpu_spec("NVIDIA H200").name == "H200"
+    assert find_gpu_spec("NVIDIA A100-SXM4-40GB").name == "A100 40GB"
+    assert find_gpu_spec("NVIDIA A100-SXM4-80GB").name == "A100 80GB"
+    assert find_gpu_spec("NVIDIA L40S").name == "L40S"
+    assert find_gpu_spec("NVIDIA GeForce RTX 4090").name == "RTX 4090"
+    assert find_gpu_spec("rtx 4090").tflops("bfloat16") == pytest.approx(165.2)
+    assert find_gpu_spec("Tesla T4") is None
+
+
+def test_presets_have_real_dims():
+    llama = {n: (K, N) for n, K, N, _ in projections(MODEL_PRESETS["llama-3-8b"])}
+    assert llama == {
+        "q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+        "gate_proj": (4096, 14336), "up_proj": (4096, 14336), "down_proj": (14336, 4096),
+    }
+    qwen = {n: (K, N, b) for n, K, N, b in projections(MODEL_PRESETS["qwen2.5-7b"])}
+    assert qwen["k_proj"] == (3584, 512, True) and qwen["down_proj"] == (18944, 3584, False)
+    assert [n for n, *_ in projections(MODEL_PRESETS["tiny"], ["q", "down_proj"])] == ["q_proj", "down_proj"]
+    assert parse_shape("8,16,32") == (8, 16, 32)
+    with pytest.raises(ValueError):
+        parse_shape("8,16")
+
+
+def test_ratios_within_a_case():
+    common = dict(mode="layer", preset=None, case="shape", M=1, K=2, N=3, bias=False, r=4, dropout=0.1, dtype="float32")
+    rows = [
+        dict(common, provider="frozen", fwd_bwd_ms=1.0, fwd_ms=0.5, bwd_ms=0.5, saved_bytes=0, peak_mem_bytes=100),
+        dict(common, provider="peft", fwd_bwd_ms=3.0, fwd_ms=1.0, bwd_ms=2.0, saved_bytes=400, peak_mem_bytes=300),
+        dict(common, provider="fastlora-torch", fwd_bwd_ms=1.5, fwd_ms=0.5, bwd_ms=1.0, saved_bytes=100, peak_mem_bytes=None),
+        dict(common, M=2, provider="peft", fwd_bwd_ms=9.0, fwd_ms=1.0, bwd_ms=2.0, saved_bytes=1, peak_mem_bytes=1),
+    ]
+    add_ratios(rows)
+    fl = rows[2]
+    assert fl["time_vs_frozen"] == pytest.approx(1.5)
+    assert fl["time_vs_peft"] == pytest.approx(0.5)
+    assert fl["saved_vs_peft"] == pytest.approx(0.25)
+    assert fl["saved_vs_frozen"] is None  # frozen saved 0 bytes: no ratio, not infinity
+    assert fl["peak_vs_peft"] is None  # not measured
+    assert rows[1]["bwd_vs_frozen"] == pytest.approx(4.0)
+    assert rows[3]["time_vs_frozen"] is None  # a different case (M=2) has no frozen row
+
+
+def test_resolve_providers_skips_what_is_missing():
+    chosen, skipped = resolve_providers(None, CPU)
+    names = [p.name for p in chosen]
+    assert names[0] == "frozen" and "peft" in names
+    assert "fastlora-triton" in skipped  # no CUDA here
+    with pytest.raises(ValueError):
+        resolve_providers(["nope"], CPU)
+
+
+def test_run_layers_rows():
+    chosen, _ = resolve_providers(["frozen", "peft"], CPU)
+    case = LayerCase("shape", None, 16, 8, 12, False, 2, 8.0, 0.1, torch.float32)
+    rows = add_ratios(run_layers([case], chosen, CPU, warmup=0, repeats=2, memory=False,
+                                 roofline=Roofline("t", 1.0, 1.0)))
+    assert [r["provider"] for r in rows] == ["frozen", "peft"]
+    for r in rows:
+        assert r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0 and r["bwd_ms"] > 0
+        assert r["floor_ms"] > 0 and r["of_floor"] == pytest.approx(r["fwd_bwd_ms"] / r["floor_ms"])
+        assert r["peak_mem_bytes"] is None and r["peak_mem_method"] == "not measured"
+    assert rows[0]["saved_bytes"] == 0 and rows[1]["saved_new_bytes"] == 16 * 8 * 8 + 16 * 2 * 4
+
+
+# ---- the CLI, files and the markdown --------------------------------------------------------------
+
+
+def test_cli_layers_writes_json_csv_plot_markdown(tmp_path, capsys):
+    j, c, p, md = (tmp_path / n for n in ("r.json", "r.csv", "r.png", "r.md"))
+    rc = main([
+        "--shape", "32,16,24", "--providers", "frozen,peft,fastlora-torch", "--warmup", "0", "--repeats", "2",
+        "--peak-tflops", "1", "--bandwidth-gbs", "10", "--json", str(j), "--csv", str(c), "--plot", str(p),
+        "--markdown", str(md), "--no-progress",
+    ])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "time ×frozen" in out and "time ×PEFT" in out and "32×16→24" in out
+    doc = json.loads(j.read_text())
+    assert doc["schema"] == report.SCHEMA and doc["command"].startswith("fastlora bench")
+    assert len(doc["rows"]) >= 2
+    for row in doc["rows"]:
+        for k in META_KEYS:
+            assert k in row
+        assert row["floor_ms"] > 0
+        assert row["peak_mem_method"]
+    with open(c) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(doc["rows"])
+    assert all(r["torch"] == torch.__version__ and r["cpu"] for r in csv_rows)
+    assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| case | provider | time ×frozen |" in md.read_text()
+
+
+def test_cli_model_mode_tiny(tmp_path, capsys):
+    j = tmp_path / "m.json"
+    rc = main([
+        "--model", "tiny", "--layers", "1", "--batch", "1", "--seq", "16", "--vocab", "64", "--warmup", "0",
+        "--repeats", "1", "--providers", "frozen,peft", "--no-memory", "--no-progress", "--json", str(j),
+    ])
+    assert rc == 0
+    rows = json.loads(j.read_text())["rows"]
+    assert {(r["provider"], r["dropout"]) for r in rows} == {(p, d) for p in ("frozen", "peft") for d in (0.1, 0.0)}
+    for r in rows:
+        assert r["mode"] == "model" and r["tokens"] == 16 and r["tokens_per_s"] > 0 and r["saved_bytes"] > 0
+    peft01 = next(r for r in rows if r["provider"] == "peft" and r["dropout"] == 0.1)
+    assert peft01["saved_vs_frozen"] > 1.0  # PEFT's dropped copies and masks
+    assert next(r for r in rows if r["provider"] == "frozen")["trainable_params"] == 0
+
+
+def test_report_main_and_targets(tmp_path, capsys):
+    meta = {"cpu": "Test CPU", "device": "cpu", "threads": 2, "torch": "x", "git_commit": "abc"}
+    common = dict(mode="model", preset="tiny", case="tiny 2L 4x256", layers=2, batch=4, seq=256, r=8, dtype="float32")
+    rows = []
+    for p, fl_t, fl_s, pe_t, pe_s in ((0.1, 0.8, 60, 1.0, 100), (0.0, 0.7, 60, 0.9, 70)):
+        rows += [
+            dict(common, dropout=p, provider="frozen", fwd_bwd_ms=0.5, saved_bytes=50),
+            dict(common, dropout=p, provider="peft", fwd_bwd_ms=pe_t, saved_bytes=pe_s),
+            dict(common, dropout=p, provider="fastlora-torch", fwd_bwd_ms=fl_t, saved_bytes=fl_s),
+        ]
+    add_ratios(rows)
+    path = tmp_path / "res.json"
+    report.write_json(path, rows, meta)
+    assert report.main([str(path), "--plot-link", "bench/results/x.png"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Performance")
+    assert "| case | provider | step ×frozen | step ×PEFT |" in out
+    assert "saved / PEFT saved = 0.60 (target ≤ 0.7): met" in out
+    assert "step time / PEFT step time = 0.80 (target ≤ 0.85): met" in out
+    assert "saved(p) / saved(p=0) = 1.00 (target ≤ 1): met" in out
+    assert "![fastlora benchmark](bench/results/x.png)" in out
+    with pytest.raises(ValueError):
+        bad = tmp_path / "bad.json"
+        bad.write_text("{}")
+        report.read_results(bad)

@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, help="warm-up rounds (default 10 CUDA / 2 CPU)")
     g.add_argument("--repeats", type=int, help="timed rounds, median reported (default 50 CUDA / 10 CPU)")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    g.add_argument("--profile", type=int, default=0, metavar="N", help="also profile one step per case and provider (torch.profiler) and print the top N ops by self time")
     g = ap.add_argument_group("roofline")
     g.add_argument("--gpu", help=f"use this GPU's peak figures ({', '.join(s.name for s in GPU_SPECS)}); default: detected")
     g.add_argument("--peak-tflops", type=float, help="peak matrix rate in TFLOP/s (overrides the table)")
@@ -161,13 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     if want_model:
         pr = MODEL_PRESETS[args.model or "tiny"]
         mdtype = DTYPES[args.dtype] if args.dtype else (torch.float32 if pr.name == "tiny" or not on_gpu else torch.bfloat16)
+        batch, seq = args.batch or pr.batch, args.seq or pr.seq
+        if not on_gpu and pr.name != "tiny":  # an 8B-width step at 4×2048 tokens takes minutes on a CPU
+            batch, seq = args.batch or 1, args.seq or 256
         for p in args.dropout or [0.1, 0.0]:
             model_cases.append(
                 ModelCase(
                     pr,
                     args.layers or pr.layers,
-                    args.batch or pr.batch,
-                    args.seq or pr.seq,
+                    batch,
+                    seq,
                     args.vocab or pr.vocab,
                     args.rank,
                     alpha,
@@ -189,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             progress.describe("layers")
             rows += run_layers(
                 layer_cases, providers, device, warmup=warmup, repeats=repeats, roofline=roof,
-                memory=not args.no_memory, on_round=progress.round,
+                memory=not args.no_memory, profile=args.profile, on_round=progress.round,
             )
         if model_cases:
             progress.describe("model")
             rows += run_model(
                 model_cases, providers, device, warmup=warmup, repeats=repeats,
-                memory=not args.no_memory, on_round=progress.round,
+                memory=not args.no_memory, profile=args.profile, on_round=progress.round,
             )
     finally:
         progress.close()
@@ -209,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"roofline: {roof.name}: {roof.tflops:g} TFLOP/s, {roof.bandwidth_gbs:g} GB/s")
     print()
     print(report.format_table(rows))
+    if args.profile:
+        print(report.format_profiles(rows))
     command = "fastlora bench " + " ".join(shlex.quote(a) for a in argv_list)
     extra = {"command": command.strip(), "skipped": skipped}
     if args.json:

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["SavedTensorCounter", "count_saved", "peak_memory", "Timer", "median"]
+__all__ = ["SavedTensorCounter", "count_saved", "peak_memory", "profile_ops", "Timer", "median"]
 
 
 def median(values: Iterable[float]) -> float | None:
@@ -153,6 +153,29 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[int | N
         peak = _cpu_peak_from_profiler(step)
         return peak, ("cpu allocator via torch.profiler" if peak is not None else "n/a")
     return None, "n/a"
+
+
+def profile_ops(step: Callable[[], None], device: torch.device, top: int = 12) -> list[dict]:
+    """Where one ``step()`` spends its time: the ``top`` ops by self time (torch.profiler), as dicts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    dev_attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, dev_attr, 0), reverse=True)
+    total = sum(getattr(e, dev_attr, 0) for e in events) or 1
+    return [
+        {
+            "op": e.key,
+            "self_ms": getattr(e, dev_attr, 0) / 1e3,
+            "share": getattr(e, dev_attr, 0) / total,
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
 
 
 class Timer:

@@ -16,6 +16,7 @@ from typing import Iterable
 
 __all__ = [
     "format_table",
+    "format_profiles",
     "markdown",
     "write_json",
     "write_csv",
@@ -141,6 +142,21 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def format_profiles(rows: list[dict]) -> str:
+    """The ``--profile`` tables: top ops by self time per case and provider."""
+    out = []
+    for r in rows:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        out.append(f"profile: {_case_label(r)} {r.get('dtype')} — {r['provider']} (one fwd+bwd, under the profiler)")
+        w = max(len(e["op"]) for e in prof)
+        for e in prof:
+            out.append(f"  {e['op'].ljust(w)}  {e['self_ms']:9.3f} ms  {100 * e['share']:5.1f}%  {e['calls']:5d} calls")
+        out.append("")
+    return "\n".join(out)
+
+
 def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in body]
@@ -241,6 +257,19 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
     for link in plot_links:
         out.append(f"![fastlora benchmark]({link})")
         out.append("")
+    out += [
+        "Reproduce on your hardware:",
+        "",
+        "```bash",
+        "fastlora bench --quick                      # layers + the tiny model, under a minute on 2 CPU cores",
+        "fastlora bench --preset llama-3-8b --json layers.json --plot layers.png",
+        "fastlora bench --model tiny --json model.json      # one training step, dropout 0.1 and 0",
+        "bash bench/gpu_check.sh                     # the GPU results files (layers + llama-3-8b-width model)",
+        "pytest bench/ --benchmark-only              # the pytest-benchmark suite (compare runs with --benchmark-compare)",
+        "python -m fastlora.bench.report bench/results/*.json   # this section",
+        "```",
+        "",
+    ]
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -265,7 +294,15 @@ def write_csv(path: str | Path, rows: list[dict], meta: dict) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in full:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+            w.writerow({k: _csv_cell(r.get(k)) for k in fields})
+
+
+def _csv_cell(v):
+    if v is None:
+        return ""
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return v
 
 
 def read_results(path: str | Path) -> dict:

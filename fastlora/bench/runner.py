@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .measure import Timer, count_saved, median, module_tensors, peak_memory
+from .measure import Timer, count_saved, median, module_tensors, peak_memory, profile_ops
 from .presets import ModelPreset
 from .providers import SEED_TARGETS, Provider
 from .roofline import Roofline, floor_ms, layer_cost
@@ -106,6 +106,7 @@ def run_layers(
     repeats: int,
     roofline: Roofline | None = None,
     memory: bool = True,
+    profile: int = 0,
     on_case_done: Callable[[], None] | None = None,
     on_round: Callable[[], None] | None = None,
 ) -> list[dict]:
@@ -174,6 +175,9 @@ def run_layers(
                 peak, how = None, "not measured"
             row["peak_mem_bytes"] = peak
             row["peak_mem_method"] = how
+            if profile:
+                _clear_grads(trainable[p.name])
+                row["profile"] = profile_ops(lambda: m(x).backward(dy), device, profile)
             cost = layer_cost(case.M, case.K, case.N, case.r, lora=lora, elem=elem, adapter_elem=adapter_elem, bias=case.bias)
             row["flops"] = cost.flops
             row["min_bytes"] = cost.bytes
@@ -216,7 +220,9 @@ def build_model(case: ModelCase, device: torch.device):
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(device=device, dtype=case.dtype)
+    with torch.device(device):  # initialise on the device: the 8B-width presets have ~1.5G parameters
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype=case.dtype)
     if pr.qkv_bias:
         # Llama's attention_bias puts a bias on o_proj too; Qwen2.5 has it on q/k/v only.
         for layer in model.model.layers:
@@ -232,6 +238,7 @@ def run_model(
     warmup: int,
     repeats: int,
     memory: bool = True,
+    profile: int = 0,
     on_case_done: Callable[[], None] | None = None,
     on_round: Callable[[], None] | None = None,
 ) -> list[dict]:
@@ -303,6 +310,9 @@ def run_model(
                 peak, how = None, "not measured"
             row["peak_mem_bytes"] = peak
             row["peak_mem_method"] = how
+            if profile:
+                _clear_grads(trainable[p.name])
+                row["profile"] = profile_ops(lambda: step(m).backward(), device, profile)
             rows.append(row)
         del models, trainable
         gc.collect()

@@ -25,7 +25,7 @@ __all__ = ["lora_forward", "lora_backward", "cpu_keep_mask"]
 
 def _masked(x: Tensor, keep: Tensor | None) -> Tensor:
     """x ⊙ m (without the 1/(1-p) factor, which the callers fold into a rank-r tensor)."""
-    return x if keep is None else x.masked_fill(~keep, 0)
+    return x if keep is None else torch.where(keep, x, 0)
 
 
 def lora_forward(
@@ -80,9 +80,14 @@ def lora_backward(
             xa = x if x.dtype == adapter_dtype else x.to(adapter_dtype)
             dA = torch.mm(dS_kept.t(), _masked(xa, keep))
         if need_dx:
-            lora_dx = _masked(torch.mm(dS_kept, lora_A), keep)
             dx = torch.mm(dy, weight)
-            dx = dx.add_(lora_dx) if dx.dtype == lora_dx.dtype else (dx.to(adapter_dtype) + lora_dx).to(dy.dtype)
+            if dx.dtype != adapter_dtype:
+                dx = dx.to(adapter_dtype)
+            if keep is None:
+                dx.addmm_(dS_kept, lora_A)
+            else:
+                dx.addcmul_(torch.mm(dS_kept, lora_A), keep)  # + (dS A) ⊙ m in one pass
+            dx = dx.to(dy.dtype)
     return dx, dA, dB
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from fastlora.cli import main
+
+sys.exit(main())

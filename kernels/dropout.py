@@ -19,10 +19,10 @@ import triton.language as tl
 
 __all__ = ["keep_threshold", "philox4x32", "keep_mask"]
 
-_PHILOX_KEY_A: tl.constexpr = 0x9E3779B9
-_PHILOX_KEY_B: tl.constexpr = 0xBB67AE85
-_PHILOX_ROUND_A: tl.constexpr = 0xD2511F53
-_PHILOX_ROUND_B: tl.constexpr = 0xCD9E8D57
+_PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+_PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 def keep_threshold(dropout_p: float) -> int:

@@ -74,7 +74,7 @@ def fused_gemm_kernel(
     p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
     q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, tl.cdiv(R, BLOCK_R)):
+    for r in tl.range(0, tl.cdiv(R, BLOCK_R), num_stages=1):  # not pipelined: it would multiply shared memory
         r_left = R - r * BLOCK_R
         q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
         p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)

@@ -105,7 +105,8 @@ def lora_linear(
     training: bool = True,
     backend: str = "auto",
 ) -> Tensor:
-    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, dropout on the LoRA branch only and only in training.
+    """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, dropout on the LoRA branch only and only in training
+    (not with ``training=False``, not under ``torch.inference_mode()``).
 
     ``x`` is (..., in_features); ``weight`` (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r).  The
     adapters may be kept in a wider dtype than the base (fp32 beside bf16, as PEFT does): the LoRA
@@ -121,7 +122,10 @@ def lora_linear(
         bias = bias.to(dtype) if bias is not None else None
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
     _check_dtypes(x, weight, bias, lora_A, lora_B)
-    p = float(dropout_p) if training else 0.0
+    # No dropout outside training: eval mode (training=False) and torch.inference_mode() (which
+    # Dynamo cannot query; compiled code sees only the training flag).
+    in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+    p = float(dropout_p) if training and not in_inference else 0.0
     use_kernels = _use_kernels(backend, x)
     seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):

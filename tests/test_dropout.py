@@ -68,6 +68,9 @@ def test_eval_mode_and_training_false_have_no_dropout():
         lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling, 0.5, training=False),
         expected.detach(),
     )
+    layer.train()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), expected.detach())
 
 
 def test_activation_checkpointing_replays_the_mask():

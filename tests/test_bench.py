@@ -252,7 +252,7 @@ def test_report_main_and_targets(tmp_path, capsys):
     assert "| case | provider | step ×frozen | step ×PEFT |" in out
     assert "saved / PEFT saved = 0.60 (target ≤ 0.7): met" in out
     assert "step time / PEFT step time = 0.80 (target ≤ 0.85): met" in out
-    assert "saved(p) / saved(p=0) = 1.00 (target ≤ 1): met" in out
+    assert "saved(p) / saved(p=0) [+0 bytes] = 1.00 (target ≤ 1): met" in out
     assert "![fastlora benchmark](bench/results/x.png)" in out
     with pytest.raises(ValueError):
         bad = tmp_path / "bad.json"

@@ -196,7 +196,8 @@ def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
             checks = []
             if fl0 is not None and fl0.get("saved_bytes"):
                 v = fl["saved_bytes"] / fl0["saved_bytes"]
-                checks.append(("saved(p) / saved(p=0)", v, TARGET_SAVED_P_VS_P0))
+                delta = fl["saved_bytes"] - fl0["saved_bytes"]
+                checks.append((f"saved(p) / saved(p=0) [{delta:+,d} bytes]", v, TARGET_SAVED_P_VS_P0))
             if pe is not None:
                 if pe.get("saved_bytes"):
                     checks.append(("saved / PEFT saved", fl["saved_bytes"] / pe["saved_bytes"], TARGET_SAVED_VS_PEFT))
@@ -204,7 +205,8 @@ def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
                     checks.append(("step time / PEFT step time", fl["fwd_bwd_ms"] / pe["fwd_bwd_ms"], TARGET_TIME_VS_PEFT))
             for name, v, tgt in checks:
                 ok = "met" if v <= tgt + 1e-9 else "MISSED"
-                lines.append(f"{head} {provider} {name} = {v:.2f} (target ≤ {tgt:g}): {ok}")
+                shown = f"{v:.6f}" if v > tgt + 1e-9 and round(v, 2) <= tgt else f"{v:.2f}"
+                lines.append(f"{head} {provider} {name} = {shown} (target ≤ {tgt:g}): {ok}")
     return lines
 
 

@@ -7,7 +7,7 @@ import triton
 from torch import Tensor
 
 from .common import block_r, dot_precision, launch, needs_int64, row_major, upcast
-from .configs import R_CHUNK_MAX, cols_blocks, m_bucket, num_sms, rows_blocks
+from .configs import cols_blocks, m_bucket, num_sms, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import cols_kernel, rows_kernel
@@ -58,6 +58,7 @@ def lora_backward(
     dropout = dropout_p > 0.0
     threshold = keep_threshold(dropout_p) if dropout else 0
     br = block_r(r)
+    sbr = skinny_block_r(r)
     common = dict(
         INT64=needs_int64(dy, x, weight),
         UPCAST=upcast(x, lora_A),
@@ -71,21 +72,21 @@ def lora_backward(
     if need_dS or need_dB:
         out = dS if need_dS else S
         acc = dB32 if need_dB else S
-        blocks = rows_blocks(br)
-        launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]),)](
+        blocks = rows_blocks(sbr)
+        launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr))](
             dy, lora_B, out, S, acc, seed,
             M, N, r,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
             S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
             float(scaling) / (1.0 - dropout_p), float(scaling), 0,
-            DROPOUT=False, STORE_OUT=need_dS, ACC_DQ=need_dB, BLOCK_R=br, **common, **blocks,
+            DROPOUT=False, STORE_OUT=need_dS, ACC_DQ=need_dB, BLOCK_R=sbr, **common, **blocks,
         )
     if need_dB:
         dB = dB32.to(lora_B.dtype)
 
     # dA = dSᵀ (x ⊙ m), M split across programs (fp32 atomics) when K alone gives too few.
     if need_dA:
-        blocks = cols_blocks(br)
+        blocks = cols_blocks(sbr)
         d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
         splits, per_split = _splits(M, d_blocks, blocks["BLOCK_M"])
         atomic = splits > 1
@@ -93,12 +94,12 @@ def lora_backward(
             dA32 = torch.zeros((r, K), device=dev, dtype=torch.float32)
         else:
             dA32 = torch.empty((r, K), device=dev, dtype=lora_A.dtype)
-        launch(cols_kernel)[(d_blocks, splits)](
+        launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
             x, dS, dA32, seed,
             M, K, r, per_split,
             x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA32.stride(0), dA32.stride(1),
             threshold,
-            DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=br, **common, **blocks,
+            DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr, **common, **blocks,
         )
         dA = dA32.to(lora_A.dtype)
 
@@ -109,12 +110,12 @@ def lora_backward(
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
-        launch(autotuned_gemm(x.dtype == torch.float32))[grid](
+        launch(autotuned_gemm(x.dtype == torch.float32, dropout))[grid](
             dy, weight, dx, dx, dS, lora_A, seed,
             M, K, N, r,
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
             dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
             1.0, threshold, m_bucket(M),
-            HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=min(br, R_CHUNK_MAX), **common,
+            HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=r_chunk(br, lora_A.dtype == torch.float32), **common,
         )
     return dx, dA, dB

@@ -21,41 +21,74 @@ __all__ = [
     "pinned_config",
     "m_bucket",
     "rows_blocks",
+    "skinny_block_r",
+    "SKINNY_R_MAX",
     "cols_blocks",
-    "R_CHUNK_MAX",
+    "r_chunk",
     "num_sms",
 ]
 
 # Read once, as Triton itself does when kernels are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# The low-rank epilogue of the GEMM walks r in chunks of at most this many columns (register budget).
-R_CHUNK_MAX = 64
+# The GEMM's low-rank prologue walks r in chunks of at most this many columns (register budget): fp32
+# adapters (and fp32 FMA dots) take twice the registers per element, hence the smaller chunk.
+R_CHUNK_16BIT = 64
+R_CHUNK_FP32 = 16
 
 _GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).  Pruned by bench/compile_check.py: every entry
-# compiles for its architecture with no spill and within shared memory, in fp16, bf16 and fp32 (tf32).
-_HOPPER_16BIT = [
-    (128, 256, 64, 8, 8, 3),
-    (128, 128, 64, 8, 8, 4),
-    (128, 128, 64, 8, 4, 4),
-    (64, 128, 64, 8, 4, 4),
-    (128, 64, 64, 8, 4, 4),
-    (64, 64, 64, 8, 4, 4),
-]
-_AMPERE_16BIT = [
-    (128, 256, 32, 8, 8, 3),
-    (128, 128, 32, 8, 4, 4),
-    (128, 64, 32, 8, 4, 4),
-    (64, 128, 32, 8, 4, 4),
-    (64, 64, 32, 8, 4, 4),
-]
-_FP32 = [
-    (128, 128, 32, 8, 8, 3),
-    (64, 128, 32, 8, 4, 3),
-    (64, 64, 32, 8, 4, 3),
-]
+# compiles for its architecture with no spill and within shared memory, in fp16, bf16 and fp32 (tf32, ieee).
+# The masked lists serve the dx GEMM with dropout, whose prologue holds Philox state beside the accumulator.
+_TABLES = {
+    # (arch class, fp32, masked)
+    ("hopper", False, False): [
+        (128, 256, 64, 8, 8, 3),
+        (128, 128, 64, 8, 8, 4),
+        (128, 128, 64, 8, 4, 4),
+        (64, 128, 64, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4),
+    ],
+    ("hopper", False, True): [
+        (128, 128, 64, 8, 8, 4),
+        (64, 128, 64, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4),
+    ],
+    ("ampere", False, False): [
+        (128, 256, 32, 8, 8, 3),
+        (128, 128, 32, 8, 8, 3),
+        (128, 64, 32, 8, 4, 4),
+        (64, 128, 32, 8, 4, 4),
+        (64, 64, 32, 8, 4, 4),
+    ],
+    ("ampere", False, True): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 4),
+        (64, 64, 32, 8, 4, 4),
+    ],
+    ("hopper", True, False): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 3),
+        (64, 64, 32, 8, 4, 3),
+    ],
+    ("hopper", True, True): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 3),
+        (64, 64, 32, 8, 4, 3),
+    ],
+    ("ampere", True, False): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 3),
+        (64, 64, 32, 8, 4, 3),
+    ],
+    ("ampere", True, True): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 64, 32, 8, 4, 3),
+    ],
+}
 _INTERPRETER = [(32, 32, 32, 4, 4, 1)]
 
 
@@ -66,12 +99,9 @@ def _arch() -> int:
     return 90
 
 
-def config_dicts(arch: int, fp32: bool) -> list[dict]:
-    """The GEMM's config list for an architecture (80, 90, ...) and operand class, as dicts."""
-    if fp32:
-        table = _FP32
-    else:
-        table = _HOPPER_16BIT if arch >= 90 else _AMPERE_16BIT
+def config_dicts(arch: int, fp32: bool, masked: bool = False) -> list[dict]:
+    """The GEMM's config list for an architecture (80, 90, ...), operand class and prologue kind, as dicts."""
+    table = _TABLES[("hopper" if arch >= 90 else "ampere", fp32, masked)]
     return [dict(zip(_GEMM_KEYS, row)) for row in table]
 
 
@@ -80,7 +110,7 @@ def pinned_config() -> dict | None:
     spec = os.environ.get("FASTLORA_TRITON_CONFIG", "").strip()
     if not spec:
         return None
-    out = dict(zip(_GEMM_KEYS, _HOPPER_16BIT[1]))
+    out = dict(zip(_GEMM_KEYS, _TABLES[("hopper", False, False)][1]))
     for item in spec.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
@@ -96,14 +126,19 @@ def _to_config(d: dict) -> triton.Config:
 
 
 @lru_cache(maxsize=None)
-def gemm_configs(fp32: bool) -> tuple[triton.Config, ...]:
-    """Autotune configs for the fused GEMM on the current device."""
+def gemm_configs(fp32: bool, masked: bool) -> tuple[triton.Config, ...]:
+    """Autotune configs for the fused GEMM on the current device (``masked``: the dropout prologue)."""
     if INTERPRET:
         return tuple(_to_config(dict(zip(_GEMM_KEYS, row))) for row in _INTERPRETER)
     pinned = pinned_config()
     if pinned is not None:
         return (_to_config(pinned),)
-    return tuple(_to_config(d) for d in config_dicts(_arch(), fp32))
+    return tuple(_to_config(d) for d in config_dicts(_arch(), fp32, masked))
+
+
+def r_chunk(block_r: int, adapter_fp32: bool) -> int:
+    """BLOCK_R of the GEMM's low-rank prologue for a padded rank ``block_r``."""
+    return min(block_r, R_CHUNK_FP32 if adapter_fp32 else R_CHUNK_16BIT)
 
 
 def m_bucket(m: int) -> int:
@@ -118,17 +153,27 @@ def num_sms() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
+# The skinny kernels hold a (rows × BLOCK_R) accumulator: ranks above this take several program columns.
+SKINNY_R_MAX = 128
+
+
+def skinny_block_r(r: int) -> int:
+    """BLOCK_R of the skinny kernels: r padded to a power of two >= 16 (tl.dot), at most SKINNY_R_MAX."""
+    return min(SKINNY_R_MAX, max(16, triton.next_power_of_2(int(r))))
+
+
+# Chosen with bench/compile_check.py: no spills on sm_80 / sm_90 in fp16, bf16, bf16 + fp32 adapters, fp32.
+_ROWS = {16: (64, 64, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (32, 32, 4, 3)}
+_COLS = {16: (64, 128, 4, 3), 32: (64, 128, 4, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 3)}
+_SKINNY_KEYS = ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
+_SKINNY_INTERPRETER = (32, 32, 4, 1)
+
+
 def rows_blocks(block_r: int) -> dict:
-    """Blocks for the row-skinny kernel (S = x Aᵀ; dS, dB from dy): rows per program shrink as r grows."""
-    if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=1)
-    block_m = 64 if block_r <= 64 else (32 if block_r <= 128 else 16)
-    return dict(BLOCK_M=block_m, BLOCK_D=64 if block_r <= 128 else 32, num_warps=4, num_stages=3)
+    """Blocks for the row-skinny kernel (S = x Aᵀ; dS, dB from dy) at a skinny BLOCK_R."""
+    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else _ROWS[block_r]))
 
 
 def cols_blocks(block_r: int) -> dict:
-    """Blocks for the column-skinny kernel (dA = dSᵀ h)."""
-    if INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_D=32, num_warps=4, num_stages=1)
-    block_d = 128 if block_r <= 32 else (64 if block_r <= 128 else 32)
-    return dict(BLOCK_M=64, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    """Blocks for the column-skinny kernel (dA = dSᵀ h) at a skinny BLOCK_R."""
+    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else _COLS[block_r]))

@@ -7,7 +7,7 @@ import triton
 from torch import Tensor
 
 from .common import block_r, dot_precision, launch, needs_int64, row_major, upcast
-from .configs import R_CHUNK_MAX, m_bucket, rows_blocks
+from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import rows_kernel
@@ -49,25 +49,26 @@ def lora_forward(
         PRECISION=dot_precision(),
     )
 
-    blocks = rows_blocks(br)
-    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]),)](
+    sbr = skinny_block_r(r)
+    blocks = rows_blocks(sbr)
+    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr))](
         x, lora_A, S, S, S, seed,
         M, K, r,
         x.stride(0), x.stride(1), lora_A.stride(1), lora_A.stride(0), S.stride(0), S.stride(1),
         0, 0, 0, 0,
         1.0 / (1.0 - dropout_p), 1.0, threshold,
-        DROPOUT=dropout, STORE_OUT=True, ACC_DQ=False, BLOCK_R=br, **common, **blocks,
+        DROPOUT=dropout, STORE_OUT=True, ACC_DQ=False, BLOCK_R=sbr, **common, **blocks,
     )
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    launch(autotuned_gemm(x.dtype == torch.float32))[grid](
+    launch(autotuned_gemm(x.dtype == torch.float32, False))[grid](
         x, weight, y, bias if bias is not None else y, S, lora_B, seed,
         M, N, K, r,
         x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
         S.stride(0), S.stride(1), lora_B.stride(1), lora_B.stride(0),
         float(scaling), 0, m_bucket(M),
-        HAS_BIAS=bias is not None, DROPOUT=False, BLOCK_R=min(br, R_CHUNK_MAX), **common,
+        HAS_BIAS=bias is not None, DROPOUT=False, BLOCK_R=r_chunk(br, lora_A.dtype == torch.float32), **common,
     )
     return y, S

@@ -8,7 +8,9 @@ dx:      A = dy, B = W,  P = dS·s/(1-p), Q = A (the LoRA A), scale = 1, mask m 
 Grid: one program per (BLOCK_M × BLOCK_N) tile of C, ``cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N)`` programs in
 GROUP_M-row swizzled order (L2 reuse of B).  Every operand is addressed through its strides (stride 0 is
 fine); tails are masked; the accumulator is fp32; the low-rank product runs over R in BLOCK_R chunks in
-the epilogue, in the adapters' dtype (P is cast to Q's dtype), and C is stored once in its own dtype.
+a prologue (it seeds the accumulator: one accumulator, and the Philox registers are released before the
+main loop), in the adapters' dtype (P is cast to Q's dtype); bias is added in the epilogue and C is stored
+once, in its own dtype.
 INT64 switches row / column offsets to 64 bits (for operands past 2^31 elements); UPCAST (interpreter only)
 computes bf16 in fp32, which the interpreter cannot do natively.
 """
@@ -55,9 +57,29 @@ def fused_gemm_kernel(
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
 
+    # Prologue: the low-rank term, P · Q over R in BLOCK_R chunks, masked and scaled, becomes the initial
+    # accumulator, so the main loop carries a single accumulator and the mask's registers are free again.
+    offs_r = tl.arange(0, BLOCK_R)
+    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
+    q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.range(0, tl.cdiv(R, BLOCK_R), num_stages=1):  # not pipelined: it would multiply shared memory
+        r_left = R - r * BLOCK_R
+        q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        acc = tl.dot(p, q, acc, input_precision=PRECISION)
+        p_ptrs += BLOCK_R * stride_pr
+        q_ptrs += BLOCK_R * stride_qr
+    if DROPOUT:
+        acc = tl.where(keep_mask(seed_ptr, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), acc, 0.0)
+    acc = acc * lora_scale
+
+    # Main loop: the base GEMM accumulates on top.
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
@@ -69,27 +91,7 @@ def fused_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # Epilogue 1: the low-rank term, P · Q over R in BLOCK_R chunks.
-    offs_r = tl.arange(0, BLOCK_R)
-    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
-    q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.range(0, tl.cdiv(R, BLOCK_R), num_stages=1):  # not pipelined: it would multiply shared memory
-        r_left = R - r * BLOCK_R
-        q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        low = tl.dot(p, q, low, input_precision=PRECISION)
-        p_ptrs += BLOCK_R * stride_pr
-        q_ptrs += BLOCK_R * stride_qr
-    if DROPOUT:
-        keep = keep_mask(seed_ptr, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N)
-        low = tl.where(keep, low, 0.0)
-    acc += lora_scale * low
-
-    # Epilogue 2: bias, one store.
+    # Epilogue: bias, one store.
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -103,6 +105,7 @@ def fused_gemm_kernel(
 
 
 @lru_cache(maxsize=None)
-def autotuned_gemm(fp32: bool):
-    """The fused GEMM under ``triton.autotune`` with the device's config list, keyed by (M bucket, N, K)."""
-    return triton.autotune(configs=list(gemm_configs(fp32)), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)
+def autotuned_gemm(fp32: bool, masked: bool):
+    """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K), with the config list for fp32 or
+    16-bit operands, with or without the dropout-masked prologue (one tuner, so one cache, per list)."""
+    return triton.autotune(configs=list(gemm_configs(fp32, masked)), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)

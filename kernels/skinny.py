@@ -1,18 +1,21 @@
 """The rank-r ("skinny") kernels: each reads its big M × D operand once.
 
-rows_kernel — one program per BLOCK_M rows, walking D in BLOCK_D steps:
+rows_kernel — grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); a program takes BLOCK_M rows and BLOCK_R rank columns,
+walking D in BLOCK_D steps:
     out[M, R]  = out_scale · (keep ⊙ X)[M, D] · Q[D, R]              (STORE_OUT)
     dq[D, R]  += dq_scale  · X[M, D]ᵀ · S[M, R]     fp32 atomics      (ACC_DQ)
   forward:  X = x,  Q = Aᵀ, out = S,  out_scale = 1/(1-p), keep mask on          (S = h Aᵀ)
   backward: X = dy, Q = B,  out = dS, out_scale = s/(1-p), dq = dB, dq_scale = s  (dS and dB from one read of dy)
 
-cols_kernel — grid (cdiv(D, BLOCK_D), splits); program (d, j) reduces rows [j·rows_per_split, (j+1)·rows_per_split):
+cols_kernel — grid (cdiv(D, BLOCK_D), splits, cdiv(R, BLOCK_R)); program (d, j, ·) reduces rows
+[j·rows_per_split, (j+1)·rows_per_split):
     out[R, D] (+)= P[M, R]ᵀ · (keep ⊙ X)[M, D]    (fp32 atomics when ATOMIC, plain store for one split)
   backward: X = x, P = dS (already carrying s/(1-p)), out = dA                   (dA = dSᵀ h)
 
 X is cast to the adapters' dtype (Q's / P's) before the dot, as the reference casts x to lora_A.dtype; BLOCK_R
-is r padded to a power of two >= 16 for tl.dot, padded columns masked; accumulation is fp32; INT64 and
-UPCAST as in gemm.py.
+is r padded to a power of two >= 16 for tl.dot (padded columns masked), capped by the launcher (configs.py) so
+registers suffice: ranks above the cap take more than one program column and re-read X once per chunk.
+Accumulation is fp32; INT64 and UPCAST as in gemm.py.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def rows_kernel(
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = offs_m < M
     r_ok = offs_r < R
     rows = offs_m
@@ -91,7 +94,7 @@ def cols_kernel(
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     d_ok = offs_d < D
     r_ok = offs_r < R
     cols = offs_d

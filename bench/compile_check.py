@@ -1,0 +1,289 @@
+"""Compile every fastlora kernel for real GPUs, without one: sm_80 (A100) and sm_90 (H100/H200).
+
+For each kernel, each autotune config (the fused GEMM) or block choice (the skinny kernels), each dtype it
+supports and each feature variant the launchers use, this compiles the kernel ahead of time with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` using a signature that mirrors a real
+Llama-shaped launch (16-byte aligned pointers, strides of 1 specialised as Triton does), then reads the
+cubin's resources with the ``cuobjdump -res-usage`` that ships in Triton's package.
+
+Fails (exit 1) on a compile error, any spill (STACK or LOCAL > 0), dynamic shared memory above the chip's
+limit, or a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``.  Prints one line per
+GEMM config and per skinny block choice (worst case over its variants).
+
+    python bench/compile_check.py [--jobs N] [--arch 80,90] [--verbose]
+
+Runs without CUDA; never under TRITON_INTERPRET (removed from the environment before triton is imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from fastlora.kernels.common import block_r  # noqa: E402
+from fastlora.kernels.configs import cols_blocks, config_dicts, r_chunk, rows_blocks, skinny_block_r  # noqa: E402
+from fastlora.kernels.dropout import keep_threshold  # noqa: E402
+from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel}
+
+# Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
+M, K, N = 8192, 4096, 4096
+
+
+@dataclass(frozen=True)
+class Ptr:
+    dtype: str  # Triton's spelling: fp16, bf16, fp32, i64
+
+
+@dataclass
+class Job:
+    kernel: str  # key of KERNELS
+    group: str  # the table row this job belongs to
+    variant: str
+    arch: int
+    args: dict
+    num_warps: int
+    num_stages: int
+    needs_wgmma: bool = False
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool = False
+    error: str = ""
+    regs: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0
+    wgmma: bool = False
+    seconds: float = 0.0
+    problems: list = field(default_factory=list)
+
+
+def _signature(fn, args: dict):
+    """(signature, constexprs, attrs) as Triton's launcher would specialise ``args``."""
+    constexpr_names = {p.name for p in fn.params if p.is_constexpr}
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        v = args[name]
+        if name in constexpr_names:
+            sig[name], consts[name] = "constexpr", v
+        elif isinstance(v, Ptr):
+            sig[name] = "*" + v.dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, float):
+            sig[name] = "fp32"
+        elif isinstance(v, int):
+            if v == 1:
+                sig[name], consts[name] = "constexpr", 1
+            else:
+                sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
+                if v % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            raise TypeError(f"{name}: {v!r}")
+    return sig, consts, attrs
+
+
+def _resources(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    out = {}
+    for key in ("REG", "STACK", "SHARED", "LOCAL"):
+        found = [int(v) for v in re.findall(rf"\b{key}:(\d+)", text)]
+        out[key] = max(found) if found else 0
+    return out
+
+
+def run_job(job: Job) -> Result:
+    res = Result(job)
+    t0 = time.time()
+    try:
+        fn = KERNELS[job.kernel]
+        sig, consts, attrs = _signature(fn, job.args)
+        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                                options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        usage = _resources(kernel.asm["cubin"])
+        res.regs, res.stack, res.local = usage["REG"], usage["STACK"], usage["LOCAL"]
+        res.shared = max(int(kernel.metadata.shared), usage["SHARED"])
+        res.wgmma = "wgmma.mma_async" in kernel.asm["ptx"]
+        res.ok = True
+    except Exception as exc:  # noqa: BLE001 - every compile failure is a finding
+        while exc.__cause__ is not None:  # the root cause, not the call-site frames around it
+            exc = exc.__cause__
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        res.error = f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"
+    res.seconds = time.time() - t0
+    if not res.ok:
+        res.problems.append("compile error: " + res.error)
+    else:
+        if res.stack or res.local:
+            res.problems.append(f"spills (STACK {res.stack}, LOCAL {res.local})")
+        if res.shared > SHARED_LIMIT[job.arch]:
+            res.problems.append(f"shared {res.shared} B > {SHARED_LIMIT[job.arch]} B")
+        if job.needs_wgmma and not res.wgmma:
+            res.problems.append("no wgmma on sm_90")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The launches to compile (mirroring kernels/forward.py and kernels/backward.py)
+
+# (base dtype, adapter dtype, fp32 dot precision)
+DTYPE_VARIANTS_16 = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "fp32", "tf32")]
+DTYPE_VARIANTS_32 = [("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee")]
+
+
+def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, int64: bool = False) -> dict:
+    fwd = direction == "fwd"
+    return dict(
+        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt), q_ptr=Ptr(adt),
+        seed_ptr=Ptr("i64"), M=M, N=N, K=K, R=r,
+        stride_am=K, stride_ak=1,
+        stride_bk=1 if fwd else N, stride_bn=K if fwd else 1,
+        stride_cm=N, stride_cn=1,
+        stride_pm=r, stride_pr=1,
+        stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
+        lora_scale=0.5, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
+        HAS_BIAS=fwd, DROPOUT=direction == "dx-dropout", BLOCK_R=r_chunk(block_r(r), adt == "fp32"),
+        INT64=int64, UPCAST=False, PRECISION=prec, **meta,
+    )
+
+
+def gemm_jobs(arch: int) -> list[Job]:
+    """Each config of each list: the unmasked list (forward; dx without dropout) and the masked list (dx)."""
+    jobs = []
+    for fp32, dtypes in ((False, DTYPE_VARIANTS_16), (True, DTYPE_VARIANTS_32)):
+        for masked in (False, True):
+            directions = (("dx-dropout", 64),) if masked else (("fwd", 16), ("dx", 64))
+            for cfg in config_dicts(arch, fp32, masked):
+                meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                name = "gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + (
+                    "fp32" if fp32 else "16-bit") + (" masked" if masked else "")
+                variants = [(d, dt, adt, prec, r, False) for dt, adt, prec in dtypes for d, r in directions]
+                # 64-bit offsets (operands past 2^31 elements), once per config.
+                dt = "fp32" if fp32 else "bf16"
+                variants.append((directions[-1][0], dt, dt, "tf32", 64, True))
+                for direction, dt, adt, prec, r, int64 in variants:
+                    args = _gemm_args(direction, dt, adt, prec, r, meta, int64)
+                    wgmma = arch >= 90 and not (dt == "fp32" and prec == "ieee")
+                    label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "")
+                    jobs.append(Job("gemm", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
+                                    needs_wgmma=wgmma))
+    return jobs
+
+
+SKINNY_DTYPES = [("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")]
+RANKS = [16, 32, 64, 128]  # skinny BLOCK_R values; larger ranks run in 128-wide chunks
+
+
+def skinny_jobs(arch: int) -> list[Job]:
+    jobs = []
+    for r in RANKS:
+        br = skinny_block_r(r)
+        rb = rows_blocks(br)
+        cb = cols_blocks(br)
+        for dt, adt in SKINNY_DTYPES:
+            prec = "tf32"
+            for direction in ("fwd", "bwd"):
+                fwd = direction == "fwd"
+                args = dict(
+                    x_ptr=Ptr(dt), q_ptr=Ptr(adt), out_ptr=Ptr(adt), s_ptr=Ptr(adt),
+                    dq_ptr=Ptr(adt if fwd else "fp32"), seed_ptr=Ptr("i64"),
+                    M=M, D=K, R=r,
+                    stride_xm=K, stride_xd=1,
+                    stride_qd=1 if fwd else r, stride_qr=K if fwd else 1,
+                    stride_om=r, stride_or=1,
+                    stride_sm=0 if fwd else r, stride_sr=0 if fwd else 1,
+                    stride_dqd=0 if fwd else r, stride_dqr=0 if fwd else 1,
+                    out_scale=1.1, dq_scale=0.5, keep_threshold=keep_threshold(0.1),
+                    DROPOUT=fwd, STORE_OUT=True, ACC_DQ=not fwd, BLOCK_R=br, INT64=False, UPCAST=False,
+                    PRECISION=prec, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"],
+                )
+                name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
+                jobs.append(Job("rows", name, f"{direction} {dt}/{adt}", arch, args, rb["num_warps"], rb["num_stages"]))
+            for atomic in (True, False):
+                args = dict(
+                    x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
+                    M=M, D=K, R=r, rows_per_split=512,
+                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1, stride_or=K, stride_od=1,
+                    keep_threshold=keep_threshold(0.1),
+                    DROPOUT=True, ATOMIC=atomic, BLOCK_R=br, INT64=False, UPCAST=False, PRECISION=prec,
+                    BLOCK_M=cb["BLOCK_M"], BLOCK_D=cb["BLOCK_D"],
+                )
+                name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
+                jobs.append(Job("cols", name, f"{dt}/{adt} atomic={atomic}", arch, args, cb["num_warps"],
+                                cb["num_stages"]))
+    return jobs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
+    ap.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    ap.add_argument("--only", default="", help="compile only kernels whose table name contains this")
+    ap.add_argument("--verbose", action="store_true", help="one line per compile")
+    opts = ap.parse_args()
+
+    jobs = []
+    for arch in (int(a) for a in opts.arch.split(",")):
+        jobs += gemm_jobs(arch) + skinny_jobs(arch)
+    jobs = [j for j in jobs if opts.only in j.group]
+    t0 = time.time()
+    if opts.jobs > 1:
+        with ProcessPoolExecutor(opts.jobs) as pool:
+            results = list(pool.map(run_job, jobs))
+    else:
+        results = [run_job(j) for j in jobs]
+
+    rows: dict[tuple, list[Result]] = {}
+    for res in results:
+        rows.setdefault((res.job.arch, res.job.group), []).append(res)
+        if opts.verbose:
+            j = res.job
+            print(f"  sm_{j.arch} {j.group:<40} {j.variant:<28} REG {res.regs:>3} STACK {res.stack} "
+                  f"SHARED {res.shared:>6} wgmma {'y' if res.wgmma else 'n'} {res.seconds:5.1f}s "
+                  f"{'; '.join(res.problems)}")
+
+    print(f"{'arch':<6} {'kernel / config':<42} {'n':>3} {'REG max':>7} {'STACK':>5} {'SHARED max':>10} "
+          f"{'wgmma':>6}  status")
+    failures = 0
+    for (arch, group), rs in rows.items():
+        ok = [r for r in rs if r.ok]
+        problems = [f"{r.job.variant}: {p}" for r in rs for p in r.problems]
+        failures += bool(problems)
+        wg = "-" if not any(r.job.needs_wgmma for r in rs) else (
+            "all" if all(r.wgmma for r in rs if r.job.needs_wgmma) else "NO")
+        print(f"sm_{arch:<3} {group:<42} {len(rs):>3} {max((r.regs for r in ok), default=0):>7} "
+              f"{max((r.stack + r.local for r in ok), default=0):>5} {max((r.shared for r in ok), default=0):>10} "
+              f"{wg:>6}  {'ok' if not problems else 'FAIL'}")
+        for p in problems:
+            print(f"       ! {p}")
+    print(f"{len(results)} compiles, {len(rows)} configs, {failures} failing, {time.time() - t0:.0f} s "
+          f"(triton {triton.__version__})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ from fastlora import reference
 from fastlora.kernels import lora_backward, lora_forward
 from tests import philox
 
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
 # Tolerance per base dtype, relative: |got - ref| <= tol·|ref| + tol·max|ref|.
 TOLERANCE = {
     torch.float32: 2e-5,
@@ -46,6 +48,46 @@ class Case:
                 f"{'-bias' if self.bias else ''}-{self.x_layout}-{self.dy_layout}-{self.weight_layout}")
 
 
+# Small shapes (<= 128 a side, odd sizes): the interpreter's suite, and the compiled suite's first part.
+
+SMALL_CASES = [
+    # odd shapes, fp32, with and without bias and dropout
+    Case(1, 33, 64, 8),
+    Case(37, 97, 33, 1, bias=False),
+    Case(37, 1, 97, 8, p=0.1),
+    Case(128, 64, 1, 16, p=0.5),
+    Case(128, 97, 97, 33, p=0.2, bias=False),
+    Case(37, 64, 33, 100, p=0.1),  # r past the epilogue's 64-wide chunk
+    Case(9, 33, 17, 256),  # r at its maximum
+    # fp16 fully, bf16 through the interpreter's fp32 upcast; fp32 adapters beside a 16-bit base
+    Case(37, 97, 64, 16, f16, p=0.1),
+    Case(128, 33, 97, 8, f16, bias=False),
+    Case(37, 97, 64, 16, bf16, p=0.1),
+    Case(64, 64, 33, 33, bf16, bias=False),
+    Case(37, 64, 97, 16, f16, f32, p=0.1),
+    Case(37, 64, 97, 16, bf16, f32, p=0.1),
+    Case(1, 97, 33, 8, bf16, f32),
+    # layouts: padded rows, a column-strided x (copied), a stride-0 dy, a transposed weight view
+    Case(37, 33, 64, 8, p=0.1, x_layout="row-strided"),
+    Case(37, 33, 64, 8, f16, p=0.1, x_layout="column-strided"),
+    Case(37, 33, 64, 8, p=0.3, dy_layout="expanded"),
+    Case(37, 33, 64, 8, bf16, f32, p=0.3, dy_layout="expanded"),
+    Case(37, 97, 33, 16, p=0.1, weight_layout="transposed"),
+    # a large seed (both key words used) and a negative one
+    Case(64, 64, 33, 8, p=0.4, seed=2**62 + 12345),
+    Case(64, 64, 33, 8, p=0.4, seed=-99),
+]
+
+# A sweep over the odd sizes: every M with every (K, N) pairing, rank, dtype and dropout rotating.
+_RANKS, _DTYPES = (1, 8, 16, 33), (f32, f16, bf16)
+SMALL_CASES += [
+    Case(M, K, N, _RANKS[i % 4], _DTYPES[i % 3], p=(0.15 if i % 2 else 0.0), bias=bool(i % 3))
+    for i, (M, (K, N)) in enumerate(
+        (M, kn) for M in (1, 37, 128) for kn in ((1, 97), (33, 64), (64, 33), (97, 1))
+    )
+]
+
+
 def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
     M, K = t.shape
     if layout == "row-strided":
@@ -60,11 +102,12 @@ def _strided(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def make_inputs(case: Case, device: str):
-    g = torch.Generator(device="cpu").manual_seed(zlib.crc32(str(case).encode()))
+    g = torch.Generator(device=device).manual_seed(zlib.crc32(str(case).encode()))
     adt = case.adapter_dtype or case.dtype
 
     def rnd(*shape, dtype, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+        t = torch.randn(*shape, generator=g, device=device, dtype=dtype)
+        return t.mul_(scale) if scale != 1.0 else t
 
     x = _strided(rnd(case.M, case.K, dtype=case.dtype), case.x_layout)
     w = rnd(case.N, case.K, dtype=case.dtype, scale=case.K**-0.5)
@@ -108,6 +151,36 @@ def check_case(case: Case, device: str) -> None:
     assert_close("y", y, y_ref, tol, case.dtype)
     assert_close("S", S, S_ref, tol, adt)
     assert_close("dx", dx, dx_ref, tol, case.dtype)
+    assert_close("dA", dA, dA_ref, tol, adt)
+    assert_close("dB", dB, dB_ref, tol, adt)
+
+
+def check_large(case: Case, device: str, row_chunk: int = 1 << 16) -> None:
+    """check_case for inputs too big for a float64 copy: the reference runs on row chunks (y, S, dx compared
+    per chunk, dA and dB summed over chunks), the mask of each chunk reproduced from its first row."""
+    x, w, b, A, B, dy, seed = make_inputs(case, device)
+    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p)
+    dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True)
+    tol = TOLERANCE[case.dtype]
+    adt = case.adapter_dtype or case.dtype
+    d = lambda t: None if t is None else t.double()  # noqa: E731
+    wd, bd, Ad, Bd = d(w), d(b), d(A), d(B)
+    dA_ref = torch.zeros(case.r, case.K, dtype=torch.float64, device=device)
+    dB_ref = torch.zeros(case.N, case.r, dtype=torch.float64, device=device)
+    for start in range(0, case.M, row_chunk):
+        rows = slice(start, min(case.M, start + row_chunk))
+        n = rows.stop - start
+        keep = philox.keep_mask(case.seed, n, case.K, case.p, device=device, row_start=start) if case.p > 0 else None
+        xd = d(x[rows])
+        y_ref, S_ref = reference.lora_forward(xd, wd, bd, Ad, Bd, case.scaling, keep, case.p)
+        dx_ref, dA_part, dB_part = reference.lora_backward(
+            d(dy[rows]), xd, wd, Ad, Bd, S_ref, case.scaling, keep, case.p)
+        assert_close(f"y[{start}:]", y[rows], y_ref, tol, case.dtype)
+        assert_close(f"S[{start}:]", S[rows], S_ref, tol, adt)
+        assert_close(f"dx[{start}:]", dx[rows], dx_ref, tol, case.dtype)
+        dA_ref += dA_part
+        dB_ref += dB_part
+        del xd, y_ref, S_ref, dx_ref, keep
     assert_close("dA", dA, dA_ref, tol, adt)
     assert_close("dB", dB, dB_ref, tol, adt)
 

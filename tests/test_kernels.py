@@ -21,46 +21,8 @@ from fastlora.kernels.configs import INTERPRET  # noqa: E402
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1); see test_kernels_gpu.py")
 
 from tests import kernel_checks as kc  # noqa: E402
-from tests.kernel_checks import Case  # noqa: E402
 
-f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-
-CASES = [
-    # odd shapes, fp32, with and without bias and dropout
-    Case(1, 33, 64, 8),
-    Case(37, 97, 33, 1, bias=False),
-    Case(37, 1, 97, 8, p=0.1),
-    Case(128, 64, 1, 16, p=0.5),
-    Case(128, 97, 97, 33, p=0.2, bias=False),
-    Case(37, 64, 33, 100, p=0.1),  # r past the epilogue's 64-wide chunk
-    Case(9, 33, 17, 256),  # r at its maximum
-    # fp16 fully, bf16 through the interpreter's fp32 upcast; fp32 adapters beside a 16-bit base
-    Case(37, 97, 64, 16, f16, p=0.1),
-    Case(128, 33, 97, 8, f16, bias=False),
-    Case(37, 97, 64, 16, bf16, p=0.1),
-    Case(64, 64, 33, 33, bf16, bias=False),
-    Case(37, 64, 97, 16, f16, f32, p=0.1),
-    Case(37, 64, 97, 16, bf16, f32, p=0.1),
-    Case(1, 97, 33, 8, bf16, f32),
-    # layouts: padded rows, a column-strided x (copied), a stride-0 dy, a transposed weight view
-    Case(37, 33, 64, 8, p=0.1, x_layout="row-strided"),
-    Case(37, 33, 64, 8, f16, p=0.1, x_layout="column-strided"),
-    Case(37, 33, 64, 8, p=0.3, dy_layout="expanded"),
-    Case(37, 33, 64, 8, bf16, f32, p=0.3, dy_layout="expanded"),
-    Case(37, 97, 33, 16, p=0.1, weight_layout="transposed"),
-    # a large seed (both key words used) and a negative one
-    Case(64, 64, 33, 8, p=0.4, seed=2**62 + 12345),
-    Case(64, 64, 33, 8, p=0.4, seed=-99),
-]
-
-# A sweep over the odd sizes: every M with every (K, N) pairing, rank, dtype and dropout rotating.
-_RANKS, _DTYPES = (1, 8, 16, 33), (f32, f16, bf16)
-CASES += [
-    Case(M, K, N, _RANKS[i % 4], _DTYPES[i % 3], p=(0.15 if i % 2 else 0.0), bias=bool(i % 3))
-    for i, (M, (K, N)) in enumerate(
-        (M, kn) for M in (1, 37, 128) for kn in ((1, 97), (33, 64), (64, 33), (97, 1))
-    )
-]
+CASES = kc.SMALL_CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -106,3 +68,8 @@ def test_philox_reproduction_matches_triton():
     randint4x_kernel[(1,)](seed, offsets, out, N=64)
     expected = torch.stack(philox.randint4x(seed, offsets))
     assert torch.equal(out.view(4, 64).to(torch.int64) & 0xFFFFFFFF, expected)
+
+
+def test_row_chunked_oracle():
+    """The GPU suite's chunked reference (for tensors past 2^31 elements), here on a small shape."""
+    kc.check_large(kc.Case(100, 33, 20, 8, torch.float16, torch.float32, p=0.2), "cpu", row_chunk=32)

@@ -1,0 +1,101 @@
+"""The kernel checks in compiled mode on a CUDA GPU: the interpreter suite's shapes, Llama-sized shapes, and
+operands past 2^31 elements (64-bit offsets).  Skipped without CUDA or under TRITON_INTERPRET.
+
+    python -m pytest tests/test_kernels_gpu.py        (bench/gpu_check.sh runs it)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from fastlora.kernels.configs import INTERPRET  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(INTERPRET, reason="compiled mode only (TRITON_INTERPRET is set)"),
+]
+
+from fastlora.kernels import lora_backward, lora_forward  # noqa: E402
+from tests import kernel_checks as kc  # noqa: E402
+from tests.kernel_checks import Case, bf16, f16, f32  # noqa: E402
+
+DEVICE = "cuda"
+
+MEDIUM_CASES = [
+    # Llama-3-8B projection shapes at moderate token counts
+    Case(4096, 4096, 4096, 16, bf16, p=0.1),
+    Case(4096, 4096, 4096, 16, bf16, f32, p=0.1),  # PEFT's default: fp32 adapters beside a bf16 base
+    Case(2048, 4096, 14336, 16, f16, p=0.1),
+    Case(2048, 14336, 4096, 64, bf16, p=0.05, bias=False),
+    Case(1024, 4096, 1024, 128, bf16, f32, p=0.1),
+    Case(777, 1000, 999, 256, f16, p=0.2),  # odd everything, the largest rank
+    Case(2048, 4096, 4096, 16, f32, p=0.1),  # exact fp32 (torch's default matmul precision)
+    Case(8192, 4096, 1024, 16, bf16, p=0.1, dy_layout="expanded"),
+    Case(3000, 4096, 4096, 16, bf16, p=0.1, x_layout="row-strided"),
+]
+
+# x, y, dy and dx each hold 2^31 + 2^18 elements: every GEMM and skinny kernel runs with 64-bit offsets.
+HUGE_CASE = Case(2**31 // 4096 + 64, 4096, 4096, 16, bf16, f32, p=0.1)
+
+
+@pytest.mark.parametrize("case", kc.SMALL_CASES, ids=str)
+def test_small_matches_reference(case):
+    kc.check_case(case, DEVICE)
+
+
+@pytest.mark.parametrize("case", MEDIUM_CASES, ids=str)
+def test_medium_matches_reference(case):
+    kc.check_case(case, DEVICE)
+
+
+def test_past_int32_offsets():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        pytest.skip(f"needs ~40 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
+    kc.check_large(HUGE_CASE, DEVICE)
+    torch.cuda.empty_cache()
+
+
+def test_need_flags():
+    kc.check_need_flags(DEVICE)
+
+
+def test_mask_forward_backward_philox():
+    kc.check_mask(DEVICE, M=256, K=1024)
+
+
+def test_keep_rate():
+    kc.check_keep_rate(DEVICE)
+
+
+def test_empty_batch():
+    kc.check_empty(DEVICE)
+
+
+def test_cuda_graph_replay():
+    """No host synchronisation: the launchers capture into a CUDA graph (after autotuning) and replay it; a new
+    seed written into the seed tensor changes the mask without re-capture."""
+    case = Case(512, 1024, 1024, 16, bf16, p=0.1)
+    x, w, b, A, B, dy, seed = kc.make_inputs(case, DEVICE)
+
+    def step():
+        y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p)
+        return (y, S) + lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True)
+
+    eager = step()  # autotunes and compiles outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for name, a, e in zip(("y", "S", "dx", "dA", "dB"), captured, eager):
+        torch.testing.assert_close(a, e, rtol=1e-2, atol=1e-2, msg=lambda m, name=name: f"{name}: {m}")
+    seed.fill_(case.seed + 1)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(captured[1], eager[1]), "a new seed did not change S"

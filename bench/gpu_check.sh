@@ -1,34 +1,94 @@
 #!/usr/bin/env bash
-# GPU results for bench/results/: run from the repository root on a machine with CUDA, then commit
-# the files it writes (named with the date and the GPU) and regenerate the README section:
+# Device check for a machine with one CUDA GPU and no network (meant for an H200 with torch 2.11, triton 3.6,
+# peft and transformers installed; runs on newer versions too).  Run from anywhere:
 #
-#     bash bench/gpu_check.sh            # all presets + the model steps (~5-10 min on an H100/H200)
-#     QUICK=1 bash bench/gpu_check.sh    # llama-3-8b q/gate/down only, fewer repeats (~1-2 min)
+#     bash bench/gpu_check.sh              # ~5-8 min on an H100/H200; every step has its own time limit
+#     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step
 #
-set -euo pipefail
-cd "$(dirname "$0")/.."
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')"
-out=bench/results
-mkdir -p "$out"
-stem="$out/$(date -u +%F)-$(python -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cuda'))")"
-common=(--device cuda --rank 16 --alpha 32)
-if [[ "${QUICK:-0}" == "1" ]]; then
-    layer_args=(--preset llama-3-8b --proj q_proj,gate_proj,down_proj --warmup 5 --repeats 20)
-    model_args=(--warmup 2 --repeats 5)
-else
-    layer_args=(--preset llama-3-8b --preset qwen2.5-7b --warmup 10 --repeats 50)
-    model_args=(--warmup 3 --repeats 10)
+# Steps (all run; the exit status is non-zero when one failed):
+#   1. compiled-kernel tests: pytest tests/test_kernels_gpu.py (all dtypes, Llama shapes, a case past 2^31
+#      elements, CUDA-graph replay), with a JUnit XML;
+#   2. kernel benchmark: Llama-3-8B projections, 8192 tokens, r=16, bf16, dropout 0.1 and 0 (frozen base,
+#      PEFT, fastlora torch and triton paths) as JSON / CSV / PNG;
+#   3. one training step of a 2-layer llama-3-8b-width model;
+#   4. the README section regenerated from every results file;
+#   5. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
+# Results: $OUT when set, else bench/results/, named <UTC date>-<hardware slug>-<step>.<ext> (commit them).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+unset TRITON_INTERPRET
+RESULTS="${OUT:-$REPO/bench/results}"
+mkdir -p "$RESULTS"
+PY="${PYTHON:-python}"
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" || exit 2
+
+# fastlora.kernels is the top-level kernels/ folder, mapped into the package by pyproject.toml: it imports only
+# from an installed (or editable-installed) fastlora.  Offline: an editable install without dependencies, else a
+# shim directory whose fastlora/ links the package's files and kernels/.
+if ! "$PY" -c "import fastlora.kernels" >/dev/null 2>&1; then
+    "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" >/dev/null 2>&1 || true
+fi
+if ! "$PY" -c "import fastlora.kernels" >/dev/null 2>&1; then
+    SHIM="$(mktemp -d)"
+    mkdir -p "$SHIM/fastlora"
+    for f in "$REPO"/fastlora/*; do ln -s "$f" "$SHIM/fastlora/"; done
+    ln -s "$REPO/kernels" "$SHIM/fastlora/kernels"
+    for f in tests bench pyproject.toml; do ln -s "$REPO/$f" "$SHIM/$f"; done
+    cd "$SHIM"
+    echo "gpu_check: fastlora is not installed; running from the import shim $SHIM"
 fi
 
-# 1. layers: bf16, 8192 tokens, p = 0.1 and 0 (kernel-level: frozen base, PEFT, fastlora torch and triton)
-python -m fastlora.bench "${common[@]}" "${layer_args[@]}" --tokens 8192 --dtype bfloat16 --dropout 0.1,0 \
-    --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress
-# 2. one training step of a 2-layer llama-3-8b-width model (bf16, 4×2048 tokens), seed config r=8
-python -m fastlora.bench --device cuda --model llama-3-8b "${model_args[@]}" \
-    --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
-# 3. the tiny model of the CPU targets, on the GPU (fp32)
-python -m fastlora.bench --device cuda --model tiny "${model_args[@]}" \
-    --json "$stem-tiny-model.json" --no-progress
+slug="$("$PY" -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cuda'))" 2>/dev/null ||
+    "$PY" -c "import re, torch; print('gpu-' + re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")"
+stem="$RESULTS/$(date -u +%F)-$slug"
+SUMMARY="$stem-gpu-check.txt"
+{
+    echo "gpu_check $(date -u +%FT%TZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+} | tee "$SUMMARY"
+
+# Plots only where matplotlib is installed (the JSON / CSV carry the numbers).
+has_mpl=0
+"$PY" -c "import matplotlib" >/dev/null 2>&1 && has_mpl=1
+plot() { [[ "$has_mpl" == 1 ]] && printf '%s\n' --plot "$1"; }
+
+status=0
+step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME.log, record the outcome
+    local name="$1" limit="$2"
+    shift 2
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$stem-$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "step $name: exit $rc in $((SECONDS - t0)) s (limit $limit s)" | tee -a "$SUMMARY"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+# 1. compiled kernels against the float64 reference
+step kernel-tests 210 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+    --junitxml="$stem-kernel-tests.xml"
+
+# 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
+step layers 150 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
+    --dtype bf16 --dropout 0.1,0 --warmup 10 --repeats 50 --no-progress \
+    --json "$stem-layers.json" --csv "$stem-layers.csv" $(plot "$stem-layers.png")
+
+# 3. one training step of a 2-layer llama-3-8b-width model (bf16)
+if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
+    step model 60 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
+        --json "$stem-model.json" --csv "$stem-model.csv" $(plot "$stem-model.png")
+fi
+
 # 4. the README section from every results file
-python -m fastlora.bench.report "$out"/*.json > "$out/README-section.md"
-echo "wrote $stem-*.json/.csv/.png and $out/README-section.md"
+if compgen -G "$RESULTS/*.json" >/dev/null; then
+    "$PY" -m fastlora.bench.report "$RESULTS"/*.json >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
+        echo "README section: failed" | tee -a "$SUMMARY"
+fi
+
+# 5. ahead-of-time compile report with this machine's triton
+step compile-check 45 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
+
+echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"
+exit "$status"

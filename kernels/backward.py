@@ -6,7 +6,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, upcast
+from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, upcast
 from .configs import cols_blocks, m_bucket, num_sms, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
@@ -57,6 +57,7 @@ def lora_backward(
 
     dropout = dropout_p > 0.0
     threshold = keep_threshold(dropout_p) if dropout else 0
+    seed = seed_arg(seed, dropout, S)
     br = block_r(r)
     sbr = skinny_block_r(r)
     common = dict(

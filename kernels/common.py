@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .configs import INTERPRET
 
-__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "launch"]
+__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "launch"]
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -42,6 +42,15 @@ def upcast(*tensors: Tensor | None) -> bool:
 def row_major(t: Tensor) -> Tensor:
     """t itself when its last stride is 1, else a contiguous copy (the kernels take any leading stride)."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def seed_arg(seed: Tensor | None, dropout: bool, placeholder: Tensor) -> Tensor:
+    """The seed tensor the kernels take: required with dropout; without it any tensor (never read) will do."""
+    if seed is not None:
+        return seed
+    if dropout:
+        raise ValueError("dropout_p > 0 needs a seed tensor (int64, shape (1,), on the input's device)")
+    return placeholder
 
 
 def launch(kernel):

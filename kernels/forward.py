@@ -6,7 +6,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, upcast
+from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, upcast
 from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
@@ -28,7 +28,8 @@ def lora_forward(
     """Return ``(y, S)``: S = (x ⊙ m) Aᵀ / (1-p) in lora_A's dtype, y = x Wᵀ + b + s·S Bᵀ in x's dtype.
 
     x (M, K) any strides (copied only when its last stride is not 1); weight (N, K); bias (N,) or None;
-    lora_A (r, K); lora_B (N, r); seed: int64 tensor of shape (1,) on x's device (loaded by the kernels).
+    lora_A (r, K); lora_B (N, r); seed: int64 tensor of shape (1,) on x's device (loaded by the kernels;
+    may be None when dropout_p == 0).
     dropout_p == 0 compiles the mask out.  fp32 accumulation throughout; no host synchronisation.
     """
     x = row_major(x)
@@ -42,6 +43,7 @@ def lora_forward(
 
     dropout = dropout_p > 0.0
     threshold = keep_threshold(dropout_p) if dropout else 0
+    seed = seed_arg(seed, dropout, y)
     br = block_r(r)
     common = dict(
         INT64=needs_int64(x, y, weight),

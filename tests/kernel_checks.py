@@ -244,6 +244,23 @@ def check_keep_rate(device: str) -> None:
         assert (col_rate - (1 - p)).abs().max().item() < 6 * col_sigma, "a column's keep rate is off"
 
 
+def check_no_seed(device: str) -> None:
+    """Without dropout the seed may be None; with dropout it is required."""
+    case = Case(M=9, K=33, N=17, r=4)
+    x, w, b, A, B, dy, seed = make_inputs(case, device)
+    with_seed = lora_forward(x, w, b, A, B, seed, 0.5, 0.0)
+    y, S = lora_forward(x, w, b, A, B, None, 0.5, 0.0)
+    assert torch.equal(y, with_seed[0]) and torch.equal(S, with_seed[1])
+    grads = lora_backward(dy, x, w, A, B, S, None, 0.5, 0.0, True, True, True)
+    assert all(g is not None for g in grads)
+    try:
+        lora_forward(x, w, b, A, B, None, 0.5, 0.1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("dropout without a seed was accepted")
+
+
 def check_empty(device: str) -> None:
     case = Case(M=0, K=33, N=17, r=8, p=0.1)
     x, w, b, A, B, dy, seed = make_inputs(case, device)

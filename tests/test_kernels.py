@@ -42,6 +42,10 @@ def test_keep_rate():
     kc.check_keep_rate("cpu")
 
 
+def test_no_seed_without_dropout():
+    kc.check_no_seed("cpu")
+
+
 def test_empty_batch():
     kc.check_empty("cpu")
 

@@ -72,6 +72,10 @@ def test_keep_rate():
     kc.check_keep_rate(DEVICE)
 
 
+def test_no_seed_without_dropout():
+    kc.check_no_seed(DEVICE)
+
+
 def test_empty_batch():
     kc.check_empty(DEVICE)
 

@@ -17,7 +17,7 @@ from .runner import DTYPES, LayerCase, ModelCase, add_ratios, run_layers, run_mo
 
 __all__ = ["main", "build_parser"]
 
-QUICK_PROJ = ["q_proj", "gate_proj", "down_proj"]
+QUICK_PROJ = ["q_proj", "down_proj"]
 
 
 def _floats(text: str) -> list[float]:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if on_gpu else torch.float32)
     alpha = args.alpha if args.alpha is not None else 4.0 * args.rank
     warmup = args.warmup if args.warmup is not None else ((3 if on_gpu else 1) if args.quick else (10 if on_gpu else 2))
-    repeats = args.repeats if args.repeats is not None else ((10 if on_gpu else 5) if args.quick else (50 if on_gpu else 10))
+    repeats = args.repeats if args.repeats is not None else ((10 if on_gpu else 3) if args.quick else (50 if on_gpu else 10))
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
     try:
         providers, skipped = resolve_providers(names, device)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# CPU results for bench/results/ (what is committed from the development machine: 2 threads):
+#
+#     bash bench/cpu_results.sh          # tiny model step + tiny layers (~3 min on 2 cores)
+#     LLAMA=1 bash bench/cpu_results.sh  # also the llama-3-8b layer shapes at 256 tokens (~5 min more)
+#
+# CPU timings move with whatever else runs on the machine: every row records the 1-minute load average.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=bench/results
+mkdir -p "$out"
+stem="$out/$(date -u +%F)-$(python -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cpu'))")"
+threads=${THREADS:-2}
+
+python -m fastlora.bench --device cpu --threads "$threads" --model tiny --warmup 2 --repeats 15 \
+    --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
+python -m fastlora.bench --device cpu --threads "$threads" --preset tiny --tokens 1024 --dropout 0.1,0 \
+    --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress
+if [[ "${LLAMA:-0}" == "1" ]]; then
+    python -m fastlora.bench --device cpu --threads "$threads" --preset llama-3-8b --tokens 256 --dropout 0.1 \
+        --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
+        --plot "$stem-llama-3-8b-layers.png" --no-progress
+fi
+python -m fastlora.bench.report "$out"/*.json --plot-link "$stem-model.png" > "$out/README-section.md"
+echo "wrote $stem-* and $out/README-section.md"

@@ -1,15 +1,16 @@
 """The dropout keep mask: a counter-based Philox-4x32-10 stream, regenerated bit for bit wherever it is needed.
 
-Element (row, col) of an M × K input belongs to counter ``(col // 4, row, 0, 0)`` under key
-``(seed & 0xffffffff, seed >> 32)`` and takes word ``col % 4`` of that counter's four output words.  So one
-Philox evaluation serves four neighbouring columns, the counters are 32-bit for any M, K < 2^32 (no 64-bit
-offset arithmetic, so the stream never depends on whether a launcher picked 64-bit pointer offsets), and
-the mask of an element depends only on (seed, row, col): any tile shape, in any kernel, regenerates it.
+Element (row, col) of an M × K input belongs to counter ``(col // 8, row, 0, 0)`` under key
+``(seed & 0xffffffff, seed >> 32)``; of that counter's four 32-bit output words it takes word ``(col % 8) // 2``,
+low half (bits 0-15) for even ``col``, high half for odd.  So one Philox evaluation (~60 integer instructions)
+serves eight neighbouring columns — the mask is regenerated three times per training step (S, dA, dx), so
+its cost counts — the counters are 32-bit for any M, K < 2^32 (no 64-bit offset arithmetic: the stream never
+depends on whether a launcher picked 64-bit pointer offsets), and an element's mask depends only on
+(seed, row, col), so any tile shape in any kernel regenerates it.
 
-An element is kept when its word, read as a signed int32, is ``>= threshold`` with
-``threshold = -2^31 + round(p · 2^32)`` (``keep_threshold(p)``), i.e. with probability 1 - p up to 2^-32
-(the same rule as ``fastlora.reference.cpu_keep_mask``).  The rounds are those of Triton's ``tl.randint4x``
-(Philox-4x32-10 constants); ``tests/philox.py`` reproduces the stream in torch for the test oracle.
+An element is kept when its 16-bit value is ``>= keep_threshold(p) = round(p · 2^16)``: probability
+1 - p up to 2^-17.  The rounds and constants are those of Triton's ``tl.randint4x`` (Philox-4x32-10);
+``tests/philox.py`` reproduces the stream in torch for the test oracle and checks it against tl.randint4x.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ _PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 
 
 def keep_threshold(dropout_p: float) -> int:
-    """Signed int32 threshold: a word ``w`` (as int32) is kept iff ``w >= keep_threshold(p)``."""
+    """Threshold in [0, 2^16]: an element whose 16-bit value is ``>= keep_threshold(p)`` is kept."""
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    return min(-(2**31) + round(dropout_p * 2**32), 2**31 - 1)
+    return round(dropout_p * 2**16)
 
 
 @triton.jit
@@ -50,17 +51,21 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 @triton.jit
 def keep_mask(seed_ptr, rows, col_start, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """Bool (BLOCK_ROWS, BLOCK_COLS) keep mask for ``rows`` (a BLOCK_ROWS vector of row indices) and columns
-    ``col_start + arange(BLOCK_COLS)``; ``col_start`` must be a multiple of 4 and BLOCK_COLS of 4."""
+    ``col_start + arange(BLOCK_COLS)``; ``col_start`` and BLOCK_COLS must be multiples of 8."""
     seed = tl.load(seed_ptr).to(tl.int64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    groups = (col_start // 4 + tl.arange(0, BLOCK_COLS // 4)).to(tl.uint32)
-    c1 = rows.to(tl.uint32)[:, None] + tl.zeros((BLOCK_ROWS, BLOCK_COLS // 4), dtype=tl.uint32)
-    c0 = groups[None, :] + tl.zeros((BLOCK_ROWS, BLOCK_COLS // 4), dtype=tl.uint32)
-    zero = tl.zeros((BLOCK_ROWS, BLOCK_COLS // 4), dtype=tl.uint32)
+    zero = tl.zeros((BLOCK_ROWS, BLOCK_COLS // 8), dtype=tl.uint32)
+    c0 = (col_start // 8 + tl.arange(0, BLOCK_COLS // 8)).to(tl.uint32)[None, :] + zero
+    c1 = rows.to(tl.uint32)[:, None] + zero
     w0, w1, w2, w3 = philox4x32(c0, c1, zero, zero, k0, k1)
-    # Interleave so column 4g + w takes word w of group g.  tl.join appends its new axis last, so the outer
-    # join indexes the lowest bit of w: (g, w >> 1, w & 1) → 4g + w after the row-major reshape.
-    words = tl.join(tl.join(w0, w2), tl.join(w1, w3))
-    words = tl.reshape(words, (BLOCK_ROWS, BLOCK_COLS))
-    return words.to(tl.int32, bitcast=True) >= threshold
+    # Column 8g + j takes half j % 2 of word j // 2.  tl.join appends its new axis last, so after three joins
+    # the axes are (g, bit 2 of j, bit 1, bit 0) and a row-major reshape puts element j at 8g + j.
+    lo0, hi0 = w0 & 0xFFFF, w0 >> 16
+    lo1, hi1 = w1 & 0xFFFF, w1 >> 16
+    lo2, hi2 = w2 & 0xFFFF, w2 >> 16
+    lo3, hi3 = w3 & 0xFFFF, w3 >> 16
+    even = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))  # j = 0, 4, 2, 6 → (bit 2, bit 1)
+    odd = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))  # j = 1, 5, 3, 7
+    halves = tl.reshape(tl.join(even, odd), (BLOCK_ROWS, BLOCK_COLS))
+    return halves.to(tl.int32, bitcast=True) >= threshold

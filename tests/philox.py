@@ -1,8 +1,8 @@
 """Philox-4x32-10 in plain torch (int64 arithmetic), independent of the kernels: the test oracle's mask.
 
 Mirrors the stream documented in ``kernels/dropout.py``: element (row, col) uses counter
-``(col // 4, row, 0, 0)``, key ``(seed & 0xffffffff, seed >> 32)``, word ``col % 4``, and is kept when
-that word read as int32 is ``>= -2^31 + round(p · 2^32)``.
+``(col // 8, row, 0, 0)``, key ``(seed & 0xffffffff, seed >> 32)``, the low (even col) or high (odd col)
+16 bits of word ``(col % 8) // 2``, and is kept when that value is ``>= round(p · 2^16)``.
 """
 
 from __future__ import annotations
@@ -44,17 +44,17 @@ def randint4x(seed: int, offsets: torch.Tensor):
 
 
 def keep_threshold(dropout_p: float) -> int:
-    return min(-(2**31) + round(dropout_p * 2**32), 2**31 - 1)
+    return round(dropout_p * 2**16)
 
 
 def keep_mask(seed: int, rows: int, cols: int, dropout_p: float, device="cpu", row_start: int = 0) -> torch.Tensor:
     """Bool (rows, cols) keep mask of the kernels' stream for ``seed``, rows ``row_start ... row_start+rows-1``."""
     seed &= (1 << 64) - 1
-    groups = (cols + 3) // 4
+    groups = (cols + 7) // 8
     g = torch.arange(groups, dtype=torch.int64, device=device)[None, :].expand(rows, groups)
     r = torch.arange(row_start, row_start + rows, dtype=torch.int64, device=device)[:, None].expand(rows, groups)
     zero = torch.zeros_like(g)
-    words = torch.stack(philox4x32_10(g, r, zero, zero, seed & _MASK32, seed >> 32), dim=-1)  # rows, groups, 4
-    words = words.reshape(rows, groups * 4)[:, :cols]
-    signed = torch.where(words >= 2**31, words - 2**32, words)
-    return signed >= keep_threshold(dropout_p)
+    words = philox4x32_10(g, r, zero, zero, seed & _MASK32, seed >> 32)
+    halves = [h for w in words for h in (w & 0xFFFF, w >> 16)]  # j = 2·word + half
+    values = torch.stack(halves, dim=-1).reshape(rows, groups * 8)[:, :cols]
+    return values >= keep_threshold(dropout_p)

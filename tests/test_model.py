@@ -195,3 +195,25 @@ def test_public_names():
     for name in ("LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel"):
         assert hasattr(fastlora, name)
     assert TaskType.CAUSAL_LM.value == "CAUSAL_LM"
+
+
+def test_hf_gradient_checkpointing_replays_dropout_masks():
+    base = tiny_llama()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # same adapter init in both runs
+        fm = get_peft_model(clone(base), LoraConfig(target_modules=SEED_TARGETS, r=4, lora_alpha=8,
+                                                    lora_dropout=0.3, init_lora_weights="gaussian"))
+        with torch.no_grad():
+            for _, layer in fm.lora_layers():
+                layer.lora_B.fill_(0.01)
+        if checkpointing:
+            fm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fm.train()
+        torch.manual_seed(0)
+        ids = tokens()
+        fm(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in fm.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)

@@ -67,7 +67,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME
 }
 
 # 1. compiled kernels against the float64 reference
-step kernel-tests 210 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+step kernel-tests 200 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
     --junitxml="$stem-kernel-tests.xml"
 
 # 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
@@ -88,7 +88,7 @@ if compgen -G "$RESULTS/*.json" >/dev/null; then
 fi
 
 # 5. ahead-of-time compile report with this machine's triton
-step compile-check 45 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
+step compile-check 30 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
 
 echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"
 exit "$status"

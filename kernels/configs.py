@@ -9,6 +9,7 @@ Triton interpreter (``TRITON_INTERPRET=1``) one small config is used, so tests s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -19,6 +20,8 @@ __all__ = [
     "gemm_configs",
     "config_dicts",
     "pinned_config",
+    "pin_gemm_config",
+    "parse_config",
     "m_bucket",
     "rows_blocks",
     "skinny_block_r",
@@ -105,19 +108,42 @@ def config_dicts(arch: int, fp32: bool, masked: bool = False) -> list[dict]:
     return [dict(zip(_GEMM_KEYS, row)) for row in table]
 
 
-def pinned_config() -> dict | None:
-    """The config pinned by FASTLORA_TRITON_CONFIG, or None."""
-    spec = os.environ.get("FASTLORA_TRITON_CONFIG", "").strip()
-    if not spec:
-        return None
+def parse_config(spec: str) -> dict:
+    """``"BLOCK_M=128,BLOCK_N=128,..."`` → a config dict (keys not given keep the default Hopper config's)."""
     out = dict(zip(_GEMM_KEYS, _TABLES[("hopper", False, False)][1]))
     for item in spec.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in out:
-            raise ValueError(f"FASTLORA_TRITON_CONFIG: unknown key {key!r} (known: {', '.join(_GEMM_KEYS)})")
+            raise ValueError(f"GEMM config: unknown key {key!r} (known: {', '.join(_GEMM_KEYS)})")
         out[key] = int(value)
     return out
+
+
+def pinned_config() -> dict | None:
+    """The config pinned by ``pin_gemm_config`` or else by FASTLORA_TRITON_CONFIG, or None."""
+    if _OVERRIDE is not None:
+        return dict(_OVERRIDE)
+    spec = os.environ.get("FASTLORA_TRITON_CONFIG", "").strip()
+    return parse_config(spec) if spec else None
+
+
+_OVERRIDE: dict | None = None
+
+
+@contextmanager
+def pin_gemm_config(config: dict | str):
+    """Within the block, the fused GEMM runs this one config (dict or FASTLORA_TRITON_CONFIG syntax) instead of
+    autotuning: for tests, and for benchmarking one config.  Not thread-safe."""
+    global _OVERRIDE
+    previous = _OVERRIDE
+    _OVERRIDE = parse_config(config) if isinstance(config, str) else dict(config)
+    gemm_configs.cache_clear()
+    try:
+        yield
+    finally:
+        _OVERRIDE = previous
+        gemm_configs.cache_clear()
 
 
 def _to_config(d: dict) -> triton.Config:
@@ -128,6 +154,8 @@ def _to_config(d: dict) -> triton.Config:
 @lru_cache(maxsize=None)
 def gemm_configs(fp32: bool, masked: bool) -> tuple[triton.Config, ...]:
     """Autotune configs for the fused GEMM on the current device (``masked``: the dropout prologue)."""
+    if _OVERRIDE is not None:  # an explicit pin wins, under the interpreter too (tests of real configs)
+        return (_to_config(_OVERRIDE),)
     if INTERPRET:
         return tuple(_to_config(dict(zip(_GEMM_KEYS, row))) for row in _INTERPRETER)
     pinned = pinned_config()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["keep_threshold", "philox4x32", "keep_mask"]
+__all__ = ["keep_threshold", "philox4x32", "philox_key", "keep_mask"]
 
 _PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
 _PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
@@ -49,12 +49,16 @@ def philox4x32(c0, c1, c2, c3, k0, k1):
 
 
 @triton.jit
-def keep_mask(seed_ptr, rows, col_start, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """Bool (BLOCK_ROWS, BLOCK_COLS) keep mask for ``rows`` (a BLOCK_ROWS vector of row indices) and columns
-    ``col_start + arange(BLOCK_COLS)``; ``col_start`` and BLOCK_COLS must be multiples of 8."""
+def philox_key(seed_ptr):
+    """The Philox key (k0, k1) from the int64 seed tensor: load it once per program, outside loops."""
     seed = tl.load(seed_ptr).to(tl.int64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    return (seed & 0xFFFFFFFF).to(tl.uint32), ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def keep_mask(k0, k1, rows, col_start, threshold, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """Bool (BLOCK_ROWS, BLOCK_COLS) keep mask under key (k0, k1) for ``rows`` (a BLOCK_ROWS vector of row
+    indices) and columns ``col_start + arange(BLOCK_COLS)``; ``col_start`` and BLOCK_COLS multiples of 8."""
     zero = tl.zeros((BLOCK_ROWS, BLOCK_COLS // 8), dtype=tl.uint32)
     c0 = (col_start // 8 + tl.arange(0, BLOCK_COLS // 8)).to(tl.uint32)[None, :] + zero
     c1 = rows.to(tl.uint32)[:, None] + zero

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import gemm_configs
-from .dropout import keep_mask
+from .dropout import keep_mask, philox_key
 
 __all__ = ["fused_gemm_kernel", "autotuned_gemm"]
 
@@ -74,7 +74,8 @@ def fused_gemm_kernel(
         p_ptrs += BLOCK_R * stride_pr
         q_ptrs += BLOCK_R * stride_qr
     if DROPOUT:
-        acc = tl.where(keep_mask(seed_ptr, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), acc, 0.0)
+        k0, k1 = philox_key(seed_ptr)
+        acc = tl.where(keep_mask(k0, k1, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), acc, 0.0)
     acc = acc * lora_scale
 
     # Main loop: the base GEMM accumulates on top.
@@ -104,8 +105,12 @@ def fused_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@lru_cache(maxsize=None)
 def autotuned_gemm(fp32: bool, masked: bool):
     """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K), with the config list for fp32 or
     16-bit operands, with or without the dropout-masked prologue (one tuner, so one cache, per list)."""
-    return triton.autotune(configs=list(gemm_configs(fp32, masked)), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)
+    return _autotuner(gemm_configs(fp32, masked))
+
+
+@lru_cache(maxsize=None)
+def _autotuner(configs: tuple):
+    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)

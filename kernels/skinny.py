@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .dropout import keep_mask
+from .dropout import keep_mask, philox_key
 
 __all__ = ["rows_kernel", "cols_kernel"]
 
@@ -53,6 +53,8 @@ def rows_kernel(
     q_ptrs = q_ptr + offs_d[:, None] * stride_qd + offs_r[None, :] * stride_qr
     dq_ptrs = dq_ptr + offs_d[:, None] * stride_dqd + offs_r[None, :] * stride_dqr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if DROPOUT:
+        k0, k1 = philox_key(seed_ptr)
     if ACC_DQ:
         s_tile = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :] * stride_sr,
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
@@ -63,7 +65,7 @@ def rows_kernel(
         x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_mask(seed_ptr, offs_m, d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
+            x = tl.where(keep_mask(k0, k1, offs_m, d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
         x = x.to(q.dtype)
         if UPCAST:
             x = x.to(tl.float32)
@@ -104,6 +106,8 @@ def cols_kernel(
     m_hi = min(M, m_lo + rows_per_split)
 
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    if DROPOUT:
+        k0, k1 = philox_key(seed_ptr)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_hi
@@ -115,7 +119,7 @@ def cols_kernel(
         p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_mask(seed_ptr, offs_m, pid_d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
+            x = tl.where(keep_mask(k0, k1, offs_m, pid_d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
         x = x.to(p.dtype)
         if UPCAST:
             x = x.to(tl.float32)

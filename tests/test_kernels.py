@@ -74,6 +74,31 @@ def test_philox_reproduction_matches_triton():
     assert torch.equal(out.view(4, 64).to(torch.int64) & 0xFFFFFFFF, expected)
 
 
+def _real_configs() -> list[dict]:
+    """Every distinct GEMM config of the Hopper and Ampere lists (as run on GPUs)."""
+    from fastlora.kernels import configs
+
+    seen, out = set(), []
+    for arch in (80, 90):
+        for fp32 in (False, True):
+            for masked in (False, True):
+                for cfg in configs.config_dicts(arch, fp32, masked):
+                    key = tuple(sorted(cfg.items()))
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(cfg)
+    return out
+
+
+@pytest.mark.parametrize("config", _real_configs(), ids=lambda c: "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c))
+def test_real_gemm_configs(config):
+    """The GPU configs' block shapes (tails, swizzle, mask tiles) under the interpreter."""
+    from fastlora.kernels import configs
+
+    with configs.pin_gemm_config(config):
+        kc.check_case(kc.Case(70, 97, 130, 24, torch.float16, p=0.1), "cpu")
+
+
 def test_row_chunked_oracle():
     """The GPU suite's chunked reference (for tensors past 2^31 elements), here on a small shape."""
     kc.check_large(kc.Case(100, 33, 20, 8, torch.float16, torch.float32, p=0.2), "cpu", row_chunk=32)

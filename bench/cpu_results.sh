@@ -11,13 +11,14 @@ out=bench/results
 mkdir -p "$out"
 stem="$out/$(date -u +%F)-$(python -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cpu'))")"
 threads=${THREADS:-2}
+quiet=(--max-other-load ${MAX_OTHER:-0.1} --retries ${RETRIES:-3} --wait-idle ${WAIT_IDLE:-120})
 
-python -m fastlora.bench --device cpu --threads "$threads" --model tiny --warmup 2 --repeats 15 \
+python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 2 --repeats 15 \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
-python -m fastlora.bench --device cpu --threads "$threads" --preset tiny --tokens 1024 --dropout 0.1,0 \
+python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
     --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress
 if [[ "${LLAMA:-0}" == "1" ]]; then
-    python -m fastlora.bench --device cpu --threads "$threads" --preset llama-3-8b --tokens 256 --dropout 0.1 \
+    python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset llama-3-8b --tokens 256 --dropout 0.1 \
         --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
         --plot "$stem-llama-3-8b-layers.png" --no-progress
 fi

@@ -258,3 +258,17 @@ def test_report_main_and_targets(tmp_path, capsys):
         bad = tmp_path / "bad.json"
         bad.write_text("{}")
         report.read_results(bad)
+
+
+def test_other_load_share_and_retry_bookkeeping():
+    from fastlora.bench.measure import OtherLoad
+
+    with OtherLoad() as o:
+        sum(i * i for i in range(20000))  # our own CPU time is not counted as "other"
+    assert o.value is None or 0.0 <= o.value <= 1.0
+    chosen, _ = resolve_providers(["frozen"], CPU)
+    case = LayerCase("shape", None, 8, 8, 8, False, 2, 8.0, 0.0, torch.float32)
+    from fastlora.bench.runner import Quiet
+
+    rows = run_layers([case], chosen, CPU, warmup=0, repeats=1, memory=False, quiet=Quiet(max_other=1.0, retries=1, wait_s=0))
+    assert rows[0]["attempts"] == 1 and (rows[0]["other_load"] is None or rows[0]["other_load"] <= 1.0)

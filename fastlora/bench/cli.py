@@ -13,7 +13,7 @@ from .meta import environment, gpu_name
 from .presets import GPU_SPECS, MODEL_PRESETS, PROJECTIONS, find_gpu_spec, parse_shape, projections
 from .providers import DEFAULT_ORDER, SEED_TARGETS, resolve_providers
 from .roofline import Roofline
-from .runner import DTYPES, LayerCase, ModelCase, add_ratios, run_layers, run_model
+from .runner import DTYPES, LayerCase, ModelCase, Quiet, add_ratios, run_layers, run_model
 
 __all__ = ["main", "build_parser"]
 
@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, help="warm-up rounds (default 10 CUDA / 2 CPU)")
     g.add_argument("--repeats", type=int, help="timed rounds, median reported (default 50 CUDA / 10 CPU)")
     g.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    g.add_argument(
+        "--max-other-load",
+        type=float,
+        metavar="F",
+        help="CPU: wait for an idle machine before each case and time it again when other processes used "
+        "more than this share (0-1) of the CPUs meanwhile (the share is recorded in every row either way)",
+    )
+    g.add_argument("--retries", type=int, default=2, help="re-timings per case for --max-other-load (default 2)")
+    g.add_argument("--wait-idle", type=float, default=60.0, metavar="S", help="longest wait for an idle machine (default 60 s)")
     g.add_argument("--profile", type=int, default=0, metavar="N", help="also profile one step per case and provider (torch.profiler) and print the top N ops by self time")
     g = ap.add_argument_group("roofline")
     g.add_argument("--gpu", help=f"use this GPU's peak figures ({', '.join(s.name for s in GPU_SPECS)}); default: detected")
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         print(f"fastlora bench: skipping {name}: {why}", file=sys.stderr)
 
+    quiet = Quiet(args.max_other_load, args.retries, args.wait_idle)
     progress = _Progress((len(layer_cases) + len(model_cases)) * (warmup + repeats), not args.no_progress)
     rows: list[dict] = []
     try:
@@ -193,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             progress.describe("layers")
             rows += run_layers(
                 layer_cases, providers, device, warmup=warmup, repeats=repeats, roofline=roof,
-                memory=not args.no_memory, profile=args.profile, on_round=progress.round,
+                memory=not args.no_memory, profile=args.profile, quiet=quiet, on_round=progress.round,
             )
         if model_cases:
             progress.describe("model")
             rows += run_model(
                 model_cases, providers, device, warmup=warmup, repeats=repeats,
-                memory=not args.no_memory, profile=args.profile, on_round=progress.round,
+                memory=not args.no_memory, profile=args.profile, quiet=quiet, on_round=progress.round,
             )
     finally:
         progress.close()

@@ -29,7 +29,16 @@ from typing import Callable, Iterable
 
 import torch
 
-__all__ = ["SavedTensorCounter", "count_saved", "peak_memory", "profile_ops", "Timer", "median"]
+__all__ = [
+    "SavedTensorCounter",
+    "count_saved",
+    "peak_memory",
+    "profile_ops",
+    "Timer",
+    "median",
+    "OtherLoad",
+    "wait_for_idle",
+]
 
 
 def median(values: Iterable[float]) -> float | None:
@@ -218,3 +227,64 @@ def num_threads(n: int | None):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+# ---- other processes ---------------------------------------------------------------------------------
+#
+# CPU timings on a shared machine move with whatever else runs: with 2 threads on 2 cores, one busy
+# core can make a parallel op wait a whole scheduler slice.  ``OtherLoad`` measures, over a window, the
+# share of the machine's CPU time that *other* processes used: (busy jiffies of the whole machine from
+# /proc/stat − this process's own CPU time) / (wall time × CPUs).  Linux only (None elsewhere).
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+    except OSError:
+        return None
+    if not parts or parts[0] != "cpu":
+        return None
+    vals = [float(v) for v in parts[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)  # idle + iowait
+    return sum(vals[:8]), idle  # user nice system idle iowait irq softirq steal
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+class OtherLoad:
+    """``with OtherLoad() as o: ...`` then ``o.value``: the share (0-1) of all CPUs other processes used."""
+
+    def __init__(self):
+        self.value: float | None = None
+
+    def __enter__(self):
+        self._stat = _proc_stat()
+        self._self = os.times()
+        self._t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end = _proc_stat()
+        if self._stat is None or end is None:
+            return False
+        wall = time.perf_counter() - self._t
+        ncpu = os.cpu_count() or 1
+        busy = ((end[0] - end[1]) - (self._stat[0] - self._stat[1])) / _HZ
+        t1 = os.times()
+        own = (t1.user - self._self.user) + (t1.system - self._self.system)
+        if wall > 0:
+            self.value = max(0.0, min(1.0, (busy - own) / (wall * ncpu)))
+        return False
+
+
+def wait_for_idle(max_busy: float, timeout_s: float, sample_s: float = 1.0) -> float | None:
+    """Wait (at most ``timeout_s``) until the machine's CPUs are busy less than ``max_busy`` (0-1) over a
+    ``sample_s`` window; returns the last busy share seen (None where /proc/stat is not there)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with OtherLoad() as o:
+            time.sleep(sample_s)
+        if o.value is None or o.value <= max_busy or time.monotonic() >= deadline:
+            return o.value

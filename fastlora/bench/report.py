@@ -74,7 +74,14 @@ def _grouped(rows: Iterable[dict]) -> list[tuple[str, list[dict]]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         out.setdefault((r["mode"], _case_label(r), r.get("dtype")), []).append(r)
-    return [(f"{k[1]} {k[2]}", sorted(v, key=_sort_key)) for k, v in out.items()]
+    groups = []
+    for k, v in out.items():
+        label = f"{k[1]} {k[2]}"
+        other = v[0].get("other_load")
+        if other is not None and other >= 0.05:
+            label += f" [other processes: {100 * other:.0f}% of CPUs]"
+        groups.append((label, sorted(v, key=_sort_key)))
+    return groups
 
 
 def _columns(mode: str, with_floor: bool):

@@ -13,12 +13,12 @@ from typing import Callable, Iterable
 
 import torch
 
-from .measure import Timer, count_saved, median, module_tensors, peak_memory, profile_ops
+from .measure import OtherLoad, Timer, count_saved, median, module_tensors, peak_memory, profile_ops, wait_for_idle
 from .presets import ModelPreset
 from .providers import SEED_TARGETS, Provider
 from .roofline import Roofline, floor_ms, layer_cost
 
-__all__ = ["LayerCase", "ModelCase", "run_layers", "run_model", "add_ratios", "DTYPES"]
+__all__ = ["LayerCase", "ModelCase", "Quiet", "run_layers", "run_model", "add_ratios", "DTYPES"]
 
 DTYPES = {
     "float32": torch.float32,
@@ -72,18 +72,38 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _round(providers, iterate, device, warmup, repeats, progress=None):
-    """Interleaved rounds; returns {provider name: (list fwd ms, list bwd ms)}."""
-    times = {p.name: ([], []) for p in providers}
-    for i in range(warmup + repeats):
-        for p in providers:
-            fwd, bwd = iterate(p)
-            if i >= warmup:
-                times[p.name][0].append(fwd)
-                times[p.name][1].append(bwd)
-        if progress is not None:
-            progress()
-    return times
+@dataclass
+class Quiet:
+    """What to do about other processes on a CPU run: measure their share always; with ``max_other``
+    set, wait for an idle machine before timing a case and time it again (up to ``retries`` times) when
+    other processes took more than ``max_other`` of the CPUs meanwhile."""
+
+    max_other: float | None = None
+    retries: int = 2
+    wait_s: float = 60.0
+
+
+def _round(providers, iterate, device, warmup, repeats, progress=None, quiet: Quiet | None = None):
+    """Interleaved rounds; returns ({provider name: (list fwd ms, list bwd ms)}, other load, attempts)."""
+    quiet = quiet or Quiet()
+    attempts = 0
+    while True:
+        attempts += 1
+        if quiet.max_other is not None and device.type == "cpu":
+            wait_for_idle(quiet.max_other, quiet.wait_s)
+        times = {p.name: ([], []) for p in providers}
+        with OtherLoad() as other:
+            for i in range(warmup + repeats):
+                for p in providers:
+                    fwd, bwd = iterate(p)
+                    if i >= warmup:
+                        times[p.name][0].append(fwd)
+                        times[p.name][1].append(bwd)
+                if progress is not None and attempts == 1:
+                    progress()
+        clean = other.value is None or quiet.max_other is None or other.value <= quiet.max_other
+        if clean or attempts > quiet.retries or device.type != "cpu":
+            return times, other.value, attempts
 
 
 def _timing_fields(fwd: list[float], bwd: list[float]) -> dict:
@@ -107,6 +127,7 @@ def run_layers(
     roofline: Roofline | None = None,
     memory: bool = True,
     profile: int = 0,
+    quiet: Quiet | None = None,
     on_case_done: Callable[[], None] | None = None,
     on_round: Callable[[], None] | None = None,
 ) -> list[dict]:
@@ -133,7 +154,7 @@ def run_layers(
             fwd, bwd = t.intervals_ms()
             return fwd, bwd
 
-        times = _round(providers, iterate, device, warmup, repeats, on_round)
+        times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         elem = torch.empty((), dtype=case.dtype).element_size()
         for p in providers:
             m = mods[p.name]
@@ -160,6 +181,8 @@ def run_layers(
                 "repeats": repeats,
             }
             row.update(_timing_fields(*times[p.name]))
+            row["other_load"] = None if other_load is None else round(other_load, 3)
+            row["attempts"] = attempts
             # Saved activations: one forward under the hooks, then its backward (frees the graph).
             _clear_grads(trainable[p.name])
             sb, snb, y = count_saved(lambda: m(x), exclude=module_tensors(m), inputs=[x])
@@ -239,6 +262,7 @@ def run_model(
     repeats: int,
     memory: bool = True,
     profile: int = 0,
+    quiet: Quiet | None = None,
     on_case_done: Callable[[], None] | None = None,
     on_round: Callable[[], None] | None = None,
 ) -> list[dict]:
@@ -269,7 +293,7 @@ def run_model(
             fwd, bwd = t.intervals_ms()
             return fwd, bwd
 
-        times = _round(providers, iterate, device, warmup, repeats, on_round)
+        times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         tokens = case.batch * case.seq
         for p in providers:
             m = models[p.name]
@@ -295,6 +319,8 @@ def run_model(
                 "repeats": repeats,
             }
             row.update(_timing_fields(*times[p.name]))
+            row["other_load"] = None if other_load is None else round(other_load, 3)
+            row["attempts"] = attempts
             row["tokens_per_s"] = tokens / (row["fwd_bwd_ms"] / 1e3) if row["fwd_bwd_ms"] else None
             _clear_grads(trainable[p.name])
             sb, snb, loss = count_saved(lambda: step(m), exclude=module_tensors(m), inputs=[ids])

@@ -206,23 +206,24 @@ def skinny_jobs(arch: int) -> list[Job]:
         cb = cols_blocks(br)
         for dt, adt in SKINNY_DTYPES:
             prec = "tf32"
-            for direction in ("fwd", "bwd"):
+            for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
                 args = dict(
-                    x_ptr=Ptr(dt), q_ptr=Ptr(adt), out_ptr=Ptr(adt), s_ptr=Ptr(adt),
+                    x_ptr=Ptr(dt), q_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic_out else adt), s_ptr=Ptr(adt),
                     dq_ptr=Ptr(adt if fwd else "fp32"), seed_ptr=Ptr("i64"),
-                    M=M, D=K, R=r,
+                    M=M, D=K, R=r, cols_per_split=1024 if atomic_out else K,
                     stride_xm=K, stride_xd=1,
                     stride_qd=1 if fwd else r, stride_qr=K if fwd else 1,
                     stride_om=r, stride_or=1,
                     stride_sm=0 if fwd else r, stride_sr=0 if fwd else 1,
                     stride_dqd=0 if fwd else r, stride_dqr=0 if fwd else 1,
                     out_scale=1.1, dq_scale=0.5, keep_threshold=keep_threshold(0.1),
-                    DROPOUT=fwd, STORE_OUT=True, ACC_DQ=not fwd, BLOCK_R=br, INT64=False, UPCAST=False,
-                    PRECISION=prec, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"],
+                    DROPOUT=fwd, STORE_OUT=True, ATOMIC_OUT=atomic_out, ACC_DQ=not fwd, BLOCK_R=br, INT64=False,
+                    UPCAST=False, PRECISION=prec, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"],
                 )
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
-                jobs.append(Job("rows", name, f"{direction} {dt}/{adt}", arch, args, rb["num_warps"], rb["num_stages"]))
+                label = f"{direction} {dt}/{adt}" + (" split" if atomic_out else "")
+                jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"]))
             for atomic in (True, False):
                 args = dict(
                     x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),

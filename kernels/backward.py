@@ -6,21 +6,13 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, upcast
-from .configs import cols_blocks, m_bucket, num_sms, r_chunk, rows_blocks, skinny_block_r
+from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
+from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import cols_kernel, rows_kernel
 
 __all__ = ["lora_backward"]
-
-
-def _splits(M: int, d_blocks: int, block_m: int) -> tuple[int, int]:
-    """Split M for the dA reduction so about two waves of programs run: (splits, rows_per_split)."""
-    m_blocks = triton.cdiv(M, block_m)
-    want = max(1, (2 * num_sms()) // max(1, d_blocks))
-    per_split = triton.cdiv(m_blocks, min(want, m_blocks)) * block_m
-    return triton.cdiv(M, per_split), per_split
 
 
 def lora_backward(
@@ -66,22 +58,30 @@ def lora_backward(
         PRECISION=dot_precision(),
     )
     dx = dA = dB = None
-
-    # dS (carrying s/(1-p)) and dB from one pass over dy.
-    dS = torch.empty((M, r), device=dev, dtype=lora_A.dtype) if need_dS else None
+    # dS (carrying s/(1-p)) and dB from one pass over dy; N split across programs when M gives too few.
     dB32 = torch.zeros((N, r), device=dev, dtype=torch.float32) if need_dB else None
+    dS = None
     if need_dS or need_dB:
+        blocks = rows_blocks(sbr)
+        grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
+        splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
+        atomic_out = need_dS and splits > 1
+        if need_dS:
+            dS = torch.zeros((M, r), device=dev, dtype=torch.float32) if atomic_out else \
+                torch.empty((M, r), device=dev, dtype=lora_A.dtype)
         out = dS if need_dS else S
         acc = dB32 if need_dB else S
-        blocks = rows_blocks(sbr)
-        launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr))](
+        launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
             dy, lora_B, out, S, acc, seed,
-            M, N, r,
+            M, N, r, per_split,
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
             S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
             float(scaling) / (1.0 - dropout_p), float(scaling), 0,
-            DROPOUT=False, STORE_OUT=need_dS, ACC_DQ=need_dB, BLOCK_R=sbr, **common, **blocks,
+            DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
+            **common, **blocks,
         )
+        if atomic_out:
+            dS = dS.to(lora_A.dtype)
     if need_dB:
         dB = dB32.to(lora_B.dtype)
 
@@ -89,7 +89,7 @@ def lora_backward(
     if need_dA:
         blocks = cols_blocks(sbr)
         d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
-        splits, per_split = _splits(M, d_blocks, blocks["BLOCK_M"])
+        splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
         atomic = splits > 1
         if atomic:
             dA32 = torch.zeros((r, K), device=dev, dtype=torch.float32)

@@ -6,9 +6,9 @@ import torch
 import triton
 from torch import Tensor
 
-from .configs import INTERPRET
+from .configs import INTERPRET, num_sms
 
-__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "launch"]
+__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch"]
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -37,6 +37,15 @@ def needs_int64(*tensors: Tensor | None) -> bool:
 def upcast(*tensors: Tensor | None) -> bool:
     """Interpreter only: compute in fp32 when any operand is bf16 (the interpreter has no bf16 arithmetic)."""
     return INTERPRET and any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def split_reduction(programs: int, length: int, block: int) -> tuple[int, int]:
+    """Split a reduction over ``length`` (in ``block`` multiples) when ``programs`` alone would leave the GPU
+    idle, aiming at about two waves: returns (splits, length per split)."""
+    blocks = triton.cdiv(length, block)
+    want = max(1, (2 * num_sms()) // max(1, programs))
+    per_split = triton.cdiv(blocks, max(1, min(want, blocks))) * block
+    return triton.cdiv(length, per_split), per_split
 
 
 def row_major(t: Tensor) -> Tensor:

@@ -176,8 +176,10 @@ def m_bucket(m: int) -> int:
 
 @lru_cache(maxsize=None)
 def num_sms() -> int:
+    """Streaming multiprocessors of the current GPU (2 under the interpreter: tests then see both split and
+    unsplit reductions at small sizes)."""
     if INTERPRET or not torch.cuda.is_available():
-        return 4
+        return 2
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 

@@ -6,7 +6,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, upcast
+from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
 from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
@@ -37,9 +37,8 @@ def lora_forward(
     N = weight.shape[0]
     r = lora_A.shape[0]
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    S = torch.empty((M, r), device=x.device, dtype=lora_A.dtype)
     if M == 0:
-        return y, S
+        return y, torch.empty((0, r), device=x.device, dtype=lora_A.dtype)
 
     dropout = dropout_p > 0.0
     threshold = keep_threshold(dropout_p) if dropout else 0
@@ -51,16 +50,25 @@ def lora_forward(
         PRECISION=dot_precision(),
     )
 
+    # S = (x ⊙ m) Aᵀ / (1-p); K split across programs (fp32 atomics) when M gives too few.
     sbr = skinny_block_r(r)
     blocks = rows_blocks(sbr)
-    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr))](
-        x, lora_A, S, S, S, seed,
-        M, K, r,
-        x.stride(0), x.stride(1), lora_A.stride(1), lora_A.stride(0), S.stride(0), S.stride(1),
+    grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
+    splits, per_split = split_reduction(grid_mr, K, blocks["BLOCK_D"])
+    atomic_out = splits > 1
+    if atomic_out:
+        S_out = torch.zeros((M, r), device=x.device, dtype=torch.float32)
+    else:
+        S_out = torch.empty((M, r), device=x.device, dtype=lora_A.dtype)
+    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
+        x, lora_A, S_out, S_out, S_out, seed,
+        M, K, r, per_split,
+        x.stride(0), x.stride(1), lora_A.stride(1), lora_A.stride(0), S_out.stride(0), S_out.stride(1),
         0, 0, 0, 0,
         1.0 / (1.0 - dropout_p), 1.0, threshold,
-        DROPOUT=dropout, STORE_OUT=True, ACC_DQ=False, BLOCK_R=sbr, **common, **blocks,
+        DROPOUT=dropout, STORE_OUT=True, ATOMIC_OUT=atomic_out, ACC_DQ=False, BLOCK_R=sbr, **common, **blocks,
     )
+    S = S_out.to(lora_A.dtype)  # a no-op unless fp32 partial sums were accumulated for 16-bit adapters
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)

@@ -1,8 +1,9 @@
 """The rank-r ("skinny") kernels: each reads its big M × D operand once.
 
-rows_kernel — grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R)); a program takes BLOCK_M rows and BLOCK_R rank columns,
-walking D in BLOCK_D steps:
-    out[M, R]  = out_scale · (keep ⊙ X)[M, D] · Q[D, R]              (STORE_OUT)
+rows_kernel — grid (cdiv(M, BLOCK_M), cdiv(R, BLOCK_R), splits); a program takes BLOCK_M rows, BLOCK_R rank
+columns and one slice of D (cols_per_split wide, a BLOCK_D multiple), walking it in BLOCK_D steps:
+    out[M, R]  = out_scale · (keep ⊙ X)[M, D] · Q[D, R]              (STORE_OUT; fp32 atomics when ATOMIC_OUT,
+                                                                      needed when D is split, i.e. few rows)
     dq[D, R]  += dq_scale  · X[M, D]ᵀ · S[M, R]     fp32 atomics      (ACC_DQ)
   forward:  X = x,  Q = Aᵀ, out = S,  out_scale = 1/(1-p), keep mask on          (S = h Aᵀ)
   backward: X = dy, Q = B,  out = dS, out_scale = s/(1-p), dq = dB, dq_scale = s  (dS and dB from one read of dy)
@@ -31,11 +32,12 @@ __all__ = ["rows_kernel", "cols_kernel"]
 @triton.jit
 def rows_kernel(
     x_ptr, q_ptr, out_ptr, s_ptr, dq_ptr, seed_ptr,
-    M, D, R,
+    M, D, R, cols_per_split,
     stride_xm, stride_xd, stride_qd, stride_qr, stride_om, stride_or,
     stride_sm, stride_sr, stride_dqd, stride_dqr,
     out_scale, dq_scale, keep_threshold,
-    DROPOUT: tl.constexpr, STORE_OUT: tl.constexpr, ACC_DQ: tl.constexpr, BLOCK_R: tl.constexpr,
+    DROPOUT: tl.constexpr, STORE_OUT: tl.constexpr, ATOMIC_OUT: tl.constexpr, ACC_DQ: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -49,9 +51,11 @@ def rows_kernel(
     if INT64:
         rows = rows.to(tl.int64)
 
-    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_d[None, :] * stride_xd
-    q_ptrs = q_ptr + offs_d[:, None] * stride_qd + offs_r[None, :] * stride_qr
-    dq_ptrs = dq_ptr + offs_d[:, None] * stride_dqd + offs_r[None, :] * stride_dqr
+    d_lo = tl.program_id(2) * cols_per_split  # this program's slice of D: [d_lo, d_lo + d_len)
+    d_len = min(D, d_lo + cols_per_split) - d_lo
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + (d_lo + offs_d)[None, :] * stride_xd
+    q_ptrs = q_ptr + (d_lo + offs_d)[:, None] * stride_qd + offs_r[None, :] * stride_qr
+    dq_ptrs = dq_ptr + (d_lo + offs_d)[:, None] * stride_dqd + offs_r[None, :] * stride_dqr
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     if DROPOUT:
         k0, k1 = philox_key(seed_ptr)
@@ -60,12 +64,12 @@ def rows_kernel(
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             s_tile = s_tile.to(tl.float32)
-    for d in range(0, tl.cdiv(D, BLOCK_D)):
-        d_ok = offs_d < D - d * BLOCK_D
+    for d in range(0, tl.cdiv(d_len, BLOCK_D)):
+        d_ok = offs_d < d_len - d * BLOCK_D
         x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
         if DROPOUT:
-            x = tl.where(keep_mask(k0, k1, offs_m, d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
+            x = tl.where(keep_mask(k0, k1, offs_m, d_lo + d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
         x = x.to(q.dtype)
         if UPCAST:
             x = x.to(tl.float32)
@@ -80,7 +84,10 @@ def rows_kernel(
         q_ptrs += BLOCK_D * stride_qd
     if STORE_OUT:
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
-        tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+        if ATOMIC_OUT:
+            tl.atomic_add(out_ptrs, acc * out_scale, mask=row_ok[:, None] & r_ok[None, :])
+        else:
+            tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
+from .common import block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
 from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
@@ -34,6 +34,9 @@ def lora_backward(
     dB = s·dyᵀ S;  dS = s·dy B / (1-p);  dA = dSᵀ (x ⊙ m);  dx = dy W + (dS A) ⊙ m — with the forward's mask,
     regenerated from ``seed``.  dy (M, N) may have any strides, including 0 (an expanded gradient).
     """
+    check_dtypes(x, weight, lora_A, lora_B)
+    if dy.dtype != x.dtype:  # e.g. a gradient arriving in another precision: the dx GEMM needs one dtype
+        dy = dy.to(x.dtype)
     x = row_major(x)
     M, N = dy.shape
     K = x.shape[1]

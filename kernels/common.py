@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .configs import INTERPRET, num_sms
 
-__all__ = ["block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch"]
+__all__ = ["check_dtypes", "block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch"]
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -37,6 +37,16 @@ def needs_int64(*tensors: Tensor | None) -> bool:
 def upcast(*tensors: Tensor | None) -> bool:
     """Interpreter only: compute in fp32 when any operand is bf16 (the interpreter has no bf16 arithmetic)."""
     return INTERPRET and any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
+
+
+def check_dtypes(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
+    """x and weight share a dtype (tl.dot needs one operand dtype); so do lora_A and lora_B, which may be that
+    dtype or fp32 (PEFT's fp32 adapters beside a 16-bit base)."""
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype, "
+                        f"{x.dtype} or float32")
 
 
 def split_reduction(programs: int, length: int, block: int) -> tuple[int, int]:

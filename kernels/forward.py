@@ -6,7 +6,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
+from .common import block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
 from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
@@ -32,6 +32,7 @@ def lora_forward(
     may be None when dropout_p == 0).
     dropout_p == 0 compiles the mask out.  fp32 accumulation throughout; no host synchronisation.
     """
+    check_dtypes(x, weight, lora_A, lora_B)
     x = row_major(x)
     M, K = x.shape
     N = weight.shape[0]

@@ -106,11 +106,12 @@ def fused_gemm_kernel(
 
 
 def autotuned_gemm(fp32: bool, masked: bool):
-    """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K), with the config list for fp32 or
+    """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K, B's layout), with the list for fp32 or
     16-bit operands, with or without the dropout-masked prologue (one tuner, so one cache, per list)."""
     return _autotuner(gemm_configs(fp32, masked))
 
 
 @lru_cache(maxsize=None)
 def _autotuner(configs: tuple):
-    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K"])(fused_gemm_kernel)
+    # stride_bk tells the forward GEMM (B = Wᵀ, stride 1) from the dx GEMM (B = W) when their shapes coincide.
+    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K", "stride_bk"])(fused_gemm_kernel)

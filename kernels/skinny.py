@@ -51,8 +51,8 @@ def rows_kernel(
     if INT64:
         rows = rows.to(tl.int64)
 
-    d_lo = tl.program_id(2) * cols_per_split  # this program's slice of D: [d_lo, d_lo + d_len)
-    d_len = min(D, d_lo + cols_per_split) - d_lo
+    d_lo = tl.program_id(2) * cols_per_split  # this program's slice of D: [d_lo, d_lo + cols_per_split) ∩ [0, D)
+    d_len = D - d_lo  # columns left from d_lo (the slice's end is checked through the trip count)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + (d_lo + offs_d)[None, :] * stride_xd
     q_ptrs = q_ptr + (d_lo + offs_d)[:, None] * stride_qd + offs_r[None, :] * stride_qr
     dq_ptrs = dq_ptr + (d_lo + offs_d)[:, None] * stride_dqd + offs_r[None, :] * stride_dqr
@@ -64,7 +64,7 @@ def rows_kernel(
                          mask=row_ok[:, None] & r_ok[None, :], other=0.0)
         if UPCAST:
             s_tile = s_tile.to(tl.float32)
-    for d in range(0, tl.cdiv(d_len, BLOCK_D)):
+    for d in range(0, tl.cdiv(cols_per_split, BLOCK_D)):  # a launch-time trip count (program-independent)
         d_ok = offs_d < d_len - d * BLOCK_D
         x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
@@ -110,14 +110,13 @@ def cols_kernel(
     if INT64:
         cols = cols.to(tl.int64)
     m_lo = pid_s * rows_per_split
-    m_hi = min(M, m_lo + rows_per_split)
 
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     if DROPOUT:
         k0, k1 = philox_key(seed_ptr)
-    for m0 in range(m_lo, m_hi, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_hi
+    for i in range(0, tl.cdiv(rows_per_split, BLOCK_M)):  # a launch-time trip count (program-independent)
+        offs_m = m_lo + i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
         rows = offs_m
         if INT64:
             rows = rows.to(tl.int64)

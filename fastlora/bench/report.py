@@ -322,6 +322,19 @@ def read_results(path: str | Path) -> dict:
     return doc
 
 
+def _plot_label(row: dict) -> str:
+    """A short two-line tick label: what the case is, then its shape / size and dropout."""
+    if row["mode"] == "layer":
+        first = row["case"] if row["case"] != "shape" else "shape"
+        second = f"{row['M']}×{row['K']}→{row['N']}"
+    else:
+        first = f"{row['preset']} {row['layers']}L"
+        second = f"{row['batch']}×{row['seq']} tok"
+    other = row.get("other_load")
+    mark = "*" if other is not None and other >= 0.05 else ""
+    return f"{first}\n{second} p={row['dropout']:g}{mark}"
+
+
 def plot(rows: list[dict], path: str | Path, title: str | None = None) -> None:
     """Grouped bars per case and provider: fwd+bwd time, saved activations and (if measured) peak memory."""
     import matplotlib
@@ -329,13 +342,15 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _grouped(rows)
+    groups = [(_plot_label(g[0]), g) for _, g in _grouped(rows)]
     provs = sorted({r["provider"] for r in rows}, key=lambda p: PROVIDER_ORDER.get(p, 99))
     panels = [("fwd_bwd_ms", "forward+backward (ms)", 1.0), ("saved_bytes", "saved activations (MiB)", 1 / MIB)]
     if any(r.get("peak_mem_bytes") for r in rows):
         panels.append(("peak_mem_bytes", "peak memory (MiB)", 1 / MIB))
     n = len(groups)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.1 * n * len(provs) / 2 + 2), 2.6 * len(panels) + 0.8), squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(8.0, 0.45 * n * len(provs) + 2), 2.6 * len(panels) + 1.2), squeeze=False
+    )
     width = 0.8 / max(1, len(provs))
     colors = {"frozen": "#999999", "peft": "#d62728", "fastlora-torch": "#1f77b4", "fastlora-triton": "#2ca02c"}
     for ax, (metric, ylabel, scale) in zip(axes[:, 0], panels):
@@ -349,14 +364,18 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> None:
             ax.bar(xs, vals, width, label=p, color=colors.get(p))
         ax.set_ylabel(ylabel)
         ax.set_xticks(range(n))
-        ax.set_xticklabels([lbl for lbl, _ in groups], rotation=20, ha="right", fontsize=7)
+        ax.set_xticklabels([lbl for lbl, _ in groups], fontsize=7)
         ax.grid(axis="y", alpha=0.3)
     axes[0, 0].legend(fontsize=8, ncol=len(provs))
+    if any(r.get("other_load") is not None and r["other_load"] >= 0.05 for r in rows):
+        fig.text(0.01, 0.003, "* other processes used ≥ 5% of the CPUs while this case was timed", fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -1,7 +1,15 @@
 """Triton kernels and their launchers (imported as ``fastlora.kernels``; imports only torch and triton).
 
-``lora_forward`` / ``lora_backward`` are the launchers ``fastlora.ops`` calls inside its ``triton_op`` bodies;
-``dropout.keep_mask`` is the Philox keep mask both directions regenerate.
+``lora_forward`` / ``lora_backward`` are what ``fastlora.ops`` calls inside its ``triton_op`` bodies:
+they allocate outputs with torch, launch through ``torch.library.wrap_triton`` and never synchronise.
+
+    dropout.py   the Philox keep mask every kernel regenerates from (seed, row, col)
+    gemm.py      the fused GEMM: base matmul + (masked) low-rank term in one accumulator, one store
+    skinny.py    the rank-r kernels: S from x; dS and dB from dy; dA from x and dS
+    configs.py   autotune lists (Hopper / Ampere), skinny block choices, M bucket, config pinning
+    common.py    launcher helpers: dtype checks, precision, 64-bit offsets, reduction splits
+    forward.py   lora_forward launcher
+    backward.py  lora_backward launcher
 """
 
 from .backward import lora_backward

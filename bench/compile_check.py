@@ -224,6 +224,9 @@ def skinny_jobs(arch: int) -> list[Job]:
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
                 label = f"{direction} {dt}/{adt}" + (" split" if atomic_out else "")
                 jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"]))
+                if atomic_out and dt == "bf16":  # 64-bit offsets (operands past 2^31 elements)
+                    jobs.append(Job("rows", name, label + " int64", arch, dict(args, INT64=True),
+                                    rb["num_warps"], rb["num_stages"]))
             for atomic in (True, False):
                 args = dict(
                     x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
@@ -236,6 +239,9 @@ def skinny_jobs(arch: int) -> list[Job]:
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
                 jobs.append(Job("cols", name, f"{dt}/{adt} atomic={atomic}", arch, args, cb["num_warps"],
                                 cb["num_stages"]))
+                if atomic and dt == "bf16":  # 64-bit offsets
+                    jobs.append(Job("cols", name, f"{dt}/{adt} atomic int64", arch, dict(args, INT64=True),
+                                    cb["num_warps"], cb["num_stages"]))
     return jobs
 
 

@@ -102,3 +102,13 @@ def test_real_gemm_configs(config):
 def test_row_chunked_oracle():
     """The GPU suite's chunked reference (for tensors past 2^31 elements), here on a small shape."""
     kc.check_large(kc.Case(100, 33, 20, 8, torch.float16, torch.float32, p=0.2), "cpu", row_chunk=32)
+
+
+def test_int64_offsets_path(monkeypatch):
+    """The 64-bit offset code (taken for operands past 2^31 elements) on small shapes: lower the limit."""
+    from fastlora.kernels import common
+
+    monkeypatch.setattr(common, "_INT32_LIMIT", 64)
+    assert common.needs_int64(torch.empty(9, 9))
+    kc.check_case(kc.Case(37, 33, 64, 8, torch.float16, torch.float32, p=0.1, x_layout="row-strided"), "cpu")
+    kc.check_case(kc.Case(70, 97, 33, 16, p=0.2, dy_layout="expanded"), "cpu")

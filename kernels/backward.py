@@ -1,4 +1,8 @@
-"""Backward launcher: dS and dB from one read of dy, dA from x and dS, dx from the fused GEMM (written once)."""
+"""Backward launchers: dS and dB from one read of dy, dA from x and dS, dx from the fused GEMM (written once).
+
+``lora_backward`` is the entry point; ``launch_dS_dB``, ``launch_dA`` and ``launch_dx_gemm`` are its three
+launches, public so that a benchmark can time them one by one.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,98 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast
+from .common import (
+    block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast,
+)
 from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import cols_kernel, rows_kernel
 
-__all__ = ["lora_backward"]
+__all__ = ["lora_backward", "launch_dS_dB", "launch_dA", "launch_dx_gemm"]
+
+
+def launch_dS_dB(
+    dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """One pass over dy: dS = s·dy B / (1-p) (M, r) in the adapters' dtype and dB = s·dyᵀ S (N, r) in lora_B's
+    dtype (fp32 atomics); N is split across programs when M alone gives too few.  M > 0."""
+    M, N = dy.shape
+    r = lora_B.shape[1]
+    sbr = skinny_block_r(r)
+    blocks = rows_blocks(sbr)
+    grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
+    splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
+    atomic_out = need_dS and splits > 1
+    dS = None
+    if need_dS:
+        dS = torch.zeros((M, r), device=dy.device, dtype=torch.float32) if atomic_out else \
+            torch.empty((M, r), device=dy.device, dtype=lora_B.dtype)
+    dB = torch.zeros((N, r), device=dy.device, dtype=torch.float32) if need_dB else None
+    out = dS if need_dS else S
+    acc = dB if need_dB else S
+    launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
+        dy, lora_B, out, S, acc, S,
+        M, N, r, per_split,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
+        S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
+        float(scaling) / (1.0 - dropout_p), float(scaling), 0,
+        DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
+        INT64=needs_int64(dy), UPCAST=upcast(dy, lora_B), PRECISION=dot_precision(), **blocks,
+    )
+    return (dS.to(lora_B.dtype) if need_dS else None), (dB.to(lora_B.dtype) if need_dB else None)
+
+
+def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torch.dtype) -> Tensor:
+    """dA = dSᵀ (x ⊙ m) (r, K) in ``dtype``; M is split across programs (fp32 atomics) when K alone gives too
+    few.  x row-major, M > 0."""
+    M, K = x.shape
+    r = dS.shape[1]
+    dropout = dropout_p > 0.0
+    sbr = skinny_block_r(r)
+    blocks = cols_blocks(sbr)
+    d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
+    splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
+    atomic = splits > 1
+    if atomic:
+        dA = torch.zeros((r, K), device=x.device, dtype=torch.float32)
+    else:
+        dA = torch.empty((r, K), device=x.device, dtype=dtype)
+    launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
+        x, dS, dA, seed,
+        M, K, r, per_split,
+        x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1),
+        keep_threshold(dropout_p) if dropout else 0,
+        DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr,
+        INT64=needs_int64(x), UPCAST=upcast(x, dS), PRECISION=dot_precision(), **blocks,
+    )
+    return dA.to(dtype)
+
+
+def launch_dx_gemm(
+    dy: Tensor, weight: Tensor, dS: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float
+) -> Tensor:
+    """dx = dy W + (dS A) ⊙ m (M, K) in dy's dtype: one autotuned GEMM, the masked low-rank term seeding its
+    accumulator.  M > 0."""
+    M, N = dy.shape
+    K = weight.shape[1]
+    r = dS.shape[1]
+    dropout = dropout_p > 0.0
+    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
+
+    launch(autotuned_gemm(dy.dtype == torch.float32, dropout))[grid](
+        dy, weight, dx, dx, dS, lora_A, seed,
+        M, K, N, r,
+        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
+        dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
+        1.0, keep_threshold(dropout_p) if dropout else 0, m_bucket(M),
+        HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=r_chunk(block_r(r), lora_A.dtype == torch.float32),
+        INT64=needs_int64(dy, weight, dx), UPCAST=upcast(dy, lora_A), PRECISION=dot_precision(),
+    )
+    return dx
 
 
 def lora_backward(
@@ -22,7 +111,7 @@ def lora_backward(
     lora_A: Tensor,
     lora_B: Tensor,
     S: Tensor,
-    seed: Tensor,
+    seed: Tensor | None,
     scaling: float,
     dropout_p: float,
     need_dx: bool,
@@ -32,7 +121,8 @@ def lora_backward(
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B.
 
     dB = s·dyᵀ S;  dS = s·dy B / (1-p);  dA = dSᵀ (x ⊙ m);  dx = dy W + (dS A) ⊙ m — with the forward's mask,
-    regenerated from ``seed``.  dy (M, N) may have any strides, including 0 (an expanded gradient).
+    regenerated from ``seed`` (None allowed when dropout_p == 0).  dy (M, N) may have any strides, including 0
+    (an expanded gradient); it is cast to x's dtype if it differs.
     """
     check_dtypes(x, weight, lora_A, lora_B)
     if dy.dtype != x.dtype:  # e.g. a gradient arriving in another precision: the dx GEMM needs one dtype
@@ -41,85 +131,16 @@ def lora_backward(
     M, N = dy.shape
     K = x.shape[1]
     r = lora_A.shape[0]
-    dev = x.device
-    need_dS = need_dx or need_dA
     if M == 0:
         return (
-            torch.empty((0, K), device=dev, dtype=x.dtype) if need_dx else None,
-            torch.zeros((r, K), device=dev, dtype=lora_A.dtype) if need_dA else None,
-            torch.zeros((N, r), device=dev, dtype=lora_B.dtype) if need_dB else None,
+            torch.empty((0, K), device=x.device, dtype=x.dtype) if need_dx else None,
+            torch.zeros((r, K), device=x.device, dtype=lora_A.dtype) if need_dA else None,
+            torch.zeros((N, r), device=x.device, dtype=lora_B.dtype) if need_dB else None,
         )
-
-    dropout = dropout_p > 0.0
-    threshold = keep_threshold(dropout_p) if dropout else 0
-    seed = seed_arg(seed, dropout, S)
-    br = block_r(r)
-    sbr = skinny_block_r(r)
-    common = dict(
-        INT64=needs_int64(dy, x, weight),
-        UPCAST=upcast(x, lora_A),
-        PRECISION=dot_precision(),
-    )
-    dx = dA = dB = None
-    # dS (carrying s/(1-p)) and dB from one pass over dy; N split across programs when M gives too few.
-    dB32 = torch.zeros((N, r), device=dev, dtype=torch.float32) if need_dB else None
-    dS = None
-    if need_dS or need_dB:
-        blocks = rows_blocks(sbr)
-        grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
-        splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
-        atomic_out = need_dS and splits > 1
-        if need_dS:
-            dS = torch.zeros((M, r), device=dev, dtype=torch.float32) if atomic_out else \
-                torch.empty((M, r), device=dev, dtype=lora_A.dtype)
-        out = dS if need_dS else S
-        acc = dB32 if need_dB else S
-        launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
-            dy, lora_B, out, S, acc, seed,
-            M, N, r, per_split,
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
-            S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
-            float(scaling) / (1.0 - dropout_p), float(scaling), 0,
-            DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
-            **common, **blocks,
-        )
-        if atomic_out:
-            dS = dS.to(lora_A.dtype)
-    if need_dB:
-        dB = dB32.to(lora_B.dtype)
-
-    # dA = dSᵀ (x ⊙ m), M split across programs (fp32 atomics) when K alone gives too few.
-    if need_dA:
-        blocks = cols_blocks(sbr)
-        d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
-        splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
-        atomic = splits > 1
-        if atomic:
-            dA32 = torch.zeros((r, K), device=dev, dtype=torch.float32)
-        else:
-            dA32 = torch.empty((r, K), device=dev, dtype=lora_A.dtype)
-        launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
-            x, dS, dA32, seed,
-            M, K, r, per_split,
-            x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA32.stride(0), dA32.stride(1),
-            threshold,
-            DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr, **common, **blocks,
-        )
-        dA = dA32.to(lora_A.dtype)
-
-    # dx = dy W + (dS A) ⊙ m, the masked low-rank term added in the GEMM's epilogue.
-    if need_dx:
-        dx = torch.empty((M, K), device=dev, dtype=x.dtype)
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-
-        launch(autotuned_gemm(x.dtype == torch.float32, dropout))[grid](
-            dy, weight, dx, dx, dS, lora_A, seed,
-            M, K, N, r,
-            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-            dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
-            1.0, threshold, m_bucket(M),
-            HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=r_chunk(br, lora_A.dtype == torch.float32), **common,
-        )
+    seed = seed_arg(seed, dropout_p > 0.0, S)
+    dS, dB = None, None
+    if need_dx or need_dA or need_dB:
+        dS, dB = launch_dS_dB(dy, lora_B, S, scaling, dropout_p, need_dx or need_dA, need_dB)
+    dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
+    dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p) if need_dx else None
     return dx, dA, dB

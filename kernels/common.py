@@ -8,7 +8,10 @@ from torch import Tensor
 
 from .configs import INTERPRET, num_sms
 
-__all__ = ["check_dtypes", "block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch"]
+__all__ = [
+    "check_dtypes", "block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg",
+    "split_reduction", "launch",
+]
 
 _INT32_LIMIT = 2**31 - 1
 

@@ -2,7 +2,7 @@
 # Device check for a machine with one CUDA GPU and no network (meant for an H200 with torch 2.11, triton 3.6,
 # peft and transformers installed; runs on newer versions too).  Run from anywhere:
 #
-#     bash bench/gpu_check.sh              # ~5-8 min on an H100/H200; every step has its own time limit
+#     bash bench/gpu_check.sh              # ~5-7.5 min on an H100/H200; every step has its own time limit
 #     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step
 #
 # Steps (all run; the exit status is non-zero when one failed):
@@ -10,9 +10,10 @@
 #      elements, CUDA-graph replay), with a JUnit XML;
 #   2. kernel benchmark: Llama-3-8B projections, 8192 tokens, r=16, bf16, dropout 0.1 and 0 (frozen base,
 #      PEFT, fastlora torch and triton paths) as JSON / CSV / PNG;
-#   3. one training step of a 2-layer llama-3-8b-width model;
-#   4. the README section regenerated from every results file;
-#   5. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
+#   3. bench/kernel_breakdown.py: each fused launch against cuBLAS (where the time goes), same shapes;
+#   4. one training step of a 2-layer llama-3-8b-width model;
+#   5. the README section regenerated from every results file;
+#   6. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
 # Results: $OUT when set, else bench/results/, named <UTC date>-<hardware slug>-<step>.<ext> (commit them).
 set -uo pipefail
 
@@ -67,27 +68,31 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME
 }
 
 # 1. compiled kernels against the float64 reference
-step kernel-tests 200 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+step kernel-tests 180 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
     --junitxml="$stem-kernel-tests.xml"
 
 # 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
-step layers 150 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
+step layers 140 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
     --dtype bf16 --dropout 0.1,0 --warmup 10 --repeats 50 --no-progress \
     --json "$stem-layers.json" --csv "$stem-layers.csv" $(plot "$stem-layers.png")
 
-# 3. one training step of a 2-layer llama-3-8b-width model (bf16)
+# 3. per-launch times against cuBLAS (compiled kernels are cached from step 2)
+step kernel-breakdown 50 "$PY" bench/kernel_breakdown.py --tokens 8192 --rank 16 --dropout 0.1,0 --dtype bf16 \
+    --json "$stem-kernel-breakdown.json"
+
+# 4. one training step of a 2-layer llama-3-8b-width model (bf16)
 if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
-    step model 60 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
+    step model 50 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
         --json "$stem-model.json" --csv "$stem-model.csv" $(plot "$stem-model.png")
 fi
 
-# 4. the README section from every results file
+# 5. the README section from every results file
 if compgen -G "$RESULTS/*.json" >/dev/null; then
     "$PY" -m fastlora.bench.report "$RESULTS"/*.json >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
         echo "README section: failed" | tee -a "$SUMMARY"
 fi
 
-# 5. ahead-of-time compile report with this machine's triton
+# 6. ahead-of-time compile report with this machine's triton
 step compile-check 30 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
 
 echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"

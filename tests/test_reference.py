@@ -118,3 +118,10 @@ def test_cpu_keep_mask_is_reproducible_and_has_rate():
     rate = m1.float().mean().item()
     # 6 standard deviations of a Binomial(n, 0.9) proportion
     assert abs(rate - 0.9) < 6 * (0.9 * 0.1 / n) ** 0.5
+
+
+def test_cpu_keep_mask_extremes():
+    assert reference.cpu_keep_mask(1, (4, 5), 0.0).all()
+    assert not reference.cpu_keep_mask(1, (4, 5), 1 - 2**-18).any()  # rounds to p = 1: nothing kept
+    almost = reference.cpu_keep_mask(1, (512, 512), 1 - 2**-15)  # keeps 2 in 2^16
+    assert 0 < almost.sum() < 40

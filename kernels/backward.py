@@ -38,8 +38,11 @@ def launch_dS_dB(
         dS = torch.zeros((M, r), device=dy.device, dtype=torch.float32) if atomic_out else \
             torch.empty((M, r), device=dy.device, dtype=lora_B.dtype)
     dB = torch.zeros((N, r), device=dy.device, dtype=torch.float32) if need_dB else None
-    out = dS if need_dS else S
-    acc = dB if need_dB else S
+    # Outputs not asked for get a placeholder (never written: their stores are compiled out), not an input, so
+    # that torch.compile's mutation analysis of the kernel sees no input written.
+    placeholder = torch.empty((0, r), device=dy.device, dtype=torch.float32)
+    out = dS if need_dS else placeholder
+    acc = dB if need_dB else placeholder
     launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
         dy, lora_B, out, S, acc, S,
         M, N, r, per_split,

@@ -86,9 +86,13 @@ if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
         --json "$stem-model.json" --csv "$stem-model.csv" $(plot "$stem-model.png")
 fi
 
-# 5. the README section from every results file
-if compgen -G "$RESULTS/*.json" >/dev/null; then
-    "$PY" -m fastlora.bench.report "$RESULTS"/*.json >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
+# 5. the README section from every layer / model results file (the kernel breakdown has its own format)
+bench_jsons=()
+for f in "$RESULTS"/*.json; do
+    [[ -e "$f" && "$f" != *kernel-breakdown* ]] && bench_jsons+=("$f")
+done
+if ((${#bench_jsons[@]})); then
+    "$PY" -m fastlora.bench.report "${bench_jsons[@]}" >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
         echo "README section: failed" | tee -a "$SUMMARY"
 fi
 

@@ -169,9 +169,15 @@ def r_chunk(block_r: int, adapter_fp32: bool) -> int:
     return min(block_r, R_CHUNK_FP32 if adapter_fp32 else R_CHUNK_16BIT)
 
 
-def m_bucket(m: int) -> int:
-    """Autotune key for the token count: the next power of two (at least 16), so each bucket tunes once."""
-    return max(16, triton.next_power_of_2(int(m)))
+def m_bucket(m) -> int:
+    """Autotune key for the token count: the next power of two (at least 16), so each bucket tunes once.
+
+    Found by comparisons, not ``int(m)``: under torch.compile with dynamic shapes ``m`` is a SymInt, and
+    comparisons only guard on the bucket's range (one graph per bucket) where ``int`` would pin one M."""
+    bucket = 16
+    while bucket < m:
+        bucket *= 2
+    return bucket
 
 
 @lru_cache(maxsize=None)

@@ -62,7 +62,7 @@ MEDIUM_CASES = [
 HUGE_CASE = Case(2**31 // 4096 + 64, 4096, 4096, 16, bf16, f32, p=0.1)
 
 
-@pytest.mark.parametrize("case", kc.SMALL_CASES[::2], ids=str)
+@pytest.mark.parametrize("case", kc.SMALL_CASES[::3], ids=str)  # all of them run in the interpreter
 def test_small_matches_reference(case):
     kc.check_case(case, DEVICE)
 

@@ -76,9 +76,11 @@ def lora_backward(
     if need_dx or need_dA:
         # dS · 1/(1-p): folding the keep scale into this M × r tensor spares two M × K passes below.
         dS_kept = torch.mm(dya, lora_B).mul_(scaling / (1.0 - dropout_p))
+        masked_x = None
         if need_dA:
             xa = x if x.dtype == adapter_dtype else x.to(adapter_dtype)
-            dA = torch.mm(dS_kept.t(), _masked(xa, keep))
+            masked_x = _masked(xa, keep)
+            dA = torch.mm(dS_kept.t(), masked_x)
         if need_dx:
             dx = torch.mm(dy, weight)
             if dx.dtype != adapter_dtype:
@@ -86,7 +88,9 @@ def lora_backward(
             if keep is None:
                 dx.addmm_(dS_kept, lora_A)
             else:
-                dx.addcmul_(torch.mm(dS_kept, lora_A), keep)  # + (dS A) ⊙ m in one pass
+                # (dS A) ⊙ m: the product lands in x ⊙ m's buffer, free once dA is done (a fresh M × K
+                # allocation costs page faults on CPU), and the mask is applied in the accumulating pass.
+                dx.addcmul_(torch.mm(dS_kept, lora_A, out=masked_x), keep)
             dx = dx.to(dy.dtype)
     return dx, dA, dB
 

@@ -78,14 +78,14 @@ def rows_kernel(
             acc = tl.dot(x, q, acc, input_precision=PRECISION)
         if ACC_DQ:
             part = tl.dot(tl.trans(x), s_tile.to(x.dtype), input_precision=PRECISION)
-            tl.atomic_add(dq_ptrs, part * dq_scale, mask=d_ok[:, None] & r_ok[None, :])
+            tl.atomic_add(dq_ptrs, part * dq_scale, mask=d_ok[:, None] & r_ok[None, :], sem="relaxed")
             dq_ptrs += BLOCK_D * stride_dqd
         x_ptrs += BLOCK_D * stride_xd
         q_ptrs += BLOCK_D * stride_qd
     if STORE_OUT:
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
         if ATOMIC_OUT:
-            tl.atomic_add(out_ptrs, acc * out_scale, mask=row_ok[:, None] & r_ok[None, :])
+            tl.atomic_add(out_ptrs, acc * out_scale, mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
         else:
             tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
@@ -135,6 +135,6 @@ def cols_kernel(
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od
     out_mask = r_ok[:, None] & d_ok[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+        tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)

@@ -112,3 +112,14 @@ def test_int64_offsets_path(monkeypatch):
     assert common.needs_int64(torch.empty(9, 9))
     kc.check_case(kc.Case(37, 33, 64, 8, torch.float16, torch.float32, p=0.1, x_layout="row-strided"), "cpu")
     kc.check_case(kc.Case(70, 97, 33, 16, p=0.2, dy_layout="expanded"), "cpu")
+
+
+@pytest.mark.parametrize("r", [16, 32, 64, 128, 200])
+def test_real_skinny_blocks(monkeypatch, r):
+    """The skinny kernels' GPU block choices (configs._ROWS / _COLS) under the interpreter."""
+    from fastlora.kernels import configs
+
+    monkeypatch.setattr(configs, "INTERPRET", False)  # rows_blocks / cols_blocks: the GPU tables
+    with configs.pin_gemm_config("BLOCK_M=32,BLOCK_N=32,BLOCK_K=32,num_warps=4,num_stages=1"):
+        kc.check_case(kc.Case(150, 200, 72, r, torch.float16, torch.float32, p=0.1), "cpu")
+        kc.check_case(kc.Case(9, 300, 40, r, p=0.2, bias=False), "cpu")

@@ -159,3 +159,47 @@ def test_cuda_graph_replay():
     graph.replay()
     torch.cuda.synchronize()
     assert not torch.equal(captured[1], eager[1]), "a new seed did not change S"
+
+
+# The registered ops on the kernel path: opcheck, and torch.compile(fullgraph=True) tracing into the
+# triton_op (the interpreter cannot do either, so these run only here).
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_opcheck_kernel_path(p):
+    from fastlora import ops
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(64, 96, device=DEVICE, dtype=torch.bfloat16, generator=g, requires_grad=True)
+    W = torch.randn(80, 96, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    b = torch.randn(80, device=DEVICE, dtype=torch.bfloat16, generator=g)
+    A = torch.randn(16, 96, device=DEVICE, generator=g, requires_grad=True)
+    B = torch.randn(80, 16, device=DEVICE, generator=g, requires_grad=True)
+    seed = torch.tensor([7], device=DEVICE) if p else None
+    torch.library.opcheck(ops.lora_linear_op, (x, W, b, A, B, seed, 2.0, p, True))
+
+
+def test_compile_fullgraph_kernel_path():
+    from fastlora import LoRALinear
+
+    layer = LoRALinear(256, 192, r=16, lora_alpha=32, lora_dropout=0.0, device=DEVICE, dtype=torch.bfloat16,
+                       adapter_dtype=torch.float32, backend="triton")
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    x = torch.randn(4, 33, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    eager = layer(x)
+    eager.float().square().sum().backward()
+    want = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out, eager)
+    for t, g in zip((x, layer.lora_A, layer.lora_B), want):
+        torch.testing.assert_close(t.grad, g, atol=2e-2, rtol=2e-2)
+    layer.lora_dropout = 0.1
+    torch.manual_seed(3)
+    a = compiled(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(compiled(x), a)  # the seed comes from torch's RNG when compiled too

@@ -4,14 +4,16 @@
 #     bash bench/cpu_results.sh          # tiny model step + tiny layers (~3 min on 2 cores)
 #     LLAMA=1 bash bench/cpu_results.sh  # also the llama-3-8b layer shapes at 256 tokens (~5 min more)
 #
-# CPU timings move with whatever else runs on the machine: every row records the 1-minute load average.
+# CPU timings move with whatever else runs on the machine: every row records the share of the CPUs other
+# processes used while it was timed (other_load); cases above MAX_OTHER are re-timed up to RETRIES times.
+# The exact command of each committed file is in its JSON ("command").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=bench/results
 mkdir -p "$out"
 stem="$out/$(date -u +%F)-$(python -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cpu'))")"
 threads=${THREADS:-2}
-quiet=(--max-other-load ${MAX_OTHER:-0.1} --retries ${RETRIES:-3} --wait-idle ${WAIT_IDLE:-120})
+quiet=(--max-other-load ${MAX_OTHER:-0.05} --retries ${RETRIES:-4} --wait-idle ${WAIT_IDLE:-120})
 
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 2 --repeats 15 \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress

@@ -104,8 +104,6 @@ def _columns(mode: str, with_floor: bool):
                 ("floor ms", lambda r: _ms(r.get("floor_ms"))),
                 ("×floor", lambda r: _x(r.get("of_floor"))),
             ]
-        else:
-            cols += [("floor", lambda r: "n/a")]
         return cols
     return [
         ("provider", lambda r: r["provider"]),
@@ -230,6 +228,8 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
         "`torch.profiler`)."
     )
     out.append("")
+    # End-to-end (model) results first: they carry the headline numbers and the targets.
+    results = sorted(results, key=lambda d: 0 if all(r["mode"] == "model" for r in d["rows"]) else 1)
     for doc in results:
         rows = doc["rows"]
         meta = doc.get("meta") or (rows[0] if rows else {})

@@ -15,7 +15,7 @@ stem="$out/$(date -u +%F)-$(python -c "from fastlora.bench.meta import hardware_
 threads=${THREADS:-2}
 quiet=(--max-other-load ${MAX_OTHER:-0.05} --retries ${RETRIES:-4} --wait-idle ${WAIT_IDLE:-120})
 
-python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 2 --repeats 15 \
+python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
     --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress

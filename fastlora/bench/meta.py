@@ -53,7 +53,8 @@ def git_commit() -> str | None:
         if head.returncode != 0:
             return None
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            # Source changes only: results files being (re)written do not make a run "dirty".
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -170,7 +170,8 @@ def test_resolve_providers_skips_what_is_missing():
     chosen, skipped = resolve_providers(None, CPU)
     names = [p.name for p in chosen]
     assert names[0] == "frozen" and "peft" in names
-    assert "fastlora-triton" in skipped  # no CUDA here
+    if not torch.cuda.is_available():
+        assert "fastlora-triton" in skipped  # CPU tensors: only under the interpreter, and only when named
     with pytest.raises(ValueError):
         resolve_providers(["nope"], CPU)
 

@@ -97,6 +97,8 @@ def test_cpu_peak_memory_sees_a_temporary():
         pytest.skip("torch.profiler gave no memory events here")
     assert 1.5 * 2**20 <= peak < 1.6 * 2**20
     assert "profiler" in how
+    d, t = torch.zeros(64), torch.ones(64)
+    assert peak_memory(lambda: d.add_(t), CPU)[0] == 0  # in place: nothing allocated
 
 
 # ---- roofline, presets, ratios ----------------------------------------------------------------------

@@ -22,20 +22,20 @@ from fastlora import reference
 
 
 @torch.library.custom_op("fastlora::cpu_keep_mask", mutates_args=())
-def cpu_keep_mask(seed: Tensor, rows: int, cols: int, dropout_p: float) -> Tensor:
-    """The CPU backend's dropout keep mask for ``seed`` (an opaque op: it owns a torch.Generator)."""
-    return reference.cpu_keep_mask(int(seed.item()), (rows, cols), dropout_p)
+def cpu_keep_mask(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: torch.dtype) -> Tensor:
+    """The CPU backend's 0/1 dropout keep mask for ``seed`` (an opaque op: it owns a torch.Generator)."""
+    return reference.cpu_keep_mask(int(seed.item()), (rows, cols), dropout_p, dtype)
 
 
 @cpu_keep_mask.register_fake
-def _(seed, rows, cols, dropout_p):
-    return seed.new_empty((rows, cols), dtype=torch.bool)
+def _(seed, rows, cols, dropout_p, dtype):
+    return seed.new_empty((rows, cols), dtype=dtype)
 
 
-def _keep(seed: Optional[Tensor], x: Tensor, dropout_p: float) -> Optional[Tensor]:
+def _keep(seed: Optional[Tensor], x: Tensor, dropout_p: float, dtype: torch.dtype) -> Optional[Tensor]:
     if seed is None or dropout_p == 0.0:
         return None
-    return cpu_keep_mask(seed, x.shape[0], x.shape[1], dropout_p)
+    return cpu_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype)
 
 
 @torch.library.triton_op("fastlora::lora_linear", mutates_args=())
@@ -56,7 +56,7 @@ def lora_linear_op(
 
         return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
     return reference.lora_forward(
-        x, weight, bias, lora_A, lora_B, scaling, _keep(seed, x, dropout_p), dropout_p
+        x, weight, bias, lora_A, lora_B, scaling, _keep(seed, x, dropout_p, lora_A.dtype), dropout_p
     )
 
 
@@ -85,7 +85,7 @@ def lora_linear_backward_op(
         )
     else:
         grads = reference.lora_backward(
-            dy, x, weight, lora_A, lora_B, S, scaling, _keep(seed, x, dropout_p), dropout_p,
+            dy, x, weight, lora_A, lora_B, S, scaling, _keep(seed, x, dropout_p, lora_A.dtype), dropout_p,
             need_dx, need_dA, need_dB,
         )
     like = (x, lora_A, lora_B)

@@ -41,7 +41,7 @@ def test_opcheck_backward(p):
     dy = torch.randn(x.shape[0], W.shape[0])
     torch.library.opcheck(ops.lora_linear_backward_op, (dy, x.detach(), W, A.detach(), B.detach(), S, seed,
                                                         0.5, p, False, True, True, True))
-    torch.library.opcheck(ops.cpu_keep_mask, (torch.tensor([3]), 5, 4, 0.3))
+    torch.library.opcheck(ops.cpu_keep_mask, (torch.tensor([3]), 5, 4, 0.3, torch.float32))
 
 
 _COMPILE_SCRIPT = textwrap.dedent(

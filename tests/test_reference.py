@@ -114,6 +114,8 @@ def test_cpu_keep_mask_is_reproducible_and_has_rate():
     m2 = reference.cpu_keep_mask(5, (300, 301), 0.1)
     m3 = reference.cpu_keep_mask(6, (300, 301), 0.1)
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    as_float = reference.cpu_keep_mask(5, (300, 301), 0.1, torch.float32)
+    assert torch.equal(as_float, m1.float())  # the 0/1 form is the same mask
     n = m1.numel()
     rate = m1.float().mean().item()
     # 6 standard deviations of a Binomial(n, 0.9) proportion

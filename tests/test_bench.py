@@ -275,3 +275,17 @@ def test_other_load_share_and_retry_bookkeeping():
 
     rows = run_layers([case], chosen, CPU, warmup=0, repeats=1, memory=False, quiet=Quiet(max_other=1.0, retries=1, wait_s=0))
     assert rows[0]["attempts"] == 1 and (rows[0]["other_load"] is None or rows[0]["other_load"] <= 1.0)
+
+
+def test_report_embeds_between_readme_markers(tmp_path):
+    from fastlora.bench.report import README_END, README_START, embed_in_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_START}\nold table\n{README_END}\noutro\n")
+    embed_in_readme(readme, "## Performance\n\n| a | b |\n")
+    assert readme.read_text() == f"intro\n{README_START}\n| a | b |\n{README_END}\noutro\n"
+    embed_in_readme(readme, "## Performance\n\nnew\n")  # idempotent on its own output
+    assert readme.read_text() == f"intro\n{README_START}\nnew\n{README_END}\noutro\n"
+    (tmp_path / "bare.md").write_text("no markers")
+    with pytest.raises(SystemExit, match="markers"):
+        embed_in_readme(tmp_path / "bare.md", "x")

@@ -379,6 +379,20 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> None:
     plt.close(fig)
 
 
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def embed_in_readme(readme: Path, section: str) -> None:
+    """Put ``section`` (its own '## Performance' heading dropped) between the README's two markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} markers")
+    body = section.split("\n", 1)[1].strip() if section.startswith("## ") else section.strip()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{body}\n{README_END}{tail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m fastlora.bench.report",
@@ -388,11 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot-link", action="append", default=[], help="image path to show under the tables")
     ap.add_argument("--plot", help="also (re)draw a plot of all rows to this PNG")
     ap.add_argument("-o", "--output", help="write the markdown here instead of stdout")
+    ap.add_argument("--readme", help=f"replace the text between {README_START} and {README_END} in this file")
     args = ap.parse_args(argv)
     docs = [read_results(p) for p in args.results]
     if args.plot:
         plot([r for d in docs for r in d["rows"]], args.plot)
     text = markdown(docs, args.plot_link)
+    if args.readme:
+        embed_in_readme(Path(args.readme), text)
     if args.output:
         Path(args.output).write_text(text)
     else:

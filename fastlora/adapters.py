@@ -82,12 +82,11 @@ def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike) -> No
     model, config = lora_model.model, lora_model.peft_config
     targets = [name for name, _ in lora_model.lora_layers()]
     params = dict(model.named_parameters())
+    # One contiguous copy of each tensor: safetensors refuses shared storage (tied weights) and views.
     tensors = {
-        key: params[param_name].detach().to("cpu").contiguous()
+        key: params[param_name].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         for key, (param_name, _) in _expected(model, config, targets, lora_model.modules_to_save).items()
     }
-    # Shared storage (tied weights) cannot be saved by safetensors: clone such entries apart.
-    tensors = {key: t.clone() for key, t in tensors.items()}
     config_json = json.dumps(config.replace(inference_mode=True).to_dict(), indent=2, sort_keys=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n"))

@@ -125,7 +125,7 @@ class LoraConfig:
             if isinstance(out[name], list):
                 out[name] = sorted(out[name])
         out.pop("autocast_adapter_dtype")
-        out.update({key: value for key, value in _UNSUPPORTED_IF_SET.items()})
+        out.update(_UNSUPPORTED_IF_SET)  # written as PEFT writes them: each feature off
         return out
 
     @classmethod

@@ -38,7 +38,7 @@ def build_base_model(seed: int, hidden: int = 128, layers: int = 2):
 
 
 def batches(tokens: torch.Tensor, batch: int, length: int, generator: torch.Generator):
-    """Random windows of the text, forever: (input_ids, labels) of shape (batch, length)."""
+    """Random windows of the text, forever: input_ids of shape (batch, length) (the labels are the same ids)."""
     while True:
         starts = torch.randint(0, tokens.numel() - length, (batch,), generator=generator)
         ids = torch.stack([tokens[s : s + length] for s in starts.tolist()])

@@ -129,7 +129,7 @@ def lora_linear(
     use_kernels = _use_kernels(backend, x)
     seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
-        y, _ = ops.lora_linear_op(
+        y = ops.lora_linear(
             x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, use_kernels
         )
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -21,21 +21,22 @@ from torch import Tensor
 from fastlora import reference
 
 
-@torch.library.custom_op("fastlora::cpu_keep_mask", mutates_args=())
-def cpu_keep_mask(seed: Tensor, rows: int, cols: int, dropout_p: float, dtype: torch.dtype) -> Tensor:
-    """The CPU backend's 0/1 dropout keep mask for ``seed`` (an opaque op: it owns a torch.Generator)."""
-    return reference.cpu_keep_mask(int(seed.item()), (rows, cols), dropout_p, dtype)
+@torch.library.custom_op("fastlora::cpu_zero_dropped_", mutates_args=("t",))
+def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
+    """Zero in place the elements of ``t`` that the CPU backend's dropout mask for ``seed`` drops (an
+    opaque op: it owns a torch.Generator)."""
+    reference.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
-@cpu_keep_mask.register_fake
-def _(seed, rows, cols, dropout_p, dtype):
-    return seed.new_empty((rows, cols), dtype=dtype)
-
-
-def _keep(seed: Optional[Tensor], x: Tensor, dropout_p: float, dtype: torch.dtype) -> Optional[Tensor]:
+def _keep(seed: Optional[Tensor], dropout_p: float) -> reference.Keep:
     if seed is None or dropout_p == 0.0:
         return None
-    return cpu_keep_mask(seed, x.shape[0], x.shape[1], dropout_p, dtype)
+
+    def keep(t: Tensor) -> Tensor:
+        cpu_zero_dropped_(t, seed, dropout_p)
+        return t
+
+    return keep
 
 
 @torch.library.triton_op("fastlora::lora_linear", mutates_args=())
@@ -51,13 +52,7 @@ def lora_linear_op(
     use_kernels: bool,
 ) -> tuple[Tensor, Tensor]:
     """y = x Wᵀ + b + s·S Bᵀ and S = dropout(x) Aᵀ for a 2-D x; ``seed`` is None when there is no dropout."""
-    if use_kernels:
-        from fastlora import kernels
-
-        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
-    return reference.lora_forward(
-        x, weight, bias, lora_A, lora_B, scaling, _keep(seed, x, dropout_p, lora_A.dtype), dropout_p
-    )
+    return _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels)
 
 
 @torch.library.triton_op("fastlora::lora_linear_backward", mutates_args=())
@@ -77,6 +72,23 @@ def lora_linear_backward_op(
     need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor (ops cannot return None)."""
+    return _backward_grads(
+        dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB
+    )
+
+
+def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels):
+    if use_kernels:
+        from fastlora import kernels
+
+        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
+    return reference.lora_forward(
+        x, weight, bias, lora_A, lora_B, scaling, _keep(seed, dropout_p), dropout_p
+    )
+
+
+def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, use_kernels, need_dx, need_dA,
+                    need_dB):
     if use_kernels:
         from fastlora import kernels
 
@@ -85,7 +97,7 @@ def lora_linear_backward_op(
         )
     else:
         grads = reference.lora_backward(
-            dy, x, weight, lora_A, lora_B, S, scaling, _keep(seed, x, dropout_p, lora_A.dtype), dropout_p,
+            dy, x, weight, lora_A, lora_B, S, scaling, _keep(seed, dropout_p), dropout_p,
             need_dx, need_dA, need_dB,
         )
     like = (x, lora_A, lora_B)
@@ -96,6 +108,7 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p, ctx.use_kernels = scaling, dropout_p, use_kernels
+    ctx.backward_grads = lora_linear_backward_op
 
 
 def _backward(ctx, dy, _dS):
@@ -103,7 +116,7 @@ def _backward(ctx, dy, _dS):
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     dx = dA = dB = dW = db = None
     if need_dx or need_dA or need_dB:
-        dx, dA, dB = lora_linear_backward_op(
+        dx, dA, dB = ctx.backward_grads(
             dy, x, weight, lora_A, lora_B, S, seed, ctx.scaling, ctx.dropout_p, ctx.use_kernels,
             need_dx, need_dA, need_dB,
         )
@@ -116,3 +129,41 @@ def _backward(ctx, dy, _dS):
 
 
 lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerLoRALinear(torch.autograd.Function):
+    """The same forward, context and backward as the registered op, called directly in eager mode.
+
+    Dispatching a ``triton_op`` (and its generated autograd node) costs ~0.1 ms of Python per call in each
+    direction, which is most of a small layer's time on CPU and of a launch on GPU.  Compiled code
+    goes through the registered op instead (see :func:`lora_linear`).
+    """
+
+    forward = staticmethod(_forward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1])
+        ctx.backward_grads = _backward_grads
+
+    backward = staticmethod(_backward)
+
+
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    use_kernels: bool,
+) -> Tensor:
+    """y of ``fastlora::lora_linear`` with autograd: the registered op under torch.compile (it traces
+    through it with no graph break), the same functions without the op dispatch in eager mode."""
+    args = (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels)
+    if torch.compiler.is_compiling():
+        return lora_linear_op(*args)[0]
+    return _EagerLoRALinear.apply(*args)[0]

@@ -41,7 +41,8 @@ def test_opcheck_backward(p):
     dy = torch.randn(x.shape[0], W.shape[0])
     torch.library.opcheck(ops.lora_linear_backward_op, (dy, x.detach(), W, A.detach(), B.detach(), S, seed,
                                                         0.5, p, False, True, True, True))
-    torch.library.opcheck(ops.cpu_keep_mask, (torch.tensor([3]), 5, 4, 0.3, torch.float32))
+    for p in (0.1, 0.3):
+        torch.library.opcheck(ops.cpu_zero_dropped_, (torch.randn(5, 4), torch.tensor([3]), p))
 
 
 _COMPILE_SCRIPT = textwrap.dedent(

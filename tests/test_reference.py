@@ -124,6 +124,41 @@ def test_cpu_keep_mask_is_reproducible_and_has_rate():
 
 def test_cpu_keep_mask_extremes():
     assert reference.cpu_keep_mask(1, (4, 5), 0.0).all()
-    assert not reference.cpu_keep_mask(1, (4, 5), 1 - 2**-18).any()  # rounds to p = 1: nothing kept
-    almost = reference.cpu_keep_mask(1, (512, 512), 1 - 2**-15)  # keeps 2 in 2^16
+    assert not reference.cpu_keep_mask(1, (4, 5), 1.0).any()
+    almost = reference.cpu_keep_mask(1, (512, 512), 1 - 2**-15)  # keeps 8 in 2^18 on average
     assert 0 < almost.sum() < 40
+    empty = reference.cpu_keep_mask(1, (0, 5), 0.1)
+    assert empty.shape == (0, 5)
+
+
+@pytest.mark.parametrize("p", [0.02, 0.1, 0.15, 0.3, 0.5, 0.85, 0.97])
+def test_cpu_keep_rate_for_each_sampler(p):
+    """Rare drops and rare keeps are sampled by geometric gaps, the rest per element: each keeps 1-p."""
+    mask = reference.cpu_keep_mask(11, (1000, 999), p, torch.float32)
+    n = mask.numel()
+    assert abs(mask.mean().item() - (1 - p)) < 6 * (p * (1 - p) / n) ** 0.5
+    assert torch.equal(mask, reference.cpu_keep_mask(11, (1000, 999), p, torch.float32))
+
+
+def test_geometric_gaps_match_bernoulli_runs():
+    """With p = 0.1 the runs of kept elements between drops are Geometric(0.1): compare the counts of
+    run lengths 0..4 with their expectation (chi-square with 5 cells, far tail cut-off)."""
+    mask = reference.cpu_keep_mask(3, (2000, 1000), 0.1)
+    drops = (~mask.view(-1)).nonzero().view(-1)
+    runs = drops[1:] - drops[:-1] - 1
+    n = runs.numel()
+    chi2 = 0.0
+    for g in range(5):
+        expected = n * 0.9**g * 0.1
+        chi2 += (int((runs == g).sum()) - expected) ** 2 / expected
+    assert chi2 < 25.0  # P(chi2_5 > 25) ≈ 1e-4
+
+
+def test_zero_dropped_applies_the_mask_in_place():
+    for p in (0.1, 0.4, 0.9):
+        t = torch.randn(37, 41)
+        expected = t * reference.cpu_keep_mask(5, (37, 41), p, torch.float32)
+        out = reference.zero_dropped_(t, 5, p)
+        assert out is t and torch.equal(t, expected)
+    with pytest.raises(ValueError, match="contiguous"):
+        reference.zero_dropped_(torch.randn(4, 6).t(), 5, 0.1)

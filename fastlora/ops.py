@@ -7,8 +7,14 @@ kernels of :mod:`fastlora.kernels` through ``wrap_triton``; otherwise it runs th
 (the CPU backend).  The CPU branch lives in the op body rather than in ``register_kernel("cpu")``
 because Inductor would otherwise analyse the Triton kernels on a machine with no GPU driver.
 
+:func:`lora_linear` is the entry point: under ``torch.compile`` it calls the registered op; in eager
+mode it runs the same forward, context and backward functions as an ``autograd.Function``, without the
+op dispatch (~0.1 ms of Python per call and direction).
+
 What autograd keeps for backward: ``x``, the rank-r ``S`` and the one-element ``seed`` the dropout
 mask is regenerated from (plus references to the parameters).  Never the mask, never ``dropout(x)``.
+On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_`` (zeroing the dropped elements
+of a fresh tensor in place), so it is never materialised at all.
 """
 
 from __future__ import annotations

@@ -41,14 +41,33 @@ def test_gradcheck_unfrozen_base_weight_and_3d_input():
     assert torch.autograd.gradcheck(_op(torch.tensor([7]), 0.25), (x, W, b, A, B), eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_functional_3d_with_dropout():
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.9])  # rare drops, per-element sampling, rare keeps
+def test_gradcheck_functional_3d_with_dropout(p):
     x, W, b, A, B = _inputs(batch=2)
 
     def f(x, W, b, A, B):
         torch.manual_seed(3)  # the functional draws its seed from torch's RNG: same seed, same mask
-        return lora_linear(x, W, b, A, B, 1.5, 0.4, backend="torch")
+        return lora_linear(x, W, b, A, B, 1.5, p, backend="torch")
 
     assert torch.autograd.gradcheck(f, (x, W, b, A, B), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.4])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_eager_function_and_registered_op_agree(p, x_grad):
+    """Eager calls skip the op dispatch (ops.lora_linear); compiled code runs the registered op: same
+    numbers from the same seed, forward and backward."""
+    x, W, b, A, B = _inputs(M=20, K=16, N=12, r=4, dtype=torch.float32, x_grad=x_grad)
+    seed = torch.tensor([99]) if p else None
+    wrt = (x, b, A, B) if x_grad else (b, A, B)
+    results = []
+    for call in (ops.lora_linear, lambda *args: ops.lora_linear_op(*args)[0]):
+        y = call(x, W, b, A, B, seed, 0.7, p, False)
+        results.append((y, torch.autograd.grad(y.square().sum(), wrt)))
+    (y_eager, g_eager), (y_op, g_op) = results
+    assert torch.equal(y_eager, y_op)
+    for a, c in zip(g_eager, g_op):
+        assert torch.equal(a, c)
 
 
 def test_matches_plain_autograd_without_dropout():

@@ -62,6 +62,7 @@ class SavedTensorCounter:
         self._inputs = {k for k in (_storage_key(t) for t in inputs) if k is not None}
         self.storages: dict[tuple[str, int], int] = {}
         self.count = 0  # tensors packed (before de-duplication, parameters excluded)
+        self._one_element: set[tuple[str, int]] = set()  # storages of a single element (e.g. dropout seeds)
         self._hooks = None
 
     def _pack(self, t: torch.Tensor):
@@ -70,6 +71,8 @@ class SavedTensorCounter:
             self.count += 1
             if key not in self.storages:
                 self.storages[key] = t.untyped_storage().nbytes()
+                if t.numel() == 1 and self.storages[key] == t.element_size():
+                    self._one_element.add(key)
         return t
 
     @staticmethod
@@ -94,6 +97,20 @@ class SavedTensorCounter:
     def new_bytes(self) -> int:
         """As ``bytes`` but without the storages of the declared inputs."""
         return sum(n for k, n in self.storages.items() if k not in self._inputs)
+
+    @property
+    def one_element_bytes(self) -> int:
+        """The part of ``bytes`` in one-element storages: RNG seeds and scalars, not activations."""
+        return sum(self.storages[k] for k in self._one_element)
+
+    def fields(self) -> dict:
+        """The counts as result-row fields."""
+        return {
+            "saved_bytes": self.bytes,
+            "saved_new_bytes": self.new_bytes,
+            "saved_one_element_bytes": self.one_element_bytes,
+            "saved_one_element_tensors": len(self._one_element),
+        }
 
 
 def module_tensors(*modules: torch.nn.Module) -> list[torch.Tensor]:

@@ -200,9 +200,14 @@ def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
             head = f"{case} {dtype} p={p:g}:"
             checks = []
             if fl0 is not None and fl0.get("saved_bytes"):
-                v = fl["saved_bytes"] / fl0["saved_bytes"]
+                # Activations: the saved storages other than one-element ones (the layers' dropout seeds).
+                # The seeds' bytes are shown beside the ratio, never hidden.
+                act, act0 = (r["saved_bytes"] - r.get("saved_one_element_bytes", 0) for r in (fl, fl0))
                 delta = fl["saved_bytes"] - fl0["saved_bytes"]
-                checks.append((f"saved(p) / saved(p=0) [{delta:+,d} bytes]", v, TARGET_SAVED_P_VS_P0))
+                seeds = fl.get("saved_one_element_tensors", 0) - fl0.get("saved_one_element_tensors", 0)
+                name = (f"saved activations(p) / saved activations(p=0) [all saved storages {delta:+,d} bytes, "
+                        f"{seeds:+d} one-element tensors]")
+                checks.append((name, act / act0, TARGET_SAVED_P_VS_P0))
             if pe is not None:
                 if pe.get("saved_bytes"):
                     checks.append(("saved / PEFT saved", fl["saved_bytes"] / pe["saved_bytes"], TARGET_SAVED_VS_PEFT))

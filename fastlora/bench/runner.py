@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .measure import OtherLoad, Timer, count_saved, median, module_tensors, peak_memory, profile_ops, wait_for_idle
+from .measure import OtherLoad, SavedTensorCounter, Timer, median, module_tensors, peak_memory, profile_ops, wait_for_idle
 from .presets import ModelPreset
 from .providers import SEED_TARGETS, Provider
 from .roofline import Roofline, floor_ms, layer_cost
@@ -186,11 +186,11 @@ def run_layers(
             row["attempts"] = attempts
             # Saved activations: one forward under the hooks, then its backward (frees the graph).
             _clear_grads(trainable[p.name])
-            sb, snb, y = count_saved(lambda: m(x), exclude=module_tensors(m), inputs=[x])
+            with SavedTensorCounter(exclude=module_tensors(m), inputs=[x]) as saved:
+                y = m(x)
             y.backward(dy)
             del y
-            row["saved_bytes"] = sb
-            row["saved_new_bytes"] = snb
+            row.update(saved.fields())
             if memory:
                 _clear_grads(trainable[p.name])
                 _sync(device)
@@ -324,11 +324,11 @@ def run_model(
             row["attempts"] = attempts
             row["tokens_per_s"] = tokens / (row["fwd_bwd_ms"] / 1e3) if row["fwd_bwd_ms"] else None
             _clear_grads(trainable[p.name])
-            sb, snb, loss = count_saved(lambda: step(m), exclude=module_tensors(m), inputs=[ids])
+            with SavedTensorCounter(exclude=module_tensors(m), inputs=[ids]) as saved:
+                loss = step(m)
             loss.backward()
             del loss
-            row["saved_bytes"] = sb
-            row["saved_new_bytes"] = snb
+            row.update(saved.fields())
             if memory:
                 _clear_grads(trainable[p.name])
                 _sync(device)

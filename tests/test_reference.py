@@ -181,3 +181,12 @@ def test_zero_dropped_applies_the_mask_in_place():
         assert out is t and torch.equal(t, expected)
     with pytest.raises(ValueError, match="contiguous"):
         reference.zero_dropped_(torch.randn(4, 6).t(), 5, 0.1)
+
+
+@pytest.mark.parametrize("r", [1, 8, 9, 16])
+def test_rank_column_products_equal_plain_matmul(r):
+    g = torch.Generator().manual_seed(r)
+    a, b = torch.randn(33, 50, generator=g, dtype=torch.float64), torch.randn(50, r, generator=g, dtype=torch.float64)
+    got = reference._mm_rank_columns(a, b)
+    assert got.shape == (33, r)
+    torch.testing.assert_close(got, a @ b)

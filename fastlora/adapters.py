@@ -2,7 +2,8 @@
 
 Keys are PEFT's with the adapter name stripped: ``base_model.model.<module path>.lora_A.weight`` (r × in)
 and ``.lora_B.weight`` (out × r); with ``bias`` set, an adapted layer's bias is ``<path>.base_layer.bias``
-and any other bias ``<path>.bias``; a ``modules_to_save`` module's parameters are ``<path>.<param>``.
+and any other bias ``<path>.bias``; a ``modules_to_save`` module's parameters (its trained copy's) are
+``<path>.<param>``.
 
 Saving writes each file under a temporary name, flushes it to disk and renames it over the old one,
 so a crash never leaves a half-written file where a good one was.  Loading reads and checks every
@@ -20,7 +21,9 @@ import torch
 from torch import nn
 
 from fastlora.config import LoraConfig
-from fastlora.model import LoraModel, _plan_modules_to_save, get_peft_model, plan_targets
+from fastlora.model import (
+    LoraModel, ModulesToSaveWrapper, _plan_modules_to_save, get_peft_model, plan_targets, with_task_heads,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -42,13 +45,16 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, str]:
-    """file key → parameter name in the model, for the biases the config trains."""
+def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, str]:
+    """file key → parameter name in the model, for the biases the config trains (a modules_to_save module's
+    bias is saved with the rest of that module)."""
     if config.bias == "none":
         return {}
     wanted = set(targets) if config.bias == "lora_only" else None
     out = {}
     for module_name, module in model.named_modules():
+        if any(module_name == n or module_name.startswith(n + ".") for n in to_save):
+            continue
         bias = getattr(module, "bias", None)
         if not isinstance(bias, torch.Tensor) or (wanted is not None and module_name not in wanted):
             continue
@@ -66,11 +72,14 @@ def _expected(model: nn.Module, config: LoraConfig, targets: list[str], to_save:
         out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (config.r, linear.in_features))
         out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (linear.out_features, config.r))
     params = dict(model.named_parameters())
-    for key, param_name in _bias_keys(model, config, targets).items():
+    for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))
     for name in to_save:
-        for pname, p in model.get_submodule(name).named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = (f"{name}.{pname}", tuple(p.shape))
+        module, prefix = model.get_submodule(name), name
+        if isinstance(module, ModulesToSaveWrapper):  # the adapted model: the trained copy
+            module, prefix = module.modules_to_save["default"], f"{name}.modules_to_save.default"
+        for pname, p in module.named_parameters():
+            out[f"{PREFIX}{name}.{pname}"] = (f"{prefix}.{pname}", tuple(p.shape))
     return out
 
 
@@ -134,12 +143,12 @@ def _check_tensors(expected, tensors: dict[str, torch.Tensor], directory) -> Non
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> LoraModel:
     config, tensors = read_adapter(directory)
-    config = config.replace(inference_mode=not is_trainable)
+    config = with_task_heads(config.replace(inference_mode=not is_trainable))
     targets = plan_targets(model, config)
     to_save = _plan_modules_to_save(model, config)
-    expected = _expected(model, config, targets, to_save)
-    _check_tensors(expected, tensors, directory)
+    _check_tensors(_expected(model, config, targets, to_save), tensors, directory)
     lora_model = get_peft_model(model, config)
+    expected = _expected(model, config, targets, to_save)  # parameter names in the adapted model
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, (param_name, _) in expected.items():

@@ -8,6 +8,7 @@ the model back as it was: a failed ``get_peft_model`` or ``from_pretrained`` cha
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from typing import Iterator
 
@@ -17,9 +18,59 @@ from torch import nn
 from fastlora.config import LoraConfig
 from fastlora.layer import LoRALinear
 
-__all__ = ["get_peft_model", "LoraModel", "plan_targets"]
+__all__ = ["get_peft_model", "LoraModel", "ModulesToSaveWrapper", "plan_targets"]
 
 _WIDE_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
+
+# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
+# its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
+# BERT ``classifier``); any other modules_to_save entry must match a module.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_heads(config: LoraConfig) -> tuple[str, ...]:
+    return _TASK_HEADS.get(config.task_type.value if config.task_type is not None else "", ())
+
+
+def with_task_heads(config: LoraConfig) -> LoraConfig:
+    """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do."""
+    heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
+    return config.replace(modules_to_save=list(config.modules_to_save or []) + heads) if heads else config
+
+
+def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
+    """PEFT's guard: no adapter on a modules_to_save module or inside one."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A ``modules_to_save`` module as PEFT keeps it: the original, frozen, and a trainable copy,
+    ``modules_to_save["default"]``, which the forward uses.  ``LoraModel.disable_adapter`` switches to the
+    original; ``merge_and_unload`` and ``unload`` keep the copy.  Other attributes (``weight``, ...) are
+    the active module's."""
+
+    def __init__(self, original: nn.Module, trainable: bool) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(original)})
+        self.original_module.requires_grad_(False)
+        self.modules_to_save["default"].requires_grad_(trainable)
+        self.adapter_enabled = True
+
+    @property
+    def active_module(self) -> nn.Module:
+        return self.modules_to_save["default"] if self.adapter_enabled else self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.active_module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "adapter_enabled"):
+                raise
+            return getattr(self.active_module, name)
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -61,6 +112,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
             continue
+        if _under_modules_to_save(name, config):
+            continue
         if config.layers_to_transform is not None:
             if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
                 continue
@@ -86,13 +139,18 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    names = []
+    """Qualified names of the modules to wrap in a ``ModulesToSaveWrapper``: the outermost match of each
+    entry (exact name or dotted suffix).  An entry that matches nothing is an error, but for task heads."""
+    found = set()
     for wanted in config.modules_to_save or []:
-        found = [n for n, _ in model.named_modules() if n and _name_matches(n, [wanted])]
-        if not found:
+        matches = {n for n, _ in model.named_modules() if n and _name_matches(n, [wanted])}
+        if not matches and wanted not in _task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
-        names += found
-    return names
+        found |= matches
+    for name in found:
+        if isinstance(model.get_submodule(name), (LoRALinear, ModulesToSaveWrapper)):
+            raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
+    return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
 
 
 def _adapter_dtype(linear: nn.Linear, config: LoraConfig) -> torch.dtype:
@@ -108,10 +166,11 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def _apply(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> None:
     """Swap and freeze; on any error put every module and requires_grad flag back."""
-    originals = {name: model.get_submodule(name) for name in targets}
+    originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
-        for name, linear in originals.items():
+        for name in targets:
+            linear = originals[name]
             _set_module(model, name, LoRALinear.from_linear(
                 linear, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                 use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
@@ -125,10 +184,10 @@ def _apply(model: nn.Module, config: LoraConfig, targets: list[str], to_save: li
             trainable += [p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
         elif config.bias == "lora_only":
             trainable += [m.bias for m in model.modules() if isinstance(m, LoRALinear) and m.bias is not None]
-        for name in to_save:
-            trainable += list(model.get_submodule(name).parameters())
         for param in trainable:
             param.requires_grad_(not config.inference_mode)
+        for name in to_save:
+            _set_module(model, name, ModulesToSaveWrapper(originals[name], trainable=not config.inference_mode))
     except BaseException:
         for name, linear in originals.items():
             _set_module(model, name, linear)
@@ -143,6 +202,7 @@ def get_peft_model(model: nn.Module, config: LoraConfig) -> "LoraModel":
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
+    config = with_task_heads(config)
     targets = plan_targets(model, config)
     to_save = _plan_modules_to_save(model, config)
     _apply(model, config, targets, to_save)
@@ -192,6 +252,11 @@ class LoraModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.unmerge()
 
+    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
     def _replace_lora_layers(self, merge: bool) -> nn.Module:
         for name, layer in list(self.lora_layers()):
             if merge:
@@ -199,6 +264,8 @@ class LoraModel(nn.Module):
             else:
                 layer.unmerge()
             _set_module(self.model, name, layer.to_linear())
+        for name, wrapper in list(self.wrappers()):  # PEFT keeps the trained copy either way
+            _set_module(self.model, name, wrapper.modules_to_save["default"])
         return self.model
 
     def merge_and_unload(self) -> nn.Module:
@@ -211,10 +278,12 @@ class LoraModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Within the block the model computes its base outputs (merged adapters are unmerged first)."""
-        layers = [layer for _, layer in self.lora_layers()]
+        """Within the block the model computes its base outputs (merged adapters are unmerged first, and
+        ``modules_to_save`` modules are their originals)."""
+        layers = [layer for _, layer in self.lora_layers()] + [wrapper for _, wrapper in self.wrappers()]
         for layer in layers:
-            layer.unmerge()
+            if isinstance(layer, LoRALinear):
+                layer.unmerge()
             layer.adapter_enabled = False
         try:
             yield

@@ -1,0 +1,128 @@
+"""modules_to_save as PEFT keeps it (the original frozen, a trained copy in use) and PEFT's task heads
+(SEQ_CLS / TOKEN_CLS train ``classifier`` / ``score``), against PEFT on small Llamas."""
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model
+from fastlora.model import ModulesToSaveWrapper
+from tests.models import SEED_TARGETS, assert_unchanged, clone, snapshot, tiny_llama, tokens
+
+
+def tiny_llama_classifier(seed: int = 0, num_labels: int = 3):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, num_labels=num_labels,
+                         pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def _sgd_step(model, ids, labels):
+    model.train()
+    loss = model(input_ids=ids, labels=labels).loss
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.sub_(0.1 * p.grad)
+                p.grad = None
+    model.eval()
+
+
+def test_lm_head_copy_trains_and_disable_adapter_gives_the_base_model():
+    base = tiny_llama()
+    kwargs = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, modules_to_save=["lm_head"])
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    wrapper = fm.model.lm_head
+    assert isinstance(wrapper, ModulesToSaveWrapper) and wrapper.weight is wrapper.modules_to_save["default"].weight
+    assert not wrapper.original_module.weight.requires_grad and wrapper.weight.requires_grad
+
+    ids = tokens()
+    _sgd_step(fm, ids, ids)
+    assert torch.equal(wrapper.original_module.weight, base.lm_head.weight)  # the original never trains
+    assert not torch.equal(wrapper.weight, base.lm_head.weight)
+    with torch.no_grad():
+        adapted = fm(input_ids=ids).logits
+        with fm.disable_adapter():
+            torch.testing.assert_close(fm(input_ids=ids).logits, base(input_ids=ids).logits)
+        torch.testing.assert_close(fm(input_ids=ids).logits, adapted)
+        plain = clone(fm).merge_and_unload()
+        assert type(plain.lm_head) is nn.Linear  # the trained copy, as PEFT keeps it
+        torch.testing.assert_close(plain(input_ids=ids).logits, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_trained_copy_saves_and_loads_both_ways_with_peft(tmp_path):
+    base = tiny_llama()
+    kwargs = dict(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4, lora_alpha=8, modules_to_save=["lm_head"])
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    ids = tokens()
+    _sgd_step(fm, ids, ids)
+    fm.save_pretrained(tmp_path / "ours")
+    with torch.no_grad():
+        want = fm(input_ids=ids).logits
+        pm = peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours").eval()
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        pm.save_pretrained(tmp_path / "theirs")
+        back = LoraModel.from_pretrained(clone(base), tmp_path / "theirs")
+        torch.testing.assert_close(back(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        with back.disable_adapter():
+            torch.testing.assert_close(back(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+def test_seq_cls_trains_the_score_head_like_peft(tmp_path):
+    base = tiny_llama_classifier()
+    kwargs = dict(task_type="SEQ_CLS", target_modules=SEED_TARGETS, r=8, lora_alpha=16)
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    assert isinstance(fm.model.score, ModulesToSaveWrapper)
+    assert fm.peft_config.modules_to_save == ["classifier", "score"]
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    ids, labels = tokens(), torch.tensor([0, 2])
+    _sgd_step(fm, ids, labels)
+    fm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        want = fm(input_ids=ids).logits
+        assert not torch.allclose(want, base(input_ids=ids).logits)
+        loaded_peft = peft.PeftModel.from_pretrained(clone(base), tmp_path).eval()
+        torch.testing.assert_close(loaded_peft(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_all_linear_leaves_the_task_head_to_modules_to_save():
+    base = tiny_llama_classifier()
+    kwargs = dict(task_type="SEQ_CLS", target_modules="all-linear", r=4, lora_alpha=8)
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    ours = {name for name, _ in fm.lora_layers()}
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ours == theirs and "score" not in ours
+    assert isinstance(fm.model.score, ModulesToSaveWrapper) and not isinstance(fm.model.score.active_module, LoRALinear)
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+def test_unknown_modules_to_save_entry_is_refused_and_changes_nothing():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier' matches no module"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["classifier"]))
+    assert_unchanged(model, before)
+
+
+def test_failure_while_wrapping_rolls_back(monkeypatch):
+    model = tiny_llama()
+    before = snapshot(model)
+
+    def failing_init(self, original, trainable):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(ModulesToSaveWrapper, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="simulated"):
+        get_peft_model(model, LoraConfig(target_modules=SEED_TARGETS, modules_to_save=["lm_head"]))
+    assert_unchanged(model, before)

@@ -203,3 +203,34 @@ def test_compile_fullgraph_kernel_path():
     a = compiled(x)
     torch.manual_seed(3)
     torch.testing.assert_close(compiled(x), a)  # the seed comes from torch's RNG when compiled too
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_eager_layer_on_cuda_with_both_backends(p):
+    """LoRALinear in eager mode on CUDA: the kernel path (the autograd.Function beside the op) and the torch
+    backend (its mask drawn on the CPU generator, applied on the GPU) agree without dropout, and both
+    train with it."""
+    from fastlora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 192, r=16, lora_alpha=32, lora_dropout=p, device=DEVICE, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.02)
+    x = torch.randn(300, 256, device=DEVICE, requires_grad=True)
+    with torch.no_grad():
+        no_dropout = layer.eval()(x)
+    layer.train()
+    results = {}
+    for backend in ("triton", "torch"):
+        layer.backend = backend
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        results[backend] = [y.detach()] + [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+        assert all(torch.isfinite(t).all() for t in results[backend])
+        if p:
+            assert not torch.allclose(y, no_dropout), f"{backend}: dropout changed nothing"
+    if not p:
+        for a, b in zip(results["triton"], results["torch"]):
+            torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)

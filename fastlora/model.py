@@ -101,7 +101,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     a matched module is not an ``nn.Linear``.
     """
     head = _output_head(model)
-    targets, not_linear = [], []
+    targets, not_linear, saved_instead = [], [], []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -113,6 +113,7 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
             continue
         if _under_modules_to_save(name, config):
+            saved_instead.append(name)
             continue
         if config.layers_to_transform is not None:
             if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
@@ -133,6 +134,8 @@ def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of the model"
             + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")
+            + (f" outside modules_to_save (which PEFT never adapts; matched there: {', '.join(saved_instead[:4])})"
+               if saved_instead else "")
             + f"; nn.Linear modules it has include: {', '.join(linears[:6]) or 'none'}"
         )
     return targets

@@ -126,3 +126,11 @@ def test_failure_while_wrapping_rolls_back(monkeypatch):
     with pytest.raises(RuntimeError, match="simulated"):
         get_peft_model(model, LoraConfig(target_modules=SEED_TARGETS, modules_to_save=["lm_head"]))
     assert_unchanged(model, before)
+
+
+def test_targets_only_in_modules_to_save_are_refused_with_the_reason():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"outside modules_to_save \(which PEFT never adapts; matched there: lm_head\)"):
+        get_peft_model(model, LoraConfig(target_modules=["lm_head"], modules_to_save=["lm_head"]))
+    assert_unchanged(model, before)

@@ -1,7 +1,8 @@
 """Compile every fastlora kernel for real GPUs, without one: sm_80 (A100) and sm_90 (H100/H200).
 
 For each kernel, each autotune config (the fused GEMM) or block choice (the skinny kernels), each dtype it
-supports and each feature variant the launchers use, this compiles the kernel ahead of time with
+supports (exact-fp32 "ieee" dots included) and each feature variant the launchers use (64-bit offsets, the fp64
+scalar arguments torch.compile's Inductor passes), this compiles the kernel ahead of time with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` using a signature that mirrors a real
 Llama-shaped launch (16-byte aligned pointers, strides of 1 specialised as Triton does), then reads the
 cubin's resources with the ``cuobjdump -res-usage`` that ships in Triton's package.
@@ -52,6 +53,11 @@ class Ptr:
     dtype: str  # Triton's spelling: fp16, bf16, fp32, i64
 
 
+class F64(float):
+    """A float argument typed fp64, as Inductor types Python floats when it launches a user Triton kernel
+    (torch.compile of the kernel path); Triton's own launcher types them fp32."""
+
+
 @dataclass
 class Job:
     kernel: str  # key of KERNELS
@@ -90,7 +96,7 @@ def _signature(fn, args: dict):
             sig[name] = "*" + v.dtype
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
-            sig[name] = "fp32"
+            sig[name] = "fp64" if isinstance(v, F64) else "fp32"
         elif isinstance(v, int):
             if v == 1:
                 sig[name], consts[name] = "constexpr", 1
@@ -150,12 +156,15 @@ def run_job(job: Job) -> Result:
 # ----------------------------------------------------------------------------------------------------------
 # The launches to compile (mirroring kernels/forward.py and kernels/backward.py)
 
-# (base dtype, adapter dtype, fp32 dot precision)
+# (base dtype, adapter dtype, fp32 dot precision): "ieee" is torch's default matmul precision ("highest"),
+# "tf32" what torch.set_float32_matmul_precision("high") gives.  A 16-bit GEMM's fp32 prologue always runs
+# tf32 (common.gemm_precision).
 DTYPE_VARIANTS_16 = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "fp32", "tf32")]
 DTYPE_VARIANTS_32 = [("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee")]
 
 
-def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, int64: bool = False) -> dict:
+def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, int64: bool = False,
+               scale: float = 0.5) -> dict:
     fwd = direction == "fwd"
     return dict(
         a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt), q_ptr=Ptr(adt),
@@ -165,7 +174,7 @@ def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict,
         stride_cm=N, stride_cn=1,
         stride_pm=r, stride_pr=1,
         stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
-        lora_scale=0.5, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
+        lora_scale=scale, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
         HAS_BIAS=fwd, DROPOUT=direction == "dx-dropout", BLOCK_R=r_chunk(block_r(r), adt == "fp32"),
         INT64=int64, UPCAST=False, PRECISION=prec, **meta,
     )
@@ -181,20 +190,24 @@ def gemm_jobs(arch: int) -> list[Job]:
                 meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
                 name = "gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + (
                     "fp32" if fp32 else "16-bit") + (" masked" if masked else "")
-                variants = [(d, dt, adt, prec, r, False) for dt, adt, prec in dtypes for d, r in directions]
-                # 64-bit offsets (operands past 2^31 elements), once per config.
+                variants = [(d, dt, adt, prec, r, False, 0.5) for dt, adt, prec in dtypes for d, r in directions]
+                # 64-bit offsets (operands past 2^31 elements), and the fp64 scale Inductor passes, once per config.
                 dt = "fp32" if fp32 else "bf16"
-                variants.append((directions[-1][0], dt, dt, "tf32", 64, True))
-                for direction, dt, adt, prec, r, int64 in variants:
-                    args = _gemm_args(direction, dt, adt, prec, r, meta, int64)
+                variants.append((directions[-1][0], dt, dt, "tf32", 64, True, 0.5))
+                variants.append((directions[-1][0], dt, dt, "tf32", 64, False, F64(0.5)))
+                for direction, dt, adt, prec, r, int64, scale in variants:
+                    args = _gemm_args(direction, dt, adt, prec, r, meta, int64, scale)
                     wgmma = arch >= 90 and not (dt == "fp32" and prec == "ieee")
-                    label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "")
+                    label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "") + (
+                        " fp64-scale" if isinstance(scale, F64) else "")
                     jobs.append(Job("gemm", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
                                     needs_wgmma=wgmma))
     return jobs
 
 
-SKINNY_DTYPES = [("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32"), ("fp32", "fp32")]
+# (base dtype, adapter dtype, fp32 dot precision); the dots run in the adapters' dtype.
+SKINNY_DTYPES = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "fp32", "tf32"),
+                 ("bf16", "fp32", "ieee"), ("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee")]
 RANKS = [16, 32, 64, 128]  # skinny BLOCK_R values; larger ranks run in 128-wide chunks
 
 
@@ -202,10 +215,9 @@ def skinny_jobs(arch: int) -> list[Job]:
     jobs = []
     for r in RANKS:
         br = skinny_block_r(r)
-        rb = rows_blocks(br)
-        cb = cols_blocks(br)
-        for dt, adt in SKINNY_DTYPES:
-            prec = "tf32"
+        for dt, adt, prec in SKINNY_DTYPES:
+            exact = adt == "fp32" and prec == "ieee"  # as the launchers choose (common.exact_fp32_dots)
+            rb, cb = rows_blocks(br, exact), cols_blocks(br, exact)
             for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
                 args = dict(
@@ -222,11 +234,15 @@ def skinny_jobs(arch: int) -> list[Job]:
                     UPCAST=False, PRECISION=prec, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"],
                 )
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
-                label = f"{direction} {dt}/{adt}" + (" split" if atomic_out else "")
+                label = f"{direction} {dt}/{adt} {prec}" + (" split" if atomic_out else "")
                 jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"]))
                 if atomic_out and dt == "bf16":  # 64-bit offsets (operands past 2^31 elements)
                     jobs.append(Job("rows", name, label + " int64", arch, dict(args, INT64=True),
                                     rb["num_warps"], rb["num_stages"]))
+                if atomic_out and dt == adt == "bf16":  # the fp64 scales Inductor passes
+                    jobs.append(Job("rows", name, label + " fp64-scale", arch,
+                                    dict(args, out_scale=F64(1.1), dq_scale=F64(0.5)), rb["num_warps"],
+                                    rb["num_stages"]))
             for atomic in (True, False):
                 args = dict(
                     x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
@@ -237,10 +253,10 @@ def skinny_jobs(arch: int) -> list[Job]:
                     BLOCK_M=cb["BLOCK_M"], BLOCK_D=cb["BLOCK_D"],
                 )
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
-                jobs.append(Job("cols", name, f"{dt}/{adt} atomic={atomic}", arch, args, cb["num_warps"],
+                jobs.append(Job("cols", name, f"{dt}/{adt} {prec} atomic={atomic}", arch, args, cb["num_warps"],
                                 cb["num_stages"]))
                 if atomic and dt == "bf16":  # 64-bit offsets
-                    jobs.append(Job("cols", name, f"{dt}/{adt} atomic int64", arch, dict(args, INT64=True),
+                    jobs.append(Job("cols", name, f"{dt}/{adt} {prec} atomic int64", arch, dict(args, INT64=True),
                                     cb["num_warps"], cb["num_stages"]))
     return jobs
 

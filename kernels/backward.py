@@ -11,7 +11,8 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast,
+    block_r, check_dtypes, dot_precision, exact_fp32_dots, gemm_precision, launch, needs_int64, row_major, seed_arg,
+    split_reduction, upcast,
 )
 from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
@@ -29,7 +30,7 @@ def launch_dS_dB(
     M, N = dy.shape
     r = lora_B.shape[1]
     sbr = skinny_block_r(r)
-    blocks = rows_blocks(sbr)
+    blocks = rows_blocks(sbr, exact_fp32_dots(lora_B.dtype))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
     atomic_out = need_dS and splits > 1
@@ -62,7 +63,7 @@ def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torc
     r = dS.shape[1]
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
-    blocks = cols_blocks(sbr)
+    blocks = cols_blocks(sbr, exact_fp32_dots(dS.dtype))
     d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
     splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
     atomic = splits > 1
@@ -102,7 +103,7 @@ def launch_dx_gemm(
         dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
         1.0, keep_threshold(dropout_p) if dropout else 0, m_bucket(M),
         HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=r_chunk(block_r(r), lora_A.dtype == torch.float32),
-        INT64=needs_int64(dy, weight, dx), UPCAST=upcast(dy, lora_A), PRECISION=dot_precision(),
+        INT64=needs_int64(dy, weight, dx), UPCAST=upcast(dy, lora_A), PRECISION=gemm_precision(dy.dtype),
     )
     return dx
 

@@ -26,6 +26,19 @@ def dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def gemm_precision(base_dtype: torch.dtype) -> str:
+    """Dot precision of the fused GEMM.  With a 16-bit base the fp32 operands are only those of the low-rank
+    prologue (fp32 adapters), whose sum is rounded to 16 bits in y / dx: tf32 products (10-bit mantissas)
+    lose nothing that rounding keeps, and exact fp32 dots there make the large tiles spill.  An fp32 base
+    follows torch's setting."""
+    return dot_precision() if base_dtype == torch.float32 else "tf32"
+
+
+def exact_fp32_dots(operand_dtype: torch.dtype) -> bool:
+    """Whether dots on operands of this dtype are exact fp32 (no tensor cores: they take more registers)."""
+    return operand_dtype == torch.float32 and dot_precision() == "ieee"
+
+
 def needs_int64(*tensors: Tensor | None) -> bool:
     """True when some operand's furthest element lies past 2^31 - 1 (int32 offsets would wrap)."""
     for t in tensors:

@@ -203,15 +203,22 @@ def skinny_block_r(r: int) -> int:
 # into N × r) number cdiv(M, BLOCK_M) · N · r.
 _ROWS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 8, 3), 128: (32, 32, 4, 3)}
 _COLS = {16: (64, 128, 4, 3), 32: (64, 64, 8, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 3)}
+# fp32 adapters under torch's default matmul precision ("highest"): exact fp32 dots run without tensor cores
+# and take more registers, so smaller tiles (chosen the same way; the ones above spill up to 4.7 KB there).
+_ROWS_EXACT = {16: (64, 32, 8, 3), 32: (32, 64, 8, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3)}
+_COLS_EXACT = {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 64, 8, 3), 128: (32, 32, 8, 3)}
 _SKINNY_KEYS = ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
 _SKINNY_INTERPRETER = (32, 32, 4, 1)
 
 
-def rows_blocks(block_r: int) -> dict:
-    """Blocks for the row-skinny kernel (S = x Aᵀ; dS, dB from dy) at a skinny BLOCK_R."""
-    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else _ROWS[block_r]))
+def rows_blocks(block_r: int, exact_fp32: bool = False) -> dict:
+    """Blocks for the row-skinny kernel (S = x Aᵀ; dS, dB from dy) at a skinny BLOCK_R (``exact_fp32``: its
+    dots are exact fp32 ones)."""
+    table = _ROWS_EXACT if exact_fp32 else _ROWS
+    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else table[block_r]))
 
 
-def cols_blocks(block_r: int) -> dict:
-    """Blocks for the column-skinny kernel (dA = dSᵀ h) at a skinny BLOCK_R."""
-    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else _COLS[block_r]))
+def cols_blocks(block_r: int, exact_fp32: bool = False) -> dict:
+    """Blocks for the column-skinny kernel (dA = dSᵀ h) at a skinny BLOCK_R (``exact_fp32`` as above)."""
+    table = _COLS_EXACT if exact_fp32 else _COLS
+    return dict(zip(_SKINNY_KEYS, _SKINNY_INTERPRETER if INTERPRET else table[block_r]))

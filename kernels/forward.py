@@ -11,7 +11,8 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, dot_precision, launch, needs_int64, row_major, seed_arg, split_reduction, upcast,
+    block_r, check_dtypes, dot_precision, exact_fp32_dots, gemm_precision, launch, needs_int64, row_major, seed_arg,
+    split_reduction, upcast,
 )
 from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
@@ -28,7 +29,7 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
     r = lora_A.shape[0]
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
-    blocks = rows_blocks(sbr)
+    blocks = rows_blocks(sbr, exact_fp32_dots(lora_A.dtype))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, K, blocks["BLOCK_D"])
     atomic_out = splits > 1
@@ -67,7 +68,7 @@ def launch_forward_gemm(
         S.stride(0), S.stride(1), lora_B.stride(1), lora_B.stride(0),
         float(scaling), 0, m_bucket(M),
         HAS_BIAS=bias is not None, DROPOUT=False, BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32),
-        INT64=needs_int64(x, weight, y), UPCAST=upcast(x, lora_B), PRECISION=dot_precision(),
+        INT64=needs_int64(x, weight, y), UPCAST=upcast(x, lora_B), PRECISION=gemm_precision(x.dtype),
     )
     return y
 

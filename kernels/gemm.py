@@ -39,6 +39,7 @@ def fused_gemm_kernel(
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    lora_scale = tl.cast(lora_scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)

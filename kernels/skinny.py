@@ -41,6 +41,8 @@ def rows_kernel(
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64 scalars: keep the arithmetic fp32
+    out_scale, dq_scale = tl.cast(out_scale, tl.float32), tl.cast(dq_scale, tl.float32)
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -84,10 +86,11 @@ def rows_kernel(
         q_ptrs += BLOCK_D * stride_qd
     if STORE_OUT:
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
+        out = acc * out_scale
         if ATOMIC_OUT:
-            tl.atomic_add(out_ptrs, acc * out_scale, mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
+            tl.atomic_add(out_ptrs, out, mask=row_ok[:, None] & r_ok[None, :], sem="relaxed")
         else:
-            tl.store(out_ptrs, (acc * out_scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit

@@ -123,3 +123,21 @@ def test_real_skinny_blocks(monkeypatch, r):
     with configs.pin_gemm_config("BLOCK_M=32,BLOCK_N=32,BLOCK_K=32,num_warps=4,num_stages=1"):
         kc.check_case(kc.Case(150, 200, 72, r, torch.float16, torch.float32, p=0.1), "cpu")
         kc.check_case(kc.Case(9, 300, 40, r, p=0.2, bias=False), "cpu")
+
+
+def test_dot_precision_choices():
+    """fp32 dots follow torch's matmul precision, except a 16-bit GEMM's fp32 prologue (tf32: its sum is
+    rounded to 16 bits); exact fp32 skinny dots get their own (smaller) tiles."""
+    from fastlora.kernels import configs
+    from fastlora.kernels.common import exact_fp32_dots, gemm_precision
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert gemm_precision(torch.float32) == "ieee" and gemm_precision(torch.bfloat16) == "tf32"
+        assert exact_fp32_dots(torch.float32) and not exact_fp32_dots(torch.bfloat16)
+        torch.set_float32_matmul_precision("high")
+        assert gemm_precision(torch.float32) == "tf32" and not exact_fp32_dots(torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert configs._ROWS_EXACT.keys() == configs._ROWS.keys() and configs._COLS_EXACT.keys() == configs._COLS.keys()

@@ -21,6 +21,7 @@ adapters' dtype.
 from __future__ import annotations
 
 import math
+import threading
 from typing import Callable, Union
 
 import torch
@@ -142,7 +143,8 @@ def lora_backward(
 #   u_i >= round(p · 2^16): the drop probability is p rounded to a multiple of 2^-16, as in the Triton
 #   kernels.
 # The two backends draw different masks for one seed; each is reproducible from it.
-_CPU_GENERATOR: torch.Generator | None = None
+# One generator per thread: reseeding a shared one while another thread draws from it would mix masks.
+_GENERATORS = threading.local()
 _GEOMETRIC_MAX_Q = 0.15  # where the two samplers cost the same on one core (measured at 0.5M-1.4M elements)
 
 
@@ -155,27 +157,27 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
     """Zero in place the elements of the contiguous tensor ``t`` (on any device) that the CPU-generated
     mask for ``(seed, p)`` drops, and return ``t``.  The mask has the shape of ``t``'s last two dimensions; leading dimensions share it.
     The same seed, mask shape and p give the same mask."""
-    global _CPU_GENERATOR
     if not t.is_contiguous():
         raise ValueError("zero_dropped_ needs a contiguous tensor")
     if dropout_p <= 0.0 or t.numel() == 0:
         return t
     if dropout_p >= 1.0:
         return t.zero_()
-    if _CPU_GENERATOR is None:
-        _CPU_GENERATOR = torch.Generator(device="cpu")
-    _CPU_GENERATOR.manual_seed(int(seed))
+    generator = getattr(_GENERATORS, "cpu", None)
+    if generator is None:
+        generator = _GENERATORS.cpu = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
     mask_numel = t.shape[-1] * t.shape[-2] if t.dim() >= 2 else t.numel()
     rows = t.view(-1, mask_numel)  # one row per mask-shaped slice
     # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator).
     if dropout_p <= _GEOMETRIC_MAX_Q:
-        rows.index_fill_(1, _rare_positions(_CPU_GENERATOR, mask_numel, dropout_p).to(t.device), 0)
+        rows.index_fill_(1, _rare_positions(generator, mask_numel, dropout_p).to(t.device), 0)
     elif dropout_p >= 1.0 - _GEOMETRIC_MAX_Q:
-        kept = _rare_positions(_CPU_GENERATOR, mask_numel, 1.0 - dropout_p).to(t.device)
+        kept = _rare_positions(generator, mask_numel, 1.0 - dropout_p).to(t.device)
         values = rows.index_select(1, kept)
         rows.zero_().index_copy_(1, kept, values)
     else:
-        rows.mul_(_keep_per_element(_CPU_GENERATOR, mask_numel, dropout_p, t.dtype).to(t.device))
+        rows.mul_(_keep_per_element(generator, mask_numel, dropout_p, t.dtype).to(t.device))
     return t
 
 

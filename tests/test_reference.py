@@ -190,3 +190,25 @@ def test_rank_column_products_equal_plain_matmul(r):
     got = reference._mm_rank_columns(a, b)
     assert got.shape == (33, r)
     torch.testing.assert_close(got, a @ b)
+
+
+def test_masks_from_concurrent_threads_are_each_their_seeds():
+    """Each thread reseeds its own generator: masks drawn concurrently equal the ones drawn alone."""
+    import threading
+
+    seeds = list(range(8))
+    alone = {s: reference.cpu_keep_mask(s, (256, 300), 0.1 if s % 2 else 0.4) for s in seeds}
+    got = {}
+
+    def draw(s):
+        for _ in range(20):
+            got[s] = reference.cpu_keep_mask(s, (256, 300), 0.1 if s % 2 else 0.4)
+            if not torch.equal(got[s], alone[s]):
+                return
+
+    threads = [threading.Thread(target=draw, args=(s,)) for s in seeds]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(torch.equal(got[s], alone[s]) for s in seeds)

@@ -124,10 +124,32 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     return config, tensors
 
 
-def _check_tensors(expected, tensors: dict[str, torch.Tensor], directory) -> None:
+def _peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) -> dict[str, str | None]:
+    """Extra keys PEFT writes with ``bias="all"``: every key naming a bias, so a modules_to_save module's
+    biases also stand as ``<path>.modules_to_save.<param>`` (its trained copy's: alias → the key it repeats)
+    and ``<path>.original_module.<param>`` (the frozen original's: alias → None, not loaded)."""
+    if config.bias != "all":
+        return {}
+    out = {}
+    for name in to_save:
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.modules_to_save["default"]
+        for pname, _ in module.named_parameters():
+            if "bias" in pname:
+                out[f"{PREFIX}{name}.modules_to_save.{pname}"] = f"{PREFIX}{name}.{pname}"
+                out[f"{PREFIX}{name}.original_module.{pname}"] = None
+    return out
+
+
+def _check_tensors(expected, tensors: dict[str, torch.Tensor], directory, aliases=None) -> None:
+    aliases = aliases or {}
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected) - set(aliases))
     problems = []
+    for alias, key in aliases.items():
+        if key is not None and alias in tensors and key in tensors and not torch.equal(tensors[alias], tensors[key]):
+            problems.append(f"{alias} and {key} hold different values")
     if missing:
         problems.append(f"missing keys: {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
     if unexpected:
@@ -146,7 +168,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: b
     config = with_task_heads(config.replace(inference_mode=not is_trainable))
     targets = plan_targets(model, config)
     to_save = _plan_modules_to_save(model, config)
-    _check_tensors(_expected(model, config, targets, to_save), tensors, directory)
+    _check_tensors(_expected(model, config, targets, to_save), tensors, directory,
+                   _peft_bias_aliases(model, config, to_save))
     lora_model = get_peft_model(model, config)
     expected = _expected(model, config, targets, to_save)  # parameter names in the adapted model
     params = dict(model.named_parameters())

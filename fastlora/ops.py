@@ -13,8 +13,8 @@ op dispatch (~0.1 ms of Python per call and direction).
 
 What autograd keeps for backward: ``x``, the rank-r ``S`` and the one-element ``seed`` the dropout
 mask is regenerated from (plus references to the parameters).  Never the mask, never ``dropout(x)``.
-On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_`` (zeroing the dropped elements
-of a fresh tensor in place), so it is never materialised at all.
+On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_``, zeroing the dropped elements of
+a fresh tensor in place (by index for rare drops, so no mask tensor is built at all).
 """
 
 from __future__ import annotations

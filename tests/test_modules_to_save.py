@@ -134,3 +134,39 @@ def test_targets_only_in_modules_to_save_are_refused_with_the_reason():
     with pytest.raises(ValueError, match=r"outside modules_to_save \(which PEFT never adapts; matched there: lm_head\)"):
         get_peft_model(model, LoraConfig(target_modules=["lm_head"], modules_to_save=["lm_head"]))
     assert_unchanged(model, before)
+
+
+def test_peft_bias_all_adapter_with_a_biased_head_loads(tmp_path):
+    """PEFT's bias="all" files repeat a modules_to_save head's bias under .modules_to_save and
+    .original_module: both are understood (the first must agree with the head's own key)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fastlora.adapters import WEIGHTS_NAME
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        vocab_size=100, max_position_embeddings=32, num_labels=3)
+    base = BertForSequenceClassification(config).eval()
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"],
+                                                          r=4, bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        pm.base_model.model.classifier.modules_to_save.default.bias.add_(1.0)
+        pm.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.bias.add_(0.5)
+    pm_dir = str(tmp_path)
+    pm.eval().save_pretrained(pm_dir)
+    keys = load_file(f"{pm_dir}/{WEIGHTS_NAME}").keys()
+    assert "base_model.model.classifier.original_module.bias" in keys
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded = LoraModel.from_pretrained(clone(base), pm_dir)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # an alias that disagrees with the head's own key is refused, and the model is left as it was
+    tensors = load_file(f"{pm_dir}/{WEIGHTS_NAME}")
+    tensors["base_model.model.classifier.modules_to_save.bias"] += 1.0
+    save_file(tensors, f"{pm_dir}/{WEIGHTS_NAME}")
+    model = clone(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="hold different values"):
+        LoraModel.from_pretrained(model, pm_dir)
+    assert_unchanged(model, before)

@@ -79,3 +79,36 @@ def test_compile_fullgraph_no_graph_break(p):
         [sys.executable, "-c", _COMPILE_SCRIPT.format(p=p)], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "COMPILED_OK" in result.stdout, result.stderr[-4000:]
+
+
+_COMPILE_MASK_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from fastlora import ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 40, generator=g, requires_grad=True)
+    W = torch.randn(16, 40, generator=g)
+    A = torch.randn(4, 40, generator=g, requires_grad=True)
+    B = torch.randn(16, 4, generator=g, requires_grad=True)
+    seed = torch.tensor([1234])
+    for p in (0.1, 0.4, 0.9):  # rare drops, per-element sampling, rare keeps
+        def f(x, A, B):
+            return ops.lora_linear(x, W, None, A, B, seed, 0.7, p, False)
+        results = []
+        for fn in (f, torch.compile(f, fullgraph=True)):
+            y = fn(x, A, B)
+            results.append([y.detach()] + list(torch.autograd.grad(y.square().sum(), (x, A, B))))
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    print("MASKS_OK")
+    """
+)
+
+
+def test_compiled_op_regenerates_the_eager_mask():
+    """With one seed, the compiled op (forward and backward) and the eager path apply the same masks."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_MASK_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "MASKS_OK" in result.stdout, result.stderr[-4000:]

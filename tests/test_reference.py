@@ -212,3 +212,25 @@ def test_masks_from_concurrent_threads_are_each_their_seeds():
     for th in threads:
         th.join()
     assert all(torch.equal(got[s], alone[s]) for s in seeds)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.4, 0.9])
+def test_transposed_input_trains_with_dropout(p):
+    """x may be any view (a transposed input at batch size 1 stays a view through reshape)."""
+    from fastlora import LoRALinear
+
+    layer = LoRALinear(64, 32, r=4, lora_alpha=8, lora_dropout=p).train()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base = torch.randn(1, 64, 10)
+    x_view = base.transpose(1, 2).requires_grad_()
+    x_copy = x_view.detach().contiguous().requires_grad_()
+    outs = []
+    for x in (x_view, x_copy):
+        torch.manual_seed(4)
+        y = layer(x)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad, layer.lora_A.grad.clone()))
+        layer.lora_A.grad = layer.lora_B.grad = None
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)

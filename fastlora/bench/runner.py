@@ -117,6 +117,69 @@ def _timing_fields(fwd: list[float], bwd: list[float]) -> dict:
     }
 
 
+def _timed(forward: Callable[[], torch.Tensor], params: list[torch.Tensor], device: torch.device,
+           grad: torch.Tensor | None = None) -> tuple[float, float]:
+    """One forward and its backward (with ``grad``), gradients cleared first: (fwd ms, bwd ms)."""
+    _clear_grads(params)
+    t = Timer(device)
+    t.mark()
+    out = forward()
+    t.mark()
+    out.backward(grad)
+    t.mark()
+    fwd, bwd = t.intervals_ms()
+    return fwd, bwd
+
+
+def _round_fields(times: tuple[list[float], list[float]], other_load: float | None, attempts: int) -> dict:
+    """A provider's timing fields from its rounds, with how quiet the machine was."""
+    return {
+        **_timing_fields(*times),
+        "other_load": None if other_load is None else round(other_load, 3),
+        "attempts": attempts,
+    }
+
+
+def _memory_fields(
+    forward: Callable[[], torch.Tensor],
+    params: list[torch.Tensor],
+    module: torch.nn.Module,
+    inputs: list[torch.Tensor],
+    device: torch.device,
+    *,
+    grad: torch.Tensor | None = None,
+    memory: bool,
+    profile: int,
+) -> dict:
+    """Saved activations of one forward (its backward then frees the graph), the peak memory of one
+    forward+backward when ``memory``, and the ``profile`` top ops when asked for."""
+    _clear_grads(params)
+    with SavedTensorCounter(exclude=module_tensors(module), inputs=inputs) as saved:
+        out = forward()
+    out.backward(grad)
+    del out
+    fields = saved.fields()
+    if memory:
+        _clear_grads(params)
+        _sync(device)
+        fields["peak_mem_bytes"], fields["peak_mem_method"] = peak_memory(lambda: forward().backward(grad), device)
+    else:
+        fields["peak_mem_bytes"], fields["peak_mem_method"] = None, "not measured"
+    if profile:
+        _clear_grads(params)
+        fields["profile"] = profile_ops(lambda: forward().backward(grad), device, profile)
+    return fields
+
+
+def _release(device: torch.device, on_case_done: Callable[[], None] | None) -> None:
+    """After a case: free its models and inputs (already dropped by the caller) and report progress."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if on_case_done is not None:
+        on_case_done()
+
+
 def run_layers(
     cases: list[LayerCase],
     providers: list[Provider],
@@ -145,25 +208,15 @@ def run_layers(
         trainable = {n: [t for t in m.parameters() if t.requires_grad] + [x] for n, m in mods.items()}
 
         def iterate(p: Provider):
-            _clear_grads(trainable[p.name])
-            t = Timer(device)
-            t.mark()
-            y = mods[p.name](x)
-            t.mark()
-            y.backward(dy)
-            t.mark()
-            fwd, bwd = t.intervals_ms()
-            return fwd, bwd
+            return _timed(lambda: mods[p.name](x), trainable[p.name], device, dy)
 
         times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         elem = torch.empty((), dtype=case.dtype).element_size()
         for p in providers:
             m = mods[p.name]
             lora = p.name != "frozen"
-            adapter_elem = elem
-            for n_, prm in m.named_parameters():
-                if "lora_A" in n_:
-                    adapter_elem = prm.element_size()
+            lora_A = next((q for k, q in m.named_parameters() if "lora_A" in k), None)
+            adapter_elem = lora_A.element_size() if lora_A is not None else elem
             row = {
                 "mode": "layer",
                 "preset": case.preset,
@@ -176,32 +229,14 @@ def run_layers(
                 "alpha": case.alpha,
                 "dropout": case.dropout,
                 "dtype": dtype_name(case.dtype),
-                "adapter_dtype": dtype_name(next((q.dtype for k, q in m.named_parameters() if "lora_A" in k), case.dtype)) if lora else None,
+                "adapter_dtype": dtype_name(lora_A.dtype if lora_A is not None else case.dtype) if lora else None,
                 "provider": p.name,
                 "warmup": warmup,
                 "repeats": repeats,
             }
-            row.update(_timing_fields(*times[p.name]))
-            row["other_load"] = None if other_load is None else round(other_load, 3)
-            row["attempts"] = attempts
-            # Saved activations: one forward under the hooks, then its backward (frees the graph).
-            _clear_grads(trainable[p.name])
-            with SavedTensorCounter(exclude=module_tensors(m), inputs=[x]) as saved:
-                y = m(x)
-            y.backward(dy)
-            del y
-            row.update(saved.fields())
-            if memory:
-                _clear_grads(trainable[p.name])
-                _sync(device)
-                peak, how = peak_memory(lambda: m(x).backward(dy), device)
-            else:
-                peak, how = None, "not measured"
-            row["peak_mem_bytes"] = peak
-            row["peak_mem_method"] = how
-            if profile:
-                _clear_grads(trainable[p.name])
-                row["profile"] = profile_ops(lambda: m(x).backward(dy), device, profile)
+            row.update(_round_fields(times[p.name], other_load, attempts))
+            row.update(_memory_fields(lambda: m(x), trainable[p.name], m, [x], device, grad=dy, memory=memory,
+                                      profile=profile))
             cost = layer_cost(case.M, case.K, case.N, case.r, lora=lora, elem=elem, adapter_elem=adapter_elem, bias=case.bias)
             row["flops"] = cost.flops
             row["min_bytes"] = cost.bytes
@@ -218,11 +253,7 @@ def run_layers(
                 row["of_floor"] = None
             rows.append(row)
         del mods, trainable, x, dy
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if on_case_done is not None:
-            on_case_done()
+        _release(device, on_case_done)
     return rows
 
 
@@ -283,16 +314,7 @@ def run_model(
             return m(input_ids=ids, labels=ids).loss
 
         def iterate(p: Provider):
-            m = models[p.name]
-            _clear_grads(trainable[p.name])
-            t = Timer(device)
-            t.mark()
-            loss = step(m)
-            t.mark()
-            loss.backward()
-            t.mark()
-            fwd, bwd = t.intervals_ms()
-            return fwd, bwd
+            return _timed(lambda: step(models[p.name]), trainable[p.name], device)
 
         times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         tokens = case.batch * case.seq
@@ -319,34 +341,13 @@ def run_model(
                 "warmup": warmup,
                 "repeats": repeats,
             }
-            row.update(_timing_fields(*times[p.name]))
-            row["other_load"] = None if other_load is None else round(other_load, 3)
-            row["attempts"] = attempts
+            row.update(_round_fields(times[p.name], other_load, attempts))
             row["tokens_per_s"] = tokens / (row["fwd_bwd_ms"] / 1e3) if row["fwd_bwd_ms"] else None
-            _clear_grads(trainable[p.name])
-            with SavedTensorCounter(exclude=module_tensors(m), inputs=[ids]) as saved:
-                loss = step(m)
-            loss.backward()
-            del loss
-            row.update(saved.fields())
-            if memory:
-                _clear_grads(trainable[p.name])
-                _sync(device)
-                peak, how = peak_memory(lambda: step(m).backward(), device)
-            else:
-                peak, how = None, "not measured"
-            row["peak_mem_bytes"] = peak
-            row["peak_mem_method"] = how
-            if profile:
-                _clear_grads(trainable[p.name])
-                row["profile"] = profile_ops(lambda: step(m).backward(), device, profile)
+            row.update(_memory_fields(lambda: step(m), trainable[p.name], m, [ids], device, memory=memory,
+                                      profile=profile))
             rows.append(row)
         del models, trainable
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if on_case_done is not None:
-            on_case_done()
+        _release(device, on_case_done)
     return rows
 
 

@@ -15,7 +15,8 @@ BACKENDS = ("auto", "torch", "triton")
 _SEED_HIGH = 2**31 - 1
 
 
-def _triton_interpreter_on() -> bool:
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``) in this process."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -24,7 +25,7 @@ def _use_kernels(backend: str, x: Tensor) -> bool:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return False
-    if x.is_cuda or (backend == "triton" and _triton_interpreter_on()):
+    if x.is_cuda or (backend == "triton" and triton_interpreter_on()):
         if backend == "auto":
             try:
                 import triton  # noqa: F401

@@ -15,12 +15,13 @@ config for ``--model``.  Side by side in one run:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
+
+from fastlora.functional import triton_interpreter_on
 
 __all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "resolve_providers", "SEED_TARGETS"]
 
@@ -142,8 +143,7 @@ def _fastlora_unavailable_for(backend):
                 import triton  # noqa: F401
             except Exception as e:  # noqa: BLE001
                 return f"triton not importable ({e})"
-            interp = os.environ.get("TRITON_INTERPRET") == "1"
-            if device.type != "cuda" and not (explicit and interp):
+            if device.type != "cuda" and not (explicit and triton_interpreter_on()):
                 return "needs CUDA (or TRITON_INTERPRET=1 and --providers fastlora-triton)"
         return None
 

@@ -1,9 +1,11 @@
-"""PEFT-format adapter files: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""PEFT-format adapter files: ``adapter_config.json`` + ``adapter_model.safetensors`` (or PEFT's older
+``adapter_model.bin``).
 
 Keys are PEFT's with the adapter name stripped: ``base_model.model.<module path>.lora_A.weight`` (r × in)
 and ``.lora_B.weight`` (out × r); with ``bias`` set, an adapted layer's bias is ``<path>.base_layer.bias``
 and any other bias ``<path>.bias``; a ``modules_to_save`` module's parameters (its trained copy's) are
-``<path>.<param>``.
+``<path>.<param>``.  In the model, adapter ``name``'s factors are the parameters ``<path>.lora_A_<name>``
+and ``<path>.lora_B_<name>``, and its modules_to_save copy is ``<path>.modules_to_save.<name>``.
 
 Saving writes each file under a temporary name, flushes it to disk and renames it over the old one,
 so a crash never leaves a half-written file where a good one was.  Loading reads and checks every
@@ -16,21 +18,30 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from fastlora.config import LoraConfig
-from fastlora.model import (
-    LoraModel, ModulesToSaveWrapper, _plan_modules_to_save, get_peft_model, plan_targets, with_task_heads,
-)
+from fastlora.config import CONFIG_NAME, LoraConfig
+from fastlora.hub import resolve_file
+from fastlora.layer import LoRALinear
+from fastlora.modules_to_save import ModulesToSaveWrapper
 
-CONFIG_NAME = "adapter_config.json"
+__all__ = [
+    "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "peft_bias_aliases",
+    "check_tensors", "write_adapter", "read_adapter",
+]
+
 WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
+# file key → (parameter name in the adapted model, shape)
+Expected = dict[str, tuple[str, tuple[int, ...]]]
 
-def _atomic_write(path: Path, write) -> None:
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -51,11 +62,12 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
     if config.bias == "none":
         return {}
     wanted = set(targets) if config.bias == "lora_only" else None
+    saved_whole = set(to_save) | {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     out = {}
     for module_name, module in model.named_modules():
-        if any(module_name == n or module_name.startswith(n + ".") for n in to_save):
+        if any(module_name == n or module_name.startswith(n + ".") for n in saved_whole):
             continue
-        bias = getattr(module, "bias", None)
+        bias = module._parameters.get("bias")
         if not isinstance(bias, torch.Tensor) or (wanted is not None and module_name not in wanted):
             continue
         prefix = f"{module_name}." if module_name else ""
@@ -64,67 +76,37 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
     return out
 
 
-def _expected(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]):
-    """file key → (parameter name in the adapted model, expected shape)."""
+def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str],
+                     adapter_name: str) -> Expected:
+    """Every tensor an adapter file for ``config`` on ``model`` holds: file key → (parameter name once the model
+    is adapted, shape).  Works on the model before or after adaptation (``targets`` are nn.Linear or
+    LoRALinear modules; ``to_save`` plain modules or ModulesToSaveWrappers)."""
     out = {}
     for name in targets:
         linear = model.get_submodule(name)
-        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A", (config.r, linear.in_features))
-        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B", (linear.out_features, config.r))
+        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (config.r, linear.in_features))
+        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (linear.out_features, config.r))
     params = dict(model.named_parameters())
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))
     for name in to_save:
-        module, prefix = model.get_submodule(name), name
-        if isinstance(module, ModulesToSaveWrapper):  # the adapted model: the trained copy
-            module, prefix = module.modules_to_save["default"], f"{name}.modules_to_save.default"
+        module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            module = module.original_module
         for pname, p in module.named_parameters():
-            out[f"{PREFIX}{name}.{pname}"] = (f"{prefix}.{pname}", tuple(p.shape))
+            out[f"{PREFIX}{name}.{pname}"] = (f"{name}.modules_to_save.{adapter_name}.{pname}", tuple(p.shape))
     return out
 
 
-def save_adapter(lora_model: LoraModel, save_directory: str | os.PathLike) -> None:
-    from safetensors.torch import save_file
-
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model, config = lora_model.model, lora_model.peft_config
-    targets = [name for name, _ in lora_model.lora_layers()]
-    params = dict(model.named_parameters())
-    # One contiguous copy of each tensor: safetensors refuses shared storage (tied weights) and views.
-    tensors = {
-        key: params[param_name].detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-        for key, (param_name, _) in _expected(model, config, targets, lora_model.modules_to_save).items()
-    }
-    config_json = json.dumps(config.replace(inference_mode=True).to_dict(), indent=2, sort_keys=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_json + "\n"))
+def adapter_targets(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
+    """(LoRA layers holding ``adapter_name``, modules_to_save wrappers with a copy for it) of an adapted model."""
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and adapter_name in m.adapter_settings]
+    wrappers = [n for n, m in model.named_modules()
+                if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save]
+    return layers, wrappers
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read and parse both files; a missing, unreadable or corrupt file raises ValueError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ValueError(f"adapter file {path} does not exist")
-    try:
-        config = LoraConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{config_path} is not valid JSON: {err}") from None
-    except TypeError as err:
-        raise ValueError(f"{config_path} has an invalid field: {err}") from None
-    try:
-        tensors = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {err}") from None
-    return config, tensors
-
-
-def _peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) -> dict[str, str | None]:
+def peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) -> dict[str, str | None]:
     """Extra keys PEFT writes with ``bias="all"``: every key naming a bias, so a modules_to_save module's
     biases also stand as ``<path>.modules_to_save.<param>`` (its trained copy's: alias → the key it repeats)
     and ``<path>.original_module.<param>`` (the frozen original's: alias → None, not loaded)."""
@@ -134,7 +116,7 @@ def _peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str])
     for name in to_save:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
-            module = module.modules_to_save["default"]
+            module = module.original_module
         for pname, _ in module.named_parameters():
             if "bias" in pname:
                 out[f"{PREFIX}{name}.modules_to_save.{pname}"] = f"{PREFIX}{name}.{pname}"
@@ -142,7 +124,9 @@ def _peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str])
     return out
 
 
-def _check_tensors(expected, tensors: dict[str, torch.Tensor], directory, aliases=None) -> None:
+def check_tensors(expected: Expected, tensors: Mapping[str, torch.Tensor], where, aliases=None) -> None:
+    """Raise ValueError listing every way ``tensors`` fail to match ``expected`` (missing or extra keys, a
+    wrong shape, an alias that disagrees with the key it repeats)."""
     aliases = aliases or {}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - set(aliases))
@@ -155,27 +139,66 @@ def _check_tensors(expected, tensors: dict[str, torch.Tensor], directory, aliase
     if unexpected:
         problems.append(f"keys the model has no place for: {', '.join(unexpected[:4])}" + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
     for key in sorted(set(expected) & set(tensors)):
+        if not isinstance(tensors[key], torch.Tensor) or not tensors[key].is_floating_point():
+            problems.append(f"{key} is not a floating-point tensor")
+            break
         shape = tuple(tensors[key].shape)
         if shape != expected[key][1]:
             problems.append(f"{key} has shape {shape}, the model needs {expected[key][1]} (wrong rank or a different base model?)")
             break
     if problems:
-        raise ValueError(f"adapter in {directory} does not match the model: " + "; ".join(problems))
+        raise ValueError(f"adapter in {where} does not match the model: " + "; ".join(problems))
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> LoraModel:
-    config, tensors = read_adapter(directory)
-    config = with_task_heads(config.replace(inference_mode=not is_trainable))
-    targets = plan_targets(model, config)
-    to_save = _plan_modules_to_save(model, config)
-    _check_tensors(_expected(model, config, targets, to_save), tensors, directory,
-                   _peft_bias_aliases(model, config, to_save))
-    lora_model = get_peft_model(model, config)
-    expected = _expected(model, config, targets, to_save)  # parameter names in the adapted model
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, (param_name, _) in expected.items():
-            params[param_name].copy_(tensors[key])
-    if not is_trainable:
-        lora_model.eval()
-    return lora_model
+def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                  safe_serialization: bool = True) -> None:
+    """Write ``adapter_model.safetensors`` (or ``adapter_model.bin``) and ``adapter_config.json``, each
+    atomically, weights first; ``tensors`` are copied to contiguous CPU tensors."""
+    directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"save directory {str(directory)!r} is a file, not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    # One contiguous copy of each tensor: safetensors refuses shared storage (tied weights) and views.
+    tensors = {
+        key: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for key, t in tensors.items()
+    }
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    else:
+        atomic_write(directory / WEIGHTS_BIN_NAME, lambda tmp: torch.save(tensors, tmp))
+    config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.name.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+    try:  # weights_only: a pickle that is not plain tensors is refused, not executed
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise ValueError(f"{path} is not a readable PyTorch weights file: {type(err).__name__}: {err}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise ValueError(f"{path} does not hold a dict of tensors")
+    return data
+
+
+def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and parse an adapter from a directory or a Hub repository: its config, then its weights
+    (``adapter_model.safetensors``, else ``adapter_model.bin``).  Anything missing, unreadable or corrupt
+    raises ValueError naming it."""
+    config_path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
+    if config_path is None:
+        raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")
+    config = LoraConfig.from_file(config_path)
+    weights_path = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs) or resolve_file(model_id, WEIGHTS_BIN_NAME, **hub_kwargs)
+    if weights_path is None:
+        raise ValueError(f"adapter file {WEIGHTS_NAME} (or {WEIGHTS_BIN_NAME}) does not exist in {str(model_id)!r}")
+    return config, _load_weights(weights_path)

@@ -1,13 +1,29 @@
-"""``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place."""
+"""``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place.
+
+``LoraConfig`` takes every field of PEFT's ``LoraConfig``.  The ones that switch on a feature fastlora
+does not implement (DoRA, ``fan_in_fan_out``, ``rank_pattern``, LoftQ, ...) are refused when switched
+on, with an :class:`UnsupportedFeatureError` naming the field; the others are validated or kept as
+they are and written back to ``adapter_config.json``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["LoraConfig", "TaskType"]
+__all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
+
+CONFIG_NAME = "adapter_config.json"
+
+
+class UnsupportedFeatureError(NotImplementedError, ValueError):
+    """A PEFT feature fastlora does not implement (a ValueError too, as PEFT's config errors are)."""
 
 
 class TaskType(str, enum.Enum):
@@ -22,24 +38,49 @@ class TaskType(str, enum.Enum):
 
 
 _BIAS_MODES = ("none", "all", "lora_only")
-_INIT_MODES = (True, False, "gaussian")
 
-# Fields of PEFT's LoraConfig that select features fastlora does not implement, with the value that
-# means "feature off".  An adapter_config.json that turns one on is refused instead of silently misread.
-_UNSUPPORTED_IF_SET = {
+# PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
+UNSUPPORTED_FEATURES = {
     "use_dora": False,
     "fan_in_fan_out": False,
     "rank_pattern": {},
     "alpha_pattern": {},
     "layer_replication": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "arrow_config": None,
+    "kasa_config": None,
     "use_qalora": False,
+    "use_bdlora": None,
     "lora_bias": False,
+    "megatron_config": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "target_parameters": None,
+    "ensure_weight_tying": False,
 }
+
+
+def _is_off(name: str, value: Any) -> bool:
+    off = UNSUPPORTED_FEATURES[name]
+    return value is None or (type(value) is type(off) and value == off)
+
+
+def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA settings, field for field PEFT's ``LoraConfig`` for the features fastlora supports.
+    """LoRA settings, field for field PEFT's ``LoraConfig``.
 
     ``target_modules``: a list of module names (exact, or a dotted suffix of the qualified name), a
     regex string (full match on the qualified name) or ``"all-linear"`` (every ``nn.Linear`` but the
@@ -61,12 +102,48 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     autocast_adapter_dtype: bool = True
     base_model_name_or_path: Optional[str] = None
+    revision: Optional[str] = None
+    # PEFT's bookkeeping fields: kept as given and written back.
+    auto_mapping: Optional[dict] = None
+    peft_version: Optional[str] = None
+    megatron_core: Optional[str] = "megatron.core"
+    qalora_group_size: int = 16
+    runtime_config: Optional[Any] = None
+    # PEFT's feature switches that fastlora does not implement: only their "off" values are accepted.
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: Optional[dict] = field(default_factory=dict)
+    alpha_pattern: Optional[dict] = field(default_factory=dict)
+    layer_replication: Optional[list] = None
+    loftq_config: Optional[dict] = field(default_factory=dict)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    velora_config: Optional[Any] = None
+    monteclora_config: Optional[Any] = None
+    arrow_config: Optional[Any] = None
+    kasa_config: Optional[Any] = None
+    use_qalora: bool = False
+    use_bdlora: Optional[Any] = None
+    lora_bias: bool = False
+    megatron_config: Optional[dict] = None
+    trainable_token_indices: Optional[Any] = None
+    alora_invocation_tokens: Optional[list] = None
+    target_parameters: Optional[list] = None
+    ensure_weight_tying: bool = False
     peft_type: str = field(default="LORA", init=False)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
+        for name in UNSUPPORTED_FEATURES:
+            value = getattr(self, name)
+            if not _is_off(name, value):
+                raise UnsupportedFeatureError(
+                    f"LoraConfig({name}={value!r}): {name} is a PEFT feature fastlora does not support; "
+                    f"leave it at {UNSUPPORTED_FEATURES[name]!r}"
+                )
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
             try:
                 put("task_type", TaskType(self.task_type))
@@ -74,19 +151,28 @@ class LoraConfig:
                 raise ValueError(
                     f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}"
                 ) from None
+        elif self.task_type is not None and not isinstance(self.task_type, TaskType):
+            raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be a number > 0, got {self.lora_alpha!r}")
-        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check_number("lora_alpha", self.lora_alpha, 0, math.inf, low_open=True, high_open=True)
+        _check_number("lora_dropout", self.lora_dropout, 0, 1, low_open=False, high_open=True)
+        for name in ("inference_mode", "use_rslora", "autocast_adapter_dtype"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_MODES:
-            raise ValueError(f"init_lora_weights must be one of {_INIT_MODES}, got {self.init_lora_weights!r}")
+        init = self.init_lora_weights
+        if not (init is True or init is False or init == "gaussian"):
+            if isinstance(init, str):
+                raise UnsupportedFeatureError(
+                    f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
+                    f"use True, False or 'gaussian'"
+                )
+            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
+            if isinstance(value, (set, tuple, frozenset)):
                 value = sorted(value)
                 put(name, value)
             if value is not None and not isinstance(value, str):
@@ -99,8 +185,9 @@ class LoraConfig:
             )
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             put("layers_to_transform", [self.layers_to_transform])
-        if self.layers_to_transform is not None and not all(
-            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, (list, tuple))
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
         ):
             raise ValueError(f"layers_to_transform must be layer indices >= 0, got {self.layers_to_transform!r}")
         if isinstance(self.layers_pattern, str):
@@ -114,6 +201,14 @@ class LoraConfig:
     def scaling(self) -> float:
         return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        return False
+
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
 
@@ -124,17 +219,61 @@ class LoraConfig:
         for name in ("target_modules", "exclude_modules"):
             if isinstance(out[name], list):
                 out[name] = sorted(out[name])
-        out.pop("autocast_adapter_dtype")
-        out.update(_UNSUPPORTED_IF_SET)  # written as PEFT writes them: each feature off
+        for option in ("autocast_adapter_dtype", "runtime_config"):  # loading options in PEFT, not saved fields
+            out.pop(option)
+        out.update(UNSUPPORTED_FEATURES)  # written as PEFT writes them: each feature off
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Read a PEFT ``adapter_config.json``; refuse features fastlora does not implement."""
+        """Read a PEFT ``adapter_config.json``'s content; refuse features fastlora does not implement.  Keys
+        this version does not know are left out with a warning, as PEFT does with files from newer versions."""
+        if not isinstance(data, dict):
+            raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
         if data.get("peft_type", "LORA") != "LORA":
-            raise ValueError(f"not a LoRA adapter: peft_type is {data.get('peft_type')!r}")
-        for key, off in _UNSUPPORTED_IF_SET.items():
-            if key in data and data[key] not in (off, None):
-                raise ValueError(f"adapter config sets {key}={data[key]!r}, which fastlora does not support")
+            raise UnsupportedFeatureError(
+                f"not a LoRA adapter: peft_type is {data.get('peft_type')!r}; fastlora loads LoRA adapters only"
+            )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(data) - names - {"peft_type"})
+        if unknown:
+            warnings.warn(f"adapter config fields {unknown} are unknown to fastlora and were ignored", stacklevel=3)
         return cls(**{key: value for key, value in data.items() if key in names})
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` (PEFT's content, sorted keys) into ``save_directory``; keyword arguments
+        replace fields first."""
+        directory = Path(save_directory)
+        if directory.is_file():
+            raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.replace(**kwargs) if kwargs else self
+        (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        **kwargs: Any) -> "LoraConfig":
+        """Read ``adapter_config.json`` from a directory or a Hub repository (``revision``, ``token``,
+        ``cache_dir``, ``local_files_only`` go to huggingface_hub); other keyword arguments replace fields."""
+        from fastlora.hub import resolve_file, split_hub_kwargs
+
+        hub_kwargs, overrides = split_hub_kwargs({**kwargs, "subfolder": subfolder})
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, **hub_kwargs)
+        if path is None:
+            raise ValueError(f"no {CONFIG_NAME} in {str(pretrained_model_name_or_path)!r}")
+        return cls.from_file(path).replace(**overrides) if overrides else cls.from_file(path)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "LoraConfig":
+        """Parse an ``adapter_config.json``; unreadable JSON or a bad field raises ValueError naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except UnsupportedFeatureError as err:
+            raise UnsupportedFeatureError(f"{path}: {err}") from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path} has an invalid field: {err}") from None

@@ -1,9 +1,16 @@
-"""``LoRALinear``: an ``nn.Linear`` that owns its LoRA factors and calls :func:`fastlora.lora_linear`."""
+"""``LoRALinear``: an ``nn.Linear`` that owns its LoRA factors and calls :func:`fastlora.lora_linear`.
+
+A layer holds one or more named adapters (``"default"`` unless named otherwise); exactly one is active.
+Each adapter's factors are Parameters of the layer itself, ``lora_A_<name>`` (r × in) and
+``lora_B_<name>`` (out × r), so FSDP and ZeRO-3 gather them with the layer; ``lora_A``, ``lora_B``,
+``r``, ``lora_alpha``, ``lora_dropout`` and ``scaling`` are the active adapter's.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Union
+from dataclasses import dataclass
+from typing import Iterable, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,17 +18,44 @@ from torch import Tensor, nn
 
 from fastlora.functional import BACKENDS, lora_linear
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"r must be an integer >= 1, got {r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a number > 0, got {lora_alpha!r}")
-    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-    if init_lora_weights not in (True, False, "gaussian"):
+def check_adapter_name(name) -> None:
+    """Adapter names become part of parameter names: a non-empty string without a dot (as PEFT's)."""
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if not _is_number(self.lora_alpha) or not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _check_init(init_lora_weights, backend) -> None:
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -30,10 +64,10 @@ def _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend) -> N
 class LoRALinear(nn.Linear):
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ with W, b frozen and A (r × in), B (out × r) trained.
 
-    ``weight`` and ``bias`` keep ``nn.Linear``'s names, so a base checkpoint loads unchanged; ``lora_A``
-    and ``lora_B`` are Parameters of this module itself (no submodules), so FSDP / ZeRO-3 gather them
-    with the layer.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
-    Dropout acts on the LoRA branch only, in training mode only.
+    ``weight`` and ``bias`` keep ``nn.Linear``'s names, so a base checkpoint loads unchanged.  A and B
+    are the active adapter's (``lora_A_<name>``, ``lora_B_<name>``, Parameters of this module itself).
+    Dropout acts on the LoRA branch only, in training mode only.  Inactive adapters cost nothing in
+    forward and backward.
     """
 
     def __init__(
@@ -49,33 +83,41 @@ class LoRALinear(nn.Linear):
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
+        adapter_name: str = "default",
         device=None,
         dtype=None,
     ) -> None:
-        _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora)
+        _check_init(init_lora_weights, backend)
+        check_adapter_name(adapter_name)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.weight.requires_grad_(False)  # the base is frozen, as after from_linear; unfreeze to train it
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self._add_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype, backend)
+        self._init_adapter_state(backend)
+        self.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
     @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
         *,
-        r: int,
-        lora_alpha: float,
+        r: int = 8,
+        lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
+        adapter_name: str = "default",
     ) -> "LoRALinear":
-        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen.  Defaults as the constructor's
+        (PEFT's: r=8, lora_alpha=8)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        _check_hparams(r, lora_alpha, lora_dropout, init_lora_weights, backend)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora)
+        _check_init(init_lora_weights, backend)
+        check_adapter_name(adapter_name)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -84,60 +126,191 @@ class LoRALinear(nn.Linear):
         linear.weight.requires_grad_(False)
         if linear.bias is not None:
             linear.bias.requires_grad_(False)
-        layer._add_lora(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype, backend)
+        layer._init_adapter_state(backend)
+        layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
         return layer
 
-    def _add_lora(self, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, adapter_dtype, backend):
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
-        self.use_rslora, self.backend = use_rslora, backend
-        self.scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
-        self.merged = False
+    def _init_adapter_state(self, backend: str) -> None:
+        self.backend = backend
+        self.adapter_settings: dict[str, AdapterSettings] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
         self.adapter_enabled = True
-        self.reset_lora_parameters(init_lora_weights)
+
+    # ---- adapters ---------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.adapter_settings)
+
+    def lora_factors(self, adapter_name: str | None = None) -> tuple[nn.Parameter, nn.Parameter]:
+        """(A, B) of ``adapter_name`` (default: the active adapter)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if name not in self.adapter_settings:
+            raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
+        return self._parameters[f"lora_A_{name}"], self._parameters[f"lora_B_{name}"]
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        settings: AdapterSettings,
+        *,
+        init_lora_weights: Union[bool, str] = True,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        """Add an adapter with fresh factors (PEFT's initialisations); the first one added becomes active."""
+        check_adapter_name(adapter_name)
+        _check_init(init_lora_weights, self.backend)
+        if adapter_name in self.adapter_settings:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
+        self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(settings.r, self.in_features, **factory)))
+        self.register_parameter(f"lora_B_{adapter_name}", nn.Parameter(torch.empty(self.out_features, settings.r, **factory)))
+        self.adapter_settings[adapter_name] = settings
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self.reset_lora_parameters(init_lora_weights, adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter that is not merged; deleting the active one activates the first that remains."""
+        if adapter_name not in self.adapter_settings:
+            raise KeyError(f"adapter {adapter_name!r} not found; this layer has {self.adapter_names}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged into the weight; unmerge before deleting it")
+        del self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"]
+        del self.adapter_settings[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.adapter_settings), None)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active adapter.  A layer that does not hold it (a model's adapters may
+        target different layers) computes the base output while it is active."""
+        check_adapter_name(adapter_name)
+        self.active_adapter = adapter_name
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True) -> None:
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None) -> None:
         """PEFT's initialisations: True → A kaiming-uniform(a=√5), B = 0; "gaussian" → A ~ N(0, std=1/r), B = 0;
         False → both kaiming-uniform (a non-zero update from the start, for tests)."""
         if self.weight.device.type == "meta":
             return
+        lora_A, lora_B = self.lora_factors(adapter_name)
         if init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
         else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         if init_lora_weights is False:
-            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         else:
-            nn.init.zeros_(self.lora_B)
+            nn.init.zeros_(lora_B)
 
-    def delta_weight(self) -> Tensor:
-        """scaling · B A in float32 (out × in)."""
-        return torch.mm(self.lora_B.float(), self.lora_A.float()).mul_(self.scaling)
+    # The active adapter's factors and settings, under the names a single-adapter layer has always had.
+    @property
+    def lora_A(self) -> nn.Parameter:
+        return self.lora_factors()[0]
+
+    @property
+    def lora_B(self) -> nn.Parameter:
+        return self.lora_factors()[1]
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("lora_A", "lora_B"):  # assigning the property: replace the active adapter's factor
+            name = f"{name}_{self.active_adapter}"
+        super().__setattr__(name, value)
+
+    @property
+    def settings(self) -> AdapterSettings:
+        return self.adapter_settings[self.active_adapter]
+
+    @property
+    def r(self) -> int:
+        return self.settings.r
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.settings.lora_alpha
+
+    @property
+    def lora_dropout(self) -> float:
+        return self.settings.lora_dropout
+
+    @property
+    def use_rslora(self) -> bool:
+        return self.settings.use_rslora
+
+    @property
+    def scaling(self) -> float:
+        return self.settings.scaling
+
+    # ---- merge ------------------------------------------------------------------------------------
+
+    def delta_weight(self, adapter_name: str | None = None) -> Tensor:
+        """scaling · B A of ``adapter_name`` (default: the active adapter), in float32 (out × in)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        lora_A, lora_B = self.lora_factors(name)
+        return torch.mm(lora_B.float(), lora_A.float()).mul_(self.adapter_settings[name].scaling)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _names_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        names = [self.active_adapter] if adapter_names is None else list(adapter_names)
+        for name in names:
+            self.lora_factors(name)  # unknown names raise before anything changes
+        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+
+    def _merged_weight(self, names: list[str]) -> Tensor:
+        merged = self.weight.float()
+        if merged is self.weight:
+            merged = merged.clone()
+        for name in names:
+            merged.add_(self.delta_weight(name))
+        return merged
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W ← round(W + scaling · B A), summed in float32 and rounded once to W's dtype."""
-        if self.merged:
+    def merge_is_finite(self, adapter_names: Iterable[str] | None = None) -> bool:
+        """Whether merging ``adapter_names`` (default: the active adapter) would leave W free of NaN and Inf."""
+        names = self._names_to_merge(adapter_names)
+        return not names or bool(torch.isfinite(self._merged_weight(names)).all())
+
+    @torch.no_grad()
+    def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
+        """W ← round(W + Σ scaling · B A) over ``adapter_names`` (default: the active adapter) not yet merged,
+        summed in float32 and rounded once to W's dtype.  ``safe_merge``: refuse (ValueError, W unchanged)
+        when the merged weight would hold NaN or Inf."""
+        names = self._names_to_merge(adapter_names)
+        if not names:
             return
-        self.weight.copy_(self.weight.float().add_(self.delta_weight()))
-        self.merged = True
+        merged = self._merged_weight(names)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(
+                f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
+            )
+        self.weight.copy_(merged)
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← round(W − scaling · B A): W back to within one rounding of its value before merge()."""
-        if not self.merged:
+        """W ← round(W − Σ scaling · B A) over the merged adapters: W back to within one rounding of its value
+        before merge()."""
+        if not self.merged_adapters:
             return
-        self.weight.copy_(self.weight.float().sub_(self.delta_weight()))
-        self.merged = False
+        restored = self.weight.float()
+        for name in reversed(self.merged_adapters):
+            restored.sub_(self.delta_weight(name))
+        self.weight.copy_(restored)
+        self.merged_adapters.clear()
+
+    # ---- forward ----------------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.adapter_enabled:
+        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
             return F.linear(x, self.weight, self.bias)
+        lora_A, lora_B = self.lora_factors()
+        settings = self.settings
         return lora_linear(
-            x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.lora_dropout,
+            x, self.weight, self.bias, lora_A, lora_B, settings.scaling, settings.lora_dropout,
             training=self.training, backend=self.backend,
         )
 
@@ -150,7 +323,8 @@ class LoRALinear(nn.Linear):
         return linear
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, r={self.r}, lora_alpha={self.lora_alpha}, "
-            f"lora_dropout={self.lora_dropout}, scaling={self.scaling:g}, merged={self.merged}"
+        adapters = ", ".join(
+            f"{name}: r={s.r}, lora_alpha={s.lora_alpha}, lora_dropout={s.lora_dropout}, scaling={s.scaling:g}"
+            for name, s in self.adapter_settings.items()
         )
+        return f"{super().extra_repr()}, adapters={{{adapters}}}, active={self.active_adapter!r}, merged={self.merged_adapters}"

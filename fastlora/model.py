@@ -1,165 +1,34 @@
-"""``get_peft_model`` / ``LoraModel``: pick the target ``nn.Linear`` s by qualified name, swap them for
-``LoRALinear``, freeze the rest; merge, unload, disable; PEFT-format save and load.
+"""``get_peft_model`` / ``LoraModel``: PEFT's model-level API over ``LoRALinear`` layers.
 
-Every check runs on a plan before the model is touched, and a failure while applying the plan puts
-the model back as it was: a failed ``get_peft_model`` or ``from_pretrained`` changes nothing.
+``get_peft_model`` swaps the target ``nn.Linear`` s for ``LoRALinear``, wraps ``modules_to_save`` modules,
+freezes the rest and returns a ``LoraModel``, laid out as PEFT's ``PeftModel``: the adapted model is
+``model.base_model.model`` and attribute access falls through to it.  A model holds named adapters
+(``peft_config`` maps each name to its config); one is active.
+
+Every check runs before the model is touched, and a failure while applying a change puts the model
+back as it was: a failed ``get_peft_model``, ``add_adapter`` or ``load_adapter`` changes nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import re
-from typing import Iterator
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
+from fastlora import adapters, hub
 from fastlora.config import LoraConfig
-from fastlora.layer import LoRALinear
+from fastlora.layer import AdapterSettings, LoRALinear, check_adapter_name
+from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
 
-__all__ = ["get_peft_model", "LoraModel", "ModulesToSaveWrapper", "plan_targets"]
+__all__ = ["get_peft_model", "LoraModel", "LoraTuner"]
 
 _WIDE_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
-
-# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
-# its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
-# BERT ``classifier``); any other modules_to_save entry must match a module.
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
-
-
-def _task_heads(config: LoraConfig) -> tuple[str, ...]:
-    return _TASK_HEADS.get(config.task_type.value if config.task_type is not None else "", ())
-
-
-def with_task_heads(config: LoraConfig) -> LoraConfig:
-    """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do."""
-    heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
-    return config.replace(modules_to_save=list(config.modules_to_save or []) + heads) if heads else config
-
-
-def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
-    """PEFT's guard: no adapter on a modules_to_save module or inside one."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
-
-
-class ModulesToSaveWrapper(nn.Module):
-    """A ``modules_to_save`` module as PEFT keeps it: the original, frozen, and a trainable copy,
-    ``modules_to_save["default"]``, which the forward uses.  ``LoraModel.disable_adapter`` switches to the
-    original; ``merge_and_unload`` and ``unload`` keep the copy.  Other attributes (``weight``, ...) are
-    the active module's."""
-
-    def __init__(self, original: nn.Module, trainable: bool) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict({"default": copy.deepcopy(original)})
-        self.original_module.requires_grad_(False)
-        self.modules_to_save["default"].requires_grad_(trainable)
-        self.adapter_enabled = True
-
-    @property
-    def active_module(self) -> nn.Module:
-        return self.modules_to_save["default"] if self.adapter_enabled else self.original_module
-
-    def forward(self, *args, **kwargs):
-        return self.active_module(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save", "adapter_enabled"):
-                raise
-            return getattr(self.active_module, name)
-
-
-def _name_matches(name: str, patterns: list[str] | str) -> bool:
-    """PEFT's rule: a string is a regex matched in full; a list entry matches exactly or as a dotted suffix."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
-    pattern = "|".join(re.escape(p) for p in layers_pattern) if layers_pattern else r"[^.]+"
-    found = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", name)
-    return int(found.group(1)) if found else None
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if callable(get) else None
-    except (NotImplementedError, AttributeError):
-        return None
-
-
-def plan_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Qualified names of the modules ``config`` adapts, checked: each is an ``nn.Linear`` not yet adapted.
-
-    Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
-    a matched module is not an ``nn.Linear``.
-    """
-    head = _output_head(model)
-    targets, not_linear, saved_instead = [], [], []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if config.target_modules == "all-linear":
-            if not isinstance(module, nn.Linear) or module is head:
-                continue
-        elif not _name_matches(name, config.target_modules):
-            continue
-        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
-            continue
-        if _under_modules_to_save(name, config):
-            saved_instead.append(name)
-            continue
-        if config.layers_to_transform is not None:
-            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
-                continue
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"module {name!r} is already a LoRALinear: the model already has an adapter")
-        if not isinstance(module, nn.Linear):
-            not_linear.append(f"{name} ({type(module).__name__})")
-            continue
-        targets.append(name)
-    if not_linear:
-        raise TypeError(
-            f"target_modules={config.target_modules!r} matched modules that are not nn.Linear: "
-            f"{', '.join(not_linear[:5])}; fastlora adapts nn.Linear layers only"
-        )
-    if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        raise ValueError(
-            f"target_modules={config.target_modules!r} matched no module of the model"
-            + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")
-            + (f" outside modules_to_save (which PEFT never adapts; matched there: {', '.join(saved_instead[:4])})"
-               if saved_instead else "")
-            + f"; nn.Linear modules it has include: {', '.join(linears[:6]) or 'none'}"
-        )
-    return targets
-
-
-def _plan_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Qualified names of the modules to wrap in a ``ModulesToSaveWrapper``: the outermost match of each
-    entry (exact name or dotted suffix).  An entry that matches nothing is an error, but for task heads."""
-    found = set()
-    for wanted in config.modules_to_save or []:
-        matches = {n for n, _ in model.named_modules() if n and _name_matches(n, [wanted])}
-        if not matches and wanted not in _task_heads(config):
-            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
-        found |= matches
-    for name in found:
-        if isinstance(model.get_submodule(name), (LoRALinear, ModulesToSaveWrapper)):
-            raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
-    return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
-
-
-def _adapter_dtype(linear: nn.Linear, config: LoraConfig) -> torch.dtype:
-    # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
-    dtype = linear.weight.dtype
-    return torch.float32 if config.autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -167,60 +36,104 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _apply(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> None:
-    """Swap and freeze; on any error put every module and requires_grad flag back."""
+def _adapter_dtype(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype:
+    # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
+    dtype = linear.weight.dtype
+    return torch.float32 if autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
+
+
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
+            autocast_adapter_dtype: bool) -> None:
+    """Give ``adapter_name`` to every target (swapping plain ``nn.Linear`` s for ``LoRALinear``) and a copy of
+    every ``to_save`` module; on any error put every module, adapter and requires_grad flag back."""
     originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
     flags = {p: p.requires_grad for p in model.parameters()}
+    settings = AdapterSettings(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
     try:
         for name in targets:
-            linear = originals[name]
-            _set_module(model, name, LoRALinear.from_linear(
-                linear, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
-                adapter_dtype=_adapter_dtype(linear, config),
-            ))
-        for name, param in model.named_parameters():
-            is_lora = name.endswith(".lora_A") or name.endswith(".lora_B")
-            param.requires_grad_(is_lora and not config.inference_mode)
-        trainable = []
-        if config.bias == "all":
-            trainable += [p for n, p in model.named_parameters() if n == "bias" or n.endswith(".bias")]
-        elif config.bias == "lora_only":
-            trainable += [m.bias for m in model.modules() if isinstance(m, LoRALinear) and m.bias is not None]
-        for param in trainable:
-            param.requires_grad_(not config.inference_mode)
+            module = originals[name]
+            dtype = _adapter_dtype(module, autocast_adapter_dtype)
+            if isinstance(module, LoRALinear):
+                module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
+            else:
+                _set_module(model, name, LoRALinear.from_linear(
+                    module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                    use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype,
+                    adapter_name=adapter_name,
+                ))
         for name in to_save:
-            _set_module(model, name, ModulesToSaveWrapper(originals[name], trainable=not config.inference_mode))
+            module = originals[name]
+            if isinstance(module, ModulesToSaveWrapper):
+                module.add_adapter(adapter_name, trainable=False)
+            else:
+                _set_module(model, name, ModulesToSaveWrapper(module, adapter_name, trainable=False))
     except BaseException:
-        for name, linear in originals.items():
-            _set_module(model, name, linear)
+        for name, module in originals.items():
+            _set_module(model, name, module)
+            if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.delete_adapter(adapter_name)
         for param, flag in flags.items():
             param.requires_grad_(flag)
         raise
 
 
-def get_peft_model(model: nn.Module, config: LoraConfig) -> "LoraModel":
-    """Adapt ``model`` in place as PEFT's ``get_peft_model`` does and return it wrapped in a ``LoraModel``."""
+def _check_model_and_config(model, config) -> None:
+    """``config`` None: only the model is checked."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(config, LoraConfig):
+    if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
-    config = with_task_heads(config)
+
+
+def _lora_model_class() -> type:
+    """``LoraModel``, or where PEFT is installed its subclass that HF Trainer, accelerate and TRL recognise as
+    a PEFT model (see :mod:`fastlora.peft_identity`)."""
+    try:
+        from fastlora.peft_identity import PeftCompatibleLoraModel
+    except ImportError:
+        return LoraModel
+    return PeftCompatibleLoraModel
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
+                   autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
+                   low_cpu_mem_usage: bool = False) -> "LoraModel":
+    """Adapt ``model`` in place as PEFT's ``get_peft_model`` does and return it wrapped in a ``LoraModel``.
+
+    ``autocast_adapter_dtype`` (default True): float16/bfloat16 bases get float32 adapters.  ``revision`` is
+    recorded in the config.  ``low_cpu_mem_usage`` is accepted; the adapters are created at once either way.
+    ``mixed=True`` (PEFT's mixed adapter types) is not supported."""
+    if mixed:
+        raise NotImplementedError("get_peft_model(mixed=True): mixing adapter types (PeftMixedModel) is not supported by fastlora")
+    _check_model_and_config(model, peft_config)
+    check_adapter_name(adapter_name)
+    if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("the model already has an adapter: use add_adapter() on its LoraModel to add another")
+    config = with_task_heads(peft_config)
+    if revision is not None:
+        config = config.replace(revision=revision)
+    if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
+        config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
+    autocast = autocast_adapter_dtype and config.autocast_adapter_dtype
     targets = plan_targets(model, config)
-    to_save = _plan_modules_to_save(model, config)
-    _apply(model, config, targets, to_save)
-    return LoraModel(model, config, to_save)
+    to_save = plan_modules_to_save(model, config)
+    _inject(model, config, adapter_name, targets, to_save, autocast)
+    lora_model = _lora_model_class()(model, config, adapter_name)
+    lora_model._mark_trainable(adapter_name)
+    return lora_model
 
 
-class LoraModel(nn.Module):
-    """A model with LoRA adapters.  Attribute access falls through to the wrapped model, so ``generate``,
-    ``config`` and HF Trainer keep working; ``model`` is the wrapped model itself."""
+class LoraTuner(nn.Module):
+    """PEFT's ``base_model`` level: holds the adapted model as ``model``; attribute access falls through to it."""
 
-    def __init__(self, model: nn.Module, config: LoraConfig, modules_to_save: list[str] = ()) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.peft_config = config
-        self.modules_to_save = list(modules_to_save)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -230,79 +143,538 @@ class LoraModel(nn.Module):
                 raise
             return getattr(self.model, name)
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
 
-    def lora_layers(self) -> Iterator[tuple[str, LoRALinear]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, LoRALinear):
+class LoraModel(nn.Module):
+    """A model with LoRA adapters, laid out as PEFT's ``PeftModel``: ``base_model.model`` is the adapted
+    model, and attribute access falls through to it (``generate``, ``config``, ...)."""
+
+    prefix = "lora_"
+
+    def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        nn.Module.__init__(self)  # not super(): a subclass may add PEFT's PeftModel behind this class
+        self.base_model = LoraTuner(model)
+        self._peft_config: dict[str, LoraConfig] = {adapter_name: config}
+        self._active_adapter = adapter_name
+        self.adapters_enabled = True
+
+    @property
+    def peft_config(self) -> dict[str, LoraConfig]:
+        """Each adapter's config, by adapter name (PEFT's layout)."""
+        return self._peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, LoraConfig]) -> None:
+        if not isinstance(value, dict) or not all(isinstance(c, LoraConfig) for c in value.values()):
+            raise TypeError("peft_config must be a dict of adapter name -> fastlora.LoraConfig")
+        self._peft_config = value
+
+    def __getattr__(self, name: str):
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "forward(adapter_names=...): PEFT's mixed-batch forward (a different adapter per row) is not "
+                "supported by fastlora; set_adapter() one adapter per batch"
+            )
+        kwargs.pop("adapter_names", None)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        if kwargs.pop("adapter_names", None) is not None:
+            raise NotImplementedError("generate(adapter_names=...): PEFT's mixed-batch generation is not supported by fastlora")
+        return self.get_base_model().generate(*args, **kwargs)
+
+    # ---- what PEFT users read ---------------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self._active_adapter]
+
+    @property
+    def active_peft_config(self) -> LoraConfig:
+        return self.peft_config[self._active_adapter]
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """The modules_to_save entries of every adapter's config (None when there are none), as PEFT's attribute."""
+        names = {m for config in self.peft_config.values() for m in config.modules_to_save or []}
+        return names or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.get_base_model(), "dtype", None)
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        return self.adapters_enabled and any(
+            self._active_adapter in layer.adapter_settings for _, layer in self.lora_layers())
+
+    def lora_layers(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoRALinear]]:
+        """(qualified name, layer) of every LoRALinear (holding ``adapter_name``, when given)."""
+        for name, module in self.get_base_model().named_modules():
+            if isinstance(module, LoRALinear) and (adapter_name is None or adapter_name in module.adapter_settings):
+                yield name, module
+
+    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.get_base_model().named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT returns them."""
-        params = list(self.model.parameters())
+        params = list(self.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    def merge_adapter(self) -> None:
+    # ---- trainable flags (PEFT's rules, operation by operation) -----------------------------------
+
+    def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
+        """``adapter_name``'s LoRA factors and modules_to_save copies."""
+        for _, layer in self.lora_layers(adapter_name):
+            yield from layer.lora_factors(adapter_name)
+        for _, wrapper in self.wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                yield from wrapper.modules_to_save[adapter_name].parameters()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the given adapters' parameters (factors and modules_to_save copies) on or off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_adapter_names(names)
+        for name in names:
+            for param in self._adapter_parameters(name):
+                param.requires_grad_(requires_grad)
+
+    def _mark_trainable(self, adapter_name: str) -> None:
+        """After ``get_peft_model``: everything frozen but the adapter, the biases its ``bias`` setting names
+        and its modules_to_save copies; the adapter and copies frozen too in inference mode (PEFT keeps the
+        biases trainable even then)."""
+        config = self.peft_config[adapter_name]
+        model = self.get_base_model()
+        model.requires_grad_(False)
+        if config.bias == "all":
+            for name, param in model.named_parameters():
+                if name == "bias" or name.endswith(".bias"):
+                    param.requires_grad_(True)
+        elif config.bias == "lora_only":
+            for _, layer in self.lora_layers(adapter_name):
+                if layer.bias is not None:
+                    layer.bias.requires_grad_(True)
+        self.set_requires_grad(adapter_name, not config.inference_mode)
+
+    def _activate(self, adapter_name: str, trainable: bool) -> None:
+        """Point every layer and modules_to_save wrapper at ``adapter_name``; its parameters get
+        ``requires_grad=trainable``, every other adapter's False (PEFT's ``set_adapter``)."""
+        if any(layer.merged for _, layer in self.lora_layers()):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
+                          stacklevel=3)
+            self.unmerge_adapter()
         for _, layer in self.lora_layers():
-            layer.merge()
+            layer.set_adapter(adapter_name)
+        for _, wrapper in self.wrappers():
+            wrapper.set_adapter(adapter_name)
+        for name in self.peft_config:
+            for param in self._adapter_parameters(name):
+                param.requires_grad_(trainable and name == adapter_name)
+
+    # ---- merge / unload / disable -----------------------------------------------------------------
+
+    def _check_adapter_names(self, adapter_names) -> list[str]:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
+        names = [self._active_adapter] if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
+        return names
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Fold the adapters (default: the active one) into the base weights: float32 sum, one rounding.
+        ``safe_merge``: first check every merged weight for NaN/Inf and refuse (ValueError) leaving the model
+        unmerged."""
+        names = self._check_adapter_names(adapter_names)
+        layers = [layer for _, layer in self.lora_layers()]
+        already = sorted({n for layer in layers for n in layer.merged_adapters})
+        if already and all(n in already for n in names):
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return
+        if already:
+            warnings.warn(f"Already following adapters were merged {','.join(already)}. "
+                          f"You are now additionally merging {','.join(names)}.", UserWarning, stacklevel=2)
+        if safe_merge:
+            for name, layer in self.lora_layers():
+                held = [n for n in names if n in layer.adapter_settings]
+                if held and not layer.merge_is_finite(held):
+                    raise ValueError(
+                        f"NaNs or Infs in the merged weight of {name} for adapter(s) {held}: the adapter is broken; "
+                        f"nothing was merged"
+                    )
+        for layer in layers:
+            layer.merge([n for n in names if n in layer.adapter_settings])
 
     def unmerge_adapter(self) -> None:
-        for _, layer in self.lora_layers():
+        """Take the merged adapters back out of the base weights (to within one rounding)."""
+        layers = [layer for _, layer in self.lora_layers()]
+        if not any(layer.merged for layer in layers):
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+        for layer in layers:
             layer.unmerge()
 
-    def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in self.model.named_modules():
-            if isinstance(module, ModulesToSaveWrapper):
-                yield name, module
-
-    def _replace_lora_layers(self, merge: bool) -> nn.Module:
+    def _replace_lora_layers(self, merge: bool, **merge_kwargs) -> nn.Module:
+        if merge:
+            self.merge_adapter(**merge_kwargs)
+        model = self.get_base_model()
         for name, layer in list(self.lora_layers()):
-            if merge:
-                layer.merge()
-            else:
+            if not merge:
                 layer.unmerge()
-            _set_module(self.model, name, layer.to_linear())
-        for name, wrapper in list(self.wrappers()):  # PEFT keeps the trained copy either way
-            _set_module(self.model, name, wrapper.modules_to_save["default"])
-        return self.model
+            _set_module(model, name, layer.to_linear())
+        for name, wrapper in list(self.wrappers()):  # PEFT keeps the active adapter's trained copy either way
+            _set_module(model, name, wrapper.active_module)
+        return model
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold every adapter into its base weight (float32 sum, one rounding) and return the plain model."""
-        return self._replace_lora_layers(merge=True)
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Fold the adapters (default: the active one) into their base weights (float32 sum, one rounding) and
+        return the plain model.  ``progressbar`` is accepted for PEFT's signature (merging is quick)."""
+        return self._replace_lora_layers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Drop the adapters without merging and return the plain model with its original weights."""
         return self._replace_lora_layers(merge=False)
 
+    def _set_adapters_enabled(self, enabled: bool) -> None:
+        """PEFT's switch: disabling unmerges and freezes every adapter; enabling re-activates the active adapter
+        with gradients on (whatever they were before)."""
+        self.adapters_enabled = enabled
+        for _, layer in self.lora_layers():
+            if not enabled:
+                layer.unmerge()
+            layer.adapter_enabled = enabled
+        for _, wrapper in self.wrappers():
+            wrapper.adapter_enabled = enabled
+        if enabled:
+            self._activate(self._active_adapter, trainable=True)
+        else:
+            for name in self.peft_config:
+                self.set_requires_grad(name, False)
+
+    def disable_adapter_layers(self) -> None:
+        """The model computes its base outputs until ``enable_adapter_layers()`` (merged adapters are
+        unmerged first, and modules_to_save modules are their originals)."""
+        self._set_adapters_enabled(False)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapters_enabled(True)
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within the block the model computes its base outputs (merged adapters are unmerged first, and
         ``modules_to_save`` modules are their originals)."""
-        layers = [layer for _, layer in self.lora_layers()] + [wrapper for _, wrapper in self.wrappers()]
-        for layer in layers:
-            if isinstance(layer, LoRALinear):
-                layer.unmerge()
-            layer.adapter_enabled = False
+        was_enabled = self.adapters_enabled
+        self._set_adapters_enabled(False)
         try:
             yield
         finally:
-            for layer in layers:
-                layer.adapter_enabled = True
+            self._set_adapters_enabled(was_enabled)
 
-    def save_pretrained(self, save_directory: str) -> None:
-        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT's format, atomically."""
-        from fastlora.adapters import save_adapter
+    # transformers' own PEFT-integration names (PreTrainedModel's PeftAdapterMixin), which attribute access
+    # would otherwise reach on the wrapped model and let it add PEFT layers behind fastlora's back.
+    def enable_adapters(self) -> None:
+        """transformers' name for ``enable_adapter_layers()``."""
+        self.enable_adapter_layers()
 
-        save_adapter(self, save_directory)
+    def disable_adapters(self) -> None:
+        """transformers' name for ``disable_adapter_layers()``."""
+        self.disable_adapter_layers()
+
+    def get_adapter_state_dict(self, adapter_name: Optional[str] = None,
+                               state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """transformers' name for ``adapter_tensors()``: the adapter's tensors under PEFT's file keys."""
+        return self.adapter_tensors(adapter_name, state_dict)
+
+    def enable_peft_hotswap(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("enable_peft_hotswap: adapter hot-swapping (transformers' PEFT integration) is not "
+                                  "supported by fastlora; use load_adapter() and set_adapter()")
+
+    # ---- named adapters ---------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter, as PEFT's ``add_adapter``: not made active (``set_adapter`` switches to it) and
+        frozen; the other adapters keep their gradients flags."""
+        _check_model_and_config(self.get_base_model(), peft_config)
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
+        config = with_task_heads(peft_config)
+        model = self.get_base_model()
+        targets = plan_targets(model, config, adapter_name)
+        to_save = plan_modules_to_save(model, config, adapter_name)
+        self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+
+    def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
+                     autocast_adapter_dtype: bool) -> None:
+        _inject(self.get_base_model(), config, adapter_name, targets, to_save,
+                autocast_adapter_dtype and config.autocast_adapter_dtype)
+        self.peft_config[adapter_name] = config
+        for _, layer in self.lora_layers(adapter_name):
+            layer.set_adapter(self._active_adapter)  # a layer new to the model points at the model's adapter
+        for _, wrapper in self.wrappers():
+            wrapper.set_adapter(self._active_adapter)
+        self.set_requires_grad(adapter_name, False)
+
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter: the one the forward uses.  Its parameters get
+        ``requires_grad=not inference_mode``, every other adapter's False (PEFT's rule)."""
+        if isinstance(adapter_name, (list, tuple)):
+            raise NotImplementedError(
+                f"set_adapter({list(adapter_name)!r}): several simultaneously active adapters are not supported by "
+                f"fastlora; activate one"
+            )
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} not found; this model has {list(self.peft_config)}")
+        self._active_adapter = adapter_name
+        self._activate(adapter_name, trainable=not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter.  Deleting the active one activates (and unfreezes) the alphabetically first that
+        remains, as PEFT does; the last adapter cannot be deleted (``unload()`` removes it)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"adapter {adapter_name!r} is the model's only adapter; unload() removes it")
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
+        model = self.get_base_model()
+        for name, layer in list(self.lora_layers(adapter_name)):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_settings:
+                _set_module(model, name, layer.to_linear())
+        for name, wrapper in list(self.wrappers()):
+            wrapper.delete_adapter(adapter_name)
+            if not len(wrapper.modules_to_save):
+                _set_module(model, name, wrapper.original_module)
+        del self.peft_config[adapter_name]
+        if self._active_adapter == adapter_name:
+            new = sorted(self.peft_config)[0]
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {new}.",
+                          UserWarning, stacklevel=2)
+            self.set_adapter(new)
+
+    # ---- loading ----------------------------------------------------------------------------------
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict] = None, **kwargs: Any) -> None:
+        """Load a PEFT-format adapter (a directory or a Hub repository id) as ``adapter_name``, as PEFT does:
+
+        * a new name adds the adapter, not active; trainable with ``is_trainable=True``, frozen otherwise;
+        * an existing name gets the file's values in place (same Parameters, flags and config), which is how
+          transformers' Trainer resumes from a checkpoint and restores the best one.
+
+        ``is_trainable=False`` puts the model in eval mode.  Every tensor is checked before anything changes.
+        ``torch_device`` is accepted for PEFT's signature (values land on each layer's device)."""
+        if key_mapping:
+            raise NotImplementedError("load_adapter(key_mapping=...): remapping base-model keys is not supported by fastlora")
+        check_adapter_name(adapter_name)
+        hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
+        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        model = self.get_base_model()
+        if adapter_name in self.peft_config:
+            config = self.peft_config[adapter_name]
+            _check_same_adapter(adapter_name, config, with_task_heads(file_config))
+            targets, to_save = adapters.adapter_targets(model, adapter_name)
+            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            _copy_values(model, expected, tensors)
+        else:
+            config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
+            targets = plan_targets(model, config, adapter_name)
+            to_save = plan_modules_to_save(model, config, adapter_name)
+            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+            try:
+                _copy_values(model, expected, tensors)
+            except BaseException:
+                self.delete_adapter(adapter_name)
+                raise
+            if is_trainable:
+                self.set_requires_grad(adapter_name, True)
+        if not is_trainable:
+            self.eval()
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str, is_trainable: bool = False) -> "LoraModel":
-        """Load a PEFT-format adapter (saved by fastlora or PEFT) onto ``model``; checks every tensor first."""
-        from fastlora.adapters import load_adapter
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
+                        torch_device: Optional[str] = None, **kwargs: Any) -> "LoraModel":
+        """Load a PEFT-format adapter (saved by fastlora or PEFT; a directory or a Hub repository id, with
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``) onto ``model`` as PEFT's
+        ``PeftModel.from_pretrained``: ``config`` replaces the file's config; ``is_trainable=False`` (the
+        default) freezes the adapter and puts the model in eval mode.  Every tensor is checked before the
+        model changes."""
+        if key_mapping:
+            raise NotImplementedError("from_pretrained(key_mapping=...): remapping base-model keys is not supported by fastlora")
+        _check_model_and_config(model, config)
+        check_adapter_name(adapter_name)
+        hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
+        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
+        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError("the model already has an adapter: use load_adapter() on its LoraModel to add another")
+        targets = plan_targets(model, config)
+        to_save = plan_modules_to_save(model, config)
+        expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+        adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+        lora_model = get_peft_model(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            _copy_values(model, expected, tensors)
+        except BaseException:
+            lora_model.unload()
+            raise
+        if not is_trainable:
+            lora_model.eval()
+        return lora_model
 
-        return load_adapter(model, model_id, is_trainable=is_trainable)
+    # ---- files ------------------------------------------------------------------------------------
+
+    def adapter_tensors(self, adapter_name: Optional[str] = None,
+                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``adapter_name`` (default: the active one) under PEFT's file keys.  With
+        ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it."""
+        name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
+        model = self.get_base_model()
+        targets, wrappers = adapters.adapter_targets(model, name)
+        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        if state_dict is None:
+            params = dict(model.named_parameters())
+            return {key: params[param] for key, (param, _) in expected.items()}
+        return {key: _lookup(state_dict, param) for key, (param, _) in expected.items()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Any = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write adapters in PEFT's format, each file atomically: ``default`` at the top of ``save_directory``,
+        every other adapter in a sub-folder named after it (``selected_adapters``: which ones; default all),
+        and a ``README.md`` model card.  ``safe_serialization=False`` writes ``adapter_model.bin``;
+        ``state_dict=`` takes the values from that (full) state dict, e.g. one gathered by FSDP or DeepSpeed;
+        ``is_main_process=False`` writes nothing."""
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA/OLoRA/CorDA weight conversion "
+                "is not supported by fastlora"
+            )
+        if save_embedding_layers is True:
+            raise NotImplementedError("save_pretrained(save_embedding_layers=True): fastlora adapts no embedding layers")
+        state_dict = kwargs.pop("state_dict", None)
+        if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
+            warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"selected_adapters must name adapters of this model ({list(self.peft_config)}), got "
+                             f"{selected_adapters!r}")
+        if Path(save_directory).is_file():
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if not is_main_process:
+            return
+        tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
+        for name in names:
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name].replace(inference_mode=True)
+            adapters.write_adapter(directory, config, tensors[name], safe_serialization)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Create or update ``output_dir/README.md`` with the metadata PEFT and the Hub read."""
+        from fastlora.model_card import write_model_card
+
+        task = self.active_peft_config.task_type
+        write_model_card(Path(output_dir), self.get_base_model(), task.value if task is not None else None)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size: Any = None,
+                    tags: Optional[list[str]] = None, safe_serialization: bool = True):
+        """Save the adapter folder (as ``save_pretrained``: adapters and model card) and upload it to the Hugging
+        Face Hub repository ``repo_id`` (created if needed) in one commit; returns the commit info."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization)
+            if tags:
+                from huggingface_hub import ModelCard
+
+                card = ModelCard.load(Path(tmp) / "README.md")
+                card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
+                card.save(Path(tmp) / "README.md")
+            return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
+                                     commit_description=commit_description, private=private, token=token,
+                                     revision=revision, create_pr=create_pr)
+
+    # ---- what transformers' Trainer calls ---------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        """The wrapped model's gradient checkpointing, with its input embeddings' output requiring grad (as
+        PEFT does), so reentrant checkpointing still sends gradients to the adapters."""
+        self.get_base_model().gradient_checkpointing_enable(*args, **kwargs)
+        enable = getattr(self.get_base_model(), "enable_input_require_grads", None)
+        if callable(enable):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                enable()
+
+
+def _hub_kwargs(kwargs: dict, caller: str) -> dict:
+    hub_kwargs, rest = hub.split_hub_kwargs(kwargs)
+    if rest:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
+    return hub_kwargs
+
+
+def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
+    """Loading values into an existing adapter: the file must describe the same adapter."""
+    for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save"):
+        if getattr(have, field) != getattr(file, field):
+            raise ValueError(
+                f"adapter {adapter_name!r} exists with {field}={getattr(have, field)!r} but the file has "
+                f"{getattr(file, field)!r}; delete_adapter() it first or load under another name"
+            )
+
+
+def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, (param_name, _) in expected.items():
+            params[param_name].copy_(tensors[key])
+
+
+def _lookup(state_dict: dict[str, torch.Tensor], param_name: str) -> torch.Tensor:
+    """``param_name`` of the adapted model in a state dict of the LoraModel (or of the adapted model)."""
+    for key in (f"base_model.model.{param_name}", param_name):
+        if key in state_dict:
+            return state_dict[key]
+    raise KeyError(f"state_dict has no entry for {param_name!r}")

@@ -29,7 +29,7 @@ def test_fastlora_save_loads_in_peft(tmp_path):
     base = tiny_llama()
     fm = _trained(base)
     fm.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 32
     assert config["inference_mode"] is True and config["task_type"] == "CAUSAL_LM"
@@ -90,7 +90,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     second = _trained(tiny_llama(seed=3))
     with pytest.raises(KeyboardInterrupt):
         second.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporary left behind
+    assert sorted(os.listdir(tmp_path)) == ["README.md", CONFIG_NAME, WEIGHTS_NAME]  # no temporary left behind
     for name, content in good.items():
         assert (tmp_path / name).read_bytes() == content
 

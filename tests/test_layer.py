@@ -12,7 +12,8 @@ from fastlora import LoRALinear
 def test_is_a_linear_with_lora_parameters_and_frozen_base():
     layer = LoRALinear(10, 6, r=3, lora_alpha=6)
     assert isinstance(layer, nn.Linear)
-    assert dict(layer.named_parameters()).keys() == {"weight", "bias", "lora_A", "lora_B"}
+    assert dict(layer.named_parameters()).keys() == {"weight", "bias", "lora_A_default", "lora_B_default"}
+    assert layer.lora_A is layer.lora_A_default and layer.lora_B is layer.lora_B_default
     assert layer.lora_A.shape == (3, 10) and layer.lora_B.shape == (6, 3)
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
     assert layer.lora_A.requires_grad and layer.scaling == 2.0
@@ -20,7 +21,7 @@ def test_is_a_linear_with_lora_parameters_and_frozen_base():
     # a base checkpoint loads unchanged (LoRA keys absent → strict=False reports only those)
     base = nn.Linear(10, 6)
     missing, unexpected = layer.load_state_dict(base.state_dict(), strict=False)
-    assert sorted(missing) == ["lora_A", "lora_B"] and unexpected == []
+    assert sorted(missing) == ["lora_A_default", "lora_B_default"] and unexpected == []
     assert torch.equal(layer.weight, base.weight)
 
 

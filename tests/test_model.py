@@ -55,7 +55,7 @@ def test_trainable_parameter_counts_and_line_equal_peft(capsys):
     peft_line, ours = capsys.readouterr().out.strip().splitlines()
     assert ours == peft_line
     only_lora = {n for n, p in fm.named_parameters() if p.requires_grad}
-    assert only_lora and all(n.endswith((".lora_A", ".lora_B")) for n in only_lora)
+    assert only_lora and all(n.endswith((".lora_A_default", ".lora_B_default")) for n in only_lora)
 
 
 def test_only_adapter_parameters_change_in_training():
@@ -67,7 +67,7 @@ def test_only_adapter_parameters_change_in_training():
     fm(input_ids=ids, labels=ids).loss.backward()
     opt.step()
     for name, p in fm.named_parameters():
-        assert torch.equal(p, before[name]) != name.endswith((".lora_A", ".lora_B")), name
+        assert torch.equal(p, before[name]) != name.endswith((".lora_A_default", ".lora_B_default")), name
 
 
 def test_attribute_access_reaches_the_wrapped_model():

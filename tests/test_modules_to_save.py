@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model
-from fastlora.model import ModulesToSaveWrapper
+from fastlora.modules_to_save import ModulesToSaveWrapper
 from tests.models import SEED_TARGETS, assert_unchanged, clone, snapshot, tiny_llama, tokens
 
 
@@ -81,7 +81,7 @@ def test_seq_cls_trains_the_score_head_like_peft(tmp_path):
     fm = get_peft_model(clone(base), LoraConfig(**kwargs))
     pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
     assert isinstance(fm.model.score, ModulesToSaveWrapper)
-    assert fm.peft_config.modules_to_save == ["classifier", "score"]
+    assert fm.peft_config["default"].modules_to_save == ["classifier", "score"]
     assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     ids, labels = tokens(), torch.tensor([0, 2])
     _sgd_step(fm, ids, labels)
@@ -119,7 +119,7 @@ def test_failure_while_wrapping_rolls_back(monkeypatch):
     model = tiny_llama()
     before = snapshot(model)
 
-    def failing_init(self, original, trainable):
+    def failing_init(self, *args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
     monkeypatch.setattr(ModulesToSaveWrapper, "__init__", failing_init)

@@ -1,0 +1,75 @@
+"""The ``README.md`` model card written beside a saved adapter, with the metadata the Hub and PEFT read.
+
+Metadata as PEFT writes it: ``library_name: peft`` (the Hub lists the folder as a PEFT adapter),
+``base_model`` (the base model's Hub id, when it has one), ``tags`` (``lora``, ``transformers`` for a
+transformers model, ``base_model:adapter:<id>``, the model's own ``model_tags``, and ``fastlora``) and
+``pipeline_tag: text-generation`` for a causal LM.  An existing card keeps its text and metadata; the
+tags are added to its own, and a framework line is added once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from fastlora.adapters import atomic_write
+
+__all__ = ["write_model_card"]
+
+_CARD_NAME = "README.md"
+_FRAMEWORK_HEADING = "### Framework versions"
+
+
+def _new_card_text(base_model_id: str) -> str:
+    base = f" for [{base_model_id}](https://huggingface.co/{base_model_id})" if base_model_id else ""
+    return (
+        f"# LoRA adapter{base}\n\n"
+        "A LoRA adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`).\n\n"
+        "## How to load it\n\n"
+        "```python\n"
+        "from peft import PeftModel            # or: from fastlora import LoraModel as PeftModel\n"
+        "model = PeftModel.from_pretrained(base_model, \"<this folder or repository>\")\n"
+        "```\n\n"
+        f"{_FRAMEWORK_HEADING}\n"
+    )
+
+
+def write_model_card(directory: Path, base_model: nn.Module, task_type: str | None) -> None:
+    """Create or update ``directory/README.md`` (written atomically)."""
+    from huggingface_hub import ModelCard
+
+    import fastlora
+
+    path = directory / _CARD_NAME
+    config = getattr(base_model, "config", None)
+    base_model_id = getattr(config, "_name_or_path", "") or ""
+    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\nlibrary_name: peft\n---\n\n{_new_card_text(base_model_id)}")
+    card.data["library_name"] = "peft"
+    tags = set(card.data.get("tags") or []) | set(getattr(base_model, "model_tags", None) or []) | {"lora", "fastlora"}
+    if _is_transformers_model(base_model):
+        tags.add("transformers")
+    if base_model_id:
+        tags.add(f"base_model:adapter:{base_model_id}")
+        card.data["base_model"] = base_model_id
+    card.data["tags"] = sorted(tags)
+    if task_type == "CAUSAL_LM" and not card.data.get("pipeline_tag"):
+        card.data["pipeline_tag"] = "text-generation"
+    lines = card.text.splitlines()
+    version_line = f"- fastlora {fastlora.__version__}"
+    if version_line not in lines:
+        if _FRAMEWORK_HEADING in lines:
+            lines.insert(lines.index(_FRAMEWORK_HEADING) + 1, version_line)
+        else:
+            lines += ["", _FRAMEWORK_HEADING, version_line]
+    card.text = "\n".join(lines) + "\n"
+    content = str(card)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(content))
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)

@@ -1,0 +1,140 @@
+"""Which modules a ``LoraConfig`` adapts and which it saves whole: PEFT's matching rules, checked.
+
+Everything here reads the model and changes nothing, so every check runs before the model is touched.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from fastlora.config import LoraConfig
+from fastlora.layer import LoRALinear
+from fastlora.modules_to_save import ModulesToSaveWrapper
+
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
+
+# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
+# its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
+# BERT ``classifier``); any other modules_to_save entry must match a module.
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _task_heads(config: LoraConfig) -> tuple[str, ...]:
+    return _TASK_HEADS.get(config.task_type.value if config.task_type is not None else "", ())
+
+
+def with_task_heads(config: LoraConfig) -> LoraConfig:
+    """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do."""
+    heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
+    return config.replace(modules_to_save=list(config.modules_to_save or []) + heads) if heads else config
+
+
+def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
+    """PEFT's guard: no adapter on a modules_to_save module or inside one."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
+
+
+def _name_matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex matched in full; a list entry matches exactly or as a dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
+    pattern = "|".join(re.escape(p) for p in layers_pattern) if layers_pattern else r"[^.]+"
+    found = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _named_modules_outside_wrappers(model: nn.Module):
+    """``model.named_modules()`` without what lies inside a ``ModulesToSaveWrapper`` (the original and the
+    adapters' copies), which PEFT never adapts or wraps again."""
+    wrappers = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrappers):
+            continue
+        if isinstance(module, ModulesToSaveWrapper):
+            wrappers.append(name)
+        yield name, module
+
+
+def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
+    """Qualified names of the modules ``config`` adapts, checked: each is an ``nn.Linear``.
+
+    With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
+    a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
+    Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
+    a matched module is not an ``nn.Linear``.
+    """
+    head = _output_head(model)
+    targets, not_linear, saved_instead = [], [], []
+    for name, module in _named_modules_outside_wrappers(model):
+        if not name or isinstance(module, ModulesToSaveWrapper):
+            continue
+        if config.target_modules == "all-linear":
+            if not isinstance(module, nn.Linear) or module is head:
+                continue
+        elif not _name_matches(name, config.target_modules):
+            continue
+        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+            continue
+        if _under_modules_to_save(name, config):
+            saved_instead.append(name)
+            continue
+        if config.layers_to_transform is not None:
+            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        if isinstance(module, LoRALinear):
+            if adapter_name is None:
+                raise ValueError(f"module {name!r} is already a LoRALinear: the model already has an adapter")
+            if adapter_name in module.adapter_settings:
+                raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        elif not isinstance(module, nn.Linear):
+            not_linear.append(f"{name} ({type(module).__name__})")
+            continue
+        targets.append(name)
+    if not_linear:
+        raise TypeError(
+            f"target_modules={config.target_modules!r} matched modules that are not nn.Linear: "
+            f"{', '.join(not_linear[:5])}; fastlora adapts nn.Linear layers only"
+        )
+    if not targets:
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target_modules={config.target_modules!r} matched no module of the model"
+            + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")
+            + (f" outside modules_to_save (which PEFT never adapts; matched there: {', '.join(saved_instead[:4])})"
+               if saved_instead else "")
+            + f"; nn.Linear modules it has include: {', '.join(linears[:6]) or 'none'}"
+        )
+    return targets
+
+
+def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
+    """Qualified names of the modules ``config`` saves whole: the outermost match of each entry (exact name or
+    dotted suffix).  An entry that matches nothing is an error, but for task heads.  A match that is already
+    a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None)."""
+    found = set()
+    for wanted in config.modules_to_save or []:
+        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and _name_matches(n, [wanted])}
+        if not matches and wanted not in _task_heads(config):
+            raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
+        found |= matches
+    for name in found:
+        module = model.get_submodule(name)
+        if isinstance(module, LoRALinear) or (isinstance(module, ModulesToSaveWrapper) and adapter_name is None):
+            raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")
+    return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))

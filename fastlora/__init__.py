@@ -4,10 +4,16 @@ Importing fastlora registers its torch ops (``torch.ops.fastlora.*``) and nothin
 imported only when a kernel is first launched.
 """
 
-from fastlora.config import LoraConfig, TaskType
+from fastlora.adapter_files import get_peft_model_state_dict, set_peft_model_state_dict
+from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.layer import LoRALinear
 from fastlora.model import LoraModel, get_peft_model
 
-__all__ = ["LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel"]
+PeftModel = LoraModel  # PEFT's name, so `from fastlora import PeftModel` is an import-line change
+
+__all__ = [
+    "LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel", "PeftModel",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "UnsupportedFeatureError",
+]
 __version__ = "0.1.0"

@@ -198,7 +198,8 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig,
     if config_path is None:
         raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")
     config = LoraConfig.from_file(config_path)
-    weights_path = resolve_file(model_id, WEIGHTS_NAME, **hub_kwargs) or resolve_file(model_id, WEIGHTS_BIN_NAME, **hub_kwargs)
+    weights_path = (resolve_file(model_id, WEIGHTS_NAME, missing_ok=True, **hub_kwargs)
+                    or resolve_file(model_id, WEIGHTS_BIN_NAME, **hub_kwargs))
     if weights_path is None:
         raise ValueError(f"adapter file {WEIGHTS_NAME} (or {WEIGHTS_BIN_NAME}) does not exist in {str(model_id)!r}")
     return config, _load_weights(weights_path)

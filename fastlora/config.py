@@ -172,12 +172,10 @@ class LoraConfig:
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if isinstance(value, (set, tuple, frozenset)):
-                value = sorted(value)
-                put(name, value)
             if value is not None and not isinstance(value, str):
-                if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
                     raise TypeError(f"{name} must be a string or a list of strings, got {value!r}")
+                put(name, sorted(set(value)))  # a set of names, as PEFT keeps it; sorted so configs compare equal
         if self.target_modules is None or (isinstance(self.target_modules, list) and not self.target_modules):
             raise ValueError(
                 "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'); "

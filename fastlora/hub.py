@@ -24,9 +24,10 @@ def split_hub_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 def resolve_file(model_id: str | os.PathLike, filename: str, *, subfolder: str | None = None,
                  revision: str | None = None, token=None, cache_dir=None, local_files_only: bool = False,
-                 force_download: bool = False, proxies=None) -> Path | None:
+                 force_download: bool = False, proxies=None, missing_ok: bool = False) -> Path | None:
     """The local path of ``filename`` in ``model_id`` (a directory, or a Hub repository id), or None when the
-    directory or repository exists but holds no such file.  Anything else raises ValueError naming it."""
+    directory or repository exists but holds no such file (with ``missing_ok``, also when the file is not in
+    the local cache while offline).  Anything else raises ValueError naming it."""
     local = Path(model_id)
     if subfolder:
         local = local / subfolder
@@ -49,15 +50,17 @@ def resolve_file(model_id: str | os.PathLike, filename: str, *, subfolder: str |
             repo_id, filename, subfolder=subfolder or None, revision=revision, token=token, cache_dir=cache_dir,
             local_files_only=local_files_only, force_download=force_download, library_name="fastlora",
         ))
-    except errors.EntryNotFoundError:  # the repository is there, the file is not
-        return None
-    except errors.HFValidationError:
-        raise ValueError(f"adapter location {repo_id!r} is neither a local directory nor a valid Hub repository id") from None
-    except errors.LocalEntryNotFoundError:
+    except errors.LocalEntryNotFoundError:  # before EntryNotFoundError: in some versions a subclass of it
+        if missing_ok:
+            return None
         raise ValueError(
             f"adapter location {repo_id!r} is not a local directory, and {filename} of that Hub repository is not "
             f"in the local cache (offline, or local_files_only=True)"
         ) from None
+    except errors.EntryNotFoundError:  # the repository is there, the file is not
+        return None
+    except errors.HFValidationError:
+        raise ValueError(f"adapter location {repo_id!r} is neither a local directory nor a valid Hub repository id") from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as err:
         raise ValueError(f"adapter location {repo_id!r}: {type(err).__name__} on the Hub ({err})") from None
 

@@ -12,15 +12,13 @@ back as it was: a failed ``get_peft_model``, ``add_adapter`` or ``load_adapter``
 from __future__ import annotations
 
 import contextlib
-import os
 import warnings
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from fastlora import adapters, hub
+from fastlora.adapter_files import AdapterFilesMixin
 from fastlora.config import LoraConfig
 from fastlora.layer import AdapterSettings, LoRALinear, check_adapter_name
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -125,6 +123,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return lora_model
 
 
+class _AdapterNames(list):
+    """A list of adapter names that can also be called: PEFT reads ``model.active_adapters``, transformers
+    calls ``model.active_adapters()``."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
+
+
 class LoraTuner(nn.Module):
     """PEFT's ``base_model`` level: holds the adapted model as ``model``; attribute access falls through to it."""
 
@@ -144,7 +150,7 @@ class LoraTuner(nn.Module):
             return getattr(self.model, name)
 
 
-class LoraModel(nn.Module):
+class LoraModel(AdapterFilesMixin, nn.Module):
     """A model with LoRA adapters, laid out as PEFT's ``PeftModel``: ``base_model.model`` is the adapted
     model, and attribute access falls through to it (``generate``, ``config``, ...)."""
 
@@ -167,6 +173,10 @@ class LoraModel(nn.Module):
         if not isinstance(value, dict) or not all(isinstance(c, LoraConfig) for c in value.values()):
             raise TypeError("peft_config must be a dict of adapter name -> fastlora.LoraConfig")
         self._peft_config = value
+
+    @classmethod
+    def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool) -> "LoraModel":
+        return get_peft_model(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -201,7 +211,8 @@ class LoraModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        return [self._active_adapter]
+        """``[active adapter]``; also callable, as transformers' method of the same name."""
+        return _AdapterNames([self._active_adapter])
 
     @property
     def active_peft_config(self) -> LoraConfig:
@@ -421,6 +432,9 @@ class LoraModel(nn.Module):
                     autocast_adapter_dtype: bool = True) -> None:
         """Add a new adapter, as PEFT's ``add_adapter``: not made active (``set_adapter`` switches to it) and
         frozen; the other adapters keep their gradients flags."""
+        if isinstance(adapter_name, LoraConfig):
+            raise TypeError("add_adapter(adapter_name, peft_config): the name comes first (PEFT's order; "
+                            "transformers' add_adapter(config, name) order is not accepted)")
         _check_model_and_config(self.get_base_model(), peft_config)
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -480,201 +494,15 @@ class LoraModel(nn.Module):
                           UserWarning, stacklevel=2)
             self.set_adapter(new)
 
-    # ---- loading ----------------------------------------------------------------------------------
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
-                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
-                     key_mapping: Optional[dict] = None, **kwargs: Any) -> None:
-        """Load a PEFT-format adapter (a directory or a Hub repository id) as ``adapter_name``, as PEFT does:
-
-        * a new name adds the adapter, not active; trainable with ``is_trainable=True``, frozen otherwise;
-        * an existing name gets the file's values in place (same Parameters, flags and config), which is how
-          transformers' Trainer resumes from a checkpoint and restores the best one.
-
-        ``is_trainable=False`` puts the model in eval mode.  Every tensor is checked before anything changes.
-        ``torch_device`` is accepted for PEFT's signature (values land on each layer's device)."""
-        if key_mapping:
-            raise NotImplementedError("load_adapter(key_mapping=...): remapping base-model keys is not supported by fastlora")
-        check_adapter_name(adapter_name)
-        hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
-        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
-        model = self.get_base_model()
-        if adapter_name in self.peft_config:
-            config = self.peft_config[adapter_name]
-            _check_same_adapter(adapter_name, config, with_task_heads(file_config))
-            targets, to_save = adapters.adapter_targets(model, adapter_name)
-            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-            _copy_values(model, expected, tensors)
-        else:
-            config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
-            targets = plan_targets(model, config, adapter_name)
-            to_save = plan_modules_to_save(model, config, adapter_name)
-            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-            self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
-            try:
-                _copy_values(model, expected, tensors)
-            except BaseException:
-                self.delete_adapter(adapter_name)
-                raise
-            if is_trainable:
-                self.set_requires_grad(adapter_name, True)
-        if not is_trainable:
-            self.eval()
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
-                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
-                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
-                        torch_device: Optional[str] = None, **kwargs: Any) -> "LoraModel":
-        """Load a PEFT-format adapter (saved by fastlora or PEFT; a directory or a Hub repository id, with
-        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``) onto ``model`` as PEFT's
-        ``PeftModel.from_pretrained``: ``config`` replaces the file's config; ``is_trainable=False`` (the
-        default) freezes the adapter and puts the model in eval mode.  Every tensor is checked before the
-        model changes."""
-        if key_mapping:
-            raise NotImplementedError("from_pretrained(key_mapping=...): remapping base-model keys is not supported by fastlora")
-        _check_model_and_config(model, config)
-        check_adapter_name(adapter_name)
-        hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
-        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
-        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
-        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
-            raise ValueError("the model already has an adapter: use load_adapter() on its LoraModel to add another")
-        targets = plan_targets(model, config)
-        to_save = plan_modules_to_save(model, config)
-        expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-        adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-        lora_model = get_peft_model(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            _copy_values(model, expected, tensors)
-        except BaseException:
-            lora_model.unload()
-            raise
-        if not is_trainable:
-            lora_model.eval()
-        return lora_model
-
-    # ---- files ------------------------------------------------------------------------------------
-
-    def adapter_tensors(self, adapter_name: Optional[str] = None,
-                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-        """The tensors of ``adapter_name`` (default: the active one) under PEFT's file keys.  With
-        ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it."""
-        name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
-        model = self.get_base_model()
-        targets, wrappers = adapters.adapter_targets(model, name)
-        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
-        if state_dict is None:
-            params = dict(model.named_parameters())
-            return {key: params[param] for key, (param, _) in expected.items()}
-        return {key: _lookup(state_dict, param) for key, (param, _) in expected.items()}
-
-    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
-                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Any = "auto",
-                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
-                        **kwargs: Any) -> None:
-        """Write adapters in PEFT's format, each file atomically: ``default`` at the top of ``save_directory``,
-        every other adapter in a sub-folder named after it (``selected_adapters``: which ones; default all),
-        and a ``README.md`` model card.  ``safe_serialization=False`` writes ``adapter_model.bin``;
-        ``state_dict=`` takes the values from that (full) state dict, e.g. one gathered by FSDP or DeepSpeed;
-        ``is_main_process=False`` writes nothing."""
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA/OLoRA/CorDA weight conversion "
-                "is not supported by fastlora"
-            )
-        if save_embedding_layers is True:
-            raise NotImplementedError("save_pretrained(save_embedding_layers=True): fastlora adapts no embedding layers")
-        state_dict = kwargs.pop("state_dict", None)
-        if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
-            warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown or not names:
-            raise ValueError(f"selected_adapters must name adapters of this model ({list(self.peft_config)}), got "
-                             f"{selected_adapters!r}")
-        if Path(save_directory).is_file():
-            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
-        if not is_main_process:
-            return
-        tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
-        for name in names:
-            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config = self.peft_config[name].replace(inference_mode=True)
-            adapters.write_adapter(directory, config, tensors[name], safe_serialization)
-        self.create_or_update_model_card(save_directory)
-
-    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
-        """Create or update ``output_dir/README.md`` with the metadata PEFT and the Hub read."""
-        from fastlora.model_card import write_model_card
-
-        task = self.active_peft_config.task_type
-        write_model_card(Path(output_dir), self.get_base_model(), task.value if task is not None else None)
-
-    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
-                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
-                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size: Any = None,
-                    tags: Optional[list[str]] = None, safe_serialization: bool = True):
-        """Save the adapter folder (as ``save_pretrained``: adapters and model card) and upload it to the Hugging
-        Face Hub repository ``repo_id`` (created if needed) in one commit; returns the commit info."""
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, safe_serialization=safe_serialization)
-            if tags:
-                from huggingface_hub import ModelCard
-
-                card = ModelCard.load(Path(tmp) / "README.md")
-                card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
-                card.save(Path(tmp) / "README.md")
-            return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
-                                     commit_description=commit_description, private=private, token=token,
-                                     revision=revision, create_pr=create_pr)
-
     # ---- what transformers' Trainer calls ---------------------------------------------------------
 
     def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
         """The wrapped model's gradient checkpointing, with its input embeddings' output requiring grad (as
-        PEFT does), so reentrant checkpointing still sends gradients to the adapters."""
+        PEFT does), so reentrant checkpointing still sends gradients to the adapters (transformers 5 does
+        this itself for token-input models; 4.x only for its own PEFT integration)."""
         self.get_base_model().gradient_checkpointing_enable(*args, **kwargs)
         enable = getattr(self.get_base_model(), "enable_input_require_grads", None)
         if callable(enable):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 enable()
-
-
-def _hub_kwargs(kwargs: dict, caller: str) -> dict:
-    hub_kwargs, rest = hub.split_hub_kwargs(kwargs)
-    if rest:
-        raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
-    return hub_kwargs
-
-
-def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
-    """Loading values into an existing adapter: the file must describe the same adapter."""
-    for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save"):
-        if getattr(have, field) != getattr(file, field):
-            raise ValueError(
-                f"adapter {adapter_name!r} exists with {field}={getattr(have, field)!r} but the file has "
-                f"{getattr(file, field)!r}; delete_adapter() it first or load under another name"
-            )
-
-
-def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, (param_name, _) in expected.items():
-            params[param_name].copy_(tensors[key])
-
-
-def _lookup(state_dict: dict[str, torch.Tensor], param_name: str) -> torch.Tensor:
-    """``param_name`` of the adapted model in a state dict of the LoraModel (or of the adapted model)."""
-    for key in (f"base_model.model.{param_name}", param_name):
-        if key in state_dict:
-            return state_dict[key]
-    raise KeyError(f"state_dict has no entry for {param_name!r}")

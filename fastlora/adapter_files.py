@@ -1,0 +1,260 @@
+"""Adapter files on a ``LoraModel``: save, load, push, and the adapter's tensors under PEFT's keys.
+
+:class:`AdapterFilesMixin` gives ``LoraModel`` PEFT's ``save_pretrained``, ``from_pretrained``,
+``load_adapter``, ``push_to_hub`` and ``create_or_update_model_card``; the file format itself is
+:mod:`fastlora.adapters`, where adapters come from :mod:`fastlora.hub`.
+:func:`get_peft_model_state_dict` and :func:`set_peft_model_state_dict` are PEFT's functions of the
+same names for fastlora models (PEFT's own select tensors by visiting PEFT's layer classes, so they see
+nothing in a fastlora model).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from fastlora import adapters, hub
+from fastlora.config import LoraConfig
+from fastlora.layer import LoRALinear, check_adapter_name
+from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
+
+__all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+
+
+class AdapterFilesMixin:
+    """PEFT's file methods, for ``LoraModel`` (which provides ``peft_config``, ``get_base_model``,
+    ``_add_planned``, ``delete_adapter``, ``set_requires_grad`` and the ``_adapt`` constructor)."""
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
+                     ephemeral_gpu_offload: bool = False, low_cpu_mem_usage: bool = False,
+                     key_mapping: Optional[dict] = None, **kwargs: Any) -> None:
+        """Load a PEFT-format adapter (a directory or a Hub repository id) as ``adapter_name``, as PEFT does:
+
+        * a new name adds the adapter, not active; trainable with ``is_trainable=True``, frozen otherwise;
+        * an existing name gets the file's values in place (same Parameters, flags and config), which is how
+          transformers' Trainer resumes from a checkpoint and restores the best one.
+
+        ``is_trainable=False`` puts the model in eval mode.  Every tensor is checked before anything changes.
+        ``torch_device`` is accepted for PEFT's signature (values land on each layer's device)."""
+        if key_mapping:
+            raise NotImplementedError("load_adapter(key_mapping=...): remapping base-model keys is not supported by fastlora")
+        check_adapter_name(adapter_name)
+        hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
+        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        model = self.get_base_model()
+        if adapter_name in self.peft_config:
+            config = self.peft_config[adapter_name]
+            _check_same_adapter(adapter_name, config, with_task_heads(file_config))
+            targets, to_save = adapters.adapter_targets(model, adapter_name)
+            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            _copy_values(model, expected, tensors)
+        else:
+            config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
+            targets = plan_targets(model, config, adapter_name)
+            to_save = plan_modules_to_save(model, config, adapter_name)
+            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+            try:
+                _copy_values(model, expected, tensors)
+            except BaseException:
+                self.delete_adapter(adapter_name)
+                raise
+            if is_trainable:
+                self.set_requires_grad(adapter_name, True)
+        if not is_trainable:
+            self.eval()
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: Optional[LoraConfig] = None,
+                        autocast_adapter_dtype: bool = True, ephemeral_gpu_offload: bool = False,
+                        low_cpu_mem_usage: bool = False, key_mapping: Optional[dict] = None,
+                        torch_device: Optional[str] = None, **kwargs: Any) -> "AdapterFilesMixin":
+        """Load a PEFT-format adapter (saved by fastlora or PEFT; a directory or a Hub repository id, with
+        ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``) onto ``model`` as PEFT's
+        ``PeftModel.from_pretrained``: ``config`` replaces the file's config; ``is_trainable=False`` (the
+        default) freezes the adapter and puts the model in eval mode.  Every tensor is checked before the
+        model changes."""
+        if key_mapping:
+            raise NotImplementedError("from_pretrained(key_mapping=...): remapping base-model keys is not supported by fastlora")
+        if config is not None and not isinstance(config, LoraConfig):
+            raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
+        check_adapter_name(adapter_name)
+        hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
+        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
+        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
+            raise ValueError("the model already has an adapter: use load_adapter() on its LoraModel to add another")
+        targets = plan_targets(model, config)
+        to_save = plan_modules_to_save(model, config)
+        expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+        adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+        lora_model = cls._adapt(model, config, adapter_name, autocast_adapter_dtype)
+        try:
+            _copy_values(model, expected, tensors)
+        except BaseException:
+            lora_model.unload()
+            raise
+        if not is_trainable:
+            lora_model.eval()
+        return lora_model
+
+    def adapter_tensors(self, adapter_name: Optional[str] = None,
+                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """The tensors of ``adapter_name`` (default: the active one) under PEFT's file keys.  With
+        ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it."""
+        name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
+        model = self.get_base_model()
+        targets, wrappers = adapters.adapter_targets(model, name)
+        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        if state_dict is None:
+            params = dict(model.named_parameters())
+            return {key: params[param] for key, (param, _) in expected.items()}
+        return {key: _lookup(state_dict, param) for key, (param, _) in expected.items()}
+
+    def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
+                             ignore_mismatched_sizes: bool = False):
+        """Copy ``tensors`` (PEFT's file keys) into the existing adapter ``adapter_name``; not strict, returns
+        ``(missing_keys, unexpected_keys)`` as ``load_state_dict`` does.  Shapes are checked before any copy."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        name = self._check_adapter_names([adapter_name])[0]
+        model = self.get_base_model()
+        targets, wrappers = adapters.adapter_targets(model, name)
+        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        given = {key if key.startswith(adapters.PREFIX) else adapters.PREFIX + key: t for key, t in tensors.items()}
+        usable, mismatched = {}, []
+        for key, tensor in given.items():
+            if key in expected:
+                if tuple(tensor.shape) == expected[key][1]:
+                    usable[key] = tensor
+                else:
+                    mismatched.append(f"{key}: {tuple(tensor.shape)} in the state dict, {expected[key][1]} in the model")
+        if mismatched and not ignore_mismatched_sizes:
+            raise ValueError(f"size mismatch for adapter {name!r}: " + "; ".join(mismatched[:4]))
+        if mismatched:
+            warnings.warn(f"skipped tensors of the wrong size: {'; '.join(mismatched[:4])}", UserWarning, stacklevel=3)
+        _copy_values(model, {k: expected[k] for k in usable}, usable)
+        return _IncompatibleKeys(sorted(set(expected) - set(usable)), sorted(set(given) - set(expected)))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Any = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write adapters in PEFT's format, each file atomically: ``default`` at the top of ``save_directory``,
+        every other adapter in a sub-folder named after it (``selected_adapters``: which ones; default all),
+        and a ``README.md`` model card.  ``safe_serialization=False`` writes ``adapter_model.bin``;
+        ``state_dict=`` takes the values from that (full) state dict, e.g. one gathered by FSDP or DeepSpeed;
+        ``is_main_process=False`` writes nothing."""
+        if path_initial_model_for_weight_conversion is not None:
+            raise NotImplementedError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA/OLoRA/CorDA weight conversion "
+                "is not supported by fastlora"
+            )
+        if save_embedding_layers is True:
+            raise NotImplementedError("save_pretrained(save_embedding_layers=True): fastlora adapts no embedding layers")
+        state_dict = kwargs.pop("state_dict", None)
+        if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
+            warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown or not names:
+            raise ValueError(f"selected_adapters must name adapters of this model ({list(self.peft_config)}), got "
+                             f"{selected_adapters!r}")
+        if Path(save_directory).is_file():
+            raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
+        if not is_main_process:
+            return
+        tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
+        for name in names:
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name].replace(inference_mode=True)
+            adapters.write_adapter(directory, config, tensors[name], safe_serialization)
+        self.create_or_update_model_card(save_directory)
+
+    def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
+        """Create or update ``output_dir/README.md`` with the metadata PEFT and the Hub read."""
+        from fastlora.model_card import write_model_card
+
+        task = self.active_peft_config.task_type
+        write_model_card(Path(output_dir), self.get_base_model(), task.value if task is not None else None)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, max_shard_size: Any = None,
+                    tags: Optional[list[str]] = None, safe_serialization: bool = True):
+        """Save the adapter folder (as ``save_pretrained``: adapters and model card) and upload it to the Hugging
+        Face Hub repository ``repo_id`` (created if needed) in one commit; returns the commit info."""
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization)
+            if tags:
+                from huggingface_hub import ModelCard
+
+                card = ModelCard.load(Path(tmp) / "README.md")
+                card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
+                card.save(Path(tmp) / "README.md")
+            return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
+                                     commit_description=commit_description, private=private, token=token,
+                                     revision=revision, create_pr=create_pr)
+
+
+def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor]] = None, adapter_name: str = "default",
+                              unwrap_compiled: bool = False, save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict`` for a fastlora model: the adapter's tensors under the keys of PEFT's
+    adapter file (``base_model.model.<path>.lora_A.weight``, ...).  With ``state_dict`` the values come from it."""
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    if save_embedding_layers is True:
+        raise NotImplementedError("save_embedding_layers=True: fastlora adapts no embedding layers")
+    return model.adapter_tensors(adapter_name, state_dict)
+
+
+def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
+                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
+    """PEFT's ``set_peft_model_state_dict`` for a fastlora model: copy an adapter state dict (PEFT's file keys,
+    with or without the ``base_model.model.`` prefix) into the existing adapter ``adapter_name``.  As PEFT's,
+    it is not strict and returns ``(missing_keys, unexpected_keys)``; a wrong shape raises ValueError (or
+    is skipped with a warning with ``ignore_mismatched_sizes=True``), before any value changes."""
+    return model.load_adapter_tensors(peft_model_state_dict, adapter_name, ignore_mismatched_sizes)
+
+
+def _hub_kwargs(kwargs: dict, caller: str) -> dict:
+    hub_kwargs, rest = hub.split_hub_kwargs(kwargs)
+    if rest:
+        raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
+    return hub_kwargs
+
+
+def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
+    """Loading values into an existing adapter: the file must describe the same adapter."""
+    for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save"):
+        if getattr(have, field) != getattr(file, field):
+            raise ValueError(
+                f"adapter {adapter_name!r} exists with {field}={getattr(have, field)!r} but the file has "
+                f"{getattr(file, field)!r}; delete_adapter() it first or load under another name"
+            )
+
+
+def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, (param_name, _) in expected.items():
+            params[param_name].copy_(tensors[key])
+
+
+def _lookup(state_dict: dict[str, torch.Tensor], param_name: str) -> torch.Tensor:
+    """``param_name`` of the adapted model in a state dict of the LoraModel (or of the adapted model)."""
+    for key in (f"base_model.model.{param_name}", param_name):
+        if key in state_dict:
+            return state_dict[key]
+    raise KeyError(f"state_dict has no entry for {param_name!r}")

@@ -1,0 +1,148 @@
+"""``patch_peft``: run an existing PEFT model's LoRA ``nn.Linear`` layers through fastlora's fused op.
+
+For users who keep their ``peft.PeftModel`` (built with PEFT's ``get_peft_model`` or loaded with
+``PeftModel.from_pretrained``): each PEFT ``lora.Linear`` that fastlora can run gets, on that instance
+only, a ``forward`` that computes ``base_layer(x) + scaling · B(A(dropout(x)))`` with
+:func:`fastlora.lora_linear` — the same math, with fastlora's saved activations (x, S and a seed) and,
+on CUDA, its kernels.  PEFT's modules, parameter names, ``state_dict``, ``save_pretrained`` output,
+merging and ``disable_adapter`` are untouched: whenever a call is outside what the op covers (adapters
+disabled or merged, several active adapters, ``adapter_names=`` per row), the layer runs PEFT's own
+forward.  No class of PEFT or transformers is modified; ``unpatch_peft`` removes the per-instance
+forwards.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from fastlora.functional import BACKENDS, lora_linear
+
+__all__ = ["patch_peft", "unpatch_peft", "PatchReport"]
+
+_MARK = "_fastlora_patch"
+
+
+@dataclass
+class PatchReport:
+    """Which PEFT LoRA layers run through fastlora, and why each other one does not."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"fastlora runs {len(self.patched)} PEFT LoRA layer(s); {len(self.skipped)} left to PEFT"]
+        lines += [f"  {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _static_reason(layer) -> str | None:
+    """Why ``layer`` (a PEFT LoRA layer) can never run through fastlora's op, or None."""
+    import peft
+
+    if not isinstance(layer, peft.tuners.lora.layer.Linear):
+        return f"{type(layer).__name__} is not PEFT's LoRA nn.Linear layer"
+    base = layer.base_layer
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return "base layer has forward hooks (e.g. accelerate offloading) that the fused op would bypass"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    for name in layer.active_adapters:
+        if name in layer.lora_variant:
+            return f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+        if name in layer.lora_B and layer.lora_B[name].bias is not None:
+            return f"adapter {name!r} has lora_bias"
+        if name in layer.lora_dropout and not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+            return f"adapter {name!r} uses {type(layer.lora_dropout[name]).__name__} as dropout"
+    return None
+
+
+def _call_reason(layer, kwargs) -> str | None:
+    """Why this call must go to PEFT's forward, or None when fastlora's op computes it."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapter merged"
+    if kwargs.get("adapter_names") is not None:
+        return "adapter_names= (a different adapter per row)"
+    if len(layer.active_adapters) != 1:
+        return f"{len(layer.active_adapters)} active adapters"
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A:
+        return f"no adapter {name!r} in this layer"
+    if name in layer.lora_variant:
+        return f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
+    if layer.lora_B[name].bias is not None:
+        return f"adapter {name!r} has lora_bias"
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"adapter {name!r} uses {type(dropout).__name__} as dropout"
+    if set(kwargs) - {"adapter_names"}:
+        return f"extra arguments {sorted(kwargs)}"
+    return None
+
+
+def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    patch = self.__dict__[_MARK]
+    if args or _call_reason(self, kwargs) is not None:
+        return patch.peft_forward(x, *args, **kwargs)
+    name = self.active_adapters[0]
+    dropout = self.lora_dropout[name]
+    p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+    base = self.base_layer
+    return lora_linear(
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
+        training=self.training and dropout.training, backend=patch.backend,
+    )
+
+
+@dataclass
+class _Patch:
+    peft_forward: object
+    backend: str
+
+
+def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
+    """Route every PEFT LoRA ``nn.Linear`` layer of ``peft_model`` that fastlora can run through fastlora's op
+    (per instance; see the module docstring).  Returns a :class:`PatchReport`: the layers patched and, for
+    each LoRA layer left to PEFT, why.  Patching twice is harmless; ``unpatch_peft`` undoes it."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("patch_peft needs PEFT installed (pip install peft)") from None
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"patch_peft needs a torch.nn.Module (a PEFT model), got {type(peft_model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    report = PatchReport()
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, peft.tuners.lora.layer.LoraLayer):
+            continue
+        reason = _static_reason(module)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        if _MARK in module.__dict__:
+            module.__dict__[_MARK].backend = backend
+        else:
+            module.__dict__[_MARK] = _Patch(peft_forward=module.forward, backend=backend)
+            module.forward = types.MethodType(_fused_forward, module)
+        report.patched.append(name)
+    if not report.patched and not report.skipped:
+        raise ValueError("patch_peft found no PEFT LoRA layer in the model")
+    return report
+
+
+def unpatch_peft(peft_model: nn.Module) -> int:
+    """Remove the forwards ``patch_peft`` put on the layers of ``peft_model``; returns how many."""
+    count = 0
+    for module in peft_model.modules():
+        if _MARK in module.__dict__:
+            del module.__dict__[_MARK]
+            del module.__dict__["forward"]
+            count += 1
+    return count

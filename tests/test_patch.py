@@ -1,0 +1,137 @@
+"""patch_peft: a PEFT model's LoRA layers through fastlora's op, with PEFT's modules, files, merging and
+disabling unchanged; per instance, undone by unpatch_peft."""
+
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from fastlora import patch_peft, unpatch_peft
+from fastlora.bench.measure import SavedTensorCounter, module_tensors
+from tests.models import SEED_TARGETS, clone, tiny_llama, tokens
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def _peft(dropout=0.0, base=None, **kwargs):
+    torch.manual_seed(0)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32,
+                             lora_dropout=dropout, init_lora_weights=False, **kwargs)
+    return peft.get_peft_model(clone(base if base is not None else tiny_llama()), config)
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_patched_model_gives_peft_outputs_and_gradients():
+    base = tiny_llama()
+    plain, patched = _peft(base=base), _peft(base=base)
+    peft_forward = peft.tuners.lora.layer.Linear.forward
+    report = patch_peft(patched)
+    assert peft.tuners.lora.layer.Linear.forward is peft_forward  # no class was touched
+    assert len(report.patched) == 14 and report.skipped == {}
+    ids = tokens()
+    for model in (plain, patched):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    want, got = _lora_grads(plain), _lora_grads(patched)
+    assert want.keys() == got.keys() and len(got) == 28
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-4, msg=name)
+    plain.eval(), patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_patched_layer_really_runs_fastlora(monkeypatch):
+    model = _peft()
+    patch_peft(model)
+    calls = []
+    import fastlora.patch
+
+    real = fastlora.patch.lora_linear
+    monkeypatch.setattr(fastlora.patch, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        model(input_ids=tokens())
+    assert len(calls) == 14
+
+
+def test_saved_activations_drop_to_x_S_and_a_seed():
+    """One PEFT layer with dropout 0.1: PEFT keeps the dropped copy of x and its mask; patched, x, S and the
+    8-byte seed."""
+    def saved(patch):
+        torch.manual_seed(0)
+        wrap = nn.Sequential()
+        wrap.add_module("proj", nn.Linear(256, 128))
+        wrap = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["proj"], r=8, lora_dropout=0.1), wrap)
+        if patch:
+            patch_peft(wrap)
+        wrap.train()
+        x = torch.randn(64, 256, requires_grad=True)
+        with SavedTensorCounter(exclude=module_tensors(wrap), inputs=[x]) as counter:
+            y = wrap(x)
+        y.sum().backward()
+        return counter
+
+    peft_saved, patched_saved = saved(False), saved(True)
+    x_bytes, s_bytes = 64 * 256 * 4, 64 * 8 * 4
+    assert patched_saved.bytes == x_bytes + s_bytes + 8 and patched_saved.one_element_bytes == 8
+    assert peft_saved.bytes >= 2 * x_bytes + s_bytes  # x and the dropped copy, plus the mask
+
+
+def test_patched_model_trains_with_dropout_and_saves_peft_files(tmp_path):
+    base = tiny_llama()
+    model = _peft(dropout=0.1, base=base)
+    patch_peft(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "patched")
+    _peft(base=base).save_pretrained(tmp_path / "plain")
+    ours, theirs = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("patched", "plain"))
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in theirs.items()}
+    assert sorted(os.listdir(tmp_path / "patched")) == sorted(os.listdir(tmp_path / "plain"))
+    assert all("forward" not in k for k in model.state_dict())
+
+
+def test_merge_and_unload_and_disable_adapter_as_unpatched():
+    base = tiny_llama()
+    plain, patched = _peft(base=base), _peft(base=base)
+    patch_peft(patched)
+    ids = tokens()
+    with torch.no_grad():
+        with patched.disable_adapter():
+            torch.testing.assert_close(patched.eval()(input_ids=ids).logits, base(input_ids=ids).logits)
+        patched.merge_adapter()
+        torch.testing.assert_close(patched(input_ids=ids).logits, plain.eval()(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        patched.unmerge_adapter()
+    merged_plain, merged_patched = plain.merge_and_unload(), patched.merge_and_unload()
+    for (name, a), (_, b) in zip(merged_plain.state_dict().items(), merged_patched.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_report_names_each_layer_left_to_peft_and_unpatch_restores():
+    base = tiny_llama()
+    config = peft.LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4, init_lora_weights=False)
+    model = peft.get_peft_model(clone(base), config)
+    model.base_model.model.model.layers[1].self_attn.v_proj.fan_in_fan_out = True  # a layer fastlora cannot run
+    report = patch_peft(model)
+    assert len(report.patched) == 3
+    assert any("Embedding" in reason for reason in report.skipped.values())
+    assert any("fan_in_fan_out" in reason for reason in report.skipped.values())
+    assert "left to PEFT" in str(report)
+    assert unpatch_peft(model) == 3
+    assert all("forward" not in vars(m) for m in model.modules())
+    with pytest.raises(ValueError, match="no PEFT LoRA layer"):
+        patch_peft(base)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
@@ -132,14 +133,28 @@ class _AdapterNames(list):
 
 
 class LoraTuner(nn.Module):
-    """PEFT's ``base_model`` level: holds the adapted model as ``model``; attribute access falls through to it."""
+    """PEFT's ``base_model`` level: holds the adapted model as ``model``.  The adapter methods PEFT users call
+    at this level (``model.base_model.merge_and_unload()``, ``.set_adapter(...)``, ...) are the owning
+    ``LoraModel``'s; any other attribute falls through to the adapted model."""
 
-    def __init__(self, model: nn.Module) -> None:
+    _OWNER_METHODS = frozenset({
+        "peft_config", "active_adapter", "active_adapters", "set_adapter", "add_adapter", "delete_adapter",
+        "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload", "disable_adapter_layers",
+        "enable_adapter_layers", "set_requires_grad", "add_weighted_adapter", "prefix",
+    })
+
+    def __init__(self, model: nn.Module, owner: "LoraModel") -> None:
         super().__init__()
         self.model = model
+        object.__setattr__(self, "_owner", weakref.ref(owner))  # not a submodule: no cycle in the module tree
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state.pop("_owner", None)  # the owner re-links itself when it is copied or unpickled
+        return state
 
     def __getattr__(self, name: str):
         try:
@@ -147,6 +162,10 @@ class LoraTuner(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
+            ref = self.__dict__.get("_owner")
+            owner = ref() if ref is not None else None
+            if name in LoraTuner._OWNER_METHODS and owner is not None:
+                return getattr(owner, name)
             return getattr(self.model, name)
 
 
@@ -158,7 +177,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
         nn.Module.__init__(self)  # not super(): a subclass may add PEFT's PeftModel behind this class
-        self.base_model = LoraTuner(model)
+        self.base_model = LoraTuner(model, self)
         self._peft_config: dict[str, LoraConfig] = {adapter_name: config}
         self._active_adapter = adapter_name
         self.adapters_enabled = True
@@ -173,6 +192,10 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         if not isinstance(value, dict) or not all(isinstance(c, LoraConfig) for c in value.values()):
             raise TypeError("peft_config must be a dict of adapter name -> fastlora.LoraConfig")
         self._peft_config = value
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        object.__setattr__(self.base_model, "_owner", weakref.ref(self))
 
     @classmethod
     def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool) -> "LoraModel":
@@ -421,6 +444,10 @@ class LoraModel(AdapterFilesMixin, nn.Module):
                                state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """transformers' name for ``adapter_tensors()``: the adapter's tensors under PEFT's file keys."""
         return self.adapter_tensors(adapter_name, state_dict)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError("add_weighted_adapter: weighted combinations of adapters are not supported by "
+                                  "fastlora yet")
 
     def enable_peft_hotswap(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("enable_peft_hotswap: adapter hot-swapping (transformers' PEFT integration) is not "

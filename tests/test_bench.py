@@ -95,6 +95,35 @@ def test_fastlora_torch_layer_keeps_x_s_and_a_seed():
     y.sum().backward()
 
 
+@pytest.mark.parametrize("name, same_as", [("peft+patch", "peft"), ("fastlora-torch+inactive", "fastlora-torch")])
+def test_companion_providers_compute_the_same_layer_and_save_x_s_and_a_seed(name, same_as):
+    M, K, N, r = 32, 16, 24, 4
+    x = torch.randn(M, K, requires_grad=True)
+    built = {}
+    for provider in (name, same_as):
+        torch.manual_seed(0)
+        built[provider] = PROVIDERS[provider].layer(K, N, False, r, 8, 0.0, torch.float32, CPU).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(built[name](x), built[same_as](x))
+    m = PROVIDERS[name].layer(K, N, False, r, 8, 0.1, torch.float32, CPU).train()
+    with SavedTensorCounter(exclude=module_tensors(m), inputs=[x]) as c:
+        y = m(x)
+    assert c.new_bytes == M * r * 4 + 8 and c.one_element_bytes == 8
+    y.sum().backward()
+
+
+def test_companion_target_lines():
+    common = dict(mode="model", case="tiny 2L 4x256", dtype="float32", dropout=0.1)
+    rows = [dict(common, provider="peft", fwd_bwd_ms=1.0, saved_bytes=100),
+            dict(common, provider="fastlora-torch", fwd_bwd_ms=0.8, saved_bytes=64),
+            dict(common, provider="peft+patch", fwd_bwd_ms=0.8, saved_bytes=64),
+            dict(common, provider="fastlora-torch+inactive", fwd_bwd_ms=0.9, saved_bytes=64)]
+    lines = report.targets(rows)
+    assert "tiny 2L 4x256 float32 p=0.1: peft+patch saved / fastlora-torch saved = 1.00 (target ≤ 1): met" in lines
+    assert ("tiny 2L 4x256 float32 p=0.1: fastlora-torch+inactive step time / one adapter's = 1.12 (target ≤ 1.05): "
+            "MISSED") in lines
+
+
 # ---- peak memory ------------------------------------------------------------------------------------
 
 

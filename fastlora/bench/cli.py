@@ -11,7 +11,7 @@ import torch
 from . import report
 from .meta import environment, gpu_name
 from .presets import GPU_SPECS, MODEL_PRESETS, PROJECTIONS, find_gpu_spec, parse_shape, projections
-from .providers import DEFAULT_ORDER, SEED_TARGETS, resolve_providers
+from .providers import ALL_PROVIDERS, SEED_TARGETS, resolve_providers
 from .roofline import Roofline
 from .runner import DTYPES, LayerCase, ModelCase, Quiet, add_ratios, run_layers, run_model
 
@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, help="batch for --model (default: the preset's)")
     g.add_argument("--seq", type=int, help="sequence length for --model (default: the preset's)")
     g.add_argument("--vocab", type=int, help="vocabulary for --model (default: the preset's real one)")
-    g.add_argument("--providers", help=f"comma list from {','.join(DEFAULT_ORDER)} (default: all available)")
+    g.add_argument("--providers", help=f"comma list from {','.join(ALL_PROVIDERS)} (default: all available but "
+                   "fastlora-torch+inactive)")
     g.add_argument("--quick", action="store_true", help="small cases and few repeats: under a minute on a 2-core CPU")
     g = ap.add_argument_group("LoRA and numerics")
     g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank (default 8)")

@@ -8,7 +8,11 @@ config for ``--model``.  Side by side in one run:
                         In ``--model`` mode: every weight frozen, the input embeddings' output requires
                         grad (``model.enable_input_require_grads()``), so the step has a full backward.
 * ``peft``            – Hugging Face PEFT's ``lora.Linear`` (``inject_adapter_in_model``), PEFT defaults.
+* ``peft+patch``      – the same PEFT layer or model after ``fastlora.patch_peft`` (PEFT's modules, fastlora's
+                        op: the torch path on CPU, the kernels on CUDA).
 * ``fastlora-torch``  – fastlora's ``LoRALinear`` with the PyTorch backend.
+* ``fastlora-torch+inactive`` – the same with a second adapter of the same rank that is not active (not
+                        in the default set): it must cost nothing.
 * ``fastlora-triton`` – fastlora's ``LoRALinear`` with the Triton backend (CUDA only, unless asked for by
                         name under ``TRITON_INTERPRET=1``, where the timings mean nothing).
 """
@@ -23,7 +27,7 @@ from torch import nn
 
 from fastlora.functional import triton_interpreter_on
 
-__all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "resolve_providers", "SEED_TARGETS"]
+__all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "ALL_PROVIDERS", "resolve_providers", "SEED_TARGETS"]
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -127,6 +131,22 @@ def _peft_model(model, r, alpha, p, targets):
         return get_peft_model(model, cfg)
 
 
+def _patched_peft_layer(K, N, bias, r, alpha, p, dtype, device):
+    from fastlora import patch_peft
+
+    wrap = _peft_layer(K, N, bias, r, alpha, p, dtype, device)
+    patch_peft(wrap)
+    return wrap
+
+
+def _patched_peft_model(model, r, alpha, p, targets):
+    from fastlora import patch_peft
+
+    model = _peft_model(model, r, alpha, p, targets)
+    patch_peft(model)
+    return model
+
+
 # ---- fastlora ----------------------------------------------------------------------------------------
 
 
@@ -165,7 +185,7 @@ def _fastlora_layer_for(backend):
     return build
 
 
-def _fastlora_model_for(backend):
+def _fastlora_model_for(backend, inactive_adapter=False):
     def adapt(model, r, alpha, p, targets):
         import fastlora
 
@@ -173,10 +193,22 @@ def _fastlora_model_for(backend):
             task_type="CAUSAL_LM", target_modules=list(targets), r=r, lora_alpha=alpha, lora_dropout=p
         )
         out = fastlora.get_peft_model(model, cfg)
+        if inactive_adapter:
+            out.add_adapter("inactive", cfg)
         _set_backend(out, backend)
         return out
 
     return adapt
+
+
+def _fastlora_layer_with_inactive_adapter(K, N, bias, r, alpha, p, dtype, device):
+    from fastlora.layer import AdapterSettings
+
+    m = _fastlora_layer_for("torch")(K, N, bias, r, alpha, p, dtype, device)
+    m.add_adapter("inactive", AdapterSettings(r, alpha, p))
+    m.lora_factors("inactive")[0].requires_grad_(False)
+    m.lora_factors("inactive")[1].requires_grad_(False)
+    return m
 
 
 PROVIDERS: dict[str, Provider] = {
@@ -191,8 +223,14 @@ PROVIDERS: dict[str, Provider] = {
         _fastlora_layer_for("triton"),
         _fastlora_model_for("triton"),
     ),
+    "peft+patch": Provider("peft+patch", _peft_unavailable, _patched_peft_layer, _patched_peft_model),
+    "fastlora-torch+inactive": Provider(
+        "fastlora-torch+inactive", _fastlora_unavailable_for("torch"), _fastlora_layer_with_inactive_adapter,
+        _fastlora_model_for("torch", inactive_adapter=True),
+    ),
 }
-DEFAULT_ORDER = ["frozen", "peft", "fastlora-torch", "fastlora-triton"]
+DEFAULT_ORDER = ["frozen", "peft", "peft+patch", "fastlora-torch", "fastlora-triton"]
+ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive"]
 
 
 def resolve_providers(names: list[str] | None, device: torch.device) -> tuple[list[Provider], dict[str, str]]:
@@ -202,7 +240,7 @@ def resolve_providers(names: list[str] | None, device: torch.device) -> tuple[li
     chosen, skipped = [], {}
     for n in wanted:
         if n not in PROVIDERS:
-            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(DEFAULT_ORDER)}")
+            raise ValueError(f"unknown provider {n!r}; choose from {', '.join(ALL_PROVIDERS)}")
         reason = PROVIDERS[n].unavailable(device, explicit)
         if reason is None:
             chosen.append(PROVIDERS[n])

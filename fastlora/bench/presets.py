@@ -51,10 +51,10 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
     "llama-3-8b": ModelPreset("llama-3-8b", 4096, 14336, 32, 8, 128256, layers=2, batch=4, seq=2048),
     "mistral-7b": ModelPreset("mistral-7b", 4096, 14336, 32, 8, 32768, layers=2, batch=4, seq=2048),
     "qwen2.5-7b": ModelPreset("qwen2.5-7b", 3584, 18944, 28, 4, 152064, layers=2, qkv_bias=True, batch=4, seq=2048),
-    # The CPU target model of issue 4: hidden 512, intermediate 1376, 2 layers, 4 × 256 tokens, fp32.
+    # The CPU target model: hidden 512, intermediate 1376, 2 layers, 4 × 256 tokens, fp32.
     # A 1024-token vocabulary keeps the LM head from dominating the step (with 32000 the logits are
     # 2/3 of the saved activations); with it PEFT saves 1.99× / 1.28× the frozen model's bytes at
-    # p = 0.1 / 0, the figures issue 4 quotes.
+    # p = 0.1 / 0.
     "tiny": ModelPreset("tiny", 512, 1376, 8, 8, 1024, layers=2, batch=4, seq=256),
 }
 

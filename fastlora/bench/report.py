@@ -288,7 +288,7 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
             out.append("")
         tl = targets(rows)
         if tl:
-            out.append("Targets (issue 4, fastlora's torch path):")
+            out.append("Targets (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter):")
             out.append("")
             out.extend(f"- {line}" for line in tl)
             out.append("")

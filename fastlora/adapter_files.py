@@ -56,18 +56,18 @@ class AdapterFilesMixin:
             targets, to_save = adapters.adapter_targets(model, adapter_name)
             expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
             adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-            _copy_values(model, expected, tensors)
+            _copy_values(model, expected, tensors, restore_on_error=True)
         else:
             config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
             targets = plan_targets(model, config, adapter_name)
             to_save = plan_modules_to_save(model, config, adapter_name)
             expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
             adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-            self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+            undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
             try:
                 _copy_values(model, expected, tensors)
             except BaseException:
-                self.delete_adapter(adapter_name)
+                undo()
                 raise
             if is_trainable:
                 self.set_requires_grad(adapter_name, True)
@@ -99,11 +99,11 @@ class AdapterFilesMixin:
         to_save = plan_modules_to_save(model, config)
         expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
         adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-        lora_model = cls._adapt(model, config, adapter_name, autocast_adapter_dtype)
+        lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype)
         try:
             _copy_values(model, expected, tensors)
         except BaseException:
-            lora_model.unload()
+            undo()
             raise
         if not is_trainable:
             lora_model.eval()
@@ -245,11 +245,27 @@ def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -
             )
 
 
-def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor],
+                 restore_on_error: bool = False) -> None:
+    """Copy each file tensor into its parameter.  ``restore_on_error``: the parameters already hold values the
+    model uses, so an error part way puts back the ones already overwritten."""
     params = dict(model.named_parameters())
+    done: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
-        for key, (param_name, _) in expected.items():
-            params[param_name].copy_(tensors[key])
+        try:
+            for key, (param_name, _) in expected.items():
+                param = params[param_name]
+                if restore_on_error:
+                    done.append((param, param.detach().clone()))
+                _copy_one(param, tensors[key])
+        except BaseException:
+            for param, old in done:
+                param.copy_(old)
+            raise
+
+
+def _copy_one(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value)
 
 
 def _lookup(state_dict: dict[str, torch.Tensor], param_name: str) -> torch.Tensor:

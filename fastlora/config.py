@@ -224,8 +224,9 @@ class LoraConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LoraConfig":
-        """Read a PEFT ``adapter_config.json``'s content; refuse features fastlora does not implement.  Keys
-        this version does not know are left out with a warning, as PEFT does with files from newer versions."""
+        """Read a PEFT ``adapter_config.json``'s content; refuse features fastlora does not implement.  A key
+        this version does not know is left out with a warning when it is unset (null, false, empty), as PEFT
+        does with files from newer versions, and refused when it is set."""
         if not isinstance(data, dict):
             raise ValueError(f"an adapter config must be a JSON object, got {type(data).__name__}")
         if data.get("peft_type", "LORA") != "LORA":
@@ -234,8 +235,15 @@ class LoraConfig:
             )
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names - {"peft_type"})
+        switched_on = [k for k in unknown if data[k] not in (None, False, {}, [], "")]
+        if switched_on:  # a field of a newer PEFT, set: it may change what the adapter computes
+            raise UnsupportedFeatureError(
+                f"adapter config sets fields fastlora does not know: "
+                f"{', '.join(f'{k}={data[k]!r}' for k in switched_on)}; refusing rather than ignoring them"
+            )
         if unknown:
-            warnings.warn(f"adapter config fields {unknown} are unknown to fastlora and were ignored", stacklevel=3)
+            warnings.warn(f"adapter config fields {unknown} are unknown to fastlora; they are unset, so ignored",
+                          stacklevel=3)
         return cls(**{key: value for key, value in data.items() if key in names})
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:

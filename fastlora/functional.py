@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -78,8 +79,17 @@ def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, drop
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
+    _check_real("dropout_p", dropout_p)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _check_real(name: str, value) -> None:
+    """A real Python number: not a string, a bool, a tensor, NaN or infinity (each refused by name)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _check_dtypes(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor) -> None:
@@ -117,6 +127,9 @@ def lora_linear(
     reproduces it and activation checkpointing replays it.
     """
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    _check_real("scaling", scaling)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
     dtype = _autocast_dtype(x.device.type)
     if dtype is not None:
         x, weight = x.to(dtype), weight.to(dtype)

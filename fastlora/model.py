@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -42,12 +42,24 @@ def _adapter_dtype(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dty
 
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
-            autocast_adapter_dtype: bool) -> None:
+            autocast_adapter_dtype: bool) -> Callable[[], None]:
     """Give ``adapter_name`` to every target (swapping plain ``nn.Linear`` s for ``LoRALinear``) and a copy of
-    every ``to_save`` module; on any error put every module, adapter and requires_grad flag back."""
+    every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
+    flag back as they were; an error part way through calls it before raising."""
     originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
     flags = {p: p.requires_grad for p in model.parameters()}
     settings = AdapterSettings(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+
+    def undo() -> None:
+        for name, module in originals.items():
+            _set_module(model, name, module)
+            if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
+                module.delete_adapter(adapter_name)
+            elif isinstance(module, ModulesToSaveWrapper):
+                module.delete_adapter(adapter_name)
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+
     try:
         for name in targets:
             module = originals[name]
@@ -67,15 +79,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             else:
                 _set_module(model, name, ModulesToSaveWrapper(module, adapter_name, trainable=False))
     except BaseException:
-        for name, module in originals.items():
-            _set_module(model, name, module)
-            if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
-                module.delete_adapter(adapter_name)
-            elif isinstance(module, ModulesToSaveWrapper):
-                module.delete_adapter(adapter_name)
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
+        undo()
         raise
+    return undo
 
 
 def _check_model_and_config(model, config) -> None:
@@ -115,13 +121,18 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         config = config.replace(revision=revision)
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
-    autocast = autocast_adapter_dtype and config.autocast_adapter_dtype
+    return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype)[0]
+
+
+def _build(model: nn.Module, config: LoraConfig, adapter_name: str,
+           autocast_adapter_dtype: bool) -> tuple["LoraModel", Callable[[], None]]:
+    """Plan, adapt and wrap ``model`` (checks first); returns the LoraModel and the ``undo`` of the adaptation."""
     targets = plan_targets(model, config)
     to_save = plan_modules_to_save(model, config)
-    _inject(model, config, adapter_name, targets, to_save, autocast)
+    undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
     lora_model = _lora_model_class()(model, config, adapter_name)
     lora_model._mark_trainable(adapter_name)
-    return lora_model
+    return lora_model, undo
 
 
 class _AdapterNames(list):
@@ -198,8 +209,10 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         object.__setattr__(self.base_model, "_owner", weakref.ref(self))
 
     @classmethod
-    def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool) -> "LoraModel":
-        return get_peft_model(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+    def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str,
+               autocast_adapter_dtype: bool) -> tuple["LoraModel", Callable[[], None]]:
+        """Adapt ``model`` as ``get_peft_model`` (config already complete); returns the model and an ``undo``."""
+        return _build(model, config, adapter_name, autocast_adapter_dtype)
 
     def __getattr__(self, name: str):
         try:
@@ -473,15 +486,22 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
 
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
-                     autocast_adapter_dtype: bool) -> None:
-        _inject(self.get_base_model(), config, adapter_name, targets, to_save,
-                autocast_adapter_dtype and config.autocast_adapter_dtype)
+                     autocast_adapter_dtype: bool) -> Callable[[], None]:
+        """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
+        undo_inject = _inject(self.get_base_model(), config, adapter_name, targets, to_save,
+                              autocast_adapter_dtype and config.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         for _, layer in self.lora_layers(adapter_name):
             layer.set_adapter(self._active_adapter)  # a layer new to the model points at the model's adapter
         for _, wrapper in self.wrappers():
             wrapper.set_adapter(self._active_adapter)
         self.set_requires_grad(adapter_name, False)
+
+        def undo() -> None:
+            undo_inject()
+            del self.peft_config[adapter_name]
+
+        return undo
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter: the one the forward uses.  Its parameters get

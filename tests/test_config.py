@@ -44,7 +44,10 @@ def test_json_round_trip_and_unsupported_features():
     assert data["peft_type"] == "LORA" and data["task_type"] == "CAUSAL_LM"
     assert data["target_modules"] == sorted(TARGETS) and data["use_dora"] is False
     assert LoraConfig.from_dict(data) == config.replace(target_modules=sorted(TARGETS))
-    assert LoraConfig.from_dict({**data, "some_new_peft_field": 3}).r == 4
+    with pytest.warns(UserWarning, match="some_new_peft_field"):
+        assert LoraConfig.from_dict({**data, "some_new_peft_field": None}).r == 4
+    with pytest.raises(ValueError, match="some_new_peft_field=3"):
+        LoraConfig.from_dict({**data, "some_new_peft_field": 3})
     with pytest.raises(ValueError, match="use_dora"):
         LoraConfig.from_dict({**data, "use_dora": True})
     with pytest.raises(ValueError, match="rank_pattern"):

@@ -1,0 +1,164 @@
+"""Every bad call a user can make, in one table: the exception type, a fragment of its message, and a
+model (state dict and each parameter's requires_grad) unchanged afterwards."""
+
+import json
+import math
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastlora import LoraConfig, LoraModel, LoRALinear, UnsupportedFeatureError, get_peft_model, lora_linear
+from fastlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from tests.models import assert_unchanged, clone, snapshot, tiny_llama
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _args(K=6, N=4, r=2):
+    return torch.randn(3, K), torch.randn(N, K), torch.randn(N), torch.randn(r, K), torch.randn(N, r)
+
+
+def _functional(**changes):
+    x, W, b, A, B = _args()
+    kwargs = dict(x=x, weight=W, bias=b, lora_A=A, lora_B=B, scaling=2.0, dropout_p=0.1)
+    kwargs.update(changes)
+    return lambda ctx: lora_linear(**kwargs)
+
+
+def _adapter_dir(tmp_path, base, edit=None, **config):
+    """A saved adapter for ``base`` (rank 4 unless ``config`` says otherwise), then ``edit(path)``."""
+    folder = tmp_path / "adapter"
+    get_peft_model(clone(base), LoraConfig(target_modules=TARGETS, r=4, **config)).save_pretrained(folder)
+    if edit is not None:
+        edit(folder)
+    return folder
+
+
+def _edit_config(**fields):
+    def edit(folder):
+        data = json.loads((folder / CONFIG_NAME).read_text())
+        for key, value in fields.items():
+            if value is _DELETE:
+                del data[key]
+            else:
+                data[key] = value
+        (folder / CONFIG_NAME).write_text(json.dumps(data))
+    return edit
+
+
+_DELETE = object()
+
+
+def _truncate(folder):
+    data = (folder / WEIGHTS_NAME).read_bytes()
+    (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 3])
+
+
+def _load(edit=None, into="base", **config):
+    def call(ctx):
+        folder = _adapter_dir(ctx["tmp_path"], ctx["base"], edit, **config)
+        if into == "base":
+            return LoraModel.from_pretrained(ctx["model"], folder)
+        return ctx["lora"].load_adapter(folder, adapter_name="second")
+    return call
+
+
+# (id, call(ctx), exception type, message fragment).  ctx: "model" (a plain tiny Llama), "lora" (a fastlora
+# model of it), "base" (a copy to save adapters from), "tmp_path".
+CASES = [
+    # lora_linear's numbers
+    ("dropout as a string", _functional(dropout_p="0.1"), TypeError, "dropout_p must be a real number"),
+    ("scaling as a string", _functional(scaling="2"), TypeError, "scaling must be a real number"),
+    ("dropout as a bool", _functional(dropout_p=True), TypeError, "dropout_p must be a real number"),
+    ("scaling as a tensor", _functional(scaling=torch.tensor(2.0)), TypeError, "scaling must be a real number"),
+    ("NaN scaling", _functional(scaling=math.nan), ValueError, "scaling must be finite"),
+    ("infinite scaling", _functional(scaling=math.inf), ValueError, "scaling must be finite"),
+    ("NaN dropout", _functional(dropout_p=math.nan), ValueError, "dropout_p must be finite"),
+    ("dropout 1", _functional(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("training as a string", lambda ctx: lora_linear(*_args(), 1.0, training="yes"), TypeError, "training must be"),
+    # lora_linear's tensors
+    ("x of the wrong width", _functional(x=torch.randn(3, 5)), ValueError, "in_features=6"),
+    ("factors of two ranks", _functional(lora_B=torch.randn(4, 3)), ValueError, "with one r"),
+    ("integer x", _functional(x=torch.ones(3, 6, dtype=torch.long)), TypeError, "x must be a floating-point tensor"),
+    ("x and weight dtypes differ", _functional(x=torch.randn(3, 6, dtype=torch.float64)), TypeError, "share one dtype"),
+    ("factor dtypes differ", _functional(lora_A=torch.randn(2, 6, dtype=torch.float64)), TypeError, "lora_A and lora_B"),
+    ("tensors on two devices", _functional(x=torch.randn(3, 6, device="meta")), ValueError, "one device"),
+    ("weight not a tensor", _functional(weight=[[1.0]]), TypeError, "weight must be a torch.Tensor"),
+    ("unknown backend", lambda ctx: lora_linear(*_args(), 1.0, backend="cuda"), ValueError, "backend must be one of"),
+    # LoRALinear
+    ("rank 0", lambda ctx: LoRALinear(16, 16, r=0), ValueError, "r must be an integer >= 1"),
+    ("alpha as a string", lambda ctx: LoRALinear(16, 16, lora_alpha="8"), ValueError, "lora_alpha must be"),
+    ("NaN layer dropout", lambda ctx: LoRALinear(16, 16, lora_dropout=math.nan), ValueError, "lora_dropout"),
+    ("unknown init", lambda ctx: LoRALinear(16, 16, init_lora_weights="pissa"), ValueError, "init_lora_weights"),
+    ("from_linear of a conv", lambda ctx: LoRALinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError, "needs an nn.Linear"),
+    # LoraConfig
+    ("config rank as a string", lambda ctx: LoraConfig(target_modules=TARGETS, r="8"), ValueError, "r must be"),
+    ("config targets as a number", lambda ctx: LoraConfig(target_modules=5), TypeError, "target_modules"),
+    ("config without targets", lambda ctx: LoraConfig(), ValueError, "target_modules must name"),
+    ("unknown bias mode", lambda ctx: LoraConfig(target_modules=TARGETS, bias="some"), ValueError, "bias must be"),
+    ("config dropout as a string", lambda ctx: LoraConfig(target_modules=TARGETS, lora_dropout="0.1"), ValueError, "lora_dropout"),
+    ("DoRA", lambda ctx: LoraConfig(target_modules=TARGETS, use_dora=True), UnsupportedFeatureError, "use_dora"),
+    ("unknown task", lambda ctx: LoraConfig(target_modules=TARGETS, task_type="GAME"), ValueError, "task_type"),
+    # get_peft_model and the model's methods
+    ("unknown target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["query"])), ValueError, "matched no module"),
+    ("non-Linear target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["mlp"])), TypeError, "not nn.Linear"),
+    ("PEFT's config", lambda ctx: get_peft_model(ctx["model"], peft.LoraConfig(target_modules=TARGETS)), TypeError, "fastlora.LoraConfig"),
+    ("applying twice", lambda ctx: get_peft_model(ctx["lora"].get_base_model(), LoraConfig(target_modules=TARGETS)), ValueError, "already has an adapter"),
+    ("adapter name with a dot", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), adapter_name="a.b"), ValueError, "without '.'"),
+    ("mixed adapter types", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), mixed=True), NotImplementedError, "mixed=True"),
+    ("unknown adapter", lambda ctx: ctx["lora"].set_adapter("nope"), ValueError, "not found"),
+    ("deleting the last adapter", lambda ctx: ctx["lora"].delete_adapter("default"), ValueError, "only adapter"),
+    ("adapter names as a string", lambda ctx: ctx["lora"].merge_and_unload(adapter_names="default"), TypeError, "list of strings"),
+    ("saving into a file", lambda ctx: ctx["lora"].save_pretrained(ctx["tmp_path"] / "file.txt"), ValueError, "not a file"),
+    # adapter files
+    ("adapter of another rank", _load(_edit_config(r=8)), ValueError, "wrong rank or a different base model"),
+    ("adapter of another model", lambda ctx: LoraModel.from_pretrained(ctx["model"], _adapter_dir(ctx["tmp_path"], tiny_llama(hidden_size=32, intermediate_size=48))), ValueError, "shape"),
+    ("truncated weights", _load(_truncate), ValueError, "not a readable safetensors file"),
+    ("corrupt config", _load(lambda f: (f / CONFIG_NAME).write_text("{not json")), ValueError, "not valid JSON"),
+    ("config without targets", _load(_edit_config(target_modules=_DELETE)), ValueError, "target_modules"),
+    ("config rank as a string", _load(_edit_config(r="4")), ValueError, "invalid field"),
+    ("config with an unknown set field", _load(_edit_config(future_feature={"on": True})), UnsupportedFeatureError, "future_feature"),
+    ("config of another method", _load(_edit_config(peft_type="IA3")), UnsupportedFeatureError, "not a LoRA adapter"),
+    ("config turning on DoRA", _load(_edit_config(use_dora=True)), UnsupportedFeatureError, "use_dora"),
+    ("weights file missing", _load(lambda f: (f / WEIGHTS_NAME).unlink()), ValueError, "does not exist"),
+    ("loading a second adapter of another rank", _load(_edit_config(r=8), into="lora"), ValueError, "wrong rank"),
+    ("a path that does not exist", lambda ctx: LoraModel.from_pretrained(ctx["model"], ctx["tmp_path"] / "no" / "where"), ValueError, "neither a local directory nor a valid Hub"),
+    ("a path that is a file", lambda ctx: LoraModel.from_pretrained(ctx["model"], __file__), ValueError, "is a file"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_call_is_refused_and_changes_nothing(call, error, match, tmp_path):
+    base = tiny_llama()
+    ctx = {"base": base, "model": clone(base), "tmp_path": tmp_path,
+           "lora": get_peft_model(clone(base), LoraConfig(target_modules=TARGETS, r=4))}
+    (tmp_path / "file.txt").write_text("x")
+    before = {name: snapshot(ctx[name]) for name in ("model", "lora")}
+    with pytest.raises(error, match=match):
+        call(ctx)
+    for name in ("model", "lora"):
+        assert_unchanged(ctx[name], before[name])
+
+
+def test_the_table_is_long_enough():
+    assert len(CASES) >= 30
+
+
+def test_merging_twice_and_unmerging_unmerged_warn_as_peft():
+    fm = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS))
+    fm.merge_adapter()
+    with pytest.warns(UserWarning, match="already merged"):
+        fm.merge_adapter()
+    fm.unmerge_adapter()
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        fm.unmerge_adapter()
+
+
+def test_from_linear_defaults_as_the_constructor():
+    linear = nn.Linear(16, 16)
+    layer, direct = LoRALinear.from_linear(linear, r=4), LoRALinear(16, 16, r=4)
+    assert (layer.r, layer.lora_alpha, layer.scaling) == (direct.r, direct.lora_alpha, direct.scaling) == (4, 8, 2.0)
+    assert LoRALinear.from_linear(nn.Linear(4, 4)).r == 8

@@ -10,13 +10,27 @@ COMMANDS = {
 }
 
 
+def _usage() -> str:
+    lines = ["usage: fastlora {demo,bench} [options]   |   fastlora --version", ""]
+    lines += [f"  {name:<6} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "fastlora COMMAND --help shows the options of COMMAND"]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastlora {demo,bench} [options]\n")
-        for name, (_, text) in COMMANDS.items():
-            print(f"  {name:<6} {text}")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import fastlora
+
+        print(f"fastlora {fastlora.__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        kind = "option" if argv[0].startswith("-") else "command"
+        print(f"fastlora: unknown {kind} {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
     import importlib
 
     module = importlib.import_module(COMMANDS[argv[0]][0])

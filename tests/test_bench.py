@@ -341,3 +341,54 @@ def test_report_embeds_between_readme_markers(tmp_path):
     (tmp_path / "bare.md").write_text("no markers")
     with pytest.raises(SystemExit, match="markers"):
         embed_in_readme(tmp_path / "bare.md", "x")
+
+
+# ---- a benchmark that never misleads -----------------------------------------------------------------
+
+
+def _model_rows(**fastlora_fields):
+    common = dict(mode="model", case="tiny 2L 4x256", dtype="float32", dropout=0.1, other_load=0.01)
+    return [dict(common, provider="frozen", fwd_bwd_ms=0.5, saved_bytes=50),
+            dict(common, provider="peft", fwd_bwd_ms=1.0, saved_bytes=100),
+            dict(common, **{"provider": "fastlora-torch", "fwd_bwd_ms": 0.8, "saved_bytes": 64, **fastlora_fields})]
+
+
+def test_targets_are_not_judged_on_unreliable_timings():
+    assert "step time / PEFT step time = 0.80 (target ≤ 0.85): met" in "\n".join(report.targets(_model_rows()))
+    loaded = report.targets(_model_rows(other_load=0.4))
+    line = next(t for t in loaded if "step time" in t)
+    assert "not judged (fastlora-torch: other processes used 40% of the CPUs" in line
+    assert any("saved / PEFT saved = 0.64 (target ≤ 0.7): met" in t for t in loaded)  # bytes do not depend on load
+    noisy = report.targets(_model_rows(fwd_bwd_ms_q1=0.5, fwd_bwd_ms_q3=0.9))
+    assert "not judged (fastlora-torch: its rounds spread 50% of the median" in next(t for t in noisy if "step time" in t)
+    table = report.format_table(_model_rows(fwd_bwd_ms=0.1))
+    assert "! fastlora-torch: not reliable: faster than the frozen base (0.100 < 0.500 ms): impossible" in table
+    assert "not judged" in next(t for t in report.targets(_model_rows(fwd_bwd_ms=0.1)) if "step time" in t)
+
+
+def test_markdown_of_an_ad_hoc_run_does_not_claim_the_results_directory():
+    doc = {"schema": report.SCHEMA, "meta": {}, "rows": _model_rows(other_load=0.3)}
+    ad_hoc = report.markdown([doc], from_results_dir=False)
+    assert "bench/results" not in ad_hoc and "Measured by the command below" in ad_hoc
+    assert "Timings not to be trusted" in ad_hoc and "other processes used 30% of the CPUs" in ad_hoc
+    assert "bench/results" in report.markdown([doc])
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, capsys):
+    import sys
+
+    from fastlora.bench import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--plot", "x.png"])
+    assert "pip install 'fastlora-kernels[bench]'" in capsys.readouterr().err
+
+
+def test_profiler_chatter_does_not_reach_the_terminal(capfd):
+    from fastlora.bench.measure import peak_memory
+
+    x = torch.randn(64, 64, requires_grad=True)
+    peak, how = peak_memory(lambda: (x @ x).sum().backward(), CPU)
+    assert peak is not None and how.startswith("cpu allocator")
+    assert "USDT" not in capfd.readouterr().err

@@ -129,7 +129,13 @@ class _Progress:
 
 def main(argv: list[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv_list)
+    parser = build_parser()
+    args = parser.parse_args(argv_list)
+    if args.plot:
+        try:  # before any measuring: a missing plotting library must not cost the user the run
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'fastlora-kernels[bench]' (or pip install matplotlib)")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.plot}")
     if args.markdown:
         doc = {"schema": report.SCHEMA, "meta": meta, "rows": [{**meta, **r} for r in rows], **extra}
-        text = report.markdown([doc])
+        text = report.markdown([doc], from_results_dir=False)
         if args.markdown == "-":
             print(text)
         else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -133,13 +134,34 @@ def count_saved(
     return c.bytes, c.new_bytes, out
 
 
+@contextmanager
+def _native_stderr_silenced():
+    """Send what native code writes to file descriptor 2 to /dev/null (torch's profiler prints a
+    ``USDT ... profiler_start/stop`` line per use); Python's own stderr is flushed first and restored after."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to redirect
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _cpu_peak_from_profiler(step: Callable[[], None]) -> int | None:
     from torch.profiler import ProfilerActivity, profile
 
     fd, path = tempfile.mkstemp(suffix=".json", prefix="fastlora-bench-")
     os.close(fd)
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        with _native_stderr_silenced(), \
+                profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
             step()
         prof.export_chrome_trace(path)
         with open(path) as f:
@@ -186,7 +208,7 @@ def profile_ops(step: Callable[[], None], device: torch.device, top: int = 12) -
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with _native_stderr_silenced(), profile(activities=acts) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -40,6 +40,11 @@ TARGET_PATCHED_SAVED_VS_FASTLORA = 1.0
 TARGET_INACTIVE_SAVED_VS_ONE = 1.0
 TARGET_INACTIVE_TIME_VS_ONE = 1.05
 
+# When a timing is not trusted: other processes used more than this share of the CPUs while it was timed,
+# or its rounds' interquartile range is more than this share of its median.
+MAX_OTHER_LOAD = 0.10
+MAX_SPREAD = 0.25
+
 
 # ---- formatting helpers ----------------------------------------------------------------------------
 
@@ -126,9 +131,41 @@ def _columns(mode: str, with_floor: bool):
     ]
 
 
+def _case_key(row: dict) -> tuple:
+    return (row["mode"], row.get("case"), row.get("dtype"), row.get("dropout"))
+
+
+def unreliable(rows: list[dict]) -> dict[int, str]:
+    """``id(row)`` → why the row's timing is not to be trusted: measured while other processes used a large
+    share of the CPUs, rounds spread too wide, or a LoRA provider faster than the frozen base of its case
+    (impossible: the measurement was disturbed).  Rows absent from the result are trusted."""
+    floor = {_case_key(r): r.get("fwd_bwd_ms") for r in rows if r["provider"] == "frozen"}
+    out = {}
+    for r in rows:
+        reasons = []
+        load = r.get("other_load")
+        if load is not None and load > MAX_OTHER_LOAD:
+            reasons.append(f"other processes used {100 * load:.0f}% of the CPUs while it was timed")
+        q1, q3, med = r.get("fwd_bwd_ms_q1"), r.get("fwd_bwd_ms_q3"), r.get("fwd_bwd_ms")
+        if q1 is not None and q3 is not None and med and (q3 - q1) / med > MAX_SPREAD:
+            reasons.append(f"its rounds spread {100 * (q3 - q1) / med:.0f}% of the median (quartiles)")
+        base = floor.get(_case_key(r))
+        if r["provider"] != "frozen" and base and med is not None and med < base:
+            reasons.append(f"faster than the frozen base ({_ms(med)} < {_ms(base)} ms): impossible, the measurement "
+                           f"was disturbed")
+        if reasons:
+            out[id(r)] = "; ".join(reasons)
+    return out
+
+
+def _warnings(group: list[dict], doubts: dict[int, str]) -> list[str]:
+    return [f"{r['provider']}: not reliable: {doubts[id(r)]}" for r in group if id(r) in doubts]
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table per mode, one block per case."""
+    """A plain-text table per mode, one block per case; rows whose timing is not reliable are named under it."""
     out = []
+    doubts = unreliable(rows)
     for mode in ("layer", "model"):
         mrows = [r for r in rows if r["mode"] == mode]
         if not mrows:
@@ -143,6 +180,7 @@ def format_table(rows: list[dict]) -> str:
                 out.append("  " + "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
                 if j == 0:
                     out.append("  " + "  ".join("-" * w for w in widths))
+            out.extend(f"  ! {line}" for line in _warnings(group, doubts))
             out.append("")
     tl = targets(rows)
     if tl:
@@ -187,8 +225,10 @@ def _machine_line(meta: dict) -> str:
 
 
 def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
-    """Lines checking the project's targets from model rows (empty if the rows do not have them)."""
+    """Lines checking the project's targets from model rows (empty if the rows do not have them).  A timing
+    target whose rows are not reliable (see :func:`unreliable`) is "not judged", with the reason."""
     lines = []
+    doubts = unreliable(rows)
     by = {}
     for r in rows:
         if r["mode"] == "model":
@@ -218,19 +258,28 @@ def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
                     checks.append(("saved / PEFT saved", fl["saved_bytes"] / pe["saved_bytes"], TARGET_SAVED_VS_PEFT))
                 if pe.get("fwd_bwd_ms"):
                     checks.append(("step time / PEFT step time", fl["fwd_bwd_ms"] / pe["fwd_bwd_ms"], TARGET_TIME_VS_PEFT))
+            doubt = _doubt(doubts, fl, pe)
             for name, v, tgt in checks:
-                lines.append(_target_line(f"{head} {provider} {name}", v, tgt))
-            lines += _companion_targets(head, by, case, dtype, p, fl)
+                timed = "time" in name
+                lines.append(_target_line(f"{head} {provider} {name}", v, tgt, doubt if timed else None))
+            lines += _companion_targets(head, by, case, dtype, p, fl, doubts)
     return lines
 
 
-def _target_line(label: str, value: float, target: float) -> str:
-    ok = "met" if value <= target + 1e-9 else "MISSED"
+def _doubt(doubts: dict[int, str], *rows) -> str | None:
+    reasons = [f"{r['provider']}: {doubts[id(r)]}" for r in rows if r is not None and id(r) in doubts]
+    return "; ".join(reasons) or None
+
+
+def _target_line(label: str, value: float, target: float, doubt: str | None = None) -> str:
     shown = f"{value:.6f}" if value > target + 1e-9 and round(value, 2) <= target else f"{value:.2f}"
+    if doubt:
+        return f"{label} = {shown} (target ≤ {target:g}): not judged ({doubt})"
+    ok = "met" if value <= target + 1e-9 else "MISSED"
     return f"{label} = {shown} (target ≤ {target:g}): {ok}"
 
 
-def _companion_targets(head: str, by: dict, case, dtype, p, fl: dict) -> list[str]:
+def _companion_targets(head: str, by: dict, case, dtype, p, fl: dict, doubts: dict[int, str]) -> list[str]:
     """peft+patch against fastlora (saved bytes), and fastlora with an inactive second adapter against
     fastlora with one (saved bytes and step time), where the rows are there."""
     lines = []
@@ -243,16 +292,19 @@ def _companion_targets(head: str, by: dict, case, dtype, p, fl: dict) -> list[st
         lines.append(_target_line(f"{head} fastlora-torch+inactive saved / one adapter's",
                                   inactive["saved_bytes"] / fl["saved_bytes"], TARGET_INACTIVE_SAVED_VS_ONE))
         lines.append(_target_line(f"{head} fastlora-torch+inactive step time / one adapter's",
-                                  inactive["fwd_bwd_ms"] / fl["fwd_bwd_ms"], TARGET_INACTIVE_TIME_VS_ONE))
+                                  inactive["fwd_bwd_ms"] / fl["fwd_bwd_ms"], TARGET_INACTIVE_TIME_VS_ONE,
+                                  _doubt(doubts, inactive, fl)))
     return lines
 
 
-def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
-    """The README performance section for one or more results documents (``read_results`` output)."""
+def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_dir: bool = True) -> str:
+    """The performance section for one or more results documents (``read_results`` output): the README's
+    (``from_results_dir``: the documents are the committed files of ``bench/results/``) or an ad-hoc run's."""
     out = ["## Performance", ""]
+    origin = ("Generated by `python -m fastlora.bench.report` from the files in `bench/results/`; every figure "
+              "below is in one of them." if from_results_dir else "Measured by the command below, on this machine.")
     out.append(
-        "Generated by `python -m fastlora.bench.report` from the files in `bench/results/`; every figure "
-        "below is in one of them. Ratios are per case, measured in one run with the providers interleaved "
+        f"{origin} Ratios are per case, measured in one run with the providers interleaved "
         "(median of the timed rounds after warm-up). *frozen* is the base layer/model with every weight "
         "frozen and the input requiring grad (the floor); *saved* is the bytes autograd keeps for backward "
         "(unique storages, parameters excluded), measured with `saved_tensors_hooks`; *peak* is the most "
@@ -273,6 +325,8 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
         if src:
             out.append(f"Source: `{src}`" + (f"; command: `{doc['command']}`" if doc.get("command") else ""))
             out.append("")
+        elif doc.get("command"):
+            out += [f"Command: `{doc['command']}`", ""]
         for m in ("layer", "model"):
             mrows = [r for r in rows if r["mode"] == m]
             if not mrows:
@@ -280,12 +334,16 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
             with_floor = any(r.get("floor_ms") for r in mrows)
             cols = _columns(m, with_floor)
             header = ["case"] + [h for h, _ in cols]
-            body = []
+            body, notes = [], []
+            doubts = unreliable(mrows)
             for label, group in _grouped(mrows):
                 for i, r in enumerate(group):
                     body.append([label if i == 0 else ""] + [f(r) for _, f in cols])
+                notes += [f"- {label}, {line}" for line in _warnings(group, doubts)]
             out.extend(_md_table(header, body))
             out.append("")
+            if notes:
+                out += ["Timings not to be trusted (their ratios are not judged):", "", *notes, ""]
         tl = targets(rows)
         if tl:
             out.append("Targets (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter):")
@@ -298,6 +356,8 @@ def markdown(results: list[dict], plot_links: Iterable[str] = ()) -> str:
     for link in plot_links:
         out.append(f"![fastlora benchmark]({link})")
         out.append("")
+    if not from_results_dir:
+        return "\n".join(out).rstrip() + "\n"
     out += [
         "Reproduce on your hardware:",
         "",

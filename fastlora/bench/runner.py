@@ -8,6 +8,7 @@ are the median over the timed rounds, after the warm-up rounds.
 from __future__ import annotations
 
 import gc
+import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -108,12 +109,15 @@ def _round(providers, iterate, device, warmup, repeats, progress=None, quiet: Qu
 
 def _timing_fields(fwd: list[float], bwd: list[float]) -> dict:
     tot = [a + b for a, b in zip(fwd, bwd)]
+    quartiles = statistics.quantiles(tot, n=4) if len(tot) >= 2 else [None, None, None]
     return {
         "fwd_ms": median(fwd),
         "bwd_ms": median(bwd),
         "fwd_bwd_ms": median(tot),
         "fwd_bwd_ms_min": min(tot) if tot else None,
         "fwd_bwd_ms_max": max(tot) if tot else None,
+        "fwd_bwd_ms_q1": quartiles[0],
+        "fwd_bwd_ms_q3": quartiles[2],
     }
 
 

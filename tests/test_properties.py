@@ -1,0 +1,228 @@
+"""Property tests (hypothesis): lora_linear on random shapes, dtypes, layouts, dropout and requires_grad
+subsets, on the torch path and the kernel path (Triton's interpreter on CPU), against a float64
+computation of the same math with the same dropout mask, forward and every gradient, each output within
+the tolerance of its own dtype (tests/tolerances.py, relative to the output's largest magnitude).
+
+Also: NaN and Inf propagate as in the float64 computation; the same seed gives bit-identical outputs and
+gradients; different seeds give different masks; the kept fraction matches 1-p.
+
+Example budget: the ``ci`` profile (the default: fixed examples, seconds); ``FASTLORA_HYPOTHESIS_PROFILE=long``
+runs many random examples on demand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastlora import lora_linear, reference
+from fastlora.functional import triton_interpreter_on
+from tests import philox
+from tests.tolerances import TOLERANCES
+
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = os.environ.get("FASTLORA_HYPOTHESIS_PROFILE", "ci")
+# The interpreter runs kernels as numpy, one program after another: a third of the torch path's budget.
+KERNEL_EXAMPLES = settings.get_profile(PROFILE).max_examples // 3
+
+f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+_SEED_HIGH = 2**31 - 1
+NAMES = ("x", "weight", "bias", "lora_A", "lora_B")
+
+
+@st.composite
+def cases(draw):
+    shape = {
+        "M": draw(st.sampled_from([0, 1]) | st.integers(2, 40)),
+        "K": draw(st.integers(1, 48)),
+        "N": draw(st.integers(1, 48)),
+        "r": draw(st.integers(1, 16)),
+    }
+    dtype = draw(st.sampled_from([f32, f16, bf16]))
+    return {
+        **shape,
+        "bias": draw(st.booleans()),
+        "batch": draw(st.sampled_from([None, 2, 3])),  # 3-D x: (batch, M, K)
+        "layout": draw(st.sampled_from(["contiguous", "transposed", "sliced", "expanded"])),
+        "dtype": dtype,
+        "adapter_dtype": draw(st.sampled_from([dtype, f32])),
+        "p": draw(st.sampled_from([0.0]) | st.floats(0.0, 0.9)),
+        "training": draw(st.booleans()),
+        "grads": draw(st.fixed_dictionaries({n: st.booleans() for n in NAMES})),
+        "scaling": draw(st.sampled_from([0.5, 2.0, 4.0])),
+        "seed": draw(st.integers(0, 2**31 - 2)),
+    }
+
+
+def _leaves(c, generator):
+    """The tensors handed to lora_linear (x possibly a view of a leaf) and the leaves gradients land on."""
+    M, K, N, r, dtype = c["M"], c["K"], c["N"], c["r"], c["dtype"]
+    batch = () if c["batch"] is None else (c["batch"],)
+
+    def rand(*size, dtype=dtype, scale=1.0):
+        return (torch.randn(*size, generator=generator) * scale).to(dtype)
+
+    if c["layout"] == "transposed":
+        leaf_x = rand(*batch, K, M)
+        view = lambda t: t.transpose(-1, -2)  # noqa: E731
+    elif c["layout"] == "sliced":
+        leaf_x = rand(*batch, M, K + 3)
+        view = lambda t: t[..., 1 : K + 1]  # noqa: E731
+    elif c["layout"] == "expanded":
+        leaf_x = rand(*batch, 1, K)
+        view = lambda t: t.expand(*batch, M, K)  # noqa: E731
+    else:
+        leaf_x = rand(*batch, M, K)
+        view = lambda t: t  # noqa: E731
+    leaves = {
+        "x": leaf_x, "weight": rand(N, K, scale=K**-0.5), "bias": rand(N) if c["bias"] else None,
+        "lora_A": rand(r, K, dtype=c["adapter_dtype"], scale=K**-0.5),
+        "lora_B": rand(N, r, dtype=c["adapter_dtype"], scale=r**-0.5),
+    }
+    for name, t in leaves.items():
+        if t is not None:
+            t.requires_grad_(c["grads"][name])
+    return leaves, view
+
+
+def _mask(path, seed, rows, cols, p):
+    if path == "torch":
+        return reference.cpu_keep_mask(seed, (rows, cols), p)
+    return philox.keep_mask(seed, rows, cols, p)
+
+
+def _run(path, c, leaves, view, dy_seed=7):
+    """lora_linear on the path: (y, {leaf: grad}); the dropout seed it drew is recovered from torch's RNG."""
+    torch.manual_seed(c["seed"])
+    y = lora_linear(view(leaves["x"]), leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"],
+                    c["scaling"], c["p"], training=c["training"], backend=path)
+    grads = {}
+    if y.requires_grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(y.dtype)
+        wanted = [t for t in leaves.values() if t is not None and t.requires_grad]
+        grads = dict(zip([n for n, t in leaves.items() if t is not None and t.requires_grad],
+                         torch.autograd.grad(y, wanted, dy, allow_unused=True)))
+    return y, grads
+
+
+def _float64(path, c, leaves, view, dy_seed=7):
+    """The same math in float64 with the path's dropout mask (a dropped element contributes exactly 0)."""
+    torch.manual_seed(c["seed"])
+    seed = int(torch.randint(0, _SEED_HIGH, (1,)))
+    ref = {n: (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None) for n, t in leaves.items()}
+    x = view(ref["x"])
+    rows = x.reshape(-1, c["K"])
+    dropped = rows
+    if c["training"] and c["p"] > 0:
+        keep = _mask(path, seed, rows.shape[0], c["K"], c["p"])
+        dropped = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype)) / (1.0 - c["p"])
+    y = rows @ ref["weight"].T + c["scaling"] * ((dropped @ ref["lora_A"].T) @ ref["lora_B"].T)
+    if ref["bias"] is not None:
+        y = y + ref["bias"]
+    y = y.reshape(*x.shape[:-1], c["N"])
+    grads = {}
+    if y.requires_grad:
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(dy_seed)).to(c["dtype"]).double()
+        wanted = [t for t in ref.values() if t is not None and t.requires_grad]
+        grads = dict(zip([n for n, t in ref.items() if t is not None and t.requires_grad],
+                         torch.autograd.grad(y, wanted, dy, allow_unused=True)))
+    return y, grads
+
+
+def _close(got, want, what):
+    assert got.dtype in TOLERANCES, what
+    atol, rtol = TOLERANCES[got.dtype]
+    assert got.shape == want.shape, what
+    if got.numel() == 0:
+        return
+    scale = want.abs().max().item() or 1.0
+    err = (got.double() - want).abs()
+    bound = atol * scale + rtol * want.abs()
+    assert bool((err <= bound).all()), f"{what}: max error {err.max().item():.3g} at scale {scale:.3g} ({got.dtype})"
+
+
+def _check_against_float64(path, c):
+    leaves, view = _leaves(c, torch.Generator().manual_seed(c["seed"] % 1000))
+    y, grads = _run(path, c, leaves, view)
+    y64, grads64 = _float64(path, c, leaves, view)
+    assert y.dtype == c["dtype"]
+    _close(y, y64, "y")
+    assert grads.keys() == grads64.keys()
+    for name, g in grads.items():
+        leaf = leaves[name]
+        assert g is not None and g.dtype == leaf.dtype, name  # each gradient in its own tensor's dtype
+        _close(g, grads64[name], f"d{name}")
+
+
+@settings(settings.get_profile(PROFILE))
+@given(cases())
+def test_torch_path_matches_float64(c):
+    _check_against_float64("torch", c)
+
+
+@pytest.mark.skipif(not triton_interpreter_on() and not torch.cuda.is_available(), reason="needs Triton (interpreter or CUDA)")
+@settings(settings.get_profile(PROFILE), max_examples=max(KERNEL_EXAMPLES, 1))
+@given(cases())
+def test_kernel_path_matches_float64(c):
+    _check_against_float64("triton", c)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("where", ["x", "lora_A"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_inf_propagate_as_in_float64(path, where, bad):
+    c = {"M": 6, "K": 8, "N": 5, "r": 2, "bias": True, "batch": None, "layout": "contiguous", "dtype": f32,
+         "adapter_dtype": f32, "p": 0.0, "training": True, "grads": dict.fromkeys(NAMES, True), "scaling": 2.0,
+         "seed": 3}
+    leaves, view = _leaves(c, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        leaves[where][1, 2] = bad
+    y, grads = _run(path, c, leaves, view)
+    y64, grads64 = _float64(path, c, leaves, view)
+    for name, got, want in [("y", y, y64), *((f"d{n}", grads[n], grads64[n]) for n in grads)]:
+        assert torch.equal(torch.isnan(got), torch.isnan(want)), name
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), name
+        finite = torch.isfinite(want)
+        torch.testing.assert_close(got[finite], want[finite].float(), atol=1e-4, rtol=1e-4, msg=name)
+    assert torch.isnan(y).any() or torch.isinf(y).any()
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_same_seed_is_bit_identical_and_other_seeds_differ(path):
+    c = {"M": 33, "K": 40, "N": 24, "r": 4, "bias": True, "batch": None, "layout": "contiguous", "dtype": f32,
+         "adapter_dtype": f32, "p": 0.3, "training": True, "grads": dict.fromkeys(NAMES, True), "scaling": 2.0,
+         "seed": 11}
+    leaves, view = _leaves(c, torch.Generator().manual_seed(0))
+    first, again = _run(path, c, leaves, view), _run(path, c, leaves, view)
+    assert torch.equal(first[0], again[0])
+    assert all(torch.equal(first[1][n], again[1][n]) for n in first[1])
+    other = _run(path, {**c, "seed": 12}, leaves, view)
+    assert not torch.equal(first[0], other[0])
+    masks = [_mask(path, s, 33, 40, 0.3) for s in (1, 2)]
+    assert not torch.equal(*masks)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_kept_fraction_is_one_minus_p(path, p):
+    """Over 200,000 elements the kept fraction is within 6 standard deviations of 1 - p (a false alarm about
+    once in 10^9 runs); the mask is also what lora_linear applies (recovered through an identity case)."""
+    rows, cols = 400, 500
+    kept = _mask(path, 1234, rows, cols, p).float().mean().item()
+    sigma = math.sqrt(p * (1 - p) / (rows * cols))
+    assert abs(kept - (1 - p)) <= 6 * sigma + 2**-16  # the kernels round p to a multiple of 2^-16
+    x = torch.ones(rows, cols)
+    eye_A = torch.eye(cols)[:8]
+    torch.manual_seed(5)
+    seed = int(torch.randint(0, _SEED_HIGH, (1,)))
+    torch.manual_seed(5)
+    y = lora_linear(x, torch.zeros(8, cols), None, eye_A, torch.eye(8), 1.0, p, backend=path)
+    expected = _mask(path, seed, rows, cols, p)[:, :8].float() / (1 - p)
+    torch.testing.assert_close(y, expected)

@@ -4,6 +4,7 @@ Importing fastlora registers its torch ops (``torch.ops.fastlora.*``) and nothin
 imported only when a kernel is first launched.
 """
 
+from fastlora._version import __version__
 from fastlora.adapter_files import get_peft_model_state_dict, set_peft_model_state_dict
 from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
@@ -16,6 +17,5 @@ PeftModel = LoraModel  # PEFT's name, so `from fastlora import PeftModel` is an 
 __all__ = [
     "LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel", "PeftModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "UnsupportedFeatureError",
-    "patch_peft", "unpatch_peft", "PatchReport",
+    "patch_peft", "unpatch_peft", "PatchReport", "__version__",
 ]
-__version__ = "0.1.0"

@@ -21,16 +21,16 @@ from torch import nn
 
 from fastlora import adapters, hub
 from fastlora.config import LoraConfig
-from fastlora.layer import LoRALinear, check_adapter_name
-from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.layer import check_adapter_name
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
 
 class AdapterFilesMixin:
-    """PEFT's file methods, for ``LoraModel`` (which provides ``peft_config``, ``get_base_model``,
-    ``_add_planned``, ``delete_adapter``, ``set_requires_grad`` and the ``_adapt`` constructor)."""
+    """PEFT's file methods, for ``LoraModel`` (which provides ``peft_config``, ``active_peft_config``,
+    ``get_base_model``, ``set_requires_grad``, the checks ``_check_adapter_names``, ``_check_not_merged`` and
+    ``_check_second_adapter``, ``_add_planned``, and the constructors ``_plan_new`` and ``_adapt``)."""
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True,
@@ -53,16 +53,16 @@ class AdapterFilesMixin:
         if adapter_name in self.peft_config:
             config = self.peft_config[adapter_name]
             _check_same_adapter(adapter_name, config, with_task_heads(file_config))
+            self._check_not_merged(adapter_name)
             targets, to_save = adapters.adapter_targets(model, adapter_name)
-            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             _copy_values(model, expected, tensors, restore_on_error=True)
         else:
             config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
+            self._check_second_adapter(config)
             targets = plan_targets(model, config, adapter_name)
             to_save = plan_modules_to_save(model, config, adapter_name)
-            expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-            adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
+            expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
             try:
                 _copy_values(model, expected, tensors)
@@ -93,13 +93,9 @@ class AdapterFilesMixin:
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
         config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
-        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
-            raise ValueError("the model already has an adapter: use load_adapter() on its LoraModel to add another")
-        targets = plan_targets(model, config)
-        to_save = plan_modules_to_save(model, config)
-        expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-        adapters.check_tensors(expected, tensors, model_id, adapters.peft_bias_aliases(model, config, to_save))
-        lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype)
+        targets, to_save = cls._plan_new(model, config)
+        expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
+        lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
         try:
             _copy_values(model, expected, tensors)
         except BaseException:
@@ -120,7 +116,7 @@ class AdapterFilesMixin:
         if state_dict is None:
             params = dict(model.named_parameters())
             return {key: params[param] for key, (param, _) in expected.items()}
-        return {key: _lookup(state_dict, param) for key, (param, _) in expected.items()}
+        return {key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}
 
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
                              ignore_mismatched_sizes: bool = False):
@@ -144,7 +140,8 @@ class AdapterFilesMixin:
             raise ValueError(f"size mismatch for adapter {name!r}: " + "; ".join(mismatched[:4]))
         if mismatched:
             warnings.warn(f"skipped tensors of the wrong size: {'; '.join(mismatched[:4])}", UserWarning, stacklevel=3)
-        _copy_values(model, {k: expected[k] for k in usable}, usable)
+        self._check_not_merged(name)
+        _copy_values(model, {k: expected[k] for k in usable}, usable, restore_on_error=True)
         return _IncompatibleKeys(sorted(set(expected) - set(usable)), sorted(set(given) - set(expected)))
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
@@ -176,9 +173,12 @@ class AdapterFilesMixin:
         if not is_main_process:
             return
         tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
+        base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name].replace(inference_mode=True)
+            if config.base_model_name_or_path is None and base_name:  # as PEFT fills it in when saving
+                config = config.replace(base_model_name_or_path=base_name)
             adapters.write_adapter(directory, config, tensors[name], safe_serialization)
         self.create_or_update_model_card(save_directory)
 
@@ -245,6 +245,15 @@ def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -
             )
 
 
+def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str], adapter_name: str,
+             tensors: dict[str, torch.Tensor], where) -> tuple[adapters.Expected, dict[str, torch.Tensor]]:
+    """The tensors an adapter file must hold for this plan, and the file's tensors checked against them."""
+    expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
+    tensors = adapters.with_bias_spellings(expected, tensors)
+    adapters.check_tensors(expected, tensors, where, adapters.peft_bias_aliases(model, config, to_save))
+    return expected, tensors
+
+
 def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor],
                  restore_on_error: bool = False) -> None:
     """Copy each file tensor into its parameter.  ``restore_on_error``: the parameters already hold values the
@@ -268,9 +277,12 @@ def _copy_one(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value)
 
 
-def _lookup(state_dict: dict[str, torch.Tensor], param_name: str) -> torch.Tensor:
+def _lookup(state_dict: dict[str, torch.Tensor], param_name: str, adapter_name: str) -> torch.Tensor:
     """``param_name`` of the adapted model in a state dict of the LoraModel (or of the adapted model)."""
     for key in (f"base_model.model.{param_name}", param_name):
         if key in state_dict:
             return state_dict[key]
-    raise KeyError(f"state_dict has no entry for {param_name!r}")
+    raise ValueError(
+        f"the state_dict given to save adapter {adapter_name!r} has no entry for {param_name!r} (gathered without "
+        f"frozen parameters? pass selected_adapters=[...] naming the adapters it holds)"
+    )

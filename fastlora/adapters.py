@@ -30,7 +30,7 @@ from fastlora.modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "peft_bias_aliases",
-    "check_tensors", "write_adapter", "read_adapter",
+    "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,6 +61,8 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
     bias is saved with the rest of that module)."""
     if config.bias == "none":
         return {}
+    # PEFT names the bias of every LoRA layer ``base_layer.bias``, whichever adapter made the layer
+    targets = sorted(set(targets) | {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     wanted = set(targets) if config.bias == "lora_only" else None
     saved_whole = set(to_save) | {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     out = {}
@@ -121,6 +123,21 @@ def peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) 
             if "bias" in pname:
                 out[f"{PREFIX}{name}.modules_to_save.{pname}"] = f"{PREFIX}{name}.{pname}"
                 out[f"{PREFIX}{name}.original_module.{pname}"] = None
+    return out
+
+
+def with_bias_spellings(expected: Expected, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with each expected bias key filled from its other spelling when only that one is there:
+    PEFT writes ``<path>.base_layer.bias`` for every LoRA layer of the model it saved from, which another
+    adapter may have made a LoRA layer, and ``<path>.bias`` for the rest."""
+    out = dict(tensors)
+    for key in expected:
+        if not key.endswith(".bias") or key in out:
+            continue
+        other = (key[: -len("base_layer.bias")] + "bias" if key.endswith(".base_layer.bias")
+                 else key[: -len("bias")] + "base_layer.bias")
+        if other in out and other not in expected:
+            out[key] = out.pop(other)
     return out
 
 

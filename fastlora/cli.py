@@ -23,9 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        import fastlora
+        from fastlora._version import __version__
 
-        print(f"fastlora {fastlora.__version__}")
+        print(f"fastlora {__version__}")
         return 0
     if argv[0] not in COMMANDS:
         kind = "option" if argv[0].startswith("-") else "command"

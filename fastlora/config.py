@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from fastlora.layer import AdapterSettings
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
 
@@ -68,14 +69,6 @@ UNSUPPORTED_FEATURES = {
 def _is_off(name: str, value: Any) -> bool:
     off = UNSUPPORTED_FEATURES[name]
     return value is None or (type(value) is type(off) and value == off)
-
-
-def _check_number(name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        span = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be a number in {span}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -153,11 +146,8 @@ class LoraConfig:
                 ) from None
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        _check_number("lora_alpha", self.lora_alpha, 0, math.inf, low_open=True, high_open=True)
-        _check_number("lora_dropout", self.lora_dropout, 0, 1, low_open=False, high_open=True)
-        for name in ("inference_mode", "use_rslora", "autocast_adapter_dtype"):
+        self.settings  # r, lora_alpha, lora_dropout, use_rslora: validated where layers take them
+        for name in ("inference_mode", "autocast_adapter_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_MODES:
@@ -196,8 +186,13 @@ class LoraConfig:
             put("modules_to_save", list(self.modules_to_save))
 
     @property
+    def settings(self) -> AdapterSettings:
+        """What each adapted layer gets: r, lora_alpha, lora_dropout, use_rslora (and the scaling they give)."""
+        return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora)
+
+    @property
     def scaling(self) -> float:
-        return self.lora_alpha / (self.r**0.5 if self.use_rslora else self.r)
+        return self.settings.scaling
 
     @property
     def is_prompt_learning(self) -> bool:

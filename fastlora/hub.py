@@ -30,6 +30,8 @@ def resolve_file(model_id: str | os.PathLike, filename: str, *, subfolder: str |
     the local cache while offline).  Anything else raises ValueError naming it."""
     local = Path(model_id)
     if subfolder:
+        if local.is_dir() and not (local / subfolder).is_dir():
+            raise ValueError(f"adapter directory {str(model_id)!r} has no sub-folder {subfolder!r}")
         local = local / subfolder
     if local.is_dir():
         path = local / filename

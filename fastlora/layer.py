@@ -20,6 +20,9 @@ from fastlora.functional import BACKENDS, lora_linear
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]
 
+_ACTIVE_ADAPTER_ATTRIBUTES = frozenset({"lora_A", "lora_B", "settings", "r", "lora_alpha", "lora_dropout",
+                                        "use_rslora", "scaling"})
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -144,11 +147,19 @@ class LoRALinear(nn.Linear):
         return list(self.adapter_settings)
 
     def lora_factors(self, adapter_name: str | None = None) -> tuple[nn.Parameter, nn.Parameter]:
-        """(A, B) of ``adapter_name`` (default: the active adapter)."""
+        """(A, B) of ``adapter_name`` (default: the active adapter); KeyError when the layer does not hold it."""
         name = self.active_adapter if adapter_name is None else adapter_name
         if name not in self.adapter_settings:
             raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
         return self._parameters[f"lora_A_{name}"], self._parameters[f"lora_B_{name}"]
+
+    def _active(self) -> str:
+        """The active adapter's name; AttributeError (so ``hasattr`` answers False) when this layer does not hold
+        it, which happens when a model's adapters target different layers."""
+        if self.active_adapter not in self.adapter_settings:
+            raise AttributeError(f"this layer does not hold the active adapter {self.active_adapter!r} "
+                                 f"(it holds {self.adapter_names})")
+        return self.active_adapter
 
     def add_adapter(
         self,
@@ -207,20 +218,25 @@ class LoRALinear(nn.Linear):
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.
     @property
     def lora_A(self) -> nn.Parameter:
-        return self.lora_factors()[0]
+        return self.lora_factors(self._active())[0]
 
     @property
     def lora_B(self) -> nn.Parameter:
-        return self.lora_factors()[1]
+        return self.lora_factors(self._active())[1]
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("lora_A", "lora_B"):  # assigning the property: replace the active adapter's factor
-            name = f"{name}_{self.active_adapter}"
+            name = f"{name}_{self._active()}"
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        if name in _ACTIVE_ADAPTER_ATTRIBUTES:  # a property raised AttributeError: say why, not "no attribute"
+            self._active()
+        return super().__getattr__(name)
 
     @property
     def settings(self) -> AdapterSettings:
-        return self.adapter_settings[self.active_adapter]
+        return self.adapter_settings[self._active()]
 
     @property
     def r(self) -> int:
@@ -241,6 +257,15 @@ class LoRALinear(nn.Linear):
     @property
     def scaling(self) -> float:
         return self.settings.scaling
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before layers held named adapters name the only adapter's factors lora_A / lora_B.
+        if len(self.adapter_settings) == 1:
+            (name,) = self.adapter_settings
+            for which in ("lora_A", "lora_B"):
+                if prefix + which in state_dict and f"{prefix}{which}_{name}" not in state_dict:
+                    state_dict[f"{prefix}{which}_{name}"] = state_dict.pop(prefix + which)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- merge ------------------------------------------------------------------------------------
 

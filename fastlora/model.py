@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 
 from fastlora.adapter_files import AdapterFilesMixin
 from fastlora.config import LoraConfig
-from fastlora.layer import AdapterSettings, LoRALinear, check_adapter_name
+from fastlora.layer import LoRALinear, check_adapter_name
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
 
@@ -48,7 +47,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     flag back as they were; an error part way through calls it before raising."""
     originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
     flags = {p: p.requires_grad for p in model.parameters()}
-    settings = AdapterSettings(config.r, config.lora_alpha, config.lora_dropout, config.use_rslora)
+    settings = config.settings
 
     def undo() -> None:
         for name, module in originals.items():
@@ -68,8 +67,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
                 module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
             else:
                 _set_module(model, name, LoRALinear.from_linear(
-                    module, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                    use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype,
+                    module, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                    use_rslora=settings.use_rslora, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype,
                     adapter_name=adapter_name,
                 ))
         for name in to_save:
@@ -81,6 +80,10 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     except BaseException:
         undo()
         raise
+    for name in targets:  # LoRALinear.from_linear froze each new target's weight and bias: keep what they were
+        if not isinstance(originals[name], LoRALinear):
+            for param in originals[name].parameters(recurse=False):
+                param.requires_grad_(flags[param])
     return undo
 
 
@@ -114,21 +117,27 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise NotImplementedError("get_peft_model(mixed=True): mixing adapter types (PeftMixedModel) is not supported by fastlora")
     _check_model_and_config(model, peft_config)
     check_adapter_name(adapter_name)
-    if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
-        raise ValueError("the model already has an adapter: use add_adapter() on its LoraModel to add another")
     config = with_task_heads(peft_config)
     if revision is not None:
         config = config.replace(revision=revision)
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
-    return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype)[0]
+    plan = _plan_new(model, config)
+    return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
-def _build(model: nn.Module, config: LoraConfig, adapter_name: str,
-           autocast_adapter_dtype: bool) -> tuple["LoraModel", Callable[[], None]]:
-    """Plan, adapt and wrap ``model`` (checks first); returns the LoraModel and the ``undo`` of the adaptation."""
-    targets = plan_targets(model, config)
-    to_save = plan_modules_to_save(model, config)
+def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet."""
+    if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
+        raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its LoraModel "
+                         "to add another")
+    return plan_targets(model, config), plan_modules_to_save(model, config)
+
+
+def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
+           plan: tuple[list[str], list[str]]) -> tuple["LoraModel", Callable[[], None]]:
+    """Adapt and wrap ``model`` along a checked ``plan``; returns the LoraModel and the ``undo`` of the adaptation."""
+    targets, to_save = plan
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
     lora_model = _lora_model_class()(model, config, adapter_name)
     lora_model._mark_trainable(adapter_name)
@@ -157,7 +166,7 @@ class LoraTuner(nn.Module):
     def __init__(self, model: nn.Module, owner: "LoraModel") -> None:
         super().__init__()
         self.model = model
-        object.__setattr__(self, "_owner", weakref.ref(owner))  # not a submodule: no cycle in the module tree
+        object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in the module tree
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -173,9 +182,11 @@ class LoraTuner(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            ref = self.__dict__.get("_owner")
-            owner = ref() if ref is not None else None
-            if name in LoraTuner._OWNER_METHODS and owner is not None:
+            if name in LoraTuner._OWNER_METHODS:
+                owner = self.__dict__.get("_owner")
+                if owner is None:
+                    raise AttributeError(f"{name}: this base_model was copied without its LoraModel, which holds "
+                                         f"the adapters' state; copy the LoraModel instead")
                 return getattr(owner, name)
             return getattr(self.model, name)
 
@@ -206,13 +217,17 @@ class LoraModel(AdapterFilesMixin, nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        object.__setattr__(self.base_model, "_owner", weakref.ref(self))
+        object.__setattr__(self.base_model, "_owner", self)
+
+    @staticmethod
+    def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
+        return _plan_new(model, config)
 
     @classmethod
-    def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str,
-               autocast_adapter_dtype: bool) -> tuple["LoraModel", Callable[[], None]]:
-        """Adapt ``model`` as ``get_peft_model`` (config already complete); returns the model and an ``undo``."""
-        return _build(model, config, adapter_name, autocast_adapter_dtype)
+    def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
+               plan: tuple[list[str], list[str]]) -> tuple["LoraModel", Callable[[], None]]:
+        """Adapt ``model`` as ``get_peft_model`` along a checked plan; returns the model and an ``undo``."""
+        return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)
 
     def __getattr__(self, name: str):
         try:
@@ -405,7 +420,8 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         return self._replace_lora_layers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Drop the adapters without merging and return the plain model with its original weights."""
+        """Drop the adapters without merging and return the plain model: its original weights, and each
+        modules_to_save module as the active adapter's trained copy (as PEFT's ``unload``)."""
         return self._replace_lora_layers(merge=False)
 
     def _set_adapters_enabled(self, enabled: bool) -> None:
@@ -480,10 +496,22 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
         config = with_task_heads(peft_config)
+        self._check_second_adapter(config)
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+
+    def _check_not_merged(self, adapter_name: str) -> None:
+        if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
+            raise ValueError(f"adapter {adapter_name!r} is merged into the base weights: unmerge_adapter() before "
+                             f"giving it new values (unmerging would subtract the new values, not the merged ones)")
+
+    def _check_second_adapter(self, config: LoraConfig) -> None:
+        """PEFT's rule: biases are shared by every adapter, so at most one adapter of a model may train them."""
+        if sum(c.bias != "none" for c in [*self.peft_config.values(), config]) > 1:
+            raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias "
+                             "to 'none' for all adapters.")
 
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
                      autocast_adapter_dtype: bool) -> Callable[[], None]:
@@ -493,8 +521,10 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         self.peft_config[adapter_name] = config
         for _, layer in self.lora_layers(adapter_name):
             layer.set_adapter(self._active_adapter)  # a layer new to the model points at the model's adapter
+            layer.adapter_enabled = self.adapters_enabled
         for _, wrapper in self.wrappers():
             wrapper.set_adapter(self._active_adapter)
+            wrapper.adapter_enabled = self.adapters_enabled
         self.set_requires_grad(adapter_name, False)
 
         def undo() -> None:

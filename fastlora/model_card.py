@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch import nn
 
+from fastlora._version import __version__
 from fastlora.adapters import atomic_write
 
 __all__ = ["write_model_card"]
@@ -39,8 +40,6 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
     """Create or update ``directory/README.md`` (written atomically)."""
     from huggingface_hub import ModelCard
 
-    import fastlora
-
     path = directory / _CARD_NAME
     config = getattr(base_model, "config", None)
     base_model_id = getattr(config, "_name_or_path", "") or ""
@@ -56,7 +55,7 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
     if task_type == "CAUSAL_LM" and not card.data.get("pipeline_tag"):
         card.data["pipeline_tag"] = "text-generation"
     lines = card.text.splitlines()
-    version_line = f"- fastlora {fastlora.__version__}"
+    version_line = f"- fastlora {__version__}"
     if version_line not in lines:
         if _FRAMEWORK_HEADING in lines:
             lines.insert(lines.index(_FRAMEWORK_HEADING) + 1, version_line)

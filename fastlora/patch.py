@@ -13,7 +13,7 @@ forwards.
 
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -47,7 +47,7 @@ def _static_reason(layer) -> str | None:
     base = layer.base_layer
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
-    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+    if _has_hooks(base):
         return "base layer has forward hooks (e.g. accelerate offloading) that the fused op would bypass"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out=True"
@@ -59,6 +59,10 @@ def _static_reason(layer) -> str | None:
         if name in layer.lora_dropout and not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
             return f"adapter {name!r} uses {type(layer.lora_dropout[name]).__name__} as dropout"
     return None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
 def _call_reason(layer, kwargs) -> str | None:
@@ -78,6 +82,8 @@ def _call_reason(layer, kwargs) -> str | None:
         return f"adapter {name!r} is a LoRA variant ({type(layer.lora_variant[name]).__name__}, e.g. DoRA)"
     if layer.lora_B[name].bias is not None:
         return f"adapter {name!r} has lora_bias"
+    if any(_has_hooks(m) for m in (layer.base_layer, layer.lora_A[name], layer.lora_B[name])):
+        return "a forward hook (added after patching, e.g. by accelerate) that the fused op would bypass"
     dropout = layer.lora_dropout[name]
     if not isinstance(dropout, (nn.Dropout, nn.Identity)):
         return f"adapter {name!r} uses {type(dropout).__name__} as dropout"
@@ -89,7 +95,7 @@ def _call_reason(layer, kwargs) -> str | None:
 def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     patch = self.__dict__[_MARK]
     if args or _call_reason(self, kwargs) is not None:
-        return patch.peft_forward(x, *args, **kwargs)
+        return type(self).forward(self, x, *args, **kwargs)  # PEFT's own forward
     name = self.active_adapters[0]
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
@@ -102,7 +108,6 @@ def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
 
 @dataclass
 class _Patch:
-    peft_forward: object
     backend: str
 
 
@@ -129,8 +134,9 @@ def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
         if _MARK in module.__dict__:
             module.__dict__[_MARK].backend = backend
         else:
-            module.__dict__[_MARK] = _Patch(peft_forward=module.forward, backend=backend)
-            module.forward = types.MethodType(_fused_forward, module)
+            module.__dict__[_MARK] = _Patch(backend=backend)
+            # a partial of a module-level function, so a patched model still pickles (torch.save)
+            module.forward = functools.partial(_fused_forward, module)
         report.patched.append(name)
     if not report.patched and not report.skipped:
         raise ValueError("patch_peft found no PEFT LoRA layer in the model")

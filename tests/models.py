@@ -31,10 +31,26 @@ def copy_lora_weights(peft_model, fastlora_model):
             layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
 
 
+def _adapter_state(module):
+    """The adapter bookkeeping of a fastlora module (or of a LoraModel), as plain values."""
+    from fastlora import LoRALinear, LoraModel
+    from fastlora.modules_to_save import ModulesToSaveWrapper
+
+    if isinstance(module, LoRALinear):
+        return (dict(module.adapter_settings), module.active_adapter, list(module.merged_adapters),
+                module.adapter_enabled)
+    if isinstance(module, ModulesToSaveWrapper):
+        return (list(module.modules_to_save), module.active_adapter, module.adapter_enabled)
+    if isinstance(module, LoraModel):
+        return (dict(module.peft_config), module.active_adapter, module.adapters_enabled)
+    return None
+
+
 def snapshot(model):
-    """Everything a failed operation must leave unchanged: module types, tensors, requires_grad."""
+    """Everything a failed operation must leave unchanged: module types, tensors, requires_grad, and the
+    adapter state of fastlora's modules (configs, active adapter, merged adapters, enabled flags)."""
     return (
-        [(n, type(m)) for n, m in model.named_modules()],
+        [(n, type(m), _adapter_state(m)) for n, m in model.named_modules()],
         {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
     )
 

@@ -9,6 +9,7 @@ import re
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fastlora import LoraConfig, LoraModel, get_peft_model
 from fastlora.bench.measure import SavedTensorCounter, module_tensors
@@ -31,13 +32,25 @@ def _configs(name, lib, **kwargs):
     return cls(task_type="CAUSAL_LM", target_modules=targets, r=r, lora_alpha=alpha, **extra, **kwargs)
 
 
-def _flags(model):
-    """{adapter: {requires_grad values}} over each adapter's LoRA factors (both libraries' naming)."""
+def _flags(model, lora_only=True):
+    """{adapter: {requires_grad values}} over each adapter's LoRA factors (both libraries' naming); with
+    ``lora_only=False`` also each adapter's modules_to_save copy ("copy:<adapter>"), the frozen originals and
+    the base weights and biases."""
     out = {}
     for name, p in model.named_parameters():
         found = re.search(r"\.lora_[AB](?:_|\.)([^.]+)", name)
+        copy = re.search(r"\.modules_to_save\.([^.]+)\.", name)
         if found:
-            out.setdefault(found.group(1), set()).add(p.requires_grad)
+            key = found.group(1)
+        elif lora_only:
+            continue
+        elif copy:
+            key = f"copy:{copy.group(1)}"
+        elif ".original_module." in name:
+            key = "original"
+        else:
+            key = "base bias" if name.endswith("bias") else "base weight"
+        out.setdefault(key, set()).add(p.requires_grad)
     return out
 
 
@@ -56,39 +69,104 @@ def _logits(model, ids=None):
         return model.eval()(input_ids=tokens() if ids is None else ids).logits
 
 
-def _both(base=None):
+def _both(base=None, **kwargs):
     base = base if base is not None else tiny_llama()
     torch.manual_seed(0)
-    pm = peft.get_peft_model(clone(base), _configs("default", "peft"))
-    fm = get_peft_model(clone(base), _configs("default", "fastlora"))
+    pm = peft.get_peft_model(clone(base), _configs("default", "peft", **kwargs))
+    fm = get_peft_model(clone(base), _configs("default", "fastlora", **kwargs))
     _copy_adapter(pm, fm, "default")
     return base, pm, fm
 
 
-def _same_state(pm, fm):
+def _same_state(pm, fm, skip=()):
     assert fm.active_adapter == pm.active_adapter
     assert fm.active_adapters == pm.active_adapters
     assert list(fm.peft_config) == list(pm.peft_config)
-    assert _flags(fm) == _flags(pm)
+    ours, theirs = _flags(fm, lora_only=False), _flags(pm, lora_only=False)
+    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in theirs.items() if k not in skip}
     torch.testing.assert_close(_logits(fm), _logits(pm), atol=1e-5, rtol=1e-5)
 
 
-def test_add_set_delete_as_peft():
-    _, pm, fm = _both()
+@pytest.mark.parametrize("modules_to_save", [None, ["lm_head"]])
+def test_add_set_delete_as_peft(modules_to_save):
+    """Flags of every parameter (factors, modules_to_save copies and originals, base weights) after each call.
+    One documented difference: deleting the active adapter makes the newly active adapter's modules_to_save
+    copy trainable in fastlora (as set_adapter does); PEFT leaves it frozen."""
+    extra = {"modules_to_save": modules_to_save} if modules_to_save else {}
+    _, pm, fm = _both(**extra)
     steps = [
         ("add_adapter", "other"), ("set_adapter", "other"), ("set_adapter", "default"), ("add_adapter", "third"),
         ("set_adapter", "third"), ("delete_adapter", "third"), ("set_adapter", "other"), ("delete_adapter", "default"),
     ]
     for op, name in steps:
         if op == "add_adapter":
-            pm.add_adapter(name, _configs(name, "peft"))
-            fm.add_adapter(name, _configs(name, "fastlora"))
+            pm.add_adapter(name, _configs(name, "peft", **extra))
+            fm.add_adapter(name, _configs(name, "fastlora", **extra))
             _copy_adapter(pm, fm, name)
         else:
             getattr(pm, op)(name)
             getattr(fm, op)(name)
-        _same_state(pm, fm)
+        deleted_active = (op, name) in (("delete_adapter", "third"), ("delete_adapter", "default"))
+        skip = {f"copy:{fm.active_adapter}"} if modules_to_save and deleted_active else set()
+        _same_state(pm, fm, skip)
+        if skip:
+            assert _flags(fm, lora_only=False)[f"copy:{fm.active_adapter}"] == {True}
     assert fm.active_adapter == "other" and list(fm.peft_config) == ["other"]
+
+
+def test_adapters_beside_one_with_bias_as_peft(tmp_path):
+    """An adapter training biases (bias="all") beside one that does not: flags as PEFT's (adding the second
+    keeps the trained biases trainable), a second bias adapter refused as PEFT does, and each adapter's
+    files load both ways (PEFT spells the bias of a layer another adapter made a LoRA layer base_layer.bias)."""
+    base = tiny_llama(attention_bias=True)
+    models = {}
+    for lib, cls in (("fastlora", LoraConfig), ("peft", peft.LoraConfig)):
+        extra = {} if lib == "fastlora" else {"init_lora_weights": False}
+        model = (get_peft_model if lib == "fastlora" else peft.get_peft_model)(
+            clone(base), cls(task_type="CAUSAL_LM", target_modules=["q_proj"], bias="all", **extra))
+        model.add_adapter("x", cls(task_type="CAUSAL_LM", target_modules=["v_proj"], **extra))
+        with pytest.raises(ValueError, match="only 1 adapter with bias"):
+            model.add_adapter("y", cls(target_modules=["k_proj"], bias="lora_only"))
+        models[lib] = model
+    fm, pm = models["fastlora"], models["peft"]
+    _copy_adapter(pm, fm, "default"), _copy_adapter(pm, fm, "x")
+    with torch.no_grad():
+        for model in (fm, pm):
+            for _, p in model.named_parameters():
+                p.add_(0.01) if p.requires_grad and p.dim() == 1 else None  # trained biases, same in both
+    assert _flags(fm, lora_only=False) == _flags(pm, lora_only=False)
+    assert _flags(fm, lora_only=False)["base bias"] == {True}
+    fm.save_pretrained(tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    want = _logits(fm)
+    torch.testing.assert_close(_logits(pm), want, atol=1e-5, rtol=1e-5)
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors").keys()
+    for folder in ("ours", "peft"):
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path / folder)
+        torch.testing.assert_close(_logits(loaded), want, atol=1e-5, rtol=1e-5, msg=folder)
+    # PEFT itself drops v_proj's trained bias (saved as base_layer.bias, and v_proj is no LoRA layer on a fresh
+    # model): both folders load in PEFT alike.
+    theirs = [_logits(peft.PeftModel.from_pretrained(clone(base), tmp_path / f)) for f in ("ours", "peft")]
+    torch.testing.assert_close(theirs[0], theirs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_adding_an_adapter_keeps_a_trained_base_weight_trainable():
+    plain = get_peft_model(tiny_llama(attention_bias=True), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
+    plain.model.model.layers[0].self_attn.k_proj.bias.requires_grad_(True)  # a bias the user trains
+    plain.add_adapter("other", LoraConfig(target_modules=["k_proj"]))
+    assert plain.model.model.layers[0].self_attn.k_proj.bias.requires_grad
+
+
+def test_adapter_added_while_disabled_stays_disabled():
+    base, _, fm = _both()
+    fm.disable_adapter_layers()
+    fm.add_adapter("mlp", _configs("mlp", "fastlora", init_lora_weights=False))
+    fm.set_adapter("mlp")
+    assert not fm.adapters_enabled
+    torch.testing.assert_close(_logits(fm), _logits(base))
+    fm.enable_adapter_layers()
+    assert not torch.allclose(_logits(fm), _logits(base))
 
 
 def test_adding_an_adapter_changes_no_output_until_it_is_set():
@@ -206,23 +284,33 @@ def test_merge_unload_disable_with_two_adapters():
     torch.testing.assert_close(_logits(fm.unload()), plain)
 
 
-def test_inactive_adapter_costs_nothing():
-    """A second adapter that is not active adds no saved tensor and no LoRA computation in forward."""
+def test_inactive_adapter_costs_nothing(monkeypatch):
+    """A second adapter that is not active (with non-zero factors, so using it would show) changes no output,
+    adds no saved tensor, and adds no LoRA computation: one lora_linear call per layer of the active adapter."""
+    import fastlora.layer
+
     _, _, fm = _both()
     x = tokens()
+    calls = []
+    real = fastlora.layer.lora_linear
+    monkeypatch.setattr(fastlora.layer, "lora_linear", lambda *a, **k: calls.append(a[3].shape) or real(*a, **k))
 
-    def saved():
+    def step():
+        calls.clear()
         fm.train()
         with SavedTensorCounter(exclude=module_tensors(fm)) as counter:
-            loss = fm(input_ids=x, labels=x).loss
-        loss.backward()
-        return counter.bytes
+            out = fm(input_ids=x, labels=x)
+        out.loss.backward()
+        return counter.bytes, out.logits.detach(), list(calls)
 
-    alone = saved()
-    fm.add_adapter("other", _configs("other", "fastlora"))
-    fm.set_adapter("default")
-    assert saved() == alone
-    assert all(p.grad is None for n, p in fm.named_parameters() if "_other" in n)
+    alone = step()
+    fm.add_adapter("other", _configs("other", "fastlora", init_lora_weights=False))
+    with_other = step()
+    assert with_other[0] == alone[0]
+    torch.testing.assert_close(with_other[1], alone[1], atol=0, rtol=0)
+    assert with_other[2] == alone[2] and len(alone[2]) == 4 and all(s[0] == 4 for s in alone[2])  # rank 4 only
+    fm.set_adapter("other")
+    assert not torch.equal(step()[1], alone[1])  # the same check sees the adapter once it is active
 
 
 def test_refused_features_are_named():
@@ -275,3 +363,40 @@ def test_last_adapter_and_merged_adapter_cannot_be_deleted(tmp_path):
     with pytest.raises(ValueError, match="exists with r=4 but the file has 8"):
         fm.load_adapter(tmp_path / "r8", adapter_name="default")
     assert_unchanged(fm, before)
+
+
+def test_new_values_for_a_merged_adapter_are_refused(tmp_path):
+    _, _, fm = _both()
+    fm.save_pretrained(tmp_path)
+    fm.merge_adapter()
+    before = snapshot(fm)
+    with pytest.raises(ValueError, match="is merged into the base weights"):
+        fm.load_adapter(tmp_path, adapter_name="default")
+    import fastlora
+
+    with pytest.raises(ValueError, match="is merged into the base weights"):
+        fastlora.set_peft_model_state_dict(fm, fastlora.get_peft_model_state_dict(fm))
+    assert_unchanged(fm, before)
+
+
+def test_base_model_level_methods_as_peft():
+    base, _, fm = _both()
+    want = _logits(fm)
+    tuner = fm.base_model
+    del fm  # PEFT users keep model.base_model around and call adapter methods on it
+    assert tuner.active_adapter == "default" and list(tuner.peft_config) == ["default"]
+    merged = tuner.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), want, atol=1e-5, rtol=1e-5)
+    import copy
+
+    with pytest.raises(AttributeError, match="copied without its LoraModel"):
+        copy.deepcopy(_both()[2].base_model).set_adapter("default")
+
+
+def test_layer_attributes_of_an_adapter_the_layer_does_not_hold():
+    _, _, fm = _both()
+    fm.add_adapter("mlp", _configs("mlp", "fastlora"))
+    up = fm.model.model.layers[0].mlp.up_proj  # holds "mlp" only; the active adapter is "default"
+    assert not hasattr(up, "lora_A") and getattr(up, "r", None) is None
+    with pytest.raises(AttributeError, match="does not hold the active adapter 'default'"):
+        up.scaling

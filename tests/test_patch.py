@@ -27,8 +27,9 @@ def _lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_patched_model_gives_peft_outputs_and_gradients():
-    base = tiny_llama()
+@pytest.mark.parametrize("bias", [False, True])
+def test_patched_model_gives_peft_outputs_and_gradients(bias):
+    base = tiny_llama(attention_bias=bias, mlp_bias=bias)
     plain, patched = _peft(base=base), _peft(base=base)
     peft_forward = peft.tuners.lora.layer.Linear.forward
     report = patch_peft(patched)
@@ -135,3 +136,28 @@ def test_report_names_each_layer_left_to_peft_and_unpatch_restores():
     assert all("forward" not in vars(m) for m in model.modules())
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         patch_peft(base)
+
+
+def test_hooks_added_after_patching_send_the_call_to_peft():
+    model = _peft()
+    patch_peft(model)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    seen = []
+    q_proj.base_layer.register_forward_pre_hook(lambda module, args: seen.append(1))
+    with torch.no_grad():
+        model(input_ids=tokens())
+    assert seen == [1]  # PEFT's forward ran the base layer as a module, so its hook ran
+
+
+def test_patched_model_pickles():
+    import io
+
+    model = _peft()
+    patch_peft(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=tokens()).logits, model.eval()(input_ids=tokens()).logits)
+    assert "_fastlora_patch" in vars(loaded.base_model.model.model.layers[0].self_attn.q_proj)

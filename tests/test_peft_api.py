@@ -372,3 +372,49 @@ def test_transformers_adapter_methods_do_not_reach_the_wrapped_model(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fm.load_adapter(tmp_path, "default")  # PEFT's form: values reloaded in place
+
+
+def test_fsdp_style_state_dict_without_frozen_adapters(tmp_path):
+    """A state dict gathered without frozen parameters holds only the trained adapter: saving every adapter
+    from it says which are missing, and selected_adapters saves the one it holds."""
+    base, _, fm = _both_with_second_adapter()
+    trained_only = {n: p.detach() for n, p in fm.named_parameters() if p.requires_grad}
+    with pytest.raises(ValueError, match="pass selected_adapters"):
+        fm.save_pretrained(tmp_path / "all", state_dict=trained_only)
+    fm.save_pretrained(tmp_path / "one", state_dict=trained_only, selected_adapters=["default"])
+    torch.testing.assert_close(_logits(LoraModel.from_pretrained(clone(base), tmp_path / "one")), _logits(fm.eval()))
+
+
+def _both_with_second_adapter():
+    base, pm, fm = _pair()
+    fm.add_adapter("reference", LoraConfig(target_modules=["q_proj"], r=2))
+    return base, pm, fm
+
+
+def test_added_adapter_records_the_base_model_when_saved(tmp_path):
+    base = tiny_llama()
+    base.name_or_path = "some-org/some-model"
+    fm = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
+    fm.add_adapter("other", LoraConfig(target_modules=["v_proj"]))
+    fm.save_pretrained(tmp_path)
+    for folder in (tmp_path, tmp_path / "other"):
+        assert json.loads((folder / CONFIG_NAME).read_text())["base_model_name_or_path"] == "some-org/some-model"
+
+
+def test_full_checkpoints_from_before_named_adapters_load():
+    """A full state dict written when a layer's only adapter was named lora_A / lora_B loads into the layer."""
+    _, _, fm = _pair()
+    old = {k.replace("lora_A_default", "lora_A").replace("lora_B_default", "lora_B"): v.clone()
+           for k, v in fm.state_dict().items()}
+    fresh = get_peft_model(tiny_llama(), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4,
+                                                    lora_alpha=8))
+    result = fresh.load_state_dict(old)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(_logits(fresh.eval()), _logits(fm.eval()))
+
+
+def test_wrong_subfolder_of_a_local_adapter_is_named(tmp_path):
+    _, _, fm = _pair()
+    fm.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no sub-folder 'nope'"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path, subfolder="nope")

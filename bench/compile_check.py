@@ -8,8 +8,10 @@ Llama-shaped launch (16-byte aligned pointers, strides of 1 specialised as Trito
 cubin's resources with the ``cuobjdump -res-usage`` that ships in Triton's package.
 
 Fails (exit 1) on a compile error, any spill (STACK or LOCAL > 0), dynamic shared memory above the chip's
-limit, or a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``.  Prints one line per
-GEMM config and per skinny block choice (worst case over its variants).
+limit, a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``, or any kernel whose dots
+should run on tensor cores (16-bit operands, tf32, 3×tf32 — every kernel of PEFT's default bf16-base /
+fp32-adapter setup) and has no ``mma`` instruction.  Prints one line per GEMM config and per skinny block
+choice (worst case over its variants), with whether its tensor-core variants all use them.
 
     python bench/compile_check.py [--jobs N] [--arch 80,90] [--verbose]
 
@@ -31,10 +33,11 @@ from dataclasses import dataclass, field
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastlora.kernels.common import block_r  # noqa: E402
+from fastlora.kernels.common import block_r, small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import cols_blocks, config_dicts, r_chunk, rows_blocks, skinny_block_r  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
@@ -68,6 +71,7 @@ class Job:
     num_warps: int
     num_stages: int
     needs_wgmma: bool = False
+    needs_tensor_cores: bool = False
 
 
 @dataclass
@@ -80,6 +84,7 @@ class Result:
     local: int = 0
     shared: int = 0
     wgmma: bool = False
+    tensor_cores: bool = False
     seconds: float = 0.0
     problems: list = field(default_factory=list)
 
@@ -133,7 +138,9 @@ def run_job(job: Job) -> Result:
         usage = _resources(kernel.asm["cubin"])
         res.regs, res.stack, res.local = usage["REG"], usage["STACK"], usage["LOCAL"]
         res.shared = max(int(kernel.metadata.shared), usage["SHARED"])
-        res.wgmma = "wgmma.mma_async" in kernel.asm["ptx"]
+        ptx = kernel.asm["ptx"]
+        res.wgmma = "wgmma.mma_async" in ptx
+        res.tensor_cores = res.wgmma or "mma.sync" in ptx
         res.ok = True
     except Exception as exc:  # noqa: BLE001 - every compile failure is a finding
         while exc.__cause__ is not None:  # the root cause, not the call-site frames around it
@@ -150,6 +157,8 @@ def run_job(job: Job) -> Result:
             res.problems.append(f"shared {res.shared} B > {SHARED_LIMIT[job.arch]} B")
         if job.needs_wgmma and not res.wgmma:
             res.problems.append("no wgmma on sm_90")
+        if job.needs_tensor_cores and not res.tensor_cores:
+            res.problems.append("no tensor-core instruction (mma) where its dots should use them")
     return res
 
 
@@ -160,11 +169,11 @@ def run_job(job: Job) -> Result:
 # "tf32" what torch.set_float32_matmul_precision("high") gives.  A 16-bit GEMM's fp32 prologue always runs
 # tf32 (common.gemm_precision).
 DTYPE_VARIANTS_16 = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "fp32", "tf32")]
-DTYPE_VARIANTS_32 = [("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee")]
+DTYPE_VARIANTS_32 = [("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee"), ("fp32", "bf16", "ieee")]
 
 
 def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, int64: bool = False,
-               scale: float = 0.5) -> dict:
+               scale: float = 0.5, low_rank_last: bool = False) -> dict:
     fwd = direction == "fwd"
     return dict(
         a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt), q_ptr=Ptr(adt),
@@ -175,7 +184,8 @@ def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict,
         stride_pm=r, stride_pr=1,
         stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
         lora_scale=scale, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
-        HAS_BIAS=fwd, DROPOUT=direction == "dx-dropout", BLOCK_R=r_chunk(block_r(r), adt == "fp32"),
+        HAS_BIAS=fwd, DROPOUT=direction == "dx-dropout", LOW_RANK_LAST=low_rank_last,
+        BLOCK_R=r_chunk(block_r(r), adt == "fp32"),
         INT64=int64, UPCAST=False, PRECISION=prec, **meta,
     )
 
@@ -186,28 +196,40 @@ def gemm_jobs(arch: int) -> list[Job]:
     for fp32, dtypes in ((False, DTYPE_VARIANTS_16), (True, DTYPE_VARIANTS_32)):
         for masked in (False, True):
             directions = (("dx-dropout", 64),) if masked else (("fwd", 16), ("dx", 64))
+            epilogue_ok = config_dicts(arch, fp32, masked, low_rank_last=True)
             for cfg in config_dicts(arch, fp32, masked):
                 meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
                 name = "gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + (
                     "fp32" if fp32 else "16-bit") + (" masked" if masked else "")
-                variants = [(d, dt, adt, prec, r, False, 0.5) for dt, adt, prec in dtypes for d, r in directions]
+                variants = [(d, dt, adt, prec, r, False, 0.5, False) for dt, adt, prec in dtypes for d, r in directions]
+                # the low-rank term after the main loop (a schedule variant, on the configs it may use), in the
+                # setups that matter most
+                if cfg in epilogue_ok:
+                    variants += [(d, dt, adt, prec, r, False, 0.5, True) for dt, adt, prec in dtypes[-2:]
+                                 for d, r in directions]
                 # 64-bit offsets (operands past 2^31 elements), and the fp64 scale Inductor passes, once per config.
                 dt = "fp32" if fp32 else "bf16"
-                variants.append((directions[-1][0], dt, dt, "tf32", 64, True, 0.5))
-                variants.append((directions[-1][0], dt, dt, "tf32", 64, False, F64(0.5)))
-                for direction, dt, adt, prec, r, int64, scale in variants:
-                    args = _gemm_args(direction, dt, adt, prec, r, meta, int64, scale)
-                    wgmma = arch >= 90 and not (dt == "fp32" and prec == "ieee")
+                variants.append((directions[-1][0], dt, dt, "tf32", 64, True, 0.5, False))
+                variants.append((directions[-1][0], dt, dt, "tf32", 64, False, F64(0.5), False))
+                for direction, dt, adt, prec, r, int64, scale, last in variants:
+                    args = _gemm_args(direction, dt, adt, prec, r, meta, int64, scale, last)
+                    tensor_cores = not (dt == "fp32" and prec == "ieee")
                     label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "") + (
-                        " fp64-scale" if isinstance(scale, F64) else "")
+                        " fp64-scale" if isinstance(scale, F64) else "") + (" low-rank-last" if last else "")
                     jobs.append(Job("gemm", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
-                                    needs_wgmma=wgmma))
+                                    needs_wgmma=arch >= 90 and tensor_cores, needs_tensor_cores=tensor_cores))
     return jobs
 
 
-# (base dtype, adapter dtype, fp32 dot precision); the dots run in the adapters' dtype.
+# (big operand's dtype, adapter dtype, dot precision as common.skinny_precision picks it); the dots run in the
+# adapters' dtype.  bf16 / fp32 "tf32x3" is PEFT's default setup under torch's default ("highest") precision.
 SKINNY_DTYPES = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "fp32", "tf32"),
-                 ("bf16", "fp32", "ieee"), ("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee")]
+                 ("bf16", "fp32", "tf32x3"), ("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee"),
+                 ("fp32", "bf16", "ieee")]
+
+
+def _skinny_tensor_cores(adt: str, prec: str) -> bool:
+    return adt != "fp32" or prec in ("tf32", "tf32x3")
 RANKS = [16, 32, 64, 128]  # skinny BLOCK_R values; larger ranks run in 128-wide chunks
 
 
@@ -216,8 +238,9 @@ def skinny_jobs(arch: int) -> list[Job]:
     for r in RANKS:
         br = skinny_block_r(r)
         for dt, adt, prec in SKINNY_DTYPES:
-            exact = adt == "fp32" and prec == "ieee"  # as the launchers choose (common.exact_fp32_dots)
-            rb, cb = rows_blocks(br, exact), cols_blocks(br, exact)
+            small = small_skinny_tiles(torch.float32 if adt == "fp32" else torch.bfloat16, prec)  # as the launchers
+            rb, cb = rows_blocks(br, small), cols_blocks(br, small)
+            tc = _skinny_tensor_cores(adt, prec)
             for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
                 args = dict(
@@ -235,29 +258,33 @@ def skinny_jobs(arch: int) -> list[Job]:
                 )
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
                 label = f"{direction} {dt}/{adt} {prec}" + (" split" if atomic_out else "")
-                jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"]))
+                jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"],
+                                needs_tensor_cores=tc))
                 if atomic_out and dt == "bf16":  # 64-bit offsets (operands past 2^31 elements)
                     jobs.append(Job("rows", name, label + " int64", arch, dict(args, INT64=True),
-                                    rb["num_warps"], rb["num_stages"]))
+                                    rb["num_warps"], rb["num_stages"], needs_tensor_cores=tc))
                 if atomic_out and dt == adt == "bf16":  # the fp64 scales Inductor passes
                     jobs.append(Job("rows", name, label + " fp64-scale", arch,
                                     dict(args, out_scale=F64(1.1), dq_scale=F64(0.5)), rb["num_warps"],
-                                    rb["num_stages"]))
-            for atomic in (True, False):
+                                    rb["num_stages"], needs_tensor_cores=tc))
+            for atomic, use in ((True, "dA"), (False, "dA"), (True, "dB"), (False, "dB")):
+                # dA = dSᵀ h (x, masked); dB = s·dyᵀ S through dBᵀ's strides (the "separate" dB schedule)
+                dA = use == "dA"
                 args = dict(
                     x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
                     M=M, D=K, R=r, rows_per_split=512,
-                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1, stride_or=K, stride_od=1,
-                    keep_threshold=keep_threshold(0.1),
-                    DROPOUT=True, ATOMIC=atomic, BLOCK_R=br, INT64=False, UPCAST=False, PRECISION=prec,
+                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1,
+                    stride_or=K if dA else 1, stride_od=1 if dA else r,
+                    out_scale=1.0 if dA else 0.5, keep_threshold=keep_threshold(0.1) if dA else 0,
+                    DROPOUT=dA, ATOMIC=atomic, BLOCK_R=br, INT64=False, UPCAST=False, PRECISION=prec,
                     BLOCK_M=cb["BLOCK_M"], BLOCK_D=cb["BLOCK_D"],
                 )
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
-                jobs.append(Job("cols", name, f"{dt}/{adt} {prec} atomic={atomic}", arch, args, cb["num_warps"],
-                                cb["num_stages"]))
-                if atomic and dt == "bf16":  # 64-bit offsets
-                    jobs.append(Job("cols", name, f"{dt}/{adt} {prec} atomic int64", arch, dict(args, INT64=True),
-                                    cb["num_warps"], cb["num_stages"]))
+                jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic={atomic}", arch, args,
+                                cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc))
+                if atomic and dt == "bf16" and dA:  # 64-bit offsets
+                    jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic int64", arch,
+                                    dict(args, INT64=True), cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc))
     return jobs
 
 
@@ -286,11 +313,12 @@ def main() -> int:
         if opts.verbose:
             j = res.job
             print(f"  sm_{j.arch} {j.group:<40} {j.variant:<28} REG {res.regs:>3} STACK {res.stack} "
-                  f"SHARED {res.shared:>6} wgmma {'y' if res.wgmma else 'n'} {res.seconds:5.1f}s "
+                  f"SHARED {res.shared:>6} wgmma {'y' if res.wgmma else 'n'} mma {'y' if res.tensor_cores else 'n'} "
+                  f"{res.seconds:5.1f}s "
                   f"{'; '.join(res.problems)}")
 
     print(f"{'arch':<6} {'kernel / config':<42} {'n':>3} {'REG max':>7} {'STACK':>5} {'SHARED max':>10} "
-          f"{'wgmma':>6}  status")
+          f"{'wgmma':>6} {'TC':>4}  status")
     failures = 0
     for (arch, group), rs in rows.items():
         ok = [r for r in rs if r.ok]
@@ -298,9 +326,11 @@ def main() -> int:
         failures += bool(problems)
         wg = "-" if not any(r.job.needs_wgmma for r in rs) else (
             "all" if all(r.wgmma for r in rs if r.job.needs_wgmma) else "NO")
+        tc = "-" if not any(r.job.needs_tensor_cores for r in rs) else (
+            "all" if all(r.tensor_cores for r in rs if r.job.needs_tensor_cores) else "NO")
         print(f"sm_{arch:<3} {group:<42} {len(rs):>3} {max((r.regs for r in ok), default=0):>7} "
               f"{max((r.stack + r.local for r in ok), default=0):>5} {max((r.shared for r in ok), default=0):>10} "
-              f"{wg:>6}  {'ok' if not problems else 'FAIL'}")
+              f"{wg:>6} {tc:>4}  {'ok' if not problems else 'FAIL'}")
         for p in problems:
             print(f"       ! {p}")
     print(f"{len(results)} compiles, {len(rows)} configs, {failures} failing, {time.time() - t0:.0f} s "

@@ -12,8 +12,9 @@ from fastlora import ops
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Seeds are drawn below 2^31 so the kernels' Philox key and the CPU generator see the same value.
-_SEED_HIGH = 2**31 - 1
+# Seeds are drawn from [0, 2^62): both 32-bit words of the kernels' Philox key vary, and the CPU path's
+# generator takes the same value.
+SEED_HIGH = 2**62
 
 
 def triton_interpreter_on() -> bool:
@@ -141,7 +142,7 @@ def lora_linear(
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     p = float(dropout_p) if training and not in_inference else 0.0
     use_kernels = _use_kernels(backend, x)
-    seed = torch.randint(0, _SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
+    seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         y = ops.lora_linear(
             x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, use_kernels

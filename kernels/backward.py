@@ -11,26 +11,61 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, dot_precision, exact_fp32_dots, gemm_precision, launch, needs_int64, row_major, seed_arg,
-    split_reduction, upcast,
+    block_r, check_dtypes, gemm_precision, launch, needs_int64, row_major, seed_arg, skinny_precision,
+    small_skinny_tiles, split_reduction, upcast,
 )
-from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import cols_blocks, kernel_variant, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import cols_kernel, rows_kernel
 
-__all__ = ["lora_backward", "launch_dS_dB", "launch_dA", "launch_dx_gemm"]
+__all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx_gemm"]
 
 
 def launch_dS_dB(
     dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """One pass over dy: dS = s·dy B / (1-p) (M, r) in the adapters' dtype and dB = s·dyᵀ S (N, r) in lora_B's
-    dtype (fp32 atomics); N is split across programs when M alone gives too few.  M > 0."""
+    dtype (fp32 atomics); N is split across programs when M alone gives too few.  With the "separate" dB
+    schedule (configs.VARIANTS) dB comes from ``launch_dB`` instead.  M > 0."""
+    if need_dB and kernel_variant("db") == "separate":
+        dS, _ = launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, False) if need_dS else (None, None)
+        return dS, launch_dB(dy, S, scaling, lora_B.dtype)
+    return launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, need_dB)
+
+
+def launch_dB(dy: Tensor, S: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
+    """dB = s·dyᵀ S (N, r) in ``dtype``, reduced over M inside each program (fp32 atomics only when M is split
+    because N alone gives too few programs).  M > 0."""
+    M, N = dy.shape
+    r = S.shape[1]
+    sbr = skinny_block_r(r)
+    precision = skinny_precision(dy.dtype, S.dtype)
+    blocks = cols_blocks(sbr, small_skinny_tiles(S.dtype, precision))
+    d_blocks = triton.cdiv(N, blocks["BLOCK_D"])
+    splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
+    atomic = splits > 1
+    dB = torch.zeros((N, r), device=dy.device, dtype=torch.float32) if atomic else \
+        torch.empty((N, r), device=dy.device, dtype=dtype)
+    launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
+        dy, S, dB, S,
+        M, N, r, per_split,
+        dy.stride(0), dy.stride(1), S.stride(0), S.stride(1), dB.stride(1), dB.stride(0),  # writes dBᵀ's layout
+        float(scaling), 0,
+        DROPOUT=False, ATOMIC=atomic, BLOCK_R=sbr,
+        INT64=needs_int64(dy), UPCAST=upcast(dy, S), PRECISION=precision, **blocks,
+    )
+    return dB.to(dtype)
+
+
+def launch_dS_dB_fused(
+    dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool
+) -> tuple[Tensor | None, Tensor | None]:
     M, N = dy.shape
     r = lora_B.shape[1]
     sbr = skinny_block_r(r)
-    blocks = rows_blocks(sbr, exact_fp32_dots(lora_B.dtype))
+    precision = skinny_precision(dy.dtype, lora_B.dtype)
+    blocks = rows_blocks(sbr, small_skinny_tiles(lora_B.dtype, precision))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
     atomic_out = need_dS and splits > 1
@@ -51,7 +86,7 @@ def launch_dS_dB(
         S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
         float(scaling) / (1.0 - dropout_p), float(scaling), 0,
         DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
-        INT64=needs_int64(dy), UPCAST=upcast(dy, lora_B), PRECISION=dot_precision(), **blocks,
+        INT64=needs_int64(dy), UPCAST=upcast(dy, lora_B), PRECISION=precision, **blocks,
     )
     return (dS.to(lora_B.dtype) if need_dS else None), (dB.to(lora_B.dtype) if need_dB else None)
 
@@ -63,7 +98,8 @@ def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torc
     r = dS.shape[1]
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
-    blocks = cols_blocks(sbr, exact_fp32_dots(dS.dtype))
+    precision = skinny_precision(x.dtype, dS.dtype)
+    blocks = cols_blocks(sbr, small_skinny_tiles(dS.dtype, precision))
     d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
     splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
     atomic = splits > 1
@@ -75,9 +111,9 @@ def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torc
         x, dS, dA, seed,
         M, K, r, per_split,
         x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1),
-        keep_threshold(dropout_p) if dropout else 0,
+        1.0, keep_threshold(dropout_p) if dropout else 0,
         DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr,
-        INT64=needs_int64(x), UPCAST=upcast(x, dS), PRECISION=dot_precision(), **blocks,
+        INT64=needs_int64(x), UPCAST=upcast(x, dS), PRECISION=precision, **blocks,
     )
     return dA.to(dtype)
 
@@ -96,13 +132,15 @@ def launch_dx_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
-    launch(autotuned_gemm(dy.dtype == torch.float32, dropout))[grid](
+    low_rank_last = kernel_variant("low_rank") == "epilogue"
+    launch(autotuned_gemm(dy.dtype == torch.float32, dropout, low_rank_last))[grid](
         dy, weight, dx, dx, dS, lora_A, seed,
         M, K, N, r,
         dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
         dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
         1.0, keep_threshold(dropout_p) if dropout else 0, m_bucket(M),
-        HAS_BIAS=False, DROPOUT=dropout, BLOCK_R=r_chunk(block_r(r), lora_A.dtype == torch.float32),
+        HAS_BIAS=False, DROPOUT=dropout, LOW_RANK_LAST=low_rank_last,
+        BLOCK_R=r_chunk(block_r(r), lora_A.dtype == torch.float32),
         INT64=needs_int64(dy, weight, dx), UPCAST=upcast(dy, lora_A), PRECISION=gemm_precision(dy.dtype),
     )
     return dx

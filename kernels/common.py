@@ -9,8 +9,8 @@ from torch import Tensor
 from .configs import INTERPRET, num_sms
 
 __all__ = [
-    "check_dtypes", "block_r", "dot_precision", "needs_int64", "upcast", "row_major", "seed_arg",
-    "split_reduction", "launch",
+    "check_dtypes", "block_r", "dot_precision", "skinny_precision", "gemm_precision", "small_skinny_tiles",
+    "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch",
 ]
 
 _INT32_LIMIT = 2**31 - 1
@@ -26,6 +26,17 @@ def dot_precision() -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def skinny_precision(big_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """Dot precision of a rank-r kernel whose big operand (x or dy) has ``big_dtype``.  The dots run in the
+    adapters' dtype.  A 16-bit big operand beside fp32 adapters (PEFT's default setup) is exact in tf32, so
+    three tf32 products ("tf32x3": the adapter operand split in a high and a low tf32 part) give fp32-class
+    results on tensor cores where exact fp32 dots would run on the CUDA cores; torch's "high" / "medium"
+    settings ask for plain tf32.  Otherwise torch's setting decides (``dot_precision``)."""
+    if adapter_dtype == torch.float32 and big_dtype != torch.float32:
+        return "tf32x3" if dot_precision() == "ieee" else "tf32"
+    return dot_precision()
+
+
 def gemm_precision(base_dtype: torch.dtype) -> str:
     """Dot precision of the fused GEMM.  With a 16-bit base the fp32 operands are only those of the low-rank
     prologue (fp32 adapters), whose sum is rounded to 16 bits in y / dx: tf32 products (10-bit mantissas)
@@ -34,9 +45,10 @@ def gemm_precision(base_dtype: torch.dtype) -> str:
     return dot_precision() if base_dtype == torch.float32 else "tf32"
 
 
-def exact_fp32_dots(operand_dtype: torch.dtype) -> bool:
-    """Whether dots on operands of this dtype are exact fp32 (no tensor cores: they take more registers)."""
-    return operand_dtype == torch.float32 and dot_precision() == "ieee"
+def small_skinny_tiles(adapter_dtype: torch.dtype, precision: str) -> bool:
+    """Whether a rank-r kernel's fp32 dots need the smaller tiles: exact fp32 (CUDA cores) and 3×tf32 dots take
+    more registers than plain tf32 or 16-bit ones."""
+    return adapter_dtype == torch.float32 and precision in ("ieee", "tf32x3")
 
 
 def needs_int64(*tensors: Tensor | None) -> bool:
@@ -55,14 +67,18 @@ def upcast(*tensors: Tensor | None) -> bool:
     return INTERPRET and any(t is not None and t.dtype == torch.bfloat16 for t in tensors)
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_dtypes(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> None:
-    """x and weight share a dtype (tl.dot needs one operand dtype); so do lora_A and lora_B, which may be that
-    dtype or fp32 (PEFT's fp32 adapters beside a 16-bit base)."""
-    if x.dtype != weight.dtype:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (x.dtype, torch.float32):
-        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype, "
-                        f"{x.dtype} or float32")
+    """x and weight share a dtype (tl.dot needs one operand dtype); so do lora_A and lora_B, in any of fp32,
+    fp16, bf16 (fp32 adapters beside a 16-bit base is PEFT's default; 16-bit adapters beside an fp32 base run
+    the LoRA branch in 16 bits, as the torch path does)."""
+    if x.dtype != weight.dtype or x.dtype not in _FLOATS:
+        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype, one of fp32, fp16, bf16")
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in _FLOATS:
+        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype, one of fp32, "
+                        f"fp16, bf16")
 
 
 def split_reduction(programs: int, length: int, block: int) -> tuple[int, int]:

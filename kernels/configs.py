@@ -17,6 +17,9 @@ import triton
 
 __all__ = [
     "INTERPRET",
+    "VARIANTS",
+    "kernel_variant",
+    "use_kernel_variants",
     "gemm_configs",
     "config_dicts",
     "pinned_config",
@@ -33,6 +36,44 @@ __all__ = [
 
 # Read once, as Triton itself does when kernels are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Schedule variants the GPU check times side by side, first choice the default.  ``db``: dB accumulated with
+# fp32 atomics in the pass that computes dS from dy (one read of dy) or reduced over M in a pass of its own
+# (a second read of dy, no atomics).  ``low_rank``: the fused GEMMs' low-rank term before or after the main
+# loop.  ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or ``use_kernel_variants(...)`` choose.
+VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue")}
+_VARIANT_OVERRIDE: dict[str, str] = {}
+
+
+def _parse_variants(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        name, _, choice = item.partition("=")
+        if name not in VARIANTS or choice not in VARIANTS[name]:
+            raise ValueError(f"kernel variant {item!r}: choose from "
+                             + "; ".join(f"{k}={'|'.join(v)}" for k, v in VARIANTS.items()))
+        out[name] = choice
+    return out
+
+
+def kernel_variant(name: str) -> str:
+    """The chosen schedule for ``name`` (a key of VARIANTS)."""
+    if name in _VARIANT_OVERRIDE:
+        return _VARIANT_OVERRIDE[name]
+    return _parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", "")).get(name, VARIANTS[name][0])
+
+
+@contextmanager
+def use_kernel_variants(**choices: str):
+    """Within the block, the kernels run these schedule variants (for tests and benchmarks; not thread-safe)."""
+    chosen = _parse_variants(",".join(f"{k}={v}" for k, v in choices.items()))
+    previous = dict(_VARIANT_OVERRIDE)
+    _VARIANT_OVERRIDE.update(chosen)
+    try:
+        yield
+    finally:
+        _VARIANT_OVERRIDE.clear()
+        _VARIANT_OVERRIDE.update(previous)
 
 # The GEMM's low-rank prologue walks r in chunks of at most this many columns (register budget): fp32
 # adapters (and fp32 FMA dots) take twice the registers per element, hence the smaller chunk.
@@ -102,10 +143,20 @@ def _arch() -> int:
     return 90
 
 
-def config_dicts(arch: int, fp32: bool, masked: bool = False) -> list[dict]:
-    """The GEMM's config list for an architecture (80, 90, ...), operand class and prologue kind, as dicts."""
+# With the low-rank term after the main loop, its tile's accumulator lives beside the main one: tiles whose
+# accumulator takes more than this many fp32 values per thread spill there.
+_LOW_RANK_LAST_ACC_PER_THREAD = 64
+
+
+def config_dicts(arch: int, fp32: bool, masked: bool = False, low_rank_last: bool = False) -> list[dict]:
+    """The GEMM's config list for an architecture (80, 90, ...), operand class, masked prologue or not, and
+    schedule (``low_rank_last``: the low-rank term after the main loop), as dicts."""
     table = _TABLES[("hopper" if arch >= 90 else "ampere", fp32, masked)]
-    return [dict(zip(_GEMM_KEYS, row)) for row in table]
+    dicts = [dict(zip(_GEMM_KEYS, row)) for row in table]
+    if low_rank_last:
+        dicts = [d for d in dicts
+                 if d["BLOCK_M"] * d["BLOCK_N"] <= _LOW_RANK_LAST_ACC_PER_THREAD * 32 * d["num_warps"]]
+    return dicts
 
 
 def parse_config(spec: str) -> dict:
@@ -152,8 +203,9 @@ def _to_config(d: dict) -> triton.Config:
 
 
 @lru_cache(maxsize=None)
-def gemm_configs(fp32: bool, masked: bool) -> tuple[triton.Config, ...]:
-    """Autotune configs for the fused GEMM on the current device (``masked``: the dropout prologue)."""
+def gemm_configs(fp32: bool, masked: bool, low_rank_last: bool = False) -> tuple[triton.Config, ...]:
+    """Autotune configs for the fused GEMM on the current device (``masked``: the dropout-masked low-rank
+    term; ``low_rank_last``: that term after the main loop)."""
     if _OVERRIDE is not None:  # an explicit pin wins, under the interpreter too (tests of real configs)
         return (_to_config(_OVERRIDE),)
     if INTERPRET:
@@ -161,7 +213,7 @@ def gemm_configs(fp32: bool, masked: bool) -> tuple[triton.Config, ...]:
     pinned = pinned_config()
     if pinned is not None:
         return (_to_config(pinned),)
-    return tuple(_to_config(d) for d in config_dicts(_arch(), fp32, masked))
+    return tuple(_to_config(d) for d in config_dicts(_arch(), fp32, masked, low_rank_last))
 
 
 def r_chunk(block_r: int, adapter_fp32: bool) -> int:
@@ -203,10 +255,11 @@ def skinny_block_r(r: int) -> int:
 # into N × r) number cdiv(M, BLOCK_M) · N · r.
 _ROWS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 8, 3), 128: (32, 32, 4, 3)}
 _COLS = {16: (64, 128, 4, 3), 32: (64, 64, 8, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 3)}
-# fp32 adapters under torch's default matmul precision ("highest"): exact fp32 dots run without tensor cores
-# and take more registers, so smaller tiles (chosen the same way; the ones above spill up to 4.7 KB there).
-_ROWS_EXACT = {16: (64, 32, 8, 3), 32: (32, 64, 4, 3), 64: (16, 64, 8, 3), 128: (32, 32, 8, 3)}
-_COLS_EXACT = {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (32, 64, 8, 3), 128: (32, 32, 8, 3)}
+# fp32 adapters under torch's default matmul precision ("highest"): exact fp32 dots (fp32 x or dy) and 3×tf32
+# dots (16-bit x or dy) take more registers, so smaller tiles (chosen the same way, with room to spare: the
+# ones above spill up to 4.7 KB there).
+_ROWS_EXACT = {16: (64, 32, 8, 3), 32: (32, 32, 4, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3)}
+_COLS_EXACT = {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (16, 64, 8, 3), 128: (32, 32, 8, 3)}
 _SKINNY_KEYS = ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
 _SKINNY_INTERPRETER = (32, 32, 4, 1)
 

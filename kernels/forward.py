@@ -11,10 +11,10 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, dot_precision, exact_fp32_dots, gemm_precision, launch, needs_int64, row_major, seed_arg,
-    split_reduction, upcast,
+    block_r, check_dtypes, gemm_precision, launch, needs_int64, row_major, seed_arg, skinny_precision,
+    small_skinny_tiles, split_reduction, upcast,
 )
-from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import kernel_variant, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import rows_kernel
@@ -29,7 +29,8 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
     r = lora_A.shape[0]
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
-    blocks = rows_blocks(sbr, exact_fp32_dots(lora_A.dtype))
+    precision = skinny_precision(x.dtype, lora_A.dtype)
+    blocks = rows_blocks(sbr, small_skinny_tiles(lora_A.dtype, precision))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, K, blocks["BLOCK_D"])
     atomic_out = splits > 1
@@ -44,7 +45,7 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
         0, 0, 0, 0,
         1.0 / (1.0 - dropout_p), 1.0, keep_threshold(dropout_p) if dropout else 0,
         DROPOUT=dropout, STORE_OUT=True, ATOMIC_OUT=atomic_out, ACC_DQ=False, BLOCK_R=sbr,
-        INT64=needs_int64(x), UPCAST=upcast(x, lora_A), PRECISION=dot_precision(), **blocks,
+        INT64=needs_int64(x), UPCAST=upcast(x, lora_A), PRECISION=precision, **blocks,
     )
     return S.to(lora_A.dtype)  # a no-op unless fp32 partial sums were accumulated for 16-bit adapters
 
@@ -61,13 +62,15 @@ def launch_forward_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    launch(autotuned_gemm(x.dtype == torch.float32, False))[grid](
+    low_rank_last = kernel_variant("low_rank") == "epilogue"
+    launch(autotuned_gemm(x.dtype == torch.float32, False, low_rank_last))[grid](
         x, weight, y, bias if bias is not None else y, S, lora_B, y,
         M, N, K, r,
         x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
         S.stride(0), S.stride(1), lora_B.stride(1), lora_B.stride(0),
         float(scaling), 0, m_bucket(M),
-        HAS_BIAS=bias is not None, DROPOUT=False, BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32),
+        HAS_BIAS=bias is not None, DROPOUT=False, LOW_RANK_LAST=low_rank_last,
+        BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32),
         INT64=needs_int64(x, weight, y), UPCAST=upcast(x, lora_B), PRECISION=gemm_precision(x.dtype),
     )
     return y

@@ -7,10 +7,10 @@ dx:      A = dy, B = W,  P = dS·s/(1-p), Q = A (the LoRA A), scale = 1, mask m 
 
 Grid: one program per (BLOCK_M × BLOCK_N) tile of C, ``cdiv(M, BLOCK_M) · cdiv(N, BLOCK_N)`` programs in
 GROUP_M-row swizzled order (L2 reuse of B).  Every operand is addressed through its strides (stride 0 is
-fine); tails are masked; the accumulator is fp32; the low-rank product runs over R in BLOCK_R chunks in
-a prologue (it seeds the accumulator: one accumulator, and the Philox registers are released before the
-main loop), in the adapters' dtype (P is cast to Q's dtype); bias is added in the epilogue and C is stored
-once, in its own dtype.
+fine); tails are masked; the accumulator is fp32; the low-rank product runs over R in BLOCK_R chunks in the
+adapters' dtype (P is cast to Q's dtype), either in a prologue (it seeds the accumulator: one accumulator,
+and the Philox registers are released before the main loop) or, with LOW_RANK_LAST, after the main loop
+(which then starts at once); bias is added in the epilogue and C is stored once, in its own dtype.
 INT64 switches row / column offsets to 64 bits (for operands past 2^31 elements); UPCAST (interpreter only)
 computes bf16 in fp32, which the interpreter cannot do natively.
 """
@@ -29,13 +29,39 @@ __all__ = ["fused_gemm_kernel", "autotuned_gemm"]
 
 
 @triton.jit
+def _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr, stride_qr, stride_qn,
+                   lora_scale, keep_threshold,
+                   DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """scale · keep ⊙ (P · Q) for one (BLOCK_M × BLOCK_N) tile, fp32, over R in BLOCK_R chunks."""
+    offs_r = tl.arange(0, BLOCK_R)
+    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
+    q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
+    tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r in tl.range(0, tl.cdiv(R, BLOCK_R), num_stages=1):  # not pipelined: it would multiply shared memory
+        r_left = R - r * BLOCK_R
+        q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
+        if UPCAST:
+            p = p.to(tl.float32)
+            q = q.to(tl.float32)
+        tile = tl.dot(p, q, tile, input_precision=PRECISION)
+        p_ptrs += BLOCK_R * stride_pr
+        q_ptrs += BLOCK_R * stride_qr
+    if DROPOUT:
+        k0, k1 = philox_key(seed_ptr)
+        tile = tl.where(keep_mask(k0, k1, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), tile, 0.0)
+    return tile * lora_scale
+
+
+@triton.jit
 def fused_gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pm, stride_pr, stride_qr, stride_qn,
     lora_scale, keep_threshold, M_BUCKET,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LOW_RANK_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -58,28 +84,16 @@ def fused_gemm_kernel(
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
 
-    # Prologue: the low-rank term, P · Q over R in BLOCK_R chunks, masked and scaled, becomes the initial
-    # accumulator, so the main loop carries a single accumulator and the mask's registers are free again.
-    offs_r = tl.arange(0, BLOCK_R)
-    p_ptrs = p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr
-    q_ptrs = q_ptr + offs_r[:, None] * stride_qr + cols[None, :] * stride_qn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in tl.range(0, tl.cdiv(R, BLOCK_R), num_stages=1):  # not pipelined: it would multiply shared memory
-        r_left = R - r * BLOCK_R
-        q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-        p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        acc = tl.dot(p, q, acc, input_precision=PRECISION)
-        p_ptrs += BLOCK_R * stride_pr
-        q_ptrs += BLOCK_R * stride_qr
-    if DROPOUT:
-        k0, k1 = philox_key(seed_ptr)
-        acc = tl.where(keep_mask(k0, k1, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), acc, 0.0)
-    acc = acc * lora_scale
+    if LOW_RANK_LAST:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:
+        # Prologue: the low-rank term becomes the initial accumulator, so the main loop carries a single
+        # accumulator and the mask's registers are free again before it.
+        acc = _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
+                             stride_qr, stride_qn, lora_scale, keep_threshold,
+                             DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
-    # Main loop: the base GEMM accumulates on top.
+    # Main loop: the base GEMM.
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -93,7 +107,11 @@ def fused_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    # Epilogue: bias, one store.
+    if LOW_RANK_LAST:
+        # Epilogue: the low-rank term after the pipelined loop (nothing delays the loop's start).
+        acc += _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
+                              stride_qr, stride_qn, lora_scale, keep_threshold,
+                              DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -106,13 +124,15 @@ def fused_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def autotuned_gemm(fp32: bool, masked: bool):
-    """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K, B's layout), with the list for fp32 or
-    16-bit operands, with or without the dropout-masked prologue (one tuner, so one cache, per list)."""
-    return _autotuner(gemm_configs(fp32, masked))
+def autotuned_gemm(fp32: bool, masked: bool, low_rank_last: bool = False):
+    """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K, B's layout, schedule), with the list
+    for fp32 or 16-bit operands, masked low-rank term or not, and schedule (one tuner, so one cache, per list)."""
+    return _autotuner(gemm_configs(fp32, masked, low_rank_last))
 
 
 @lru_cache(maxsize=None)
 def _autotuner(configs: tuple):
-    # stride_bk tells the forward GEMM (B = Wᵀ, stride 1) from the dx GEMM (B = W) when their shapes coincide.
-    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K", "stride_bk"])(fused_gemm_kernel)
+    # stride_bk tells the forward GEMM (B = Wᵀ, stride 1) from the dx GEMM (B = W) when their shapes coincide;
+    # each schedule variant tunes on its own.
+    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K", "stride_bk", "LOW_RANK_LAST"])(
+        fused_gemm_kernel)

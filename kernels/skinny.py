@@ -10,8 +10,10 @@ columns and one slice of D (cols_per_split wide, a BLOCK_D multiple), walking it
 
 cols_kernel — grid (cdiv(D, BLOCK_D), splits, cdiv(R, BLOCK_R)); program (d, j, ·) reduces rows
 [j·rows_per_split, (j+1)·rows_per_split):
-    out[R, D] (+)= P[M, R]ᵀ · (keep ⊙ X)[M, D]    (fp32 atomics when ATOMIC, plain store for one split)
-  backward: X = x, P = dS (already carrying s/(1-p)), out = dA                   (dA = dSᵀ h)
+    out[R, D] (+)= out_scale · P[M, R]ᵀ · (keep ⊙ X)[M, D]    (fp32 atomics when ATOMIC, a store for one split)
+  backward: X = x,  P = dS (already carrying s/(1-p)), out = dA, out_scale = 1, mask on   (dA = dSᵀ h)
+            X = dy, P = S, out = dBᵀ (through its strides), out_scale = s              (dB = s·dyᵀ S, the
+            "separate" dB schedule: no atomics, a second read of dy)
 
 X is cast to the adapters' dtype (Q's / P's) before the dot, as the reference casts x to lora_A.dtype; BLOCK_R
 is r padded to a power of two >= 16 for tl.dot (padded columns masked), capped by the launcher (configs.py) so
@@ -98,11 +100,12 @@ def cols_kernel(
     x_ptr, p_ptr, out_ptr, seed_ptr,
     M, D, R, rows_per_split,
     stride_xm, stride_xd, stride_pm, stride_pr, stride_or, stride_od,
-    keep_threshold,
+    out_scale, keep_threshold,
     DROPOUT: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_R: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    out_scale = tl.cast(out_scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -137,6 +140,7 @@ def cols_kernel(
 
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od
     out_mask = r_ok[:, None] & d_ok[None, :]
+    acc = acc * out_scale
     if ATOMIC:
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
     else:

@@ -126,18 +126,54 @@ def test_real_skinny_blocks(monkeypatch, r):
 
 
 def test_dot_precision_choices():
-    """fp32 dots follow torch's matmul precision, except a 16-bit GEMM's fp32 prologue (tf32: its sum is
-    rounded to 16 bits); exact fp32 skinny dots get their own (smaller) tiles."""
+    """fp32 dots follow torch's matmul precision, except: a 16-bit GEMM's fp32 prologue runs tf32 (its sum is
+    rounded to 16 bits), and a rank-r kernel over a 16-bit operand with fp32 adapters runs 3×tf32 (tensor cores,
+    fp32-class results) under "highest"; exact fp32 and 3×tf32 skinny dots get their own (smaller) tiles."""
     from fastlora.kernels import configs
-    from fastlora.kernels.common import exact_fp32_dots, gemm_precision
+    from fastlora.kernels.common import gemm_precision, skinny_precision, small_skinny_tiles
 
+    f32, bf16 = torch.float32, torch.bfloat16
     previous = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert gemm_precision(torch.float32) == "ieee" and gemm_precision(torch.bfloat16) == "tf32"
-        assert exact_fp32_dots(torch.float32) and not exact_fp32_dots(torch.bfloat16)
+        assert gemm_precision(f32) == "ieee" and gemm_precision(bf16) == "tf32"
+        assert skinny_precision(bf16, f32) == "tf32x3" and skinny_precision(f32, f32) == "ieee"
+        assert small_skinny_tiles(f32, "tf32x3") and small_skinny_tiles(f32, "ieee")
+        assert not small_skinny_tiles(bf16, skinny_precision(bf16, bf16))
         torch.set_float32_matmul_precision("high")
-        assert gemm_precision(torch.float32) == "tf32" and not exact_fp32_dots(torch.float32)
+        assert gemm_precision(f32) == "tf32" and skinny_precision(bf16, f32) == "tf32"
+        assert not small_skinny_tiles(f32, skinny_precision(f32, f32))
     finally:
         torch.set_float32_matmul_precision(previous)
     assert configs._ROWS_EXACT.keys() == configs._ROWS.keys() and configs._COLS_EXACT.keys() == configs._COLS.keys()
+
+
+VARIANT_CASES = [
+    kc.Case(37, 97, 64, 16, torch.bfloat16, torch.float32, p=0.1),
+    kc.Case(128, 33, 97, 8, torch.float16, bias=False),
+    kc.Case(1, 64, 33, 33, p=0.3, dy_layout="expanded"),
+    kc.Case(70, 40, 130, 24, torch.float32, torch.bfloat16, p=0.2),
+]
+
+
+@pytest.mark.parametrize("variants", [{"db": "separate"}, {"low_rank": "epilogue"},
+                                      {"db": "separate", "low_rank": "epilogue"}], ids=str)
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
+def test_schedule_variants(variants, case):
+    """Each schedule variant the GPU check times computes the same outputs and gradients as the default."""
+    from fastlora.kernels import configs
+
+    with configs.use_kernel_variants(**variants):
+        assert all(configs.kernel_variant(k) == v for k, v in variants.items())
+        kc.check_case(case, "cpu")
+
+
+def test_variant_choice_from_the_environment(monkeypatch):
+    from fastlora.kernels import configs
+
+    assert configs.kernel_variant("db") == "atomic" and configs.kernel_variant("low_rank") == "prologue"
+    monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "db=separate")
+    assert configs.kernel_variant("db") == "separate"
+    monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "db=sideways")
+    with pytest.raises(ValueError, match="db=atomic|separate"):
+        configs.kernel_variant("db")

@@ -232,5 +232,5 @@ def test_transposed_input_trains_with_dropout(p):
         y.square().sum().backward()
         outs.append((y.detach(), x.grad, layer.lora_A.grad.clone()))
         layer.lora_A.grad = layer.lora_B.grad = None
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+    for a, b in zip(*outs):  # the same math; BLAS may order the view's sums differently: fp32 tolerance
+        torch.testing.assert_close(a, b, **tol(torch.float32))

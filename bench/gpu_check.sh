@@ -10,7 +10,9 @@
 #      elements, CUDA-graph replay), with a JUnit XML;
 #   2. kernel benchmark: Llama-3-8B projections, 8192 tokens, r=16, bf16, dropout 0.1 and 0 (frozen base,
 #      PEFT, fastlora torch and triton paths) as JSON / CSV / PNG;
-#   3. bench/kernel_breakdown.py: each fused launch against cuBLAS (where the time goes), same shapes;
+#   3. bench/kernel_variants.py: the design decisions — each launch against its floor, the Triton GEMM against
+#      cuBLAS, the schedule (dB, low-rank term) and precision (3×tf32, tf32) variants side by side, the rank-r
+#      kernels' error against float64 beside PEFT's, and which variant wins (JSON: "decision");
 #   4. one training step of a 2-layer llama-3-8b-width model;
 #   5. the README section regenerated from every results file;
 #   6. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
@@ -71,28 +73,28 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME
 }
 
 # 1. compiled kernels against the float64 reference
-step kernel-tests 225 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+step kernel-tests 180 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
     --junitxml="$stem-kernel-tests.xml"
 
 # 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
-step layers 120 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
+step layers 110 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
     --dtype bf16 --dropout 0.1,0 --warmup 5 --repeats 30 --no-progress \
     --json "$stem-layers.json" --csv "$stem-layers.csv" $(plot "$stem-layers.png")
 
-# 3. per-launch times against cuBLAS (compiled kernels are cached from step 2)
-step kernel-breakdown 50 "$PY" bench/kernel_breakdown.py --tokens 8192 --rank 16 --dropout 0.1,0 --dtype bf16 \
-    --json "$stem-kernel-breakdown.json"
+# 3. the design decisions (it stops measuring at its own budget and lists what it skipped)
+step kernel-variants 130 "$PY" bench/kernel_variants.py --tokens 8192 --rank 16 --dropout 0.1,0 --budget 110 \
+    --json "$stem-kernel-variants.json"
 
 # 4. one training step of a 2-layer llama-3-8b-width model (bf16)
 if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
-    step model 40 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
+    step model 30 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
         --json "$stem-model.json" --csv "$stem-model.csv" $(plot "$stem-model.png")
 fi
 
-# 5. the README section from every layer / model results file (the kernel breakdown has its own format)
+# 5. the README section from every layer / model results file (the kernel variants have their own format)
 bench_jsons=()
 for f in "$RESULTS"/*.json; do
-    [[ -e "$f" && "$f" != *kernel-breakdown* ]] && bench_jsons+=("$f")
+    [[ -e "$f" && "$f" != *kernel-variants* ]] && bench_jsons+=("$f")
 done
 if ((${#bench_jsons[@]})); then
     "$PY" -m fastlora.bench.report "${bench_jsons[@]}" >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
@@ -100,7 +102,7 @@ if ((${#bench_jsons[@]})); then
 fi
 
 # 6. ahead-of-time compile report with this machine's triton
-step compile-check 40 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
+step compile-check 30 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
 
 echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"
 exit "$status"

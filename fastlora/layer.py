@@ -8,6 +8,7 @@ Each adapter's factors are Parameters of the layer itself, ``lora_A_<name>`` (r 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -246,13 +247,31 @@ class LoRALinear(nn.Linear):
     def lora_alpha(self) -> float:
         return self.settings.lora_alpha
 
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        self._replace_settings(lora_alpha=value)
+
     @property
     def lora_dropout(self) -> float:
         return self.settings.lora_dropout
 
+    @lora_dropout.setter
+    def lora_dropout(self, value: float) -> None:
+        self._replace_settings(lora_dropout=value)
+
     @property
     def use_rslora(self) -> bool:
         return self.settings.use_rslora
+
+    @use_rslora.setter
+    def use_rslora(self, value: bool) -> None:
+        self._replace_settings(use_rslora=value)
+
+    def _replace_settings(self, **changes) -> None:
+        """Change the active adapter's lora_alpha / lora_dropout / use_rslora (validated; r is fixed by the
+        factors' shapes)."""
+        name = self._active()
+        self.adapter_settings[name] = dataclasses.replace(self.adapter_settings[name], **changes)
 
     @property
     def scaling(self) -> float:

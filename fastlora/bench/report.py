@@ -365,7 +365,7 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
         "fastlora bench --quick                      # layers + the tiny model, under a minute on 2 CPU cores",
         "fastlora bench --preset llama-3-8b --json layers.json --plot layers.png",
         "fastlora bench --model tiny --json model.json      # one training step, dropout 0.1 and 0",
-        "bash bench/gpu_check.sh                     # the GPU results files (layers + llama-3-8b-width model)",
+        "bash bench/gpu_check.sh                     # the GPU results files (layers, kernel variants, model)",
         "pytest bench/ --benchmark-only              # the pytest-benchmark suite (compare runs with --benchmark-compare)",
         "python -m fastlora.bench.report bench/results/*.json   # this section",
         "```",

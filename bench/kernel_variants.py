@@ -1,0 +1,256 @@
+"""The GPU run that decides the kernel design: every launch against its floor, the Triton GEMM against
+cuBLAS, the schedule and precision variants side by side, the fused layer against the frozen base, and
+the rank-r kernels' error against float64 next to PEFT's.
+
+For Llama-3-8B projections at 8192 tokens, r = 16, a bf16 base with fp32 adapters (what ``get_peft_model``
+makes, as PEFT does), dropout 0.1 and 0, it records (median of ``triton.testing.do_bench``):
+
+* ``cublas``: the frozen layer's two GEMMs (x Wᵀ, dy W) — the floor the fused layer is held to;
+* ``triton_gemm``: the fused GEMM with no low-rank term (R = 0) on the same shapes: Triton against cuBLAS;
+* for each schedule variant (``db``: atomic | separate; ``low_rank``: prologue | epilogue — see
+  kernels/configs.py) and each precision setup of the rank-r kernels (3×tf32, torch's default; tf32 under
+  ``torch.set_float32_matmul_precision("high")``): each launch's time, its memory and compute floor
+  (bytes / bandwidth, FLOPs / peak), and forward + backward against ``cublas``;
+* the error of S, dA and dB against float64 for each precision, beside PEFT's (torch's fp32 matmuls);
+* ``decision``: the variant with the least forward + backward time summed over the shapes, whether it beats
+  the default, and whether 3×tf32's error is within 4× of PEFT's.
+
+Stops adding measurements when ``--budget`` seconds are spent (what was skipped is listed).  JSON out::
+
+    python bench/kernel_variants.py --json FILE [--tokens 8192] [--rank 16] [--budget 110]
+    python bench/kernel_variants.py --dry-run     # CPU, Triton's interpreter, tiny shapes: the code paths only
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from fastlora.bench.presets import find_gpu_spec  # noqa: E402
+from fastlora.kernels import configs, lora_backward, lora_forward  # noqa: E402
+from fastlora.kernels.backward import launch_dA, launch_dS_dB, launch_dx_gemm  # noqa: E402
+from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
+
+SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
+DRY_SHAPES = {"tiny": (48, 40)}
+PRECISIONS = {"tf32x3": "highest", "tf32": "high"}  # rank-r precision → torch's fp32 matmul setting that picks it
+VARIANTS = [dict(zip(configs.VARIANTS, choice)) for choice in itertools.product(*configs.VARIANTS.values())]
+DEFAULT = {name: choices[0] for name, choices in configs.VARIANTS.items()}
+
+
+def _timer(dry: bool):
+    if dry:
+        def once(fn) -> float:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        return once
+    from triton.testing import do_bench
+
+    return lambda fn: float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+@contextmanager
+def _precision(setting: str):
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _inputs(M, K, N, r, device, dtype=torch.bfloat16, adapter_dtype=torch.float32):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(M, K, device=device, generator=g).to(dtype)
+    w = (torch.randn(N, K, device=device, generator=g) * K**-0.5).to(dtype)
+    A = (torch.randn(r, K, device=device, generator=g) * K**-0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, device=device, generator=g) * r**-0.5).to(adapter_dtype)
+    dy = torch.randn(M, N, device=device, generator=g).to(dtype)
+    seed = torch.tensor([1234], device=device, dtype=torch.int64)
+    return x, w, A, B, dy, seed
+
+
+def _floors(M, K, N, r, spec) -> dict:
+    """Per launch: (bytes moved at least, FLOPs) → floor ms = max(bytes / bandwidth, FLOPs / peak)."""
+    e, a = 2, 4  # bf16 base, fp32 adapters (and fp32 S / dS)
+    work = {
+        "S": (e * M * K + a * (r * K + M * r), 2 * M * K * r),
+        "fwd_gemm": (e * (M * K + N * K + M * N) + a * (M * r + N * r), 2 * M * K * N + 2 * M * N * r),
+        "dS_dB": (e * M * N + a * (N * r + M * r + M * r + N * r), 4 * M * N * r),
+        "dA": (e * M * K + a * (M * r + r * K), 2 * M * K * r),
+        "dx_gemm": (e * (M * N + N * K + M * K) + a * (M * r + r * K), 2 * M * K * N + 2 * M * K * r),
+    }
+    if spec is None:
+        return {k: None for k in work}
+    return {k: max(b / (spec.bandwidth_gbs * 1e9), f / (spec.tflops_16 * 1e12)) * 1e3 for k, (b, f) in work.items()}
+
+
+def _launch_times(timed, x, w, A, B, dy, seed, s, p) -> dict:
+    S = launch_S(x, A, seed, p)
+    dS, _ = launch_dS_dB(dy, B, S, s, p, True, False)
+    return {
+        "S": timed(lambda: launch_S(x, A, seed, p)),
+        "fwd_gemm": timed(lambda: launch_forward_gemm(x, w, None, S, B, s)),
+        "dS_dB": timed(lambda: launch_dS_dB(dy, B, S, s, p, True, True)),
+        "dA": timed(lambda: launch_dA(x, dS, seed, p, A.dtype)),
+        "dx_gemm": timed(lambda: launch_dx_gemm(dy, w, dS, A, seed, p)),
+        "forward": timed(lambda: lora_forward(x, w, None, A, B, seed, s, p)),
+        "backward": timed(lambda: lora_backward(dy, x, w, A, B, S, seed, s, p, True, True, True)),
+    }
+
+
+def _errors(x, w, A, B, dy, seed, s, p) -> dict:
+    """Max relative error (to max |ref|) of S, dA, dB against float64, for the kernels and for torch's fp32."""
+    d = {n: t.double() for n, t in dict(x=x, A=A, B=B, dy=dy).items()}
+    S_ref = d["x"] @ d["A"].T
+    dS_ref = s * d["dy"] @ d["B"]
+    refs = {"S": S_ref, "dB": s * d["dy"].T @ S_ref, "dA": dS_ref.T @ d["x"]}
+
+    def rel(got, ref):
+        return float((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+    out = {}
+    for precision, setting in PRECISIONS.items():
+        with _precision(setting):
+            _, S = lora_forward(x, w, None, A, B, None, s, 0.0)
+            _, dA, dB = lora_backward(dy, x, w, A, B, S, None, s, 0.0, False, True, True)
+        out[precision] = {"S": rel(S, refs["S"]), "dA": rel(dA, refs["dA"]), "dB": rel(dB, refs["dB"])}
+    with _precision("highest"):  # PEFT: x cast to the adapters' fp32, torch's fp32 matmuls
+        xf, dyf = x.float(), dy.float()
+        S_p = xf @ A.T
+        out["peft_fp32"] = {"S": rel(S_p, refs["S"]), "dA": rel((s * dyf @ B).T @ xf, refs["dA"]),
+                            "dB": rel(s * dyf.T @ S_p, refs["dB"])}
+    return out
+
+
+def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget) -> dict:
+    s = 2.0
+    x, w, A, B, dy, seed = _inputs(M, K, N, rank, device)
+    empty_S, empty_B = torch.empty(M, 0, device=device), torch.empty(N, 0, device=device)
+    entry = {
+        "M": M, "K": K, "N": N, "r": rank, "floors_ms": _floors(M, K, N, rank, spec),
+        "cublas_ms": {"fwd": timed(lambda: x @ w.T), "dx": timed(lambda: dy @ w)},
+        "triton_gemm_ms": {}, "variants": [],
+    }
+    with configs.use_kernel_variants(**DEFAULT):  # the GEMM alone: no low-rank term (R = 0)
+        entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
+        entry["triton_gemm_ms"]["dx"] = timed(lambda: launch_dx_gemm(dy, w, empty_S, A[:0], seed, 0.0))
+    base = entry["cublas_ms"]["fwd"] + entry["cublas_ms"]["dx"]
+    for p, variant, precision in itertools.product(dropouts, VARIANTS, PRECISIONS):
+        if over_budget(f"{name} p={p:g} {variant} {precision}"):
+            continue
+        with configs.use_kernel_variants(**variant), _precision(PRECISIONS[precision]):
+            times = _launch_times(timed, x, w, A, B, dy, seed, s, p)
+        entry["variants"].append({
+            "dropout": p, **variant, "precision": precision, "ms": times,
+            "fused_over_cublas": (times["forward"] + times["backward"]) / base,
+        })
+    if not over_budget(f"{name} errors"):
+        out["errors"][name] = _errors(x, w, A, B, dy, seed, s, 0.0)
+    return entry
+
+
+def run(tokens: int, rank: int, dropouts: list[float], budget: float, dry: bool) -> dict:
+    device = "cpu" if dry else "cuda"
+    shapes = DRY_SHAPES if dry else SHAPES
+    M = 24 if dry else tokens
+    timed = _timer(dry)
+    spec = None if dry else find_gpu_spec(torch.cuda.get_device_name(0))
+    started = time.monotonic()
+    out = {"shapes": {}, "skipped": [], "errors": {}}
+
+    def over_budget(what: str) -> bool:
+        if time.monotonic() - started > budget:
+            out["skipped"].append(what)
+            return True
+        return False
+
+    for name, (K, N) in shapes.items():
+        out["shapes"][name] = _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
+        if not dry:
+            torch.cuda.empty_cache()
+    out["decision"] = _decide(out)
+    return out
+
+
+def _decide(out: dict) -> dict:
+    """The schedule and precision with the least forward + backward time summed over the shapes measured for
+    every candidate, per dropout; and whether 3×tf32's error is within 4× PEFT's."""
+    totals: dict[tuple, float] = {}
+    counts: dict[tuple, int] = {}
+    for entry in out["shapes"].values():
+        for v in entry["variants"]:
+            key = (v["dropout"], v["db"], v["low_rank"], v["precision"])
+            totals[key] = totals.get(key, 0.0) + v["ms"]["forward"] + v["ms"]["backward"]
+            counts[key] = counts.get(key, 0) + 1
+    full = max(counts.values(), default=0)
+    decision = {}
+    for p in sorted({k[0] for k in totals}):
+        candidates = {k: t for k, t in totals.items() if k[0] == p and counts[k] == full}
+        if not candidates:
+            continue
+        best = min(candidates, key=candidates.get)
+        default = (p, DEFAULT["db"], DEFAULT["low_rank"], "tf32x3")
+        decision[f"p={p:g}"] = {
+            "best": {"db": best[1], "low_rank": best[2], "precision": best[3], "ms": candidates[best]},
+            "default_ms": candidates.get(default),
+            "best_is_default": best[1:3] == default[1:3],
+        }
+    ratios = [e["tf32x3"][k] / max(e["peft_fp32"][k], 1e-30) for e in out["errors"].values() for k in e["tf32x3"]]
+    decision["tf32x3_error_within_4x_peft"] = bool(ratios) and max(ratios) <= 4.0
+    return decision
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--dropout", default="0.1,0", help="comma list (default 0.1,0)")
+    ap.add_argument("--budget", type=float, default=110.0, help="seconds; later measurements are skipped (default 110)")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: no timing worth reading")
+    opts = ap.parse_args()
+    if not opts.dry_run and not torch.cuda.is_available():
+        print("kernel_variants: needs CUDA (or --dry-run)", file=sys.stderr)
+        return 2
+    env = {"torch": torch.__version__, "triton": triton.__version__, "dry_run": opts.dry_run,
+           "device": "cpu (interpreter)" if opts.dry_run else torch.cuda.get_device_name(0),
+           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    results = run(opts.tokens, opts.rank, [float(v) for v in opts.dropout.split(",")], opts.budget, opts.dry_run)
+    results["environment"] = env
+    for name, entry in results["shapes"].items():
+        base = entry["cublas_ms"]["fwd"] + entry["cublas_ms"]["dx"]
+        tg = entry["triton_gemm_ms"]
+        print(f"{name}: cuBLAS fwd+dx {base:.4f} ms; Triton GEMM/cuBLAS fwd {tg['fwd'] / entry['cublas_ms']['fwd']:.3f} "
+              f"dx {tg['dx'] / entry['cublas_ms']['dx']:.3f}")
+        for v in entry["variants"]:
+            print(f"  p={v['dropout']:g} db={v['db']:<8} low_rank={v['low_rank']:<8} {v['precision']:<6} "
+                  f"fused/cuBLAS {v['fused_over_cublas']:.3f}  " + " ".join(f"{k} {t:.4f}" for k, t in v["ms"].items()))
+    print("errors vs float64 (max |err| / max |ref|):", json.dumps(results["errors"]))
+    print("decision:", json.dumps(results["decision"]))
+    if results["skipped"]:
+        print(f"skipped (budget): {len(results['skipped'])} measurements")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {opts.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,9 +8,9 @@ Llama-shaped launch (16-byte aligned pointers, strides of 1 specialised as Trito
 cubin's resources with the ``cuobjdump -res-usage`` that ships in Triton's package.
 
 Fails (exit 1) on a compile error, any spill (STACK or LOCAL > 0), dynamic shared memory above the chip's
-limit, a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``, or any kernel whose dots
+limit, a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``, any kernel whose dots
 should run on tensor cores (16-bit operands, tf32, 3×tf32 — every kernel of PEFT's default bf16-base /
-fp32-adapter setup) and has no ``mma`` instruction.  Prints one line per GEMM config and per skinny block
+fp32-adapter setup) and has no ``mma`` instruction, or an exact-fp32 kernel that has one (tf32 rounding).  Prints one line per GEMM config and per skinny block
 choice (worst case over its variants), with whether its tensor-core variants all use them.
 
     python bench/compile_check.py [--jobs N] [--arch 80,90] [--verbose]
@@ -71,7 +71,8 @@ class Job:
     num_warps: int
     num_stages: int
     needs_wgmma: bool = False
-    needs_tensor_cores: bool = False
+    needs_tensor_cores: bool = False  # 16-bit, tf32 or 3×tf32 dots: an mma instruction must be there
+    exact_fp32: bool = False  # "ieee" dots on fp32 operands: no mma instruction may be there (no tf32 rounding)
 
 
 @dataclass
@@ -159,6 +160,8 @@ def run_job(job: Job) -> Result:
             res.problems.append("no wgmma on sm_90")
         if job.needs_tensor_cores and not res.tensor_cores:
             res.problems.append("no tensor-core instruction (mma) where its dots should use them")
+        if job.exact_fp32 and res.tensor_cores:
+            res.problems.append("tensor-core instructions in exact-fp32 dots (they would round to tf32)")
     return res
 
 
@@ -217,7 +220,8 @@ def gemm_jobs(arch: int) -> list[Job]:
                     label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "") + (
                         " fp64-scale" if isinstance(scale, F64) else "") + (" low-rank-last" if last else "")
                     jobs.append(Job("gemm", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
-                                    needs_wgmma=arch >= 90 and tensor_cores, needs_tensor_cores=tensor_cores))
+                                    needs_wgmma=arch >= 90 and tensor_cores, needs_tensor_cores=tensor_cores,
+                                    exact_fp32=dt == adt == "fp32" and prec == "ieee"))
     return jobs
 
 
@@ -241,6 +245,7 @@ def skinny_jobs(arch: int) -> list[Job]:
             small = small_skinny_tiles(torch.float32 if adt == "fp32" else torch.bfloat16, prec)  # as the launchers
             rb, cb = rows_blocks(br, small), cols_blocks(br, small)
             tc = _skinny_tensor_cores(adt, prec)
+            exact = dt == adt == "fp32" and prec == "ieee"
             for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
                 args = dict(
@@ -259,7 +264,7 @@ def skinny_jobs(arch: int) -> list[Job]:
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
                 label = f"{direction} {dt}/{adt} {prec}" + (" split" if atomic_out else "")
                 jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"],
-                                needs_tensor_cores=tc))
+                                needs_tensor_cores=tc, exact_fp32=exact))
                 if atomic_out and dt == "bf16":  # 64-bit offsets (operands past 2^31 elements)
                     jobs.append(Job("rows", name, label + " int64", arch, dict(args, INT64=True),
                                     rb["num_warps"], rb["num_stages"], needs_tensor_cores=tc))
@@ -281,7 +286,7 @@ def skinny_jobs(arch: int) -> list[Job]:
                 )
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
                 jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic={atomic}", arch, args,
-                                cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc))
+                                cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc, exact_fp32=exact))
                 if atomic and dt == "bf16" and dA:  # 64-bit offsets
                     jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic int64", arch,
                                     dict(args, INT64=True), cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc))

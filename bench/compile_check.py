@@ -10,7 +10,8 @@ cubin's resources with the ``cuobjdump -res-usage`` that ships in Triton's packa
 Fails (exit 1) on a compile error, any spill (STACK or LOCAL > 0), dynamic shared memory above the chip's
 limit, a 16-bit / tf32 fused GEMM on sm_90 that does not use ``wgmma.mma_async``, any kernel whose dots
 should run on tensor cores (16-bit operands, tf32, 3×tf32 — every kernel of PEFT's default bf16-base /
-fp32-adapter setup) and has no ``mma`` instruction, or an exact-fp32 kernel that has one (tf32 rounding).  Prints one line per GEMM config and per skinny block
+fp32-adapter setup) and has no ``mma`` instruction, an exact-fp32 kernel that has one (tf32 rounding), or a
+3×tf32 kernel with fewer than three times the ``mma`` instructions of its plain-tf32 twin.  Prints one line per GEMM config and per skinny block
 choice (worst case over its variants), with whether its tensor-core variants all use them.
 
     python bench/compile_check.py [--jobs N] [--arch 80,90] [--verbose]
@@ -73,6 +74,9 @@ class Job:
     needs_wgmma: bool = False
     needs_tensor_cores: bool = False  # 16-bit, tf32 or 3×tf32 dots: an mma instruction must be there
     exact_fp32: bool = False  # "ieee" dots on fp32 operands: no mma instruction may be there (no tf32 rounding)
+    # 3×tf32 dots: at least three times the mma instructions of the same kernel compiled with plain tf32 (the
+    # two compile to the same instruction; only the count tells 3×tf32 from a silent fallback to tf32)
+    triple_tf32: bool = False
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Result:
     shared: int = 0
     wgmma: bool = False
     tensor_cores: bool = False
+    mma_count: int = 0
     seconds: float = 0.0
     problems: list = field(default_factory=list)
 
@@ -127,21 +132,35 @@ def _resources(cubin: bytes) -> dict:
     return out
 
 
+def _compile(job: Job, args: dict):
+    fn = KERNELS[job.kernel]
+    sig, consts, attrs = _signature(fn, args)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
+                          options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+
+
+def _mma_count(ptx: str) -> int:
+    return len(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)\.", ptx))
+
+
 def run_job(job: Job) -> Result:
     res = Result(job)
     t0 = time.time()
     try:
-        fn = KERNELS[job.kernel]
-        sig, consts, attrs = _signature(fn, job.args)
-        src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-        kernel = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                                options={"num_warps": job.num_warps, "num_stages": job.num_stages})
+        kernel = _compile(job, job.args)
         usage = _resources(kernel.asm["cubin"])
         res.regs, res.stack, res.local = usage["REG"], usage["STACK"], usage["LOCAL"]
         res.shared = max(int(kernel.metadata.shared), usage["SHARED"])
         ptx = kernel.asm["ptx"]
         res.wgmma = "wgmma.mma_async" in ptx
         res.tensor_cores = res.wgmma or "mma.sync" in ptx
+        res.mma_count = _mma_count(ptx)
+        if job.triple_tf32:
+            plain = _mma_count(_compile(job, dict(job.args, PRECISION="tf32")).asm["ptx"])
+            if res.mma_count < 3 * plain:
+                res.problems.append(f"3×tf32 dots compiled to {res.mma_count} mma instructions, plain tf32 to "
+                                    f"{plain}: not three products")
         res.ok = True
     except Exception as exc:  # noqa: BLE001 - every compile failure is a finding
         while exc.__cause__ is not None:  # the root cause, not the call-site frames around it
@@ -150,7 +169,7 @@ def run_job(job: Job) -> Result:
         res.error = f"{type(exc).__name__}: {lines[-1][:200] if lines else ''}"
     res.seconds = time.time() - t0
     if not res.ok:
-        res.problems.append("compile error: " + res.error)
+        res.problems = ["compile error: " + res.error]
     else:
         if res.stack or res.local:
             res.problems.append(f"spills (STACK {res.stack}, LOCAL {res.local})")
@@ -205,10 +224,9 @@ def gemm_jobs(arch: int) -> list[Job]:
                 name = "gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + (
                     "fp32" if fp32 else "16-bit") + (" masked" if masked else "")
                 variants = [(d, dt, adt, prec, r, False, 0.5, False) for dt, adt, prec in dtypes for d, r in directions]
-                # the low-rank term after the main loop (a schedule variant, on the configs it may use), in the
-                # setups that matter most
+                # the low-rank term after the main loop (a schedule variant, on the configs it may use)
                 if cfg in epilogue_ok:
-                    variants += [(d, dt, adt, prec, r, False, 0.5, True) for dt, adt, prec in dtypes[-2:]
+                    variants += [(d, dt, adt, prec, r, False, 0.5, True) for dt, adt, prec in dtypes
                                  for d, r in directions]
                 # 64-bit offsets (operands past 2^31 elements), and the fp64 scale Inductor passes, once per config.
                 dt = "fp32" if fp32 else "bf16"
@@ -232,6 +250,9 @@ SKINNY_DTYPES = [("fp16", "fp16", "ieee"), ("bf16", "bf16", "ieee"), ("bf16", "f
                  ("fp32", "bf16", "ieee")]
 
 
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def _skinny_tensor_cores(adt: str, prec: str) -> bool:
     return adt != "fp32" or prec in ("tf32", "tf32x3")
 RANKS = [16, 32, 64, 128]  # skinny BLOCK_R values; larger ranks run in 128-wide chunks
@@ -242,10 +263,11 @@ def skinny_jobs(arch: int) -> list[Job]:
     for r in RANKS:
         br = skinny_block_r(r)
         for dt, adt, prec in SKINNY_DTYPES:
-            small = small_skinny_tiles(torch.float32 if adt == "fp32" else torch.bfloat16, prec)  # as the launchers
+            small = small_skinny_tiles(_TORCH[dt], _TORCH[adt], prec)  # as the launchers choose
             rb, cb = rows_blocks(br, small), cols_blocks(br, small)
             tc = _skinny_tensor_cores(adt, prec)
             exact = dt == adt == "fp32" and prec == "ieee"
+            triple = prec == "tf32x3"
             for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
                 args = dict(
@@ -264,7 +286,7 @@ def skinny_jobs(arch: int) -> list[Job]:
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
                 label = f"{direction} {dt}/{adt} {prec}" + (" split" if atomic_out else "")
                 jobs.append(Job("rows", name, label, arch, args, rb["num_warps"], rb["num_stages"],
-                                needs_tensor_cores=tc, exact_fp32=exact))
+                                needs_tensor_cores=tc, exact_fp32=exact, triple_tf32=triple))
                 if atomic_out and dt == "bf16":  # 64-bit offsets (operands past 2^31 elements)
                     jobs.append(Job("rows", name, label + " int64", arch, dict(args, INT64=True),
                                     rb["num_warps"], rb["num_stages"], needs_tensor_cores=tc))
@@ -286,8 +308,9 @@ def skinny_jobs(arch: int) -> list[Job]:
                 )
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
                 jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic={atomic}", arch, args,
-                                cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc, exact_fp32=exact))
-                if atomic and dt == "bf16" and dA:  # 64-bit offsets
+                                cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc, exact_fp32=exact,
+                                triple_tf32=triple))
+                if atomic and dt == "bf16":  # 64-bit offsets
                     jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic int64", arch,
                                     dict(args, INT64=True), cb["num_warps"], cb["num_stages"], needs_tensor_cores=tc))
     return jobs

@@ -12,10 +12,12 @@ makes, as PEFT does), dropout 0.1 and 0, it records (median of ``triton.testing.
   ``torch.set_float32_matmul_precision("high")``): each launch's time, its memory and compute floor
   (bytes / bandwidth, FLOPs / peak), and forward + backward against ``cublas``;
 * the error of S, dA and dB against float64 for each precision, beside PEFT's (torch's fp32 matmuls);
-* ``decision``: the variant with the least forward + backward time summed over the shapes, whether it beats
-  the default, and whether 3×tf32's error is within 4× of PEFT's.
+* ``decision``: per dropout and precision, the schedule with the least forward + backward time summed over
+  the shapes measured for every schedule, its gain over the default, and whether 3×tf32's error is within
+  4× of PEFT's.
 
-Stops adding measurements when ``--budget`` seconds are spent (what was skipped is listed).  JSON out::
+Stops adding measurements when ``--budget`` seconds (counted from the start of the process) are spent, and
+on an interrupt (SIGINT) writes what it has; what was skipped is listed.  JSON out::
 
     python bench/kernel_variants.py --json FILE [--tokens 8192] [--rank 16] [--budget 110]
     python bench/kernel_variants.py --dry-run     # CPU, Triton's interpreter, tiny shapes: the code paths only
@@ -23,19 +25,23 @@ Stops adding measurements when ``--budget`` seconds are spent (what was skipped 
 
 from __future__ import annotations
 
-import argparse
-import itertools
-import json
-import os
-import sys
 import time
-from contextlib import contextmanager
+
+STARTED = time.monotonic()  # the budget counts from here: imports and CUDA start-up included
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if "--dry-run" in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
-else:
-    os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":  # run as a script: choose compiled or interpreted kernels before triton is imported
+    if "--dry-run" in sys.argv:
+        os.environ["TRITON_INTERPRET"] = "1"
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -85,19 +91,27 @@ def _inputs(M, K, N, r, device, dtype=torch.bfloat16, adapter_dtype=torch.float3
     return x, w, A, B, dy, seed
 
 
-def _floors(M, K, N, r, spec) -> dict:
-    """Per launch: (bytes moved at least, FLOPs) → floor ms = max(bytes / bandwidth, FLOPs / peak)."""
-    e, a = 2, 4  # bf16 base, fp32 adapters (and fp32 S / dS)
-    work = {
-        "S": (e * M * K + a * (r * K + M * r), 2 * M * K * r),
-        "fwd_gemm": (e * (M * K + N * K + M * N) + a * (M * r + N * r), 2 * M * K * N + 2 * M * N * r),
-        "dS_dB": (e * M * N + a * (N * r + M * r + M * r + N * r), 4 * M * N * r),
-        "dA": (e * M * K + a * (M * r + r * K), 2 * M * K * r),
-        "dx_gemm": (e * (M * N + N * K + M * K) + a * (M * r + r * K), 2 * M * K * N + 2 * M * K * r),
+def _floors(M, K, N, r, spec, precision: str) -> dict:
+    """Per launch: max(bytes moved at least / bandwidth, FLOPs / the rate of the precision the launch's dots
+    run at) in ms.  bf16 base, fp32 adapters and fp32 S / dS; the rank-r dots at ``precision`` (3×tf32: three
+    tf32 products each), the GEMMs' base part at the bf16 rate and their low-rank part at tf32's."""
+    e, a = 2, 4
+    rank_rate = None if spec is None else spec.tflops_tf32 / (3 if precision == "tf32x3" else 1)
+    work = {  # name: (bytes, [(FLOPs, rate)])
+        "S": (e * M * K + a * (r * K + M * r), [(2 * M * K * r, rank_rate)]),
+        "fwd_gemm": (e * (M * K + N * K + M * N) + a * (M * r + N * r),
+                     [(2 * M * K * N, None if spec is None else spec.tflops_16),
+                      (2 * M * N * r, None if spec is None else spec.tflops_tf32)]),
+        "dS_dB": (e * M * N + a * 4 * (M * r + N * r) // 2, [(4 * M * N * r, rank_rate)]),
+        "dA": (e * M * K + a * (M * r + r * K), [(2 * M * K * r, rank_rate)]),
+        "dx_gemm": (e * (M * N + N * K + M * K) + a * (M * r + r * K),
+                    [(2 * M * K * N, None if spec is None else spec.tflops_16),
+                     (2 * M * K * r, None if spec is None else spec.tflops_tf32)]),
     }
     if spec is None:
         return {k: None for k in work}
-    return {k: max(b / (spec.bandwidth_gbs * 1e9), f / (spec.tflops_16 * 1e12)) * 1e3 for k, (b, f) in work.items()}
+    return {k: max(b / (spec.bandwidth_gbs * 1e9), sum(f / (rate * 1e12) for f, rate in flops)) * 1e3
+            for k, (b, flops) in work.items()}
 
 
 def _launch_times(timed, x, w, A, B, dy, seed, s, p) -> dict:
@@ -138,20 +152,22 @@ def _errors(x, w, A, B, dy, seed, s, p) -> dict:
     return out
 
 
-def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget) -> dict:
+def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget) -> None:
+    """Fill ``out["shapes"][name]`` measurement by measurement (the most decisive first), so that what was
+    measured survives a budget cut or an interrupt."""
     s = 2.0
     x, w, A, B, dy, seed = _inputs(M, K, N, rank, device)
     empty_S, empty_B = torch.empty(M, 0, device=device), torch.empty(N, 0, device=device)
-    entry = {
-        "M": M, "K": K, "N": N, "r": rank, "floors_ms": _floors(M, K, N, rank, spec),
-        "cublas_ms": {"fwd": timed(lambda: x @ w.T), "dx": timed(lambda: dy @ w)},
-        "triton_gemm_ms": {}, "variants": [],
+    entry = out["shapes"][name] = {
+        "M": M, "K": K, "N": N, "r": rank, "floors_ms": {p: _floors(M, K, N, rank, spec, p) for p in PRECISIONS},
+        "cublas_ms": {}, "triton_gemm_ms": {}, "variants": [],
     }
-    with configs.use_kernel_variants(**DEFAULT):  # the GEMM alone: no low-rank term (R = 0)
-        entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
-        entry["triton_gemm_ms"]["dx"] = timed(lambda: launch_dx_gemm(dy, w, empty_S, A[:0], seed, 0.0))
+    if over_budget(f"{name} baselines"):
+        return
+    entry["cublas_ms"] = {"fwd": timed(lambda: x @ w.T), "dx": timed(lambda: dy @ w)}
     base = entry["cublas_ms"]["fwd"] + entry["cublas_ms"]["dx"]
-    for p, variant, precision in itertools.product(dropouts, VARIANTS, PRECISIONS):
+    # precision-major: the default 3×tf32 first, all schedules at each dropout, then tf32
+    for precision, p, variant in itertools.product(PRECISIONS, dropouts, VARIANTS):
         if over_budget(f"{name} p={p:g} {variant} {precision}"):
             continue
         with configs.use_kernel_variants(**variant), _precision(PRECISIONS[precision]):
@@ -160,59 +176,63 @@ def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over
             "dropout": p, **variant, "precision": precision, "ms": times,
             "fused_over_cublas": (times["forward"] + times["backward"]) / base,
         })
+    if not over_budget(f"{name} triton GEMM"):
+        with configs.use_kernel_variants(**DEFAULT):  # the GEMM alone: no low-rank term (R = 0)
+            entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
+            entry["triton_gemm_ms"]["dx"] = timed(lambda: launch_dx_gemm(dy, w, empty_S, A[:0], seed, 0.0))
     if not over_budget(f"{name} errors"):
         out["errors"][name] = _errors(x, w, A, B, dy, seed, s, 0.0)
-    return entry
 
 
-def run(tokens: int, rank: int, dropouts: list[float], budget: float, dry: bool) -> dict:
+def run(tokens: int, rank: int, dropouts: list[float], budget: float, dry: bool, out: dict) -> None:
+    """Measure into ``out`` (filled as it goes: a budget cut or an interrupt keeps what was measured)."""
     device = "cpu" if dry else "cuda"
     shapes = DRY_SHAPES if dry else SHAPES
     M = 24 if dry else tokens
     timed = _timer(dry)
     spec = None if dry else find_gpu_spec(torch.cuda.get_device_name(0))
-    started = time.monotonic()
-    out = {"shapes": {}, "skipped": [], "errors": {}}
+    out.update({"shapes": {}, "skipped": [], "errors": {}})
 
     def over_budget(what: str) -> bool:
-        if time.monotonic() - started > budget:
+        if time.monotonic() - STARTED > budget:
             out["skipped"].append(what)
             return True
         return False
 
     for name, (K, N) in shapes.items():
-        out["shapes"][name] = _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
+        _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
         if not dry:
             torch.cuda.empty_cache()
-    out["decision"] = _decide(out)
-    return out
 
 
 def _decide(out: dict) -> dict:
-    """The schedule and precision with the least forward + backward time summed over the shapes measured for
-    every candidate, per dropout; and whether 3×tf32's error is within 4× PEFT's."""
-    totals: dict[tuple, float] = {}
-    counts: dict[tuple, int] = {}
-    for entry in out["shapes"].values():
-        for v in entry["variants"]:
-            key = (v["dropout"], v["db"], v["low_rank"], v["precision"])
-            totals[key] = totals.get(key, 0.0) + v["ms"]["forward"] + v["ms"]["backward"]
-            counts[key] = counts.get(key, 0) + 1
-    full = max(counts.values(), default=0)
+    """Per dropout and rank-r precision: the schedule with the least forward + backward time summed over the
+    shapes where every schedule was measured, against the default schedule; and whether 3×tf32's error is
+    within 4× PEFT's (None when not measured)."""
     decision = {}
-    for p in sorted({k[0] for k in totals}):
-        candidates = {k: t for k, t in totals.items() if k[0] == p and counts[k] == full}
-        if not candidates:
+    combos = {(v["dropout"], v["precision"]) for e in out["shapes"].values() for v in e["variants"]}
+    for p, precision in sorted(combos):
+        totals: dict[tuple, float] = {}
+        shapes = 0
+        for entry in out["shapes"].values():
+            measured = {(v["db"], v["low_rank"]): v["ms"]["forward"] + v["ms"]["backward"]
+                        for v in entry["variants"] if v["dropout"] == p and v["precision"] == precision}
+            if len(measured) < len(VARIANTS):  # a shape cut short by the budget: not comparable
+                continue
+            shapes += 1
+            for key, t in measured.items():
+                totals[key] = totals.get(key, 0.0) + t
+        if not totals:
             continue
-        best = min(candidates, key=candidates.get)
-        default = (p, DEFAULT["db"], DEFAULT["low_rank"], "tf32x3")
-        decision[f"p={p:g}"] = {
-            "best": {"db": best[1], "low_rank": best[2], "precision": best[3], "ms": candidates[best]},
-            "default_ms": candidates.get(default),
-            "best_is_default": best[1:3] == default[1:3],
+        best = min(totals, key=totals.get)
+        default = (DEFAULT["db"], DEFAULT["low_rank"])
+        decision[f"p={p:g} {precision}"] = {
+            "shapes": shapes, "best": {"db": best[0], "low_rank": best[1], "ms": totals[best]},
+            "default_ms": totals[default], "best_is_default": best == default,
+            "gain_over_default": 1.0 - totals[best] / totals[default],
         }
     ratios = [e["tf32x3"][k] / max(e["peft_fp32"][k], 1e-30) for e in out["errors"].values() for k in e["tf32x3"]]
-    decision["tf32x3_error_within_4x_peft"] = bool(ratios) and max(ratios) <= 4.0
+    decision["tf32x3_error_within_4x_peft"] = (max(ratios) <= 4.0) if ratios else None
     return decision
 
 
@@ -231,25 +251,36 @@ def main() -> int:
     env = {"torch": torch.__version__, "triton": triton.__version__, "dry_run": opts.dry_run,
            "device": "cpu (interpreter)" if opts.dry_run else torch.cuda.get_device_name(0),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    results = run(opts.tokens, opts.rank, [float(v) for v in opts.dropout.split(",")], opts.budget, opts.dry_run)
-    results["environment"] = env
-    for name, entry in results["shapes"].items():
-        base = entry["cublas_ms"]["fwd"] + entry["cublas_ms"]["dx"]
-        tg = entry["triton_gemm_ms"]
-        print(f"{name}: cuBLAS fwd+dx {base:.4f} ms; Triton GEMM/cuBLAS fwd {tg['fwd'] / entry['cublas_ms']['fwd']:.3f} "
-              f"dx {tg['dx'] / entry['cublas_ms']['dx']:.3f}")
+    results: dict = {"environment": env}
+    try:
+        run(opts.tokens, opts.rank, [float(v) for v in opts.dropout.split(",")], opts.budget, opts.dry_run, results)
+    except KeyboardInterrupt:  # gpu_check's time limit: keep what was measured
+        results["interrupted"] = True
+    finally:
+        results["decision"] = _decide(results)
+        _report(results)
+        if opts.json:
+            with open(opts.json, "w") as f:
+                json.dump(results, f, indent=1)
+            print(f"wrote {opts.json}", flush=True)
+    return 0
+
+
+def _report(results: dict) -> None:
+    for name, entry in results.get("shapes", {}).items():
+        cublas, triton_gemm = entry["cublas_ms"], entry["triton_gemm_ms"]
+        if cublas and triton_gemm:
+            print(f"{name}: cuBLAS fwd+dx {cublas['fwd'] + cublas['dx']:.4f} ms; Triton GEMM / cuBLAS: fwd "
+                  f"{triton_gemm['fwd'] / cublas['fwd']:.3f}, dx {triton_gemm['dx'] / cublas['dx']:.3f}")
         for v in entry["variants"]:
             print(f"  p={v['dropout']:g} db={v['db']:<8} low_rank={v['low_rank']:<8} {v['precision']:<6} "
                   f"fused/cuBLAS {v['fused_over_cublas']:.3f}  " + " ".join(f"{k} {t:.4f}" for k, t in v["ms"].items()))
-    print("errors vs float64 (max |err| / max |ref|):", json.dumps(results["errors"]))
+    print("errors vs float64 (max |err| / max |ref|):", json.dumps(results.get("errors")))
     print("decision:", json.dumps(results["decision"]))
-    if results["skipped"]:
+    if results.get("skipped"):
         print(f"skipped (budget): {len(results['skipped'])} measurements")
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump(results, f, indent=1)
-        print(f"wrote {opts.json}")
-    return 0
+    if results.get("interrupted"):
+        print("interrupted: the results above are partial")
 
 
 if __name__ == "__main__":

@@ -155,8 +155,8 @@ def keep_threshold(dropout_p: float) -> int:
 
 
 def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
-    """Zero in place the elements of the contiguous tensor ``t`` (on any device) that the CPU-generated
-    mask for ``(seed, p)`` drops, and return ``t``.  The mask has the shape of ``t``'s last two dimensions; leading dimensions share it.
+    """Multiply by 0, in place, the elements of the contiguous tensor ``t`` (on any device) that the
+    CPU-generated mask for ``(seed, p)`` drops (so a dropped NaN stays NaN, as in x ⊙ m), and return ``t``.  The mask has the shape of ``t``'s last two dimensions; leading dimensions share it.
     The same seed, mask shape and p give the same mask."""
     if not t.is_contiguous():
         raise ValueError("zero_dropped_ needs a contiguous tensor")
@@ -171,12 +171,19 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
     mask_numel = t.shape[-1] * t.shape[-2] if t.dim() >= 2 else t.numel()
     rows = t.view(-1, mask_numel)  # one row per mask-shaped slice
     # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator).
+    # Dropped elements of a floating tensor are multiplied by 0 (not overwritten), as dropout's x ⊙ m: a dropped
+    # NaN or Inf stays NaN.  (A bool or integer tensor, e.g. cpu_keep_mask's, holds no NaN: filled with 0.)
+    floating = t.is_floating_point()
     if dropout_p <= _GEOMETRIC_MAX_Q:
-        rows.index_fill_(1, _rare_positions(generator, mask_numel, dropout_p).to(t.device), 0)
+        dropped = _rare_positions(generator, mask_numel, dropout_p).to(t.device)
+        if floating:
+            rows.index_copy_(1, dropped, rows.index_select(1, dropped).mul_(0))
+        else:
+            rows.index_fill_(1, dropped, 0)
     elif dropout_p >= 1.0 - _GEOMETRIC_MAX_Q:
         kept = _rare_positions(generator, mask_numel, 1.0 - dropout_p).to(t.device)
         values = rows.index_select(1, kept)
-        rows.zero_().index_copy_(1, kept, values)
+        (rows.mul_(0) if floating else rows.zero_()).index_copy_(1, kept, values)
     else:
         rows.mul_(_keep_per_element(generator, mask_numel, dropout_p, t.dtype).to(t.device))
     return t

@@ -41,7 +41,7 @@ def launch_dB(dy: Tensor, S: Tensor, scaling: float, dtype: torch.dtype) -> Tens
     r = S.shape[1]
     sbr = skinny_block_r(r)
     precision = skinny_precision(dy.dtype, S.dtype)
-    blocks = cols_blocks(sbr, small_skinny_tiles(S.dtype, precision))
+    blocks = cols_blocks(sbr, small_skinny_tiles(dy.dtype, S.dtype, precision))
     d_blocks = triton.cdiv(N, blocks["BLOCK_D"])
     splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
     atomic = splits > 1
@@ -65,7 +65,7 @@ def launch_dS_dB_fused(
     r = lora_B.shape[1]
     sbr = skinny_block_r(r)
     precision = skinny_precision(dy.dtype, lora_B.dtype)
-    blocks = rows_blocks(sbr, small_skinny_tiles(lora_B.dtype, precision))
+    blocks = rows_blocks(sbr, small_skinny_tiles(dy.dtype, lora_B.dtype, precision))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, N, blocks["BLOCK_D"])
     atomic_out = need_dS and splits > 1
@@ -99,7 +99,7 @@ def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torc
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
     precision = skinny_precision(x.dtype, dS.dtype)
-    blocks = cols_blocks(sbr, small_skinny_tiles(dS.dtype, precision))
+    blocks = cols_blocks(sbr, small_skinny_tiles(x.dtype, dS.dtype, precision))
     d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
     splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
     atomic = splits > 1

@@ -45,10 +45,13 @@ def gemm_precision(base_dtype: torch.dtype) -> str:
     return dot_precision() if base_dtype == torch.float32 else "tf32"
 
 
-def small_skinny_tiles(adapter_dtype: torch.dtype, precision: str) -> bool:
-    """Whether a rank-r kernel's fp32 dots need the smaller tiles: exact fp32 (CUDA cores) and 3×tf32 dots take
-    more registers than plain tf32 or 16-bit ones."""
-    return adapter_dtype == torch.float32 and precision in ("ieee", "tf32x3")
+def small_skinny_tiles(big_dtype: torch.dtype, adapter_dtype: torch.dtype, precision: str) -> bool:
+    """Whether a rank-r kernel needs the smaller tiles: exact fp32 (CUDA cores) and 3×tf32 dots take more
+    registers than plain tf32 or 16-bit ones, and so does an fp32 big operand converted to 16-bit adapters'
+    dtype in registers."""
+    if adapter_dtype == torch.float32:
+        return precision in ("ieee", "tf32x3")
+    return big_dtype == torch.float32
 
 
 def needs_int64(*tensors: Tensor | None) -> bool:

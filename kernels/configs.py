@@ -254,12 +254,12 @@ def skinny_block_r(r: int) -> int:
 # with triton 3.6 and 3.9.  Rows per program as large as registers allow: the dB partial sums (fp32 reductions
 # into N × r) number cdiv(M, BLOCK_M) · N · r.
 _ROWS = {16: (128, 64, 8, 3), 32: (128, 64, 8, 3), 64: (64, 32, 8, 3), 128: (32, 32, 4, 3)}
-_COLS = {16: (64, 128, 4, 3), 32: (64, 64, 8, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 3)}
+_COLS = {16: (64, 128, 8, 3), 32: (64, 64, 8, 3), 64: (64, 128, 8, 3), 128: (64, 64, 8, 3)}
 # fp32 adapters under torch's default matmul precision ("highest"): exact fp32 dots (fp32 x or dy) and 3×tf32
 # dots (16-bit x or dy) take more registers, so smaller tiles (chosen the same way, with room to spare: the
 # ones above spill up to 4.7 KB there).
 _ROWS_EXACT = {16: (64, 32, 8, 3), 32: (32, 32, 4, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3)}
-_COLS_EXACT = {16: (32, 128, 8, 3), 32: (32, 128, 8, 3), 64: (16, 64, 8, 3), 128: (32, 32, 8, 3)}
+_COLS_EXACT = {16: (16, 128, 8, 3), 32: (32, 32, 8, 3), 64: (32, 32, 8, 3), 128: (16, 32, 8, 3)}
 _SKINNY_KEYS = ("BLOCK_M", "BLOCK_D", "num_warps", "num_stages")
 _SKINNY_INTERPRETER = (32, 32, 4, 1)
 

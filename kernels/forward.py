@@ -30,7 +30,7 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
     dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
     precision = skinny_precision(x.dtype, lora_A.dtype)
-    blocks = rows_blocks(sbr, small_skinny_tiles(lora_A.dtype, precision))
+    blocks = rows_blocks(sbr, small_skinny_tiles(x.dtype, lora_A.dtype, precision))
     grid_mr = triton.cdiv(M, blocks["BLOCK_M"]) * triton.cdiv(r, sbr)
     splits, per_split = split_reduction(grid_mr, K, blocks["BLOCK_D"])
     atomic_out = splits > 1

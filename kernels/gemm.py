@@ -50,7 +50,8 @@ def _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_
         q_ptrs += BLOCK_R * stride_qr
     if DROPOUT:
         k0, k1 = philox_key(seed_ptr)
-        tile = tl.where(keep_mask(k0, k1, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), tile, 0.0)
+        # (dS A) ⊙ m: a dropped element becomes its value · 0, so a dropped NaN stays NaN
+        tile = tl.where(keep_mask(k0, k1, offs_m, pid_n * BLOCK_N, keep_threshold, BLOCK_M, BLOCK_N), tile, tile * 0.0)
     return tile * lora_scale
 
 

@@ -72,12 +72,13 @@ def rows_kernel(
         d_ok = offs_d < d_len - d * BLOCK_D
         x = tl.load(x_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q = tl.load(q_ptrs, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
-        if DROPOUT:
-            x = tl.where(keep_mask(k0, k1, offs_m, d_lo + d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
         x = x.to(q.dtype)
         if UPCAST:
             x = x.to(tl.float32)
             q = q.to(tl.float32)
+        if DROPOUT:  # x ⊙ m: a dropped element becomes x · 0, so a dropped NaN stays NaN
+            keep = keep_mask(k0, k1, offs_m, d_lo + d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D)
+            x = tl.where(keep, x, x * 0.0)
         if STORE_OUT:
             acc = tl.dot(x, q, acc, input_precision=PRECISION)
         if ACC_DQ:
@@ -130,12 +131,12 @@ def cols_kernel(
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         p = tl.load(p_ptr + rows[:, None] * stride_pm + offs_r[None, :] * stride_pr,
                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        if DROPOUT:
-            x = tl.where(keep_mask(k0, k1, offs_m, pid_d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, 0.0)
         x = x.to(p.dtype)
         if UPCAST:
             x = x.to(tl.float32)
             p = p.to(tl.float32)
+        if DROPOUT:  # x ⊙ m: a dropped element becomes x · 0, so a dropped NaN stays NaN
+            x = tl.where(keep_mask(k0, k1, offs_m, pid_d * BLOCK_D, keep_threshold, BLOCK_M, BLOCK_D), x, x * 0.0)
         acc = tl.dot(tl.trans(p), x, acc, input_precision=PRECISION)
 
     out_ptrs = out_ptr + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od

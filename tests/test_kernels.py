@@ -138,11 +138,12 @@ def test_dot_precision_choices():
         torch.set_float32_matmul_precision("highest")
         assert gemm_precision(f32) == "ieee" and gemm_precision(bf16) == "tf32"
         assert skinny_precision(bf16, f32) == "tf32x3" and skinny_precision(f32, f32) == "ieee"
-        assert small_skinny_tiles(f32, "tf32x3") and small_skinny_tiles(f32, "ieee")
-        assert not small_skinny_tiles(bf16, skinny_precision(bf16, bf16))
+        assert small_skinny_tiles(bf16, f32, "tf32x3") and small_skinny_tiles(f32, f32, "ieee")
+        assert not small_skinny_tiles(bf16, bf16, skinny_precision(bf16, bf16))
+        assert small_skinny_tiles(f32, bf16, skinny_precision(f32, bf16))  # fp32 x converted in registers
         torch.set_float32_matmul_precision("high")
         assert gemm_precision(f32) == "tf32" and skinny_precision(bf16, f32) == "tf32"
-        assert not small_skinny_tiles(f32, skinny_precision(f32, f32))
+        assert not small_skinny_tiles(f32, f32, skinny_precision(f32, f32))
     finally:
         torch.set_float32_matmul_precision(previous)
     assert configs._ROWS_EXACT.keys() == configs._ROWS.keys() and configs._COLS_EXACT.keys() == configs._COLS.keys()

@@ -77,10 +77,10 @@ def _arch() -> int:
     return torch.cuda.get_device_capability()[0] * 10
 
 
-def _all_configs(fp32: bool) -> list[dict]:
+def _all_configs(fp32: bool, low_rank_last: bool = False) -> list[dict]:
     seen, out = set(), []
     for masked in (False, True):
-        for cfg in configs.config_dicts(_arch(), fp32, masked):
+        for cfg in configs.config_dicts(_arch(), fp32, masked, low_rank_last):
             key = tuple(sorted(cfg.items()))
             if key not in seen:
                 seen.add(key)
@@ -89,16 +89,19 @@ def _all_configs(fp32: bool) -> list[dict]:
 
 
 @unpinned
+@pytest.mark.parametrize("low_rank", ["prologue", "epilogue"])
 @pytest.mark.parametrize("fp32", [False, True], ids=["16-bit", "fp32"])
-def test_every_config(fp32):
-    """Each config of this GPU's lists (forward and dropout dx), on a shape with tails in every dimension."""
+def test_every_config(fp32, low_rank):
+    """Each config of this GPU's lists (forward and dropout dx) for each place of the low-rank term, on a shape
+    with tails in every dimension."""
     case = Case(300, 520, 264, 24, f32 if fp32 else bf16, p=0.1)
-    for cfg in _all_configs(fp32):
-        with configs.pin_gemm_config(cfg):
-            try:
-                kc.check_case(case, DEVICE)
-            except AssertionError as exc:
-                raise AssertionError(f"config {cfg}: {exc}") from exc
+    with configs.use_kernel_variants(low_rank=low_rank):
+        for cfg in _all_configs(fp32, low_rank == "epilogue"):
+            with configs.pin_gemm_config(cfg):
+                try:
+                    kc.check_case(case, DEVICE)
+                except AssertionError as exc:
+                    raise AssertionError(f"config {cfg}: {exc}") from exc
 
 
 @unpinned
@@ -198,17 +201,19 @@ def test_compile_fullgraph_kernel_path():
     torch.testing.assert_close(out, eager)
     for t, g in zip((x, layer.lora_A, layer.lora_B), want):
         torch.testing.assert_close(t.grad, g, atol=2e-2, rtol=2e-2)
-    # With dropout: the seed comes from torch's RNG when compiled too, so under one seed the compiled and the
-    # eager layer draw the same mask and give the same outputs and gradients.
+    # With dropout: the seed comes from torch's RNG when compiled too.  Inductor draws random numbers with its
+    # own generator unless fallback_random is set; with it, under one seed the compiled and the eager layer
+    # draw the same seed, hence the same mask, and give the same outputs and gradients.
     layer.lora_dropout = 0.1
     runs = []
-    for module in (layer, torch.compile(layer, fullgraph=True)):
-        for t in (x, layer.lora_A, layer.lora_B):
-            t.grad = None
-        torch.manual_seed(3)
-        y = module(x)
-        y.float().square().sum().backward()
-        runs.append([y.detach()] + [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
+    with torch._inductor.config.patch(fallback_random=True):
+        for module in (layer, torch.compile(layer, fullgraph=True)):
+            for t in (x, layer.lora_A, layer.lora_B):
+                t.grad = None
+            torch.manual_seed(3)
+            y = module(x)
+            y.float().square().sum().backward()
+            runs.append([y.detach()] + [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)])
     for got, want in zip(runs[1], runs[0]):
         torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     assert not torch.allclose(runs[0][0], eager.detach())  # dropout did change the output

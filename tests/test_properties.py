@@ -114,7 +114,7 @@ def _run(path, c, leaves, view, dy_seed=7):
 
 
 def _float64(path, c, leaves, view, dy_seed=7):
-    """The same math in float64 with the path's dropout mask (a dropped element contributes exactly 0)."""
+    """The same math in float64 with the path's dropout mask, applied as x ⊙ m."""
     torch.manual_seed(c["seed"])
     seed = int(torch.randint(0, SEED_HIGH, (1,)))
     ref = {n: (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None) for n, t in leaves.items()}
@@ -123,7 +123,7 @@ def _float64(path, c, leaves, view, dy_seed=7):
     dropped = rows
     if c["training"] and c["p"] > 0:
         keep = _mask(path, seed, rows.shape[0], c["K"], c["p"])
-        dropped = torch.where(keep, rows, torch.zeros((), dtype=rows.dtype)) / (1.0 - c["p"])
+        dropped = rows * keep.to(rows.dtype) / (1.0 - c["p"])
     y = rows @ ref["weight"].T + c["scaling"] * ((dropped @ ref["lora_A"].T) @ ref["lora_B"].T)
     if ref["bias"] is not None:
         y = y + ref["bias"]
@@ -229,3 +229,30 @@ def test_kept_fraction_is_one_minus_p(path, p):
     y = lora_linear(x, torch.zeros(8, cols), None, eye_A, torch.eye(8), 1.0, p, backend=path)
     expected = _mask(path, seed, rows, cols, p)[:, :8].float() / (1 - p)
     torch.testing.assert_close(y, expected)
+
+
+@pytest.mark.parametrize("path", ["torch", "triton"])
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])  # the CPU path's three samplers: rare drops, per element, rare keeps
+def test_nan_propagates_through_dropout_as_x_times_mask(path, p):
+    """Dropout multiplies by the 0/1 mask (as PEFT's nn.Dropout and the float64 reference do): a NaN at a
+    dropped position stays NaN in S = dropout(x) Aᵀ and in dA, as one at a kept position does."""
+    from fastlora import ops
+
+    M, K = 4, 64
+    torch.manual_seed(9)
+    seed = torch.randint(0, SEED_HIGH, (1,))
+    keep = _mask(path, int(seed), M, K, p)
+    dropped, kept = int((~keep[0]).nonzero()[0]), int(keep[1].nonzero()[0])
+    x = torch.ones(M, K)
+    x[0, dropped] = math.nan
+    x[1, kept] = math.nan
+    eye = torch.eye(K)
+    _, S = ops.lora_linear_op(x, torch.zeros(K, K), None, eye, eye, seed, 1.0, p, path == "triton")
+    S_ref = (x.double() * keep / (1 - p)) @ eye.double()  # a NaN anywhere in a row spreads over it (NaN · 0)
+    assert torch.isnan(S[0, dropped]) and torch.isnan(S[1, kept])
+    assert torch.equal(torch.isnan(S), torch.isnan(S_ref))
+    torch.testing.assert_close(S[2:], S_ref[2:].float())
+    A = eye.clone().requires_grad_()
+    torch.manual_seed(9)
+    lora_linear(x, torch.zeros(K, K), None, A, eye, 1.0, p, backend=path).backward(torch.ones(M, K))
+    assert torch.isnan(A.grad[:, dropped]).all() and torch.isnan(A.grad[:, kept]).all()

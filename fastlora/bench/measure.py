@@ -154,14 +154,29 @@ def _native_stderr_silenced():
         os.close(saved)
 
 
+@contextmanager
+def _profiled(**kwargs):
+    """``torch.profiler.profile(**kwargs)`` whose start and stop (which print a ``USDT ... profiler_start/stop``
+    line from native code) are silenced; what runs inside the block, warnings included, is not."""
+    from torch.profiler import profile
+
+    prof = profile(**kwargs)
+    with _native_stderr_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _native_stderr_silenced():
+            prof.__exit__(None, None, None)
+
+
 def _cpu_peak_from_profiler(step: Callable[[], None]) -> int | None:
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     fd, path = tempfile.mkstemp(suffix=".json", prefix="fastlora-bench-")
     os.close(fd)
     try:
-        with _native_stderr_silenced(), \
-                profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        with _profiled(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
             step()
         prof.export_chrome_trace(path)
         with open(path) as f:
@@ -205,10 +220,10 @@ def peak_memory(step: Callable[[], None], device: torch.device) -> tuple[int | N
 
 def profile_ops(step: Callable[[], None], device: torch.device, top: int = 12) -> list[dict]:
     """Where one ``step()`` spends its time: the ``top`` ops by self time (torch.profiler), as dicts."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with _native_stderr_silenced(), profile(activities=acts) as prof:
+    with _profiled(activities=acts) as prof:
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # CPU results for bench/results/ (what is committed from the development machine: 2 threads):
 #
-#     bash bench/cpu_results.sh          # tiny model step + tiny layers (~3 min on 2 cores)
+#     bash bench/cpu_results.sh          # tiny model step + tiny layers (~4 min on 2 cores)
 #     LLAMA=1 bash bench/cpu_results.sh  # also the llama-3-8b layer shapes at 256 tokens (~5 min more)
 #
 # CPU timings move with whatever else runs on the machine: every row records the share of the CPUs other
@@ -16,6 +16,7 @@ threads=${THREADS:-2}
 quiet=(--max-other-load ${MAX_OTHER:-0.05} --retries ${RETRIES:-4} --wait-idle ${WAIT_IDLE:-120})
 
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
+    --providers frozen,peft,peft+patch,fastlora-torch,fastlora-torch+inactive \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
     --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress

@@ -171,19 +171,20 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
     mask_numel = t.shape[-1] * t.shape[-2] if t.dim() >= 2 else t.numel()
     rows = t.view(-1, mask_numel)  # one row per mask-shaped slice
     # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator).
-    # Dropped elements of a floating tensor are multiplied by 0 (not overwritten), as dropout's x ⊙ m: a dropped
-    # NaN or Inf stays NaN.  (A bool or integer tensor, e.g. cpu_keep_mask's, holds no NaN: filled with 0.)
-    floating = t.is_floating_point()
+    # Dropped elements are multiplied by 0, as dropout's x ⊙ m: a dropped NaN or Inf stays NaN.  Filling with 0
+    # is the same when every element is finite, which one sum tells (a NaN or Inf makes it non-finite; an
+    # overflow to Inf only sends the call the slow, exact way).  A bool or integer tensor holds no NaN.
+    all_finite = not t.is_floating_point() or bool(torch.isfinite(t.sum()))
     if dropout_p <= _GEOMETRIC_MAX_Q:
         dropped = _rare_positions(generator, mask_numel, dropout_p).to(t.device)
-        if floating:
-            rows.index_copy_(1, dropped, rows.index_select(1, dropped).mul_(0))
-        else:
+        if all_finite:
             rows.index_fill_(1, dropped, 0)
+        else:
+            rows.index_copy_(1, dropped, rows.index_select(1, dropped).mul_(0))
     elif dropout_p >= 1.0 - _GEOMETRIC_MAX_Q:
         kept = _rare_positions(generator, mask_numel, 1.0 - dropout_p).to(t.device)
         values = rows.index_select(1, kept)
-        (rows.mul_(0) if floating else rows.zero_()).index_copy_(1, kept, values)
+        (rows.zero_() if all_finite else rows.mul_(0)).index_copy_(1, kept, values)
     else:
         rows.mul_(_keep_per_element(generator, mask_numel, dropout_p, t.dtype).to(t.device))
     return t

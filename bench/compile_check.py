@@ -295,13 +295,12 @@ def skinny_jobs(arch: int) -> list[Job]:
                                     dict(args, out_scale=F64(1.1), dq_scale=F64(0.5)), rb["num_warps"],
                                     rb["num_stages"], needs_tensor_cores=tc))
             for atomic, use in ((True, "dA"), (False, "dA"), (True, "dB"), (False, "dB")):
-                # dA = dSᵀ h (x, masked); dB = s·dyᵀ S through dBᵀ's strides (the "separate" dB schedule)
+                # dA = dSᵀ h (x, masked); dBᵀ = s·Sᵀ dy (the "separate" dB schedule: no mask, a scale)
                 dA = use == "dA"
                 args = dict(
                     x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
                     M=M, D=K, R=r, rows_per_split=512,
-                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1,
-                    stride_or=K if dA else 1, stride_od=1 if dA else r,
+                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1, stride_or=K, stride_od=1,
                     out_scale=1.0 if dA else 0.5, keep_threshold=keep_threshold(0.1) if dA else 0,
                     DROPOUT=dA, ATOMIC=atomic, BLOCK_R=br, INT64=False, UPCAST=False, PRECISION=prec,
                     BLOCK_M=cb["BLOCK_M"], BLOCK_D=cb["BLOCK_D"],

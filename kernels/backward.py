@@ -37,25 +37,34 @@ def launch_dS_dB(
 def launch_dB(dy: Tensor, S: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
     """dB = s·dyᵀ S (N, r) in ``dtype``, reduced over M inside each program (fp32 atomics only when M is split
     because N alone gives too few programs).  M > 0."""
-    M, N = dy.shape
-    r = S.shape[1]
+    return _column_reduction(dy, S, float(scaling), S, 0.0, dtype).t().contiguous()  # dBᵀ computed, (r, N)
+
+
+def _column_reduction(X: Tensor, P: Tensor, scale: float, seed: Tensor, dropout_p: float,
+                      dtype: torch.dtype) -> Tensor:
+    """scale · Pᵀ (X ⊙ m) (r, D) in ``dtype`` with the column-skinny kernel (m: the dropout mask when
+    dropout_p > 0); M is split across programs (fp32 atomics into a zero-filled buffer) when D alone gives
+    too few.  X (M, D) row-major, P (M, r), M > 0."""
+    M, D = X.shape
+    r = P.shape[1]
+    dropout = dropout_p > 0.0
     sbr = skinny_block_r(r)
-    precision = skinny_precision(dy.dtype, S.dtype)
-    blocks = cols_blocks(sbr, small_skinny_tiles(dy.dtype, S.dtype, precision))
-    d_blocks = triton.cdiv(N, blocks["BLOCK_D"])
+    precision = skinny_precision(X.dtype, P.dtype)
+    blocks = cols_blocks(sbr, small_skinny_tiles(X.dtype, P.dtype, precision))
+    d_blocks = triton.cdiv(D, blocks["BLOCK_D"])
     splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
     atomic = splits > 1
-    dB = torch.zeros((N, r), device=dy.device, dtype=torch.float32) if atomic else \
-        torch.empty((N, r), device=dy.device, dtype=dtype)
+    out = torch.zeros((r, D), device=X.device, dtype=torch.float32) if atomic else \
+        torch.empty((r, D), device=X.device, dtype=dtype)
     launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
-        dy, S, dB, S,
-        M, N, r, per_split,
-        dy.stride(0), dy.stride(1), S.stride(0), S.stride(1), dB.stride(1), dB.stride(0),  # writes dBᵀ's layout
-        float(scaling), 0,
-        DROPOUT=False, ATOMIC=atomic, BLOCK_R=sbr,
-        INT64=needs_int64(dy), UPCAST=upcast(dy, S), PRECISION=precision, **blocks,
+        X, P, out, seed,
+        M, D, r, per_split,
+        X.stride(0), X.stride(1), P.stride(0), P.stride(1), out.stride(0), out.stride(1),
+        scale, keep_threshold(dropout_p) if dropout else 0,
+        DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr,
+        INT64=needs_int64(X), UPCAST=upcast(X, P), PRECISION=precision, **blocks,
     )
-    return dB.to(dtype)
+    return out.to(dtype)
 
 
 def launch_dS_dB_fused(
@@ -94,28 +103,7 @@ def launch_dS_dB_fused(
 def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torch.dtype) -> Tensor:
     """dA = dSᵀ (x ⊙ m) (r, K) in ``dtype``; M is split across programs (fp32 atomics) when K alone gives too
     few.  x row-major, M > 0."""
-    M, K = x.shape
-    r = dS.shape[1]
-    dropout = dropout_p > 0.0
-    sbr = skinny_block_r(r)
-    precision = skinny_precision(x.dtype, dS.dtype)
-    blocks = cols_blocks(sbr, small_skinny_tiles(x.dtype, dS.dtype, precision))
-    d_blocks = triton.cdiv(K, blocks["BLOCK_D"])
-    splits, per_split = split_reduction(d_blocks * triton.cdiv(r, sbr), M, blocks["BLOCK_M"])
-    atomic = splits > 1
-    if atomic:
-        dA = torch.zeros((r, K), device=x.device, dtype=torch.float32)
-    else:
-        dA = torch.empty((r, K), device=x.device, dtype=dtype)
-    launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
-        x, dS, dA, seed,
-        M, K, r, per_split,
-        x.stride(0), x.stride(1), dS.stride(0), dS.stride(1), dA.stride(0), dA.stride(1),
-        1.0, keep_threshold(dropout_p) if dropout else 0,
-        DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr,
-        INT64=needs_int64(x), UPCAST=upcast(x, dS), PRECISION=precision, **blocks,
-    )
-    return dA.to(dtype)
+    return _column_reduction(x, dS, 1.0, seed, dropout_p, dtype)
 
 
 def launch_dx_gemm(

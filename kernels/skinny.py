@@ -12,7 +12,7 @@ cols_kernel — grid (cdiv(D, BLOCK_D), splits, cdiv(R, BLOCK_R)); program (d, j
 [j·rows_per_split, (j+1)·rows_per_split):
     out[R, D] (+)= out_scale · P[M, R]ᵀ · (keep ⊙ X)[M, D]    (fp32 atomics when ATOMIC, a store for one split)
   backward: X = x,  P = dS (already carrying s/(1-p)), out = dA, out_scale = 1, mask on   (dA = dSᵀ h)
-            X = dy, P = S, out = dBᵀ (through its strides), out_scale = s              (dB = s·dyᵀ S, the
+            X = dy, P = S, out = dBᵀ, out_scale = s, no mask                            (dB = s·dyᵀ S, the
             "separate" dB schedule: no atomics, a second read of dy)
 
 X is cast to the adapters' dtype (Q's / P's) before the dot, as the reference casts x to lora_A.dtype; BLOCK_R

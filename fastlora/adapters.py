@@ -2,10 +2,10 @@
 ``adapter_model.bin``).
 
 Keys are PEFT's with the adapter name stripped: ``base_model.model.<module path>.lora_A.weight`` (r × in)
-and ``.lora_B.weight`` (out × r); with ``bias`` set, an adapted layer's bias is ``<path>.base_layer.bias``
+and ``.lora_B.weight`` (out × r), and with DoRA ``.lora_magnitude_vector`` (out); with ``bias`` set, an adapted layer's bias is ``<path>.base_layer.bias``
 and any other bias ``<path>.bias``; a ``modules_to_save`` module's parameters (its trained copy's) are
 ``<path>.<param>``.  In the model, adapter ``name``'s factors are the parameters ``<path>.lora_A_<name>``
-and ``<path>.lora_B_<name>``, and its modules_to_save copy is ``<path>.modules_to_save.<name>``.
+and ``<path>.lora_B_<name>`` (and ``<path>.lora_magnitude_vector_<name>``), and its modules_to_save copy is ``<path>.modules_to_save.<name>``.
 
 Saving writes each file under a temporary name, flushes it to disk and renames it over the old one,
 so a crash never leaves a half-written file where a good one was.  Loading reads and checks every
@@ -88,6 +88,9 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         linear = model.get_submodule(name)
         out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (config.r, linear.in_features))
         out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (linear.out_features, config.r))
+        if config.use_dora:
+            out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
+                                                            (linear.out_features,))
     params = dict(model.named_parameters())
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))

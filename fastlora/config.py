@@ -1,7 +1,7 @@
 """``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place.
 
 ``LoraConfig`` takes every field of PEFT's ``LoraConfig``.  The ones that switch on a feature fastlora
-does not implement (DoRA, ``fan_in_fan_out``, ``rank_pattern``, LoftQ, ...) are refused when switched
+does not implement (``fan_in_fan_out``, ``rank_pattern``, LoftQ, ...) are refused when switched
 on, with an :class:`UnsupportedFeatureError` naming the field; the others are validated or kept as
 they are and written back to ``adapter_config.json``.
 """
@@ -42,7 +42,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
-    "use_dora": False,
     "fan_in_fan_out": False,
     "rank_pattern": {},
     "alpha_pattern": {},
@@ -96,6 +95,7 @@ class LoraConfig:
     autocast_adapter_dtype: bool = True
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
+    use_dora: bool = False
     # PEFT's bookkeeping fields: kept as given and written back.
     auto_mapping: Optional[dict] = None
     peft_version: Optional[str] = None
@@ -103,7 +103,6 @@ class LoraConfig:
     qalora_group_size: int = 16
     runtime_config: Optional[Any] = None
     # PEFT's feature switches that fastlora does not implement: only their "off" values are accepted.
-    use_dora: bool = False
     fan_in_fan_out: bool = False
     rank_pattern: Optional[dict] = field(default_factory=dict)
     alpha_pattern: Optional[dict] = field(default_factory=dict)
@@ -146,7 +145,7 @@ class LoraConfig:
                 ) from None
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
-        self.settings  # r, lora_alpha, lora_dropout, use_rslora: validated where layers take them
+        self.settings  # r, lora_alpha, lora_dropout, use_rslora, use_dora: validated where layers take them
         for name in ("inference_mode", "autocast_adapter_dtype"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -187,8 +186,8 @@ class LoraConfig:
 
     @property
     def settings(self) -> AdapterSettings:
-        """What each adapted layer gets: r, lora_alpha, lora_dropout, use_rslora (and the scaling they give)."""
-        return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora)
+        """What each adapted layer gets: r, lora_alpha, lora_dropout, use_rslora, use_dora (and the scaling)."""
+        return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora)
 
     @property
     def scaling(self) -> float:

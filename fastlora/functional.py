@@ -93,6 +93,18 @@ def _check_real(name: str, value) -> None:
         raise ValueError(f"{name} must be finite, got {value!r}")
 
 
+def _check_magnitude(magnitude, weight: Tensor, lora_A: Tensor) -> None:
+    if not isinstance(magnitude, Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor or None, got {type(magnitude).__name__}")
+    if magnitude.shape != (weight.shape[0],):
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},) (one per output feature), "
+                         f"got {tuple(magnitude.shape)}")
+    if magnitude.dtype != lora_A.dtype:
+        raise TypeError(f"magnitude must have the adapters' dtype {lora_A.dtype}, got {magnitude.dtype}")
+    if magnitude.device != weight.device:
+        raise ValueError(f"magnitude is on {magnitude.device}, the weight on {weight.device}")
+
+
 def _check_dtypes(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
@@ -116,9 +128,15 @@ def lora_linear(
     *,
     training: bool = True,
     backend: str = "auto",
+    magnitude: Tensor | None = None,
 ) -> Tensor:
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, dropout on the LoRA branch only and only in training
     (not with ``training=False``, not under ``torch.inference_mode()``).
+
+    With ``magnitude`` (m, of shape (out,)), DoRA as PEFT computes it: g = m / ‖W + scaling · B A‖ per
+    output row (a constant for autograd), y = g ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b without dropout, and
+    with dropout y = x Wᵀ + b + (g − 1) ⊙ (h Wᵀ) + g ⊙ scaling · (h Aᵀ) Bᵀ, h = dropout(x).  DoRA runs on
+    the PyTorch path on every backend.
 
     ``x`` is (..., in_features); ``weight`` (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r).  The
     adapters may be kept in a wider dtype than the base (fp32 beside bf16, as PEFT does): the LoRA
@@ -128,6 +146,8 @@ def lora_linear(
     reproduces it and activation checkpointing replays it.
     """
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
+    if magnitude is not None:
+        _check_magnitude(magnitude, weight, lora_A)
     _check_real("scaling", scaling)
     if not isinstance(training, bool):
         raise TypeError(f"training must be True or False, got {training!r}")
@@ -136,6 +156,7 @@ def lora_linear(
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
+        magnitude = magnitude.to(dtype) if magnitude is not None else None
     _check_dtypes(x, weight, bias, lora_A, lora_B)
     # No dropout outside training: eval mode (training=False) and torch.inference_mode() (which
     # Dynamo cannot query; compiled code sees only the training flag).
@@ -144,6 +165,10 @@ def lora_linear(
     use_kernels = _use_kernels(backend, x)
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
+        if magnitude is not None:
+            y = ops.dora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, seed,
+                                float(scaling), p)
+            return y.view(*x.shape[:-1], weight.shape[0])
         y = ops.lora_linear(
             x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, use_kernels
         )

@@ -2,8 +2,9 @@
 
 A layer holds one or more named adapters (``"default"`` unless named otherwise); exactly one is active.
 Each adapter's factors are Parameters of the layer itself, ``lora_A_<name>`` (r × in) and
-``lora_B_<name>`` (out × r), so FSDP and ZeRO-3 gather them with the layer; ``lora_A``, ``lora_B``,
-``r``, ``lora_alpha``, ``lora_dropout`` and ``scaling`` are the active adapter's.
+``lora_B_<name>`` (out × r), plus ``lora_magnitude_vector_<name>`` (out) for a DoRA adapter, so FSDP
+and ZeRO-3 gather them with the layer; ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``
+and ``scaling`` are the active adapter's.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.functional import BACKENDS, lora_linear
+from fastlora.reference import dora_weight_norm
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]
 
 _ACTIVE_ADAPTER_ATTRIBUTES = frozenset({"lora_A", "lora_B", "settings", "r", "lora_alpha", "lora_dropout",
-                                        "use_rslora", "scaling"})
+                                        "use_rslora", "use_dora", "scaling"})
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -36,12 +38,14 @@ def check_adapter_name(name) -> None:
 
 @dataclass(frozen=True)
 class AdapterSettings:
-    """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA."""
+    """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA;
+    ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`)."""
 
     r: int
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool = False
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -50,8 +54,9 @@ class AdapterSettings:
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def scaling(self) -> float:
@@ -84,6 +89,7 @@ class LoRALinear(nn.Linear):
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
@@ -91,7 +97,7 @@ class LoRALinear(nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
-        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         _check_init(init_lora_weights, backend)
         check_adapter_name(adapter_name)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
@@ -110,6 +116,7 @@ class LoRALinear(nn.Linear):
         lora_alpha: float = 8,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
@@ -119,7 +126,7 @@ class LoRALinear(nn.Linear):
         (PEFT's: r=8, lora_alpha=8)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
         _check_init(init_lora_weights, backend)
         check_adapter_name(adapter_name)
         layer = cls.__new__(cls)
@@ -140,6 +147,7 @@ class LoRALinear(nn.Linear):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
+        self._merged_dora_norms: dict[str, Tensor] = {}  # n of each merged DoRA adapter, for unmerge
 
     # ---- adapters ---------------------------------------------------------------------------------
 
@@ -153,6 +161,17 @@ class LoRALinear(nn.Linear):
         if name not in self.adapter_settings:
             raise KeyError(f"adapter {name!r} not found; this layer has {self.adapter_names}")
         return self._parameters[f"lora_A_{name}"], self._parameters[f"lora_B_{name}"]
+
+    def magnitude(self, adapter_name: str | None = None) -> nn.Parameter | None:
+        """DoRA's magnitude vector m (out) of ``adapter_name`` (default: the active adapter); None for LoRA."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        self.lora_factors(name)
+        return self._parameters.get(f"lora_magnitude_vector_{name}")
+
+    def adapter_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """Every trained parameter of ``adapter_name``: A, B and, for DoRA, m."""
+        magnitude = self.magnitude(adapter_name)
+        return [*self.lora_factors(adapter_name), *([magnitude] if magnitude is not None else [])]
 
     def _active(self) -> str:
         """The active adapter's name; AttributeError (so ``hasattr`` answers False) when this layer does not hold
@@ -170,7 +189,8 @@ class LoRALinear(nn.Linear):
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
     ) -> None:
-        """Add an adapter with fresh factors (PEFT's initialisations); the first one added becomes active."""
+        """Add an adapter with fresh factors (PEFT's initialisations; for DoRA m = ‖W + scaling · B A‖ per
+        output row); the first one added becomes active."""
         check_adapter_name(adapter_name)
         _check_init(init_lora_weights, self.backend)
         if adapter_name in self.adapter_settings:
@@ -178,6 +198,9 @@ class LoRALinear(nn.Linear):
         factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
         self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(settings.r, self.in_features, **factory)))
         self.register_parameter(f"lora_B_{adapter_name}", nn.Parameter(torch.empty(self.out_features, settings.r, **factory)))
+        if settings.use_dora:
+            self.register_parameter(f"lora_magnitude_vector_{adapter_name}",
+                                    nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -190,6 +213,7 @@ class LoRALinear(nn.Linear):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weight; unmerge before deleting it")
         del self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"]
+        self._parameters.pop(f"lora_magnitude_vector_{adapter_name}", None)
         del self.adapter_settings[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.adapter_settings), None)
@@ -203,7 +227,8 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None) -> None:
         """PEFT's initialisations: True → A kaiming-uniform(a=√5), B = 0; "gaussian" → A ~ N(0, std=1/r), B = 0;
-        False → both kaiming-uniform (a non-zero update from the start, for tests)."""
+        False → both kaiming-uniform (a non-zero update from the start, for tests).  A DoRA adapter's magnitude
+        is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base output (as PEFT's)."""
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(adapter_name)
@@ -215,6 +240,10 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(lora_B)
+        magnitude = self.magnitude(adapter_name)
+        if magnitude is not None:
+            name = self.active_adapter if adapter_name is None else adapter_name
+            magnitude.copy_(dora_weight_norm(self.weight, lora_A, lora_B, self.adapter_settings[name].scaling))
 
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.
     @property
@@ -258,6 +287,10 @@ class LoRALinear(nn.Linear):
     @lora_dropout.setter
     def lora_dropout(self, value: float) -> None:
         self._replace_settings(lora_dropout=value)
+
+    @property
+    def use_dora(self) -> bool:
+        return self.settings.use_dora
 
     @property
     def use_rslora(self) -> bool:
@@ -304,47 +337,72 @@ class LoRALinear(nn.Linear):
             self.lora_factors(name)  # unknown names raise before anything changes
         return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
 
-    def _merged_weight(self, names: list[str]) -> Tensor:
+    def _unmerged_weight(self) -> Tensor:
+        """W with every merged adapter taken out again (a float32 copy), undoing merges in reverse order."""
+        restored = self.weight.float()
+        if restored is self.weight:
+            restored = restored.clone()
+        for name in reversed(self.merged_adapters):
+            if name in self._merged_dora_norms:
+                restored.div_(self._merged_dora_scale(name, self._merged_dora_norms[name]).unsqueeze(1))
+            restored.sub_(self.delta_weight(name))
+        return restored
+
+    def _merged_dora_scale(self, name: str, norm: Tensor) -> Tensor:
+        return self.magnitude(name).detach().float() / norm.float()
+
+    def _merged_weight(self, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """(W with ``names`` merged in, in float32; the norms n of the DoRA adapters among them).  As PEFT's:
+        LoRA adds scaling · B A; DoRA makes W ← g ⊙ (W + scaling · B A), g = m / ‖W₀ + scaling · B A‖ with W₀
+        the weight without any merged adapter."""
         merged = self.weight.float()
         if merged is self.weight:
             merged = merged.clone()
+        norms = {}
+        unmerged = None
         for name in names:
-            merged.add_(self.delta_weight(name))
-        return merged
+            delta = self.delta_weight(name)
+            merged.add_(delta)
+            if self.magnitude(name) is not None:
+                if unmerged is None:
+                    unmerged = self._unmerged_weight() if self.merged_adapters else self.weight.float()
+                norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
+                merged.mul_(self._merged_dora_scale(name, norms[name]).unsqueeze(1))
+        return merged, norms
 
     @torch.no_grad()
     def merge_is_finite(self, adapter_names: Iterable[str] | None = None) -> bool:
         """Whether merging ``adapter_names`` (default: the active adapter) would leave W free of NaN and Inf."""
         names = self._names_to_merge(adapter_names)
-        return not names or bool(torch.isfinite(self._merged_weight(names)).all())
+        return not names or bool(torch.isfinite(self._merged_weight(names)[0]).all())
 
     @torch.no_grad()
     def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
         """W ← round(W + Σ scaling · B A) over ``adapter_names`` (default: the active adapter) not yet merged,
-        summed in float32 and rounded once to W's dtype.  ``safe_merge``: refuse (ValueError, W unchanged)
-        when the merged weight would hold NaN or Inf."""
+        summed in float32 and rounded once to W's dtype (a DoRA adapter also scales the rows, see
+        ``_merged_weight``).  ``safe_merge``: refuse (ValueError, W unchanged) when the merged weight would hold
+        NaN or Inf."""
         names = self._names_to_merge(adapter_names)
         if not names:
             return
-        merged = self._merged_weight(names)
+        merged, norms = self._merged_weight(names)
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(
                 f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
             )
         self.weight.copy_(merged)
         self.merged_adapters.extend(names)
+        self._merged_dora_norms.update(norms)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W ← round(W − Σ scaling · B A) over the merged adapters: W back to within one rounding of its value
-        before merge()."""
+        """Take the merged adapters out of W again (W ← round(W − Σ scaling · B A), a DoRA adapter's row scale
+        divided out first): W back to within one rounding of its value before merge()."""
         if not self.merged_adapters:
             return
-        restored = self.weight.float()
-        for name in reversed(self.merged_adapters):
-            restored.sub_(self.delta_weight(name))
-        self.weight.copy_(restored)
+        self.weight.copy_(self._unmerged_weight())
         self.merged_adapters.clear()
+        self._merged_dora_norms.clear()
 
     # ---- forward ----------------------------------------------------------------------------------
 
@@ -355,7 +413,7 @@ class LoRALinear(nn.Linear):
         settings = self.settings
         return lora_linear(
             x, self.weight, self.bias, lora_A, lora_B, settings.scaling, settings.lora_dropout,
-            training=self.training, backend=self.backend,
+            training=self.training, backend=self.backend, magnitude=self.magnitude(),
         )
 
     def to_linear(self) -> nn.Linear:
@@ -369,6 +427,7 @@ class LoRALinear(nn.Linear):
     def extra_repr(self) -> str:
         adapters = ", ".join(
             f"{name}: r={s.r}, lora_alpha={s.lora_alpha}, lora_dropout={s.lora_dropout}, scaling={s.scaling:g}"
+            + (", use_dora=True" if s.use_dora else "")
             for name, s in self.adapter_settings.items()
         )
         return f"{super().extra_repr()}, adapters={{{adapters}}}, active={self.active_adapter!r}, merged={self.merged_adapters}"

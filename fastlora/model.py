@@ -68,7 +68,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             else:
                 _set_module(model, name, LoRALinear.from_linear(
                     module, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                    use_rslora=settings.use_rslora, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype,
+                    use_rslora=settings.use_rslora, use_dora=settings.use_dora, init_lora_weights=config.init_lora_weights,
+                    adapter_dtype=dtype,
                     adapter_name=adapter_name,
                 ))
         for name in to_save:
@@ -311,9 +312,9 @@ class LoraModel(AdapterFilesMixin, nn.Module):
     # ---- trainable flags (PEFT's rules, operation by operation) -----------------------------------
 
     def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
-        """``adapter_name``'s LoRA factors and modules_to_save copies."""
+        """``adapter_name``'s LoRA factors (and DoRA magnitudes) and modules_to_save copies."""
         for _, layer in self.lora_layers(adapter_name):
-            yield from layer.lora_factors(adapter_name)
+            yield from layer.adapter_parameters(adapter_name)
         for _, wrapper in self.wrappers():
             if adapter_name in wrapper.modules_to_save:
                 yield from wrapper.modules_to_save[adapter_name].parameters()

@@ -15,6 +15,11 @@ What autograd keeps for backward: ``x``, the rank-r ``S`` and the one-element ``
 mask is regenerated from (plus references to the parameters).  Never the mask, never ``dropout(x)``.
 On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_``, zeroing the dropped elements of
 a fresh tensor in place (by index for rare drops, so no mask tensor is built at all).
+
+``fastlora::dora_linear`` (and its backward) is DoRA (:func:`fastlora.reference.dora_forward`), on the
+PyTorch path on every device.  It keeps ``x``, ``S``, the seed, the row norms n (N floats) and, when the
+magnitude is trained, what dm needs: the output ``y`` itself when z = y / g can be recovered from it
+(no dropout, no bias, no zero in m: ``y`` is usually kept by the next op anyway), else z (M × N).
 """
 
 from __future__ import annotations
@@ -173,3 +178,151 @@ def lora_linear(
     if torch.compiler.is_compiling():
         return lora_linear_op(*args)[0]
     return _EagerLoRALinear.apply(*args)[0]
+
+
+# ---- DoRA --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastlora::dora_linear", mutates_args=())
+def dora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    keep_z: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then recovers it from y)."""
+    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z)
+
+
+@dora_linear_op.register_fake
+def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z):
+    acc = reference.accumulation_dtype(weight, lora_A)
+    M, N = x.shape[0], weight.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
+            x.new_empty((M, N) if keep_z else (0,), dtype=acc), x.new_empty((N,), dtype=acc))
+
+
+def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z):
+    y, S, z, norm = reference.dora_forward(
+        x, weight, bias, lora_A, lora_B, magnitude, scaling, _keep(seed, dropout_p), dropout_p
+    )
+    return y, S, (z if keep_z else z.new_empty(0)), norm
+
+
+@torch.library.custom_op("fastlora::dora_linear_backward", mutates_args=())
+def dora_linear_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    S: Tensor,
+    z_or_y: Tensor,
+    z_is_output: bool,
+    norm: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dm), empty where not needed; ``z_or_y`` is z, or the output y when ``z_is_output``."""
+    return _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
+                                scaling, dropout_p, need_dx, need_dA, need_dB, need_dm)
+
+
+@dora_linear_backward_op.register_fake
+def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
+                               scaling, dropout_p, need_dx, need_dA, need_dB, need_dm):
+    like = ((x, need_dx), (lora_A, need_dA), (lora_B, need_dB), (magnitude, need_dm))
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in like)
+
+
+def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
+                         dropout_p, need_dx, need_dA, need_dB, need_dm):
+    z = z_or_y
+    if need_dm and z_is_output:  # no bias, no zero in m: z = y / g
+        z = z_or_y.to(norm.dtype, copy=True).div_(reference.dora_scale(magnitude, norm))
+    grads = reference.dora_backward(
+        dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, _keep(seed, dropout_p), dropout_p,
+        need_dx, need_dA, need_dB, need_dm,
+    )
+    like = (x, lora_A, lora_B, magnitude)
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z = inputs
+    y, S, z, norm = output
+    z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
+    ctx.scaling, ctx.dropout_p, ctx.z_is_output = scaling, dropout_p, not keep_z
+    ctx.backward_grads = dora_linear_backward_op
+
+
+def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
+    x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed = ctx.saved_tensors
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+    dx = dW = db = dA = dB = dm = None
+    if need_dx or need_dA or need_dB or need_dm:
+        grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
+                                   ctx.scaling, ctx.dropout_p, need_dx, need_dA, need_dB, need_dm)
+        dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
+    if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
+        g = reference.dora_scale(magnitude, norm)
+        if ctx.dropout_p == 0.0 or seed is None:
+            dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
+        else:
+            h = _keep(seed, ctx.dropout_p)(x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
+            dW = torch.addmm(torch.mm(dy.t().to(g.dtype), x.to(g.dtype)), (dy.to(g.dtype) * (g - 1.0)).t(), h,
+                             alpha=1.0 / (1.0 - ctx.dropout_p))
+        dW = dW.to(weight.dtype)
+    if need_db:
+        db = dy.sum(0).to(weight.dtype)
+    return dx, dW, db, dA, dB, dm, None, None, None, None
+
+
+dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup_context)
+
+
+class _EagerDoRALinear(torch.autograd.Function):
+    """The DoRA op's forward, context and backward called directly in eager mode (as :class:`_EagerLoRALinear`)."""
+
+    forward = staticmethod(_dora_forward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dora_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.backward_grads = _dora_backward_grads
+
+    backward = staticmethod(_dora_backward)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+) -> Tensor:
+    """y of ``fastlora::dora_linear`` with autograd.  In eager mode, with no dropout, no bias and no zero in
+    the magnitude, backward recovers z from the output instead of keeping its own M × N copy."""
+    if torch.compiler.is_compiling():
+        return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, True)[0]
+    keep_z = not (seed is None and bias is None and magnitude.requires_grad and bool(magnitude.ne(0).all()))
+    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z)
+    return _EagerDoRALinear.apply(*args)[0]

@@ -27,7 +27,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lora_forward", "lora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
+__all__ = ["lora_forward", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale", "dora_forward",
+           "dora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
 
 Keep = Union[Tensor, Callable[[Tensor], Tensor], None]
 
@@ -129,6 +130,152 @@ def lora_backward(
         if need_dx:
             dx = dx.to(dy.dtype)
     return dx, dA, dB
+
+
+
+# ---- DoRA -------------------------------------------------------------------------------------------
+#
+# PEFT's DoRA, with m the trained magnitude vector (N,) and h = x ⊙ mask / (1-p):
+#
+#     n  = ‖W + s·B A‖ per output row, a constant for autograd (DoRA paper, section 4.3)
+#     g  = m / n
+#     no dropout (p = 0, or eval):  z = x Wᵀ + s·S Bᵀ        y = g ⊙ z + b
+#     dropout:                      z = h Wᵀ + s·S Bᵀ        y = x Wᵀ + b + g ⊙ z − h Wᵀ
+#
+# (with dropout, PEFT scales a second product of W, with the *dropped* input, by g − 1).  Backward,
+# with dz = g ⊙ dy:
+#
+#     dm = Σ_rows dy ⊙ z / n
+#     dB = s · dzᵀ S          dS = s · dz B          dA = dSᵀ h
+#     no dropout:  dx = dz W + dS A
+#     dropout:     dx = dy W + ((dz − dy) W + dS A) ⊙ mask / (1-p)
+#
+# Scales, norms and the combination run in float32 (float64 for float64 operands); products in the
+# dtypes the LoRA branch uses (base products in x's dtype, rank-r ones in the adapters').
+
+# Rows of a 16-bit W widened to float32 at a time for the norm: ≤ 8 MiB, never an out × in copy.
+_NORM_CHUNK_ELEMENTS = 1 << 21
+
+
+def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """n_i = ‖W_i + s·(B A)_i‖ for each output row i, without forming W + s·B A (out × in):
+
+        n_i² = ‖W_i‖² + 2s·(W Aᵀ)_i · B_i + s²·B_i (A Aᵀ) B_iᵀ
+
+    which reads W once and costs one (out × in × r) product.  Float32 (float64 for float64 operands),
+    no gradient.  The absolute error of n_i² is about ε·(‖W_i‖ + s‖(B A)_i‖)², so n_i is exact to a few
+    ulps unless the adapter nearly cancels the row."""
+    dtype = accumulation_dtype(weight, lora_A)
+    with torch.no_grad():
+        A, B = _to(lora_A, dtype), _to(lora_B, dtype)
+        quadratic = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # B_i (A Aᵀ) B_iᵀ
+        norm_sq = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
+        rows = weight.shape[0] if weight.dtype == dtype else max(1, _NORM_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            w = _to(weight[start:start + rows], dtype)
+            cross = torch.mm(w, A.t()).mul_(B[start:start + rows]).sum(1)
+            torch.linalg.vector_norm(w, dim=1, out=norm_sq[start:start + rows]).square_()
+            norm_sq[start:start + rows].add_(cross, alpha=2.0 * scaling)
+        return norm_sq.add_(quadratic, alpha=scaling * scaling).clamp_min_(0.0).sqrt_()
+
+
+def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """g = m / n, in n's (float32 or float64) dtype."""
+    return magnitude.detach().to(norm.dtype) / norm
+
+
+def dora_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    keep: Keep,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Return ``(y, S, z, n)`` for a 2-D ``x`` (M, K): DoRA's output, the rank-r S, z (M × N, in the
+    accumulation dtype) and the row norms n (see the notes above)."""
+    adapter_dtype = lora_A.dtype
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    g = dora_scale(magnitude, norm)
+    acc = norm.dtype
+    if keep is None:
+        S = torch.mm(_to(x, adapter_dtype), lora_A.t())
+        z = torch.addmm(_to(torch.mm(x, weight.t()), acc), _to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
+        y = z * g if bias is None else torch.addcmul(_to(bias, acc), z, g)
+        return y.to(x.dtype), S, z, norm
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    xm = _drop_(_adapter_copy(x, adapter_dtype), keep)  # x ⊙ mask
+    S = torch.mm(xm, lora_A.t()).mul_(inv_keep)
+    hw = _to(torch.mm(_to(xm, x.dtype), weight.t()), acc).mul_(inv_keep)  # h Wᵀ
+    z = torch.addmm(hw, _to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
+    base = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+    y = _to(base, acc).addcmul_(z, g).sub_(hw)
+    return y.to(x.dtype), S, z, norm
+
+
+def dora_backward(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    S: Tensor,
+    z: Tensor | None,
+    norm: Tensor,
+    scaling: float,
+    keep: Keep,
+    dropout_p: float,
+    need_dx: bool = True,
+    need_dA: bool = True,
+    need_dB: bool = True,
+    need_dm: bool = True,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Return ``(dx, dA, dB, dm)`` (each ``None`` when not needed); ``z`` may be None when dm is not."""
+    adapter_dtype, acc = lora_A.dtype, norm.dtype
+    g = dora_scale(magnitude, norm)
+    dy_acc = _to(dy, acc)
+    dm = dx = dA = dB = None
+    if need_dm:
+        dm = dy_acc.mul(z).sum(0).div_(norm).to(magnitude.dtype)
+    dz = (dy_acc * g).to(adapter_dtype)
+    if need_dB:
+        dB = _mm_rank_columns(dz.t(), S).mul_(scaling).contiguous()
+    if not (need_dx or need_dA):
+        return dx, dA, dB, dm
+    inv_keep = 1.0 / (1.0 - dropout_p)
+    dS_kept = _mm_rank_columns(dz, lora_B).mul_(scaling * inv_keep)  # dS · 1/(1-p)
+    if keep is None:
+        if need_dA:
+            dA = torch.mm(dS_kept.t(), _to(x, adapter_dtype))
+        if need_dx:
+            dx = _to(torch.mm(_to(dz, dy.dtype), weight), adapter_dtype).addmm_(dS_kept, lora_A)
+    else:
+        # x ⊙ mask and ((g − 1) dy W / (1-p) + dS A) ⊙ mask in one buffer: the mask is applied once to both.
+        parts = torch.empty((int(need_dA) + int(need_dx), *x.shape), dtype=adapter_dtype, device=x.device)
+        if need_dA:
+            parts[0].copy_(x)
+        if need_dx:
+            dropped_dy = (dy_acc * (g - 1.0)).to(dy.dtype)  # dz − dy
+            parts[-1].copy_(torch.mm(dropped_dy, weight)).mul_(inv_keep).addmm_(dS_kept, lora_A)
+        _drop_(parts, keep)
+        if need_dA:
+            dA = torch.mm(dS_kept.t(), parts[0])
+        if need_dx:
+            dx = _to(torch.mm(dy, weight), adapter_dtype).add_(parts[-1])
+    if need_dx:
+        dx = dx.to(dy.dtype)
+    return dx, dA, dB, dm
 
 
 # The CPU dropout mask, reproducible from the op's seed through a torch.Generator (mt19937, which torch

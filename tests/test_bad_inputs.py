@@ -57,6 +57,13 @@ def _truncate(folder):
     (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 3])
 
 
+def _shorten_magnitudes(folder):
+    tensors = load_file(folder / WEIGHTS_NAME)
+    key = next(k for k in tensors if k.endswith("q_proj.lora_magnitude_vector"))
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, folder / WEIGHTS_NAME)
+
+
 def _load(edit=None, into="base", **config):
     def call(ctx):
         folder = _adapter_dir(ctx["tmp_path"], ctx["base"], edit, **config)
@@ -100,11 +107,12 @@ CASES = [
     ("config without targets", lambda ctx: LoraConfig(), ValueError, "target_modules must name"),
     ("unknown bias mode", lambda ctx: LoraConfig(target_modules=TARGETS, bias="some"), ValueError, "bias must be"),
     ("config dropout as a string", lambda ctx: LoraConfig(target_modules=TARGETS, lora_dropout="0.1"), ValueError, "lora_dropout"),
-    ("DoRA", lambda ctx: LoraConfig(target_modules=TARGETS, use_dora=True), UnsupportedFeatureError, "use_dora"),
+    ("DoRA flag as a string", lambda ctx: LoraConfig(target_modules=TARGETS, use_dora="yes"), ValueError, "use_dora must be"),
     ("unknown task", lambda ctx: LoraConfig(target_modules=TARGETS, task_type="GAME"), ValueError, "task_type"),
     # get_peft_model and the model's methods
     ("unknown target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["query"])), ValueError, "matched no module"),
     ("non-Linear target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["mlp"])), TypeError, "not nn.Linear"),
+    ("DoRA on a non-Linear target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["embed_tokens"], use_dora=True)), TypeError, "not nn.Linear"),
     ("PEFT's config", lambda ctx: get_peft_model(ctx["model"], peft.LoraConfig(target_modules=TARGETS)), TypeError, "fastlora.LoraConfig"),
     ("applying twice", lambda ctx: get_peft_model(ctx["lora"].get_base_model(), LoraConfig(target_modules=TARGETS)), ValueError, "already has an adapter"),
     ("adapter name with a dot", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), adapter_name="a.b"), ValueError, "without '.'"),
@@ -122,7 +130,11 @@ CASES = [
     ("config rank as a string", _load(_edit_config(r="4")), ValueError, "invalid field"),
     ("config with an unknown set field", _load(_edit_config(future_feature={"on": True})), UnsupportedFeatureError, "future_feature"),
     ("config of another method", _load(_edit_config(peft_type="IA3")), UnsupportedFeatureError, "not a LoRA adapter"),
-    ("config turning on DoRA", _load(_edit_config(use_dora=True)), UnsupportedFeatureError, "use_dora"),
+    ("config turning on DoRA without magnitudes", _load(_edit_config(use_dora=True)), ValueError, "missing keys: base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"),
+    ("DoRA magnitude of the wrong length", _load(_shorten_magnitudes, use_dora=True), ValueError, r"lora_magnitude_vector has shape \(63,\), the model needs \(64,\)"),
+    ("DoRA magnitudes in a LoRA adapter", _load(_edit_config(use_dora=False), use_dora=True), ValueError, "keys the model has no place for"),
+    ("magnitude of the wrong length", _functional(magnitude=torch.ones(5)), ValueError, r"magnitude must have shape \(4,\)"),
+    ("magnitude of another dtype", _functional(magnitude=torch.ones(4, dtype=torch.float64)), TypeError, "magnitude must have the adapters' dtype"),
     ("weights file missing", _load(lambda f: (f / WEIGHTS_NAME).unlink()), ValueError, "does not exist"),
     ("loading a second adapter of another rank", _load(_edit_config(r=8), into="lora"), ValueError, "wrong rank"),
     ("a path that does not exist", lambda ctx: LoraModel.from_pretrained(ctx["model"], ctx["tmp_path"] / "no" / "where"), ValueError, "neither a local directory nor a valid Hub"),

@@ -1,0 +1,335 @@
+"""DoRA: the op against a float64 computation of PEFT's formula in every dtype setup, the layer and the
+model against PEFT 0.21's DoRA (outputs and every gradient, dropout masks made identical), files both
+ways, merges, and the norm's memory (no out × in temporary)."""
+
+import copy
+
+import peft
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastlora
+from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model, ops, reference
+from fastlora.functional import SEED_HIGH
+from tests.models import SEED_TARGETS, tiny_llama, tokens
+from tests.tolerances import tol
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def peft_dora_float64(x, W, b, A, B, m, scaling, keep, p):
+    """PEFT's DoRA forward (``DoraLinearLayer.forward`` on top of the base output) in float64."""
+    norm = torch.linalg.vector_norm(W + scaling * B @ A, dim=1).detach()
+    g = m / norm
+    h = x if keep is None else x * keep / (1 - p)
+    base = x @ W.t() + (b if b is not None else 0)
+    return base + (g - 1) * (h @ W.t()) + g * ((h @ A.t()) @ B.t()) * scaling
+
+
+def _operands(base_dtype, adapter_dtype, bias, M=9, K=24, N=16, r=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(base_dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(base_dtype)
+    b = torch.randn(N, generator=g).to(base_dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
+    norm = torch.linalg.vector_norm(W.double() + 0.5 * B.double() @ A.double(), dim=1)
+    m = (norm * (1 + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))).to(adapter_dtype)
+    return x, W, b, A, B, m
+
+
+DTYPES = [(F32, F32), (BF16, F32), (F16, F32), (BF16, BF16), (F16, F16)]
+
+
+@pytest.mark.parametrize("base_dtype, adapter_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_op_against_float64(base_dtype, adapter_dtype, p, bias):
+    """Output and every gradient within the tolerance of its own dtype.  dm sums dy ⊙ (x Wᵀ + ...) where
+    x Wᵀ is a product in the base dtype (PEFT rounds it there too), so it is held to the base dtype's."""
+    x, W, b, A, B, m = _operands(base_dtype, adapter_dtype, bias)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    seed = torch.tensor([1234]) if p else None
+    y = ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
+    grads = torch.autograd.grad(y, leaves, dy)
+
+    keep = reference.cpu_keep_mask(1234, tuple(x.shape), p, torch.float64) if p else None
+    ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]
+    y_ref = peft_dora_float64(ref_leaves[0], W.double(), b.double() if b is not None else None,
+                              *ref_leaves[1:], 0.5, keep, p)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+
+    assert y.dtype == base_dtype
+    torch.testing.assert_close(y.double(), y_ref, **tol(base_dtype))
+    for name, got, want, dtype in zip(("dx", "dA", "dB", "dm"), grads, ref_grads,
+                                      (base_dtype, adapter_dtype, adapter_dtype, base_dtype)):
+        assert got.dtype == {"dx": base_dtype}.get(name, adapter_dtype), name
+        torch.testing.assert_close(got.double(), want, **tol(dtype), msg=lambda s: f"{name}: {s}")
+
+
+def test_magnitude_with_a_zero_keeps_z():
+    """Backward recovers z = y / g from the output when it can; a zero in m makes it keep z instead."""
+    x, W, b, A, B, m = _operands(F32, F32, bias=False)
+    m[3] = 0.0
+    leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
+    y = ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, 0.5, 0.0)
+    ref_leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
+    y_ref = peft_dora_float64(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
+    for got, want in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_ref.sum(), ref_leaves)):
+        torch.testing.assert_close(got, want, **tol(torch.float64))
+
+
+def test_float64_gradcheck():
+    """Finite differences for x and m (the norm depends on A and B, and treating it as a constant is the
+    point, so A and B are checked against PEFT's formula above instead)."""
+    x, W, b, A, B, m = (t.double() if t is not None else None for t in _operands(F32, F32, bias=True, M=5, K=6, N=4, r=2))
+    for p, seed in ((0.0, None), (0.4, torch.tensor([7]))):
+        torch.autograd.gradcheck(lambda x, m: ops.dora_linear(x, W, b, A, B, m, seed, 0.7, p),
+                                 [x.clone().requires_grad_(), m.clone().requires_grad_()])
+
+
+def test_norm_without_an_out_by_in_temporary(monkeypatch):
+    """The norm reads W in row chunks: no op of a DoRA step makes a tensor of out × in elements or more."""
+
+    class LargestTensor(TorchDispatchMode):
+        """The bytes of the largest storage an op creates (views of existing storages not counted)."""
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            seen = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                    self.largest = max(self.largest, t.untyped_storage().nbytes())
+            return out
+
+    monkeypatch.setattr(reference, "_NORM_CHUNK_ELEMENTS", 1024)
+    for dtype, p in ((BF16, 0.0), (F32, 0.1)):
+        layer = LoRALinear(256, 64, r=4, use_dora=True, init_lora_weights=False, dtype=dtype)
+        layer.lora_A.data, layer.lora_B.data = layer.lora_A.float(), layer.lora_B.float()
+        layer.lora_magnitude_vector_default.data = layer.lora_magnitude_vector_default.float()
+        layer.lora_dropout = p
+        x = torch.randn(4, 256, dtype=dtype, requires_grad=True)
+        with LargestTensor() as mode:
+            layer(x).sum().backward()
+        assert 0 < mode.largest < layer.weight.nbytes, (dtype, mode.largest)
+    exact = reference.dora_weight_norm(layer.weight.double(), layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
+    chunked = reference.dora_weight_norm(layer.weight.to(BF16), layer.lora_A, layer.lora_B, layer.scaling)
+    direct = torch.linalg.vector_norm(layer.weight.to(BF16).double() + layer.scaling * (layer.lora_B @ layer.lora_A).double(), dim=1)
+    assert chunked.dtype == F32
+    torch.testing.assert_close(chunked.double(), direct, **tol(F32))
+    torch.testing.assert_close(exact, torch.linalg.vector_norm(
+        layer.weight.double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double(), dim=1), **tol(torch.float64))
+
+
+# ---- against PEFT ----------------------------------------------------------------------------------
+
+
+class _Holder(nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _SeededDropout(nn.Module):
+    """PEFT's dropout slot, filled with fastlora's CPU mask for ``seed``: x ⊙ mask / (1 - p)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.seed = p, None
+
+    def forward(self, x):
+        return x * reference.cpu_keep_mask(self.seed, tuple(x.shape), self.p, x.dtype) / (1 - self.p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_layer_matches_peft_dora(p, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40, bias=bias)
+    theirs = peft.inject_adapter_in_model(
+        peft.LoraConfig(target_modules=["proj"], r=4, lora_alpha=8, lora_dropout=p, use_dora=True,
+                        init_lora_weights=False), _Holder(copy.deepcopy(linear))).proj
+    ours = LoRALinear.from_linear(copy.deepcopy(linear), r=4, lora_alpha=8, lora_dropout=p, use_dora=True)
+    with torch.no_grad():
+        ours.lora_A.copy_(theirs.lora_A["default"].weight)
+        ours.lora_B.copy_(theirs.lora_B["default"].weight)
+    with torch.no_grad():  # m = ‖W + s·B A‖ for the copied factors, as PEFT set it at creation
+        ours.lora_magnitude_vector_default.copy_(
+            reference.dora_weight_norm(ours.weight, ours.lora_A, ours.lora_B, ours.scaling))
+    torch.testing.assert_close(ours.lora_magnitude_vector_default,
+                               theirs.lora_magnitude_vector["default"].weight, **tol(F32))
+    with torch.no_grad():  # a trained magnitude: not the norm any more
+        ours.lora_magnitude_vector_default.mul_(torch.linspace(0.8, 1.2, 40))
+        theirs.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector_default)
+    if p:
+        theirs.lora_dropout["default"] = _SeededDropout(p)
+    x = torch.randn(2, 6, 48)
+    results = []
+    for layer in (ours, theirs):
+        layer.train()
+        xi = x.clone().reshape(-1, 48).requires_grad_()
+        torch.manual_seed(5)
+        if p:
+            theirs.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
+            torch.manual_seed(5)
+        y = layer(xi)
+        params = ((ours.lora_A, ours.lora_B, ours.lora_magnitude_vector_default) if layer is ours else
+                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                   theirs.lora_magnitude_vector["default"].weight))
+        results.append([y, *torch.autograd.grad(y.square().sum(), (xi, *params))])
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        torch.testing.assert_close(a, b, **tol(F32), msg=lambda s: f"{name}: {s}")
+
+
+def _both(p=0.0, init=False, **config):
+    base = tiny_llama()
+    kwargs = dict(target_modules=SEED_TARGETS, r=4, lora_alpha=8, lora_dropout=p, use_dora=True,
+                  init_lora_weights=init, **config)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    if not init:  # a trained magnitude, no longer the norm it started at (g = m / n ≠ 1)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for name, param in theirs.named_parameters():
+                if "lora_magnitude_vector" in name:
+                    param.mul_(1 + 0.2 * torch.randn(param.shape, generator=g))
+    return base, theirs, kwargs
+
+
+def _fastlora_copy_of(base, theirs, tmp_path):
+    theirs.save_pretrained(tmp_path / "peft")
+    return LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft", is_trainable=True)
+
+
+def _grads(model):
+    return {n.replace(".default", "").replace("_default", "").replace("lora_magnitude_vector.weight",
+                                                                      "lora_magnitude_vector"): p.grad
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fastlora_names(grads):
+    return {n.replace("lora_A", "lora_A.weight").replace("lora_B", "lora_B.weight"): g for n, g in grads.items()}
+
+
+def test_model_matches_peft_dora_and_files_go_both_ways(tmp_path):
+    base, theirs, _ = _both()
+    ours = _fastlora_copy_of(base, theirs, tmp_path)
+    ids = tokens()
+    for model in (theirs, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    theirs_grads, our_grads = _grads(theirs), _fastlora_names(_grads(ours))
+    assert our_grads.keys() == theirs_grads.keys() and len(our_grads) == 3 * 7 * 2
+    for name, g in our_grads.items():
+        torch.testing.assert_close(g, theirs_grads[name], **tol(F32), msg=lambda s: f"{name}: {s}")
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    for model in (theirs, ours):
+        model.eval()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, **tol(F32))
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, **tol(F32))
+    assert fastlora.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(theirs).keys()
+
+
+def test_fresh_dora_adapter_starts_at_the_base_model():
+    base, theirs, kwargs = _both(init=True)
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(task_type="CAUSAL_LM", **kwargs))
+    ids = tokens()
+    want = base(input_ids=ids).logits
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, **tol(F32))
+    torch.testing.assert_close(theirs(input_ids=ids).logits, want, **tol(F32))
+    for name, layer in ours.lora_layers():
+        peft_layer = theirs.get_base_model().get_submodule(name)
+        torch.testing.assert_close(layer.lora_magnitude_vector_default,
+                                   peft_layer.lora_magnitude_vector["default"].weight, **tol(F32))
+
+
+def test_merges_and_disable_as_peft(tmp_path):
+    base, theirs, _ = _both()
+    ours = _fastlora_copy_of(base, theirs, tmp_path).eval()
+    theirs.eval()
+    ids = tokens()
+    adapted = ours(input_ids=ids).logits
+    with ours.disable_adapter(), theirs.disable_adapter():
+        torch.testing.assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, **tol(F32))
+        torch.testing.assert_close(theirs(input_ids=ids).logits, base(input_ids=ids).logits, **tol(F32))
+    weight = ours.get_base_model().model.layers[0].mlp.up_proj.weight.clone()
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    torch.testing.assert_close(ours(input_ids=ids).logits, adapted, **tol(F32))
+    for name, layer in ours.lora_layers():  # W ← g ⊙ (W + s·B A), as PEFT's merge
+        torch.testing.assert_close(layer.weight, theirs.get_base_model().get_submodule(name).base_layer.weight,
+                                   **tol(F32))
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.get_base_model().model.layers[0].mlp.up_proj.weight, weight, **tol(F32))
+    torch.testing.assert_close(ours(input_ids=ids).logits, adapted, **tol(F32))
+    merged = copy.deepcopy(ours).merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    torch.testing.assert_close(merged(input_ids=ids).logits, adapted, **tol(F32))
+
+
+def test_dora_beside_a_lora_adapter(tmp_path):
+    """A DoRA adapter and a plain one on one model: switching, saving both and loading them into PEFT."""
+    base, theirs, kwargs = _both()
+    ours = _fastlora_copy_of(base, theirs, tmp_path).eval()
+    plain = LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=2, init_lora_weights=False)
+    ours.add_adapter("plain", plain)
+    ids = tokens()
+    dora_logits = ours(input_ids=ids).logits
+    ours.set_adapter("plain")
+    plain_logits = ours(input_ids=ids).logits
+    assert not torch.allclose(plain_logits, dora_logits)
+    assert ours.get_base_model().model.layers[0].self_attn.q_proj.magnitude() is None
+    ours.save_pretrained(tmp_path / "two")
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "two").eval()
+    back.load_adapter(tmp_path / "two" / "plain", adapter_name="plain")
+    torch.testing.assert_close(back(input_ids=ids).logits, dora_logits, **tol(F32))
+    back.set_adapter("plain")
+    torch.testing.assert_close(back(input_ids=ids).logits, plain_logits, **tol(F32))
+    ours.delete_adapter("default")
+    assert not any(n.startswith("lora_magnitude") for layer in ours.get_base_model().modules()
+                   if isinstance(layer, LoRALinear) for n, _ in layer.named_parameters())
+
+
+def test_compiled_dora_layer_matches_eager():
+    layer = LoRALinear(32, 24, r=4, use_dora=True, init_lora_weights=False)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    params = (x, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector_default)
+    results = []
+    for fn in (layer, torch.compile(layer, fullgraph=True)):
+        y = fn(x)
+        results.append([y, *torch.autograd.grad(y.square().sum(), params)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, **tol(F32))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_dora_op_regenerates_the_eager_mask(bias):
+    """With one seed, the compiled op (which keeps z) and the eager one apply the same masks."""
+    x, W, b, A, B, m = _operands(F32, F32, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, A, B, m)]
+    for p, seed in ((0.0, None), (0.1, torch.tensor([99])), (0.5, torch.tensor([98]))):
+        def f(x, A, B, m):
+            return ops.dora_linear(x, W, b, A, B, m, seed, 0.5, p)
+        results = []
+        for fn in (f, torch.compile(f, fullgraph=True)):
+            y = fn(*leaves)
+            results.append([y, *torch.autograd.grad(y.square().sum(), leaves)])
+        for eager, compiled in zip(*results):
+            torch.testing.assert_close(compiled, eager, **tol(F32))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_opcheck(p):
+    x, W, b, A, B, m = _operands(F32, F32, bias=True)
+    seed = torch.tensor([42]) if p else None
+    torch.library.opcheck(ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
+                                               m.requires_grad_(), seed, 0.5, p, True))

@@ -16,13 +16,14 @@ threads=${THREADS:-2}
 quiet=(--max-other-load ${MAX_OTHER:-0.05} --retries ${RETRIES:-4} --wait-idle ${WAIT_IDLE:-120})
 
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
-    --providers frozen,peft,peft+patch,fastlora-torch,fastlora-torch+inactive \
+    --providers frozen,peft,peft+patch,fastlora-torch,fastlora-torch+inactive,peft-dora,fastlora-torch-dora \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
+layer_providers=frozen,peft,peft+patch,fastlora-torch,peft-dora,fastlora-torch-dora
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
-    --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress
+    --providers "$layer_providers" --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress
 if [[ "${LLAMA:-0}" == "1" ]]; then
-    python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset llama-3-8b --tokens 256 --dropout 0.1 \
-        --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
+    python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset llama-3-8b --tokens 256 --dropout 0.1,0 \
+        --providers "$layer_providers" --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
         --plot "$stem-llama-3-8b-layers.png" --no-progress
 fi
 python -m fastlora.bench.report "$out"/*.json --plot-link "$stem-model.png" --readme README.md > "$out/README-section.md"

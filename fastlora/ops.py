@@ -18,8 +18,8 @@ a fresh tensor in place (by index for rare drops, so no mask tensor is built at 
 
 ``fastlora::dora_linear`` (and its backward) is DoRA (:func:`fastlora.reference.dora_forward`), on the
 PyTorch path on every device.  It keeps ``x``, ``S``, the seed, the row norms n (N floats) and, when the
-magnitude is trained, what dm needs: the output ``y`` itself when z = y / g can be recovered from it
-(no dropout, no bias, no zero in m: ``y`` is usually kept by the next op anyway), else z (M × N).
+magnitude is trained, what dm needs: the output ``y`` itself when that is enough (no dropout, no bias,
+no zero in m; the next op may keep ``y`` anyway, an activation's input does), else z (M × N).
 """
 
 from __future__ import annotations
@@ -210,9 +210,9 @@ def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling,
 
 def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z):
     y, S, z, norm = reference.dora_forward(
-        x, weight, bias, lora_A, lora_B, magnitude, scaling, _keep(seed, dropout_p), dropout_p
+        x, weight, bias, lora_A, lora_B, magnitude, scaling, _keep(seed, dropout_p), dropout_p, need_z=keep_z
     )
-    return y, S, (z if keep_z else z.new_empty(0)), norm
+    return y, S, (z if keep_z else norm.new_empty(0)), norm
 
 
 @torch.library.custom_op("fastlora::dora_linear_backward", mutates_args=())
@@ -249,12 +249,10 @@ def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or
 
 def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
                          dropout_p, need_dx, need_dA, need_dB, need_dm):
-    z = z_or_y
-    if need_dm and z_is_output:  # no bias, no zero in m: z = y / g
-        z = z_or_y.to(norm.dtype, copy=True).div_(reference.dora_scale(magnitude, norm))
+    z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
     grads = reference.dora_backward(
         dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, _keep(seed, dropout_p), dropout_p,
-        need_dx, need_dA, need_dB, need_dm,
+        need_dx, need_dA, need_dB, need_dm, y=y,
     )
     like = (x, lora_A, lora_B, magnitude)
     return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))

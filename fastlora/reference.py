@@ -201,18 +201,21 @@ def dora_forward(
     scaling: float,
     keep: Keep,
     dropout_p: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    need_z: bool = True,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Return ``(y, S, z, n)`` for a 2-D ``x`` (M, K): DoRA's output, the rank-r S, z (M × N, in the
-    accumulation dtype) and the row norms n (see the notes above)."""
+    accumulation dtype; None unless ``need_z``) and the row norms n (see the notes above)."""
     adapter_dtype = lora_A.dtype
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = dora_scale(magnitude, norm)
     acc = norm.dtype
     if keep is None:
         S = torch.mm(_to(x, adapter_dtype), lora_A.t())
-        z = torch.addmm(_to(torch.mm(x, weight.t()), acc), _to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
-        y = z * g if bias is None else torch.addcmul(_to(bias, acc), z, g)
-        return y.to(x.dtype), S, z, norm
+        z = _to(torch.mm(x, weight.t()), acc).addmm_(_to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
+        y = z * g if need_z else z.mul_(g)
+        if bias is not None:
+            y.add_(bias)
+        return y.to(x.dtype), S, z if need_z else None, norm
     inv_keep = 1.0 / (1.0 - dropout_p)
     xm = _drop_(_adapter_copy(x, adapter_dtype), keep)  # x ⊙ mask
     S = torch.mm(xm, lora_A.t()).mul_(inv_keep)
@@ -220,7 +223,7 @@ def dora_forward(
     z = torch.addmm(hw, _to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
     base = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     y = _to(base, acc).addcmul_(z, g).sub_(hw)
-    return y.to(x.dtype), S, z, norm
+    return y.to(x.dtype), S, z if need_z else None, norm
 
 
 def dora_backward(
@@ -240,14 +243,17 @@ def dora_backward(
     need_dA: bool = True,
     need_dB: bool = True,
     need_dm: bool = True,
+    y: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Return ``(dx, dA, dB, dm)`` (each ``None`` when not needed); ``z`` may be None when dm is not."""
+    """Return ``(dx, dA, dB, dm)`` (each ``None`` when not needed).  dm needs ``z``, or, without dropout,
+    bias and zeros in m, the output ``y`` instead: dm = Σ_rows dy ⊙ y / m (as y = g ⊙ z and g·n = m)."""
     adapter_dtype, acc = lora_A.dtype, norm.dtype
     g = dora_scale(magnitude, norm)
     dy_acc = _to(dy, acc)
     dm = dx = dA = dB = None
     if need_dm:
-        dm = dy_acc.mul(z).sum(0).div_(norm).to(magnitude.dtype)
+        dm = (dy_acc.mul(z).sum(0).div_(norm) if y is None
+              else dy_acc.mul(_to(y, acc)).sum(0).div_(_to(magnitude.detach(), acc))).to(magnitude.dtype)
     dz = (dy_acc * g).to(adapter_dtype)
     if need_dB:
         dB = _mm_rank_columns(dz.t(), S).mul_(scaling).contiguous()

@@ -124,6 +124,45 @@ def test_companion_target_lines():
             "MISSED") in lines
 
 
+def test_dora_providers_compute_the_same_layer():
+    M, K, N, r = 32, 16, 24, 4
+    x = torch.randn(M, K)
+    built = {}
+    for provider in ("peft-dora", "fastlora-torch-dora"):
+        torch.manual_seed(0)
+        built[provider] = PROVIDERS[provider].layer(K, N, True, r, 8, 0.0, torch.float32, CPU).eval()
+    peft_layer = built["peft-dora"].proj
+    ours = built["fastlora-torch-dora"]
+    assert ours.use_dora and "default" in peft_layer.lora_magnitude_vector
+    with torch.no_grad():
+        ours.weight.copy_(peft_layer.base_layer.weight)
+        ours.bias.copy_(peft_layer.base_layer.bias)
+        ours.lora_A.copy_(peft_layer.lora_A["default"].weight)
+        ours.lora_B.normal_()
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+        ours.lora_magnitude_vector_default.normal_()
+        peft_layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector_default)
+        torch.testing.assert_close(ours(x), built["peft-dora"](x), atol=1e-5, rtol=1e-5)
+
+
+def test_dora_target_lines():
+    rows = []
+    for mode, case in (("model", "tiny 2L 4x256"), ("layer", "q_proj")):
+        extra = dict(M=8, K=4, N=4) if mode == "layer" else {}
+        for p, times in ((0.1, {"peft": 1.0, "fastlora-torch": 0.8, "peft-dora": 2.0, "fastlora-torch-dora": 1.1}),
+                         (0.0, {"peft": 1.0, "fastlora-torch": 0.9, "peft-dora": 1.2, "fastlora-torch-dora": 1.0})):
+            for provider, ms in times.items():
+                rows.append(dict(mode=mode, case=case, dtype="float32", dropout=p, provider=provider, fwd_bwd_ms=ms,
+                                 saved_bytes=100 if provider != "fastlora-torch-dora" else 90,
+                                 peak_mem_bytes=200 if provider != "fastlora-torch-dora" else 220, **extra))
+    lines = report.targets(rows)
+    for head in ("tiny 2L 4x256 float32", "q_proj 8×4→4 float32"):
+        assert f"{head} p=0.1: fastlora-torch-dora step time / peft-dora step time = 0.55 (target ≤ 0.6): met" in lines
+        assert f"{head} p=0: fastlora-torch-dora step time / fastlora-torch step time = 1.11 (target ≤ 1.15): met" in lines
+        assert f"{head} p=0: fastlora-torch-dora peak / fastlora-torch peak = 1.10 (target ≤ 1.05): MISSED" in lines
+        assert f"{head} p=0.1: fastlora-torch-dora saved / PEFT (LoRA) saved = 0.90 (target ≤ 1): met" in lines
+
+
 # ---- peak memory ------------------------------------------------------------------------------------
 
 

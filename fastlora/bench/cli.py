@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq", type=int, help="sequence length for --model (default: the preset's)")
     g.add_argument("--vocab", type=int, help="vocabulary for --model (default: the preset's real one)")
     g.add_argument("--providers", help=f"comma list from {','.join(ALL_PROVIDERS)} (default: all available but "
-                   "fastlora-torch+inactive)")
+                   "fastlora-torch+inactive and the DoRA ones)")
     g.add_argument("--quick", action="store_true", help="small cases and few repeats: under a minute on a 2-core CPU")
     g = ap.add_argument_group("LoRA and numerics")
     g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank (default 8)")

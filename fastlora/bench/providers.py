@@ -15,6 +15,8 @@ config for ``--model``.  Side by side in one run:
                         in the default set): it must cost nothing.
 * ``fastlora-triton`` – fastlora's ``LoRALinear`` with the Triton backend (CUDA only, unless asked for by
                         name under ``TRITON_INTERPRET=1``, where the timings mean nothing).
+* ``peft-dora``       – PEFT's layer with ``use_dora=True``.
+* ``fastlora-torch-dora`` – fastlora's ``LoRALinear`` with ``use_dora=True`` (DoRA runs on the PyTorch path).
 """
 
 from __future__ import annotations
@@ -103,32 +105,41 @@ def _peft_unavailable(device, explicit):
     return None
 
 
-def _peft_config(r, alpha, p, targets):
+def _peft_config(r, alpha, p, targets, use_dora=False):
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=list(targets), bias="none")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=list(targets), bias="none",
+                      use_dora=use_dora)
 
 
-def _peft_layer(K, N, bias, r, alpha, p, dtype, device):
+def _peft_layer(K, N, bias, r, alpha, p, dtype, device, use_dora=False):
     from peft import inject_adapter_in_model
 
     wrap = _Wrap(_frozen_linear(K, N, bias, dtype, device))
-    wrap = inject_adapter_in_model(_peft_config(r, alpha, p, ["proj"]), wrap)
+    wrap = inject_adapter_in_model(_peft_config(r, alpha, p, ["proj"], use_dora), wrap)
     for name, prm in wrap.named_parameters():
         prm.requires_grad_("lora_" in name)
     return wrap
 
 
-def _peft_model(model, r, alpha, p, targets):
+def _peft_model(model, r, alpha, p, targets, use_dora=False):
     from peft import get_peft_model
 
     import warnings
 
-    cfg = _peft_config(r, alpha, p, targets)
+    cfg = _peft_config(r, alpha, p, targets, use_dora)
     cfg.task_type = "CAUSAL_LM"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers 5 deprecation raised inside PEFT
         return get_peft_model(model, cfg)
+
+
+def _peft_dora_layer(K, N, bias, r, alpha, p, dtype, device):
+    return _peft_layer(K, N, bias, r, alpha, p, dtype, device, use_dora=True)
+
+
+def _peft_dora_model(model, r, alpha, p, targets):
+    return _peft_model(model, r, alpha, p, targets, use_dora=True)
 
 
 def _patched_peft_layer(K, N, bias, r, alpha, p, dtype, device):
@@ -170,11 +181,12 @@ def _fastlora_unavailable_for(backend):
     return check
 
 
-def _fastlora_layer_for(backend):
+def _fastlora_layer_for(backend, use_dora=False):
     def build(K, N, bias, r, alpha, p, dtype, device):
         import fastlora
 
-        m = fastlora.LoRALinear(K, N, bias=bias, r=r, lora_alpha=alpha, lora_dropout=p, device=device, dtype=dtype)
+        m = fastlora.LoRALinear(K, N, bias=bias, r=r, lora_alpha=alpha, lora_dropout=p, use_dora=use_dora,
+                                device=device, dtype=dtype)
         m.weight.requires_grad_(False)
         if m.bias is not None:
             m.bias.requires_grad_(False)
@@ -185,12 +197,13 @@ def _fastlora_layer_for(backend):
     return build
 
 
-def _fastlora_model_for(backend, inactive_adapter=False):
+def _fastlora_model_for(backend, inactive_adapter=False, use_dora=False):
     def adapt(model, r, alpha, p, targets):
         import fastlora
 
         cfg = fastlora.LoraConfig(
-            task_type="CAUSAL_LM", target_modules=list(targets), r=r, lora_alpha=alpha, lora_dropout=p
+            task_type="CAUSAL_LM", target_modules=list(targets), r=r, lora_alpha=alpha, lora_dropout=p,
+            use_dora=use_dora,
         )
         out = fastlora.get_peft_model(model, cfg)
         if inactive_adapter:
@@ -228,9 +241,15 @@ PROVIDERS: dict[str, Provider] = {
         "fastlora-torch+inactive", _fastlora_unavailable_for("torch"), _fastlora_layer_with_inactive_adapter,
         _fastlora_model_for("torch", inactive_adapter=True),
     ),
+    "peft-dora": Provider("peft-dora", _peft_unavailable, _peft_dora_layer, _peft_dora_model),
+    "fastlora-torch-dora": Provider(
+        "fastlora-torch-dora", _fastlora_unavailable_for("torch"), _fastlora_layer_for("torch", use_dora=True),
+        _fastlora_model_for("torch", use_dora=True),
+    ),
 }
 DEFAULT_ORDER = ["frozen", "peft", "peft+patch", "fastlora-torch", "fastlora-triton"]
-ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive"]
+DORA_PROVIDERS = ["peft-dora", "fastlora-torch-dora"]
+ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive", *DORA_PROVIDERS]
 
 
 def resolve_providers(names: list[str] | None, device: torch.device) -> tuple[list[Provider], dict[str, str]]:

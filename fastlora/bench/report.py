@@ -29,7 +29,7 @@ __all__ = [
 SCHEMA = "fastlora-bench/1"
 MIB = 2**20
 PROVIDER_ORDER = {"frozen": 0, "peft": 1, "peft+patch": 2, "fastlora-torch": 3, "fastlora-torch+inactive": 4,
-                  "fastlora-triton": 5}
+                  "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7}
 
 # The project's CPU targets for the torch path (tiny model), checked from model rows.
 TARGET_SAVED_P_VS_P0 = 1.0
@@ -39,6 +39,11 @@ TARGET_TIME_VS_PEFT = 0.85
 TARGET_PATCHED_SAVED_VS_FASTLORA = 1.0
 TARGET_INACTIVE_SAVED_VS_ONE = 1.0
 TARGET_INACTIVE_TIME_VS_ONE = 1.05
+# DoRA (model and layer rows): against PEFT's DoRA with dropout, against fastlora's own LoRA without.
+TARGET_DORA_TIME_VS_PEFT_DORA = 0.6
+TARGET_DORA_TIME_VS_LORA_P0 = 1.15
+TARGET_DORA_PEAK_VS_LORA_P0 = 1.05
+TARGET_DORA_SAVED_VS_PEFT_LORA = 1.0
 
 # When a timing is not trusted: other processes used more than this share of the CPUs while it was timed,
 # or its rounds' interquartile range is more than this share of its median.
@@ -73,11 +78,15 @@ def _sort_key(row):
     return PROVIDER_ORDER.get(row["provider"], 99)
 
 
-def _case_label(row) -> str:
+def _case_name(row) -> str:
     if row["mode"] == "layer":
         name = row["case"] if not row.get("preset") else f"{row['preset']} {row['case']}"
-        return f"{name} {row['M']}×{row['K']}→{row['N']} p={row['dropout']:g}"
-    return f"{row['case']} p={row['dropout']:g}"
+        return f"{name} {row['M']}×{row['K']}→{row['N']}"
+    return row["case"]
+
+
+def _case_label(row) -> str:
+    return f"{_case_name(row)} p={row['dropout']:g}"
 
 
 def _grouped(rows: Iterable[dict]) -> list[tuple[str, list[dict]]]:
@@ -184,7 +193,7 @@ def format_table(rows: list[dict]) -> str:
             out.append("")
     tl = targets(rows)
     if tl:
-        out.append("targets (fastlora torch path vs PEFT, model mode):")
+        out.append("targets (fastlora's torch path vs PEFT; model mode, and DoRA per layer too):")
         out.extend("  " + line for line in tl)
         out.append("")
     return "\n".join(out)
@@ -263,6 +272,27 @@ def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
                 timed = "time" in name
                 lines.append(_target_line(f"{head} {provider} {name}", v, tgt, doubt if timed else None))
             lines += _companion_targets(head, by, case, dtype, p, fl, doubts)
+    return lines + _dora_targets(rows, doubts)
+
+
+def _dora_targets(rows: list[dict], doubts: dict[int, str]) -> list[str]:
+    """fastlora's DoRA against PEFT's DoRA (step time, with dropout), against fastlora's LoRA (step time and
+    peak memory, without dropout) and against PEFT's LoRA (saved bytes), per model or layer case."""
+    by = {(r["mode"], _case_name(r), r["dtype"], r["dropout"], r["provider"]): r for r in rows}
+    lines = []
+    for mode, case, dtype, p, provider in sorted(k for k in by if k[4] == "fastlora-torch-dora"):
+        ours = by[(mode, case, dtype, p, provider)]
+        head = f"{case} {dtype} p={p:g}: {provider}"
+        against = [("peft-dora", "step time / peft-dora step time", "fwd_bwd_ms", TARGET_DORA_TIME_VS_PEFT_DORA)] if p else [
+            ("fastlora-torch", "step time / fastlora-torch step time", "fwd_bwd_ms", TARGET_DORA_TIME_VS_LORA_P0),
+            ("fastlora-torch", "peak / fastlora-torch peak", "peak_mem_bytes", TARGET_DORA_PEAK_VS_LORA_P0)]
+        against.append(("peft", "saved / PEFT (LoRA) saved", "saved_bytes", TARGET_DORA_SAVED_VS_PEFT_LORA))
+        for other_name, label, key, target in against:
+            other = by.get((mode, case, dtype, p, other_name))
+            if other is None or not other.get(key) or ours.get(key) is None:
+                continue
+            doubt = _doubt(doubts, ours, other) if key == "fwd_bwd_ms" else None
+            lines.append(_target_line(f"{head} {label}", ours[key] / other[key], target, doubt))
     return lines
 
 
@@ -346,7 +376,8 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
                 out += ["Timings not to be trusted (their ratios are not judged):", "", *notes, ""]
         tl = targets(rows)
         if tl:
-            out.append("Targets (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter):")
+            out.append("Targets (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter; "
+                       "DoRA):")
             out.append("")
             out.extend(f"- {line}" for line in tl)
             out.append("")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU results for bench/results/ (what is committed from the development machine: 2 threads):
 #
-#     bash bench/cpu_results.sh          # tiny model step + tiny layers (~4 min on 2 cores)
-#     LLAMA=1 bash bench/cpu_results.sh  # also the llama-3-8b layer shapes at 256 tokens (~5 min more)
+#     bash bench/cpu_results.sh          # tiny model step (LoRA; DoRA) + tiny layers (~9 min on 2 cores)
+#     LLAMA=1 bash bench/cpu_results.sh  # also the llama-3-8b layer shapes at 256 tokens (~8 min more)
 #
 # CPU timings move with whatever else runs on the machine: every row records the share of the CPUs other
 # processes used while it was timed (other_load); cases above MAX_OTHER are re-timed up to RETRIES times.
@@ -16,8 +16,12 @@ threads=${THREADS:-2}
 quiet=(--max-other-load ${MAX_OTHER:-0.05} --retries ${RETRIES:-4} --wait-idle ${WAIT_IDLE:-120})
 
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
-    --providers frozen,peft,peft+patch,fastlora-torch,fastlora-torch+inactive,peft-dora,fastlora-torch-dora \
+    --providers frozen,peft,peft+patch,fastlora-torch,fastlora-torch+inactive \
     --json "$stem-model.json" --csv "$stem-model.csv" --plot "$stem-model.png" --no-progress
+# DoRA beside both LoRAs, in a run of its own (PEFT's DoRA changes the allocator's state for the rest of a run)
+python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
+    --providers frozen,peft,fastlora-torch,peft-dora,fastlora-torch-dora \
+    --json "$stem-model-dora.json" --csv "$stem-model-dora.csv" --no-progress
 layer_providers=frozen,peft,peft+patch,fastlora-torch,peft-dora,fastlora-torch-dora
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
     --providers "$layer_providers" --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress

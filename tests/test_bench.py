@@ -156,6 +156,7 @@ def test_dora_target_lines():
                                  saved_bytes=100 if provider != "fastlora-torch-dora" else 90,
                                  peak_mem_bytes=200 if provider != "fastlora-torch-dora" else 220, **extra))
     lines = report.targets(rows)
+    assert not any("fastlora-torch step time / PEFT step time" in line for line in lines)  # judged without DoRA
     for head in ("tiny 2L 4x256 float32", "q_proj 8×4→4 float32"):
         assert f"{head} p=0.1: fastlora-torch-dora step time / peft-dora step time = 0.55 (target ≤ 0.6): met" in lines
         assert f"{head} p=0: fastlora-torch-dora step time / fastlora-torch step time = 1.11 (target ≤ 1.15): met" in lines

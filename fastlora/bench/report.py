@@ -233,14 +233,23 @@ def _machine_line(meta: dict) -> str:
     return ", ".join(parts)
 
 
+DORA_PROVIDERS = ("peft-dora", "fastlora-torch-dora")
+
+
 def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
     """Lines checking the project's targets from model rows (empty if the rows do not have them).  A timing
-    target whose rows are not reliable (see :func:`unreliable`) is "not judged", with the reason."""
+    target whose rows are not reliable (see :func:`unreliable`) is "not judged", with the reason.
+
+    The LoRA targets are judged on runs without DoRA providers, the DoRA targets on runs with them: a
+    provider that allocates as much as PEFT's DoRA changes the allocator's state for every other provider
+    of the run (on CPU, glibc raises its mmap and trim thresholds after large frees), so LoRA figures
+    from such a run are not those of LoRA alone."""
     lines = []
     doubts = unreliable(rows)
     by = {}
+    with_dora = any(r["provider"] in DORA_PROVIDERS for r in rows)
     for r in rows:
-        if r["mode"] == "model":
+        if r["mode"] == "model" and not with_dora:
             by[(r["case"], r["dtype"], r["dropout"], r["provider"])] = r
     cases = sorted({(k[0], k[1]) for k in by})
     for case, dtype in cases:

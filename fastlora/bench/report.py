@@ -352,13 +352,18 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
     )
     out.append("")
     # End-to-end (model) results first: they carry the headline numbers and the targets.
-    results = sorted(results, key=lambda d: 0 if all(r["mode"] == "model" for r in d["rows"]) else 1)
+    def has_dora(doc):
+        return any(r["provider"] in DORA_PROVIDERS for r in doc["rows"])
+
+    results = sorted(results, key=lambda d: (0 if all(r["mode"] == "model" for r in d["rows"]) else 1, has_dora(d)))
     for doc in results:
         rows = doc["rows"]
         meta = doc.get("meta") or (rows[0] if rows else {})
         src = doc.get("_path")
         mode = "model" if all(r["mode"] == "model" for r in rows) else "layer"
         title = "One training step, Llama-architecture model" if mode == "model" else "Single layers"
+        if mode == "model" and has_dora(doc):
+            title += ", DoRA beside LoRA"
         out.append(f"### {title} — {_machine_line(meta)}")
         out.append("")
         if src:

@@ -42,11 +42,12 @@ from fastlora.kernels.common import block_r, small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import cols_blocks, config_dicts, r_chunk, rows_blocks, skinny_block_r  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
 from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel}
+KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel, "mask": zero_dropped_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
 M, K, N = 8192, 4096, 4096
@@ -315,6 +316,18 @@ def skinny_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def mask_jobs(arch: int) -> list[Job]:
+    """The elementwise masking kernel (DoRA's dropout on whole tensors): each dtype, 32- and 64-bit offsets."""
+    jobs = []
+    for dt in ("fp32", "bf16", "fp16"):
+        for int64 in (False, True):
+            args = dict(t_ptr=Ptr(dt), seed_ptr=Ptr("i64"), rows_total=3 * M, M=M, K=K,
+                        keep_threshold=keep_threshold(0.1), INT64=int64, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+            jobs.append(Job("mask", f"zero_dropped {BLOCK_ROWS}x{BLOCK_COLS} w4", f"{dt}" + (" int64" if int64 else ""),
+                            arch, args, 4, 3))  # the launcher's defaults
+    return jobs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
@@ -325,7 +338,7 @@ def main() -> int:
 
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
-        jobs += gemm_jobs(arch) + skinny_jobs(arch)
+        jobs += gemm_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch)
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

@@ -3,7 +3,7 @@
 # peft and transformers installed; runs on newer versions too).  Run from anywhere:
 #
 #     bash bench/gpu_check.sh              # under 8 min on an H100/H200; every step has its own time limit
-#     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step
+#     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step (SKIP_DORA=1: without step 5)
 #
 # Steps (all run; the exit status is non-zero when one failed):
 #   1. compiled-kernel tests: pytest tests/test_kernels_gpu.py (all dtypes, Llama shapes, a case past 2^31
@@ -14,8 +14,9 @@
 #      cuBLAS, the schedule (dB, low-rank term) and precision (3×tf32, tf32) variants side by side, the rank-r
 #      kernels' error against float64 beside PEFT's, and which variant wins (JSON: "decision");
 #   4. one training step of a 2-layer llama-3-8b-width model;
-#   5. the README section regenerated from every results file;
-#   6. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
+#   5. DoRA layers (fastlora's, PEFT's, and fastlora's LoRA beside them), 4096 tokens, dropout 0.1 and 0;
+#   6. the README section regenerated from every results file;
+#   7. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
 # Results: $OUT when set, else bench/results/, named <UTC date>-<hardware slug>-<step>.<ext> (commit them).
 set -uo pipefail
 
@@ -82,7 +83,7 @@ step layers 100 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --toke
     --json "$stem-layers.json" --csv "$stem-layers.csv" $(plot "$stem-layers.png")
 
 # 3. the design decisions (it stops measuring at its own budget and lists what it skipped)
-step kernel-variants 100 "$PY" bench/kernel_variants.py --tokens 8192 --rank 16 --dropout 0.1,0 --budget 85 \
+step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192 --rank 16 --dropout 0.1,0 --budget 75 \
     --json "$stem-kernel-variants.json"
 
 # 4. one training step of a 2-layer llama-3-8b-width model (bf16)
@@ -91,7 +92,15 @@ if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
         --json "$stem-model.json" --csv "$stem-model.csv" $(plot "$stem-model.png")
 fi
 
-# 5. the README section from every layer / model results file (the kernel variants have their own format)
+# 5. DoRA layers beside PEFT's DoRA and fastlora's LoRA (bf16, 4096 tokens, p = 0.1 and 0)
+if [[ "${SKIP_DORA:-0}" != "1" ]]; then
+    step dora-layers 25 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 4096 --rank 16 --alpha 32 \
+        --dtype bf16 --dropout 0.1,0 --warmup 2 --repeats 8 --no-progress \
+        --providers frozen,fastlora-triton,peft-dora,fastlora-triton-dora \
+        --json "$stem-dora-layers.json" --csv "$stem-dora-layers.csv"
+fi
+
+# 6. the README section from every layer / model results file (the kernel variants have their own format)
 bench_jsons=()
 for f in "$RESULTS"/*.json; do
     [[ -e "$f" && "$f" != *kernel-variants* ]] && bench_jsons+=("$f")
@@ -101,8 +110,8 @@ if ((${#bench_jsons[@]})); then
         echo "README section: failed" | tee -a "$SUMMARY"
 fi
 
-# 6. ahead-of-time compile report with this machine's triton
-step compile-check 55 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
+# 7. ahead-of-time compile report with this machine's triton
+step compile-check 40 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
 
 echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"
 exit "$status"

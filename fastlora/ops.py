@@ -16,8 +16,9 @@ mask is regenerated from (plus references to the parameters).  Never the mask, n
 On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_``, zeroing the dropped elements of
 a fresh tensor in place (by index for rare drops, so no mask tensor is built at all).
 
-``fastlora::dora_linear`` (and its backward) is DoRA (:func:`fastlora.reference.dora_forward`), on the
-PyTorch path on every device.  It keeps ``x``, ``S``, the seed, the row norms n (N floats) and, when the
+``fastlora::dora_linear`` (and its backward) is DoRA (:func:`fastlora.reference.dora_forward`): its
+products run through torch on every backend; with ``use_kernels`` the dropout mask is the kernels' Philox
+mask, applied on the device by :func:`fastlora.kernels.zero_dropped_`, else the CPU generator's.  It keeps ``x``, ``S``, the seed, the row norms n (N floats) and, when the
 magnitude is trained, what dm needs: the output ``y`` itself when that is enough (no dropout, no bias,
 no zero in m; the next op may keep ``y`` anyway, an activation's input does), else z (M × N).
 """
@@ -39,11 +40,15 @@ def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
     reference.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
-def _keep(seed: Optional[Tensor], dropout_p: float) -> reference.Keep:
+def _keep(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False) -> reference.Keep:
     if seed is None or dropout_p == 0.0:
         return None
 
     def keep(t: Tensor) -> Tensor:
+        if use_kernels:
+            from fastlora import kernels
+
+            return kernels.zero_dropped_(t, seed, dropout_p)
         cpu_zero_dropped_(t, seed, dropout_p)
         return t
 
@@ -194,23 +199,25 @@ def dora_linear_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
+    use_kernels: bool,
     keep_z: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then recovers it from y)."""
-    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z)
+    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then uses y)."""
+    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
 
 
 @dora_linear_op.register_fake
-def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z):
+def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
     acc = reference.accumulation_dtype(weight, lora_A)
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
             x.new_empty((M, N) if keep_z else (0,), dtype=acc), x.new_empty((N,), dtype=acc))
 
 
-def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z):
+def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
     y, S, z, norm = reference.dora_forward(
-        x, weight, bias, lora_A, lora_B, magnitude, scaling, _keep(seed, dropout_p), dropout_p, need_z=keep_z
+        x, weight, bias, lora_A, lora_B, magnitude, scaling, _keep(seed, dropout_p, use_kernels), dropout_p,
+        need_z=keep_z,
     )
     return y, S, (z if keep_z else norm.new_empty(0)), norm
 
@@ -230,6 +237,7 @@ def dora_linear_backward_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
+    use_kernels: bool,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
@@ -237,33 +245,33 @@ def dora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dm), empty where not needed; ``z_or_y`` is z, or the output y when ``z_is_output``."""
     return _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
-                                scaling, dropout_p, need_dx, need_dA, need_dB, need_dm)
+                                scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm)
 
 
 @dora_linear_backward_op.register_fake
 def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
-                               scaling, dropout_p, need_dx, need_dA, need_dB, need_dm):
+                               scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
     like = ((x, need_dx), (lora_A, need_dA), (lora_B, need_dB), (magnitude, need_dm))
     return tuple(t.new_empty(t.shape if need else (0,)) for t, need in like)
 
 
 def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
-                         dropout_p, need_dx, need_dA, need_dB, need_dm):
+                         dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
     grads = reference.dora_backward(
-        dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, _keep(seed, dropout_p), dropout_p,
-        need_dx, need_dA, need_dB, need_dm, y=y,
+        dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, _keep(seed, dropout_p, use_kernels),
+        dropout_p, need_dx, need_dA, need_dB, need_dm, y=y,
     )
     like = (x, lora_A, lora_B, magnitude)
     return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z = inputs
     y, S, z, norm = output
     z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
-    ctx.scaling, ctx.dropout_p, ctx.z_is_output = scaling, dropout_p, not keep_z
+    ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.use_kernels = scaling, dropout_p, not keep_z, use_kernels
     ctx.backward_grads = dora_linear_backward_op
 
 
@@ -273,20 +281,21 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
     dx = dW = db = dA = dB = dm = None
     if need_dx or need_dA or need_dB or need_dm:
         grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
-                                   ctx.scaling, ctx.dropout_p, need_dx, need_dA, need_dB, need_dm)
+                                   ctx.scaling, ctx.dropout_p, ctx.use_kernels, need_dx, need_dA, need_dB, need_dm)
         dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
     if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
         g = reference.dora_scale(magnitude, norm)
         if ctx.dropout_p == 0.0 or seed is None:
             dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
         else:
-            h = _keep(seed, ctx.dropout_p)(x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
+            h = _keep(seed, ctx.dropout_p, ctx.use_kernels)(
+                x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
             dW = torch.addmm(torch.mm(dy.t().to(g.dtype), x.to(g.dtype)), (dy.to(g.dtype) * (g - 1.0)).t(), h,
                              alpha=1.0 / (1.0 - ctx.dropout_p))
         dW = dW.to(weight.dtype)
     if need_db:
         db = dy.sum(0).to(weight.dtype)
-    return dx, dW, db, dA, dB, dm, None, None, None, None
+    return dx, dW, db, dA, dB, dm, None, None, None, None, None
 
 
 dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup_context)
@@ -316,11 +325,13 @@ def dora_linear(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
+    use_kernels: bool = False,
 ) -> Tensor:
     """y of ``fastlora::dora_linear`` with autograd.  In eager mode, with no dropout, no bias and no zero in
-    the magnitude, backward recovers z from the output instead of keeping its own M × N copy."""
+    the magnitude, backward computes dm from the output instead of keeping z, its own M × N tensor."""
     if torch.compiler.is_compiling():
-        return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, True)[0]
+        return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels,
+                              True)[0]
     keep_z = not (seed is None and bias is None and magnitude.requires_grad and bool(magnitude.ne(0).all()))
-    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, keep_z)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
     return _EagerDoRALinear.apply(*args)[0]

@@ -4,6 +4,7 @@
 they allocate outputs with torch, launch through ``torch.library.wrap_triton`` and never synchronise.
 
     dropout.py   the Philox keep mask every kernel regenerates from (seed, row, col)
+    masking.py   that mask applied on its own, in place, to a whole tensor (for DoRA's torch products)
     gemm.py      the fused GEMM: base matmul + (masked) low-rank term in one accumulator, one store
     skinny.py    the rank-r kernels: S from x; dS and dB from dy; dA from x and dS
     configs.py   autotune lists (Hopper / Ampere), skinny block choices, M bucket, config pinning
@@ -14,5 +15,6 @@ they allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
 
 from .backward import lora_backward
 from .forward import lora_forward
+from .masking import zero_dropped_
 
-__all__ = ["lora_forward", "lora_backward"]
+__all__ = ["lora_forward", "lora_backward", "zero_dropped_"]

@@ -279,3 +279,59 @@ def check_empty(device: str) -> None:
     dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, 0.5, 0.1, True, True, True)
     assert dx.shape == (0, 33) and dA.shape == (8, 33) and dB.shape == (17, 8)
     assert dA.abs().sum().item() == 0 and dB.abs().sum().item() == 0
+
+
+# ---- DoRA's kernel path: its products through torch, the mask applied by kernels.zero_dropped_ ----------
+
+
+def check_zero_dropped(device: str, dtype: torch.dtype, M: int = 37, K: int = 97, p: float = 0.3,
+                       seed: int = 2**40 + 77) -> None:
+    """Every (M, K) slice of a stack multiplied by the kernels' mask for (seed, row, col), NaN kept as NaN."""
+    from fastlora.kernels import zero_dropped_
+
+    t = torch.randn(3, M, K, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    keep = philox.keep_mask(seed, M, K, p, device=device)
+    dropped, kept = (~keep).nonzero()[0], keep.nonzero()[0]
+    t[1, dropped[0], dropped[1]] = t[2, kept[0], kept[1]] = float("nan")  # x ⊙ m: both stay NaN
+    got = zero_dropped_(t.clone(), torch.tensor([seed], device=device), p)
+    want = t * keep.to(dtype)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def _dora_float64(x, W, b, A, B, m, scaling, keep, p):
+    """PEFT's DoRA forward in float64 (the norm a constant), keep a 0/1 mask or None."""
+    norm = torch.linalg.vector_norm(W + scaling * B @ A, dim=1).detach()
+    g = m / norm
+    h = x if keep is None else x * keep / (1 - p)
+    base = x @ W.t() + (b if b is not None else 0)
+    return base + (g - 1) * (h @ W.t()) + g * ((h @ A.t()) @ B.t()) * scaling
+
+
+def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype,
+               bias: bool, p: float, seed: int = 99) -> None:
+    """fastlora::dora_linear with ``use_kernels`` against float64 with the kernels' mask: y and dx to the base
+    dtype's tolerance, dA and dB to the adapters', dm to the base dtype's (it sums dy ⊙ x Wᵀ, a product in
+    the base dtype)."""
+    from fastlora import ops
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
+    m = (torch.linalg.vector_norm(W.double() + 0.5 * B.double() @ A.double(), dim=1)
+         * (1 + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))).to(adapter_dtype)
+    dy = torch.randn(M, N, generator=g).to(dtype)
+    leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
+    seed_t = torch.tensor([seed], device=device) if p else None
+    y = ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p, True)
+    grads = torch.autograd.grad(y, leaves, dy.to(device))
+    keep = philox.keep_mask(seed, M, K, p).double() if p else None
+    ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]
+    y_ref = _dora_float64(ref_leaves[0], W.double(), b.double() if bias else None, *ref_leaves[1:], 0.5, keep, p)
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    for name, got, want, tol_dtype in zip(("y", "dx", "dA", "dB", "dm"), (y, *grads), (y_ref, *ref_grads),
+                                          (dtype, dtype, adapter_dtype, adapter_dtype, dtype)):
+        assert got.dtype == (dtype if name in ("y", "dx") else adapter_dtype), name
+        assert_close(name, got.cpu(), want, tolerance(tol_dtype), got.dtype)

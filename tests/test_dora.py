@@ -327,9 +327,24 @@ def test_compiled_dora_op_regenerates_the_eager_mask(bias):
             torch.testing.assert_close(compiled, eager, **tol(F32))
 
 
+@pytest.mark.skipif(not fastlora.functional.triton_interpreter_on(), reason="the kernels' mask on CPU tensors")
+def test_triton_backend_applies_the_kernels_mask():
+    """A DoRA layer on the triton backend draws its seed as the torch backend does and applies the kernels'
+    Philox mask to it (the torch backend: the CPU generator's)."""
+    layer = LoRALinear(40, 24, r=4, lora_dropout=0.3, use_dora=True, init_lora_weights=False, backend="triton")
+    x = torch.randn(6, 40)
+    args = (x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.lora_magnitude_vector_default)
+    torch.manual_seed(4)
+    y = layer(x)
+    torch.manual_seed(4)
+    seed = torch.randint(0, SEED_HIGH, (1,))
+    torch.testing.assert_close(y, ops.dora_linear(*args, seed, layer.scaling, 0.3, True), **tol(F32))
+    assert not torch.allclose(y, ops.dora_linear(*args, seed, layer.scaling, 0.3, False))
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck(p):
     x, W, b, A, B, m = _operands(F32, F32, bias=True)
     seed = torch.tensor([42]) if p else None
     torch.library.opcheck(ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
-                                               m.requires_grad_(), seed, 0.5, p, True))
+                                               m.requires_grad_(), seed, 0.5, p, False, True))

@@ -99,6 +99,26 @@ def test_real_gemm_configs(config):
         kc.check_case(kc.Case(70, 97, 130, 24, torch.float16, p=0.1), "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_zero_dropped_kernel(dtype):
+    kc.check_zero_dropped("cpu", dtype)
+
+
+def test_zero_dropped_kernel_int64_offsets(monkeypatch):
+    from fastlora.kernels import common
+
+    monkeypatch.setattr(common, "_INT32_LIMIT", 64)
+    kc.check_zero_dropped("cpu", torch.float32, M=9, K=40, p=0.6)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float16)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_kernel_path(dtype, adapter_dtype, p):
+    kc.check_dora("cpu", 37, 97, 33, 8, dtype, adapter_dtype, bias=True, p=p)
+    kc.check_dora("cpu", 16, 40, 24, 4, dtype, adapter_dtype, bias=False, p=p)
+
+
 def test_row_chunked_oracle():
     """The GPU suite's chunked reference (for tensors past 2^31 elements), here on a small shape."""
     kc.check_large(kc.Case(100, 33, 20, 8, torch.float16, torch.float32, p=0.2), "cpu", row_chunk=32)

@@ -139,6 +139,17 @@ def test_empty_batch():
     kc.check_empty(DEVICE)
 
 
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+def test_zero_dropped_kernel(dtype):
+    kc.check_zero_dropped(DEVICE, dtype, M=1000, K=4096, p=0.1)
+
+
+@pytest.mark.parametrize("dtype, adapter_dtype", [(f32, f32), (bf16, f32), (bf16, bf16)], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_kernel_path(dtype, adapter_dtype, p):
+    kc.check_dora(DEVICE, 512, 1024, 768, 16, dtype, adapter_dtype, bias=True, p=p)
+
+
 def test_cuda_graph_replay():
     """No host synchronisation: the launchers capture into a CUDA graph (after autotuning) and replay it; a new
     seed written into the seed tensor changes the mask without re-capture."""

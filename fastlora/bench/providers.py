@@ -16,7 +16,9 @@ config for ``--model``.  Side by side in one run:
 * ``fastlora-triton`` – fastlora's ``LoRALinear`` with the Triton backend (CUDA only, unless asked for by
                         name under ``TRITON_INTERPRET=1``, where the timings mean nothing).
 * ``peft-dora``       – PEFT's layer with ``use_dora=True``.
-* ``fastlora-torch-dora`` – fastlora's ``LoRALinear`` with ``use_dora=True`` (DoRA runs on the PyTorch path).
+* ``fastlora-torch-dora`` / ``fastlora-triton-dora`` – fastlora's ``LoRALinear`` with ``use_dora=True`` on either
+                        backend (DoRA's products run through torch on both; the triton backend applies its
+                        dropout mask with a kernel on the device, the torch backend draws it on the CPU).
 """
 
 from __future__ import annotations
@@ -246,9 +248,13 @@ PROVIDERS: dict[str, Provider] = {
         "fastlora-torch-dora", _fastlora_unavailable_for("torch"), _fastlora_layer_for("torch", use_dora=True),
         _fastlora_model_for("torch", use_dora=True),
     ),
+    "fastlora-triton-dora": Provider(
+        "fastlora-triton-dora", _fastlora_unavailable_for("triton"), _fastlora_layer_for("triton", use_dora=True),
+        _fastlora_model_for("triton", use_dora=True),
+    ),
 }
 DEFAULT_ORDER = ["frozen", "peft", "peft+patch", "fastlora-torch", "fastlora-triton"]
-DORA_PROVIDERS = ["peft-dora", "fastlora-torch-dora"]
+DORA_PROVIDERS = ["peft-dora", "fastlora-torch-dora", "fastlora-triton-dora"]
 ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive", *DORA_PROVIDERS]
 
 

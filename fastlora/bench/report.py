@@ -29,7 +29,7 @@ __all__ = [
 SCHEMA = "fastlora-bench/1"
 MIB = 2**20
 PROVIDER_ORDER = {"frozen": 0, "peft": 1, "peft+patch": 2, "fastlora-torch": 3, "fastlora-torch+inactive": 4,
-                  "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7}
+                  "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7, "fastlora-triton-dora": 8}
 
 # The project's CPU targets for the torch path (tiny model), checked from model rows.
 TARGET_SAVED_P_VS_P0 = 1.0
@@ -233,7 +233,8 @@ def _machine_line(meta: dict) -> str:
     return ", ".join(parts)
 
 
-DORA_PROVIDERS = ("peft-dora", "fastlora-torch-dora")
+DORA_PROVIDERS = ("peft-dora", "fastlora-torch-dora", "fastlora-triton-dora")
+_FASTLORA_DORA_VS_LORA = {"fastlora-torch-dora": "fastlora-torch", "fastlora-triton-dora": "fastlora-triton"}
 
 
 def targets(rows: list[dict], provider: str = "fastlora-torch") -> list[str]:
@@ -289,12 +290,13 @@ def _dora_targets(rows: list[dict], doubts: dict[int, str]) -> list[str]:
     peak memory, without dropout) and against PEFT's LoRA (saved bytes), per model or layer case."""
     by = {(r["mode"], _case_name(r), r["dtype"], r["dropout"], r["provider"]): r for r in rows}
     lines = []
-    for mode, case, dtype, p, provider in sorted(k for k in by if k[4] == "fastlora-torch-dora"):
+    for mode, case, dtype, p, provider in sorted(k for k in by if k[4] in _FASTLORA_DORA_VS_LORA):
         ours = by[(mode, case, dtype, p, provider)]
         head = f"{case} {dtype} p={p:g}: {provider}"
+        lora = _FASTLORA_DORA_VS_LORA[provider]
         against = [("peft-dora", "step time / peft-dora step time", "fwd_bwd_ms", TARGET_DORA_TIME_VS_PEFT_DORA)] if p else [
-            ("fastlora-torch", "step time / fastlora-torch step time", "fwd_bwd_ms", TARGET_DORA_TIME_VS_LORA_P0),
-            ("fastlora-torch", "peak / fastlora-torch peak", "peak_mem_bytes", TARGET_DORA_PEAK_VS_LORA_P0)]
+            (lora, f"step time / {lora} step time", "fwd_bwd_ms", TARGET_DORA_TIME_VS_LORA_P0),
+            (lora, f"peak / {lora} peak", "peak_mem_bytes", TARGET_DORA_PEAK_VS_LORA_P0)]
         against.append(("peft", "saved / PEFT (LoRA) saved", "saved_bytes", TARGET_DORA_SAVED_VS_PEFT_LORA))
         for other_name, label, key, target in against:
             other = by.get((mode, case, dtype, p, other_name))

@@ -61,6 +61,22 @@ def _mm_rank_columns(a: Tensor, b: Tensor) -> Tensor:
     return torch.mm(a, b)
 
 
+def _masked_dA_and_dx_part(x: Tensor, dS_kept: Tensor, lora_A: Tensor, keep: Keep, need_dA: bool, need_dx: bool,
+                           dx_extra: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """(dA = dS_keptᵀ (x ⊙ m), (dx_extra + dS_kept A) ⊙ m), each None when not needed.  x ⊙ m and the dx part
+    sit side by side in one buffer, so the mask is applied (on CPU: regenerated) once for both."""
+    parts = torch.empty((int(need_dA) + int(need_dx), *x.shape), dtype=lora_A.dtype, device=x.device)
+    if need_dA:
+        parts[0].copy_(x)
+    if need_dx:
+        if dx_extra is None:
+            torch.mm(dS_kept, lora_A, out=parts[-1])
+        else:
+            parts[-1].copy_(dx_extra).addmm_(dS_kept, lora_A)
+    _drop_(parts, keep)
+    return (torch.mm(dS_kept.t(), parts[0]) if need_dA else None), (parts[-1] if need_dx else None)
+
+
 def lora_forward(
     x: Tensor,
     weight: Tensor,
@@ -115,18 +131,9 @@ def lora_backward(
             if need_dx:
                 dx = _to(torch.mm(dy, weight), adapter_dtype).addmm_(dS_kept, lora_A)
         else:
-            # x ⊙ m and (dS A) ⊙ m side by side in one buffer, so the mask is applied (on CPU: regenerated)
-            # once for both.
-            parts = torch.empty((int(need_dA) + int(need_dx), *x.shape), dtype=adapter_dtype, device=x.device)
-            if need_dA:
-                parts[0].copy_(x)
+            dA, dx_part = _masked_dA_and_dx_part(x, dS_kept, lora_A, keep, need_dA, need_dx)
             if need_dx:
-                torch.mm(dS_kept, lora_A, out=parts[-1])
-            _drop_(parts, keep)
-            if need_dA:
-                dA = torch.mm(dS_kept.t(), parts[0])
-            if need_dx:
-                dx = _to(torch.mm(dy, weight), adapter_dtype).add_(parts[-1])
+                dx = _to(torch.mm(dy, weight), adapter_dtype).add_(dx_part)
         if need_dx:
             dx = dx.to(dy.dtype)
     return dx, dA, dB
@@ -267,18 +274,13 @@ def dora_backward(
         if need_dx:
             dx = _to(torch.mm(_to(dz, dy.dtype), weight), adapter_dtype).addmm_(dS_kept, lora_A)
     else:
-        # x ⊙ mask and ((g − 1) dy W / (1-p) + dS A) ⊙ mask in one buffer: the mask is applied once to both.
-        parts = torch.empty((int(need_dA) + int(need_dx), *x.shape), dtype=adapter_dtype, device=x.device)
-        if need_dA:
-            parts[0].copy_(x)
+        # ((g − 1) dy W / (1-p) + dS A) ⊙ mask, the product on the dropped input's side (dz − dy = (g − 1) dy)
+        dx_extra = None
         if need_dx:
-            dropped_dy = (dy_acc * (g - 1.0)).to(dy.dtype)  # dz − dy
-            parts[-1].copy_(torch.mm(dropped_dy, weight)).mul_(inv_keep).addmm_(dS_kept, lora_A)
-        _drop_(parts, keep)
-        if need_dA:
-            dA = torch.mm(dS_kept.t(), parts[0])
+            dx_extra = _to(torch.mm((dy_acc * (g - 1.0)).to(dy.dtype), weight), adapter_dtype).mul_(inv_keep)
+        dA, dx_part = _masked_dA_and_dx_part(x, dS_kept, lora_A, keep, need_dA, need_dx, dx_extra)
         if need_dx:
-            dx = _to(torch.mm(dy, weight), adapter_dtype).add_(parts[-1])
+            dx = _to(torch.mm(dy, weight), adapter_dtype).add_(dx_part)
     if need_dx:
         dx = dx.to(dy.dtype)
     return dx, dA, dB, dm

@@ -298,8 +298,9 @@ def check_zero_dropped(device: str, dtype: torch.dtype, M: int = 37, K: int = 97
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
-def _dora_float64(x, W, b, A, B, m, scaling, keep, p):
-    """PEFT's DoRA forward in float64 (the norm a constant), keep a 0/1 mask or None."""
+def dora_float64(x, W, b, A, B, m, scaling, keep, p):
+    """PEFT's DoRA forward (``DoraLinearLayer.forward`` on top of the base output) in float64: the norm a
+    constant for autograd, ``keep`` a 0/1 mask or None."""
     norm = torch.linalg.vector_norm(W + scaling * B @ A, dim=1).detach()
     g = m / norm
     h = x if keep is None else x * keep / (1 - p)
@@ -329,7 +330,7 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     grads = torch.autograd.grad(y, leaves, dy.to(device))
     keep = philox.keep_mask(seed, M, K, p).double() if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]
-    y_ref = _dora_float64(ref_leaves[0], W.double(), b.double() if bias else None, *ref_leaves[1:], 0.5, keep, p)
+    y_ref = dora_float64(ref_leaves[0], W.double(), b.double() if bias else None, *ref_leaves[1:], 0.5, keep, p)
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     for name, got, want, tol_dtype in zip(("y", "dx", "dA", "dB", "dm"), (y, *grads), (y_ref, *ref_grads),
                                           (dtype, dtype, adapter_dtype, adapter_dtype, dtype)):

@@ -13,19 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastlora
 from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model, ops, reference
 from fastlora.functional import SEED_HIGH
+from tests.kernel_checks import dora_float64 as peft_dora_float64
 from tests.models import SEED_TARGETS, tiny_llama, tokens
 from tests.tolerances import tol
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def peft_dora_float64(x, W, b, A, B, m, scaling, keep, p):
-    """PEFT's DoRA forward (``DoraLinearLayer.forward`` on top of the base output) in float64."""
-    norm = torch.linalg.vector_norm(W + scaling * B @ A, dim=1).detach()
-    g = m / norm
-    h = x if keep is None else x * keep / (1 - p)
-    base = x @ W.t() + (b if b is not None else 0)
-    return base + (g - 1) * (h @ W.t()) + g * ((h @ A.t()) @ B.t()) * scaling
 
 
 def _operands(base_dtype, adapter_dtype, bias, M=9, K=24, N=16, r=4, seed=0):

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from fastlora import ops
+from fastlora import dora_ops, ops
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -135,9 +135,8 @@ def lora_linear(
 
     With ``magnitude`` (m, of shape (out,)), DoRA as PEFT computes it: g = m / ‖W + scaling · B A‖ per
     output row (a constant for autograd), y = g ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b without dropout, and
-    with dropout y = x Wᵀ + b + (g − 1) ⊙ (h Wᵀ) + g ⊙ scaling · (h Aᵀ) Bᵀ, h = dropout(x).  DoRA's
-    products run through torch on every backend; the triton backend applies its dropout mask with a kernel
-    on the device.
+    with dropout y = x Wᵀ + b + (g − 1) ⊙ (h Wᵀ) + g ⊙ scaling · (h Aᵀ) Bᵀ, h = dropout(x) (see
+    :mod:`fastlora.dora_ops` for which parts run on the kernels).
 
     ``x`` is (..., in_features); ``weight`` (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r).  The
     adapters may be kept in a wider dtype than the base (fp32 beside bf16, as PEFT does): the LoRA
@@ -167,7 +166,7 @@ def lora_linear(
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         if magnitude is not None:
-            y = ops.dora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, seed,
+            y = dora_ops.dora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, seed,
                                 float(scaling), p, use_kernels)
             return y.view(*x.shape[:-1], weight.shape[0])
         y = ops.lora_linear(

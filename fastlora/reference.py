@@ -27,8 +27,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lora_forward", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale", "dora_forward",
-           "dora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
+__all__ = ["lora_forward", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale",
+           "dora_magnitude_grad", "dora_forward", "dora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
 
 Keep = Union[Tensor, Callable[[Tensor], Tensor], None]
 
@@ -198,6 +198,16 @@ def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude.detach().to(norm.dtype) / norm
 
 
+def dora_magnitude_grad(dy: Tensor, magnitude: Tensor, norm: Tensor, z: Tensor | None = None,
+                        y: Tensor | None = None) -> Tensor:
+    """dm = Σ_rows dy ⊙ z / n, or from the output y (no dropout, bias or zero in m): Σ_rows dy ⊙ y / m, as
+    y = g ⊙ z and g·n = m.  Accumulated in n's dtype, returned in m's."""
+    acc = norm.dtype
+    if y is None:
+        return _to(dy, acc).mul(z).sum(0).div_(norm).to(magnitude.dtype)
+    return _to(dy, acc).mul(_to(y, acc)).sum(0).div_(_to(magnitude.detach(), acc)).to(magnitude.dtype)
+
+
 def dora_forward(
     x: Tensor,
     weight: Tensor,
@@ -252,15 +262,13 @@ def dora_backward(
     need_dm: bool = True,
     y: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Return ``(dx, dA, dB, dm)`` (each ``None`` when not needed).  dm needs ``z``, or, without dropout,
-    bias and zeros in m, the output ``y`` instead: dm = Σ_rows dy ⊙ y / m (as y = g ⊙ z and g·n = m)."""
+    """Return ``(dx, dA, dB, dm)`` (each ``None`` when not needed).  dm needs ``z`` or, without dropout,
+    bias and zeros in m, the output ``y`` (see :func:`dora_magnitude_grad`)."""
     adapter_dtype, acc = lora_A.dtype, norm.dtype
     g = dora_scale(magnitude, norm)
     dy_acc = _to(dy, acc)
-    dm = dx = dA = dB = None
-    if need_dm:
-        dm = (dy_acc.mul(z).sum(0).div_(norm) if y is None
-              else dy_acc.mul(_to(y, acc)).sum(0).div_(_to(magnitude.detach(), acc))).to(magnitude.dtype)
+    dx = dA = dB = None
+    dm = dora_magnitude_grad(dy_acc, magnitude, norm, z, y) if need_dm else None
     dz = (dy_acc * g).to(adapter_dtype)
     if need_dB:
         dB = _mm_rank_columns(dz.t(), S).mul_(scaling).contiguous()

@@ -147,12 +147,14 @@ def lora_backward(
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
+    dy_low_rank: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B.
 
     dB = s·dyᵀ S;  dS = s·dy B / (1-p);  dA = dSᵀ (x ⊙ m);  dx = dy W + (dS A) ⊙ m — with the forward's mask,
     regenerated from ``seed`` (None allowed when dropout_p == 0).  dy (M, N) may have any strides, including 0
-    (an expanded gradient); it is cast to x's dtype if it differs.
+    (an expanded gradient); it is cast to x's dtype if it differs.  ``dy_low_rank``: the same gradient in a
+    wider dtype for dS and dB (DoRA's g ⊙ dy in fp32 beside a 16-bit base), instead of dy.
     """
     check_dtypes(x, weight, lora_A, lora_B)
     if dy.dtype != x.dtype:  # e.g. a gradient arriving in another precision: the dx GEMM needs one dtype
@@ -170,7 +172,8 @@ def lora_backward(
     seed = seed_arg(seed, dropout_p > 0.0, S)
     dS, dB = None, None
     if need_dx or need_dA or need_dB:
-        dS, dB = launch_dS_dB(dy, lora_B, S, scaling, dropout_p, need_dx or need_dA, need_dB)
+        dS, dB = launch_dS_dB(dy if dy_low_rank is None else dy_low_rank, lora_B, S, scaling, dropout_p,
+                              need_dx or need_dA, need_dB)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
     dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p) if need_dx else None
     return dx, dA, dB

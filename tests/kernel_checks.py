@@ -313,7 +313,7 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     """fastlora::dora_linear with ``use_kernels`` against float64 with the kernels' mask: y and dx to the base
     dtype's tolerance, dA and dB to the adapters', dm to the base dtype's (it sums dy ⊙ x Wᵀ, a product in
     the base dtype)."""
-    from fastlora import ops
+    from fastlora import dora_ops
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(M, K, generator=g).to(dtype)
@@ -326,7 +326,7 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     dy = torch.randn(M, N, generator=g).to(dtype)
     leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
     seed_t = torch.tensor([seed], device=device) if p else None
-    y = ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p, True)
+    y = dora_ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p, True)
     grads = torch.autograd.grad(y, leaves, dy.to(device))
     keep = philox.keep_mask(seed, M, K, p).double() if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]

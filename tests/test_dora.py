@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
-from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model, ops, reference
+from fastlora import LoraConfig, LoraModel, LoRALinear, dora_ops, get_peft_model, reference
 from fastlora.functional import SEED_HIGH
 from tests.kernel_checks import dora_float64 as peft_dora_float64
 from tests.models import SEED_TARGETS, tiny_llama, tokens
@@ -44,7 +44,7 @@ def test_op_against_float64(base_dtype, adapter_dtype, p, bias):
     x, W, b, A, B, m = _operands(base_dtype, adapter_dtype, bias)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
     seed = torch.tensor([1234]) if p else None
-    y = ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p)
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, leaves, dy)
 
@@ -67,7 +67,7 @@ def test_magnitude_with_a_zero_keeps_z():
     x, W, b, A, B, m = _operands(F32, F32, bias=False)
     m[3] = 0.0
     leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
-    y = ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, 0.5, 0.0)
+    y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, 0.5, 0.0)
     ref_leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
     y_ref = peft_dora_float64(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
     for got, want in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_ref.sum(), ref_leaves)):
@@ -79,7 +79,7 @@ def test_float64_gradcheck():
     point, so A and B are checked against PEFT's formula above instead)."""
     x, W, b, A, B, m = (t.double() if t is not None else None for t in _operands(F32, F32, bias=True, M=5, K=6, N=4, r=2))
     for p, seed in ((0.0, None), (0.4, torch.tensor([7]))):
-        torch.autograd.gradcheck(lambda x, m: ops.dora_linear(x, W, b, A, B, m, seed, 0.7, p),
+        torch.autograd.gradcheck(lambda x, m: dora_ops.dora_linear(x, W, b, A, B, m, seed, 0.7, p),
                                  [x.clone().requires_grad_(), m.clone().requires_grad_()])
 
 
@@ -310,7 +310,7 @@ def test_compiled_dora_op_regenerates_the_eager_mask(bias):
     leaves = [t.requires_grad_() for t in (x, A, B, m)]
     for p, seed in ((0.0, None), (0.1, torch.tensor([99])), (0.5, torch.tensor([98]))):
         def f(x, A, B, m):
-            return ops.dora_linear(x, W, b, A, B, m, seed, 0.5, p)
+            return dora_ops.dora_linear(x, W, b, A, B, m, seed, 0.5, p)
         results = []
         for fn in (f, torch.compile(f, fullgraph=True)):
             y = fn(*leaves)
@@ -330,13 +330,13 @@ def test_triton_backend_applies_the_kernels_mask():
     y = layer(x)
     torch.manual_seed(4)
     seed = torch.randint(0, SEED_HIGH, (1,))
-    torch.testing.assert_close(y, ops.dora_linear(*args, seed, layer.scaling, 0.3, True), **tol(F32))
-    assert not torch.allclose(y, ops.dora_linear(*args, seed, layer.scaling, 0.3, False))
+    torch.testing.assert_close(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, True), **tol(F32))
+    assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, False))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_opcheck(p):
     x, W, b, A, B, m = _operands(F32, F32, bias=True)
     seed = torch.tensor([42]) if p else None
-    torch.library.opcheck(ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
+    torch.library.opcheck(dora_ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
                                                m.requires_grad_(), seed, 0.5, p, False, True))

@@ -17,8 +17,8 @@ config for ``--model``.  Side by side in one run:
                         name under ``TRITON_INTERPRET=1``, where the timings mean nothing).
 * ``peft-dora``       – PEFT's layer with ``use_dora=True``.
 * ``fastlora-torch-dora`` / ``fastlora-triton-dora`` – fastlora's ``LoRALinear`` with ``use_dora=True`` on either
-                        backend (DoRA's products run through torch on both; the triton backend applies its
-                        dropout mask with a kernel on the device, the torch backend draws it on the CPU).
+                        backend (see fastlora.dora_ops for which parts of DoRA run on the kernels; the
+                        torch backend draws its dropout mask on the CPU).
 """
 
 from __future__ import annotations

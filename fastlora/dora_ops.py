@@ -1,0 +1,207 @@
+"""DoRA as a registered op with autograd: ``fastlora::dora_linear`` and its backward.
+
+The math is :func:`fastlora.reference.dora_forward` / ``dora_backward``.  Without dropout on the kernel
+path, the LoRA kernels compute S and z = x Wᵀ + s·S Bᵀ (and, backward, dS, dB, dA and dx from
+dz = g ⊙ dy); the magnitude scale and dm are torch passes.  With dropout, the products run through torch
+on every backend, the mask applied by :func:`fastlora.ops.keep_fn` (the kernels' Philox mask on the kernel
+path, else the CPU generator's).  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats)
+and, when the magnitude is trained, what dm needs: the output ``y`` itself when that is enough (no
+dropout, no bias, no zero in m; the next op may keep ``y`` anyway, an activation's input does), else z
+(M × N).
+
+The ops are ``custom_op`` s (opaque to torch.compile, which calls them as they are); :func:`dora_linear`
+is the entry point, calling them directly in eager mode as :func:`fastlora.ops.lora_linear` does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastlora import reference
+from fastlora.ops import keep_fn
+
+@torch.library.custom_op("fastlora::dora_linear", mutates_args=())
+def dora_linear_op(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    use_kernels: bool,
+    keep_z: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then uses y)."""
+    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
+
+
+@dora_linear_op.register_fake
+def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
+    acc = reference.accumulation_dtype(weight, lora_A)
+    M, N = x.shape[0], weight.shape[0]
+    return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
+            x.new_empty((M, N) if keep_z else (0,), dtype=acc), x.new_empty((N,), dtype=acc))
+
+
+def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
+    if use_kernels and dropout_p == 0.0:
+        y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z)
+    else:
+        y, S, z, norm = reference.dora_forward(
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, use_kernels), dropout_p,
+            need_z=keep_z,
+        )
+    return y, S, (z if keep_z else norm.new_empty(0)), norm
+
+
+def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z):
+    """No dropout, kernel path: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
+    from fastlora import kernels
+
+    norm = reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
+    g = reference.dora_scale(magnitude, norm)
+    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0)
+    z = z.to(norm.dtype)  # a copy unless the base is already in the accumulation dtype
+    y = z * g if need_z else z.mul_(g)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(x.dtype), S, (z if need_z else None), norm
+
+
+@torch.library.custom_op("fastlora::dora_linear_backward", mutates_args=())
+def dora_linear_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    S: Tensor,
+    z_or_y: Tensor,
+    z_is_output: bool,
+    norm: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    use_kernels: bool,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_dm: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, dm), empty where not needed; ``z_or_y`` is z, or the output y when ``z_is_output``."""
+    return _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
+                                scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm)
+
+
+@dora_linear_backward_op.register_fake
+def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
+                               scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
+    like = ((x, need_dx), (lora_A, need_dA), (lora_B, need_dB), (magnitude, need_dm))
+    return tuple(t.new_empty(t.shape if need else (0,)) for t, need in like)
+
+
+def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
+                         dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
+    z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
+    if use_kernels and dropout_p == 0.0:
+        grads = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling,
+                                       need_dx, need_dA, need_dB, need_dm)
+    else:
+        grads = reference.dora_backward(
+            dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, keep_fn(seed, dropout_p, use_kernels),
+            dropout_p, need_dx, need_dA, need_dB, need_dm, y=y,
+        )
+    like = (x, lora_A, lora_B, magnitude)
+    return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
+
+
+def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling, need_dx, need_dA,
+                           need_dB, need_dm):
+    """No dropout, kernel path: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for the dx GEMM, in
+    the adapters' for dS and dB), dm from z or y."""
+    from fastlora import kernels
+
+    dy_acc = dy.to(norm.dtype)
+    dm = reference.dora_magnitude_grad(dy_acc, magnitude, norm, z, y) if need_dm else None
+    dz = dy_acc * reference.dora_scale(magnitude, norm)
+    dx, dA, dB = kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
+                                       need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype))
+    return dx, dA, dB, dm
+
+
+def _dora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z = inputs
+    y, S, z, norm = output
+    z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
+    ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
+    ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.use_kernels = scaling, dropout_p, not keep_z, use_kernels
+    ctx.backward_grads = dora_linear_backward_op
+
+
+def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
+    x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed = ctx.saved_tensors
+    need_dx, need_dW, need_db, need_dA, need_dB, need_dm = ctx.needs_input_grad[:6]
+    dx = dW = db = dA = dB = dm = None
+    if need_dx or need_dA or need_dB or need_dm:
+        grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
+                                   ctx.scaling, ctx.dropout_p, ctx.use_kernels, need_dx, need_dA, need_dB, need_dm)
+        dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
+    if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
+        g = reference.dora_scale(magnitude, norm)
+        if ctx.dropout_p == 0.0 or seed is None:
+            dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
+        else:
+            h = keep_fn(seed, ctx.dropout_p, ctx.use_kernels)(
+                x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
+            dW = torch.addmm(torch.mm(dy.t().to(g.dtype), x.to(g.dtype)), (dy.to(g.dtype) * (g - 1.0)).t(), h,
+                             alpha=1.0 / (1.0 - ctx.dropout_p))
+        dW = dW.to(weight.dtype)
+    if need_db:
+        db = dy.sum(0).to(weight.dtype)
+    return dx, dW, db, dA, dB, dm, None, None, None, None, None
+
+
+dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup_context)
+
+
+class _EagerDoRALinear(torch.autograd.Function):
+    """The DoRA op's forward, context and backward called directly in eager mode (as :class:`_EagerLoRALinear`)."""
+
+    forward = staticmethod(_dora_forward)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _dora_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.backward_grads = _dora_backward_grads
+
+    backward = staticmethod(_dora_backward)
+
+
+def dora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    magnitude: Tensor,
+    seed: Optional[Tensor],
+    scaling: float,
+    dropout_p: float,
+    use_kernels: bool = False,
+) -> Tensor:
+    """y of ``fastlora::dora_linear`` with autograd.  In eager mode, with no dropout, no bias and no zero in
+    the magnitude, backward computes dm from the output instead of keeping z, its own M × N tensor."""
+    if torch.compiler.is_compiling():
+        return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels,
+                              True)[0]
+    keep_z = not (seed is None and bias is None and magnitude.requires_grad and bool(magnitude.ne(0).all()))
+    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
+    return _EagerDoRALinear.apply(*args)[0]

@@ -67,11 +67,8 @@ def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, n
     norm = reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = reference.dora_scale(magnitude, norm)
     z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0)
-    z = z.to(norm.dtype)  # a copy unless the base is already in the accumulation dtype
-    y = z * g if need_z else z.mul_(g)
-    if bias is not None:
-        y.add_(bias)
-    return y.to(x.dtype), S, (z if need_z else None), norm
+    y, z = reference.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
+    return y, S, z, norm
 
 
 @torch.library.custom_op("fastlora::dora_linear_backward", mutates_args=())

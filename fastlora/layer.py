@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.functional import BACKENDS, lora_linear
-from fastlora.reference import dora_weight_norm
+from fastlora.reference import dora_scale, dora_weight_norm
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]
 
@@ -61,6 +61,18 @@ class AdapterSettings:
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _active_setting(name: str, settable: bool = True) -> property:
+    """A layer property reading (and, if ``settable``, replacing, validated) the active adapter's setting."""
+
+    def get(self):
+        return getattr(self.settings, name)
+
+    def set_(self, value) -> None:
+        self._replace_settings(**{name: value})
+
+    return property(get, set_ if settable else None, doc=f"The active adapter's {name}.")
 
 
 def _check_init(init_lora_weights, backend) -> None:
@@ -268,37 +280,11 @@ class LoRALinear(nn.Linear):
     def settings(self) -> AdapterSettings:
         return self.adapter_settings[self._active()]
 
-    @property
-    def r(self) -> int:
-        return self.settings.r
-
-    @property
-    def lora_alpha(self) -> float:
-        return self.settings.lora_alpha
-
-    @lora_alpha.setter
-    def lora_alpha(self, value: float) -> None:
-        self._replace_settings(lora_alpha=value)
-
-    @property
-    def lora_dropout(self) -> float:
-        return self.settings.lora_dropout
-
-    @lora_dropout.setter
-    def lora_dropout(self, value: float) -> None:
-        self._replace_settings(lora_dropout=value)
-
-    @property
-    def use_dora(self) -> bool:
-        return self.settings.use_dora
-
-    @property
-    def use_rslora(self) -> bool:
-        return self.settings.use_rslora
-
-    @use_rslora.setter
-    def use_rslora(self, value: bool) -> None:
-        self._replace_settings(use_rslora=value)
+    r = _active_setting("r", settable=False)
+    lora_alpha = _active_setting("lora_alpha")
+    lora_dropout = _active_setting("lora_dropout")
+    use_rslora = _active_setting("use_rslora")
+    use_dora = _active_setting("use_dora", settable=False)
 
     def _replace_settings(self, **changes) -> None:
         """Change the active adapter's lora_alpha / lora_dropout / use_rslora (validated; r is fixed by the
@@ -344,12 +330,9 @@ class LoRALinear(nn.Linear):
             restored = restored.clone()
         for name in reversed(self.merged_adapters):
             if name in self._merged_dora_norms:
-                restored.div_(self._merged_dora_scale(name, self._merged_dora_norms[name]).unsqueeze(1))
+                restored.div_(dora_scale(self.magnitude(name), self._merged_dora_norms[name]).unsqueeze(1))
             restored.sub_(self.delta_weight(name))
         return restored
-
-    def _merged_dora_scale(self, name: str, norm: Tensor) -> Tensor:
-        return self.magnitude(name).detach().float() / norm.float()
 
     def _merged_weight(self, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
         """(W with ``names`` merged in, in float32; the norms n of the DoRA adapters among them).  As PEFT's:
@@ -367,7 +350,7 @@ class LoRALinear(nn.Linear):
                 if unmerged is None:
                     unmerged = self._unmerged_weight() if self.merged_adapters else self.weight.float()
                 norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
-                merged.mul_(self._merged_dora_scale(name, norms[name]).unsqueeze(1))
+                merged.mul_(dora_scale(self.magnitude(name), norms[name]).unsqueeze(1))
         return merged, norms
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["lora_forward", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale",
-           "dora_magnitude_grad", "dora_forward", "dora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
+           "dora_output", "dora_magnitude_grad", "dora_forward", "dora_backward", "zero_dropped_", "cpu_keep_mask", "Keep"]
 
 Keep = Union[Tensor, Callable[[Tensor], Tensor], None]
 
@@ -198,6 +198,16 @@ def dora_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
     return magnitude.detach().to(norm.dtype) / norm
 
 
+def dora_output(z: Tensor, g: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+                keep_z: bool) -> tuple[Tensor, Tensor | None]:
+    """(y = g ⊙ z + b in ``out_dtype``, z or None): without dropout DoRA's output is a row scale of the LoRA
+    output; unless ``keep_z``, z (a tensor of the caller's) is scaled in place."""
+    y = z * g if keep_z else z.mul_(g)
+    if bias is not None:
+        y.add_(bias)
+    return y.to(out_dtype), (z if keep_z else None)
+
+
 def dora_magnitude_grad(dy: Tensor, magnitude: Tensor, norm: Tensor, z: Tensor | None = None,
                         y: Tensor | None = None) -> Tensor:
     """dm = Σ_rows dy ⊙ z / n, or from the output y (no dropout, bias or zero in m): Σ_rows dy ⊙ y / m, as
@@ -229,10 +239,8 @@ def dora_forward(
     if keep is None:
         S = torch.mm(_to(x, adapter_dtype), lora_A.t())
         z = _to(torch.mm(x, weight.t()), acc).addmm_(_to(S, acc), _to(lora_B, acc).t(), alpha=scaling)
-        y = z * g if need_z else z.mul_(g)
-        if bias is not None:
-            y.add_(bias)
-        return y.to(x.dtype), S, z if need_z else None, norm
+        y, z = dora_output(z, g, bias, x.dtype, need_z)
+        return y, S, z, norm
     inv_keep = 1.0 / (1.0 - dropout_p)
     xm = _drop_(_adapter_copy(x, adapter_dtype), keep)  # x ⊙ mask
     S = torch.mm(xm, lora_A.t()).mul_(inv_keep)

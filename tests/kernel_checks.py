@@ -298,6 +298,20 @@ def check_zero_dropped(device: str, dtype: torch.dtype, M: int = 37, K: int = 97
     assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
 
 
+def dora_operands(base_dtype: torch.dtype, adapter_dtype: torch.dtype, bias: bool, M: int = 9, K: int = 24,
+                  N: int = 16, r: int = 4, seed: int = 0):
+    """(x, W, b, A, B, m) for DoRA checks: m within 20% of ‖W + 0.5·B A‖ per row (a trained magnitude)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(base_dtype)
+    W = (torch.randn(N, K, generator=g) / K**0.5).to(base_dtype)
+    b = torch.randn(N, generator=g).to(base_dtype) if bias else None
+    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
+    B = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
+    norm = torch.linalg.vector_norm(W.double() + 0.5 * B.double() @ A.double(), dim=1)
+    m = (norm * (1 + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))).to(adapter_dtype)
+    return x, W, b, A, B, m
+
+
 def dora_float64(x, W, b, A, B, m, scaling, keep, p):
     """PEFT's DoRA forward (``DoraLinearLayer.forward`` on top of the base output) in float64: the norm a
     constant for autograd, ``keep`` a 0/1 mask or None."""
@@ -315,15 +329,8 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     the base dtype)."""
     from fastlora import dora_ops
 
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    W = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
-    b = torch.randn(N, generator=g).to(dtype) if bias else None
-    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
-    B = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
-    m = (torch.linalg.vector_norm(W.double() + 0.5 * B.double() @ A.double(), dim=1)
-         * (1 + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))).to(adapter_dtype)
-    dy = torch.randn(M, N, generator=g).to(dtype)
+    x, W, b, A, B, m = dora_operands(dtype, adapter_dtype, bias, M, K, N, r, seed=1)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(dtype)
     leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
     seed_t = torch.tensor([seed], device=device) if p else None
     y = dora_ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p, True)

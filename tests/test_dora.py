@@ -14,22 +14,11 @@ import fastlora
 from fastlora import LoraConfig, LoraModel, LoRALinear, dora_ops, get_peft_model, reference
 from fastlora.functional import SEED_HIGH
 from tests.kernel_checks import dora_float64 as peft_dora_float64
+from tests.kernel_checks import dora_operands as _operands
 from tests.models import SEED_TARGETS, tiny_llama, tokens
 from tests.tolerances import tol
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-
-
-def _operands(base_dtype, adapter_dtype, bias, M=9, K=24, N=16, r=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(base_dtype)
-    W = (torch.randn(N, K, generator=g) / K**0.5).to(base_dtype)
-    b = torch.randn(N, generator=g).to(base_dtype) if bias else None
-    A = (torch.randn(r, K, generator=g) / K**0.5).to(adapter_dtype)
-    B = (torch.randn(N, r, generator=g) / r**0.5).to(adapter_dtype)
-    norm = torch.linalg.vector_norm(W.double() + 0.5 * B.double() @ A.double(), dim=1)
-    m = (norm * (1 + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))).to(adapter_dtype)
-    return x, W, b, A, B, m
 
 
 DTYPES = [(F32, F32), (BF16, F32), (F16, F32), (BF16, BF16), (F16, F16)]

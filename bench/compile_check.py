@@ -39,7 +39,10 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastlora.kernels.common import block_r, small_skinny_tiles  # noqa: E402
-from fastlora.kernels.configs import cols_blocks, config_dicts, r_chunk, rows_blocks, skinny_block_r  # noqa: E402
+from fastlora.kernels.configs import (  # noqa: E402
+    cols_blocks, config_dicts, dora_config_dicts, r_chunk, rows_blocks, skinny_block_r,
+)
+from fastlora.kernels.dora import _norm_blocks, dora_gemm_kernel, dora_norm_kernel  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
 from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
@@ -47,7 +50,8 @@ from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel, "mask": zero_dropped_kernel}
+KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel, "mask": zero_dropped_kernel,
+           "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
 M, K, N = 8192, 4096, 4096
@@ -328,6 +332,67 @@ def mask_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def _dora_gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, dropout: bool,
+                    int64: bool = False, scale: float = 0.5) -> dict:
+    fwd = direction == "fwd"
+    return dict(
+        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), z_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt),
+        q_ptr=Ptr(adt), g_ptr=Ptr("fp32"), seed_ptr=Ptr("i64"), M=M, N=N, K=K, R=r,
+        stride_am=K, stride_ak=1,
+        stride_bk=1 if fwd else N, stride_bn=K if fwd else 1,
+        stride_cm=N, stride_cn=1, stride_zm=N, stride_zn=1,
+        stride_pm=r, stride_pr=1,
+        stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
+        lora_scale=scale, dropout_p=0.1, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
+        BACKWARD=not fwd, DROPOUT=dropout, HAS_BIAS=fwd, STORE_Z=fwd,
+        BLOCK_R=r_chunk(block_r(r), adt == "fp32"), INT64=int64, UPCAST=False, PRECISION=prec, **meta,
+    )
+
+
+def dora_jobs(arch: int) -> list[Job]:
+    """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; its row-norm kernel
+    per rank block and dtype setup."""
+    jobs = []
+    for dots in ("16-bit", "tf32", "ieee"):
+        dtypes = DTYPE_VARIANTS_16 if dots == "16-bit" else [v for v in DTYPE_VARIANTS_32 if v[2] == dots]
+        dt = "bf16" if dots == "16-bit" else "fp32"
+        for dropout in (False, True):
+            for cfg in dora_config_dicts(arch, dots, dropout):
+                meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                name = "dora gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + dots + (
+                    " dropout" if dropout else "")
+                variants = [(d, dt, adt, prec, 16, False, 0.5) for dt, adt, prec in dtypes for d in ("fwd", "dx")]
+                prec = "tf32" if dots == "16-bit" else dots
+                variants.append(("dx", dt, dt, prec, 64, True, 0.5))
+                variants.append(("fwd", dt, dt, prec, 64, False, F64(0.5)))
+                for direction, dt, adt, prec, r, int64, scale in variants:
+                    tensor_cores = not (dt == "fp32" and prec == "ieee")
+                    label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "") + (
+                        " fp64-scale" if isinstance(scale, F64) else "")
+                    jobs.append(Job("dora_gemm", name, label, arch,
+                                    _dora_gemm_args(direction, dt, adt, prec, r, meta, dropout, int64, scale),
+                                    cfg["num_warps"], cfg["num_stages"], needs_wgmma=arch >= 90 and tensor_cores,
+                                    needs_tensor_cores=tensor_cores, exact_fp32=dt == adt == "fp32" and prec == "ieee"))
+    for r in RANKS:
+        br = skinny_block_r(r)
+        for dt, adt, prec in SKINNY_DTYPES:
+            dot_fp32 = dt != adt
+            blocks = _norm_blocks(br, dot_fp32 or dt == "fp32")
+            args = dict(w_ptr=Ptr(dt), a_ptr=Ptr(adt), b_ptr=Ptr(adt), quad_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"),
+                        N=N, K=K, R=r, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1,
+                        stride_oc=N, stride_on=1, lora_scale=0.5, FINAL=True, DOT_FP32=dot_fp32, INT64=False,
+                        UPCAST=False, PRECISION=prec, BLOCK_R=br, **blocks)
+            name = f"dora norm r{br} {blocks['BLOCK_N']}x{blocks['BLOCK_K']} w{blocks['num_warps']}"
+            tc = not (prec == "ieee" and (dot_fp32 or dt == "fp32"))
+            jobs.append(Job("dora_norm", name, f"{dt}/{adt} {prec}", arch, args, blocks["num_warps"], 3,
+                            needs_tensor_cores=tc, exact_fp32=not tc, triple_tf32=prec == "tf32x3"))
+            if dt == adt == "bf16":  # several rank chunks; 64-bit offsets; the fp64 scale Inductor passes
+                jobs.append(Job("dora_norm", name, f"{dt}/{adt} chunked int64 fp64-scale", arch,
+                                dict(args, FINAL=False, INT64=True, lora_scale=F64(0.5)), blocks["num_warps"], 3,
+                                needs_tensor_cores=True))
+    return jobs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: CPU count)")
@@ -338,7 +403,7 @@ def main() -> int:
 
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
-        jobs += gemm_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch)
+        jobs += gemm_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

@@ -2,7 +2,7 @@
 # Device check for a machine with one CUDA GPU and no network (meant for an H200 with torch 2.11, triton 3.6,
 # peft and transformers installed; runs on newer versions too).  Run from anywhere:
 #
-#     bash bench/gpu_check.sh              # under 8 min on an H100/H200; every step has its own time limit
+#     bash bench/gpu_check.sh              # under 8.5 min on an H100/H200; every step has its own time limit
 #     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step (SKIP_DORA=1: without step 5)
 #
 # Steps (all run; the exit status is non-zero when one failed):
@@ -14,9 +14,12 @@
 #      cuBLAS, the schedule (dB, low-rank term) and precision (3×tf32, tf32) variants side by side, the rank-r
 #      kernels' error against float64 beside PEFT's, and which variant wins (JSON: "decision");
 #   4. one training step of a 2-layer llama-3-8b-width model;
-#   5. DoRA layers (fastlora's, PEFT's, and fastlora's LoRA beside them), 4096 tokens, dropout 0.1 and 0;
-#   6. the README section regenerated from every results file;
-#   7. bench/compile_check.py with this machine's triton (registers, spills, wgmma on sm_90).
+#   5. DoRA layers (fastlora's, PEFT's, and fastlora's LoRA beside them), 4096 tokens, dropout 0.1 and 0, then
+#      fastlora's DoRA again on the "composed" schedule (the LoRA kernels and torch passes) against the DoRA
+#      kernels: which of the two should be the default;
+#   6. the README section regenerated from every results file.
+# bench/compile_check.py (registers, spills, wgmma) needs no GPU: it runs on the development machine with
+# triton 3.6 (this machine's) and the newest, so its device time goes to the kernel tests here.
 # Results: $OUT when set, else bench/results/, named <UTC date>-<hardware slug>-<step>.<ext> (commit them).
 set -uo pipefail
 
@@ -74,7 +77,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME
 }
 
 # 1. compiled kernels against the float64 reference
-step kernel-tests 200 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+step kernel-tests 225 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
     --junitxml="$stem-kernel-tests.xml"
 
 # 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
@@ -98,20 +101,21 @@ if [[ "${SKIP_DORA:-0}" != "1" ]]; then
         --dtype bf16 --dropout 0.1,0 --warmup 2 --repeats 8 --no-progress \
         --providers frozen,fastlora-triton,peft-dora,fastlora-triton-dora \
         --json "$stem-dora-layers.json" --csv "$stem-dora-layers.csv"
+    step dora-composed 15 env FASTLORA_KERNEL_VARIANTS=dora=composed "$PY" -m fastlora.bench --device cuda \
+        --preset llama-3-8b --tokens 4096 --rank 16 --alpha 32 --dtype bf16 --dropout 0.1,0 --warmup 2 --repeats 8 \
+        --no-progress --providers fastlora-triton-dora \
+        --json "$stem-dora-layers-composed.json" --csv "$stem-dora-layers-composed.csv"
 fi
 
 # 6. the README section from every layer / model results file (the kernel variants have their own format)
 bench_jsons=()
 for f in "$RESULTS"/*.json; do
-    [[ -e "$f" && "$f" != *kernel-variants* ]] && bench_jsons+=("$f")
+    [[ -e "$f" && "$f" != *kernel-variants* && "$f" != *-composed* ]] && bench_jsons+=("$f")
 done
 if ((${#bench_jsons[@]})); then
     "$PY" -m fastlora.bench.report "${bench_jsons[@]}" >"$RESULTS/README-section.md" 2>>"$SUMMARY" ||
         echo "README section: failed" | tee -a "$SUMMARY"
 fi
-
-# 7. ahead-of-time compile report with this machine's triton
-step compile-check 40 "$PY" bench/compile_check.py --arch 90 --jobs "$(nproc)"
 
 echo "gpu_check: results under $RESULTS ($(basename "$stem")-*), exit $status" | tee -a "$SUMMARY"
 exit "$status"

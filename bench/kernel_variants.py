@@ -54,8 +54,9 @@ from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 DRY_SHAPES = {"tiny": (48, 40)}
 PRECISIONS = {"tf32x3": "highest", "tf32": "high"}  # rank-r precision → torch's fp32 matmul setting that picks it
-VARIANTS = [dict(zip(configs.VARIANTS, choice)) for choice in itertools.product(*configs.VARIANTS.values())]
-DEFAULT = {name: choices[0] for name, choices in configs.VARIANTS.items()}
+VARIANTS = [dict(zip(configs.LORA_VARIANTS, choice))
+            for choice in itertools.product(*(configs.VARIANTS[name] for name in configs.LORA_VARIANTS))]
+DEFAULT = {name: configs.VARIANTS[name][0] for name in configs.LORA_VARIANTS}
 
 
 def _timer(dry: bool):

@@ -1,13 +1,15 @@
 """DoRA as a registered op with autograd: ``fastlora::dora_linear`` and its backward.
 
-The math is :func:`fastlora.reference.dora_forward` / ``dora_backward``.  Without dropout on the kernel
-path, the LoRA kernels compute S and z = x Wᵀ + s·S Bᵀ (and, backward, dS, dB, dA and dx from
-dz = g ⊙ dy); the magnitude scale and dm are torch passes.  With dropout, the products run through torch
-on every backend, the mask applied by :func:`fastlora.ops.keep_fn` (the kernels' Philox mask on the kernel
-path, else the CPU generator's).  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats)
-and, when the magnitude is trained, what dm needs: the output ``y`` itself when that is enough (no
-dropout, no bias, no zero in m; the next op may keep ``y`` anyway, an activation's input does), else z
-(M × N).
+The math is :func:`fastlora.reference.dora_forward` / ``dora_backward``.  On the kernel path (CUDA's default)
+the DoRA kernels (``fastlora.kernels.dora``) compute the row norms from one read of W, and one GEMM per
+direction applies the magnitude scale in its epilogue (forward) or to dy's tiles (dx), with dropout both base
+products from one read of x (forward) and of dy (dx); S, dS, dB and dA come from the LoRA kernels.  The
+"composed" schedule (``FASTLORA_KERNEL_VARIANTS=dora=composed``), kept for the GPU check to compare: without
+dropout the LoRA kernels on dz = g ⊙ dy, the magnitude scale as torch passes; with dropout torch products and
+the mask applied by :func:`fastlora.ops.keep_fn`.  dm = Σ_rows dy ⊙ z / n is a torch reduction on every
+path.  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats) and, when the magnitude is
+trained, what dm needs: the output ``y`` itself when that is enough (no dropout, no bias, no zero in m; the
+next op may keep ``y`` anyway, an activation's input does), else z (M × N).
 
 The ops are ``custom_op`` s (opaque to torch.compile, which calls them as they are); :func:`dora_linear`
 is the entry point, calling them directly in eager mode as :func:`fastlora.ops.lora_linear` does.
@@ -46,22 +48,43 @@ def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling,
     acc = reference.accumulation_dtype(weight, lora_A)
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
-            x.new_empty((M, N) if keep_z else (0,), dtype=acc), x.new_empty((N,), dtype=acc))
+            x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, use_kernels)),
+            x.new_empty((N,), dtype=acc))
+
+
+def _z_dtype(x: Tensor, acc: torch.dtype, use_kernels: bool) -> torch.dtype:
+    """The dtype z is kept in: the base's on the kernel path (its x Wᵀ is a product in that dtype, as in
+    PEFT, and a 16-bit z halves what backward keeps), the accumulation dtype on the torch path."""
+    return x.dtype if use_kernels else acc
+
+
+def _fused(use_kernels: bool) -> bool:
+    """Whether the DoRA kernels run (the kernel path under the default "fused" schedule)."""
+    if not use_kernels:
+        return False
+    from fastlora.kernels.configs import kernel_variant
+
+    return kernel_variant("dora") == "fused"
 
 
 def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
-    if use_kernels and dropout_p == 0.0:
+    if _fused(use_kernels):
+        from fastlora import kernels
+
+        y, S, z, norm = kernels.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p,
+                                             keep_z)
+    elif use_kernels and dropout_p == 0.0:
         y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z)
     else:
         y, S, z, norm = reference.dora_forward(
             x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, use_kernels), dropout_p,
             need_z=keep_z,
         )
-    return y, S, (z if keep_z else norm.new_empty(0)), norm
+    return y, S, (z.to(_z_dtype(x, norm.dtype, use_kernels)) if keep_z else norm.new_empty(0)), norm
 
 
 def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z):
-    """No dropout, kernel path: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
+    """The composed schedule without dropout: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
     from fastlora import kernels
 
     norm = reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
@@ -107,7 +130,13 @@ def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or
 def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
                          dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
-    if use_kernels and dropout_p == 0.0:
+    if _fused(use_kernels):
+        from fastlora import kernels
+
+        dm = reference.dora_magnitude_grad(dy, magnitude, norm, z, y) if need_dm else None
+        grads = (*kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, reference.dora_scale(magnitude, norm),
+                                        seed, scaling, dropout_p, need_dx, need_dA, need_dB), dm)
+    elif use_kernels and dropout_p == 0.0:
         grads = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling,
                                        need_dx, need_dA, need_dB, need_dm)
     else:
@@ -121,7 +150,7 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
 
 def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling, need_dx, need_dA,
                            need_dB, need_dm):
-    """No dropout, kernel path: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for the dx GEMM, in
+    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for the dx GEMM, in
     the adapters' for dS and dB), dm from z or y."""
     from fastlora import kernels
 

@@ -11,10 +11,12 @@ they allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     common.py    launcher helpers: dtype checks, precision, 64-bit offsets, reduction splits
     forward.py   lora_forward launcher
     backward.py  lora_backward launcher
+    dora.py      DoRA: the row-norm kernel, the GEMM with the magnitude scale, dora_forward / dora_backward
 """
 
 from .backward import lora_backward
+from .dora import dora_backward, dora_forward
 from .forward import lora_forward
 from .masking import zero_dropped_
 
-__all__ = ["lora_forward", "lora_backward", "zero_dropped_"]
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_dropped_"]

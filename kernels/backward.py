@@ -11,7 +11,7 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, gemm_precision, launch, needs_int64, row_major, seed_arg, skinny_precision,
+    backward_operands, block_r, empty_batch_grads, gemm_precision, launch, needs_int64, seed_arg, skinny_precision,
     small_skinny_tiles, split_reduction, upcast,
 )
 from .configs import cols_blocks, kernel_variant, m_bucket, r_chunk, rows_blocks, skinny_block_r
@@ -156,19 +156,10 @@ def lora_backward(
     (an expanded gradient); it is cast to x's dtype if it differs.  ``dy_low_rank``: the same gradient in a
     wider dtype for dS and dB (DoRA's g ⊙ dy in fp32 beside a 16-bit base), instead of dy.
     """
-    check_dtypes(x, weight, lora_A, lora_B)
-    if dy.dtype != x.dtype:  # e.g. a gradient arriving in another precision: the dx GEMM needs one dtype
-        dy = dy.to(x.dtype)
-    x = row_major(x)
+    dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
     M, N = dy.shape
-    K = x.shape[1]
-    r = lora_A.shape[0]
     if M == 0:
-        return (
-            torch.empty((0, K), device=x.device, dtype=x.dtype) if need_dx else None,
-            torch.zeros((r, K), device=x.device, dtype=lora_A.dtype) if need_dA else None,
-            torch.zeros((N, r), device=x.device, dtype=lora_B.dtype) if need_dB else None,
-        )
+        return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)
     seed = seed_arg(seed, dropout_p > 0.0, S)
     dS, dB = None, None
     if need_dx or need_dA or need_dB:

@@ -10,7 +10,7 @@ from .configs import INTERPRET, num_sms
 
 __all__ = [
     "check_dtypes", "block_r", "dot_precision", "skinny_precision", "gemm_precision", "small_skinny_tiles",
-    "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch",
+    "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch", "backward_operands", "empty_batch_grads",
 ]
 
 _INT32_LIMIT = 2**31 - 1
@@ -110,3 +110,21 @@ def seed_arg(seed: Tensor | None, dropout: bool, placeholder: Tensor) -> Tensor:
 def launch(kernel):
     """The kernel as PyTorch's custom-op machinery wants it: ``torch.library.wrap_triton(kernel)``."""
     return torch.library.wrap_triton(kernel)
+
+
+def backward_operands(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
+    """(dy, x) as the backward launchers take them, after the dtype checks: dy in x's dtype (a gradient may
+    arrive in another precision; the dx GEMM needs one dtype), x with a last stride of 1."""
+    check_dtypes(x, weight, lora_A, lora_B)
+    return (dy if dy.dtype == x.dtype else dy.to(x.dtype)), row_major(x)
+
+
+def empty_batch_grads(x: Tensor, N: int, lora_A: Tensor, lora_B: Tensor, need_dx: bool, need_dA: bool,
+                      need_dB: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, dA, dB) for a batch of no rows: an empty dx, zero dA and dB (None where not needed)."""
+    K, r = x.shape[1], lora_A.shape[0]
+    return (
+        torch.empty((0, K), device=x.device, dtype=x.dtype) if need_dx else None,
+        torch.zeros((r, K), device=x.device, dtype=lora_A.dtype) if need_dA else None,
+        torch.zeros((N, r), device=x.device, dtype=lora_B.dtype) if need_dB else None,
+    )

@@ -18,9 +18,12 @@ import triton
 __all__ = [
     "INTERPRET",
     "VARIANTS",
+    "LORA_VARIANTS",
     "kernel_variant",
     "use_kernel_variants",
     "gemm_configs",
+    "dora_gemm_configs",
+    "dora_config_dicts",
     "config_dicts",
     "pinned_config",
     "pin_gemm_config",
@@ -40,8 +43,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Schedule variants the GPU check times side by side, first choice the default.  ``db``: dB accumulated with
 # fp32 atomics in the pass that computes dS from dy (one read of dy) or reduced over M in a pass of its own
 # (a second read of dy, no atomics).  ``low_rank``: the fused GEMMs' low-rank term before or after the main
-# loop.  ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or ``use_kernel_variants(...)`` choose.
-VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue")}
+# loop.  ``dora``: DoRA on its own kernels (dora.py: the magnitude scale inside the GEMMs, both base products
+# of the dropout case from one read) or composed of the LoRA kernels and torch passes (fastlora.dora_ops).
+# ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or ``use_kernel_variants(...)`` choose.
+VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"), "dora": ("fused", "composed")}
+LORA_VARIANTS = ("db", "low_rank")  # the ones LoRA's launches depend on
 _VARIANT_OVERRIDE: dict[str, str] = {}
 
 
@@ -159,6 +165,56 @@ def config_dicts(arch: int, fp32: bool, masked: bool = False, low_rank_last: boo
     return dicts
 
 
+# DoRA's GEMM (dora.py): its epilogue holds z, g and the output; with dropout a second accumulator and, forward,
+# the Philox state inside the main loop.  Chosen with bench/compile_check.py as the lists above (no spills with
+# triton 3.6 and 3.9), per class of dots: 16-bit operands, fp32 ones as tf32, and exact fp32 ("ieee": FMA
+# dots on the CUDA cores, which take the most registers and need no tile shape that wgmma wants).
+_DORA_TABLES = {
+    # (arch class, dots, dropout)
+    ("hopper", "16-bit", False): [
+        (128, 128, 64, 8, 8, 4),
+        (64, 128, 64, 8, 4, 4),
+        (128, 64, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4),
+    ],
+    ("hopper", "16-bit", True): [
+        (128, 128, 64, 8, 8, 4),
+        (64, 128, 64, 8, 4, 4),
+        (64, 64, 64, 8, 4, 4),
+    ],
+    ("ampere", "16-bit", False): [
+        (128, 128, 32, 8, 8, 3),
+        (128, 64, 32, 8, 4, 4),
+        (64, 64, 32, 8, 4, 4),
+    ],
+    ("ampere", "16-bit", True): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 4),
+        (64, 64, 32, 8, 4, 4),
+    ],
+    ("hopper", "tf32", False): [(64, 64, 32, 8, 4, 3)],
+    ("hopper", "tf32", True): [(64, 64, 32, 8, 8, 3)],
+    ("ampere", "tf32", False): [
+        (128, 128, 32, 8, 8, 3),
+        (64, 128, 32, 8, 4, 3),
+        (64, 64, 32, 8, 4, 3),
+    ],
+    ("ampere", "tf32", True): [
+        (64, 64, 32, 8, 8, 3),
+        (32, 64, 32, 8, 4, 3),
+    ],
+    ("hopper", "ieee", False): [(64, 32, 32, 8, 4, 3), (32, 32, 32, 8, 4, 3)],
+    ("hopper", "ieee", True): [(32, 32, 32, 8, 4, 3)],
+    ("ampere", "ieee", False): [(64, 32, 32, 8, 4, 3), (32, 32, 32, 8, 4, 3)],
+    ("ampere", "ieee", True): [(32, 32, 32, 8, 4, 3)],
+}
+
+
+def dora_config_dicts(arch: int, dots: str, dropout: bool) -> list[dict]:
+    """DoRA's GEMM config list for an architecture, class of dots ("16-bit", "tf32", "ieee") and dropout."""
+    return [dict(zip(_GEMM_KEYS, row)) for row in _DORA_TABLES[("hopper" if arch >= 90 else "ampere", dots, dropout)]]
+
+
 def parse_config(spec: str) -> dict:
     """``"BLOCK_M=128,BLOCK_N=128,..."`` → a config dict (keys not given keep the default Hopper config's)."""
     out = dict(zip(_GEMM_KEYS, _TABLES[("hopper", False, False)][1]))
@@ -190,11 +246,13 @@ def pin_gemm_config(config: dict | str):
     previous = _OVERRIDE
     _OVERRIDE = parse_config(config) if isinstance(config, str) else dict(config)
     gemm_configs.cache_clear()
+    dora_gemm_configs.cache_clear()
     try:
         yield
     finally:
         _OVERRIDE = previous
         gemm_configs.cache_clear()
+        dora_gemm_configs.cache_clear()
 
 
 def _to_config(d: dict) -> triton.Config:
@@ -206,6 +264,16 @@ def _to_config(d: dict) -> triton.Config:
 def gemm_configs(fp32: bool, masked: bool, low_rank_last: bool = False) -> tuple[triton.Config, ...]:
     """Autotune configs for the fused GEMM on the current device (``masked``: the dropout-masked low-rank
     term; ``low_rank_last``: that term after the main loop)."""
+    return _autotune_list(lambda: config_dicts(_arch(), fp32, masked, low_rank_last))
+
+
+@lru_cache(maxsize=None)
+def dora_gemm_configs(dots: str, dropout: bool) -> tuple[triton.Config, ...]:
+    """Autotune configs for DoRA's GEMM on the current device (``dots`` as in ``dora_config_dicts``)."""
+    return _autotune_list(lambda: dora_config_dicts(_arch(), dots, dropout))
+
+
+def _autotune_list(dicts) -> tuple[triton.Config, ...]:
     if _OVERRIDE is not None:  # an explicit pin wins, under the interpreter too (tests of real configs)
         return (_to_config(_OVERRIDE),)
     if INTERPRET:
@@ -213,7 +281,7 @@ def gemm_configs(fp32: bool, masked: bool, low_rank_last: bool = False) -> tuple
     pinned = pinned_config()
     if pinned is not None:
         return (_to_config(pinned),)
-    return tuple(_to_config(d) for d in config_dicts(_arch(), fp32, masked, low_rank_last))
+    return tuple(_to_config(d) for d in dicts())
 
 
 def r_chunk(block_r: int, adapter_fp32: bool) -> int:

@@ -25,11 +25,58 @@ import triton.language as tl
 from .configs import gemm_configs
 from .dropout import keep_mask, philox_key
 
-__all__ = ["fused_gemm_kernel", "autotuned_gemm"]
+__all__ = ["fused_gemm_kernel", "autotuned_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile"]
 
 
 @triton.jit
-def _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr, stride_qr, stride_qn,
+def tile_coordinates(M, N, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """This program's C tile in GROUP_M-row swizzled order: (offs_m, offs_n, rows, cols, pid_n), where rows /
+    cols are the offsets wrapped into [0, M) / [0, N) (the main loop then needs no M/N masks; the store masks
+    them), 64-bit when INT64."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_n % N
+    if INT64:
+        rows = rows.to(tl.int64)
+        cols = cols.to(tl.int64)
+    return offs_m, offs_n, rows, cols, pid_n
+
+
+@triton.jit
+def load_k_step(a_ptrs, b_ptrs, offs_k, k_left, UPCAST: tl.constexpr):
+    """One K step's A (rows × BLOCK_K) and B (BLOCK_K × cols) tiles, columns / rows past K read as 0."""
+    a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+    b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def store_tile(c_ptr, tile, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64: tl.constexpr):
+    """Store an fp32 tile into C (its own dtype), masking rows >= M and columns >= N."""
+    c_rows = offs_m
+    c_cols = offs_n
+    if INT64:
+        c_rows = c_rows.to(tl.int64)
+        c_cols = c_cols.to(tl.int64)
+    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + c_cols[None, :] * stride_cn
+    tl.store(c_ptrs, tile.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr, stride_qr, stride_qn,
                    lora_scale, keep_threshold,
                    DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -67,62 +114,37 @@ def fused_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     lora_scale = tl.cast(lora_scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, rows, cols, pid_n = tile_coordinates(M, N, INT64, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = offs_m % M  # wrapped rows/cols keep the main loop free of M/N masks; the store masks them
-    cols = offs_n % N
-    if INT64:
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)
 
     if LOW_RANK_LAST:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     else:
         # Prologue: the low-rank term becomes the initial accumulator, so the main loop carries a single
         # accumulator and the mask's registers are free again before it.
-        acc = _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
-                             stride_qr, stride_qn, lora_scale, keep_threshold,
-                             DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        acc = low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
+                            stride_qr, stride_qn, lora_scale, keep_threshold,
+                            DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     # Main loop: the base GEMM.
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
+        a, b = load_k_step(a_ptrs, b_ptrs, offs_k, k_left, UPCAST)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
     if LOW_RANK_LAST:
         # Epilogue: the low-rank term after the pipelined loop (nothing delays the loop's start).
-        acc += _low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
-                              stride_qr, stride_qn, lora_scale, keep_threshold,
-                              DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        acc += low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
+                             stride_qr, stride_qn, lora_scale, keep_threshold,
+                             DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc += bias.to(tl.float32)[None, :]
-    c_rows = offs_m
-    c_cols = offs_n
-    if INT64:
-        c_rows = c_rows.to(tl.int64)
-        c_cols = c_cols.to(tl.int64)
-    c_ptrs = c_ptr + c_rows[:, None] * stride_cm + c_cols[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64)
 
 
 def autotuned_gemm(fp32: bool, masked: bool, low_rank_last: bool = False):

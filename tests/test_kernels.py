@@ -111,12 +111,46 @@ def test_zero_dropped_kernel_int64_offsets(monkeypatch):
     kc.check_zero_dropped("cpu", torch.float32, M=9, K=40, p=0.6)
 
 
+@pytest.mark.parametrize("schedule", ["fused", "composed"])
 @pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                   (torch.float16, torch.float16)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_dora_kernel_path(dtype, adapter_dtype, p):
-    kc.check_dora("cpu", 37, 97, 33, 8, dtype, adapter_dtype, bias=True, p=p)
-    kc.check_dora("cpu", 16, 40, 24, 4, dtype, adapter_dtype, bias=False, p=p)
+def test_dora_kernel_path(dtype, adapter_dtype, p, schedule):
+    """DoRA on its own kernels ("fused") and on the LoRA kernels with torch passes ("composed")."""
+    from fastlora.kernels import configs
+
+    with configs.use_kernel_variants(dora=schedule):
+        kc.check_dora("cpu", 37, 97, 33, 8, dtype, adapter_dtype, bias=True, p=p)
+        kc.check_dora("cpu", 16, 40, 24, 4, dtype, adapter_dtype, bias=False, p=p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dora_gpu_tile(p):
+    """One of the DoRA GEMM's GPU tiles (64 × 128, K step 64) under the interpreter: tails in every dimension,
+    the mask over 64-column steps of x."""
+    from fastlora.kernels import configs
+
+    with configs.pin_gemm_config("BLOCK_M=64,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=4,num_stages=4"):
+        kc.check_dora("cpu", 70, 150, 140, 8, torch.bfloat16, torch.float32, bias=True, p=p)
+
+
+def test_dora_norm_kernel_rank_chunks():
+    """Ranks above the skinny cap: the row-norm kernel's program columns each add their part of n²."""
+    from fastlora.kernels import configs, dora
+
+    for dtype, adapter_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
+        W = torch.randn(50, 70).to(dtype)
+        A = (torch.randn(configs.SKINNY_R_MAX + 5, 70) * 0.1).to(adapter_dtype)
+        B = (torch.randn(50, A.shape[0]) * 0.1).to(adapter_dtype)
+        want = torch.linalg.vector_norm(W.double() + 2.0 * B.double() @ A.double(), dim=1)
+        kc.assert_close("n", dora.dora_weight_norm(W, A, B, 2.0), want, kc.tolerance(torch.float32), torch.float32)
+
+
+def test_dora_int64_offsets_path(monkeypatch):
+    from fastlora.kernels import common
+
+    monkeypatch.setattr(common, "_INT32_LIMIT", 64)
+    kc.check_dora("cpu", 37, 97, 33, 8, torch.bfloat16, torch.float32, bias=True, p=0.3)
 
 
 def test_row_chunked_oracle():

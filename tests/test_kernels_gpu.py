@@ -144,10 +144,12 @@ def test_zero_dropped_kernel(dtype):
     kc.check_zero_dropped(DEVICE, dtype, M=1000, K=4096, p=0.1)
 
 
+@pytest.mark.parametrize("schedule", ["fused", "composed"])
 @pytest.mark.parametrize("dtype, adapter_dtype", [(f32, f32), (bf16, f32), (bf16, bf16)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_dora_kernel_path(dtype, adapter_dtype, p):
-    kc.check_dora(DEVICE, 512, 1024, 768, 16, dtype, adapter_dtype, bias=True, p=p)
+def test_dora_kernel_path(dtype, adapter_dtype, p, schedule):
+    with configs.use_kernel_variants(dora=schedule):
+        kc.check_dora(DEVICE, 512, 1024, 768, 16, dtype, adapter_dtype, bias=True, p=p)
 
 
 def test_cuda_graph_replay():
@@ -297,3 +299,16 @@ def test_rank_r_precision_beside_peft():
             "dB": rel(s * dyf.T @ (xf @ A.T), refs["dB"])}
     for name in ours:
         assert ours[name] <= 4 * peft[name] + 1e-7, f"{name}: {ours[name]:.3g} against PEFT's {peft[name]:.3g}"
+
+
+@unpinned
+def test_dora_every_config():
+    """Each config of the DoRA GEMM's 16-bit lists (one accumulator without dropout; two with, so the smaller
+    tiles), on a shape with tails everywhere.  Last in the file: the slowest to compile."""
+    for p in (0.0, 0.1):
+        for cfg in configs.dora_config_dicts(_arch(), "16-bit", p > 0):
+            with configs.pin_gemm_config(cfg):
+                try:
+                    kc.check_dora(DEVICE, 300, 520, 264, 24, bf16, f32, bias=True, p=p)
+                except AssertionError as exc:
+                    raise AssertionError(f"p={p} config {cfg}: {exc}") from exc

@@ -103,6 +103,8 @@ def environment(device: str | torch.device) -> dict:
         "fastlora": fastlora_version,
         "git_commit": git_commit(),
         "loadavg_1m": _loadavg(),
+        # the Triton kernels' schedule choices, when not the defaults (fastlora.kernels.configs.VARIANTS)
+        "kernel_variants": os.environ.get("FASTLORA_KERNEL_VARIANTS") or None,
     }
 
 

@@ -80,7 +80,8 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dro
             x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, use_kernels), dropout_p,
             need_z=keep_z,
         )
-    return y, S, (z.to(_z_dtype(x, norm.dtype, use_kernels)) if keep_z else norm.new_empty(0)), norm
+    z_dtype = _z_dtype(x, norm.dtype, use_kernels)
+    return y, S, (z.to(z_dtype) if keep_z else norm.new_empty(0, dtype=z_dtype)), norm
 
 
 def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z):

@@ -23,15 +23,18 @@ __all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx
 
 
 def launch_dS_dB(
-    dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool
+    dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool,
+    dB_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """One pass over dy: dS = s·dy B / (1-p) (M, r) in the adapters' dtype and dB = s·dyᵀ S (N, r) in lora_B's
-    dtype (fp32 atomics); N is split across programs when M alone gives too few.  With the "separate" dB
-    schedule (configs.VARIANTS) dB comes from ``launch_dB`` instead.  M > 0."""
+    """One pass over dy: dS = s·dy B / (1-p) (M, r) in the adapters' dtype and dB = s·dyᵀ S (N, r) in
+    ``dB_dtype`` (default lora_B's; fp32 atomics); N is split across programs when M alone gives too few.  With
+    the "separate" dB schedule (configs.VARIANTS) dB comes from ``launch_dB`` instead.  M > 0."""
+    dB_dtype = dB_dtype or lora_B.dtype
     if need_dB and kernel_variant("db") == "separate":
         dS, _ = launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, False) if need_dS else (None, None)
-        return dS, launch_dB(dy, S, scaling, lora_B.dtype)
-    return launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, need_dB)
+        return dS, launch_dB(dy, S, scaling, dB_dtype)
+    dS, dB = launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, need_dB)
+    return dS, (dB.to(dB_dtype) if need_dB else None)
 
 
 def launch_dB(dy: Tensor, S: Tensor, scaling: float, dtype: torch.dtype) -> Tensor:
@@ -97,7 +100,7 @@ def launch_dS_dB_fused(
         DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
         INT64=needs_int64(dy), UPCAST=upcast(dy, lora_B), PRECISION=precision, **blocks,
     )
-    return (dS.to(lora_B.dtype) if need_dS else None), (dB.to(lora_B.dtype) if need_dB else None)
+    return (dS.to(lora_B.dtype) if need_dS else None), dB  # dB: fp32
 
 
 def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torch.dtype) -> Tensor:

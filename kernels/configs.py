@@ -2,7 +2,8 @@
 kernels, the M bucket used as autotune key, and the ``FASTLORA_TRITON_CONFIG`` pin.
 
 ``FASTLORA_TRITON_CONFIG="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3"`` replaces
-the GEMM's autotune list with that one config (keys not given keep the first config's value).  Under the
+the GEMMs' autotune lists (LoRA's fused GEMM and DoRA's) with that one config (keys not given keep the first
+config's value; a tile too large for DoRA's two accumulators spills there, which is slow, not wrong).  Under the
 Triton interpreter (``TRITON_INTERPRET=1``) one small config is used, so tests stay fast and exercise tails.
 """
 

@@ -166,8 +166,9 @@ def dora_gemm_kernel(
 @lru_cache(maxsize=None)
 def _autotuner(configs: tuple):
     # BACKWARD and DROPOUT in the key: forward and backward launches can share a shape, and both dropout
-    # settings can share a config list.
-    return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K", "BACKWARD", "DROPOUT"])(
+    # settings can share a config list; HAS_BIAS and STORE_Z change the epilogue's cost.
+    return triton.autotune(configs=list(configs),
+                           key=["M_BUCKET", "N", "K", "BACKWARD", "DROPOUT", "HAS_BIAS", "STORE_Z"])(
         dora_gemm_kernel)
 
 
@@ -263,10 +264,11 @@ def dora_backward(
     if M == 0:
         return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)
     seed = seed_arg(seed, dropout_p > 0.0, S)
-    dS, dB = launch_dS_dB(dy, (lora_B.float() * g[:, None]).to(lora_B.dtype), S, scaling, dropout_p,
-                          need_dx or need_dA, need_dB)
-    if need_dB:
-        dB = (dB.float() * g[:, None]).to(lora_B.dtype)
+    need_dS = need_dx or need_dA
+    B_scaled = (lora_B.float() * g[:, None]).to(lora_B.dtype) if need_dS else lora_B  # dS only reads B
+    dS, dB = launch_dS_dB(dy, B_scaled, S, scaling, dropout_p, need_dS, need_dB, dB_dtype=torch.float32)
+    if need_dB:  # scaled in fp32, rounded once (unscaled, a 16-bit dB could overflow where g is small)
+        dB = (dB * g[:, None]).to(lora_B.dtype)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
     dx = None
     if need_dx:

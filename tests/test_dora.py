@@ -323,11 +323,12 @@ def test_triton_backend_applies_the_kernels_mask():
     assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, False))
 
 
+@pytest.mark.parametrize("keep_z", [True, False], ids=["z", "no-z"])
 @pytest.mark.parametrize("use_kernels", [False, True], ids=["torch", "kernels"])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_opcheck(p, use_kernels):
+def test_opcheck(p, use_kernels, keep_z):
     """The op's fake outputs (shapes, dtypes: z in the base's bf16 on the kernel path) match the real ones."""
     x, W, b, A, B, m = _operands(torch.bfloat16 if use_kernels else F32, F32, bias=True)
     seed = torch.tensor([42]) if p else None
     torch.library.opcheck(dora_ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
-                                               m.requires_grad_(), seed, 0.5, p, use_kernels, True))
+                                               m.requires_grad_(), seed, 0.5, p, use_kernels, keep_z))

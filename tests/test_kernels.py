@@ -146,6 +146,23 @@ def test_dora_norm_kernel_rank_chunks():
         kc.assert_close("n", dora.dora_weight_norm(W, A, B, 2.0), want, kc.tolerance(torch.float32), torch.float32)
 
 
+def test_dora_dB_beside_a_small_magnitude():
+    """fp16 adapters, g = m / n far below 1: dB = g ⊙ s·dyᵀ S is finite though s·dyᵀ S is not in fp16."""
+    from fastlora.kernels import dora
+
+    gen = torch.Generator().manual_seed(0)
+    M, K, N, r = 32, 40, 24, 4
+    x, W = (torch.randn(shape, generator=gen).half() for shape in ((M, K), (N, K)))
+    A, B = (torch.randn(shape, generator=gen).half() for shape in ((r, K), (N, r)))
+    S = (x.float() @ A.float().t()).half()
+    dy = (torch.randn(M, N, generator=gen) * 3000).half()
+    g = torch.full((N,), 1e-3)
+    assert not torch.isfinite((2.0 * dy.float().t() @ S.float()).half()).all()  # the unscaled dB overflows
+    _, _, dB = dora.dora_backward(dy, x, W, A, B, S, g, None, 2.0, 0.0, False, False, True)
+    want = g[:, None].double() * 2.0 * dy.double().t() @ S.double()
+    kc.assert_close("dB", dB, want, kc.tolerance(torch.float16), torch.float16)
+
+
 def test_dora_int64_offsets_path(monkeypatch):
     from fastlora.kernels import common
 

@@ -50,6 +50,8 @@ def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False)
         cpu_zero_dropped_(t, seed, dropout_p)
         return t
 
+    if not use_kernels:  # the CPU mask's dropped positions, for products that take them as a correction
+        keep.rare_drops = lambda M, K: reference.rare_dropped_positions(int(seed), M, K, dropout_p)
     return keep
 
 

@@ -2,7 +2,7 @@
 # Device check for a machine with one CUDA GPU and no network (meant for an H200 with torch 2.11, triton 3.6,
 # peft and transformers installed; runs on newer versions too).  Run from anywhere:
 #
-#     bash bench/gpu_check.sh              # under 8.5 min on an H100/H200; every step has its own time limit
+#     bash bench/gpu_check.sh              # under 9 min on an H100/H200; every step has its own time limit
 #     SKIP_MODEL=1 bash bench/gpu_check.sh # without the model training step (SKIP_DORA=1: without step 5)
 #
 # Steps (all run; the exit status is non-zero when one failed):
@@ -77,7 +77,7 @@ step() {  # step NAME SECONDS CMD...: run under a time limit, log to <stem>-NAME
 }
 
 # 1. compiled kernels against the float64 reference
-step kernel-tests 225 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
+step kernel-tests 240 "$PY" -m pytest tests/test_kernels_gpu.py -q -rfEs -p no:cacheprovider \
     --junitxml="$stem-kernel-tests.xml"
 
 # 2. layers: bf16, 8192 tokens, r = 16, p = 0.1 and 0
@@ -97,11 +97,11 @@ fi
 
 # 5. DoRA layers beside PEFT's DoRA and fastlora's LoRA (bf16, 4096 tokens, p = 0.1 and 0)
 if [[ "${SKIP_DORA:-0}" != "1" ]]; then
-    step dora-layers 25 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 4096 --rank 16 --alpha 32 \
+    step dora-layers 45 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 4096 --rank 16 --alpha 32 \
         --dtype bf16 --dropout 0.1,0 --warmup 2 --repeats 8 --no-progress \
         --providers frozen,fastlora-triton,peft-dora,fastlora-triton-dora \
         --json "$stem-dora-layers.json" --csv "$stem-dora-layers.csv"
-    step dora-composed 15 env FASTLORA_KERNEL_VARIANTS=dora=composed "$PY" -m fastlora.bench --device cuda \
+    step dora-composed 25 env FASTLORA_KERNEL_VARIANTS=dora=composed "$PY" -m fastlora.bench --device cuda \
         --preset llama-3-8b --tokens 4096 --rank 16 --alpha 32 --dtype bf16 --dropout 0.1,0 --warmup 2 --repeats 8 \
         --no-progress --providers fastlora-triton-dora \
         --json "$stem-dora-layers-composed.json" --csv "$stem-dora-layers-composed.csv"

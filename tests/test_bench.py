@@ -489,7 +489,7 @@ def test_gpu_check_script_parses():
     text = script.read_text()
     limits = [int(word) for line in text.splitlines() if line.startswith(("step ", "    step "))
               for word in line.split()[2:3]]
-    assert sum(limits) <= 480, limits  # the whole check within 8 minutes of device time
+    assert sum(limits) <= 540, limits  # the whole check within 9 minutes of device time (15 with start-up)
 
 
 def test_what_a_profiled_step_writes_still_reaches_the_user(capfd):

@@ -3,7 +3,8 @@ subsets, on the torch path and the kernel path (Triton's interpreter on CPU), ag
 computation of the same math with the same dropout mask, forward and every gradient, each output within
 the tolerance of its own dtype (tests/tolerances.py, relative to the output's largest magnitude).
 
-Also: NaN and Inf propagate as in the float64 computation; the same seed gives bit-identical outputs and
+DoRA's op too, on both paths, against PEFT's formula in float64 (the torch path's sparse route for rare
+drops included).  Also: NaN and Inf propagate as in the float64 computation; the same seed gives bit-identical outputs and
 gradients; different seeds give different masks; the kept fraction matches 1-p.
 
 Example budget: the ``ci`` profile (the default: fixed examples, seconds); ``FASTLORA_HYPOTHESIS_PROFILE=long``
@@ -256,3 +257,67 @@ def test_nan_propagates_through_dropout_as_x_times_mask(path, p):
     torch.manual_seed(9)
     lora_linear(x, torch.zeros(K, K), None, A, eye, 1.0, p, backend=path).backward(torch.ones(M, K))
     assert torch.isnan(A.grad[:, dropped]).all() and torch.isnan(A.grad[:, kept]).all()
+
+
+# ---- DoRA ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def dora_cases(draw):
+    dtype = draw(st.sampled_from([f32, f32, bf16]))  # fp32 twice: on the torch path it takes the sparse route
+    return {
+        "M": draw(st.sampled_from([0, 1]) | st.integers(2, 40)),
+        "K": draw(st.integers(1, 48)),
+        "N": draw(st.integers(1, 48)),
+        "r": draw(st.integers(1, 16)),
+        "dtype": dtype,
+        "adapter_dtype": draw(st.sampled_from([f32, dtype])),
+        "bias": draw(st.booleans()),
+        "transposed": draw(st.booleans()),
+        # no dropout; rare drops (the CPU mask's sparse route); any other p
+        "p": draw(st.sampled_from([0.0]) | st.floats(0.01, 0.15) | st.floats(0.15, 0.9)),
+        "seed": draw(st.integers(0, 2**31 - 2)),
+    }
+
+
+def _check_dora_against_float64(path: str, c: dict) -> None:
+    """DoRA's op against PEFT's formula in float64 with the same mask: y and dx to the base dtype's tolerance
+    (or the adapters' where coarser), dA and dB to the adapters', dm to the base dtype's."""
+    from fastlora import dora_ops
+    from tests import kernel_checks as kc
+
+    M, K, N, r, dtype, adapter_dtype, p = (c[k] for k in ("M", "K", "N", "r", "dtype", "adapter_dtype", "p"))
+    x, W, b, A, B, m = kc.dora_operands(dtype, adapter_dtype, c["bias"], M, K, N, r, seed=c["seed"])
+    if c["transposed"]:
+        x = x.t().contiguous().t()
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(c["seed"] + 1)).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
+    seed = torch.tensor([c["seed"]]) if p else None
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p, path == "triton")
+    grads = torch.autograd.grad(y, leaves, dy)
+    keep = None
+    if p:
+        keep = (philox.keep_mask(c["seed"], M, K, p) if path == "triton" else
+                reference.cpu_keep_mask(c["seed"], (M, K), p)).double()
+    refs = [t.double().requires_grad_() for t in (x, A, B, m)]
+    y64 = kc.dora_float64(refs[0], W.double(), b.double() if b is not None else None, *refs[1:], 0.5, keep, p)
+    grads64 = torch.autograd.grad(y64, refs, dy.double())
+    kc.assert_close("y", y, y64, kc.tolerance(dtype, adapter_dtype), dtype)
+    for name, got, want, tol_dtype, out_dtype in zip(
+            ("dx", "dA", "dB", "dm"), grads, grads64, (dtype, adapter_dtype, adapter_dtype, dtype),
+            (dtype, adapter_dtype, adapter_dtype, adapter_dtype)):
+        kc.assert_close(name, got, want, kc.tolerance(tol_dtype, adapter_dtype if name == "dx" else None),
+                        out_dtype)
+
+
+@settings(settings.get_profile(PROFILE))
+@given(dora_cases())
+def test_dora_torch_path_matches_float64(c):
+    _check_dora_against_float64("torch", c)
+
+
+@pytest.mark.skipif(not triton_interpreter_on(), reason="CPU tensors on the kernel path need Triton's interpreter")
+@settings(settings.get_profile(PROFILE), max_examples=max(KERNEL_EXAMPLES, 1))
+@given(dora_cases())
+def test_dora_kernel_path_matches_float64(c):
+    _check_dora_against_float64("triton", c)

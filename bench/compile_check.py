@@ -42,7 +42,9 @@ from fastlora.kernels.common import block_r, small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import (  # noqa: E402
     cols_blocks, config_dicts, dora_config_dicts, r_chunk, rows_blocks, skinny_block_r,
 )
-from fastlora.kernels.dora import _norm_blocks, dora_gemm_kernel, dora_norm_kernel  # noqa: E402
+from fastlora.kernels.dora import (  # noqa: E402
+    ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_kernel, dora_norm_kernel, zero_magnitude_dm_kernel,
+)
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
 from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
@@ -51,7 +53,7 @@ from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel, "mask": zero_dropped_kernel,
-           "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel}
+           "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel, "dora_zero_dm": zero_magnitude_dm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
 M, K, N = 8192, 4096, 4096
@@ -350,8 +352,8 @@ def _dora_gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: 
 
 
 def dora_jobs(arch: int) -> list[Job]:
-    """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; its row-norm kernel
-    per rank block and dtype setup."""
+    """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; the zero-magnitude
+    pass; its row-norm kernel per rank block and dtype setup."""
     jobs = []
     for dots in ("16-bit", "tf32", "ieee"):
         dtypes = DTYPE_VARIANTS_16 if dots == "16-bit" else [v for v in DTYPE_VARIANTS_32 if v[2] == dots]
@@ -373,6 +375,20 @@ def dora_jobs(arch: int) -> list[Job]:
                                     _dora_gemm_args(direction, dt, adt, prec, r, meta, dropout, int64, scale),
                                     cfg["num_warps"], cfg["num_stages"], needs_wgmma=arch >= 90 and tensor_cores,
                                     needs_tensor_cores=tensor_cores, exact_fp32=dt == adt == "fp32" and prec == "ieee"))
+    zb = ZERO_DM_BLOCKS
+    for dt, adt, prec in DTYPE_VARIANTS_16 + DTYPE_VARIANTS_32:  # the zero-magnitude pass, as the GEMMs' dtypes
+        tensor_cores = not (dt == "fp32" and prec == "ieee")
+        for int64 in (False, True):
+            args = dict(dy_ptr=Ptr(dt), x_ptr=Ptr(dt), w_ptr=Ptr(dt), s_ptr=Ptr(adt), b_ptr=Ptr(adt), m_ptr=Ptr(adt),
+                        n_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), M=M, N=N, K=K, R=16,
+                        stride_dym=N, stride_dyn=1, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
+                        stride_sm=16, stride_sr=1, stride_bn=16, stride_br=1, lora_scale=0.5, INT64=int64,
+                        UPCAST=False, PRECISION=prec, BLOCK_R=r_chunk(block_r(16), adt == "fp32"),
+                        **{k: zb[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            name = f"dora zero-m dm {zb['BLOCK_M']}x{zb['BLOCK_N']}x{zb['BLOCK_K']} w{zb['num_warps']}"
+            jobs.append(Job("dora_zero_dm", name, f"{dt}/{adt} {prec}" + (" int64" if int64 else ""), arch, args,
+                            zb["num_warps"], 3, needs_tensor_cores=tensor_cores,
+                            exact_fp32=dt == adt == "fp32" and prec == "ieee"))
     for r in RANKS:
         br = skinny_block_r(r)
         for dt, adt, prec in SKINNY_DTYPES:

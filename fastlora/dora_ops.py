@@ -7,9 +7,10 @@ products from one read of x (forward) and of dy (dx); S, dS, dB and dA come from
 "composed" schedule (``FASTLORA_KERNEL_VARIANTS=dora=composed``), kept for the GPU check to compare: without
 dropout the LoRA kernels on dz = g ⊙ dy, the magnitude scale as torch passes; with dropout torch products and
 the mask applied by :func:`fastlora.ops.keep_fn`.  dm = Σ_rows dy ⊙ z / n is a torch reduction on every
-path.  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats) and, when the magnitude is
-trained, what dm needs: the output ``y`` itself when that is enough (no dropout, no bias, no zero in m; the
-next op may keep ``y`` anyway, an activation's input does), else z (M × N).
+path (from y where z is not kept).  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats) and, when the magnitude is
+trained, what dm needs: the output ``y`` itself without dropout and bias (the next op may keep ``y`` anyway,
+an activation's input does; where m = 0, which y = g ⊙ z says nothing about, the kernel path recomputes z's
+columns and the torch path keeps z), else z (M × N).
 
 The ops are ``custom_op`` s (opaque to torch.compile, which calls them as they are); :func:`dora_linear`
 is the entry point, calling them directly in eager mode as :func:`fastlora.ops.lora_linear` does.
@@ -131,36 +132,41 @@ def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or
 def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
                          dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
-    if _fused(use_kernels):
+    if not use_kernels:
+        grads = reference.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
+                                        keep_fn(seed, dropout_p), dropout_p, need_dx, need_dA, need_dB, need_dm, y=y)
+    else:
         from fastlora import kernels
 
-        dm = reference.dora_magnitude_grad(dy, magnitude, norm, z, y) if need_dm else None
-        grads = (*kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, reference.dora_scale(magnitude, norm),
-                                        seed, scaling, dropout_p, need_dx, need_dA, need_dB), dm)
-    elif use_kernels and dropout_p == 0.0:
-        grads = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling,
-                                       need_dx, need_dA, need_dB, need_dm)
-    else:
-        grads = reference.dora_backward(
-            dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling, keep_fn(seed, dropout_p, use_kernels),
-            dropout_p, need_dx, need_dA, need_dB, need_dm, y=y,
-        )
+        if _fused(use_kernels):
+            dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, reference.dora_scale(magnitude, norm),
+                                               seed, scaling, dropout_p, need_dx, need_dA, need_dB)
+        elif dropout_p == 0.0:
+            dx, dA, dB = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling,
+                                                need_dx, need_dA, need_dB)
+        else:
+            dx, dA, dB, _ = reference.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
+                                                    keep_fn(seed, dropout_p, True), dropout_p, need_dx, need_dA,
+                                                    need_dB, False)
+        dm = None
+        if need_dm:
+            dm = reference.dora_magnitude_grad(dy, magnitude, norm, z, y)
+            if y is not None:  # where m = 0, y = g ⊙ z keeps nothing of z: recomputed there, without a host sync
+                at_zeros = kernels.zero_magnitude_dm(dy, x, weight, S, lora_B, magnitude, norm, scaling)
+                dm = torch.where(magnitude.detach() == 0, at_zeros.to(dm.dtype), dm)
+        grads = (dx, dA, dB, dm)
     like = (x, lora_A, lora_B, magnitude)
     return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
 
 
-def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, z, y, norm, scaling, need_dx, need_dA,
-                           need_dB, need_dm):
-    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for the dx GEMM, in
-    the adapters' for dS and dB), dm from z or y."""
+def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB):
+    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for
+    the dx GEMM, in the adapters' for dS and dB)."""
     from fastlora import kernels
 
-    dy_acc = dy.to(norm.dtype)
-    dm = reference.dora_magnitude_grad(dy_acc, magnitude, norm, z, y) if need_dm else None
-    dz = dy_acc * reference.dora_scale(magnitude, norm)
-    dx, dA, dB = kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
-                                       need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype))
-    return dx, dA, dB, dm
+    dz = dy.to(norm.dtype) * reference.dora_scale(magnitude, norm)
+    return kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
+                                 need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype))
 
 
 def _dora_setup_context(ctx, inputs, output):
@@ -224,11 +230,17 @@ def dora_linear(
     dropout_p: float,
     use_kernels: bool = False,
 ) -> Tensor:
-    """y of ``fastlora::dora_linear`` with autograd.  In eager mode, with no dropout, no bias and no zero in
-    the magnitude, backward computes dm from the output instead of keeping z, its own M × N tensor."""
-    if torch.compiler.is_compiling():
-        return dora_linear_op(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels,
-                              True)[0]
-    keep_z = not (seed is None and bias is None and magnitude.requires_grad and bool(magnitude.ne(0).all()))
+    """y of ``fastlora::dora_linear`` with autograd.  Backward needs z for dm only; with no dropout and no bias
+    it computes dm from the output y instead of keeping z (its own M × N tensor), where y allows: on the kernel
+    path always (the columns with m = 0, where y keeps nothing of z, are recomputed in backward), on the
+    torch path when m has no zero, which eager mode reads (under torch.compile that path keeps z)."""
+    keep_z = torch.is_grad_enabled() and magnitude.requires_grad
+    if keep_z and seed is None and bias is None:
+        if use_kernels:
+            keep_z = False
+        elif not torch.compiler.is_compiling():
+            keep_z = not bool(magnitude.ne(0).all())
     args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
+    if torch.compiler.is_compiling():
+        return dora_linear_op(*args)[0]
     return _EagerDoRALinear.apply(*args)[0]

@@ -89,7 +89,7 @@ def _check_real(name: str, value) -> None:
     """A real Python number: not a string, a bool, a tensor, NaN or infinity (each refused by name)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number (int or float), got {type(value).__name__} {value!r}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
         raise ValueError(f"{name} must be finite, got {value!r}")
 
 

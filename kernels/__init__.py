@@ -15,8 +15,8 @@ they allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
 """
 
 from .backward import lora_backward
-from .dora import dora_backward, dora_forward
+from .dora import dora_backward, dora_forward, zero_magnitude_dm
 from .forward import lora_forward
 from .masking import zero_dropped_
 
-__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_dropped_"]
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_magnitude_dm", "zero_dropped_"]

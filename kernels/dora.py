@@ -43,7 +43,8 @@ from .dropout import keep_mask, keep_threshold, philox_key
 from .forward import launch_S
 from .gemm import load_k_step, low_rank_tile, store_tile, tile_coordinates
 
-__all__ = ["dora_norm_kernel", "dora_gemm_kernel", "dora_weight_norm", "dora_forward", "dora_backward"]
+__all__ = ["dora_norm_kernel", "dora_gemm_kernel", "zero_magnitude_dm_kernel", "dora_weight_norm", "dora_forward",
+           "dora_backward", "zero_magnitude_dm"]
 
 
 @triton.jit
@@ -163,6 +164,51 @@ def dora_gemm_kernel(
     store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64)
 
 
+@triton.jit
+def zero_magnitude_dm_kernel(
+    dy_ptr, x_ptr, w_ptr, s_ptr, b_ptr, m_ptr, n_ptr, out_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
+    stride_bn, stride_br,
+    lora_scale,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[j] = Σ_t dy[t, j] · z[t, j] / n_j for the columns j with m_j = 0, z = x Wᵀ + s·S Bᵀ recomputed (the
+    output y = g ⊙ z keeps nothing of z there), 0 for the others; a program whose BLOCK_N columns have no
+    zero in m runs no loop, so the launch costs nothing when m has none (the usual case) and needs no host
+    synchronisation to find out."""
+    lora_scale = tl.cast(lora_scale, tl.float32)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    zero = (tl.load(m_ptr + offs_n, mask=n_ok, other=1.0) == 0.0) & n_ok
+    blocks = tl.cdiv(M, BLOCK_M) * tl.max(zero.to(tl.int32), axis=0)  # 0 unless a column here has m = 0
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    if INT64:
+        cols = cols.to(tl.int64)
+    dm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for i in range(0, blocks):
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m % M
+        if INT64:
+            rows = rows.to(tl.int64)
+        z = low_rank_tile(s_ptr, b_ptr, s_ptr, rows, cols, offs_m, 0, R, stride_sm, stride_sr, stride_br, stride_bn,
+                          lora_scale, 0, False, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
+        a_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        b_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # Wᵀ's (BLOCK_K × BLOCK_N) tile
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a, b = load_k_step(a_ptrs, b_ptrs, offs_k, K - k * BLOCK_K, UPCAST)
+            z = tl.dot(a, b, z, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_xk
+            b_ptrs += BLOCK_K * stride_wk
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+                     mask=(offs_m < M)[:, None] & n_ok[None, :], other=0.0)
+        dm += tl.sum(dy.to(tl.float32) * z, axis=0)
+    norm = tl.load(n_ptr + offs_n, mask=n_ok, other=1.0)
+    tl.store(out_ptr + offs_n, tl.where(zero, dm / norm, 0.0), mask=n_ok)
+
+
 @lru_cache(maxsize=None)
 def _autotuner(configs: tuple):
     # BACKWARD and DROPOUT in the key: forward and backward launches can share a shape, and both dropout
@@ -276,3 +322,28 @@ def dora_backward(
         _launch_gemm(dy, weight, dx, None, None, dS, lora_A, g, seed, 1.0, dropout_p, True,
                      (weight.stride(0), weight.stride(1)))
     return dx, dA, dB
+
+
+# Blocks of the zero-magnitude pass: small (it runs only where m has a zero; elsewhere its programs exit).
+ZERO_DM_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
+
+
+def zero_magnitude_dm(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, lora_B: Tensor, magnitude: Tensor,
+                      norm: Tensor, scaling: float) -> Tensor:
+    """(N,) fp32: Σ_rows dy ⊙ z / n at the columns where m = 0, 0 elsewhere (``zero_magnitude_dm_kernel``)."""
+    dy, x = backward_operands(dy, x, weight, S, lora_B)
+    M, N = dy.shape
+    out = torch.zeros(N, device=dy.device, dtype=torch.float32)
+    if M == 0 or N == 0:
+        return out
+    r = S.shape[1]
+    launch(zero_magnitude_dm_kernel)[(triton.cdiv(N, ZERO_DM_BLOCKS["BLOCK_N"]),)](
+        dy, x, weight, S, lora_B, magnitude.detach(), norm, out,
+        M, N, x.shape[1], r,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+        S.stride(0), S.stride(1), lora_B.stride(0), lora_B.stride(1),
+        float(scaling),
+        INT64=needs_int64(dy, x, weight), UPCAST=upcast(x, lora_B), PRECISION=gemm_precision(x.dtype),
+        BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32), **ZERO_DM_BLOCKS,
+    )
+    return out

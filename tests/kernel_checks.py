@@ -323,13 +323,14 @@ def dora_float64(x, W, b, A, B, m, scaling, keep, p):
 
 
 def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype,
-               bias: bool, p: float, seed: int = 99) -> None:
+               bias: bool, p: float, seed: int = 99, zero_magnitudes: tuple[int, ...] = ()) -> None:
     """fastlora::dora_linear with ``use_kernels`` against float64 with the kernels' mask: y and dx to the base
     dtype's tolerance, dA and dB to the adapters', dm to the base dtype's (it sums dy ⊙ x Wᵀ, a product in
-    the base dtype)."""
+    the base dtype).  ``zero_magnitudes``: rows of m set to 0."""
     from fastlora import dora_ops
 
     x, W, b, A, B, m = dora_operands(dtype, adapter_dtype, bias, M, K, N, r, seed=1)
+    m[list(zero_magnitudes)] = 0.0
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(dtype)
     leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
     seed_t = torch.tensor([seed], device=device) if p else None

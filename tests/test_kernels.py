@@ -134,6 +134,18 @@ def test_dora_gpu_tile(p):
         kc.check_dora("cpu", 70, 150, 140, 8, torch.bfloat16, torch.float32, bias=True, p=p)
 
 
+@pytest.mark.parametrize("schedule", ["fused", "composed"])
+def test_dora_zero_magnitude_kernel_path(schedule):
+    """No dropout, no bias: backward takes dm from the output y, and where m = 0 (y keeps nothing of z) from z
+    recomputed by the zero-magnitude pass; the tail block of columns included."""
+    from fastlora.kernels import configs
+
+    with configs.use_kernel_variants(dora=schedule):
+        kc.check_dora("cpu", 37, 97, 70, 8, torch.bfloat16, torch.float32, bias=False, p=0.0,
+                      zero_magnitudes=(0, 33, 69))
+        kc.check_dora("cpu", 16, 40, 24, 4, torch.float32, torch.float32, bias=False, p=0.0, zero_magnitudes=(5,))
+
+
 def test_dora_norm_kernel_rank_chunks():
     """Ranks above the skinny cap: the row-norm kernel's program columns each add their part of n²."""
     from fastlora.kernels import configs, dora

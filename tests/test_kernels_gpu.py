@@ -152,6 +152,57 @@ def test_dora_kernel_path(dtype, adapter_dtype, p, schedule):
         kc.check_dora(DEVICE, 512, 1024, 768, 16, dtype, adapter_dtype, bias=True, p=p)
 
 
+@pytest.mark.parametrize("schedule", ["fused", "composed"])
+def test_dora_zero_magnitude(schedule):
+    """dm from the output y, and from z recomputed where m = 0."""
+    with configs.use_kernel_variants(dora=schedule):
+        kc.check_dora(DEVICE, 512, 1024, 768, 16, bf16, f32, bias=False, p=0.0, zero_magnitudes=(0, 700, 767))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_step_without_host_sync(p):
+    """DoRA's forward and backward on the kernel path make no host synchronisation (torch's sync debug mode
+    raises on one): no data-dependent choice reads m on the host."""
+    from fastlora import dora_ops
+
+    x, W, b, A, B, m = (t.to(DEVICE) for t in kc.dora_operands(bf16, f32, False, 512, 1024, 768, 16))
+    leaves = [t.requires_grad_() for t in (x, A, B, m)]
+    seed = torch.tensor([5], device=DEVICE) if p else None
+
+    def step():
+        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, 0.5, p, True)
+        return torch.autograd.grad(y.float().square().sum(), leaves)
+
+    step()  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_compiled_dora_op_kernel_path(p):
+    """torch.compile(fullgraph=True) of the DoRA op on the kernel path = eager, with one seed (without bias at
+    p = 0 both keep y, not z)."""
+    from fastlora import dora_ops
+
+    x, W, b, A, B, m = (t.to(DEVICE) for t in kc.dora_operands(bf16, f32, False, 512, 1024, 768, 16))
+    leaves = [t.requires_grad_() for t in (x, A, B, m)]
+    seed = torch.tensor([11], device=DEVICE) if p else None
+
+    def f(x, A, B, m):
+        return dora_ops.dora_linear(x, W, None, A, B, m, seed, 0.5, p, True)
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        y = fn(*leaves)
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), leaves)])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
 def test_cuda_graph_replay():
     """No host synchronisation: the launchers capture into a CUDA graph (after autotuning) and replay it; a new
     seed written into the seed tensor changes the mask without re-capture."""

@@ -112,3 +112,25 @@ def test_compiled_op_regenerates_the_eager_mask():
         [sys.executable, "-c", _COMPILE_MASK_SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0 and "MASKS_OK" in result.stdout, result.stderr[-4000:]
+
+
+_COMPILE_SEVERAL_DROPOUTS_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from fastlora import LoRALinear
+    # A float that changes between compiles becomes a symbolic input of the next graph: the layer's argument
+    # checks must trace it (math.isfinite on it is a graph break, so fullgraph=True failed on the second p).
+    for use_dora in (False, True):
+        for p in (0.0, 0.1, 0.2):
+            layer = LoRALinear(16, 12, r=4, lora_dropout=p, use_dora=use_dora)
+            torch.compile(layer, fullgraph=True)(torch.randn(3, 16, requires_grad=True)).sum().backward()
+    print("SEVERAL_OK")
+    """
+)
+
+
+def test_compile_layers_with_different_dropout_in_one_process():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _COMPILE_SEVERAL_DROPOUTS_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and "SEVERAL_OK" in result.stdout, result.stderr[-4000:]

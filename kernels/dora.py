@@ -20,8 +20,10 @@ dora_gemm_kernel — one program per C tile, as the fused LoRA GEMM (gemm.py), t
     product, y = g ⊙ z + b.  Backward (A = dy, B = W, P = dS, Q = A of the LoRA, scale 1): the dy tile is
     scaled by g in registers (one product) or, with dropout, used as loaded and scaled by g − 1 (two
     products), and the mask and 1/(1-p) are applied in the epilogue.
+zero_magnitude_dm_kernel — dm = Σ_rows dy ⊙ z / n at the columns where m = 0, z recomputed: backward takes dm
+    from the output y = g ⊙ z elsewhere (no dropout, no bias), and y holds nothing of z where g = 0.
 
-The launchers take and return what ``fastlora.dora_ops`` needs; dm = Σ_rows dy ⊙ z / n is a torch reduction there.
+The launchers take and return what ``fastlora.dora_ops`` needs; dm's reductions over rows are torch's, there.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def dora_norm_kernel(
         quad = tl.load(quad_ptr + offs_n, mask=n_ok, other=0.0)
         total += sum_sq + lora_scale * lora_scale * quad
     if FINAL:
-        total = tl.sqrt(tl.maximum(total, 0.0))
+        total = tl.sqrt_rn(tl.maximum(total, 0.0))  # IEEE-rounded, as torch's sqrt (tl.sqrt is approximate)
     tl.store(out_ptr + chunk * stride_oc + offs_n * stride_on, total, mask=n_ok)
 
 

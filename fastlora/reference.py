@@ -194,7 +194,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
         A, B = _to(lora_A, dtype), _to(lora_B, dtype)
         quadratic = torch.mm(B, torch.mm(A, A.t())).mul_(B).sum(1)  # B_i (A Aᵀ) B_iᵀ
         norm_sq = torch.empty(weight.shape[0], dtype=dtype, device=weight.device)
-        rows = weight.shape[0] if weight.dtype == dtype else max(1, _NORM_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+        rows = max(1, weight.shape[0] if weight.dtype == dtype else _NORM_CHUNK_ELEMENTS // max(1, weight.shape[1]))
         for start in range(0, weight.shape[0], rows):
             w = _to(weight[start:start + rows], dtype)
             cross = torch.mm(w, A.t()).mul_(B[start:start + rows]).sum(1)

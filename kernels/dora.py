@@ -332,15 +332,19 @@ ZERO_DM_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
 
 def zero_magnitude_dm(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, lora_B: Tensor, magnitude: Tensor,
                       norm: Tensor, scaling: float) -> Tensor:
-    """(N,) fp32: Σ_rows dy ⊙ z / n at the columns where m = 0, 0 elsewhere (``zero_magnitude_dm_kernel``)."""
-    dy, x = backward_operands(dy, x, weight, S, lora_B)
+    """(N,) fp32: Σ_rows dy ⊙ z / n at the columns where m = 0, 0 elsewhere (``zero_magnitude_dm_kernel``).
+    x and dy may have any strides (the kernel reads through them: no copy on a backward that usually finds
+    no zero)."""
+    check_dtypes(x, weight, S, lora_B)
+    dy = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+    magnitude = magnitude.detach().contiguous()  # (the kernel reads m with stride 1)
     M, N = dy.shape
     out = torch.zeros(N, device=dy.device, dtype=torch.float32)
     if M == 0 or N == 0:
         return out
     r = S.shape[1]
     launch(zero_magnitude_dm_kernel)[(triton.cdiv(N, ZERO_DM_BLOCKS["BLOCK_N"]),)](
-        dy, x, weight, S, lora_B, magnitude.detach(), norm, out,
+        dy, x, weight, S, lora_B, magnitude, norm, out,
         M, N, x.shape[1], r,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
         S.stride(0), S.stride(1), lora_B.stride(0), lora_B.stride(1),

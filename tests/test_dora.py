@@ -336,3 +336,12 @@ def test_opcheck(p, use_kernels, keep_z):
     seed = torch.tensor([42]) if p else None
     torch.library.opcheck(dora_ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
                                                m.requires_grad_(), seed, 0.5, p, use_kernels, keep_z))
+
+
+def test_no_output_features():
+    """A layer with no output features (an empty W): the norm's row chunks still step forward."""
+    layer = LoRALinear(8, 0, r=2, use_dora=True)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (3, 0) and torch.equal(x.grad, torch.zeros(3, 8))

@@ -358,7 +358,7 @@ def dora_backward(
         return dx, dA, dB, dm
     inv_keep = 1.0 / (1.0 - dropout_p)
     dS_kept = _mm_rank_columns(dz, lora_B).mul_(scaling * inv_keep)  # dS · 1/(1-p)
-    drops = _rare_drops(keep, x, weight) if keep is not None else None
+    drops = _rare_drops(keep, x, weight)
     if keep is None:
         if need_dA:
             dA = torch.mm(dS_kept.t(), _to(x, adapter_dtype))

@@ -10,7 +10,8 @@ from .configs import INTERPRET, num_sms
 
 __all__ = [
     "check_dtypes", "block_r", "dot_precision", "skinny_precision", "gemm_precision", "small_skinny_tiles",
-    "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch", "backward_operands", "empty_batch_grads",
+    "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch", "backward_operands",
+    "empty_batch_grads",
 ]
 
 _INT32_LIMIT = 2**31 - 1

@@ -70,7 +70,7 @@ def _fused(use_kernels: bool) -> bool:
 
 def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
     if _fused(use_kernels):
-        from fastlora import kernels
+        from fastlora.kernels import launchers as kernels
 
         y, S, z, norm = kernels.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p,
                                              keep_z)
@@ -87,7 +87,7 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dro
 
 def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z):
     """The composed schedule without dropout: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
-    from fastlora import kernels
+    from fastlora.kernels import launchers as kernels
 
     norm = reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = reference.dora_scale(magnitude, norm)
@@ -136,7 +136,7 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
         grads = reference.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                         keep_fn(seed, dropout_p), dropout_p, need_dx, need_dA, need_dB, need_dm, y=y)
     else:
-        from fastlora import kernels
+        from fastlora.kernels import launchers as kernels
 
         if _fused(use_kernels):
             dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, reference.dora_scale(magnitude, norm),
@@ -162,7 +162,7 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
 def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB):
     """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for
     the dx GEMM, in the adapters' for dS and dB)."""
-    from fastlora import kernels
+    from fastlora.kernels import launchers as kernels
 
     dz = dy.to(norm.dtype) * reference.dora_scale(magnitude, norm)
     return kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,

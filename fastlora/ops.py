@@ -44,7 +44,7 @@ def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False)
 
     def keep(t: Tensor) -> Tensor:
         if use_kernels:
-            from fastlora import kernels
+            from fastlora.kernels import launchers as kernels
 
             return kernels.zero_dropped_(t, seed, dropout_p)
         cpu_zero_dropped_(t, seed, dropout_p)
@@ -95,7 +95,7 @@ def lora_linear_backward_op(
 
 def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels):
     if use_kernels:
-        from fastlora import kernels
+        from fastlora.kernels import launchers as kernels
 
         return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
     return reference.lora_forward(
@@ -106,7 +106,7 @@ def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kern
 def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, use_kernels, need_dx, need_dA,
                     need_dB):
     if use_kernels:
-        from fastlora import kernels
+        from fastlora.kernels import launchers as kernels
 
         grads = kernels.lora_backward(
             dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, need_dx, need_dA, need_dB

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlora import reference
-from fastlora.kernels import lora_backward, lora_forward
+from fastlora.kernels.launchers import lora_backward, lora_forward
 from tests import philox
 
 f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
@@ -287,7 +287,7 @@ def check_empty(device: str) -> None:
 def check_zero_dropped(device: str, dtype: torch.dtype, M: int = 37, K: int = 97, p: float = 0.3,
                        seed: int = 2**40 + 77) -> None:
     """Every (M, K) slice of a stack multiplied by the kernels' mask for (seed, row, col), NaN kept as NaN."""
-    from fastlora.kernels import zero_dropped_
+    from fastlora.kernels.launchers import zero_dropped_
 
     t = torch.randn(3, M, K, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
     keep = philox.keep_mask(seed, M, K, p, device=device)

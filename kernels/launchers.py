@@ -1,7 +1,6 @@
-"""Triton kernels and their launchers (imported as ``fastlora.kernels``; imports only torch and triton).
+"""The launchers ``fastlora.ops`` calls inside its ``triton_op`` bodies (imports only torch and triton).
 
-``lora_forward`` / ``lora_backward`` are what ``fastlora.ops`` calls inside its ``triton_op`` bodies:
-they allocate outputs with torch, launch through ``torch.library.wrap_triton`` and never synchronise.
+They allocate outputs with torch, launch through ``torch.library.wrap_triton`` and never synchronise.
 
     dropout.py   the Philox keep mask every kernel regenerates from (seed, row, col)
     masking.py   that mask applied on its own, in place, to a whole tensor (for DoRA's torch products)
@@ -12,6 +11,10 @@ they allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     forward.py   lora_forward launcher
     backward.py  lora_backward launcher
     dora.py      DoRA: the row-norm kernel, the GEMM with the magnitude scale, dora_forward / dora_backward
+
+The folder has no ``__init__.py`` on purpose: it is the subpackage ``fastlora.kernels`` (``fastlora/kernels``
+links to it), never a top-level package of its own.  With an ``__init__.py``, Python started at the repository
+root would import it as ``kernels`` in place of Hugging Face's ``kernels`` package, which transformers imports.
 """
 
 from .backward import lora_backward

@@ -47,7 +47,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastlora.bench.presets import find_gpu_spec  # noqa: E402
-from fastlora.kernels import configs, lora_backward, lora_forward  # noqa: E402
+from fastlora.kernels import configs  # noqa: E402
+from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from fastlora.kernels.backward import launch_dA, launch_dS_dB, launch_dx_gemm  # noqa: E402
 from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
 

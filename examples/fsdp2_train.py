@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lora-dropout", type=float, default=0.1)
+    parser.add_argument("--optim", choices=["adamw", "sgd"], default="adamw")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -53,7 +54,8 @@ def main() -> int:
         for layer in model.get_base_model().model.layers:
             fully_shard(layer)
         fully_shard(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.AdamW if args.optim == "adamw" else torch.optim.SGD)(trainable, lr=args.lr)
     stream = batches(load_text_tokens(), args.global_batch, args.length, torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed + 1 + rank)  # each rank draws its own dropout masks
     model.train()

@@ -47,6 +47,7 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lora-dropout", type=float, default=0.1)
+    parser.add_argument("--optim", default="adamw_torch", help="a TrainingArguments optim name, e.g. sgd")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -59,7 +60,7 @@ def main() -> int:
     data = TextWindows(load_text_tokens(), args.length)
     training_args = TrainingArguments(
         output_dir=args.output, max_steps=args.steps, per_device_train_batch_size=args.per_device_batch,
-        learning_rate=args.lr, logging_steps=1, save_steps=3, seed=args.seed, report_to="none",
+        learning_rate=args.lr, optim=args.optim, logging_steps=1, save_steps=3, seed=args.seed, report_to="none",
         use_cpu=not torch.cuda.is_available(), disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=data, eval_dataset=torch.utils.data.Subset(data, range(8)))
@@ -70,6 +71,11 @@ def main() -> int:
     weights = {n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad}
     torch.save(weights, Path(args.output) / f"lora_rank{rank}.pt")
     print(f"process {rank}: eval_loss {metrics['eval_loss']:.4f}; adapter saved to {args.output}", flush=True)
+    # The Trainer leaves the process group of a multi-process run open.  Left to interpreter shutdown, gloo's
+    # worker threads can still hold tensors while Python is torn down, and the process aborts ("terminate
+    # called without an active exception") after everything was saved.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from importlib import resources
@@ -51,10 +52,32 @@ def eval_loss(model, ids: torch.Tensor) -> float:
     return model(input_ids=ids, labels=ids).loss.item()
 
 
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) a plain line at every tenth of the run, since a
+    bar redrawn with carriage returns becomes one very long line in a file."""
+
+    def __init__(self, steps: int):
+        self.steps, self.bar = steps, None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=steps, desc="fine-tuning", unit="step")
+        self.every = max(1, steps // 10)
+
+    def update(self, step: int, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}")
+        elif step % self.every == 0 or step == self.steps:
+            print(f"fine-tuning: step {step}/{self.steps}, loss {loss:.3f}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, seed: int = 0,
         output: str | None = None, hidden: int = 128, layers: int = 2) -> int:
-    from tqdm.auto import tqdm
-
     from fastlora import LoraConfig, LoraModel, TaskType, get_peft_model
 
     tokens = load_text_tokens()
@@ -71,14 +94,14 @@ def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, se
     stream = batches(tokens, batch, length, torch.Generator().manual_seed(seed))
     model.train()
     started = time.perf_counter()
-    progress = tqdm(range(steps), desc="fine-tuning", unit="step")
-    for _ in progress:
+    progress = _Progress(steps)
+    for step in range(1, steps + 1):
         ids = next(stream)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.update(step, loss.item())
     elapsed = time.perf_counter() - started
     progress.close()
     end_loss = eval_loss(model, eval_ids)

@@ -500,3 +500,18 @@ def test_what_a_profiled_step_writes_still_reaches_the_user(capfd):
     peak_memory(lambda: print("the step's own message", file=sys.stderr, flush=True), CPU)
     err = capfd.readouterr().err
     assert "the step's own message" in err and "USDT" not in err
+
+
+def test_every_table_and_the_targets_carry_a_legend():
+    layer = dict(mode="layer", case="q_proj", preset="tiny", M=8, K=4, N=4, dtype="float32", dropout=0.1)
+    rows = [dict(layer, provider="frozen", fwd_bwd_ms=0.5), dict(layer, provider="peft", fwd_bwd_ms=1.0),
+            dict(layer, dropout=0.0, provider="frozen", fwd_bwd_ms=0.5)]
+    rows += _model_rows() + [dict(r, dropout=0.0) for r in _model_rows()]
+    table = report.format_table(rows)
+    blocks = [b for b in table.split("\n\n") if b.strip()]
+    assert len(blocks) == 5  # two layer tables, two model tables, the targets
+    for block in blocks[:2]:
+        assert "new saved MiB: the same without the layer's input" in block
+    for block in blocks[2:4]:
+        assert "step: forward + loss + backward" in block
+    assert blocks[4].startswith("targets") and "the bracket gives what p adds over p=0" in blocks[4]

@@ -5,9 +5,13 @@ from fastlora import cli
 
 def test_demo_trains_saves_and_reloads(tmp_path, capsys):
     code = cli.main(["demo", "--steps", "12", "--batch", "4", "--length", "32", "--output", str(tmp_path / "adapter")])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
     assert "trainable params:" in out and "tokens/s" in out
+    # not a terminal: plain progress lines, no bar redrawn with carriage returns
+    assert "\r" not in out + captured.err and "fine-tuning: step 12/12, loss" in out
+    assert out.count("fine-tuning: step") == 12
     assert "reloaded with fastlora" in out and "reloaded with peft" in out and "DIFFERENT" not in out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 

@@ -21,8 +21,14 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="triton without its NVIDIA backend tools")
 def test_every_kernel_config_compiles_for_sm80_and_sm90():
+    # This is the only check that sees what the interpreter cannot (a dot's precision, spills, wgmma), so its
+    # absence is said loudly, and in CI (CI=true) it is a failure rather than a skip.
+    if not CUOBJDUMP.exists():
+        missing = f"the compile check cannot run: triton {triton.__version__} ships no cuobjdump (looked for {CUOBJDUMP})"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(missing)
+        pytest.skip(missing)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "compile_check.py"), "--jobs", str(os.cpu_count() or 1)],

@@ -1,7 +1,13 @@
 """The examples/ scripts, run as a user runs them: one process, two processes under accelerate launch
 (Trainer, DDP over gloo) and under torchrun (FSDP2).  With dropout 0, the two ranks end with identical
-LoRA weights and match the one-process run on the same global batches to atol 1e-4 (float32 reductions
-in another order, amplified by AdamW over 5-6 steps; measured here: 5e-6 to 2e-5)."""
+LoRA weights and match the one-process run on the same global batches.
+
+The runs compared use plain SGD.  Two processes sum their gradients in another order than one process, so
+the gradients differ by float32 rounding; under SGD a weight moves by lr·g, so after n steps it differs by at
+most lr·Σ|δg|, a few float32 ulps of the gradients (plus their small effect on later gradients).  Adam divides
+each step by √v: for an element whose gradient is near zero, rounding flips or scales a step of size ~lr, so
+the difference depends on the CPU's summation order and is not bounded by rounding at all (one element of
+an o_proj lora_A was seen 1.6e-4 apart against a median of 1.9e-6)."""
 
 import os
 import socket
@@ -42,9 +48,15 @@ def _weights(directory, rank):
     return torch.load(Path(directory) / f"lora_rank{rank}.pt", weights_only=True)
 
 
-def _assert_ranks_agree_and_match(multi, single, atol=1e-4):
+# float32 rounding of lr·Σ|δg| over the runs' 5-6 SGD steps, with room for other CPUs' summation orders
+SGD_ATOL = 2e-6
+
+
+def _assert_ranks_agree_and_match(multi, single, atol=SGD_ATOL):
     rank0, rank1, alone = _weights(multi, 0), _weights(multi, 1), _weights(single, 0)
     assert rank0.keys() == rank1.keys() == alone.keys() and len(rank0) == 28
+    worst = max((rank0[k] - alone[k]).abs().max().item() for k in rank0)
+    print(f"largest difference between two processes and one: {worst:.3g}")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         torch.testing.assert_close(rank0[key], alone[key], atol=atol, rtol=0, msg=key)
@@ -52,11 +64,11 @@ def _assert_ranks_agree_and_match(multi, single, atol=1e-4):
 
 def test_trainer_example_one_process_and_accelerate_two(tmp_path):
     _run([sys.executable, str(EXAMPLES / "trainer_finetune.py"), "--output", str(tmp_path / "one"),
-          "--per-device-batch", "4", "--lora-dropout", "0"])
+          "--per-device-batch", "4", "--lora-dropout", "0", "--optim", "sgd"])
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
           str(_free_port()), str(EXAMPLES / "trainer_finetune.py"), "--output", str(tmp_path / "two"),
-          "--per-device-batch", "2", "--lora-dropout", "0"])
+          "--per-device-batch", "2", "--lora-dropout", "0", "--optim", "sgd"])
     _assert_ranks_agree_and_match(tmp_path / "two", tmp_path / "one")
     for run in ("one", "two"):
         assert {"adapter_config.json", "adapter_model.safetensors", "checkpoint-3", "checkpoint-6"} <= set(os.listdir(tmp_path / run))
@@ -75,9 +87,10 @@ def test_trainer_example_seed_configuration_under_torchrun(tmp_path):
 
 
 def test_fsdp2_example_two_ranks_match_one_process(tmp_path):
-    out = _run(_torchrun("fsdp2_train.py", "--output", str(tmp_path / "two"), "--lora-dropout", "0"))
+    out = _run(_torchrun("fsdp2_train.py", "--output", str(tmp_path / "two"), "--lora-dropout", "0", "--optim", "sgd"))
     assert out.count("reloaded logits match the trained model") == 2
-    _run([sys.executable, str(EXAMPLES / "fsdp2_train.py"), "--output", str(tmp_path / "one"), "--lora-dropout", "0"])
+    _run([sys.executable, str(EXAMPLES / "fsdp2_train.py"), "--output", str(tmp_path / "one"), "--lora-dropout", "0",
+          "--optim", "sgd"])
     _assert_ranks_agree_and_match(tmp_path / "two", tmp_path / "one")
 
 

@@ -19,7 +19,8 @@ pytestmark = [
     pytest.mark.skipif(INTERPRET, reason="compiled mode only (TRITON_INTERPRET is set)"),
 ]
 
-from fastlora.kernels import configs, lora_backward, lora_forward  # noqa: E402
+from fastlora.kernels import configs  # noqa: E402
+from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from tests import kernel_checks as kc  # noqa: E402
 from tests.kernel_checks import Case, bf16, f16, f32  # noqa: E402
 
@@ -61,6 +62,12 @@ MEDIUM_CASES = [
 
 # x, y, dy and dx each hold 2^31 + 2^18 elements: every GEMM and skinny kernel runs with 64-bit offsets.
 HUGE_CASE = Case(2**31 // 4096 + 64, 4096, 4096, 16, bf16, f32, p=0.1)
+
+
+@pytest.mark.preflight
+def test_preflight_one_small_case():
+    """What ``gpu_check.sh --preflight`` runs: the compiled forward and backward at one small shape, bf16."""
+    kc.check_case(Case(96, 128, 80, 8, bf16, f32, p=0.1), DEVICE)
 
 
 @pytest.mark.parametrize("case", kc.SMALL_CASES[::3], ids=str)  # all of them run in the interpreter

@@ -110,7 +110,8 @@ class _Progress:
             try:
                 from tqdm.auto import tqdm
 
-                self.bar = tqdm(total=total_rounds, desc="fastlora bench", unit="round", file=sys.stderr, leave=False)
+                self.bar = tqdm(total=total_rounds, desc="fastlora bench", unit="round", file=sys.stderr, leave=False,
+                                disable=None)  # None: no bar where stderr is not a terminal
             except ImportError:
                 self.bar = None
 

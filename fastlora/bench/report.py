@@ -171,8 +171,35 @@ def _warnings(group: list[dict], doubts: dict[int, str]) -> list[str]:
     return [f"{r['provider']}: not reliable: {doubts[id(r)]}" for r in group if id(r) in doubts]
 
 
+# Printed under each table of format_table and under its targets: what the columns and the brackets mean.
+LEGEND = {
+    "layer": [
+        "time / saved ×frozen, ×PEFT: the row's figure over the frozen base's / PEFT's in the same case",
+        "saved MiB: every storage autograd keeps for backward (parameters excluded; views counted once); "
+        "new saved MiB: the same without the layer's input, which the previous layer keeps alive anyway",
+        "peak MiB: most memory allocated above the start of one forward+backward",
+    ],
+    "model": [
+        "step: forward + loss + backward (no optimizer step); ×frozen, ×PEFT: over the frozen model's / PEFT's",
+        "saved MiB: every storage autograd keeps for backward (parameters excluded; views counted once)",
+        "peak MiB: most memory allocated above the start of one step",
+    ],
+    "targets": [
+        "saved activations: saved storages other than one-element ones (the layers' dropout seeds, 8 bytes "
+        "each); the bracket gives what p adds over p=0 counting every storage, seeds included, and how many "
+        "one-element tensors it adds",
+        "each line: the measured ratio, then the target it must stay within and whether it does",
+    ],
+}
+
+
+def _legend(kind: str) -> list[str]:
+    return [f"  · {line}" for line in LEGEND[kind]]
+
+
 def format_table(rows: list[dict]) -> str:
-    """A plain-text table per mode, one block per case; rows whose timing is not reliable are named under it."""
+    """A plain-text table per mode, one block per case, each with a legend under it; rows whose timing is not
+    reliable are named under their table."""
     out = []
     doubts = unreliable(rows)
     for mode in ("layer", "model"):
@@ -190,11 +217,13 @@ def format_table(rows: list[dict]) -> str:
                 if j == 0:
                     out.append("  " + "  ".join("-" * w for w in widths))
             out.extend(f"  ! {line}" for line in _warnings(group, doubts))
+            out.extend(_legend(mode))
             out.append("")
     tl = targets(rows)
     if tl:
         out.append("targets (fastlora's torch path vs PEFT; model mode, and DoRA per layer too):")
         out.extend("  " + line for line in tl)
+        out.extend(_legend("targets"))
         out.append("")
     return "\n".join(out)
 

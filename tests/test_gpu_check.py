@@ -1,0 +1,109 @@
+"""bench/gpu_check.sh without a GPU: its results must come home from a device machine that returns only a few
+files, so every file its steps write is packed into one archive as each step ends, and again on exit or on a
+signal.  The runner is exercised with stand-in steps; the script itself up to its CUDA check."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = REPO / "bench" / "step_runner.sh"
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash and coreutils' timeout")
+
+# Stand-in steps: one writes its results and succeeds, one writes a partial file and outlives its limit (its
+# log and partial file must still be packed), one fails at once.
+STAND_IN = """
+source "{runner}"
+runner_init check "$STAGE" "$DEST"
+echo "header line" >>"$SUMMARY"
+step writes 20 bash -c 'echo rows >"$STAGE/run-layers.csv"; echo "{{}}" >"$STAGE/run-layers.json"; echo ok'
+step hangs 1 bash -c 'echo partial >"$STAGE/run-variants.json"; exec sleep 30'
+step fails 20 bash -c 'echo "no luck"; exit 3'
+{tail}
+echo "done: $RUNNER_STATUS" >>"$SUMMARY"
+exit "$RUNNER_STATUS"
+"""
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with tarfile.open(archive) as tar:
+        return {Path(m.name).name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+def _start(tmp_path: Path, tail: str = "") -> tuple[subprocess.Popen, Path, Path]:
+    stage, dest = tmp_path / "stage", tmp_path / "out"
+    script = tmp_path / "check.sh"
+    script.write_text(STAND_IN.format(runner=RUNNER, tail=tail))
+    env = {**os.environ, "STAGE": str(stage), "DEST": str(dest)}
+    proc = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    return proc, stage, dest
+
+
+def test_every_file_of_every_step_is_packed_with_the_summary_beside_it(tmp_path):
+    proc, stage, dest = _start(tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1, out  # a step failed (and one timed out)
+    assert sorted(os.listdir(dest)) == ["check.tar.gz", "check.txt"]
+    files = _members(dest / "check.tar.gz")
+    assert set(files) == set(os.listdir(stage)) == {
+        "check.txt", "run-layers.csv", "run-layers.json", "run-variants.json", "writes.log", "hangs.log", "fails.log"}
+    assert files["run-variants.json"] == b"partial\n"  # the killed step's partial result
+    summary = (dest / "check.txt").read_text()
+    assert files["check.txt"].decode() == summary
+    assert "step writes: exit 0" in summary and "step fails: exit 3" in summary and "done: 1" in summary
+    assert "step hangs: timed out (exit 124)" in summary
+    assert b"no luck" in files["fails.log"]
+
+
+# A last step that is still running when the test signals the script (its sleep outlives the test's wait).
+WAITS = "step waits 60 bash -c 'echo half >\"$STAGE/late.json\"; exec sleep 20'"
+
+
+def _when_waiting(proc: subprocess.Popen, stage: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not (stage / "late.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def test_a_signal_mid_step_still_packs_what_was_written(tmp_path):
+    proc, stage, dest = _start(tmp_path, tail=WAITS)
+    _when_waiting(proc, stage)
+    t0 = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10  # the trap stopped the step instead of waiting for it
+    files = _members(dest / "check.tar.gz")
+    assert {"run-layers.json", "run-variants.json", "fails.log", "late.json"} <= set(files)
+    assert "interrupted" in files["check.txt"].decode()
+
+
+def test_a_kill_that_no_trap_sees_keeps_every_step_that_had_ended(tmp_path):
+    proc, stage, dest = _start(tmp_path, tail=WAITS)
+    _when_waiting(proc, stage)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    files = _members(dest / "check.tar.gz")
+    assert {"run-layers.csv", "run-layers.json", "run-variants.json", "writes.log", "hangs.log", "fails.log"} <= set(files)
+    assert "step fails: exit 3" in (dest / "check.txt").read_text()
+
+
+def test_the_check_falls_back_to_python3_and_stops_without_cuda(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT")}
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    for args in ([], ["--preflight"]):
+        done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 2 and "no CUDA device" in done.stderr, done.stdout + done.stderr

@@ -30,5 +30,5 @@ if [[ "${LLAMA:-0}" == "1" ]]; then
         --providers "$layer_providers" --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
         --plot "$stem-llama-3-8b-layers.png" --no-progress
 fi
-python -m fastlora.bench.report "$out"/*.json --plot-link "$stem-model.png" --readme README.md > "$out/README-section.md"
+python -m fastlora.bench.report "$out"/*.json --plot-link "$stem-model.png" --page docs/performance.md > "$out/README-section.md"
 echo "wrote $stem-* and $out/README-section.md"

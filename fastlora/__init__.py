@@ -1,4 +1,4 @@
-"""fastlora: LoRA layers with fused Triton kernels and a lean PyTorch reference path.
+"""fastlora: LoRA layers with fused Triton kernels and a lean PyTorch path.
 
 Importing fastlora registers its torch ops (``torch.ops.fastlora.*``) and nothing else: triton is
 imported only when a kernel is first launched.

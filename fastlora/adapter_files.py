@@ -21,7 +21,7 @@ from torch import nn
 
 from fastlora import adapters, hub
 from fastlora.config import LoraConfig
-from fastlora.layer import check_adapter_name
+from fastlora.adapter_settings import check_adapter_name
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
 from fastlora.config import CONFIG_NAME, LoraConfig
+from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -39,21 +39,6 @@ PREFIX = "base_model.model."
 
 # file key → (parameter name in the adapted model, shape)
 Expected = dict[str, tuple[str, tuple[int, ...]]]
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path``: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, str]:
@@ -189,7 +174,7 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
     else:
         atomic_write(directory / WEIGHTS_BIN_NAME, lambda tmp: torch.save(tensors, tmp))
     config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write_text(directory / CONFIG_NAME, config_text)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

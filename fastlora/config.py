@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from fastlora.layer import AdapterSettings
+from fastlora.adapter_settings import AdapterSettings
+from fastlora.files import atomic_write_text
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
 
@@ -248,7 +249,7 @@ class LoraConfig:
             raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
         directory.mkdir(parents=True, exist_ok=True)
         config = self.replace(**kwargs) if kwargs else self
-        (directory / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,

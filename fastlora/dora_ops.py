@@ -1,6 +1,6 @@
 """DoRA as a registered op with autograd: ``fastlora::dora_linear`` and its backward.
 
-The math is :func:`fastlora.reference.dora_forward` / ``dora_backward``.  On the kernel path (CUDA's default)
+The math is :func:`fastlora.torch_path.dora_forward` / ``dora_backward``.  On the kernel path (CUDA's default)
 the DoRA kernels (``fastlora.kernels.dora``) compute the row norms from one read of W, and one GEMM per
 direction applies the magnitude scale in its epilogue (forward) or to dy's tiles (dx), with dropout both base
 products from one read of x (forward) and of dy (dx); S, dS, dB and dA come from the LoRA kernels.  The
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastlora import reference
+from fastlora import torch_path
 from fastlora.ops import keep_fn
 
 @torch.library.custom_op("fastlora::dora_linear", mutates_args=())
@@ -46,7 +46,7 @@ def dora_linear_op(
 
 @dora_linear_op.register_fake
 def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
-    acc = reference.accumulation_dtype(weight, lora_A)
+    acc = torch_path.accumulation_dtype(weight, lora_A)
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
             x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, use_kernels)),
@@ -77,7 +77,7 @@ def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dro
     elif use_kernels and dropout_p == 0.0:
         y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z)
     else:
-        y, S, z, norm = reference.dora_forward(
+        y, S, z, norm = torch_path.dora_forward(
             x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, use_kernels), dropout_p,
             need_z=keep_z,
         )
@@ -89,10 +89,10 @@ def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, n
     """The composed schedule without dropout: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
     from fastlora.kernels import launchers as kernels
 
-    norm = reference.dora_weight_norm(weight, lora_A, lora_B, scaling)
-    g = reference.dora_scale(magnitude, norm)
+    norm = torch_path.dora_weight_norm(weight, lora_A, lora_B, scaling)
+    g = torch_path.dora_scale(magnitude, norm)
     z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0)
-    y, z = reference.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
+    y, z = torch_path.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
     return y, S, z, norm
 
 
@@ -133,24 +133,24 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
                          dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
     if not use_kernels:
-        grads = reference.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
+        grads = torch_path.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                         keep_fn(seed, dropout_p), dropout_p, need_dx, need_dA, need_dB, need_dm, y=y)
     else:
         from fastlora.kernels import launchers as kernels
 
         if _fused(use_kernels):
-            dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, reference.dora_scale(magnitude, norm),
+            dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, torch_path.dora_scale(magnitude, norm),
                                                seed, scaling, dropout_p, need_dx, need_dA, need_dB)
         elif dropout_p == 0.0:
             dx, dA, dB = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling,
                                                 need_dx, need_dA, need_dB)
         else:
-            dx, dA, dB, _ = reference.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
+            dx, dA, dB, _ = torch_path.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                                     keep_fn(seed, dropout_p, True), dropout_p, need_dx, need_dA,
                                                     need_dB, False)
         dm = None
         if need_dm:
-            dm = reference.dora_magnitude_grad(dy, magnitude, norm, z, y)
+            dm = torch_path.dora_magnitude_grad(dy, magnitude, norm, z, y)
             if y is not None:  # where m = 0, y = g ⊙ z keeps nothing of z: recomputed there, without a host sync
                 at_zeros = kernels.zero_magnitude_dm(dy, x, weight, S, lora_B, magnitude, norm, scaling)
                 dm = torch.where(magnitude.detach() == 0, at_zeros.to(dm.dtype), dm)
@@ -164,7 +164,7 @@ def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, sc
     the dx GEMM, in the adapters' for dS and dB)."""
     from fastlora.kernels import launchers as kernels
 
-    dz = dy.to(norm.dtype) * reference.dora_scale(magnitude, norm)
+    dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
     return kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
                                  need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype))
 
@@ -187,7 +187,7 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
                                    ctx.scaling, ctx.dropout_p, ctx.use_kernels, need_dx, need_dA, need_dB, need_dm)
         dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
     if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
-        g = reference.dora_scale(magnitude, norm)
+        g = torch_path.dora_scale(magnitude, norm)
         if ctx.dropout_p == 0.0 or seed is None:
             dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
         else:

@@ -140,7 +140,7 @@ def lora_linear(
 
     ``x`` is (..., in_features); ``weight`` (out, in); ``lora_A`` (r, in); ``lora_B`` (out, r).  The
     adapters may be kept in a wider dtype than the base (fp32 beside bf16, as PEFT does): the LoRA
-    branch then runs in the adapters' dtype.  ``backend``: "torch" (reference, any device), "triton"
+    branch then runs in the adapters' dtype.  ``backend``: "torch" (the torch path, any device), "triton"
     (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), "auto" (triton on CUDA, else torch).
     The dropout mask comes from a seed drawn from torch's RNG on x's device, so ``torch.manual_seed``
     reproduces it and activation checkpointing replays it.

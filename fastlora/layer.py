@@ -11,56 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Iterable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastlora.adapter_settings import AdapterSettings, check_adapter_name
 from fastlora.functional import BACKENDS, lora_linear
-from fastlora.reference import dora_scale, dora_weight_norm
+from fastlora.torch_path import dora_scale, dora_weight_norm
 
-__all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]
+__all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
 _ACTIVE_ADAPTER_ATTRIBUTES = frozenset({"lora_A", "lora_B", "settings", "r", "lora_alpha", "lora_dropout",
                                         "use_rslora", "use_dora", "scaling"})
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_adapter_name(name) -> None:
-    """Adapter names become part of parameter names: a non-empty string without a dot (as PEFT's)."""
-    if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
-
-
-@dataclass(frozen=True)
-class AdapterSettings:
-    """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA;
-    ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`)."""
-
-    r: int
-    lora_alpha: float
-    lora_dropout: float
-    use_rslora: bool = False
-    use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
-        if not _is_number(self.lora_alpha) or not self.lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "use_dora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
 def _active_setting(name: str, settable: bool = True) -> property:

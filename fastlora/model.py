@@ -20,7 +20,8 @@ from torch import nn
 
 from fastlora.adapter_files import AdapterFilesMixin
 from fastlora.config import LoraConfig
-from fastlora.layer import LoRALinear, check_adapter_name
+from fastlora.adapter_settings import check_adapter_name
+from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
 
@@ -100,10 +101,10 @@ def _lora_model_class() -> type:
     """``LoraModel``, or where PEFT is installed its subclass that HF Trainer, accelerate and TRL recognise as
     a PEFT model (see :mod:`fastlora.peft_identity`)."""
     try:
-        from fastlora.peft_identity import PeftCompatibleLoraModel
+        from fastlora.peft_identity import peft_compatible_class
     except ImportError:
         return LoraModel
-    return PeftCompatibleLoraModel
+    return peft_compatible_class(LoraModel)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from fastlora._version import __version__
-from fastlora.adapters import atomic_write
+from fastlora.files import atomic_write_text
 
 __all__ = ["write_model_card"]
 
@@ -63,7 +63,7 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
             lines += ["", _FRAMEWORK_HEADING, version_line]
     card.text = "\n".join(lines) + "\n"
     content = str(card)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(content))
+    atomic_write_text(path, content)
 
 
 def _is_transformers_model(model: nn.Module) -> bool:

@@ -3,7 +3,7 @@
 ``fastlora::lora_linear`` computes ``(y, S)`` (see :mod:`fastlora.reference` for the math) and
 ``fastlora::lora_linear_backward`` the gradients.  Both are ``torch.library.triton_op`` s, so
 ``torch.compile(fullgraph=True)`` traces into them: with ``use_kernels`` the body launches the Triton
-kernels of :mod:`fastlora.kernels` through ``wrap_triton``; otherwise it runs the PyTorch reference
+kernels of :mod:`fastlora.kernels` through ``wrap_triton``; otherwise it runs the torch path
 (the CPU backend).  The CPU branch lives in the op body rather than in ``register_kernel("cpu")``
 because Inductor would otherwise analyse the Triton kernels on a machine with no GPU driver.
 
@@ -25,18 +25,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastlora import reference
+from fastlora import cpu_masks, torch_path
 
 
 @torch.library.custom_op("fastlora::cpu_zero_dropped_", mutates_args=("t",))
 def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
     """Zero in place the elements of ``t`` that the CPU backend's dropout mask for ``seed`` drops (an
     opaque op: it owns a torch.Generator)."""
-    reference.zero_dropped_(t, int(seed.item()), dropout_p)
+    cpu_masks.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
-def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False) -> reference.Keep:
-    """The ``keep`` argument of the reference functions for the op's seed: None without dropout, else a
+def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False) -> torch_path.Keep:
+    """The ``keep`` argument of the torch path's functions for the op's seed: None without dropout, else a
     function zeroing in place what the mask drops (the kernels' Philox mask with ``use_kernels``, else the
     CPU generator's)."""
     if seed is None or dropout_p == 0.0:
@@ -51,7 +51,7 @@ def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False)
         return t
 
     if not use_kernels:  # the CPU mask's dropped positions, for products that take them as a correction
-        keep.rare_drops = lambda M, K: reference.rare_dropped_positions(int(seed), M, K, dropout_p)
+        keep.rare_drops = lambda M, K: cpu_masks.rare_dropped_positions(int(seed), M, K, dropout_p)
     return keep
 
 
@@ -98,7 +98,7 @@ def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kern
         from fastlora.kernels import launchers as kernels
 
         return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
-    return reference.lora_forward(
+    return torch_path.lora_forward(
         x, weight, bias, lora_A, lora_B, scaling, keep_fn(seed, dropout_p), dropout_p
     )
 
@@ -112,7 +112,7 @@ def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, 
             dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, need_dx, need_dA, need_dB
         )
     else:
-        grads = reference.lora_backward(
+        grads = torch_path.lora_backward(
             dy, x, weight, lora_A, lora_B, S, scaling, keep_fn(seed, dropout_p), dropout_p,
             need_dx, need_dA, need_dB,
         )

@@ -16,13 +16,44 @@ from __future__ import annotations
 import peft
 from torch import nn
 
-from fastlora.model import LoraModel
+__all__ = ["peft_compatible_class"]
 
-__all__ = ["PeftCompatibleLoraModel"]
+_BUILT: dict[type, type] = {}
 
 
-class PeftCompatibleLoraModel(LoraModel, peft.PeftModel):
-    """fastlora's ``LoraModel``, an instance of ``peft.PeftModel`` for the tools that check."""
+def peft_compatible_class(lora_model: type) -> type:
+    """The subclass of ``lora_model`` (fastlora's ``LoraModel``) and ``peft.PeftModel``, built once.
+
+    It is built from the class it is given, so this module imports nothing of fastlora's and the model
+    module imports it, not the other way round.  It is published as ``PeftCompatibleLoraModel`` in this
+    module, so pickle finds it by name."""
+    klass = _BUILT.get(lora_model)
+    if klass is None:
+        klass = type("PeftCompatibleLoraModel", (lora_model, peft.PeftModel), {
+            "__module__": __name__, "__qualname__": "PeftCompatibleLoraModel",
+            "__doc__": "fastlora's ``LoraModel``, an instance of ``peft.PeftModel`` for the tools that check."})
+        for name, member in _refusals(lora_model):
+            setattr(klass, name, member)
+        _BUILT[lora_model] = klass
+        globals()["PeftCompatibleLoraModel"] = klass
+    return klass
+
+
+def _refusals(lora_model: type):
+    """(name, member) for each public method or property of ``PeftModel`` that ``lora_model`` lacks."""
+    seen = set()
+    for klass in peft.PeftModel.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        for name, value in vars(klass).items():
+            if name.startswith("__") or hasattr(lora_model, name) or name in seen:
+                continue
+            if isinstance(value, property):
+                seen.add(name)
+                yield name, _missing_property(name)
+            elif callable(value) or isinstance(value, (classmethod, staticmethod)):
+                seen.add(name)
+                yield name, _not_implemented(name)
 
 
 def _not_implemented(name: str):
@@ -38,15 +69,3 @@ def _missing_property(name: str) -> property:
         raise AttributeError(f"{name} is an attribute of PEFT's PeftModel that fastlora's LoraModel does not have")
 
     return property(get)
-
-
-for _klass in peft.PeftModel.__mro__:
-    if _klass in (nn.Module, object):
-        continue
-    for _name, _value in vars(_klass).items():
-        if _name.startswith("__") or hasattr(LoraModel, _name) or _name in vars(PeftCompatibleLoraModel):
-            continue
-        if isinstance(_value, property):
-            setattr(PeftCompatibleLoraModel, _name, _missing_property(_name))
-        elif callable(_value) or isinstance(_value, (classmethod, staticmethod)):
-            setattr(PeftCompatibleLoraModel, _name, _not_implemented(_name))

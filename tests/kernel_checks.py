@@ -1,6 +1,6 @@
 """Checks shared by tests/test_kernels.py (Triton interpreter, CPU) and tests/test_kernels_gpu.py (compiled, CUDA).
 
-Each check runs ``fastlora.kernels`` and compares with ``fastlora.reference`` evaluated on float64 copies, the
+Each check runs ``fastlora.kernels`` and compares with ``fastlora.reference`` (the plain math, in float64), the
 dropout mask of the reference reproduced by ``tests/philox.py`` (torch Philox, independent of the kernels).
 """
 
@@ -152,10 +152,8 @@ def check_case(case: Case, device: str) -> None:
 
     keep = philox.keep_mask(case.seed, case.M, case.K, case.p).to(device) if case.p > 0 else None
     d = lambda t: None if t is None else t.double()  # noqa: E731
-    y_ref, S_ref = reference.lora_forward(d(x), d(w), d(b), d(A), d(B), case.scaling, keep, case.p)
-    # Backward from the reference's own S: the comparison then tests backward alone.
-    dx_ref, dA_ref, dB_ref = reference.lora_backward(
-        d(dy), d(x), d(w), d(A), d(B), S_ref, case.scaling, keep, case.p)
+    y_ref, S_ref = reference.lora(x, w, b, A, B, case.scaling, keep, case.p)
+    dx_ref, dA_ref, dB_ref = reference.lora_grads(dy, x, w, A, B, case.scaling, keep, case.p)
     adt = case.adapter_dtype or case.dtype
     base_tol, adapter_tol = tolerance(case.dtype, adt), tolerance(adt)
     assert_close("y", y, y_ref, base_tol, case.dtype)
@@ -173,24 +171,20 @@ def check_large(case: Case, device: str, row_chunk: int = 1 << 16) -> None:
     dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True)
     adt = case.adapter_dtype or case.dtype
     base_tol, adapter_tol = tolerance(case.dtype, adt), tolerance(adt)
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    wd, bd, Ad, Bd = d(w), d(b), d(A), d(B)
     dA_ref = torch.zeros(case.r, case.K, dtype=torch.float64, device=device)
     dB_ref = torch.zeros(case.N, case.r, dtype=torch.float64, device=device)
     for start in range(0, case.M, row_chunk):
         rows = slice(start, min(case.M, start + row_chunk))
         n = rows.stop - start
         keep = philox.keep_mask(case.seed, n, case.K, case.p, device=device, row_start=start) if case.p > 0 else None
-        xd = d(x[rows])
-        y_ref, S_ref = reference.lora_forward(xd, wd, bd, Ad, Bd, case.scaling, keep, case.p)
-        dx_ref, dA_part, dB_part = reference.lora_backward(
-            d(dy[rows]), xd, wd, Ad, Bd, S_ref, case.scaling, keep, case.p)
+        y_ref, S_ref = reference.lora(x[rows], w, b, A, B, case.scaling, keep, case.p)
+        dx_ref, dA_part, dB_part = reference.lora_grads(dy[rows], x[rows], w, A, B, case.scaling, keep, case.p)
         assert_close(f"y[{start}:]", y[rows], y_ref, base_tol, case.dtype)
         assert_close(f"S[{start}:]", S[rows], S_ref, adapter_tol, adt)
         assert_close(f"dx[{start}:]", dx[rows], dx_ref, base_tol, case.dtype)
         dA_ref += dA_part
         dB_ref += dB_part
-        del xd, y_ref, S_ref, dx_ref, keep
+        del y_ref, S_ref, dx_ref, keep
     assert_close("dA", dA, dA_ref, adapter_tol, adt)
     assert_close("dB", dB, dB_ref, adapter_tol, adt)
 
@@ -312,16 +306,6 @@ def dora_operands(base_dtype: torch.dtype, adapter_dtype: torch.dtype, bias: boo
     return x, W, b, A, B, m
 
 
-def dora_float64(x, W, b, A, B, m, scaling, keep, p):
-    """PEFT's DoRA forward (``DoraLinearLayer.forward`` on top of the base output) in float64: the norm a
-    constant for autograd, ``keep`` a 0/1 mask or None."""
-    norm = torch.linalg.vector_norm(W + scaling * B @ A, dim=1).detach()
-    g = m / norm
-    h = x if keep is None else x * keep / (1 - p)
-    base = x @ W.t() + (b if b is not None else 0)
-    return base + (g - 1) * (h @ W.t()) + g * ((h @ A.t()) @ B.t()) * scaling
-
-
 def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype,
                bias: bool, p: float, seed: int = 99, zero_magnitudes: tuple[int, ...] = ()) -> None:
     """fastlora::dora_linear with ``use_kernels`` against float64 with the kernels' mask: y and dx to the base
@@ -338,7 +322,7 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     grads = torch.autograd.grad(y, leaves, dy.to(device))
     keep = philox.keep_mask(seed, M, K, p).double() if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]
-    y_ref = dora_float64(ref_leaves[0], W.double(), b.double() if bias else None, *ref_leaves[1:], 0.5, keep, p)
+    y_ref = reference.dora(ref_leaves[0], W, b, *ref_leaves[1:], 0.5, keep, p)
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     for name, got, want, tol_dtype in zip(("y", "dx", "dA", "dB", "dm"), (y, *grads), (y_ref, *ref_grads),
                                           (dtype, dtype, adapter_dtype, adapter_dtype, dtype)):

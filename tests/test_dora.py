@@ -11,9 +11,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
-from fastlora import LoraConfig, LoraModel, LoRALinear, dora_ops, get_peft_model, reference
+from fastlora import LoraConfig, LoraModel, LoRALinear, cpu_masks, dora_ops, get_peft_model, reference, torch_path
 from fastlora.functional import SEED_HIGH
-from tests.kernel_checks import dora_float64 as peft_dora_float64
 from tests.kernel_checks import dora_operands as _operands
 from tests.models import SEED_TARGETS, tiny_llama, tokens
 from tests.tolerances import tol
@@ -38,9 +37,9 @@ def test_op_against_float64(base_dtype, adapter_dtype, p, bias):
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, leaves, dy)
 
-    keep = reference.cpu_keep_mask(1234, tuple(x.shape), p, torch.float64) if p else None
+    keep = cpu_masks.cpu_keep_mask(1234, tuple(x.shape), p, torch.float64) if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]
-    y_ref = peft_dora_float64(ref_leaves[0], W.double(), b.double() if b is not None else None,
+    y_ref = reference.dora(ref_leaves[0], W.double(), b.double() if b is not None else None,
                               *ref_leaves[1:], 0.5, keep, p)
     ref_grads = torch.autograd.grad(y_ref, ref_leaves, dy.double())
 
@@ -59,7 +58,7 @@ def test_magnitude_with_a_zero_keeps_z():
     leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
     y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, 0.5, 0.0)
     ref_leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
-    y_ref = peft_dora_float64(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
+    y_ref = reference.dora(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
     for got, want in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_ref.sum(), ref_leaves)):
         torch.testing.assert_close(got, want, **tol(torch.float64))
 
@@ -92,7 +91,7 @@ def test_norm_without_an_out_by_in_temporary(monkeypatch):
                     self.largest = max(self.largest, t.untyped_storage().nbytes())
             return out
 
-    monkeypatch.setattr(reference, "_NORM_CHUNK_ELEMENTS", 1024)
+    monkeypatch.setattr(torch_path, "_NORM_CHUNK_ELEMENTS", 1024)
     for dtype, p in ((BF16, 0.0), (F32, 0.1)):
         layer = LoRALinear(256, 64, r=4, use_dora=True, init_lora_weights=False, dtype=dtype)
         layer.lora_A.data, layer.lora_B.data = layer.lora_A.float(), layer.lora_B.float()
@@ -102,8 +101,8 @@ def test_norm_without_an_out_by_in_temporary(monkeypatch):
         with LargestTensor() as mode:
             layer(x).sum().backward()
         assert 0 < mode.largest < layer.weight.nbytes, (dtype, mode.largest)
-    exact = reference.dora_weight_norm(layer.weight.double(), layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
-    chunked = reference.dora_weight_norm(layer.weight.to(BF16), layer.lora_A, layer.lora_B, layer.scaling)
+    exact = torch_path.dora_weight_norm(layer.weight.double(), layer.lora_A.double(), layer.lora_B.double(), layer.scaling)
+    chunked = torch_path.dora_weight_norm(layer.weight.to(BF16), layer.lora_A, layer.lora_B, layer.scaling)
     direct = torch.linalg.vector_norm(layer.weight.to(BF16).double() + layer.scaling * (layer.lora_B @ layer.lora_A).double(), dim=1)
     assert chunked.dtype == F32
     torch.testing.assert_close(chunked.double(), direct, **tol(F32))
@@ -131,7 +130,7 @@ class _SeededDropout(nn.Module):
         self.p, self.seed = p, None
 
     def forward(self, x):
-        return x * reference.cpu_keep_mask(self.seed, tuple(x.shape), self.p, x.dtype) / (1 - self.p)
+        return x * cpu_masks.cpu_keep_mask(self.seed, tuple(x.shape), self.p, x.dtype) / (1 - self.p)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.2])
@@ -148,7 +147,7 @@ def test_layer_matches_peft_dora(p, bias):
         ours.lora_B.copy_(theirs.lora_B["default"].weight)
     with torch.no_grad():  # m = ‖W + s·B A‖ for the copied factors, as PEFT set it at creation
         ours.lora_magnitude_vector_default.copy_(
-            reference.dora_weight_norm(ours.weight, ours.lora_A, ours.lora_B, ours.scaling))
+            torch_path.dora_weight_norm(ours.weight, ours.lora_A, ours.lora_B, ours.scaling))
     torch.testing.assert_close(ours.lora_magnitude_vector_default,
                                theirs.lora_magnitude_vector["default"].weight, **tol(F32))
     with torch.no_grad():  # a trained magnitude: not the norm any more

@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastlora import lora_linear, reference
+from fastlora import cpu_masks, lora_linear, reference
 from fastlora.functional import SEED_HIGH, triton_interpreter_on
 from tests import philox
 from tests.tolerances import TOLERANCES
@@ -96,7 +96,7 @@ def _leaves(c, generator):
 
 def _mask(path, seed, rows, cols, p):
     if path == "torch":
-        return reference.cpu_keep_mask(seed, (rows, cols), p)
+        return cpu_masks.cpu_keep_mask(seed, (rows, cols), p)
     return philox.keep_mask(seed, rows, cols, p)
 
 
@@ -121,13 +121,8 @@ def _float64(path, c, leaves, view, dy_seed=7):
     ref = {n: (t.detach().double().requires_grad_(t.requires_grad) if t is not None else None) for n, t in leaves.items()}
     x = view(ref["x"])
     rows = x.reshape(-1, c["K"])
-    dropped = rows
-    if c["training"] and c["p"] > 0:
-        keep = _mask(path, seed, rows.shape[0], c["K"], c["p"])
-        dropped = rows * keep.to(rows.dtype) / (1.0 - c["p"])
-    y = rows @ ref["weight"].T + c["scaling"] * ((dropped @ ref["lora_A"].T) @ ref["lora_B"].T)
-    if ref["bias"] is not None:
-        y = y + ref["bias"]
+    keep = _mask(path, seed, rows.shape[0], c["K"], c["p"]) if c["training"] and c["p"] > 0 else None
+    y, _ = reference.lora(rows, ref["weight"], ref["bias"], ref["lora_A"], ref["lora_B"], c["scaling"], keep, c["p"])
     y = y.reshape(*x.shape[:-1], c["N"])
     grads = {}
     if y.requires_grad:
@@ -298,9 +293,9 @@ def _check_dora_against_float64(path: str, c: dict) -> None:
     keep = None
     if p:
         keep = (philox.keep_mask(c["seed"], M, K, p) if path == "triton" else
-                reference.cpu_keep_mask(c["seed"], (M, K), p)).double()
+                cpu_masks.cpu_keep_mask(c["seed"], (M, K), p)).double()
     refs = [t.double().requires_grad_() for t in (x, A, B, m)]
-    y64 = kc.dora_float64(refs[0], W.double(), b.double() if b is not None else None, *refs[1:], 0.5, keep, p)
+    y64 = reference.dora(refs[0], W, b, *refs[1:], 0.5, keep, p)
     grads64 = torch.autograd.grad(y64, refs, dy.double())
     kc.assert_close("y", y, y64, kc.tolerance(dtype, adapter_dtype), dtype)
     for name, got, want, tol_dtype, out_dtype in zip(

@@ -217,7 +217,7 @@ def _fastlora_model_for(backend, inactive_adapter=False, use_dora=False):
 
 
 def _fastlora_layer_with_inactive_adapter(K, N, bias, r, alpha, p, dtype, device):
-    from fastlora.layer import AdapterSettings
+    from fastlora.adapter_settings import AdapterSettings
 
     m = _fastlora_layer_for("torch")(K, N, bias, r, alpha, p, dtype, device)
     m.add_adapter("inactive", AdapterSettings(r, alpha, p))

@@ -1,0 +1,113 @@
+"""The CPU backend's dropout masks: drawn from a seeded torch.Generator, applied in place, never stored.
+
+For p <= 0.15 the dropped positions are drawn as geometric gaps (rare events) and zeroed by index, for
+p >= 0.85 the kept ones; other p compare a 16-bit uniform per element with :func:`keep_threshold`.  The
+kernels draw their masks from Philox instead (``kernels/dropout.py``): the same keep rate, another stream.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+from torch import Tensor
+
+__all__ = ["zero_dropped_", "cpu_keep_mask", "rare_dropped_positions", "keep_threshold"]
+
+# The two backends draw different masks for one seed; each is reproducible from it.
+# One generator per thread: reseeding a shared one while another thread draws from it would mix masks.
+_GENERATORS = threading.local()
+_GEOMETRIC_MAX_Q = 0.15  # where the two samplers cost the same on one core (measured at 0.5M-1.4M elements)
+
+
+def keep_threshold(dropout_p: float) -> int:
+    """u >= keep_threshold(p) keeps an element whose 16-bit uniform is u."""
+    return round(dropout_p * 2**16)
+
+
+def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
+    """Multiply by 0, in place, the elements of the contiguous tensor ``t`` (on any device) that the
+    CPU-generated mask for ``(seed, p)`` drops (so a dropped NaN stays NaN, as in x ⊙ m), and return ``t``.  The mask has the shape of ``t``'s last two dimensions; leading dimensions share it.
+    The same seed, mask shape and p give the same mask."""
+    if not t.is_contiguous():
+        raise ValueError("zero_dropped_ needs a contiguous tensor")
+    if dropout_p <= 0.0 or t.numel() == 0:
+        return t
+    if dropout_p >= 1.0:
+        return t.zero_()
+    generator = _seeded_generator(seed)
+    mask_numel = t.shape[-1] * t.shape[-2] if t.dim() >= 2 else t.numel()
+    rows = t.view(-1, mask_numel)  # one row per mask-shaped slice
+    # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator).
+    # Dropped elements are multiplied by 0, as dropout's x ⊙ m: a dropped NaN or Inf stays NaN.  Filling with 0
+    # is the same when every element is finite, which one sum tells (a NaN or Inf makes it non-finite; an
+    # overflow to Inf only sends the call the slow, exact way).  A bool or integer tensor holds no NaN.
+    all_finite = not t.is_floating_point() or bool(torch.isfinite(t.sum()))
+    if dropout_p <= _GEOMETRIC_MAX_Q:
+        dropped = _rare_positions(generator, mask_numel, dropout_p).to(t.device)
+        if all_finite:
+            rows.index_fill_(1, dropped, 0)
+        else:
+            rows.index_copy_(1, dropped, rows.index_select(1, dropped).mul_(0))
+    elif dropout_p >= 1.0 - _GEOMETRIC_MAX_Q:
+        kept = _rare_positions(generator, mask_numel, 1.0 - dropout_p).to(t.device)
+        values = rows.index_select(1, kept)
+        (rows.zero_() if all_finite else rows.mul_(0)).index_copy_(1, kept, values)
+    else:
+        rows.mul_(_keep_per_element(generator, mask_numel, dropout_p, t.dtype).to(t.device))
+    return t
+
+
+def _seeded_generator(seed: int) -> torch.Generator:
+    generator = getattr(_GENERATORS, "cpu", None)
+    if generator is None:
+        generator = _GENERATORS.cpu = torch.Generator(device="cpu")
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def rare_dropped_positions(seed: int, M: int, K: int, dropout_p: float) -> tuple[Tensor, Tensor] | None:
+    """(rows, cols), row-major order, of the elements of an M × K input that :func:`zero_dropped_` drops for
+    ``(seed, p)`` when it draws them as rare events (0 < p ≤ 0.15); None for other p."""
+    if not 0.0 < dropout_p <= _GEOMETRIC_MAX_Q or M * K == 0:
+        return None
+    flat = _rare_positions(_seeded_generator(seed), M * K, dropout_p)
+    return flat.div(K, rounding_mode="floor"), flat.remainder(K)
+
+
+def cpu_keep_mask(seed: int, shape: tuple[int, ...], dropout_p: float, dtype: torch.dtype = torch.bool) -> Tensor:
+    """The mask :func:`zero_dropped_` applies, as a tensor of ``shape`` (bool, or 0/1 in ``dtype``)."""
+    return zero_dropped_(torch.ones(shape, dtype=dtype), seed, dropout_p)
+
+
+def _keep_per_element(generator: torch.Generator, numel: int, dropout_p: float, dtype: torch.dtype) -> Tensor:
+    threshold = keep_threshold(dropout_p)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+    # int16 holds u - 2^15, so compare against the threshold shifted the same way
+    uniforms = words.view(torch.int16)[:numel]
+    return torch.ge(uniforms, threshold - 2**15, out=torch.empty(numel, dtype=dtype))
+
+
+def _rare_positions(generator: torch.Generator, numel: int, q: float) -> Tensor:
+    """Sorted positions in [0, numel) of the elements an i.i.d. Bernoulli(q) draw marks, from geometric
+    gaps.  Draws come in batches of the expected count plus six standard deviations; a batch that ends
+    short of ``numel`` (rare) is followed by another from the same generator, so the result still
+    depends on the generator's seed alone."""
+    inv_log_not_q = 1.0 / math.log1p(-q)
+    found = []
+    start = 0  # the first position the next gap counts from
+    while start < numel:
+        left = numel - start
+        count = int(left * q + 6.0 * math.sqrt(left * q * (1.0 - q))) + 64
+        words = torch.empty((count + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
+        # 23-bit uniforms u = (k + 1/2) / 2^23, k < 2^23: exact in float32, never 0 or 1 (log u is finite, < 0)
+        top23 = words.view(torch.int32)[:count].bitwise_right_shift(9).add_(2**22)
+        u = top23.to(torch.float32).add_(0.5).mul_(2.0**-23)
+        gaps = u.log_().mul_(inv_log_not_q).floor_()
+        # position of the j-th marked element: start + Σ_{i≤j} (gap_i + 1) - 1
+        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        inside = int(torch.searchsorted(positions, numel))
+        found.append(positions[:inside])
+        start = numel if inside < count else int(positions[-1]) + 1
+    return found[0] if len(found) == 1 else torch.cat(found)

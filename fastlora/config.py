@@ -25,11 +25,52 @@ CONFIG_NAME = "adapter_config.json"
 
 
 class UnsupportedFeatureError(NotImplementedError, ValueError):
-    """A PEFT feature fastlora does not implement (a ValueError too, as PEFT's config errors are)."""
+    """A PEFT feature fastlora does not implement (a ValueError too, as PEFT's config errors are).
+
+    fastlora raises it, naming the field or argument, when a config, an adapter file or a call asks for a
+    feature it does not implement; it is also a ``NotImplementedError``.
+
+    Args:
+        message (str): what is refused, naming the field or argument and the value fastlora accepts (the
+            exception's positional argument, as for any exception).
+
+    PEFT equivalent: none — PEFT implements these features, so it has no such error; code that catches
+    ``ValueError`` around a PEFT config catches this one too.
+
+    Example:
+        >>> from fastlora import LoraConfig, UnsupportedFeatureError
+        >>> try:
+        ...     LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True)
+        ... except UnsupportedFeatureError as err:
+        ...     print(err)
+        LoraConfig(fan_in_fan_out=True): fan_in_fan_out is a PEFT feature fastlora does not support; leave it at False
+    """
 
 
 class TaskType(str, enum.Enum):
-    """PEFT's task types (the same string values, so configs round-trip through JSON)."""
+    """PEFT's task types (the same string values, so configs round-trip through JSON).
+
+    Pass a member, or its string value, as ``LoraConfig(task_type=...)``.
+
+    Args:
+        SEQ_CLS: sequence classification; ``classifier`` and ``score`` (those the model has) are added to
+            ``modules_to_save``.
+        SEQ_2_SEQ_LM: sequence-to-sequence language modelling.
+        CAUSAL_LM: causal language modelling.
+        TOKEN_CLS: token classification; ``classifier`` and ``score`` (those the model has) are added to
+            ``modules_to_save``.
+        QUESTION_ANS: extractive question answering; ``qa_outputs`` is added to ``modules_to_save``.
+        FEATURE_EXTRACTION: feature extraction (embeddings).
+
+    PEFT equivalent: ``peft.TaskType`` (the same members and string values).
+
+    Example:
+        >>> from fastlora import LoraConfig, TaskType
+        >>> TaskType("CAUSAL_LM") is TaskType.CAUSAL_LM
+        True
+        >>> LoraConfig(task_type="SEQ_CLS", target_modules=["query", "value"]).task_type
+        <TaskType.SEQ_CLS: 'SEQ_CLS'>
+    """
 
     SEQ_CLS = "SEQ_CLS"
     SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
@@ -78,6 +119,58 @@ class LoraConfig:
     ``target_modules``: a list of module names (exact, or a dotted suffix of the qualified name), a
     regex string (full match on the qualified name) or ``"all-linear"`` (every ``nn.Linear`` but the
     output head).  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
+
+    The config is frozen; ``config.replace(**changes)`` returns a changed copy.  ``save_pretrained(dir)``
+    and ``LoraConfig.from_pretrained(dir_or_hub_id)`` write and read ``adapter_config.json`` as PEFT does.
+
+    Args:
+        task_type (TaskType | str | None): the model's task (see :class:`TaskType`); ``"SEQ_CLS"`` and
+            ``"TOKEN_CLS"`` add ``classifier`` / ``score``, ``"QUESTION_ANS"`` adds ``qa_outputs`` to
+            ``modules_to_save``.  Default None.
+        target_modules (list[str] | str): which modules get an adapter, as above; required (fastlora has no
+            per-architecture defaults), and each match must be an ``nn.Linear``.
+        r (int): the adapters' rank, >= 1.  Default 8.
+        lora_alpha (float): the LoRA alpha, > 0.  Default 8.
+        lora_dropout (float): dropout probability in [0, 1) on the LoRA branch's input, in training only.
+            Default 0.0.
+        inference_mode (bool): create the adapter frozen.  Default False.
+        bias (str): which biases train: ``"none"``, ``"all"`` (every bias of the model) or ``"lora_only"``
+            (the biases of the adapted layers).  At most one adapter of a model may set it.  Default "none".
+        use_rslora (bool): rank-stabilised scaling, lora_alpha / sqrt(r).  Default False.
+        exclude_modules (list[str] | str | None): modules not to adapt, matched as ``target_modules``.
+        layers_to_transform (list[int] | int | None): adapt only the modules in these layer indices.
+        layers_pattern (list[str] | str | None): the name of the layer list those indices count in (e.g.
+            ``"layers"``); None: any ``<name>.<index>`` in the module's qualified name.
+        modules_to_save (list[str] | None): modules trained and saved whole (exact name or dotted suffix):
+            each gets a trainable copy that the model uses, beside its frozen original.
+        init_lora_weights (bool | str): True (A kaiming-uniform, B = 0), ``"gaussian"`` (A normal with std
+            1/r, B = 0) or False (both random); PEFT's other initialisations raise
+            :class:`UnsupportedFeatureError`.  Default True.
+        autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
+        base_model_name_or_path (str | None): recorded in ``adapter_config.json``; filled in from the model's
+            ``name_or_path`` when None.
+        revision (str | None): the base model's revision, recorded in ``adapter_config.json``.
+        use_dora (bool): DoRA adapters (a trained magnitude per output feature).  Default False.
+
+    PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
+    ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
+    features fastlora does not implement (``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``,
+    ``loftq_config``, ``use_qalora``, ``lora_bias``, ``trainable_token_indices``, ...) take only their "off"
+    value; anything else raises :class:`UnsupportedFeatureError` naming the field.
+
+    PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``; fastlora
+    requires ``target_modules``).
+
+    Example:
+        >>> from fastlora import LoraConfig, TaskType
+        >>> config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=16, lora_alpha=32, lora_dropout=0.05,
+        ...                     target_modules=["q_proj", "v_proj"])
+        >>> config.scaling
+        2.0
+        >>> config.replace(use_rslora=True).scaling
+        8.0
+        >>> LoraConfig(target_modules="all-linear", bias="lora_only", modules_to_save=["lm_head"]).r
+        8
     """
 
     task_type: Optional[Union[TaskType, str]] = None

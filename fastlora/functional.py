@@ -144,6 +144,35 @@ def lora_linear(
     (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``), "auto" (triton on CUDA, else torch).
     The dropout mask comes from a seed drawn from torch's RNG on x's device, so ``torch.manual_seed``
     reproduces it and activation checkpointing replays it.
+
+    Args:
+        x (Tensor): the input, (..., in_features), floating point.
+        weight (Tensor): the base weight W, (out_features, in_features), x's dtype.
+        bias (Tensor | None): the base bias b, (out_features,) in x's dtype, or None.
+        lora_A (Tensor): the LoRA factor A, (r, in_features).
+        lora_B (Tensor): the LoRA factor B, (out_features, r), lora_A's dtype.
+        scaling (float): a finite real number multiplying the LoRA branch (lora_alpha / r in a layer).
+        dropout_p (float): dropout probability in [0, 1) on the LoRA branch's input.  Default 0.0.
+        training (bool): keyword-only; False turns dropout off (eval mode).  Default True.
+        backend (str): keyword-only; ``"auto"``, ``"torch"`` or ``"triton"`` as above.  Default "auto".
+        magnitude (Tensor | None): keyword-only; DoRA's m, (out_features,), in the adapters' dtype and on
+            W's device; None (default) for plain LoRA.
+
+    Returns the output, (..., out_features).  All tensors must be on one device.
+
+    PEFT equivalent: none — PEFT has no functional form; its ``peft.tuners.lora.Linear.forward`` computes
+    the same ``base_layer(x) + scaling · lora_B(lora_A(dropout(x)))`` with modules.
+
+    Example:
+        >>> import torch
+        >>> from fastlora import lora_linear
+        >>> x, W = torch.randn(2, 5, 16), torch.randn(32, 16)
+        >>> A, B = torch.randn(4, 16), torch.zeros(32, 4)
+        >>> y = lora_linear(x, W, None, A, B, scaling=2.0, dropout_p=0.1, training=True)
+        >>> y.shape
+        torch.Size([2, 5, 32])
+        >>> torch.allclose(y, x @ W.T, atol=1e-5)   # B = 0: the base output
+        True
     """
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
     if magnitude is not None:

@@ -53,6 +53,46 @@ class LoRALinear(nn.Linear):
     are the active adapter's (``lora_A_<name>``, ``lora_B_<name>``, Parameters of this module itself).
     Dropout acts on the LoRA branch only, in training mode only.  Inactive adapters cost nothing in
     forward and backward.
+
+    ``LoRALinear.from_linear(linear, r=..., ...)`` wraps an existing ``nn.Linear`` instead, sharing (not
+    copying) its weight and bias, with the same keyword arguments but ``device`` and ``dtype``.  More
+    adapters come with ``add_adapter``; one of them is active (``set_adapter``).
+
+    Args:
+        in_features (int): size of each input sample, as ``nn.Linear``.
+        out_features (int): size of each output sample, as ``nn.Linear``.
+        bias (bool): whether the layer has a bias b (frozen, as W).  Default True.
+        r (int): the adapter's rank, >= 1.  Default 8.
+        lora_alpha (float): the LoRA alpha, > 0; ``scaling`` = lora_alpha / r.  Default 8.
+        lora_dropout (float): dropout probability in [0, 1) on the LoRA branch's input.  Default 0.0.
+        use_rslora (bool): rank-stabilised scaling, lora_alpha / sqrt(r).  Default False.
+        use_dora (bool): a DoRA adapter, with a trained magnitude vector (one entry per output feature).
+            Default False.
+        init_lora_weights (bool | str): True (A kaiming-uniform, B = 0, so the layer starts at the base
+            output), ``"gaussian"`` (A normal with std 1/r, B = 0) or False (both random).  Default True.
+        adapter_dtype (torch.dtype | None): the adapter parameters' dtype (e.g. float32 beside a bfloat16
+            weight); None: the weight's dtype.
+        backend (str): ``"auto"`` (the Triton kernels for CUDA tensors, the PyTorch path otherwise),
+            ``"torch"`` or ``"triton"``; see :func:`fastlora.lora_linear`.  Default "auto".
+        adapter_name (str): the first adapter's name, a non-empty string without ".".  Default "default".
+        device (torch.device | str | None): where the weight, bias and adapter are created, as ``nn.Linear``.
+        dtype (torch.dtype | None): the weight's and bias's dtype, as ``nn.Linear``.
+
+    PEFT equivalent: ``peft.tuners.lora.Linear``, PEFT's LoRA layer around an ``nn.Linear``; here the
+    layer is the ``nn.Linear`` itself (``weight`` and ``bias`` at the top, no ``base_layer``) and the
+    factors are Parameters of the layer, not ``lora_A[name]`` / ``lora_B[name]`` submodules.
+
+    Example:
+        >>> import torch
+        >>> from fastlora import LoRALinear
+        >>> layer = LoRALinear(64, 32, r=8, lora_alpha=16, lora_dropout=0.1)
+        >>> layer.lora_A.shape, layer.lora_B.shape, layer.scaling
+        (torch.Size([8, 64]), torch.Size([32, 8]), 2.0)
+        >>> layer(torch.randn(4, 64)).shape
+        torch.Size([4, 32])
+        >>> wrapped = LoRALinear.from_linear(torch.nn.Linear(64, 32), r=4)   # shares W and b, frozen
+        >>> wrapped.weight.requires_grad, wrapped.lora_A.requires_grad
+        (False, True)
     """
 
     def __init__(

@@ -114,7 +114,38 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
     ``autocast_adapter_dtype`` (default True): float16/bfloat16 bases get float32 adapters.  ``revision`` is
     recorded in the config.  ``low_cpu_mem_usage`` is accepted; the adapters are created at once either way.
-    ``mixed=True`` (PEFT's mixed adapter types) is not supported."""
+    ``mixed=True`` (PEFT's mixed adapter types) is not supported.
+
+    The target ``nn.Linear`` modules are replaced by :class:`fastlora.LoRALinear` in place; everything but
+    the adapter (and the biases ``bias`` names, and the ``modules_to_save`` copies) is frozen.  Every check
+    runs before the model is touched: on an error the model is left as it was.
+
+    Args:
+        model (nn.Module): the model to adapt, changed in place; it must not hold an adapter yet (add more
+            with ``LoraModel.add_adapter`` or ``load_adapter``).
+        peft_config (LoraConfig): the adapter's :class:`fastlora.LoraConfig`.
+        adapter_name (str): the adapter's name, a non-empty string without ".".  Default "default".
+        mixed (bool): PEFT's mixed adapter types; True raises NotImplementedError.  Default False.
+        autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters (when the
+            config's ``autocast_adapter_dtype`` is True as well).  Default True.
+        revision (str | None): the base model's revision, recorded in the config.
+        low_cpu_mem_usage (bool): accepted for PEFT's signature; the adapters are created at once either way.
+
+    Returns the :class:`LoraModel` (where PEFT is installed, an instance of ``peft.PeftModel`` too, so
+    transformers' Trainer, accelerate and TRL treat it as a PEFT model).
+
+    PEFT equivalent: ``peft.get_peft_model``.
+
+    Example:
+        >>> import torch
+        >>> from fastlora import LoraConfig, get_peft_model
+        >>> base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        >>> model = get_peft_model(base, LoraConfig(target_modules=["0"], r=4))
+        >>> model.print_trainable_parameters()
+        trainable params: 192 || all params: 868 || trainable%: 22.1198
+        >>> type(model.base_model.model[0]).__name__
+        'LoRALinear'
+    """
     if mixed:
         raise NotImplementedError("get_peft_model(mixed=True): mixing adapter types (PeftMixedModel) is not supported by fastlora")
     _check_model_and_config(model, peft_config)
@@ -195,7 +226,42 @@ class LoraTuner(nn.Module):
 
 class LoraModel(AdapterFilesMixin, nn.Module):
     """A model with LoRA adapters, laid out as PEFT's ``PeftModel``: ``base_model.model`` is the adapted
-    model, and attribute access falls through to it (``generate``, ``config``, ...)."""
+    model, and attribute access falls through to it (``generate``, ``config``, ...).
+
+    Build one with :func:`fastlora.get_peft_model` (a new adapter) or ``LoraModel.from_pretrained(model,
+    adapter_dir_or_hub_id)`` (a saved PEFT-format adapter); the constructor only wraps a model whose layers
+    already hold the adapter.  ``peft_config`` maps each adapter's name to its config; exactly one adapter
+    is active (``set_adapter``; several active adapters at once are refused).  PEFT's methods:
+    ``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_adapter``, ``save_pretrained``,
+    ``push_to_hub``, ``merge_adapter`` / ``unmerge_adapter``, ``merge_and_unload``, ``unload``,
+    ``disable_adapter()`` (a context manager), ``print_trainable_parameters``.  ``fastlora.PeftModel`` is
+    this class.
+
+    Args:
+        model (nn.Module): the adapted model (its target layers already :class:`fastlora.LoRALinear`
+            holding the adapter).
+        config (LoraConfig): the adapter's config.
+        adapter_name (str): the adapter's name.  Default "default".
+
+    PEFT equivalent: ``peft.PeftModel`` (``get_peft_model`` and ``from_pretrained`` return a subclass that
+    is an instance of ``peft.PeftModel`` where PEFT is installed).  Not ``peft.LoraModel``, which is
+    PEFT's ``base_model`` level (here ``model.base_model``).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from fastlora import LoraConfig, LoraModel, get_peft_model
+        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), LoraConfig(target_modules=["0"]))
+        >>> model.active_adapter, list(model.peft_config)
+        ('default', ['default'])
+        >>> directory = tempfile.mkdtemp()
+        >>> model.save_pretrained(directory)   # adapter_config.json, adapter_model.safetensors, README.md
+        >>> loaded = LoraModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(16, 16)), directory)
+        >>> loaded.training   # is_trainable=False (the default): frozen and in eval mode
+        False
+        >>> plain = loaded.merge_and_unload()   # the plain nn.Sequential, adapter folded into the weight
+        >>> type(plain[0]).__name__
+        'Linear'
+    """
 
     prefix = "lora_"
 

@@ -27,7 +27,28 @@ _MARK = "_fastlora_patch"
 
 @dataclass
 class PatchReport:
-    """Which PEFT LoRA layers run through fastlora, and why each other one does not."""
+    """Which PEFT LoRA layers run through fastlora, and why each other one does not.
+
+    :func:`patch_peft` returns one; ``str(report)`` is a summary line and one line per layer left to PEFT.
+
+    Args:
+        patched (list[str]): the qualified names of the layers whose forward now runs through fastlora's op
+            (each still runs PEFT's forward for a call the op does not cover).
+        skipped (dict[str, str]): each PEFT LoRA layer left to PEFT, by qualified name, with the reason.
+
+    PEFT equivalent: none — it reports on :func:`patch_peft`, which has no PEFT counterpart.
+
+    Example:
+        >>> import peft, torch
+        >>> from fastlora import patch_peft, unpatch_peft
+        >>> base = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> peft_model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"]))
+        >>> report = patch_peft(peft_model)
+        >>> report.patched, report.skipped
+        (['base_model.model.0'], {})
+        >>> print(report)
+        fastlora runs 1 PEFT LoRA layer(s); 0 left to PEFT
+    """
 
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -114,7 +135,32 @@ class _Patch:
 def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
     """Route every PEFT LoRA ``nn.Linear`` layer of ``peft_model`` that fastlora can run through fastlora's op
     (per instance; see the module docstring).  Returns a :class:`PatchReport`: the layers patched and, for
-    each LoRA layer left to PEFT, why.  Patching twice is harmless; ``unpatch_peft`` undoes it."""
+    each LoRA layer left to PEFT, why.  Patching twice is harmless; ``unpatch_peft`` undoes it.
+
+    Args:
+        peft_model (nn.Module): a model built or loaded with PEFT (``peft.get_peft_model``,
+            ``peft.PeftModel.from_pretrained``), or any module holding PEFT LoRA layers; patched in place.
+        backend (str): the op's backend for the patched layers: ``"auto"`` (the Triton kernels for CUDA
+            tensors, the PyTorch path otherwise), ``"torch"`` or ``"triton"``, as :func:`fastlora.lora_linear`;
+            patching again changes it.  Default "auto".
+
+    Raises ImportError when PEFT is not installed and ValueError when the model holds no PEFT LoRA layer.
+
+    PEFT equivalent: none — PEFT has no switch for another forward; this keeps the model a PEFT model and
+    replaces only the forward of its ``peft.tuners.lora.Linear`` instances.
+
+    Example:
+        >>> import peft, torch
+        >>> from fastlora import patch_peft, unpatch_peft
+        >>> base = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> peft_model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"]))
+        >>> print(patch_peft(peft_model))
+        fastlora runs 1 PEFT LoRA layer(s); 0 left to PEFT
+        >>> peft_model(torch.randn(2, 16)).shape   # through fastlora's op
+        torch.Size([2, 16])
+        >>> unpatch_peft(peft_model)
+        1
+    """
     try:
         import peft
     except ImportError:
@@ -144,7 +190,25 @@ def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
 
 
 def unpatch_peft(peft_model: nn.Module) -> int:
-    """Remove the forwards ``patch_peft`` put on the layers of ``peft_model``; returns how many."""
+    """Remove the forwards ``patch_peft`` put on the layers of ``peft_model``; returns how many.
+
+    The layers run PEFT's own forward again; a model that was never patched is left as it is (returns 0).
+
+    Args:
+        peft_model (nn.Module): the model given to :func:`patch_peft`.
+
+    PEFT equivalent: none — it undoes :func:`patch_peft`, which has no PEFT counterpart.
+
+    Example:
+        >>> import peft, torch
+        >>> from fastlora import patch_peft, unpatch_peft
+        >>> base = torch.nn.Sequential(torch.nn.Linear(16, 16))
+        >>> peft_model = peft.get_peft_model(base, peft.LoraConfig(target_modules=["0"]))
+        >>> print(patch_peft(peft_model))
+        fastlora runs 1 PEFT LoRA layer(s); 0 left to PEFT
+        >>> unpatch_peft(peft_model), unpatch_peft(peft_model)
+        (1, 0)
+    """
     count = 0
     for module in peft_model.modules():
         if _MARK in module.__dict__:

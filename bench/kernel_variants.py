@@ -8,7 +8,7 @@ makes, as PEFT does), dropout 0.1 and 0, it records (median of ``triton.testing.
 * ``cublas``: the frozen layer's two GEMMs (x Wᵀ, dy W) — the floor the fused layer is held to;
 * ``triton_gemm``: the fused GEMM with no low-rank term (R = 0) on the same shapes: Triton against cuBLAS;
 * for each schedule variant (``db``: atomic | separate; ``low_rank``: prologue | epilogue — see
-  kernels/configs.py) and each precision setup of the rank-r kernels (3×tf32, torch's default; tf32 under
+  fastlora/schedules.py) and each precision setup of the rank-r kernels (3×tf32, torch's default; tf32 under
   ``torch.set_float32_matmul_precision("high")``): each launch's time, its memory and compute floor
   (bytes / bandwidth, FLOPs / peak), and forward + backward against ``cublas``;
 * the error of S, dA and dB against float64 for each precision, beside PEFT's (torch's fp32 matmuls);
@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from fastlora.bench.presets import find_gpu_spec  # noqa: E402
-from fastlora.kernels import configs  # noqa: E402
+from fastlora.schedules import VARIANTS as SCHEDULE_VARIANTS  # noqa: E402
 from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from fastlora.kernels.backward import launch_dA, launch_dS_dB, launch_dx_gemm  # noqa: E402
 from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
@@ -55,9 +55,9 @@ from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 DRY_SHAPES = {"tiny": (48, 40)}
 PRECISIONS = {"tf32x3": "highest", "tf32": "high"}  # rank-r precision → torch's fp32 matmul setting that picks it
-VARIANTS = [dict(zip(configs.LORA_VARIANTS, choice))
-            for choice in itertools.product(*(configs.VARIANTS[name] for name in configs.LORA_VARIANTS))]
-DEFAULT = {name: configs.VARIANTS[name][0] for name in configs.LORA_VARIANTS}
+LORA_VARIANTS = ("db", "low_rank")  # the schedule variants LoRA's launches depend on (dora: DoRA's only)
+VARIANTS = [dict(zip(LORA_VARIANTS, choice))
+            for choice in itertools.product(*(SCHEDULE_VARIANTS[name] for name in LORA_VARIANTS))]
 
 
 def _timer(dry: bool):
@@ -116,17 +116,18 @@ def _floors(M, K, N, r, spec, precision: str) -> dict:
             for k, (b, flops) in work.items()}
 
 
-def _launch_times(timed, x, w, A, B, dy, seed, s, p) -> dict:
+def _launch_times(timed, x, w, A, B, dy, seed, s, p, db: str, low_rank: str) -> dict:
     S = launch_S(x, A, seed, p)
     dS, _ = launch_dS_dB(dy, B, S, s, p, True, False)
     return {
         "S": timed(lambda: launch_S(x, A, seed, p)),
-        "fwd_gemm": timed(lambda: launch_forward_gemm(x, w, None, S, B, s)),
-        "dS_dB": timed(lambda: launch_dS_dB(dy, B, S, s, p, True, True)),
+        "fwd_gemm": timed(lambda: launch_forward_gemm(x, w, None, S, B, s, low_rank)),
+        "dS_dB": timed(lambda: launch_dS_dB(dy, B, S, s, p, True, True, db=db)),
         "dA": timed(lambda: launch_dA(x, dS, seed, p, A.dtype)),
-        "dx_gemm": timed(lambda: launch_dx_gemm(dy, w, dS, A, seed, p)),
-        "forward": timed(lambda: lora_forward(x, w, None, A, B, seed, s, p)),
-        "backward": timed(lambda: lora_backward(dy, x, w, A, B, S, seed, s, p, True, True, True)),
+        "dx_gemm": timed(lambda: launch_dx_gemm(dy, w, dS, A, seed, p, low_rank)),
+        "forward": timed(lambda: lora_forward(x, w, None, A, B, seed, s, p, low_rank=low_rank)),
+        "backward": timed(lambda: lora_backward(dy, x, w, A, B, S, seed, s, p, True, True, True, db=db,
+                                                low_rank=low_rank)),
     }
 
 
@@ -172,16 +173,16 @@ def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over
     for precision, p, variant in itertools.product(PRECISIONS, dropouts, VARIANTS):
         if over_budget(f"{name} p={p:g} {variant} {precision}"):
             continue
-        with configs.use_kernel_variants(**variant), _precision(PRECISIONS[precision]):
-            times = _launch_times(timed, x, w, A, B, dy, seed, s, p)
+        with _precision(PRECISIONS[precision]):
+            times = _launch_times(timed, x, w, A, B, dy, seed, s, p, **variant)
         entry["variants"].append({
             "dropout": p, **variant, "precision": precision, "ms": times,
             "fused_over_cublas": (times["forward"] + times["backward"]) / base,
         })
     if not over_budget(f"{name} triton GEMM"):
-        with configs.use_kernel_variants(**DEFAULT):  # the GEMM alone: no low-rank term (R = 0)
-            entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
-            entry["triton_gemm_ms"]["dx"] = timed(lambda: launch_dx_gemm(dy, w, empty_S, A[:0], seed, 0.0))
+        # the GEMM alone: no low-rank term (R = 0)
+        entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
+        entry["triton_gemm_ms"]["dx"] = timed(lambda: launch_dx_gemm(dy, w, empty_S, A[:0], seed, 0.0))
     if not over_budget(f"{name} errors"):
         out["errors"][name] = _errors(x, w, A, B, dy, seed, s, 0.0)
 
@@ -227,7 +228,7 @@ def _decide(out: dict) -> dict:
         if not totals:
             continue
         best = min(totals, key=totals.get)
-        default = (DEFAULT["db"], DEFAULT["low_rank"])
+        default = (SCHEDULE_VARIANTS["db"][0], SCHEDULE_VARIANTS["low_rank"][0])
         decision[f"p={p:g} {precision}"] = {
             "shapes": shapes, "best": {"db": best[0], "low_rank": best[1], "ms": totals[best]},
             "default_ms": totals[default], "best_is_default": best == default,

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fastlora import torch_path
+from fastlora.schedules import Schedule
 from fastlora.ops import keep_fn
 
 @torch.library.custom_op("fastlora::dora_linear", mutates_args=())
@@ -37,61 +38,63 @@ def dora_linear_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool,
+    schedule: str,
     keep_z: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then uses y)."""
-    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
+    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)
 
 
 @dora_linear_op.register_fake
-def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
+def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z):
     acc = torch_path.accumulation_dtype(weight, lora_A)
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
-            x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, use_kernels)),
+            x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, schedule)),
             x.new_empty((N,), dtype=acc))
 
 
-def _z_dtype(x: Tensor, acc: torch.dtype, use_kernels: bool) -> torch.dtype:
+def _kernels(schedule: str) -> bool:
+    return Schedule.from_key(schedule).uses_kernels
+
+
+def _z_dtype(x: Tensor, acc: torch.dtype, schedule: str) -> torch.dtype:
     """The dtype z is kept in: the base's on the kernel path (its x Wᵀ is a product in that dtype, as in
     PEFT, and a 16-bit z halves what backward keeps), the accumulation dtype on the torch path."""
-    return x.dtype if use_kernels else acc
+    return x.dtype if _kernels(schedule) else acc
 
 
-def _fused(use_kernels: bool) -> bool:
-    """Whether the DoRA kernels run (the kernel path under the default "fused" schedule)."""
-    if not use_kernels:
-        return False
-    from fastlora.kernels.configs import kernel_variant
-
-    return kernel_variant("dora") == "fused"
+def _fused(schedule: str) -> bool:
+    """Whether the DoRA kernels run (a kernel schedule with the default dora="fused")."""
+    plan = Schedule.from_key(schedule)
+    return plan.uses_kernels and plan.dora == "fused"
 
 
-def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z):
-    if _fused(use_kernels):
+def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z):
+    if _fused(schedule):
         from fastlora.kernels import launchers as kernels
 
         y, S, z, norm = kernels.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p,
                                              keep_z)
-    elif use_kernels and dropout_p == 0.0:
-        y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z)
+    elif _kernels(schedule) and dropout_p == 0.0:
+        y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z, schedule)
     else:
         y, S, z, norm = torch_path.dora_forward(
-            x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, use_kernels), dropout_p,
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, _kernels(schedule)), dropout_p,
             need_z=keep_z,
         )
-    z_dtype = _z_dtype(x, norm.dtype, use_kernels)
+    z_dtype = _z_dtype(x, norm.dtype, schedule)
     return y, S, (z.to(z_dtype) if keep_z else norm.new_empty(0, dtype=z_dtype)), norm
 
 
-def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z):
+def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, need_z, schedule):
     """The composed schedule without dropout: S and z = x Wᵀ + s·S Bᵀ from the LoRA kernels, then y = g ⊙ z + b."""
     from fastlora.kernels import launchers as kernels
 
     norm = torch_path.dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = torch_path.dora_scale(magnitude, norm)
-    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0)
+    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0,
+                                low_rank=Schedule.from_key(schedule).low_rank)
     y, z = torch_path.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
     return y, S, z, norm
 
@@ -111,7 +114,7 @@ def dora_linear_backward_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool,
+    schedule: str,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
@@ -119,31 +122,32 @@ def dora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dm), empty where not needed; ``z_or_y`` is z, or the output y when ``z_is_output``."""
     return _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
-                                scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm)
+                                scaling, dropout_p, schedule, need_dx, need_dA, need_dB, need_dm)
 
 
 @dora_linear_backward_op.register_fake
 def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
-                               scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
+                               scaling, dropout_p, schedule, need_dx, need_dA, need_dB, need_dm):
     like = ((x, need_dx), (lora_A, need_dA), (lora_B, need_dB), (magnitude, need_dm))
     return tuple(t.new_empty(t.shape if need else (0,)) for t, need in like)
 
 
 def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
-                         dropout_p, use_kernels, need_dx, need_dA, need_dB, need_dm):
+                         dropout_p, schedule, need_dx, need_dA, need_dB, need_dm):
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
-    if not use_kernels:
+    if not _kernels(schedule):
         grads = torch_path.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                         keep_fn(seed, dropout_p), dropout_p, need_dx, need_dA, need_dB, need_dm, y=y)
     else:
         from fastlora.kernels import launchers as kernels
 
-        if _fused(use_kernels):
+        if _fused(schedule):
             dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, torch_path.dora_scale(magnitude, norm),
-                                               seed, scaling, dropout_p, need_dx, need_dA, need_dB)
+                                               seed, scaling, dropout_p, need_dx, need_dA, need_dB,
+                                               db=Schedule.from_key(schedule).db)
         elif dropout_p == 0.0:
             dx, dA, dB = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling,
-                                                need_dx, need_dA, need_dB)
+                                                need_dx, need_dA, need_dB, schedule)
         else:
             dx, dA, dB, _ = torch_path.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                                     keep_fn(seed, dropout_p, True), dropout_p, need_dx, need_dA,
@@ -159,22 +163,25 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
     return tuple(g if g is not None else t.new_empty(0) for g, t in zip(grads, like))
 
 
-def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB):
+def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB,
+                           schedule):
     """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for
     the dx GEMM, in the adapters' for dS and dB)."""
     from fastlora.kernels import launchers as kernels
 
+    plan = Schedule.from_key(schedule)
     dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
     return kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
-                                 need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype))
+                                 need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype),
+                                 db=plan.db, low_rank=plan.low_rank)
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z = inputs
     y, S, z, norm = output
     z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
-    ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.use_kernels = scaling, dropout_p, not keep_z, use_kernels
+    ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.schedule = scaling, dropout_p, not keep_z, schedule
     ctx.backward_grads = dora_linear_backward_op
 
 
@@ -184,14 +191,14 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
     dx = dW = db = dA = dB = dm = None
     if need_dx or need_dA or need_dB or need_dm:
         grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
-                                   ctx.scaling, ctx.dropout_p, ctx.use_kernels, need_dx, need_dA, need_dB, need_dm)
+                                   ctx.scaling, ctx.dropout_p, ctx.schedule, need_dx, need_dA, need_dB, need_dm)
         dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
     if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
         g = torch_path.dora_scale(magnitude, norm)
         if ctx.dropout_p == 0.0 or seed is None:
             dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
         else:
-            h = keep_fn(seed, ctx.dropout_p, ctx.use_kernels)(
+            h = keep_fn(seed, ctx.dropout_p, _kernels(ctx.schedule))(
                 x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
             dW = torch.addmm(torch.mm(dy.t().to(g.dtype), x.to(g.dtype)), (dy.to(g.dtype) * (g - 1.0)).t(), h,
                              alpha=1.0 / (1.0 - ctx.dropout_p))
@@ -228,7 +235,7 @@ def dora_linear(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool = False,
+    schedule: str = "torch",
 ) -> Tensor:
     """y of ``fastlora::dora_linear`` with autograd.  Backward needs z for dm only; with no dropout and no bias
     it computes dm from the output y instead of keeping z (its own M × N tensor), where y allows: on the kernel
@@ -236,11 +243,11 @@ def dora_linear(
     torch path when m has no zero, which eager mode reads (under torch.compile that path keeps z)."""
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad
     if keep_z and seed is None and bias is None:
-        if use_kernels:
+        if _kernels(schedule):
             keep_z = False
         elif not torch.compiler.is_compiling():
             keep_z = not bool(magnitude.ne(0).all())
-    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, use_kernels, keep_z)
+    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)
     if torch.compiler.is_compiling():
         return dora_linear_op(*args)[0]
     return _EagerDoRALinear.apply(*args)[0]

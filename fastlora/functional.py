@@ -1,45 +1,21 @@
-"""``lora_linear``: argument checks, the dropout seed draw and the backend choice, then the registered op."""
+"""``lora_linear``: argument checks, the dropout seed draw and the schedule (resolved once per call), then the
+registered op."""
 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
 from fastlora import dora_ops, ops
+from fastlora.schedules import BACKENDS, resolve, triton_interpreter_on
 
-BACKENDS = ("auto", "torch", "triton")
+__all__ = ["lora_linear", "BACKENDS", "SEED_HIGH", "triton_interpreter_on"]
 
 # Seeds are drawn from [0, 2^62): both 32-bit words of the kernels' Philox key vary, and the CPU path's
 # generator takes the same value.
 SEED_HIGH = 2**62
-
-
-def triton_interpreter_on() -> bool:
-    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``) in this process."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_kernels(backend: str, x: Tensor) -> bool:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    if x.is_cuda or (backend == "triton" and triton_interpreter_on()):
-        if backend == "auto":
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                return False
-        return True
-    if backend == "triton":
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "
-            f"x is on {x.device}"
-        )
-    return False
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -191,14 +167,14 @@ def lora_linear(
     # Dynamo cannot query; compiled code sees only the training flag).
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     p = float(dropout_p) if training and not in_inference else 0.0
-    use_kernels = _use_kernels(backend, x)
+    schedule = resolve(backend, x).key
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         if magnitude is not None:
             y = dora_ops.dora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, seed,
-                                float(scaling), p, use_kernels)
+                                float(scaling), p, schedule)
             return y.view(*x.shape[:-1], weight.shape[0])
         y = ops.lora_linear(
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, use_kernels
+            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, schedule
         )
     return y.view(*x.shape[:-1], weight.shape[0])

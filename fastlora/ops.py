@@ -2,7 +2,7 @@
 
 ``fastlora::lora_linear`` computes ``(y, S)`` (see :mod:`fastlora.reference` for the math) and
 ``fastlora::lora_linear_backward`` the gradients.  Both are ``torch.library.triton_op`` s, so
-``torch.compile(fullgraph=True)`` traces into them: with ``use_kernels`` the body launches the Triton
+``torch.compile(fullgraph=True)`` traces into them: on a kernel schedule the body launches the Triton
 kernels of :mod:`fastlora.kernels` through ``wrap_triton``; otherwise it runs the torch path
 (the CPU backend).  The CPU branch lives in the op body rather than in ``register_kernel("cpu")``
 because Inductor would otherwise analyse the Triton kernels on a machine with no GPU driver.
@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fastlora import cpu_masks, torch_path
+from fastlora.schedules import Schedule
 
 
 @torch.library.custom_op("fastlora::cpu_zero_dropped_", mutates_args=("t",))
@@ -35,22 +36,22 @@ def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
     cpu_masks.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
-def keep_fn(seed: Optional[Tensor], dropout_p: float, use_kernels: bool = False) -> torch_path.Keep:
+def keep_fn(seed: Optional[Tensor], dropout_p: float, philox: bool = False) -> torch_path.Keep:
     """The ``keep`` argument of the torch path's functions for the op's seed: None without dropout, else a
-    function zeroing in place what the mask drops (the kernels' Philox mask with ``use_kernels``, else the
+    function zeroing in place what the mask drops (the kernels' Philox mask with ``philox``, else the
     CPU generator's)."""
     if seed is None or dropout_p == 0.0:
         return None
 
     def keep(t: Tensor) -> Tensor:
-        if use_kernels:
+        if philox:
             from fastlora.kernels import launchers as kernels
 
             return kernels.zero_dropped_(t, seed, dropout_p)
         cpu_zero_dropped_(t, seed, dropout_p)
         return t
 
-    if not use_kernels:  # the CPU mask's dropped positions, for products that take them as a correction
+    if not philox:  # the CPU mask's dropped positions, for products that take them as a correction
         keep.rare_drops = lambda M, K: cpu_masks.rare_dropped_positions(int(seed), M, K, dropout_p)
     return keep
 
@@ -65,10 +66,10 @@ def lora_linear_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool,
+    schedule: str,
 ) -> tuple[Tensor, Tensor]:
     """y = x Wᵀ + b + s·S Bᵀ and S = dropout(x) Aᵀ for a 2-D x; ``seed`` is None when there is no dropout."""
-    return _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels)
+    return _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule)
 
 
 @torch.library.triton_op("fastlora::lora_linear_backward", mutates_args=())
@@ -82,34 +83,37 @@ def lora_linear_backward_op(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool,
+    schedule: str,
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor (ops cannot return None)."""
     return _backward_grads(
-        dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, use_kernels, need_dx, need_dA, need_dB
+        dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, schedule, need_dx, need_dA, need_dB
     )
 
 
-def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels):
-    if use_kernels:
+def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule):
+    plan = Schedule.from_key(schedule)
+    if plan.uses_kernels:
         from fastlora.kernels import launchers as kernels
 
-        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p)
+        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, low_rank=plan.low_rank)
     return torch_path.lora_forward(
         x, weight, bias, lora_A, lora_B, scaling, keep_fn(seed, dropout_p), dropout_p
     )
 
 
-def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, use_kernels, need_dx, need_dA,
+def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, schedule, need_dx, need_dA,
                     need_dB):
-    if use_kernels:
+    plan = Schedule.from_key(schedule)
+    if plan.uses_kernels:
         from fastlora.kernels import launchers as kernels
 
         grads = kernels.lora_backward(
-            dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, need_dx, need_dA, need_dB
+            dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, need_dx, need_dA, need_dB,
+            db=plan.db, low_rank=plan.low_rank,
         )
     else:
         grads = torch_path.lora_backward(
@@ -121,9 +125,9 @@ def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels = inputs
+    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p, ctx.use_kernels = scaling, dropout_p, use_kernels
+    ctx.scaling, ctx.dropout_p, ctx.schedule = scaling, dropout_p, schedule
     ctx.backward_grads = lora_linear_backward_op
 
 
@@ -133,7 +137,7 @@ def _backward(ctx, dy, _dS):
     dx = dA = dB = dW = db = None
     if need_dx or need_dA or need_dB:
         dx, dA, dB = ctx.backward_grads(
-            dy, x, weight, lora_A, lora_B, S, seed, ctx.scaling, ctx.dropout_p, ctx.use_kernels,
+            dy, x, weight, lora_A, lora_B, S, seed, ctx.scaling, ctx.dropout_p, ctx.schedule,
             need_dx, need_dA, need_dB,
         )
         dx, dA, dB = (g if need else None for g, need in ((dx, need_dx), (dA, need_dA), (dB, need_dB)))
@@ -175,11 +179,11 @@ def lora_linear(
     seed: Optional[Tensor],
     scaling: float,
     dropout_p: float,
-    use_kernels: bool,
+    schedule: str,
 ) -> Tensor:
     """y of ``fastlora::lora_linear`` with autograd: the registered op under torch.compile (it traces
     through it with no graph break), the same functions without the op dispatch in eager mode."""
-    args = (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, use_kernels)
+    args = (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule)
     if torch.compiler.is_compiling():
         return lora_linear_op(*args)[0]
     return _EagerLoRALinear.apply(*args)[0]

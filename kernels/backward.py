@@ -14,7 +14,7 @@ from .common import (
     backward_operands, block_r, empty_batch_grads, gemm_precision, launch, needs_int64, seed_arg, skinny_precision,
     small_skinny_tiles, split_reduction, upcast,
 )
-from .configs import cols_blocks, kernel_variant, m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import cols_kernel, rows_kernel
@@ -24,13 +24,13 @@ __all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx
 
 def launch_dS_dB(
     dy: Tensor, lora_B: Tensor, S: Tensor, scaling: float, dropout_p: float, need_dS: bool, need_dB: bool,
-    dB_dtype: torch.dtype | None = None,
+    dB_dtype: torch.dtype | None = None, db: str = "atomic",
 ) -> tuple[Tensor | None, Tensor | None]:
     """One pass over dy: dS = s·dy B / (1-p) (M, r) in the adapters' dtype and dB = s·dyᵀ S (N, r) in
     ``dB_dtype`` (default lora_B's; fp32 atomics); N is split across programs when M alone gives too few.  With
-    the "separate" dB schedule (configs.VARIANTS) dB comes from ``launch_dB`` instead.  M > 0."""
+    ``db="separate"`` dB comes from ``launch_dB`` instead.  M > 0."""
     dB_dtype = dB_dtype or lora_B.dtype
-    if need_dB and kernel_variant("db") == "separate":
+    if need_dB and db == "separate":
         dS, _ = launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, False) if need_dS else (None, None)
         return dS, launch_dB(dy, S, scaling, dB_dtype)
     dS, dB = launch_dS_dB_fused(dy, lora_B, S, scaling, dropout_p, need_dS, need_dB)
@@ -110,7 +110,8 @@ def launch_dA(x: Tensor, dS: Tensor, seed: Tensor, dropout_p: float, dtype: torc
 
 
 def launch_dx_gemm(
-    dy: Tensor, weight: Tensor, dS: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float
+    dy: Tensor, weight: Tensor, dS: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float,
+    low_rank: str = "prologue",
 ) -> Tensor:
     """dx = dy W + (dS A) ⊙ m (M, K) in dy's dtype: one autotuned GEMM, the masked low-rank term seeding its
     accumulator.  M > 0."""
@@ -123,7 +124,7 @@ def launch_dx_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
 
-    low_rank_last = kernel_variant("low_rank") == "epilogue"
+    low_rank_last = low_rank == "epilogue"
     launch(autotuned_gemm(dy.dtype == torch.float32, dropout, low_rank_last))[grid](
         dy, weight, dx, dx, dS, lora_A, seed,
         M, K, N, r,
@@ -151,13 +152,16 @@ def lora_backward(
     need_dA: bool,
     need_dB: bool,
     dy_low_rank: Tensor | None = None,
+    db: str = "atomic",
+    low_rank: str = "prologue",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B.
 
     dB = s·dyᵀ S;  dS = s·dy B / (1-p);  dA = dSᵀ (x ⊙ m);  dx = dy W + (dS A) ⊙ m — with the forward's mask,
     regenerated from ``seed`` (None allowed when dropout_p == 0).  dy (M, N) may have any strides, including 0
     (an expanded gradient); it is cast to x's dtype if it differs.  ``dy_low_rank``: the same gradient in a
-    wider dtype for dS and dB (DoRA's g ⊙ dy in fp32 beside a 16-bit base), instead of dy.
+    wider dtype for dS and dB (DoRA's g ⊙ dy in fp32 beside a 16-bit base), instead of dy.  ``db`` and
+    ``low_rank``: the schedule's variants (fastlora.schedules).
     """
     dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
     M, N = dy.shape
@@ -167,7 +171,7 @@ def lora_backward(
     dS, dB = None, None
     if need_dx or need_dA or need_dB:
         dS, dB = launch_dS_dB(dy if dy_low_rank is None else dy_low_rank, lora_B, S, scaling, dropout_p,
-                              need_dx or need_dA, need_dB)
+                              need_dx or need_dA, need_dB, db=db)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
-    dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p) if need_dx else None
+    dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p, low_rank) if need_dx else None
     return dx, dA, dB

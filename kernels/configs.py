@@ -18,10 +18,6 @@ import triton
 
 __all__ = [
     "INTERPRET",
-    "VARIANTS",
-    "LORA_VARIANTS",
-    "kernel_variant",
-    "use_kernel_variants",
     "gemm_configs",
     "dora_gemm_configs",
     "dora_config_dicts",
@@ -40,47 +36,6 @@ __all__ = [
 
 # Read once, as Triton itself does when kernels are decorated.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Schedule variants the GPU check times side by side, first choice the default.  ``db``: dB accumulated with
-# fp32 atomics in the pass that computes dS from dy (one read of dy) or reduced over M in a pass of its own
-# (a second read of dy, no atomics).  ``low_rank``: the fused GEMMs' low-rank term before or after the main
-# loop.  ``dora``: DoRA on its own kernels (dora.py: the magnitude scale inside the GEMMs, both base products
-# of the dropout case from one read) or composed of the LoRA kernels and torch passes (fastlora.dora_ops).
-# ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or ``use_kernel_variants(...)`` choose.
-VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"), "dora": ("fused", "composed")}
-LORA_VARIANTS = ("db", "low_rank")  # the ones LoRA's launches depend on
-_VARIANT_OVERRIDE: dict[str, str] = {}
-
-
-def _parse_variants(spec: str) -> dict[str, str]:
-    out = {}
-    for item in filter(None, (i.strip() for i in spec.split(","))):
-        name, _, choice = item.partition("=")
-        if name not in VARIANTS or choice not in VARIANTS[name]:
-            raise ValueError(f"kernel variant {item!r}: choose from "
-                             + "; ".join(f"{k}={'|'.join(v)}" for k, v in VARIANTS.items()))
-        out[name] = choice
-    return out
-
-
-def kernel_variant(name: str) -> str:
-    """The chosen schedule for ``name`` (a key of VARIANTS)."""
-    if name in _VARIANT_OVERRIDE:
-        return _VARIANT_OVERRIDE[name]
-    return _parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", "")).get(name, VARIANTS[name][0])
-
-
-@contextmanager
-def use_kernel_variants(**choices: str):
-    """Within the block, the kernels run these schedule variants (for tests and benchmarks; not thread-safe)."""
-    chosen = _parse_variants(",".join(f"{k}={v}" for k, v in choices.items()))
-    previous = dict(_VARIANT_OVERRIDE)
-    _VARIANT_OVERRIDE.update(chosen)
-    try:
-        yield
-    finally:
-        _VARIANT_OVERRIDE.clear()
-        _VARIANT_OVERRIDE.update(previous)
 
 # The GEMM's low-rank prologue walks r in chunks of at most this many columns (register budget): fp32
 # adapters (and fp32 FMA dots) take twice the registers per element, hence the smaller chunk.

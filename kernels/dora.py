@@ -303,6 +303,7 @@ def dora_forward(
 def dora_backward(
     dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, S: Tensor, g: Tensor,
     seed: Tensor | None, scaling: float, dropout_p: float, need_dx: bool, need_dA: bool, need_dB: bool,
+    db: str = "atomic",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B, for g = m / n (N,)
     fp32.  dS and dB come from the LoRA kernel on dy with g folded into B's rows (dS = s·dy (g ⊙ B) / (1-p))
@@ -314,7 +315,7 @@ def dora_backward(
     seed = seed_arg(seed, dropout_p > 0.0, S)
     need_dS = need_dx or need_dA
     B_scaled = (lora_B.float() * g[:, None]).to(lora_B.dtype) if need_dS else lora_B  # dS only reads B
-    dS, dB = launch_dS_dB(dy, B_scaled, S, scaling, dropout_p, need_dS, need_dB, dB_dtype=torch.float32)
+    dS, dB = launch_dS_dB(dy, B_scaled, S, scaling, dropout_p, need_dS, need_dB, dB_dtype=torch.float32, db=db)
     if need_dB:  # scaled in fp32, rounded once (unscaled, a 16-bit dB could overflow where g is small)
         dB = (dB * g[:, None]).to(lora_B.dtype)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None

@@ -14,7 +14,7 @@ from .common import (
     block_r, check_dtypes, gemm_precision, launch, needs_int64, row_major, seed_arg, skinny_precision,
     small_skinny_tiles, split_reduction, upcast,
 )
-from .configs import kernel_variant, m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import autotuned_gemm
 from .skinny import rows_kernel
@@ -51,9 +51,11 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
 
 
 def launch_forward_gemm(
-    x: Tensor, weight: Tensor, bias: Tensor | None, S: Tensor, lora_B: Tensor, scaling: float
+    x: Tensor, weight: Tensor, bias: Tensor | None, S: Tensor, lora_B: Tensor, scaling: float,
+    low_rank: str = "prologue",
 ) -> Tensor:
-    """y = x Wᵀ + b + s·S Bᵀ (M, N) in x's dtype: one autotuned GEMM, the low-rank term seeding its accumulator."""
+    """y = x Wᵀ + b + s·S Bᵀ (M, N) in x's dtype: one autotuned GEMM, the low-rank term seeding its accumulator
+    (``low_rank="prologue"``) or added after the main loop ("epilogue")."""
     M, K = x.shape
     N = weight.shape[0]
     r = S.shape[1]
@@ -62,7 +64,7 @@ def launch_forward_gemm(
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    low_rank_last = kernel_variant("low_rank") == "epilogue"
+    low_rank_last = low_rank == "epilogue"
     launch(autotuned_gemm(x.dtype == torch.float32, False, low_rank_last))[grid](
         x, weight, y, bias if bias is not None else y, S, lora_B, y,
         M, N, K, r,
@@ -85,13 +87,14 @@ def lora_forward(
     seed: Tensor | None,
     scaling: float,
     dropout_p: float,
+    low_rank: str = "prologue",
 ) -> tuple[Tensor, Tensor]:
     """Return ``(y, S)``: S = (x ⊙ m) Aᵀ / (1-p) in lora_A's dtype, y = x Wᵀ + b + s·S Bᵀ in x's dtype.
 
     x (M, K) any strides (copied only when its last stride is not 1); weight (N, K); bias (N,) or None;
     lora_A (r, K); lora_B (N, r); seed: int64 tensor of shape (1,) on x's device (loaded by the kernels;
     may be None when dropout_p == 0).  dropout_p == 0 compiles the mask out.  fp32 accumulation throughout;
-    no host synchronisation.
+    no host synchronisation.  ``low_rank``: where the GEMM adds the low-rank term (fastlora.schedules).
     """
     check_dtypes(x, weight, lora_A, lora_B)
     x = row_major(x)
@@ -101,5 +104,5 @@ def lora_forward(
         return (torch.empty((0, N), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype))
     S = launch_S(x, lora_A, seed_arg(seed, dropout_p > 0.0, x), dropout_p)
-    y = launch_forward_gemm(x, weight, bias, S, lora_B, scaling)
+    y = launch_forward_gemm(x, weight, bias, S, lora_B, scaling, low_rank)
     return y, S

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from fastlora import reference
+from fastlora.schedules import kernel_schedule
 from fastlora.kernels.launchers import lora_backward, lora_forward
 from tests import philox
 
@@ -147,8 +148,10 @@ def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, tol: float, dt
 def check_case(case: Case, device: str) -> None:
     """Forward (y, S) and backward (dx, dA, dB) of the kernels against the float64 reference."""
     x, w, b, A, B, dy, seed = make_inputs(case, device)
-    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p)
-    dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True)
+    plan = kernel_schedule()  # the variants of the calling test's use_kernel_variants, if any
+    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank)
+    dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True, db=plan.db,
+                               low_rank=plan.low_rank)
 
     keep = philox.keep_mask(case.seed, case.M, case.K, case.p).to(device) if case.p > 0 else None
     d = lambda t: None if t is None else t.double()  # noqa: E731
@@ -167,8 +170,10 @@ def check_large(case: Case, device: str, row_chunk: int = 1 << 16) -> None:
     """check_case for inputs too big for a float64 copy: the reference runs on row chunks (y, S, dx compared
     per chunk, dA and dB summed over chunks), the mask of each chunk reproduced from its first row."""
     x, w, b, A, B, dy, seed = make_inputs(case, device)
-    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p)
-    dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True)
+    plan = kernel_schedule()  # the variants of the calling test's use_kernel_variants, if any
+    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank)
+    dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True, db=plan.db,
+                               low_rank=plan.low_rank)
     adt = case.adapter_dtype or case.dtype
     base_tol, adapter_tol = tolerance(case.dtype, adt), tolerance(adt)
     dA_ref = torch.zeros(case.r, case.K, dtype=torch.float64, device=device)
@@ -318,7 +323,8 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(2)).to(dtype)
     leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
     seed_t = torch.tensor([seed], device=device) if p else None
-    y = dora_ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p, True)
+    y = dora_ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t, 0.5, p,
+                            kernel_schedule().key)
     grads = torch.autograd.grad(y, leaves, dy.to(device))
     keep = philox.keep_mask(seed, M, K, p).double() if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]

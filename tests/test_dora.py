@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 from fastlora import LoraConfig, LoraModel, LoRALinear, cpu_masks, dora_ops, get_peft_model, reference, torch_path
+from fastlora.schedules import kernel_schedule
 from fastlora.functional import SEED_HIGH
 from tests.kernel_checks import dora_operands as _operands
 from tests.models import SEED_TARGETS, tiny_llama, tokens
@@ -322,8 +323,8 @@ def test_triton_backend_applies_the_kernels_mask():
     y = layer(x)
     torch.manual_seed(4)
     seed = torch.randint(0, SEED_HIGH, (1,))
-    torch.testing.assert_close(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, True), **tol(F32))
-    assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, False))
+    torch.testing.assert_close(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, kernel_schedule().key), **tol(F32))
+    assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, "torch"))
 
 
 @pytest.mark.parametrize("keep_z", [True, False], ids=["z", "no-z"])
@@ -334,7 +335,8 @@ def test_opcheck(p, use_kernels, keep_z):
     x, W, b, A, B, m = _operands(torch.bfloat16 if use_kernels else F32, F32, bias=True)
     seed = torch.tensor([42]) if p else None
     torch.library.opcheck(dora_ops.dora_linear_op, (x, W, b, A.requires_grad_(), B.requires_grad_(),
-                                               m.requires_grad_(), seed, 0.5, p, use_kernels, keep_z))
+                                               m.requires_grad_(), seed, 0.5, p,
+                                               kernel_schedule().key if use_kernels else "torch", keep_z))
 
 
 def test_no_output_features():

@@ -20,6 +20,7 @@ from fastlora.kernels.configs import INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1); see test_kernels_gpu.py")
 
+from fastlora import schedules  # noqa: E402
 from tests import kernel_checks as kc  # noqa: E402
 
 CASES = kc.SMALL_CASES
@@ -117,9 +118,7 @@ def test_zero_dropped_kernel_int64_offsets(monkeypatch):
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_dora_kernel_path(dtype, adapter_dtype, p, schedule):
     """DoRA on its own kernels ("fused") and on the LoRA kernels with torch passes ("composed")."""
-    from fastlora.kernels import configs
-
-    with configs.use_kernel_variants(dora=schedule):
+    with schedules.use_kernel_variants(dora=schedule):
         kc.check_dora("cpu", 37, 97, 33, 8, dtype, adapter_dtype, bias=True, p=p)
         kc.check_dora("cpu", 16, 40, 24, 4, dtype, adapter_dtype, bias=False, p=p)
 
@@ -138,9 +137,7 @@ def test_dora_gpu_tile(p):
 def test_dora_zero_magnitude_kernel_path(schedule):
     """No dropout, no bias: backward takes dm from the output y, and where m = 0 (y keeps nothing of z) from z
     recomputed by the zero-magnitude pass; the tail block of columns included."""
-    from fastlora.kernels import configs
-
-    with configs.use_kernel_variants(dora=schedule):
+    with schedules.use_kernel_variants(dora=schedule):
         kc.check_dora("cpu", 37, 97, 70, 8, torch.bfloat16, torch.float32, bias=False, p=0.0,
                       zero_magnitudes=(0, 33, 69))
         kc.check_dora("cpu", 16, 40, 24, 4, torch.float32, torch.float32, bias=False, p=0.0, zero_magnitudes=(5,))
@@ -149,13 +146,14 @@ def test_dora_zero_magnitude_kernel_path(schedule):
 def test_dora_zero_magnitude_strided_operands():
     """A magnitude that is a strided view, a transposed x: the zero-magnitude pass reads the right columns."""
     from fastlora import dora_ops, reference
+    from fastlora.schedules import kernel_schedule
 
     x, W, _, A, B, m = kc.dora_operands(torch.float32, torch.float32, False, 20, 40, 24, 4)
     m[3] = 0.0
     m_view = torch.stack([m, torch.ones_like(m)], 1)[:, 0].requires_grad_()  # stride 2
     x_t = x.t().contiguous().t().requires_grad_()
     dy = torch.randn(20, 24, generator=torch.Generator().manual_seed(3))
-    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, 0.5, 0.0, True), m_view, dy)[0]
+    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, 0.5, 0.0, kernel_schedule().key), m_view, dy)[0]
     m64 = m.double().requires_grad_()
     y64 = reference.dora(x, W, None, A, B, m64, 0.5)
     want = torch.autograd.grad(y64, m64, dy.double())[0]
@@ -261,19 +259,63 @@ VARIANT_CASES = [
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
 def test_schedule_variants(variants, case):
     """Each schedule variant the GPU check times computes the same outputs and gradients as the default."""
-    from fastlora.kernels import configs
-
-    with configs.use_kernel_variants(**variants):
-        assert all(configs.kernel_variant(k) == v for k, v in variants.items())
+    with schedules.use_kernel_variants(**variants):
+        assert all(getattr(schedules.kernel_schedule(), k) == v for k, v in variants.items())
         kc.check_case(case, "cpu")
 
 
 def test_variant_choice_from_the_environment(monkeypatch):
-    from fastlora.kernels import configs
-
-    assert configs.kernel_variant("db") == "atomic" and configs.kernel_variant("low_rank") == "prologue"
+    default = schedules.kernel_schedule()
+    assert (default.db, default.low_rank, default.dora) == ("atomic", "prologue", "fused")
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "db=separate")
-    assert configs.kernel_variant("db") == "separate"
+    assert schedules.kernel_schedule().db == "separate"
+    x = torch.zeros(2, 3)
+    assert schedules.resolve("triton", x).db == "separate" and schedules.resolve("torch", x).name == "torch"
+    assert schedules.Schedule.from_key(schedules.kernel_schedule().key) == schedules.kernel_schedule()
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "db=sideways")
     with pytest.raises(ValueError, match="db=atomic|separate"):
-        configs.kernel_variant("db")
+        schedules.kernel_schedule()
+
+
+def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
+    """lora_linear resolves the schedule once (FASTLORA_KERNEL_VARIANTS or use_kernel_variants) and the launchers
+    run what it names: the separate dB pass, the GEMMs' low-rank term last, DoRA composed of the LoRA kernels."""
+    from fastlora import LoRALinear
+    from fastlora.kernels import backward, forward, launchers
+
+    seen = {"dB": 0, "low_rank_last": set(), "dora_kernels": 0}
+    launch_dB, gemm, dora_forward = backward.launch_dB, forward.autotuned_gemm, launchers.dora_forward
+
+    def spy_dB(*args, **kwargs):
+        seen["dB"] += 1
+        return launch_dB(*args, **kwargs)
+
+    def spy_gemm(fp32, masked, low_rank_last):
+        seen["low_rank_last"].add(low_rank_last)
+        return gemm(fp32, masked, low_rank_last)
+
+    def spy_dora(*args, **kwargs):
+        seen["dora_kernels"] += 1
+        return dora_forward(*args, **kwargs)
+
+    monkeypatch.setattr(backward, "launch_dB", spy_dB)
+    monkeypatch.setattr(forward, "autotuned_gemm", spy_gemm)
+    monkeypatch.setattr(backward, "autotuned_gemm", spy_gemm)
+    monkeypatch.setattr(launchers, "dora_forward", spy_dora)
+    x = torch.randn(9, 16, requires_grad=True)
+
+    def step(**layer_args):
+        layer = LoRALinear(16, 12, r=4, lora_alpha=8, backend="triton", **layer_args)
+        torch.nn.init.normal_(layer.lora_B)
+        layer(x).sum().backward()
+
+    step()
+    assert seen == {"dB": 0, "low_rank_last": {False}, "dora_kernels": 0}
+    with schedules.use_kernel_variants(db="separate", low_rank="epilogue"):
+        step()
+    assert seen["dB"] == 1 and seen["low_rank_last"] == {False, True}
+    step(use_dora=True)
+    assert seen["dora_kernels"] == 1
+    monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "dora=composed")
+    step(use_dora=True)
+    assert seen["dora_kernels"] == 1

@@ -19,6 +19,7 @@ pytestmark = [
     pytest.mark.skipif(INTERPRET, reason="compiled mode only (TRITON_INTERPRET is set)"),
 ]
 
+from fastlora import schedules  # noqa: E402
 from fastlora.kernels import configs  # noqa: E402
 from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from tests import kernel_checks as kc  # noqa: E402
@@ -102,7 +103,7 @@ def test_every_config(fp32, low_rank):
     """Each config of this GPU's lists (forward and dropout dx) for each place of the low-rank term, on a shape
     with tails in every dimension."""
     case = Case(300, 520, 264, 24, f32 if fp32 else bf16, p=0.1)
-    with configs.use_kernel_variants(low_rank=low_rank):
+    with schedules.use_kernel_variants(low_rank=low_rank):
         for cfg in _all_configs(fp32, low_rank == "epilogue"):
             with configs.pin_gemm_config(cfg):
                 try:
@@ -155,14 +156,14 @@ def test_zero_dropped_kernel(dtype):
 @pytest.mark.parametrize("dtype, adapter_dtype", [(f32, f32), (bf16, f32), (bf16, bf16)], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_dora_kernel_path(dtype, adapter_dtype, p, schedule):
-    with configs.use_kernel_variants(dora=schedule):
+    with schedules.use_kernel_variants(dora=schedule):
         kc.check_dora(DEVICE, 512, 1024, 768, 16, dtype, adapter_dtype, bias=True, p=p)
 
 
 @pytest.mark.parametrize("schedule", ["fused", "composed"])
 def test_dora_zero_magnitude(schedule):
     """dm from the output y, and from z recomputed where m = 0."""
-    with configs.use_kernel_variants(dora=schedule):
+    with schedules.use_kernel_variants(dora=schedule):
         kc.check_dora(DEVICE, 512, 1024, 768, 16, bf16, f32, bias=False, p=0.0, zero_magnitudes=(0, 700, 767))
 
 
@@ -177,7 +178,7 @@ def test_dora_step_without_host_sync(p):
     seed = torch.tensor([5], device=DEVICE) if p else None
 
     def step():
-        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, 0.5, p, True)
+        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, 0.5, p, schedules.kernel_schedule().key)
         return torch.autograd.grad(y.float().square().sum(), leaves)
 
     step()  # compiles the kernels
@@ -200,7 +201,7 @@ def test_compiled_dora_op_kernel_path(p):
     seed = torch.tensor([11], device=DEVICE) if p else None
 
     def f(x, A, B, m):
-        return dora_ops.dora_linear(x, W, None, A, B, m, seed, 0.5, p, True)
+        return dora_ops.dora_linear(x, W, None, A, B, m, seed, 0.5, p, schedules.kernel_schedule().key)
 
     results = []
     for fn in (f, torch.compile(f, fullgraph=True)):
@@ -325,7 +326,7 @@ def test_eager_layer_on_cuda_with_both_backends(p):
                                       {"db": "separate", "low_rank": "epilogue"}], ids=str)
 def test_schedule_variants_compiled(variants):
     """The schedule variants bench/kernel_variants.py times, compiled, against the float64 reference."""
-    with configs.use_kernel_variants(**variants):
+    with schedules.use_kernel_variants(**variants):
         kc.check_case(Case(2048, 4096, 4096, 16, bf16, f32, p=0.1), DEVICE)
         kc.check_case(Case(777, 1000, 999, 64, f16, p=0.2), DEVICE)
 

@@ -30,7 +30,7 @@ def _args(M=7, K=10, N=6, r=3, bias=True, dtype=torch.float32):
 def test_opcheck_forward(p, bias):
     x, W, b, A, B = _args(bias=bias)
     seed = torch.tensor([42]) if p else None
-    torch.library.opcheck(ops.lora_linear_op, (x, W, b, A, B, seed, 0.5, p, False))
+    torch.library.opcheck(ops.lora_linear_op, (x, W, b, A, B, seed, 0.5, p, "torch"))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -40,7 +40,7 @@ def test_opcheck_backward(p):
     S = torch.randn(x.shape[0], A.shape[0])
     dy = torch.randn(x.shape[0], W.shape[0])
     torch.library.opcheck(ops.lora_linear_backward_op, (dy, x.detach(), W, A.detach(), B.detach(), S, seed,
-                                                        0.5, p, False, True, True, True))
+                                                        0.5, p, "torch", True, True, True))
     for p in (0.1, 0.3):
         torch.library.opcheck(ops.cpu_zero_dropped_, (torch.randn(5, 4), torch.tensor([3]), p))
 
@@ -93,7 +93,7 @@ _COMPILE_MASK_SCRIPT = textwrap.dedent(
     seed = torch.tensor([1234])
     for p in (0.1, 0.4, 0.9):  # rare drops, per-element sampling, rare keeps
         def f(x, A, B):
-            return ops.lora_linear(x, W, None, A, B, seed, 0.7, p, False)
+            return ops.lora_linear(x, W, None, A, B, seed, 0.7, p, "torch")
         results = []
         for fn in (f, torch.compile(f, fullgraph=True)):
             y = fn(x, A, B)

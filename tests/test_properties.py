@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fastlora import cpu_masks, lora_linear, reference
 from fastlora.functional import SEED_HIGH, triton_interpreter_on
+from fastlora.schedules import kernel_schedule
 from tests import philox
 from tests.tolerances import TOLERANCES
 
@@ -92,6 +93,10 @@ def _leaves(c, generator):
         if t is not None:
             t.requires_grad_(c["grads"][name])
     return leaves, view
+
+
+def _schedule(path: str) -> str:
+    return kernel_schedule().key if path == "triton" else "torch"
 
 
 def _mask(path, seed, rows, cols, p):
@@ -243,7 +248,7 @@ def test_nan_propagates_through_dropout_as_x_times_mask(path, p):
     x[0, dropped] = math.nan
     x[1, kept] = math.nan
     eye = torch.eye(K)
-    _, S = ops.lora_linear_op(x, torch.zeros(K, K), None, eye, eye, seed, 1.0, p, path == "triton")
+    _, S = ops.lora_linear_op(x, torch.zeros(K, K), None, eye, eye, seed, 1.0, p, _schedule(path))
     S_ref = (x.double() * keep / (1 - p)) @ eye.double()  # a NaN anywhere in a row spreads over it (NaN · 0)
     assert torch.isnan(S[0, dropped]) and torch.isnan(S[1, kept])
     assert torch.equal(torch.isnan(S), torch.isnan(S_ref))
@@ -288,7 +293,7 @@ def _check_dora_against_float64(path: str, c: dict) -> None:
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(c["seed"] + 1)).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
     seed = torch.tensor([c["seed"]]) if p else None
-    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p, path == "triton")
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p, _schedule(path))
     grads = torch.autograd.grad(y, leaves, dy)
     keep = None
     if p:

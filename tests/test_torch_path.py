@@ -20,7 +20,7 @@ def _inputs(M=6, K=5, N=4, r=3, dtype=torch.float64, bias=True, x_grad=True, bat
 
 def _op(seed, p, scaling=0.7):
     def f(x, W, b, A, B):
-        y, _ = ops.lora_linear_op(x.reshape(-1, x.shape[-1]), W, b, A, B, seed, scaling, p, False)
+        y, _ = ops.lora_linear_op(x.reshape(-1, x.shape[-1]), W, b, A, B, seed, scaling, p, "torch")
         return y
     return f
 
@@ -62,7 +62,7 @@ def test_eager_function_and_registered_op_agree(p, x_grad):
     wrt = (x, b, A, B) if x_grad else (b, A, B)
     results = []
     for call in (ops.lora_linear, lambda *args: ops.lora_linear_op(*args)[0]):
-        y = call(x, W, b, A, B, seed, 0.7, p, False)
+        y = call(x, W, b, A, B, seed, 0.7, p, "torch")
         results.append((y, torch.autograd.grad(y.square().sum(), wrt)))
     (y_eager, g_eager), (y_op, g_op) = results
     assert torch.equal(y_eager, y_op)

@@ -103,7 +103,7 @@ def environment(device: str | torch.device) -> dict:
         "fastlora": fastlora_version,
         "git_commit": git_commit(),
         "loadavg_1m": _loadavg(),
-        # the Triton kernels' schedule choices, when not the defaults (fastlora.kernels.configs.VARIANTS)
+        # the Triton kernels' schedule choices, when not the defaults (fastlora.schedules.VARIANTS)
         "kernel_variants": os.environ.get("FASTLORA_KERNEL_VARIANTS") or None,
     }
 

@@ -1,0 +1,134 @@
+"""Schedules: how one call of a LoRA (or DoRA) layer is computed, chosen once per call.
+
+:func:`fastlora.functional.lora_linear` resolves the schedule from the layer's ``backend``, the device of x
+and ``FASTLORA_KERNEL_VARIANTS``; the ops receive it as its key (a string, what an op schema can carry) and
+every choice below them reads the :class:`Schedule`, never the environment.
+
+    torch          the torch path (fastlora.torch_path): the CPU backend, and backend="torch" on any device
+    triton-fused   the fused Triton kernels: base GEMM and low-rank term in one accumulator (CUDA's default)
+
+A kernel schedule has variants the GPU check times side by side, the first choice the default:
+
+    db         "atomic": dB accumulated with fp32 atomics in the pass that computes dS from dy (one read of
+               dy); "separate": reduced over M in a pass of its own (a second read of dy, no atomics)
+    low_rank   the fused GEMMs' low-rank term before ("prologue") or after ("epilogue") the main loop
+    dora       DoRA on its own kernels ("fused") or composed of the LoRA kernels and torch passes ("composed")
+
+``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or :func:`use_kernel_variants` choose them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from torch import Tensor
+
+__all__ = ["Schedule", "SCHEDULES", "VARIANTS", "BACKENDS", "resolve", "kernel_schedule", "use_kernel_variants",
+           "triton_interpreter_on"]
+
+BACKENDS = ("auto", "torch", "triton")
+VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"), "dora": ("fused", "composed")}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One way to compute a call: ``name`` one of :data:`SCHEDULES`, with the kernel variants (ignored by the
+    torch schedule)."""
+
+    name: str
+    db: str = VARIANTS["db"][0]
+    low_rank: str = VARIANTS["low_rank"][0]
+    dora: str = VARIANTS["dora"][0]
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULES:
+            raise ValueError(f"schedule {self.name!r}: choose from {sorted(SCHEDULES)}")
+        for variant, choices in VARIANTS.items():
+            if getattr(self, variant) not in choices:
+                raise ValueError(f"kernel variant {variant}={getattr(self, variant)!r}: choose from {'|'.join(choices)}")
+
+    @property
+    def uses_kernels(self) -> bool:
+        return SCHEDULES[self.name]
+
+    @property
+    def key(self) -> str:
+        """The schedule as the ops carry it: ``"triton-fused:db=atomic,low_rank=prologue,dora=fused"``."""
+        if not self.uses_kernels:
+            return self.name
+        return self.name + ":" + ",".join(f"{v}={getattr(self, v)}" for v in VARIANTS)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def from_key(key: str) -> "Schedule":
+        name, _, variants = key.partition(":")
+        return Schedule(name, **_parse_variants(variants))
+
+
+# name → whether it runs the Triton kernels
+SCHEDULES = {"torch": False, "triton-fused": True}
+TORCH = Schedule("torch")
+
+_VARIANT_OVERRIDE: dict[str, str] = {}
+
+
+def _parse_variants(spec: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        name, _, choice = item.partition("=")
+        if name not in VARIANTS or choice not in VARIANTS[name]:
+            raise ValueError(f"kernel variant {item!r}: choose from "
+                             + "; ".join(f"{k}={'|'.join(v)}" for k, v in VARIANTS.items()))
+        out[name] = choice
+    return out
+
+
+def kernel_schedule() -> Schedule:
+    """The kernel schedule with the variants ``FASTLORA_KERNEL_VARIANTS`` and :func:`use_kernel_variants` choose."""
+    chosen = _parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", ""))
+    chosen.update(_VARIANT_OVERRIDE)
+    return Schedule("triton-fused", **chosen)
+
+
+@contextmanager
+def use_kernel_variants(**choices: str):
+    """Within the block, kernel schedules take these variants (for tests and benchmarks; not thread-safe)."""
+    chosen = _parse_variants(",".join(f"{k}={v}" for k, v in choices.items()))
+    previous = dict(_VARIANT_OVERRIDE)
+    _VARIANT_OVERRIDE.update(chosen)
+    try:
+        yield
+    finally:
+        _VARIANT_OVERRIDE.clear()
+        _VARIANT_OVERRIDE.update(previous)
+
+
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``) in this process."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve(backend: str, x: Tensor) -> Schedule:
+    """The schedule of one call: "torch" for backend="torch" and off CUDA, the kernel schedule for
+    backend="triton" (CUDA, or the CPU under TRITON_INTERPRET=1) and for "auto" on CUDA where triton imports."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return TORCH
+    if x.is_cuda or (backend == "triton" and triton_interpreter_on()):
+        if backend == "auto":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                return TORCH
+        return kernel_schedule()
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "
+            f"x is on {x.device}"
+        )
+    return TORCH
+

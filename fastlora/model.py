@@ -21,6 +21,7 @@ from torch import nn
 from fastlora.adapter_files import AdapterFilesMixin
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
+from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
@@ -43,7 +44,7 @@ def _adapter_dtype(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dty
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
             autocast_adapter_dtype: bool) -> Callable[[], None]:
-    """Give ``adapter_name`` to every target (swapping plain ``nn.Linear`` s for ``LoRALinear``) and a copy of
+    """Give ``adapter_name`` to every target (swapping each base layer for its kind's adapted layer) and a copy of
     every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
     flag back as they were; an error part way through calls it before raising."""
     originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
@@ -64,15 +65,11 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for name in targets:
             module = originals[name]
             dtype = _adapter_dtype(module, autocast_adapter_dtype)
-            if isinstance(module, LoRALinear):
+            if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
-            else:
-                _set_module(model, name, LoRALinear.from_linear(
-                    module, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                    use_rslora=settings.use_rslora, use_dora=settings.use_dora, init_lora_weights=config.init_lora_weights,
-                    adapter_dtype=dtype,
-                    adapter_name=adapter_name,
-                ))
+            else:  # plan_targets checked that a kind claims it
+                _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, config.init_lora_weights,
+                                                               dtype))
         for name in to_save:
             module = originals[name]
             if isinstance(module, ModulesToSaveWrapper):

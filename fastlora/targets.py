@@ -9,8 +9,8 @@ import re
 
 from torch import nn
 
+from fastlora.base_kinds import is_adapted, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig
-from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 
 __all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
@@ -70,12 +70,13 @@ def _named_modules_outside_wrappers(model: nn.Module):
 
 
 def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
-    """Qualified names of the modules ``config`` adapts, checked: each is an ``nn.Linear``.
+    """Qualified names of the modules ``config`` adapts, checked: each is of a kind fastlora adapts
+    (:mod:`fastlora.base_kinds`).
 
     With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
     a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
     Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
-    a matched module is not an ``nn.Linear``.
+    a matched module is of no kind fastlora adapts (naming it and why).
     """
     head = _output_head(model)
     targets, not_linear, saved_instead = [], [], []
@@ -83,7 +84,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if not name or isinstance(module, ModulesToSaveWrapper):
             continue
         if config.target_modules == "all-linear":
-            if not isinstance(module, nn.Linear) or module is head:
+            if not is_linear_like(module) or module is head:
                 continue
         elif not _name_matches(name, config.target_modules):
             continue
@@ -95,19 +96,19 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if config.layers_to_transform is not None:
             if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
                 continue
-        if isinstance(module, LoRALinear):
+        if is_adapted(module):
             if adapter_name is None:
                 raise ValueError(f"module {name!r} is already a LoRALinear: the model already has an adapter")
             if adapter_name in module.adapter_settings:
                 raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
-        elif not isinstance(module, nn.Linear):
-            not_linear.append(f"{name} ({type(module).__name__})")
+        elif kind_of(module) is None:
+            not_linear.append(f"{name} ({type(module).__name__}: {refusal(module)})")
             continue
         targets.append(name)
     if not_linear:
         raise TypeError(
-            f"target_modules={config.target_modules!r} matched modules that are not nn.Linear: "
-            f"{', '.join(not_linear[:5])}; fastlora adapts nn.Linear layers only"
+            f"target_modules={config.target_modules!r} matched modules that are not nn.Linear layers fastlora "
+            f"adapts: {'; '.join(not_linear[:5])}. Leave them out of target_modules (exclude_modules can)"
         )
     if not targets:
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -133,7 +134,7 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         found |= matches
     for name in found:
         module = model.get_submodule(name)
-        if isinstance(module, LoRALinear) or (isinstance(module, ModulesToSaveWrapper) and adapter_name is None):
+        if is_adapted(module) or (isinstance(module, ModulesToSaveWrapper) and adapter_name is None):
             raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")

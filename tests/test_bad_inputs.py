@@ -174,3 +174,30 @@ def test_from_linear_defaults_as_the_constructor():
     layer, direct = LoRALinear.from_linear(linear, r=4), LoRALinear(16, 16, r=4)
     assert (layer.r, layer.lora_alpha, layer.scaling) == (direct.r, direct.lora_alpha, direct.scaling) == (4, 8, 2.0)
     assert LoRALinear.from_linear(nn.Linear(4, 4)).r == 8
+
+
+class _PackedLinear(nn.Linear):
+    """Stands in for bitsandbytes' Linear4bit: an nn.Linear subclass whose weight holds packed uint8 codes."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight = nn.Parameter(torch.zeros(linear.out_features * linear.in_features // 2, 1, dtype=torch.uint8),
+                                   requires_grad=False)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"], ids=["named", "all-linear"])
+def test_a_quantized_linear_target_is_refused_by_name_and_changes_nothing(targets):
+    model = tiny_llama()
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = _PackedLinear(attention.q_proj)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj \(_PackedLinear: a quantized \(4-bit or 8-bit\) Linear"):
+        get_peft_model(model, LoraConfig(target_modules=targets))
+    assert_unchanged(model, before)
+    assert type(model.model.layers[0].self_attn.q_proj) is _PackedLinear
+
+
+def test_an_embedding_target_is_refused_with_the_reason():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match=r"embed_tokens \(Embedding: an nn.Embedding: embedding targets are not adapted"):
+        get_peft_model(model, LoraConfig(target_modules=["embed_tokens"]))

@@ -1,0 +1,99 @@
+"""Which kind of base layer a module is, and how that kind is adapted: an ordered list of dispatchers.
+
+Each :class:`BaseKind` claims the modules it adapts and builds the adapted layer around one (sharing the
+module's parameters, never copying them); the first kind in :data:`DISPATCHERS` that claims a module wins.
+A module no kind claims is refused, with the reason when it is a kind fastlora knows it does not adapt yet (a
+4-bit or 8-bit quantized Linear, GPT-2's Conv1D, an embedding, ...).  A new base kind is one new module with
+its adapted layer and one entry here.
+
+    dense Linear   torch.nn.Linear with a floating-point weight   → fastlora.LoRALinear
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fastlora.adapter_settings import AdapterSettings
+from fastlora.layer import LoRALinear
+
+__all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "is_adapted", "is_linear_like"]
+
+
+@dataclass(frozen=True)
+class BaseKind:
+    """One kind of base layer: ``claims(module)`` says whether a module is of this kind; ``adapt(module,
+    adapter_name, settings, init_lora_weights, adapter_dtype)`` returns the adapted layer, of ``adapted_type``;
+    ``linear_like``: matched by PEFT's ``target_modules="all-linear"``."""
+
+    name: str
+    claims: Callable[[nn.Module], bool]
+    adapt: Callable[..., nn.Module]
+    adapted_type: type
+    linear_like: bool = True
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (type(module).__module__.split(".")[0] == "bitsandbytes"
+            or (isinstance(weight, torch.Tensor) and not weight.is_floating_point())
+            or hasattr(weight, "quant_state"))
+
+
+def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings, init_lora_weights,
+                 adapter_dtype: torch.dtype) -> LoRALinear:
+    return LoRALinear.from_linear(
+        module, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        use_rslora=settings.use_rslora, use_dora=settings.use_dora, init_lora_weights=init_lora_weights,
+        adapter_dtype=adapter_dtype, adapter_name=adapter_name)
+
+
+DENSE_LINEAR = BaseKind(
+    "dense Linear",
+    claims=lambda m: isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and not _is_quantized(m),
+    adapt=_adapt_dense,
+    adapted_type=LoRALinear,
+)
+
+DISPATCHERS: list[BaseKind] = [DENSE_LINEAR]
+ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHERS)
+
+# Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
+_NOT_YET = [
+    (_is_quantized, "a quantized (4-bit or 8-bit) Linear: fastlora does not adapt quantized bases yet; "
+                    "load the model without quantization, or use PEFT for QLoRA"),
+    (lambda m: type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"),
+     "transformers' Conv1D (GPT-2 style, weight stored in × out): not adapted yet"),
+    (lambda m: isinstance(m, nn.Embedding), "an nn.Embedding: embedding targets are not adapted yet"),
+    (lambda m: isinstance(m, nn.MultiheadAttention), "an nn.MultiheadAttention: not adapted"),
+    (lambda m: isinstance(m, nn.modules.conv._ConvNd), "a convolution: not adapted"),
+]
+
+
+def kind_of(module: nn.Module) -> BaseKind | None:
+    """The first kind of :data:`DISPATCHERS` that claims ``module`` (None when none does)."""
+    return next((kind for kind in DISPATCHERS if kind.claims(module)), None)
+
+
+def refusal(module: nn.Module) -> str:
+    """Why ``module`` is not adapted: the known kind it is, or the kinds fastlora adapts."""
+    for matches, reason in _NOT_YET:
+        if matches(module):
+            return reason
+    return f"not a kind fastlora adapts ({', '.join(kind.name for kind in DISPATCHERS)})"
+
+
+def is_adapted(module: nn.Module) -> bool:
+    """Whether ``module`` is one of fastlora's adapted layers."""
+    return isinstance(module, ADAPTED_TYPES)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """What ``target_modules="all-linear"`` matches: modules of a linear-like kind, adapted or not, and quantized
+    Linears (PEFT matches them; they are then refused by name)."""
+    kind = kind_of(module)
+    return (kind is not None and kind.linear_like) or is_adapted(module) or (
+        isinstance(module, nn.Linear) and _is_quantized(module))

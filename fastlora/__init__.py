@@ -5,7 +5,7 @@ imported only when a kernel is first launched.
 """
 
 from fastlora._version import __version__
-from fastlora.adapter_files import get_peft_model_state_dict, set_peft_model_state_dict
+from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state_dict
 from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.layer import LoRALinear

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from fastlora.adapter_files import AdapterFilesMixin
+from fastlora.model_files import AdapterFilesMixin
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of

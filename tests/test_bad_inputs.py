@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fastlora import LoraConfig, LoraModel, LoRALinear, UnsupportedFeatureError, get_peft_model, lora_linear
-from fastlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from fastlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import assert_unchanged, clone, snapshot, tiny_llama
 
 TARGETS = ["q_proj", "v_proj"]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import fastlora.adapter_files
+import fastlora.model_files
 from fastlora import LoraConfig, LoraModel, get_peft_model
-from fastlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from fastlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_killed_save_leaves_the_previous_adapter(tmp_path):
 
 
 def _fail_on_nth_copy(monkeypatch, n):
-    real, calls = fastlora.adapter_files._copy_one, []
+    real, calls = fastlora.model_files._copy_one, []
 
     def copy(param, value):
         calls.append(1)
@@ -88,7 +88,7 @@ def _fail_on_nth_copy(monkeypatch, n):
             raise RuntimeError("disk read error (simulated)")
         real(param, value)
 
-    monkeypatch.setattr(fastlora.adapter_files, "_copy_one", copy)
+    monkeypatch.setattr(fastlora.model_files, "_copy_one", copy)
 
 
 def test_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import torch
 from huggingface_hub import HfApi
 
 from fastlora import LoraConfig, LoraModel, get_peft_model
-from fastlora.adapters import CONFIG_NAME
+from fastlora.peft_format import CONFIG_NAME
 from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
 
 

@@ -142,7 +142,7 @@ def test_peft_bias_all_adapter_with_a_biased_head_loads(tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import BertConfig, BertForSequenceClassification
 
-    from fastlora.adapters import WEIGHTS_NAME
+    from fastlora.peft_format import WEIGHTS_NAME
 
     torch.manual_seed(0)
     config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import fastlora
 from fastlora import LoraConfig, LoraModel, UnsupportedFeatureError, get_peft_model
-from fastlora.adapters import CONFIG_NAME, WEIGHTS_BIN_NAME, WEIGHTS_NAME
+from fastlora.peft_format import CONFIG_NAME, WEIGHTS_BIN_NAME, WEIGHTS_NAME
 from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fastlora import LoraConfig, LoraModel, get_peft_model
-from fastlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from fastlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import SEED_TARGETS, assert_unchanged, clone, snapshot, tiny_llama, tokens
 
 

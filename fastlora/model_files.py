@@ -2,7 +2,7 @@
 
 :class:`AdapterFilesMixin` gives ``LoraModel`` PEFT's ``save_pretrained``, ``from_pretrained``,
 ``load_adapter``, ``push_to_hub`` and ``create_or_update_model_card``; the file format itself is
-:mod:`fastlora.adapters`, where adapters come from :mod:`fastlora.hub`.
+:mod:`fastlora.peft_format`, where adapters come from :mod:`fastlora.hub`.
 :func:`get_peft_model_state_dict` and :func:`set_peft_model_state_dict` are PEFT's functions of the
 same names for fastlora models (PEFT's own select tensors by visiting PEFT's layer classes, so they see
 nothing in a fastlora model).
@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fastlora import adapters, hub
+from fastlora import hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
@@ -48,13 +48,13 @@ class AdapterFilesMixin:
             raise NotImplementedError("load_adapter(key_mapping=...): remapping base-model keys is not supported by fastlora")
         check_adapter_name(adapter_name)
         hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
-        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         model = self.get_base_model()
         if adapter_name in self.peft_config:
             config = self.peft_config[adapter_name]
             _check_same_adapter(adapter_name, config, with_task_heads(file_config))
             self._check_not_merged(adapter_name)
-            targets, to_save = adapters.adapter_targets(model, adapter_name)
+            targets, to_save = peft_format.adapter_targets(model, adapter_name)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             _copy_values(model, expected, tensors, restore_on_error=True)
         else:
@@ -91,7 +91,7 @@ class AdapterFilesMixin:
             raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
-        file_config, tensors = adapters.read_adapter(model_id, **hub_kwargs)
+        file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
         targets, to_save = cls._plan_new(model, config)
         expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
@@ -111,8 +111,8 @@ class AdapterFilesMixin:
         ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it."""
         name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
         model = self.get_base_model()
-        targets, wrappers = adapters.adapter_targets(model, name)
-        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        targets, wrappers = peft_format.adapter_targets(model, name)
+        expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         if state_dict is None:
             params = dict(model.named_parameters())
             return {key: params[param] for key, (param, _) in expected.items()}
@@ -126,9 +126,9 @@ class AdapterFilesMixin:
 
         name = self._check_adapter_names([adapter_name])[0]
         model = self.get_base_model()
-        targets, wrappers = adapters.adapter_targets(model, name)
-        expected = adapters.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
-        given = {key if key.startswith(adapters.PREFIX) else adapters.PREFIX + key: t for key, t in tensors.items()}
+        targets, wrappers = peft_format.adapter_targets(model, name)
+        expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        given = {key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()}
         usable, mismatched = {}, []
         for key, tensor in given.items():
             if key in expected:
@@ -179,7 +179,7 @@ class AdapterFilesMixin:
             config = self.peft_config[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None and base_name:  # as PEFT fills it in when saving
                 config = config.replace(base_model_name_or_path=base_name)
-            adapters.write_adapter(directory, config, tensors[name], safe_serialization)
+            peft_format.write_adapter(directory, config, tensors[name], safe_serialization)
         self.create_or_update_model_card(save_directory)
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
@@ -296,15 +296,15 @@ def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -
 
 
 def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str], adapter_name: str,
-             tensors: dict[str, torch.Tensor], where) -> tuple[adapters.Expected, dict[str, torch.Tensor]]:
+             tensors: dict[str, torch.Tensor], where) -> tuple[peft_format.Expected, dict[str, torch.Tensor]]:
     """The tensors an adapter file must hold for this plan, and the file's tensors checked against them."""
-    expected = adapters.expected_tensors(model, config, targets, to_save, adapter_name)
-    tensors = adapters.with_bias_spellings(expected, tensors)
-    adapters.check_tensors(expected, tensors, where, adapters.peft_bias_aliases(model, config, to_save))
+    expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
+    tensors = peft_format.with_bias_spellings(expected, tensors)
+    peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))
     return expected, tensors
 
 
-def _copy_values(model: nn.Module, expected: adapters.Expected, tensors: dict[str, torch.Tensor],
+def _copy_values(model: nn.Module, expected: peft_format.Expected, tensors: dict[str, torch.Tensor],
                  restore_on_error: bool = False) -> None:
     """Copy each file tensor into its parameter.  ``restore_on_error``: the parameters already hold values the
     model uses, so an error part way puts back the ones already overwritten."""

@@ -24,8 +24,10 @@ import torch
 from torch import Tensor
 
 from fastlora import torch_path
-from fastlora.schedules import Schedule
+from fastlora.op_autograd import keep_needed, with_autograd
 from fastlora.ops import keep_fn
+from fastlora.schedules import Schedule
+
 
 @torch.library.custom_op("fastlora::dora_linear", mutates_args=())
 def dora_linear_op(
@@ -182,7 +184,6 @@ def _dora_setup_context(ctx, inputs, output):
     z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
     ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.schedule = scaling, dropout_p, not keep_z, schedule
-    ctx.backward_grads = dora_linear_backward_op
 
 
 def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
@@ -192,7 +193,7 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
     if need_dx or need_dA or need_dB or need_dm:
         grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
                                    ctx.scaling, ctx.dropout_p, ctx.schedule, need_dx, need_dA, need_dB, need_dm)
-        dx, dA, dB, dm = (g if need else None for g, need in zip(grads, (need_dx, need_dA, need_dB, need_dm)))
+        dx, dA, dB, dm = keep_needed(grads, (need_dx, need_dA, need_dB, need_dm))
     if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
         g = torch_path.dora_scale(magnitude, norm)
         if ctx.dropout_p == 0.0 or seed is None:
@@ -208,21 +209,9 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
     return dx, dW, db, dA, dB, dm, None, None, None, None, None
 
 
-dora_linear_op.register_autograd(_dora_backward, setup_context=_dora_setup_context)
-
-
-class _EagerDoRALinear(torch.autograd.Function):
-    """The DoRA op's forward, context and backward called directly in eager mode (as :class:`_EagerLoRALinear`)."""
-
-    forward = staticmethod(_dora_forward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _dora_setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.backward_grads = _dora_backward_grads
-
-    backward = staticmethod(_dora_backward)
+_DORA_LINEAR = with_autograd(dora_linear_op, forward=_dora_forward, setup_context=_dora_setup_context,
+                             backward=_dora_backward, backward_op=dora_linear_backward_op,
+                             backward_grads=_dora_backward_grads)
 
 
 def dora_linear(
@@ -247,7 +236,4 @@ def dora_linear(
             keep_z = False
         elif not torch.compiler.is_compiling():
             keep_z = not bool(magnitude.ne(0).all())
-    args = (x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)
-    if torch.compiler.is_compiling():
-        return dora_linear_op(*args)[0]
-    return _EagerDoRALinear.apply(*args)[0]
+    return _DORA_LINEAR(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)

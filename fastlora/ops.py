@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from fastlora import cpu_masks, torch_path
+from fastlora.op_autograd import keep_needed, with_autograd
 from fastlora.schedules import Schedule
 
 
@@ -128,7 +129,6 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
     ctx.scaling, ctx.dropout_p, ctx.schedule = scaling, dropout_p, schedule
-    ctx.backward_grads = lora_linear_backward_op
 
 
 def _backward(ctx, dy, _dS):
@@ -136,11 +136,10 @@ def _backward(ctx, dy, _dS):
     need_dx, need_dW, need_db, need_dA, need_dB = ctx.needs_input_grad[:5]
     dx = dA = dB = dW = db = None
     if need_dx or need_dA or need_dB:
-        dx, dA, dB = ctx.backward_grads(
+        dx, dA, dB = keep_needed(ctx.backward_grads(
             dy, x, weight, lora_A, lora_B, S, seed, ctx.scaling, ctx.dropout_p, ctx.schedule,
             need_dx, need_dA, need_dB,
-        )
-        dx, dA, dB = (g if need else None for g, need in ((dx, need_dx), (dA, need_dA), (dB, need_dB)))
+        ), (need_dx, need_dA, need_dB))
     if need_dW:  # the base weight is meant to be frozen; when it is not, this plain matmul is the fall-back
         dW = torch.mm(dy.t().to(weight.dtype), x.to(weight.dtype))
     if need_db:
@@ -148,42 +147,7 @@ def _backward(ctx, dy, _dS):
     return dx, dW, db, dA, dB, None, None, None, None
 
 
-lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-class _EagerLoRALinear(torch.autograd.Function):
-    """The same forward, context and backward as the registered op, called directly in eager mode.
-
-    Dispatching a ``triton_op`` (and its generated autograd node) costs ~0.1 ms of Python per call in each
-    direction, which is most of a small layer's time on CPU and of a launch on GPU.  Compiled code
-    goes through the registered op instead (see :func:`lora_linear`).
-    """
-
-    forward = staticmethod(_forward)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _setup_context(ctx, inputs, output)
-        ctx.mark_non_differentiable(output[1])
-        ctx.backward_grads = _backward_grads
-
-    backward = staticmethod(_backward)
-
-
-def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    seed: Optional[Tensor],
-    scaling: float,
-    dropout_p: float,
-    schedule: str,
-) -> Tensor:
-    """y of ``fastlora::lora_linear`` with autograd: the registered op under torch.compile (it traces
-    through it with no graph break), the same functions without the op dispatch in eager mode."""
-    args = (x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule)
-    if torch.compiler.is_compiling():
-        return lora_linear_op(*args)[0]
-    return _EagerLoRALinear.apply(*args)[0]
+# lora_linear(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule) -> y, with autograd: the
+# registered op under torch.compile, the same functions without the op dispatch in eager mode.
+lora_linear = with_autograd(lora_linear_op, forward=_forward, setup_context=_setup_context, backward=_backward,
+                            backward_op=lora_linear_backward_op, backward_grads=_backward_grads)

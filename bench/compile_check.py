@@ -46,7 +46,7 @@ from fastlora.kernels.dora import (  # noqa: E402
     ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_kernel, dora_norm_kernel, zero_magnitude_dm_kernel,
 )
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
-from fastlora.kernels.gemm import fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
 from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
 from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
 
@@ -203,20 +203,15 @@ DTYPE_VARIANTS_32 = [("fp32", "fp32", "tf32"), ("fp32", "fp32", "ieee"), ("fp32"
 
 def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, int64: bool = False,
                scale: float = 0.5, low_rank_last: bool = False) -> dict:
+    """The launchers' argument mapping (fused_gemm_arguments) with pointer types and example sizes: B and Q as
+    the forward GEMM's transposed views (Wᵀ, the LoRA Bᵀ) or the dx GEMM's row-major W and A."""
     fwd = direction == "fwd"
-    return dict(
-        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt), q_ptr=Ptr(adt),
-        seed_ptr=Ptr("i64"), M=M, N=N, K=K, R=r,
-        stride_am=K, stride_ak=1,
-        stride_bk=1 if fwd else N, stride_bn=K if fwd else 1,
-        stride_cm=N, stride_cn=1,
-        stride_pm=r, stride_pr=1,
-        stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
-        lora_scale=scale, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
-        HAS_BIAS=fwd, DROPOUT=direction == "dx-dropout", LOW_RANK_LAST=low_rank_last,
-        BLOCK_R=r_chunk(block_r(r), adt == "fp32"),
-        INT64=int64, UPCAST=False, PRECISION=prec, **meta,
-    )
+    return dict(fused_gemm_arguments(
+        a=Ptr(dt), b=Ptr(dt), c=Ptr(dt), bias=Ptr(dt), p=Ptr(adt), q=Ptr(adt), seed=Ptr("i64"),
+        M=M, N=N, K=K, R=r, a_strides=(K, 1), b_strides=(1, K) if fwd else (N, 1), c_strides=(N, 1),
+        p_strides=(r, 1), q_strides=(1, r) if fwd else (K, 1), lora_scale=scale, keep_threshold=keep_threshold(0.1),
+        has_bias=fwd, dropout=direction == "dx-dropout", low_rank_last=low_rank_last, fp32_adapters=adt == "fp32",
+        int64=int64, upcast=False, precision=prec), **meta)
 
 
 def gemm_jobs(arch: int) -> list[Job]:

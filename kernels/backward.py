@@ -11,12 +11,12 @@ import triton
 from torch import Tensor
 
 from .common import (
-    backward_operands, block_r, empty_batch_grads, gemm_precision, launch, needs_int64, seed_arg, skinny_precision,
-    small_skinny_tiles, split_reduction, upcast,
+    backward_operands, empty_batch_grads, launch, needs_int64, seed_arg, skinny_precision, small_skinny_tiles,
+    split_reduction, upcast,
 )
-from .configs import cols_blocks, m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import cols_blocks, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
-from .gemm import autotuned_gemm
+from .gemm import launch_fused_gemm
 from .skinny import cols_kernel, rows_kernel
 
 __all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx_gemm"]
@@ -115,27 +115,7 @@ def launch_dx_gemm(
 ) -> Tensor:
     """dx = dy W + (dS A) ⊙ m (M, K) in dy's dtype: one autotuned GEMM, the masked low-rank term seeding its
     accumulator.  M > 0."""
-    M, N = dy.shape
-    K = weight.shape[1]
-    r = dS.shape[1]
-    dropout = dropout_p > 0.0
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(K, meta["BLOCK_N"]),)
-
-    low_rank_last = low_rank == "epilogue"
-    launch(autotuned_gemm(dy.dtype == torch.float32, dropout, low_rank_last))[grid](
-        dy, weight, dx, dx, dS, lora_A, seed,
-        M, K, N, r,
-        dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), dx.stride(0), dx.stride(1),
-        dS.stride(0), dS.stride(1), lora_A.stride(0), lora_A.stride(1),
-        1.0, keep_threshold(dropout_p) if dropout else 0, m_bucket(M),
-        HAS_BIAS=False, DROPOUT=dropout, LOW_RANK_LAST=low_rank_last,
-        BLOCK_R=r_chunk(block_r(r), lora_A.dtype == torch.float32),
-        INT64=needs_int64(dy, weight, dx), UPCAST=upcast(dy, lora_A), PRECISION=gemm_precision(dy.dtype),
-    )
-    return dx
+    return launch_fused_gemm(dy, weight, None, dS, lora_A, seed, 1.0, dropout_p, low_rank)
 
 
 def lora_backward(

@@ -11,12 +11,12 @@ import triton
 from torch import Tensor
 
 from .common import (
-    block_r, check_dtypes, gemm_precision, launch, needs_int64, row_major, seed_arg, skinny_precision,
-    small_skinny_tiles, split_reduction, upcast,
+    check_dtypes, launch, needs_int64, row_major, seed_arg, skinny_precision, small_skinny_tiles, split_reduction,
+    upcast,
 )
-from .configs import m_bucket, r_chunk, rows_blocks, skinny_block_r
+from .configs import rows_blocks, skinny_block_r
 from .dropout import keep_threshold
-from .gemm import autotuned_gemm
+from .gemm import launch_fused_gemm
 from .skinny import rows_kernel
 
 __all__ = ["lora_forward", "launch_S", "launch_forward_gemm"]
@@ -56,26 +56,7 @@ def launch_forward_gemm(
 ) -> Tensor:
     """y = x Wᵀ + b + s·S Bᵀ (M, N) in x's dtype: one autotuned GEMM, the low-rank term seeding its accumulator
     (``low_rank="prologue"``) or added after the main loop ("epilogue")."""
-    M, K = x.shape
-    N = weight.shape[0]
-    r = S.shape[1]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    low_rank_last = low_rank == "epilogue"
-    launch(autotuned_gemm(x.dtype == torch.float32, False, low_rank_last))[grid](
-        x, weight, y, bias if bias is not None else y, S, lora_B, y,
-        M, N, K, r,
-        x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1),
-        S.stride(0), S.stride(1), lora_B.stride(1), lora_B.stride(0),
-        float(scaling), 0, m_bucket(M),
-        HAS_BIAS=bias is not None, DROPOUT=False, LOW_RANK_LAST=low_rank_last,
-        BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32),
-        INT64=needs_int64(x, weight, y), UPCAST=upcast(x, lora_B), PRECISION=gemm_precision(x.dtype),
-    )
-    return y
+    return launch_fused_gemm(x, weight.t(), bias, S, lora_B.t(), S, scaling, 0.0, low_rank)
 
 
 def lora_forward(

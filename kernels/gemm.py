@@ -19,13 +19,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .configs import gemm_configs
-from .dropout import keep_mask, philox_key
+from .common import block_r, gemm_precision, launch, needs_int64, upcast
+from .configs import gemm_configs, m_bucket, r_chunk
+from .dropout import keep_mask, keep_threshold, philox_key
 
-__all__ = ["fused_gemm_kernel", "autotuned_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile"]
+__all__ = ["fused_gemm_kernel", "autotuned_gemm", "fused_gemm_arguments", "launch_fused_gemm", "tile_coordinates",
+           "low_rank_tile", "load_k_step", "store_tile"]
 
 
 @triton.jit
@@ -159,3 +163,47 @@ def _autotuner(configs: tuple):
     # each schedule variant tunes on its own.
     return triton.autotune(configs=list(configs), key=["M_BUCKET", "N", "K", "stride_bk", "LOW_RANK_LAST"])(
         fused_gemm_kernel)
+
+
+def fused_gemm_arguments(*, a, b, c, bias, p, q, seed, M: int, N: int, K: int, R: int, a_strides, b_strides, c_strides,
+                         p_strides, q_strides, lora_scale, keep_threshold: int, has_bias: bool, dropout: bool,
+                         low_rank_last: bool, fp32_adapters: bool, int64: bool, upcast: bool, precision: str) -> dict:
+    """``fused_gemm_kernel``'s arguments by name, from the operands of C = A·B (+ bias) + scale·keep ⊙ (P·Q).
+
+    The one place that maps the operands onto the kernel's parameters: the launcher passes tensors, and
+    bench/compile_check.py passes pointer types and example sizes.  Strides are (rows, columns) pairs; B's and
+    Q's are those of the K × N and R × N operands (a transposed view's strides for x Wᵀ)."""
+    return dict(
+        a_ptr=a, b_ptr=b, c_ptr=c, bias_ptr=bias, p_ptr=p, q_ptr=q, seed_ptr=seed,
+        M=M, N=N, K=K, R=R,
+        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0], stride_bn=b_strides[1],
+        stride_cm=c_strides[0], stride_cn=c_strides[1],
+        stride_pm=p_strides[0], stride_pr=p_strides[1], stride_qr=q_strides[0], stride_qn=q_strides[1],
+        lora_scale=lora_scale, keep_threshold=keep_threshold, M_BUCKET=m_bucket(M),
+        HAS_BIAS=has_bias, DROPOUT=dropout, LOW_RANK_LAST=low_rank_last,
+        BLOCK_R=r_chunk(block_r(R), fp32_adapters), INT64=int64, UPCAST=upcast, PRECISION=precision,
+    )
+
+
+def launch_fused_gemm(a: Tensor, b: Tensor, bias: Tensor | None, p: Tensor, q: Tensor, seed: Tensor, lora_scale: float,
+                      dropout_p: float, low_rank: str) -> Tensor:
+    """C = A·B + bias + scale · keep ⊙ (P·Q), (M, N) in A's dtype, for A (M, K), B (K, N), P (M, R), Q (R, N), any
+    strides (views: no copy).  The forward GEMM is A = x, B = Wᵀ, P = S, Q = the LoRA Bᵀ; the dx GEMM A = dy,
+    B = W, P = dS, Q = the LoRA A, with the mask.  ``low_rank``: the term before ("prologue") or after
+    ("epilogue") the main loop.  M > 0."""
+    (M, K), N = a.shape, b.shape[1]
+    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    dropout = dropout_p > 0.0
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    args = fused_gemm_arguments(
+        a=a, b=b, c=c, bias=bias if bias is not None else c, p=p, q=q, seed=seed if dropout else c,
+        M=M, N=N, K=K, R=p.shape[1], a_strides=a.stride(), b_strides=b.stride(), c_strides=c.stride(),
+        p_strides=p.stride(), q_strides=q.stride(), lora_scale=float(lora_scale),
+        keep_threshold=keep_threshold(dropout_p) if dropout else 0, has_bias=bias is not None, dropout=dropout,
+        low_rank_last=low_rank == "epilogue", fp32_adapters=q.dtype == torch.float32,
+        int64=needs_int64(a, b, c), upcast=upcast(a, q), precision=gemm_precision(a.dtype))
+    launch(autotuned_gemm(a.dtype == torch.float32, dropout, args["LOW_RANK_LAST"]))[grid](**args)
+    return c

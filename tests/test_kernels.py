@@ -281,10 +281,10 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
     """lora_linear resolves the schedule once (FASTLORA_KERNEL_VARIANTS or use_kernel_variants) and the launchers
     run what it names: the separate dB pass, the GEMMs' low-rank term last, DoRA composed of the LoRA kernels."""
     from fastlora import LoRALinear
-    from fastlora.kernels import backward, forward, launchers
+    from fastlora.kernels import backward, gemm, launchers
 
     seen = {"dB": 0, "low_rank_last": set(), "dora_kernels": 0}
-    launch_dB, gemm, dora_forward = backward.launch_dB, forward.autotuned_gemm, launchers.dora_forward
+    launch_dB, autotuned, dora_forward = backward.launch_dB, gemm.autotuned_gemm, launchers.dora_forward
 
     def spy_dB(*args, **kwargs):
         seen["dB"] += 1
@@ -292,15 +292,14 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
 
     def spy_gemm(fp32, masked, low_rank_last):
         seen["low_rank_last"].add(low_rank_last)
-        return gemm(fp32, masked, low_rank_last)
+        return autotuned(fp32, masked, low_rank_last)
 
     def spy_dora(*args, **kwargs):
         seen["dora_kernels"] += 1
         return dora_forward(*args, **kwargs)
 
     monkeypatch.setattr(backward, "launch_dB", spy_dB)
-    monkeypatch.setattr(forward, "autotuned_gemm", spy_gemm)
-    monkeypatch.setattr(backward, "autotuned_gemm", spy_gemm)
+    monkeypatch.setattr(gemm, "autotuned_gemm", spy_gemm)
     monkeypatch.setattr(launchers, "dora_forward", spy_dora)
     x = torch.randn(9, 16, requires_grad=True)
 

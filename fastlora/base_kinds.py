@@ -4,7 +4,10 @@ Each :class:`BaseKind` claims the modules it adapts and builds the adapted layer
 module's parameters, never copying them); the first kind in :data:`DISPATCHERS` that claims a module wins.
 A module no kind claims is refused, with the reason when it is a kind fastlora knows it does not adapt yet (a
 4-bit or 8-bit quantized Linear, GPT-2's Conv1D, an embedding, ...).  A new base kind is one new module with
-its adapted layer and one entry here.
+its adapted layer and one entry here.  The adapted layer supplies the base's part of the LoRA layer by
+overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features``, ``out_features``),
+``base_weight()`` (the out × in view the torch path and the kernels read, never a copy), ``base_forward(x)``
+(the base alone: merged, disabled), ``_store_base_weight(W)`` (merge and unmerge), and ``to_base()`` (unload).
 
     dense Linear   torch.nn.Linear with a floating-point weight   → fastlora.LoRALinear
 """

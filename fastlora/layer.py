@@ -259,7 +259,7 @@ class LoRALinear(nn.Linear):
         magnitude = self.magnitude(adapter_name)
         if magnitude is not None:
             name = self.active_adapter if adapter_name is None else adapter_name
-            magnitude.copy_(dora_weight_norm(self.weight, lora_A, lora_B, self.adapter_settings[name].scaling))
+            magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
 
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.
     @property
@@ -329,8 +329,9 @@ class LoRALinear(nn.Linear):
 
     def _unmerged_weight(self) -> Tensor:
         """W with every merged adapter taken out again (a float32 copy), undoing merges in reverse order."""
-        restored = self.weight.float()
-        if restored is self.weight:
+        weight = self.base_weight()
+        restored = weight.float()
+        if restored is weight:
             restored = restored.clone()
         for name in reversed(self.merged_adapters):
             if name in self._merged_dora_norms:
@@ -342,8 +343,9 @@ class LoRALinear(nn.Linear):
         """(W with ``names`` merged in, in float32; the norms n of the DoRA adapters among them).  As PEFT's:
         LoRA adds scaling · B A; DoRA makes W ← g ⊙ (W + scaling · B A), g = m / ‖W₀ + scaling · B A‖ with W₀
         the weight without any merged adapter."""
-        merged = self.weight.float()
-        if merged is self.weight:
+        weight = self.base_weight()
+        merged = weight.float()
+        if merged is weight:
             merged = merged.clone()
         norms = {}
         unmerged = None
@@ -352,7 +354,7 @@ class LoRALinear(nn.Linear):
             merged.add_(delta)
             if self.magnitude(name) is not None:
                 if unmerged is None:
-                    unmerged = self._unmerged_weight() if self.merged_adapters else self.weight.float()
+                    unmerged = self._unmerged_weight() if self.merged_adapters else weight.float()
                 norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
                 merged.mul_(dora_scale(self.magnitude(name), norms[name]).unsqueeze(1))
         return merged, norms
@@ -377,7 +379,7 @@ class LoRALinear(nn.Linear):
             raise ValueError(
                 f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
             )
-        self.weight.copy_(merged)
+        self._store_base_weight(merged)
         self.merged_adapters.extend(names)
         self._merged_dora_norms.update(norms)
 
@@ -387,29 +389,48 @@ class LoRALinear(nn.Linear):
         divided out first): W back to within one rounding of its value before merge()."""
         if not self.merged_adapters:
             return
-        self.weight.copy_(self._unmerged_weight())
+        self._store_base_weight(self._unmerged_weight())
         self.merged_adapters.clear()
         self._merged_dora_norms.clear()
 
-    # ---- forward ----------------------------------------------------------------------------------
+    # ---- the base layer: what another base kind (fastlora.base_kinds) overrides ---------------------
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
-            return F.linear(x, self.weight, self.bias)
-        lora_A, lora_B = self.lora_factors()
-        settings = self.settings
-        return lora_linear(
-            x, self.weight, self.bias, lora_A, lora_B, settings.scaling, settings.lora_dropout,
-            training=self.training, backend=self.backend, magnitude=self.magnitude(),
-        )
+    def base_weight(self) -> Tensor:
+        """W as the LoRA math reads it: (out × in), a view of the stored weight, never a copy (the kernels read
+        any strides)."""
+        return self.weight
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` sharing this layer's weight and bias (as they are: merged or not)."""
+    def _store_base_weight(self, weight: Tensor) -> None:
+        """Write a merged or unmerged (out × in) weight back into the stored one, rounded to its dtype."""
+        self.weight.copy_(weight)
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        """The base layer's own output (merged, disabled, or without the active adapter)."""
+        return F.linear(x, self.weight, self.bias)
+
+    def to_base(self) -> nn.Module:
+        """The plain base layer, sharing this layer's weight and bias (as they are: merged or not)."""
         linear = nn.Linear.__new__(nn.Linear)
         nn.Module.__init__(linear)
         linear.in_features, linear.out_features = self.in_features, self.out_features
         linear.weight, linear.bias = self.weight, self.bias
         return linear
+
+    def to_linear(self) -> nn.Linear:
+        """:meth:`to_base` under the name a dense layer has always had."""
+        return self.to_base()
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
+            return self.base_forward(x)
+        lora_A, lora_B = self.lora_factors()
+        settings = self.settings
+        return lora_linear(
+            x, self.base_weight(), self.bias, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+            training=self.training, backend=self.backend, magnitude=self.magnitude(),
+        )
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

@@ -473,7 +473,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         for name, layer in list(self.lora_layers()):
             if not merge:
                 layer.unmerge()
-            _set_module(model, name, layer.to_linear())
+            _set_module(model, name, layer.to_base())
         for name, wrapper in list(self.wrappers()):  # PEFT keeps the active adapter's trained copy either way
             _set_module(model, name, wrapper.active_module)
         return model
@@ -624,7 +624,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         for name, layer in list(self.lora_layers(adapter_name)):
             layer.delete_adapter(adapter_name)
             if not layer.adapter_settings:
-                _set_module(model, name, layer.to_linear())
+                _set_module(model, name, layer.to_base())
         for name, wrapper in list(self.wrappers()):
             wrapper.delete_adapter(adapter_name)
             if not len(wrapper.modules_to_save):

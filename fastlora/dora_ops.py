@@ -167,15 +167,14 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
 
 def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB,
                            schedule):
-    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy (in the base dtype for
-    the dx GEMM, in the adapters' for dS and dB)."""
+    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy, given in the adapters'
+    dtype (which dS and dB read as it is, and the dx GEMM in the base dtype)."""
     from fastlora.kernels import launchers as kernels
 
     plan = Schedule.from_key(schedule)
     dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
-    return kernels.lora_backward(dz.to(x.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
-                                 need_dx, need_dA, need_dB, dy_low_rank=dz.to(lora_A.dtype),
-                                 db=plan.db, low_rank=plan.low_rank)
+    return kernels.lora_backward(dz.to(lora_A.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
+                                 need_dx, need_dA, need_dB, db=plan.db, low_rank=plan.low_rank)
 
 
 def _dora_setup_context(ctx, inputs, output):

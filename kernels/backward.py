@@ -131,7 +131,6 @@ def lora_backward(
     need_dx: bool,
     need_dA: bool,
     need_dB: bool,
-    dy_low_rank: Tensor | None = None,
     db: str = "atomic",
     low_rank: str = "prologue",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -139,19 +138,20 @@ def lora_backward(
 
     dB = s·dyᵀ S;  dS = s·dy B / (1-p);  dA = dSᵀ (x ⊙ m);  dx = dy W + (dS A) ⊙ m — with the forward's mask,
     regenerated from ``seed`` (None allowed when dropout_p == 0).  dy (M, N) may have any strides, including 0
-    (an expanded gradient); it is cast to x's dtype if it differs.  ``dy_low_rank``: the same gradient in a
-    wider dtype for dS and dB (DoRA's g ⊙ dy in fp32 beside a 16-bit base), instead of dy.  ``db`` and
-    ``low_rank``: the schedule's variants (fastlora.schedules).
+    (an expanded gradient).  The dx GEMM reads it in x's dtype (cast if it differs); dS and dB read it as given
+    when it comes in the adapters' dtype (a gradient in fp32 beside a 16-bit base, as DoRA's g ⊙ dy, keeps its
+    precision in the rank-r products).  ``db`` and ``low_rank``: the schedule's variants (fastlora.schedules).
     """
+    given = dy
     dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
+    dy_low_rank = given if given.dtype == lora_B.dtype else dy
     M, N = dy.shape
     if M == 0:
         return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)
     seed = seed_arg(seed, dropout_p > 0.0, S)
     dS, dB = None, None
     if need_dx or need_dA or need_dB:
-        dS, dB = launch_dS_dB(dy if dy_low_rank is None else dy_low_rank, lora_B, S, scaling, dropout_p,
-                              need_dx or need_dA, need_dB, db=db)
+        dS, dB = launch_dS_dB(dy_low_rank, lora_B, S, scaling, dropout_p, need_dx or need_dA, need_dB, db=db)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
     dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p, low_rank) if need_dx else None
     return dx, dA, dB

@@ -47,12 +47,16 @@ from fastlora.kernels.dora import (  # noqa: E402
 )
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.low_rank_add import (  # noqa: E402
+    LOW_RANK_ADD_BLOCKS, low_rank_add_arguments, low_rank_add_kernel,
+)
 from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
 from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-KERNELS = {"gemm": fused_gemm_kernel, "rows": rows_kernel, "cols": cols_kernel, "mask": zero_dropped_kernel,
+KERNELS = {"gemm": fused_gemm_kernel, "low_rank_add": low_rank_add_kernel, "rows": rows_kernel, "cols": cols_kernel,
+           "mask": zero_dropped_kernel,
            "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel, "dora_zero_dm": zero_magnitude_dm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
@@ -260,6 +264,29 @@ def _skinny_tensor_cores(adt: str, prec: str) -> bool:
 RANKS = [16, 32, 64, 128]  # skinny BLOCK_R values; larger ranks run in 128-wide chunks
 
 
+def low_rank_add_jobs(arch: int) -> list[Job]:
+    """The cuBLAS-backed schedule's pass (C += scale · keep ⊙ P·Q): forward (no mask, Q = the LoRA Bᵀ) and dx
+    (masked, Q = the LoRA A) in every dtype setup of the GEMMs, 64-bit offsets and the fp64 scale once each."""
+    blocks = LOW_RANK_ADD_BLOCKS
+    name = f"low-rank add {blocks['BLOCK_M']}x{blocks['BLOCK_N']} w{blocks['num_warps']} s{blocks['num_stages']}"
+    variants = [(d, dt, adt, prec, r, False, 0.5) for dt, adt, prec in DTYPE_VARIANTS_16 + DTYPE_VARIANTS_32
+                for d, r in (("fwd", 16), ("dx", 64))]
+    variants += [("dx", "bf16", "fp32", "tf32", 64, True, 0.5), ("fwd", "bf16", "bf16", "tf32", 16, False, F64(0.5))]
+    jobs = []
+    for direction, dt, adt, prec, r, int64, scale in variants:
+        fwd = direction == "fwd"
+        args = dict(low_rank_add_arguments(
+            c=Ptr(dt), p=Ptr(adt), q=Ptr(adt), seed=Ptr("i64"), M=M, N=N, R=r, c_strides=(N, 1), p_strides=(r, 1),
+            q_strides=(1, r) if fwd else (N, 1), lora_scale=scale, keep_threshold=keep_threshold(0.1),
+            dropout=not fwd, fp32_adapters=adt == "fp32", int64=int64, upcast=False, precision=prec))
+        tensor_cores = not (adt == "fp32" and prec == "ieee")
+        label = f"{direction} {dt}/{adt} {prec} r{r}" + (" int64" if int64 else "") + (
+            " fp64-scale" if isinstance(scale, F64) else "")
+        jobs.append(Job("low_rank_add", name, label, arch, args, blocks["num_warps"], blocks["num_stages"],
+                        needs_tensor_cores=tensor_cores, exact_fp32=not tensor_cores))
+    return jobs
+
+
 def skinny_jobs(arch: int) -> list[Job]:
     jobs = []
     for r in RANKS:
@@ -414,7 +441,7 @@ def main() -> int:
 
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
-        jobs += gemm_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
+        jobs += gemm_jobs(arch) + low_rank_add_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

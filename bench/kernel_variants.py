@@ -7,7 +7,8 @@ makes, as PEFT does), dropout 0.1 and 0, it records (median of ``triton.testing.
 
 * ``cublas``: the frozen layer's two GEMMs (x Wᵀ, dy W) — the floor the fused layer is held to;
 * ``triton_gemm``: the fused GEMM with no low-rank term (R = 0) on the same shapes: Triton against cuBLAS;
-* for each schedule variant (``db``: atomic | separate; ``low_rank``: prologue | epilogue — see
+* for each schedule variant (``base``: cublas — cuBLAS's product and one Triton pass adding the low-rank term —
+  | fused; ``db``: atomic | separate; ``low_rank``: prologue | epilogue, for the fused base — see
   fastlora/schedules.py) and each precision setup of the rank-r kernels (3×tf32, torch's default; tf32 under
   ``torch.set_float32_matmul_precision("high")``): each launch's time, its memory and compute floor
   (bytes / bandwidth, FLOPs / peak), and forward + backward against ``cublas``;
@@ -51,13 +52,16 @@ from fastlora.schedules import VARIANTS as SCHEDULE_VARIANTS  # noqa: E402
 from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from fastlora.kernels.backward import launch_dA, launch_dS_dB, launch_dx_gemm  # noqa: E402
 from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
+from fastlora.kernels.low_rank_add import launch_low_rank_add  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 DRY_SHAPES = {"tiny": (48, 40)}
 PRECISIONS = {"tf32x3": "highest", "tf32": "high"}  # rank-r precision → torch's fp32 matmul setting that picks it
-LORA_VARIANTS = ("db", "low_rank")  # the schedule variants LoRA's launches depend on (dora: DoRA's only)
-VARIANTS = [dict(zip(LORA_VARIANTS, choice))
-            for choice in itertools.product(*(SCHEDULE_VARIANTS[name] for name in LORA_VARIANTS))]
+# The schedule variants LoRA's launches depend on (dora is DoRA's only); low_rank only with the fused base.
+VARIANTS = [{"base": base, "db": db, "low_rank": low_rank}
+            for base, db, low_rank in itertools.product(*(SCHEDULE_VARIANTS[n] for n in ("base", "db", "low_rank")))
+            if base == "fused" or low_rank == SCHEDULE_VARIANTS["low_rank"][0]]
+DEFAULT = {name: SCHEDULE_VARIANTS[name][0] for name in ("base", "db", "low_rank")}
 
 
 def _timer(dry: bool):
@@ -116,18 +120,26 @@ def _floors(M, K, N, r, spec, precision: str) -> dict:
             for k, (b, flops) in work.items()}
 
 
-def _launch_times(timed, x, w, A, B, dy, seed, s, p, db: str, low_rank: str) -> dict:
+def _launch_times(timed, x, w, A, B, dy, seed, s, p, base: str, db: str, low_rank: str) -> dict:
+    """Each launch's time; "fwd_gemm" / "dx_gemm" are the base product with the low-rank term: the fused GEMM,
+    or cuBLAS's product and the low-rank pass."""
     S = launch_S(x, A, seed, p)
     dS, _ = launch_dS_dB(dy, B, S, s, p, True, False)
+    if base == "fused":
+        fwd_base = lambda: launch_forward_gemm(x, w, None, S, B, s, low_rank)  # noqa: E731
+        dx_base = lambda: launch_dx_gemm(dy, w, dS, A, seed, p, low_rank)  # noqa: E731
+    else:
+        fwd_base = lambda: launch_low_rank_add(torch.mm(x, w.t()), S, B.t(), None, s, 0.0)  # noqa: E731
+        dx_base = lambda: launch_low_rank_add(torch.mm(dy, w), dS, A, seed, 1.0, p)  # noqa: E731
     return {
         "S": timed(lambda: launch_S(x, A, seed, p)),
-        "fwd_gemm": timed(lambda: launch_forward_gemm(x, w, None, S, B, s, low_rank)),
+        "fwd_gemm": timed(fwd_base),
         "dS_dB": timed(lambda: launch_dS_dB(dy, B, S, s, p, True, True, db=db)),
         "dA": timed(lambda: launch_dA(x, dS, seed, p, A.dtype)),
-        "dx_gemm": timed(lambda: launch_dx_gemm(dy, w, dS, A, seed, p, low_rank)),
-        "forward": timed(lambda: lora_forward(x, w, None, A, B, seed, s, p, low_rank=low_rank)),
+        "dx_gemm": timed(dx_base),
+        "forward": timed(lambda: lora_forward(x, w, None, A, B, seed, s, p, low_rank=low_rank, base=base)),
         "backward": timed(lambda: lora_backward(dy, x, w, A, B, S, seed, s, p, True, True, True, db=db,
-                                                low_rank=low_rank)),
+                                                low_rank=low_rank, base=base)),
     }
 
 
@@ -218,7 +230,7 @@ def _decide(out: dict) -> dict:
         totals: dict[tuple, float] = {}
         shapes = 0
         for entry in out["shapes"].values():
-            measured = {(v["db"], v["low_rank"]): v["ms"]["forward"] + v["ms"]["backward"]
+            measured = {(v["base"], v["db"], v["low_rank"]): v["ms"]["forward"] + v["ms"]["backward"]
                         for v in entry["variants"] if v["dropout"] == p and v["precision"] == precision}
             if len(measured) < len(VARIANTS):  # a shape cut short by the budget: not comparable
                 continue
@@ -228,9 +240,9 @@ def _decide(out: dict) -> dict:
         if not totals:
             continue
         best = min(totals, key=totals.get)
-        default = (SCHEDULE_VARIANTS["db"][0], SCHEDULE_VARIANTS["low_rank"][0])
+        default = (DEFAULT["base"], DEFAULT["db"], DEFAULT["low_rank"])
         decision[f"p={p:g} {precision}"] = {
-            "shapes": shapes, "best": {"db": best[0], "low_rank": best[1], "ms": totals[best]},
+            "shapes": shapes, "best": {"base": best[0], "db": best[1], "low_rank": best[2], "ms": totals[best]},
             "default_ms": totals[default], "best_is_default": best == default,
             "gain_over_default": 1.0 - totals[best] / totals[default],
         }

@@ -95,8 +95,9 @@ def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, n
 
     norm = torch_path.dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = torch_path.dora_scale(magnitude, norm)
-    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0,
-                                low_rank=Schedule.from_key(schedule).low_rank)
+    plan = Schedule.from_key(schedule)
+    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, low_rank=plan.low_rank,
+                                base=plan.base)
     y, z = torch_path.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
     return y, S, z, norm
 
@@ -174,7 +175,7 @@ def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, sc
     plan = Schedule.from_key(schedule)
     dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
     return kernels.lora_backward(dz.to(lora_A.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
-                                 need_dx, need_dA, need_dB, db=plan.db, low_rank=plan.low_rank)
+                                 need_dx, need_dA, need_dB, db=plan.db, low_rank=plan.low_rank, base=plan.base)
 
 
 def _dora_setup_context(ctx, inputs, output):

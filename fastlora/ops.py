@@ -100,7 +100,8 @@ def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule
     if plan.uses_kernels:
         from fastlora.kernels import launchers as kernels
 
-        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, low_rank=plan.low_rank)
+        return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, low_rank=plan.low_rank,
+                                    base=plan.base)
     return torch_path.lora_forward(
         x, weight, bias, lora_A, lora_B, scaling, keep_fn(seed, dropout_p), dropout_p
     )
@@ -114,7 +115,7 @@ def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, 
 
         grads = kernels.lora_backward(
             dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, need_dx, need_dA, need_dB,
-            db=plan.db, low_rank=plan.low_rank,
+            db=plan.db, low_rank=plan.low_rank, base=plan.base,
         )
     else:
         grads = torch_path.lora_backward(

@@ -4,15 +4,21 @@
 and ``FASTLORA_KERNEL_VARIANTS``; the ops receive it as its key (a string, what an op schema can carry) and
 every choice below them reads the :class:`Schedule`, never the environment.
 
-    torch          the torch path (fastlora.torch_path): the CPU backend, and backend="torch" on any device
-    triton-fused   the fused Triton kernels: base GEMM and low-rank term in one accumulator (CUDA's default)
+    torch    the torch path (fastlora.torch_path): the CPU backend, and backend="torch" on any device
+    triton   the Triton kernels (CUDA's default): the rank-r kernels and, for the base product, ``base``
 
 A kernel schedule has variants the GPU check times side by side, the first choice the default:
 
+    base       "cublas": the base product x Wᵀ + b (forward) and dy W (dx) by cuBLAS, then one memory-bound
+               Triton pass adds the low-rank term in place (one more read and write of y / dx); "fused": one
+               Triton GEMM with the low-rank term in its accumulator (y / dx written once).  cuBLAS is the
+               default until a GPU run shows the Triton GEMM matching it: its cost is the frozen layer's plus
+               rank-sized work plus one pass over the output, never more than PEFT's chain
     db         "atomic": dB accumulated with fp32 atomics in the pass that computes dS from dy (one read of
                dy); "separate": reduced over M in a pass of its own (a second read of dy, no atomics)
-    low_rank   the fused GEMMs' low-rank term before ("prologue") or after ("epilogue") the main loop
-    dora       DoRA on its own kernels ("fused") or composed of the LoRA kernels and torch passes ("composed")
+    low_rank   the fused GEMMs' low-rank term before ("prologue") or after ("epilogue") the main loop (base="fused")
+    dora       DoRA on its own kernels ("fused": their own GEMMs, whatever ``base``) or composed of the LoRA
+               kernels and torch passes ("composed", which follows ``base``)
 
 ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or :func:`use_kernel_variants` choose them.
 """
@@ -30,7 +36,8 @@ __all__ = ["Schedule", "SCHEDULES", "VARIANTS", "BACKENDS", "resolve", "kernel_s
            "triton_interpreter_on"]
 
 BACKENDS = ("auto", "torch", "triton")
-VARIANTS = {"db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"), "dora": ("fused", "composed")}
+VARIANTS = {"base": ("cublas", "fused"), "db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"),
+            "dora": ("fused", "composed")}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class Schedule:
     torch schedule)."""
 
     name: str
+    base: str = VARIANTS["base"][0]
     db: str = VARIANTS["db"][0]
     low_rank: str = VARIANTS["low_rank"][0]
     dora: str = VARIANTS["dora"][0]
@@ -56,7 +64,7 @@ class Schedule:
 
     @property
     def key(self) -> str:
-        """The schedule as the ops carry it: ``"triton-fused:db=atomic,low_rank=prologue,dora=fused"``."""
+        """The schedule as the ops carry it: ``"triton:base=cublas,db=atomic,low_rank=prologue,dora=fused"``."""
         if not self.uses_kernels:
             return self.name
         return self.name + ":" + ",".join(f"{v}={getattr(self, v)}" for v in VARIANTS)
@@ -69,7 +77,7 @@ class Schedule:
 
 
 # name → whether it runs the Triton kernels
-SCHEDULES = {"torch": False, "triton-fused": True}
+SCHEDULES = {"torch": False, "triton": True}
 TORCH = Schedule("torch")
 
 _VARIANT_OVERRIDE: dict[str, str] = {}
@@ -90,7 +98,7 @@ def kernel_schedule() -> Schedule:
     """The kernel schedule with the variants ``FASTLORA_KERNEL_VARIANTS`` and :func:`use_kernel_variants` choose."""
     chosen = _parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", ""))
     chosen.update(_VARIANT_OVERRIDE)
-    return Schedule("triton-fused", **chosen)
+    return Schedule("triton", **chosen)
 
 
 @contextmanager

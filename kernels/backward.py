@@ -17,6 +17,7 @@ from .common import (
 from .configs import cols_blocks, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import launch_fused_gemm
+from .low_rank_add import launch_low_rank_add
 from .skinny import cols_kernel, rows_kernel
 
 __all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx_gemm"]
@@ -133,6 +134,7 @@ def lora_backward(
     need_dB: bool,
     db: str = "atomic",
     low_rank: str = "prologue",
+    base: str = "fused",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B.
 
@@ -140,7 +142,8 @@ def lora_backward(
     regenerated from ``seed`` (None allowed when dropout_p == 0).  dy (M, N) may have any strides, including 0
     (an expanded gradient).  The dx GEMM reads it in x's dtype (cast if it differs); dS and dB read it as given
     when it comes in the adapters' dtype (a gradient in fp32 beside a 16-bit base, as DoRA's g ⊙ dy, keeps its
-    precision in the rank-r products).  ``db`` and ``low_rank``: the schedule's variants (fastlora.schedules).
+    precision in the rank-r products).  ``db``, ``low_rank`` and ``base``: the schedule's variants
+    (fastlora.schedules); with base="cublas" dx = dy W is cuBLAS's and one Triton pass adds (dS A) ⊙ m in place.
     """
     given = dy
     dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
@@ -153,5 +156,9 @@ def lora_backward(
     if need_dx or need_dA or need_dB:
         dS, dB = launch_dS_dB(dy_low_rank, lora_B, S, scaling, dropout_p, need_dx or need_dA, need_dB, db=db)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None
-    dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p, low_rank) if need_dx else None
+    dx = None
+    if need_dx and base == "cublas":
+        dx = launch_low_rank_add(torch.mm(dy, weight), dS, lora_A, seed, 1.0, dropout_p)
+    elif need_dx:
+        dx = launch_dx_gemm(dy, weight, dS, lora_A, seed, dropout_p, low_rank)
     return dx, dA, dB

@@ -17,6 +17,7 @@ from .common import (
 from .configs import rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import launch_fused_gemm
+from .low_rank_add import launch_low_rank_add
 from .skinny import rows_kernel
 
 __all__ = ["lora_forward", "launch_S", "launch_forward_gemm"]
@@ -69,13 +70,16 @@ def lora_forward(
     scaling: float,
     dropout_p: float,
     low_rank: str = "prologue",
+    base: str = "fused",
 ) -> tuple[Tensor, Tensor]:
     """Return ``(y, S)``: S = (x ⊙ m) Aᵀ / (1-p) in lora_A's dtype, y = x Wᵀ + b + s·S Bᵀ in x's dtype.
 
     x (M, K) any strides (copied only when its last stride is not 1); weight (N, K); bias (N,) or None;
     lora_A (r, K); lora_B (N, r); seed: int64 tensor of shape (1,) on x's device (loaded by the kernels;
     may be None when dropout_p == 0).  dropout_p == 0 compiles the mask out.  fp32 accumulation throughout;
-    no host synchronisation.  ``low_rank``: where the GEMM adds the low-rank term (fastlora.schedules).
+    no host synchronisation.  ``base``: "fused" (one GEMM with the low-rank term in its accumulator; ``low_rank``
+    says where) or "cublas" (x Wᵀ + b by cuBLAS, then one Triton pass adds s·S Bᵀ in place); see
+    fastlora.schedules.
     """
     check_dtypes(x, weight, lora_A, lora_B)
     x = row_major(x)
@@ -85,5 +89,8 @@ def lora_forward(
         return (torch.empty((0, N), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype))
     S = launch_S(x, lora_A, seed_arg(seed, dropout_p > 0.0, x), dropout_p)
+    if base == "cublas":
+        y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
+        return launch_low_rank_add(y, S, lora_B.t(), None, scaling, 0.0), S
     y = launch_forward_gemm(x, weight, bias, S, lora_B, scaling, low_rank)
     return y, S

@@ -5,6 +5,7 @@ They allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     dropout.py   the Philox keep mask every kernel regenerates from (seed, row, col)
     masking.py   that mask applied on its own, in place, to a whole tensor (for DoRA's torch products)
     gemm.py      the fused GEMM: base matmul + (masked) low-rank term in one accumulator, one store; its launcher
+    low_rank_add.py  the low-rank term added in place to cuBLAS's base product (the default base="cublas")
     skinny.py    the rank-r kernels: S from x; dS and dB from dy; dA from x and dS
     configs.py   autotune lists (Hopper / Ampere), skinny block choices, M bucket, config pinning
     common.py    launcher helpers: dtype checks, precision, 64-bit offsets, reduction splits

@@ -149,9 +149,9 @@ def check_case(case: Case, device: str) -> None:
     """Forward (y, S) and backward (dx, dA, dB) of the kernels against the float64 reference."""
     x, w, b, A, B, dy, seed = make_inputs(case, device)
     plan = kernel_schedule()  # the variants of the calling test's use_kernel_variants, if any
-    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank)
+    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank, base=plan.base)
     dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True, db=plan.db,
-                               low_rank=plan.low_rank)
+                               low_rank=plan.low_rank, base=plan.base)
 
     keep = philox.keep_mask(case.seed, case.M, case.K, case.p).to(device) if case.p > 0 else None
     d = lambda t: None if t is None else t.double()  # noqa: E731
@@ -171,9 +171,9 @@ def check_large(case: Case, device: str, row_chunk: int = 1 << 16) -> None:
     per chunk, dA and dB summed over chunks), the mask of each chunk reproduced from its first row."""
     x, w, b, A, B, dy, seed = make_inputs(case, device)
     plan = kernel_schedule()  # the variants of the calling test's use_kernel_variants, if any
-    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank)
+    y, S = lora_forward(x, w, b, A, B, seed, case.scaling, case.p, low_rank=plan.low_rank, base=plan.base)
     dx, dA, dB = lora_backward(dy, x, w, A, B, S, seed, case.scaling, case.p, True, True, True, db=plan.db,
-                               low_rank=plan.low_rank)
+                               low_rank=plan.low_rank, base=plan.base)
     adt = case.adapter_dtype or case.dtype
     base_tol, adapter_tol = tolerance(case.dtype, adt), tolerance(adt)
     dA_ref = torch.zeros(case.r, case.K, dtype=torch.float64, device=device)

@@ -450,9 +450,10 @@ def test_kernel_variants_script_runs_its_code_paths(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(out.read_text())
     variants = result["shapes"]["tiny"]["variants"]
-    assert len(variants) == 2 * 4 * 2  # dropouts × schedules × precisions
-    assert {(v["db"], v["low_rank"]) for v in variants} == {(d, lr) for d in ("atomic", "separate")
-                                                           for lr in ("prologue", "epilogue")}
+    assert len(variants) == 2 * 6 * 2  # dropouts × schedules × precisions
+    assert {(v["base"], v["db"], v["low_rank"]) for v in variants} == {
+        ("fused", d, lr) for d in ("atomic", "separate") for lr in ("prologue", "epilogue")} | {
+        ("cublas", d, "prologue") for d in ("atomic", "separate")}
     assert set(result["decision"]) == {f"p={p} {q}" for p in ("0.1", "0") for q in ("tf32x3", "tf32")} | {
         "tf32x3_error_within_4x_peft"}
     assert all(0 <= e < 1 for errs in result["errors"]["tiny"].values() for e in errs.values())
@@ -466,13 +467,13 @@ def test_kernel_variants_decision_only_compares_complete_shapes():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     import kernel_variants as kv
 
-    def variant(db, low_rank, ms, p=0.1, precision="tf32x3"):
-        return {"dropout": p, "db": db, "low_rank": low_rank, "precision": precision,
+    def variant(base, db, low_rank, ms, p=0.1, precision="tf32x3"):
+        return {"dropout": p, "base": base, "db": db, "low_rank": low_rank, "precision": precision,
                 "ms": {"forward": ms / 2, "backward": ms / 2}}
 
-    every = [variant(v["db"], v["low_rank"], 2.0 if v["db"] == "separate" else 3.0) for v in kv.VARIANTS]
+    every = [variant(v["base"], v["db"], v["low_rank"], 2.0 if v["db"] == "separate" else 3.0) for v in kv.VARIANTS]
     out = {"shapes": {"a": {"variants": every}, "b": {"variants": every},
-                      "c": {"variants": [variant("atomic", "prologue", 0.1)]}},  # cut short: would distort
+                      "c": {"variants": [variant("cublas", "atomic", "prologue", 0.1)]}},  # cut short: would distort
            "errors": {}}
     decision = kv._decide(out)
     assert decision["p=0.1 tf32x3"]["shapes"] == 2

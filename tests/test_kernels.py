@@ -26,9 +26,12 @@ from tests import kernel_checks as kc  # noqa: E402
 CASES = kc.SMALL_CASES
 
 
+@pytest.mark.parametrize("base", schedules.VARIANTS["base"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference(case):
-    kc.check_case(case, "cpu")
+def test_matches_reference(case, base):
+    """Both base products (cuBLAS with the low-rank pass, the fused GEMM) against the float64 reference."""
+    with schedules.use_kernel_variants(base=base):
+        kc.check_case(case, "cpu")
 
 
 def test_need_flags():
@@ -254,8 +257,9 @@ VARIANT_CASES = [
 ]
 
 
-@pytest.mark.parametrize("variants", [{"db": "separate"}, {"low_rank": "epilogue"},
-                                      {"db": "separate", "low_rank": "epilogue"}], ids=str)
+@pytest.mark.parametrize("variants", [{"db": "separate"}, {"base": "fused", "db": "separate"},
+                                      {"base": "fused", "low_rank": "epilogue"},
+                                      {"base": "fused", "db": "separate", "low_rank": "epilogue"}], ids=str)
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=str)
 def test_schedule_variants(variants, case):
     """Each schedule variant the GPU check times computes the same outputs and gradients as the default."""
@@ -266,7 +270,7 @@ def test_schedule_variants(variants, case):
 
 def test_variant_choice_from_the_environment(monkeypatch):
     default = schedules.kernel_schedule()
-    assert (default.db, default.low_rank, default.dora) == ("atomic", "prologue", "fused")
+    assert (default.base, default.db, default.low_rank, default.dora) == ("cublas", "atomic", "prologue", "fused")
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "db=separate")
     assert schedules.kernel_schedule().db == "separate"
     x = torch.zeros(2, 3)
@@ -279,12 +283,14 @@ def test_variant_choice_from_the_environment(monkeypatch):
 
 def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
     """lora_linear resolves the schedule once (FASTLORA_KERNEL_VARIANTS or use_kernel_variants) and the launchers
-    run what it names: the separate dB pass, the GEMMs' low-rank term last, DoRA composed of the LoRA kernels."""
+    run what it names: cuBLAS and the low-rank pass by default, else the fused GEMM (its low-rank term last with
+    low_rank=epilogue), the separate dB pass, DoRA composed of the LoRA kernels."""
     from fastlora import LoRALinear
-    from fastlora.kernels import backward, gemm, launchers
+    from fastlora.kernels import backward, forward, gemm, launchers
 
-    seen = {"dB": 0, "low_rank_last": set(), "dora_kernels": 0}
-    launch_dB, autotuned, dora_forward = backward.launch_dB, gemm.autotuned_gemm, launchers.dora_forward
+    seen = {"dB": 0, "low_rank_last": set(), "add_passes": 0, "dora_kernels": 0}
+    launch_dB, autotuned, add, dora_forward = (backward.launch_dB, gemm.autotuned_gemm, forward.launch_low_rank_add,
+                                               launchers.dora_forward)
 
     def spy_dB(*args, **kwargs):
         seen["dB"] += 1
@@ -294,12 +300,18 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
         seen["low_rank_last"].add(low_rank_last)
         return autotuned(fp32, masked, low_rank_last)
 
+    def spy_add(*args, **kwargs):
+        seen["add_passes"] += 1
+        return add(*args, **kwargs)
+
     def spy_dora(*args, **kwargs):
         seen["dora_kernels"] += 1
         return dora_forward(*args, **kwargs)
 
     monkeypatch.setattr(backward, "launch_dB", spy_dB)
     monkeypatch.setattr(gemm, "autotuned_gemm", spy_gemm)
+    monkeypatch.setattr(forward, "launch_low_rank_add", spy_add)
+    monkeypatch.setattr(backward, "launch_low_rank_add", spy_add)
     monkeypatch.setattr(launchers, "dora_forward", spy_dora)
     x = torch.randn(9, 16, requires_grad=True)
 
@@ -309,12 +321,15 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
         layer(x).sum().backward()
 
     step()
-    assert seen == {"dB": 0, "low_rank_last": {False}, "dora_kernels": 0}
-    with schedules.use_kernel_variants(db="separate", low_rank="epilogue"):
+    assert seen == {"dB": 0, "low_rank_last": set(), "add_passes": 2, "dora_kernels": 0}  # forward and dx
+    with schedules.use_kernel_variants(base="fused"):
+        step()
+    assert seen["add_passes"] == 2 and seen["low_rank_last"] == {False}
+    with schedules.use_kernel_variants(base="fused", db="separate", low_rank="epilogue"):
         step()
     assert seen["dB"] == 1 and seen["low_rank_last"] == {False, True}
     step(use_dora=True)
     assert seen["dora_kernels"] == 1
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "dora=composed")
     step(use_dora=True)
-    assert seen["dora_kernels"] == 1
+    assert seen["dora_kernels"] == 1 and seen["add_passes"] == 4  # composed DoRA on the cuBLAS-backed LoRA kernels

@@ -67,18 +67,28 @@ HUGE_CASE = Case(2**31 // 4096 + 64, 4096, 4096, 16, bf16, f32, p=0.1)
 
 @pytest.mark.preflight
 def test_preflight_one_small_case():
-    """What ``gpu_check.sh --preflight`` runs: the compiled forward and backward at one small shape, bf16."""
-    kc.check_case(Case(96, 128, 80, 8, bf16, f32, p=0.1), DEVICE)
+    """What ``gpu_check.sh --preflight`` runs: the compiled forward and backward at one small shape, bf16, on both
+    base products."""
+    for base in schedules.VARIANTS["base"]:
+        with schedules.use_kernel_variants(base=base):
+            kc.check_case(Case(96, 128, 80, 8, bf16, f32, p=0.1), DEVICE)
 
 
+BASES = pytest.mark.parametrize("base", schedules.VARIANTS["base"])  # cuBLAS + the low-rank pass; the fused GEMM
+
+
+@BASES
 @pytest.mark.parametrize("case", kc.SMALL_CASES[::3], ids=str)  # all of them run in the interpreter
-def test_small_matches_reference(case):
-    kc.check_case(case, DEVICE)
+def test_small_matches_reference(case, base):
+    with schedules.use_kernel_variants(base=base):
+        kc.check_case(case, DEVICE)
 
 
+@BASES
 @pytest.mark.parametrize("case", MEDIUM_CASES, ids=str)
-def test_medium_matches_reference(case):
-    kc.check_case(case, DEVICE)
+def test_medium_matches_reference(case, base):
+    with schedules.use_kernel_variants(base=base):
+        kc.check_case(case, DEVICE)
 
 
 def _arch() -> int:
@@ -103,7 +113,7 @@ def test_every_config(fp32, low_rank):
     """Each config of this GPU's lists (forward and dropout dx) for each place of the low-rank term, on a shape
     with tails in every dimension."""
     case = Case(300, 520, 264, 24, f32 if fp32 else bf16, p=0.1)
-    with schedules.use_kernel_variants(low_rank=low_rank):
+    with schedules.use_kernel_variants(base="fused", low_rank=low_rank):
         for cfg in _all_configs(fp32, low_rank == "epilogue"):
             with configs.pin_gemm_config(cfg):
                 try:
@@ -119,11 +129,13 @@ def test_autotuned_launch():
     kc.check_case(Case(1800, 1024, 1024, 16, bf16, p=0.1), DEVICE)
 
 
-def test_past_int32_offsets():
+@BASES
+def test_past_int32_offsets(base):
     free, _ = torch.cuda.mem_get_info()
     if free < 40 * 2**30:
         pytest.skip(f"needs ~40 GiB of free GPU memory, {free / 2**30:.0f} GiB free")
-    kc.check_large(HUGE_CASE, DEVICE)
+    with schedules.use_kernel_variants(base=base):
+        kc.check_large(HUGE_CASE, DEVICE)
     torch.cuda.empty_cache()
 
 
@@ -322,8 +334,8 @@ def test_eager_layer_on_cuda_with_both_backends(p):
             torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("variants", [{"db": "separate"}, {"low_rank": "epilogue"},
-                                      {"db": "separate", "low_rank": "epilogue"}], ids=str)
+@pytest.mark.parametrize("variants", [{"base": "fused"}, {"db": "separate"}, {"base": "fused", "low_rank": "epilogue"},
+                                      {"base": "fused", "db": "separate", "low_rank": "epilogue"}], ids=str)
 def test_schedule_variants_compiled(variants):
     """The schedule variants bench/kernel_variants.py times, compiled, against the float64 reference."""
     with schedules.use_kernel_variants(**variants):

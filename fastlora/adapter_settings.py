@@ -13,10 +13,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# The name mixed-adapter batches use for rows that take the base model alone (PEFT's).
+RESERVED_ADAPTER_NAMES = frozenset({"__base__"})
+# A file name's limit on common file systems: a non-default adapter is saved in a folder named after it.
+MAX_ADAPTER_NAME_BYTES = 255
+
+
 def check_adapter_name(name) -> None:
-    """Adapter names become part of parameter names: a non-empty string without a dot (as PEFT's)."""
+    """An adapter name becomes part of parameter names and, when saved, a folder name inside the save directory:
+    a non-empty string without '.', without a path separator (so no absolute path either) or control character,
+    not only white space, not reserved (``"__base__"``), at most 255 bytes in UTF-8."""
     if not isinstance(name, str) or not name or "." in name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', got {name!r}")
+    if "/" in name or "\\" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ValueError(f"adapter_name must not hold a path separator or a control character, got {name!r}: it "
+                         f"names a folder inside the save directory")
+    if not name.strip():
+        raise ValueError(f"adapter_name must not be white space only, got {name!r}")
+    if name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(f"adapter_name {name!r} is reserved (it marks rows that take the base model alone)")
+    if len(name.encode("utf-8")) > MAX_ADAPTER_NAME_BYTES:
+        raise ValueError(f"adapter_name is {len(name.encode('utf-8'))} bytes long; a saved adapter's folder name "
+                         f"allows {MAX_ADAPTER_NAME_BYTES}")
 
 
 @dataclass(frozen=True)

@@ -172,10 +172,11 @@ class AdapterFilesMixin:
             raise ValueError(f"Provided path ({save_directory}) should be a directory, not a file")
         if not is_main_process:
             return
+        directories = {name: _adapter_directory(Path(save_directory), name) for name in names}
         tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
         base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
-            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            directory = directories[name]
             config = self.peft_config[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None and base_name:  # as PEFT fills it in when saving
                 config = config.replace(base_model_name_or_path=base_name)
@@ -276,6 +277,19 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
         True
     """
     return model.load_adapter_tensors(peft_model_state_dict, adapter_name, ignore_mismatched_sizes)
+
+
+def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:
+    """Where ``adapter_name`` is saved: ``save_directory`` for "default", else its sub-folder named after the
+    adapter, resolved and checked to lie inside ``save_directory`` (ValueError before anything is written)."""
+    if adapter_name == "default":
+        return save_directory
+    check_adapter_name(adapter_name)
+    root = save_directory.resolve()
+    directory = (save_directory / adapter_name).resolve()
+    if directory.parent != root:
+        raise ValueError(f"adapter {adapter_name!r} would be saved in {directory}, outside {root}")
+    return save_directory / adapter_name
 
 
 def _hub_kwargs(kwargs: dict, caller: str) -> dict:

@@ -116,6 +116,13 @@ CASES = [
     ("PEFT's config", lambda ctx: get_peft_model(ctx["model"], peft.LoraConfig(target_modules=TARGETS)), TypeError, "fastlora.LoraConfig"),
     ("applying twice", lambda ctx: get_peft_model(ctx["lora"].get_base_model(), LoraConfig(target_modules=TARGETS)), ValueError, "already has an adapter"),
     ("adapter name with a dot", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), adapter_name="a.b"), ValueError, "without '.'"),
+    ("adapter name that is an absolute path", lambda ctx: ctx["lora"].add_adapter("/tmp/x", LoraConfig(target_modules=TARGETS)), ValueError, "path separator"),
+    ("adapter name with a folder in it", lambda ctx: ctx["lora"].add_adapter("a/b", LoraConfig(target_modules=TARGETS)), ValueError, "path separator"),
+    ("adapter name of white space", lambda ctx: ctx["lora"].add_adapter(" ", LoraConfig(target_modules=TARGETS)), ValueError, "white space only"),
+    ("the reserved adapter name", lambda ctx: ctx["lora"].add_adapter("__base__", LoraConfig(target_modules=TARGETS)), ValueError, "reserved"),
+    ("adapter name too long for a folder", lambda ctx: ctx["lora"].add_adapter("x" * 300, LoraConfig(target_modules=TARGETS)), ValueError, "300 bytes"),
+    ("loading under a path-like name", lambda ctx: ctx["lora"].load_adapter(_adapter_dir(ctx["tmp_path"], ctx["base"]), adapter_name="../up"), ValueError, "without '.'"),
+    ("new model with a path-like name", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), adapter_name="x/y"), ValueError, "path separator"),
     ("mixed adapter types", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), mixed=True), NotImplementedError, "mixed=True"),
     ("unknown adapter", lambda ctx: ctx["lora"].set_adapter("nope"), ValueError, "not found"),
     ("deleting the last adapter", lambda ctx: ctx["lora"].delete_adapter("default"), ValueError, "only adapter"),
@@ -201,3 +208,30 @@ def test_an_embedding_target_is_refused_with_the_reason():
     model = tiny_llama()
     with pytest.raises(TypeError, match=r"embed_tokens \(Embedding: an nn.Embedding: embedding targets are not adapted"):
         get_peft_model(model, LoraConfig(target_modules=["embed_tokens"]))
+
+
+def test_saving_never_writes_outside_the_save_directory(tmp_path):
+    """An adapter folder that is a link to somewhere else is refused before anything is written."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS, r=4))
+    model.add_adapter("other", LoraConfig(target_modules=TARGETS, r=4))
+    outside, save = tmp_path / "outside", tmp_path / "save"
+    outside.mkdir()
+    save.mkdir()
+    (save / "other").symlink_to(outside)
+    with pytest.raises(ValueError, match="outside"):
+        model.save_pretrained(save)
+    assert list(outside.iterdir()) == [] and sorted(p.name for p in save.iterdir()) == ["other"]
+
+
+def test_saved_files_get_the_mode_open_gives(tmp_path):
+    import os
+    import stat
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS, r=4))
+    old = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path)
+    finally:
+        os.umask(old)
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "README.md"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

@@ -107,3 +107,18 @@ def test_bf16_merge_rounds_once_and_beats_a_bf16_merge():
     # back to within one rounding of the original: the two roundings are each half an ulp of their result
     bound = torch.maximum(_bf16_ulp(w0.double()), _bf16_ulp(merged))
     assert torch.all((layer.weight.double() - w0.double()).abs() <= bound)
+
+
+def test_each_training_forward_draws_its_own_dropout_mask():
+    """The seed is drawn per call, not per module: two training forwards of one layer drop different elements,
+    and the same torch seed gives the same mask again."""
+    layer = LoRALinear(64, 48, r=4, lora_alpha=8, lora_dropout=0.5, backend="torch").train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(32, 64)
+    torch.manual_seed(0)
+    first, second = layer(x), layer(x)
+    assert not torch.equal(first, second)
+    torch.manual_seed(0)
+    assert torch.equal(layer(x), first)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastlora import LoraConfig, LoraModel, get_peft_model
+from fastlora import LoraConfig, LoraModel, get_peft_model, get_peft_model_state_dict
 from fastlora.bench.measure import SavedTensorCounter, module_tensors
 from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
 
@@ -400,3 +400,35 @@ def test_layer_attributes_of_an_adapter_the_layer_does_not_hold():
     assert not hasattr(up, "lora_A") and getattr(up, "r", None) is None
     with pytest.raises(AttributeError, match="does not hold the active adapter 'default'"):
         up.scaling
+
+
+@pytest.mark.parametrize("names", [("default", "other", "third"), ("other", "third")], ids=["three", "no-default"])
+def test_each_adapter_is_saved_in_its_own_folder(tmp_path, names):
+    """Three adapters, or two with no "default": each folder holds its own adapter's tensors, and PEFT loads each."""
+    base = tiny_llama()
+    fm = get_peft_model(clone(base), _configs(names[0], "fastlora", init_lora_weights=False), adapter_name=names[0])
+    for name in names[1:]:
+        fm.add_adapter(name, _configs(name, "fastlora", init_lora_weights=False))
+    fm.save_pretrained(tmp_path)
+    for name in names:
+        folder = tmp_path if name == "default" else tmp_path / name
+        saved = load_file(folder / "adapter_model.safetensors")
+        want = get_peft_model_state_dict(fm, adapter_name=name)
+        assert saved.keys() == want.keys() and all(torch.equal(saved[k], want[k]) for k in want), name
+        theirs = peft.PeftModel.from_pretrained(clone(base), folder, adapter_name=name)
+        fm.set_adapter(name)
+        torch.testing.assert_close(_logits(theirs), _logits(fm), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_unload_merges_the_active_adapter_as_peft():
+    """After set_adapter("other"), merge_and_unload merges "other" (not the first adapter added), as PEFT does."""
+    base, pm, fm = _both()
+    for model, lib in ((pm, "peft"), (fm, "fastlora")):
+        model.add_adapter("other", _configs("other", lib))  # PEFT's non-zero init, copied into fastlora's
+    _copy_adapter(pm, fm, "other")
+    pm.set_adapter("other")
+    fm.set_adapter("other")
+    ours, theirs = clone(fm).merge_and_unload(), clone(pm).merge_and_unload()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), atol=1e-5, rtol=1e-5)
+    fm.set_adapter("default")
+    assert not torch.allclose(_logits(ours), _logits(fm))

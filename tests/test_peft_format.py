@@ -147,3 +147,30 @@ def test_unexpected_keys_refused(tmp_path):
     tensors["base_model.model.model.layers.0.mlp.nope.lora_A.weight"] = torch.zeros(8, 64)
     save_file(tensors, tmp_path / WEIGHTS_NAME)
     _assert_refused(tmp_path, base, "no place for")
+
+
+class _Marker:
+    """A pickle that runs code when loaded without weights_only: it creates the file named by ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_bin_file_is_loaded_weights_only_even_when_the_environment_says_otherwise(tmp_path, monkeypatch):
+    """torch honours TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 for a torch.load that does not ask for weights_only
+    itself: fastlora's loader asks, so a pickle carrying code is refused, never run."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=SEED_TARGETS, r=4))
+    model.save_pretrained(tmp_path, safe_serialization=False)
+    marker = tmp_path / "code-ran"
+    torch.save({"base_model.model.x": _Marker(marker)}, tmp_path / "adapter_model.bin")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="not a readable PyTorch weights file"):
+        LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(ValueError, match="not a readable PyTorch weights file"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert not marker.exists()
+    assert_unchanged(model, before)

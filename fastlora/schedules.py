@@ -25,7 +25,6 @@ A kernel schedule has variants the GPU check times side by side, the first choic
 
 from __future__ import annotations
 
-import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,15 +69,18 @@ class Schedule:
         return self.name + ":" + ",".join(f"{v}={getattr(self, v)}" for v in VARIANTS)
 
     @staticmethod
-    @functools.lru_cache(maxsize=None)
     def from_key(key: str) -> "Schedule":
-        name, _, variants = key.partition(":")
-        return Schedule(name, **_parse_variants(variants))
+        schedule = _PARSED.get(key)
+        if schedule is None:  # a plain dict, not functools' cache: torch.compile traces through this
+            name, _, variants = key.partition(":")
+            schedule = _PARSED[key] = Schedule(name, **_parse_variants(variants))
+        return schedule
 
 
 # name → whether it runs the Triton kernels
 SCHEDULES = {"torch": False, "triton": True}
 TORCH = Schedule("torch")
+_PARSED: dict[str, Schedule] = {}
 
 _VARIANT_OVERRIDE: dict[str, str] = {}
 

@@ -9,6 +9,7 @@
 # The steps, most valuable first (bench/README.md says what each one decides):
 #   1. kernel-tests     180 s  the compiled kernels against the float64 reference (JUnit XML)
 #   2. kernel-variants   90 s  the Triton GEMM against cuBLAS, schedule and precision variants, the winners
+#                              per shape and token count (*-kernel-schedules.json: the package's schedule table)
 #   3. layers            70 s  Llama-3-8B projections, 8192 tokens, r=16, bf16, p=0.1 and 0, beside PEFT
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
@@ -68,8 +69,8 @@ with_plot() { [[ "$has_mpl" == 1 ]] && printf '%s\n' --plot "$1"; }
 
 step kernel-tests 180 "$PY" -m pytest tests/test_kernels_gpu.py "${pytest_args[@]}" --junitxml="$stem-kernel-tests.xml"
 
-step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192 --rank 16 --dropout 0.1,0 --budget 75 \
-    --json "$stem-kernel-variants.json"
+step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192,2048,512 --rank 16 --dropout 0.1,0 --budget 75 \
+    --json "$stem-kernel-variants.json" --package-table "$stem-kernel-schedules.json"
 
 step layers 70 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
     --dtype bf16 --dropout 0.1,0 --warmup 5 --repeats 20 --no-progress \

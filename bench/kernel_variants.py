@@ -33,6 +33,7 @@ STARTED = time.monotonic()  # the budget counts from here: imports and CUDA star
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -199,11 +200,11 @@ def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over
         out["errors"][name] = _errors(x, w, A, B, dy, seed, s, 0.0)
 
 
-def run(tokens: int, rank: int, dropouts: list[float], budget: float, dry: bool, out: dict) -> None:
-    """Measure into ``out`` (filled as it goes: a budget cut or an interrupt keeps what was measured)."""
+def run(tokens: list[int], rank: int, dropouts: list[float], budget: float, dry: bool, out: dict) -> None:
+    """Measure into ``out`` (filled as it goes: a budget cut or an interrupt keeps what was measured), token
+    counts in the order given (the most valuable first)."""
     device = "cpu" if dry else "cuda"
     shapes = DRY_SHAPES if dry else SHAPES
-    M = 24 if dry else tokens
     timed = _timer(dry)
     spec = None if dry else find_gpu_spec(torch.cuda.get_device_name(0))
     out.update({"shapes": {}, "skipped": [], "errors": {}})
@@ -214,10 +215,39 @@ def run(tokens: int, rank: int, dropouts: list[float], budget: float, dry: bool,
             return True
         return False
 
-    for name, (K, N) in shapes.items():
-        _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
-        if not dry:
-            torch.cuda.empty_cache()
+    for M in ([24, 40] if dry else tokens):
+        for name, (K, N) in shapes.items():
+            _measure_shape(f"{name} M={M}", M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
+            if not dry:
+                torch.cuda.empty_cache()
+
+
+def schedule_table(out: dict, precision: str = "tf32x3") -> list[dict]:
+    """The package's schedule table (fastlora/data/kernel_schedules.json) from the measurements: per (N, K) and
+    token count, the variants with the least forward + backward time summed over the dropouts measured, at
+    torch's default precision; a shape measured at several token counts splits its range at their geometric
+    means.  Only shapes with every variant measured at every dropout count."""
+    winners: dict[tuple, dict] = {}
+    for entry in out.get("shapes", {}).values():
+        runs = [v for v in entry["variants"] if v["precision"] == precision]
+        dropouts = {v["dropout"] for v in runs}
+        totals: dict[tuple, list] = {}
+        for v in runs:
+            totals.setdefault((v["base"], v["db"], v["low_rank"]), []).append(v["ms"]["forward"] + v["ms"]["backward"])
+        complete = {k: sum(t) for k, t in totals.items() if len(t) == len(dropouts)}
+        if not dropouts or len(complete) < len(VARIANTS):
+            continue
+        base, db, low_rank = min(complete, key=complete.get)
+        winners[(entry["N"], entry["K"], entry["M"])] = {"base": base, "db": db, "low_rank": low_rank}
+    table = []
+    for (N, K) in sorted({(n, k) for n, k, _ in winners}):
+        counts = sorted(m for n, k, m in winners if (n, k) == (N, K))
+        edges = [math.sqrt(a * b) for a, b in zip(counts, counts[1:])]
+        for i, M in enumerate(counts):
+            lo = counts[0] if i == 0 else math.floor(edges[i - 1]) + 1
+            hi = counts[-1] if i == len(counts) - 1 else math.floor(edges[i])
+            table.append({"N": N, "K": K, "tokens": [lo, hi], "variants": winners[(N, K, M)]})
+    return table
 
 
 def _decide(out: dict) -> dict:
@@ -253,11 +283,13 @@ def _decide(out: dict) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", default="8192", help="comma list of token counts, the most valuable first (default 8192)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", default="0.1,0", help="comma list (default 0.1,0)")
     ap.add_argument("--budget", type=float, default=110.0, help="seconds; later measurements are skipped (default 110)")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--package-table", help="also write the schedule table in the package's format here "
+                                             "(fastlora/data/kernel_schedules.json)")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, tiny shapes: no timing worth reading")
     opts = ap.parse_args()
     if not opts.dry_run and not torch.cuda.is_available():
@@ -268,16 +300,25 @@ def main() -> int:
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     results: dict = {"environment": env}
     try:
-        run(opts.tokens, opts.rank, [float(v) for v in opts.dropout.split(",")], opts.budget, opts.dry_run, results)
+        run([int(v) for v in opts.tokens.split(",")], opts.rank, [float(v) for v in opts.dropout.split(",")],
+            opts.budget, opts.dry_run, results)
     except KeyboardInterrupt:  # gpu_check's time limit: keep what was measured
         results["interrupted"] = True
     finally:
         results["decision"] = _decide(results)
+        results["schedule_table"] = schedule_table(results)
         _report(results)
         if opts.json:
             with open(opts.json, "w") as f:
                 json.dump(results, f, indent=1)
             print(f"wrote {opts.json}", flush=True)
+        if opts.package_table:
+            with open(opts.package_table, "w") as f:
+                json.dump({"about": "The kernel schedule per shape class on CUDA (fastlora.schedules), chosen by "
+                                    "bench/kernel_variants.py on a GPU.", "measured_on": env,
+                           "source": opts.json, "classes": results["schedule_table"]}, f, indent=1)
+                f.write("\n")
+            print(f"wrote {opts.package_table}", flush=True)
     return 0
 
 
@@ -288,7 +329,7 @@ def _report(results: dict) -> None:
             print(f"{name}: cuBLAS fwd+dx {cublas['fwd'] + cublas['dx']:.4f} ms; Triton GEMM / cuBLAS: fwd "
                   f"{triton_gemm['fwd'] / cublas['fwd']:.3f}, dx {triton_gemm['dx'] / cublas['dx']:.3f}")
         for v in entry["variants"]:
-            print(f"  p={v['dropout']:g} db={v['db']:<8} low_rank={v['low_rank']:<8} {v['precision']:<6} "
+            print(f"  p={v['dropout']:g} base={v['base']:<6} db={v['db']:<8} low_rank={v['low_rank']:<8} {v['precision']:<6} "
                   f"fused/cuBLAS {v['fused_over_cublas']:.3f}  " + " ".join(f"{k} {t:.4f}" for k, t in v["ms"].items()))
     print("errors vs float64 (max |err| / max |ref|):", json.dumps(results.get("errors")))
     print("decision:", json.dumps(results["decision"]))

@@ -167,7 +167,7 @@ def lora_linear(
     # Dynamo cannot query; compiled code sees only the training flag).
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     p = float(dropout_p) if training and not in_inference else 0.0
-    schedule = resolve(backend, x).key
+    schedule = resolve(backend, x, weight).key
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         if magnitude is not None:

@@ -21,18 +21,25 @@ A kernel schedule has variants the GPU check times side by side, the first choic
                kernels and torch passes ("composed", which follows ``base``)
 
 ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or :func:`use_kernel_variants` choose them.
+A variant neither names is taken from the schedule table, ``fastlora/data/kernel_schedules.json``: the winner per
+(token count, N, K) class that a GPU run of bench/kernel_variants.py measured.  A shape of no class, or a
+token count more than twice away from its class's range, takes the defaults above: with the table empty (no
+GPU run yet), every shape does.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 
 from torch import Tensor
 
 __all__ = ["Schedule", "SCHEDULES", "VARIANTS", "BACKENDS", "resolve", "kernel_schedule", "use_kernel_variants",
-           "triton_interpreter_on"]
+           "schedule_table", "table_variants", "triton_interpreter_on"]
 
 BACKENDS = ("auto", "torch", "triton")
 VARIANTS = {"base": ("cublas", "fused"), "db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"),
@@ -96,9 +103,37 @@ def _parse_variants(spec: str) -> dict[str, str]:
     return out
 
 
-def kernel_schedule() -> Schedule:
-    """The kernel schedule with the variants ``FASTLORA_KERNEL_VARIANTS`` and :func:`use_kernel_variants` choose."""
-    chosen = _parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", ""))
+_TABLE: list[dict] | None = None
+
+
+def schedule_table() -> list[dict]:
+    """The classes of ``fastlora/data/kernel_schedules.json``: each ``{"N", "K", "tokens": [lo, hi], "variants"}``."""
+    global _TABLE
+    if _TABLE is None:
+        text = resources.files("fastlora").joinpath("data", "kernel_schedules.json").read_text()
+        _TABLE = json.loads(text)["classes"]
+    return _TABLE
+
+
+def table_variants(tokens: int, N: int, K: int, table: list[dict] | None = None) -> dict[str, str]:
+    """The variants the table gives an (tokens × K) → N call: its class's, or the nearest class's of the same N, K
+    when ``tokens`` lies within a factor of 2 of that class's token range; {} when none does (the defaults)."""
+    best, distance = {}, math.log(2.0) + 1e-9
+    for entry in schedule_table() if table is None else table:
+        if (entry["N"], entry["K"]) != (N, K):
+            continue
+        lo, hi = entry["tokens"]
+        away = 0.0 if lo <= tokens <= hi else abs(math.log(max(tokens, 1) / (lo if tokens < lo else hi)))
+        if away < distance:
+            best, distance = entry["variants"], away
+    return dict(best)
+
+
+def kernel_schedule(tokens: int | None = None, N: int | None = None, K: int | None = None) -> Schedule:
+    """The kernel schedule: the variants ``FASTLORA_KERNEL_VARIANTS`` and :func:`use_kernel_variants` choose,
+    the others from the schedule table for a (tokens × K) → N call when the shape is given, else the defaults."""
+    chosen = table_variants(tokens, N, K) if tokens is not None and schedule_table() else {}
+    chosen.update(_parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", "")))
     chosen.update(_VARIANT_OVERRIDE)
     return Schedule("triton", **chosen)
 
@@ -121,9 +156,10 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(backend: str, x: Tensor) -> Schedule:
+def resolve(backend: str, x: Tensor, weight: Tensor | None = None) -> Schedule:
     """The schedule of one call: "torch" for backend="torch" and off CUDA, the kernel schedule for
-    backend="triton" (CUDA, or the CPU under TRITON_INTERPRET=1) and for "auto" on CUDA where triton imports."""
+    backend="triton" (CUDA, or the CPU under TRITON_INTERPRET=1) and for "auto" on CUDA where triton imports,
+    for x's token count and ``weight``'s (N, K) when given."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
@@ -134,7 +170,10 @@ def resolve(backend: str, x: Tensor) -> Schedule:
                 import triton  # noqa: F401
             except ImportError:
                 return TORCH
-        return kernel_schedule()
+        if weight is None:
+            return kernel_schedule()
+        N, K = weight.shape
+        return kernel_schedule(x.numel() // max(K, 1), N, K)
     if backend == "triton":
         raise ValueError(
             f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the interpreter); "

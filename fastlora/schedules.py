@@ -103,15 +103,18 @@ def _parse_variants(spec: str) -> dict[str, str]:
     return out
 
 
-_TABLE: list[dict] | None = None
+def _read_table() -> list[dict]:
+    text = resources.files("fastlora").joinpath("data", "kernel_schedules.json").read_text()
+    return json.loads(text)["classes"]
+
+
+# Read with the module, not on first use: the first use may be inside torch.compile, which cannot trace a file
+# read (a graph break, or an error under fullgraph=True).
+_TABLE: list[dict] = _read_table()
 
 
 def schedule_table() -> list[dict]:
     """The classes of ``fastlora/data/kernel_schedules.json``: each ``{"N", "K", "tokens": [lo, hi], "variants"}``."""
-    global _TABLE
-    if _TABLE is None:
-        text = resources.files("fastlora").joinpath("data", "kernel_schedules.json").read_text()
-        _TABLE = json.loads(text)["classes"]
     return _TABLE
 
 

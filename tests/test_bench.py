@@ -477,8 +477,8 @@ def test_the_schedule_table_picks_per_shape_and_the_environment_wins(monkeypatch
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "base=cublas")
     resolved = schedules.resolve("triton", torch.zeros(128, 16), weight)
     assert (resolved.base, resolved.low_rank) == ("cublas", "epilogue")
-    monkeypatch.setattr(schedules, "_TABLE", None)
-    assert schedules.schedule_table() == []  # the committed table: no GPU run yet
+    monkeypatch.undo()
+    assert schedules.schedule_table() == schedules._read_table() == []  # the committed table: no GPU run yet
 
 
 def test_kernel_variants_decision_only_compares_complete_shapes():

@@ -9,7 +9,8 @@ overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features
 ``base_weight()`` (the out × in view the torch path and the kernels read, never a copy), ``base_forward(x)``
 (the base alone: merged, disabled), ``_store_base_weight(W)`` (merge and unmerge), and ``to_base()`` (unload).
 
-    dense Linear   torch.nn.Linear with a floating-point weight   → fastlora.LoRALinear
+    dense Linear   torch.nn.Linear with a floating-point weight             → fastlora.LoRALinear
+    Conv1D         transformers' Conv1D (GPT-2), weight stored in × out     → fastlora.conv1d.LoRAConv1D
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ import torch
 from torch import nn
 
 from fastlora.adapter_settings import AdapterSettings
+from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.layer import LoRALinear
 
-__all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "is_adapted", "is_linear_like"]
+__all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
+           "is_linear_like"]
 
 
 @dataclass(frozen=True)
 class BaseKind:
-    """One kind of base layer: ``claims(module)`` says whether a module is of this kind; ``adapt(module,
-    adapter_name, settings, init_lora_weights, adapter_dtype)`` returns the adapted layer, of ``adapted_type``;
-    ``linear_like``: matched by PEFT's ``target_modules="all-linear"``."""
+    """One kind of base layer: ``claims(module)`` says whether a module is of this kind; ``sizes(module)`` its
+    (in_features, out_features); ``adapt(module, adapter_name, settings, init_lora_weights, adapter_dtype)``
+    returns the adapted layer, of ``adapted_type``; ``linear_like``: matched by ``target_modules="all-linear"``."""
 
     name: str
     claims: Callable[[nn.Module], bool]
+    sizes: Callable[[nn.Module], tuple[int, int]]
     adapt: Callable[..., nn.Module]
     adapted_type: type
     linear_like: bool = True
@@ -57,19 +61,27 @@ def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings
 DENSE_LINEAR = BaseKind(
     "dense Linear",
     claims=lambda m: isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and not _is_quantized(m),
+    sizes=lambda m: (m.in_features, m.out_features),
     adapt=_adapt_dense,
     adapted_type=LoRALinear,
 )
 
-DISPATCHERS: list[BaseKind] = [DENSE_LINEAR]
+CONV1D = BaseKind(
+    "Conv1D",
+    claims=lambda m: is_conv1d(m) and not _is_quantized(m),
+    sizes=lambda m: tuple(m.weight.shape),  # stored in × out
+    adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRAConv1D.from_conv1d(
+        module, adapter_name, settings, init_lora_weights, adapter_dtype),
+    adapted_type=LoRAConv1D,
+)
+
+DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D]
 ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHERS)
 
 # Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
 _NOT_YET = [
     (_is_quantized, "a quantized (4-bit or 8-bit) Linear: fastlora does not adapt quantized bases yet; "
                     "load the model without quantization, or use PEFT for QLoRA"),
-    (lambda m: type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers"),
-     "transformers' Conv1D (GPT-2 style, weight stored in × out): not adapted yet"),
     (lambda m: isinstance(m, nn.Embedding), "an nn.Embedding: embedding targets are not adapted yet"),
     (lambda m: isinstance(m, nn.MultiheadAttention), "an nn.MultiheadAttention: not adapted"),
     (lambda m: isinstance(m, nn.modules.conv._ConvNd), "a convolution: not adapted"),
@@ -87,6 +99,13 @@ def refusal(module: nn.Module) -> str:
         if matches(module):
             return reason
     return f"not a kind fastlora adapts ({', '.join(kind.name for kind in DISPATCHERS)})"
+
+
+def sizes(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a base layer of a kind fastlora adapts, or of an adapted layer."""
+    if is_adapted(module):
+        return module.in_features, module.out_features
+    return kind_of(module).sizes(module)
 
 
 def is_adapted(module: nn.Module) -> bool:

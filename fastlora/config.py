@@ -1,7 +1,7 @@
 """``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place.
 
 ``LoraConfig`` takes every field of PEFT's ``LoraConfig``.  The ones that switch on a feature fastlora
-does not implement (``fan_in_fan_out``, ``rank_pattern``, LoftQ, ...) are refused when switched
+does not implement (``rank_pattern``, LoftQ, ...) are refused when switched
 on, with an :class:`UnsupportedFeatureError` naming the field; the others are validated or kept as
 they are and written back to ``adapter_config.json``.
 """
@@ -40,10 +40,10 @@ class UnsupportedFeatureError(NotImplementedError, ValueError):
     Example:
         >>> from fastlora import LoraConfig, UnsupportedFeatureError
         >>> try:
-        ...     LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True)
+        ...     LoraConfig(target_modules=["q_proj"], use_qalora=True)
         ... except UnsupportedFeatureError as err:
         ...     print(err)
-        LoraConfig(fan_in_fan_out=True): fan_in_fan_out is a PEFT feature fastlora does not support; leave it at False
+        LoraConfig(use_qalora=True): use_qalora is a PEFT feature fastlora does not support; leave it at False
     """
 
 
@@ -84,7 +84,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
-    "fan_in_fan_out": False,
     "rank_pattern": {},
     "alpha_pattern": {},
     "layer_replication": None,
@@ -151,10 +150,13 @@ class LoraConfig:
             ``name_or_path`` when None.
         revision (str | None): the base model's revision, recorded in ``adapter_config.json``.
         use_dora (bool): DoRA adapters (a trained magnitude per output feature).  Default False.
+        fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
+            (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
+            otherwise.  Default False.
 
     PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
     ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
-    features fastlora does not implement (``fan_in_fan_out``, ``rank_pattern``, ``alpha_pattern``,
+    features fastlora does not implement (``rank_pattern``, ``alpha_pattern``,
     ``loftq_config``, ``use_qalora``, ``lora_bias``, ``trainable_token_indices``, ...) take only their "off"
     value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
@@ -190,6 +192,9 @@ class LoraConfig:
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
     use_dora: bool = False
+    # Whether a target stores its weight (in, out), as transformers' Conv1D does; as in PEFT, adapting a model
+    # sets it from the targets' kind (with PEFT's warning), so it is descriptive rather than a switch.
+    fan_in_fan_out: bool = False
     # PEFT's bookkeeping fields: kept as given and written back.
     auto_mapping: Optional[dict] = None
     peft_version: Optional[str] = None
@@ -197,7 +202,6 @@ class LoraConfig:
     qalora_group_size: int = 16
     runtime_config: Optional[Any] = None
     # PEFT's feature switches that fastlora does not implement: only their "off" values are accepted.
-    fan_in_fan_out: bool = False
     rank_pattern: Optional[dict] = field(default_factory=dict)
     alpha_pattern: Optional[dict] = field(default_factory=dict)
     layer_replication: Optional[list] = None
@@ -240,7 +244,7 @@ class LoraConfig:
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
         self.settings  # r, lora_alpha, lora_dropout, use_rslora, use_dora: validated where layers take them
-        for name in ("inference_mode", "autocast_adapter_dtype"):
+        for name in ("inference_mode", "autocast_adapter_dtype", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.bias not in _BIAS_MODES:

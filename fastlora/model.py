@@ -24,7 +24,7 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
+from fastlora.targets import plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_task_heads
 
 __all__ = ["get_peft_model", "LoraModel", "LoraTuner"]
 
@@ -168,6 +168,7 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
            plan: tuple[list[str], list[str]]) -> tuple["LoraModel", Callable[[], None]]:
     """Adapt and wrap ``model`` along a checked ``plan``; returns the LoraModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
+    config = settle_fan_in_fan_out(model, config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
     lora_model = _lora_model_class()(model, config, adapter_name)
     lora_model._mark_trainable(adapter_name)
@@ -581,6 +582,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
                      autocast_adapter_dtype: bool) -> Callable[[], None]:
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
+        config = settle_fan_in_fan_out(self.get_base_model(), config, targets)
         undo_inject = _inject(self.get_base_model(), config, adapter_name, targets, to_save,
                               autocast_adapter_dtype and config.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config

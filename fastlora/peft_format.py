@@ -22,6 +22,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from fastlora.base_kinds import sizes as base_sizes
 from fastlora.config import CONFIG_NAME, LoraConfig
 from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
@@ -66,16 +67,16 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
 def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str],
                      adapter_name: str) -> Expected:
     """Every tensor an adapter file for ``config`` on ``model`` holds: file key → (parameter name once the model
-    is adapted, shape).  Works on the model before or after adaptation (``targets`` are nn.Linear or
-    LoRALinear modules; ``to_save`` plain modules or ModulesToSaveWrappers)."""
+    is adapted, shape).  Works on the model before or after adaptation (``targets`` are base layers of a kind
+    fastlora adapts, or adapted layers; ``to_save`` plain modules or ModulesToSaveWrappers)."""
     out = {}
     for name in targets:
-        linear = model.get_submodule(name)
-        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (config.r, linear.in_features))
-        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (linear.out_features, config.r))
+        in_features, out_features = base_sizes(model.get_submodule(name))
+        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (config.r, in_features))
+        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (out_features, config.r))
         if config.use_dora:
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
-                                                            (linear.out_features,))
+                                                            (out_features,))
     params = dict(model.named_parameters())
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))

@@ -122,6 +122,29 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     return targets
 
 
+def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """``config`` with ``fan_in_fan_out`` as adapting ``targets`` leaves it in PEFT: visiting the targets in order,
+    a Conv1D (weight stored in × out) sets it True and a Linear sets it False, each with PEFT's warning when it
+    was the other way.  fastlora reads each layer's layout from its kind; the flag is what the file records."""
+    import warnings
+
+    from fastlora.conv1d import is_conv1d
+
+    flag = config.fan_in_fan_out
+    for name in targets:
+        module = model.get_submodule(name)
+        base = module.to_base() if is_adapted(module) else module
+        if is_conv1d(base) and not flag:
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.", UserWarning, stacklevel=3)
+            flag = True
+        elif isinstance(base, nn.Linear) and flag:
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.", UserWarning, stacklevel=3)
+            flag = False
+    return config if flag == config.fan_in_fan_out else config.replace(fan_in_fan_out=flag)
+
+
 def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
     """Qualified names of the modules ``config`` saves whole: the outermost match of each entry (exact name or
     dotted suffix).  An entry that matches nothing is an error, but for task heads.  A match that is already

@@ -319,7 +319,7 @@ def test_config_save_and_from_pretrained_interoperate_with_peft(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("fan_in_fan_out", True), ("rank_pattern", {"q_proj": 2}), ("alpha_pattern", {"q_proj": 2}),
+    ("rank_pattern", {"q_proj": 2}), ("alpha_pattern", {"q_proj": 2}),
     ("loftq_config", {"loftq_bits": 4}), ("layer_replication", [[0, 1]]), ("trainable_token_indices", [1, 2]),
     ("init_lora_weights", "pissa"), ("use_qalora", True), ("lora_bias", True), ("target_parameters", ["w"]),
 ])

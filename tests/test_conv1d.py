@@ -1,0 +1,138 @@
+"""transformers' Conv1D (GPT-2) targets against PEFT 0.21 on a tiny GPT-2: PEFT's fan_in_fan_out warning and
+setting, outputs and LoRA gradients, merging, unloading to a Conv1D, adapter files both ways, "all-linear"; the
+Triton kernels reading the (in, out) weight through its strides."""
+
+import copy
+import json
+import warnings
+
+import peft
+import pytest
+import torch
+
+from fastlora import LoraConfig, LoraModel, get_peft_model
+from fastlora.conv1d import LoRAConv1D
+from fastlora.functional import triton_interpreter_on
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+CONV1D_WARNING = "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                        eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _both(base, **config):
+    """fastlora's and PEFT's models of ``base``, fastlora's factors copied from PEFT's non-zero ones."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ours = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8, **config))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8,
+                                                                      init_lora_weights=False, **config))
+    state = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for name, layer in ours.lora_layers("default"):
+            A, B = layer.lora_factors("default")
+            A.copy_(state[f"base_model.model.{name}.lora_A.default.weight"])
+            B.copy_(state[f"base_model.model.{name}.lora_B.default.weight"])
+    return ours, theirs, [str(w.message) for w in seen]
+
+
+def _ids():
+    return torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+
+
+def test_outputs_gradients_and_the_fan_in_fan_out_warning_as_peft():
+    ours, theirs, warned = _both(_gpt2())
+    assert CONV1D_WARNING in warned
+    assert ours.peft_config["default"].fan_in_fan_out is True and theirs.peft_config["default"].fan_in_fan_out is True
+    layer = ours.base_model.model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, LoRAConv1D) and (layer.in_features, layer.out_features) == (32, 96)
+    assert layer.lora_A.shape == (4, 32) and layer.lora_B.shape == (96, 4) and not layer.weight.requires_grad
+    ids = _ids()
+    for model in (ours, theirs):
+        model.train().zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    state = dict(theirs.named_parameters())
+    for name, layer in ours.lora_layers("default"):
+        for which, ours_param in zip(("lora_A", "lora_B"), layer.lora_factors("default")):
+            want = state[f"base_model.model.{name}.{which}.default.weight"].grad
+            torch.testing.assert_close(ours_param.grad, want, atol=1e-6, rtol=1e-5, msg=f"{name} {which}")
+
+
+def test_merge_unmerge_and_unload_give_conv1d_layers():
+    ours, theirs, _ = _both(_gpt2())
+    ids = _ids()
+    want = theirs(input_ids=ids).logits
+    plain = ours.get_base_model().transformer.h[0].mlp.c_fc.weight.detach().clone()
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.get_base_model().transformer.h[0].mlp.c_fc.weight, plain, atol=1e-6, rtol=0)
+    merged, peft_merged = copy.deepcopy(ours).merge_and_unload(), copy.deepcopy(theirs).merge_and_unload()
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    for a, b in zip(merged.state_dict().values(), peft_merged.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    unloaded = copy.deepcopy(ours).unload()
+    torch.testing.assert_close(unloaded(input_ids=ids).logits, _gpt2()(input_ids=ids).logits)
+
+
+def test_adapter_files_load_both_ways(tmp_path):
+    base = _gpt2()
+    ours, theirs, _ = _both(base)
+    ids = _ids()
+    want = theirs(input_ids=ids).logits
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    loaded = [peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours"),
+              LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft"),
+              LoraModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")]
+    for model in loaded:
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+def test_all_linear_takes_the_conv1d_layers_and_leaves_the_head():
+    base = _gpt2()
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear", r=2))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules="all-linear", r=2))
+    peft_targets = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                    if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict)}
+    assert {n for n, _ in ours.lora_layers("default")} == peft_targets and len(peft_targets) == 8
+
+
+def test_a_linear_target_with_fan_in_fan_out_is_set_back_as_peft():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        ours = get_peft_model(model, LoraConfig(target_modules=["0"], fan_in_fan_out=True))
+    assert ours.peft_config["default"].fan_in_fan_out is False
+
+
+@pytest.mark.skipif(not triton_interpreter_on() and not torch.cuda.is_available(), reason="needs Triton")
+@pytest.mark.parametrize("base", ["cublas", "fused"])
+def test_kernels_read_the_in_out_weight_through_its_strides(base):
+    from fastlora import schedules
+
+    conv_model = _gpt2()
+    ours = get_peft_model(conv_model, LoraConfig(target_modules=["c_fc"], r=4, lora_alpha=8, lora_dropout=0.2,
+                                                 init_lora_weights=False))
+    layer = ours.base_model.model.transformer.h[0].mlp.c_fc
+    assert layer.base_weight().stride() == (1, 128)  # a view of the (32, 128) weight, not a copy
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        layer.backend = backend
+        with schedules.use_kernel_variants(base=base):
+            torch.manual_seed(3)
+            y = layer.eval()(x)
+        outputs[backend] = (y, *torch.autograd.grad(y.square().sum(), (x, layer.lora_A, layer.lora_B)))
+    for got, want in zip(outputs["triton"], outputs["torch"]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from fastlora import hub, peft_format
+from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
@@ -309,9 +309,22 @@ def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -
             )
 
 
+def _check_layout(model: nn.Module, config: LoraConfig, targets: list[str], where) -> None:
+    """A file saved from Conv1D layers (fan_in_fan_out=True: GPT-2 style, weight stored in × out) does not load
+    onto a model whose targets are all Linear: shapes can agree while the models differ.  (A file that says
+    False loads onto Conv1D layers, with PEFT's warning: PEFT's files from before it recorded the flag.)"""
+    from fastlora.conv1d import is_conv1d
+
+    kinds = {is_conv1d(m.to_base() if base_kinds.is_adapted(m) else m) for m in map(model.get_submodule, targets)}
+    if config.fan_in_fan_out and kinds == {False}:
+        raise ValueError(f"{where}: the adapter was saved from Conv1D layers (fan_in_fan_out=True, weights stored "
+                         f"in × out, as GPT-2's) but this model's targets are Linear layers: a different model")
+
+
 def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str], adapter_name: str,
              tensors: dict[str, torch.Tensor], where) -> tuple[peft_format.Expected, dict[str, torch.Tensor]]:
     """The tensors an adapter file must hold for this plan, and the file's tensors checked against them."""
+    _check_layout(model, config, targets, where)
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     tensors = peft_format.with_bias_spellings(expected, tensors)
     peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))

@@ -136,3 +136,24 @@ def test_kernels_read_the_in_out_weight_through_its_strides(base):
         outputs[backend] = (y, *torch.autograd.grad(y.square().sum(), (x, layer.lora_A, layer.lora_B)))
     for got, want in zip(outputs["triton"], outputs["torch"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_conv1d_adapter_does_not_load_onto_linear_layers_of_the_same_shapes(tmp_path):
+    """Two models whose targets have the same shapes but not the same kind: the file is refused, nothing changes."""
+    from tests.models import assert_unchanged, snapshot
+
+    class LinearGPT(torch.nn.Module):  # c_fc as an nn.Linear of GPT-2's c_fc shape (32 → 128)
+        def __init__(self):
+            super().__init__()
+            self.c_fc = torch.nn.Linear(32, 128)
+
+    conv_model = torch.nn.Module()
+    conv_model.c_fc = _gpt2().transformer.h[0].mlp.c_fc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        get_peft_model(conv_model, LoraConfig(target_modules=["c_fc"], r=2)).save_pretrained(tmp_path / "conv")
+    linear_model = LinearGPT()
+    before = snapshot(linear_model)
+    with pytest.raises(ValueError, match="saved from Conv1D layers"):
+        LoraModel.from_pretrained(linear_model, tmp_path / "conv")
+    assert_unchanged(linear_model, before)

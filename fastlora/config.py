@@ -126,8 +126,10 @@ class LoraConfig:
         task_type (TaskType | str | None): the model's task (see :class:`TaskType`); ``"SEQ_CLS"`` and
             ``"TOKEN_CLS"`` add ``classifier`` / ``score``, ``"QUESTION_ANS"`` adds ``qa_outputs`` to
             ``modules_to_save``.  Default None.
-        target_modules (list[str] | str): which modules get an adapter, as above; required (fastlora has no
-            per-architecture defaults), and each match must be an ``nn.Linear``.
+        target_modules (list[str] | str | None): which modules get an adapter, as above; each match must be a
+            layer fastlora adapts (``nn.Linear``, transformers' ``Conv1D``).  None: the architecture's defaults,
+            PEFT's (``q_proj`` and ``v_proj`` for Llama, ``c_attn`` for GPT-2, ...), filled in by
+            ``get_peft_model``.  Default None.
         r (int): the adapters' rank, >= 1.  Default 8.
         lora_alpha (float): the LoRA alpha, > 0.  Default 8.
         lora_dropout (float): dropout probability in [0, 1) on the LoRA branch's input, in training only.
@@ -160,8 +162,7 @@ class LoraConfig:
     ``loftq_config``, ``use_qalora``, ``lora_bias``, ``trainable_token_indices``, ...) take only their "off"
     value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
-    PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``; fastlora
-    requires ``target_modules``).
+    PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``).
 
     Example:
         >>> from fastlora import LoraConfig, TaskType
@@ -263,10 +264,10 @@ class LoraConfig:
                 if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
                     raise TypeError(f"{name} must be a string or a list of strings, got {value!r}")
                 put(name, sorted(set(value)))  # a set of names, as PEFT keeps it; sorted so configs compare equal
-        if self.target_modules is None or (isinstance(self.target_modules, list) and not self.target_modules):
+        if isinstance(self.target_modules, list) and not self.target_modules:
             raise ValueError(
-                "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'); "
-                "fastlora has no per-architecture defaults"
+                "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'), or be "
+                "left out for the architecture's default targets"
             )
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             put("layers_to_transform", [self.layers_to_transform])

@@ -147,7 +147,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         raise NotImplementedError("get_peft_model(mixed=True): mixing adapter types (PeftMixedModel) is not supported by fastlora")
     _check_model_and_config(model, peft_config)
     check_adapter_name(adapter_name)
-    config = with_task_heads(peft_config)
+    config = with_task_heads(peft_config, model)
     if revision is not None:
         config = config.replace(revision=revision)
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
@@ -561,7 +561,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
-        config = with_task_heads(peft_config)
+        config = with_task_heads(peft_config, self.get_base_model())
         self._check_second_adapter(config)
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)

@@ -52,13 +52,13 @@ class AdapterFilesMixin:
         model = self.get_base_model()
         if adapter_name in self.peft_config:
             config = self.peft_config[adapter_name]
-            _check_same_adapter(adapter_name, config, with_task_heads(file_config))
+            _check_same_adapter(adapter_name, config, with_task_heads(file_config, self.get_base_model()))
             self._check_not_merged(adapter_name)
             targets, to_save = peft_format.adapter_targets(model, adapter_name)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             _copy_values(model, expected, tensors, restore_on_error=True)
         else:
-            config = with_task_heads(file_config.replace(inference_mode=not is_trainable))
+            config = with_task_heads(file_config.replace(inference_mode=not is_trainable), self.get_base_model())
             self._check_second_adapter(config)
             targets = plan_targets(model, config, adapter_name)
             to_save = plan_modules_to_save(model, config, adapter_name)
@@ -92,7 +92,7 @@ class AdapterFilesMixin:
         check_adapter_name(adapter_name)
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
-        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable))
+        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model)
         targets, to_save = cls._plan_new(model, config)
         expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
         lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))

@@ -25,10 +25,17 @@ def _task_heads(config: LoraConfig) -> tuple[str, ...]:
     return _TASK_HEADS.get(config.task_type.value if config.task_type is not None else "", ())
 
 
-def with_task_heads(config: LoraConfig) -> LoraConfig:
-    """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do."""
+def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
+    """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do, and, given the
+    ``model``, its architecture's default ``target_modules`` when the config names none (as PEFT fills them in)."""
     heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
-    return config.replace(modules_to_save=list(config.modules_to_save or []) + heads) if heads else config
+    if heads:
+        config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
+    if config.target_modules is None and model is not None:
+        from fastlora.default_targets import default_target_modules
+
+        config = config.replace(target_modules=default_target_modules(model))
+    return config
 
 
 def _under_modules_to_save(name: str, config: LoraConfig) -> bool:

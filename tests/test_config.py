@@ -25,7 +25,6 @@ def test_seed_config_and_scaling():
         ({"lora_dropout": 1.0}, ValueError, "lora_dropout"),
         ({"bias": "some"}, ValueError, "bias must be"),
         ({"task_type": "CAUSAL"}, ValueError, "task_type"),
-        ({"target_modules": None}, ValueError, "target_modules"),
         ({"target_modules": []}, ValueError, "target_modules"),
         ({"target_modules": [1]}, TypeError, "target_modules"),
         ({"init_lora_weights": "olora"}, ValueError, "init_lora_weights"),

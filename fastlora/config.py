@@ -47,6 +47,13 @@ class UnsupportedFeatureError(NotImplementedError, ValueError):
     """
 
 
+class PeftType(str, enum.Enum):
+    """PEFT's method type, as PEFT's ``PeftType``: a ``str`` enum, so ``config.peft_type == "LORA"``,
+    ``config.peft_type == peft.PeftType.LORA`` and ``config.peft_type.value`` all work as with PEFT's configs."""
+
+    LORA = "LORA"
+
+
 class TaskType(str, enum.Enum):
     """PEFT's task types (the same string values, so configs round-trip through JSON).
 
@@ -222,7 +229,7 @@ class LoraConfig:
     alora_invocation_tokens: Optional[list] = None
     target_parameters: Optional[list] = None
     ensure_weight_tying: bool = False
-    peft_type: str = field(default="LORA", init=False)
+    peft_type: PeftType = field(default=PeftType.LORA, init=False)
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -289,6 +296,16 @@ class LoraConfig:
         return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora)
 
     @property
+    def is_prompt_learning(self) -> bool:
+        """False: LoRA is not a prompt-learning method (PEFT's helpers and transformers' Trainer ask)."""
+        return False
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """False, as PEFT's LoRA configs say."""
+        return False
+
+    @property
     def scaling(self) -> float:
         return self.settings.scaling
 
@@ -307,6 +324,7 @@ class LoraConfig:
         """PEFT's adapter_config.json content (keys sorted when written)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["task_type"] = self.task_type.value if self.task_type is not None else None
+        out["peft_type"] = self.peft_type.value
         for name in ("target_modules", "exclude_modules"):
             if isinstance(out[name], list):
                 out[name] = sorted(out[name])

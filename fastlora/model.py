@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastlora.model_files import AdapterFilesMixin
-from fastlora.config import LoraConfig
+from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
@@ -336,8 +336,13 @@ class LoraModel(AdapterFilesMixin, nn.Module):
         return self.peft_config[self._active_adapter]
 
     @property
-    def peft_type(self) -> str:
-        return "LORA"
+    def peft_type(self) -> PeftType:
+        return PeftType.LORA
+
+    @property
+    def _is_prompt_learning(self) -> bool:
+        """PEFT's attribute on its models, which helper code reads: LoRA is no prompt-learning method."""
+        return False
 
     @property
     def modules_to_save(self) -> Optional[set[str]]:

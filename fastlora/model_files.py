@@ -43,10 +43,12 @@ class AdapterFilesMixin:
           transformers' Trainer resumes from a checkpoint and restores the best one.
 
         ``is_trainable=False`` puts the model in eval mode.  Every tensor is checked before anything changes.
-        ``torch_device`` is accepted for PEFT's signature (values land on each layer's device)."""
+        ``torch_device`` is accepted for PEFT's signature (values land on each layer's device), and so are
+        ``device_map`` and accelerate's offload options (see :func:`_placement_options`)."""
         if key_mapping:
             raise NotImplementedError("load_adapter(key_mapping=...): remapping base-model keys is not supported by fastlora")
         check_adapter_name(adapter_name)
+        _placement_options(self.get_base_model(), kwargs)
         hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         model = self.get_base_model()
@@ -90,6 +92,7 @@ class AdapterFilesMixin:
         if config is not None and not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
         check_adapter_name(adapter_name)
+        _placement_options(model, kwargs)
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model)
@@ -290,6 +293,23 @@ def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:
     if directory.parent != root:
         raise ValueError(f"adapter {adapter_name!r} would be saved in {directory}, outside {root}")
     return save_directory / adapter_name
+
+
+_PLACEMENT_OPTIONS = ("device_map", "max_memory", "offload_folder", "offload_dir", "offload_index")
+
+
+def _placement_options(model: nn.Module, kwargs: dict) -> None:
+    """Take PEFT's placement keywords out of ``kwargs``.  PEFT uses them only to dispatch a model that
+    accelerate offloads to the CPU or disk; fastlora creates each adapter on its layer's device, so they are
+    accepted and have nothing to do, except for such an offloaded model, which is refused: its weights are not
+    on a device while they wait, and adapters created beside them would not be either."""
+    for name in _PLACEMENT_OPTIONS:
+        kwargs.pop(name, None)
+    placed = set(map(str, (getattr(model, "hf_device_map", None) or {}).values()))
+    if "disk" in placed or ("cpu" in placed and len(placed) > 1):
+        raise NotImplementedError(
+            f"the model is dispatched with CPU or disk offload (hf_device_map places modules on {sorted(placed)}); "
+            f"fastlora adapts models whose weights are on their devices: load it without offloading")
 
 
 def _hub_kwargs(kwargs: dict, caller: str) -> dict:

@@ -418,3 +418,22 @@ def test_wrong_subfolder_of_a_local_adapter_is_named(tmp_path):
     fm.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="has no sub-folder 'nope'"):
         LoraModel.from_pretrained(tiny_llama(), tmp_path, subfolder="nope")
+
+
+def test_the_attributes_and_options_peft_s_helpers_use(tmp_path):
+    """peft_type / task_type as str enums with .value, the prompt-learning flags, device_map accepted on loading
+    (adapters land on each layer's device) and an offloaded model refused with the reason."""
+    config = LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=2)
+    assert config.peft_type == peft.PeftType.LORA and config.peft_type.value == "LORA"
+    assert config.task_type.value == "CAUSAL_LM" and config.is_prompt_learning is False
+    model = get_peft_model(tiny_llama(), config)
+    assert model._is_prompt_learning is False and model.peft_type.value == "LORA"
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["peft_type"] == "LORA"
+    loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path, device_map="cpu", max_memory=None)
+    loaded.load_adapter(tmp_path, adapter_name="again", device_map={"": "cpu"})
+    assert {p.device.type for p in loaded.parameters()} == {"cpu"}
+    offloaded = tiny_llama()
+    offloaded.hf_device_map = {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}
+    with pytest.raises(NotImplementedError, match="offload"):
+        LoraModel.from_pretrained(offloaded, tmp_path)

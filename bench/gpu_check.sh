@@ -65,20 +65,27 @@ fi
 # Plots only where matplotlib is installed (the JSON / CSV carry the numbers).
 has_mpl=0
 "$PY" -c "import matplotlib" >/dev/null 2>&1 && has_mpl=1
-with_plot() { [[ "$has_mpl" == 1 ]] && printf '%s\n' --plot "$1"; }
+plot_args() {  # plot_args NAME FILE: the array NAME holds --plot FILE where matplotlib is installed, else nothing
+    local -n into="$1"
+    into=()
+    [[ "$has_mpl" == 1 ]] && into=(--plot "$2")
+    return 0
+}
 
 step kernel-tests 180 "$PY" -m pytest tests/test_kernels_gpu.py "${pytest_args[@]}" --junitxml="$stem-kernel-tests.xml"
 
 step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192,2048,512 --rank 16 --dropout 0.1,0 --budget 75 \
     --json "$stem-kernel-variants.json" --package-table "$stem-kernel-schedules.json"
 
+plot_args layer_plot "$stem-layers.png"
 step layers 70 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --tokens 8192 --rank 16 --alpha 32 \
     --dtype bf16 --dropout 0.1,0 --warmup 5 --repeats 20 --no-progress \
-    --json "$stem-layers.json" --csv "$stem-layers.csv" $(with_plot "$stem-layers.png")
+    --json "$stem-layers.json" --csv "$stem-layers.csv" "${layer_plot[@]}"
 
 if [[ "${SKIP_MODEL:-0}" != "1" ]]; then
+    plot_args model_plot "$stem-model.png"
     step model 25 "$PY" -m fastlora.bench --device cuda --model llama-3-8b --warmup 2 --repeats 5 --no-progress \
-        --json "$stem-model.json" --csv "$stem-model.csv" $(with_plot "$stem-model.png")
+        --json "$stem-model.json" --csv "$stem-model.csv" "${model_plot[@]}"
 fi
 
 if [[ "${SKIP_DORA:-0}" != "1" ]]; then
@@ -95,7 +102,8 @@ fi
 # The README section from this run's layer / model results (the kernel variants have their own format).
 bench_jsons=()
 for f in "$stem"-*.json; do
-    [[ -e "$f" && "$f" != *kernel-variants* && "$f" != *-composed* ]] && bench_jsons+=("$f")
+    [[ -e "$f" && "$f" != *kernel-variants* && "$f" != *kernel-schedules* && "$f" != *-composed* ]] &&
+        bench_jsons+=("$f")
 done
 if ((${#bench_jsons[@]})); then
     "$PY" -m fastlora.bench.report "${bench_jsons[@]}" >"$stem-README-section.md" 2>>"$SUMMARY" ||

@@ -168,22 +168,28 @@ def _errors(x, w, A, B, dy, seed, s, p) -> dict:
     return out
 
 
-def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget) -> None:
-    """Fill ``out["shapes"][name]`` measurement by measurement (the most decisive first), so that what was
-    measured survives a budget cut or an interrupt."""
+def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over_budget, first: bool) -> None:
+    """Fill ``out["shapes"][name]`` measurement by measurement, so that what was measured survives a budget cut or
+    an interrupt: ``first``, the cuBLAS baselines and every schedule at the default 3×tf32 precision (what the
+    schedule table needs); else the tf32 schedules, the Triton GEMM alone and the errors."""
     s = 2.0
     x, w, A, B, dy, seed = _inputs(M, K, N, rank, device)
     empty_S, empty_B = torch.empty(M, 0, device=device), torch.empty(N, 0, device=device)
-    entry = out["shapes"][name] = {
-        "M": M, "K": K, "N": N, "r": rank, "floors_ms": {p: _floors(M, K, N, rank, spec, p) for p in PRECISIONS},
-        "cublas_ms": {}, "triton_gemm_ms": {}, "variants": [],
-    }
-    if over_budget(f"{name} baselines"):
+    if first:
+        out["shapes"][name] = {
+            "M": M, "K": K, "N": N, "r": rank, "floors_ms": {p: _floors(M, K, N, rank, spec, p) for p in PRECISIONS},
+            "cublas_ms": {}, "triton_gemm_ms": {}, "variants": [],
+        }
+    entry = out["shapes"][name]
+    if first and over_budget(f"{name} baselines"):
         return
-    entry["cublas_ms"] = {"fwd": timed(lambda: x @ w.T), "dx": timed(lambda: dy @ w)}
+    if first:
+        entry["cublas_ms"] = {"fwd": timed(lambda: x @ w.T), "dx": timed(lambda: dy @ w)}
+    if not entry["cublas_ms"]:
+        return
     base = entry["cublas_ms"]["fwd"] + entry["cublas_ms"]["dx"]
-    # precision-major: the default 3×tf32 first, all schedules at each dropout, then tf32
-    for precision, p, variant in itertools.product(PRECISIONS, dropouts, VARIANTS):
+    precisions = list(PRECISIONS)[:1] if first else list(PRECISIONS)[1:]
+    for precision, p, variant in itertools.product(precisions, dropouts, VARIANTS):
         if over_budget(f"{name} p={p:g} {variant} {precision}"):
             continue
         with _precision(PRECISIONS[precision]):
@@ -192,6 +198,8 @@ def _measure_shape(name, M, K, N, rank, dropouts, device, timed, spec, out, over
             "dropout": p, **variant, "precision": precision, "ms": times,
             "fused_over_cublas": (times["forward"] + times["backward"]) / base,
         })
+    if first:
+        return
     if not over_budget(f"{name} triton GEMM"):
         # the GEMM alone: no low-rank term (R = 0)
         entry["triton_gemm_ms"]["fwd"] = timed(lambda: launch_forward_gemm(x, w, None, empty_S, empty_B, s))
@@ -215,11 +223,14 @@ def run(tokens: list[int], rank: int, dropouts: list[float], budget: float, dry:
             return True
         return False
 
-    for M in ([24, 40] if dry else tokens):
-        for name, (K, N) in shapes.items():
-            _measure_shape(f"{name} M={M}", M, K, N, rank, dropouts, device, timed, spec, out, over_budget)
-            if not dry:
-                torch.cuda.empty_cache()
+    # Every token count and shape at the default precision first (the schedule table), then the rest.
+    for first in (True, False):
+        for M in ([24, 40] if dry else tokens):
+            for name, (K, N) in shapes.items():
+                _measure_shape(f"{name} M={M}", M, K, N, rank, dropouts, device, timed, spec, out, over_budget,
+                               first)
+                if not dry:
+                    torch.cuda.empty_cache()
 
 
 def schedule_table(out: dict, precision: str = "tf32x3") -> list[dict]:
@@ -316,7 +327,8 @@ def main() -> int:
             with open(opts.package_table, "w") as f:
                 json.dump({"about": "The kernel schedule per shape class on CUDA (fastlora.schedules), chosen by "
                                     "bench/kernel_variants.py on a GPU.", "measured_on": env,
-                           "source": opts.json, "classes": results["schedule_table"]}, f, indent=1)
+                           "source": os.path.basename(opts.json) if opts.json else None,
+                           "classes": results["schedule_table"]}, f, indent=1)
                 f.write("\n")
             print(f"wrote {opts.package_table}", flush=True)
     return 0

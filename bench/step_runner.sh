@@ -20,10 +20,13 @@ runner_init() {
     SUMMARY="$RUNNER_STAGE/$RUNNER_NAME.txt"
     : >>"$SUMMARY"
     trap 'pack' EXIT
-    trap 'runner_interrupted' INT TERM HUP
+    trap 'runner_interrupted 2' INT
+    trap 'runner_interrupted 15' TERM
+    trap 'runner_interrupted 1' HUP
 }
 
-# On a signal: stop the running step as its time limit would (SIGINT, SIGKILL 10 s later), then pack.
+# On signal number $1: stop the running step as its time limit would (SIGINT, SIGKILL 10 s later), pack, and
+# exit as a process killed by that signal reports it (128 + its number).
 runner_interrupted() {
     echo "interrupted by a signal${RUNNER_STEP:+ during step $RUNNER_STEP}" >>"$SUMMARY"
     if [[ -n "${RUNNER_CHILD:-}" ]]; then
@@ -35,7 +38,7 @@ runner_interrupted() {
     fi
     pack
     trap - EXIT
-    exit 130
+    exit $((128 + $1))
 }
 
 pack() {

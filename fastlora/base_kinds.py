@@ -26,7 +26,7 @@ from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.layer import LoRALinear
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
-           "is_linear_like"]
+           "is_conv1d_target", "is_linear_like"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,11 @@ def sizes(module: nn.Module) -> tuple[int, int]:
     if is_adapted(module):
         return module.in_features, module.out_features
     return kind_of(module).sizes(module)
+
+
+def is_conv1d_target(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D, adapted or not."""
+    return isinstance(module, LoRAConv1D) or is_conv1d(module)
 
 
 def is_adapted(module: nn.Module) -> bool:

@@ -123,8 +123,8 @@ class LoraConfig:
     """LoRA settings, field for field PEFT's ``LoraConfig``.
 
     ``target_modules``: a list of module names (exact, or a dotted suffix of the qualified name), a
-    regex string (full match on the qualified name) or ``"all-linear"`` (every ``nn.Linear`` but the
-    output head).  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
+    regex string (full match on the qualified name) or ``"all-linear"`` (every ``nn.Linear`` and transformers
+    ``Conv1D`` but the output head).  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
 
     The config is frozen; ``config.replace(**changes)`` returns a changed copy.  ``save_pretrained(dir)``
     and ``LoraConfig.from_pretrained(dir_or_hub_id)`` write and read ``adapter_config.json`` as PEFT does.
@@ -300,22 +300,11 @@ class LoraConfig:
         """False: LoRA is not a prompt-learning method (PEFT's helpers and transformers' Trainer ask)."""
         return False
 
-    @property
-    def is_adaption_prompt(self) -> bool:
-        """False, as PEFT's LoRA configs say."""
-        return False
+    is_adaption_prompt = is_prompt_learning  # PEFT's other such flag: False for LoRA too
 
     @property
     def scaling(self) -> float:
         return self.settings.scaling
-
-    @property
-    def is_prompt_learning(self) -> bool:
-        return False
-
-    @property
-    def is_adaption_prompt(self) -> bool:
-        return False
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)

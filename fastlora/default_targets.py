@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["DEFAULT_TARGETS", "default_target_modules"]
+from fastlora.conv1d import is_conv1d
+
+__all__ = ["DEFAULT_TARGETS", "DEFAULT_TARGET_PATTERNS", "default_target_modules"]
 
 _QV = ["q_proj", "v_proj"]
 _FUSED_QKV = ["query_key_value"]
@@ -27,17 +29,23 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "deberta-v2": ["query_proj", "value_proj"],
     "deberta": ["in_proj"],
     "blip-2": ["q", "v", "q_proj", "v_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
+# model_type → a target_modules regex (the language model's projections of a multimodal model)
+DEFAULT_TARGET_PATTERNS: dict[str, str] = {"gemma4": r".*language_model\..*\.(q_proj|v_proj)"}
 
 
-def default_target_modules(model: nn.Module) -> list[str]:
+def default_target_modules(model: nn.Module) -> list[str] | str:
     """The default targets of ``model``'s architecture; ValueError naming the model's Linear and Conv1D modules
     (the names ``target_modules`` can take) when the architecture has none."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in DEFAULT_TARGETS:
         return list(DEFAULT_TARGETS[model_type])
+    if model_type in DEFAULT_TARGET_PATTERNS:
+        return DEFAULT_TARGET_PATTERNS[model_type]
     linear_like = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                          if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"})
+                          if isinstance(module, nn.Linear) or is_conv1d(module)})
     raise ValueError(
         f"target_modules is not set and fastlora has no default targets for "
         f"{'model_type ' + repr(model_type) if model_type else type(model).__name__}: name them in LoraConfig("

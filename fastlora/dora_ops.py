@@ -168,13 +168,15 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
 
 def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling, need_dx, need_dA, need_dB,
                            schedule):
-    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy, given in the adapters'
-    dtype (which dS and dB read as it is, and the dx GEMM in the base dtype)."""
+    """The composed schedule without dropout: the LoRA backward kernels with dz = g ⊙ dy, given in the wider of the
+    adapters' and the base's dtypes (dS and dB read it in the adapters' dtype, the dx GEMM in the base's), so
+    neither product starts from a narrower rounding of dz than its own dtype."""
     from fastlora.kernels import launchers as kernels
 
     plan = Schedule.from_key(schedule)
     dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
-    return kernels.lora_backward(dz.to(lora_A.dtype), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
+    wider = lora_A.dtype if lora_A.element_size() >= x.element_size() else x.dtype
+    return kernels.lora_backward(dz.to(wider), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
                                  need_dx, need_dA, need_dB, db=plan.db, low_rank=plan.low_rank, base=plan.base)
 
 

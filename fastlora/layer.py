@@ -416,8 +416,8 @@ class LoRALinear(nn.Linear):
         linear.weight, linear.bias = self.weight, self.bias
         return linear
 
-    def to_linear(self) -> nn.Linear:
-        """:meth:`to_base` under the name a dense layer has always had."""
+    def to_linear(self) -> nn.Module:
+        """:meth:`to_base` under the name a dense layer has always had (a Conv1D for a Conv1D base)."""
         return self.to_base()
 
     # ---- forward ----------------------------------------------------------------------------------

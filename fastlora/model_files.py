@@ -333,9 +333,7 @@ def _check_layout(model: nn.Module, config: LoraConfig, targets: list[str], wher
     """A file saved from Conv1D layers (fan_in_fan_out=True: GPT-2 style, weight stored in × out) does not load
     onto a model whose targets are all Linear: shapes can agree while the models differ.  (A file that says
     False loads onto Conv1D layers, with PEFT's warning: PEFT's files from before it recorded the flag.)"""
-    from fastlora.conv1d import is_conv1d
-
-    kinds = {is_conv1d(m.to_base() if base_kinds.is_adapted(m) else m) for m in map(model.get_submodule, targets)}
+    kinds = {base_kinds.is_conv1d_target(model.get_submodule(name)) for name in targets}
     if config.fan_in_fan_out and kinds == {False}:
         raise ValueError(f"{where}: the adapter was saved from Conv1D layers (fan_in_fan_out=True, weights stored "
                          f"in × out, as GPT-2's) but this model's targets are Linear layers: a different model")

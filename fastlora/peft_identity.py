@@ -39,6 +39,16 @@ def peft_compatible_class(lora_model: type) -> type:
     return klass
 
 
+def __getattr__(name: str):
+    """``PeftCompatibleLoraModel`` on first access, so that a model pickled in one process unpickles in another
+    before anything there called ``get_peft_model``."""
+    if name == "PeftCompatibleLoraModel":
+        from fastlora.model import LoraModel  # at access time only: the model module imports this one
+
+        return peft_compatible_class(LoraModel)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _refusals(lora_model: type):
     """(name, member) for each public method or property of ``PeftModel`` that ``lora_model`` lacks."""
     seen = set()

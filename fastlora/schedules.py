@@ -30,7 +30,6 @@ GPU run yet), every shape does.
 from __future__ import annotations
 
 import json
-import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,17 +118,17 @@ def schedule_table() -> list[dict]:
 
 
 def table_variants(tokens: int, N: int, K: int, table: list[dict] | None = None) -> dict[str, str]:
-    """The variants the table gives an (tokens × K) → N call: its class's, or the nearest class's of the same N, K
-    when ``tokens`` lies within a factor of 2 of that class's token range; {} when none does (the defaults)."""
-    best, distance = {}, math.log(2.0) + 1e-9
-    for entry in schedule_table() if table is None else table:
-        if (entry["N"], entry["K"]) != (N, K):
-            continue
-        lo, hi = entry["tokens"]
-        away = 0.0 if lo <= tokens <= hi else abs(math.log(max(tokens, 1) / (lo if tokens < lo else hi)))
-        if away < distance:
-            best, distance = entry["variants"], away
-    return dict(best)
+    """The variants the table gives an (tokens × K) → N call: the class of the same N, K whose token range holds
+    ``tokens``, else one whose range widened by a factor of 2 each way holds it (the first in the table); {} when
+    none does (the defaults).  Integer comparisons only: under torch.compile with a dynamic token count each
+    one is a guard, so the graphs are at most as many as the classes."""
+    classes = [e for e in (schedule_table() if table is None else table) if (e["N"], e["K"]) == (N, K)]
+    for widen in (False, True):
+        for entry in classes:
+            lo, hi = entry["tokens"]
+            if (lo + 1) // 2 <= tokens <= 2 * hi if widen else lo <= tokens <= hi:
+                return dict(entry["variants"])
+    return {}
 
 
 def kernel_schedule(tokens: int | None = None, N: int | None = None, K: int | None = None) -> Schedule:

@@ -9,7 +9,7 @@ import re
 
 from torch import nn
 
-from fastlora.base_kinds import is_adapted, is_linear_like, kind_of, refusal
+from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig
 from fastlora.modules_to_save import ModulesToSaveWrapper
 
@@ -118,13 +118,13 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             f"adapts: {'; '.join(not_linear[:5])}. Leave them out of target_modules (exclude_modules can)"
         )
     if not targets:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        linears = [n for n, m in model.named_modules() if is_linear_like(m)]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of the model"
             + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")
             + (f" outside modules_to_save (which PEFT never adapts; matched there: {', '.join(saved_instead[:4])})"
                if saved_instead else "")
-            + f"; nn.Linear modules it has include: {', '.join(linears[:6]) or 'none'}"
+            + f"; the Linear and Conv1D modules it has include: {', '.join(linears[:6]) or 'none'}"
         )
     return targets
 
@@ -135,17 +135,14 @@ def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[st
     was the other way.  fastlora reads each layer's layout from its kind; the flag is what the file records."""
     import warnings
 
-    from fastlora.conv1d import is_conv1d
-
     flag = config.fan_in_fan_out
     for name in targets:
-        module = model.get_submodule(name)
-        base = module.to_base() if is_adapted(module) else module
-        if is_conv1d(base) and not flag:
+        conv1d = is_conv1d_target(model.get_submodule(name))
+        if conv1d and not flag:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
                           "Setting fan_in_fan_out to True.", UserWarning, stacklevel=3)
             flag = True
-        elif isinstance(base, nn.Linear) and flag:
+        elif not conv1d and flag:
             warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
                           "Setting fan_in_fan_out to False.", UserWarning, stacklevel=3)
             flag = False

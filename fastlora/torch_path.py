@@ -25,7 +25,6 @@ adapters' dtype.
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable, Union
 

@@ -114,8 +114,8 @@ def launch_dx_gemm(
     dy: Tensor, weight: Tensor, dS: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float,
     low_rank: str = "prologue",
 ) -> Tensor:
-    """dx = dy W + (dS A) ⊙ m (M, K) in dy's dtype: one autotuned GEMM, the masked low-rank term seeding its
-    accumulator.  M > 0."""
+    """dx = dy W + (dS A) ⊙ m (M, K) in dy's dtype: one autotuned GEMM, the masked low-rank term in its
+    accumulator (before the main loop, or after it with ``low_rank="epilogue"``).  M > 0."""
     return launch_fused_gemm(dy, weight, None, dS, lora_A, seed, 1.0, dropout_p, low_rank)
 
 

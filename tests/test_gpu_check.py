@@ -84,6 +84,7 @@ def test_a_signal_mid_step_still_packs_what_was_written(tmp_path):
     files = _members(dest / "check.tar.gz")
     assert {"run-layers.json", "run-variants.json", "fails.log", "late.json"} <= set(files)
     assert "interrupted" in files["check.txt"].decode()
+    assert proc.returncode == 128 + signal.SIGTERM
 
 
 def test_a_kill_that_no_trap_sees_keeps_every_step_that_had_ended(tmp_path):

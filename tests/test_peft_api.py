@@ -437,3 +437,17 @@ def test_the_attributes_and_options_peft_s_helpers_use(tmp_path):
     offloaded.hf_device_map = {"model.embed_tokens": 0, "model.layers": "cpu", "lm_head": "disk"}
     with pytest.raises(NotImplementedError, match="offload"):
         LoraModel.from_pretrained(offloaded, tmp_path)
+
+
+def test_a_pickled_model_loads_in_a_fresh_process(tmp_path):
+    """torch.save of the whole model, torch.load in a process that has not built a fastlora model yet."""
+    import subprocess
+    import sys
+
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(target_modules=["0"], r=2))
+    torch.save(model, tmp_path / "model.pt")
+    code = ("import torch; m = torch.load(%r, weights_only=False); "
+            "print(type(m).__name__, tuple(m(torch.ones(2, 4)).shape))") % str(tmp_path / "model.pt")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "PeftCompatibleLoraModel (2, 4)"

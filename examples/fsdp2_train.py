@@ -94,4 +94,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from trainer_finetune import exit_process  # the same exit as the Trainer example's, for the same reason
+
+    exit_process(main())

@@ -94,6 +94,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from trainer_finetune import exit_process  # the same exit as the Trainer example's, for the same reason
+    from distributed_exit import exit_process
 
     exit_process(main())

@@ -16,8 +16,6 @@ weights to ``lora_rank<N>.pt`` so runs can be compared.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -82,16 +80,7 @@ def main() -> int:
     return 0
 
 
-def exit_process(code: int) -> None:
-    """Exit a rank of a multi-process run without the interpreter's teardown, its output flushed and every file
-    already written: with torch 2.13 on the CPU, a rank whose process group was destroyed was still seen to hang
-    once in about 70 runs while tearing down, a C++ thread of torch.distributed still alive."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    raise SystemExit(code)
-
-
 if __name__ == "__main__":
+    from distributed_exit import exit_process
+
     exit_process(main())

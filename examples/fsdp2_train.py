@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastlora import LoraConfig, LoraModel, TaskType, get_peft_model
+from fastlora import LoraConfig, PeftModel, TaskType, get_peft_model
 from fastlora.demo import SEED_TARGETS, batches, build_base_model, load_text_tokens
 
 
@@ -84,7 +84,7 @@ def main() -> int:
     probe = next(stream)[:2].to(device)
     with torch.no_grad():
         trained = model(input_ids=probe).logits
-        reloaded = LoraModel.from_pretrained(build_base_model(args.seed, hidden=64, layers=2).to(device), output / "adapter")
+        reloaded = PeftModel.from_pretrained(build_base_model(args.seed, hidden=64, layers=2).to(device), output / "adapter")
         same = torch.allclose(reloaded(input_ids=probe).logits, trained, atol=1e-5, rtol=1e-5)
     print(f"rank {rank}: adapter saved to {output / 'adapter'}; reloaded logits "
           f"{'match' if same else 'DIFFER FROM'} the trained model", flush=True)

@@ -9,10 +9,8 @@ from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state
 from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.layer import LoRALinear
-from fastlora.model import LoraModel, get_peft_model
+from fastlora.model import LoraModel, PeftModel, get_peft_model
 from fastlora.patch import PatchReport, patch_peft, unpatch_peft
-
-PeftModel = LoraModel  # PEFT's name, so `from fastlora import PeftModel` is an import-line change
 
 __all__ = [
     "LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel", "PeftModel",

@@ -78,7 +78,7 @@ class _Progress:
 
 def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, seed: int = 0,
         output: str | None = None, hidden: int = 128, layers: int = 2) -> int:
-    from fastlora import LoraConfig, LoraModel, TaskType, get_peft_model
+    from fastlora import LoraConfig, PeftModel, TaskType, get_peft_model
 
     tokens = load_text_tokens()
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=SEED_TARGETS, inference_mode=False,
@@ -112,7 +112,7 @@ def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, se
         directory = Path(output) if output else Path(scratch) / "adapter"
         model.save_pretrained(directory)
         print(f"adapter saved to {directory}" + ("" if output else " (temporary; pass --output to keep it)"))
-        reloaded = {"fastlora": eval_loss(LoraModel.from_pretrained(build_base_model(seed, hidden, layers), directory), eval_ids)}
+        reloaded = {"fastlora": eval_loss(PeftModel.from_pretrained(build_base_model(seed, hidden, layers), directory), eval_ids)}
         try:
             from peft import PeftModel
         except ImportError:

@@ -1,7 +1,7 @@
-"""``get_peft_model`` / ``LoraModel``: PEFT's model-level API over ``LoRALinear`` layers.
+"""``get_peft_model`` / ``PeftModel``: PEFT's model-level API over ``LoRALinear`` layers.
 
 ``get_peft_model`` swaps the target ``nn.Linear`` s for ``LoRALinear``, wraps ``modules_to_save`` modules,
-freezes the rest and returns a ``LoraModel``, laid out as PEFT's ``PeftModel``: the adapted model is
+freezes the rest and returns a ``PeftModel``, laid out as PEFT's: the adapted model is
 ``model.base_model.model`` and attribute access falls through to it.  A model holds named adapters
 (``peft_config`` maps each name to its config); one is active.
 
@@ -26,7 +26,7 @@ from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.targets import plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_task_heads
 
-__all__ = ["get_peft_model", "LoraModel", "LoraTuner"]
+__all__ = ["get_peft_model", "PeftModel", "LoraModel", "LoraTuner"]
 
 _WIDE_ADAPTER_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -95,19 +95,19 @@ def _check_model_and_config(model, config) -> None:
 
 
 def _lora_model_class() -> type:
-    """``LoraModel``, or where PEFT is installed its subclass that HF Trainer, accelerate and TRL recognise as
+    """``PeftModel``, or where PEFT is installed its subclass that HF Trainer, accelerate and TRL recognise as
     a PEFT model (see :mod:`fastlora.peft_identity`)."""
     try:
         from fastlora.peft_identity import peft_compatible_class
     except ImportError:
-        return LoraModel
-    return peft_compatible_class(LoraModel)
+        return PeftModel
+    return peft_compatible_class(PeftModel)
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", mixed: bool = False,
                    autocast_adapter_dtype: bool = True, revision: Optional[str] = None,
-                   low_cpu_mem_usage: bool = False) -> "LoraModel":
-    """Adapt ``model`` in place as PEFT's ``get_peft_model`` does and return it wrapped in a ``LoraModel``.
+                   low_cpu_mem_usage: bool = False) -> "PeftModel":
+    """Adapt ``model`` in place as PEFT's ``get_peft_model`` does and return it wrapped in a ``PeftModel``.
 
     ``autocast_adapter_dtype`` (default True): float16/bfloat16 bases get float32 adapters.  ``revision`` is
     recorded in the config.  ``low_cpu_mem_usage`` is accepted; the adapters are created at once either way.
@@ -119,7 +119,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
     Args:
         model (nn.Module): the model to adapt, changed in place; it must not hold an adapter yet (add more
-            with ``LoraModel.add_adapter`` or ``load_adapter``).
+            with ``PeftModel.add_adapter`` or ``load_adapter``).
         peft_config (LoraConfig): the adapter's :class:`fastlora.LoraConfig`.
         adapter_name (str): the adapter's name, a non-empty string without ".".  Default "default".
         mixed (bool): PEFT's mixed adapter types; True raises NotImplementedError.  Default False.
@@ -128,7 +128,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         revision (str | None): the base model's revision, recorded in the config.
         low_cpu_mem_usage (bool): accepted for PEFT's signature; the adapters are created at once either way.
 
-    Returns the :class:`LoraModel` (where PEFT is installed, an instance of ``peft.PeftModel`` too, so
+    Returns the :class:`PeftModel` (where PEFT is installed, an instance of ``peft.PeftModel`` too, so
     transformers' Trainer, accelerate and TRL treat it as a PEFT model).
 
     PEFT equivalent: ``peft.get_peft_model``.
@@ -159,14 +159,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
     """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
-        raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its LoraModel "
+        raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another")
     return plan_targets(model, config), plan_modules_to_save(model, config)
 
 
 def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
-           plan: tuple[list[str], list[str]]) -> tuple["LoraModel", Callable[[], None]]:
-    """Adapt and wrap ``model`` along a checked ``plan``; returns the LoraModel and the ``undo`` of the adaptation."""
+           plan: tuple[list[str], list[str]]) -> tuple["PeftModel", Callable[[], None]]:
+    """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
     config = settle_fan_in_fan_out(model, config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
@@ -186,7 +186,7 @@ class _AdapterNames(list):
 class LoraTuner(nn.Module):
     """PEFT's ``base_model`` level: holds the adapted model as ``model``.  The adapter methods PEFT users call
     at this level (``model.base_model.merge_and_unload()``, ``.set_adapter(...)``, ...) are the owning
-    ``LoraModel``'s; any other attribute falls through to the adapted model."""
+    ``PeftModel``'s; any other attribute falls through to the adapted model."""
 
     _OWNER_METHODS = frozenset({
         "peft_config", "active_adapter", "active_adapters", "set_adapter", "add_adapter", "delete_adapter",
@@ -194,7 +194,7 @@ class LoraTuner(nn.Module):
         "enable_adapter_layers", "set_requires_grad", "add_weighted_adapter", "prefix",
     })
 
-    def __init__(self, model: nn.Module, owner: "LoraModel") -> None:
+    def __init__(self, model: nn.Module, owner: "PeftModel") -> None:
         super().__init__()
         self.model = model
         object.__setattr__(self, "_owner", owner)  # not a submodule: no cycle in the module tree
@@ -216,24 +216,24 @@ class LoraTuner(nn.Module):
             if name in LoraTuner._OWNER_METHODS:
                 owner = self.__dict__.get("_owner")
                 if owner is None:
-                    raise AttributeError(f"{name}: this base_model was copied without its LoraModel, which holds "
-                                         f"the adapters' state; copy the LoraModel instead")
+                    raise AttributeError(f"{name}: this base_model was copied without its PeftModel, which holds "
+                                         f"the adapters' state; copy the PeftModel instead")
                 return getattr(owner, name)
             return getattr(self.model, name)
 
 
-class LoraModel(AdapterFilesMixin, nn.Module):
+class PeftModel(AdapterFilesMixin, nn.Module):
     """A model with LoRA adapters, laid out as PEFT's ``PeftModel``: ``base_model.model`` is the adapted
     model, and attribute access falls through to it (``generate``, ``config``, ...).
 
-    Build one with :func:`fastlora.get_peft_model` (a new adapter) or ``LoraModel.from_pretrained(model,
+    Build one with :func:`fastlora.get_peft_model` (a new adapter) or ``PeftModel.from_pretrained(model,
     adapter_dir_or_hub_id)`` (a saved PEFT-format adapter); the constructor only wraps a model whose layers
     already hold the adapter.  ``peft_config`` maps each adapter's name to its config; exactly one adapter
     is active (``set_adapter``; several active adapters at once are refused).  PEFT's methods:
     ``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_adapter``, ``save_pretrained``,
     ``push_to_hub``, ``merge_adapter`` / ``unmerge_adapter``, ``merge_and_unload``, ``unload``,
-    ``disable_adapter()`` (a context manager), ``print_trainable_parameters``.  ``fastlora.PeftModel`` is
-    this class.
+    ``disable_adapter()`` (a context manager), ``print_trainable_parameters``.  ``fastlora.LoraModel``, this
+    class's name in earlier fastlora releases, is the same class.
 
     Args:
         model (nn.Module): the adapted model (its target layers already :class:`fastlora.LoRALinear`
@@ -247,13 +247,13 @@ class LoraModel(AdapterFilesMixin, nn.Module):
 
     Example:
         >>> import tempfile, torch
-        >>> from fastlora import LoraConfig, LoraModel, get_peft_model
+        >>> from fastlora import LoraConfig, PeftModel, get_peft_model
         >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), LoraConfig(target_modules=["0"]))
         >>> model.active_adapter, list(model.peft_config)
         ('default', ['default'])
         >>> directory = tempfile.mkdtemp()
         >>> model.save_pretrained(directory)   # adapter_config.json, adapter_model.safetensors, README.md
-        >>> loaded = LoraModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(16, 16)), directory)
+        >>> loaded = PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(16, 16)), directory)
         >>> loaded.training   # is_trainable=False (the default): frozen and in eval mode
         False
         >>> plain = loaded.merge_and_unload()   # the plain nn.Sequential, adapter folded into the weight
@@ -291,7 +291,7 @@ class LoraModel(AdapterFilesMixin, nn.Module):
 
     @classmethod
     def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
-               plan: tuple[list[str], list[str]]) -> tuple["LoraModel", Callable[[], None]]:
+               plan: tuple[list[str], list[str]]) -> tuple["PeftModel", Callable[[], None]]:
         """Adapt ``model`` as ``get_peft_model`` along a checked plan; returns the model and an ``undo``."""
         return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)
 
@@ -655,3 +655,8 @@ class LoraModel(AdapterFilesMixin, nn.Module):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 enable()
+
+
+# The name this class had in earlier fastlora releases (it plays PEFT's PeftModel, not peft.LoraModel, which is
+# the ``base_model`` level): kept so existing imports and pickles keep working.
+LoraModel = PeftModel

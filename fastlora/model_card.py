@@ -29,7 +29,7 @@ def _new_card_text(base_model_id: str) -> str:
         "A LoRA adapter in PEFT's format (`adapter_config.json` + `adapter_model.safetensors`).\n\n"
         "## How to load it\n\n"
         "```python\n"
-        "from peft import PeftModel            # or: from fastlora import LoraModel as PeftModel\n"
+        "from peft import PeftModel            # or: from fastlora import PeftModel\n"
         "model = PeftModel.from_pretrained(base_model, \"<this folder or repository>\")\n"
         "```\n\n"
         f"{_FRAMEWORK_HEADING}\n"

@@ -1,6 +1,6 @@
-"""Adapter files on a ``LoraModel``: save, load, push, and the adapter's tensors under PEFT's keys.
+"""Adapter files on a ``PeftModel``: save, load, push, and the adapter's tensors under PEFT's keys.
 
-:class:`AdapterFilesMixin` gives ``LoraModel`` PEFT's ``save_pretrained``, ``from_pretrained``,
+:class:`AdapterFilesMixin` gives ``PeftModel`` PEFT's ``save_pretrained``, ``from_pretrained``,
 ``load_adapter``, ``push_to_hub`` and ``create_or_update_model_card``; the file format itself is
 :mod:`fastlora.peft_format`, where adapters come from :mod:`fastlora.hub`.
 :func:`get_peft_model_state_dict` and :func:`set_peft_model_state_dict` are PEFT's functions of the
@@ -28,7 +28,7 @@ __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_sta
 
 
 class AdapterFilesMixin:
-    """PEFT's file methods, for ``LoraModel`` (which provides ``peft_config``, ``active_peft_config``,
+    """PEFT's file methods, for ``PeftModel`` (which provides ``peft_config``, ``active_peft_config``,
     ``get_base_model``, ``set_requires_grad``, the checks ``_check_adapter_names``, ``_check_not_merged`` and
     ``_check_second_adapter``, ``_add_planned``, and the constructors ``_plan_new`` and ``_adapt``)."""
 
@@ -218,8 +218,8 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor
     adapter file (``base_model.model.<path>.lora_A.weight``, ...).  With ``state_dict`` the values come from it.
 
     Args:
-        model (LoraModel): the fastlora model (from :func:`fastlora.get_peft_model` or
-            ``LoraModel.from_pretrained``).
+        model (PeftModel): the fastlora model (from :func:`fastlora.get_peft_model` or
+            ``PeftModel.from_pretrained``).
         state_dict (dict[str, Tensor] | None): a state dict of this model (e.g. one gathered by FSDP or
             DeepSpeed) to take the values from; None: the model's own parameters, returned as they are (not
             copies).
@@ -256,7 +256,7 @@ def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tens
     is skipped with a warning with ``ignore_mismatched_sizes=True``), before any value changes.
 
     Args:
-        model (LoraModel): the fastlora model that already holds the adapter ``adapter_name``.
+        model (PeftModel): the fastlora model that already holds the adapter ``adapter_name``.
         peft_model_state_dict (dict[str, Tensor]): the adapter's tensors under PEFT's file keys (as
             :func:`get_peft_model_state_dict` returns them, or read from a PEFT ``adapter_model.safetensors``).
         adapter_name (str): the existing adapter that receives the values.  Default "default".
@@ -373,7 +373,7 @@ def _copy_one(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def _lookup(state_dict: dict[str, torch.Tensor], param_name: str, adapter_name: str) -> torch.Tensor:
-    """``param_name`` of the adapted model in a state dict of the LoraModel (or of the adapted model)."""
+    """``param_name`` of the adapted model in a state dict of the PeftModel (or of the adapted model)."""
     for key in (f"base_model.model.{param_name}", param_name):
         if key in state_dict:
             return state_dict[key]

@@ -1,4 +1,4 @@
-"""A ``LoraModel`` that PEFT-aware tools recognise as a PEFT model.
+"""A ``PeftModel`` that PEFT-aware tools recognise as a PEFT model.
 
 transformers' Trainer, accelerate and TRL decide how to treat a model with ``isinstance(model,
 peft.PeftModel)``: only then does the Trainer read the wrapped model's forward signature (to keep the
@@ -6,7 +6,7 @@ dataset's columns and find the labels), save checkpoints and ``save_model()`` ou
 and reload adapters on ``resume_from_checkpoint`` and ``load_best_model_at_end``.  Where PEFT is
 installed, ``get_peft_model`` returns this subclass, so those tools work unchanged.
 
-Every behaviour is fastlora's: ``LoraModel`` comes first in the method order, and each public method
+Every behaviour is fastlora's: ``PeftModel`` comes first in the method order, and each public method
 of ``PeftModel`` that fastlora does not implement raises ``NotImplementedError`` naming itself instead
 of running PEFT's code on a model PEFT did not build.  Nothing in PEFT is modified.
 """
@@ -22,7 +22,7 @@ _BUILT: dict[type, type] = {}
 
 
 def peft_compatible_class(lora_model: type) -> type:
-    """The subclass of ``lora_model`` (fastlora's ``LoraModel``) and ``peft.PeftModel``, built once.
+    """The subclass of ``lora_model`` (fastlora's ``PeftModel``) and ``peft.PeftModel``, built once.
 
     It is built from the class it is given, so this module imports nothing of fastlora's and the model
     module imports it, not the other way round.  It is published as ``PeftCompatibleLoraModel`` in this
@@ -31,7 +31,7 @@ def peft_compatible_class(lora_model: type) -> type:
     if klass is None:
         klass = type("PeftCompatibleLoraModel", (lora_model, peft.PeftModel), {
             "__module__": __name__, "__qualname__": "PeftCompatibleLoraModel",
-            "__doc__": "fastlora's ``LoraModel``, an instance of ``peft.PeftModel`` for the tools that check."})
+            "__doc__": "fastlora's ``PeftModel``, an instance of ``peft.PeftModel`` for the tools that check."})
         for name, member in _refusals(lora_model):
             setattr(klass, name, member)
         _BUILT[lora_model] = klass
@@ -43,9 +43,9 @@ def __getattr__(name: str):
     """``PeftCompatibleLoraModel`` on first access, so that a model pickled in one process unpickles in another
     before anything there called ``get_peft_model``."""
     if name == "PeftCompatibleLoraModel":
-        from fastlora.model import LoraModel  # at access time only: the model module imports this one
+        from fastlora.model import PeftModel  # at access time only: the model module imports this one
 
-        return peft_compatible_class(LoraModel)
+        return peft_compatible_class(PeftModel)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -68,7 +68,7 @@ def _refusals(lora_model: type):
 
 def _not_implemented(name: str):
     def method(self, *args, **kwargs):
-        raise NotImplementedError(f"{name} is a method of PEFT's PeftModel that fastlora's LoraModel does not implement")
+        raise NotImplementedError(f"{name} is a method of PEFT's PeftModel that fastlora's PeftModel does not implement")
 
     method.__name__ = method.__qualname__ = name
     return method
@@ -76,6 +76,6 @@ def _not_implemented(name: str):
 
 def _missing_property(name: str) -> property:
     def get(self):
-        raise AttributeError(f"{name} is an attribute of PEFT's PeftModel that fastlora's LoraModel does not have")
+        raise AttributeError(f"{name} is an attribute of PEFT's PeftModel that fastlora's PeftModel does not have")
 
     return property(get)

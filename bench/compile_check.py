@@ -38,20 +38,21 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastlora.kernels.common import block_r, small_skinny_tiles  # noqa: E402
+from fastlora.kernels.common import small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import (  # noqa: E402
-    cols_blocks, config_dicts, dora_config_dicts, r_chunk, rows_blocks, skinny_block_r,
+    cols_blocks, config_dicts, dora_config_dicts, rows_blocks, skinny_block_r,
 )
 from fastlora.kernels.dora import (  # noqa: E402
-    ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_kernel, dora_norm_kernel, zero_magnitude_dm_kernel,
+    ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_arguments, dora_gemm_kernel, dora_norm_arguments, dora_norm_kernel,
+    zero_magnitude_dm_arguments, zero_magnitude_dm_kernel,
 )
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
 from fastlora.kernels.low_rank_add import (  # noqa: E402
     LOW_RANK_ADD_BLOCKS, low_rank_add_arguments, low_rank_add_kernel,
 )
-from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_kernel  # noqa: E402
-from fastlora.kernels.skinny import cols_kernel, rows_kernel  # noqa: E402
+from fastlora.kernels.masking import BLOCK_COLS, BLOCK_ROWS, zero_dropped_arguments, zero_dropped_kernel  # noqa: E402
+from fastlora.kernels.skinny import cols_arguments, cols_kernel, rows_arguments, rows_kernel  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -299,18 +300,15 @@ def skinny_jobs(arch: int) -> list[Job]:
             triple = prec == "tf32x3"
             for direction, atomic_out in (("fwd", False), ("fwd", True), ("bwd", False), ("bwd", True)):
                 fwd = direction == "fwd"
-                args = dict(
-                    x_ptr=Ptr(dt), q_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic_out else adt), s_ptr=Ptr(adt),
-                    dq_ptr=Ptr(adt if fwd else "fp32"), seed_ptr=Ptr("i64"),
-                    M=M, D=K, R=r, cols_per_split=1024 if atomic_out else K,
-                    stride_xm=K, stride_xd=1,
-                    stride_qd=1 if fwd else r, stride_qr=K if fwd else 1,
-                    stride_om=r, stride_or=1,
-                    stride_sm=0 if fwd else r, stride_sr=0 if fwd else 1,
-                    stride_dqd=0 if fwd else r, stride_dqr=0 if fwd else 1,
-                    out_scale=1.1, dq_scale=0.5, keep_threshold=keep_threshold(0.1),
-                    DROPOUT=fwd, STORE_OUT=True, ATOMIC_OUT=atomic_out, ACC_DQ=not fwd, BLOCK_R=br, INT64=False,
-                    UPCAST=False, PRECISION=prec, BLOCK_M=rb["BLOCK_M"], BLOCK_D=rb["BLOCK_D"],
+                args = rows_arguments(
+                    x=Ptr(dt), q=Ptr(adt), out=Ptr("fp32" if atomic_out else adt), s=Ptr(adt),
+                    dq=Ptr(adt if fwd else "fp32"), seed=Ptr("i64"),
+                    M=M, D=K, R=r, cols_per_split=1024 if atomic_out else K, x_strides=(K, 1),
+                    q_strides=(1, K) if fwd else (r, 1), out_strides=(r, 1),
+                    s_strides=(0, 0) if fwd else (r, 1), dq_strides=(0, 0) if fwd else (r, 1),
+                    out_scale=1.1, dq_scale=0.5, keep_threshold=keep_threshold(0.1), dropout=fwd, store_out=True,
+                    atomic_out=atomic_out, acc_dq=not fwd, block_r=br, int64=False, upcast=False, precision=prec,
+                    blocks=rb,
                 )
                 name = f"rows r{br} {rb['BLOCK_M']}x{rb['BLOCK_D']} w{rb['num_warps']} s{rb['num_stages']}"
                 label = f"{direction} {dt}/{adt} {prec}" + (" split" if atomic_out else "")
@@ -326,13 +324,11 @@ def skinny_jobs(arch: int) -> list[Job]:
             for atomic, use in ((True, "dA"), (False, "dA"), (True, "dB"), (False, "dB")):
                 # dA = dSᵀ h (x, masked); dBᵀ = s·Sᵀ dy (the "separate" dB schedule: no mask, a scale)
                 dA = use == "dA"
-                args = dict(
-                    x_ptr=Ptr(dt), p_ptr=Ptr(adt), out_ptr=Ptr("fp32" if atomic else adt), seed_ptr=Ptr("i64"),
-                    M=M, D=K, R=r, rows_per_split=512,
-                    stride_xm=K, stride_xd=1, stride_pm=r, stride_pr=1, stride_or=K, stride_od=1,
-                    out_scale=1.0 if dA else 0.5, keep_threshold=keep_threshold(0.1) if dA else 0,
-                    DROPOUT=dA, ATOMIC=atomic, BLOCK_R=br, INT64=False, UPCAST=False, PRECISION=prec,
-                    BLOCK_M=cb["BLOCK_M"], BLOCK_D=cb["BLOCK_D"],
+                args = cols_arguments(
+                    x=Ptr(dt), p=Ptr(adt), out=Ptr("fp32" if atomic else adt), seed=Ptr("i64"),
+                    M=M, D=K, R=r, rows_per_split=512, x_strides=(K, 1), p_strides=(r, 1), out_strides=(K, 1),
+                    out_scale=1.0 if dA else 0.5, keep_threshold=keep_threshold(0.1) if dA else 0, dropout=dA,
+                    atomic=atomic, block_r=br, int64=False, upcast=False, precision=prec, blocks=cb,
                 )
                 name = f"cols r{br} {cb['BLOCK_M']}x{cb['BLOCK_D']} w{cb['num_warps']} s{cb['num_stages']}"
                 jobs.append(Job("cols", name, f"{use} {dt}/{adt} {prec} atomic={atomic}", arch, args,
@@ -349,8 +345,8 @@ def mask_jobs(arch: int) -> list[Job]:
     jobs = []
     for dt in ("fp32", "bf16", "fp16"):
         for int64 in (False, True):
-            args = dict(t_ptr=Ptr(dt), seed_ptr=Ptr("i64"), rows_total=3 * M, M=M, K=K,
-                        keep_threshold=keep_threshold(0.1), INT64=int64, BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+            args = zero_dropped_arguments(t=Ptr(dt), seed=Ptr("i64"), rows_total=3 * M, M=M, K=K,
+                                          keep_threshold=keep_threshold(0.1), int64=int64)
             jobs.append(Job("mask", f"zero_dropped {BLOCK_ROWS}x{BLOCK_COLS} w4", f"{dt}" + (" int64" if int64 else ""),
                             arch, args, 4, 3))  # the launcher's defaults
     return jobs
@@ -358,19 +354,16 @@ def mask_jobs(arch: int) -> list[Job]:
 
 def _dora_gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict, dropout: bool,
                     int64: bool = False, scale: float = 0.5) -> dict:
+    """DoRA's GEMM arguments (dora_gemm_arguments) with pointer types and example sizes: forward B = Wᵀ and
+    Q = the LoRA Bᵀ (transposed views), dx B = W and Q = the LoRA A."""
     fwd = direction == "fwd"
-    return dict(
-        a_ptr=Ptr(dt), b_ptr=Ptr(dt), c_ptr=Ptr(dt), z_ptr=Ptr(dt), bias_ptr=Ptr(dt), p_ptr=Ptr(adt),
-        q_ptr=Ptr(adt), g_ptr=Ptr("fp32"), seed_ptr=Ptr("i64"), M=M, N=N, K=K, R=r,
-        stride_am=K, stride_ak=1,
-        stride_bk=1 if fwd else N, stride_bn=K if fwd else 1,
-        stride_cm=N, stride_cn=1, stride_zm=N, stride_zn=1,
-        stride_pm=r, stride_pr=1,
-        stride_qr=1 if fwd else K, stride_qn=r if fwd else 1,
-        lora_scale=scale, dropout_p=0.1, keep_threshold=keep_threshold(0.1), M_BUCKET=M,
-        BACKWARD=not fwd, DROPOUT=dropout, HAS_BIAS=fwd, STORE_Z=fwd,
-        BLOCK_R=r_chunk(block_r(r), adt == "fp32"), INT64=int64, UPCAST=False, PRECISION=prec, **meta,
-    )
+    return dict(dora_gemm_arguments(
+        z=Ptr(dt), z_strides=(N, 1), g=Ptr("fp32"), dropout_p=0.1, backward=not fwd, store_z=fwd,
+        a=Ptr(dt), b=Ptr(dt), c=Ptr(dt), bias=Ptr(dt), p=Ptr(adt), q=Ptr(adt), seed=Ptr("i64"),
+        M=M, N=N, K=K, R=r, a_strides=(K, 1), b_strides=(1, K) if fwd else (N, 1), c_strides=(N, 1),
+        p_strides=(r, 1), q_strides=(1, r) if fwd else (K, 1), lora_scale=scale, keep_threshold=keep_threshold(0.1),
+        has_bias=fwd, dropout=dropout, fp32_adapters=adt == "fp32", int64=int64, upcast=False, precision=prec),
+        **meta)
 
 
 def dora_jobs(arch: int) -> list[Job]:
@@ -401,12 +394,11 @@ def dora_jobs(arch: int) -> list[Job]:
     for dt, adt, prec in DTYPE_VARIANTS_16 + DTYPE_VARIANTS_32:  # the zero-magnitude pass, as the GEMMs' dtypes
         tensor_cores = not (dt == "fp32" and prec == "ieee")
         for int64 in (False, True):
-            args = dict(dy_ptr=Ptr(dt), x_ptr=Ptr(dt), w_ptr=Ptr(dt), s_ptr=Ptr(adt), b_ptr=Ptr(adt), m_ptr=Ptr(adt),
-                        n_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), M=M, N=N, K=K, R=16,
-                        stride_dym=N, stride_dyn=1, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1,
-                        stride_sm=16, stride_sr=1, stride_bn=16, stride_br=1, lora_scale=0.5, INT64=int64,
-                        UPCAST=False, PRECISION=prec, BLOCK_R=r_chunk(block_r(16), adt == "fp32"),
-                        **{k: zb[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")})
+            args = zero_magnitude_dm_arguments(
+                dy=Ptr(dt), x=Ptr(dt), w=Ptr(dt), s=Ptr(adt), b=Ptr(adt), m=Ptr(adt), n=Ptr("fp32"), out=Ptr("fp32"),
+                M=M, N=N, K=K, R=16, dy_strides=(N, 1), x_strides=(K, 1), w_strides=(K, 1), s_strides=(16, 1),
+                b_strides=(16, 1), lora_scale=0.5, int64=int64, upcast=False, precision=prec,
+                fp32_adapters=adt == "fp32")
             name = f"dora zero-m dm {zb['BLOCK_M']}x{zb['BLOCK_N']}x{zb['BLOCK_K']} w{zb['num_warps']}"
             jobs.append(Job("dora_zero_dm", name, f"{dt}/{adt} {prec}" + (" int64" if int64 else ""), arch, args,
                             zb["num_warps"], 3, needs_tensor_cores=tensor_cores,
@@ -416,10 +408,10 @@ def dora_jobs(arch: int) -> list[Job]:
         for dt, adt, prec in SKINNY_DTYPES:
             dot_fp32 = dt != adt
             blocks = _norm_blocks(br, dot_fp32 or dt == "fp32")
-            args = dict(w_ptr=Ptr(dt), a_ptr=Ptr(adt), b_ptr=Ptr(adt), quad_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"),
-                        N=N, K=K, R=r, stride_wn=K, stride_wk=1, stride_ar=K, stride_ak=1, stride_bn=r, stride_br=1,
-                        stride_oc=N, stride_on=1, lora_scale=0.5, FINAL=True, DOT_FP32=dot_fp32, INT64=False,
-                        UPCAST=False, PRECISION=prec, BLOCK_R=br, **blocks)
+            args = dora_norm_arguments(
+                w=Ptr(dt), a=Ptr(adt), b=Ptr(adt), quad=Ptr("fp32"), out=Ptr("fp32"), N=N, K=K, R=r, w_strides=(K, 1),
+                a_strides=(K, 1), b_strides=(r, 1), out_strides=(N, 1), lora_scale=0.5, final=True, dot_fp32=dot_fp32,
+                int64=False, upcast=False, precision=prec, block_r=br, blocks=blocks)
             name = f"dora norm r{br} {blocks['BLOCK_N']}x{blocks['BLOCK_K']} w{blocks['num_warps']}"
             tc = not (prec == "ieee" and (dot_fp32 or dt == "fp32"))
             jobs.append(Job("dora_norm", name, f"{dt}/{adt} {prec}", arch, args, blocks["num_warps"], 3,

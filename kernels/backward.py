@@ -18,7 +18,7 @@ from .configs import cols_blocks, rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import launch_fused_gemm
 from .low_rank_add import launch_low_rank_add
-from .skinny import cols_kernel, rows_kernel
+from .skinny import cols_arguments, cols_kernel, launch_options, rows_arguments, rows_kernel
 
 __all__ = ["lora_backward", "launch_dS_dB", "launch_dB", "launch_dA", "launch_dx_gemm"]
 
@@ -60,14 +60,12 @@ def _column_reduction(X: Tensor, P: Tensor, scale: float, seed: Tensor, dropout_
     atomic = splits > 1
     out = torch.zeros((r, D), device=X.device, dtype=torch.float32) if atomic else \
         torch.empty((r, D), device=X.device, dtype=dtype)
-    launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](
-        X, P, out, seed,
-        M, D, r, per_split,
-        X.stride(0), X.stride(1), P.stride(0), P.stride(1), out.stride(0), out.stride(1),
-        scale, keep_threshold(dropout_p) if dropout else 0,
-        DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=sbr,
-        INT64=needs_int64(X), UPCAST=upcast(X, P), PRECISION=precision, **blocks,
-    )
+    args = cols_arguments(
+        x=X, p=P, out=out, seed=seed, M=M, D=D, R=r, rows_per_split=per_split, x_strides=X.stride(),
+        p_strides=P.stride(), out_strides=out.stride(), out_scale=scale,
+        keep_threshold=keep_threshold(dropout_p) if dropout else 0, dropout=dropout, atomic=atomic, block_r=sbr,
+        int64=needs_int64(X), upcast=upcast(X, P), precision=precision, blocks=blocks)
+    launch(cols_kernel)[(d_blocks, splits, triton.cdiv(r, sbr))](**args, **launch_options(blocks))
     return out.to(dtype)
 
 
@@ -92,15 +90,14 @@ def launch_dS_dB_fused(
     placeholder = torch.empty((0, r), device=dy.device, dtype=torch.float32)
     out = dS if need_dS else placeholder
     acc = dB if need_dB else placeholder
+    args = rows_arguments(
+        x=dy, q=lora_B, out=out, s=S, dq=acc, seed=S, M=M, D=N, R=r, cols_per_split=per_split, x_strides=dy.stride(),
+        q_strides=lora_B.stride(), out_strides=out.stride(), s_strides=S.stride(), dq_strides=acc.stride(),
+        out_scale=float(scaling) / (1.0 - dropout_p), dq_scale=float(scaling), keep_threshold=0, dropout=False,
+        store_out=need_dS, atomic_out=atomic_out, acc_dq=need_dB, block_r=sbr, int64=needs_int64(dy),
+        upcast=upcast(dy, lora_B), precision=precision, blocks=blocks)
     launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
-        dy, lora_B, out, S, acc, S,
-        M, N, r, per_split,
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
-        S.stride(0), S.stride(1), acc.stride(0), acc.stride(1),
-        float(scaling) / (1.0 - dropout_p), float(scaling), 0,
-        DROPOUT=False, STORE_OUT=need_dS, ATOMIC_OUT=atomic_out, ACC_DQ=need_dB, BLOCK_R=sbr,
-        INT64=needs_int64(dy), UPCAST=upcast(dy, lora_B), PRECISION=precision, **blocks,
-    )
+        **args, **launch_options(blocks))
     return (dS.to(lora_B.dtype) if need_dS else None), dB  # dB: fp32
 
 

@@ -40,13 +40,16 @@ from .common import (
     backward_operands, block_r, check_dtypes, dot_precision, empty_batch_grads, gemm_precision, launch, needs_int64,
     row_major, seed_arg, skinny_precision, upcast,
 )
-from .configs import INTERPRET, dora_gemm_configs, m_bucket, r_chunk, skinny_block_r
-from .dropout import keep_mask, keep_threshold, philox_key
+from .configs import INTERPRET, dora_gemm_configs, r_chunk, skinny_block_r
+from .dropout import keep_mask, philox_key
 from .forward import launch_S
-from .gemm import load_k_step, low_rank_tile, store_tile, tile_coordinates
+from .gemm import (
+    gemm_arguments, gemm_operands, launch_tiled_gemm, load_k_step, low_rank_tile, store_tile, tile_coordinates,
+)
 
-__all__ = ["dora_norm_kernel", "dora_gemm_kernel", "zero_magnitude_dm_kernel", "dora_weight_norm", "dora_forward",
-           "dora_backward", "zero_magnitude_dm"]
+__all__ = ["dora_norm_kernel", "dora_gemm_kernel", "zero_magnitude_dm_kernel", "dora_norm_arguments",
+           "dora_gemm_arguments", "zero_magnitude_dm_arguments", "dora_weight_norm", "dora_forward", "dora_backward",
+           "zero_magnitude_dm"]
 
 
 @triton.jit
@@ -227,6 +230,20 @@ def _norm_blocks(r_block: int, fp32_tiles: bool) -> dict:
     return {"BLOCK_N": max(16, min(64, 2048 // r_block)), "BLOCK_K": 32 if fp32_tiles else 64, "num_warps": 4}
 
 
+def dora_norm_arguments(*, w, a, b, quad, out, N: int, K: int, R: int, w_strides, a_strides, b_strides, out_strides,
+                        lora_scale, final: bool, dot_fp32: bool, int64: bool, upcast: bool, precision: str,
+                        block_r: int, blocks: dict) -> dict:
+    """``dora_norm_kernel``'s arguments by name (the launcher passes tensors, bench/compile_check.py pointer types
+    and example sizes); W (N, K), A (r, K), B (N, r), the output (chunks, N); ``blocks`` as ``_norm_blocks``."""
+    return dict(
+        w_ptr=w, a_ptr=a, b_ptr=b, quad_ptr=quad, out_ptr=out, N=N, K=K, R=R,
+        stride_wn=w_strides[0], stride_wk=w_strides[1], stride_ar=a_strides[0], stride_ak=a_strides[1],
+        stride_bn=b_strides[0], stride_br=b_strides[1], stride_oc=out_strides[0], stride_on=out_strides[1],
+        lora_scale=lora_scale, FINAL=final, DOT_FP32=dot_fp32, INT64=int64, UPCAST=upcast, PRECISION=precision,
+        BLOCK_N=blocks["BLOCK_N"], BLOCK_K=blocks["BLOCK_K"], BLOCK_R=block_r,
+    )
+
+
 def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
     """n = ‖W + s·B A‖ per output row (N,), fp32, reading W once (no N × K temporary); no gradient."""
     N, K = weight.shape
@@ -241,40 +258,31 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: fl
         precision = skinny_precision(weight.dtype, lora_A.dtype) if dot_fp32 else dot_precision()
         blocks = _norm_blocks(sbr, dot_fp32 or weight.dtype == torch.float32)
         if N > 0:
-            launch(dora_norm_kernel)[(triton.cdiv(N, blocks["BLOCK_N"]), chunks)](
-                weight, lora_A, lora_B, quad, out,
-                N, K, r,
-                weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-                lora_B.stride(0), lora_B.stride(1), out.stride(0), out.stride(1),
-                float(scaling),
-                FINAL=chunks == 1, DOT_FP32=dot_fp32, INT64=needs_int64(weight), UPCAST=upcast(weight, lora_A),
-                PRECISION=precision, BLOCK_R=sbr, **blocks,
-            )
+            args = dora_norm_arguments(
+                w=weight, a=lora_A, b=lora_B, quad=quad, out=out, N=N, K=K, R=r, w_strides=weight.stride(),
+                a_strides=lora_A.stride(), b_strides=lora_B.stride(), out_strides=out.stride(), lora_scale=float(scaling),
+                final=chunks == 1, dot_fp32=dot_fp32, int64=needs_int64(weight), upcast=upcast(weight, lora_A),
+                precision=precision, block_r=sbr, blocks=blocks)
+            launch(dora_norm_kernel)[(triton.cdiv(N, blocks["BLOCK_N"]), chunks)](**args, num_warps=blocks["num_warps"])
         return out[0] if chunks == 1 else out.sum(0).clamp_min_(0.0).sqrt_()
 
 
-def _launch_gemm(a, b_operand, c, z, bias, P, Q, g, seed, scaling, dropout_p, backward, stride_b):
-    M, K = a.shape
-    N = c.shape[1]
-    r = P.shape[1]
-    dropout = dropout_p > 0.0
+def dora_gemm_arguments(*, z, z_strides, g, dropout_p: float, backward: bool, store_z: bool, **operands) -> dict:
+    """``dora_gemm_kernel``'s arguments: the tiled GEMMs' ``gemm_arguments(**operands)`` and DoRA's own: z (forward,
+    when ``store_z``), the magnitude scale g (fp32), p itself (the epilogue divides by 1-p) and the direction."""
+    return dict(gemm_arguments(**operands), z_ptr=z, g_ptr=g, stride_zm=z_strides[0], stride_zn=z_strides[1],
+                dropout_p=dropout_p, BACKWARD=backward, STORE_Z=store_z)
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    precision = gemm_precision(a.dtype)
-    dots = "16-bit" if a.dtype != torch.float32 else precision
-    launch(_autotuner(dora_gemm_configs(dots, dropout)))[grid](
-        a, b_operand, c, z if z is not None else c, bias if bias is not None else c, P, Q, g, seed,
-        M, N, K, r,
-        a.stride(0), a.stride(1), stride_b[0], stride_b[1], c.stride(0), c.stride(1),
-        *((z.stride(0), z.stride(1)) if z is not None else (0, 0)),
-        P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
-        float(scaling), float(dropout_p), keep_threshold(dropout_p) if dropout else 0, m_bucket(M),
-        BACKWARD=backward, DROPOUT=dropout, HAS_BIAS=bias is not None, STORE_Z=z is not None,
-        BLOCK_R=r_chunk(block_r(r), Q.dtype == torch.float32),
-        INT64=needs_int64(a, b_operand, c, z), UPCAST=upcast(a, Q), PRECISION=precision,
-    )
+def _launch_gemm(a: Tensor, b: Tensor, c: Tensor, z: Tensor | None, bias: Tensor | None, P: Tensor, Q: Tensor,
+                 g: Tensor, seed: Tensor, scaling: float, dropout_p: float, backward: bool) -> None:
+    """C (and z) from DoRA's GEMM, C = A·B with the magnitude scale; A (M, K), B (K, N) views, any strides."""
+    args = dora_gemm_arguments(
+        z=z if z is not None else c, z_strides=z.stride() if z is not None else (0, 0), g=g,
+        dropout_p=float(dropout_p), backward=backward, store_z=z is not None,
+        **gemm_operands(a, b, c, bias, P, Q, seed, scaling, dropout_p, also=(z,)))
+    dots = "16-bit" if a.dtype != torch.float32 else args["PRECISION"]
+    launch_tiled_gemm(_autotuner(dora_gemm_configs(dots, args["DROPOUT"])), args)
 
 
 def dora_forward(
@@ -295,8 +303,7 @@ def dora_forward(
     seed = seed_arg(seed, dropout_p > 0.0, x)
     g = magnitude.detach().float() / norm
     S = launch_S(x, lora_A, seed, dropout_p)
-    _launch_gemm(x, weight, y, z, bias, S, lora_B.t(), g, seed, scaling, dropout_p, False,
-                 (weight.stride(1), weight.stride(0)))
+    _launch_gemm(x, weight.t(), y, z, bias, S, lora_B.t(), g, seed, scaling, dropout_p, backward=False)
     return y, S, z, norm
 
 
@@ -322,13 +329,27 @@ def dora_backward(
     dx = None
     if need_dx:
         dx = torch.empty((M, x.shape[1]), device=dy.device, dtype=dy.dtype)
-        _launch_gemm(dy, weight, dx, None, None, dS, lora_A, g, seed, 1.0, dropout_p, True,
-                     (weight.stride(0), weight.stride(1)))
+        _launch_gemm(dy, weight, dx, None, None, dS, lora_A, g, seed, 1.0, dropout_p, backward=True)
     return dx, dA, dB
 
 
 # Blocks of the zero-magnitude pass: small (it runs only where m has a zero; elsewhere its programs exit).
 ZERO_DM_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4}
+
+
+def zero_magnitude_dm_arguments(*, dy, x, w, s, b, m, n, out, M: int, N: int, K: int, R: int, dy_strides, x_strides,
+                                w_strides, s_strides, b_strides, lora_scale, int64: bool, upcast: bool, precision: str,
+                                fp32_adapters: bool) -> dict:
+    """``zero_magnitude_dm_kernel``'s arguments by name, its blocks ``ZERO_DM_BLOCKS``'; dy (M, N), x (M, K),
+    W (N, K), S (M, r), B (N, r), m, n and the output (N,)."""
+    return dict(
+        dy_ptr=dy, x_ptr=x, w_ptr=w, s_ptr=s, b_ptr=b, m_ptr=m, n_ptr=n, out_ptr=out, M=M, N=N, K=K, R=R,
+        stride_dym=dy_strides[0], stride_dyn=dy_strides[1], stride_xm=x_strides[0], stride_xk=x_strides[1],
+        stride_wn=w_strides[0], stride_wk=w_strides[1], stride_sm=s_strides[0], stride_sr=s_strides[1],
+        stride_bn=b_strides[0], stride_br=b_strides[1], lora_scale=lora_scale, INT64=int64, UPCAST=upcast,
+        PRECISION=precision, BLOCK_R=r_chunk(block_r(R), fp32_adapters),
+        **{k: ZERO_DM_BLOCKS[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")},
+    )
 
 
 def zero_magnitude_dm(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, lora_B: Tensor, magnitude: Tensor,
@@ -343,14 +364,11 @@ def zero_magnitude_dm(dy: Tensor, x: Tensor, weight: Tensor, S: Tensor, lora_B: 
     out = torch.zeros(N, device=dy.device, dtype=torch.float32)
     if M == 0 or N == 0:
         return out
-    r = S.shape[1]
+    args = zero_magnitude_dm_arguments(
+        dy=dy, x=x, w=weight, s=S, b=lora_B, m=magnitude, n=norm, out=out, M=M, N=N, K=x.shape[1], R=S.shape[1],
+        dy_strides=dy.stride(), x_strides=x.stride(), w_strides=weight.stride(), s_strides=S.stride(),
+        b_strides=lora_B.stride(), lora_scale=float(scaling), int64=needs_int64(dy, x, weight),
+        upcast=upcast(x, lora_B), precision=gemm_precision(x.dtype), fp32_adapters=lora_B.dtype == torch.float32)
     launch(zero_magnitude_dm_kernel)[(triton.cdiv(N, ZERO_DM_BLOCKS["BLOCK_N"]),)](
-        dy, x, weight, S, lora_B, magnitude, norm, out,
-        M, N, x.shape[1], r,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-        S.stride(0), S.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling),
-        INT64=needs_int64(dy, x, weight), UPCAST=upcast(x, lora_B), PRECISION=gemm_precision(x.dtype),
-        BLOCK_R=r_chunk(block_r(r), lora_B.dtype == torch.float32), **ZERO_DM_BLOCKS,
-    )
+        **args, num_warps=ZERO_DM_BLOCKS["num_warps"])
     return out

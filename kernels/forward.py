@@ -18,7 +18,7 @@ from .configs import rows_blocks, skinny_block_r
 from .dropout import keep_threshold
 from .gemm import launch_fused_gemm
 from .low_rank_add import launch_low_rank_add
-from .skinny import rows_kernel
+from .skinny import launch_options, rows_arguments, rows_kernel
 
 __all__ = ["lora_forward", "launch_S", "launch_forward_gemm"]
 
@@ -39,15 +39,14 @@ def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tenso
         S = torch.zeros((M, r), device=x.device, dtype=torch.float32)
     else:
         S = torch.empty((M, r), device=x.device, dtype=lora_A.dtype)
+    args = rows_arguments(
+        x=x, q=lora_A, out=S, s=S, dq=S, seed=seed, M=M, D=K, R=r, cols_per_split=per_split, x_strides=x.stride(),
+        q_strides=lora_A.t().stride(), out_strides=S.stride(), s_strides=(0, 0), dq_strides=(0, 0),
+        out_scale=1.0 / (1.0 - dropout_p), dq_scale=1.0, keep_threshold=keep_threshold(dropout_p) if dropout else 0,
+        dropout=dropout, store_out=True, atomic_out=atomic_out, acc_dq=False, block_r=sbr, int64=needs_int64(x),
+        upcast=upcast(x, lora_A), precision=precision, blocks=blocks)
     launch(rows_kernel)[(triton.cdiv(M, blocks["BLOCK_M"]), triton.cdiv(r, sbr), splits)](
-        x, lora_A, S, S, S, seed,
-        M, K, r, per_split,
-        x.stride(0), x.stride(1), lora_A.stride(1), lora_A.stride(0), S.stride(0), S.stride(1),
-        0, 0, 0, 0,
-        1.0 / (1.0 - dropout_p), 1.0, keep_threshold(dropout_p) if dropout else 0,
-        DROPOUT=dropout, STORE_OUT=True, ATOMIC_OUT=atomic_out, ACC_DQ=False, BLOCK_R=sbr,
-        INT64=needs_int64(x), UPCAST=upcast(x, lora_A), PRECISION=precision, **blocks,
-    )
+        **args, **launch_options(blocks))
     return S.to(lora_A.dtype)  # a no-op unless fp32 partial sums were accumulated for 16-bit adapters
 
 

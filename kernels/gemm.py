@@ -28,8 +28,8 @@ from .common import block_r, gemm_precision, launch, needs_int64, upcast
 from .configs import gemm_configs, m_bucket, r_chunk
 from .dropout import keep_mask, keep_threshold, philox_key
 
-__all__ = ["fused_gemm_kernel", "autotuned_gemm", "fused_gemm_arguments", "launch_fused_gemm", "tile_coordinates",
-           "low_rank_tile", "load_k_step", "store_tile"]
+__all__ = ["fused_gemm_kernel", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments", "gemm_operands",
+           "launch_tiled_gemm", "launch_fused_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile"]
 
 
 @triton.jit
@@ -165,14 +165,16 @@ def _autotuner(configs: tuple):
         fused_gemm_kernel)
 
 
-def fused_gemm_arguments(*, a, b, c, bias, p, q, seed, M: int, N: int, K: int, R: int, a_strides, b_strides, c_strides,
-                         p_strides, q_strides, lora_scale, keep_threshold: int, has_bias: bool, dropout: bool,
-                         low_rank_last: bool, fp32_adapters: bool, int64: bool, upcast: bool, precision: str) -> dict:
-    """``fused_gemm_kernel``'s arguments by name, from the operands of C = A·B (+ bias) + scale·keep ⊙ (P·Q).
+def gemm_arguments(*, a, b, c, bias, p, q, seed, M: int, N: int, K: int, R: int, a_strides, b_strides, c_strides,
+                   p_strides, q_strides, lora_scale, keep_threshold: int, has_bias: bool, dropout: bool,
+                   fp32_adapters: bool, int64: bool, upcast: bool, precision: str) -> dict:
+    """The arguments every tiled GEMM kernel here takes (``fused_gemm_kernel``, DoRA's ``dora_gemm_kernel``), by
+    name, from the operands of C = A·B (+ bias) + scale·keep ⊙ (P·Q).
 
-    The one place that maps the operands onto the kernel's parameters: the launcher passes tensors, and
-    bench/compile_check.py passes pointer types and example sizes.  Strides are (rows, columns) pairs; B's and
-    Q's are those of the K × N and R × N operands (a transposed view's strides for x Wᵀ)."""
+    The one place that maps the operands onto the kernels' parameters: the launchers pass tensors (through
+    ``gemm_operands``), and bench/compile_check.py passes pointer types and example sizes.  Strides are
+    (rows, columns) pairs; B's and Q's are those of the K × N and R × N operands (a transposed view's strides
+    for x Wᵀ)."""
     return dict(
         a_ptr=a, b_ptr=b, c_ptr=c, bias_ptr=bias, p_ptr=p, q_ptr=q, seed_ptr=seed,
         M=M, N=N, K=K, R=R,
@@ -180,9 +182,39 @@ def fused_gemm_arguments(*, a, b, c, bias, p, q, seed, M: int, N: int, K: int, R
         stride_cm=c_strides[0], stride_cn=c_strides[1],
         stride_pm=p_strides[0], stride_pr=p_strides[1], stride_qr=q_strides[0], stride_qn=q_strides[1],
         lora_scale=lora_scale, keep_threshold=keep_threshold, M_BUCKET=m_bucket(M),
-        HAS_BIAS=has_bias, DROPOUT=dropout, LOW_RANK_LAST=low_rank_last,
+        HAS_BIAS=has_bias, DROPOUT=dropout,
         BLOCK_R=r_chunk(block_r(R), fp32_adapters), INT64=int64, UPCAST=upcast, PRECISION=precision,
     )
+
+
+def fused_gemm_arguments(*, low_rank_last: bool, **operands) -> dict:
+    """``fused_gemm_kernel``'s arguments: ``gemm_arguments(**operands)`` and where the low-rank term goes."""
+    return dict(gemm_arguments(**operands), LOW_RANK_LAST=low_rank_last)
+
+
+def gemm_operands(a: Tensor, b: Tensor, c: Tensor, bias: Tensor | None, p: Tensor, q: Tensor, seed: Tensor | None,
+                  lora_scale: float, dropout_p: float, also: tuple = ()) -> dict:
+    """``gemm_arguments``' keywords for tensors: A (M, K), B (K, N), C (M, N), P (M, R), Q (R, N), any strides;
+    ``also``: further operands the kernel reads or writes (for the 64-bit offset check)."""
+    dropout = dropout_p > 0.0
+    return dict(
+        a=a, b=b, c=c, bias=bias if bias is not None else c, p=p, q=q, seed=seed if dropout else c,
+        M=a.shape[0], N=b.shape[1], K=a.shape[1], R=p.shape[1], a_strides=a.stride(), b_strides=b.stride(),
+        c_strides=c.stride(), p_strides=p.stride(), q_strides=q.stride(), lora_scale=float(lora_scale),
+        keep_threshold=keep_threshold(dropout_p) if dropout else 0, has_bias=bias is not None, dropout=dropout,
+        fp32_adapters=q.dtype == torch.float32, int64=needs_int64(a, b, c, *also), upcast=upcast(a, q),
+        precision=gemm_precision(a.dtype),
+    )
+
+
+def launch_tiled_gemm(kernel, args: dict) -> None:
+    """Launch a tiled GEMM kernel under autotuning (its config gives BLOCK_M, BLOCK_N): one program per C tile."""
+    M, N = args["M"], args["N"]
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    launch(kernel)[grid](**args)
 
 
 def launch_fused_gemm(a: Tensor, b: Tensor, bias: Tensor | None, p: Tensor, q: Tensor, seed: Tensor, lora_scale: float,
@@ -191,19 +223,8 @@ def launch_fused_gemm(a: Tensor, b: Tensor, bias: Tensor | None, p: Tensor, q: T
     strides (views: no copy).  The forward GEMM is A = x, B = Wᵀ, P = S, Q = the LoRA Bᵀ; the dx GEMM A = dy,
     B = W, P = dS, Q = the LoRA A, with the mask.  ``low_rank``: the term before ("prologue") or after
     ("epilogue") the main loop.  M > 0."""
-    (M, K), N = a.shape, b.shape[1]
-    c = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    dropout = dropout_p > 0.0
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-
-    args = fused_gemm_arguments(
-        a=a, b=b, c=c, bias=bias if bias is not None else c, p=p, q=q, seed=seed if dropout else c,
-        M=M, N=N, K=K, R=p.shape[1], a_strides=a.stride(), b_strides=b.stride(), c_strides=c.stride(),
-        p_strides=p.stride(), q_strides=q.stride(), lora_scale=float(lora_scale),
-        keep_threshold=keep_threshold(dropout_p) if dropout else 0, has_bias=bias is not None, dropout=dropout,
-        low_rank_last=low_rank == "epilogue", fp32_adapters=q.dtype == torch.float32,
-        int64=needs_int64(a, b, c), upcast=upcast(a, q), precision=gemm_precision(a.dtype))
-    launch(autotuned_gemm(a.dtype == torch.float32, dropout, args["LOW_RANK_LAST"]))[grid](**args)
+    c = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
+    args = fused_gemm_arguments(low_rank_last=low_rank == "epilogue",
+                                **gemm_operands(a, b, c, bias, p, q, seed, lora_scale, dropout_p))
+    launch_tiled_gemm(autotuned_gemm(a.dtype == torch.float32, args["DROPOUT"], args["LOW_RANK_LAST"]), args)
     return c

@@ -16,7 +16,7 @@ from torch import Tensor
 from .common import launch, needs_int64
 from .dropout import keep_mask, keep_threshold, philox_key
 
-__all__ = ["zero_dropped_kernel", "zero_dropped_"]
+__all__ = ["zero_dropped_kernel", "zero_dropped_arguments", "zero_dropped_"]
 
 # One program per (32 × 128) tile: 4096 elements, 512 Philox evaluations.
 BLOCK_ROWS = 32
@@ -41,6 +41,13 @@ def zero_dropped_kernel(
     tl.store(ptrs, tl.where(keep, t, t * 0.0).to(t_ptr.dtype.element_ty), mask=inside)
 
 
+def zero_dropped_arguments(*, t, seed, rows_total: int, M: int, K: int, keep_threshold: int, int64: bool) -> dict:
+    """``zero_dropped_kernel``'s arguments by name, with this module's blocks (the launcher passes a tensor,
+    bench/compile_check.py pointer types and example sizes)."""
+    return dict(t_ptr=t, seed_ptr=seed, rows_total=rows_total, M=M, K=K, keep_threshold=keep_threshold, INT64=int64,
+                BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS)
+
+
 def zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
     """Multiply by 0, in place, the elements of the contiguous tensor ``t`` (..., M, K) that the kernels' mask for
     ``seed`` (an int64 tensor of shape (1,) on t's device) drops; every (M, K) slice gets the same mask."""
@@ -51,9 +58,8 @@ def zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
     M, K = (t.shape[-2], t.shape[-1]) if t.dim() >= 2 else (1, t.numel())
     rows_total = t.numel() // K
     grid = (triton.cdiv(rows_total, BLOCK_ROWS), triton.cdiv(K, BLOCK_COLS))
-    launch(zero_dropped_kernel)[grid](
-        t, seed, rows_total, M, K, keep_threshold(dropout_p),
-        INT64=needs_int64(t), BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=BLOCK_COLS,
-    )
+    launch(zero_dropped_kernel)[grid](**zero_dropped_arguments(
+        t=t, seed=seed, rows_total=rows_total, M=M, K=K, keep_threshold=keep_threshold(dropout_p),
+        int64=needs_int64(t)))
     return t
 

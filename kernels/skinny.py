@@ -28,7 +28,7 @@ import triton.language as tl
 
 from .dropout import keep_mask, philox_key
 
-__all__ = ["rows_kernel", "cols_kernel"]
+__all__ = ["rows_kernel", "cols_kernel", "rows_arguments", "cols_arguments", "launch_options"]
 
 
 @triton.jit
@@ -146,3 +146,39 @@ def cols_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask, sem="relaxed")
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def rows_arguments(*, x, q, out, s, dq, seed, M: int, D: int, R: int, cols_per_split: int, x_strides, q_strides,
+                   out_strides, s_strides, dq_strides, out_scale, dq_scale, keep_threshold: int, dropout: bool,
+                   store_out: bool, atomic_out: bool, acc_dq: bool, block_r: int, int64: bool, upcast: bool,
+                   precision: str, blocks: dict) -> dict:
+    """``rows_kernel``'s arguments by name: X (M, D), Q (D, R), out (M, R), S (M, R), dq (D, R); strides are (rows,
+    columns) pairs ((0, 0) for an operand the flags leave unread); ``blocks`` gives BLOCK_M and BLOCK_D.  The
+    launchers pass tensors, bench/compile_check.py pointer types and example sizes."""
+    return dict(
+        x_ptr=x, q_ptr=q, out_ptr=out, s_ptr=s, dq_ptr=dq, seed_ptr=seed, M=M, D=D, R=R, cols_per_split=cols_per_split,
+        stride_xm=x_strides[0], stride_xd=x_strides[1], stride_qd=q_strides[0], stride_qr=q_strides[1],
+        stride_om=out_strides[0], stride_or=out_strides[1], stride_sm=s_strides[0], stride_sr=s_strides[1],
+        stride_dqd=dq_strides[0], stride_dqr=dq_strides[1],
+        out_scale=out_scale, dq_scale=dq_scale, keep_threshold=keep_threshold,
+        DROPOUT=dropout, STORE_OUT=store_out, ATOMIC_OUT=atomic_out, ACC_DQ=acc_dq, BLOCK_R=block_r,
+        INT64=int64, UPCAST=upcast, PRECISION=precision, BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+    )
+
+
+def cols_arguments(*, x, p, out, seed, M: int, D: int, R: int, rows_per_split: int, x_strides, p_strides, out_strides,
+                   out_scale, keep_threshold: int, dropout: bool, atomic: bool, block_r: int, int64: bool, upcast: bool,
+                   precision: str, blocks: dict) -> dict:
+    """``cols_kernel``'s arguments by name: X (M, D), P (M, R), out (R, D); as ``rows_arguments``."""
+    return dict(
+        x_ptr=x, p_ptr=p, out_ptr=out, seed_ptr=seed, M=M, D=D, R=R, rows_per_split=rows_per_split,
+        stride_xm=x_strides[0], stride_xd=x_strides[1], stride_pm=p_strides[0], stride_pr=p_strides[1],
+        stride_or=out_strides[0], stride_od=out_strides[1], out_scale=out_scale, keep_threshold=keep_threshold,
+        DROPOUT=dropout, ATOMIC=atomic, BLOCK_R=block_r, INT64=int64, UPCAST=upcast, PRECISION=precision,
+        BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+    )
+
+
+def launch_options(blocks: dict) -> dict:
+    """The launch options (warps, pipeline stages) of a block choice from ``configs``."""
+    return {k: blocks[k] for k in ("num_warps", "num_stages") if k in blocks}

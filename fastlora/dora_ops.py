@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fastlora import torch_path
 from fastlora.op_autograd import keep_needed, with_autograd
+from fastlora.op_scalars import OpScalars
 from fastlora.ops import keep_fn
 from fastlora.schedules import Schedule
 
@@ -43,8 +44,10 @@ def dora_linear_op(
     schedule: str,
     keep_z: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then uses y)."""
-    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)
+    """DoRA's (y, S, z, n) for a 2-D x; z comes back empty unless ``keep_z`` (backward then uses y).
+    ``scaling``, ``dropout_p`` and ``schedule`` are an :class:`OpScalars`' fields."""
+    return _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed,
+                         OpScalars.from_flat(scaling, dropout_p, schedule), keep_z)
 
 
 @dora_linear_op.register_fake
@@ -52,38 +55,34 @@ def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling,
     acc = torch_path.accumulation_dtype(weight, lora_A)
     M, N = x.shape[0], weight.shape[0]
     return (x.new_empty((M, N)), x.new_empty((M, lora_A.shape[0]), dtype=lora_A.dtype),
-            x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, schedule)),
+            x.new_empty((M, N) if keep_z else (0,), dtype=_z_dtype(x, acc, Schedule.from_key(schedule))),
             x.new_empty((N,), dtype=acc))
 
 
-def _kernels(schedule: str) -> bool:
-    return Schedule.from_key(schedule).uses_kernels
-
-
-def _z_dtype(x: Tensor, acc: torch.dtype, schedule: str) -> torch.dtype:
+def _z_dtype(x: Tensor, acc: torch.dtype, schedule: Schedule) -> torch.dtype:
     """The dtype z is kept in: the base's on the kernel path (its x Wᵀ is a product in that dtype, as in
     PEFT, and a 16-bit z halves what backward keeps), the accumulation dtype on the torch path."""
-    return x.dtype if _kernels(schedule) else acc
+    return x.dtype if schedule.uses_kernels else acc
 
 
-def _fused(schedule: str) -> bool:
+def _fused(schedule: Schedule) -> bool:
     """Whether the DoRA kernels run (a kernel schedule with the default dora="fused")."""
-    plan = Schedule.from_key(schedule)
-    return plan.uses_kernels and plan.dora == "fused"
+    return schedule.uses_kernels and schedule.dora == "fused"
 
 
-def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z):
+def _dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scalars: OpScalars, keep_z):
+    schedule, scaling, dropout_p = scalars.schedule, scalars.scaling, scalars.dropout_p
     if _fused(schedule):
         from fastlora.kernels import launchers as kernels
 
         y, S, z, norm = kernels.dora_forward(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p,
                                              keep_z)
-    elif _kernels(schedule) and dropout_p == 0.0:
+    elif schedule.uses_kernels and dropout_p == 0.0:
         y, S, z, norm = _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_z, schedule)
     else:
         y, S, z, norm = torch_path.dora_forward(
-            x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, _kernels(schedule)), dropout_p,
-            need_z=keep_z,
+            x, weight, bias, lora_A, lora_B, magnitude, scaling, keep_fn(seed, dropout_p, schedule.uses_kernels),
+            dropout_p, need_z=keep_z,
         )
     z_dtype = _z_dtype(x, norm.dtype, schedule)
     return y, S, (z.to(z_dtype) if keep_z else norm.new_empty(0, dtype=z_dtype)), norm
@@ -95,9 +94,8 @@ def _dora_forward_kernels(x, weight, bias, lora_A, lora_B, magnitude, scaling, n
 
     norm = torch_path.dora_weight_norm(weight, lora_A, lora_B, scaling)
     g = torch_path.dora_scale(magnitude, norm)
-    plan = Schedule.from_key(schedule)
-    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, low_rank=plan.low_rank,
-                                base=plan.base)
+    z, S = kernels.lora_forward(x, weight, None, lora_A, lora_B, None, scaling, 0.0, low_rank=schedule.low_rank,
+                                base=schedule.base)
     y, z = torch_path.dora_output(z.to(norm.dtype), g, bias, x.dtype, need_z)  # z: the kernel's, or a copy
     return y, S, z, norm
 
@@ -125,7 +123,7 @@ def dora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, dm), empty where not needed; ``z_or_y`` is z, or the output y when ``z_is_output``."""
     return _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
-                                scaling, dropout_p, schedule, need_dx, need_dA, need_dB, need_dm)
+                                OpScalars.from_flat(scaling, dropout_p, schedule), need_dx, need_dA, need_dB, need_dm)
 
 
 @dora_linear_backward_op.register_fake
@@ -135,10 +133,11 @@ def _dora_linear_backward_fake(dy, x, weight, lora_A, lora_B, magnitude, S, z_or
     return tuple(t.new_empty(t.shape if need else (0,)) for t, need in like)
 
 
-def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed, scaling,
-                         dropout_p, schedule, need_dx, need_dA, need_dB, need_dm):
+def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_is_output, norm, seed,
+                         scalars: OpScalars, need_dx, need_dA, need_dB, need_dm):
+    schedule, scaling, dropout_p = scalars.schedule, scalars.scaling, scalars.dropout_p
     z, y = (None, z_or_y) if z_is_output else (z_or_y, None)
-    if not _kernels(schedule):
+    if not schedule.uses_kernels:
         grads = torch_path.dora_backward(dy, x, weight, lora_A, lora_B, magnitude, S, z, norm, scaling,
                                         keep_fn(seed, dropout_p), dropout_p, need_dx, need_dA, need_dB, need_dm, y=y)
     else:
@@ -147,7 +146,7 @@ def _dora_backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, z_
         if _fused(schedule):
             dx, dA, dB = kernels.dora_backward(dy, x, weight, lora_A, lora_B, S, torch_path.dora_scale(magnitude, norm),
                                                seed, scaling, dropout_p, need_dx, need_dA, need_dB,
-                                               db=Schedule.from_key(schedule).db)
+                                               db=schedule.db)
         elif dropout_p == 0.0:
             dx, dA, dB = _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, scaling,
                                                 need_dx, need_dA, need_dB, schedule)
@@ -173,19 +172,19 @@ def _dora_backward_kernels(dy, x, weight, lora_A, lora_B, magnitude, S, norm, sc
     neither product starts from a narrower rounding of dz than its own dtype."""
     from fastlora.kernels import launchers as kernels
 
-    plan = Schedule.from_key(schedule)
     dz = dy.to(norm.dtype) * torch_path.dora_scale(magnitude, norm)
     wider = lora_A.dtype if lora_A.element_size() >= x.element_size() else x.dtype
     return kernels.lora_backward(dz.to(wider), x, weight, lora_A, lora_B, S, None, scaling, 0.0,
-                                 need_dx, need_dA, need_dB, db=plan.db, low_rank=plan.low_rank, base=plan.base)
+                                 need_dx, need_dA, need_dB, db=schedule.db, low_rank=schedule.low_rank,
+                                 base=schedule.base)
 
 
 def _dora_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z = inputs
+    x, weight, bias, lora_A, lora_B, magnitude, seed, scalars, keep_z = inputs
     y, S, z, norm = output
     z_or_y = (z if keep_z else y) if ctx.needs_input_grad[5] else z.new_empty(0)
     ctx.save_for_backward(x, weight, lora_A, lora_B, magnitude, S, z_or_y, norm, seed)
-    ctx.scaling, ctx.dropout_p, ctx.z_is_output, ctx.schedule = scaling, dropout_p, not keep_z, schedule
+    ctx.scalars, ctx.z_is_output = scalars, not keep_z
 
 
 def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
@@ -194,26 +193,27 @@ def _dora_backward(ctx, dy, _dS, _dz, _dnorm):
     dx = dW = db = dA = dB = dm = None
     if need_dx or need_dA or need_dB or need_dm:
         grads = ctx.backward_grads(dy, x, weight, lora_A, lora_B, magnitude, S, z_or_y, ctx.z_is_output, norm, seed,
-                                   ctx.scaling, ctx.dropout_p, ctx.schedule, need_dx, need_dA, need_dB, need_dm)
+                                   ctx.scalars, need_dx, need_dA, need_dB, need_dm)
         dx, dA, dB, dm = keep_needed(grads, (need_dx, need_dA, need_dB, need_dm))
     if need_dW:  # a trainable base: dW = (g ⊙ dy)ᵀ x, or with dropout dyᵀ x + ((g − 1) ⊙ dy)ᵀ h
         g = torch_path.dora_scale(magnitude, norm)
-        if ctx.dropout_p == 0.0 or seed is None:
+        dropout_p = ctx.scalars.dropout_p
+        if dropout_p == 0.0 or seed is None:
             dW = torch.mm((dy.to(g.dtype) * g).t(), x.to(g.dtype))
         else:
-            h = keep_fn(seed, ctx.dropout_p, _kernels(ctx.schedule))(
+            h = keep_fn(seed, dropout_p, ctx.scalars.uses_kernels)(
                 x.to(g.dtype, copy=True, memory_format=torch.contiguous_format))
             dW = torch.addmm(torch.mm(dy.t().to(g.dtype), x.to(g.dtype)), (dy.to(g.dtype) * (g - 1.0)).t(), h,
-                             alpha=1.0 / (1.0 - ctx.dropout_p))
+                             alpha=1.0 / (1.0 - dropout_p))
         dW = dW.to(weight.dtype)
     if need_db:
         db = dy.sum(0).to(weight.dtype)
-    return dx, dW, db, dA, dB, dm, None, None, None, None, None
+    return dx, dW, db, dA, dB, dm, None, None, None
 
 
 _DORA_LINEAR = with_autograd(dora_linear_op, forward=_dora_forward, setup_context=_dora_setup_context,
                              backward=_dora_backward, backward_op=dora_linear_backward_op,
-                             backward_grads=_dora_backward_grads)
+                             backward_grads=_dora_backward_grads, scalars_at=7)
 
 
 def dora_linear(
@@ -224,9 +224,7 @@ def dora_linear(
     lora_B: Tensor,
     magnitude: Tensor,
     seed: Optional[Tensor],
-    scaling: float,
-    dropout_p: float,
-    schedule: str = "torch",
+    scalars: OpScalars,
 ) -> Tensor:
     """y of ``fastlora::dora_linear`` with autograd.  Backward needs z for dm only; with no dropout and no bias
     it computes dm from the output y instead of keeping z (its own M × N tensor), where y allows: on the kernel
@@ -234,8 +232,8 @@ def dora_linear(
     torch path when m has no zero, which eager mode reads (under torch.compile that path keeps z)."""
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad
     if keep_z and seed is None and bias is None:
-        if _kernels(schedule):
+        if scalars.uses_kernels:
             keep_z = False
         elif not torch.compiler.is_compiling():
             keep_z = not bool(magnitude.ne(0).all())
-    return _DORA_LINEAR(x, weight, bias, lora_A, lora_B, magnitude, seed, scaling, dropout_p, schedule, keep_z)
+    return _DORA_LINEAR(x, weight, bias, lora_A, lora_B, magnitude, seed, scalars, keep_z)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from fastlora import dora_ops, ops
+from fastlora.op_scalars import OpScalars
 from fastlora.schedules import BACKENDS, resolve, triton_interpreter_on
 
 __all__ = ["lora_linear", "BACKENDS", "SEED_HIGH", "triton_interpreter_on"]
@@ -167,14 +168,12 @@ def lora_linear(
     # Dynamo cannot query; compiled code sees only the training flag).
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     p = float(dropout_p) if training and not in_inference else 0.0
-    schedule = resolve(backend, x, weight).key
+    scalars = OpScalars(float(scaling), p, resolve(backend, x, weight))
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
+        x2d = x.reshape(-1, x.shape[-1])
         if magnitude is not None:
-            y = dora_ops.dora_linear(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, magnitude, seed,
-                                float(scaling), p, schedule)
-            return y.view(*x.shape[:-1], weight.shape[0])
-        y = ops.lora_linear(
-            x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed, float(scaling), p, schedule
-        )
+            y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars)
+        else:
+            y = ops.lora_linear(x2d, weight, bias, lora_A, lora_B, seed, scalars)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -19,36 +19,54 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from fastlora.op_scalars import OpScalars
+
 __all__ = ["OpWithAutograd", "with_autograd", "keep_needed"]
 
 
 @dataclass(frozen=True)
 class OpWithAutograd:
-    """A registered op with autograd and its eager twin; calling it returns the op's first output."""
+    """A registered op with autograd and its eager twin; calling it returns the op's first output.  The call's
+    arguments are the Python side's (the scalars one ``OpScalars``); the registered op gets them flattened."""
 
     op: Callable
     eager: type
+    flatten: Callable[[tuple], tuple]
 
     def __call__(self, *args) -> Tensor:
         if torch.compiler.is_compiling():
-            return self.op(*args)[0]
+            return self.op(*self.flatten(args))[0]
         return self.eager.apply(*args)[0]
 
 
 def with_autograd(op, *, forward: Callable, setup_context: Callable, backward: Callable, backward_op: Callable,
-                  backward_grads: Callable) -> OpWithAutograd:
+                  backward_grads: Callable, scalars_at: int) -> OpWithAutograd:
     """Register ``backward`` as ``op``'s autograd and build its eager twin.
 
     ``forward``: the op's body as a plain function; ``setup_context(ctx, inputs, output)``: what backward keeps;
     ``backward(ctx, *grad_outputs)``: the gradients of the op's inputs, computed through ``ctx.backward_grads``,
     which is ``backward_op`` (the registered backward op) under the op and ``backward_grads`` (its plain
-    function) in the twin."""
+    function) in the twin.  These three see the Python side's arguments, an :class:`OpScalars` at position
+    ``scalars_at``; the registered ops' schemas have its fields in its place (``OpScalars.flat``), and this
+    function converts between the two."""
+    width = OpScalars.width
+
+    def flatten(args: tuple) -> tuple:
+        return tuple(a for arg in args for a in (arg.flat() if isinstance(arg, OpScalars) else (arg,)))
+
+    def unflatten(args: tuple) -> tuple:
+        scalars = OpScalars.from_flat(*args[scalars_at:scalars_at + width])
+        return (*args[:scalars_at], scalars, *args[scalars_at + width:])
 
     def op_setup_context(ctx, inputs, output):
-        setup_context(ctx, inputs, output)
-        ctx.backward_grads = backward_op
+        setup_context(ctx, unflatten(inputs), output)
+        ctx.backward_grads = lambda *args: backward_op(*flatten(args))
 
-    op.register_autograd(backward, setup_context=op_setup_context)
+    def op_backward(ctx, *grad_outputs):
+        grads = backward(ctx, *grad_outputs)
+        return (*grads[:scalars_at], *(None,) * width, *grads[scalars_at + 1:])
+
+    op.register_autograd(op_backward, setup_context=op_setup_context)
 
     class EagerTwin(torch.autograd.Function):
         @staticmethod
@@ -67,7 +85,7 @@ def with_autograd(op, *, forward: Callable, setup_context: Callable, backward: C
 
     name = getattr(op, "__name__", "op").removesuffix("_op")
     EagerTwin.__name__ = EagerTwin.__qualname__ = f"Eager_{name}"
-    return OpWithAutograd(op, EagerTwin)
+    return OpWithAutograd(op, EagerTwin, flatten)
 
 
 def keep_needed(grads, needs) -> tuple:

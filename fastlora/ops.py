@@ -27,7 +27,7 @@ from torch import Tensor
 
 from fastlora import cpu_masks, torch_path
 from fastlora.op_autograd import keep_needed, with_autograd
-from fastlora.schedules import Schedule
+from fastlora.op_scalars import OpScalars
 
 
 @torch.library.custom_op("fastlora::cpu_zero_dropped_", mutates_args=("t",))
@@ -69,8 +69,9 @@ def lora_linear_op(
     dropout_p: float,
     schedule: str,
 ) -> tuple[Tensor, Tensor]:
-    """y = x Wᵀ + b + s·S Bᵀ and S = dropout(x) Aᵀ for a 2-D x; ``seed`` is None when there is no dropout."""
-    return _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule)
+    """y = x Wᵀ + b + s·S Bᵀ and S = dropout(x) Aᵀ for a 2-D x; ``seed`` is None when there is no dropout.
+    ``scaling``, ``dropout_p`` and ``schedule`` are an :class:`OpScalars`' fields."""
+    return _forward(x, weight, bias, lora_A, lora_B, seed, OpScalars.from_flat(scaling, dropout_p, schedule))
 
 
 @torch.library.triton_op("fastlora::lora_linear_backward", mutates_args=())
@@ -90,26 +91,22 @@ def lora_linear_backward_op(
     need_dB: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dx, dA, dB); a gradient that is not needed comes back as an empty tensor (ops cannot return None)."""
-    return _backward_grads(
-        dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, schedule, need_dx, need_dA, need_dB
-    )
+    return _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, OpScalars.from_flat(scaling, dropout_p, schedule),
+                           need_dx, need_dA, need_dB)
 
 
-def _forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule):
-    plan = Schedule.from_key(schedule)
+def _forward(x, weight, bias, lora_A, lora_B, seed, scalars: OpScalars):
+    plan, scaling, dropout_p = scalars.schedule, scalars.scaling, scalars.dropout_p
     if plan.uses_kernels:
         from fastlora.kernels import launchers as kernels
 
         return kernels.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, low_rank=plan.low_rank,
                                     base=plan.base)
-    return torch_path.lora_forward(
-        x, weight, bias, lora_A, lora_B, scaling, keep_fn(seed, dropout_p), dropout_p
-    )
+    return torch_path.lora_forward(x, weight, bias, lora_A, lora_B, scaling, keep_fn(seed, dropout_p), dropout_p)
 
 
-def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, schedule, need_dx, need_dA,
-                    need_dB):
-    plan = Schedule.from_key(schedule)
+def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scalars: OpScalars, need_dx, need_dA, need_dB):
+    plan, scaling, dropout_p = scalars.schedule, scalars.scaling, scalars.dropout_p
     if plan.uses_kernels:
         from fastlora.kernels import launchers as kernels
 
@@ -127,9 +124,9 @@ def _backward_grads(dy, x, weight, lora_A, lora_B, S, seed, scaling, dropout_p, 
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule = inputs
+    x, weight, bias, lora_A, lora_B, seed, scalars = inputs
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
-    ctx.scaling, ctx.dropout_p, ctx.schedule = scaling, dropout_p, schedule
+    ctx.scalars = scalars
 
 
 def _backward(ctx, dy, _dS):
@@ -138,17 +135,16 @@ def _backward(ctx, dy, _dS):
     dx = dA = dB = dW = db = None
     if need_dx or need_dA or need_dB:
         dx, dA, dB = keep_needed(ctx.backward_grads(
-            dy, x, weight, lora_A, lora_B, S, seed, ctx.scaling, ctx.dropout_p, ctx.schedule,
-            need_dx, need_dA, need_dB,
+            dy, x, weight, lora_A, lora_B, S, seed, ctx.scalars, need_dx, need_dA, need_dB,
         ), (need_dx, need_dA, need_dB))
     if need_dW:  # the base weight is meant to be frozen; when it is not, this plain matmul is the fall-back
         dW = torch.mm(dy.t().to(weight.dtype), x.to(weight.dtype))
     if need_db:
         db = dy.sum(0).to(weight.dtype)
-    return dx, dW, db, dA, dB, None, None, None, None
+    return dx, dW, db, dA, dB, None, None
 
 
-# lora_linear(x, weight, bias, lora_A, lora_B, seed, scaling, dropout_p, schedule) -> y, with autograd: the
-# registered op under torch.compile, the same functions without the op dispatch in eager mode.
+# lora_linear(x, weight, bias, lora_A, lora_B, seed, scalars) -> y, with autograd: the registered op under
+# torch.compile, the same functions without the op dispatch in eager mode.
 lora_linear = with_autograd(lora_linear_op, forward=_forward, setup_context=_setup_context, backward=_backward,
-                            backward_op=lora_linear_backward_op, backward_grads=_backward_grads)
+                            backward_op=lora_linear_backward_op, backward_grads=_backward_grads, scalars_at=6)

@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlora
 from fastlora import LoraConfig, LoraModel, LoRALinear, cpu_masks, dora_ops, get_peft_model, reference, torch_path
+from fastlora.op_scalars import OpScalars
 from fastlora.schedules import kernel_schedule
 from fastlora.functional import SEED_HIGH
 from tests.kernel_checks import dora_operands as _operands
@@ -34,7 +35,7 @@ def test_op_against_float64(base_dtype, adapter_dtype, p, bias):
     x, W, b, A, B, m = _operands(base_dtype, adapter_dtype, bias)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
     seed = torch.tensor([1234]) if p else None
-    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p)
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, OpScalars.from_flat(0.5, p, "torch"))
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, leaves, dy)
 
@@ -57,7 +58,7 @@ def test_magnitude_with_a_zero_keeps_z():
     x, W, b, A, B, m = _operands(F32, F32, bias=False)
     m[3] = 0.0
     leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
-    y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, 0.5, 0.0)
+    y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, OpScalars.from_flat(0.5, 0.0, "torch"))
     ref_leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
     y_ref = reference.dora(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
     for got, want in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_ref.sum(), ref_leaves)):
@@ -69,7 +70,7 @@ def test_float64_gradcheck():
     point, so A and B are checked against PEFT's formula above instead)."""
     x, W, b, A, B, m = (t.double() if t is not None else None for t in _operands(F32, F32, bias=True, M=5, K=6, N=4, r=2))
     for p, seed in ((0.0, None), (0.4, torch.tensor([7]))):
-        torch.autograd.gradcheck(lambda x, m: dora_ops.dora_linear(x, W, b, A, B, m, seed, 0.7, p),
+        torch.autograd.gradcheck(lambda x, m: dora_ops.dora_linear(x, W, b, A, B, m, seed, OpScalars.from_flat(0.7, p, "torch")),
                                  [x.clone().requires_grad_(), m.clone().requires_grad_()])
 
 
@@ -303,7 +304,7 @@ def test_compiled_dora_op_regenerates_the_eager_mask(bias):
     leaves = [t.requires_grad_() for t in (x, A, B, m)]
     for p, seed in ((0.0, None), (0.1, torch.tensor([99])), (0.5, torch.tensor([98]))):
         def f(x, A, B, m):
-            return dora_ops.dora_linear(x, W, b, A, B, m, seed, 0.5, p)
+            return dora_ops.dora_linear(x, W, b, A, B, m, seed, OpScalars.from_flat(0.5, p, "torch"))
         results = []
         for fn in (f, torch.compile(f, fullgraph=True)):
             y = fn(*leaves)
@@ -323,8 +324,8 @@ def test_triton_backend_applies_the_kernels_mask():
     y = layer(x)
     torch.manual_seed(4)
     seed = torch.randint(0, SEED_HIGH, (1,))
-    torch.testing.assert_close(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, kernel_schedule().key), **tol(F32))
-    assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, layer.scaling, 0.3, "torch"))
+    torch.testing.assert_close(y, dora_ops.dora_linear(*args, seed, OpScalars(layer.scaling, 0.3, kernel_schedule())), **tol(F32))
+    assert not torch.allclose(y, dora_ops.dora_linear(*args, seed, OpScalars.from_flat(layer.scaling, 0.3, "torch")))
 
 
 @pytest.mark.parametrize("keep_z", [True, False], ids=["z", "no-z"])

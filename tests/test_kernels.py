@@ -21,6 +21,7 @@ from fastlora.kernels.configs import INTERPRET  # noqa: E402
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1); see test_kernels_gpu.py")
 
 from fastlora import schedules  # noqa: E402
+from fastlora.op_scalars import OpScalars  # noqa: E402
 from tests import kernel_checks as kc  # noqa: E402
 
 CASES = kc.SMALL_CASES
@@ -156,7 +157,7 @@ def test_dora_zero_magnitude_strided_operands():
     m_view = torch.stack([m, torch.ones_like(m)], 1)[:, 0].requires_grad_()  # stride 2
     x_t = x.t().contiguous().t().requires_grad_()
     dy = torch.randn(20, 24, generator=torch.Generator().manual_seed(3))
-    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, 0.5, 0.0, kernel_schedule().key), m_view, dy)[0]
+    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, OpScalars(0.5, 0.0, kernel_schedule())), m_view, dy)[0]
     m64 = m.double().requires_grad_()
     y64 = reference.dora(x, W, None, A, B, m64, 0.5)
     want = torch.autograd.grad(y64, m64, dy.double())[0]

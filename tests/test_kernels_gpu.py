@@ -20,6 +20,7 @@ pytestmark = [
 ]
 
 from fastlora import schedules  # noqa: E402
+from fastlora.op_scalars import OpScalars  # noqa: E402
 from fastlora.kernels import configs  # noqa: E402
 from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from tests import kernel_checks as kc  # noqa: E402
@@ -190,7 +191,7 @@ def test_dora_step_without_host_sync(p):
     seed = torch.tensor([5], device=DEVICE) if p else None
 
     def step():
-        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, 0.5, p, schedules.kernel_schedule().key)
+        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, OpScalars(0.5, p, schedules.kernel_schedule()))
         return torch.autograd.grad(y.float().square().sum(), leaves)
 
     step()  # compiles the kernels
@@ -213,7 +214,7 @@ def test_compiled_dora_op_kernel_path(p):
     seed = torch.tensor([11], device=DEVICE) if p else None
 
     def f(x, A, B, m):
-        return dora_ops.dora_linear(x, W, None, A, B, m, seed, 0.5, p, schedules.kernel_schedule().key)
+        return dora_ops.dora_linear(x, W, None, A, B, m, seed, OpScalars(0.5, p, schedules.kernel_schedule()))
 
     results = []
     for fn in (f, torch.compile(f, fullgraph=True)):
@@ -263,7 +264,7 @@ def test_opcheck_kernel_path(p):
     A = torch.randn(16, 96, device=DEVICE, generator=g, requires_grad=True)
     B = torch.randn(80, 16, device=DEVICE, generator=g, requires_grad=True)
     seed = torch.tensor([7], device=DEVICE) if p else None
-    torch.library.opcheck(ops.lora_linear_op, (x, W, b, A, B, seed, 2.0, p, True))
+    torch.library.opcheck(ops.lora_linear_op, (x, W, b, A, B, seed, 2.0, p, schedules.kernel_schedule().key))
 
 
 def test_compile_fullgraph_kernel_path():

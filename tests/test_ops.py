@@ -85,6 +85,7 @@ _COMPILE_MASK_SCRIPT = textwrap.dedent(
     """
     import torch
     from fastlora import ops
+    from fastlora.op_scalars import OpScalars
     g = torch.Generator().manual_seed(0)
     x = torch.randn(24, 40, generator=g, requires_grad=True)
     W = torch.randn(16, 40, generator=g)
@@ -93,7 +94,7 @@ _COMPILE_MASK_SCRIPT = textwrap.dedent(
     seed = torch.tensor([1234])
     for p in (0.1, 0.4, 0.9):  # rare drops, per-element sampling, rare keeps
         def f(x, A, B):
-            return ops.lora_linear(x, W, None, A, B, seed, 0.7, p, "torch")
+            return ops.lora_linear(x, W, None, A, B, seed, OpScalars.from_flat(0.7, p, "torch"))
         results = []
         for fn in (f, torch.compile(f, fullgraph=True)):
             y = fn(x, A, B)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 
 from fastlora import cpu_masks, lora_linear, reference
 from fastlora.functional import SEED_HIGH, triton_interpreter_on
+from fastlora.op_scalars import OpScalars
 from fastlora.schedules import kernel_schedule
 from tests import philox
 from tests.tolerances import TOLERANCES
@@ -293,7 +294,7 @@ def _check_dora_against_float64(path: str, c: dict) -> None:
     dy = torch.randn(M, N, generator=torch.Generator().manual_seed(c["seed"] + 1)).to(dtype)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
     seed = torch.tensor([c["seed"]]) if p else None
-    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, 0.5, p, _schedule(path))
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, OpScalars.from_flat(0.5, p, _schedule(path)))
     grads = torch.autograd.grad(y, leaves, dy)
     keep = None
     if p:

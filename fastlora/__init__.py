@@ -8,6 +8,7 @@ from fastlora._version import __version__
 from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state_dict
 from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
+from fastlora.kbit import prepare_model_for_kbit_training
 from fastlora.layer import LoRALinear
 from fastlora.model import LoraModel, PeftModel, get_peft_model
 from fastlora.patch import PatchReport, patch_peft, unpatch_peft
@@ -15,5 +16,5 @@ from fastlora.patch import PatchReport, patch_peft, unpatch_peft
 __all__ = [
     "LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel", "PeftModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "UnsupportedFeatureError",
-    "patch_peft", "unpatch_peft", "PatchReport", "__version__",
+    "patch_peft", "unpatch_peft", "PatchReport", "prepare_model_for_kbit_training", "__version__",
 ]

@@ -11,6 +11,7 @@ overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features
 
     dense Linear   torch.nn.Linear with a floating-point weight             → fastlora.LoRALinear
     Conv1D         transformers' Conv1D (GPT-2), weight stored in × out     → fastlora.conv1d.LoRAConv1D
+    quantized      bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)          → fastlora.quantized.LoRAQuantizedLinear
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from torch import nn
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.layer import LoRALinear
+from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
-           "is_conv1d_target", "is_linear_like"]
+           "is_conv1d_target", "is_linear_like", "QUANTIZED_LINEAR"]
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,22 @@ CONV1D = BaseKind(
     adapted_type=LoRAConv1D,
 )
 
-DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D]
+QUANTIZED_LINEAR = BaseKind(
+    "quantized Linear (bitsandbytes 4-bit / 8-bit)",
+    claims=lambda m: is_bnb_linear(m) and not isinstance(m, LoRALinear),
+    sizes=lambda m: (m.in_features, m.out_features),
+    adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRAQuantizedLinear.from_quantized(
+        module, adapter_name, settings, init_lora_weights, adapter_dtype),
+    adapted_type=LoRAQuantizedLinear,
+)
+
+DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D, QUANTIZED_LINEAR]
 ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHERS)
 
 # Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
 _NOT_YET = [
-    (_is_quantized, "a quantized (4-bit or 8-bit) Linear: fastlora does not adapt quantized bases yet; "
-                    "load the model without quantization, or use PEFT for QLoRA"),
+    (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
+                    "and Linear8bitLt)"),
     (lambda m: isinstance(m, nn.Embedding), "an nn.Embedding: embedding targets are not adapted yet"),
     (lambda m: isinstance(m, nn.MultiheadAttention), "an nn.MultiheadAttention: not adapted"),
     (lambda m: isinstance(m, nn.modules.conv._ConvNd), "a convolution: not adapted"),

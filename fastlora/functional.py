@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fastlora import dora_ops, ops
 from fastlora.op_scalars import OpScalars
-from fastlora.schedules import BACKENDS, resolve, triton_interpreter_on
+from fastlora.schedules import BACKENDS, TORCH, Schedule, resolve, triton_interpreter_on
 
 __all__ = ["lora_linear", "BACKENDS", "SEED_HIGH", "triton_interpreter_on"]
 
@@ -27,18 +27,20 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if enabled else None
 
 
-def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
-    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+def _check(x: Tensor, weight: Tensor | None, bias, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
+    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)) + ((("weight", weight),) if weight is not None else ()):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if bias is not None and not isinstance(bias, Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+    if weight is None and bias is not None:
+        raise ValueError("bias without weight: the base product, bias included, is the caller's when weight is None")
+    if (weight is not None and weight.dim() != 2) or lora_A.dim() != 2 or lora_B.dim() != 2:
         raise ValueError(
-            f"weight, lora_A and lora_B must be 2-D, got shapes {tuple(weight.shape)}, "
+            f"weight, lora_A and lora_B must be 2-D, got shapes {tuple(weight.shape) if weight is not None else None}, "
             f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
         )
-    out_features, in_features = weight.shape
+    out_features, in_features = weight.shape if weight is not None else (lora_B.shape[0], lora_A.shape[1])
     r = lora_A.shape[0]
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
@@ -51,7 +53,9 @@ def _check(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor, drop
         )
     if bias is not None and bias.shape != (out_features,):
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
-    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    tensors = {"x": x, "lora_A": lora_A, "lora_B": lora_B}
+    if weight is not None:
+        tensors["weight"] = weight
     if bias is not None:
         tensors["bias"] = bias
     devices = {name: t.device for name, t in tensors.items()}
@@ -82,10 +86,11 @@ def _check_magnitude(magnitude, weight: Tensor, lora_A: Tensor) -> None:
         raise ValueError(f"magnitude is on {magnitude.device}, the weight on {weight.device}")
 
 
-def _check_dtypes(x: Tensor, weight: Tensor, bias, lora_A: Tensor, lora_B: Tensor) -> None:
+def _check_dtypes(x: Tensor, weight: Tensor | None, bias, lora_A: Tensor, lora_B: Tensor) -> None:
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    base = {"x": x.dtype, "weight": weight.dtype} | ({"bias": bias.dtype} if bias is not None else {})
+    base = {"x": x.dtype} | ({"weight": weight.dtype} if weight is not None else {}) | (
+        {"bias": bias.dtype} if bias is not None else {})
     if len(set(base.values())) > 1:
         raise TypeError(f"x, weight and bias must share one dtype, got {base}")
     if lora_A.dtype != lora_B.dtype or not lora_A.is_floating_point():
@@ -124,7 +129,9 @@ def lora_linear(
 
     Args:
         x (Tensor): the input, (..., in_features), floating point.
-        weight (Tensor): the base weight W, (out_features, in_features), x's dtype.
+        weight (Tensor | None): the base weight W, (out_features, in_features), x's dtype; or None for the
+            low-rank term alone, scaling · (dropout(x) Aᵀ) Bᵀ in x's dtype, when the caller computes the base
+            product itself (a quantized base); bias and magnitude must then be None.
         bias (Tensor | None): the base bias b, (out_features,) in x's dtype, or None.
         lora_A (Tensor): the LoRA factor A, (r, in_features).
         lora_B (Tensor): the LoRA factor B, (out_features, r), lora_A's dtype.
@@ -153,13 +160,15 @@ def lora_linear(
     """
     _check(x, weight, bias, lora_A, lora_B, dropout_p)
     if magnitude is not None:
+        if weight is None:
+            raise ValueError("magnitude (DoRA) needs the base weight: its norm ‖W + scaling · B A‖ reads W")
         _check_magnitude(magnitude, weight, lora_A)
     _check_real("scaling", scaling)
     if not isinstance(training, bool):
         raise TypeError(f"training must be True or False, got {training!r}")
     dtype = _autocast_dtype(x.device.type)
     if dtype is not None:
-        x, weight = x.to(dtype), weight.to(dtype)
+        x, weight = x.to(dtype), (weight.to(dtype) if weight is not None else None)
         bias = bias.to(dtype) if bias is not None else None
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         magnitude = magnitude.to(dtype) if magnitude is not None else None
@@ -168,7 +177,7 @@ def lora_linear(
     # Dynamo cannot query; compiled code sees only the training flag).
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
     p = float(dropout_p) if training and not in_inference else 0.0
-    scalars = OpScalars(float(scaling), p, resolve(backend, x, weight))
+    scalars = OpScalars(float(scaling), p, resolve(backend, x, weight) if weight is not None else _low_rank_only(backend))
     seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
     with torch.autocast(x.device.type, enabled=False):
         x2d = x.reshape(-1, x.shape[-1])
@@ -176,4 +185,14 @@ def lora_linear(
             y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars)
         else:
             y = ops.lora_linear(x2d, weight, bias, lora_A, lora_B, seed, scalars)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], lora_B.shape[0])
+
+
+def _low_rank_only(backend: str) -> Schedule:
+    """The schedule of a call without the base weight (the base product computed elsewhere): the torch path,
+    which the fused kernels, built around the base GEMM, do not replace."""
+    if backend == "triton":
+        raise ValueError("backend='triton' needs the base weight (the kernels fuse the low-rank term into the base "
+                         "product); with weight=None use backend='auto' or 'torch'")
+    resolve(backend, torch.empty(0))  # the backend name's own check
+    return TORCH

@@ -39,6 +39,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def _adapter_dtype(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
     dtype = linear.weight.dtype
+    if not dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
+        return torch.float32
     return torch.float32 if autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
 
 
@@ -173,6 +175,12 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     lora_model = _lora_model_class()(model, config, adapter_name)
     lora_model._mark_trainable(adapter_name)
     return lora_model, undo
+
+
+def _parameter_count(param: nn.Parameter) -> int:
+    if type(param).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
+        return param.numel() * 2 * param.element_size()
+    return param.numel()
 
 
 class _AdapterNames(list):
@@ -371,9 +379,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                 yield name, module
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts, as PEFT returns them."""
+        """(trainable, all) parameter counts, as PEFT returns them: a 4-bit parameter (two values per byte of its
+        packed storage) counts 2 · its storage's bytes per element."""
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return sum(p.numel() for p in params if p.requires_grad), sum(_parameter_count(p) for p in params)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -83,7 +83,7 @@ def _masked_dA_and_dx_part(x: Tensor, dS_kept: Tensor, lora_A: Tensor, keep: Kee
 
 def lora_forward(
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
@@ -91,12 +91,16 @@ def lora_forward(
     keep: Keep,
     dropout_p: float,
 ) -> tuple[Tensor, Tensor]:
-    """Return ``(y, S)`` for a 2-D ``x`` of shape (M, K): y = x Wᵀ + b + s·S Bᵀ, S = (x ⊙ m) Aᵀ / (1-p)."""
+    """Return ``(y, S)`` for a 2-D ``x`` of shape (M, K): y = x Wᵀ + b + s·S Bᵀ, S = (x ⊙ m) Aᵀ / (1-p).  Without
+    ``weight`` (a base product computed elsewhere, as a quantized layer's) y = s·S Bᵀ alone, in the adapters'
+    dtype and then rounded to x's, as PEFT adds its low-rank term to such a base's output."""
     adapter_dtype = lora_A.dtype
     xm = _to(x, adapter_dtype) if keep is None else _drop_(_adapter_copy(x, adapter_dtype), keep)
     S = torch.mm(xm, lora_A.t())
     if keep is not None:
         S.mul_(1.0 / (1.0 - dropout_p))  # the keep scale on the M × r result, not on an M × K pass
+    if weight is None:
+        return torch.mm(S, lora_B.t()).mul_(scaling).to(x.dtype), S
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
     if y.dtype == adapter_dtype:
         y.addmm_(S, lora_B.t(), alpha=scaling)
@@ -110,7 +114,7 @@ def lora_forward(
 def lora_backward(
     dy: Tensor,
     x: Tensor,
-    weight: Tensor,
+    weight: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
     S: Tensor,
@@ -121,7 +125,8 @@ def lora_backward(
     need_dA: bool = True,
     need_dB: bool = True,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Return ``(dx, dA, dB)`` (each ``None`` when not needed) for 2-D ``dy`` (M, N) and ``x`` (M, K)."""
+    """Return ``(dx, dA, dB)`` (each ``None`` when not needed) for 2-D ``dy`` (M, N) and ``x`` (M, K); without
+    ``weight`` dx is the low-rank term's alone."""
     adapter_dtype = lora_A.dtype
     dya = _to(dy, adapter_dtype)
     dB = _mm_rank_columns(dya.t(), S).mul_(scaling).contiguous() if need_dB else None
@@ -132,12 +137,14 @@ def lora_backward(
         if keep is None:
             if need_dA:
                 dA = torch.mm(dS_kept.t(), _to(x, adapter_dtype))
-            if need_dx:
+            if need_dx and weight is None:
+                dx = torch.mm(dS_kept, lora_A)
+            elif need_dx:
                 dx = _to(torch.mm(dy, weight), adapter_dtype).addmm_(dS_kept, lora_A)
         else:
             dA, dx_part = _masked_dA_and_dx_part(x, dS_kept, lora_A, keep, need_dA, need_dx)
             if need_dx:
-                dx = _to(torch.mm(dy, weight), adapter_dtype).add_(dx_part)
+                dx = dx_part if weight is None else _to(torch.mm(dy, weight), adapter_dtype).add_(dx_part)
         if need_dx:
             dx = dx.to(dy.dtype)
     return dx, dA, dB

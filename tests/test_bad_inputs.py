@@ -177,7 +177,8 @@ def test_from_linear_defaults_as_the_constructor():
 
 
 class _PackedLinear(nn.Linear):
-    """Stands in for bitsandbytes' Linear4bit: an nn.Linear subclass whose weight holds packed uint8 codes."""
+    """A quantized Linear of a kind fastlora does not adapt (an nn.Linear subclass whose weight holds packed uint8
+    codes, not bitsandbytes'; those are adapted: tests/test_qlora.py)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
@@ -191,7 +192,7 @@ def test_a_quantized_linear_target_is_refused_by_name_and_changes_nothing(target
     attention = model.model.layers[0].self_attn
     attention.q_proj = _PackedLinear(attention.q_proj)
     before = snapshot(model)
-    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj \(_PackedLinear: a quantized \(4-bit or 8-bit\) Linear"):
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj \(_PackedLinear: a quantized layer of a kind fastlora does not adapt"):
         get_peft_model(model, LoraConfig(target_modules=targets))
     assert_unchanged(model, before)
     assert type(model.model.layers[0].self_attn.q_proj) is _PackedLinear

@@ -1,0 +1,140 @@
+"""LoRA on bitsandbytes' quantized Linears (QLoRA): ``bnb.nn.Linear4bit`` (nf4, fp4, with or without double
+quantization) and ``bnb.nn.Linear8bitLt``.
+
+:class:`LoRAQuantizedLinear` holds the quantized layer as ``base_layer`` (composition: its packed weight and
+quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes LoRA layers compute:
+
+    y = base_layer(x) + (scaling · (dropout(x) Aᵀ) Bᵀ, in the adapters' dtype, rounded to the base output's dtype)
+
+The base product is bitsandbytes' own (dequantization inside its matmul, on CPU and CUDA); the low-rank term is
+``fastlora.lora_linear`` without a base weight, so dropout regenerates its mask from a seed instead of storing a
+dropped copy of x.  Adapters are float32 by default, as PEFT creates them beside an integer weight.  Merging
+follows PEFT: dequantize, add scaling · B A in float32, quantize again (with PEFT's warning about rounding).
+DoRA on a quantized base is refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from fastlora.adapter_settings import AdapterSettings
+from fastlora.functional import lora_linear
+from fastlora.layer import LoRALinear
+
+__all__ = ["LoRAQuantizedLinear", "is_bnb_linear"]
+
+
+def _bnb():
+    import bitsandbytes as bnb
+
+    return bnb
+
+
+def is_bnb_linear(module: nn.Module) -> bool:
+    """bitsandbytes' Linear4bit or Linear8bitLt (recognised without importing bitsandbytes when it is not loaded)."""
+    if type(module).__module__.split(".")[0] != "bitsandbytes":
+        return False
+    bnb = _bnb()
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+class LoRAQuantizedLinear(LoRALinear):
+    """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ for a bitsandbytes 4-bit or 8-bit Linear ``base_layer``."""
+
+    @classmethod
+    def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,
+                       adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAQuantizedLinear":
+        """Wrap ``base`` (kept as ``base_layer``, frozen)."""
+        if settings.use_dora:
+            raise ValueError("use_dora=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = base.in_features, base.out_features
+        layer.base_layer = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        layer._init_adapter_state(backend)
+        layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights,
+                          adapter_dtype=adapter_dtype or torch.float32)
+        return layer
+
+    # The quantized weight and the bias are the base layer's; they are not this layer's parameters (no second
+    # state-dict key), only read through it.
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def add_adapter(self, adapter_name: str, settings: AdapterSettings, *, init_lora_weights=True,
+                    adapter_dtype: torch.dtype | None = None) -> None:
+        if settings.use_dora:
+            raise ValueError("use_dora=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
+        if adapter_dtype is None or not adapter_dtype.is_floating_point:
+            adapter_dtype = torch.float32
+        super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
+
+    def base_weight(self) -> Tensor:
+        """W dequantized, (out × in): a copy, for merging (the forward pass never builds it)."""
+        bnb = _bnb()
+        weight = self.base_layer.weight
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+            data, state = weight.data, weight.quant_state
+            if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
+                from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+                data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+            return bnb.functional.dequantize_4bit(data, state)
+        state = self.base_layer.state  # Linear8bitLt: int8 rows with one absmax each (SCB)
+        scale = (weight.SCB if weight.SCB is not None else state.SCB).float().unsqueeze(1)
+        return weight.data.float() * scale / 127.0
+
+    def _store_base_weight(self, weight: Tensor) -> None:
+        """Quantize the merged or unmerged weight again, with the base's quantization settings."""
+        bnb = _bnb()
+        old = self.base_layer.weight
+        if isinstance(self.base_layer, bnb.nn.Linear4bit):
+            kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
+            kwargs["bnb_quantized"] = False
+            kwargs["requires_grad"] = False
+            self.base_layer.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+        else:
+            self.base_layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                                       has_fp16_weights=old.has_fp16_weights).to(old.device)
+
+    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """As :meth:`LoRALinear.merge`: W ← quantize(dequantize(W) + scaling · B A), with PEFT's warning."""
+        if self._names_to_merge(adapter_names):
+            warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding errors.")
+        super().merge(adapter_names, safe_merge)
+
+    def unmerge(self) -> None:
+        if self.merged_adapters:
+            warnings.warn("Unmerge lora module to 4-bit linear may get different generations due to rounding errors.")
+        super().unmerge()
+
+    def base_forward(self, x: Tensor) -> Tensor:
+        return self.base_layer(x)
+
+    def to_base(self) -> nn.Module:
+        return self.base_layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
+            return self.base_forward(x)
+        result = self.base_layer(x)
+        lora_A, lora_B = self.lora_factors()
+        settings = self.settings
+        low_rank = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+                               training=self.training, backend=self.backend)
+        return result + low_rank.to(result.dtype)
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{name}: r={s.r}, lora_alpha={s.lora_alpha}, lora_dropout={s.lora_dropout}"
+                             for name, s in self.adapter_settings.items())
+        return f"adapters={{{adapters}}}, active={self.active_adapter!r}, merged={self.merged_adapters}"

@@ -1,0 +1,227 @@
+"""QLoRA: fastlora on bitsandbytes 4-bit and 8-bit bases (on the CPU, where bitsandbytes >= 0.46 runs them),
+compared with PEFT's bitsandbytes LoRA layers on the same quantized model."""
+
+import copy
+import tempfile
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import cpu_masks
+from fastlora.functional import SEED_HIGH
+from fastlora.quantized import LoRAQuantizedLinear
+from tests.models import SEED_TARGETS, copy_lora_weights, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+bnb = pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+QUANT = {
+    "nf4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "nf4-double-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.bfloat16),
+    "fp4-double-fp16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float16),
+    "int8": dict(load_in_8bit=True),
+}
+# The dtype the activations' gradients flow in: the adapters' gradients are float32 sums over values that reach
+# them in this dtype, whose summation order (several projections read one x) is autograd's, not the layers'.
+GRAD_DTYPE = {"nf4-fp32": torch.float32, "nf4-double-bf16": torch.bfloat16, "fp4-double-fp16": torch.float16,
+              "int8": torch.float32}
+CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0,
+              init_lora_weights=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    with tempfile.TemporaryDirectory() as directory:
+        tiny_llama().save_pretrained(directory)
+        yield directory
+
+
+def _load(directory, quant):
+    config = transformers.BitsAndBytesConfig(**QUANT[quant])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config)
+    # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on an inference forward and keeps
+    # the old quantization state beside it, so the next forward fails (PEFT's models as much as fastlora's): the
+    # tests run the portable CPU kernel.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def _pair(directory, quant, **changes):
+    theirs = peft.get_peft_model(_load(directory, quant), peft.LoraConfig(**{**CONFIG, **changes}))
+    ours = fastlora.get_peft_model(_load(directory, quant), fastlora.LoraConfig(**{**CONFIG, **changes}))
+    copy_lora_weights(theirs, ours)
+    return theirs, ours
+
+
+def _trainable(model):
+    return {n.replace(".default", "").replace("_default", ".weight"): p for n, p in model.named_parameters()
+            if p.requires_grad}
+
+
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_matches_peft(checkpoint, quant):
+    """Layer types, trainable parameters, logits, loss and every LoRA gradient as PEFT's, on one quantized model."""
+    theirs, ours = _pair(checkpoint, quant)
+    q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRAQuantizedLinear)
+    assert isinstance(q_proj.base_layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    assert q_proj.lora_A.dtype == torch.float32  # PEFT's adapters beside an integer weight
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert set(_trainable(ours)) == set(_trainable(theirs))
+
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=out_ours.logits.dtype)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs = {n: p.grad for n, p in _trainable(theirs).items()}
+    for name, param in _trainable(ours).items():
+        assert_close(param.grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
+
+
+def test_dropout_mask_matches_peft(checkpoint):
+    """With dropout, one layer's output and gradients equal PEFT's layer given fastlora's mask for the same seed."""
+    base = _load(checkpoint, "nf4-fp32").model.layers[0].mlp.up_proj
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["up_proj"]).settings
+    ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default", settings, False, None).train()
+    theirs = peft.tuners.lora.bnb.Linear4bit(copy.deepcopy(base), "default", config=peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.3, init_lora_weights=False), r=4, lora_alpha=8).train()
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(2, 5, base.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    y_ours = ours(x)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, SEED_HIGH, (1,)))  # the seed the layer drew
+
+    def masked(t):
+        return t * cpu_masks.cpu_keep_mask(seed, (10, base.in_features), 0.3, t.dtype).view(t.shape) / 0.7
+
+    theirs.lora_dropout["default"] = type("SeededDropout", (nn.Module,), {"forward": lambda self, t: masked(t)})()
+    y_theirs = theirs(x)
+    assert_close(y_ours, y_theirs, kind="same_math", dtype=torch.float32)
+    dy = torch.randn_like(y_ours)
+    g_ours = torch.autograd.grad(y_ours, (x, ours.lora_A, ours.lora_B), dy)
+    g_theirs = torch.autograd.grad(y_theirs, (x, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight), dy)
+    for a, b in zip(g_ours, g_theirs):
+        assert_close(a, b, kind="same_math", dtype=torch.float32)
+    ours.eval()  # no dropout in eval mode
+    assert_close(ours(x), base(x) + 2.0 * x @ ours.lora_A.t() @ ours.lora_B.t(), kind="same_math", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
+def test_adapter_files_both_ways(checkpoint, quant):
+    """fastlora's adapter file has PEFT's keys and shapes; PEFT's state-dict loader takes it onto a fresh quantized
+    model and fastlora's from_pretrained takes PEFT's, logits equal.  (PEFT's own from_pretrained onto a 4-bit
+    model fails on the CPU with bitsandbytes 0.50, for PEFT's files too, in bitsandbytes' CPU weight packing.)"""
+    from safetensors.torch import load_file
+
+    theirs, ours = _pair(checkpoint, quant)
+    ids = tokens()
+    with tempfile.TemporaryDirectory() as ours_dir, tempfile.TemporaryDirectory() as theirs_dir:
+        ours.save_pretrained(ours_dir)
+        theirs.save_pretrained(theirs_dir)
+        ours_file = load_file(f"{ours_dir}/adapter_model.safetensors")
+        theirs_file = load_file(f"{theirs_dir}/adapter_model.safetensors")
+        assert {k: v.shape for k, v in ours_file.items()} == {k: v.shape for k, v in theirs_file.items()}
+        loaded_by_peft = peft.get_peft_model(_load(checkpoint, quant), peft.LoraConfig(**CONFIG))
+        peft.set_peft_model_state_dict(loaded_by_peft, ours_file)
+        loaded_by_us = fastlora.PeftModel.from_pretrained(_load(checkpoint, quant), theirs_dir)
+        expected = ours.eval()(input_ids=ids).logits
+        for model in (loaded_by_peft.eval(), loaded_by_us):
+            assert_close(model(input_ids=ids).logits, expected, kind="same_math", dtype=expected.dtype)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "fp4-double-fp16", "int8"])
+def test_merge_and_unload_equals_peft(checkpoint, quant):
+    """Merging dequantizes, adds scaling · B A and quantizes again, with PEFT's warning: the quantized weights
+    equal PEFT's merge of the same adapter, bit for bit, and the unloaded layers are bitsandbytes' own."""
+    theirs, ours = _pair(checkpoint, quant)
+    with pytest.warns(UserWarning, match="rounding errors"):
+        merged_ours = ours.merge_and_unload()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_theirs = theirs.merge_and_unload()
+    for name in SEED_TARGETS:
+        mine = dict(merged_ours.named_modules())[f"model.layers.1.{'mlp' if 'proj' in name and name[0] in 'gud' else 'self_attn'}.{name}"]
+        peers = dict(merged_theirs.named_modules())[f"model.layers.1.{'mlp' if name[0] in 'gud' else 'self_attn'}.{name}"]
+        assert type(mine) is type(peers)
+        assert torch.equal(mine.weight.data, peers.weight.data), name
+
+
+def test_merge_unmerge_equals_peft(checkpoint):
+    """merge_adapter then unmerge_adapter: each quantized weight equals PEFT's after the same two steps, bit for
+    bit (two quantizations away from the original: the rounding PEFT warns about), and the output is the adapted
+    model's again, computed from those weights."""
+    theirs, ours = _pair(checkpoint, "nf4-fp32")
+    ids = tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (theirs, ours):
+            model.merge_adapter()
+            model.unmerge_adapter()
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert not layer.merged
+    peers = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.base_layer.weight.data, peers.base_layer.weight.data)
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", dtype=torch.float32)
+
+
+def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
+    """fastlora's prepare_model_for_kbit_training leaves what PEFT's does (dtypes, frozen parameters, gradient
+    checkpointing on, input embeddings' output requiring grad), and a reentrant-checkpointed step's gradients
+    equal those of the step without checkpointing."""
+    prepared = {}
+    for name, prepare in (("peft", peft.prepare_model_for_kbit_training),
+                          ("fastlora", fastlora.prepare_model_for_kbit_training)):
+        model = _load(checkpoint, "nf4-double-bf16")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared[name] = prepare(model)
+    a, b = prepared["peft"], prepared["fastlora"]
+    assert [(n, p.dtype, p.requires_grad) for n, p in a.named_parameters()] == \
+           [(n, p.dtype, p.requires_grad) for n, p in b.named_parameters()]
+    assert a.is_gradient_checkpointing and b.is_gradient_checkpointing
+    assert b.get_input_embeddings()(tokens()).requires_grad
+
+    ours = fastlora.get_peft_model(b, fastlora.LoraConfig(**CONFIG)).train()
+    plain = fastlora.get_peft_model(_load(checkpoint, "nf4-double-bf16"), fastlora.LoraConfig(**CONFIG)).train()
+    with torch.no_grad():
+        for name, param in _trainable(plain).items():
+            param.copy_(_trainable(ours)[name])
+    ids = tokens()
+    for model in (ours, plain):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads_plain = dict(_trainable(plain))
+    for name, param in _trainable(ours).items():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert_close(param.grad, grads_plain[name].grad, kind="same_math", dtype=torch.bfloat16, msg=name)
+
+
+def test_dora_on_a_quantized_base_is_refused_and_the_model_unchanged(checkpoint):
+    model = _load(checkpoint, "nf4-fp32")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="use_dora=True on a quantized"):
+        fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "use_dora": True}))
+    assert_unchanged(model, before)
+
+
+def test_low_rank_term_without_a_weight_refuses_bias_and_the_triton_backend():
+    x, A, B = torch.randn(3, 5), torch.randn(2, 5), torch.randn(4, 2)
+    with pytest.raises(ValueError, match="bias without weight"):
+        fastlora.lora_linear(x, None, torch.zeros(4), A, B, 1.0)
+    with pytest.raises(ValueError, match="backend='triton' needs the base weight"):
+        fastlora.lora_linear(x, None, None, A, B, 1.0, backend="triton")
+    assert_close(fastlora.lora_linear(x, None, None, A, B, 2.0), 2.0 * (x @ A.t()) @ B.t(), kind="same_math", dtype=torch.float32)

@@ -24,7 +24,7 @@ python3 -m venv .venv-floors
 . .venv-floors/bin/activate
 # triton 3.6's interpreter converts 1-element arrays to scalars, which NumPy 2.4 refuses; NumPy is not ours to pin
 # otherwise, so only this environment holds it below 2.4.
-python -m pip install -q torch==2.13.0 -e ".[test]" $floors "numpy<2.4"
+python -m pip install -q torch==2.13.0 -e ".[test-core]" $floors "numpy<2.4"
 python -m pip check
 python -m pytest -q -p no:cacheprovider \
     tests/test_peft_api.py tests/test_trainer.py tests/test_model.py tests/test_peft_format.py \

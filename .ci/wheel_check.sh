@@ -10,7 +10,7 @@ python3 -m venv "$work/venv"
 # torch first and pinned: the CPU build on this machine's disk (a bare "torch" would pull a CUDA build)
 "$work/venv/bin/python" -m pip install -q torch==2.13.0
 wheel=("$work"/dist/*.whl)
-"$work/venv/bin/python" -m pip install -q "${wheel[0]}[hf]"
+"$work/venv/bin/python" -m pip install -q "${wheel[0]}[hf,trl]"
 cd "$work"
 "$work/venv/bin/fastlora" --version
 "$work/venv/bin/fastlora" demo --help >/dev/null

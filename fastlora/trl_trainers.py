@@ -1,0 +1,90 @@
+"""TRL's trainers with fastlora's LoRA: ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``, ``KTOTrainer``,
+``RLOOTrainer`` and ``RewardTrainer`` that take a :class:`fastlora.LoraConfig` as ``peft_config``.
+
+TRL accepts only a ``peft.PeftConfig`` there and builds the adapted model with ``peft.get_peft_model``, that is
+with PEFT's layers.  Each trainer here is TRL's, subclassed: given fastlora's config, it builds the model as TRL
+would (a model id loaded by TRL's own ``create_model_from_path`` with the same ``model_init_kwargs`` and
+``quantization_config``, after TRL's ``set_seed(args.seed)``), adapts it with :func:`fastlora.get_peft_model`,
+and hands TRL the adapted model with no ``peft_config``.  fastlora's model is an instance of
+``peft.PeftModel``, so TRL treats it as the PEFT model it would have built: input gradients for gradient
+checkpointing, QLoRA's bf16 adapters, the adapter-only checkpoints, the reference model of DPO-style trainers
+as the model with its adapter disabled.  Given a ``peft.PeftConfig`` (or none), a trainer here is TRL's own.
+
+    from fastlora import LoraConfig                 # was: from peft import LoraConfig
+    from fastlora.trl_trainers import SFTTrainer    # was: from trl import SFTTrainer
+
+Nothing in TRL or PEFT is modified.  TRL's chat-template cloning (``chat_template_path``), which makes new
+tokens' embedding rows trainable, needs ``trainable_token_indices``, which fastlora does not support: it is
+refused with a fastlora config.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import trl
+from transformers import AutoModelForSequenceClassification, set_seed
+from trl.trainer.utils import create_model_from_path
+
+from fastlora.config import LoraConfig
+from fastlora.model import get_peft_model
+
+__all__ = ["SFTTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "RLOOTrainer", "RewardTrainer",
+           "with_fastlora_lora"]
+
+
+def _adapted_model(trainer_class: type, bound: inspect.BoundArguments, config: LoraConfig):
+    """The model TRL would build from ``bound``'s arguments, adapted by fastlora (TRL's steps before its
+    ``get_peft_model``: the seed, then the model from its id)."""
+    arguments = bound.arguments
+    model, args = arguments["model"], arguments.get("args")
+    if getattr(args, "chat_template_path", None) is not None:
+        raise ValueError("chat_template_path with fastlora's LoraConfig: the tokens TRL adds then need "
+                         "trainable_token_indices, which fastlora does not support; set the chat template on the "
+                         "tokenizer yourself and leave chat_template_path unset")
+    set_seed(getattr(args, "seed", 42))  # TrainingArguments' default seed when args is None
+    if isinstance(model, str):
+        init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})
+        quantization_config = arguments.get("quantization_config")
+        if quantization_config is not None:
+            if "quantization_config" in init_kwargs:
+                raise ValueError("quantization_config is set both as a trainer argument and in args.model_init_kwargs")
+            init_kwargs["quantization_config"] = quantization_config
+            arguments["quantization_config"] = None  # applied here; TRL would warn that the model is already built
+        if args is not None and args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+            init_kwargs["device_map"] = None
+        init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
+        if args is not None:
+            args.model_init_kwargs = None  # applied here; TRL warns when they come with a built model
+        architecture = AutoModelForSequenceClassification if issubclass(trainer_class, trl.RewardTrainer) else None
+        model = create_model_from_path(model, architecture, **init_kwargs)
+    return get_peft_model(model, config)
+
+
+def with_fastlora_lora(trainer_class: type) -> type:
+    """``trainer_class`` (a TRL trainer whose constructor takes ``model`` and ``peft_config``) taking fastlora's
+    :class:`fastlora.LoraConfig` as ``peft_config``; every other argument is the TRL trainer's own."""
+    signature = inspect.signature(trainer_class.__init__)
+
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        config = bound.arguments.get("peft_config")
+        if isinstance(config, LoraConfig):
+            bound.arguments["model"] = _adapted_model(trainer_class, bound, config)
+            bound.arguments["peft_config"] = None
+        trainer_class.__init__(*bound.args, **bound.kwargs)
+
+    __init__.__signature__ = signature
+    __init__.__doc__ = trainer_class.__init__.__doc__
+    return type(trainer_class.__name__, (trainer_class,), {
+        "__init__": __init__, "__module__": __name__, "__qualname__": trainer_class.__name__,
+        "__doc__": f"TRL's ``{trainer_class.__name__}``, taking :class:`fastlora.LoraConfig` as ``peft_config`` "
+                   f"(see :mod:`fastlora.trl_trainers`)."})
+
+
+SFTTrainer = with_fastlora_lora(trl.SFTTrainer)
+DPOTrainer = with_fastlora_lora(trl.DPOTrainer)
+GRPOTrainer = with_fastlora_lora(trl.GRPOTrainer)
+KTOTrainer = with_fastlora_lora(trl.KTOTrainer)
+RLOOTrainer = with_fastlora_lora(trl.RLOOTrainer)
+RewardTrainer = with_fastlora_lora(trl.RewardTrainer)

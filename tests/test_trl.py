@@ -1,0 +1,131 @@
+"""TRL's SFTTrainer with fastlora's LoraConfig (fastlora.trl_trainers): it trains fastlora's layers, and a run
+matches the same run under PEFT's config from the same initial adapter (dropout 0): losses and the saved
+adapter to float32 rounding."""
+
+import os
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastlora
+from fastlora import LoRALinear
+from tests.models import SEED_TARGETS, copy_lora_weights, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+from fastlora import trl_trainers  # noqa: E402  (imports trl)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
+
+CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0)
+
+
+def _tokenizer():
+    """A word-level tokenizer over tiny_llama's 128 ids (nothing downloaded): w0 … w123 and four specials."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(124)} | {"<pad>": 124, "<s>": 125, "</s>": 126, "<unk>": 127}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _dataset(n=16, words=12):
+    g = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(t)}" for t in torch.randint(0, 124, (words,), generator=g)) for _ in range(n)]
+    return datasets.Dataset.from_dict({"text": texts})
+
+
+def _args(output_dir, **changes):
+    return trl.SFTConfig(**{**dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=4,
+                                   learning_rate=1e-2, logging_steps=1, bf16=False, report_to=[], save_strategy="no",
+                                   max_length=16, seed=3), **changes})
+
+
+def _trainer(trainer_class, config, output_dir, model=None, **changes):
+    return trainer_class(model=model if model is not None else tiny_llama(), args=_args(output_dir, **changes),
+                         train_dataset=_dataset(), processing_class=_tokenizer(), peft_config=config)
+
+
+def _losses(trainer):
+    return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+
+
+def test_sft_trainer_trains_fastlora_layers_as_peft_would(tmp_path):
+    theirs = _trainer(trl.SFTTrainer, peft.LoraConfig(**CONFIG, init_lora_weights=False), tmp_path / "peft")
+    ours = _trainer(trl_trainers.SFTTrainer, fastlora.LoraConfig(**CONFIG), tmp_path / "fastlora")
+    copy_lora_weights(theirs.model, ours.model)  # the same initial adapter (B ≠ 0)
+
+    layers = [m for m in ours.model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 2 * len(SEED_TARGETS)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in ours.model.modules())
+    calls = []
+    for layer in layers:
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    for trainer in (theirs, ours):
+        trainer.train()
+    assert len(calls) >= 4 * len(layers)  # fastlora's layers ran every step
+
+    assert len(_losses(ours)) == 4
+    assert_close(_losses(ours), _losses(theirs), kind="same_math")
+    for trainer, name in ((theirs, "peft"), (ours, "fastlora")):
+        trainer.save_model(str(tmp_path / name))
+    saved = {name: load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("peft", "fastlora")}
+    assert saved["fastlora"].keys() == saved["peft"].keys()
+    for key, value in saved["fastlora"].items():
+        assert_close(value, saved["peft"][key], kind="same_math", msg=key)
+
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "fastlora"))
+    ids = tokens()
+    assert_close(reloaded(input_ids=ids).logits, ours.model.eval()(input_ids=ids).logits, kind="same_math")
+
+
+def test_a_model_id_is_loaded_as_trl_loads_it(tmp_path):
+    """A model given by path: TRL's loader with args.model_init_kwargs (dtype), then fastlora's layers."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    trainer = _trainer(trl_trainers.SFTTrainer, fastlora.LoraConfig(**CONFIG), tmp_path / "out",
+                       model=str(tmp_path / "base"), model_init_kwargs={"dtype": "bfloat16"})
+    q_proj = trainer.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear)
+    assert q_proj.weight.dtype == torch.bfloat16 and q_proj.lora_A.dtype == torch.float32  # PEFT's autocast
+    trainer.train()
+    assert len(_losses(trainer)) == 4 and torch.isfinite(_losses(trainer)).all()
+
+
+def test_a_peft_config_keeps_trl_behaviour(tmp_path):
+    trainer = _trainer(trl_trainers.SFTTrainer, peft.LoraConfig(**CONFIG), tmp_path)
+    assert any(isinstance(m, peft.tuners.lora.LoraLayer) for m in trainer.model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in trainer.model.modules())
+
+
+def test_chat_template_path_is_refused_with_a_fastlora_config(tmp_path):
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="chat_template_path with fastlora's LoraConfig"):
+        _trainer(trl_trainers.SFTTrainer, fastlora.LoraConfig(**CONFIG), tmp_path, model=model,
+                 chat_template_path=str(template))
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_every_trainer_is_trls_subclass_with_its_signature():
+    import inspect
+
+    for name in ("SFTTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "RLOOTrainer", "RewardTrainer"):
+        ours, theirs = getattr(trl_trainers, name), getattr(trl, name)
+        assert issubclass(ours, theirs) and ours.__name__ == name
+        assert inspect.signature(ours.__init__) == inspect.signature(theirs.__init__)
+
+
+def test_the_saved_folder_is_an_adapter_folder(tmp_path):
+    trainer = _trainer(trl_trainers.SFTTrainer, fastlora.LoraConfig(**CONFIG), tmp_path)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    files = set(os.listdir(tmp_path / "final"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files
+    assert not any(f.startswith("model") for f in files)

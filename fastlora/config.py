@@ -9,6 +9,7 @@ they are and written back to ``adapter_config.json``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import enum
 import json
 import warnings
@@ -91,8 +92,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
-    "rank_pattern": {},
-    "alpha_pattern": {},
     "layer_replication": None,
     "loftq_config": {},
     "eva_config": None,
@@ -116,6 +115,11 @@ UNSUPPORTED_FEATURES = {
 def _is_off(name: str, value: Any) -> bool:
     off = UNSUPPORTED_FEATURES[name]
     return value is None or (type(value) is type(off) and value == off)
+
+
+def _pattern_key(patterns: dict, module_name: str) -> str | None:
+    """The first key of ``patterns`` that matches ``module_name`` whole or as its last dotted components."""
+    return next((key for key in patterns if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name)), None)
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,25 @@ class LoraConfig:
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
         self.settings  # r, lora_alpha, lora_dropout, use_rslora, use_dora: validated where layers take them
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is None:
+                put(name, {})
+            elif not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise TypeError(f"{name} must be a dict of module name (or regex) -> value, got {value!r}")
+            else:
+                put(name, dict(value))
+        for key in [*self.rank_pattern, *self.alpha_pattern]:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ValueError(f"rank_pattern / alpha_pattern key {key!r} is not a valid regex: {exc}") from None
+        for name, field_name in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+            for key, value in getattr(self, name).items():  # validated as the layers will take them
+                try:
+                    dataclasses.replace(self.settings, **{field_name: value})
+                except ValueError as exc:
+                    raise ValueError(f"{name}[{key!r}]: {exc}") from None
         for name in ("inference_mode", "autocast_adapter_dtype", "fan_in_fan_out"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -294,6 +317,14 @@ class LoraConfig:
     def settings(self) -> AdapterSettings:
         """What each adapted layer gets: r, lora_alpha, lora_dropout, use_rslora, use_dora (and the scaling)."""
         return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora)
+
+    def settings_for(self, module_name: str) -> AdapterSettings:
+        """The settings of the layer at ``module_name`` (its qualified name in the adapted model): ``settings`` with
+        r from ``rank_pattern`` and lora_alpha from ``alpha_pattern`` where a key matches, as PEFT matches them
+        (the first key, in the dict's order, that is the name or a dotted suffix of it, as a regex)."""
+        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
+        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+        return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora)
 
     @property
     def is_prompt_learning(self) -> bool:

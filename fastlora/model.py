@@ -24,7 +24,9 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.targets import plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_task_heads
+from fastlora.targets import (
+    plan_modules_to_save, plan_targets, settle_fan_in_fan_out, warn_order_dependent_patterns, with_task_heads,
+)
 
 __all__ = ["get_peft_model", "PeftModel", "LoraModel", "LoraTuner"]
 
@@ -51,7 +53,6 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     flag back as they were; an error part way through calls it before raising."""
     originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
     flags = {p: p.requires_grad for p in model.parameters()}
-    settings = config.settings
 
     def undo() -> None:
         for name, module in originals.items():
@@ -67,6 +68,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for name in targets:
             module = originals[name]
             dtype = _adapter_dtype(module, autocast_adapter_dtype)
+            settings = config.settings_for(name)
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
@@ -171,6 +173,7 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
     config = settle_fan_in_fan_out(model, config, targets)
+    warn_order_dependent_patterns(config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
     lora_model = _lora_model_class()(model, config, adapter_name)
     lora_model._mark_trainable(adapter_name)

@@ -72,8 +72,9 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
     out = {}
     for name in targets:
         in_features, out_features = base_sizes(model.get_submodule(name))
-        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (config.r, in_features))
-        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (out_features, config.r))
+        r = config.settings_for(name).r  # rank_pattern's, where a key matches
+        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (r, in_features))
+        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (out_features, r))
         if config.use_dora:
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
                                                             (out_features,))

@@ -5,6 +5,8 @@ Everything here reads the model and changes nothing, so every check runs before 
 
 from __future__ import annotations
 
+import warnings
+
 import re
 
 from torch import nn
@@ -166,3 +168,20 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")
     return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
+
+
+def warn_order_dependent_patterns(config: LoraConfig, targets: list[str]) -> None:
+    """Warn when a target's rank or alpha depends on the order of ``rank_pattern`` / ``alpha_pattern``'s keys
+    (several keys match it, with different values): the first key in the dict's order decides, as in PEFT, but
+    adapter_config.json is written with sorted keys (PEFT's format), so a saved adapter would reload with
+    another value there."""
+    resorted = config.replace(rank_pattern=dict(sorted(config.rank_pattern.items())),
+                              alpha_pattern=dict(sorted(config.alpha_pattern.items())))
+    changed = [name for name in targets if config.settings_for(name) != resorted.settings_for(name)]
+    if changed:
+        warnings.warn(
+            f"rank_pattern / alpha_pattern: several keys match {changed[:3]}{' ...' if len(changed) > 3 else ''} "
+            f"with different values, so the first in the dict's order decides; adapter_config.json is written with "
+            f"sorted keys (as PEFT writes it), so the saved adapter would not reload with these ranks.  Make the keys "
+            f"match disjoint modules", UserWarning, stacklevel=3)
+

@@ -40,13 +40,15 @@ def check_adapter_name(name) -> None:
 @dataclass(frozen=True)
 class AdapterSettings:
     """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA;
-    ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`)."""
+    ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`);
+    ``lora_bias``: a trained bias on B, so the update is scaling · ((dropout(x) Aᵀ) Bᵀ + b_B)."""
 
     r: int
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -55,7 +57,7 @@ class AdapterSettings:
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

@@ -103,7 +103,6 @@ UNSUPPORTED_FEATURES = {
     "kasa_config": None,
     "use_qalora": False,
     "use_bdlora": None,
-    "lora_bias": False,
     "megatron_config": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
@@ -163,6 +162,10 @@ class LoraConfig:
             ``name_or_path`` when None.
         revision (str | None): the base model's revision, recorded in ``adapter_config.json``.
         use_dora (bool): DoRA adapters (a trained magnitude per output feature).  Default False.
+        rank_pattern (dict[str, int]): per-module ranks: a key (a module name, a dotted suffix of one, or a regex
+            matching either) → r; the first matching key in the dict's order wins.  Default {}.
+        alpha_pattern (dict[str, float]): per-module lora_alpha, keys as ``rank_pattern``'s.  Default {}.
+        lora_bias (bool): a trained bias on B (PEFT's ``lora_B.bias``), merged into the base bias.  Default False.
         fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
             (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
             otherwise.  Default False.
@@ -256,6 +259,9 @@ class LoraConfig:
         elif self.task_type is not None and not isinstance(self.task_type, TaskType):
             raise ValueError(f"task_type must be one of {[t.value for t in TaskType]} or None, got {self.task_type!r}")
         self.settings  # r, lora_alpha, lora_dropout, use_rslora, use_dora: validated where layers take them
+        if self.use_dora and self.lora_bias:
+            raise UnsupportedFeatureError("LoraConfig(use_dora=True, lora_bias=True): a bias on B with DoRA is not "
+                                          "supported by fastlora; use one of the two")
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:
@@ -316,7 +322,8 @@ class LoraConfig:
     @property
     def settings(self) -> AdapterSettings:
         """What each adapted layer gets: r, lora_alpha, lora_dropout, use_rslora, use_dora (and the scaling)."""
-        return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora)
+        return AdapterSettings(self.r, self.lora_alpha, self.lora_dropout, self.use_rslora, self.use_dora,
+                               self.lora_bias)
 
     def settings_for(self, module_name: str) -> AdapterSettings:
         """The settings of the layer at ``module_name`` (its qualified name in the adapted model): ``settings`` with
@@ -324,7 +331,7 @@ class LoraConfig:
         (the first key, in the dict's order, that is the name or a dotted suffix of it, as a regex)."""
         r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
         alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
-        return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora)
+        return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora, self.lora_bias)
 
     @property
     def is_prompt_learning(self) -> bool:

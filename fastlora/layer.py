@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Iterable, Union
 
 import torch
@@ -68,6 +69,8 @@ class LoRALinear(nn.Linear):
         use_rslora (bool): rank-stabilised scaling, lora_alpha / sqrt(r).  Default False.
         use_dora (bool): a DoRA adapter, with a trained magnitude vector (one entry per output feature).
             Default False.
+        lora_bias (bool): a trained bias b_B on B: the update is scaling · ((dropout(x) Aᵀ) Bᵀ + b_B), merged
+            into the base bias.  Default False.
         init_lora_weights (bool | str): True (A kaiming-uniform, B = 0, so the layer starts at the base
             output), ``"gaussian"`` (A normal with std 1/r, B = 0) or False (both random).  Default True.
         adapter_dtype (torch.dtype | None): the adapter parameters' dtype (e.g. float32 beside a bfloat16
@@ -106,6 +109,7 @@ class LoRALinear(nn.Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
@@ -113,7 +117,7 @@ class LoRALinear(nn.Linear):
         device=None,
         dtype=None,
     ) -> None:
-        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         _check_init(init_lora_weights, backend)
         check_adapter_name(adapter_name)
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
@@ -133,6 +137,7 @@ class LoRALinear(nn.Linear):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
+        lora_bias: bool = False,
         init_lora_weights: Union[bool, str] = True,
         adapter_dtype: torch.dtype | None = None,
         backend: str = "auto",
@@ -142,7 +147,7 @@ class LoRALinear(nn.Linear):
         (PEFT's: r=8, lora_alpha=8)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora)
+        settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         _check_init(init_lora_weights, backend)
         check_adapter_name(adapter_name)
         layer = cls.__new__(cls)
@@ -184,10 +189,16 @@ class LoRALinear(nn.Linear):
         self.lora_factors(name)
         return self._parameters.get(f"lora_magnitude_vector_{name}")
 
+    def lora_bias(self, adapter_name: str | None = None) -> nn.Parameter | None:
+        """The bias on B (out) of ``adapter_name`` (default: the active adapter), with ``lora_bias=True``; else None."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        self.lora_factors(name)
+        return self._parameters.get(f"lora_B_bias_{name}")
+
     def adapter_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
-        """Every trained parameter of ``adapter_name``: A, B and, for DoRA, m."""
-        magnitude = self.magnitude(adapter_name)
-        return [*self.lora_factors(adapter_name), *([magnitude] if magnitude is not None else [])]
+        """Every trained parameter of ``adapter_name``: A, B and, for DoRA, m; with lora_bias, B's bias."""
+        extra = [self.magnitude(adapter_name), self.lora_bias(adapter_name)]
+        return [*self.lora_factors(adapter_name), *(p for p in extra if p is not None)]
 
     def _active(self) -> str:
         """The active adapter's name; AttributeError (so ``hasattr`` answers False) when this layer does not hold
@@ -217,6 +228,11 @@ class LoRALinear(nn.Linear):
         if settings.use_dora:
             self.register_parameter(f"lora_magnitude_vector_{adapter_name}",
                                     nn.Parameter(torch.empty(self.out_features, **factory)))
+        if settings.lora_bias:
+            if self.bias is None:
+                warnings.warn(f"lora_bias=True on a layer of type {type(self.to_base()).__name__} without a bias: "
+                              f"the adapter cannot be merged into it", UserWarning, stacklevel=2)
+            self.register_parameter(f"lora_B_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -230,6 +246,7 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"adapter {adapter_name!r} is merged into the weight; unmerge before deleting it")
         del self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"]
         self._parameters.pop(f"lora_magnitude_vector_{adapter_name}", None)
+        self._parameters.pop(f"lora_B_bias_{adapter_name}", None)
         del self.adapter_settings[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.adapter_settings), None)
@@ -256,6 +273,12 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
         else:
             nn.init.zeros_(lora_B)
+        bias = self.lora_bias(adapter_name)
+        if bias is not None:  # nn.Linear(r, out)'s bias initialisation, or zero with B
+            if init_lora_weights is False:
+                nn.init.uniform_(bias, -1.0 / math.sqrt(lora_B.shape[1]), 1.0 / math.sqrt(lora_B.shape[1]))
+            else:
+                nn.init.zeros_(bias)
         magnitude = self.magnitude(adapter_name)
         if magnitude is not None:
             name = self.active_adapter if adapter_name is None else adapter_name
@@ -359,6 +382,19 @@ class LoRALinear(nn.Linear):
                 merged.mul_(dora_scale(self.magnitude(name), norms[name]).unsqueeze(1))
         return merged, norms
 
+    def _bias_after(self, names: list[str], sign: float) -> Tensor | None:
+        """The base bias with ± scaling · b_B of each of ``names`` that has a lora_bias (None when none has),
+        summed in float32; RuntimeError, before anything changes, when the base has no bias to hold it."""
+        with_bias = [n for n in names if self.lora_bias(n) is not None]
+        if not with_bias:
+            return None
+        if self.bias is None:
+            raise RuntimeError(f"cannot merge adapter(s) {with_bias} with lora_bias=True: the base layer has no bias")
+        total = self.bias.float()
+        for name in with_bias:
+            total = total + sign * self.adapter_settings[name].scaling * self.lora_bias(name).float()
+        return total
+
     @torch.no_grad()
     def merge_is_finite(self, adapter_names: Iterable[str] | None = None) -> bool:
         """Whether merging ``adapter_names`` (default: the active adapter) would leave W free of NaN and Inf."""
@@ -375,11 +411,14 @@ class LoRALinear(nn.Linear):
         if not names:
             return
         merged, norms = self._merged_weight(names)
-        if safe_merge and not torch.isfinite(merged).all():
+        bias = self._bias_after(names, +1.0)
+        if safe_merge and not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
             raise ValueError(
                 f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
             )
         self._store_base_weight(merged)
+        if bias is not None:
+            self.bias.copy_(bias)
         self.merged_adapters.extend(names)
         self._merged_dora_norms.update(norms)
 
@@ -389,7 +428,10 @@ class LoRALinear(nn.Linear):
         divided out first): W back to within one rounding of its value before merge()."""
         if not self.merged_adapters:
             return
+        bias = self._bias_after(self.merged_adapters, -1.0)
         self._store_base_weight(self._unmerged_weight())
+        if bias is not None:
+            self.bias.copy_(bias)
         self.merged_adapters.clear()
         self._merged_dora_norms.clear()
 
@@ -428,9 +470,19 @@ class LoRALinear(nn.Linear):
         lora_A, lora_B = self.lora_factors()
         settings = self.settings
         return lora_linear(
-            x, self.base_weight(), self.bias, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+            x, self.base_weight(), self._bias_with_lora_bias(), lora_A, lora_B, settings.scaling, settings.lora_dropout,
             training=self.training, backend=self.backend, magnitude=self.magnitude(),
         )
+
+    def _bias_with_lora_bias(self) -> Tensor | None:
+        """The base bias, plus scaling · b_B with the active adapter's lora_bias (in the adapters' dtype, rounded
+        once to the base's): the bias the op adds."""
+        lora_bias = self.lora_bias()
+        if lora_bias is None:
+            return self.bias
+        scaled = lora_bias * self.settings.scaling
+        total = scaled if self.bias is None else scaled + self.bias.to(scaled.dtype)
+        return total.to(self.weight.dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(

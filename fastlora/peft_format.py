@@ -78,6 +78,8 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         if config.use_dora:
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
                                                             (out_features,))
+        if config.lora_bias:
+            out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_B_bias_{adapter_name}", (out_features,))
     params = dict(model.named_parameters())
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))

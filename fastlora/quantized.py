@@ -48,8 +48,9 @@ class LoRAQuantizedLinear(LoRALinear):
     def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,
                        adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAQuantizedLinear":
         """Wrap ``base`` (kept as ``base_layer``, frozen)."""
-        if settings.use_dora:
-            raise ValueError("use_dora=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
+        if settings.use_dora or settings.lora_bias:
+            raise ValueError(f"{'use_dora' if settings.use_dora else 'lora_bias'}=True on a quantized (4-bit or 8-bit) "
+                             f"base is not supported by fastlora")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = base.in_features, base.out_features
@@ -75,6 +76,8 @@ class LoRAQuantizedLinear(LoRALinear):
                     adapter_dtype: torch.dtype | None = None) -> None:
         if settings.use_dora:
             raise ValueError("use_dora=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
+        if settings.lora_bias:
+            raise ValueError("lora_bias=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         if adapter_dtype is None or not adapter_dtype.is_floating_point:
             adapter_dtype = torch.float32
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)

@@ -1,0 +1,104 @@
+"""lora_bias=True: a trained bias on B, the update scaling · ((dropout(x) Aᵀ) Bᵀ + b_B), compared with PEFT:
+outputs, gradients (the bias's included), merge into the base bias, adapter files both ways."""
+
+import warnings
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import LoRALinear
+from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_bias=True,
+              init_lora_weights=False)
+
+
+def _copy(theirs, ours):
+    """PEFT's factors and B biases into fastlora's layers."""
+    state = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
+    with torch.no_grad():
+        for name, layer in ours.lora_layers():
+            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
+            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+            layer.lora_bias().copy_(state[f"base_model.model.{name}.lora_B.bias"])
+
+
+def _pair(model=None, **changes):
+    base = model if model is not None else tiny_llama(attention_bias=True, mlp_bias=True)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**{**CONFIG, **changes}))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**{**CONFIG, **changes}))
+    _copy(theirs, ours)
+    return base, theirs, ours
+
+
+def test_outputs_and_gradients_as_peft():
+    _, theirs, ours = _pair()
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_bias() is not None and layer.lora_bias().requires_grad
+    assert layer.lora_bias().abs().sum() > 0  # init_lora_weights=False: nn.Linear's bias initialisation, as PEFT's
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            key = name.replace("lora_B_bias_default", "lora_B.bias").replace("_default", ".weight")
+            assert_close(param.grad, grads[key], kind="same_math", msg=name)
+
+
+def test_merge_unmerge_and_files_as_peft(tmp_path):
+    base, theirs, ours = _pair()
+    ids = tokens()
+    expected = ours(input_ids=ids).logits
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
+                  fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
+        assert_close(model(input_ids=ids).logits, expected, kind="same_math")
+
+    layer = ours.base_model.model.model.layers[0].mlp.up_proj
+    bias_before = layer.bias.detach().clone()
+    ours.merge_adapter()
+    assert_close(layer.bias, bias_before + layer.scaling * layer.lora_bias().detach(), kind="roundoff")
+    assert_close(ours(input_ids=ids).logits, expected, kind="same_math_cancelling")
+    ours.unmerge_adapter()
+    assert_close(layer.bias, bias_before, kind="roundoff")
+    merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+    assert_close(merged_ours.model.layers[0].mlp.up_proj.bias, merged_theirs.model.layers[0].mlp.up_proj.bias,
+                 kind="roundoff")
+
+
+def test_a_base_without_bias_warns_and_cannot_merge():
+    """As PEFT: a warning when the adapter is created; merging raises before anything changes."""
+    with pytest.warns(UserWarning, match="without a bias"):
+        model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(**CONFIG))
+    ids = tokens()
+    model(input_ids=ids)  # the bias on B works without a base bias
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="the base layer has no bias"):
+        model.merge_adapter()
+    assert_unchanged(model, before)
+
+
+def test_a_single_layer_with_dropout_matches_the_formula():
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(12, 10), r=3, lora_alpha=6, init_lora_weights=False)
+    layer.add_adapter("b", fastlora.LoraConfig(r=3, lora_alpha=6, lora_bias=True, target_modules=["x"]).settings,
+                      init_lora_weights=False)
+    layer.set_adapter("b")
+    x = torch.randn(4, 12)
+    A, B, b_B = layer.lora_A, layer.lora_B, layer.lora_bias()
+    expected = nn.functional.linear(x, layer.weight, layer.bias) + 2.0 * (x @ A.t() @ B.t() + b_B)
+    assert_close(layer.eval()(x), expected, kind="same_math")
+
+
+def test_lora_bias_with_dora_and_on_quantized_bases_is_refused():
+    with pytest.raises(NotImplementedError, match="lora_bias"):
+        fastlora.LoraConfig(target_modules=["q_proj"], use_dora=True, lora_bias=True)

@@ -12,6 +12,7 @@ overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features
     dense Linear   torch.nn.Linear with a floating-point weight             → fastlora.LoRALinear
     Conv1D         transformers' Conv1D (GPT-2), weight stored in × out     → fastlora.conv1d.LoRAConv1D
     quantized      bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)          → fastlora.quantized.LoRAQuantizedLinear
+    Embedding      torch.nn.Embedding and its subclasses                    → fastlora.embedding.LoRAEmbedding
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from torch import nn
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.conv1d import LoRAConv1D, is_conv1d
+from fastlora.embedding import LoRAEmbedding
 from fastlora.layer import LoRALinear
 from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
-           "is_conv1d_target", "is_linear_like", "QUANTIZED_LINEAR"]
+           "is_conv1d_target", "is_linear_like", "QUANTIZED_LINEAR", "EMBEDDING", "peft_factor_keys"]
 
 
 @dataclass(frozen=True)
@@ -87,14 +89,23 @@ QUANTIZED_LINEAR = BaseKind(
     adapted_type=LoRAQuantizedLinear,
 )
 
-DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D, QUANTIZED_LINEAR]
+EMBEDDING = BaseKind(
+    "Embedding",
+    claims=lambda m: isinstance(m, nn.Embedding) and not _is_quantized(m),
+    sizes=lambda m: (m.num_embeddings, m.embedding_dim),
+    adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRAEmbedding.from_embedding(
+        module, adapter_name, settings, init_lora_weights, adapter_dtype),
+    adapted_type=LoRAEmbedding,
+    linear_like=False,
+)
+
+DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D, QUANTIZED_LINEAR, EMBEDDING]
 ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHERS)
 
 # Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
 _NOT_YET = [
     (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
                     "and Linear8bitLt)"),
-    (lambda m: isinstance(m, nn.Embedding), "an nn.Embedding: embedding targets are not adapted yet"),
     (lambda m: isinstance(m, nn.MultiheadAttention), "an nn.MultiheadAttention: not adapted"),
     (lambda m: isinstance(m, nn.modules.conv._ConvNd), "a convolution: not adapted"),
 ]
@@ -123,6 +134,12 @@ def sizes(module: nn.Module) -> tuple[int, int]:
 def is_conv1d_target(module: nn.Module) -> bool:
     """Whether ``module`` is transformers' Conv1D, adapted or not."""
     return isinstance(module, LoRAConv1D) or is_conv1d(module)
+
+
+def peft_factor_keys(module: nn.Module) -> tuple[str, str]:
+    """PEFT's file keys (after the module's path) for A and B of a base layer's kind, or of an adapted layer."""
+    adapted = type(module) if is_adapted(module) else kind_of(module).adapted_type
+    return getattr(adapted, "PEFT_FACTOR_KEYS", ("lora_A.weight", "lora_B.weight"))
 
 
 def is_adapted(module: nn.Module) -> bool:

@@ -11,6 +11,7 @@ nothing in a fastlora model).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -109,13 +110,26 @@ class AdapterFilesMixin:
         return lora_model
 
     def adapter_tensors(self, adapter_name: Optional[str] = None,
-                        state_dict: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+                        state_dict: Optional[dict[str, torch.Tensor]] = None,
+                        save_embedding_layers: Any = False) -> dict[str, torch.Tensor]:
         """The tensors of ``adapter_name`` (default: the active one) under PEFT's file keys.  With
-        ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it."""
+        ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it.
+        ``save_embedding_layers``: True adds the targeted embedding tables, "auto" adds them where the config
+        names an embedding target (PEFT's rule, with its warning)."""
         name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
         model = self.get_base_model()
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
+        tables = peft_format.embedding_tables(model, targets)
+        if save_embedding_layers is True and not tables:
+            raise NotImplementedError("save_pretrained(save_embedding_layers=True) without an embedding target: "
+                                      "saving untargeted (resized) embedding layers is not supported by fastlora")
+        if tables and (save_embedding_layers is True or (
+                save_embedding_layers == "auto" and _names_an_embedding(self.peft_config[name]))):
+            if save_embedding_layers == "auto":
+                warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
+                              "`target_modules`.", UserWarning, stacklevel=3)
+            expected.update(tables)
         if state_dict is None:
             params = dict(model.named_parameters())
             return {key: params[param] for key, (param, _) in expected.items()}
@@ -161,8 +175,6 @@ class AdapterFilesMixin:
                 "save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA/OLoRA/CorDA weight conversion "
                 "is not supported by fastlora"
             )
-        if save_embedding_layers is True:
-            raise NotImplementedError("save_pretrained(save_embedding_layers=True): fastlora adapts no embedding layers")
         state_dict = kwargs.pop("state_dict", None)
         if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
             warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
@@ -176,7 +188,8 @@ class AdapterFilesMixin:
         if not is_main_process:
             return
         directories = {name: _adapter_directory(Path(save_directory), name) for name in names}
-        tensors = {name: self.adapter_tensors(name, state_dict) for name in names}  # any lookup error before writing
+        # any lookup error before writing
+        tensors = {name: self.adapter_tensors(name, state_dict, save_embedding_layers) for name in names}
         base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
             directory = directories[name]
@@ -225,8 +238,8 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor
             copies).
         adapter_name (str): the adapter whose tensors are returned.  Default "default".
         unwrap_compiled (bool): ``model`` is a ``torch.compile`` wrapper: use the model it wraps.  Default False.
-        save_embedding_layers (bool | str): accepted for PEFT's signature; True raises NotImplementedError
-            (fastlora adapts no embedding layers).  Default "auto".
+        save_embedding_layers (bool | str): the targeted embedding tables too (``<path>.base_layer.weight``):
+            True, or "auto" where target_modules names ``embed_tokens`` / ``lm_head`` (PEFT's rule).  Default "auto".
 
     Returns a dict of PEFT's file keys to tensors: the LoRA factors, DoRA magnitudes, ``modules_to_save``
     copies and trained biases of the adapter.
@@ -243,9 +256,7 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    if save_embedding_layers is True:
-        raise NotImplementedError("save_embedding_layers=True: fastlora adapts no embedding layers")
-    return model.adapter_tensors(adapter_name, state_dict)
+    return model.adapter_tensors(adapter_name, state_dict, save_embedding_layers)
 
 
 def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
@@ -339,11 +350,27 @@ def _check_layout(model: nn.Module, config: LoraConfig, targets: list[str], wher
                          f"in × out, as GPT-2's) but this model's targets are Linear layers: a different model")
 
 
+# the module names PEFT's save_embedding_layers="auto" looks for in target_modules
+_EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def _names_an_embedding(config: LoraConfig) -> bool:
+    """PEFT's "auto" rule: target_modules (a list) names embed_tokens or lm_head, or (a regex) matches a module
+    path ending in one of them."""
+    targets = config.target_modules
+    if isinstance(targets, str):
+        return targets != "all-linear" and any(re.fullmatch(targets, f"model.{n}") or re.fullmatch(targets, n)
+                                               for n in _EMBEDDING_NAMES)
+    return any(n in (targets or []) for n in _EMBEDDING_NAMES)
+
+
 def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str], adapter_name: str,
              tensors: dict[str, torch.Tensor], where) -> tuple[peft_format.Expected, dict[str, torch.Tensor]]:
     """The tensors an adapter file must hold for this plan, and the file's tensors checked against them."""
     _check_layout(model, config, targets, where)
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
+    # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
+    expected.update({k: v for k, v in peft_format.embedding_tables(model, targets).items() if k in tensors})
     tensors = peft_format.with_bias_spellings(expected, tensors)
     peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))
     return expected, tensors

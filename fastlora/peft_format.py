@@ -22,15 +22,16 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from fastlora.base_kinds import sizes as base_sizes
+from fastlora.base_kinds import peft_factor_keys, sizes as base_sizes
 from fastlora.config import CONFIG_NAME, LoraConfig
 from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
+from fastlora.embedding import LoRAEmbedding
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "peft_bias_aliases",
+    "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_tables", "peft_bias_aliases",
     "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter",
 ]
 
@@ -73,8 +74,9 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
     for name in targets:
         in_features, out_features = base_sizes(model.get_submodule(name))
         r = config.settings_for(name).r  # rank_pattern's, where a key matches
-        out[f"{PREFIX}{name}.lora_A.weight"] = (f"{name}.lora_A_{adapter_name}", (r, in_features))
-        out[f"{PREFIX}{name}.lora_B.weight"] = (f"{name}.lora_B_{adapter_name}", (out_features, r))
+        key_A, key_B = peft_factor_keys(model.get_submodule(name))
+        out[f"{PREFIX}{name}.{key_A}"] = (f"{name}.lora_A_{adapter_name}", (r, in_features))
+        out[f"{PREFIX}{name}.{key_B}"] = (f"{name}.lora_B_{adapter_name}", (out_features, r))
         if config.use_dora:
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
                                                             (out_features,))
@@ -89,6 +91,19 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
             module = module.original_module
         for pname, p in module.named_parameters():
             out[f"{PREFIX}{name}.{pname}"] = (f"{name}.modules_to_save.{adapter_name}.{pname}", tuple(p.shape))
+    return out
+
+
+def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
+    """The embedding tables of the embedding targets, under the keys PEFT saves them with beside the adapter
+    (``<path>.base_layer.weight``; PEFT's ``save_embedding_layers``): file key → (parameter once adapted,
+    shape).  PEFT loads them into the model when a file holds them, so a resized vocabulary travels."""
+    out = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        if peft_factor_keys(module) == LoRAEmbedding.PEFT_FACTOR_KEYS:
+            num_embeddings, dim = base_sizes(module)
+            out[f"{PREFIX}{name}.base_layer.weight"] = (f"{name}.base_layer.weight", (num_embeddings, dim))
     return out
 
 

@@ -198,10 +198,13 @@ def test_a_quantized_linear_target_is_refused_by_name_and_changes_nothing(target
     assert type(model.model.layers[0].self_attn.q_proj) is _PackedLinear
 
 
-def test_an_embedding_target_is_refused_with_the_reason():
-    model = tiny_llama()
-    with pytest.raises(TypeError, match=r"embed_tokens \(Embedding: an nn.Embedding: embedding targets are not adapted"):
-        get_peft_model(model, LoraConfig(target_modules=["embed_tokens"]))
+def test_a_convolution_target_is_refused_with_the_reason_and_changes_nothing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"0 \(Conv2d: a convolution: not adapted\)"):
+        get_peft_model(model, LoraConfig(target_modules=["0", "2"]))
+    assert_unchanged(model, before)
 
 
 def test_saving_never_writes_outside_the_save_directory(tmp_path):

@@ -16,6 +16,7 @@ from fastlora.bench.presets import MODEL_PRESETS, find_gpu_spec, parse_shape, pr
 from fastlora.bench.providers import PROVIDERS, resolve_providers
 from fastlora.bench.roofline import Roofline, floor_ms, layer_cost
 from fastlora.bench.runner import LayerCase, add_ratios, run_layers
+from tests.tolerances import assert_close
 
 CPU = torch.device("cpu")
 META_KEYS = ("machine", "cpu", "device", "torch", "triton", "peft", "git_commit", "date")
@@ -142,7 +143,7 @@ def test_dora_providers_compute_the_same_layer():
         peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
         ours.lora_magnitude_vector_default.normal_()
         peft_layer.lora_magnitude_vector["default"].weight.copy_(ours.lora_magnitude_vector_default)
-        torch.testing.assert_close(ours(x), built["peft-dora"](x), atol=1e-5, rtol=1e-5)
+        assert_close(ours(x), built["peft-dora"](x), kind="same_math")
 
 
 def test_dora_target_lines():

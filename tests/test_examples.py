@@ -21,6 +21,7 @@ import torch
 
 from fastlora import LoraModel
 from fastlora.demo import build_base_model
+from tests.tolerances import assert_close
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -76,7 +77,7 @@ def test_trainer_example_one_process_and_accelerate_two(tmp_path):
     with torch.no_grad():
         ours = LoraModel.from_pretrained(build_base_model(0, hidden=64, layers=2), tmp_path / "two")(input_ids=ids).logits
         theirs = peft.PeftModel.from_pretrained(build_base_model(0, hidden=64, layers=2), tmp_path / "two").eval()(input_ids=ids).logits
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert_close(ours, theirs, kind="same_math")
 
 
 def test_trainer_example_seed_configuration_under_torchrun(tmp_path):

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from fastlora import LoraConfig, LoraModel, get_peft_model
 from fastlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from tests.models import SEED_TARGETS, assert_unchanged, clone, snapshot, tiny_llama, tokens
+from tests.tolerances import assert_close
 
 
 def _trained(base, **kwargs):
@@ -38,7 +39,7 @@ def test_fastlora_save_loads_in_peft(tmp_path):
     pm = peft.PeftModel.from_pretrained(clone(base), tmp_path).eval()
     ids = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(pm(input_ids=ids).logits, fm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert_close(pm(input_ids=ids).logits, fm(input_ids=ids).logits, kind="same_math")
 
 
 def test_peft_save_loads_in_fastlora(tmp_path):
@@ -51,7 +52,7 @@ def test_peft_save_loads_in_fastlora(tmp_path):
     pm.eval()
     ids = tokens()
     with torch.no_grad():
-        torch.testing.assert_close(fm(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert_close(fm(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
     trainable = LoraModel.from_pretrained(clone(base), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
 
@@ -71,8 +72,8 @@ def test_round_trip_with_bias_and_modules_to_save(tmp_path):
     ids = tokens()
     with torch.no_grad():
         want = fm(input_ids=ids).logits
-        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pm(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+        assert_close(loaded(input_ids=ids).logits, want, kind="same_math")
+        assert_close(pm(input_ids=ids).logits, want, kind="same_math")
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):

@@ -24,20 +24,26 @@ TOLERANCES = {
     # own rounding and its accumulation over the small sizes the tests use.
     "reference": {f64: (1e-10, 1e-10), f32: (1e-4, 1e-4), f16: (2e-2, 2e-2), bf16: (6e-2, 6e-2)},
     # Against float64 relative to the reference's largest magnitude: the Triton kernels (tests/kernel_checks.py:
-    # odd shapes, any mix of base and adapter dtypes, K up to a few thousand on the GPU) and the property tests.
+    # odd shapes, any mix of base and adapter dtypes, K up to a few thousand on the GPU) and DoRA's property tests.
     "reference_max": {f32: (2e-5, 2e-5), f16: (4e-3, 4e-3), bf16: (3e-2, 3e-2)},
+    # The same for lora_linear's property tests (tests/test_properties.py): both paths over random shapes, layouts,
+    # dtype mixes and dropout rates, hundreds of draws in the long profile, where the kernels' bound above leaves
+    # too little room (a bf16 gradient reached 0.93 of it in a run of the long profile).
+    "reference_max_random": {f32: (1e-4, 1e-4), f16: (2e-2, 2e-2), bf16: (6e-2, 6e-2)},
     # Two implementations of the same math in the same dtype, their sums free to run in another order: fastlora
     # and PEFT, a saved and a reloaded model, merged and unmerged weights, compiled and eager, a CUDA graph's
-    # replay and the eager launch (bf16, the kernels' atomics).
-    "same_math": {f64: (1e-12, 1e-12), f32: (1e-5, 1e-5), bf16: (1e-2, 1e-2)},
+    # replay and the eager launch.
+    "same_math": {f64: (1e-12, 1e-12), f32: (1e-5, 1e-5), f16: (2e-3, 2e-3), bf16: (1e-2, 1e-2)},
     # The same, where the sums cancel: gradients of y.square().sum() (magnitudes in the hundreds) through another
-    # BLAS blocking, the kernels against the torch path, DoRA's norms: errors of the size of the larger terms.
+    # BLAS blocking, the kernels against the torch path, compiled against eager, fastlora's DoRA layer against
+    # PEFT's: errors of the size of the larger terms.
     "same_math_cancelling": {f32: (1e-4, 1e-4)},
-    # A value a few roundings from the other, without a model's depth between them: a weight merged and unmerged,
-    # a model unloaded after a merge, one layer's gradients from two implementations, a recomputed activation.
+    # A value a few roundings from the other, without a model's depth of sums between them: a weight merged and
+    # unmerged (or merged by PEFT), a model unloaded after a merge, a loss of equal logits, gradients with the
+    # forward recomputed or from one layer of two implementations, a kernel's output asked for alone.
     "roundoff": {f32: (1e-6, 0.0)},
 }
-SCALED_BY_MAX = {"reference_max"}
+SCALED_BY_MAX = {"reference_max", "reference_max_random"}
 # The kinds that compare two values in one dtype (the others compare with float64).
 SAME_DTYPE = {"same_math", "same_math_cancelling", "roundoff"}
 
@@ -59,8 +65,9 @@ def tolerance(dtype: torch.dtype, branch_dtype: torch.dtype | None = None, *, ki
 def assert_close(got: torch.Tensor, ref: torch.Tensor, *, kind: str, dtype: torch.dtype | None = None,
                  branch_dtype: torch.dtype | None = None, msg: str | None = None) -> None:
     """``got`` within the ``kind`` tolerance of its dtype (``dtype`` where given, for a value already upcast) of
-    ``ref``; shapes equal; no NaN (as torch.testing.assert_close), an infinity only where ``ref`` has the same.  The comparison
-    runs in float64; the message gives the worst element, its error and its bound, and how many are out."""
+    ``ref``; shapes equal; no NaN (as torch.testing.assert_close), an infinity only where ``ref`` has the same.
+    The comparison runs in float64; the message gives the worst element, its error and its bound, and how many
+    elements are out."""
     got, ref = torch.as_tensor(got).detach(), torch.as_tensor(ref).detach()
     dtype = dtype or got.dtype
     atol, rtol = tolerance(dtype, branch_dtype, kind=kind)
@@ -85,9 +92,10 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, *, kind: str, dtype: torc
     excess = torch.where(bad, (err / bound).nan_to_num(nan=float("inf")), torch.zeros_like(err))
     i = int(excess.flatten().argmax())
     idx = tuple(int(k) for k in torch.unravel_index(torch.tensor(i), got.shape)) if got.dim() else ()
-    bound_text = f"atol {atol:g}" + (f"·max|ref| {scale:.3g}" if kind in SCALED_BY_MAX else "") + f" + rtol {rtol:g}·|ref|"
+    scaled = f"·max|ref| {scale:.3g}" if kind in SCALED_BY_MAX else ""
+    coarser = f" or {branch_dtype}, the coarser" if branch_dtype not in (None, dtype) else ""
     raise AssertionError(
-        f"{where}{int(bad.sum())} of {got.numel()} elements out of the {kind!r} tolerance for {dtype}"
-        f"{f' or {branch_dtype}, the coarser' if branch_dtype is not None else ''}: {bound_text}.  Max error "
-        f"{err.max().item():.3g}; worst element {idx}: got {g.flatten()[i].item():.8g}, expected {r.flatten()[i].item():.8g}, "
-        f"error {err.flatten()[i].item():.3g} > bound {bound.flatten()[i].item():.3g}")
+        f"{where}{int(bad.sum())} of {got.numel()} elements out of the {kind!r} tolerance for {dtype}{coarser}: "
+        f"atol {atol:g}{scaled} + rtol {rtol:g}·|ref|.  Max error {err.max().item():.3g}; worst element {idx}: "
+        f"got {g.flatten()[i].item():.8g}, expected {r.flatten()[i].item():.8g}, error {err.flatten()[i].item():.3g} "
+        f"> bound {bound.flatten()[i].item():.3g}")

@@ -104,7 +104,9 @@ def _rare_positions(generator: torch.Generator, numel: int, q: float) -> Tensor:
         # 23-bit uniforms u = (k + 1/2) / 2^23, k < 2^23: exact in float32, never 0 or 1 (log u is finite, < 0)
         top23 = words.view(torch.int32)[:count].bitwise_right_shift(9).add_(2**22)
         u = top23.to(torch.float32).add_(0.5).mul_(2.0**-23)
-        gaps = u.log_().mul_(inv_log_not_q).floor_()
+        # A gap past numel ends the draw either way; clamping first keeps a tiny q's astronomically long gaps (up
+        # to inf) from overflowing int64 (positions before the first such gap are unchanged).
+        gaps = u.log_().mul_(inv_log_not_q).floor_().clamp_(max=numel)
         # position of the j-th marked element: start + Σ_{i≤j} (gap_i + 1) - 1
         positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
         inside = int(torch.searchsorted(positions, numel))

@@ -82,3 +82,12 @@ def test_masks_from_concurrent_threads_are_each_their_seeds():
     for th in threads:
         th.join()
     assert all(torch.equal(got[s], alone[s]) for s in seeds)
+
+
+@pytest.mark.parametrize("p", [2.6e-284, 5e-324, 1e-12])
+def test_a_vanishing_dropout_probability_drops_nothing_and_does_not_fail(p):
+    """Geometric gaps of a tiny p are astronomically long (inf for the smallest): nothing is dropped, and the
+    positions never overflow."""
+    for shape in [(1, 1), (7, 13)]:
+        assert cpu_masks.cpu_keep_mask(3, shape, p).all()
+    assert cpu_masks.rare_dropped_positions(3, 7, 13, p)[0].numel() == 0

@@ -106,7 +106,7 @@ CASES = [
     # get_peft_model and the model's methods
     ("unknown target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["query"])), ValueError, "matched no module"),
     ("non-Linear target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["mlp"])), TypeError, "not nn.Linear"),
-    ("DoRA on a non-Linear target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["embed_tokens"], use_dora=True)), TypeError, "not nn.Linear"),
+    ("DoRA on an embedding target", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["embed_tokens"], use_dora=True)), ValueError, "use_dora=True on an embedding target"),
     ("PEFT's config", lambda ctx: get_peft_model(ctx["model"], peft.LoraConfig(target_modules=TARGETS)), TypeError, "fastlora.LoraConfig"),
     ("applying twice", lambda ctx: get_peft_model(ctx["lora"].get_base_model(), LoraConfig(target_modules=TARGETS)), ValueError, "already has an adapter"),
     ("adapter name with a dot", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS), adapter_name="a.b"), ValueError, "without '.'"),

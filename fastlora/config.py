@@ -112,8 +112,12 @@ UNSUPPORTED_FEATURES = {
 
 
 def _is_off(name: str, value: Any) -> bool:
+    """The feature's "off" value, None, or an empty container (PEFT writes ``target_parameters: []`` for a
+    config whose MoE conversion found no parameter to target)."""
     off = UNSUPPORTED_FEATURES[name]
-    return value is None or (type(value) is type(off) and value == off)
+    if value is None or (isinstance(value, (list, tuple, set, frozenset, dict)) and not value):
+        return True
+    return type(value) is type(off) and value == off
 
 
 def _pattern_key(patterns: dict, module_name: str) -> str | None:

@@ -128,7 +128,24 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
                if saved_instead else "")
             + f"; the Linear and Conv1D modules it has include: {', '.join(linears[:6]) or 'none'}"
         )
+    if config.target_modules == "all-linear":
+        _warn_fused_experts(model)
     return targets
+
+
+def _warn_fused_experts(model: nn.Module) -> None:
+    """"all-linear" adapts Linear layers; a mixture-of-experts block whose experts are stored as 3-D parameters
+    (transformers' fused experts: ``experts.gate_up_proj``, ``experts.down_proj``) has none there.  PEFT, for some
+    of these architectures (Mixtral, Qwen3-MoE), also adapts those parameters and the router's ``gate.weight``
+    through ``target_parameters``, which fastlora does not support: say so rather than differ silently."""
+    fused = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
+                    if p.dim() >= 3 and ".experts." in f".{name}"})
+    if fused:
+        warnings.warn(
+            f"target_modules='all-linear' adapts the Linear layers only: the experts stored as parameters in "
+            f"{fused[0]}{' and %d more' % (len(fused) - 1) if len(fused) > 1 else ''} are left frozen (PEFT adapts "
+            f"them, and the router, through target_parameters for some architectures; fastlora does not support "
+            f"target_parameters yet)", UserWarning, stacklevel=4)
 
 
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:

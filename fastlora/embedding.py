@@ -102,18 +102,25 @@ class LoRAEmbedding(LoRALinear):
         return scale
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.row_adapters is not None:
+            return self.mixed_batch_forward(x, self.row_adapters)
         result = self.base_forward(x)
-        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
+        names = self.active_held()
+        if self.merged or not self.adapter_enabled or not names:
             return result
-        lora_A, lora_B = self.lora_factors()
-        base = self.base_layer
+        dtype = result.dtype
+        for name in names:  # the active adapters' updates add up, as PEFT's
+            result = result + self.adapter_update(x, name)
+        return result.to(dtype)
+
+    def adapter_update(self, x: Tensor, name: str) -> Tensor:
+        """scaling · (A[:, ids]ᵀ Bᵀ) · embed_scale for adapter ``name``, in the adapters' dtype."""
+        lora_A, lora_B = self.lora_factors(name)
+        base, scale = self.base_layer, self._embed_scale()
         rows = F.embedding(x, lora_A.t(), padding_idx=base.padding_idx, max_norm=base.max_norm,
                            norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
-        update = (rows @ lora_B.t()) * self.settings.scaling
-        scale = self._embed_scale()
-        if scale is not None:
-            update = update * scale.to(update.dtype)
-        return (result + update).to(result.dtype)
+        update = (rows @ lora_B.t()) * self.adapter_settings[name].scaling
+        return update * scale.to(update.dtype) if scale is not None else update
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={s.r}, lora_alpha={s.lora_alpha}" for name, s in self.adapter_settings.items())

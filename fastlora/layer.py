@@ -165,7 +165,7 @@ class LoRALinear(nn.Linear):
     def _init_adapter_state(self, backend: str) -> None:
         self.backend = backend
         self.adapter_settings: dict[str, AdapterSettings] = {}
-        self.active_adapter: str | None = None
+        self.active_adapters: list[str] = []  # PEFT's several active adapters: their updates add up
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         self._merged_dora_norms: dict[str, Tensor] = {}  # n of each merged DoRA adapter, for unmerge
@@ -199,6 +199,25 @@ class LoRALinear(nn.Linear):
         """Every trained parameter of ``adapter_name``: A, B and, for DoRA, m; with lora_bias, B's bias."""
         extra = [self.magnitude(adapter_name), self.lora_bias(adapter_name)]
         return [*self.lora_factors(adapter_name), *(p for p in extra if p is not None)]
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The (first) active adapter, whose factors ``lora_A`` / ``lora_B`` and settings the layer's attributes show."""
+        return self.active_adapters[0] if self.active_adapters else None
+
+    @active_adapter.setter
+    def active_adapter(self, name: str | None) -> None:
+        self.active_adapters = [] if name is None else [name]
+
+    def active_held(self) -> list[str]:
+        """The active adapters this layer holds (a model's adapters may target different layers), in order."""
+        return [name for name in self.active_adapters if name in self.adapter_settings]
+
+    def __setstate__(self, state) -> None:
+        if "active_adapter" in state and "active_adapters" not in state:  # pickled by a release with one active adapter
+            name = state.pop("active_adapter")
+            state["active_adapters"] = [] if name is None else [name]
+        super().__setstate__(state)
 
     def _active(self) -> str:
         """The active adapter's name; AttributeError (so ``hasattr`` answers False) when this layer does not hold
@@ -248,14 +267,19 @@ class LoRALinear(nn.Linear):
         self._parameters.pop(f"lora_magnitude_vector_{adapter_name}", None)
         self._parameters.pop(f"lora_B_bias_{adapter_name}", None)
         del self.adapter_settings[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.adapter_settings), None)
+        if adapter_name in self.active_adapters:
+            self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+            if not self.active_adapters:
+                self.active_adapter = next(iter(self.adapter_settings), None)
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter.  A layer that does not hold it (a model's adapters may
-        target different layers) computes the base output while it is active."""
-        check_adapter_name(adapter_name)
-        self.active_adapter = adapter_name
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the active adapter, or a list of names the active adapters (their updates add up,
+        as PEFT's).  A layer that does not hold an active adapter (a model's adapters may target different layers)
+        leaves it out; holding none, it computes the base output."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            check_adapter_name(name)
+        self.active_adapters = list(dict.fromkeys(names))
 
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None) -> None:
@@ -345,7 +369,7 @@ class LoRALinear(nn.Linear):
         return bool(self.merged_adapters)
 
     def _names_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
-        names = [self.active_adapter] if adapter_names is None else list(adapter_names)
+        names = self.active_held() if adapter_names is None else list(adapter_names)
         for name in names:
             self.lora_factors(name)  # unknown names raise before anything changes
         return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
@@ -464,23 +488,74 @@ class LoRALinear(nn.Linear):
 
     # ---- forward ----------------------------------------------------------------------------------
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
-            return self.base_forward(x)
-        lora_A, lora_B = self.lora_factors()
-        settings = self.settings
-        return lora_linear(
-            x, self.base_weight(), self._bias_with_lora_bias(), lora_A, lora_B, settings.scaling, settings.lora_dropout,
-            training=self.training, backend=self.backend, magnitude=self.magnitude(),
-        )
+    # Set by PeftModel for one forward with ``adapter_names=``: the adapter of each row of x (dim 0).
+    row_adapters: list[str] | None = None
 
-    def _bias_with_lora_bias(self) -> Tensor | None:
-        """The base bias, plus scaling · b_B with the active adapter's lora_bias (in the adapters' dtype, rounded
-        once to the base's): the bias the op adds."""
-        lora_bias = self.lora_bias()
+    def forward(self, x: Tensor) -> Tensor:
+        if self.row_adapters is not None:
+            return self.mixed_batch_forward(x, self.row_adapters)
+        names = self.active_held()
+        if self.merged or not self.adapter_enabled or not names:
+            return self.base_forward(x)
+        first, *others = names
+        lora_A, lora_B = self.lora_factors(first)
+        settings = self.adapter_settings[first]
+        y = lora_linear(
+            x, self.base_weight(), self._bias_with_lora_bias(first), lora_A, lora_B, settings.scaling,
+            settings.lora_dropout, training=self.training, backend=self.backend, magnitude=self.magnitude(first),
+        )
+        return y + self.low_rank_terms(x, others).to(y.dtype) if others else y
+
+    def mixed_batch_forward(self, x: Tensor, row_adapters: list[str]) -> Tensor:
+        """The base output for every row of x (dim 0), plus for each adapter its update on its own rows (rows
+        named ``"__base__"``, or an adapter this layer does not hold, get the base output alone).  Rows are grouped
+        per adapter: one gather of its rows, one update, one scatter-add; gradients reach each adapter from its
+        rows only, so a mixed batch also trains."""
+        result = self.base_forward(x)
+        if not self.adapter_enabled:
+            return result
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(row_adapters):
+            groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            if name not in self.adapter_settings:
+                continue
+            index = torch.tensor(rows, device=x.device)
+            update = self.adapter_update(x.index_select(0, index), name)
+            result = result.index_add(0, index, update.to(result.dtype))
+        return result
+
+    def adapter_update(self, x: Tensor, name: str) -> Tensor:
+        """Adapter ``name``'s update alone for input x (what it adds to the base output)."""
+        return self.low_rank_terms(x, [name])
+
+    def low_rank_terms(self, x: Tensor, names: list[str]) -> Tensor:
+        """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA), each in the adapters'
+        dtype rounded to x's, with its own mask: the updates a layer adds on top of its base output for the
+        active adapters after the first, as PEFT adds each active adapter's."""
+        total = None
+        for name in names:
+            if self.magnitude(name) is not None:
+                raise NotImplementedError(f"adapter {name!r} is a DoRA adapter: DoRA among several active adapters is "
+                                          f"not supported by fastlora")
+            lora_A, lora_B = self.lora_factors(name)
+            settings = self.adapter_settings[name]
+            term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+                               training=self.training, backend=self.backend)
+            bias = self.lora_bias(name)
+            if bias is not None:
+                term = term + (bias * settings.scaling).to(term.dtype)
+            total = term if total is None else total + term
+        return total
+
+    def _bias_with_lora_bias(self, adapter_name: str | None = None) -> Tensor | None:
+        """The base bias, plus scaling · b_B with the adapter's lora_bias (default: the active adapter's; in the
+        adapters' dtype, rounded once to the base's): the bias the op adds."""
+        lora_bias = self.lora_bias(adapter_name)
         if lora_bias is None:
             return self.bias
-        scaled = lora_bias * self.settings.scaling
+        name = self.active_adapter if adapter_name is None else adapter_name
+        scaled = lora_bias * self.adapter_settings[name].scaling
         total = scaled if self.bias is None else scaled + self.bias.to(scaled.dtype)
         return total.to(self.weight.dtype)
 

@@ -180,6 +180,14 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     return lora_model, undo
 
 
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """The batch size of a model call: the first dimension of input_ids, inputs_embeds or the first argument."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
 def _parameter_count(param: nn.Parameter) -> int:
     if type(param).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
         return param.numel() * 2 * param.element_size()
@@ -278,7 +286,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         nn.Module.__init__(self)  # not super(): a subclass may add PEFT's PeftModel behind this class
         self.base_model = LoraTuner(model, self)
         self._peft_config: dict[str, LoraConfig] = {adapter_name: config}
-        self._active_adapter = adapter_name
+        self._active_adapters = [adapter_name]  # several when set so at the base_model level, as in PEFT
         self.adapters_enabled = True
 
     @property
@@ -293,6 +301,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         self._peft_config = value
 
     def __setstate__(self, state) -> None:
+        if "_active_adapter" in state and "_active_adapters" not in state:  # pickled with one active adapter
+            state["_active_adapters"] = [state.pop("_active_adapter")]
         super().__setstate__(state)
         object.__setattr__(self.base_model, "_owner", self)
 
@@ -315,18 +325,58 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args, **kwargs):
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "forward(adapter_names=...): PEFT's mixed-batch forward (a different adapter per row) is not "
-                "supported by fastlora; set_adapter() one adapter per batch"
-            )
-        kwargs.pop("adapter_names", None)
-        return self.base_model(*args, **kwargs)
+        """The adapted model's forward.  ``adapter_names=[...]`` (PEFT's mixed batch): one adapter name per row of
+        the batch, ``"__base__"`` for the base model; unlike PEFT, also in training mode, each row's loss then
+        training only its own adapter."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._rows_use(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("generate(adapter_names=...): PEFT's mixed-batch generation is not supported by fastlora")
-        return self.get_base_model().generate(*args, **kwargs)
+        """The adapted model's ``generate``; ``adapter_names=[...]`` as in ``forward`` (one per input row)."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        batch = _batch_size(args, kwargs)
+        copies = max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1))
+        if batch is not None and len(adapter_names) == batch and copies > 1:  # rows repeated per beam / sequence
+            adapter_names = [name for name in adapter_names for _ in range(copies)]
+            batch *= copies
+        with self._rows_use(adapter_names, batch, expanded_ok=True):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows_use(self, adapter_names, batch: int | None, expanded_ok: bool = False):
+        """Every LoRA layer computes a mixed batch (``adapter_names[i]`` for row i) inside the block; PEFT's checks
+        first: a list of known names (or "__base__") as long as the batch, no merged adapter, no modules_to_save."""
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
+        names = list(adapter_names)
+        if batch is not None and len(names) != batch:
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(names)} and {batch} respectively.")
+        unknown = sorted({n for n in names if n != "__base__" and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
+        if any(layer.merged for _, layer in self.lora_layers()):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        if any(True for _ in self.wrappers()):
+            raise NotImplementedError("adapter_names with modules_to_save: a mixed batch over modules_to_save copies is "
+                                      "not supported by fastlora")
+        dora = sorted({n for n in names if n != "__base__" and self.peft_config[n].use_dora})
+        if dora:
+            raise NotImplementedError(f"adapter_names with DoRA adapters ({dora}) is not supported by fastlora")
+        layers = [layer for _, layer in self.lora_layers()]
+        for layer in layers:
+            layer.row_adapters = names
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.row_adapters = None
 
     # ---- what PEFT users read ---------------------------------------------------------------------
 
@@ -334,13 +384,19 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         return self.base_model.model
 
     @property
+    def _active_adapter(self) -> str:
+        return self._active_adapters[0]
+
+    @property
     def active_adapter(self) -> str:
+        """The (first) active adapter."""
         return self._active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        """``[active adapter]``; also callable, as transformers' method of the same name."""
-        return _AdapterNames([self._active_adapter])
+        """The active adapters (one, unless several were set at the base_model level); also callable, as
+        transformers' method of the same name."""
+        return _AdapterNames(self._active_adapters)
 
     @property
     def active_peft_config(self) -> LoraConfig:
@@ -368,7 +424,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     @property
     def has_active_enabled_adapter(self) -> bool:
         return self.adapters_enabled and any(
-            self._active_adapter in layer.adapter_settings for _, layer in self.lora_layers())
+            any(name in layer.adapter_settings for name in self._active_adapters) for _, layer in self.lora_layers())
 
     def lora_layers(self, adapter_name: Optional[str] = None) -> Iterator[tuple[str, LoRALinear]]:
         """(qualified name, layer) of every LoRALinear (holding ``adapter_name``, when given)."""
@@ -426,27 +482,48 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                     layer.bias.requires_grad_(True)
         self.set_requires_grad(adapter_name, not config.inference_mode)
 
-    def _activate(self, adapter_name: str, trainable: bool) -> None:
-        """Point every layer and modules_to_save wrapper at ``adapter_name``; its parameters get
+    def _activate(self, adapter_names: list[str], trainable: bool) -> None:
+        """Point every layer and modules_to_save wrapper at ``adapter_names``; their parameters get
         ``requires_grad=trainable``, every other adapter's False (PEFT's ``set_adapter``)."""
         if any(layer.merged for _, layer in self.lora_layers()):
             warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
                           stacklevel=3)
             self.unmerge_adapter()
         for _, layer in self.lora_layers():
-            layer.set_adapter(adapter_name)
+            layer.set_adapter(adapter_names)
         for _, wrapper in self.wrappers():
-            wrapper.set_adapter(adapter_name)
+            wrapper.set_adapter(adapter_names[0])
         for name in self.peft_config:
             for param in self._adapter_parameters(name):
-                param.requires_grad_(trainable and name == adapter_name)
+                param.requires_grad_(trainable and name in adapter_names)
+
+    def _set_active_adapters(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's ``base_model.set_adapter``: one adapter or several, whose updates add up in every layer; each
+        trains (unless ``inference_mode``).  Checked before anything changes."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(dict.fromkeys(adapter_names))
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter {unknown[0]} not found; this model has {list(self.peft_config)}")
+        if len(names) > 1:
+            dora = [n for n in names if self.peft_config[n].use_dora]
+            if dora:
+                raise NotImplementedError(f"set_adapter({names!r}): DoRA adapters ({dora}) among several active "
+                                          f"adapters are not supported by fastlora")
+            wrapped = [n for n in names if any(n in w.modules_to_save for _, w in self.wrappers())]
+            if wrapped:
+                raise ValueError(f"set_adapter({names!r}): adapters with modules_to_save ({wrapped}) cannot be active "
+                                 f"together with others (one copy of a module serves a forward), as in PEFT")
+        self._active_adapters = names
+        self._activate(names, trainable=not inference_mode)
 
     # ---- merge / unload / disable -----------------------------------------------------------------
 
     def _check_adapter_names(self, adapter_names) -> list[str]:
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        names = [self._active_adapter] if adapter_names is None else list(adapter_names)
+        names = list(self._active_adapters) if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
@@ -518,7 +595,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, wrapper in self.wrappers():
             wrapper.adapter_enabled = enabled
         if enabled:
-            self._activate(self._active_adapter, trainable=True)
+            self._activate(self._active_adapters, trainable=True)
         else:
             for name in self.peft_config:
                 self.set_requires_grad(name, False)
@@ -604,7 +681,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                               autocast_adapter_dtype and config.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         for _, layer in self.lora_layers(adapter_name):
-            layer.set_adapter(self._active_adapter)  # a layer new to the model points at the model's adapter
+            layer.set_adapter(self._active_adapters)  # a layer new to the model points at the model's adapters
             layer.adapter_enabled = self.adapters_enabled
         for _, wrapper in self.wrappers():
             wrapper.set_adapter(self._active_adapter)
@@ -620,15 +697,12 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter: the one the forward uses.  Its parameters get
         ``requires_grad=not inference_mode``, every other adapter's False (PEFT's rule)."""
-        if isinstance(adapter_name, (list, tuple)):
-            raise NotImplementedError(
-                f"set_adapter({list(adapter_name)!r}): several simultaneously active adapters are not supported by "
-                f"fastlora; activate one"
-            )
+        if isinstance(adapter_name, (list, tuple)):  # PEFT takes a list at the base_model level; so does fastlora here
+            self._set_active_adapters(list(adapter_name), inference_mode)
+            return
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found; this model has {list(self.peft_config)}")
-        self._active_adapter = adapter_name
-        self._activate(adapter_name, trainable=not inference_mode)
+        self._set_active_adapters(adapter_name, inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter.  Deleting the active one activates (and unfreezes) the alphabetically first that
@@ -649,7 +723,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if not len(wrapper.modules_to_save):
                 _set_module(model, name, wrapper.original_module)
         del self.peft_config[adapter_name]
-        if self._active_adapter == adapter_name:
+        if adapter_name in self._active_adapters and len(self._active_adapters) > 1:
+            self._set_active_adapters([n for n in self._active_adapters if n != adapter_name])
+        elif adapter_name in self._active_adapters:
             new = sorted(self.peft_config)[0]
             warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to {new}.",
                           UserWarning, stacklevel=2)

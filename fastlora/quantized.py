@@ -21,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
-from fastlora.functional import lora_linear
 from fastlora.layer import LoRALinear
 
 __all__ = ["LoRAQuantizedLinear", "is_bnb_linear"]
@@ -128,14 +127,15 @@ class LoRAQuantizedLinear(LoRALinear):
         return self.base_layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.merged or not self.adapter_enabled or self.active_adapter not in self.adapter_settings:
+        if self.row_adapters is not None:
+            return self.mixed_batch_forward(x, self.row_adapters)
+        names = self.active_held()
+        if self.merged or not self.adapter_enabled or not names:
             return self.base_forward(x)
         result = self.base_layer(x)
-        lora_A, lora_B = self.lora_factors()
-        settings = self.settings
-        low_rank = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
-                               training=self.training, backend=self.backend)
-        return result + low_rank.to(result.dtype)
+        for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
+            result = result + self.low_rank_terms(x, [name]).to(result.dtype)
+        return result
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={s.r}, lora_alpha={s.lora_alpha}, lora_dropout={s.lora_dropout}"

@@ -1,0 +1,152 @@
+"""Several adapters at once, compared with PEFT: several active adapters (set_adapter([...]) at the base_model
+level, their updates summed), the mixed-batch forward and generate (adapter_names=, one adapter per row,
+"__base__" for the base model), and beyond PEFT mixed-batch training, each adapter trained by its own rows."""
+
+import re
+
+import peft
+import pytest
+import torch
+
+import fastlora
+from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _configs(library, name):
+    """Adapter "default" on every projection (r 4), "b" on q and v only (r 2, another alpha)."""
+    if name == "default":
+        return library.LoraConfig(target_modules=SEED_TARGETS, r=4, lora_alpha=16, init_lora_weights=False)
+    return library.LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=3, init_lora_weights=False)
+
+
+def _pair():
+    base = tiny_llama()
+    theirs = peft.get_peft_model(clone(base), _configs(peft, "default"))
+    theirs.add_adapter("b", _configs(peft, "b"))
+    ours = fastlora.get_peft_model(clone(base), _configs(fastlora, "default"))
+    ours.add_adapter("b", _configs(fastlora, "b"))
+    state = theirs.state_dict()
+    with torch.no_grad():
+        for name, layer in ours.lora_layers():
+            for adapter in layer.adapter_names:
+                A, B = layer.lora_factors(adapter)
+                A.copy_(state[f"base_model.model.{name}.lora_A.{adapter}.weight"])
+                B.copy_(state[f"base_model.model.{name}.lora_B.{adapter}.weight"])
+    return theirs, ours
+
+
+def _peft_key(name):
+    """fastlora's parameter name under PEFT's spelling."""
+    return re.sub(r"\.lora_([AB])_(\w+)$", r".lora_\1.\2.weight", name)
+
+
+def _trainable(model, peft_names=False):
+    return {(_peft_key(n) if peft_names else n): p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_several_active_adapters_as_peft():
+    theirs, ours = _pair()
+    theirs.base_model.set_adapter(["default", "b"])
+    ours.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ["default", "b"] and ours.active_adapter == "default"
+    assert set(_trainable(ours, peft_names=True)) == set(_trainable(theirs))  # both adapters train
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads = {n: p.grad for n, p in _trainable(theirs).items()}
+    for name, param in _trainable(ours, peft_names=True).items():
+        assert_close(param.grad, grads[name], kind="same_math", msg=name)
+
+    with ours.disable_adapter():
+        assert_close(ours(input_ids=ids).logits, ours.get_base_model()(input_ids=ids).logits, kind="same_math")
+    theirs.merge_adapter()
+    ours.merge_adapter()  # the default: every active adapter
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
+    ours.unmerge_adapter()
+    ours.delete_adapter("b")
+    assert ours.active_adapters == ["default"]
+
+
+def test_set_adapter_with_a_list_on_the_model_and_the_single_adapter_again():
+    _, ours = _pair()
+    ids = tokens()
+    alone = ours(input_ids=ids).logits
+    ours.set_adapter(["default", "b"])
+    assert not torch.equal(ours(input_ids=ids).logits, alone)
+    ours.set_adapter("default")
+    assert ours.active_adapters == ["default"]
+    assert torch.equal(ours(input_ids=ids).logits, alone)
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if n.endswith("_b"))
+
+
+def test_several_active_adapters_refusals_change_nothing():
+    _, ours = _pair()
+    ours.add_adapter("dora", fastlora.LoraConfig(target_modules=["q_proj"], r=2, use_dora=True))
+    before = snapshot(ours)
+    with pytest.raises(NotImplementedError, match="DoRA adapters"):
+        ours.base_model.set_adapter(["default", "dora"])
+    with pytest.raises(ValueError, match="nope not found"):
+        ours.base_model.set_adapter(["default", "nope"])
+    assert_unchanged(ours, before)
+
+
+def test_mixed_batch_forward_and_generate_as_peft():
+    theirs, ours = _pair()
+    theirs.eval()
+    ours.eval()
+    ids = tokens(batch=4)
+    names = ["b", "__base__", "default", "b"]
+    assert_close(ours(input_ids=ids, adapter_names=names).logits,
+                 theirs(input_ids=ids, adapter_names=names).logits, kind="same_math")
+    mask = torch.ones_like(ids[:, :4])
+    generated = [m.generate(input_ids=ids[:, :4], attention_mask=mask, adapter_names=names, max_new_tokens=3,
+                            do_sample=False, pad_token_id=0) for m in (theirs, ours)]
+    assert torch.equal(generated[0], generated[1])
+    alone = ours(input_ids=ids).logits  # the active adapter for every row again afterwards
+    ours.set_adapter("b")
+    assert_close(ours(input_ids=ids, adapter_names=["b"] * 4).logits, ours(input_ids=ids).logits, kind="same_math")
+    ours.set_adapter("default")
+    assert torch.equal(ours(input_ids=ids).logits, alone)
+
+
+@pytest.mark.parametrize("names, error, match", [
+    (["default"], ValueError, "Length of `adapter_names` should be the same"),
+    (["default", "nope"], ValueError, "non-existing adapter"),
+    ("default", TypeError, "one per row"),
+])
+def test_mixed_batch_checks_as_peft(names, error, match):
+    _, ours = _pair()
+    with pytest.raises(error, match=match):
+        ours(input_ids=tokens(batch=2), adapter_names=names)
+    ours.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        ours(input_ids=tokens(batch=2), adapter_names=["default", "b"])
+
+
+def test_mixed_batch_training_gives_each_adapter_the_gradient_of_its_own_rows():
+    """One step over a mixed batch = separate steps per adapter on its rows (dropout 0): each adapter's gradient
+    comes from its rows only, with its own rank and alpha; "__base__" rows train nothing."""
+    _, ours = _pair()
+    ours.train()
+    ours.set_requires_grad(["default", "b"])  # both train (set_adapter leaves only the active one trainable)
+    ids = tokens(batch=4)
+    names = ["default", "b", "__base__", "default"]
+
+    def loss_of(logits):
+        return logits.float().square().mean(dim=(1, 2)).sum()
+
+    adapters = {n: [p for k, p in ours.named_parameters() if k.endswith(f"_{n}")] for n in ("default", "b")}
+    every = adapters["default"] + adapters["b"]
+    mixed = torch.autograd.grad(loss_of(ours(input_ids=ids, adapter_names=names).logits), every, allow_unused=True)
+    mixed = dict(zip(map(id, every), mixed))
+    for adapter, rows in (("default", [0, 3]), ("b", [1])):
+        ours.set_adapter(adapter)
+        ours.set_requires_grad(adapter)
+        separate = torch.autograd.grad(loss_of(ours(input_ids=ids[rows]).logits), adapters[adapter])
+        for param, grad in zip(adapters[adapter], separate):
+            assert_close(mixed[id(param)], grad, kind="same_math_cancelling")

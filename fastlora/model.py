@@ -634,9 +634,21 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         """transformers' name for ``adapter_tensors()``: the adapter's tensors under PEFT's file keys."""
         return self.adapter_tensors(adapter_name, state_dict)
 
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError("add_weighted_adapter: weighted combinations of adapters are not supported by "
-                                  "fastlora yet")
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add ``adapter_name``, combined from ``adapters`` with ``weights`` (PEFT's method, PEFT's math: see
+        :mod:`fastlora.weighted_adapters`).  ``combination_type``: "cat", "linear", "ties", "dare_linear",
+        "dare_ties", "magnitude_prune" (equal ranks) or their "_svd" forms and "svd" (the combined delta weights
+        truncated to ``svd_rank``); ``density`` for the pruning types; ``majority_sign_method`` "total" or
+        "frequency" for the ties types.  The new adapter is frozen and not active; a name that exists already
+        changes nothing.  DoRA and lora_bias adapters are refused."""
+        from fastlora.weighted_adapters import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
 
     def enable_peft_hotswap(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError("enable_peft_hotswap: adapter hot-swapping (transformers' PEFT integration) is not "

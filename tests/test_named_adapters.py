@@ -318,8 +318,10 @@ def test_refused_features_are_named():
     _, _, fm = _both()
     fm.add_adapter("other", _configs("other", "fastlora"))
     before = snapshot(fm)
-    with pytest.raises(NotImplementedError, match="weighted combinations"):
-        fm.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    with pytest.raises(NotImplementedError, match="hot-swapping"):
+        fm.enable_peft_hotswap(target_rank=8)
+    with pytest.raises(NotImplementedError, match="mixing adapter types"):
+        get_peft_model(tiny_llama(), _configs("default", "fastlora"), mixed=True)
     assert_unchanged(fm, before)
 
 

@@ -1,0 +1,91 @@
+"""add_weighted_adapter: every combination type PEFT defines for LoRA, compared with PEFT on the same adapters
+(the dare types from the same torch seed): the new adapter's factors in every layer, and the outputs."""
+
+import peft
+import pytest
+import torch
+
+import fastlora
+from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _pair(ranks=(4, 4), targets=(SEED_TARGETS, ["q_proj", "v_proj", "up_proj"])):
+    base = tiny_llama()
+    models = []
+    for library in (peft, fastlora):
+        torch.manual_seed(1)
+        model = library.get_peft_model(clone(base), library.LoraConfig(
+            target_modules=list(targets[0]), r=ranks[0], lora_alpha=8, init_lora_weights=False))
+        model.add_adapter("b", library.LoraConfig(target_modules=list(targets[1]), r=ranks[1], lora_alpha=3,
+                                                  init_lora_weights=False))
+        models.append(model)
+    theirs, ours = models
+    state = theirs.state_dict()
+    with torch.no_grad():
+        for name, layer in ours.lora_layers():
+            for adapter in layer.adapter_names:
+                A, B = layer.lora_factors(adapter)
+                A.copy_(state[f"base_model.model.{name}.lora_A.{adapter}.weight"])
+                B.copy_(state[f"base_model.model.{name}.lora_B.{adapter}.weight"])
+    return theirs, ours
+
+
+CASES = [
+    ("cat", {}), ("linear", {}), ("svd", {}), ("svd", {"svd_rank": 2}), ("svd", {"svd_clamp": 0.9}),
+    ("ties", {"density": 0.5}), ("ties", {"density": 0.5, "majority_sign_method": "frequency"}),
+    ("magnitude_prune", {"density": 0.3}), ("dare_linear", {"density": 0.6}), ("dare_ties", {"density": 0.6}),
+    ("ties_svd", {"density": 0.5}), ("dare_linear_svd", {"density": 0.6}), ("dare_ties_svd", {"density": 0.7}),
+    ("magnitude_prune_svd", {"density": 0.4}),
+]
+
+
+@pytest.mark.parametrize("combination_type, options", CASES, ids=[f"{c}-{'-'.join(map(str, o.values()))}" for c, o in CASES])
+def test_combination_as_peft(combination_type, options):
+    theirs, ours = _pair()
+    for model in (theirs, ours):
+        torch.manual_seed(7)  # the dare types' random pruning
+        model.add_weighted_adapter(["default", "b"], [0.7, -1.3], "mix", combination_type=combination_type, **options)
+    state = theirs.state_dict()
+    layers = list(ours.lora_layers("mix"))
+    assert len(layers) == len([k for k in state if k.endswith("lora_A.mix.weight")])
+    for name, layer in layers:
+        A, B = layer.lora_factors("mix")
+        assert_close(A, state[f"base_model.model.{name}.lora_A.mix.weight"], kind="same_math_cancelling", msg=name)
+        assert_close(B, state[f"base_model.model.{name}.lora_B.mix.weight"], kind="same_math_cancelling", msg=name)
+    assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
+    assert not any(p.requires_grad for n, p in ours.named_parameters() if n.endswith("_mix"))  # frozen, not active
+    ids = tokens()
+    for model in (theirs, ours):
+        model.set_adapter("mix")
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math_cancelling")
+
+
+def test_cat_adds_the_deltas_exactly_and_takes_different_ranks():
+    _, ours = _pair(ranks=(4, 2))
+    ours.add_weighted_adapter(["default", "b"], [0.5, 2.0], "mix", combination_type="cat")
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_factors("mix")[0].shape[0] == 6
+    expected = 0.5 * layer.delta_weight("default") + 2.0 * layer.delta_weight("b")
+    assert_close(layer.delta_weight("mix"), expected, kind="same_math")
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="linear"), ValueError,
+     "same r value"),
+    (lambda m: m.add_weighted_adapter(["default", "nope"], [1.0, 1.0], "x"), ValueError, "nope does not exist"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0], "x"), ValueError, "one weight per adapter"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="mean"), ValueError,
+     "Invalid combination_type"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="ties_svd"), ValueError,
+     "needs a density"),
+])
+def test_bad_calls_are_refused_and_change_nothing(call, error, match):
+    _, ours = _pair(ranks=(4, 2))
+    before = snapshot(ours)
+    with pytest.raises(error, match=match):
+        call(ours)
+    assert_unchanged(ours, before)
+    assert "x" not in ours.peft_config

@@ -12,7 +12,7 @@ from torch import nn
 
 from fastlora import LoraConfig, LoraModel, LoRALinear, UnsupportedFeatureError, get_peft_model, lora_linear
 from fastlora.peft_format import CONFIG_NAME, WEIGHTS_NAME
-from tests.models import assert_unchanged, clone, snapshot, tiny_llama
+from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -122,6 +122,17 @@ CASES = [
     ("deleting the last adapter", lambda ctx: ctx["lora"].delete_adapter("default"), ValueError, "only adapter"),
     ("adapter names as a string", lambda ctx: ctx["lora"].merge_and_unload(adapter_names="default"), TypeError, "list of strings"),
     ("saving into a file", lambda ctx: ctx["lora"].save_pretrained(ctx["tmp_path"] / "file.txt"), ValueError, "not a file"),
+    # several adapters at once
+    ("adapter_names shorter than the batch", lambda ctx: ctx["lora"](input_ids=tokens(batch=2), adapter_names=["default"]), ValueError, "Length of `adapter_names`"),
+    ("adapter_names naming an unknown adapter", lambda ctx: ctx["lora"](input_ids=tokens(batch=2), adapter_names=["default", "nope"]), ValueError, "non-existing adapter"),
+    ("adapter_names as one string", lambda ctx: ctx["lora"](input_ids=tokens(batch=2), adapter_names="default"), TypeError, "one per row"),
+    ("several active adapters, one unknown", lambda ctx: ctx["lora"].base_model.set_adapter(["default", "nope"]), ValueError, "nope not found"),
+    ("weighted adapter with too few weights", lambda ctx: ctx["lora"].add_weighted_adapter(["default"], [], "mix"), ValueError, "one weight per adapter"),
+    ("weighted adapter of an unknown adapter", lambda ctx: ctx["lora"].add_weighted_adapter(["nope"], [1.0], "mix"), ValueError, "nope does not exist"),
+    ("weighted adapter of an unknown type", lambda ctx: ctx["lora"].add_weighted_adapter(["default"], [1.0], "mix", combination_type="mean"), ValueError, "Invalid combination_type"),
+    # PEFT features not supported yet
+    ("target_parameters", lambda ctx: LoraConfig(target_parameters=["experts.gate_up_proj"]), UnsupportedFeatureError, "target_parameters"),
+    ("trainable_token_indices", lambda ctx: LoraConfig(target_modules=TARGETS, trainable_token_indices=[1, 2]), UnsupportedFeatureError, "trainable_token_indices"),
     # adapter files
     ("adapter of another rank", _load(_edit_config(r=8)), ValueError, "wrong rank or a different base model"),
     ("adapter of another model", lambda ctx: LoraModel.from_pretrained(ctx["model"], _adapter_dir(ctx["tmp_path"], tiny_llama(hidden_size=32, intermediate_size=48))), ValueError, "shape"),

@@ -113,6 +113,9 @@ class LoRAEmbedding(LoRALinear):
             result = result + self.adapter_update(x, name)
         return result.to(dtype)
 
+    def rows_update(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
+        return self.adapter_update(x.index_select(0, rows), name)  # token ids: a gather costs nothing to keep
+
     def adapter_update(self, x: Tensor, name: str) -> Tensor:
         """scaling · (A[:, ids]ᵀ Bᵀ) · embed_scale for adapter ``name``, in the adapters' dtype."""
         lora_A, lora_B = self.lora_factors(name)

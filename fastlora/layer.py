@@ -488,8 +488,10 @@ class LoRALinear(nn.Linear):
 
     # ---- forward ----------------------------------------------------------------------------------
 
-    # Set by PeftModel for one forward with ``adapter_names=``: the adapter of each row of x (dim 0).
-    row_adapters: list[str] | None = None
+    # Whether the base output must be copied before the mixed batch's in-place adds (a quantized base's output).
+    CLONE_BASE_OUTPUT = False
+    # Set by PeftModel for one forward with ``adapter_names=``: adapter name → the rows of x (dim 0) it takes.
+    row_adapters: dict[str, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.row_adapters is not None:
@@ -506,28 +508,36 @@ class LoRALinear(nn.Linear):
         )
         return y + self.low_rank_terms(x, others).to(y.dtype) if others else y
 
-    def mixed_batch_forward(self, x: Tensor, row_adapters: list[str]) -> Tensor:
-        """The base output for every row of x (dim 0), plus for each adapter its update on its own rows (rows
-        named ``"__base__"``, or an adapter this layer does not hold, get the base output alone).  Rows are grouped
-        per adapter: one gather of its rows, one update, one scatter-add; gradients reach each adapter from its
-        rows only, so a mixed batch also trains."""
+    def mixed_batch_forward(self, x: Tensor, row_adapters: dict[str, Tensor]) -> Tensor:
+        """The base output for every row of x (dim 0), plus for each adapter its update on its own rows
+        (``row_adapters``: name → row indices; rows of ``"__base__"``, or of an adapter this layer does not hold,
+        get the base output alone).  Per adapter: one gather of its rows, one update, one in-place accumulate;
+        gradients reach each adapter from its rows only, so a mixed batch also trains."""
         result = self.base_forward(x)
         if not self.adapter_enabled:
             return result
-        groups: dict[str, list[int]] = {}
-        for row, name in enumerate(row_adapters):
-            groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
+        if self.CLONE_BASE_OUTPUT:
+            result = result.clone()
+        for name, index in row_adapters.items():
             if name not in self.adapter_settings:
                 continue
-            index = torch.tensor(rows, device=x.device)
-            update = self.adapter_update(x.index_select(0, index), name)
-            result = result.index_add(0, index, update.to(result.dtype))
+            index = index.to(x.device)
+            # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
+            result.index_put_((index,), self.rows_update(x, index, name).to(result.dtype), accumulate=True)
         return result
 
-    def adapter_update(self, x: Tensor, name: str) -> Tensor:
-        """Adapter ``name``'s update alone for input x (what it adds to the base output)."""
-        return self.low_rank_terms(x, [name])
+    def rows_update(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
+        """Adapter ``name``'s update for the rows ``rows`` of x (dim 0): scaling · ((dropout(x[rows]) Aᵀ) Bᵀ + b_B),
+        autograd keeping x itself rather than a copy of the rows (:mod:`fastlora.segments`)."""
+        if self.magnitude(name) is not None:
+            raise NotImplementedError(f"adapter {name!r} is a DoRA adapter: DoRA in a mixed batch is not supported")
+        from fastlora.segments import segment_low_rank
+
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        update = segment_low_rank(x, rows, lora_A, lora_B, settings.scaling, settings.lora_dropout, self.training)
+        bias = self.lora_bias(name)
+        return update if bias is None else update + (bias * settings.scaling).to(update.dtype)
 
     def low_rank_terms(self, x: Tensor, names: list[str]) -> Tensor:
         """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA), each in the adapters'

@@ -369,9 +369,13 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         dora = sorted({n for n in names if n != "__base__" and self.peft_config[n].use_dora})
         if dora:
             raise NotImplementedError(f"adapter_names with DoRA adapters ({dora}) is not supported by fastlora")
+        groups: dict[str, list[int]] = {}
+        for row, name in enumerate(names):
+            groups.setdefault(name, []).append(row)
+        rows = {name: torch.tensor(index) for name, index in groups.items() if name != "__base__"}
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:
-            layer.row_adapters = names
+            layer.row_adapters = rows
         try:
             yield
         finally:

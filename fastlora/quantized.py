@@ -43,6 +43,9 @@ def is_bnb_linear(module: nn.Module) -> bool:
 class LoRAQuantizedLinear(LoRALinear):
     """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ for a bitsandbytes 4-bit or 8-bit Linear ``base_layer``."""
 
+    # bitsandbytes' output is not modified in place (PEFT clones it too before adding to it)
+    CLONE_BASE_OUTPUT = True
+
     @classmethod
     def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,
                        adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAQuantizedLinear":

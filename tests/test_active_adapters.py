@@ -150,3 +150,27 @@ def test_mixed_batch_training_gives_each_adapter_the_gradient_of_its_own_rows():
         separate = torch.autograd.grad(loss_of(ours(input_ids=ids[rows]).logits), adapters[adapter])
         for param, grad in zip(adapters[adapter], separate):
             assert_close(mixed[id(param)], grad, kind="same_math_cancelling")
+
+
+def test_a_mixed_batch_keeps_what_one_adapter_keeps():
+    """Autograd keeps x once per layer (the rows are gathered again in backward), each adapter's S and its rows'
+    indices: the one-adapter step's bytes plus a few indices, with dropout on."""
+    from fastlora.bench.measure import SavedTensorCounter, module_tensors
+
+    _, ours = _pair()
+    ours.train()
+    ours.set_requires_grad(["default", "b"])
+    for layer in (layer for _, layer in ours.lora_layers()):
+        for name in layer.adapter_names:
+            layer.adapter_settings[name] = layer.adapter_settings[name].__class__(
+                **{**layer.adapter_settings[name].__dict__, "lora_dropout": 0.1})
+    ids = tokens(batch=4)
+
+    def saved(**kwargs):
+        with SavedTensorCounter(exclude=module_tensors(ours)) as counter:
+            ours(input_ids=ids, labels=ids, **kwargs).loss.backward()
+        return counter.bytes
+
+    one = saved()
+    mixed = saved(adapter_names=["default", "default", "default", "default"])
+    assert mixed <= one + 64 * len(list(ours.lora_layers())), (mixed, one)

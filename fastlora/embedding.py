@@ -101,13 +101,8 @@ class LoRAEmbedding(LoRALinear):
                              f"{tuple(scale.shape)}")
         return scale
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.row_adapters is not None:
-            return self.mixed_batch_forward(x, self.row_adapters)
+    def adapted_forward(self, x: Tensor, names: list[str]) -> Tensor:
         result = self.base_forward(x)
-        names = self.active_held()
-        if self.merged or not self.adapter_enabled or not names:
-            return result
         dtype = result.dtype
         for name in names:  # the active adapters' updates add up, as PEFT's
             result = result + self.adapter_update(x, name)

@@ -499,6 +499,12 @@ class LoRALinear(nn.Linear):
         names = self.active_held()
         if self.merged or not self.adapter_enabled or not names:
             return self.base_forward(x)
+        return self.adapted_forward(x, names)
+
+    def adapted_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        """The output with the active adapters ``names`` (held by this layer, at least one): what a base kind
+        computes differently overrides this, the dispatch in ``forward`` (merged, disabled, mixed batch) is
+        shared."""
         first, *others = names
         lora_A, lora_B = self.lora_factors(first)
         settings = self.adapter_settings[first]

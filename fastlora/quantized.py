@@ -129,12 +129,7 @@ class LoRAQuantizedLinear(LoRALinear):
     def to_base(self) -> nn.Module:
         return self.base_layer
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.row_adapters is not None:
-            return self.mixed_batch_forward(x, self.row_adapters)
-        names = self.active_held()
-        if self.merged or not self.adapter_enabled or not names:
-            return self.base_forward(x)
+    def adapted_forward(self, x: Tensor, names: list[str]) -> Tensor:
         result = self.base_layer(x)
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
             result = result + self.low_rank_terms(x, [name]).to(result.dtype)

@@ -23,12 +23,23 @@ def tokens(batch=2, length=16, vocab=128, seed=1):
 
 
 def copy_lora_weights(peft_model, fastlora_model):
-    """Give fastlora's adapters PEFT's values (PEFT keys carry the adapter name 'default')."""
-    state = {k.replace(".default", ""): v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    """Give fastlora's layers PEFT's adapter values, every adapter of every layer: A and B (a Linear's
+    ``lora_A.<name>.weight`` or an embedding's ``lora_embedding_A.<name>``) and, with lora_bias, B's bias."""
+    state = peft_model.state_dict()
     with torch.no_grad():
         for name, layer in fastlora_model.lora_layers():
-            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+            embedding = getattr(type(layer), "PEFT_FACTOR_KEYS", None) is not None
+            for adapter in layer.adapter_names:
+                A, B = layer.lora_factors(adapter)
+                prefix = f"base_model.model.{name}"
+                if embedding:
+                    A.copy_(state[f"{prefix}.lora_embedding_A.{adapter}"])
+                    B.copy_(state[f"{prefix}.lora_embedding_B.{adapter}"])
+                else:
+                    A.copy_(state[f"{prefix}.lora_A.{adapter}.weight"])
+                    B.copy_(state[f"{prefix}.lora_B.{adapter}.weight"])
+                if layer.lora_bias(adapter) is not None:
+                    layer.lora_bias(adapter).copy_(state[f"{prefix}.lora_B.{adapter}.bias"])
 
 
 def _adapter_state(module):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fastlora
-from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -28,13 +28,7 @@ def _pair():
     theirs.add_adapter("b", _configs(peft, "b"))
     ours = fastlora.get_peft_model(clone(base), _configs(fastlora, "default"))
     ours.add_adapter("b", _configs(fastlora, "b"))
-    state = theirs.state_dict()
-    with torch.no_grad():
-        for name, layer in ours.lora_layers():
-            for adapter in layer.adapter_names:
-                A, B = layer.lora_factors(adapter)
-                A.copy_(state[f"base_model.model.{name}.lora_A.{adapter}.weight"])
-                B.copy_(state[f"base_model.model.{name}.lora_B.{adapter}.weight"])
+    copy_lora_weights(theirs, ours)
     return theirs, ours
 
 

@@ -12,7 +12,7 @@ import transformers
 
 import fastlora
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from tests.models import clone, tokens
+from tests.models import clone, copy_lora_weights, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -58,16 +58,6 @@ def _model(architecture: str):
         return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
-def _copy_adapter(theirs, ours):
-    """PEFT's initial adapter (A and a non-zero B) into fastlora's layers."""
-    state = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
-    with torch.no_grad():
-        for name, layer in ours.lora_layers():
-            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
-    assert 2 * len(list(ours.lora_layers())) == len(state)
-
-
 def _grads(model, rename):
     return {rename(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
@@ -105,7 +95,8 @@ def test_fastlora_agrees_with_peft(architecture, targets, tmp_path):
     else:
         theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config, target_modules=targets))
         ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config, target_modules=targets))
-    _copy_adapter(theirs, ours)
+    copy_lora_weights(theirs, ours)
+    assert 2 * len(list(ours.lora_layers())) == len([k for k in theirs.state_dict() if "lora_" in k])
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
     ids = tokens(length=12)

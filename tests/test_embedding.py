@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlora
 from fastlora.embedding import LoRAEmbedding
-from tests.models import clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
@@ -18,20 +18,11 @@ CONFIG = dict(task_type="CAUSAL_LM", target_modules=["embed_tokens", "q_proj"], 
               init_lora_weights=False)
 
 
-def _copy(theirs, ours):
-    state = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
-    with torch.no_grad():
-        for name, layer in ours.lora_layers():
-            key_A, key_B = getattr(type(layer), "PEFT_FACTOR_KEYS", ("lora_A.weight", "lora_B.weight"))
-            layer.lora_A.copy_(state[f"base_model.model.{name}.{key_A}"])
-            layer.lora_B.copy_(state[f"base_model.model.{name}.{key_B}"])
-
-
 def _pair(base=None, **changes):
     base = base if base is not None else tiny_llama()
     theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**{**CONFIG, **changes}))
     ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**{**CONFIG, **changes}))
-    _copy(theirs, ours)
+    copy_lora_weights(theirs, ours)
     return base, theirs, ours
 
 
@@ -153,7 +144,7 @@ def test_a_scaled_embedding_scales_the_update_as_peft():
     holder = _Holder()
     theirs = peft.get_peft_model(clone(holder), peft.LoraConfig(target_modules=["embed"], r=2, init_lora_weights=False))
     ours = fastlora.get_peft_model(clone(holder), fastlora.LoraConfig(target_modules=["embed"], r=2))
-    _copy(theirs, ours)
+    copy_lora_weights(theirs, ours)
     ids = torch.tensor([[0, 3, 19, 5]])  # the padding id included
     assert_close(ours(ids), theirs(ids), kind="same_math")
 

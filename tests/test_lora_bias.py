@@ -10,28 +10,18 @@ from torch import nn
 
 import fastlora
 from fastlora import LoRALinear
-from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_bias=True,
               init_lora_weights=False)
 
 
-def _copy(theirs, ours):
-    """PEFT's factors and B biases into fastlora's layers."""
-    state = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
-    with torch.no_grad():
-        for name, layer in ours.lora_layers():
-            layer.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            layer.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
-            layer.lora_bias().copy_(state[f"base_model.model.{name}.lora_B.bias"])
-
-
 def _pair(model=None, **changes):
     base = model if model is not None else tiny_llama(attention_bias=True, mlp_bias=True)
     theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**{**CONFIG, **changes}))
     ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**{**CONFIG, **changes}))
-    _copy(theirs, ours)
+    copy_lora_weights(theirs, ours)
     return base, theirs, ours
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastlora
-from tests.models import SEED_TARGETS, clone, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -23,13 +23,7 @@ def _pair(ranks=(4, 4), targets=(SEED_TARGETS, ["q_proj", "v_proj", "up_proj"]))
                                                   init_lora_weights=False))
         models.append(model)
     theirs, ours = models
-    state = theirs.state_dict()
-    with torch.no_grad():
-        for name, layer in ours.lora_layers():
-            for adapter in layer.adapter_names:
-                A, B = layer.lora_factors(adapter)
-                A.copy_(state[f"base_model.model.{name}.lora_A.{adapter}.weight"])
-                B.copy_(state[f"base_model.model.{name}.lora_B.{adapter}.weight"])
+    copy_lora_weights(theirs, ours)
     return theirs, ours
 
 

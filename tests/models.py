@@ -76,3 +76,38 @@ def assert_unchanged(model, before):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def peft_parameters(peft_model, fastlora_model):
+    """(fastlora parameter, PEFT parameter) of every adapter of every fastlora layer: A, B and B's bias."""
+    theirs = dict(peft_model.named_parameters())
+    pairs = []
+    for name, layer in fastlora_model.lora_layers():
+        embedding = getattr(type(layer), "PEFT_FACTOR_KEYS", None) is not None
+        prefix = f"base_model.model.{name}"
+        for adapter in layer.adapter_names:
+            A, B = layer.lora_factors(adapter)
+            if embedding:
+                pairs += [(A, theirs[f"{prefix}.lora_embedding_A.{adapter}"]),
+                          (B, theirs[f"{prefix}.lora_embedding_B.{adapter}"])]
+            else:
+                pairs += [(A, theirs[f"{prefix}.lora_A.{adapter}.weight"]), (B, theirs[f"{prefix}.lora_B.{adapter}.weight"])]
+            if layer.lora_bias(adapter) is not None:
+                pairs.append((layer.lora_bias(adapter), theirs[f"{prefix}.lora_B.{adapter}.bias"]))
+    return pairs
+
+
+def assert_step_as_peft(peft_model, fastlora_model, ids, kind="same_math"):
+    """One forward and backward of both models on ``ids``: logits, and every adapter parameter's gradient, within
+    the ``kind`` tolerance (tests/tolerances.py)."""
+    from tests.tolerances import assert_close
+
+    out_theirs = peft_model(input_ids=ids, labels=ids)
+    out_ours = fastlora_model(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind=kind)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    for ours, theirs in peft_parameters(peft_model, fastlora_model):
+        if ours.requires_grad:
+            assert_close(ours.grad, theirs.grad, kind=kind)
+

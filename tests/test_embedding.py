@@ -10,7 +10,7 @@ from torch import nn
 
 import fastlora
 from fastlora.embedding import LoRAEmbedding
-from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import assert_step_as_peft, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
@@ -26,26 +26,12 @@ def _pair(base=None, **changes):
     return base, theirs, ours
 
 
-def _grads(model):
-    return {n.replace(".default", "").replace("lora_A_default", "lora_embedding_A").replace(
-        "lora_B_default", "lora_embedding_B"): p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
 def test_outputs_gradients_and_counts_as_peft():
     _, theirs, ours = _pair()
     embed = ours.base_model.model.model.embed_tokens
     assert isinstance(embed, LoRAEmbedding) and embed.lora_A.shape == (4, 128) and embed.lora_B.shape == (64, 4)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    theirs_grads = {k: v for k, v in _grads(theirs).items()}
-    for name, grad in _grads(ours).items():
-        if "embed_tokens" in name:
-            assert_close(grad, theirs_grads[name], kind="same_math", msg=name)
-
+    assert_step_as_peft(theirs, ours, tokens())
 
 def test_default_initialisation_and_no_dropout():
     """PEFT's: A = 0 and B normal, so the model starts at the base; lora_dropout does not apply to an id lookup."""

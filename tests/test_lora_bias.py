@@ -1,7 +1,6 @@
 """lora_bias=True: a trained bias on B, the update scaling · ((dropout(x) Aᵀ) Bᵀ + b_B), compared with PEFT:
 outputs, gradients (the bias's included), merge into the base bias, adapter files both ways."""
 
-import warnings
 
 import peft
 import pytest
@@ -10,7 +9,7 @@ from torch import nn
 
 import fastlora
 from fastlora import LoRALinear
-from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_step_as_peft, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_bias=True,
@@ -31,17 +30,7 @@ def test_outputs_and_gradients_as_peft():
     assert layer.lora_bias() is not None and layer.lora_bias().requires_grad
     assert layer.lora_bias().abs().sum() > 0  # init_lora_weights=False: nn.Linear's bias initialisation, as PEFT's
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            key = name.replace("lora_B_bias_default", "lora_B.bias").replace("_default", ".weight")
-            assert_close(param.grad, grads[key], kind="same_math", msg=name)
-
+    assert_step_as_peft(theirs, ours, tokens())
 
 def test_merge_unmerge_and_files_as_peft(tmp_path):
     base, theirs, ours = _pair()

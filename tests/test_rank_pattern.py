@@ -6,11 +6,10 @@ import json
 
 import peft
 import pytest
-import torch
 
 import fastlora
 from fastlora import LoRALinear
-from tests.models import SEED_TARGETS, clone, copy_lora_weights, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_step_as_peft, clone, copy_lora_weights, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 PATTERNS = dict(
@@ -43,16 +42,7 @@ def test_ranks_scalings_outputs_and_gradients_as_peft(use_rslora):
     assert ranks["model.layers.0.self_attn.q_proj"] == 2 and ranks["model.layers.1.mlp.down_proj"] == 4
     assert ranks["model.layers.0.mlp.up_proj"] == 3 and ranks["model.layers.1.mlp.up_proj"] == 8
     assert ranks["model.layers.1.self_attn.v_proj"] == 5
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    grads = {n.replace(".default", ""): p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-    for name, param in ours.named_parameters():
-        if param.requires_grad:
-            assert_close(param.grad, grads[name.replace("_default", ".weight")], kind="same_math", msg=name)
-
+    assert_step_as_peft(theirs, ours, tokens())
 
 def test_adapter_files_both_ways(tmp_path):
     base, theirs, ours = _pair()

@@ -104,7 +104,6 @@ UNSUPPORTED_FEATURES = {
     "use_qalora": False,
     "use_bdlora": None,
     "megatron_config": None,
-    "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "target_parameters": None,
     "ensure_weight_tying": False,
@@ -170,15 +169,16 @@ class LoraConfig:
             matching either) → r; the first matching key in the dict's order wins.  Default {}.
         alpha_pattern (dict[str, float]): per-module lora_alpha, keys as ``rank_pattern``'s.  Default {}.
         lora_bias (bool): a trained bias on B (PEFT's ``lora_B.bias``), merged into the base bias.  Default False.
+        trainable_token_indices (list[int] | dict[str, list[int]] | None): rows of an embedding table that train
+            (a list: the input embeddings'; a dict: module name → rows), the rest of the table frozen.
         fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
             (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
             otherwise.  Default False.
 
     PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
     ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
-    features fastlora does not implement (``rank_pattern``, ``alpha_pattern``,
-    ``loftq_config``, ``use_qalora``, ``lora_bias``, ``trainable_token_indices``, ...) take only their "off"
-    value; anything else raises :class:`UnsupportedFeatureError` naming the field.
+    features fastlora does not implement (``loftq_config``, ``use_qalora``, ``target_parameters``, ...) take
+    only their "off" value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
     PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``).
 
@@ -266,6 +266,16 @@ class LoraConfig:
         if self.use_dora and self.lora_bias:
             raise UnsupportedFeatureError("LoraConfig(use_dora=True, lora_bias=True): a bias on B with DoRA is not "
                                           "supported by fastlora; use one of the two")
+        tokens = self.trainable_token_indices
+        if tokens is not None:
+            lists = tokens.values() if isinstance(tokens, dict) else [tokens]
+            if (isinstance(tokens, dict) and not all(isinstance(k, str) for k in tokens)) or not all(
+                    isinstance(v, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                         for i in v) for v in lists):
+                raise ValueError(f"trainable_token_indices must be a list of token ids >= 0, or a dict of module name "
+                                 f"-> such a list, got {tokens!r}")
+            put("trainable_token_indices", {k: list(v) for k, v in tokens.items()} if isinstance(tokens, dict)
+                else list(tokens))
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:

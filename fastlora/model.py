@@ -24,8 +24,10 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.targets import (
-    plan_modules_to_save, plan_targets, settle_fan_in_fan_out, warn_order_dependent_patterns, with_task_heads,
+    output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
+    warn_order_dependent_patterns, with_task_heads,
 )
 
 __all__ = ["get_peft_model", "PeftModel", "LoraModel", "LoraTuner"]
@@ -51,7 +53,13 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     """Give ``adapter_name`` to every target (swapping each base layer for its kind's adapted layer) and a copy of
     every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
     flag back as they were; an error part way through calls it before raising."""
-    originals = {name: model.get_submodule(name) for name in [*targets, *to_save]}
+    tokens = plan_trainable_tokens(model, config, targets)  # checked before anything changes
+    head = output_head(model)
+    head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
+    tied = {name for name in tokens if head_name is not None and getattr(head, "weight", None) is getattr(
+        getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)), "weight", False)}
+    originals = {name: model.get_submodule(name)
+                 for name in [*targets, *to_save, *tokens, *([head_name] if tied else [])]}
     flags = {p: p.requires_grad for p in model.parameters()}
 
     def undo() -> None:
@@ -59,7 +67,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             _set_module(model, name, module)
             if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
                 module.delete_adapter(adapter_name)
-            elif isinstance(module, ModulesToSaveWrapper):
+            elif isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)):
                 module.delete_adapter(adapter_name)
         for param, flag in flags.items():
             param.requires_grad_(flag)
@@ -80,6 +88,13 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
                 module.add_adapter(adapter_name, trainable=False)
             else:
                 _set_module(model, name, ModulesToSaveWrapper(module, adapter_name, trainable=False))
+        for name, rows in tokens.items():
+            module = originals[name]
+            wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
+            wrapper.add_adapter(adapter_name, rows)
+            _set_module(model, name, wrapper)
+            if name in tied and not isinstance(originals[head_name], TrainableTokensWrapper):
+                _set_module(model, head_name, TrainableTokensWrapper(originals[head_name], tied_to=wrapper))
     except BaseException:
         undo()
         raise
@@ -162,7 +177,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
     """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet."""
-    if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper)) for m in model.modules()):
+    if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another")
     return plan_targets(model, config), plan_modules_to_save(model, config)
@@ -363,7 +378,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if any(layer.merged for _, layer in self.lora_layers()):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if any(True for _ in self.wrappers()):
+        if any(True for _ in self.wrappers()) or any(True for _ in self.token_wrappers()):
             raise NotImplementedError("adapter_names with modules_to_save: a mixed batch over modules_to_save copies is "
                                       "not supported by fastlora")
         dora = sorted({n for n in names if n != "__base__" and self.peft_config[n].use_dora})
@@ -436,6 +451,12 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if isinstance(module, LoRALinear) and (adapter_name is None or adapter_name in module.adapter_settings):
                 yield name, module
 
+    def token_wrappers(self) -> Iterator[tuple[str, TrainableTokensWrapper]]:
+        """(qualified name, wrapper) of every embedding table (or tied head) with trainable token rows."""
+        for name, module in self.get_base_model().named_modules():
+            if isinstance(module, TrainableTokensWrapper):
+                yield name, module
+
     def wrappers(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         for name, module in self.get_base_model().named_modules():
             if isinstance(module, ModulesToSaveWrapper):
@@ -460,6 +481,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, wrapper in self.wrappers():
             if adapter_name in wrapper.modules_to_save:
                 yield from wrapper.modules_to_save[adapter_name].parameters()
+        for _, tokens in self.token_wrappers():
+            yield from tokens.adapter_parameters(adapter_name)
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of the given adapters' parameters (factors and modules_to_save copies) on or off."""
@@ -497,6 +520,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             layer.set_adapter(adapter_names)
         for _, wrapper in self.wrappers():
             wrapper.set_adapter(adapter_names[0])
+        for _, tokens in self.token_wrappers():
+            tokens.set_adapter(adapter_names)
         for name in self.peft_config:
             for param in self._adapter_parameters(name):
                 param.requires_grad_(trainable and name in adapter_names)
@@ -556,14 +581,19 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                     )
         for layer in layers:
             layer.merge([n for n in names if n in layer.adapter_settings])
+        for _, tokens in self.token_wrappers():  # the trained token rows written into their tables
+            tokens.merge(names, safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Take the merged adapters back out of the base weights (to within one rounding)."""
         layers = [layer for _, layer in self.lora_layers()]
-        if not any(layer.merged for layer in layers):
+        tokens = [wrapper for _, wrapper in self.token_wrappers()]
+        if not any(layer.merged for layer in layers) and not any(t.merged_adapters for t in tokens):
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
         for layer in layers:
             layer.unmerge()
+        for wrapper in tokens:
+            wrapper.unmerge()
 
     def _replace_lora_layers(self, merge: bool, **merge_kwargs) -> nn.Module:
         if merge:
@@ -575,6 +605,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             _set_module(model, name, layer.to_base())
         for name, wrapper in list(self.wrappers()):  # PEFT keeps the active adapter's trained copy either way
             _set_module(model, name, wrapper.active_module)
+        for name, tokens in list(self.token_wrappers()):
+            if not merge:
+                tokens.unmerge()
+            _set_module(model, name, tokens.to_base())
         return model
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
@@ -598,6 +632,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             layer.adapter_enabled = enabled
         for _, wrapper in self.wrappers():
             wrapper.adapter_enabled = enabled
+        for _, tokens in self.token_wrappers():
+            if not enabled:
+                tokens.unmerge()
+            tokens.adapter_enabled = enabled
         if enabled:
             self._activate(self._active_adapters, trainable=True)
         else:
@@ -702,6 +740,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, wrapper in self.wrappers():
             wrapper.set_adapter(self._active_adapter)
             wrapper.adapter_enabled = self.adapters_enabled
+        for _, tokens in self.token_wrappers():
+            tokens.set_adapter(self._active_adapters)
+            tokens.adapter_enabled = self.adapters_enabled
         self.set_requires_grad(adapter_name, False)
 
         def undo() -> None:
@@ -738,6 +779,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             wrapper.delete_adapter(adapter_name)
             if not len(wrapper.modules_to_save):
                 _set_module(model, name, wrapper.original_module)
+        for name, tokens in list(self.token_wrappers()):
+            tokens.delete_adapter(adapter_name)
+            if not tokens.adapter_names:
+                _set_module(model, name, tokens.to_base())
         del self.peft_config[adapter_name]
         if adapter_name in self._active_adapters and len(self._active_adapters) > 1:
             self._set_active_adapters([n for n in self._active_adapters if n != adapter_name])

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from fastlora.base_kinds import peft_factor_keys, sizes as base_sizes
+from fastlora.targets import plan_trainable_tokens
 from fastlora.config import CONFIG_NAME, LoraConfig
 from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
@@ -82,6 +83,10 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
                                                             (out_features,))
         if config.lora_bias:
             out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_B_bias_{adapter_name}", (out_features,))
+    for name, rows in plan_trainable_tokens(model, config, targets).items():
+        dim = getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape[1]
+        out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = (
+            f"{name}.trainable_tokens_delta_{adapter_name}", (len(rows), dim))
     params = dict(model.named_parameters())
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))

@@ -58,7 +58,8 @@ def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def _output_head(model: nn.Module) -> nn.Module | None:
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output head (``get_output_embeddings()``), None when it has none."""
     get = getattr(model, "get_output_embeddings", None)
     try:
         return get() if callable(get) else None
@@ -87,7 +88,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
     a matched module is of no kind fastlora adapts (naming it and why).
     """
-    head = _output_head(model)
+    head = output_head(model)
     targets, not_linear, saved_instead = [], [], []
     for name, module in _named_modules_outside_wrappers(model):
         if not name or isinstance(module, ModulesToSaveWrapper):
@@ -201,4 +202,40 @@ def warn_order_dependent_patterns(config: LoraConfig, targets: list[str]) -> Non
             f"with different values, so the first in the dict's order decides; adapter_config.json is written with "
             f"sorted keys (as PEFT writes it), so the saved adapter would not reload with these ranks.  Make the keys "
             f"match disjoint modules", UserWarning, stacklevel=3)
+
+
+def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, list[int]]:
+    """Module name → the token rows ``trainable_token_indices`` trains: a list names the input embeddings' rows, a
+    dict maps module names (exact or dotted suffix) to rows.  Checked: each module an embedding table not also
+    adapted by target_modules, each row inside its table."""
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return {}
+    if isinstance(tokens, dict):
+        wanted = tokens
+    else:
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        name = next((n for n, m in model.named_modules() if embedding is not None and m is embedding), None)
+        if name is None:
+            raise ValueError("trainable_token_indices as a list needs a model with get_input_embeddings(); name the "
+                             "embedding module instead: trainable_token_indices={'<module name>': [...]}")
+        wanted = {name: tokens}
+    plan = {}
+    for key, rows in wanted.items():
+        matches = [n for n, _ in _named_modules_outside_wrappers(model) if n and _name_matches(n, [key])]
+        if not matches:
+            raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of the model")
+        for name in matches:
+            module = model.get_submodule(name)
+            table = getattr(getattr(module, "base_layer", module), "weight", None)
+            if name in targets or is_adapted(module) or not isinstance(getattr(module, "base_layer", module), nn.Embedding):
+                raise TypeError(f"trainable_token_indices on {name} ({type(module).__name__}): it must be an embedding "
+                                f"table that target_modules does not adapt")
+            bad = [i for i in rows if i >= table.shape[0]]
+            if bad:
+                raise ValueError(f"trainable_token_indices for {name}: token ids {bad[:5]} are outside its "
+                                 f"{table.shape[0]} rows")
+            plan[name] = list(rows)
+    return plan
 

@@ -13,9 +13,9 @@ as the model with its adapter disabled.  Given a ``peft.PeftConfig`` (or none), 
     from fastlora import LoraConfig                 # was: from peft import LoraConfig
     from fastlora.trl_trainers import SFTTrainer    # was: from trl import SFTTrainer
 
-Nothing in TRL or PEFT is modified.  TRL's chat-template cloning (``chat_template_path``), which makes new
-tokens' embedding rows trainable, needs ``trainable_token_indices``, which fastlora does not support: it is
-refused with a fastlora config.
+Nothing in TRL or PEFT is modified.  TRL's chat-template cloning (``chat_template_path``) adds tokens after the
+model is built and makes their rows trainable by editing the PEFT config it is given: with fastlora's config it
+is refused (give ``trainable_token_indices`` in the config and set the tokenizer's chat template yourself).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ def _adapted_model(trainer_class: type, bound: inspect.BoundArguments, config: L
     arguments = bound.arguments
     model, args = arguments["model"], arguments.get("args")
     if getattr(args, "chat_template_path", None) is not None:
-        raise ValueError("chat_template_path with fastlora's LoraConfig: the tokens TRL adds then need "
-                         "trainable_token_indices, which fastlora does not support; set the chat template on the "
-                         "tokenizer yourself and leave chat_template_path unset")
+        raise ValueError("chat_template_path with fastlora's LoraConfig: TRL adds the template's tokens after the "
+                         "model is adapted; add them to the tokenizer and resize the model yourself, name their rows "
+                         "in LoraConfig(trainable_token_indices=...), and leave chat_template_path unset")
     set_seed(getattr(args, "seed", 42))  # TrainingArguments' default seed when args is None
     if isinstance(model, str):
         init_kwargs = dict(getattr(args, "model_init_kwargs", None) or {})

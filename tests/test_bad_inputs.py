@@ -132,7 +132,8 @@ CASES = [
     ("weighted adapter of an unknown type", lambda ctx: ctx["lora"].add_weighted_adapter(["default"], [1.0], "mix", combination_type="mean"), ValueError, "Invalid combination_type"),
     # PEFT features not supported yet
     ("target_parameters", lambda ctx: LoraConfig(target_parameters=["experts.gate_up_proj"]), UnsupportedFeatureError, "target_parameters"),
-    ("trainable_token_indices", lambda ctx: LoraConfig(target_modules=TARGETS, trainable_token_indices=[1, 2]), UnsupportedFeatureError, "trainable_token_indices"),
+    ("trainable token ids outside the table", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS, trainable_token_indices=[1, 500])), ValueError, r"token ids \[500\] are outside its 128 rows"),
+    ("trainable tokens on a LoRA-adapted embedding", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[1])), TypeError, "must be an embedding table that target_modules does not adapt"),
     # adapter files
     ("adapter of another rank", _load(_edit_config(r=8)), ValueError, "wrong rank or a different base model"),
     ("adapter of another model", lambda ctx: LoraModel.from_pretrained(ctx["model"], _adapter_dir(ctx["tmp_path"], tiny_llama(hidden_size=32, intermediate_size=48))), ValueError, "shape"),

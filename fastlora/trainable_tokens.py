@@ -1,0 +1,132 @@
+"""PEFT's ``trainable_token_indices``: only the listed rows of an embedding table train (new tokens' rows, say),
+the rest of the table staying frozen and bitwise unchanged.
+
+:class:`TrainableTokensWrapper` holds the embedding as ``base_layer`` and, per adapter, the trained rows
+``trainable_tokens_delta_<name>`` (len(indices) × dim, initialised from the table's rows, as PEFT) and their
+original values.  Its output is the base module's with the table's listed rows replaced by the trained ones:
+
+    y = embed(ids; W with W[indices] ← delta) · embed_scale
+
+An output head tied to the table (``tie_word_embeddings``) is wrapped too, sharing the trained rows, so the head
+reads the same table: y = h (W with W[indices] ← delta)ᵀ.  Merging writes the rows into the table, unmerging
+puts the originals back.  PEFT's file key is ``<path>.token_adapter.trainable_tokens_delta`` (the tied head's
+rows are the table's, saved once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TrainableTokensWrapper"]
+
+
+class TrainableTokensWrapper(nn.Module):
+    """The listed rows of an embedding table (or of a head tied to it), trained per adapter."""
+
+    def __init__(self, base: nn.Module, tied_to: "TrainableTokensWrapper | None" = None) -> None:
+        super().__init__()
+        self.base_layer = base
+        # a tied head reads its owner's rows; a list, so the owner is not registered as a submodule twice
+        self._tied = [tied_to] if tied_to is not None else []
+        self.token_indices: dict[str, list[int]] = {} if tied_to is None else tied_to.token_indices
+        self.active_adapters: list[str] = [] if tied_to is None else list(tied_to.active_adapters)
+        self.adapter_enabled = True
+        self.merged_adapters: list[str] = []
+
+    @property
+    def owner(self) -> "TrainableTokensWrapper":
+        return self._tied[0] if self._tied else self
+
+    @property
+    def is_tied(self) -> bool:
+        return bool(self._tied)
+
+    def add_adapter(self, adapter_name: str, indices: list[int]) -> None:
+        """Rows ``indices`` of the table train for ``adapter_name``, starting from their current values."""
+        if not self.active_adapters:  # the first adapter added is active, as in a LoRA layer
+            self.active_adapters = [adapter_name]
+        if self.is_tied:
+            return
+        weight = self.base_layer.weight
+        rows = weight.detach()[torch.tensor(indices, device=weight.device)].clone()
+        self.token_indices[adapter_name] = list(indices)
+        self.register_parameter(f"trainable_tokens_delta_{adapter_name}", nn.Parameter(rows.clone()))
+        self.register_buffer(f"trainable_tokens_original_{adapter_name}", rows, persistent=False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if not self.is_tied:
+            self.token_indices.pop(adapter_name, None)
+            self._parameters.pop(f"trainable_tokens_delta_{adapter_name}", None)
+            self._buffers.pop(f"trainable_tokens_original_{adapter_name}", None)
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.owner.token_indices)
+
+    def delta(self, adapter_name: str) -> nn.Parameter:
+        return self.owner._parameters[f"trainable_tokens_delta_{adapter_name}"]
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [] if self.is_tied or adapter_name not in self.token_indices else [self.delta(adapter_name)]
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        self.active_adapters = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+
+    def _held(self, names: list[str]) -> list[str]:
+        held = [n for n in names if n in self.owner.token_indices]
+        seen: set[int] = set()
+        for name in held:  # PEFT's rule: overlapping rows of two adapters have no defined result
+            rows = set(self.owner.token_indices[name])
+            if seen & rows:
+                raise ValueError(f"Token indices of adapter {name} are already defined and would result in undefined "
+                                 f"merging behavior. Only disjunct token indices are currently supported.")
+            seen |= rows
+        return held
+
+    def weight_with_rows(self, names: list[str]) -> Tensor:
+        """The table with each adapter's trained rows in place of its listed rows (a new tensor)."""
+        weight = self.base_layer.weight
+        for name in names:
+            index = torch.tensor(self.owner.token_indices[name], device=weight.device)
+            weight = weight.index_copy(0, index, self.delta(name).to(weight))
+        return weight
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        names = self._held(self.active_adapters) if self.adapter_enabled and not self.merged_adapters else []
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        weight, base = self.weight_with_rows(names), self.base_layer
+        if isinstance(base, nn.Embedding):
+            out = F.embedding(x, weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
+                              norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+            scale = getattr(base, "embed_scale", None)
+            return out * torch.as_tensor(scale, device=out.device).to(out.dtype) if scale is not None else out
+        return F.linear(x, weight, getattr(base, "bias", None))
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str], safe_merge: bool = False) -> None:
+        names = [n for n in self._held(list(dict.fromkeys(self.merged_adapters + adapter_names)))
+                 if n not in self.merged_adapters]
+        if self.is_tied or not names:  # the table is shared: its owner writes the rows once
+            self.merged_adapters.extend(names)
+            return
+        merged = self.weight_with_rows(names)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {names} seems to be broken")
+        self.base_layer.weight.copy_(merged)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if not self.is_tied:
+                weight = self.base_layer.weight
+                index = torch.tensor(self.token_indices[name], device=weight.device)
+                weight.index_copy_(0, index, self._buffers[f"trainable_tokens_original_{name}"].to(weight))
+
+    def to_base(self) -> nn.Module:
+        return self.base_layer

@@ -1,0 +1,107 @@
+"""trainable_token_indices: only the listed rows of the embedding table train, compared with PEFT (outputs,
+gradients, counts, files both ways, merges), with an untied and a tied output head."""
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastlora
+from fastlora.trainable_tokens import TrainableTokensWrapper
+from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+ROWS = [3, 5, 7]
+IDS = torch.tensor([[3, 4, 5, 7, 9, 1, 3]])
+
+
+def _pair(tied, **changes):
+    base = tiny_llama(tie_word_embeddings=tied)
+    config = {**dict(target_modules=["q_proj"], trainable_token_indices=ROWS, init_lora_weights=False), **changes}
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config))
+    copy_lora_weights(theirs, ours)
+    trained = torch.randn(len(ROWS), 64, generator=torch.Generator().manual_seed(3))  # rows as if trained
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].copy_(trained)
+        ours.base_model.model.model.embed_tokens.trainable_tokens_delta_default.copy_(trained)
+    return base, theirs, ours
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_as_peft(tied, tmp_path):
+    base, theirs, ours = _pair(tied)
+    model = ours.base_model.model
+    assert isinstance(model.model.embed_tokens, TrainableTokensWrapper)
+    assert isinstance(model.lm_head, TrainableTokensWrapper) == tied  # a tied head reads the same rows
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    out_theirs, out_ours = theirs(input_ids=IDS, labels=IDS), ours(input_ids=IDS, labels=IDS)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    assert_close(model.model.embed_tokens.trainable_tokens_delta_default.grad,
+                 theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].grad,
+                 kind="same_math")
+
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    files = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("ours", "theirs")}
+    assert {k: v.shape for k, v in files["ours"].items()} == {k: v.shape for k, v in files["theirs"].items()}
+    for loaded in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
+                   fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
+        assert_close(loaded(input_ids=IDS).logits, out_ours.logits, kind="same_math")
+
+    merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+    assert type(merged_ours.model.embed_tokens) is torch.nn.Embedding and type(merged_ours.lm_head) is torch.nn.Linear
+    assert torch.equal(merged_ours.model.embed_tokens.weight, merged_theirs.model.embed_tokens.weight)
+    assert_close(merged_ours(input_ids=IDS).logits, merged_theirs(input_ids=IDS).logits, kind="same_math")
+
+
+def test_only_the_listed_rows_train():
+    """After optimizer steps the table itself is bitwise unchanged and the model's effective table differs from
+    it only in the listed rows."""
+    _, _, ours = _pair(tied=False)
+    wrapper = ours.base_model.model.model.embed_tokens
+    table = wrapper.base_layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        ours(input_ids=IDS, labels=IDS).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(wrapper.base_layer.weight, table)
+    effective = wrapper.weight_with_rows(["default"]).detach()
+    changed = (effective != table).any(dim=1).nonzero().flatten().tolist()
+    assert changed == ROWS
+
+
+def test_merge_unmerge_and_disable():
+    _, _, ours = _pair(tied=True)
+    before = ours(input_ids=IDS).logits
+    wrapper = ours.base_model.model.model.embed_tokens
+    table = wrapper.base_layer.weight.detach().clone()
+    ours.merge_adapter()
+    assert_close(ours(input_ids=IDS).logits, before, kind="same_math")
+    ours.unmerge_adapter()
+    assert torch.equal(wrapper.base_layer.weight, table)
+    with ours.disable_adapter():
+        assert_close(ours(input_ids=IDS).logits, ours.get_base_model().lm_head.base_layer(
+            ours.get_base_model().model(input_ids=IDS).last_hidden_state), kind="same_math")
+
+
+def test_a_dict_names_the_module():
+    _, theirs, ours = _pair(tied=False, trainable_token_indices={"embed_tokens": ROWS})
+    assert_close(ours(input_ids=IDS).logits, theirs(input_ids=IDS).logits, kind="same_math")
+
+
+@pytest.mark.parametrize("tokens, error, match", [
+    ([3, 128], ValueError, r"token ids \[128\] are outside its 128 rows"),
+    ({"nope": [1]}, ValueError, "matches no module"),
+    ({"q_proj": [1]}, TypeError, "must be an embedding table"),
+])
+def test_bad_indices_are_refused_and_change_nothing(tokens, error, match):
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj"], trainable_token_indices=tokens))
+    assert_unchanged(model, before)

@@ -1,7 +1,7 @@
 """``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place.
 
 ``LoraConfig`` takes every field of PEFT's ``LoraConfig``.  The ones that switch on a feature fastlora
-does not implement (``rank_pattern``, LoftQ, ...) are refused when switched
+does not implement (LoftQ, ``target_parameters``, ...) are refused when switched
 on, with an :class:`UnsupportedFeatureError` naming the field; the others are validated or kept as
 they are and written back to ``adapter_config.json``.
 """
@@ -140,7 +140,8 @@ class LoraConfig:
             ``"TOKEN_CLS"`` add ``classifier`` / ``score``, ``"QUESTION_ANS"`` adds ``qa_outputs`` to
             ``modules_to_save``.  Default None.
         target_modules (list[str] | str | None): which modules get an adapter, as above; each match must be a
-            layer fastlora adapts (``nn.Linear``, transformers' ``Conv1D``).  None: the architecture's defaults,
+            layer fastlora adapts (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, bitsandbytes'
+            ``Linear4bit`` / ``Linear8bitLt``).  None: the architecture's defaults,
             PEFT's (``q_proj`` and ``v_proj`` for Llama, ``c_attn`` for GPT-2, ...), filled in by
             ``get_peft_model``.  Default None.
         r (int): the adapters' rank, >= 1.  Default 8.

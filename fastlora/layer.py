@@ -1,6 +1,7 @@
 """``LoRALinear``: an ``nn.Linear`` that owns its LoRA factors and calls :func:`fastlora.lora_linear`.
 
-A layer holds one or more named adapters (``"default"`` unless named otherwise); exactly one is active.
+A layer holds one or more named adapters (``"default"`` unless named otherwise); one is active, or several,
+whose updates add up.
 Each adapter's factors are Parameters of the layer itself, ``lora_A_<name>`` (r × in) and
 ``lora_B_<name>`` (out × r), plus ``lora_magnitude_vector_<name>`` (out) for a DoRA adapter, so FSDP
 and ZeRO-3 gather them with the layer; ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``
@@ -423,7 +424,10 @@ class LoRALinear(nn.Linear):
     def merge_is_finite(self, adapter_names: Iterable[str] | None = None) -> bool:
         """Whether merging ``adapter_names`` (default: the active adapter) would leave W free of NaN and Inf."""
         names = self._names_to_merge(adapter_names)
-        return not names or bool(torch.isfinite(self._merged_weight(names)[0]).all())
+        if not names:
+            return True
+        bias = self._bias_after(names, +1.0)
+        return bool(torch.isfinite(self._merged_weight(names)[0]).all()) and (bias is None or bool(torch.isfinite(bias).all()))
 
     @torch.no_grad()
     def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
@@ -492,6 +496,7 @@ class LoRALinear(nn.Linear):
     CLONE_BASE_OUTPUT = False
     # Set by PeftModel for one forward with ``adapter_names=``: adapter name → the rows of x (dim 0) it takes.
     row_adapters: dict[str, Tensor] | None = None
+    row_count: int | None = None  # the mixed batch's number of rows
 
     def forward(self, x: Tensor) -> Tensor:
         if self.row_adapters is not None:
@@ -519,6 +524,9 @@ class LoRALinear(nn.Linear):
         (``row_adapters``: name → row indices; rows of ``"__base__"``, or of an adapter this layer does not hold,
         get the base output alone).  Per adapter: one gather of its rows, one update, one in-place accumulate;
         gradients reach each adapter from its rows only, so a mixed batch also trains."""
+        if self.row_count is not None and x.shape[0] != self.row_count:  # PEFT's check, in every layer
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{self.row_count} and {x.shape[0]} respectively.")
         result = self.base_forward(x)
         if not self.adapter_enabled:
             return result

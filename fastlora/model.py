@@ -3,7 +3,7 @@
 ``get_peft_model`` swaps the target ``nn.Linear`` s for ``LoRALinear``, wraps ``modules_to_save`` modules,
 freezes the rest and returns a ``PeftModel``, laid out as PEFT's: the adapted model is
 ``model.base_model.model`` and attribute access falls through to it.  A model holds named adapters
-(``peft_config`` maps each name to its config); one is active.
+(``peft_config`` maps each name to its config); one is active, or several (their updates add up).
 
 Every check runs before the model is touched, and a failure while applying a change puts the model
 back as it was: a failed ``get_peft_model``, ``add_adapter`` or ``load_adapter`` changes nothing.
@@ -262,8 +262,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     Build one with :func:`fastlora.get_peft_model` (a new adapter) or ``PeftModel.from_pretrained(model,
     adapter_dir_or_hub_id)`` (a saved PEFT-format adapter); the constructor only wraps a model whose layers
-    already hold the adapter.  ``peft_config`` maps each adapter's name to its config; exactly one adapter
-    is active (``set_adapter``; several active adapters at once are refused).  PEFT's methods:
+    already hold the adapter.  ``peft_config`` maps each adapter's name to its config; one adapter is active
+    (``set_adapter``), or several (``base_model.set_adapter([...])``), and ``adapter_names=`` picks one per
+    row of a batch.  PEFT's methods:
     ``add_adapter``, ``load_adapter``, ``set_adapter``, ``delete_adapter``, ``save_pretrained``,
     ``push_to_hub``, ``merge_adapter`` / ``unmerge_adapter``, ``merge_and_unload``, ``unload``,
     ``disable_adapter()`` (a context manager), ``print_trainable_parameters``.  ``fastlora.LoraModel``, this
@@ -354,8 +355,18 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             return self.get_base_model().generate(*args, **kwargs)
+        model = self.get_base_model()
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise NotImplementedError("generate(adapter_names=...) on an encoder-decoder model is not supported by "
+                                      "fastlora (its encoder and decoder see different numbers of rows)")
         batch = _batch_size(args, kwargs)
-        copies = max(int(kwargs.get("num_beams") or 1), int(kwargs.get("num_return_sequences") or 1))
+        settings = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+
+        def setting(name):  # the call's value, else the generation config's
+            value = kwargs.get(name)
+            return value if value is not None else getattr(settings, name, None)
+
+        copies = max(int(setting("num_beams") or 1), int(setting("num_return_sequences") or 1))
         if batch is not None and len(adapter_names) == batch and copies > 1:  # rows repeated per beam / sequence
             adapter_names = [name for name in adapter_names for _ in range(copies)]
             batch *= copies
@@ -379,8 +390,13 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
         if any(True for _ in self.wrappers()) or any(True for _ in self.token_wrappers()):
-            raise NotImplementedError("adapter_names with modules_to_save: a mixed batch over modules_to_save copies is "
-                                      "not supported by fastlora")
+            raise NotImplementedError("adapter_names with modules_to_save or trainable_token_indices: a mixed batch "
+                                      "over their per-adapter copies is not supported by fastlora")
+        base = self.get_base_model()
+        if self.training and torch.is_grad_enabled() and getattr(base, "is_gradient_checkpointing", False):
+            # checkpointing recomputes the forward in backward, after this block has reset the rows' adapters
+            raise NotImplementedError("adapter_names in training with gradient checkpointing is not supported by "
+                                      "fastlora: the recomputed forward would not see the rows' adapters")
         dora = sorted({n for n in names if n != "__base__" and self.peft_config[n].use_dora})
         if dora:
             raise NotImplementedError(f"adapter_names with DoRA adapters ({dora}) is not supported by fastlora")
@@ -391,11 +407,12 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:
             layer.row_adapters = rows
+            layer.row_count = len(names)
         try:
             yield
         finally:
             for layer in layers:
-                layer.row_adapters = None
+                layer.row_adapters = layer.row_count = None
 
     # ---- what PEFT users read ---------------------------------------------------------------------
 
@@ -571,6 +588,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if already:
             warnings.warn(f"Already following adapters were merged {','.join(already)}. "
                           f"You are now additionally merging {','.join(names)}.", UserWarning, stacklevel=2)
+        for name, layer in self.lora_layers():  # a bias on B needs a base bias to merge into: checked in every layer first
+            held = [n for n in names if n in layer.adapter_settings and layer.lora_bias(n) is not None]
+            if held and layer.bias is None:
+                raise RuntimeError(f"cannot merge adapter(s) {held} with lora_bias=True into {name}: the base layer has "
+                                   f"no bias; nothing was merged")
         if safe_merge:
             for name, layer in self.lora_layers():
                 held = [n for n in names if n in layer.adapter_settings]

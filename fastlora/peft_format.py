@@ -22,12 +22,11 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from fastlora.base_kinds import peft_factor_keys, sizes as base_sizes
+from fastlora.base_kinds import is_adapted, kind_of, peft_factor_keys, sizes as base_sizes
 from fastlora.targets import plan_trainable_tokens
 from fastlora.config import CONFIG_NAME, LoraConfig
 from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
-from fastlora.embedding import LoRAEmbedding
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 
@@ -100,15 +99,30 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
 
 
 def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
-    """The embedding tables of the embedding targets, under the keys PEFT saves them with beside the adapter
-    (``<path>.base_layer.weight``; PEFT's ``save_embedding_layers``): file key → (parameter once adapted,
-    shape).  PEFT loads them into the model when a file holds them, so a resized vocabulary travels."""
+    """The weights of the targets that are the model's input or output embeddings (an embedding table, a Linear
+    head), under the keys PEFT saves them with beside the adapter (``<path>.base_layer.weight``; PEFT's
+    ``save_embedding_layers``): file key → (parameter once adapted, shape).  PEFT loads them into the model when
+    a file holds them, so a resized vocabulary travels."""
+    embeddings = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            embeddings.append(getattr(model, getter)())
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
     out = {}
     for name in targets:
         module = model.get_submodule(name)
-        if peft_factor_keys(module) == LoRAEmbedding.PEFT_FACTOR_KEYS:
-            num_embeddings, dim = base_sizes(module)
-            out[f"{PREFIX}{name}.base_layer.weight"] = (f"{name}.base_layer.weight", (num_embeddings, dim))
+        if not any(module is e for e in embeddings if e is not None):
+            continue
+        holder = getattr(module, "base_layer", None)  # an adapted embedding (or quantized layer) holds its base
+        if is_adapted(module):
+            holds = holder is not None
+        else:  # a base layer before adaptation: where its adapted kind will keep the weight
+            holds = kind_of(module) is not None and getattr(kind_of(module).adapted_type, "PEFT_FACTOR_KEYS", None) is not None
+        weight = (holder if holder is not None else module).weight
+        param = f"{name}.base_layer.weight" if holds else f"{name}.weight"
+        if weight.is_floating_point():  # a quantized table is not saved
+            out[f"{PREFIX}{name}.base_layer.weight"] = (param, tuple(weight.shape))
     return out
 
 

@@ -115,13 +115,18 @@ class LoRAQuantizedLinear(LoRALinear):
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         """As :meth:`LoRALinear.merge`: W ← quantize(dequantize(W) + scaling · B A), with PEFT's warning."""
         if self._names_to_merge(adapter_names):
-            warnings.warn("Merge lora module to 4-bit linear may get different generations due to rounding errors.")
+            warnings.warn(f"Merge lora module to {self._bits()}-bit linear may get different generations due to "
+                          f"rounding errors.")
         super().merge(adapter_names, safe_merge)
 
     def unmerge(self) -> None:
         if self.merged_adapters:
-            warnings.warn("Unmerge lora module to 4-bit linear may get different generations due to rounding errors.")
+            warnings.warn(f"Unmerge lora module to {self._bits()}-bit linear may get different generations due to "
+                          f"rounding errors.")
         super().unmerge()
+
+    def _bits(self) -> int:
+        return 4 if isinstance(self.base_layer, _bnb().nn.Linear4bit) else 8
 
     def base_forward(self, x: Tensor) -> Tensor:
         return self.base_layer(x)

@@ -56,9 +56,17 @@ def _adapted_model(trainer_class: type, bound: inspect.BoundArguments, config: L
         init_kwargs.setdefault("trust_remote_code", getattr(args, "trust_remote_code", False))
         if args is not None:
             args.model_init_kwargs = None  # applied here; TRL warns when they come with a built model
-        architecture = AutoModelForSequenceClassification if issubclass(trainer_class, trl.RewardTrainer) else None
+        architecture = None
+        if issubclass(trainer_class, trl.RewardTrainer):  # TRL's reward models have one output
+            architecture = AutoModelForSequenceClassification
+            init_kwargs.setdefault("num_labels", 1)
         model = create_model_from_path(model, architecture, **init_kwargs)
-    return get_peft_model(model, config)
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    # TRL's rule: under ZeRO-3 a non-quantized model keeps its adapters in the base's dtype (one dtype per
+    # partitioned group)
+    keep_dtype = plugin is not None and getattr(plugin, "zero_stage", None) == 3 and not quantized
+    return get_peft_model(model, config, autocast_adapter_dtype=not keep_dtype)
 
 
 def with_fastlora_lora(trainer_class: type) -> type:

@@ -1,6 +1,7 @@
 """``add_weighted_adapter``: a new adapter combined from existing ones, with PEFT's combination types for LoRA.
 
-For adapters i with weights w_i and scalings s_i, per layer (the new adapter has lora_alpha = r, so scaling 1):
+For adapters i with weights w_i and scalings s_i, per layer (the new adapter has lora_alpha = r, so scaling 1;
+with ``use_rslora`` in the first adapter's config the new one keeps it, as PEFT's, and its scaling is √r):
 
     cat              A = [w_1 s_1 A_1; w_2 s_2 A_2; …] (rows), B = [B_1, B_2, …] (columns): ΔW = Σ w_i s_i B_i A_i
                      exactly; the new rank is the sum of the ranks.
@@ -165,8 +166,9 @@ def _combine(layer, held, combination_type, rank, density, sign_method, svd_clam
         As = [layer.lora_factors(a)[0] for a, _ in held]
         Bs = [layer.lora_factors(a)[1] for a, _ in held]
         dtype = As[0].dtype
-        new_A = _merge(combination_type, As, c_A.to(As[0].device, dtype), density, sign_method)
-        new_B = _merge(combination_type, Bs, c_B.to(Bs[0].device, dtype), density, sign_method)
+        # float32 coefficients: a 16-bit adapter's sum is computed in float32 and rounded once, as PEFT's
+        new_A = _merge(combination_type, As, c_A.to(As[0].device), density, sign_method)
+        new_B = _merge(combination_type, Bs, c_B.to(Bs[0].device), density, sign_method)
         return new_A.to(dtype), new_B.to(dtype)
     # s_i B_i A_i (float32), merged in the layout the base stores (in × out for Conv1D, num × dim for an
     # embedding table: PEFT's, so that a dare type's random draws fall on the same elements), then out × in

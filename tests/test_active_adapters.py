@@ -168,3 +168,33 @@ def test_a_mixed_batch_keeps_what_one_adapter_keeps():
     one = saved()
     mixed = saved(adapter_names=["default", "default", "default", "default"])
     assert mixed <= one + 64 * len(list(ours.lora_layers())), (mixed, one)
+
+
+def test_mixed_batch_checks_every_layer_and_refuses_checkpointed_training():
+    """PEFT's row count check runs in every layer (a layer that sees flattened rows refuses); a checkpointed
+    training forward, which backward would recompute without the rows' adapters, is refused."""
+    holder = torch.nn.Sequential(torch.nn.Flatten(0, 1), torch.nn.Linear(4, 4))
+    model = fastlora.get_peft_model(holder, fastlora.LoraConfig(target_modules=["1"]))
+    with pytest.raises(ValueError, match="got 2 and 6"):
+        model(torch.randn(2, 3, 4), adapter_names=["default", "default"])
+    _, ours = _pair()
+    ours.get_base_model().gradient_checkpointing_enable()
+    ours.train()
+    with pytest.raises(NotImplementedError, match="gradient checkpointing"):
+        ours(input_ids=tokens(batch=2), labels=tokens(batch=2), adapter_names=["default", "b"])
+
+
+def test_mixed_batch_generate_with_beams_as_peft_also_from_the_generation_config():
+    """num_beams repeats each row's adapter per beam: as PEFT with num_beams=2 in the call, and the same when it
+    comes from the model's generation config (which PEFT does not read)."""
+    theirs, ours = _pair()
+    names = ["b", "default"]
+    ids = tokens(batch=2)[:, :4]
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names, max_new_tokens=3,
+                  do_sample=False, pad_token_id=0)
+    theirs.eval()
+    ours.eval()
+    expected = theirs.generate(**common, num_beams=2)
+    assert torch.equal(ours.generate(**common, num_beams=2), expected)
+    ours.get_base_model().generation_config.num_beams = 2
+    assert torch.equal(ours.generate(**common), expected)

@@ -146,3 +146,19 @@ def test_dora_on_an_embedding_is_refused_and_the_model_unchanged():
 def test_all_linear_leaves_embeddings_out():
     model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules="all-linear"))
     assert not any(isinstance(m, LoRAEmbedding) for m in model.modules())
+
+
+def test_a_targeted_linear_head_is_saved_and_loaded_as_peft(tmp_path):
+    """PEFT saves the weight of a targeted output head beside the adapter (``lm_head.base_layer.weight``) and
+    loads it from such a file: so does fastlora, both ways."""
+    base, theirs, ours = _pair(target_modules=["q_proj", "lm_head"])
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    files = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("ours", "theirs")}
+    assert files["ours"].keys() == files["theirs"].keys()
+    assert "base_model.model.lm_head.base_layer.weight" in files["ours"]
+    ids = tokens()
+    expected = ours(input_ids=ids).logits
+    for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
+                  fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
+        assert_close(model(input_ids=ids).logits, expected, kind="same_math")

@@ -81,3 +81,15 @@ def test_a_single_layer_with_dropout_matches_the_formula():
 def test_lora_bias_with_dora_and_on_quantized_bases_is_refused():
     with pytest.raises(NotImplementedError, match="lora_bias"):
         fastlora.LoraConfig(target_modules=["q_proj"], use_dora=True, lora_bias=True)
+
+
+def test_a_merge_that_fails_in_one_layer_changes_no_layer():
+    """A bias on B cannot merge into a layer without a bias: checked in every layer before any merges."""
+    holder = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6, bias=False))
+    with pytest.warns(UserWarning, match="without a bias"):
+        model = fastlora.get_peft_model(holder, fastlora.LoraConfig(target_modules=["0", "1"], lora_bias=True,
+                                                                    init_lora_weights=False))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="into 1: the base layer has no bias; nothing was merged"):
+        model.merge_adapter()
+    assert_unchanged(model, before)

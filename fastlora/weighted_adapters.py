@@ -30,16 +30,11 @@ default initialisation PEFT's layers draw more values first, so the same seed gi
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastlora.conv1d import LoRAConv1D
 from fastlora.embedding import LoRAEmbedding
-
-if TYPE_CHECKING:  # the model module imports this one
-    from fastlora.model import PeftModel
 
 __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
 
@@ -73,7 +68,7 @@ def _merge(kind: str, tensors: list[Tensor], coefficients: Tensor, density: floa
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
-def _check(model: "PeftModel", adapters: list[str], weights: list[float], combination_type: str,
+def _check(model: nn.Module, adapters: list[str], weights: list[float], combination_type: str,
            svd_rank: int | None, density: float | None, sign_method: str) -> tuple[str, int]:
     """(combination type, new rank), PEFT's checks and a few more, before anything changes."""
     if not isinstance(adapters, (list, tuple)) or not adapters or not all(isinstance(a, str) for a in adapters):
@@ -113,7 +108,7 @@ def _check(model: "PeftModel", adapters: list[str], weights: list[float], combin
     return combination_type, svd_rank or max(ranks)
 
 
-def _target_modules(model: "PeftModel", adapters: list[str]):
+def _target_modules(model: nn.Module, adapters: list[str]):
     """The new adapter's target_modules: the union of the lists, or the regexes joined (PEFT's rule)."""
     targets = [model.peft_config[a].target_modules for a in adapters]
     if len({isinstance(t, str) for t in targets}) > 1:
@@ -125,7 +120,7 @@ def _target_modules(model: "PeftModel", adapters: list[str]):
 
 
 @torch.no_grad()
-def add_weighted_adapter(model: "PeftModel", adapters: list[str], weights: list[float], adapter_name: str,
+def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
                          majority_sign_method: str = "total") -> None:

@@ -828,6 +828,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                 enable()
 
 
+def __getattr__(name: str):
+    """``PeftCompatibleLoraModel`` (see :mod:`fastlora.peft_identity`) on first access, so that a model pickled in
+    one process unpickles in another before anything there called ``get_peft_model``."""
+    if name == "PeftCompatibleLoraModel":
+        return _lora_model_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # The name this class had in earlier fastlora releases (it plays PEFT's PeftModel, not peft.LoraModel, which is
 # the ``base_model`` level): kept so existing imports and pickles keep working.
 LoraModel = PeftModel

@@ -25,28 +25,17 @@ def peft_compatible_class(lora_model: type) -> type:
     """The subclass of ``lora_model`` (fastlora's ``PeftModel``) and ``peft.PeftModel``, built once.
 
     It is built from the class it is given, so this module imports nothing of fastlora's and the model
-    module imports it, not the other way round.  It is published as ``PeftCompatibleLoraModel`` in this
-    module, so pickle finds it by name."""
+    module imports it, not the other way round.  Its home is ``lora_model``'s module, as
+    ``PeftCompatibleLoraModel`` (which that module provides on access, so pickle finds it by name)."""
     klass = _BUILT.get(lora_model)
     if klass is None:
         klass = type("PeftCompatibleLoraModel", (lora_model, peft.PeftModel), {
-            "__module__": __name__, "__qualname__": "PeftCompatibleLoraModel",
+            "__module__": lora_model.__module__, "__qualname__": "PeftCompatibleLoraModel",
             "__doc__": "fastlora's ``PeftModel``, an instance of ``peft.PeftModel`` for the tools that check."})
         for name, member in _refusals(lora_model):
             setattr(klass, name, member)
         _BUILT[lora_model] = klass
-        globals()["PeftCompatibleLoraModel"] = klass
     return klass
-
-
-def __getattr__(name: str):
-    """``PeftCompatibleLoraModel`` on first access, so that a model pickled in one process unpickles in another
-    before anything there called ``get_peft_model``."""
-    if name == "PeftCompatibleLoraModel":
-        from fastlora.model import PeftModel  # at access time only: the model module imports this one
-
-        return peft_compatible_class(PeftModel)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _refusals(lora_model: type):

@@ -46,6 +46,8 @@ from fastlora.kernels.dora import (  # noqa: E402
     ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_arguments, dora_gemm_kernel, dora_norm_arguments, dora_norm_kernel,
     zero_magnitude_dm_arguments, zero_magnitude_dm_kernel,
 )
+from fastlora.kernels.dequant4 import BLOCK as DEQUANT4_BLOCK  # noqa: E402
+from fastlora.kernels.dequant4 import dequantize_4bit_arguments, dequantize_4bit_kernel  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
 from fastlora.kernels.low_rank_add import (  # noqa: E402
@@ -57,7 +59,7 @@ from fastlora.kernels.skinny import cols_arguments, cols_kernel, rows_arguments,
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"gemm": fused_gemm_kernel, "low_rank_add": low_rank_add_kernel, "rows": rows_kernel, "cols": cols_kernel,
-           "mask": zero_dropped_kernel,
+           "mask": zero_dropped_kernel, "dequant4": dequantize_4bit_kernel,
            "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel, "dora_zero_dm": zero_magnitude_dm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
@@ -366,6 +368,22 @@ def _dora_gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: 
         **meta)
 
 
+def dequant4_jobs(arch: int) -> list[Job]:
+    """The 4-bit weight reader (bitsandbytes' nf4 / fp4 layout): plain and double-quantized absmax, each output
+    dtype, 64-bit offsets once."""
+    jobs = []
+    for nested in (False, True):
+        for dt in ("fp32", "bf16", "fp16"):
+            for int64 in ((False, True) if dt == "bf16" else (False,)):
+                args = dequantize_4bit_arguments(
+                    packed=Ptr("u8"), absmax=Ptr("u8" if nested else "fp32"), code=Ptr("fp32"),
+                    absmax_code=Ptr("fp32"), absmax2=Ptr("fp32"), out=Ptr(dt), offset=0.25, n=M * K, blocksize=64,
+                    nested=nested, blocksize2=256, int64=int64)
+                label = f"{dt}" + (" double-quantized" if nested else "") + (" int64" if int64 else "")
+                jobs.append(Job("dequant4", f"dequant4 {DEQUANT4_BLOCK} w4", label, arch, args, 4, 3))
+    return jobs
+
+
 def dora_jobs(arch: int) -> list[Job]:
     """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; the zero-magnitude
     pass; its row-norm kernel per rank block and dtype setup."""
@@ -433,7 +451,8 @@ def main() -> int:
 
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
-        jobs += gemm_jobs(arch) + low_rank_add_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
+        jobs += (gemm_jobs(arch) + low_rank_add_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
+                 + dequant4_jobs(arch))
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

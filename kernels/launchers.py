@@ -12,6 +12,7 @@ They allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     forward.py   lora_forward launcher
     backward.py  lora_backward launcher
     dora.py      DoRA: the row-norm kernel, the GEMM with the magnitude scale, dora_forward / dora_backward
+    dequant4.py  bitsandbytes' 4-bit (nf4 / fp4, double-quantized) weights read in Triton, bit for bit as bitsandbytes
 
 The folder has no ``__init__.py`` on purpose: it is the subpackage ``fastlora.kernels`` (``fastlora/kernels``
 links to it), never a top-level package of its own.  With an ``__init__.py``, Python started at the repository

@@ -129,3 +129,39 @@ def test_the_saved_folder_is_an_adapter_folder(tmp_path):
     files = set(os.listdir(tmp_path / "final"))
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
     assert not any(f.startswith("model") for f in files)
+
+
+def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path):
+    """DPOTrainer: given fastlora's config it trains fastlora's layers, and three steps' losses equal those of the
+    run under PEFT's config from the same initial adapter.  TRL handles the adapted model it is handed as any PEFT
+    model, keeping a reference copy of the initial adapter ("ref"); with PEFT's config it disables the adapter
+    for the reference instead: the same reference while B starts at zero, as it does by default."""
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(t)}" for t in torch.randint(0, 124, (n,), generator=g))
+
+    data = datasets.Dataset.from_dict({"prompt": [words(6) for _ in range(8)], "chosen": [words(4) for _ in range(8)],
+                                       "rejected": [words(4) for _ in range(8)]})
+    trainers = {}
+    for name, trainer_class, config in (("peft", trl.DPOTrainer, peft.LoraConfig(**CONFIG)),
+                                        ("fastlora", trl_trainers.DPOTrainer, fastlora.LoraConfig(**CONFIG))):
+        args = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=1, bf16=False, report_to=[], save_strategy="no",
+                             max_length=16, seed=3)
+        trainers[name] = trainer_class(model=tiny_llama(), args=args, train_dataset=data,
+                                       processing_class=_tokenizer(), peft_config=config)
+    theirs, ours = trainers["peft"].model, trainers["fastlora"].model
+    state = theirs.state_dict()
+    with torch.no_grad():  # PEFT's initial adapter, in fastlora's "default" and its reference copy
+        for name, layer in ours.lora_layers():
+            for adapter in layer.adapter_names:
+                A, B = layer.lora_factors(adapter)
+                A.copy_(state[f"base_model.model.{name}.lora_A.default.weight"])
+                B.copy_(state[f"base_model.model.{name}.lora_B.default.weight"])
+    assert any(isinstance(m, LoRALinear) for m in ours.modules())
+    for trainer in trainers.values():
+        trainer.train()
+    losses = {name: _losses(trainer) for name, trainer in trainers.items()}
+    assert len(losses["fastlora"]) == 3
+    assert_close(losses["fastlora"], losses["peft"], kind="same_math")

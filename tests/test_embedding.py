@@ -46,18 +46,25 @@ def test_default_initialisation_and_no_dropout():
     assert torch.equal(embed(ids), embed(ids))  # no dropout mask in training
 
 
-def test_files_both_ways_with_the_embedding_table(tmp_path):
-    base, theirs, ours = _pair()
+def _assert_files_both_ways(tmp_path, base, theirs, ours, table_key):
+    """Both models saved: the same file keys, the table among them; each file loads into the other library with
+    fastlora's outputs.  Returns those outputs."""
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "theirs")
     files = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("ours", "theirs")}
     assert files["ours"].keys() == files["theirs"].keys()
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in files["ours"]
-    ids = tokens()
-    expected = ours(input_ids=ids).logits
+    assert table_key in files["ours"]
+    expected = ours(input_ids=tokens()).logits
     for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
                   fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
-        assert_close(model(input_ids=ids).logits, expected, kind="same_math")
+        assert_close(model(input_ids=tokens()).logits, expected, kind="same_math")
+    return expected
+
+
+def test_files_both_ways_with_the_embedding_table(tmp_path):
+    base, theirs, ours = _pair()
+    expected = _assert_files_both_ways(tmp_path, base, theirs, ours, "base_model.model.model.embed_tokens.base_layer.weight")
+    ids = tokens()
     ours.save_pretrained(tmp_path / "no-table", save_embedding_layers=False)
     assert "base_model.model.model.embed_tokens.base_layer.weight" not in load_file(
         tmp_path / "no-table" / "adapter_model.safetensors")
@@ -152,13 +159,4 @@ def test_a_targeted_linear_head_is_saved_and_loaded_as_peft(tmp_path):
     """PEFT saves the weight of a targeted output head beside the adapter (``lm_head.base_layer.weight``) and
     loads it from such a file: so does fastlora, both ways."""
     base, theirs, ours = _pair(target_modules=["q_proj", "lm_head"])
-    ours.save_pretrained(tmp_path / "ours")
-    theirs.save_pretrained(tmp_path / "theirs")
-    files = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("ours", "theirs")}
-    assert files["ours"].keys() == files["theirs"].keys()
-    assert "base_model.model.lm_head.base_layer.weight" in files["ours"]
-    ids = tokens()
-    expected = ours(input_ids=ids).logits
-    for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
-                  fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
-        assert_close(model(input_ids=ids).logits, expected, kind="same_math")
+    _assert_files_both_ways(tmp_path, base, theirs, ours, "base_model.model.lm_head.base_layer.weight")

@@ -173,12 +173,9 @@ def lora_linear(
         lora_A, lora_B = lora_A.to(dtype), lora_B.to(dtype)
         magnitude = magnitude.to(dtype) if magnitude is not None else None
     _check_dtypes(x, weight, bias, lora_A, lora_B)
-    # No dropout outside training: eval mode (training=False) and torch.inference_mode() (which
-    # Dynamo cannot query; compiled code sees only the training flag).
-    in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-    p = float(dropout_p) if training and not in_inference else 0.0
-    scalars = OpScalars(float(scaling), p, resolve(backend, x, weight) if weight is not None else _low_rank_only(backend))
-    seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
+    schedule = resolve(backend, x, weight) if weight is not None else _low_rank_only(backend)
+    p, seed = dropout_and_seed(dropout_p, training, x.device)  # after every check: a refused call draws nothing
+    scalars = OpScalars(float(scaling), p, schedule)
     with torch.autocast(x.device.type, enabled=False):
         x2d = x.reshape(-1, x.shape[-1])
         if magnitude is not None:
@@ -186,6 +183,15 @@ def lora_linear(
         else:
             y = ops.lora_linear(x2d, weight, bias, lora_A, lora_B, seed, scalars)
     return y.view(*x.shape[:-1], lora_B.shape[0])
+
+
+def dropout_and_seed(dropout_p: float, training: bool, device: torch.device) -> tuple[float, Tensor | None]:
+    """(p, seed) of one call: no dropout outside training — eval mode (training=False) and torch.inference_mode()
+    (which Dynamo cannot query; compiled code sees only the training flag) — and with dropout a seed drawn from
+    torch's generator on ``device``, the mask's only state."""
+    in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
+    p = float(dropout_p) if training and not in_inference else 0.0
+    return p, (torch.randint(0, SEED_HIGH, (1,), device=device) if p > 0.0 else None)
 
 
 def _low_rank_only(backend: str) -> Schedule:

@@ -41,6 +41,11 @@ def _active_setting(name: str, settable: bool = True) -> property:
     return property(get, set_ if settable else None, doc=f"The active adapter's {name}.")
 
 
+def _finite(weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a merged weight (and merged bias, if any) is free of NaN and Inf."""
+    return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+
+
 def _check_init(init_lora_weights, backend) -> None:
     if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
         raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
@@ -426,8 +431,7 @@ class LoRALinear(nn.Linear):
         names = self._names_to_merge(adapter_names)
         if not names:
             return True
-        bias = self._bias_after(names, +1.0)
-        return bool(torch.isfinite(self._merged_weight(names)[0]).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+        return _finite(self._merged_weight(names)[0], self._bias_after(names, +1.0))
 
     @torch.no_grad()
     def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
@@ -440,7 +444,7 @@ class LoRALinear(nn.Linear):
             return
         merged, norms = self._merged_weight(names)
         bias = self._bias_after(names, +1.0)
-        if safe_merge and not (torch.isfinite(merged).all() and (bias is None or torch.isfinite(bias).all())):
+        if safe_merge and not _finite(merged, bias):
             raise ValueError(
                 f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
             )
@@ -550,8 +554,8 @@ class LoRALinear(nn.Linear):
         lora_A, lora_B = self.lora_factors(name)
         settings = self.adapter_settings[name]
         update = segment_low_rank(x, rows, lora_A, lora_B, settings.scaling, settings.lora_dropout, self.training)
-        bias = self.lora_bias(name)
-        return update if bias is None else update + (bias * settings.scaling).to(update.dtype)
+        bias = self._scaled_lora_bias(name)
+        return update if bias is None else update + bias.to(update.dtype)
 
     def low_rank_terms(self, x: Tensor, names: list[str]) -> Tensor:
         """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA), each in the adapters'
@@ -566,20 +570,23 @@ class LoRALinear(nn.Linear):
             settings = self.adapter_settings[name]
             term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
                                training=self.training, backend=self.backend)
-            bias = self.lora_bias(name)
+            bias = self._scaled_lora_bias(name)
             if bias is not None:
-                term = term + (bias * settings.scaling).to(term.dtype)
+                term = term + bias.to(term.dtype)
             total = term if total is None else total + term
         return total
 
-    def _bias_with_lora_bias(self, adapter_name: str | None = None) -> Tensor | None:
-        """The base bias, plus scaling · b_B with the adapter's lora_bias (default: the active adapter's; in the
-        adapters' dtype, rounded once to the base's): the bias the op adds."""
+    def _scaled_lora_bias(self, adapter_name: str) -> Tensor | None:
+        """scaling · b_B of the adapter (in the adapters' dtype), None without lora_bias."""
         lora_bias = self.lora_bias(adapter_name)
-        if lora_bias is None:
+        return None if lora_bias is None else lora_bias * self.adapter_settings[adapter_name].scaling
+
+    def _bias_with_lora_bias(self, adapter_name: str) -> Tensor | None:
+        """The base bias, plus scaling · b_B with the adapter's lora_bias (summed in the adapters' dtype, rounded
+        once to the base's): the bias the op adds."""
+        scaled = self._scaled_lora_bias(adapter_name)
+        if scaled is None:
             return self.bias
-        name = self.active_adapter if adapter_name is None else adapter_name
-        scaled = lora_bias * self.adapter_settings[name].scaling
         total = scaled if self.bias is None else scaled + self.bias.to(scaled.dtype)
         return total.to(self.weight.dtype)
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fastlora import torch_path
-from fastlora.functional import SEED_HIGH
+from fastlora.functional import dropout_and_seed
 from fastlora.ops import keep_fn
 
 __all__ = ["segment_low_rank"]
@@ -47,6 +47,5 @@ def segment_low_rank(x: Tensor, rows: Tensor, lora_A: Tensor, lora_B: Tensor, sc
                      training: bool) -> Tensor:
     """scaling · (dropout(x[rows]) Aᵀ) Bᵀ, shaped as x[rows] with the last dimension out_features; dropout only in
     training, its mask from a seed drawn from torch's generator on x's device."""
-    p = float(dropout_p) if training and not torch.is_inference_mode_enabled() else 0.0
-    seed = torch.randint(0, SEED_HIGH, (1,), device=x.device) if p > 0.0 else None
+    p, seed = dropout_and_seed(dropout_p, training, x.device)
     return _SegmentLowRank.apply(x, rows, lora_A, lora_B, float(scaling), p, seed)

@@ -1,7 +1,7 @@
 """``LoraConfig`` and ``TaskType``: PEFT's names and meanings, validated in one place.
 
 ``LoraConfig`` takes every field of PEFT's ``LoraConfig``.  The ones that switch on a feature fastlora
-does not implement (LoftQ, ``target_parameters``, ...) are refused when switched
+does not implement (LoftQ, QA-LoRA, ...) are refused when switched
 on, with an :class:`UnsupportedFeatureError` naming the field; the others are validated or kept as
 they are and written back to ``adapter_config.json``.
 """
@@ -105,7 +105,6 @@ UNSUPPORTED_FEATURES = {
     "use_bdlora": None,
     "megatron_config": None,
     "alora_invocation_tokens": None,
-    "target_parameters": None,
     "ensure_weight_tying": False,
 }
 
@@ -143,7 +142,12 @@ class LoraConfig:
             layer fastlora adapts (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, bitsandbytes'
             ``Linear4bit`` / ``Linear8bitLt``).  None: the architecture's defaults,
             PEFT's (``q_proj`` and ``v_proj`` for Llama, ``c_attn`` for GPT-2, ...), filled in by
-            ``get_peft_model``.  Default None.
+            ``get_peft_model`` (not when ``target_parameters`` names what to adapt).  Default None.
+        target_parameters (list[str] | None): parameters that get an adapter, each the qualified name of a
+            2-D or 3-D parameter or its dotted suffix (``"experts.gate_up_proj"``, a mixture-of-experts block's
+            experts stored as one parameter; ``"gate.weight"``, a router's): the update is added to the
+            parameter while its module runs (see :class:`fastlora.parameter_lora.LoRAParameter`), without
+            dropout, DoRA or lora_bias, as in PEFT.  Default None.
         r (int): the adapters' rank, >= 1.  Default 8.
         lora_alpha (float): the LoRA alpha, > 0.  Default 8.
         lora_dropout (float): dropout probability in [0, 1) on the LoRA branch's input, in training only.
@@ -178,7 +182,7 @@ class LoraConfig:
 
     PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
     ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
-    features fastlora does not implement (``loftq_config``, ``use_qalora``, ``target_parameters``, ...) take
+    features fastlora does not implement (``loftq_config``, ``use_qalora``, ...) take
     only their "off" value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
     PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``).
@@ -309,6 +313,13 @@ class LoraConfig:
                     f"use True, False or 'gaussian'"
                 )
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+        if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
+            value = self.target_parameters
+            if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(
+                    isinstance(v, str) and v for v in value):
+                raise TypeError(f"target_parameters must be a list of parameter names (as 'experts.gate_up_proj'), "
+                                f"got {value!r}")
+            put("target_parameters", sorted(set(value)) or None)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):

@@ -248,8 +248,9 @@ class LoRALinear(nn.Linear):
         if adapter_name in self.adapter_settings:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
-        self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(settings.r, self.in_features, **factory)))
-        self.register_parameter(f"lora_B_{adapter_name}", nn.Parameter(torch.empty(self.out_features, settings.r, **factory)))
+        rank = self.stored_rank(settings.r)
+        self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(rank, self.in_features, **factory)))
+        self.register_parameter(f"lora_B_{adapter_name}", nn.Parameter(torch.empty(self.out_features, rank, **factory)))
         if settings.use_dora:
             self.register_parameter(f"lora_magnitude_vector_{adapter_name}",
                                     nn.Parameter(torch.empty(self.out_features, **factory)))
@@ -262,6 +263,11 @@ class LoRALinear(nn.Linear):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
         self.reset_lora_parameters(init_lora_weights, adapter_name)
+
+    def stored_rank(self, r: int) -> int:
+        """Rows of A (and columns of B) an adapter of rank ``r`` stores: r (a kind that stacks one factor pair per
+        expert stores more)."""
+        return r
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter that is not merged; deleting the active one activates the first that remains."""
@@ -294,9 +300,10 @@ class LoRALinear(nn.Linear):
         is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base output (as PEFT's)."""
         if self.weight.device.type == "meta":
             return
-        lora_A, lora_B = self.lora_factors(adapter_name)
+        name = self.active_adapter if adapter_name is None else adapter_name
+        lora_A, lora_B = self.lora_factors(name)
         if init_lora_weights == "gaussian":
-            nn.init.normal_(lora_A, std=1.0 / lora_A.shape[0])
+            nn.init.normal_(lora_A, std=1.0 / self.adapter_settings[name].r)
         else:
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         if init_lora_weights is False:
@@ -311,7 +318,6 @@ class LoRALinear(nn.Linear):
                 nn.init.zeros_(bias)
         magnitude = self.magnitude(adapter_name)
         if magnitude is not None:
-            name = self.active_adapter if adapter_name is None else adapter_name
             magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
 
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.

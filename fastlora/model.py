@@ -24,6 +24,7 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.targets import (
     output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
@@ -40,9 +41,9 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _adapter_dtype(linear: nn.Linear, autocast_adapter_dtype: bool) -> torch.dtype:
+def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
-    dtype = linear.weight.dtype
+    dtype = weight.dtype
     if not dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
         return torch.float32
     return torch.float32 if autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
@@ -54,19 +55,27 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
     flag back as they were; an error part way through calls it before raising."""
     tokens = plan_trainable_tokens(model, config, targets)  # checked before anything changes
+    parameters = plan_parameter_targets(model, config)
+    owners = list(dict.fromkeys(target.owner for target in parameters))
+    if set(owners) & set(targets):
+        raise ValueError(f"target_parameters and target_modules both adapt {sorted(set(owners) & set(targets))[:3]}; "
+                         f"adapt the layer or its parameters, not both")
     head = output_head(model)
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     tied = {name for name in tokens if head_name is not None and getattr(head, "weight", None) is getattr(
         getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)), "weight", False)}
     originals = {name: model.get_submodule(name)
-                 for name in [*targets, *to_save, *tokens, *([head_name] if tied else [])]}
+                 for name in [*targets, *to_save, *tokens, *owners, *([head_name] if tied else [])]}
     flags = {p: p.requires_grad for p in model.parameters()}
 
     def undo() -> None:
         for name, module in originals.items():
             _set_module(model, name, module)
-            if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
-                module.delete_adapter(adapter_name)
+            layers = parameter_chain(module) or [module]  # the nested layers of a module's parameters, or the module
+            if isinstance(module, LoRALinear):
+                for layer in layers:
+                    if adapter_name in layer.adapter_settings:
+                        layer.delete_adapter(adapter_name)
             elif isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)):
                 module.delete_adapter(adapter_name)
         for param, flag in flags.items():
@@ -75,13 +84,17 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     try:
         for name in targets:
             module = originals[name]
-            dtype = _adapter_dtype(module, autocast_adapter_dtype)
+            dtype = _adapter_dtype(module.weight, autocast_adapter_dtype)
             settings = config.settings_for(name)
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
                 _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, config.init_lora_weights,
                                                                dtype))
+        new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
+                                            lambda weight: _adapter_dtype(weight, autocast_adapter_dtype))
+        for owner, layer in new_layers.items():
+            _set_module(model, owner, layer)
         for name in to_save:
             module = originals[name]
             if isinstance(module, ModulesToSaveWrapper):
@@ -621,7 +634,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if merge:
             self.merge_adapter(**merge_kwargs)
         model = self.get_base_model()
-        for name, layer in list(self.lora_layers()):
+        for name, layer in reversed(list(self.lora_layers())):  # nested layers (a module's parameters) inside out
             if not merge:
                 layer.unmerge()
             _set_module(model, name, layer.to_base())
@@ -748,6 +761,12 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if sum(c.bias != "none" for c in [*self.peft_config.values(), config]) > 1:
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias "
                              "to 'none' for all adapters.")
+        adapted = {frozenset(c.target_parameters) for c in [*self.peft_config.values(), config] if c.target_parameters}
+        if len(adapted) > 1:
+            raise ValueError(f"When using multiple adapters with `target_parameters`, all adapters must target the same "
+                             f"set of parameters, but got {sorted(config.target_parameters or [])} for the new adapter "
+                             f"and {sorted(next(iter(adapted - {frozenset(config.target_parameters or [])}), []))} "
+                             f"for another")
 
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
                      autocast_adapter_dtype: bool) -> Callable[[], None]:
@@ -793,7 +812,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):
             raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
         model = self.get_base_model()
-        for name, layer in list(self.lora_layers(adapter_name)):
+        for name, layer in reversed(list(self.lora_layers(adapter_name))):  # nested layers inside out
             layer.delete_adapter(adapter_name)
             if not layer.adapter_settings:
                 _set_module(model, name, layer.to_base())

@@ -29,6 +29,7 @@ from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, parameter_sizes, plan_parameter_targets
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_tables", "peft_bias_aliases",
@@ -82,6 +83,12 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
                                                             (out_features,))
         if config.lora_bias:
             out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_B_bias_{adapter_name}", (out_features,))
+    for target in plan_parameter_targets(model, config):
+        layer_path = target.layer_path
+        experts, in_features, out_features, _ = parameter_sizes(*_owner_and_parameter(model, target))
+        r = experts * config.settings_for(target.key).r
+        out[f"{PREFIX}{layer_path}.lora_A.weight"] = (f"{layer_path}.lora_A_{adapter_name}", (r, in_features))
+        out[f"{PREFIX}{layer_path}.lora_B.weight"] = (f"{layer_path}.lora_B_{adapter_name}", (out_features, r))
     for name, rows in plan_trainable_tokens(model, config, targets).items():
         dim = getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape[1]
         out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = (
@@ -96,6 +103,11 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         for pname, p in module.named_parameters():
             out[f"{PREFIX}{name}.{pname}"] = (f"{name}.modules_to_save.{adapter_name}.{pname}", tuple(p.shape))
     return out
+
+
+def _owner_and_parameter(model: nn.Module, target: ParameterTarget) -> tuple[nn.Module, torch.Tensor]:
+    owner = owner_of(model.get_submodule(target.owner))
+    return owner, getattr(owner, target.parameter)
 
 
 def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
@@ -128,7 +140,8 @@ def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
 
 def adapter_targets(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
     """(LoRA layers holding ``adapter_name``, modules_to_save wrappers with a copy for it) of an adapted model."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and adapter_name in m.adapter_settings]
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not isinstance(m, LoRAParameter)
+              and adapter_name in m.adapter_settings]  # a module's parameters: from the config's target_parameters
     wrappers = [n for n, m in model.named_modules()
                 if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save]
     return layers, wrappers

@@ -13,7 +13,9 @@ from torch import nn
 
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig
+from fastlora.fused_experts import for_fused_experts
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.parameter_lora import LoRAParameter
 
 __all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
 
@@ -29,15 +31,26 @@ def _task_heads(config: LoraConfig) -> tuple[str, ...]:
 
 def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
     """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do, and, given the
-    ``model``, its architecture's default ``target_modules`` when the config names none (as PEFT fills them in)."""
+    ``model``, as PEFT completes it for that model: its architecture's default ``target_modules`` when the config
+    names none, and the targets of a mixture-of-experts model whose experts transformers 5 stores as parameters
+    rewritten (:mod:`fastlora.fused_experts`)."""
     heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
     if heads:
         config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
-    if config.target_modules is None and model is not None:
+    if model is None:
+        return config
+    if config.target_modules is None and not config.target_parameters:
         from fastlora.default_targets import default_target_modules
 
         config = config.replace(target_modules=default_target_modules(model))
-    return config
+    return for_fused_experts(config, model, lambda: _all_linear(model))
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """The modules ``target_modules="all-linear"`` matches: the linear-like layers but the output head."""
+    head = output_head(model)
+    return [name for name, module in _named_modules_outside_wrappers(model)
+            if name and is_linear_like(module) and module is not head]
 
 
 def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
@@ -88,10 +101,12 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
     a matched module is of no kind fastlora adapts (naming it and why).
     """
+    if config.target_modules is None:  # only target_parameters
+        return []
     head = output_head(model)
     targets, not_linear, saved_instead = [], [], []
     for name, module in _named_modules_outside_wrappers(model):
-        if not name or isinstance(module, ModulesToSaveWrapper):
+        if not name or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):  # a parameter's layer: its own plan
             continue
         if config.target_modules == "all-linear":
             if not is_linear_like(module) or module is head:
@@ -120,6 +135,10 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             f"target_modules={config.target_modules!r} matched modules that are not nn.Linear layers fastlora "
             f"adapts: {'; '.join(not_linear[:5])}. Leave them out of target_modules (exclude_modules can)"
         )
+    if not targets and config.target_parameters:  # PEFT's warning; the parameters are checked on their own
+        warnings.warn(f"target_modules={config.target_modules} were set but no module was matched.", RuntimeWarning,
+                      stacklevel=3)
+        return []
     if not targets:
         linears = [n for n, m in model.named_modules() if is_linear_like(m)]
         raise ValueError(
@@ -129,7 +148,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
                if saved_instead else "")
             + f"; the Linear and Conv1D modules it has include: {', '.join(linears[:6]) or 'none'}"
         )
-    if config.target_modules == "all-linear":
+    if config.target_modules == "all-linear" and not config.target_parameters:
         _warn_fused_experts(model)
     return targets
 
@@ -138,15 +157,15 @@ def _warn_fused_experts(model: nn.Module) -> None:
     """"all-linear" adapts Linear layers; a mixture-of-experts block whose experts are stored as 3-D parameters
     (transformers' fused experts: ``experts.gate_up_proj``, ``experts.down_proj``) has none there.  PEFT, for some
     of these architectures (Mixtral, Qwen3-MoE), also adapts those parameters and the router's ``gate.weight``
-    through ``target_parameters``, which fastlora does not support: say so rather than differ silently."""
+    through ``target_parameters``: say so rather than differ silently."""
     fused = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
                     if p.dim() >= 3 and ".experts." in f".{name}"})
     if fused:
         warnings.warn(
             f"target_modules='all-linear' adapts the Linear layers only: the experts stored as parameters in "
-            f"{fused[0]}{' and %d more' % (len(fused) - 1) if len(fused) > 1 else ''} are left frozen (PEFT adapts "
-            f"them, and the router, through target_parameters for some architectures; fastlora does not support "
-            f"target_parameters yet)", UserWarning, stacklevel=4)
+            f"{fused[0]}{' and %d more' % (len(fused) - 1) if len(fused) > 1 else ''} are left frozen; name them in "
+            f"target_parameters (e.g. target_parameters=['experts.gate_up_proj', 'experts.down_proj']) to adapt "
+            f"them", UserWarning, stacklevel=4)
 
 
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:

@@ -79,6 +79,9 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
         if adapter not in model.peft_config:
             raise ValueError(f"Adapter {adapter} does not exist")
         config = model.peft_config[adapter]
+        if config.target_parameters:
+            raise NotImplementedError(f"add_weighted_adapter: adapter {adapter!r} adapts parameters (target_parameters), "
+                                      f"which fastlora does not combine")
         if config.use_dora or config.lora_bias:
             raise NotImplementedError(f"add_weighted_adapter: adapter {adapter!r} uses "
                                       f"{'DoRA' if config.use_dora else 'lora_bias'}, which fastlora does not combine")

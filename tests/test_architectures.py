@@ -62,17 +62,8 @@ def _grads(model, rename):
     return {rename(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
-# PEFT adapts these MoE models' fused expert parameters and router under "all-linear" (target_parameters, which
-# fastlora does not support yet; it warns and adapts the Linear layers only).
-EXPERTS_AS_PARAMETERS = {"mixtral", "qwen3_moe"}
-
-
 def _case(architecture, targets):
-    marks = ()
-    if targets == "all-linear" and architecture in EXPERTS_AS_PARAMETERS:
-        marks = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                  reason="PEFT adapts the fused experts through target_parameters")
-    return pytest.param(architecture, targets, marks=marks, id=f"{architecture}-{targets or 'default-targets'}")
+    return pytest.param(architecture, targets, id=f"{architecture}-{targets or 'default-targets'}")
 
 
 @pytest.mark.parametrize("architecture, targets", [_case(a, t) for a in ARCHITECTURES for t in ("all-linear", None)])
@@ -118,8 +109,27 @@ def test_fastlora_agrees_with_peft(architecture, targets, tmp_path):
         assert_close(model(input_ids=ids).logits, expected, kind="same_math")
 
 
-@pytest.mark.parametrize("architecture", sorted(EXPERTS_AS_PARAMETERS))
-def test_all_linear_on_fused_experts_says_what_it_leaves_out(architecture):
-    with pytest.warns(UserWarning, match=r"experts stored as parameters in model\.layers\.0\.mlp\.experts .*left frozen"):
-        model = fastlora.get_peft_model(_model(architecture), fastlora.LoraConfig(target_modules="all-linear"))
+@pytest.mark.parametrize("architecture", ["mixtral", "qwen3_moe"])
+def test_all_linear_adapts_fused_experts_as_peft_rewrites_the_config(architecture):
+    """transformers 5 fused these models' experts into parameters; "all-linear" still adapts them (and the router),
+    through target_parameters, with rank 2r on gate_up_proj: the config both libraries write is the same."""
+    base = _model(architecture)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules="all-linear", r=4, lora_alpha=8))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules="all-linear", r=4, lora_alpha=8))
+    mine, peft_config = ours.peft_config["default"], theirs.peft_config["default"]
+    assert sorted(mine.target_parameters) == sorted(peft_config.target_parameters) == [
+        "down_proj", "gate.weight", "gate_up_proj"]
+    assert sorted(mine.target_modules) == sorted(peft_config.target_modules)
+    assert mine.rank_pattern == peft_config.rank_pattern == {r".*\.gate_up_proj": 8}
+    assert mine.alpha_pattern == peft_config.alpha_pattern == {r".*\.gate_up_proj": 16}
+    experts = [p for n, p in ours.named_parameters() if ".experts." in n and p.requires_grad]
+    assert len(experts) == 4 * base.config.num_hidden_layers  # A and B of gate_up_proj and of down_proj
+
+
+def test_all_linear_names_the_expert_parameters_it_leaves_frozen():
+    """Qwen2-MoE's experts are parameters too, and PEFT does not rewrite its config: "all-linear" leaves them
+    frozen, and says how to adapt them."""
+    with pytest.warns(UserWarning, match=r"experts stored as parameters in model\.layers\.0\.mlp\.experts .*left "
+                                         r"frozen; name them in target_parameters"):
+        model = fastlora.get_peft_model(_model("qwen2_moe"), fastlora.LoraConfig(target_modules="all-linear"))
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)

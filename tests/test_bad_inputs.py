@@ -131,7 +131,13 @@ CASES = [
     ("weighted adapter of an unknown adapter", lambda ctx: ctx["lora"].add_weighted_adapter(["nope"], [1.0], "mix"), ValueError, "nope does not exist"),
     ("weighted adapter of an unknown type", lambda ctx: ctx["lora"].add_weighted_adapter(["default"], [1.0], "mix", combination_type="mean"), ValueError, "Invalid combination_type"),
     # PEFT features not supported yet
-    ("target_parameters", lambda ctx: LoraConfig(target_parameters=["experts.gate_up_proj"]), UnsupportedFeatureError, "target_parameters"),
+    # target_parameters
+    ("target_parameters naming a missing parameter", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["experts.gate_up_proj"])), ValueError, r"entries \['experts.gate_up_proj'\] match no parameter"),
+    ("target_parameters as one string", lambda ctx: LoraConfig(target_parameters="experts.gate_up_proj"), TypeError, "target_parameters must be a list"),
+    ("target_parameters with dropout", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["mlp.down_proj.weight"], lora_dropout=0.1)), ValueError, "does not work with lora_dropout=0.1"),
+    ("target_parameters with DoRA", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["mlp.down_proj.weight"], use_dora=True)), ValueError, "does not work with use_dora=True"),
+    ("target_parameters of a 1-D parameter", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["input_layernorm.weight"])), ValueError, "adapts 2-D and 3-D parameters"),
+    ("a layer and its parameter both adapted", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["down_proj"], target_parameters=["mlp.down_proj.weight"])), ValueError, "not both"),
     ("trainable token ids outside the table", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=TARGETS, trainable_token_indices=[1, 500])), ValueError, r"token ids \[500\] are outside its 128 rows"),
     ("trainable tokens on a LoRA-adapted embedding", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[1])), TypeError, "must be an embedding table that target_modules does not adapt"),
     # adapter files

@@ -1,0 +1,106 @@
+"""Targets written for a mixture-of-experts model before transformers 5 fused its experts, as PEFT reads them.
+
+transformers 5 stores the experts of Mixtral, Qwen3-MoE, DeepSeek-V3 and their relatives as 3-D parameters of one
+module (``experts.gate_up_proj``, ``experts.down_proj``) where version 4 had one ``nn.Linear`` per expert and
+projection (``w1`` / ``w3`` / ``w2``, or ``gate_proj`` / ``up_proj`` / ``down_proj``), and the router ``gate`` is no
+longer a Linear.  PEFT 0.21 rewrites a config for these architectures so that it means what it meant on version 4:
+
+* the expert projections and the router named in ``target_modules`` (``"all-linear"`` names all of them) move to
+  ``target_parameters`` (``gate_up_proj``, ``down_proj``, ``gate.weight``);
+* the two projections fused into ``gate_up_proj`` must be named together, and their parameter then gets rank 2r
+  and alpha 2·lora_alpha (``rank_pattern`` / ``alpha_pattern``), so each half keeps r and the scaling.
+
+fastlora rewrites the config the same way, so the same script adapts the same weights, and writes the same
+adapter_config.json.  Adapter files of per-expert (version 4) weights are not converted.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+from torch import nn
+
+from fastlora.config import LoraConfig
+
+__all__ = ["FUSED_EXPERT_NAMES", "for_fused_experts"]
+
+_MIXTRAL = {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
+_QWEN2_MOE = {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+# model_type → {version-4 module name → the version-5 parameter it became}
+FUSED_EXPERT_NAMES: dict[str, dict[str, str]] = {
+    **dict.fromkeys(["mixtral", "minimax", "minimax_m2"], _MIXTRAL),
+    **dict.fromkeys(["afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1",
+                     "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa",
+                     "hunyuan_v1_moe", "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe",
+                     "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open"], _QWEN2_MOE),
+}
+
+
+def _fused_into(names: dict[str, str]) -> dict[str, list[str]]:
+    """version-5 parameter → the version-4 names fused into it (those with more than one)."""
+    out: dict[str, list[str]] = {}
+    for old, new in names.items():
+        out.setdefault(new, []).append(old)
+    return {new: olds for new, olds in out.items() if len(olds) > 1}
+
+
+def _resolved_string(config: LoraConfig, model: nn.Module, names: dict[str, str],
+                     all_linear_names: Callable[[], list[str]]) -> set[str]:
+    """A string ``target_modules`` as the version-4 leaf names it targets: ``"all-linear"`` the Linear layers' and
+    every expert projection and router; a regex the leaves of the modules and parameters it matches, plus each
+    version-4 name whose reconstructed key (``<experts module>.<name>``) it matches."""
+    if config.target_modules == "all-linear":
+        return {name.rsplit(".", 1)[-1] for name in all_linear_names()} | set(names)
+    pattern = config.target_modules
+    keys = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    matched = {key.rsplit(".", 1)[-1] for key in keys if re.fullmatch(pattern, key)}
+    holders: dict[str, set[str]] = {}
+    for key, _ in model.named_parameters():
+        holder, _, leaf = key.rpartition(".")
+        holders.setdefault(leaf, set()).add(holder)
+    for old, new in names.items():
+        if old not in matched and any(re.fullmatch(pattern, f"{h}.{old}") for h in holders.get(new, ())):
+            matched.add(old)
+    return matched
+
+
+def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Callable[[], list[str]]) -> LoraConfig:
+    """``config`` rewritten for a model whose experts transformers 5 fused (see the module docstring); unchanged for
+    other models.  ``all_linear_names()`` lists the modules ``"all-linear"`` matches.  ValueError when one of two
+    fused projections is named without the other."""
+    names = FUSED_EXPERT_NAMES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if names is None or config.target_modules is None:
+        return config
+    targets = config.target_modules
+    if isinstance(targets, str):
+        targets = _resolved_string(config, model, names, all_linear_names)
+        if not targets:
+            return config
+    parameters = set(config.target_parameters or [])
+    remaining, named = set(), set()
+    for target in targets:
+        old = next((o for o in names if target == o or target.endswith("." + o)), None)
+        if old is None:
+            remaining.add(target)
+        else:
+            parameters.add(names[old])
+            named.add(old)
+    rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for new, olds in _fused_into(names).items():
+        present = [o for o in olds if o in named]
+        if present and len(present) < len(olds):
+            raise ValueError(f"target_modules names {', '.join(present)} without {', '.join(sorted(set(olds) - set(present)))}: "
+                             f"on this model (transformers 5) they are fused into one parameter, {new}; name both")
+        if present:
+            rank_pattern[rf".*\.{re.escape(new)}"] = config.r * len(olds)
+            alpha_pattern[rf".*\.{re.escape(new)}"] = config.lora_alpha * len(olds)
+    # of the parameters named here, those this model has (a table entry for a projection it lacks is left out)
+    held = {re.sub(r"\.base_layer(?=\.)", "", n) for n, p in model.named_parameters() if p.dim() >= 2}
+    added = {names[old] for old in named} - set(config.target_parameters or [])
+    parameters -= {p for p in added if not any(h == p or h.endswith("." + p) for h in held)}
+    if not remaining and not parameters:
+        return config
+    return config.replace(target_modules=sorted(remaining) or None, target_parameters=sorted(parameters) or None,
+                          rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)

@@ -1,0 +1,280 @@
+"""LoRA on parameters (``target_parameters``), compared with PEFT's ``ParamWrapper`` on the same inputs: a tiny
+Mixtral (experts stored (E, out, in), two parameters of one module, and the router's 2-D weight), a tiny gpt-oss
+(experts stored (E, in, out): ``is_transposed``) and a plain module of PEFT's test shape; loss, gradients, file
+keys, loading both ways, merging and unloading."""
+
+import copy
+
+import peft
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import fastlora
+from fastlora.parameter_lora import LoRAParameter
+from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tokens
+from tests.tolerances import assert_close
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+_SMALL = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+
+
+class _Experts(nn.Module):
+    """A mixture of experts of PEFT's test shape: one 3-D weight (E, out, in) used in the module's own forward,
+    each token sent to every expert with the router's softmax weights."""
+
+    def __init__(self, experts=3, dim=12, hidden=20):
+        super().__init__()
+        self.router = nn.Linear(dim, experts, bias=False)
+        self.up = nn.Parameter(torch.randn(experts, hidden, dim) / dim ** 0.5)
+        self.down = nn.Parameter(torch.randn(experts, dim, hidden) / hidden ** 0.5)
+
+    def forward(self, x):
+        weights = self.router(x).softmax(-1)                            # (tokens, E)
+        hidden = torch.relu(torch.einsum("td,ehd->teh", x, self.up))     # (tokens, E, hidden)
+        out = torch.einsum("teh,edh->ted", hidden, self.down)            # (tokens, E, dim)
+        return (out * weights.unsqueeze(-1)).sum(1)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = _Experts()
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x, labels=None):
+        logits = self.head(self.block(x))
+        return transformers.modeling_outputs.CausalLMOutput(
+            loss=None if labels is None else nn.functional.cross_entropy(logits, labels), logits=logits)
+
+
+def _mixtral():
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**_SMALL))
+
+
+def _gpt_oss():
+    torch.manual_seed(0)
+    return transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        **_SMALL, head_dim=8, layer_types=["sliding_attention", "full_attention"]))
+
+
+# case → (model builder, target_modules, target_parameters, inputs(model) → call keyword arguments)
+CASES = {
+    "mixtral": (_mixtral, ["q_proj"], ["experts.gate_up_proj", "experts.down_proj", "gate.weight"], None),
+    "gpt_oss": (_gpt_oss, None, ["experts.gate_up_proj", "experts.down_proj", "router.weight"], None),
+    "plain module": (_Model, ["head"], ["block.up", "block.down"], "plain"),
+}
+
+
+def _inputs(case):
+    if CASES[case][3] == "plain":
+        torch.manual_seed(3)
+        return dict(x=torch.randn(6, 12), labels=torch.randint(0, 5, (6,)))
+    ids = tokens(length=9)
+    return dict(input_ids=ids, labels=ids)
+
+
+def _pair(case, **config):
+    build, modules, parameters, _ = CASES[case]
+    base = build()
+    kwargs = dict(target_modules=modules, target_parameters=parameters, r=4, lora_alpha=8, init_lora_weights=False,
+                  **config)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**kwargs))
+    copy_lora_weights(theirs, ours)
+    return base, theirs, ours
+
+
+def _peft_grads(model):
+    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _grads(model):
+    return {n.replace("_default", ".weight"): p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_and_gradients_agree_with_peft(case):
+    _, theirs, ours = _pair(case)
+    assert any(isinstance(m, LoRAParameter) for m in ours.modules())
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    inputs = _inputs(case)
+    loss_theirs, loss_ours = theirs(**inputs).loss, ours(**inputs).loss
+    assert_close(loss_ours, loss_theirs, kind="same_math")
+    loss_theirs.backward()
+    loss_ours.backward()
+    theirs_grads, ours_grads = _peft_grads(theirs), _grads(ours)
+    assert ours_grads.keys() == theirs_grads.keys()
+    for name, grad in ours_grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert_close(grad, theirs_grads[name], kind="same_math_cancelling", msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_files_have_peft_keys_and_load_both_ways(case, tmp_path):
+    base, theirs, ours = _pair(case)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    from safetensors.torch import load_file
+
+    ours_file, theirs_file = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("ours", "theirs"))
+    assert {k: v.shape for k, v in ours_file.items()} == {k: v.shape for k, v in theirs_file.items()}
+    inputs = {k: v for k, v in _inputs(case).items() if k != "labels"}
+    ours.eval()
+    expected = ours(**inputs).logits
+    for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
+                  fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
+        assert_close(model(**inputs).logits, expected, kind="same_math")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merge_and_unload_equal_peft_and_unload_gives_the_base_back(case):
+    base, theirs, ours = _pair(case)
+    inputs = {k: v for k, v in _inputs(case).items() if k != "labels"}
+    ours.eval()
+    adapted = ours(**inputs).logits
+    merged_theirs = theirs.merge_and_unload()
+    merged_ours = ours.merge_and_unload()
+    assert not any(isinstance(m, LoRAParameter) for m in merged_ours.modules())
+    theirs_state = merged_theirs.state_dict()
+    for name, value in merged_ours.state_dict().items():
+        assert_close(value, theirs_state[name], kind="same_math", msg=name)
+    assert_close(merged_ours(**inputs).logits, adapted, kind="same_math")
+
+    _, _, again = _pair(case)
+    plain = again.unload()
+    assert type(plain) is type(base) and not any(isinstance(m, LoRAParameter) for m in plain.modules())
+    base_state = base.state_dict()
+    assert plain.state_dict().keys() == base_state.keys()
+    assert all(torch.equal(value, base_state[name]) for name, value in plain.state_dict().items())
+
+
+def test_merge_then_unmerge_restores_the_parameter_and_the_output():
+    _, _, ours = _pair("mixtral")
+    ours.eval()
+    ids = tokens(length=9)
+    adapted = ours(input_ids=ids).logits
+    experts = ours.base_model.model.model.layers[0].mlp.experts
+    before = experts.weight.detach().clone()
+    ours.merge_adapter()
+    assert not torch.equal(experts.weight, before)
+    assert_close(ours(input_ids=ids).logits, adapted, kind="same_math")
+    ours.unmerge_adapter()
+    assert_close(experts.weight, before, kind="same_math")
+    with ours.disable_adapter():
+        base_out = ours(input_ids=ids).logits
+    assert not torch.allclose(base_out, adapted)
+
+
+def test_a_training_step_moves_the_factors_and_leaves_the_experts_bitwise_unchanged():
+    _, _, ours = _pair("mixtral")
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    trained = {n: p.detach().clone() for n, p in ours.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    ours(**_inputs("mixtral")).loss.backward()
+    optimizer.step()
+    params = dict(ours.named_parameters())
+    assert all(torch.equal(params[n], value) for n, value in frozen.items())
+    assert all(not torch.equal(params[n], value) for n, value in trained.items())
+
+
+def test_rank_pattern_keys_match_the_parameter_name_as_in_peft():
+    _, theirs, ours = _pair("mixtral", rank_pattern={"gate_up_proj": 2}, alpha_pattern={"gate_up_proj": 6})
+    layer = ours.base_model.model.model.layers[0].mlp.experts.base_layer
+    assert (layer.parameter_name, layer.r, layer.lora_alpha) == ("gate_up_proj", 2, 6)
+    assert layer.lora_A.shape == (2 * 4, 32)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    inputs = _inputs("mixtral")
+    assert_close(ours(**inputs).loss, theirs(**inputs).loss, kind="same_math")
+
+
+def test_several_active_adapters_add_up_as_in_peft():
+    base, theirs, ours = _pair("mixtral")
+    second = dict(target_modules=["q_proj"], target_parameters=CASES["mixtral"][2], r=2, lora_alpha=3,
+                  init_lora_weights=False)
+    theirs.add_adapter("other", peft.LoraConfig(**second))
+    ours.add_adapter("other", fastlora.LoraConfig(**second))
+    copy_lora_weights(theirs, ours)
+    theirs.base_model.set_adapter(["default", "other"])
+    ours.base_model.set_adapter(["default", "other"])
+    ids = tokens(length=9)
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
+    with torch.no_grad():
+        theirs.base_model.set_adapter("default")
+        only_default = theirs(input_ids=ids).logits
+    assert not torch.allclose(only_default, ours(input_ids=ids).logits)
+
+
+def test_deleting_one_of_two_adapters_keeps_the_other_and_the_last_unwraps():
+    _, _, ours = _pair("mixtral")
+    ours.add_adapter("other", fastlora.LoraConfig(target_modules=["q_proj"], target_parameters=CASES["mixtral"][2]))
+    ours.delete_adapter("other")
+    experts = ours.base_model.model.model.layers[0].mlp.experts
+    assert isinstance(experts, LoRAParameter) and experts.adapter_names == ["default"]
+    assert experts.base_layer.adapter_names == ["default"]
+
+
+def _mixtral_model():
+    return fastlora.get_peft_model(_mixtral(), fastlora.LoraConfig(target_modules=["q_proj"],
+                                                                   target_parameters=CASES["mixtral"][2]))
+
+
+BAD = [
+    ("a second adapter adapting other parameters",
+     lambda m: m.add_adapter("other", fastlora.LoraConfig(target_parameters=["experts.down_proj"])),
+     ValueError, "all adapters must target the same set of parameters"),
+    ("a mixed-adapter batch", lambda m: m(input_ids=tokens(batch=2), adapter_names=["default", "__base__"]),
+     ValueError, r"mixed-adapter batch\) is not supported"),
+    ("a weighted combination", lambda m: m.add_weighted_adapter(["default"], [1.0], "mix"),
+     NotImplementedError, "adapts parameters"),
+    ("parameters of a module and of a module inside it",
+     lambda m: fastlora.get_peft_model(_Model(), fastlora.LoraConfig(target_parameters=["block.up", "router.weight"])),
+     ValueError, "a module inside it"),
+]
+
+
+@pytest.mark.parametrize("call, error, match", [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_calls_on_a_model_with_adapted_parameters_change_nothing(call, error, match):
+    model = _mixtral_model()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        call(model)
+    assert_unchanged(model, before)
+
+
+def test_the_layer_reads_a_transposed_expert_stack_through_its_module():
+    _, _, ours = _pair("gpt_oss")
+    layer = ours.base_model.model.model.layers[0].mlp.experts
+    assert layer.parameter_name == "down_proj" and layer.stored_transposed
+    assert (layer.in_features, layer.out_features, layer.num_experts) == (48, 32, 4)
+    assert layer.delta_weight().shape == layer.weight.shape == (4, 48, 32)
+    copy.deepcopy(layer)  # a layer copies with its module (Trainer's best-model restore, EMA)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "w1", "w3", "w2", "gate"], ["w1", "w3"], "all-linear",
+                                     r".*\.(q_proj|w1|w3)"], ids=["list", "fused pair", "all-linear", "regex"])
+def test_version_4_expert_names_move_to_parameters_as_peft_moves_them(targets):
+    base = _mixtral()
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=targets, r=4, lora_alpha=8))
+    mine, peft_config = ours.peft_config["default"], theirs.peft_config["default"]
+    assert sorted(mine.target_parameters) == sorted(peft_config.target_parameters)
+    assert sorted(mine.target_modules or []) == sorted(peft_config.target_modules)
+    assert (mine.rank_pattern, mine.alpha_pattern) == (peft_config.rank_pattern, peft_config.alpha_pattern)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_one_of_two_fused_projections_is_refused_as_in_peft():
+    base = _mixtral()
+    with pytest.raises(ValueError, match="w1 without also targeting w3"):
+        peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=["q_proj", "w1"]))
+    model = clone(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="names w1 without w3: .* fused into one parameter, gate_up_proj"):
+        fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj", "w1"]))
+    assert_unchanged(model, before)

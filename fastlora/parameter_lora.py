@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.config import LoraConfig
+from fastlora.grouped_experts import FIRST, FIRST_NO_GATE, SECOND, grouped_experts_forward, is_transformers_experts
 from fastlora.layer import LoRALinear
 
 __all__ = ["LoRAParameter", "ParameterTarget", "plan_parameter_targets", "parameter_chain", "owner_of",
@@ -140,6 +141,10 @@ class LoRAParameter(LoRALinear):
         names = self.active_held()
         if self.merged or not self.adapter_enabled or not names:
             return self.base_layer(*args, **kwargs)
+        routed = self._routed_arguments(args, kwargs)
+        if routed is not None:  # a transformers experts module: the low-rank products per expert, no ΔW
+            updates = {layer.parameter_name: layer.factor_stacks() for layer in parameter_chain(self)}
+            return grouped_experts_forward(owner_of(self), *routed, updates=updates)
         weight = self.weight
         update = None
         for name in names:  # the active adapters' updates add up, as PEFT's
@@ -147,6 +152,35 @@ class LoRAParameter(LoRALinear):
             update = term if update is None else update + term
         adapted = weight + update.to(weight.dtype)
         return torch.func.functional_call(self.base_layer, {self._path_to_parameter(): adapted}, args, kwargs)
+
+    def factor_stacks(self) -> list[tuple[Tensor, Tensor, float]]:
+        """Per active adapter (none when merged or disabled): (A_e stacked (E, r, in), B_e stacked (E, out, r),
+        scaling), views of A and B in PEFT's layout."""
+        if self.merged or not self.adapter_enabled:
+            return []
+        stacks = []
+        for name in self.active_held():
+            lora_A, lora_B = self.lora_factors(name)
+            experts = self.num_experts
+            stacks.append((lora_A.reshape(experts, -1, self.in_features),
+                           lora_B.reshape(self.out_features, -1, experts).permute(2, 0, 1),
+                           self.adapter_settings[name].scaling))
+        return stacks
+
+    def _routed_arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(hidden_states, top_k_index, top_k_weights) when this layer and those inside it adapt the projections of
+        a transformers experts module called with its routing (see :mod:`fastlora.grouped_experts`); else None."""
+        owner = owner_of(self)
+        if not is_transformers_experts(owner):
+            return None
+        first = FIRST if owner.has_gate else FIRST_NO_GATE
+        if any(layer.parameter_name not in (first, SECOND) for layer in parameter_chain(self)):
+            return None
+        values = dict(zip(("hidden_states", "top_k_index", "top_k_weights"), args))
+        values.update(kwargs)
+        if len(args) > 3 or set(values) != {"hidden_states", "top_k_index", "top_k_weights"}:
+            return None
+        return values["hidden_states"], values["top_k_index"], values["top_k_weights"]
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, num_experts={self.num_experts}, " + super().extra_repr()

@@ -59,8 +59,13 @@ def _mixtral():
 
 def _gpt_oss():
     torch.manual_seed(0)
-    return transformers.GptOssForCausalLM(transformers.GptOssConfig(
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
         **_SMALL, head_dim=8, layer_types=["sliding_attention", "full_attention"]))
+    with torch.no_grad():  # the experts' biases start at zero: give them values, so that they count
+        for name, parameter in model.named_parameters():
+            if name.endswith("_bias"):
+                parameter.normal_(std=0.1)
+    return model
 
 
 # case → (model builder, target_modules, target_parameters, inputs(model) → call keyword arguments)
@@ -278,3 +283,31 @@ def test_one_of_two_fused_projections_is_refused_as_in_peft():
     with pytest.raises(ValueError, match="names w1 without w3: .* fused into one parameter, gate_up_proj"):
         fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj", "w1"]))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("case", ["mixtral", "gpt_oss"])
+def test_transformers_experts_never_keep_an_expert_stack_for_backward(case):
+    """On a transformers experts module the low-rank products run per expert (fastlora.grouped_experts): no tensor
+    the size of an expert stack (W + ΔW, as PEFT forms it) is kept for backward, and fewer bytes are in all."""
+    from fastlora.bench.measure import SavedTensorCounter, module_tensors
+
+    _, theirs, ours = _pair(case)
+    stack = min(p.numel() * p.element_size() for n, p in ours.named_parameters() if n.endswith(("gate_up_proj", "down_proj")))
+    largest, total = {}, {}
+    for name, model in (("peft", theirs), ("fastlora", ours)):
+        with SavedTensorCounter(exclude=module_tensors(model)) as counter:
+            loss = model(**_inputs(case)).loss
+        loss.backward()
+        largest[name], total[name] = max(counter.storages.values()), counter.bytes
+    assert largest["peft"] >= stack > largest["fastlora"]
+    assert total["fastlora"] < total["peft"]
+
+
+def test_an_inner_parameter_merged_alone_leaves_the_output_unchanged():
+    _, _, ours = _pair("mixtral")
+    ours.eval()
+    ids = tokens(length=9)
+    adapted = ours(input_ids=ids).logits
+    for layer in ours.base_model.model.model.layers:
+        layer.mlp.experts.base_layer.merge()  # gate_up_proj merged, down_proj still applied per expert
+    assert_close(ours(input_ids=ids).logits, adapted, kind="same_math")

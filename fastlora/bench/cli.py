@@ -14,6 +14,7 @@ from .presets import GPU_SPECS, MODEL_PRESETS, PROJECTIONS, find_gpu_spec, parse
 from .providers import ALL_PROVIDERS, SEED_TARGETS, resolve_providers
 from .roofline import Roofline
 from .runner import DTYPES, LayerCase, ModelCase, Quiet, add_ratios, run_layers, run_model
+from .steps import STEP_CASES, StepSizes, format_step_rows, mixed_batch_rows, run_step_case
 
 __all__ = ["main", "build_parser"]
 
@@ -46,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(MODEL_PRESETS),
         help="end-to-end mode: one training step of a Llama-architecture model at this preset's width (default tiny)",
     )
-    g.add_argument("--layers", type=int, help="decoder layers for --model (default: the preset's, 2)")
+    g.add_argument(
+        "--step",
+        action="append",
+        choices=[*STEP_CASES, "mixed-batch"],
+        help="whole-model training step of another base kind, frozen base vs PEFT vs fastlora (repeatable): gpt2 "
+        "(Conv1D), moe (experts as parameters), qlora-nf4, qlora-int8, mixed-batch (k adapters over one batch)",
+    )
+    g.add_argument("--hidden", type=int, help="hidden width for --step (default 512; mixed-batch 64)")
+    g.add_argument("--adapters", default="1,2,4,8", help="adapter counts k for --step mixed-batch (default 1,2,4,8)")
+    g.add_argument("--layers", type=int, help="decoder layers for --model (default: the preset's, 2) and --step (4)")
     g.add_argument("--batch", type=int, help="batch for --model (default: the preset's)")
     g.add_argument("--seq", type=int, help="sequence length for --model (default: the preset's)")
     g.add_argument("--vocab", type=int, help="vocabulary for --model (default: the preset's real one)")
@@ -128,6 +138,33 @@ class _Progress:
             self.bar.close()
 
 
+def _run_steps(args, argv_list: list[str], device: torch.device, warmup: int, repeats: int) -> int:
+    """``--step``: each case's whole-model step for the frozen base, PEFT and fastlora (fastlora.bench.steps)."""
+    import json
+
+    rows = []
+    for name in dict.fromkeys(args.step):
+        small = name == "mixed-batch"
+        sizes = StepSizes(hidden=args.hidden or (64 if small else 512), layers=args.layers or (2 if small else 4),
+                          batch=args.batch or 4, seq=args.seq or (64 if small else 256),
+                          vocab=args.vocab or (256 if small else 1024))
+        if small:
+            rows += mixed_batch_rows(sizes, device, warmup, repeats, [int(k) for k in args.adapters.split(",")])
+        else:
+            rows += run_step_case(name, sizes, device, warmup, repeats)
+    meta = environment(device)
+    print(f"fastlora bench — {report._machine_line(meta)}, {torch.get_num_threads()} threads")
+    print(format_step_rows(rows))
+    if args.json:
+        command = "fastlora bench " + " ".join(shlex.quote(a) for a in argv_list)
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "torch_threads": torch.get_num_threads(), "command": command, "rows": rows}, f,
+                      indent=2)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -157,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if not providers:
         print("fastlora bench: no provider available: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), file=sys.stderr)
         return 2
+
+    if args.step:
+        return _run_steps(args, argv_list, device, warmup, repeats)
 
     # ---- cases
     want_layers = bool(args.preset or args.shape) or args.model is None

@@ -39,6 +39,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from fastlora.kernels.common import small_skinny_tiles  # noqa: E402
+from fastlora.kernels.configs import gemm4bit_config_dicts  # noqa: E402
 from fastlora.kernels.configs import (  # noqa: E402
     cols_blocks, config_dicts, dora_config_dicts, rows_blocks, skinny_block_r,
 )
@@ -50,6 +51,7 @@ from fastlora.kernels.dequant4 import BLOCK as DEQUANT4_BLOCK  # noqa: E402
 from fastlora.kernels.dequant4 import dequantize_4bit_arguments, dequantize_4bit_kernel  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.gemm4bit import STORED_CODES, fused_gemm_4bit_arguments, fused_gemm_4bit_kernel  # noqa: E402
 from fastlora.kernels.low_rank_add import (  # noqa: E402
     LOW_RANK_ADD_BLOCKS, low_rank_add_arguments, low_rank_add_kernel,
 )
@@ -59,7 +61,7 @@ from fastlora.kernels.skinny import cols_arguments, cols_kernel, rows_arguments,
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory per block
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"gemm": fused_gemm_kernel, "low_rank_add": low_rank_add_kernel, "rows": rows_kernel, "cols": cols_kernel,
-           "mask": zero_dropped_kernel, "dequant4": dequantize_4bit_kernel,
+           "mask": zero_dropped_kernel, "dequant4": dequantize_4bit_kernel, "gemm4bit": fused_gemm_4bit_kernel,
            "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel, "dora_zero_dm": zero_magnitude_dm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
@@ -384,6 +386,36 @@ def dequant4_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def gemm4bit_jobs(arch: int) -> list[Job]:
+    """The fused GEMM over a 4-bit weight (dequantized in its main loop): each 16-bit config of the unmasked list
+    (the forward, B = Wᵀ) and of the masked list (dx with dropout, B = W), bf16 operands from a bf16 weight,
+    plain and double-quantized absmax; fp16, and 64-bit offsets, once per config."""
+    jobs = []
+    for masked in (False, True):
+        direction, r = ("dx-dropout", 64) if masked else ("fwd", 16)
+        fwd = direction == "fwd"
+        for cfg in gemm4bit_config_dicts(arch, masked):
+            meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+            name = "gemm4bit {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg) + (
+                " masked" if masked else "")
+            for dt, nested, int64 in (("bf16", False, False), ("bf16", True, False), ("fp16", True, False),
+                                      ("bf16", True, True)):
+                weight = dict(packed_ptr=Ptr("u8"), absmax_ptr=Ptr("u8" if nested else "fp32"), code_ptr=Ptr("fp32"),
+                              absmax_code_ptr=Ptr("fp32"), absmax2_ptr=Ptr("fp32"), offset=0.25, BLOCKSIZE=64,
+                              NESTED=nested, BLOCKSIZE2=256)
+                args = dict(fused_gemm_4bit_arguments(
+                    a=Ptr(dt), weight=weight, c=Ptr(dt), bias=Ptr(dt), p=Ptr("fp32"), q=Ptr("fp32"), seed=Ptr("i64"),
+                    M=M, N=N, K=K, R=r, a_strides=(K, 1), b_strides=(1, K) if fwd else (K, 1), c_strides=(N, 1),
+                    p_strides=(r, 1), q_strides=(1, r) if fwd else (K, 1), lora_scale=0.5,
+                    keep_threshold=keep_threshold(0.1), has_bias=fwd, dropout=masked,
+                    stored=STORED_CODES[_TORCH[dt]], fp32_adapters=True, int64=int64, upcast=False, precision="ieee"),
+                    **meta)
+                label = f"{direction} {dt}/fp32" + (" double-quantized" if nested else "") + (" int64" if int64 else "")
+                jobs.append(Job("gemm4bit", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
+                                needs_wgmma=arch >= 90, needs_tensor_cores=True))
+    return jobs
+
+
 def dora_jobs(arch: int) -> list[Job]:
     """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; the zero-magnitude
     pass; its row-norm kernel per rank block and dtype setup."""
@@ -452,7 +484,7 @@ def main() -> int:
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
         jobs += (gemm_jobs(arch) + low_rank_add_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
-                 + dequant4_jobs(arch))
+                 + dequant4_jobs(arch) + gemm4bit_jobs(arch))
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

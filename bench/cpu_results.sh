@@ -30,5 +30,10 @@ if [[ "${LLAMA:-0}" == "1" ]]; then
         --providers "$layer_providers" --warmup 1 --repeats 5 --json "$stem-llama-3-8b-layers.json" --csv "$stem-llama-3-8b-layers.csv" \
         --plot "$stem-llama-3-8b-layers.png" --no-progress
 fi
+# whole-model steps of the other base kinds (GPT-2, MoE, QLoRA nf4 / int8) and mixed batches
+python -m fastlora.bench --device cpu --threads "$threads" --step gpt2 --step moe --step qlora-nf4 --step qlora-int8 \
+    --json "$stem-steps.json" --no-progress
+python -m fastlora.bench --device cpu --threads "$threads" --step mixed-batch --warmup 3 --repeats 12 \
+    --json "$stem-mixed-batch.json" --no-progress
 python -m fastlora.bench.report "$out"/*.json --plot-link "$stem-model.png" --page docs/performance.md > "$out/README-section.md"
 echo "wrote $stem-* and $out/README-section.md"

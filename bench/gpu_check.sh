@@ -4,6 +4,7 @@
 #
 #     bash bench/gpu_check.sh --preflight   # at most 60 s: versions, CUDA, one small kernel forward+backward
 #     bash bench/gpu_check.sh               # the full check, at most 420 s of steps (limits below)
+#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, at most 65 s
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
@@ -14,6 +15,10 @@
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
 #   6. dora-composed     20 s  DoRA on the composed schedule, to hold against step 5
+# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 65 s of steps):
+#   kinds-steps         30 s  whole-model steps: 4-bit QLoRA, MoE experts as parameters, GPT-2's Conv1D
+#   kinds-qlora-fused   20 s  the QLoRA step with the 4-bit weight dequantized inside the fused GEMM
+#   kinds-mixed-batch   15 s  k = 1, 2, 4, 8 adapters over one batch
 # then the README section from the run's results files.
 #
 # Where files go: with $OUT set (the device tool), every file is written to a staging folder and packed, after
@@ -34,13 +39,14 @@ PY="${PYTHON:-$(command -v python || command -v python3)}"
 [[ -n "$PY" ]] || { echo "gpu_check.sh: neither python nor python3 on PATH" >&2; exit 2; }
 MODE=full
 [[ "${1:-}" == "--preflight" ]] && MODE=preflight
+[[ "${1:-}" == "--steps" ]] && MODE=steps
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" || exit 2
 
 # shellcheck source=bench/step_runner.sh
 source "$REPO/bench/step_runner.sh"
 slug="$("$PY" -c "from fastlora.bench.meta import hardware_slug; print(hardware_slug('cuda'))" 2>/dev/null ||
     "$PY" -c "import re, torch; print('gpu-' + re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name(0).lower()).strip('-'))")"
-name="$(date -u +%F)-$slug-gpu-$([[ $MODE == preflight ]] && echo preflight || echo check)"
+name="$(date -u +%F)-$slug-gpu-$([[ $MODE == full ]] && echo check || echo "$MODE")"
 if [[ -n "${OUT:-}" ]]; then
     runner_init "$name" "$(mktemp -d)" "$OUT"
 else
@@ -59,6 +65,20 @@ pytest_args=(-q -rfEs -p no:cacheprovider)
 if [[ "$MODE" == preflight ]]; then
     step preflight 50 "$PY" -m pytest tests/test_kernels_gpu.py -m preflight "${pytest_args[@]}"
     echo "gpu_check preflight: exit $RUNNER_STATUS" | tee -a "$SUMMARY"
+    exit "$RUNNER_STATUS"
+fi
+
+if [[ "$MODE" == steps ]]; then
+    # Whole-model steps of the other base kinds (frozen vs PEFT vs fastlora), then QLoRA with the base product in
+    # the fused 4-bit GEMM instead of bitsandbytes' dequantize-then-matmul (the default until this run decides).
+    step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --step moe --step gpt2 --hidden 2048 \
+        --layers 2 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps.json"
+    step kinds-qlora-fused 20 env FASTLORA_KERNEL_VARIANTS=base=fused "$PY" -m fastlora.bench --device cuda \
+        --step qlora-nf4 --hidden 2048 --layers 2 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress \
+        --json "$stem-steps-qlora-fused.json"
+    step kinds-mixed-batch 15 "$PY" -m fastlora.bench --device cuda --step mixed-batch --hidden 1024 --seq 256 \
+        --warmup 2 --repeats 5 --no-progress --json "$stem-mixed-batch.json"
+    echo "gpu_check steps: exit $RUNNER_STATUS" | tee -a "$SUMMARY"
     exit "$RUNNER_STATUS"
 fi
 
@@ -102,7 +122,8 @@ fi
 # The README section from this run's layer / model results (the kernel variants have their own format).
 bench_jsons=()
 for f in "$stem"-*.json; do
-    [[ -e "$f" && "$f" != *kernel-variants* && "$f" != *kernel-schedules* && "$f" != *-composed* ]] &&
+    [[ -e "$f" && "$f" != *kernel-variants* && "$f" != *kernel-schedules* && "$f" != *-composed* &&
+        "$f" != *-steps* && "$f" != *-mixed-batch* ]] &&
         bench_jsons+=("$f")
 done
 if ((${#bench_jsons[@]})); then

@@ -8,7 +8,9 @@ quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes Lo
 
 The base product is bitsandbytes' own (dequantization inside its matmul, on CPU and CUDA); the low-rank term is
 ``fastlora.lora_linear`` without a base weight, so dropout regenerates its mask from a seed instead of storing a
-dropped copy of x.  Adapters are float32 by default, as PEFT creates them beside an integer weight.  Merging
+dropped copy of x.  On the kernels' device with the ``base=fused`` schedule, a 4-bit base with one active adapter
+runs fused instead (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in its main loop,
+forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by default, as PEFT creates them beside an integer weight.  Merging
 follows PEFT: dequantize, add scaling · B A in float32, quantize again (with PEFT's warning about rounding).
 DoRA on a quantized base is refused.
 """
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.layer import LoRALinear
+from fastlora.schedules import Schedule, kernel_schedule, resolve
 
 __all__ = ["LoRAQuantizedLinear", "is_bnb_linear"]
 
@@ -135,10 +138,45 @@ class LoRAQuantizedLinear(LoRALinear):
         return self.base_layer
 
     def adapted_forward(self, x: Tensor, names: list[str]) -> Tensor:
+        schedule = self._fused_4bit_schedule(x, names)
+        if schedule is not None:
+            return self._fused_4bit_forward(x, names[0], schedule)
         result = self.base_layer(x)
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
             result = result + self.low_rank_terms(x, [name]).to(result.dtype)
         return result
+
+    def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
+        """The kernel schedule when this call runs fused (a 4-bit base, one active adapter, the kernels' device and a
+        schedule whose base product is fused: ``base=fused``); None for bitsandbytes' product plus the low-rank term
+        (the default, ``base=cublas``: bitsandbytes' dequantize-then-matmul, the bounded-downside choice until a GPU
+        run says otherwise)."""
+        base = self.base_layer
+        if len(names) != 1 or not isinstance(base, _bnb().nn.Linear4bit):
+            return None
+        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
+            return None
+        if not resolve(self.backend, x).uses_kernels:
+            return None
+        out_features, in_features = (int(s) for s in base.weight.quant_state.shape)
+        schedule = kernel_schedule(x.numel() // max(in_features, 1), out_features, in_features)
+        return schedule if schedule.base == "fused" else None
+
+    def _fused_4bit_forward(self, x: Tensor, name: str, schedule: Schedule) -> Tensor:
+        """bitsandbytes' Linear4bit forward (x and bias in its compute dtype, the output in x's) with the adapter's
+        term in the same GEMM (:func:`fastlora.qlora_ops.lora_linear_4bit`)."""
+        from fastlora.functional import dropout_and_seed
+        from fastlora.qlora_ops import lora_linear_4bit
+
+        base = self.base_layer
+        compute = base.compute_dtype or x.dtype
+        bias = base.bias.to(compute) if base.bias is not None else None
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
+        y = lora_linear_4bit(x.to(compute), base.weight.data, base.weight.quant_state, bias, lora_A, lora_B,
+                             settings.scaling, p, seed, schedule)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{name}: r={s.r}, lora_alpha={s.lora_alpha}, lora_dropout={s.lora_dropout}"

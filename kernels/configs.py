@@ -21,6 +21,8 @@ __all__ = [
     "gemm_configs",
     "dora_gemm_configs",
     "dora_config_dicts",
+    "gemm4bit_configs",
+    "gemm4bit_config_dicts",
     "config_dicts",
     "pinned_config",
     "pin_gemm_config",
@@ -166,6 +168,33 @@ _DORA_TABLES = {
 }
 
 
+# The GEMM over a 4-bit weight (gemm4bit.py): the main loop dequantizes B's tile in registers (a byte, a code and an
+# absmax per element), which the dense lists' larger K steps and deeper pipelines spill or overflow shared memory
+# with.  Chosen with bench/compile_check.py (triton 3.9): no spills with plain or double-quantized absmax, 32- or
+# 64-bit offsets, wgmma on sm_90.  16-bit operands only (a QLoRA compute dtype).
+_GEMM4BIT_TABLES = {
+    # (arch class, masked low-rank term: the dx GEMM with dropout)
+    ("hopper", False): [(128, 64, 32, 8, 4, 3), (64, 128, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3),
+                        (128, 128, 64, 8, 8, 2), (128, 64, 64, 8, 4, 2), (64, 64, 32, 8, 4, 2)],
+    ("hopper", True): [(128, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (128, 128, 64, 8, 8, 2),
+                       (64, 64, 32, 8, 4, 2)],
+    ("ampere", False): [(128, 64, 32, 8, 4, 3), (64, 128, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3),
+                        (128, 128, 64, 8, 8, 2), (64, 64, 32, 8, 4, 2)],
+    ("ampere", True): [(128, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 2)],
+}
+
+
+def gemm4bit_config_dicts(arch: int, masked: bool) -> list[dict]:
+    """The 4-bit GEMM's config list for an architecture and masked low-rank term or not, as dicts."""
+    return [dict(zip(_GEMM_KEYS, row)) for row in _GEMM4BIT_TABLES[("hopper" if arch >= 90 else "ampere", masked)]]
+
+
+@lru_cache(maxsize=None)
+def gemm4bit_configs(masked: bool) -> tuple[triton.Config, ...]:
+    """Autotune configs for the 4-bit GEMM on the current device."""
+    return _autotune_list(lambda: gemm4bit_config_dicts(_arch(), masked))
+
+
 def dora_config_dicts(arch: int, dots: str, dropout: bool) -> list[dict]:
     """DoRA's GEMM config list for an architecture, class of dots ("16-bit", "tf32", "ieee") and dropout."""
     return [dict(zip(_GEMM_KEYS, row)) for row in _DORA_TABLES[("hopper" if arch >= 90 else "ampere", dots, dropout)]]
@@ -201,14 +230,14 @@ def pin_gemm_config(config: dict | str):
     global _OVERRIDE
     previous = _OVERRIDE
     _OVERRIDE = parse_config(config) if isinstance(config, str) else dict(config)
-    gemm_configs.cache_clear()
-    dora_gemm_configs.cache_clear()
+    for configs in (gemm_configs, dora_gemm_configs, gemm4bit_configs):
+        configs.cache_clear()
     try:
         yield
     finally:
         _OVERRIDE = previous
-        gemm_configs.cache_clear()
-        dora_gemm_configs.cache_clear()
+        for configs in (gemm_configs, dora_gemm_configs, gemm4bit_configs):
+            configs.cache_clear()
 
 
 def _to_config(d: dict) -> triton.Config:

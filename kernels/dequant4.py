@@ -26,7 +26,8 @@ from torch import Tensor
 from .common import launch
 from .configs import INTERPRET
 
-__all__ = ["dequant4_values", "dequantize_4bit_kernel", "dequantize_4bit_arguments", "dequantize_4bit"]
+__all__ = ["dequant4_values", "dequantize_4bit_kernel", "dequantize_4bit_arguments", "dequantize_4bit",
+           "weight_4bit_operands"]
 
 BLOCK = 1024  # elements per program
 
@@ -73,6 +74,21 @@ def dequantize_4bit_arguments(*, packed, absmax, code, absmax_code, absmax2, out
                 BLOCKSIZE2=blocksize2, INT64=int64, BLOCK=BLOCK)
 
 
+def weight_4bit_operands(packed: Tensor, quant_state) -> dict:
+    """The 4-bit weight's arguments of ``dequant4_values`` (and of the kernels that call it), from a bitsandbytes
+    ``Params4bit`` (``packed``, uint8) and its ``QuantState``: the pointers, ``offset`` and the constexprs
+    BLOCKSIZE, NESTED, BLOCKSIZE2 (without nesting the absmax code pointers are any pointer, never read)."""
+    state = quant_state
+    nested = bool(state.nested)
+    inner = state.state2 if nested else None
+    return dict(packed_ptr=packed.view(torch.uint8).reshape(-1), absmax_ptr=state.absmax,
+                code_ptr=state.code.float().contiguous(),
+                absmax_code_ptr=inner.code.float().contiguous() if nested else state.absmax,
+                absmax2_ptr=inner.absmax.float().contiguous() if nested else state.absmax,
+                offset=float(state.offset) if nested else 0.0, BLOCKSIZE=int(state.blocksize), NESTED=nested,
+                BLOCKSIZE2=int(inner.blocksize) if nested else 1)
+
+
 def dequantize_4bit(packed: Tensor, quant_state) -> Tensor:
     """The weight a bitsandbytes ``Params4bit`` (``packed``, uint8) and its ``QuantState`` stand for, in the state's
     shape and dtype."""
@@ -86,13 +102,10 @@ def dequantize_4bit(packed: Tensor, quant_state) -> Tensor:
     out = torch.empty(tuple(state.shape), dtype=store_dtype, device=packed.device)
     if n == 0:
         return out.to(state.dtype)
-    nested = bool(state.nested)
-    inner = state.state2 if nested else None
+    w = weight_4bit_operands(packed, state)
     args = dequantize_4bit_arguments(
-        packed=packed.view(torch.uint8).reshape(-1), absmax=state.absmax, code=state.code.float().contiguous(),
-        absmax_code=inner.code.float().contiguous() if nested else state.absmax,
-        absmax2=inner.absmax.float().contiguous() if nested else state.absmax,
-        out=out, offset=float(state.offset) if nested else 0.0, n=n, blocksize=int(state.blocksize), nested=nested,
-        blocksize2=int(inner.blocksize) if nested else 1, int64=n > 2**31 - BLOCK)
+        packed=w["packed_ptr"], absmax=w["absmax_ptr"], code=w["code_ptr"], absmax_code=w["absmax_code_ptr"],
+        absmax2=w["absmax2_ptr"], out=out, offset=w["offset"], n=n, blocksize=w["BLOCKSIZE"], nested=w["NESTED"],
+        blocksize2=w["BLOCKSIZE2"], int64=n > 2**31 - BLOCK)
     launch(dequantize_4bit_kernel)[(triton.cdiv(n, BLOCK),)](**args)
     return out.to(state.dtype)

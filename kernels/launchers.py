@@ -13,6 +13,8 @@ They allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     backward.py  lora_backward launcher
     dora.py      DoRA: the row-norm kernel, the GEMM with the magnitude scale, dora_forward / dora_backward
     dequant4.py  bitsandbytes' 4-bit (nf4 / fp4, double-quantized) weights read in Triton, bit for bit as bitsandbytes
+    gemm4bit.py  the fused GEMM over a 4-bit weight, dequantized tile by tile in its main loop
+    qlora.py     qlora_forward / qlora_backward: a LoRA layer over a 4-bit weight, fused
 
 The folder has no ``__init__.py`` on purpose: it is the subpackage ``fastlora.kernels`` (``fastlora/kernels``
 links to it), never a top-level package of its own.  With an ``__init__.py``, Python started at the repository
@@ -23,5 +25,7 @@ from .backward import lora_backward
 from .dora import dora_backward, dora_forward, zero_magnitude_dm
 from .forward import lora_forward
 from .masking import zero_dropped_
+from .qlora import qlora_backward, qlora_forward
 
-__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_magnitude_dm", "zero_dropped_"]
+__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_magnitude_dm", "zero_dropped_",
+           "qlora_forward", "qlora_backward"]

@@ -515,9 +515,11 @@ def test_gpu_check_script_parses():
               for word in line.split()[2:3]]
     # the full check's steps within 420 s, so that a failed step can be run again in the same 15-minute lease
     # (machine start included); the preflight step (its own call) within 60 s
-    preflight = [n for line, n in zip([l for l in text.splitlines() if l.startswith(("step ", "    step "))], limits)
-                 if line.split()[1] == "preflight"]
-    assert preflight == [50] and sum(limits) - sum(preflight) <= 420, limits
+    names = [line.split()[1] for line in text.splitlines() if line.startswith(("step ", "    step "))]
+    preflight = [n for name, n in zip(names, limits) if name == "preflight"]
+    kinds = [n for name, n in zip(names, limits) if name.startswith("kinds-")]  # --steps, a call of its own
+    assert preflight == [50] and sum(limits) - sum(preflight) - sum(kinds) <= 420, limits
+    assert 0 < sum(kinds) <= 90, kinds
 
 
 def test_what_a_profiled_step_writes_still_reaches_the_user(capfd):
@@ -543,3 +545,28 @@ def test_every_table_and_the_targets_carry_a_legend():
     for block in blocks[2:4]:
         assert "step: forward + loss + backward" in block
     assert blocks[4].startswith("targets") and "the bracket gives what p adds over p=0" in blocks[4]
+
+
+def test_step_cases_run_every_provider_and_write_their_results(tmp_path, capsys):
+    """``fastlora bench --step``: each case's frozen base, PEFT and fastlora, with the same trainable parameters
+    for both libraries; mixed-batch one row per k.  Sizes tiny: this checks the plumbing, not the numbers."""
+    import json
+
+    from fastlora.bench.cli import main
+    from fastlora.bench.steps import STEPS_SCHEMA
+
+    out = tmp_path / "steps.json"
+    assert main(["--device", "cpu", "--step", "gpt2", "--step", "moe", "--step", "mixed-batch", "--adapters", "1,2",
+                 "--hidden", "32", "--layers", "1", "--batch", "1", "--seq", "8", "--vocab", "64", "--warmup", "0",
+                 "--repeats", "1", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == STEPS_SCHEMA and "--step gpt2" in doc["command"]
+    for case in ("gpt2", "moe"):
+        rows = {r["provider"]: r for r in doc["rows"] if r["step"] == case}
+        assert sorted(rows) == ["fastlora", "frozen", "peft"]
+        assert all(r["step_ms"] > 0 and r["saved_bytes"] > 0 for r in rows.values())
+        assert rows["fastlora"]["trainable_params"] == rows["peft"]["trainable_params"] > 0
+        assert rows["frozen"]["trainable_params"] == 0
+    mixed = [r for r in doc["rows"] if r["step"] == "mixed-batch"]
+    assert [r["adapters"] for r in mixed] == [1, 2] and all(r["fastlora-mixed_ms"] > 0 for r in mixed)
+    assert "gpt2: GPT-2" in capsys.readouterr().out

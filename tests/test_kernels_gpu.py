@@ -381,6 +381,77 @@ def test_rank_r_precision_beside_peft():
         assert ours[name] <= 4 * peft[name] + 1e-7, f"{name}: {ours[name]:.3g} against PEFT's {peft[name]:.3g}"
 
 
+def _bnb_4bit(out_features, in_features, quant_type, nested, dtype=bf16):
+    bnb = pytest.importorskip("bitsandbytes")
+    weight = torch.randn(out_features, in_features, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    packed, state = bnb.functional.quantize_4bit(weight.to(dtype), blocksize=64, quant_type=quant_type,
+                                                 compress_statistics=nested)
+    return packed, state, bnb.functional.dequantize_4bit(packed, state)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quantized"])
+def test_dequant4_compiled_as_bitsandbytes(quant_type, nested):
+    """tests/test_dequant4.py's check, compiled: bitsandbytes' CUDA dequantize to the bit, but where the GPU
+    contracts the double-quantized absmax's multiply-add into one rounding (one bf16 ulp at most)."""
+    from fastlora.kernels.dequant4 import dequantize_4bit
+
+    packed, state, expected = _bnb_4bit(4096, 1000, quant_type, nested)
+    got = dequantize_4bit(packed, state)
+    if nested:
+        assert_close(got, expected, kind="same_math")
+    else:
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_gemm4bit_compiled_equals_the_dense_kernel_on_the_dequantized_weight(dropout_p):
+    """tests/test_gemm4bit.py's check, compiled, at a Llama-3-8B projection (4096 → 4096, 2048 tokens)."""
+    from fastlora.kernels.gemm import launch_fused_gemm
+    from fastlora.kernels.gemm4bit import launch_fused_gemm_4bit
+
+    M, K, N, r = 2048, 4096, 4096, 16
+    packed, state, W = _bnb_4bit(N, K, "nf4", True)
+    g = torch.Generator(DEVICE).manual_seed(1)
+    x, dy = torch.randn(M, K, device=DEVICE, generator=g).to(bf16), torch.randn(M, N, device=DEVICE, generator=g).to(bf16)
+    S, B = torch.randn(M, r, device=DEVICE, generator=g), torch.randn(N, r, device=DEVICE, generator=g) / 16
+    A = torch.randn(r, K, device=DEVICE, generator=g) / 64
+    seed = torch.tensor([99], device=DEVICE)
+    for got, dense in ((launch_fused_gemm_4bit(x, packed, state, True, None, S, B.t(), seed, 2.0, 0.0),
+                        launch_fused_gemm(x, W.t(), None, S, B.t(), seed, 2.0, 0.0, "prologue")),
+                       (launch_fused_gemm_4bit(dy, packed, state, False, None, S, A, seed, 1.0, dropout_p),
+                        launch_fused_gemm(dy, W, None, S, A, seed, 1.0, dropout_p, "prologue"))):
+        assert_close(got, dense, kind="same_math")
+
+
+def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_term():
+    """The fused QLoRA layer (base=fused) against bitsandbytes' product plus the torch path's low-rank term, bf16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from fastlora.adapter_settings import AdapterSettings
+    from fastlora.quantized import LoRAQuantizedLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(4096, 1024, bias=False)
+    layers = []
+    for backend in ("auto", "torch"):
+        base = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=bf16, quant_type="nf4")
+        base.load_state_dict(dense.state_dict())
+        base = base.to(DEVICE)
+        layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(16, 32, 0.0, False, False, False),
+                                                   False, torch.float32, backend=backend)
+        layers.append(layer)
+    with torch.no_grad():
+        layers[1].lora_A.copy_(layers[0].lora_A)
+        layers[1].lora_B.copy_(layers[0].lora_B)
+    x = torch.randn(4, 512, 4096, device=DEVICE, dtype=bf16)
+    with schedules.use_kernel_variants(base="fused"):
+        assert layers[0]._fused_4bit_schedule(x, ["default"]) is not None
+        fused = layers[0](x)
+    assert_close(fused.float(), layers[1](x).float(), kind="same_math", dtype=bf16)
+
+
 @unpinned
 def test_dora_every_config():
     """Each config of the DoRA GEMM's 16-bit lists (one accumulator without dropout; two with, so the smaller

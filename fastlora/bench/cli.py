@@ -14,7 +14,7 @@ from .presets import GPU_SPECS, MODEL_PRESETS, PROJECTIONS, find_gpu_spec, parse
 from .providers import ALL_PROVIDERS, SEED_TARGETS, resolve_providers
 from .roofline import Roofline
 from .runner import DTYPES, LayerCase, ModelCase, Quiet, add_ratios, run_layers, run_model
-from .steps import STEP_CASES, StepSizes, format_step_rows, mixed_batch_rows, run_step_case
+from .steps import STEP_CASES, STEPS_SCHEMA, StepSizes, format_step_rows, mixed_batch_rows, run_step_case
 
 __all__ = ["main", "build_parser"]
 
@@ -158,8 +158,8 @@ def _run_steps(args, argv_list: list[str], device: torch.device, warmup: int, re
     if args.json:
         command = "fastlora bench " + " ".join(shlex.quote(a) for a in argv_list)
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "torch_threads": torch.get_num_threads(), "command": command, "rows": rows}, f,
-                      indent=2)
+            json.dump({"schema": STEPS_SCHEMA, "meta": meta, "torch_threads": torch.get_num_threads(),
+                       "command": command, "rows": rows}, f, indent=2)
             f.write("\n")
         print(f"wrote {args.json}")
     return 0

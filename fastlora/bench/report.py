@@ -586,7 +586,15 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"replace the text between {README_START} and {README_END} in FILE ({PERFORMANCE_PAGE} "
                          "when FILE is left out); plot links are then written relative to FILE's folder")
     args = ap.parse_args(argv)
-    docs = [read_results(p) for p in args.results]
+    docs = []
+    for path in args.results:  # a glob of a results folder also holds other files: steps, kernel variants
+        schema = json.loads(Path(path).read_text()).get("schema")
+        if schema != SCHEMA:
+            print(f"skipping {path}: {schema or 'another format'}, not layer / model rows", file=sys.stderr)
+            continue
+        docs.append(read_results(path))
+    if not docs:
+        ap.error("none of the files holds layer / model rows (fastlora bench --json without --step)")
     if args.plot:
         plot([r for d in docs for r in d["rows"]], args.plot)
     links = links_from_page(args.page, args.plot_link) if args.page else args.plot_link

@@ -32,8 +32,9 @@ from torch import nn
 
 from .measure import SavedTensorCounter, module_tensors
 
-__all__ = ["STEP_CASES", "StepSizes", "run_step_case", "format_step_rows"]
+__all__ = ["STEP_CASES", "STEPS_SCHEMA", "StepSizes", "run_step_case", "mixed_batch_rows", "format_step_rows"]
 
+STEPS_SCHEMA = "fastlora-bench-steps/1"  # the results file of --step (rows of its own kind)
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

@@ -1,0 +1,101 @@
+"""The fused QLoRA layer (a 4-bit base with ``base=fused``: fastlora.qlora_ops over kernels/qlora.py) under the
+interpreter: outputs and every gradient equal to the dense kernels' on bitsandbytes' dequantized weight (the same
+seed, so the same dropout mask), and to bitsandbytes' own product plus the low-rank term without dropout; autograd
+keeps x, S and the seed, never a weight-sized tensor."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+bnb = pytest.importorskip("bitsandbytes")
+
+from fastlora import LoRALinear  # noqa: E402
+from fastlora.adapter_settings import AdapterSettings  # noqa: E402
+from fastlora.bench.measure import SavedTensorCounter, module_tensors  # noqa: E402
+from fastlora.kernels.configs import INTERPRET  # noqa: E402
+from fastlora.quantized import LoRAQuantizedLinear  # noqa: E402
+from fastlora.schedules import use_kernel_variants  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1)")
+
+
+def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=72, out_features=40, backend="triton"):
+    torch.manual_seed(0)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
+                             compress_statistics=nested, quant_type=quant_type)
+    base.load_state_dict(linear.state_dict())
+    base = base.to("cpu")  # quantizes
+    base.support_avx512bf16_for_cpu = False
+    settings = AdapterSettings(4, 8, dropout, False, False, False)
+    fused = LoRAQuantizedLinear.from_quantized(base, "default", settings, False, torch.float32, backend=backend)
+    dense_linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        dense_linear.weight.copy_(bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state))
+        if bias:
+            dense_linear.bias.copy_(base.bias)
+    dense = LoRALinear.from_linear(dense_linear, r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                                   backend="triton")
+    with torch.no_grad():
+        dense.lora_A.copy_(fused.lora_A)
+        dense.lora_B.copy_(fused.lora_B)
+    return fused, dense
+
+
+def _run(layer, x, seed=7):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return y, x.grad, layer.lora_A.grad, layer.lora_B.grad
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True], ids=["absmax", "double-quantized"])
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_layer_equals_the_dense_kernels_on_the_dequantized_weight(quant_type, nested, dropout):
+    fused, dense = _layers(quant_type, nested, dropout)
+    x = torch.randn(3, 11, 72, generator=torch.Generator().manual_seed(1))
+    with use_kernel_variants(base="fused"):
+        assert fused._fused_4bit_schedule(x, ["default"]) is not None
+        got = _run(fused, x)
+        expected = _run(dense, x)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert_close(g, e, kind="same_math", msg=name)
+
+
+def test_fused_layer_equals_bitsandbytes_product_plus_the_low_rank_term():
+    fused, _ = _layers(dropout=0.0)
+    reference, _ = _layers(dropout=0.0, backend="torch")
+    x = torch.randn(13, 72, generator=torch.Generator().manual_seed(2))
+    with use_kernel_variants(base="fused"):
+        got = _run(fused, x)
+    expected = _run(reference, x)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert_close(g, e, kind="same_math_cancelling", msg=name)
+
+
+def test_the_default_schedule_keeps_bitsandbytes_product():
+    fused, _ = _layers()
+    x = torch.randn(5, 72)
+    assert fused._fused_4bit_schedule(x, ["default"]) is None  # base=cublas: dequantize-then-matmul
+
+
+def test_autograd_keeps_x_S_and_the_seed_only():
+    fused, _ = _layers(dropout=0.2)
+    x = torch.randn(8, 72, requires_grad=True)  # smaller than the weight: a saved weight would be the largest
+    with use_kernel_variants(base="fused"), SavedTensorCounter(exclude=module_tensors(fused), inputs=[x]) as counter:
+        y = fused(x)
+    y.sum().backward()
+    weight_bytes = 40 * 72 * 4
+    assert max(counter.storages.values()) < weight_bytes
+    assert counter.bytes == x.numel() * 4 + 8 * 4 * 4 + 8  # x, S (8 × r=4, fp32), the seed

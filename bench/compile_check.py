@@ -51,6 +51,9 @@ from fastlora.kernels.dequant4 import BLOCK as DEQUANT4_BLOCK  # noqa: E402
 from fastlora.kernels.dequant4 import dequantize_4bit_arguments, dequantize_4bit_kernel  # noqa: E402
 from fastlora.kernels.dropout import keep_threshold  # noqa: E402
 from fastlora.kernels.gemm import fused_gemm_arguments, fused_gemm_kernel  # noqa: E402
+from fastlora.kernels.grouped import (  # noqa: E402
+    GROUPED_BLOCKS, segment_matmul_arguments, segment_matmul_kernel, segment_reduce_arguments, segment_reduce_kernel,
+)
 from fastlora.kernels.gemm4bit import STORED_CODES, fused_gemm_4bit_arguments, fused_gemm_4bit_kernel  # noqa: E402
 from fastlora.kernels.low_rank_add import (  # noqa: E402
     LOW_RANK_ADD_BLOCKS, low_rank_add_arguments, low_rank_add_kernel,
@@ -62,6 +65,7 @@ SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in dynamic shared memory 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"gemm": fused_gemm_kernel, "low_rank_add": low_rank_add_kernel, "rows": rows_kernel, "cols": cols_kernel,
            "mask": zero_dropped_kernel, "dequant4": dequantize_4bit_kernel, "gemm4bit": fused_gemm_4bit_kernel,
+           "grouped_matmul": segment_matmul_kernel, "grouped_reduce": segment_reduce_kernel,
            "dora_gemm": dora_gemm_kernel, "dora_norm": dora_norm_kernel, "dora_zero_dm": zero_magnitude_dm_kernel}
 
 # Llama-3-8B-like launch: 8192 tokens, 4096 → 4096.
@@ -416,6 +420,32 @@ def gemm4bit_jobs(arch: int) -> list[Job]:
     return jobs
 
 
+def grouped_jobs(arch: int) -> list[Job]:
+    """The grouped low-rank kernels of MoE experts (kernels/grouped.py): each operand class they are launched with
+    (16-bit rows beside fp32 adapters, fp32 throughout, 16-bit adapters), each precision the rank-r kernels use;
+    64-bit offsets once per kernel."""
+    jobs, D, r = [], K, 16
+    options = {k: GROUPED_BLOCKS[k] for k in ("num_warps", "num_stages")}
+    for p_dt, q_dt, c_dt, prec in (("bf16", "fp32", "fp32", "tf32"), ("bf16", "fp32", "fp32", "tf32x3"),
+                                   ("fp32", "fp32", "bf16", "tf32"), ("fp32", "fp32", "fp32", "ieee"),
+                                   ("bf16", "bf16", "bf16", "ieee")):
+        for int64 in ((False, True) if prec == "tf32" and p_dt == "bf16" else (False,)):
+            suffix = f"{p_dt}·{q_dt}→{c_dt} {prec}" + (" int64" if int64 else "")
+            args = segment_matmul_arguments(
+                p=Ptr(p_dt), q=Ptr(q_dt), c=Ptr(c_dt), starts=Ptr("i32"), N=r, D=D, p_strides=(D, 1),
+                q_strides=(r * D, 1, D), c_strides=(r, 1), scale=0.5, int64=int64, upcast=False, precision=prec)
+            jobs.append(Job("grouped_matmul", "grouped segment_matmul", suffix, arch, args, options["num_warps"],
+                            options["num_stages"], needs_tensor_cores=prec != "ieee" or q_dt != "fp32",
+                            exact_fp32=prec == "ieee" and q_dt == "fp32"))
+            args = segment_reduce_arguments(
+                p=Ptr(p_dt), q=Ptr(q_dt), out=Ptr("fp32"), starts=Ptr("i32"), D1=D, D2=r, p_strides=(D, 1),
+                q_strides=(r, 1), out_strides=(D * r, r, 1), scale=0.5, int64=int64, upcast=False, precision=prec)
+            jobs.append(Job("grouped_reduce", "grouped segment_reduce", suffix, arch, args, options["num_warps"],
+                            options["num_stages"], needs_tensor_cores=prec != "ieee" or q_dt != "fp32",
+                            exact_fp32=prec == "ieee" and q_dt == "fp32"))
+    return jobs
+
+
 def dora_jobs(arch: int) -> list[Job]:
     """DoRA's GEMM with each config of its lists (configs.dora_config_dicts), forward and dx; the zero-magnitude
     pass; its row-norm kernel per rank block and dtype setup."""
@@ -484,7 +514,7 @@ def main() -> int:
     jobs = []
     for arch in (int(a) for a in opts.arch.split(",")):
         jobs += (gemm_jobs(arch) + low_rank_add_jobs(arch) + skinny_jobs(arch) + mask_jobs(arch) + dora_jobs(arch)
-                 + dequant4_jobs(arch) + gemm4bit_jobs(arch))
+                 + dequant4_jobs(arch) + gemm4bit_jobs(arch) + grouped_jobs(arch))
     jobs = [j for j in jobs if opts.only in j.group]
     t0 = time.time()
     if opts.jobs > 1:

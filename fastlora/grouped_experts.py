@@ -15,6 +15,10 @@ and is computed as written on the rows of expert e (rows sorted by expert, one s
 product, then the rank-r one.  PEFT instead adds ΔW (the size of the whole expert stack) to W on every forward
 and lets autograd form the gradient of W + ΔW (that size again) to reach A and B; here neither exists, autograd
 keeps each segment's rank-r product beside the input, and A and B get their gradients from their own rows.
+
+The base products run one expert after the other (as transformers' eager implementation); the low-rank ones run
+grouped on the kernels' device (two Triton launches forward and four backward for every expert at once,
+kernels/grouped.py), one expert after the other in torch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_transformers_experts", "grouped_experts_forward"]
+__all__ = ["is_transformers_experts", "grouped_experts_forward", "grouped_low_rank"]
 
 # The parameters this computation adapts: the first projection (with a gate: gate and up stacked) and the second.
 FIRST, FIRST_NO_GATE, SECOND = "gate_up_proj", "up_proj", "down_proj"
@@ -37,7 +41,52 @@ def is_transformers_experts(module: nn.Module) -> bool:
             and isinstance(getattr(module, FIRST if module.has_gate else FIRST_NO_GATE, None), Tensor))
 
 
-def _project(experts: nn.Module, name: str, rows: Tensor, counts: list[int], updates) -> Tensor:
+class _GroupedLowRank(torch.autograd.Function):
+    """s · (X_e A_eᵀ) B_eᵀ for every expert's rows in the grouped kernels (kernels/grouped.py): two launches
+    forward, four backward, whatever the number of experts; autograd keeps the rows and S."""
+
+    @staticmethod
+    def forward(ctx, rows, starts, per_expert_A, per_expert_B, scaling):
+        from fastlora.kernels.grouped import segment_matmul
+
+        S = segment_matmul(rows, per_expert_A.transpose(1, 2), starts)                      # (T, r)
+        update = segment_matmul(S, per_expert_B.transpose(1, 2), starts, scaling)          # (T, out)
+        ctx.save_for_backward(rows, starts, per_expert_A, per_expert_B, S)
+        ctx.scaling = scaling
+        return update
+
+    @staticmethod
+    def backward(ctx, d_update):
+        from fastlora.kernels.grouped import segment_matmul, segment_reduce
+
+        rows, starts, per_expert_A, per_expert_B, S = ctx.saved_tensors
+        experts = per_expert_A.shape[0]
+        d_update = d_update if d_update.stride(-1) == 1 else d_update.contiguous()
+        dS = segment_matmul(d_update, per_expert_B, starts, ctx.scaling, dtype=per_expert_A.dtype)       # (T, r)
+        dB = segment_reduce(d_update, S, starts, experts, ctx.scaling) if ctx.needs_input_grad[3] else None
+        # dA_eᵀ = X_eᵀ dS_e: the rows cast to the adapters' dtype, never dS to the rows'
+        dA = segment_reduce(rows, dS, starts, experts).transpose(1, 2) if ctx.needs_input_grad[2] else None
+        d_rows = segment_matmul(dS, per_expert_A, starts, dtype=rows.dtype) if ctx.needs_input_grad[0] else None
+        return d_rows, None, dA, dB, None
+
+
+def grouped_low_rank(rows: Tensor, counts: list[int], per_expert_A: Tensor, per_expert_B: Tensor, scaling: float,
+                     kernels: bool) -> Tensor:
+    """s · (X_e A_eᵀ) B_eᵀ (T × out, the adapters' dtype) for rows sorted by expert (``counts[e]`` rows of expert e),
+    A_e / B_e stacked (E, r, in) / (E, out, r): in the grouped kernels with ``kernels``, else one expert after the
+    other in torch ops."""
+    if kernels:
+        bounds = torch.tensor([0, *counts], device=rows.device).cumsum(0).to(torch.int32)
+        return _GroupedLowRank.apply(rows, bounds, per_expert_A, per_expert_B, float(scaling))
+    updates, start = [], 0
+    for expert, count in enumerate(counts):
+        segment = rows[start:start + count].to(per_expert_A.dtype)
+        start += count
+        updates.append((segment @ per_expert_A[expert].t()) @ per_expert_B[expert].t() * scaling)
+    return torch.cat(updates) if updates else rows.new_zeros(0, per_expert_B.shape[1], dtype=per_expert_A.dtype)
+
+
+def _project(experts: nn.Module, name: str, rows: Tensor, counts: list[int], updates, kernels: bool) -> Tensor:
     """rows (sorted by expert, ``counts[e]`` for expert e) times expert e's adapted ``name`` parameter, plus its
     bias; ``updates``: (A_e-stack (E, r, in), B_e-stack (E, out, r), scaling) per active adapter."""
     weight = getattr(experts, name)
@@ -50,23 +99,22 @@ def _project(experts: nn.Module, name: str, rows: Tensor, counts: list[int], upd
         start += count
         stored = weight[expert]
         out = segment @ (stored if experts.is_transposed else stored.t())
-        if bias is not None:
-            out = out + bias[expert]
-        for per_expert_A, per_expert_B, scaling in updates:
-            low_rank = (segment.to(per_expert_A.dtype) @ per_expert_A[expert].t()) @ per_expert_B[expert].t()
-            out = out + (low_rank * scaling).to(out.dtype)
-        outputs.append(out)
+        outputs.append(out + bias[expert] if bias is not None else out)
     if not outputs:
         width = weight.shape[-1] if experts.is_transposed else weight.shape[-2]
         return rows.new_zeros(0, width)
-    return torch.cat(outputs)
+    out = torch.cat(outputs)
+    for per_expert_A, per_expert_B, scaling in updates:
+        out = out + grouped_low_rank(rows, counts, per_expert_A, per_expert_B, scaling, kernels).to(out.dtype)
+    return out
 
 
 def grouped_experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
-                            updates: dict[str, list[tuple[Tensor, Tensor, float]]]) -> Tensor:
+                            updates: dict[str, list[tuple[Tensor, Tensor, float]]], kernels: bool = False) -> Tensor:
     """The experts' output for ``hidden_states`` (tokens × hidden) routed by ``top_k_index`` / ``top_k_weights``
     (tokens × k), with the low-rank ``updates`` of each adapted parameter (name → per-expert factor stacks and
-    scaling, one entry per active adapter; see :func:`_project`)."""
+    scaling, one entry per active adapter; see :func:`_project`); ``kernels``: the low-rank products in the
+    grouped Triton kernels."""
     num_top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)
@@ -74,9 +122,9 @@ def grouped_experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_ind
     counts = torch.bincount(expert_ids, minlength=experts.num_experts)[: experts.num_experts].tolist()
     rows = hidden_states[token_of_row]
     first = FIRST if experts.has_gate else FIRST_NO_GATE
-    hidden = _project(experts, first, rows, counts, updates.get(first, []))
+    hidden = _project(experts, first, rows, counts, updates.get(first, []), kernels)
     hidden = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
-    out = _project(experts, SECOND, hidden, counts, updates.get(SECOND, []))
+    out = _project(experts, SECOND, hidden, counts, updates.get(SECOND, []), kernels)
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)

@@ -31,6 +31,7 @@ from fastlora.adapter_settings import AdapterSettings
 from fastlora.config import LoraConfig
 from fastlora.grouped_experts import FIRST, FIRST_NO_GATE, SECOND, grouped_experts_forward, is_transformers_experts
 from fastlora.layer import LoRALinear
+from fastlora.schedules import resolve
 
 __all__ = ["LoRAParameter", "ParameterTarget", "plan_parameter_targets", "parameter_chain", "owner_of",
            "add_parameter_adapters"]
@@ -60,9 +61,10 @@ class LoRAParameter(LoRALinear):
 
     @classmethod
     def wrap(cls, module: nn.Module, parameter_name: str, adapter_name: str, settings: AdapterSettings,
-             init_lora_weights, adapter_dtype: torch.dtype | None) -> "LoRAParameter":
+             init_lora_weights, adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAParameter":
         """Adapt ``module``'s parameter ``parameter_name`` (``module`` may itself be a LoRAParameter of another
-        parameter of the same module)."""
+        parameter of the same module).  ``backend``: where a transformers experts module's low-rank products run
+        ("auto": the grouped Triton kernels on CUDA, torch ops elsewhere; "torch"; "triton")."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.base_layer = module
@@ -70,7 +72,7 @@ class LoRAParameter(LoRALinear):
         owner = owner_of(module)
         layer.num_experts, layer.in_features, layer.out_features, layer.stored_transposed = parameter_sizes(
             owner, getattr(owner, parameter_name))
-        layer._init_adapter_state("torch")
+        layer._init_adapter_state(backend)
         layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
         return layer
 
@@ -144,7 +146,8 @@ class LoRAParameter(LoRALinear):
         routed = self._routed_arguments(args, kwargs)
         if routed is not None:  # a transformers experts module: the low-rank products per expert, no ΔW
             updates = {layer.parameter_name: layer.factor_stacks() for layer in parameter_chain(self)}
-            return grouped_experts_forward(owner_of(self), *routed, updates=updates)
+            kernels = resolve(self.backend, routed[0]).uses_kernels
+            return grouped_experts_forward(owner_of(self), *routed, updates=updates, kernels=kernels)
         weight = self.weight
         update = None
         for name in names:  # the active adapters' updates add up, as PEFT's

@@ -452,6 +452,26 @@ def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_te
     assert_close(fused.float(), layers[1](x).float(), kind="same_math", dtype=bf16)
 
 
+def test_grouped_low_rank_compiled_equals_the_per_expert_products():
+    """tests/test_grouped_kernels.py's check, compiled: 8 experts of uneven (one empty) segments, 4096 rows of bf16
+    beside fp32 adapters, 1024 → 2048, r = 16; forward and every gradient."""
+    from fastlora.grouped_experts import grouped_low_rank
+
+    counts, r, K, N = [700, 0, 1200, 96, 800, 500, 300, 500], 16, 1024, 2048
+    g = torch.Generator(DEVICE).manual_seed(3)
+    rows = torch.randn(sum(counts), K, device=DEVICE, generator=g).to(bf16).requires_grad_(True)
+    A = (torch.randn(8 * r, K, device=DEVICE, generator=g) / 32).requires_grad_(True)
+    B = (torch.randn(N, r * 8, device=DEVICE, generator=g) / 4).requires_grad_(True)
+
+    def run(kernels):
+        update = grouped_low_rank(rows, counts, A.reshape(8, r, K), B.reshape(N, r, 8).permute(2, 0, 1), 2.0, kernels)
+        return update, *torch.autograd.grad((update * update.detach().sign()).sum(), (rows, A, B))
+
+    for name, got, expected in zip(("update", "d_rows", "dA", "dB"), run(True), run(False)):
+        assert_close(got.float(), expected.float(), kind="same_math_cancelling" if got.dtype == f32 else "same_math",
+                     dtype=got.dtype, msg=name)
+
+
 @unpinned
 def test_dora_every_config():
     """Each config of the DoRA GEMM's 16-bit lists (one accumulator without dropout; two with, so the smaller

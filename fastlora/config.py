@@ -326,7 +326,7 @@ class LoraConfig:
                 if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
                     raise TypeError(f"{name} must be a string or a list of strings, got {value!r}")
                 put(name, sorted(set(value)))  # a set of names, as PEFT keeps it; sorted so configs compare equal
-        if isinstance(self.target_modules, list) and not self.target_modules:
+        if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ValueError(
                 "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'), or be "
                 "left out for the architecture's default targets"

@@ -8,7 +8,7 @@ from torch import nn
 
 from fastlora.conv1d import is_conv1d
 
-__all__ = ["DEFAULT_TARGETS", "DEFAULT_TARGET_PATTERNS", "default_target_modules"]
+__all__ = ["DEFAULT_TARGETS", "DEFAULT_TARGET_PATTERNS", "default_target_modules", "has_default_targets"]
 
 _QV = ["q_proj", "v_proj"]
 _FUSED_QKV = ["query_key_value"]
@@ -34,6 +34,12 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 }
 # model_type → a target_modules regex (the language model's projections of a multimodal model)
 DEFAULT_TARGET_PATTERNS: dict[str, str] = {"gemma4": r".*language_model\..*\.(q_proj|v_proj)"}
+
+
+def has_default_targets(model: nn.Module) -> bool:
+    """Whether ``model``'s architecture has default targets."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return model_type in DEFAULT_TARGETS or model_type in DEFAULT_TARGET_PATTERNS
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:

@@ -102,5 +102,5 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
     parameters -= {p for p in added if not any(h == p or h.endswith("." + p) for h in held)}
     if not remaining and not parameters:
         return config
-    return config.replace(target_modules=sorted(remaining) or None, target_parameters=sorted(parameters) or None,
+    return config.replace(target_modules=sorted(remaining), target_parameters=sorted(parameters) or None,
                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)

@@ -127,6 +127,8 @@ def grouped_experts_forward(experts: nn.Module, hidden_states: Tensor, top_k_ind
     out = _project(experts, SECOND, hidden, counts, updates.get(SECOND, []), kernels)
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
-    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
-    total = torch.zeros(hidden_states.shape[0], out.shape[-1], dtype=out.dtype, device=out.device)
-    return total.index_add(0, token_of_row, out).to(hidden_states.dtype)
+    out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # in the promoted dtype, as transformers
+    # back to (token, k) order and summed over k: deterministic (an index_add is not on CUDA), as transformers
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    return out[back].view(hidden_states.shape[0], num_top_k, -1).sum(1).to(hidden_states.dtype)

@@ -103,27 +103,26 @@ class LoRAParameter(LoRALinear):
         self.check_settings(settings, f" ({self.parameter_name})")
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
-    def _update(self, adapter_name: str, dtype: torch.dtype) -> Tensor:
-        """scaling · B_e A_e of every expert, in the parameter's layout, computed in the adapters' dtype."""
+    def _stacks(self, adapter_name: str) -> tuple[Tensor, Tensor]:
+        """(A_e stacked (E, r, in), B_e stacked (E, out, r)): views of A and B in PEFT's layout."""
         lora_A, lora_B = self.lora_factors(adapter_name)
+        experts = self.num_experts
+        return (lora_A.reshape(experts, -1, self.in_features),
+                lora_B.reshape(self.out_features, -1, experts).permute(2, 0, 1))
+
+    def _update(self, adapter_name: str, dtype: torch.dtype) -> Tensor:
+        """scaling · B_e A_e of every expert, in the parameter's layout, computed in ``dtype``."""
         scaling = self.adapter_settings[adapter_name].scaling
         if self.weight.dim() == 2:
+            lora_A, lora_B = self.lora_factors(adapter_name)
             return (lora_B.to(dtype) @ lora_A.to(dtype)) * scaling
-        experts = self.num_experts
-        per_expert_A = lora_A.to(dtype).reshape(experts, -1, self.in_features)            # (E, r, in)
-        per_expert_B = lora_B.to(dtype).reshape(self.out_features, -1, experts).permute(2, 0, 1)  # (E, out, r)
-        update = torch.bmm(per_expert_B, per_expert_A) * scaling                           # (E, out, in)
+        per_expert_A, per_expert_B = self._stacks(adapter_name)
+        update = torch.bmm(per_expert_B.to(dtype), per_expert_A.to(dtype)) * scaling      # (E, out, in)
         return update.transpose(1, 2) if self.stored_transposed else update
 
     def delta_weight(self, adapter_name: str | None = None) -> Tensor:
         """scaling · B_e A_e of ``adapter_name`` (default: the active adapter), in float32, shaped as the parameter."""
         return self._update(self.active_adapter if adapter_name is None else adapter_name, torch.float32)
-
-    def base_weight(self) -> Tensor:
-        return self.weight
-
-    def _store_base_weight(self, weight: Tensor) -> None:
-        self.weight.copy_(weight)
 
     def to_base(self) -> nn.Module:
         return self.base_layer
@@ -161,14 +160,7 @@ class LoRAParameter(LoRALinear):
         scaling), views of A and B in PEFT's layout."""
         if self.merged or not self.adapter_enabled:
             return []
-        stacks = []
-        for name in self.active_held():
-            lora_A, lora_B = self.lora_factors(name)
-            experts = self.num_experts
-            stacks.append((lora_A.reshape(experts, -1, self.in_features),
-                           lora_B.reshape(self.out_features, -1, experts).permute(2, 0, 1),
-                           self.adapter_settings[name].scaling))
-        return stacks
+        return [(*self._stacks(name), self.adapter_settings[name].scaling) for name in self.active_held()]
 
     def _routed_arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor] | None:
         """(hidden_states, top_k_index, top_k_weights) when this layer and those inside it adapt the projections of
@@ -250,9 +242,13 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[Paramet
             continue  # its owner, under it, is visited
         owner = re.sub(r"(\.base_layer)+$", "", name) if _wrapped_by_parameter_layers(model, name) else name
         for parameter_name, parameter in module.named_parameters(recurse=False):
-            match = _matches(f"{owner}.{parameter_name}", wanted)
+            match = _matches(f"{owner}.{parameter_name}" if owner else parameter_name, wanted)
             if match is None:
                 continue
+            if not owner:
+                raise ValueError(f"target_parameters entry {match!r} matches {parameter_name}, a parameter of the "
+                                 f"model itself: LoRA adapts a parameter of a submodule (its layer wraps the "
+                                 f"module), as in PEFT")
             if isinstance(module, LoRALinear) or _inside_adapted_layer(model, name):
                 raise ValueError(f"target_parameters entry {match!r} matches {owner}.{parameter_name}, a parameter of a "
                                  f"layer target_modules adapts; adapt the layer or its parameter, not both")

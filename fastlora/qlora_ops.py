@@ -37,7 +37,8 @@ class _LoRA4bit(torch.autograd.Function):
         need_dx, need_dA, need_dB = ctx.needs_input_grad[:3]
         dx, dA, dB = kernels.qlora_backward(dy, x, ctx.packed, ctx.quant_state, lora_A, lora_B, S, seed, ctx.scaling,
                                             ctx.dropout_p, need_dx, need_dA, need_dB, db=ctx.db)
-        return dx, dA, dB, None, None, None, None, None, None, None
+        db = dy.sum(0) if ctx.needs_input_grad[5] else None  # a bias that trains (bias="all" / "lora_only")
+        return dx, dA, dB, None, None, db, None, None, None, None
 
 
 def lora_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

@@ -39,10 +39,11 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
         config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
     if model is None:
         return config
-    if config.target_modules is None and not config.target_parameters:
-        from fastlora.default_targets import default_target_modules
+    if config.target_modules is None:  # PEFT fills the defaults beside target_parameters too, where it has them
+        from fastlora.default_targets import default_target_modules, has_default_targets
 
-        config = config.replace(target_modules=default_target_modules(model))
+        if not config.target_parameters or has_default_targets(model):
+            config = config.replace(target_modules=default_target_modules(model))
     return for_fused_experts(config, model, lambda: _all_linear(model))
 
 
@@ -50,7 +51,7 @@ def _all_linear(model: nn.Module) -> list[str]:
     """The modules ``target_modules="all-linear"`` matches: the linear-like layers but the output head."""
     head = output_head(model)
     return [name for name, module in _named_modules_outside_wrappers(model)
-            if name and is_linear_like(module) and module is not head]
+            if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
 
 
 def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
@@ -101,7 +102,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     Raises ValueError when nothing matches (naming a few Linear modules that do exist) and TypeError when
     a matched module is of no kind fastlora adapts (naming it and why).
     """
-    if config.target_modules is None:  # only target_parameters
+    if not config.target_modules and config.target_parameters:  # None or []: only target_parameters
         return []
     head = output_head(model)
     targets, not_linear, saved_instead = [], [], []

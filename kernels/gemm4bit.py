@@ -76,8 +76,10 @@ def fused_gemm_4bit_kernel(
         b = dequant4_values(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_ptr, offset, b_elements,
                             (offs_k[:, None] < k_left) & every_col, BLOCKSIZE, NESTED, BLOCKSIZE2)
         if STORED == 1:
-            b = b.to(tl.float16)
+            b = b.to(tl.float16).to(tl.float32)
         elif STORED == 2:
+            b = bf16_rounded(b)
+        if a_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest here too (the interpreter's cast truncates)
             b = bf16_rounded(b)
         b = b.to(a.dtype)
         if UPCAST:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backward import launch_dA, launch_dS_dB
-from .common import row_major, seed_arg
+from .common import empty_batch_grads, row_major, seed_arg
 from .forward import launch_S
 from .gemm4bit import launch_fused_gemm_4bit
 
@@ -43,10 +43,9 @@ def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, quant_state, lora_A: T
     given = dy  # dS and dB read a gradient that comes in the adapters' dtype as it is (as the dense launcher)
     dy, x = (dy if dy.dtype == x.dtype else dy.to(x.dtype)), row_major(x)
     dy_low_rank = given if given.dtype == lora_B.dtype else dy
-    M = dy.shape[0]
+    M, N = dy.shape
     if M == 0:
-        return (torch.empty_like(x) if need_dx else None, torch.zeros_like(lora_A) if need_dA else None,
-                torch.zeros_like(lora_B) if need_dB else None)
+        return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)
     seed = seed_arg(seed, dropout_p > 0.0, S)
     dS, dB = launch_dS_dB(dy_low_rank, lora_B, S, scaling, dropout_p, need_dx or need_dA, need_dB, db=db)
     dA = launch_dA(x, dS, seed, dropout_p, lora_A.dtype) if need_dA else None

@@ -28,10 +28,11 @@ from tests.tolerances import assert_close  # noqa: E402
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1)")
 
 
-def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=72, out_features=40, backend="triton"):
+def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=72, out_features=40, backend="triton",
+            compute=torch.bfloat16):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=bias)
-    base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=torch.float32,
+    base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute,
                              compress_statistics=nested, quant_type=quant_type)
     base.load_state_dict(linear.state_dict())
     base = base.to("cpu")  # quantizes
@@ -43,8 +44,8 @@ def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=7
         dense_linear.weight.copy_(bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state))
         if bias:
             dense_linear.bias.copy_(base.bias)
-    dense = LoRALinear.from_linear(dense_linear, r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
-                                   backend="triton")
+    dense = LoRALinear.from_linear(dense_linear.to(compute), r=4, lora_alpha=8, lora_dropout=dropout,
+                                   init_lora_weights=False, adapter_dtype=torch.float32, backend="triton")
     with torch.no_grad():
         dense.lora_A.copy_(fused.lora_A)
         dense.lora_B.copy_(fused.lora_B)
@@ -64,24 +65,48 @@ def _run(layer, x, seed=7):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_fused_layer_equals_the_dense_kernels_on_the_dequantized_weight(quant_type, nested, dropout):
     fused, dense = _layers(quant_type, nested, dropout)
-    x = torch.randn(3, 11, 72, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 11, 72, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     with use_kernel_variants(base="fused"):
         assert fused._fused_4bit_schedule(x, ["default"]) is not None
         got = _run(fused, x)
         expected = _run(dense, x)
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
-        assert_close(g, e, kind="same_math", msg=name)
+        assert_close(g, e, kind="same_math" if g.dtype == torch.bfloat16 else "same_math_cancelling", msg=name)
 
 
 def test_fused_layer_equals_bitsandbytes_product_plus_the_low_rank_term():
     fused, _ = _layers(dropout=0.0)
     reference, _ = _layers(dropout=0.0, backend="torch")
-    x = torch.randn(13, 72, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(13, 72, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     with use_kernel_variants(base="fused"):
         got = _run(fused, x)
-    expected = _run(reference, x)
+    expected = _run(reference, x)  # bitsandbytes' bf16 product, then the low-rank term: one more rounding
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
-        assert_close(g, e, kind="same_math_cancelling", msg=name)
+        assert_close(g.float(), e.float(), kind="same_math", dtype=torch.bfloat16, msg=name)
+
+
+def test_a_trained_base_bias_gets_its_gradient_as_on_bitsandbytes_path():
+    """bias="all" / "lora_only" train the base bias: the fused path gives it dy summed over the rows."""
+    fused, _ = _layers(dropout=0.0)
+    reference, _ = _layers(dropout=0.0, backend="torch")
+    x = torch.randn(9, 72, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    for layer in (fused, reference):
+        layer.base_layer.bias.requires_grad_(True)
+    with use_kernel_variants(base="fused"):
+        _run(fused, x)
+    _run(reference, x)
+    assert fused.base_layer.bias.grad is not None
+    # (bitsandbytes' own forward turns its bias into the input's dtype, bf16; the fused path leaves it as it is)
+    assert_close(fused.base_layer.bias.grad.float(), reference.base_layer.bias.grad.float(), kind="same_math",
+                 dtype=torch.bfloat16)
+
+
+def test_an_fp32_compute_dtype_keeps_bitsandbytes_product():
+    """The 4-bit GEMM's dots and config lists are 16-bit: an fp32 compute dtype (transformers' default) keeps
+    bitsandbytes' product plus the low-rank term."""
+    fused, _ = _layers(compute=torch.float32)
+    with use_kernel_variants(base="fused"):
+        assert fused._fused_4bit_schedule(torch.randn(5, 72), ["default"]) is None
 
 
 def test_the_default_schedule_keeps_bitsandbytes_product():
@@ -92,10 +117,11 @@ def test_the_default_schedule_keeps_bitsandbytes_product():
 
 def test_autograd_keeps_x_S_and_the_seed_only():
     fused, _ = _layers(dropout=0.2)
-    x = torch.randn(8, 72, requires_grad=True)  # smaller than the weight: a saved weight would be the largest
+    x = torch.randn(8, 72).to(torch.bfloat16).requires_grad_(True)  # smaller than the weight: a saved weight would
+    # be the largest
     with use_kernel_variants(base="fused"), SavedTensorCounter(exclude=module_tensors(fused), inputs=[x]) as counter:
         y = fused(x)
     y.sum().backward()
-    weight_bytes = 40 * 72 * 4
+    weight_bytes = 40 * 72 * 2
     assert max(counter.storages.values()) < weight_bytes
-    assert counter.bytes == x.numel() * 4 + 8 * 4 * 4 + 8  # x, S (8 × r=4, fp32), the seed
+    assert counter.bytes == x.numel() * 2 + 8 * 4 * 4 + 8  # x (bf16), S (8 × r=4, fp32), the seed

@@ -237,6 +237,9 @@ BAD = [
      ValueError, r"mixed-adapter batch\) is not supported"),
     ("a weighted combination", lambda m: m.add_weighted_adapter(["default"], [1.0], "mix"),
      NotImplementedError, "adapts parameters"),
+    ("a parameter of the model itself",
+     lambda m: fastlora.get_peft_model(_Experts(), fastlora.LoraConfig(target_parameters=["up"])),
+     ValueError, "a parameter of the model itself"),
     ("parameters of a module and of a module inside it",
      lambda m: fastlora.get_peft_model(_Model(), fastlora.LoraConfig(target_parameters=["block.up", "router.weight"])),
      ValueError, "a module inside it"),
@@ -311,3 +314,42 @@ def test_an_inner_parameter_merged_alone_leaves_the_output_unchanged():
     for layer in ours.base_model.model.model.layers:
         layer.mlp.experts.base_layer.merge()  # gate_up_proj merged, down_proj still applied per expert
     assert_close(ours(input_ids=ids).logits, adapted, kind="same_math")
+
+
+def test_an_experts_only_adapter_saved_by_peft_loads(tmp_path):
+    """PEFT's rewrite of a list of version-4 expert names leaves target_modules empty (saved as []): fastlora
+    loads that adapter and computes what PEFT computes."""
+    base = _mixtral()
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=["w1", "w2", "w3"], r=4,
+                                                              init_lora_weights=False))
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.PeftModel.from_pretrained(clone(base), tmp_path)
+    assert ours.peft_config["default"].target_modules == []
+    ids = tokens(length=9)
+    theirs.eval()
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
+
+
+def test_default_targets_are_filled_beside_target_parameters_as_in_peft():
+    from tests.models import tiny_llama
+
+    base = tiny_llama()
+    config = dict(target_parameters=["mlp.down_proj.weight"], r=4)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config))
+    assert sorted(ours.peft_config["default"].target_modules) == sorted(theirs.peft_config["default"].target_modules)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_a_second_all_linear_adapter_on_fused_experts_as_in_peft():
+    base = _mixtral()
+    models = []
+    for library in (peft, fastlora):
+        model = library.get_peft_model(clone(base), library.LoraConfig(target_modules="all-linear", r=4))
+        model.add_adapter("second", library.LoraConfig(target_modules="all-linear", r=2))
+        models.append(model)
+    theirs, ours = models
+    assert sorted(ours.peft_config["second"].target_parameters) == sorted(theirs.peft_config["second"].target_parameters)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert sum(p.numel() for n, p in ours.named_parameters() if n.endswith("_second")) == sum(
+        p.numel() for n, p in theirs.named_parameters() if ".second" in n)

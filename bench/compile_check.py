@@ -421,28 +421,36 @@ def gemm4bit_jobs(arch: int) -> list[Job]:
 
 
 def grouped_jobs(arch: int) -> list[Job]:
-    """The grouped low-rank kernels of MoE experts (kernels/grouped.py): each operand class they are launched with
-    (16-bit rows beside fp32 adapters, fp32 throughout, 16-bit adapters), each precision the rank-r kernels use;
-    64-bit offsets once per kernel."""
+    """The grouped low-rank kernels (kernels/grouped.py): each operand class they are launched with (16-bit rows
+    beside fp32 adapters, fp32 throughout, 16-bit adapters) and each precision the rank-r kernels use, as the
+    experts of a mixture of experts launch them (positions are rows); the mixed batch's forms (rows through an
+    index, the dropout mask on the input or on the result) once per class; 64-bit offsets once per kernel."""
     jobs, D, r = [], K, 16
     options = {k: GROUPED_BLOCKS[k] for k in ("num_warps", "num_stages")}
+    pointers = dict(starts=Ptr("i32"), scales=Ptr("fp32"), seeds=Ptr("i64"), thresholds=Ptr("i32"))
+    forms = [("experts", False, False, None), ("mixed input", True, False, "p"), ("mixed result", False, True, "c")]
     for p_dt, q_dt, c_dt, prec in (("bf16", "fp32", "fp32", "tf32"), ("bf16", "fp32", "fp32", "tf32x3"),
                                    ("fp32", "fp32", "bf16", "tf32"), ("fp32", "fp32", "fp32", "ieee"),
                                    ("bf16", "bf16", "bf16", "ieee")):
-        for int64 in ((False, True) if prec == "tf32" and p_dt == "bf16" else (False,)):
-            suffix = f"{p_dt}·{q_dt}→{c_dt} {prec}" + (" int64" if int64 else "")
-            args = segment_matmul_arguments(
-                p=Ptr(p_dt), q=Ptr(q_dt), c=Ptr(c_dt), starts=Ptr("i32"), N=r, D=D, p_strides=(D, 1),
-                q_strides=(r * D, 1, D), c_strides=(r, 1), scale=0.5, int64=int64, upcast=False, precision=prec)
-            jobs.append(Job("grouped_matmul", "grouped segment_matmul", suffix, arch, args, options["num_warps"],
-                            options["num_stages"], needs_tensor_cores=prec != "ieee" or q_dt != "fp32",
-                            exact_fp32=prec == "ieee" and q_dt == "fp32"))
-            args = segment_reduce_arguments(
-                p=Ptr(p_dt), q=Ptr(q_dt), out=Ptr("fp32"), starts=Ptr("i32"), D1=D, D2=r, p_strides=(D, 1),
-                q_strides=(r, 1), out_strides=(D * r, r, 1), scale=0.5, int64=int64, upcast=False, precision=prec)
-            jobs.append(Job("grouped_reduce", "grouped segment_reduce", suffix, arch, args, options["num_warps"],
-                            options["num_stages"], needs_tensor_cores=prec != "ieee" or q_dt != "fp32",
-                            exact_fp32=prec == "ieee" and q_dt == "fp32"))
+        tensor_cores, exact = prec != "ieee" or q_dt != "fp32", prec == "ieee" and q_dt == "fp32"
+        for form, p_indexed, c_indexed, mask in forms:
+            for int64 in ((False, True) if prec == "tf32" and p_dt == "bf16" and form == "experts" else (False,)):
+                suffix = f"{form} {p_dt}·{q_dt}→{c_dt} {prec}" + (" int64" if int64 else "")
+                args = segment_matmul_arguments(
+                    p=Ptr(p_dt), q=Ptr(q_dt), c=Ptr(c_dt), p_index=Ptr("i64"), c_index=Ptr("i64"), **pointers, N=r,
+                    D=D, p_strides=(D, 1), q_strides=(r * D, 1, D), c_strides=(r, 1), p_indexed=p_indexed,
+                    c_indexed=c_indexed, mask_p=mask == "p", mask_c=mask == "c", int64=int64, upcast=False,
+                    precision=prec)
+                jobs.append(Job("grouped_matmul", "grouped segment_matmul", suffix, arch, args, options["num_warps"],
+                                options["num_stages"], needs_tensor_cores=tensor_cores, exact_fp32=exact))
+                if form == "mixed result":
+                    continue
+                args = segment_reduce_arguments(
+                    p=Ptr(p_dt), q=Ptr(q_dt), out=Ptr("fp32"), p_index=Ptr("i64"), **pointers, D1=D, D2=r,
+                    p_strides=(D, 1), q_strides=(r, 1), out_strides=(D * r, r, 1), p_indexed=p_indexed,
+                    mask_p=mask == "p", int64=int64, upcast=False, precision=prec)
+                jobs.append(Job("grouped_reduce", "grouped segment_reduce", suffix, arch, args, options["num_warps"],
+                                options["num_stages"], needs_tensor_cores=tensor_cores, exact_fp32=exact))
     return jobs
 
 

@@ -17,8 +17,8 @@ and lets autograd form the gradient of W + ΔW (that size again) to reach A and 
 keeps each segment's rank-r product beside the input, and A and B get their gradients from their own rows.
 
 The base products run one expert after the other (as transformers' eager implementation); the low-rank ones run
-grouped on the kernels' device (two Triton launches forward and four backward for every expert at once,
-kernels/grouped.py), one expert after the other in torch ops elsewhere.
+grouped on the kernels' device (two Triton launches forward and four backward for every expert at once:
+:mod:`fastlora.grouped_lora`), one expert after the other in torch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -41,43 +41,16 @@ def is_transformers_experts(module: nn.Module) -> bool:
             and isinstance(getattr(module, FIRST if module.has_gate else FIRST_NO_GATE, None), Tensor))
 
 
-class _GroupedLowRank(torch.autograd.Function):
-    """s · (X_e A_eᵀ) B_eᵀ for every expert's rows in the grouped kernels (kernels/grouped.py): two launches
-    forward, four backward, whatever the number of experts; autograd keeps the rows and S."""
-
-    @staticmethod
-    def forward(ctx, rows, starts, per_expert_A, per_expert_B, scaling):
-        from fastlora.kernels.grouped import segment_matmul
-
-        S = segment_matmul(rows, per_expert_A.transpose(1, 2), starts)                      # (T, r)
-        update = segment_matmul(S, per_expert_B.transpose(1, 2), starts, scaling)          # (T, out)
-        ctx.save_for_backward(rows, starts, per_expert_A, per_expert_B, S)
-        ctx.scaling = scaling
-        return update
-
-    @staticmethod
-    def backward(ctx, d_update):
-        from fastlora.kernels.grouped import segment_matmul, segment_reduce
-
-        rows, starts, per_expert_A, per_expert_B, S = ctx.saved_tensors
-        experts = per_expert_A.shape[0]
-        d_update = d_update if d_update.stride(-1) == 1 else d_update.contiguous()
-        dS = segment_matmul(d_update, per_expert_B, starts, ctx.scaling, dtype=per_expert_A.dtype)       # (T, r)
-        dB = segment_reduce(d_update, S, starts, experts, ctx.scaling) if ctx.needs_input_grad[3] else None
-        # dA_eᵀ = X_eᵀ dS_e: the rows cast to the adapters' dtype, never dS to the rows'
-        dA = segment_reduce(rows, dS, starts, experts).transpose(1, 2) if ctx.needs_input_grad[2] else None
-        d_rows = segment_matmul(dS, per_expert_A, starts, dtype=rows.dtype) if ctx.needs_input_grad[0] else None
-        return d_rows, None, dA, dB, None
-
-
 def grouped_low_rank(rows: Tensor, counts: list[int], per_expert_A: Tensor, per_expert_B: Tensor, scaling: float,
                      kernels: bool) -> Tensor:
     """s · (X_e A_eᵀ) B_eᵀ (T × out, the adapters' dtype) for rows sorted by expert (``counts[e]`` rows of expert e),
     A_e / B_e stacked (E, r, in) / (E, out, r): in the grouped kernels with ``kernels``, else one expert after the
     other in torch ops."""
     if kernels:
-        bounds = torch.tensor([0, *counts], device=rows.device).cumsum(0).to(torch.int32)
-        return _GroupedLowRank.apply(rows, bounds, per_expert_A, per_expert_B, float(scaling))
+        from fastlora.grouped_lora import grouped_lora
+
+        bounds = torch.tensor([0, *counts], device=rows.device).cumsum(0)
+        return grouped_lora(rows, per_expert_A, per_expert_B, bounds, [float(scaling)] * len(counts))
     updates, start = [], 0
     for expert, count in enumerate(counts):
         segment = rows[start:start + count].to(per_expert_A.dtype)

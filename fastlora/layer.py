@@ -540,6 +540,9 @@ class LoRALinear(nn.Linear):
         result = self.base_forward(x)
         if not self.adapter_enabled:
             return result
+        held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
+        if held and self._grouped_rows(x, held):  # every adapter's rows in one grouped call of the kernels
+            return result + self.grouped_rows_update(x, held).view(result.shape).to(result.dtype)
         if self.CLONE_BASE_OUTPUT:
             result = result.clone()
         for name, index in row_adapters.items():
@@ -549,6 +552,36 @@ class LoRALinear(nn.Linear):
             # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
             result.index_put_((index,), self.rows_update(x, index, name).to(result.dtype), accumulate=True)
         return result
+
+    def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> bool:
+        """Whether a mixed batch's updates run grouped (:meth:`grouped_rows_update`): on the kernels' schedule, for
+        LoRA adapters without a bias on B, in a layer whose rows' update is the dense one."""
+        if type(self).rows_update is not LoRALinear.rows_update or not x.is_floating_point():
+            return False
+        if any(self.magnitude(n) is not None or self.lora_bias(n) is not None for n in held):
+            return False
+        from fastlora.schedules import resolve
+
+        return resolve(self.backend, x).uses_kernels
+
+    def grouped_rows_update(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
+        """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices), zero on the other rows,
+        in one grouped call (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a
+        seed drawn per adapter, as one call per adapter would), x read through a token index, never copied.
+        Shaped (x's elements / in_features, out_features), in the adapters' dtype."""
+        from fastlora.functional import dropout_and_seed
+        from fastlora.grouped_lora import grouped_lora, stack_factors
+
+        flat = x.reshape(-1, x.shape[-1])
+        tokens_per_row = flat.shape[0] // max(x.shape[0], 1)
+        within = torch.arange(tokens_per_row, device=x.device)
+        index = torch.cat([(rows.to(x.device)[:, None] * tokens_per_row + within).reshape(-1) for rows in held.values()])
+        starts = torch.tensor([0] + [len(rows) * tokens_per_row for rows in held.values()], device=x.device).cumsum(0)
+        settings = [self.adapter_settings[name] for name in held]
+        dropout = [dropout_and_seed(s.lora_dropout, self.training, x.device) for s in settings]
+        per_segment_A, per_segment_B = stack_factors([self.lora_factors(name) for name in held])
+        return grouped_lora(flat, per_segment_A, per_segment_B, starts, [s.scaling for s in settings], index=index,
+                            dropout=dropout)
 
     def rows_update(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
         """Adapter ``name``'s update for the rows ``rows`` of x (dim 0): scaling · ((dropout(x[rows]) Aᵀ) Bᵀ + b_B),

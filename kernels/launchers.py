@@ -15,7 +15,7 @@ They allocate outputs with torch, launch through ``torch.library.wrap_triton`` a
     dequant4.py  bitsandbytes' 4-bit (nf4 / fp4, double-quantized) weights read in Triton, bit for bit as bitsandbytes
     gemm4bit.py  the fused GEMM over a 4-bit weight, dequantized tile by tile in its main loop
     qlora.py     qlora_forward / qlora_backward: a LoRA layer over a 4-bit weight, fused
-    grouped.py   the low-rank products of many experts at once (rows sorted by expert): segment matmul / reduce
+    grouped.py   many adapters' (or experts') low-rank products at once, one segment each: segment matmul / reduce
 
 The folder has no ``__init__.py`` on purpose: it is the subpackage ``fastlora.kernels`` (``fastlora/kernels``
 links to it), never a top-level package of its own.  With an ``__init__.py``, Python started at the repository

@@ -77,3 +77,99 @@ def test_mixtral_experts_on_the_grouped_kernels_agree_with_peft():
     theirs_grads = _peft_grads(theirs)
     for name, grad in _grads(ours).items():
         assert_close(grad, theirs_grads[name], kind="same_math_cancelling", msg=name)
+
+
+def _seeds(count, seed):
+    """The per-adapter seeds dropout_and_seed draws after torch.manual_seed(seed), in order."""
+    from fastlora.functional import SEED_HIGH
+
+    torch.manual_seed(seed)
+    return [int(torch.randint(0, SEED_HIGH, (1,))) for _ in range(count)]
+
+
+def _mixed_layer(dropouts=(0.0, 0.25, 0.1), ranks=(2, 4, 3)):
+    from fastlora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(40, 24, r=ranks[0], lora_alpha=3, lora_dropout=dropouts[0], init_lora_weights=False,
+                       backend="triton", adapter_name="a")
+    from fastlora.adapter_settings import AdapterSettings
+
+    for name, r, p in zip("bc", ranks[1:], dropouts[1:]):
+        layer.add_adapter(name, AdapterSettings(r, 2 * r + 1, p, False, False, False), init_lora_weights=False)
+    return layer
+
+
+def _reference_update(layer, x, held, seeds):
+    """float64: each adapter's s · ((x ⊙ m) Aᵀ / (1-p)) Bᵀ on its rows, m the Philox mask of its seed over x's
+    own (token, column)."""
+    from tests import philox
+
+    flat = x.reshape(-1, x.shape[-1]).double()
+    per_row = flat.shape[0] // x.shape[0]
+    out = torch.zeros(flat.shape[0], layer.out_features, dtype=torch.float64)
+    draws = iter(seeds)
+    for name, rows in held.items():
+        s = layer.adapter_settings[name]
+        A, B = (t.double() for t in layer.lora_factors(name))
+        tokens = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
+        h = flat
+        if s.lora_dropout > 0:
+            h = flat * philox.keep_mask(next(draws), flat.shape[0], flat.shape[1], s.lora_dropout) / (1 - s.lora_dropout)
+        out = out.index_put((tokens,), (h[tokens] @ A.t()) @ B.t() * s.scaling)
+    return out
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 40), (9, 40)], ids=["3-D", "2-D"])
+def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape):
+    """Three adapters of different ranks and dropouts, an adapter whose rows are none, base rows: the update and
+    every gradient against float64 with the same Philox masks."""
+    layer = _mixed_layer()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    held = {"a": torch.tensor([], dtype=torch.long), "b": torch.tensor([1, 2, 6]), "c": torch.tensor([4, 0])}
+    assert layer._grouped_rows(x, held)
+    seeds = _seeds(2, 11)  # b and c drop: one seed each, in order
+    torch.manual_seed(11)
+    got = layer.grouped_rows_update(x, held)
+    params = [x, *[p for n in "abc" for p in layer.lora_factors(n)]]
+    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape)
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    ref = _reference_update(layer, x, held, seeds)
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), params)
+    assert_close(got, ref, kind="reference")
+    for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
+        assert_close(g, r.to(g.dtype), kind="same_math_cancelling", msg=f"gradient {i}")
+
+
+def test_a_mixed_batch_model_on_the_grouped_kernels_equals_the_torch_path():
+    """A tiny Llama with three adapters: a mixed batch (with base rows) on the grouped kernels gives the torch
+    path's logits and LoRA gradients (dropout off: the two paths draw their masks from different generators)."""
+    import fastlora
+    from tests.models import clone, tiny_llama, tokens
+
+    base = tiny_llama()
+    models = []
+    for backend in ("triton", "torch"):
+        model = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=["q_proj", "v_proj"], r=4,
+                                                                          init_lora_weights=False))
+        model.add_adapter("other", fastlora.LoraConfig(target_modules=["q_proj", "v_proj", "o_proj"], r=2,
+                                                       init_lora_weights=False))
+        for _, layer in model.lora_layers():
+            layer.backend = backend
+        models.append(model)
+    with torch.no_grad():
+        for (_, ours), (_, theirs) in zip(models[0].lora_layers(), models[1].lora_layers()):
+            for name in ours.adapter_names:
+                for a, b in zip(ours.lora_factors(name), theirs.lora_factors(name)):
+                    a.copy_(b)
+    ids = tokens(batch=3)
+    names = ["default", "__base__", "other"]
+    outs = []
+    for model in models:
+        model.set_requires_grad(["default", "other"])
+        loss = model(input_ids=ids, labels=ids, adapter_names=names).loss
+        loss.backward()
+        outs.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    assert_close(outs[0][0], outs[1][0], kind="same_math")
+    for name, grad in outs[0][1].items():
+        assert_close(grad, outs[1][1][name], kind="same_math_cancelling", msg=name)

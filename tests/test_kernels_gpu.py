@@ -472,6 +472,40 @@ def test_grouped_low_rank_compiled_equals_the_per_expert_products():
                      dtype=got.dtype, msg=name)
 
 
+def test_mixed_batch_compiled_on_the_grouped_kernels_equals_the_torch_path():
+    """tests/test_grouped_kernels.py's model check, compiled: three adapters' rows (and base rows) of one batch in
+    one grouped call, against the torch path's per-adapter products (dropout off), logits and LoRA gradients."""
+    from fastlora.adapter_settings import AdapterSettings
+    from fastlora import LoRALinear
+
+    torch.manual_seed(0)
+    layers = []
+    for backend in ("auto", "torch"):
+        layer = LoRALinear(1024, 2048, r=8, lora_alpha=16, init_lora_weights=False, backend=backend, adapter_name="a",
+                           device=DEVICE, dtype=bf16, adapter_dtype=f32)
+        for name, r in (("b", 16), ("c", 4)):
+            layer.add_adapter(name, AdapterSettings(r, 2 * r, 0.0, False, False, False), init_lora_weights=False,
+                              adapter_dtype=f32)
+        layers.append(layer)
+    with torch.no_grad():
+        layers[1].weight.copy_(layers[0].weight)
+        layers[1].bias.copy_(layers[0].bias)
+        for name in "abc":
+            for mine, theirs in zip(layers[1].lora_factors(name), layers[0].lora_factors(name)):
+                mine.copy_(theirs)
+    x = torch.randn(12, 256, 1024, device=DEVICE, dtype=bf16)
+    rows = {"a": torch.tensor([0, 5, 7]), "b": torch.tensor([1, 2, 3, 11]), "c": torch.tensor([8])}
+    results = []
+    for layer in layers:
+        assert layer._grouped_rows(x, rows) == (layer.backend == "auto")
+        y = layer.mixed_batch_forward(x, rows)
+        y.float().square().mean().backward()
+        results.append((y, [p.grad for n in "abc" for p in layer.lora_factors(n)]))
+    assert_close(results[0][0].float(), results[1][0].float(), kind="same_math", dtype=bf16)
+    for got, expected in zip(results[0][1], results[1][1]):
+        assert_close(got, expected, kind="same_math_cancelling")
+
+
 @unpinned
 def test_dora_every_config():
     """Each config of the DoRA GEMM's 16-bit lists (one accumulator without dropout; two with, so the smaller

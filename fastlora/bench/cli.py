@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="whole-model training step of another base kind, frozen base vs PEFT vs fastlora (repeatable): gpt2 "
         "(Conv1D), moe (experts as parameters), qlora-nf4, qlora-int8, mixed-batch (k adapters over one batch)",
     )
+    g.add_argument("--quant", action="append", choices=["nf4", "int8"],
+                   help="QLoRA: --step qlora-nf4 / qlora-int8 (a 4-bit or 8-bit base; repeatable)")
     g.add_argument("--hidden", type=int, help="hidden width for --step (default 512; mixed-batch 64)")
     g.add_argument("--adapters", default="1,2,4,8", help="adapter counts k for --step mixed-batch (default 1,2,4,8)")
     g.add_argument("--layers", type=int, help="decoder layers for --model (default: the preset's, 2) and --step (4)")
@@ -195,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fastlora bench: no provider available: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()), file=sys.stderr)
         return 2
 
+    args.step = (args.step or []) + [f"qlora-{q}" for q in args.quant or []]
     if args.step:
         return _run_steps(args, argv_list, device, warmup, repeats)
 

@@ -2,8 +2,8 @@
 
 Each case builds one model per provider from the same seed and times one training step of each (forward, loss,
 backward, SGD update), side by side in interleaved rounds (a drift of the machine hits every provider alike); it
-records the median step time, the bytes autograd keeps for backward (parameters and buffers excluded) and the
-step's peak memory above what was allocated before it (CUDA: the allocator's; CPU: the resident high-water mark).
+records the median step time, the bytes autograd keeps for backward (parameters and buffers excluded) and, on
+CUDA, the step's peak memory above what was allocated before it.
 
     gpt2          GPT-2 (transformers' Conv1D layers: c_attn, c_proj, c_fc), r=8, lora_alpha=32, lora_dropout=0.1
     moe           a Mixtral-style mixture of experts, target_modules="all-linear": attention, the router and the
@@ -160,32 +160,16 @@ def _saved_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -> int:
 
 
 def _peak_above_model(model: nn.Module, step: Callable[[], None], device) -> int | None:
-    """Bytes the step's peak holds above what is allocated before it: CUDA's allocator statistics; on the CPU the
-    process's resident high-water mark above its resident size (Linux: the mark reset through
-    /proc/self/clear_refs), None where that cannot be read."""
-    if str(device).startswith("cuda"):
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        resting = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - resting
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-        resting = _status_bytes("VmRSS")
-        step()
-        return _status_bytes("VmHWM") - resting
-    except (OSError, ValueError):
+    """Bytes the step's peak holds above what is allocated before it, from CUDA's allocator statistics; None on
+    the CPU (its allocator keeps what it freed, so the process's memory does not show one step's peak)."""
+    if not str(device).startswith("cuda"):
         return None
-
-
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024  # kB
-    raise ValueError(f"no {field} in /proc/self/status")
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    resting = torch.cuda.memory_allocated(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - resting
 
 
 def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int) -> list[dict]:

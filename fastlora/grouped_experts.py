@@ -48,6 +48,10 @@ def grouped_low_rank(rows: Tensor, counts: list[int], per_expert_A: Tensor, per_
     other in torch ops."""
     if kernels:
         from fastlora.grouped_lora import grouped_lora
+        from fastlora.kernels.grouped import MAX_POSITIONS
+
+        kernels = rows.shape[0] <= MAX_POSITIONS  # one launch's positions, else one expert after the other
+    if kernels:
 
         bounds = torch.tensor([0, *counts], device=rows.device).cumsum(0)
         return grouped_lora(rows, per_expert_A, per_expert_B, bounds, [float(scaling)] * len(counts))

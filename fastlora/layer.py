@@ -554,19 +554,28 @@ class LoRALinear(nn.Linear):
         return result
 
     def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> bool:
-        """Whether a mixed batch's updates run grouped (:meth:`grouped_rows_update`): on the kernels' schedule, for
-        LoRA adapters without a bias on B, in a layer whose rows' update is the dense one."""
-        if type(self).rows_update is not LoRALinear.rows_update or not x.is_floating_point():
+        """Whether a mixed batch's updates run grouped (:meth:`grouped_rows_update`): on the kernels' schedule and
+        dtypes, outside autocast (whose casts the per-adapter path follows), for LoRA adapters without a bias on B,
+        in a layer whose rows' update is the dense one, within one launch's positions."""
+        kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+        if type(self).rows_update is not LoRALinear.rows_update or x.dtype not in kernel_dtypes:
             return False
-        if any(self.magnitude(n) is not None or self.lora_bias(n) is not None for n in held):
+        if any(self.magnitude(n) is not None or self.lora_bias(n) is not None
+               or self.lora_factors(n)[0].dtype not in kernel_dtypes for n in held):
             return False
+        from fastlora.functional import _autocast_dtype
         from fastlora.schedules import resolve
 
-        return resolve(self.backend, x).uses_kernels
+        if _autocast_dtype(x.device.type) is not None or not resolve(self.backend, x).uses_kernels:
+            return False
+        from fastlora.kernels.grouped import MAX_POSITIONS
+
+        tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+        return sum(len(rows) for rows in held.values()) * tokens_per_row <= MAX_POSITIONS
 
     def grouped_rows_update(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
-        """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices), zero on the other rows,
-        in one grouped call (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a
+        """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices, disjoint: each row one
+        adapter's, as a mixed batch's are), zero on the other rows, in one grouped call (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a
         seed drawn per adapter, as one call per adapter would), x read through a token index, never copied.
         Shaped (x's elements / in_features, out_features), in the adapters' dtype."""
         from fastlora.functional import dropout_and_seed

@@ -35,9 +35,11 @@ from .common import launch, needs_int64, skinny_precision, upcast
 from .dropout import keep_mask, philox_key
 
 __all__ = ["segment_matmul_kernel", "segment_reduce_kernel", "segment_matmul", "segment_reduce",
-           "segment_matmul_arguments", "segment_reduce_arguments", "Segments", "GROUPED_BLOCKS"]
+           "segment_matmul_arguments", "segment_reduce_arguments", "Segments", "GROUPED_BLOCKS", "MAX_POSITIONS"]
 
 GROUPED_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2}
+# The most positions one launch takes: CUDA caps the grid's second dimension (position blocks) at 65535.
+MAX_POSITIONS = 65535 * GROUPED_BLOCKS["BLOCK_M"]
 
 
 @triton.jit

@@ -79,12 +79,12 @@ def test_mixtral_experts_on_the_grouped_kernels_agree_with_peft():
         assert_close(grad, theirs_grads[name], kind="same_math_cancelling", msg=name)
 
 
-def _seeds(count, seed):
+def _seeds(count, seed, device="cpu"):
     """The per-adapter seeds dropout_and_seed draws after torch.manual_seed(seed), in order."""
     from fastlora.functional import SEED_HIGH
 
     torch.manual_seed(seed)
-    return [int(torch.randint(0, SEED_HIGH, (1,))) for _ in range(count)]
+    return [int(torch.randint(0, SEED_HIGH, (1,), device=device)) for _ in range(count)]
 
 
 def _mixed_layer(dropouts=(0.0, 0.25, 0.1), ranks=(2, 4, 3)):
@@ -105,13 +105,13 @@ def _reference_update(layer, x, held, seeds):
     own (token, column)."""
     from tests import philox
 
-    flat = x.reshape(-1, x.shape[-1]).double()
+    flat = x.reshape(-1, x.shape[-1]).double().cpu()
     per_row = flat.shape[0] // x.shape[0]
     out = torch.zeros(flat.shape[0], layer.out_features, dtype=torch.float64)
     draws = iter(seeds)
     for name, rows in held.items():
         s = layer.adapter_settings[name]
-        A, B = (t.double() for t in layer.lora_factors(name))
+        A, B = (t.double().cpu() for t in layer.lora_factors(name))
         tokens = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
         h = flat
         if s.lora_dropout > 0:
@@ -120,25 +120,37 @@ def _reference_update(layer, x, held, seeds):
     return out
 
 
-@pytest.mark.parametrize("shape", [(7, 5, 40), (9, 40)], ids=["3-D", "2-D"])
-def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape):
+def check_mixed_batch_rows(shape, dtype=torch.float32, device="cpu"):
     """Three adapters of different ranks and dropouts, an adapter whose rows are none, base rows: the update and
     every gradient against float64 with the same Philox masks."""
-    layer = _mixed_layer()
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
-    held = {"a": torch.tensor([], dtype=torch.long), "b": torch.tensor([1, 2, 6]), "c": torch.tensor([4, 0])}
+    layer = _mixed_layer().to(device)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).to(device=device, dtype=dtype)
+    x.requires_grad_(True)
+    held = {"a": torch.tensor([], dtype=torch.long), "b": torch.tensor([1, 2, 6, 7, 8]), "c": torch.tensor([4, 0])}
     assert layer._grouped_rows(x, held)
-    seeds = _seeds(2, 11)  # b and c drop: one seed each, in order
+    seeds = _seeds(2, 11, device)  # b and c drop: one seed each, in order
     torch.manual_seed(11)
     got = layer.grouped_rows_update(x, held)
     params = [x, *[p for n in "abc" for p in layer.lora_factors(n)]]
-    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape)
+    weights = torch.linspace(-1, 1, got.numel(), device=device).reshape(got.shape)
     got_grads = torch.autograd.grad((got * weights).sum(), params)
-    ref = _reference_update(layer, x, held, seeds)
-    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), params)
-    assert_close(got, ref, kind="reference")
+    reference_layer = _mixed_layer()  # the same seed: the same factors, on the CPU
+    x_ref = x.detach().cpu().double().requires_grad_(True)
+    ref = _reference_update(reference_layer, x_ref, held, seeds)
+    ref_params = [x_ref, *[p for n in "abc" for p in reference_layer.lora_factors(n)]]
+    ref_grads = torch.autograd.grad((ref * weights.cpu().double()).sum(), ref_params)
+    assert_close(got.cpu(), ref, kind="reference")
     for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
-        assert_close(g, r.to(g.dtype), kind="same_math_cancelling", msg=f"gradient {i}")
+        g, r = g.cpu().float(), r.float()
+        assert_close(g, r, kind="same_math_cancelling" if params[i].dtype == torch.float32 else "same_math",
+                     dtype=params[i].dtype, msg=f"gradient {i}")
+    return layer, got_grads
+
+
+@pytest.mark.parametrize("shape", [(9, 5, 40), (9, 40)], ids=["3-D: segments past one block", "2-D"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32 x", "bf16 x"])
+def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape, dtype):
+    check_mixed_batch_rows(shape, dtype)
 
 
 def test_a_mixed_batch_model_on_the_grouped_kernels_equals_the_torch_path():

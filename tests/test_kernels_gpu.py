@@ -506,6 +506,15 @@ def test_mixed_batch_compiled_on_the_grouped_kernels_equals_the_torch_path():
         assert_close(got, expected, kind="same_math_cancelling")
 
 
+@pytest.mark.parametrize("dtype", [f32, bf16], ids=["fp32 x", "bf16 x"])
+def test_mixed_batch_compiled_with_dropout_matches_the_reference(dtype):
+    """tests/test_grouped_kernels.py's mixed-batch check, compiled: three adapters' rows read through an index,
+    their dropout masks on the input (S) and on dx, every gradient against float64 with the same Philox masks."""
+    from tests.test_grouped_kernels import check_mixed_batch_rows
+
+    check_mixed_batch_rows((9, 64, 40), dtype, DEVICE)
+
+
 @unpinned
 def test_dora_every_config():
     """Each config of the DoRA GEMM's 16-bit lists (one accumulator without dropout; two with, so the smaller

@@ -40,13 +40,17 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 @dataclass(frozen=True)
 class StepSizes:
-    """The model's size and the batch: hidden width, decoder layers, batch × sequence tokens, vocabulary."""
+    """The model's size and the batch: hidden width, decoder layers, batch × sequence tokens, vocabulary; for the
+    mixed-batch case also the MLP width and the attention heads (None: 2 × hidden, 4 heads, 2 key-value heads)."""
 
     hidden: int = 512
     layers: int = 4
     batch: int = 4
     seq: int = 256
     vocab: int = 1024
+    intermediate: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
 
 
 def _gpt2(sizes: StepSizes, device) -> nn.Module:
@@ -204,7 +208,7 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
 
 def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapters=(1, 2, 4, 8)) -> list[dict]:
     """k adapters (r=8, lora_alpha=16, dropout 0.1, on the seven projections) of ``sizes.batch`` rows each over one
-    batch of a small Llama, one row per k with, in interleaved rounds:
+    batch of a Llama of ``sizes`` (a small one by default), one row per k with, in interleaved rounds:
 
         fastlora-mixed      one training step (forward, loss, backward) over the k·batch rows, ``adapter_names=``
         fastlora-separate   k training steps, one per adapter (``set_adapter``), each over its own rows
@@ -220,8 +224,9 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
     def build(library, names):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(
-            hidden_size=sizes.hidden, intermediate_size=2 * sizes.hidden, num_hidden_layers=sizes.layers,
-            num_attention_heads=4, num_key_value_heads=2, vocab_size=sizes.vocab,
+            hidden_size=sizes.hidden, intermediate_size=sizes.intermediate or 2 * sizes.hidden,
+            num_hidden_layers=sizes.layers, num_attention_heads=sizes.heads or 4,
+            num_key_value_heads=sizes.kv_heads or 2, vocab_size=sizes.vocab,
             max_position_embeddings=max(512, sizes.seq))).to(device).train()
         config = library.LoraConfig(target_modules=SEVEN, r=8, lora_alpha=16, lora_dropout=0.1, init_lora_weights=False)
         model = library.get_peft_model(model, config, adapter_name=names[0])
@@ -264,6 +269,7 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
         ours.set_adapter(names[0])
         one_bytes = _saved_bytes(ours, lambda: ours(input_ids=ids, labels=ids).loss)
         row = {"step": "mixed-batch", "adapters": k, "rows_per_adapter": sizes.batch, "hidden": sizes.hidden,
+               "intermediate": sizes.intermediate or 2 * sizes.hidden,
                "layers": sizes.layers, "seq": sizes.seq, "repeats": repeats,
                **{f"{name}_ms": round(1000 * m, 2) for name, m in medians.items()},
                "saved_bytes_mixed": mixed_bytes, "saved_bytes_one_adapter": one_bytes}

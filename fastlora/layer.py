@@ -527,7 +527,30 @@ class LoRALinear(nn.Linear):
             x, self.base_weight(), self._bias_with_lora_bias(first), lora_A, lora_B, settings.scaling,
             settings.lora_dropout, training=self.training, backend=self.backend, magnitude=self.magnitude(first),
         )
-        return y + self.low_rank_terms(x, others).to(y.dtype) if others else y
+        for name in others:  # each active adapter's update added in turn, as PEFT adds them
+            term = self.low_rank_terms(x, [name]) if self.magnitude(name) is None else self.dora_term(x, name, y)
+            y = y + term.to(y.dtype)
+        return y
+
+    def dora_term(self, x: Tensor, name: str, result: Tensor) -> Tensor:
+        """What DoRA adapter ``name``, active after others, adds to ``result`` (the output so far), as PEFT computes
+        it there: (g − 1) ⊙ base + g ⊙ scaling · (h Aᵀ) Bᵀ, g = m / ‖W + scaling · B A‖ (the norm not
+        differentiated), h = dropout(x); base is ``result`` without the base bias when nothing is dropped (so it holds
+        the adapters before this one, as in PEFT), else h Wᵀ.  On the torch path: its dropout mask is kept for
+        backward (a combination PEFT's DoRA layer computes this way alone)."""
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        weight = self.base_weight()
+        dropping = self.training and settings.lora_dropout > 0
+        h = F.dropout(x, settings.lora_dropout, training=True) if dropping else x
+        if dropping:
+            base = F.linear(h.to(weight.dtype), weight)
+        else:
+            base = result if self.bias is None else result - self.bias.to(result.dtype)
+        norm = dora_weight_norm(weight, lora_A, lora_B, settings.scaling)
+        g = (self.magnitude(name) / norm.to(lora_A.dtype))
+        low_rank = (h.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+        return (g - 1) * base.to(lora_A.dtype) + g * low_rank * settings.scaling
 
     def mixed_batch_forward(self, x: Tensor, row_adapters: dict[str, Tensor]) -> Tensor:
         """The base output for every row of x (dim 0), plus for each adapter its update on its own rows
@@ -596,7 +619,8 @@ class LoRALinear(nn.Linear):
         """Adapter ``name``'s update for the rows ``rows`` of x (dim 0): scaling · ((dropout(x[rows]) Aᵀ) Bᵀ + b_B),
         autograd keeping x itself rather than a copy of the rows (:mod:`fastlora.segments`)."""
         if self.magnitude(name) is not None:
-            raise NotImplementedError(f"adapter {name!r} is a DoRA adapter: DoRA in a mixed batch is not supported")
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled.  (adapter {name!r} is a DoRA adapter: "
+                             f"a mixed batch takes LoRA adapters only, as in PEFT)")
         from fastlora.segments import segment_low_rank
 
         lora_A, lora_B = self.lora_factors(name)
@@ -606,9 +630,9 @@ class LoRALinear(nn.Linear):
         return update if bias is None else update + bias.to(update.dtype)
 
     def low_rank_terms(self, x: Tensor, names: list[str]) -> Tensor:
-        """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA), each in the adapters'
-        dtype rounded to x's, with its own mask: the updates a layer adds on top of its base output for the
-        active adapters after the first, as PEFT adds each active adapter's."""
+        """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA: :meth:`dora_term`), each
+        in the adapters' dtype rounded to x's, with its own mask: the updates a layer adds on top of its base output
+        for the active adapters after the first, as PEFT adds each active adapter's."""
         total = None
         for name in names:
             if self.magnitude(name) is not None:

@@ -412,7 +412,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                                       "fastlora: the recomputed forward would not see the rows' adapters")
         dora = sorted({n for n in names if n != "__base__" and self.peft_config[n].use_dora})
         if dora:
-            raise NotImplementedError(f"adapter_names with DoRA adapters ({dora}) is not supported by fastlora")
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled.  (DoRA adapters {dora}: a mixed batch "
+                             f"takes LoRA adapters only, as in PEFT)")
         groups: dict[str, list[int]] = {}
         for row, name in enumerate(names):
             groups.setdefault(name, []).append(row)
@@ -566,10 +567,6 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if unknown:
             raise ValueError(f"Adapter {unknown[0]} not found; this model has {list(self.peft_config)}")
         if len(names) > 1:
-            dora = [n for n in names if self.peft_config[n].use_dora]
-            if dora:
-                raise NotImplementedError(f"set_adapter({names!r}): DoRA adapters ({dora}) among several active "
-                                          f"adapters are not supported by fastlora")
             wrapped = [n for n in names if any(n in w.modules_to_save for _, w in self.wrappers())]
             if wrapped:
                 raise ValueError(f"set_adapter({names!r}): adapters with modules_to_save ({wrapped}) cannot be active "

@@ -80,13 +80,37 @@ def test_set_adapter_with_a_list_on_the_model_and_the_single_adapter_again():
 
 def test_several_active_adapters_refusals_change_nothing():
     _, ours = _pair()
-    ours.add_adapter("dora", fastlora.LoraConfig(target_modules=["q_proj"], r=2, use_dora=True))
     before = snapshot(ours)
-    with pytest.raises(NotImplementedError, match="DoRA adapters"):
-        ours.base_model.set_adapter(["default", "dora"])
     with pytest.raises(ValueError, match="nope not found"):
         ours.base_model.set_adapter(["default", "nope"])
     assert_unchanged(ours, before)
+
+
+@pytest.mark.parametrize("order", [["default", "dora"], ["dora", "default"]], ids=["LoRA then DoRA", "DoRA then LoRA"])
+def test_a_dora_adapter_among_several_active_ones_as_peft(order):
+    """PEFT adds each active adapter's update in turn; a DoRA adapter after others takes the output so far (without
+    the base bias) as its base: outputs and every gradient as PEFT's, in either order."""
+    theirs, ours = _pair()
+    dora = dict(target_modules=["q_proj", "v_proj", "o_proj"], r=2, lora_alpha=5, use_dora=True, init_lora_weights=False)
+    theirs.add_adapter("dora", peft.LoraConfig(**dora))
+    ours.add_adapter("dora", fastlora.LoraConfig(**dora))
+    copy_lora_weights(theirs, ours)
+    state = theirs.state_dict()
+    with torch.no_grad():
+        for name, layer in ours.lora_layers("dora"):
+            layer.magnitude("dora").copy_(state[f"base_model.model.{name}.lora_magnitude_vector.dora.weight"])
+    theirs.base_model.set_adapter(order)
+    ours.base_model.set_adapter(order)
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math")
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads = {n.replace(".weight", "") if "magnitude" in n else n: p.grad for n, p in _trainable(theirs).items()}
+    for name, param in _trainable(ours, peft_names=True).items():
+        key = re.sub(r"\.lora_magnitude_vector_(\w+)$", r".lora_magnitude_vector.\1", name)
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert_close(param.grad, grads[key], kind="same_math_cancelling", msg=name)
 
 
 def test_mixed_batch_forward_and_generate_as_peft():
@@ -198,3 +222,18 @@ def test_mixed_batch_generate_with_beams_as_peft_also_from_the_generation_config
     assert torch.equal(ours.generate(**common, num_beams=2), expected)
     ours.get_base_model().generation_config.num_beams = 2
     assert torch.equal(ours.generate(**common), expected)
+
+
+def test_a_mixed_batch_naming_a_dora_adapter_is_refused_as_peft_refuses_it():
+    theirs, ours = _pair()
+    dora = dict(target_modules=["q_proj"], r=2, use_dora=True)
+    theirs.add_adapter("dora", peft.LoraConfig(**dora))
+    ours.add_adapter("dora", fastlora.LoraConfig(**dora))
+    ids = tokens(batch=2)
+    theirs.eval()  # PEFT refuses a mixed batch in training mode first
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        theirs(input_ids=ids, adapter_names=["dora", "default"])
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+        ours(input_ids=ids, adapter_names=["dora", "default"])
+    assert_unchanged(ours, before)

@@ -29,7 +29,8 @@ from .configs import gemm_configs, m_bucket, r_chunk
 from .dropout import keep_mask, keep_threshold, philox_key
 
 __all__ = ["fused_gemm_kernel", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments", "gemm_operands",
-           "launch_tiled_gemm", "launch_fused_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile"]
+           "launch_tiled_gemm", "launch_fused_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile",
+           "store_tile_with_bias"]
 
 
 @triton.jit
@@ -77,6 +78,15 @@ def store_tile(c_ptr, tile, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64: t
         c_cols = c_cols.to(tl.int64)
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + c_cols[None, :] * stride_cn
     tl.store(c_ptrs, tile.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def store_tile_with_bias(c_ptr, tile, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS: tl.constexpr,
+                         INT64: tl.constexpr):
+    """The GEMMs' epilogue: bias (N,) added to the fp32 tile (HAS_BIAS), then ``store_tile``."""
+    if HAS_BIAS:
+        tile += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    store_tile(c_ptr, tile, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64)
 
 
 @triton.jit
@@ -145,10 +155,7 @@ def fused_gemm_kernel(
         acc += low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_pm, stride_pr,
                              stride_qr, stride_qn, lora_scale, keep_threshold,
                              DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64)
+    store_tile_with_bias(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, INT64)
 
 
 def autotuned_gemm(fp32: bool, masked: bool, low_rank_last: bool = False):

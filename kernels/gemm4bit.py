@@ -27,7 +27,7 @@ from .common import block_r, gemm_precision, needs_int64, upcast
 from .configs import gemm4bit_configs, m_bucket, r_chunk
 from .dequant4 import dequant4_values, weight_4bit_operands
 from .dropout import keep_threshold
-from .gemm import launch_tiled_gemm, low_rank_tile, store_tile, tile_coordinates
+from .gemm import launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
 
 __all__ = ["fused_gemm_4bit_kernel", "fused_gemm_4bit_arguments", "launch_fused_gemm_4bit", "STORED_CODES"]
 
@@ -89,10 +89,7 @@ def fused_gemm_4bit_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_elements += BLOCK_K * stride_bk
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    store_tile(c_ptr, acc, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64)
+    store_tile_with_bias(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, INT64)
 
 
 def fused_gemm_4bit_arguments(*, a, weight: dict, c, bias, p, q, seed, M: int, N: int, K: int, R: int, a_strides,

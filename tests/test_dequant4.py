@@ -18,6 +18,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from fastlora.kernels.configs import INTERPRET  # noqa: E402
 from fastlora.kernels.dequant4 import dequantize_4bit  # noqa: E402
+from tests.bnb_reference import quantized_4bit  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1)")
 
@@ -31,17 +32,9 @@ def test_bit_for_bit_as_bitsandbytes(quant_type, nested, dtype, shape, blocksize
     """Against bitsandbytes' reference computation (its default backend: fp32 code · absmax, rounded once), and
     against its CPU dequantize where that one is right: bitsandbytes 0.50's CPU kernel mis-indexes absmax when a
     row's length is not a multiple of the block size (its error is 2-4× the quantization error there)."""
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-
     weight = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))).to(dtype)
     weight[0, :3] = torch.tensor([0.0, -0.0, 3.5])  # zeros and an outlier block
-    packed, state = bnb.functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=nested)
-    absmax = state.absmax
-    if nested:
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    reference = _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(), state.code.float(),
-                                         blocksize, state.shape, dtype)
+    packed, state, reference = quantized_4bit(weight, blocksize, quant_type, nested)
     got = dequantize_4bit(packed, state)
     assert got.dtype == dtype and got.shape == weight.shape
     assert torch.equal(got, reference), (got - reference).abs().max()

@@ -19,6 +19,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from fastlora.kernels.configs import INTERPRET  # noqa: E402
 from fastlora.kernels.gemm import launch_fused_gemm  # noqa: E402
 from fastlora.kernels.gemm4bit import launch_fused_gemm_4bit  # noqa: E402
+from tests.bnb_reference import quantized_4bit  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON_INTERPRET=1)")
@@ -26,17 +27,8 @@ pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON
 
 def _quantized(out_features, in_features, quant_type, nested, blocksize, dtype=torch.float32, seed=0):
     """(packed, quant_state, bitsandbytes' dequantized weight) of a random (out × in) weight."""
-    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
-
     weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)).to(dtype)
-    packed, state = bnb.functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
-                                                 compress_statistics=nested)
-    absmax = state.absmax
-    if nested:
-        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    dequantized = _dequantize_4bit_compute(packed.view(torch.uint8).reshape(-1), absmax.float(), state.code.float(),
-                                           blocksize, state.shape, dtype)
-    return packed, state, dequantized
+    return quantized_4bit(weight, blocksize, quant_type, nested)
 
 
 def _randn(*shape, seed):

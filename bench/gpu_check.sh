@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_check.sh --preflight   # at most 60 s: versions, CUDA, one small kernel forward+backward
 #     bash bench/gpu_check.sh               # the full check, at most 420 s of steps (limits below)
-#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, at most 65 s
+#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, at most 75 s
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
@@ -15,10 +15,11 @@
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
 #   6. dora-composed     20 s  DoRA on the composed schedule, to hold against step 5
-# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 65 s of steps):
-#   kinds-steps         30 s  whole-model steps: 4-bit QLoRA, MoE experts as parameters, GPT-2's Conv1D
-#   kinds-qlora-fused   20 s  the QLoRA step with the 4-bit weight dequantized inside the fused GEMM
-#   kinds-mixed-batch   15 s  k = 1, 2, 4, 8 adapters over one batch
+# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 75 s of steps):
+#   kinds-steps         30 s  a 4-bit QLoRA step at Llama-3-8B's projection shapes, fastlora / PEFT / frozen
+#   kinds-qlora-fused   20 s  the same with the 4-bit weight dequantized inside the fused GEMM
+#   kinds-moe-gpt2      15 s  whole-model steps: MoE experts as parameters, GPT-2's Conv1D
+#   kinds-mixed-batch   10 s  k = 1, 2, 4, 8 adapters over one batch
 # then the README section from the run's results files.
 #
 # Where files go: with $OUT set (the device tool), every file is written to a staging folder and packed, after
@@ -71,12 +72,16 @@ fi
 if [[ "$MODE" == steps ]]; then
     # Whole-model steps of the other base kinds (frozen vs PEFT vs fastlora), then QLoRA with the base product in
     # the fused 4-bit GEMM instead of bitsandbytes' dequantize-then-matmul (the default until this run decides).
-    step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --step moe --step gpt2 --hidden 2048 \
-        --layers 2 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps.json"
+    # QLoRA at Llama-3-8B's projection shapes (one layer, 4 × 512 tokens): bitsandbytes' dequantize-then-matmul
+    # (the default) against PEFT's QLoRA here, the fused 4-bit GEMM in the next step
+    step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
+        --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps-qlora.json"
     step kinds-qlora-fused 20 env FASTLORA_KERNEL_VARIANTS=base=fused "$PY" -m fastlora.bench --device cuda \
-        --step qlora-nf4 --hidden 2048 --layers 2 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress \
+        --step qlora-nf4 --preset llama-3-8b --layers 1 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress \
         --json "$stem-steps-qlora-fused.json"
-    step kinds-mixed-batch 15 "$PY" -m fastlora.bench --device cuda --step mixed-batch --hidden 1024 --seq 256 \
+    step kinds-moe-gpt2 15 "$PY" -m fastlora.bench --device cuda --step moe --step gpt2 --hidden 2048 --layers 2 \
+        --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps.json"
+    step kinds-mixed-batch 10 "$PY" -m fastlora.bench --device cuda --step mixed-batch --hidden 1024 --seq 256 \
         --warmup 2 --repeats 5 --no-progress --json "$stem-mixed-batch.json"
     echo "gpu_check steps: exit $RUNNER_STATUS" | tee -a "$SUMMARY"
     exit "$RUNNER_STATUS"

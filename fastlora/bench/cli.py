@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--quant", action="append", choices=["nf4", "int8"],
                    help="QLoRA: --step qlora-nf4 / qlora-int8 (a 4-bit or 8-bit base; repeatable)")
-    g.add_argument("--hidden", type=int, help="hidden width for --step (default 512; mixed-batch 64, or --preset's)")
+    g.add_argument("--hidden", type=int, help="hidden width for --step (default 512; mixed-batch 64; the QLoRA and "
+                   "mixed-batch cases take --preset's layer shapes)")
     g.add_argument("--adapters", default="1,2,4,8", help="adapter counts k for --step mixed-batch (default 1,2,4,8)")
     g.add_argument("--layers", type=int, help="decoder layers for --model (default: the preset's, 2) and --step (4)")
     g.add_argument("--batch", type=int, help="batch for --model (default: the preset's)")
@@ -151,7 +152,7 @@ def _run_steps(args, argv_list: list[str], device: torch.device, warmup: int, re
         sizes = StepSizes(hidden=args.hidden or (64 if small else 512), layers=args.layers or (2 if small else 4),
                           batch=args.batch or 4, seq=args.seq or (64 if small else 256),
                           vocab=args.vocab or (256 if small else 1024))
-        if small and args.preset:  # the layers of a real model's width (--preset llama-3-8b)
+        if args.preset and (small or name.startswith("qlora")):  # a real model's layers (--preset llama-3-8b)
             preset = MODEL_PRESETS[args.preset[0]]
             sizes = dataclasses.replace(sizes, hidden=preset.hidden, intermediate=preset.intermediate,
                                         heads=preset.heads, kv_heads=preset.kv_heads)

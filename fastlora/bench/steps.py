@@ -41,7 +41,7 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 @dataclass(frozen=True)
 class StepSizes:
     """The model's size and the batch: hidden width, decoder layers, batch × sequence tokens, vocabulary; for the
-    mixed-batch case also the MLP width and the attention heads (None: 2 × hidden, 4 heads, 2 key-value heads)."""
+    Llama cases (QLoRA, mixed batch) also the MLP width and the attention heads (None: each case's own)."""
 
     hidden: int = 512
     layers: int = 4
@@ -74,8 +74,9 @@ def _quantized(bits: int) -> Callable[[StepSizes, str], nn.Module]:
         import bitsandbytes as bnb
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-        config = LlamaConfig(hidden_size=sizes.hidden, intermediate_size=int(sizes.hidden * 2.6875),
-                             num_attention_heads=8, num_key_value_heads=8, num_hidden_layers=sizes.layers,
+        config = LlamaConfig(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate or int(sizes.hidden * 2.6875),
+                             num_attention_heads=sizes.heads or 8, num_key_value_heads=sizes.kv_heads or 8,
+                             num_hidden_layers=sizes.layers,
                              vocab_size=sizes.vocab, max_position_embeddings=max(512, sizes.seq))
         compute = torch.float32 if str(device) == "cpu" else torch.bfloat16
         quantization = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

@@ -74,14 +74,15 @@ def grouped_lora(x: Tensor, per_segment_A: Tensor, per_segment_B: Tensor, starts
     from fastlora.kernels.grouped import Segments
 
     device = x.device
-    segments = Segments(starts.to(device=device, dtype=torch.int32),
-                        index.to(device=device, dtype=torch.int64) if index is not None else None)
     dropping = dropout is not None and any(p > 0.0 for p, _ in dropout)
     keep = [1.0 / (1.0 - p) for p, _ in dropout] if dropping else [1.0] * len(scalings)
+    seeds = thresholds = None
     if dropping:
-        segments.seeds = torch.cat([seed if seed is not None else torch.zeros(1, dtype=torch.int64, device=device)
-                                    for _, seed in dropout]).to(torch.int64)
-        segments.thresholds = torch.tensor([keep_threshold(p) for p, _ in dropout], dtype=torch.int32, device=device)
+        zero = torch.zeros(1, dtype=torch.int64, device=device)  # the seed of a segment that drops nothing (threshold 0)
+        seeds = torch.cat([zero if seed is None else seed for _, seed in dropout]).to(torch.int64)
+        thresholds = torch.tensor([keep_threshold(p) for p, _ in dropout], dtype=torch.int32, device=device)
+    segments = Segments(starts.to(device=device, dtype=torch.int32),
+                        None if index is None else index.to(device=device, dtype=torch.int64), seeds, thresholds)
     values = torch.tensor([scalings, keep], dtype=torch.float32, device=device)
     return _GroupedLoRA.apply(x, per_segment_A, per_segment_B, segments, values[0], values[1], dropping,
                               x.shape[0] if rows_out is None else rows_out)

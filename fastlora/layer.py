@@ -528,7 +528,7 @@ class LoRALinear(nn.Linear):
             settings.lora_dropout, training=self.training, backend=self.backend, magnitude=self.magnitude(first),
         )
         for name in others:  # each active adapter's update added in turn, as PEFT adds them
-            term = self.low_rank_terms(x, [name]) if self.magnitude(name) is None else self.dora_term(x, name, y)
+            term = self.low_rank_term(x, name) if self.magnitude(name) is None else self.dora_term(x, name, y)
             y = y + term.to(y.dtype)
         return y
 
@@ -598,9 +598,10 @@ class LoRALinear(nn.Linear):
 
     def grouped_rows_update(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
         """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices, disjoint: each row one
-        adapter's, as a mixed batch's are), zero on the other rows, in one grouped call (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a
-        seed drawn per adapter, as one call per adapter would), x read through a token index, never copied.
-        Shaped (x's elements / in_features, out_features), in the adapters' dtype."""
+        adapter's, as a mixed batch's are), zero on the other rows, in one grouped call
+        (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a seed drawn per adapter,
+        as one call per adapter would), x read through a token index, never copied.  Shaped (x's elements /
+        in_features, out_features), in the adapters' dtype."""
         from fastlora.functional import dropout_and_seed
         from fastlora.grouped_lora import grouped_lora, stack_factors
 
@@ -629,24 +630,16 @@ class LoRALinear(nn.Linear):
         bias = self._scaled_lora_bias(name)
         return update if bias is None else update + bias.to(update.dtype)
 
-    def low_rank_terms(self, x: Tensor, names: list[str]) -> Tensor:
-        """Σ scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) over the adapters ``names`` (LoRA, not DoRA: :meth:`dora_term`), each
-        in the adapters' dtype rounded to x's, with its own mask: the updates a layer adds on top of its base output
-        for the active adapters after the first, as PEFT adds each active adapter's."""
-        total = None
-        for name in names:
-            if self.magnitude(name) is not None:
-                raise NotImplementedError(f"adapter {name!r} is a DoRA adapter: DoRA among several active adapters is "
-                                          f"not supported by fastlora")
-            lora_A, lora_B = self.lora_factors(name)
-            settings = self.adapter_settings[name]
-            term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
-                               training=self.training, backend=self.backend)
-            bias = self._scaled_lora_bias(name)
-            if bias is not None:
-                term = term + bias.to(term.dtype)
-            total = term if total is None else total + term
-        return total
+    def low_rank_term(self, x: Tensor, name: str) -> Tensor:
+        """scaling · ((dropout(x) Aᵀ) Bᵀ + b_B) of LoRA adapter ``name`` (a DoRA one: :meth:`dora_term`), in the
+        adapters' dtype rounded to x's, with its own mask: the update a layer adds on top of its base output for an
+        active adapter after the first, as PEFT adds each active adapter's."""
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+                           training=self.training, backend=self.backend)
+        bias = self._scaled_lora_bias(name)
+        return term if bias is None else term + bias.to(term.dtype)
 
     def _scaled_lora_bias(self, adapter_name: str) -> Tensor | None:
         """scaling · b_B of the adapter (in the adapters' dtype), None without lora_bias."""

@@ -143,7 +143,7 @@ class LoRAQuantizedLinear(LoRALinear):
             return self._fused_4bit_forward(x, names[0], schedule)
         result = self.base_layer(x)
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
-            result = result + self.low_rank_terms(x, [name]).to(result.dtype)
+            result = result + self.low_rank_term(x, name).to(result.dtype)
         return result
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:

@@ -142,9 +142,7 @@ def lora_backward(
     precision in the rank-r products).  ``db``, ``low_rank`` and ``base``: the schedule's variants
     (fastlora.schedules); with base="cublas" dx = dy W is cuBLAS's and one Triton pass adds (dS A) ⊙ m in place.
     """
-    given = dy
-    dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
-    dy_low_rank = given if given.dtype == lora_B.dtype else dy
+    dy, dy_low_rank, x = backward_operands(dy, x, weight, lora_A, lora_B)
     M, N = dy.shape
     if M == 0:
         return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)

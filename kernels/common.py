@@ -11,6 +11,7 @@ from .configs import INTERPRET, num_sms
 __all__ = [
     "check_dtypes", "block_r", "dot_precision", "skinny_precision", "gemm_precision", "small_skinny_tiles",
     "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch", "backward_operands",
+    "gradient_operands",
     "empty_batch_grads",
 ]
 
@@ -113,11 +114,19 @@ def launch(kernel):
     return torch.library.wrap_triton(kernel)
 
 
-def backward_operands(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor]:
-    """(dy, x) as the backward launchers take them, after the dtype checks: dy in x's dtype (a gradient may
-    arrive in another precision; the dx GEMM needs one dtype), x with a last stride of 1."""
+def gradient_operands(dy: Tensor, x: Tensor, lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dy, dy_low_rank, x) as the backward launchers take them: dy in x's dtype (a gradient may arrive in another
+    precision; the dx GEMM needs one dtype); the dy the rank-r products (dS, dB) read, as given when it comes in the
+    adapters' dtype (an fp32 gradient beside a 16-bit base keeps its precision there); x with a last stride of 1."""
+    cast = dy if dy.dtype == x.dtype else dy.to(x.dtype)
+    return cast, (dy if dy.dtype == lora_B.dtype else cast), row_major(x)
+
+
+def backward_operands(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`gradient_operands` after the dtype checks of a dense base."""
     check_dtypes(x, weight, lora_A, lora_B)
-    return (dy if dy.dtype == x.dtype else dy.to(x.dtype)), row_major(x)
+    return gradient_operands(dy, x, lora_B)
 
 
 def empty_batch_grads(x: Tensor, N: int, lora_A: Tensor, lora_B: Tensor, need_dx: bool, need_dA: bool,

@@ -315,7 +315,7 @@ def dora_backward(
     """Return ``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B, for g = m / n (N,)
     fp32.  dS and dB come from the LoRA kernel on dy with g folded into B's rows (dS = s·dy (g ⊙ B) / (1-p))
     and into dB's afterwards (dB = g ⊙ s·dyᵀ S): no g ⊙ dy tensor is formed."""
-    dy, x = backward_operands(dy, x, weight, lora_A, lora_B)
+    dy, _, x = backward_operands(dy, x, weight, lora_A, lora_B)
     M, N = dy.shape
     if M == 0:
         return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)

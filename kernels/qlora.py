@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backward import launch_dA, launch_dS_dB
-from .common import empty_batch_grads, row_major, seed_arg
+from .common import empty_batch_grads, gradient_operands, row_major, seed_arg
 from .forward import launch_S
 from .gemm4bit import launch_fused_gemm_4bit
 
@@ -40,9 +40,7 @@ def qlora_backward(dy: Tensor, x: Tensor, packed: Tensor, quant_state, lora_A: T
                    db: str = "atomic") -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dA, dB)`` (None where not needed) in the dtypes of x, lora_A, lora_B, the mask regenerated from
     ``seed``."""
-    given = dy  # dS and dB read a gradient that comes in the adapters' dtype as it is (as the dense launcher)
-    dy, x = (dy if dy.dtype == x.dtype else dy.to(x.dtype)), row_major(x)
-    dy_low_rank = given if given.dtype == lora_B.dtype else dy
+    dy, dy_low_rank, x = gradient_operands(dy, x, lora_B)
     M, N = dy.shape
     if M == 0:
         return empty_batch_grads(x, N, lora_A, lora_B, need_dx, need_dA, need_dB)

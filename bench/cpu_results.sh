@@ -22,6 +22,10 @@ python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 30 \
     --providers frozen,peft,fastlora-torch,peft-dora,fastlora-torch-dora \
     --json "$stem-model-dora.json" --csv "$stem-model-dora.csv" --no-progress
+# torch.compile as a peer: the frozen model, PEFT and fastlora, each eager and compiled, in a run of its own
+python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --model tiny --warmup 3 --repeats 20 \
+    --providers frozen,peft,fastlora-torch --compile --json "$stem-model-compile.json" --csv "$stem-model-compile.csv" \
+    --no-progress
 layer_providers=frozen,peft,peft+patch,fastlora-torch,peft-dora,fastlora-torch-dora
 python -m fastlora.bench --device cpu --threads "$threads" "${quiet[@]}" --preset tiny --tokens 1024 --dropout 0.1,0 \
     --providers "$layer_providers" --warmup 2 --repeats 15 --json "$stem-layers.json" --csv "$stem-layers.csv" --plot "$stem-layers.png" --no-progress

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from fastlora.bench import main
 from fastlora.bench import report
 from fastlora.bench.measure import SavedTensorCounter, count_saved, module_tensors, peak_memory
 from fastlora.bench.presets import MODEL_PRESETS, find_gpu_spec, parse_shape, projections
-from fastlora.bench.providers import PROVIDERS, resolve_providers
+from fastlora.bench.providers import PROVIDERS, Provider, resolve_providers
 from fastlora.bench.roofline import Roofline, floor_ms, layer_cost
 from fastlora.bench.runner import LayerCase, add_ratios, run_layers
 from tests.tolerances import assert_close
@@ -274,6 +275,96 @@ def test_run_layers_rows():
         assert r["floor_ms"] > 0 and r["of_floor"] == pytest.approx(r["fwd_bwd_ms"] / r["floor_ms"])
         assert r["peak_mem_bytes"] is None and r["peak_mem_method"] == "not measured"
     assert rows[0]["saved_bytes"] == 0 and rows[1]["saved_new_bytes"] == 16 * 8 * 8 + 16 * 2 * 4
+
+
+# ---- torch.compile'd providers ---------------------------------------------------------------------
+
+
+def test_compile_flag_adds_each_chosen_providers_compiled_twin():
+    chosen, _ = resolve_providers(["frozen", "peft", "fastlora-torch"], CPU, with_compiled=True)
+    names = [p.name for p in chosen]
+    assert names == ["frozen", "peft", "fastlora-torch", "frozen+compile", "peft+compile", "fastlora-torch+compile"]
+    assert [p.compiled for p in chosen] == [False] * 3 + [True] * 3
+    # named twice (by hand and by the flag): once; a provider without a compiled twin adds none
+    chosen, _ = resolve_providers(["peft+patch", "peft", "peft+compile"], CPU, with_compiled=True)
+    assert [p.name for p in chosen] == ["peft+patch", "peft", "peft+compile"]
+    assert not any(p.compiled for p in resolve_providers(None, CPU)[0])  # not in the default set
+
+
+def _slow_first_call_provider(first_call_s: float) -> Provider:
+    """A 'compiled' provider whose first call sleeps, as a compiling one spends its first call compiling."""
+
+    def layer(K, N, bias, r, alpha, p, dtype, device):
+        lin = nn.Linear(K, N, bias=bias, dtype=dtype)
+        calls = []
+
+        def first_call_is_slow(module, args):
+            if not calls:
+                time.sleep(first_call_s)
+            calls.append(1)
+
+        lin.register_forward_pre_hook(first_call_is_slow)
+        return lin.requires_grad_(False)
+
+    return Provider("slow+compile", lambda device, explicit: None, layer, None, compiled=True)
+
+
+def test_the_compiling_call_is_timed_apart_and_never_in_a_round():
+    frozen = PROVIDERS["frozen"]
+    case = LayerCase("shape", None, 16, 8, 12, False, 2, 8.0, 0.1, torch.float32)
+    rows = run_layers([case], [frozen, _slow_first_call_provider(0.5)], CPU, warmup=0, repeats=2, memory=False)
+    by = {r["provider"]: r for r in rows}
+    assert by["frozen"]["compile_s"] is None
+    assert by["slow+compile"]["compile_s"] >= 0.5
+    assert by["slow+compile"]["fwd_bwd_ms_max"] < 500  # no timed round (there is no warm-up here) took the first call
+
+
+def test_compiled_rows_have_ratios_to_compiled_peft_and_the_compiled_floor():
+    common = dict(mode="model", case="tiny 2L 4x256", layers=2, batch=4, seq=256, r=8, dtype="float32", dropout=0.1,
+                  preset="tiny", other_load=0.01)
+    rows = add_ratios([
+        dict(common, provider="frozen", fwd_bwd_ms=1.0, saved_bytes=50),
+        dict(common, provider="peft", fwd_bwd_ms=2.0, saved_bytes=100),
+        dict(common, provider="fastlora-torch", fwd_bwd_ms=1.6, saved_bytes=64),
+        dict(common, provider="frozen+compile", fwd_bwd_ms=0.8, saved_bytes=40, compile_s=9.5),
+        dict(common, provider="peft+compile", fwd_bwd_ms=1.5, saved_bytes=90, compile_s=12.0),
+        dict(common, provider="fastlora-torch+compile", fwd_bwd_ms=0.9, saved_bytes=60, compile_s=10.0),
+    ])
+    ours = rows[2]
+    assert ours["time_vs_peft"] == pytest.approx(0.8) and ours["time_vs_peft_compiled"] == pytest.approx(1.6 / 1.5)
+    assert rows[5]["time_vs_frozen_compiled"] == pytest.approx(0.9 / 0.8)
+    # faster than the eager frozen base is fine for a compiled provider, not faster than the compiled one
+    assert report.unreliable(rows) == {}
+    rows[5]["fwd_bwd_ms"] = 0.7
+    assert "faster than the compiled frozen base (0.700 < 0.800 ms)" in report.unreliable(rows)[id(rows[5])]
+    table = report.format_table(rows)
+    assert "step ×PEFT+compile" in table and "compile s" in table and "timed apart" in table
+    line = next(ln for ln in table.splitlines() if ln.strip().startswith("peft+compile"))
+    assert "12.0" in line and "1.00×" in line
+    assert "compile s" not in report.format_table(rows[:3])  # runs without compiled providers: no such columns
+
+
+def test_compiled_fastlora_layer_computes_what_the_eager_one_does():
+    """The +compile provider is the same layer under torch.compile: equal output and gradients."""
+    if PROVIDERS["fastlora-torch+compile"].unavailable(CPU, True):
+        pytest.skip(PROVIDERS["fastlora-torch+compile"].unavailable(CPU, True))
+    torch.manual_seed(0)
+    eager = PROVIDERS["fastlora-torch"].layer(16, 12, True, 4, 8.0, 0.0, torch.float32, CPU)
+    torch.manual_seed(0)
+    compiled = PROVIDERS["fastlora-torch+compile"].layer(16, 12, True, 4, 8.0, 0.0, torch.float32, CPU)
+    with torch.no_grad():
+        for (_, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
+            b.copy_(torch.randn_like(a)), a.copy_(b)
+    x = torch.randn(8, 16)
+    outs = []
+    for m in (eager, compiled):
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append((y, xi.grad, *[p.grad for p in m.parameters() if p.requires_grad]))
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    for a, b in zip(*outs):
+        assert_close(b, a, kind="same_math")
 
 
 # ---- the CLI, files and the markdown --------------------------------------------------------------

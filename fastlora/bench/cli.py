@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq", type=int, help="sequence length for --model (default: the preset's)")
     g.add_argument("--vocab", type=int, help="vocabulary for --model (default: the preset's real one)")
     g.add_argument("--providers", help=f"comma list from {','.join(ALL_PROVIDERS)} (default: all available but "
-                   "fastlora-torch+inactive and the DoRA ones)")
+                   "fastlora-torch+inactive, the DoRA ones and the +compile ones)")
+    g.add_argument("--compile", action="store_true",
+                   help="also each chosen provider under torch.compile (frozen+compile, peft+compile, "
+                        "fastlora-torch+compile, fastlora-triton+compile); the first call, which compiles, is "
+                        "timed apart (compile s) and not counted in the step")
     g.add_argument("--quick", action="store_true", help="small cases and few repeats: under a minute on a 2-core CPU")
     g = ap.add_argument_group("LoRA and numerics")
     g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank (default 8)")
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats if args.repeats is not None else ((10 if on_gpu else 3) if args.quick else (50 if on_gpu else 10))
     names = [n.strip() for n in args.providers.split(",")] if args.providers else None
     try:
-        providers, skipped = resolve_providers(names, device)
+        providers, skipped = resolve_providers(names, device, with_compiled=args.compile)
     except ValueError as e:
         print(f"fastlora bench: {e}", file=sys.stderr)
         return 2

@@ -19,6 +19,10 @@ config for ``--model``.  Side by side in one run:
 * ``fastlora-torch-dora`` / ``fastlora-triton-dora`` – fastlora's ``LoRALinear`` with ``use_dora=True`` on either
                         backend (see fastlora.dora_ops for which parts of DoRA run on the kernels; the
                         torch backend draws its dropout mask on the CPU).
+* ``<name>+compile``  – ``frozen``, ``peft``, ``fastlora-torch`` and ``fastlora-triton`` under ``torch.compile``
+                        (default options): what a user who wants speed tries first.  The first forward+backward
+                        (tracing and compiling) is timed on its own as ``compile_s`` and never counted in the
+                        step time.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from torch import nn
 
 from fastlora.functional import triton_interpreter_on
 
-__all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "ALL_PROVIDERS", "resolve_providers", "SEED_TARGETS"]
+__all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "ALL_PROVIDERS", "COMPILED_PROVIDERS", "COMPILE_SUFFIX",
+           "compiled", "resolve_providers", "SEED_TARGETS"]
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,6 +78,7 @@ class Provider:
     unavailable: Callable[[torch.device, bool], str | None]  # (device, explicitly requested) → reason or None
     layer: Callable[..., nn.Module]
     model: Callable[..., nn.Module]
+    compiled: bool = False  # built under torch.compile: its first call compiles
 
 
 # ---- frozen base -------------------------------------------------------------------------------------
@@ -253,15 +259,63 @@ PROVIDERS: dict[str, Provider] = {
         _fastlora_model_for("triton", use_dora=True),
     ),
 }
+
+
+# ---- torch.compile'd twins ---------------------------------------------------------------------------
+
+COMPILE_SUFFIX = "+compile"
+
+
+def _compile_unavailable(device) -> str | None:
+    """Why torch.compile cannot run here (None when it can): inductor needs a C++ compiler for CPU code and
+    triton for CUDA code."""
+    if not hasattr(torch, "compile"):
+        return "torch.compile not in this torch"
+    if device.type == "cpu":
+        import os
+        import shutil
+
+        if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+            return "torch.compile on CPU needs a C++ compiler (g++ or clang++) on PATH"
+    else:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            return f"torch.compile on CUDA needs triton ({e})"
+    return None
+
+
+def compiled(base: Provider) -> Provider:
+    """``base`` under ``torch.compile``: the same layer or adapted model, compiled as a whole."""
+
+    def unavailable(device, explicit):
+        return base.unavailable(device, explicit) or _compile_unavailable(device)
+
+    def layer(*args):
+        return torch.compile(base.layer(*args))
+
+    def model(*args):
+        return torch.compile(base.model(*args))
+
+    return Provider(base.name + COMPILE_SUFFIX, unavailable, layer, model, compiled=True)
+
+
+PROVIDERS.update({n + COMPILE_SUFFIX: compiled(PROVIDERS[n]) for n in ("frozen", "peft", "fastlora-torch", "fastlora-triton")})
+COMPILED_PROVIDERS = [n for n, p in PROVIDERS.items() if p.compiled]
+
 DEFAULT_ORDER = ["frozen", "peft", "peft+patch", "fastlora-torch", "fastlora-triton"]
 DORA_PROVIDERS = ["peft-dora", "fastlora-torch-dora", "fastlora-triton-dora"]
-ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive", *DORA_PROVIDERS]
+ALL_PROVIDERS = [*DEFAULT_ORDER, "fastlora-torch+inactive", *DORA_PROVIDERS, *COMPILED_PROVIDERS]
 
 
-def resolve_providers(names: list[str] | None, device: torch.device) -> tuple[list[Provider], dict[str, str]]:
-    """The providers to run (in table order) and, for each one left out, why."""
+def resolve_providers(names: list[str] | None, device: torch.device, *, with_compiled: bool = False
+                      ) -> tuple[list[Provider], dict[str, str]]:
+    """The providers to run (in table order) and, for each one left out, why.  ``with_compiled``: each chosen
+    provider's ``torch.compile`` twin too, where it has one."""
     explicit = names is not None
-    wanted = names if names else DEFAULT_ORDER
+    wanted = list(names if names else DEFAULT_ORDER)
+    if with_compiled:
+        wanted += [n + COMPILE_SUFFIX for n in wanted if n + COMPILE_SUFFIX in PROVIDERS and n + COMPILE_SUFFIX not in wanted]
     chosen, skipped = [], {}
     for n in wanted:
         if n not in PROVIDERS:

@@ -30,7 +30,9 @@ __all__ = [
 SCHEMA = "fastlora-bench/1"
 MIB = 2**20
 PROVIDER_ORDER = {"frozen": 0, "peft": 1, "peft+patch": 2, "fastlora-torch": 3, "fastlora-torch+inactive": 4,
-                  "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7, "fastlora-triton-dora": 8}
+                  "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7, "fastlora-triton-dora": 8,
+                  "frozen+compile": 9, "peft+compile": 10, "fastlora-torch+compile": 11, "fastlora-triton+compile": 12}
+COMPILE_SUFFIX = "+compile"
 
 # The project's CPU targets for the torch path (tiny model), checked from model rows.
 TARGET_SAVED_P_VS_P0 = 1.0
@@ -104,14 +106,25 @@ def _grouped(rows: Iterable[dict]) -> list[tuple[str, list[dict]]]:
     return groups
 
 
-def _columns(mode: str, with_floor: bool):
-    """(header, function of row) pairs; the ratio columns lead."""
+def _compiled_columns(with_compiled: bool):
+    """The columns for runs with ``+compile`` providers: the step over compiled PEFT's, and the compile time."""
+    if not with_compiled:
+        return []
+    return [("time ×PEFT+compile", lambda r: _x(r.get("time_vs_peft_compiled"))),
+            ("compile s", lambda r: _num(r.get("compile_s"), "{:.1f}", na=""))]
+
+
+def _columns(mode: str, with_floor: bool, with_compiled: bool = False):
+    """(header, function of row) pairs; the ratio columns lead.  ``with_compiled``: the run has ``+compile``
+    providers (ratios to compiled PEFT, compile seconds)."""
+    extra = _compiled_columns(with_compiled)
     if mode == "layer":
         cols = [
             ("provider", lambda r: r["provider"]),
             ("time ×frozen", lambda r: _x(r.get("time_vs_frozen"))),
             ("time ×PEFT", lambda r: _x(r.get("time_vs_peft"))),
             ("saved ×PEFT", lambda r: _x(r.get("saved_vs_peft"))),
+            *extra,
             ("fwd+bwd ms", lambda r: _ms(r.get("fwd_bwd_ms"))),
             ("fwd ms", lambda r: _ms(r.get("fwd_ms"))),
             ("bwd ms", lambda r: _ms(r.get("bwd_ms"))),
@@ -131,6 +144,7 @@ def _columns(mode: str, with_floor: bool):
         ("step ×PEFT", lambda r: _x(r.get("time_vs_peft"))),
         ("saved ×frozen", lambda r: _x(r.get("saved_vs_frozen"))),
         ("saved ×PEFT", lambda r: _x(r.get("saved_vs_peft"))),
+        *[(h.replace("time", "step"), f) for h, f in extra],
         ("step ms", lambda r: _ms(r.get("fwd_bwd_ms"))),
         ("tokens/s", lambda r: _num(r.get("tokens_per_s"), "{:,.0f}")),
         ("fwd ms", lambda r: _ms(r.get("fwd_ms"))),
@@ -141,6 +155,15 @@ def _columns(mode: str, with_floor: bool):
     ]
 
 
+def _has_compiled(rows: list[dict]) -> bool:
+    return any(r["provider"].endswith(COMPILE_SUFFIX) for r in rows)
+
+
+def _floor_provider(provider: str) -> str:
+    """The frozen base a provider's time cannot beat: the compiled frozen base for a compiled provider."""
+    return "frozen" + COMPILE_SUFFIX if provider.endswith(COMPILE_SUFFIX) else "frozen"
+
+
 def _case_key(row: dict) -> tuple:
     return (row["mode"], row.get("case"), row.get("dtype"), row.get("dropout"))
 
@@ -148,8 +171,9 @@ def _case_key(row: dict) -> tuple:
 def unreliable(rows: list[dict]) -> dict[int, str]:
     """``id(row)`` → why the row's timing is not to be trusted: measured while other processes used a large
     share of the CPUs, rounds spread too wide, or a LoRA provider faster than the frozen base of its case
-    (impossible: the measurement was disturbed).  Rows absent from the result are trusted."""
-    floor = {_case_key(r): r.get("fwd_bwd_ms") for r in rows if r["provider"] == "frozen"}
+    (the compiled frozen base for a compiled provider; impossible: the measurement was disturbed).  Rows absent from the result are trusted."""
+    floors = ("frozen", "frozen" + COMPILE_SUFFIX)
+    floor = {(_case_key(r), r["provider"]): r.get("fwd_bwd_ms") for r in rows if r["provider"] in floors}
     out = {}
     for r in rows:
         reasons = []
@@ -159,9 +183,10 @@ def unreliable(rows: list[dict]) -> dict[int, str]:
         q1, q3, med = r.get("fwd_bwd_ms_q1"), r.get("fwd_bwd_ms_q3"), r.get("fwd_bwd_ms")
         if q1 is not None and q3 is not None and med and (q3 - q1) / med > MAX_SPREAD:
             reasons.append(f"its rounds spread {100 * (q3 - q1) / med:.0f}% of the median (quartiles)")
-        base = floor.get(_case_key(r))
-        if r["provider"] != "frozen" and base and med is not None and med < base:
-            reasons.append(f"faster than the frozen base ({_ms(med)} < {_ms(base)} ms): impossible, the measurement "
+        base = floor.get((_case_key(r), _floor_provider(r["provider"])))
+        if r["provider"] != _floor_provider(r["provider"]) and base and med is not None and med < base:
+            which = "compiled frozen base" if r["provider"].endswith(COMPILE_SUFFIX) else "frozen base"
+            reasons.append(f"faster than the {which} ({_ms(med)} < {_ms(base)} ms): impossible, the measurement "
                            f"was disturbed")
         if reasons:
             out[id(r)] = "; ".join(reasons)
@@ -184,6 +209,10 @@ LEGEND = {
         "step: forward + loss + backward (no optimizer step); ×frozen, ×PEFT: over the frozen model's / PEFT's",
         "saved MiB: every storage autograd keeps for backward (parameters excluded; views counted once)",
         "peak MiB: most memory allocated above the start of one step",
+    ],
+    "compiled": [
+        "+compile: the provider under torch.compile (default options); ×PEFT+compile: over compiled PEFT's time; "
+        "compile s: its first forward+backward (tracing and compiling), timed apart and not in its step time",
     ],
     "targets": [
         "saved activations: saved storages other than one-element ones (the layers' dropout seeds, 8 bytes "
@@ -208,7 +237,7 @@ def format_table(rows: list[dict]) -> str:
         if not mrows:
             continue
         with_floor = any(r.get("floor_ms") for r in mrows)
-        cols = _columns(mode, with_floor)
+        cols = _columns(mode, with_floor, _has_compiled(mrows))
         for label, group in _grouped(mrows):
             cells = [[h for h, _ in cols]] + [[f(r) for _, f in cols] for r in group]
             widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
@@ -219,6 +248,8 @@ def format_table(rows: list[dict]) -> str:
                     out.append("  " + "  ".join("-" * w for w in widths))
             out.extend(f"  ! {line}" for line in _warnings(group, doubts))
             out.extend(_legend(mode))
+            if _has_compiled(group):
+                out.extend(_legend("compiled"))
             out.append("")
     tl = targets(rows)
     if tl:
@@ -408,7 +439,7 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
             if not mrows:
                 continue
             with_floor = any(r.get("floor_ms") for r in mrows)
-            cols = _columns(m, with_floor)
+            cols = _columns(m, with_floor, _has_compiled(mrows))
             header = ["case"] + [h for h, _ in cols]
             body, notes = [], []
             doubts = unreliable(mrows)

@@ -107,6 +107,12 @@ def _round(providers, iterate, device, warmup, repeats, progress=None, quiet: Qu
             return times, other.value, attempts
 
 
+def _compile_times(providers, iterate) -> dict[str, float]:
+    """Seconds of the first forward+backward of each ``torch.compile``'d provider (tracing and compiling, with
+    inductor's on-disk cache as it is found), run before the rounds so that no timed round includes it."""
+    return {p.name: sum(iterate(p)) / 1e3 for p in providers if p.compiled}
+
+
 def _timing_fields(fwd: list[float], bwd: list[float]) -> dict:
     tot = [a + b for a, b in zip(fwd, bwd)]
     quartiles = statistics.quantiles(tot, n=4) if len(tot) >= 2 else [None, None, None]
@@ -214,6 +220,7 @@ def run_layers(
         def iterate(p: Provider):
             return _timed(lambda: mods[p.name](x), trainable[p.name], device, dy)
 
+        compile_s = _compile_times(providers, iterate)
         times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         elem = torch.empty((), dtype=case.dtype).element_size()
         for p in providers:
@@ -239,6 +246,7 @@ def run_layers(
                 "repeats": repeats,
             }
             row.update(_round_fields(times[p.name], other_load, attempts))
+            row["compile_s"] = compile_s.get(p.name)
             row.update(_memory_fields(lambda: m(x), trainable[p.name], m, [x], device, grad=dy, memory=memory,
                                       profile=profile))
             cost = layer_cost(case.M, case.K, case.N, case.r, lora=lora, elem=elem, adapter_elem=adapter_elem, bias=case.bias)
@@ -320,6 +328,7 @@ def run_model(
         def iterate(p: Provider):
             return _timed(lambda: step(models[p.name]), trainable[p.name], device)
 
+        compile_s = _compile_times(providers, iterate)
         times, other_load, attempts = _round(providers, iterate, device, warmup, repeats, on_round, quiet)
         tokens = case.batch * case.seq
         for p in providers:
@@ -346,6 +355,7 @@ def run_model(
                 "repeats": repeats,
             }
             row.update(_round_fields(times[p.name], other_load, attempts))
+            row["compile_s"] = compile_s.get(p.name)
             row["tokens_per_s"] = tokens / (row["fwd_bwd_ms"] / 1e3) if row["fwd_bwd_ms"] else None
             row.update(_memory_fields(lambda: step(m), trainable[p.name], m, [ids], device, memory=memory,
                                       profile=profile))
@@ -366,14 +376,16 @@ def _ratio(a, b):
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Add ``<metric>_vs_frozen`` and ``<metric>_vs_peft`` to every row, within its case."""
+    """Add ``<metric>_vs_frozen`` and ``<metric>_vs_peft`` to every row, within its case, and
+    ``<metric>_vs_frozen_compiled`` / ``<metric>_vs_peft_compiled`` (over the ``+compile`` rows)."""
     groups: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         keys = _GROUP_KEYS_LAYER if row["mode"] == "layer" else _GROUP_KEYS_MODEL
         groups.setdefault(tuple(row.get(k) for k in keys), {})[row["provider"]] = row
     for group in groups.values():
         for row in group.values():
-            for ref in ("frozen", "peft"):
+            for ref, suffix in (("frozen", "frozen"), ("peft", "peft"), ("frozen+compile", "frozen_compiled"),
+                                ("peft+compile", "peft_compiled")):
                 other = group.get(ref)
                 for metric, short in (
                     ("fwd_bwd_ms", "time"),
@@ -382,5 +394,5 @@ def add_ratios(rows: list[dict]) -> list[dict]:
                     ("saved_bytes", "saved"),
                     ("peak_mem_bytes", "peak"),
                 ):
-                    row[f"{short}_vs_{ref}"] = _ratio(row.get(metric), other.get(metric)) if other else None
+                    row[f"{short}_vs_{suffix}"] = _ratio(row.get(metric), other.get(metric)) if other else None
     return rows

@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_check.sh --preflight   # at most 60 s: versions, CUDA, one small kernel forward+backward
 #     bash bench/gpu_check.sh               # the full check, at most 420 s of steps (limits below)
-#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, torch.compile peers: 120 s
+#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, torch.compile peers: 105 s
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
@@ -15,12 +15,12 @@
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
 #   6. dora-composed     20 s  DoRA on the composed schedule, to hold against step 5
-# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 120 s of steps):
+# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 105 s of steps):
 #   kinds-steps         30 s  a 4-bit QLoRA step at Llama-3-8B's projection shapes, fastlora / PEFT / frozen
 #   kinds-qlora-fused   20 s  the same with the 4-bit weight dequantized inside the fused GEMM
 #   kinds-moe-gpt2      15 s  whole-model steps: MoE experts as parameters, GPT-2's Conv1D
 #   kinds-mixed-batch   10 s  k = 1, 2, 4, 8 adapters over one batch
-#   kinds-compile       45 s  frozen, PEFT and fastlora under torch.compile beside their eager selves
+#   kinds-compile       30 s  frozen, PEFT and fastlora under torch.compile beside their eager selves
 # then the README section from the run's results files.
 #
 # Where files go: with $OUT set (the device tool), every file is written to a staging folder and packed, after
@@ -84,9 +84,9 @@ if [[ "$MODE" == steps ]]; then
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps.json"
     step kinds-mixed-batch 10 "$PY" -m fastlora.bench --device cuda --step mixed-batch --hidden 1024 --seq 256 \
         --warmup 2 --repeats 5 --no-progress --json "$stem-mixed-batch.json"
-    # torch.compile as a peer: two Llama-3-8B projections (the smallest and the largest), 8192 tokens, p=0.1,
-    # each provider eager and compiled; compile time is timed apart (compile_s) and not in the step time.
-    step kinds-compile 45 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --proj k_proj,down_proj \
+    # torch.compile as a peer: Llama-3-8B's down_proj (its largest K), 8192 tokens, p=0.1, each provider eager
+    # and compiled; compile time is timed apart (compile_s) and not in the step time.
+    step kinds-compile 30 "$PY" -m fastlora.bench --device cuda --preset llama-3-8b --proj down_proj \
         --tokens 8192 --rank 16 --alpha 32 --dtype bf16 --dropout 0.1 --providers frozen,peft,fastlora-triton \
         --compile --warmup 3 --repeats 10 --no-progress --json "$stem-compile-layers.json"
     echo "gpu_check steps: exit $RUNNER_STATUS" | tee -a "$SUMMARY"

@@ -449,6 +449,8 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
                 notes += [f"- {label}, {line}" for line in _warnings(group, doubts)]
             out.extend(_md_table(header, body))
             out.append("")
+            if _has_compiled(mrows):
+                out += ["`" + LEGEND["compiled"][0].replace(":", "`:", 1) + ".", ""]
             if notes:
                 out += ["Timings not to be trusted (their ratios are not judged):", "", *notes, ""]
         tl = targets(rows)

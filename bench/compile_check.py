@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from fastlora.kernels.common import small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import gemm4bit_config_dicts  # noqa: E402
 from fastlora.kernels.configs import (  # noqa: E402
-    cols_blocks, config_dicts, dora_config_dicts, rows_blocks, skinny_block_r,
+    SCHEDULE_FLAGS, cols_blocks, config_dicts, dora_config_dicts, rows_blocks, skinny_block_r,
 )
 from fastlora.kernels.dora import (  # noqa: E402
     ZERO_DM_BLOCKS, _norm_blocks, dora_gemm_arguments, dora_gemm_kernel, dora_norm_arguments, dora_norm_kernel,
@@ -97,6 +97,8 @@ class Job:
     # 3×tf32 dots: at least three times the mma instructions of the same kernel compiled with plain tf32 (the
     # two compile to the same instruction; only the count tells 3×tf32 from a silent fallback to tf32)
     triple_tf32: bool = False
+    # A and B read through TMA descriptors: the PTX must have bulk tensor copies (cp.async.bulk.tensor)
+    needs_bulk_tensor: bool = False
 
 
 @dataclass
@@ -110,6 +112,7 @@ class Result:
     shared: int = 0
     wgmma: bool = False
     tensor_cores: bool = False
+    bulk_tensor: bool = False
     mma_count: int = 0
     seconds: float = 0.0
     problems: list = field(default_factory=list)
@@ -174,6 +177,7 @@ def run_job(job: Job) -> Result:
         res.shared = max(int(kernel.metadata.shared), usage["SHARED"])
         ptx = kernel.asm["ptx"]
         res.wgmma = "wgmma.mma_async" in ptx
+        res.bulk_tensor = "cp.async.bulk.tensor" in ptx
         res.tensor_cores = res.wgmma or "mma.sync" in ptx
         res.mma_count = _mma_count(ptx)
         if job.triple_tf32:
@@ -197,6 +201,8 @@ def run_job(job: Job) -> Result:
             res.problems.append(f"shared {res.shared} B > {SHARED_LIMIT[job.arch]} B")
         if job.needs_wgmma and not res.wgmma:
             res.problems.append("no wgmma on sm_90")
+        if job.needs_bulk_tensor and not res.bulk_tensor:
+            res.problems.append("no bulk tensor copy (cp.async.bulk.tensor) in a TMA config")
         if job.needs_tensor_cores and not res.tensor_cores:
             res.problems.append("no tensor-core instruction (mma) where its dots should use them")
         if job.exact_fp32 and res.tensor_cores:
@@ -227,17 +233,24 @@ def _gemm_args(direction: str, dt: str, adt: str, prec: str, r: int, meta: dict,
         int64=int64, upcast=False, precision=prec), **meta)
 
 
+def _schedule_name(cfg: dict) -> str:
+    """The schedule flags of a GEMM config, as words for its table row."""
+    return "".join(f" {word}" for flag, word in zip(SCHEDULE_FLAGS, ("tma", "persistent")) if cfg.get(flag))
+
+
 def gemm_jobs(arch: int) -> list[Job]:
-    """Each config of each list: the unmasked list (forward; dx without dropout) and the masked list (dx)."""
+    """Each config of each list (with the Hopper TMA candidates): the unmasked list (forward; dx without dropout)
+    and the masked list (dx)."""
     jobs = []
     for fp32, dtypes in ((False, DTYPE_VARIANTS_16), (True, DTYPE_VARIANTS_32)):
         for masked in (False, True):
             directions = (("dx-dropout", 64),) if masked else (("fwd", 16), ("dx", 64))
-            epilogue_ok = config_dicts(arch, fp32, masked, low_rank_last=True)
-            for cfg in config_dicts(arch, fp32, masked):
+            epilogue_ok = config_dicts(arch, fp32, masked, low_rank_last=True, tma=True)
+            for cfg in config_dicts(arch, fp32, masked, tma=True):
                 meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+                meta.update({k: bool(cfg.get(k, 0)) for k in SCHEDULE_FLAGS})
                 name = "gemm {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages} ".format(**cfg) + (
-                    "fp32" if fp32 else "16-bit") + (" masked" if masked else "")
+                    "fp32" if fp32 else "16-bit") + (" masked" if masked else "") + _schedule_name(cfg)
                 variants = [(d, dt, adt, prec, r, False, 0.5, False) for dt, adt, prec in dtypes for d, r in directions]
                 # the low-rank term after the main loop (a schedule variant, on the configs it may use)
                 if cfg in epilogue_ok:
@@ -254,7 +267,7 @@ def gemm_jobs(arch: int) -> list[Job]:
                         " fp64-scale" if isinstance(scale, F64) else "") + (" low-rank-last" if last else "")
                     jobs.append(Job("gemm", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
                                     needs_wgmma=arch >= 90 and tensor_cores, needs_tensor_cores=tensor_cores,
-                                    exact_fp32=dt == adt == "fp32" and prec == "ieee"))
+                                    exact_fp32=dt == adt == "fp32" and prec == "ieee", needs_bulk_tensor=meta["TMA"]))
     return jobs
 
 

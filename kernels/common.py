@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 import triton
 from torch import Tensor
@@ -12,7 +14,7 @@ __all__ = [
     "check_dtypes", "block_r", "dot_precision", "skinny_precision", "gemm_precision", "small_skinny_tiles",
     "needs_int64", "upcast", "row_major", "seed_arg", "split_reduction", "launch", "backward_operands",
     "gradient_operands",
-    "empty_batch_grads",
+    "empty_batch_grads", "tma_readable", "launch_with_scratch",
 ]
 
 _INT32_LIMIT = 2**31 - 1
@@ -107,6 +109,50 @@ def seed_arg(seed: Tensor | None, dropout: bool, placeholder: Tensor) -> Tensor:
     if dropout:
         raise ValueError("dropout_p > 0 needs a seed tensor (int64, shape (1,), on the input's device)")
     return placeholder
+
+
+def _aligned_16(t: Tensor, *strides: int) -> bool:
+    """t's first element and the given strides (elements) fall on 16-byte boundaries.  The first element is
+    checked through the storage offset (torch's allocators align storages to far more than 16 bytes) where the
+    address is not there to read (fake tensors under torch.compile)."""
+    el = t.element_size()
+    try:
+        start = t.data_ptr()
+    except (RuntimeError, NotImplementedError):
+        start = t.storage_offset() * el
+    return start % 16 == 0 and all((s * el) % 16 == 0 for s in strides)
+
+
+def tma_readable(a: Tensor, b: Tensor) -> bool:
+    """Whether the GEMM's A (M, K) and B (K, N) can be read through TMA descriptors: a GPU with them (sm_90 and
+    later; the interpreter emulates them), A's rows contiguous, B contiguous along K (B = Wᵀ) or along N (B = W),
+    16-byte aligned starts and leading strides."""
+    if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
+        return False
+    if a.stride(1) != 1 or not _aligned_16(a, a.stride(0)):
+        return False
+    if b.stride(0) == 1:
+        return _aligned_16(b, b.stride(1))
+    return b.stride(1) == 1 and _aligned_16(b, b.stride(0))
+
+
+def _scratch_on(device: torch.device):
+    def allocate(size: int, alignment: int, stream) -> Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    return allocate
+
+
+def launch_with_scratch(device: torch.device, run, *args) -> None:
+    """``run(*args)`` with triton's allocator set to one that takes memory on ``device`` from torch's allocator: a
+    kernel that builds TMA descriptors on the device needs global scratch memory for them.  Set in a copy of the
+    current context, so the caller's own allocator setting (triton's is a context variable) is left as it was."""
+
+    def with_allocator():
+        triton.set_allocator(_scratch_on(device))
+        run(*args)
+
+    contextvars.copy_context().run(with_allocator)
 
 
 def launch(kernel):

@@ -3,8 +3,10 @@ kernels, the M bucket used as autotune key, and the ``FASTLORA_TRITON_CONFIG`` p
 
 ``FASTLORA_TRITON_CONFIG="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3"`` replaces
 the GEMMs' autotune lists (LoRA's fused GEMM and DoRA's) with that one config (keys not given keep the first
-config's value; a tile too large for DoRA's two accumulators spills there, which is slow, not wrong).  Under the
-Triton interpreter (``TRITON_INTERPRET=1``) one small config is used, so tests stay fast and exercise tails.
+config's value; a tile too large for DoRA's two accumulators spills there, which is slow, not wrong).  The fused
+GEMM's schedule flags ``TMA=1`` and ``PERSISTENT=1`` may be added (TMA only where the operands allow it; the
+other GEMMs ignore both).  Under the Triton interpreter (``TRITON_INTERPRET=1``) one small config is used, so
+tests stay fast and exercise tails.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import triton
 
 __all__ = [
     "INTERPRET",
+    "SCHEDULE_FLAGS",
     "gemm_configs",
     "dora_gemm_configs",
     "dora_config_dicts",
@@ -45,6 +48,9 @@ R_CHUNK_16BIT = 64
 R_CHUNK_FP32 = 16
 
 _GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+# The fused GEMM's schedule flags (its constexprs; absent from a config: off).  TMA: A and B read through
+# tensor-memory-accelerator descriptors; PERSISTENT: one program per SM walking the tiles.
+SCHEDULE_FLAGS = ("TMA", "PERSISTENT")
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages).  Pruned by bench/compile_check.py: every entry
 # compiles for its architecture with no spill and within shared memory, in fp16, bf16 and fp32 (tf32, ieee).
@@ -99,6 +105,27 @@ _TABLES = {
 }
 _INTERPRETER = [(32, 32, 32, 4, 4, 1)]
 
+# Hopper candidates for 16-bit operands that read A and B through TMA descriptors (sm_90's bulk tensor copies
+# feeding wgmma), one tile per program or persistent, beside the classic lists above, all in one autotune so that
+# the first GPU run picks per shape.  (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, TMA,
+# PERSISTENT); chosen with bench/compile_check.py as the lists above (no spills with triton 3.6 and 3.9: the
+# 4-warp persistent tiles spill), which also proves wgmma and cp.async.bulk.tensor in their PTX.  Warp
+# specialization (``tl.range(..., warp_specialize=True)`` on the K loop or the persistent loop) is not among them:
+# for sm_90 triton 3.6 and 3.9 compile it to PTX byte-identical to the plain loop, or fail to compile it.
+_HOPPER_TMA = {
+    # masked
+    False: [
+        (128, 256, 64, 8, 8, 3, 1, 0),
+        (128, 128, 64, 8, 8, 4, 1, 0),
+        (128, 256, 64, 8, 8, 3, 1, 1),
+        (128, 128, 64, 8, 8, 4, 1, 1),
+    ],
+    True: [
+        (128, 128, 64, 8, 8, 4, 1, 0),
+        (128, 128, 64, 8, 8, 4, 1, 1),
+    ],
+}
+
 
 def _arch() -> int:
     if torch.cuda.is_available():
@@ -112,11 +139,15 @@ def _arch() -> int:
 _LOW_RANK_LAST_ACC_PER_THREAD = 64
 
 
-def config_dicts(arch: int, fp32: bool, masked: bool = False, low_rank_last: bool = False) -> list[dict]:
+def config_dicts(arch: int, fp32: bool, masked: bool = False, low_rank_last: bool = False, tma: bool = False
+                 ) -> list[dict]:
     """The GEMM's config list for an architecture (80, 90, ...), operand class, masked prologue or not, and
-    schedule (``low_rank_last``: the low-rank term after the main loop), as dicts."""
+    schedule (``low_rank_last``: the low-rank term after the main loop), as dicts; ``tma``: with the Hopper
+    TMA candidates (16-bit operands on sm_90 and later, whose layout TMA can read)."""
     table = _TABLES[("hopper" if arch >= 90 else "ampere", fp32, masked)]
     dicts = [dict(zip(_GEMM_KEYS, row)) for row in table]
+    if tma and arch >= 90 and not fp32:
+        dicts += [dict(zip(_GEMM_KEYS + SCHEDULE_FLAGS, row)) for row in _HOPPER_TMA[masked]]
     if low_rank_last:
         dicts = [d for d in dicts
                  if d["BLOCK_M"] * d["BLOCK_N"] <= _LOW_RANK_LAST_ACC_PER_THREAD * 32 * d["num_warps"]]
@@ -205,8 +236,8 @@ def parse_config(spec: str) -> dict:
     for item in spec.split(","):
         key, _, value = item.partition("=")
         key = key.strip()
-        if key not in out:
-            raise ValueError(f"GEMM config: unknown key {key!r} (known: {', '.join(_GEMM_KEYS)})")
+        if key not in out and key not in SCHEDULE_FLAGS:
+            raise ValueError(f"GEMM config: unknown key {key!r} (known: {', '.join(_GEMM_KEYS + SCHEDULE_FLAGS)})")
         out[key] = int(value)
     return out
 
@@ -239,16 +270,23 @@ def pin_gemm_config(config: dict | str):
             configs.cache_clear()
 
 
-def _to_config(d: dict) -> triton.Config:
+def _to_config(d: dict, flags: bool = False, tma: bool = False) -> triton.Config:
+    """A triton.Config of a config dict; ``flags``: the kernel takes the schedule flags (the fused GEMM), with TMA
+    only where its operands allow it (``tma``)."""
     meta = {k: d[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
+    if flags:
+        meta.update({k: bool(d.get(k, 0)) for k in SCHEDULE_FLAGS})
+        meta["TMA"] = meta["TMA"] and tma
     return triton.Config(meta, num_warps=d["num_warps"], num_stages=d["num_stages"])
 
 
 @lru_cache(maxsize=None)
-def gemm_configs(fp32: bool, masked: bool, low_rank_last: bool = False) -> tuple[triton.Config, ...]:
+def gemm_configs(fp32: bool, masked: bool, low_rank_last: bool = False, tma: bool = False
+                 ) -> tuple[triton.Config, ...]:
     """Autotune configs for the fused GEMM on the current device (``masked``: the dropout-masked low-rank
-    term; ``low_rank_last``: that term after the main loop)."""
-    return _autotune_list(lambda: config_dicts(_arch(), fp32, masked, low_rank_last))
+    term; ``low_rank_last``: that term after the main loop; ``tma``: its operands can be read through TMA
+    descriptors, so the Hopper TMA candidates join the list, and a pinned config may ask for TMA)."""
+    return _autotune_list(lambda: config_dicts(_arch(), fp32, masked, low_rank_last, tma), flags=True, tma=tma)
 
 
 @lru_cache(maxsize=None)
@@ -257,15 +295,15 @@ def dora_gemm_configs(dots: str, dropout: bool) -> tuple[triton.Config, ...]:
     return _autotune_list(lambda: dora_config_dicts(_arch(), dots, dropout))
 
 
-def _autotune_list(dicts) -> tuple[triton.Config, ...]:
+def _autotune_list(dicts, flags: bool = False, tma: bool = False) -> tuple[triton.Config, ...]:
     if _OVERRIDE is not None:  # an explicit pin wins, under the interpreter too (tests of real configs)
-        return (_to_config(_OVERRIDE),)
+        return (_to_config(_OVERRIDE, flags, tma),)
     if INTERPRET:
-        return tuple(_to_config(dict(zip(_GEMM_KEYS, row))) for row in _INTERPRETER)
+        return tuple(_to_config(dict(zip(_GEMM_KEYS, row)), flags) for row in _INTERPRETER)
     pinned = pinned_config()
     if pinned is not None:
-        return (_to_config(pinned),)
-    return tuple(_to_config(d) for d in dicts())
+        return (_to_config(pinned, flags, tma),)
+    return tuple(_to_config(d, flags, tma) for d in dicts())
 
 
 def r_chunk(block_r: int, adapter_fp32: bool) -> int:

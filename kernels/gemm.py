@@ -13,6 +13,11 @@ and the Philox registers are released before the main loop) or, with LOW_RANK_LA
 (which then starts at once); bias is added in the epilogue and C is stored once, in its own dtype.
 INT64 switches row / column offsets to 64 bits (for operands past 2^31 elements); UPCAST (interpreter only)
 computes bf16 in fp32, which the interpreter cannot do natively.
+
+Hopper schedules (config flags, see kernels/configs.py): TMA reads A and B through device-side tensor
+descriptors (bulk copies feeding wgmma, zero-filled past the edges; the launcher checks the layout and sets the
+descriptors' scratch allocator), PERSISTENT launches at most one program per SM, each walking the tiles
+``num_programs`` apart in the same swizzled order.
 """
 
 from __future__ import annotations
@@ -24,29 +29,32 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_r, gemm_precision, launch, needs_int64, upcast
-from .configs import gemm_configs, m_bucket, r_chunk
+from .common import block_r, gemm_precision, launch, launch_with_scratch, needs_int64, tma_readable, upcast
+from .configs import gemm_configs, m_bucket, num_sms, r_chunk
 from .dropout import keep_mask, keep_threshold, philox_key
 
 __all__ = ["fused_gemm_kernel", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments", "gemm_operands",
-           "launch_tiled_gemm", "launch_fused_gemm", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile",
+           "launch_tiled_gemm", "launch_fused_gemm", "tile_indices", "tile_offsets", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile",
            "store_tile_with_bias"]
 
 
 @triton.jit
-def tile_coordinates(M, N, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUP_M: tl.constexpr):
-    """This program's C tile in GROUP_M-row swizzled order: (offs_m, offs_n, rows, cols, pid_n), where rows /
-    cols are the offsets wrapped into [0, M) / [0, N) (the main loop then needs no M/N masks; the store masks
-    them), 64-bit when INT64."""
-    pid = tl.program_id(0)
+def tile_indices(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of C tile number ``tile_id`` in GROUP_M-row swizzled order (L2 reuse of B)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     per_group = GROUP_M * num_pid_n
-    first_m = (pid // per_group) * GROUP_M
+    first_m = (tile_id // per_group) * GROUP_M
     group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m = first_m + (tile_id % per_group) % group_rows
+    pid_n = (tile_id % per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(pid_m, pid_n, M, N, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(offs_m, offs_n, rows, cols) of tile (pid_m, pid_n), where rows / cols are the offsets wrapped into [0, M)
+    / [0, N) (the main loop then needs no M/N masks; the store masks them), 64-bit when INT64."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
@@ -54,6 +62,15 @@ def tile_coordinates(M, N, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: 
     if INT64:
         rows = rows.to(tl.int64)
         cols = cols.to(tl.int64)
+    return offs_m, offs_n, rows, cols
+
+
+@triton.jit
+def tile_coordinates(M, N, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """This program's C tile (one program per tile): (offs_m, offs_n, rows, cols, pid_n) as ``tile_offsets``."""
+    pid_m, pid_n = tile_indices(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, rows, cols = tile_offsets(pid_m, pid_n, M, N, INT64, BLOCK_M, BLOCK_N)
     return offs_m, offs_n, rows, cols, pid_n
 
 
@@ -117,19 +134,19 @@ def low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_p
 
 
 @triton.jit
-def fused_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
+def fused_gemm_tile(
+    tile_id, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pm, stride_pr, stride_qr, stride_qn,
-    lora_scale, keep_threshold, M_BUCKET,
+    lora_scale, keep_threshold,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LOW_RANK_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
-    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, B_K_MAJOR: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    lora_scale = tl.cast(lora_scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
-    offs_m, offs_n, rows, cols, pid_n = tile_coordinates(M, N, INT64, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_k = tl.arange(0, BLOCK_K)
+    """C tile number ``tile_id``: the low-rank term, the base GEMM's main loop, bias, one store."""
+    pid_m, pid_n = tile_indices(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m, offs_n, rows, cols = tile_offsets(pid_m, pid_n, M, N, INT64, BLOCK_M, BLOCK_N)
 
     if LOW_RANK_LAST:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -141,14 +158,28 @@ def fused_gemm_kernel(
                             DROPOUT, BLOCK_R, UPCAST, PRECISION, BLOCK_M, BLOCK_N)
 
     # Main loop: the base GEMM.
-    a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_left = K - k * BLOCK_K
-        a, b = load_k_step(a_ptrs, b_ptrs, offs_k, k_left, UPCAST)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    if TMA:
+        # Tensor-memory-accelerator copies: the descriptors zero-fill past M, N and K.
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([pid_m * BLOCK_M, k * BLOCK_K])
+            if B_K_MAJOR:  # B = Wᵀ: W's (N, K) rows hold B's columns
+                b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
+            else:
+                b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = b_ptr + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a, b = load_k_step(a_ptrs, b_ptrs, offs_k, k_left, UPCAST)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
 
     if LOW_RANK_LAST:
         # Epilogue: the low-rank term after the pipelined loop (nothing delays the loop's start).
@@ -158,10 +189,54 @@ def fused_gemm_kernel(
     store_tile_with_bias(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, INT64)
 
 
-def autotuned_gemm(fp32: bool, masked: bool, low_rank_last: bool = False):
+@triton.jit
+def fused_gemm_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_pm, stride_pr, stride_qr, stride_qn,
+    lora_scale, keep_threshold, M_BUCKET,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, LOW_RANK_LAST: tl.constexpr, BLOCK_R: tl.constexpr,
+    INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, B_K_MAJOR: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    lora_scale = tl.cast(lora_scale, tl.float32)  # Inductor passes Python floats as fp64 scalars
+    if TMA:
+        # Device-side descriptors (A's and B's last dimensions contiguous, checked by the launcher).
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_K_MAJOR:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        a_desc = a_ptr
+        b_desc = b_ptr
+    if PERSISTENT:
+        # A grid of at most one program per SM, each walking the tiles num_programs apart.
+        num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+            fused_gemm_tile(tile_id, a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
+                            M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                            stride_pm, stride_pr, stride_qr, stride_qn, lora_scale, keep_threshold,
+                            HAS_BIAS, DROPOUT, LOW_RANK_LAST, BLOCK_R, INT64, UPCAST, PRECISION, B_K_MAJOR, TMA,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        fused_gemm_tile(tl.program_id(0), a_ptr, b_ptr, a_desc, b_desc, c_ptr, bias_ptr, p_ptr, q_ptr, seed_ptr,
+                        M, N, K, R, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                        stride_pm, stride_pr, stride_qr, stride_qn, lora_scale, keep_threshold,
+                        HAS_BIAS, DROPOUT, LOW_RANK_LAST, BLOCK_R, INT64, UPCAST, PRECISION, B_K_MAJOR, TMA,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def autotuned_gemm(fp32: bool, masked: bool, low_rank_last: bool = False, tma: bool = False):
     """The fused GEMM under ``triton.autotune``, keyed by (M bucket, N, K, B's layout, schedule), with the list
-    for fp32 or 16-bit operands, masked low-rank term or not, and schedule (one tuner, so one cache, per list)."""
-    return _autotuner(gemm_configs(fp32, masked, low_rank_last))
+    for fp32 or 16-bit operands, masked low-rank term or not, schedule, and whether TMA can read the operands
+    (one tuner, so one cache, per list)."""
+    return _autotuner(gemm_configs(fp32, masked, low_rank_last, tma))
 
 
 @lru_cache(maxsize=None)
@@ -195,8 +270,9 @@ def gemm_arguments(*, a, b, c, bias, p, q, seed, M: int, N: int, K: int, R: int,
 
 
 def fused_gemm_arguments(*, low_rank_last: bool, **operands) -> dict:
-    """``fused_gemm_kernel``'s arguments: ``gemm_arguments(**operands)`` and where the low-rank term goes."""
-    return dict(gemm_arguments(**operands), LOW_RANK_LAST=low_rank_last)
+    """``fused_gemm_kernel``'s arguments: ``gemm_arguments(**operands)``, where the low-rank term goes, and whether
+    B is contiguous along K (B = Wᵀ: a TMA config then reads W's rows)."""
+    return dict(gemm_arguments(**operands), LOW_RANK_LAST=low_rank_last, B_K_MAJOR=operands["b_strides"][0] == 1)
 
 
 def gemm_operands(a: Tensor, b: Tensor, c: Tensor, bias: Tensor | None, p: Tensor, q: Tensor, seed: Tensor | None,
@@ -215,11 +291,13 @@ def gemm_operands(a: Tensor, b: Tensor, c: Tensor, bias: Tensor | None, p: Tenso
 
 
 def launch_tiled_gemm(kernel, args: dict) -> None:
-    """Launch a tiled GEMM kernel under autotuning (its config gives BLOCK_M, BLOCK_N): one program per C tile."""
+    """Launch a tiled GEMM kernel under autotuning (its config gives BLOCK_M, BLOCK_N): one program per C tile, or
+    for a PERSISTENT config at most one per SM."""
     M, N = args["M"], args["N"]
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, num_sms()) if meta.get("PERSISTENT") else tiles,)
 
     launch(kernel)[grid](**args)
 
@@ -233,5 +311,10 @@ def launch_fused_gemm(a: Tensor, b: Tensor, bias: Tensor | None, p: Tensor, q: T
     c = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=a.dtype)
     args = fused_gemm_arguments(low_rank_last=low_rank == "epilogue",
                                 **gemm_operands(a, b, c, bias, p, q, seed, lora_scale, dropout_p))
-    launch_tiled_gemm(autotuned_gemm(a.dtype == torch.float32, args["DROPOUT"], args["LOW_RANK_LAST"]), args)
+    tma = tma_readable(a, b)
+    kernel = autotuned_gemm(a.dtype == torch.float32, args["DROPOUT"], args["LOW_RANK_LAST"], tma)
+    if tma:  # its TMA configs build descriptors on the device, in scratch memory
+        launch_with_scratch(a.device, launch_tiled_gemm, kernel, args)
+    else:
+        launch_tiled_gemm(kernel, args)
     return c

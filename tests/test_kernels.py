@@ -81,14 +81,14 @@ def test_philox_reproduction_matches_triton():
 
 
 def _real_configs() -> list[dict]:
-    """Every distinct GEMM config of the Hopper and Ampere lists (as run on GPUs)."""
+    """Every distinct GEMM config of the Hopper and Ampere lists (as run on GPUs), the TMA candidates included."""
     from fastlora.kernels import configs
 
     seen, out = set(), []
     for arch in (80, 90):
         for fp32 in (False, True):
             for masked in (False, True):
-                for cfg in configs.config_dicts(arch, fp32, masked):
+                for cfg in configs.config_dicts(arch, fp32, masked, tma=True):
                     key = tuple(sorted(cfg.items()))
                     if key not in seen:
                         seen.add(key)
@@ -96,13 +96,81 @@ def _real_configs() -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize("config", _real_configs(), ids=lambda c: "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**c))
+def _config_id(cfg: dict) -> str:
+    return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}-w{num_warps}-s{num_stages}".format(**cfg) + "".join(
+        f"-{flag.lower()}" for flag in ("TMA", "PERSISTENT") if cfg.get(flag))
+
+
+@pytest.mark.parametrize("config", _real_configs(), ids=_config_id)
 def test_real_gemm_configs(config):
-    """The GPU configs' block shapes (tails, swizzle, mask tiles) under the interpreter."""
+    """The GPU configs' block shapes (tails, swizzle, mask tiles) under the interpreter, in the fused GEMM."""
     from fastlora.kernels import configs
 
-    with configs.pin_gemm_config(config):
+    with schedules.use_kernel_variants(base="fused"), configs.pin_gemm_config(config):
         kc.check_case(kc.Case(70, 97, 130, 24, torch.float16, p=0.1), "cpu")
+
+
+# TMA reads: shapes whose rows TMA can read (16-byte aligned: K and N multiples of 8 in 16 bits), with tails in
+# every dimension of the tiles; B read along K (forward, x Wᵀ) and along N (dx, dy W), and swapped by a
+# transposed weight.
+TMA_CASES = [
+    kc.Case(70, 104, 136, 24, torch.float16, p=0.1),
+    kc.Case(70, 104, 136, 24, torch.bfloat16, torch.float32, p=0.1, bias=False),
+    kc.Case(37, 72, 40, 8, torch.float16, p=0.3, weight_layout="transposed"),
+]
+# Small tiles, so that the persistent programs (two under the interpreter) walk several tiles each.
+SMALL_PERSISTENT = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, TMA=1, PERSISTENT=1),
+                    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, PERSISTENT=1)]
+
+
+def _tma_configs() -> list[dict]:
+    from fastlora.kernels import configs
+
+    hopper = [c for masked in (False, True) for c in configs.config_dicts(90, False, masked, tma=True) if c.get("TMA")]
+    return [*{tuple(sorted(c.items())): c for c in hopper}.values(), *SMALL_PERSISTENT]
+
+
+@pytest.mark.parametrize("low_rank", schedules.VARIANTS["low_rank"])
+@pytest.mark.parametrize("config", _tma_configs(), ids=_config_id)
+def test_tma_and_persistent_configs(config, low_rank, monkeypatch):
+    """The Hopper TMA and persistent schedules against the float64 reference: descriptor reads zero-filled past
+    every edge, B through either orientation, the persistent loop over several tiles, the low-rank term before
+    and after the main loop; a TMA config launches with the descriptors' scratch allocator."""
+    from fastlora.kernels import configs, gemm
+
+    scratch = []
+    real = gemm.launch_with_scratch
+    monkeypatch.setattr(gemm, "launch_with_scratch", lambda *a: scratch.append(1) or real(*a))
+    with schedules.use_kernel_variants(base="fused", low_rank=low_rank), configs.pin_gemm_config(config):
+        for case in TMA_CASES:
+            kc.check_case(case, "cpu")
+    assert scratch, "no launch read its operands through TMA"
+
+
+def test_operands_tma_cannot_read_take_the_pointer_loads(monkeypatch):
+    """A TMA config pinned for operands TMA cannot read (rows of 97 fp16: 194 bytes) runs without TMA, correctly."""
+    from fastlora.kernels import configs, gemm
+
+    scratch = []
+    monkeypatch.setattr(gemm, "launch_with_scratch", lambda *a: scratch.append(1))
+    with schedules.use_kernel_variants(base="fused"), configs.pin_gemm_config(SMALL_PERSISTENT[0]):
+        kc.check_case(kc.Case(70, 97, 130, 24, torch.float16, p=0.1), "cpu")
+    assert not scratch
+
+
+def test_which_operands_tma_can_read():
+    """16-byte aligned starts and leading strides, the last dimension contiguous (B: either one)."""
+    from fastlora.kernels.common import tma_readable
+
+    x = torch.empty(64, 104, dtype=torch.float16)
+    w = torch.empty(136, 104, dtype=torch.float16)
+    assert tma_readable(x, w.t())  # forward: B = Wᵀ, contiguous along K
+    assert tma_readable(torch.empty(64, 136, dtype=torch.float16), w)  # dx: B = W, contiguous along N
+    assert not tma_readable(torch.empty(64, 97, dtype=torch.float16), torch.empty(33, 97, dtype=torch.float16).t())
+    assert not tma_readable(x[:, ::2], w.t()[::2])  # A's rows not contiguous
+    assert not tma_readable(torch.empty(64, 112, dtype=torch.float16)[:, 1:105], w.t())  # start off 16 bytes
+    assert not tma_readable(x, torch.empty(104, 272, dtype=torch.float16)[:, ::2])  # B contiguous along neither
+    assert tma_readable(torch.empty(64, 100), torch.empty(100, 36))  # fp32: rows of 400 and 144 bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -302,9 +370,9 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
         seen["dB"] += 1
         return launch_dB(*args, **kwargs)
 
-    def spy_gemm(fp32, masked, low_rank_last):
+    def spy_gemm(fp32, masked, low_rank_last, tma=False):
         seen["low_rank_last"].add(low_rank_last)
-        return autotuned(fp32, masked, low_rank_last)
+        return autotuned(fp32, masked, low_rank_last, tma)
 
     def spy_add(*args, **kwargs):
         seen["add_passes"] += 1

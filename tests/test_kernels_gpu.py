@@ -100,7 +100,7 @@ def _arch() -> int:
 def _all_configs(fp32: bool, low_rank_last: bool = False) -> list[dict]:
     seen, out = set(), []
     for masked in (False, True):
-        for cfg in configs.config_dicts(_arch(), fp32, masked, low_rank_last):
+        for cfg in configs.config_dicts(_arch(), fp32, masked, low_rank_last, tma=True):
             key = tuple(sorted(cfg.items()))
             if key not in seen:
                 seen.add(key)
@@ -113,7 +113,7 @@ def _all_configs(fp32: bool, low_rank_last: bool = False) -> list[dict]:
 @pytest.mark.parametrize("fp32", [False, True], ids=["16-bit", "fp32"])
 def test_every_config(fp32, low_rank):
     """Each config of this GPU's lists (forward and dropout dx) for each place of the low-rank term, on a shape
-    with tails in every dimension."""
+    with tails in every dimension whose rows TMA can read (so Hopper's TMA candidates read through descriptors)."""
     case = Case(300, 520, 264, 24, f32 if fp32 else bf16, p=0.1)
     with schedules.use_kernel_variants(base="fused", low_rank=low_rank):
         for cfg in _all_configs(fp32, low_rank == "epilogue"):
@@ -255,6 +255,34 @@ def test_cuda_graph_replay():
 
 # The registered ops on the kernel path: opcheck, and torch.compile(fullgraph=True) tracing into the
 # triton_op (the interpreter cannot do either, so these run only here).
+
+
+@pytest.mark.parametrize("persistent", [False, True], ids=["tiled", "persistent"])
+def test_tma_config_eager_and_compiled(persistent):
+    """A TMA config of the fused GEMM: eager against the reference, with the scratch allocator the launcher sets;
+    then the layer under torch.compile(fullgraph=True), where Inductor launches the kernel (and sets its own
+    allocator), equal to eager."""
+    from fastlora import LoRALinear
+
+    if _arch() < 90:
+        pytest.skip("TMA configs are Hopper's (sm_90 and later)")
+    cfg = next(c for c in configs.config_dicts(_arch(), False, True, tma=True)
+               if c.get("TMA") and bool(c.get("PERSISTENT")) == persistent)
+    with configs.pin_gemm_config(cfg), schedules.use_kernel_variants(base="fused"):
+        kc.check_case(Case(1000, 4096, 1032, 16, bf16, p=0.1), DEVICE)
+        layer = LoRALinear(1024, 520, r=16, lora_alpha=32, lora_dropout=0.0, device=DEVICE, dtype=torch.bfloat16,
+                           backend="triton")
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.02)
+        x = torch.randn(3, 171, 1024, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+        runs = []
+        for module in (layer, torch.compile(layer, fullgraph=True)):
+            x.grad = None
+            y = module(x)
+            y.float().square().sum().backward()
+            runs.append((y.detach(), x.grad.clone()))
+    for got, want in zip(*reversed(runs)):
+        assert_close(got, want, kind="same_math")
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])

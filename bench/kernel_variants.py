@@ -15,7 +15,9 @@ makes, as PEFT does), dropout 0.1 and 0, it records (median of ``triton.testing.
 * the error of S, dA and dB against float64 for each precision, beside PEFT's (torch's fp32 matmuls);
 * ``decision``: per dropout and precision, the schedule with the least forward + backward time summed over
   the shapes measured for every schedule, its gain over the default, and whether 3×tf32's error is within
-  4× of PEFT's.
+  4× of PEFT's;
+* ``gemm_autotune_winners``: the config the fused GEMM's autotune chose per key, the Hopper TMA and persistent
+  candidates among the classic ones (kernels/configs.py).
 
 Stops adding measurements when ``--budget`` seconds (counted from the start of the process) are spent, and
 on an interrupt (SIGINT) writes what it has; what was skipped is listed.  JSON out::
@@ -54,6 +56,7 @@ from fastlora.kernels.launchers import lora_backward, lora_forward  # noqa: E402
 from fastlora.kernels.backward import launch_dA, launch_dS_dB, launch_dx_gemm  # noqa: E402
 from fastlora.kernels.forward import launch_forward_gemm, launch_S  # noqa: E402
 from fastlora.kernels.low_rank_add import launch_low_rank_add  # noqa: E402
+from fastlora.kernels.gemm import autotuned_gemm  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "gate_proj": (4096, 14336), "down_proj": (14336, 4096)}
 DRY_SHAPES = {"tiny": (48, 40)}
@@ -233,6 +236,19 @@ def run(tokens: list[int], rank: int, dropouts: list[float], budget: float, dry:
                     torch.cuda.empty_cache()
 
 
+def gemm_winners() -> list[dict]:
+    """The config each of the fused GEMM's autotuners chose, per autotune key (M bucket, N, K, B's stride along
+    K, low-rank term last, then the argument dtypes): whether a Hopper TMA or persistent config won, and where."""
+    rows = []
+    for fp32, masked, last, tma in itertools.product((False, True), repeat=4):
+        tuner = autotuned_gemm(fp32, masked, last, tma)
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            rows.append({"operands": "fp32" if fp32 else "16-bit", "masked": masked, "tma_readable": tma,
+                         "key": [str(k) for k in key], "config": {**cfg.kwargs, "num_warps": cfg.num_warps,
+                                                                  "num_stages": cfg.num_stages}})
+    return rows
+
+
 def schedule_table(out: dict, precision: str = "tf32x3") -> list[dict]:
     """The package's schedule table (fastlora/data/kernel_schedules.json) from the measurements: per (N, K) and
     token count, the variants with the least forward + backward time summed over the dropouts measured, at
@@ -318,6 +334,7 @@ def main() -> int:
     finally:
         results["decision"] = _decide(results)
         results["schedule_table"] = schedule_table(results)
+        results["gemm_autotune_winners"] = gemm_winners()
         _report(results)
         if opts.json:
             with open(opts.json, "w") as f:

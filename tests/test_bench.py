@@ -554,6 +554,28 @@ def test_kernel_variants_script_runs_its_code_paths(tmp_path):
     classes = json.loads(table.read_text())["classes"]
     assert [(c["N"], c["K"], c["tokens"]) for c in classes] == [(40, 48, [24, 30]), (40, 48, [31, 40])]
     assert all(set(c["variants"]) == {"base", "db", "low_rank"} for c in classes)
+    assert isinstance(result["gemm_autotune_winners"], list)  # one config under the interpreter: none tuned
+
+
+def test_kernel_variants_records_which_gemm_config_won(monkeypatch):
+    """The run records the fused GEMM autotune's winner per key, with its schedule flags (TMA or not)."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import triton
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import kernel_variants as kv
+
+    won = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "TMA": True,
+                         "PERSISTENT": False}, num_warps=8, num_stages=3)
+    tuned = {(False, True, False, True): {(8192, 4096, 4096, 1, False): won}}
+    monkeypatch.setattr(kv, "autotuned_gemm", lambda *flags: SimpleNamespace(cache=tuned.get(flags, {})))
+    assert kv.gemm_winners() == [{
+        "operands": "16-bit", "masked": True, "tma_readable": True, "key": ["8192", "4096", "4096", "1", "False"],
+        "config": {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "TMA": True, "PERSISTENT": False,
+                   "num_warps": 8, "num_stages": 3}}]
 
 
 def test_the_schedule_table_picks_per_shape_and_the_environment_wins(monkeypatch):

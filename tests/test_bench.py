@@ -526,6 +526,24 @@ def test_profiler_chatter_does_not_reach_the_terminal(capfd):
     assert "USDT" not in capfd.readouterr().err
 
 
+def test_qlora_step_reports_cpu_peak_memory(tmp_path):
+    """The QLoRA step's peak memory on the CPU (torch's allocator through the profiler) for every provider: at
+    least the activations the step keeps for backward, which it allocates."""
+    import json
+
+    pytest.importorskip("bitsandbytes")
+    from fastlora.bench.cli import main
+
+    out = tmp_path / "qlora.json"
+    assert main(["--device", "cpu", "--step", "qlora-nf4", "--hidden", "64", "--layers", "1", "--batch", "2",
+                 "--seq", "16", "--vocab", "128", "--warmup", "0", "--repeats", "1", "--no-progress",
+                 "--json", str(out)]) == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["fastlora", "frozen", "peft"]
+    for r in rows.values():
+        assert r["peak_bytes"] is not None and r["peak_bytes"] >= r["saved_bytes"] > 0, r
+
+
 def test_kernel_variants_script_runs_its_code_paths(tmp_path):
     """bench/kernel_variants.py (the GPU run that decides the kernel design) in its --dry-run mode: the real
     launches of every schedule and precision variant under Triton's interpreter, tiny shapes, the JSON with a

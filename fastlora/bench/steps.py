@@ -2,8 +2,9 @@
 
 Each case builds one model per provider from the same seed and times one training step of each (forward, loss,
 backward, SGD update), side by side in interleaved rounds (a drift of the machine hits every provider alike); it
-records the median step time, the bytes autograd keeps for backward (parameters and buffers excluded) and, on
-CUDA, the step's peak memory above what was allocated before it.
+records the median step time, the bytes autograd keeps for backward (parameters and buffers excluded) and the
+step's peak memory above what was allocated before it (CUDA's allocator statistics; on the CPU, torch's allocator
+as torch.profiler sees it: fastlora.bench.measure.peak_memory).
 
     gpt2          GPT-2 (transformers' Conv1D layers: c_attn, c_proj, c_fc), r=8, lora_alpha=32, lora_dropout=0.1
     moe           a Mixtral-style mixture of experts, target_modules="all-linear": attention, the router and the
@@ -30,7 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .measure import SavedTensorCounter, module_tensors
+from .measure import SavedTensorCounter, module_tensors, peak_memory
 
 __all__ = ["STEP_CASES", "STEPS_SCHEMA", "StepSizes", "run_step_case", "mixed_batch_rows", "format_step_rows"]
 
@@ -164,19 +165,6 @@ def _saved_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -> int:
     return counter.bytes
 
 
-def _peak_above_model(model: nn.Module, step: Callable[[], None], device) -> int | None:
-    """Bytes the step's peak holds above what is allocated before it, from CUDA's allocator statistics; None on
-    the CPU (its allocator keeps what it freed, so the process's memory does not show one step's peak)."""
-    if not str(device).startswith("cuda"):
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    resting = torch.cuda.memory_allocated(device)
-    step()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) - resting
-
-
 def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int) -> list[dict]:
     """One row per provider of ``STEP_CASES[name]``: median step time, bytes kept for backward, trainable
     parameters, peak memory."""
@@ -199,7 +187,7 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
         rows.append({
             "step": name, "provider": provider, "step_ms": round(1000 * medians[provider], 2),
             "saved_bytes": _saved_bytes(model, lambda m=model: m(input_ids=ids, labels=ids).loss),
-            "peak_bytes": _peak_above_model(model, steps[provider], device),
+            "peak_bytes": peak_memory(steps[provider], torch.device(device))[0],
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "about": case.about, "hidden": sizes.hidden, "layers": sizes.layers, "batch": sizes.batch,
             "seq": sizes.seq, "vocab": sizes.vocab, "repeats": repeats,

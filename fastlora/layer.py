@@ -564,10 +564,13 @@ class LoRALinear(nn.Linear):
         if not self.adapter_enabled:
             return result
         held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
-        if held and self._grouped_rows(x, held):  # every adapter's rows in one grouped call of the kernels
+        grouped = self._grouped_rows(x, held) if held else None
+        if grouped == "kernels":  # every adapter's rows in one grouped call of the kernels
             return result + self.grouped_rows_update(x, held).view(result.shape).to(result.dtype)
         if self.CLONE_BASE_OUTPUT:
             result = result.clone()
+        if grouped == "torch":  # every adapter's rows in one batched call of the torch path
+            return self._add_batched_rows_update(result, x, held)
         for name, index in row_adapters.items():
             if name not in self.adapter_settings:
                 continue
@@ -576,25 +579,44 @@ class LoRALinear(nn.Linear):
             result.index_put_((index,), self.rows_update(x, index, name).to(result.dtype), accumulate=True)
         return result
 
-    def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> bool:
-        """Whether a mixed batch's updates run grouped (:meth:`grouped_rows_update`): on the kernels' schedule and
-        dtypes, outside autocast (whose casts the per-adapter path follows), for LoRA adapters without a bias on B,
-        in a layer whose rows' update is the dense one, within one launch's positions."""
+    def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> str | None:
+        """How a mixed batch's updates run all at once: "kernels" (:meth:`grouped_rows_update`, on the kernels'
+        schedule within one launch's positions), "torch" (:meth:`_add_batched_rows_update`, the torch path's batched
+        products), or None (one update per adapter, :meth:`rows_update`).  Grouped only for LoRA adapters of one
+        dtype without a bias on B, in a layer whose rows' update is the dense one, outside autocast (whose casts
+        the per-adapter path follows)."""
         kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
         if type(self).rows_update is not LoRALinear.rows_update or x.dtype not in kernel_dtypes:
-            return False
+            return None
         if any(self.magnitude(n) is not None or self.lora_bias(n) is not None
                or self.lora_factors(n)[0].dtype not in kernel_dtypes for n in held):
-            return False
+            return None
+        if len({self.lora_factors(n)[0].dtype for n in held}) > 1:
+            return None
         from fastlora.functional import _autocast_dtype
         from fastlora.schedules import resolve
 
-        if _autocast_dtype(x.device.type) is not None or not resolve(self.backend, x).uses_kernels:
-            return False
+        if _autocast_dtype(x.device.type) is not None:
+            return None
+        if not resolve(self.backend, x).uses_kernels:
+            return "torch"
         from fastlora.kernels.grouped import MAX_POSITIONS
 
         tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-        return sum(len(rows) for rows in held.values()) * tokens_per_row <= MAX_POSITIONS
+        return "kernels" if sum(len(rows) for rows in held.values()) * tokens_per_row <= MAX_POSITIONS else None
+
+    def _add_batched_rows_update(self, result: Tensor, x: Tensor, held: dict[str, Tensor]) -> Tensor:
+        """``result`` plus every adapter's update on its own rows (``held``: name → row indices, disjoint), computed
+        as batched products over the adapters (:func:`fastlora.segments.grouped_segments_low_rank`) and
+        accumulated at the rows in one indexed add, in place."""
+        from fastlora.segments import grouped_segments_low_rank
+
+        settings = [self.adapter_settings[name] for name in held]
+        rows, update = grouped_segments_low_rank(
+            x, list(held.values()), [self.lora_factors(name) for name in held], [s.scaling for s in settings],
+            [s.lora_dropout for s in settings], self.training)
+        # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
+        return result.index_put_((rows,), update.to(result.dtype), accumulate=True)
 
     def grouped_rows_update(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
         """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices, disjoint: each row one

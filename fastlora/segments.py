@@ -1,10 +1,14 @@
-"""One adapter's low-rank term on a segment of the batch's rows, for mixed batches:
+"""Adapters' low-rank terms on segments of the batch's rows, for mixed batches, on the torch path:
 
     y_seg = scaling · (dropout(x[rows]) Aᵀ) Bᵀ      (in the adapters' dtype, returned in x's)
 
-computed by the torch path without a base weight.  What autograd keeps: x itself (the same storage the base
-product keeps, so no copy of the rows), the row indices, the rank-r S and a seed; backward gathers the rows
-again and regenerates the mask.  dx is the rows' gradient scattered into a zero tensor of x's shape.
+:func:`segment_low_rank` computes one adapter's; :func:`grouped_segments_low_rank` every adapter's at once, as
+batched products over the segments stacked (k, rows, ·), padded to the longest with zero rows and ranks padded
+to the largest with zeros: a fixed number of ops per layer whatever the number of adapters, each adapter's
+mask drawn from its own seed on its own rows exactly as :func:`segment_low_rank` draws it.  What autograd keeps
+in both: x itself (the same storage the base product keeps, so no copy of the rows), the row indices, the
+rank-r S and the seeds; backward gathers the rows again and regenerates the masks.  dx is the rows' gradient
+scattered into a zero tensor of x's shape.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from fastlora import torch_path
 from fastlora.functional import dropout_and_seed
 from fastlora.ops import keep_fn
 
-__all__ = ["segment_low_rank"]
+__all__ = ["segment_low_rank", "grouped_segments_low_rank"]
 
 
 class _SegmentLowRank(torch.autograd.Function):
@@ -49,3 +53,132 @@ def segment_low_rank(x: Tensor, rows: Tensor, lora_A: Tensor, lora_B: Tensor, sc
     training, its mask from a seed drawn from torch's generator on x's device."""
     p, seed = dropout_and_seed(dropout_p, training, x.device)
     return _SegmentLowRank.apply(x, rows, lora_A, lora_B, float(scaling), p, seed)
+
+
+class _GroupedSegmentsLowRank(torch.autograd.Function):
+    """x (rows, …, K); ``rows`` the rows (dim 0) of every segment, one segment after the other (``counts`` tokens
+    each: its rows times the tokens of a row); per segment a scaling, a dropout p, a seed and its factors A_e
+    (r_e, K), B_e (N, r_e), given flat (A_0, B_0, A_1, B_1, …) so that autograd keeps the parameters themselves,
+    stacked inside (ranks padded with zeros) for the batched products.  Returns the segments' updates, shaped as
+    x[rows] with the last dimension N, in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x, rows, counts, scalings, dropout_ps, seeds, *factors):
+        lora_A, lora_B = _stack_factors(factors)
+        stacked = _stack_rows(x, rows, counts, lora_A.dtype)
+        _drop_segments_(stacked, counts, seeds, dropout_ps)
+        keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
+        S = torch.bmm(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # the keep scale on the rank-r result
+        update = torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A))
+        ctx.save_for_backward(x, rows, S, *factors, *[seed for seed in seeds if seed is not None])
+        ctx.counts, ctx.scalings, ctx.dropout_ps = counts, scalings, dropout_ps
+        ctx.seeded = [seed is not None for seed in seeds]
+        return _unstack_rows(update, counts).to(x.dtype).view(len(rows), *x.shape[1:-1], lora_B.shape[1])
+
+    @staticmethod
+    def backward(ctx, d_update):
+        x, rows, S, *kept = ctx.saved_tensors
+        factors = kept[:2 * len(ctx.counts)]
+        seeds = iter(kept[2 * len(ctx.counts):])
+        seeds = [next(seeds) if seeded else None for seeded in ctx.seeded]
+        counts, scalings, dropout_ps = ctx.counts, ctx.scalings, ctx.dropout_ps
+        lora_A, lora_B = _stack_factors(factors)
+        need_dx = ctx.needs_input_grad[0]
+        need_dA = any(ctx.needs_input_grad[6::2])
+        need_dB = any(ctx.needs_input_grad[7::2])
+        dy = _stack(d_update.reshape(-1, d_update.shape[-1]).to(lora_A.dtype), counts)
+        dB = torch.bmm(dy.transpose(1, 2), S).mul_(_per_segment(scalings, lora_A)) if need_dB else None
+        dx = dA = None
+        if need_dx or need_dA:
+            # dS · 1/(1-p) per segment, so the masked products below need no M × K scaling pass
+            dS_kept = torch.bmm(dy, lora_B).mul_(_per_segment([s / (1.0 - p) for s, p in zip(scalings, dropout_ps)],
+                                                              lora_A))
+            if need_dA:
+                stacked = _drop_segments_(_stack_rows(x, rows, counts, lora_A.dtype), counts, seeds, dropout_ps)
+                dA = torch.bmm(dS_kept.transpose(1, 2), stacked)
+            if need_dx:
+                dx_rows = _drop_segments_(torch.bmm(dS_kept, lora_A), counts, seeds, dropout_ps)
+                dx = torch.zeros_like(x).index_add_(0, rows, _unstack_rows(dx_rows, counts).to(x.dtype).view(
+                    len(rows), *x.shape[1:]))
+        grads = []
+        for e, (A, B) in enumerate(zip(factors[0::2], factors[1::2])):
+            r = A.shape[0]
+            grads += [None if dA is None else dA[e, :r], None if dB is None else dB[e, :, :r]]
+        return (dx, None, None, None, None, None, *grads)
+
+
+def _stack_factors(factors) -> tuple[Tensor, Tensor]:
+    """(A stacked (k, r, K), B stacked (k, N, r)) from the flat (A_0, B_0, A_1, B_1, …), ranks padded to the
+    largest with zeros."""
+    As, Bs = factors[0::2], factors[1::2]
+    r = max(A.shape[0] for A in As)
+    lora_A = As[0].new_zeros(len(As), r, As[0].shape[1])
+    lora_B = Bs[0].new_zeros(len(Bs), Bs[0].shape[0], r)
+    for e, (A, B) in enumerate(zip(As, Bs)):
+        lora_A[e, :A.shape[0]] = A
+        lora_B[e, :, :B.shape[1]] = B
+    return lora_A, lora_B
+
+
+def _per_segment(values: list[float], like: Tensor) -> Tensor:
+    """Per-segment factors as a (k, 1, 1) tensor, to scale a stack of segments."""
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def _stack_rows(x: Tensor, rows: Tensor, counts: list[int], dtype: torch.dtype) -> Tensor:
+    """The tokens of x's rows ``rows`` (segment after segment, ``counts`` tokens each) as a fresh (k, longest, K)
+    stack in ``dtype``, the shorter segments padded with zero rows."""
+    return _stack(x.index_select(0, rows).reshape(-1, x.shape[-1]).to(dtype), counts)
+
+
+def _stack(rows: Tensor, counts: list[int]) -> Tensor:
+    """Rows of consecutive segments (``counts`` each) as a (k, longest, ·) stack, the shorter ones padded with zero
+    rows (a view of ``rows`` when the segments are equal)."""
+    longest = max(counts)
+    if all(c == longest for c in counts):
+        return rows.reshape(len(counts), longest, rows.shape[-1])
+    stacked = rows.new_zeros(len(counts), longest, rows.shape[-1])
+    for e, (start, count) in enumerate(zip(_starts(counts), counts)):
+        stacked[e, :count] = rows[start:start + count]
+    return stacked
+
+
+def _unstack_rows(stacked: Tensor, counts: list[int]) -> Tensor:
+    """The inverse of :func:`_stack_rows`: the segments' rows one after the other, padding dropped."""
+    if all(c == stacked.shape[1] for c in counts):
+        return stacked.reshape(-1, stacked.shape[-1])
+    return torch.cat([stacked[e, :count] for e, count in enumerate(counts)])
+
+
+def _starts(counts: list[int]) -> list[int]:
+    out, total = [], 0
+    for count in counts:
+        out.append(total)
+        total += count
+    return out
+
+
+def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | None], dropout_ps: list[float]) -> Tensor:
+    """Each segment's rows ⊙ its mask, in place: the mask of (seed, p) on the segment's own (rows × K), as one
+    adapter's call draws it."""
+    for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):
+        keep = keep_fn(seed, p)
+        if keep is not None:
+            keep(stacked[e, :count])
+    return stacked
+
+
+def grouped_segments_low_rank(x: Tensor, groups: list[Tensor], factors: list[tuple[Tensor, Tensor]],
+                              scalings: list[float], dropout_ps: list[float], training: bool) -> tuple[Tensor, Tensor]:
+    """Every adapter's update on its own rows of x (dim 0): ``groups`` the rows of each adapter (disjoint),
+    ``factors`` its (A, B) (one dtype; ranks may differ), ``scalings`` and ``dropout_ps`` its own.  Returns
+    (rows, updates): the groups' rows one after the other, and their updates shaped as x[rows] with the last
+    dimension out_features, in x's dtype, to be accumulated at those rows.  Seeds are drawn one per adapter in
+    the order given, as one :func:`segment_low_rank` call per adapter would draw them."""
+    rows = torch.cat([group.to(x.device) for group in groups])
+    tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+    counts = [len(group) * tokens_per_row for group in groups]
+    drawn = [dropout_and_seed(p, training, x.device) for p in dropout_ps]
+    update = _GroupedSegmentsLowRank.apply(x, rows, counts, [float(s) for s in scalings], [p for p, _ in drawn],
+                                           [seed for _, seed in drawn], *[t for pair in factors for t in pair])
+    return rows, update

@@ -170,6 +170,52 @@ def test_mixed_batch_training_gives_each_adapter_the_gradient_of_its_own_rows():
             assert_close(mixed[id(param)], grad, kind="same_math_cancelling")
 
 
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["fp32", "bf16 x, fp32 adapters"])
+def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_masks(dtype, adapter_dtype):
+    """A layer's mixed batch (adapters of unequal rows, ranks, alphas and dropout; a base row) computes, with
+    dropout on, what each adapter's own step computes on its rows when it draws the same seed: outputs and the
+    gradients of x and of every factor.  The masks are each adapter's own, on its own rows, as a step of its
+    own draws them."""
+    from fastlora.adapter_settings import AdapterSettings
+    from fastlora.functional import dropout_and_seed
+
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, dtype=dtype, adapter_dtype=adapter_dtype,
+                                adapter_name="a")
+    layer.add_adapter("b", AdapterSettings(2, 3, 0.1), adapter_dtype=adapter_dtype)
+    layer.add_adapter("c", AdapterSettings(8, 16, 0.0), adapter_dtype=adapter_dtype)
+    groups = {"a": torch.tensor([0, 3, 4]), "b": torch.tensor([1]), "c": torch.tensor([5])}  # row 2: the base's
+    params = [t for name in groups for t in layer.lora_factors(name)]
+    with torch.no_grad():
+        for t in params:
+            t.normal_(0, 0.5)
+    layer.train()
+    x = torch.randn(6, 5, 16, dtype=dtype)
+    weights = torch.randn(6, 5, 12, dtype=dtype)
+
+    def grads(y):
+        return [y.detach(), *torch.autograd.grad((y.float() * weights.float()).sum(), [x, *params], allow_unused=True)]
+
+    x.requires_grad_(True)
+    torch.manual_seed(7)
+    mixed = grads(layer.mixed_batch_forward(x, groups))
+
+    y = layer.base_forward(x)
+    for i, (name, rows) in enumerate(groups.items()):
+        torch.manual_seed(7)
+        for before in list(groups)[:i]:  # replay the seeds the adapters before this one drew
+            dropout_and_seed(layer.adapter_settings[before].lora_dropout, True, x.device)
+        layer.set_adapter(name)
+        y = y.index_copy(0, rows, layer(x.index_select(0, rows)))
+    separate = grads(y)
+    for i, (got, want) in enumerate(zip(mixed, separate)):
+        if want is None:
+            assert got is None or not got.any(), i
+            continue
+        assert_close(got, want, kind="same_math", msg=f"output / gradient {i}")
+
+
 def test_a_mixed_batch_keeps_what_one_adapter_keeps():
     """Autograd keeps x once per layer (the rows are gathered again in backward), each adapter's S and its rows'
     indices: the one-adapter step's bytes plus a few indices, with dropout on."""

@@ -93,12 +93,18 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
             # dS · 1/(1-p) per segment, so the masked products below need no M × K scaling pass
             dS_kept = torch.bmm(dy, lora_B).mul_(_per_segment([s / (1.0 - p) for s, p in zip(scalings, dropout_ps)],
                                                               lora_A))
+            # x's rows and the dx part side by side, so that each segment's mask is regenerated once for both
+            parts = torch.empty((len(counts), int(need_dA) + int(need_dx), max(counts), x.shape[-1]),
+                                dtype=lora_A.dtype, device=x.device)
             if need_dA:
-                stacked = _drop_segments_(_stack_rows(x, rows, counts, lora_A.dtype), counts, seeds, dropout_ps)
-                dA = torch.bmm(dS_kept.transpose(1, 2), stacked)
+                parts[:, 0] = _stack_rows(x, rows, counts, lora_A.dtype)
             if need_dx:
-                dx_rows = _drop_segments_(torch.bmm(dS_kept, lora_A), counts, seeds, dropout_ps)
-                dx = torch.zeros_like(x).index_add_(0, rows, _unstack_rows(dx_rows, counts).to(x.dtype).view(
+                torch.bmm(dS_kept, lora_A, out=parts[:, -1])
+            _drop_segments_(parts, counts, seeds, dropout_ps)
+            if need_dA:
+                dA = torch.bmm(dS_kept.transpose(1, 2), parts[:, 0])
+            if need_dx:
+                dx = torch.zeros_like(x).index_add_(0, rows, _unstack_rows(parts[:, -1], counts).to(x.dtype).view(
                     len(rows), *x.shape[1:]))
         grads = []
         for e, (A, B) in enumerate(zip(factors[0::2], factors[1::2])):
@@ -160,11 +166,18 @@ def _starts(counts: list[int]) -> list[int]:
 
 def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | None], dropout_ps: list[float]) -> Tensor:
     """Each segment's rows ⊙ its mask, in place: the mask of (seed, p) on the segment's own (rows × K), as one
-    adapter's call draws it."""
+    adapter's call draws it.  ``stacked`` is (k, longest, K), or (k, parts, longest, K) for parts that share
+    their segment's mask (drawn once for all of them where the segment is the longest)."""
     for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):
         keep = keep_fn(seed, p)
-        if keep is not None:
-            keep(stacked[e, :count])
+        if keep is None:
+            continue
+        segment = stacked[e]
+        if segment.dim() == 2 or count == segment.shape[-2]:
+            keep(segment[..., :count, :])
+        else:  # a shorter segment's rows are contiguous in each part, not across the parts
+            for part in segment:
+                keep(part[:count])
     return stacked
 
 

@@ -33,9 +33,9 @@ from .common import block_r, gemm_precision, launch, launch_with_scratch, needs_
 from .configs import gemm_configs, m_bucket, num_sms, r_chunk
 from .dropout import keep_mask, keep_threshold, philox_key
 
-__all__ = ["fused_gemm_kernel", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments", "gemm_operands",
-           "launch_tiled_gemm", "launch_fused_gemm", "tile_indices", "tile_offsets", "tile_coordinates", "low_rank_tile", "load_k_step", "store_tile",
-           "store_tile_with_bias"]
+__all__ = ["fused_gemm_kernel", "fused_gemm_tile", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments",
+           "gemm_operands", "launch_tiled_gemm", "launch_fused_gemm", "tile_indices", "tile_offsets", "tile_coordinates",
+           "low_rank_tile", "load_k_step", "store_tile", "store_tile_with_bias"]
 
 
 @triton.jit

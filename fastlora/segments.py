@@ -127,8 +127,10 @@ def _stack_factors(factors) -> tuple[Tensor, Tensor]:
 
 
 def _per_segment(values: list[float], like: Tensor) -> Tensor:
-    """Per-segment factors as a (k, 1, 1) tensor, to scale a stack of segments."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1)
+    """Per-segment factors as a (k, 1, 1) tensor, to scale a stack of segments: in float32 (float64 for float64
+    stacks), so that a 16-bit stack is scaled in float32 and rounded once, as by a Python scalar, not by a factor
+    rounded to 16 bits first."""
+    return torch.tensor(values, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device).view(-1, 1, 1)
 
 
 def _stack_rows(x: Tensor, rows: Tensor, counts: list[int], dtype: torch.dtype) -> Tensor:

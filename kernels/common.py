@@ -124,16 +124,19 @@ def _aligned_16(t: Tensor, *strides: int) -> bool:
 
 
 def tma_readable(a: Tensor, b: Tensor) -> bool:
-    """Whether the GEMM's A (M, K) and B (K, N) can be read through TMA descriptors: a GPU with them (sm_90 and
-    later; the interpreter emulates them), A's rows contiguous, B contiguous along K (B = Wᵀ) or along N (B = W),
-    16-byte aligned starts and leading strides."""
+    """Whether the GEMM's A (M, K) and B (K, N) can be read through TMA descriptors: 16-bit operands (the dtype of
+    the TMA configs the compile check proves) on a GPU with TMA (sm_90 and later; the interpreter emulates it), A's
+    rows contiguous, B contiguous along K (B = Wᵀ) or along N (B = W), rows that do not overlap (no stride-0
+    expansion), 16-byte aligned starts and leading strides."""
+    if a.dtype not in (torch.float16, torch.bfloat16) or b.dtype != a.dtype:
+        return False
     if not INTERPRET and not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] >= 9):
         return False
-    if a.stride(1) != 1 or not _aligned_16(a, a.stride(0)):
+    if a.stride(1) != 1 or a.stride(0) < a.shape[1] or not _aligned_16(a, a.stride(0)):
         return False
     if b.stride(0) == 1:
-        return _aligned_16(b, b.stride(1))
-    return b.stride(1) == 1 and _aligned_16(b, b.stride(0))
+        return b.stride(1) >= b.shape[0] and _aligned_16(b, b.stride(1))
+    return b.stride(1) == 1 and b.stride(0) >= b.shape[1] and _aligned_16(b, b.stride(0))
 
 
 def _scratch_on(device: torch.device):

@@ -170,8 +170,9 @@ def test_mixed_batch_training_gives_each_adapter_the_gradient_of_its_own_rows():
             assert_close(mixed[id(param)], grad, kind="same_math_cancelling")
 
 
-@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
-                         ids=["fp32", "bf16 x, fp32 adapters"])
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)],
+                         ids=["fp32", "bf16 x, fp32 adapters", "bf16"])
 def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_masks(dtype, adapter_dtype):
     """A layer's mixed batch (adapters of unequal rows, ranks, alphas and dropout; a base row) computes, with
     dropout on, what each adapter's own step computes on its rows when it draws the same seed: outputs and the

@@ -306,17 +306,28 @@ def _slow_first_call_provider(first_call_s: float) -> Provider:
         lin.register_forward_pre_hook(first_call_is_slow)
         return lin.requires_grad_(False)
 
-    return Provider("slow+compile", lambda device, explicit: None, layer, None, compiled=True)
+    return Provider("slow+compile", lambda device, explicit: None, layer, None, compiled=True, lora=False)
 
 
-def test_the_compiling_call_is_timed_apart_and_never_in_a_round():
+def test_the_compiling_call_is_timed_apart_and_never_in_a_round(monkeypatch):
+    """The first call of a compiled provider runs before the rounds, timed on its own, after Dynamo's caches are
+    emptied (every case compiles afresh); a compiled frozen base is costed as the frozen base."""
+    resets = []
+    real_reset = torch._dynamo.reset
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1) or real_reset())
     frozen = PROVIDERS["frozen"]
-    case = LayerCase("shape", None, 16, 8, 12, False, 2, 8.0, 0.1, torch.float32)
-    rows = run_layers([case], [frozen, _slow_first_call_provider(0.5)], CPU, warmup=0, repeats=2, memory=False)
-    by = {r["provider"]: r for r in rows}
-    assert by["frozen"]["compile_s"] is None
-    assert by["slow+compile"]["compile_s"] >= 0.5
-    assert by["slow+compile"]["fwd_bwd_ms_max"] < 500  # no timed round (there is no warm-up here) took the first call
+    cases = [LayerCase("shape", None, 16, 8, 12, False, 2, 8.0, 0.1, torch.float32),
+             LayerCase("shape", None, 32, 8, 12, False, 2, 8.0, 0.1, torch.float32)]
+    rows = run_layers(cases, [frozen, _slow_first_call_provider(0.5)], CPU, warmup=0, repeats=2, memory=False,
+                      roofline=Roofline("t", 1.0, 1.0))
+    assert len(resets) == 2  # once per case
+    for case in cases:
+        by = {r["provider"]: r for r in rows if r["M"] == case.M}
+        assert by["frozen"]["compile_s"] is None
+        assert by["slow+compile"]["compile_s"] >= 0.5
+        assert by["slow+compile"]["fwd_bwd_ms_max"] < 500  # no timed round (no warm-up here) took the first call
+        assert by["slow+compile"]["flops"] == by["frozen"]["flops"] and by["slow+compile"]["adapter_dtype"] is None
+    assert PROVIDERS["frozen+compile"].lora is False and PROVIDERS["peft+compile"].lora is True
 
 
 def test_compiled_rows_have_ratios_to_compiled_peft_and_the_compiled_floor():

@@ -170,7 +170,10 @@ def test_which_operands_tma_can_read():
     assert not tma_readable(x[:, ::2], w.t()[::2])  # A's rows not contiguous
     assert not tma_readable(torch.empty(64, 112, dtype=torch.float16)[:, 1:105], w.t())  # start off 16 bytes
     assert not tma_readable(x, torch.empty(104, 272, dtype=torch.float16)[:, ::2])  # B contiguous along neither
-    assert tma_readable(torch.empty(64, 100), torch.empty(100, 36))  # fp32: rows of 400 and 144 bytes
+    assert not tma_readable(torch.empty(64, 104), torch.empty(136, 104).t())  # fp32: no TMA config proved for it
+    row = torch.empty(1, 104, dtype=torch.float16)
+    assert not tma_readable(row.expand(64, 104), w.t())  # rows of A expanded from one (stride 0)
+    assert not tma_readable(x, torch.empty(1, 136, dtype=torch.float16).expand(104, 136))  # B's rows expanded
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)

@@ -79,6 +79,7 @@ class Provider:
     layer: Callable[..., nn.Module]
     model: Callable[..., nn.Module]
     compiled: bool = False  # built under torch.compile: its first call compiles
+    lora: bool = True  # adapts the layer or model (False: the frozen base, the floor)
 
 
 # ---- frozen base -------------------------------------------------------------------------------------
@@ -233,7 +234,7 @@ def _fastlora_layer_with_inactive_adapter(K, N, bias, r, alpha, p, dtype, device
 
 
 PROVIDERS: dict[str, Provider] = {
-    "frozen": Provider("frozen", _frozen_unavailable, _frozen_layer, _frozen_model),
+    "frozen": Provider("frozen", _frozen_unavailable, _frozen_layer, _frozen_model, lora=False),
     "peft": Provider("peft", _peft_unavailable, _peft_layer, _peft_model),
     "fastlora-torch": Provider(
         "fastlora-torch", _fastlora_unavailable_for("torch"), _fastlora_layer_for("torch"), _fastlora_model_for("torch")
@@ -297,10 +298,11 @@ def compiled(base: Provider) -> Provider:
     def model(*args):
         return torch.compile(base.model(*args))
 
-    return Provider(base.name + COMPILE_SUFFIX, unavailable, layer, model, compiled=True)
+    return Provider(base.name + COMPILE_SUFFIX, unavailable, layer, model, compiled=True, lora=base.lora)
 
 
-PROVIDERS.update({n + COMPILE_SUFFIX: compiled(PROVIDERS[n]) for n in ("frozen", "peft", "fastlora-torch", "fastlora-triton")})
+PROVIDERS.update({n + COMPILE_SUFFIX: compiled(PROVIDERS[n])
+                  for n in ("frozen", "peft", "fastlora-torch", "fastlora-triton")})
 COMPILED_PROVIDERS = [n for n, p in PROVIDERS.items() if p.compiled]
 
 DEFAULT_ORDER = ["frozen", "peft", "peft+patch", "fastlora-torch", "fastlora-triton"]

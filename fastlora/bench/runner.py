@@ -109,7 +109,12 @@ def _round(providers, iterate, device, warmup, repeats, progress=None, quiet: Qu
 
 def _compile_times(providers, iterate) -> dict[str, float]:
     """Seconds of the first forward+backward of each ``torch.compile``'d provider (tracing and compiling, with
-    inductor's on-disk cache as it is found), run before the rounds so that no timed round includes it."""
+    inductor's on-disk cache as it is found), run before the rounds so that no timed round includes it.  Dynamo's
+    caches are emptied first: they belong to the code, not to the module, so a case would otherwise reuse (or, a
+    shape later, recompile with dynamic shapes) what an earlier case of the run compiled."""
+    if not any(p.compiled for p in providers):
+        return {}
+    torch._dynamo.reset()
     return {p.name: sum(iterate(p)) / 1e3 for p in providers if p.compiled}
 
 
@@ -225,7 +230,7 @@ def run_layers(
         elem = torch.empty((), dtype=case.dtype).element_size()
         for p in providers:
             m = mods[p.name]
-            lora = p.name != "frozen"
+            lora = p.lora
             lora_A = next((q for k, q in m.named_parameters() if "lora_A" in k), None)
             adapter_elem = lora_A.element_size() if lora_A is not None else elem
             row = {
@@ -347,7 +352,7 @@ def run_model(
                 "r": case.r,
                 "alpha": case.alpha,
                 "dropout": case.dropout,
-                "targets": ",".join(case.targets) if p.name != "frozen" else None,
+                "targets": ",".join(case.targets) if p.lora else None,
                 "dtype": dtype_name(case.dtype),
                 "provider": p.name,
                 "trainable_params": sum(t.numel() for t in trainable[p.name]),

@@ -560,11 +560,13 @@ class LoRALinear(nn.Linear):
         if self.row_count is not None and x.shape[0] != self.row_count:  # PEFT's check, in every layer
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{self.row_count} and {x.shape[0]} respectively.")
+        held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
+        grouped = self._grouped_rows(x, held) if held and self.adapter_enabled else None
+        if grouped == "kernels" and self._frozen_dense_base(x):  # the base product takes every adapter's update
+            return self.grouped_rows_forward(x, held)
         result = self.base_forward(x)
         if not self.adapter_enabled:
             return result
-        held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
-        grouped = self._grouped_rows(x, held) if held else None
         if grouped == "kernels":  # every adapter's rows in one grouped call of the kernels
             return result + self.grouped_rows_update(x, held).view(result.shape).to(result.dtype)
         if self.CLONE_BASE_OUTPUT:
@@ -618,25 +620,53 @@ class LoRALinear(nn.Linear):
         # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
         return result.index_put_((rows,), update.to(result.dtype), accumulate=True)
 
+    def _frozen_dense_base(self, x: Tensor) -> bool:
+        """Whether this layer's base output is F.linear(x, W, b) with W and b frozen and of x's dtype: then a mixed
+        batch's grouped updates go into the base product itself (:meth:`grouped_rows_forward`)."""
+        if type(self).base_forward is not LoRALinear.base_forward or self.weight.requires_grad:
+            return False
+        return self.weight.dtype == x.dtype and (self.bias is None or not self.bias.requires_grad)
+
+    def grouped_rows_forward(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
+        """x Wᵀ + b with every adapter's update on its own rows (``held`` as :meth:`grouped_rows_update`) taken into
+        the base product (:func:`fastlora.grouped_lora.grouped_lora_linear`): the output written once."""
+        from fastlora.grouped_lora import grouped_lora_linear
+        from fastlora.schedules import resolve
+
+        flat = x.reshape(-1, x.shape[-1])
+        flat = flat if flat.stride(-1) == 1 else flat.contiguous()
+        index, starts, factors, scalings, dropout = self._grouped_segments(x, held)
+        schedule = resolve(self.backend, x, self.weight)
+        y = grouped_lora_linear(flat, self.weight, self.bias, *factors, starts, scalings, schedule,
+                                index=index, dropout=dropout)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def grouped_rows_update(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
         """Every adapter's update on its own rows of x (dim 0; ``held``: name → row indices, disjoint: each row one
         adapter's, as a mixed batch's are), zero on the other rows, in one grouped call
         (:func:`fastlora.grouped_lora.grouped_lora`): each adapter's scaling and dropout (a seed drawn per adapter,
         as one call per adapter would), x read through a token index, never copied.  Shaped (x's elements /
         in_features, out_features), in the adapters' dtype."""
-        from fastlora.functional import dropout_and_seed
-        from fastlora.grouped_lora import grouped_lora, stack_factors
+        from fastlora.grouped_lora import grouped_lora
 
-        flat = x.reshape(-1, x.shape[-1])
-        tokens_per_row = flat.shape[0] // max(x.shape[0], 1)
+        index, starts, (per_segment_A, per_segment_B), scalings, dropout = self._grouped_segments(x, held)
+        return grouped_lora(x.reshape(-1, x.shape[-1]), per_segment_A, per_segment_B, starts, scalings, index=index,
+                            dropout=dropout)
+
+    def _grouped_segments(self, x: Tensor, held: dict[str, Tensor]):
+        """A mixed batch's segments for the grouped kernels: (the token index, one adapter's tokens after the other;
+        the segments' bounds; the factors stacked; the scalings; each adapter's (p, seed), drawn in order)."""
+        from fastlora.functional import dropout_and_seed
+        from fastlora.grouped_lora import stack_factors
+
+        tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
         within = torch.arange(tokens_per_row, device=x.device)
         index = torch.cat([(rows.to(x.device)[:, None] * tokens_per_row + within).reshape(-1) for rows in held.values()])
         starts = torch.tensor([0] + [len(rows) * tokens_per_row for rows in held.values()], device=x.device).cumsum(0)
         settings = [self.adapter_settings[name] for name in held]
         dropout = [dropout_and_seed(s.lora_dropout, self.training, x.device) for s in settings]
-        per_segment_A, per_segment_B = stack_factors([self.lora_factors(name) for name in held])
-        return grouped_lora(flat, per_segment_A, per_segment_B, starts, [s.scaling for s in settings], index=index,
-                            dropout=dropout)
+        factors = stack_factors([self.lora_factors(name) for name in held])
+        return index, starts, factors, [s.scaling for s in settings], dropout
 
     def rows_update(self, x: Tensor, rows: Tensor, name: str) -> Tensor:
         """Adapter ``name``'s update for the rows ``rows`` of x (dim 0): scaling · ((dropout(x[rows]) Aᵀ) Bᵀ + b_B),

@@ -20,7 +20,7 @@ from .gemm import launch_fused_gemm
 from .low_rank_add import launch_low_rank_add
 from .skinny import launch_options, rows_arguments, rows_kernel
 
-__all__ = ["lora_forward", "launch_S", "launch_forward_gemm"]
+__all__ = ["lora_forward", "launch_S", "launch_forward_gemm", "linear_plus_low_rank"]
 
 
 def launch_S(x: Tensor, lora_A: Tensor, seed: Tensor, dropout_p: float) -> Tensor:
@@ -88,8 +88,15 @@ def lora_forward(
         return (torch.empty((0, N), device=x.device, dtype=x.dtype),
                 torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype))
     S = launch_S(x, lora_A, seed_arg(seed, dropout_p > 0.0, x), dropout_p)
+    return linear_plus_low_rank(x, weight, bias, S, lora_B, scaling, low_rank, base), S
+
+
+def linear_plus_low_rank(x: Tensor, weight: Tensor, bias: Tensor | None, S: Tensor, lora_B: Tensor, scaling: float,
+                         low_rank: str = "prologue", base: str = "fused") -> Tensor:
+    """y = x Wᵀ + b + s·S Bᵀ (M, N) in x's dtype, for x (M, K) row-major, S (M, r), lora_B (N, r): ``base`` "fused"
+    (one GEMM, the low-rank term in its accumulator where ``low_rank`` says) or "cublas" (x Wᵀ + b by cuBLAS,
+    then one Triton pass adds s·S Bᵀ in place).  M > 0."""
     if base == "cublas":
         y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-        return launch_low_rank_add(y, S, lora_B.t(), None, scaling, 0.0), S
-    y = launch_forward_gemm(x, weight, bias, S, lora_B, scaling, low_rank)
-    return y, S
+        return launch_low_rank_add(y, S, lora_B.t(), None, scaling, 0.0)
+    return launch_forward_gemm(x, weight, bias, S, lora_B, scaling, low_rank)

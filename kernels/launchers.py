@@ -24,9 +24,9 @@ root would import it as ``kernels`` in place of Hugging Face's ``kernels`` packa
 
 from .backward import lora_backward
 from .dora import dora_backward, dora_forward, zero_magnitude_dm
-from .forward import lora_forward
+from .forward import linear_plus_low_rank, lora_forward
 from .masking import zero_dropped_
 from .qlora import qlora_backward, qlora_forward
 
-__all__ = ["lora_forward", "lora_backward", "dora_forward", "dora_backward", "zero_magnitude_dm", "zero_dropped_",
+__all__ = ["lora_forward", "linear_plus_low_rank", "lora_backward", "dora_forward", "dora_backward", "zero_magnitude_dm", "zero_dropped_",
            "qlora_forward", "qlora_backward"]

@@ -153,6 +153,39 @@ def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape, dtype):
     check_mixed_batch_rows(shape, dtype)
 
 
+@pytest.mark.parametrize("base", ["cublas", "fused"])
+def test_a_mixed_batch_on_the_kernels_takes_the_updates_into_the_base_product(base, monkeypatch):
+    """A frozen dense layer's mixed batch on the kernels: x Wᵀ + b with every adapter's update in the base product
+    itself (the fused GEMM's accumulator, or the pass after cuBLAS), never a separate update tensor; output and
+    every gradient against float64 with the same Philox masks (ranks 2 / 4 / 3, an adapter with no rows, base
+    rows, dropout 0.25 and 0.1)."""
+    from fastlora import schedules
+    from fastlora.grouped_lora import _GroupedLoRA
+
+    monkeypatch.setattr(_GroupedLoRA, "apply", None)  # the separate-update call must not run
+    layer = _mixed_layer()
+    layer.train()
+    x = torch.randn(9, 5, 40, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    held = {"a": torch.tensor([], dtype=torch.long), "b": torch.tensor([1, 2, 6, 7, 8]), "c": torch.tensor([4, 0])}
+    seeds = _seeds(2, 11)
+    torch.manual_seed(11)
+    with schedules.use_kernel_variants(base=base):
+        got = layer.mixed_batch_forward(x, held)
+    params = [x, *[p for n in "abc" for p in layer.lora_factors(n)]]
+    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape)
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+
+    reference_layer = _mixed_layer()
+    x_ref = x.detach().double().requires_grad_(True)
+    base_out = torch.nn.functional.linear(x_ref, reference_layer.weight.double(), reference_layer.bias.double())
+    ref = base_out + _reference_update(reference_layer, x_ref, held, seeds).view(base_out.shape)
+    ref_params = [x_ref, *[p for n in "abc" for p in reference_layer.lora_factors(n)]]
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_params)
+    assert_close(got, ref, kind="reference")
+    for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
+        assert_close(g, r.float(), kind="same_math_cancelling", dtype=torch.float32, msg=f"gradient {i}")
+
+
 def test_a_mixed_batch_model_on_the_grouped_kernels_equals_the_torch_path():
     """A tiny Llama with three adapters: a mixed batch (with base rows) on the grouped kernels gives the torch
     path's logits and LoRA gradients (dropout off: the two paths draw their masks from different generators)."""

@@ -153,8 +153,9 @@ def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape, dtype):
     check_mixed_batch_rows(shape, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16 base, fp32 adapters"])
 @pytest.mark.parametrize("base", ["cublas", "fused"])
-def test_a_mixed_batch_on_the_kernels_takes_the_updates_into_the_base_product(base, monkeypatch):
+def test_a_mixed_batch_on_the_kernels_takes_the_updates_into_the_base_product(base, dtype, monkeypatch):
     """A frozen dense layer's mixed batch on the kernels: x Wᵀ + b with every adapter's update in the base product
     itself (the fused GEMM's accumulator, or the pass after cuBLAS), never a separate update tensor; output and
     every gradient against float64 with the same Philox masks (ranks 2 / 4 / 3, an adapter with no rows, base
@@ -164,26 +165,31 @@ def test_a_mixed_batch_on_the_kernels_takes_the_updates_into_the_base_product(ba
 
     monkeypatch.setattr(_GroupedLoRA, "apply", None)  # the separate-update call must not run
     layer = _mixed_layer()
+    with torch.no_grad():
+        layer.weight.data, layer.bias.data = layer.weight.to(dtype), layer.bias.to(dtype)
     layer.train()
-    x = torch.randn(9, 5, 40, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    x = torch.randn(9, 5, 40, generator=torch.Generator().manual_seed(5)).to(dtype).requires_grad_(True)
     held = {"a": torch.tensor([], dtype=torch.long), "b": torch.tensor([1, 2, 6, 7, 8]), "c": torch.tensor([4, 0])}
     seeds = _seeds(2, 11)
     torch.manual_seed(11)
     with schedules.use_kernel_variants(base=base):
         got = layer.mixed_batch_forward(x, held)
     params = [x, *[p for n in "abc" for p in layer.lora_factors(n)]]
-    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape)
-    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    # values the output's dtype holds: its gradient (in that dtype) is then the reference's exactly
+    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape).to(dtype).float()
+    got_grads = torch.autograd.grad((got.float() * weights).sum(), params)
 
     reference_layer = _mixed_layer()
     x_ref = x.detach().double().requires_grad_(True)
-    base_out = torch.nn.functional.linear(x_ref, reference_layer.weight.double(), reference_layer.bias.double())
+    base_out = torch.nn.functional.linear(x_ref, layer.weight.double(), layer.bias.double())
     ref = base_out + _reference_update(reference_layer, x_ref, held, seeds).view(base_out.shape)
     ref_params = [x_ref, *[p for n in "abc" for p in reference_layer.lora_factors(n)]]
     ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_params)
-    assert_close(got, ref, kind="reference")
+    assert_close(got, ref, kind="reference", branch_dtype=torch.float32)
     for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
-        assert_close(g, r.float(), kind="same_math_cancelling", dtype=torch.float32, msg=f"gradient {i}")
+        g, r = g.float(), r.float()
+        assert_close(g, r, kind="same_math_cancelling" if params[i].dtype == torch.float32 else "same_math",
+                     dtype=params[i].dtype, msg=f"gradient {i}")
 
 
 def test_a_mixed_batch_model_on_the_grouped_kernels_equals_the_torch_path():

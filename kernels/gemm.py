@@ -35,7 +35,7 @@ from .dropout import keep_mask, keep_threshold, philox_key
 
 __all__ = ["fused_gemm_kernel", "fused_gemm_tile", "autotuned_gemm", "gemm_arguments", "fused_gemm_arguments",
            "gemm_operands", "launch_tiled_gemm", "launch_fused_gemm", "tile_indices", "tile_offsets", "tile_coordinates",
-           "low_rank_tile", "load_k_step", "store_tile", "store_tile_with_bias"]
+           "low_rank_tile", "load_k_step", "dot_acc", "store_tile", "store_tile_with_bias"]
 
 
 @triton.jit
@@ -86,6 +86,16 @@ def load_k_step(a_ptrs, b_ptrs, offs_k, k_left, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def dot_acc(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a·b, fp32 accumulation, with a and b widened to fp32 first under the interpreter (UPCAST: it cannot
+    multiply 16-bit operands natively)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def store_tile(c_ptr, tile, offs_m, offs_n, M, N, stride_cm, stride_cn, INT64: tl.constexpr):
     """Store an fp32 tile into C (its own dtype), masking rows >= M and columns >= N."""
     c_rows = offs_m
@@ -120,10 +130,7 @@ def low_rank_tile(p_ptr, q_ptr, seed_ptr, rows, cols, offs_m, pid_n, R, stride_p
         r_left = R - r * BLOCK_R
         q = tl.load(q_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
         p = tl.load(p_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(q.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        tile = tl.dot(p, q, tile, input_precision=PRECISION)
+        tile = dot_acc(p, q, tile, UPCAST, PRECISION)
         p_ptrs += BLOCK_R * stride_pr
         q_ptrs += BLOCK_R * stride_qr
     if DROPOUT:
@@ -166,10 +173,7 @@ def fused_gemm_tile(
                 b = b_desc.load([pid_n * BLOCK_N, k * BLOCK_K]).T
             else:
                 b = b_desc.load([k * BLOCK_K, pid_n * BLOCK_N])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            acc = dot_acc(a, b, acc, UPCAST, PRECISION)
     else:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak

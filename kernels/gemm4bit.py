@@ -27,7 +27,7 @@ from .common import block_r, gemm_precision, needs_int64, upcast
 from .configs import gemm4bit_configs, m_bucket, r_chunk
 from .dequant4 import dequant4_values, weight_4bit_operands
 from .dropout import keep_threshold
-from .gemm import launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
+from .gemm import dot_acc, launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
 
 __all__ = ["fused_gemm_4bit_kernel", "fused_gemm_4bit_arguments", "launch_fused_gemm_4bit", "STORED_CODES"]
 
@@ -82,10 +82,7 @@ def fused_gemm_4bit_kernel(
         if a_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest here too (the interpreter's cast truncates)
             b = bf16_rounded(b)
         b = b.to(a.dtype)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = dot_acc(a, b, acc, UPCAST, PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_elements += BLOCK_K * stride_bk
 

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from .common import launch, needs_int64, skinny_precision, upcast
 from .dropout import keep_mask, philox_key
+from .gemm import dot_acc
 
 __all__ = ["segment_matmul_kernel", "segment_reduce_kernel", "segment_matmul", "segment_reduce",
            "segment_matmul_arguments", "segment_reduce_arguments", "Segments", "GROUPED_BLOCKS", "MAX_POSITIONS"]
@@ -103,10 +104,7 @@ def segment_matmul_kernel(
             p = tl.load(p_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < d_left), other=0.0).to(q.dtype)
             if MASK_P:
                 p = tl.where(keep_mask(k0, k1, p_rows, d * BLOCK_D, threshold, BLOCK_M, BLOCK_D), p, p * 0.0)
-            if UPCAST:
-                p = p.to(tl.float32)
-                q = q.to(tl.float32)
-            acc = tl.dot(p, q, acc, input_precision=PRECISION)
+            acc = dot_acc(p, q, acc, UPCAST, PRECISION)
             p_ptrs += BLOCK_D * stride_pd
             q_ptrs += BLOCK_D * stride_qd
         if MASK_C:  # a dropped element becomes its value · 0, so a dropped NaN stays NaN
@@ -144,10 +142,7 @@ def segment_reduce_kernel(
                     mask=row_ok[:, None] & ok_1[None, :], other=0.0).to(q.dtype)
         if MASK_P:
             p = tl.where(keep_mask(k0, k1, p_rows, col_1, threshold, BLOCK_M, BLOCK_1), p, p * 0.0)
-        if UPCAST:
-            p = p.to(tl.float32)
-            q = q.to(tl.float32)
-        acc = tl.dot(tl.trans(p), q, acc, input_precision=PRECISION)
+        acc = dot_acc(tl.trans(p), q, acc, UPCAST, PRECISION)
     out_base = out_ptr + segment * stride_oe
     if INT64:
         out_base = out_ptr + segment.to(tl.int64) * stride_oe

@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import block_r, gemm_precision, needs_int64, upcast
-from .configs import gemm4bit_configs, m_bucket, r_chunk
+from .common import gemm_precision, needs_int64, upcast
+from .configs import gemm4bit_configs
 from .dequant4 import dequant4_values, weight_4bit_operands
 from .dropout import keep_threshold
-from .gemm import dot_acc, launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
+from .gemm import dot_acc, gemm_arguments, launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
 
 __all__ = ["fused_gemm_4bit_kernel", "fused_gemm_4bit_arguments", "launch_fused_gemm_4bit", "STORED_CODES"]
 
@@ -89,23 +89,14 @@ def fused_gemm_4bit_kernel(
     store_tile_with_bias(c_ptr, acc, bias_ptr, offs_m, offs_n, M, N, stride_cm, stride_cn, HAS_BIAS, INT64)
 
 
-def fused_gemm_4bit_arguments(*, a, weight: dict, c, bias, p, q, seed, M: int, N: int, K: int, R: int, a_strides,
-                              b_strides, c_strides, p_strides, q_strides, lora_scale, keep_threshold: int,
-                              has_bias: bool, dropout: bool, stored: int, fp32_adapters: bool,
-                              int64: bool, upcast: bool, precision: str) -> dict:
+def fused_gemm_4bit_arguments(*, weight: dict, stored: int, **operands) -> dict:
     """``fused_gemm_4bit_kernel``'s arguments by name (the launcher passes tensors, bench/compile_check.py pointer
-    types and example sizes).  ``weight``: the 4-bit weight's arguments (``dequant4.weight_4bit_operands``);
-    ``b_strides``: B's element strides (k, n) into the flattened weight."""
-    return dict(
-        a_ptr=a, c_ptr=c, bias_ptr=bias, p_ptr=p, q_ptr=q, seed_ptr=seed, **weight,
-        M=M, N=N, K=K, R=R,
-        stride_am=a_strides[0], stride_ak=a_strides[1], stride_bk=b_strides[0], stride_bn=b_strides[1],
-        stride_cm=c_strides[0], stride_cn=c_strides[1],
-        stride_pm=p_strides[0], stride_pr=p_strides[1], stride_qr=q_strides[0], stride_qn=q_strides[1],
-        lora_scale=lora_scale, keep_threshold=keep_threshold, M_BUCKET=m_bucket(M),
-        HAS_BIAS=has_bias, DROPOUT=dropout,
-        BLOCK_R=r_chunk(block_r(R), fp32_adapters), STORED=stored, INT64=int64, UPCAST=upcast, PRECISION=precision,
-    )
+    types and example sizes): the dense GEMM's (:func:`gemm_arguments`, the same keywords but B), with B's
+    pointer replaced by the 4-bit weight's arguments (``weight``: ``dequant4.weight_4bit_operands``) and its
+    storage code ``stored``.  ``b_strides``: B's element strides (k, n) into the flattened weight."""
+    args = gemm_arguments(b=None, **operands)
+    del args["b_ptr"]
+    return dict(args, **weight, STORED=stored)
 
 
 @lru_cache(maxsize=None)

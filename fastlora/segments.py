@@ -64,7 +64,7 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, counts, scalings, dropout_ps, seeds, *factors):
-        lora_A, lora_B = _stack_factors(factors)
+        lora_A, lora_B = _stacked(factors)
         stacked = _stack_rows(x, rows, counts, lora_A.dtype)
         _drop_segments_(stacked, counts, seeds, dropout_ps)
         keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
@@ -82,7 +82,7 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
         seeds = iter(kept[2 * len(ctx.counts):])
         seeds = [next(seeds) if seeded else None for seeded in ctx.seeded]
         counts, scalings, dropout_ps = ctx.counts, ctx.scalings, ctx.dropout_ps
-        lora_A, lora_B = _stack_factors(factors)
+        lora_A, lora_B = _stacked(factors)
         need_dx = ctx.needs_input_grad[0]
         need_dA = any(ctx.needs_input_grad[6::2])
         need_dB = any(ctx.needs_input_grad[7::2])
@@ -113,17 +113,12 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
         return (dx, None, None, None, None, None, *grads)
 
 
-def _stack_factors(factors) -> tuple[Tensor, Tensor]:
-    """(A stacked (k, r, K), B stacked (k, N, r)) from the flat (A_0, B_0, A_1, B_1, …), ranks padded to the
-    largest with zeros."""
-    As, Bs = factors[0::2], factors[1::2]
-    r = max(A.shape[0] for A in As)
-    lora_A = As[0].new_zeros(len(As), r, As[0].shape[1])
-    lora_B = Bs[0].new_zeros(len(Bs), Bs[0].shape[0], r)
-    for e, (A, B) in enumerate(zip(As, Bs)):
-        lora_A[e, :A.shape[0]] = A
-        lora_B[e, :, :B.shape[1]] = B
-    return lora_A, lora_B
+def _stacked(factors) -> tuple[Tensor, Tensor]:
+    """The flat (A_0, B_0, A_1, B_1, …) stacked, ranks padded to the largest with zeros (outside autograd here:
+    the Function returns each factor's gradient itself)."""
+    from fastlora.grouped_lora import stack_factors
+
+    return stack_factors(list(zip(factors[0::2], factors[1::2])))
 
 
 def _per_segment(values: list[float], like: Tensor) -> Tensor:

@@ -102,11 +102,13 @@ def _rare_positions(generator: torch.Generator, numel: int, q: float) -> Tensor:
         count = int(left * q + 6.0 * math.sqrt(left * q * (1.0 - q))) + 64
         words = torch.empty((count + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
         # 23-bit uniforms u = (k + 1/2) / 2^23, k < 2^23: exact in float32, never 0 or 1 (log u is finite, < 0)
-        top23 = words.view(torch.int32)[:count].bitwise_right_shift(9).add_(2**22)
-        u = top23.to(torch.float32).add_(0.5).mul_(2.0**-23)
+        # (k - 2^22 for the word's top 23 bits k, exact in float32; + 2^22 + 1/2 is exact too)
+        centred = words.view(torch.int32)[:count].bitwise_right_shift(9).to(torch.float32)
+        u = centred.add_(2**22 + 0.5).mul_(2.0**-23)
         # A gap past numel ends the draw either way; clamping first keeps a tiny q's astronomically long gaps (up
-        # to inf) from overflowing int64 (positions before the first such gap are unchanged).
-        gaps = u.log_().mul_(inv_log_not_q).floor_().clamp_(max=numel)
+        # to inf) from overflowing int64 (positions before the first such gap are unchanged).  The gaps are
+        # positive, so the conversion's truncation is their floor.
+        gaps = u.log_().mul_(inv_log_not_q).clamp_(max=numel)
         # position of the j-th marked element: start + Σ_{i≤j} (gap_i + 1) - 1
         positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
         inside = int(torch.searchsorted(positions, numel))

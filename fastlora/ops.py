@@ -13,8 +13,9 @@ op dispatch (~0.1 ms of Python per call and direction).
 
 What autograd keeps for backward: ``x``, the rank-r ``S`` and the one-element ``seed`` the dropout
 mask is regenerated from (plus references to the parameters).  Never the mask, never ``dropout(x)``.
-On the CPU path the mask is applied by ``fastlora::cpu_zero_dropped_``, zeroing the dropped elements of
-a fresh tensor in place (by index for rare drops, so no mask tensor is built at all).  DoRA's op is
+On the CPU path the mask is applied by :func:`fastlora.cpu_masks.zero_dropped_` (under ``torch.compile``
+through the opaque op ``fastlora::cpu_zero_dropped_``), zeroing the dropped elements of a fresh tensor in
+place (by index for rare drops, so no mask tensor is built at all).  DoRA's op is
 :mod:`fastlora.dora_ops`.
 """
 
@@ -49,6 +50,10 @@ def keep_fn(seed: Optional[Tensor], dropout_p: float, philox: bool = False) -> t
             from fastlora.kernels import launchers as kernels
 
             return kernels.zero_dropped_(t, seed, dropout_p)
+        if type(t) is Tensor and not torch.compiler.is_compiling():
+            # Eager: the function itself.  Dispatching the registered op costs ~50 µs of Python per call, as much
+            # as drawing a small mask; tracing (torch.compile, export: a subclass such as a FakeTensor) needs the op.
+            return cpu_masks.zero_dropped_(t, int(seed), dropout_p)
         cpu_zero_dropped_(t, seed, dropout_p)
         return t
 

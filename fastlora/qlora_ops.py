@@ -6,6 +6,10 @@ qlora_backward), with autograd:
 What autograd keeps is a dense base's: x, the rank-r S and the one-element seed (plus references to the packed
 weight and the adapters).  The dequantized weight is never formed, forward or backward (dx = dy Ŵ + (dS A) ⊙ m
 reads the packed weight again).  Eager autograd only: under ``torch.compile`` the call is a graph break.
+
+:func:`add_low_rank_` is the other quantized path, any bitsandbytes layer on the torch path: the layer's own
+product first, then the adapter's term added into that output in place (no M × N temporary, no second output
+tensor), with the same autograd keeping.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastlora import torch_path
+from fastlora.ops import keep_fn
 from fastlora.schedules import Schedule
 
-__all__ = ["lora_linear_4bit"]
+__all__ = ["lora_linear_4bit", "add_low_rank_"]
 
 
 class _LoRA4bit(torch.autograd.Function):
@@ -48,3 +54,35 @@ def lora_linear_4bit(x: Tensor, packed: Tensor, quant_state, bias: Tensor | None
     x2d = x.reshape(-1, x.shape[-1])
     y = _LoRA4bit.apply(x2d, lora_A, lora_B, packed, quant_state, bias, seed, float(scaling), dropout_p, schedule)
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class _AddLowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out, x, lora_A, lora_B, seed, scaling, dropout_p):
+        flat_x = x.reshape(-1, x.shape[-1])
+        S = torch_path.add_low_rank_(out.view(-1, out.shape[-1]), flat_x, lora_A, lora_B, scaling,
+                                     keep_fn(seed, dropout_p), dropout_p)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, lora_A, lora_B, S, seed)
+        ctx.scaling, ctx.dropout_p = scaling, dropout_p
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, lora_A, lora_B, S, seed = ctx.saved_tensors
+        need_dx, need_dA, need_dB = ctx.needs_input_grad[1:4]
+        dx, dA, dB = torch_path.lora_backward(
+            d_out.reshape(-1, d_out.shape[-1]), x.reshape(-1, x.shape[-1]), None, lora_A, lora_B, S, ctx.scaling,
+            keep_fn(seed, ctx.dropout_p), ctx.dropout_p, need_dx, need_dA, need_dB)
+        if dx is not None:
+            dx = dx.view(x.shape).to(x.dtype)
+        return d_out, dx, dA, dB, None, None, None
+
+
+def add_low_rank_(out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+                  seed: Tensor | None) -> Tensor:
+    """``out`` (..., out_features), a base output computed from x (..., in_features) elsewhere, plus
+    scaling · (dropout(x) Aᵀ) Bᵀ, added in place and returned (see :func:`fastlora.torch_path.add_low_rank_`
+    for the rounding); ``dropout_p`` and ``seed`` as :func:`fastlora.functional.dropout_and_seed` draws them.
+    Eager autograd (an in-place ``autograd.Function``)."""
+    return _AddLowRank.apply(out, x, lora_A, lora_B, seed, float(scaling), dropout_p)

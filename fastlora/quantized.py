@@ -143,8 +143,33 @@ class LoRAQuantizedLinear(LoRALinear):
             return self._fused_4bit_forward(x, names[0], schedule)
         result = self.base_layer(x)
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
-            result = result + self.low_rank_term(x, name).to(result.dtype)
+            if self._adds_in_place(x, name, result):
+                result = self._add_low_rank_(result, x, name)
+            else:
+                result = result + self.low_rank_term(x, name).to(result.dtype)
         return result
+
+    def _adds_in_place(self, x: Tensor, name: str, result: Tensor) -> bool:
+        """Whether adapter ``name``'s term goes into the base output ``result`` in place
+        (:func:`fastlora.qlora_ops.add_low_rank_`): in eager mode outside autocast, on the torch path (``backend``
+        not "triton"), without lora_bias, and where ``result`` is no view (an 8-bit layer's output is a view
+        made inside bitsandbytes' autograd Function, which autograd forbids changing in place).  The other calls
+        take :meth:`low_rank_term`, a registered op (torch.compile, autocast's casts)."""
+        from fastlora.functional import _autocast_dtype
+
+        return (self.backend != "triton" and self.lora_bias(name) is None and not result._is_view()
+                and not torch.compiler.is_compiling() and _autocast_dtype(x.device.type) is None)
+
+    def _add_low_rank_(self, result: Tensor, x: Tensor, name: str) -> Tensor:
+        """``result`` plus adapter ``name``'s term, added in place, its dropout seed drawn as
+        :meth:`low_rank_term`'s call draws it."""
+        from fastlora.functional import dropout_and_seed
+        from fastlora.qlora_ops import add_low_rank_
+
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
+        return add_low_rank_(result, x, lora_A, lora_B, settings.scaling, p, seed)
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active

@@ -31,7 +31,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lora_forward", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale",
+__all__ = ["lora_forward", "add_low_rank_", "lora_backward", "accumulation_dtype", "dora_weight_norm", "dora_scale",
            "dora_output", "dora_magnitude_grad", "dora_forward", "dora_backward", "Keep"]
 
 Keep = Union[Tensor, Callable[[Tensor], Tensor], None]
@@ -95,10 +95,7 @@ def lora_forward(
     ``weight`` (a base product computed elsewhere, as a quantized layer's) y = s·S Bᵀ alone, in the adapters'
     dtype and then rounded to x's, as PEFT adds its low-rank term to such a base's output."""
     adapter_dtype = lora_A.dtype
-    xm = _to(x, adapter_dtype) if keep is None else _drop_(_adapter_copy(x, adapter_dtype), keep)
-    S = torch.mm(xm, lora_A.t())
-    if keep is not None:
-        S.mul_(1.0 / (1.0 - dropout_p))  # the keep scale on the M × r result, not on an M × K pass
+    S = _low_rank_input(x, lora_A, keep, dropout_p)
     if weight is None:
         return torch.mm(S, lora_B.t()).mul_(scaling).to(x.dtype), S
     y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
@@ -109,6 +106,31 @@ def lora_forward(
         # round once, as PEFT does.
         y = torch.addmm(y.to(adapter_dtype), S, lora_B.t(), alpha=scaling).to(x.dtype)
     return y, S
+
+
+def add_low_rank_(out: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, keep: Keep,
+                  dropout_p: float) -> Tensor:
+    """out += s·S Bᵀ in place, for a base output ``out`` (M, N) computed elsewhere (a quantized layer's), and
+    return S = (x ⊙ m) Aᵀ / (1-p).  With ``out`` in the adapters' dtype the term is added in one rounding (an
+    addmm, as :func:`lora_forward` adds it to a dense base product); else it is rounded to ``out``'s dtype
+    first, as PEFT adds its low-rank term to a quantized base's output.  Either way no M × N temporary of the
+    term and no new output: the gradient of ``out`` passes through unchanged, and :func:`lora_backward`
+    (without ``weight``) gives the rest."""
+    S = _low_rank_input(x, lora_A, keep, dropout_p)
+    if out.dtype == lora_A.dtype:
+        out.addmm_(S, lora_B.t(), alpha=scaling)
+    else:
+        out.add_(torch.mm(S, lora_B.t()).mul_(scaling).to(out.dtype))
+    return S
+
+
+def _low_rank_input(x: Tensor, lora_A: Tensor, keep: Keep, dropout_p: float) -> Tensor:
+    """S = (x ⊙ m) Aᵀ / (1-p), in the adapters' dtype."""
+    xm = _to(x, lora_A.dtype) if keep is None else _drop_(_adapter_copy(x, lora_A.dtype), keep)
+    S = torch.mm(xm, lora_A.t())
+    if keep is not None:
+        S.mul_(1.0 / (1.0 - dropout_p))  # the keep scale on the M × r result, not on an M × K pass
+    return S
 
 
 def lora_backward(

@@ -121,6 +121,34 @@ def test_dropout_mask_matches_peft(checkpoint):
     assert_close(ours(x), base(x) + 2.0 * x @ ours.lora_A.t() @ ours.lora_B.t(), kind="same_math", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("quant, training", [("nf4-fp32", True), ("nf4-double-bf16", True), ("nf4-fp32", False),
+                                             ("int8", True), ("int8", False)])
+def test_term_added_into_the_base_output_in_place(checkpoint, quant, training):
+    """The adapter's term goes into bitsandbytes' output tensor itself (no M × N temporary, no second output),
+    with dropout in training; but an 8-bit layer's output in eval mode is a view made inside bitsandbytes'
+    autograd Function, which autograd forbids changing in place, so that term is added out of place.  Either way
+    the output and gradients are the out-of-place sum's (test_matches_peft and test_dropout_mask_matches_peft
+    compare that with PEFT)."""
+    base = _load(checkpoint, quant).model.layers[0].mlp.up_proj
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["up_proj"]).settings
+    layer = LoRAQuantizedLinear.from_quantized(base, "default", settings, False, None).train(training)
+    outputs = []
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(2, 5, base.in_features, requires_grad=True)
+    torch.manual_seed(3)
+    y = layer(x)
+    handle.remove()
+    assert (y is outputs[0]) == (quant != "int8" or training)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), dy)
+    torch.manual_seed(3)
+    expected = layer.base_layer(x) + layer.low_rank_term(x, "default").to(y.dtype)  # draws the same seed
+    assert_close(y, expected, kind="same_math", dtype=y.dtype)
+    wanted = torch.autograd.grad(expected, (x, layer.lora_A, layer.lora_B), dy)
+    for got, want, dtype in zip(grads, wanted, (GRAD_DTYPE[quant], torch.float32, torch.float32)):
+        assert_close(got, want, kind="same_math", dtype=dtype)
+
+
 @pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
 def test_adapter_files_both_ways(checkpoint, quant):
     """fastlora's adapter file has PEFT's keys and shapes; PEFT's state-dict loader takes it onto a fresh quantized

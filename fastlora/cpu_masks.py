@@ -43,7 +43,7 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
     # Dropped elements are multiplied by 0, as dropout's x ⊙ m: a dropped NaN or Inf stays NaN.  Filling with 0
     # is the same when every element is finite, which one sum tells (a NaN or Inf makes it non-finite; an
     # overflow to Inf only sends the call the slow, exact way).  A bool or integer tensor holds no NaN.
-    all_finite = not t.is_floating_point() or bool(torch.isfinite(t.sum()))
+    all_finite = not t.is_floating_point() or math.isfinite(t.sum().item())
     if dropout_p <= _GEOMETRIC_MAX_Q:
         dropped = _rare_positions(generator, mask_numel, dropout_p).to(t.device)
         if all_finite:

@@ -562,8 +562,8 @@ class LoRALinear(nn.Linear):
                              f"{self.row_count} and {x.shape[0]} respectively.")
         held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
         grouped = self._grouped_rows(x, held) if held and self.adapter_enabled else None
-        if grouped == "kernels" and self._frozen_dense_base(x):  # the base product takes every adapter's update
-            return self.grouped_rows_forward(x, held)
+        if grouped is not None and self._frozen_dense_base(x):  # the base product takes every adapter's update
+            return self.grouped_rows_forward(x, held, grouped)
         result = self.base_forward(x)
         if not self.adapter_enabled:
             return result
@@ -627,12 +627,21 @@ class LoRALinear(nn.Linear):
             return False
         return self.weight.dtype == x.dtype and (self.bias is None or not self.bias.requires_grad)
 
-    def grouped_rows_forward(self, x: Tensor, held: dict[str, Tensor]) -> Tensor:
+    def grouped_rows_forward(self, x: Tensor, held: dict[str, Tensor], grouped: str = "kernels") -> Tensor:
         """x Wᵀ + b with every adapter's update on its own rows (``held`` as :meth:`grouped_rows_update`) taken into
-        the base product (:func:`fastlora.grouped_lora.grouped_lora_linear`): the output written once."""
+        the base product: one output and one autograd node for the layer, on the kernels
+        (:func:`fastlora.grouped_lora.grouped_lora_linear`, the output written once) or, with ``grouped="torch"``,
+        the torch path's batched products (:func:`fastlora.segments.grouped_segments_linear`)."""
         from fastlora.grouped_lora import grouped_lora_linear
         from fastlora.schedules import resolve
 
+        if grouped == "torch":
+            from fastlora.segments import grouped_segments_linear
+
+            settings = [self.adapter_settings[name] for name in held]
+            return grouped_segments_linear(x, self.weight, self.bias, list(held.values()),
+                                           [self.lora_factors(name) for name in held], [s.scaling for s in settings],
+                                           [s.lora_dropout for s in settings], self.training)
         flat = x.reshape(-1, x.shape[-1])
         flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         index, starts, factors, scalings, dropout = self._grouped_segments(x, held)

@@ -57,36 +57,48 @@ def segment_low_rank(x: Tensor, rows: Tensor, lora_A: Tensor, lora_B: Tensor, sc
 
 class _GroupedSegmentsLowRank(torch.autograd.Function):
     """x (rows, …, K); ``rows`` the rows (dim 0) of every segment, one segment after the other (``counts`` tokens
-    each: its rows times the tokens of a row); per segment a scaling, a dropout p, a seed and its factors A_e
+    each: its rows times the tokens of a row), or None when the segments are x's rows in order (then x is read
+    in place, no rows gathered or scattered); per segment a scaling, a dropout p, a seed and its factors A_e
     (r_e, K), B_e (N, r_e), given flat (A_0, B_0, A_1, B_1, …) so that autograd keeps the parameters themselves,
-    stacked inside (ranks padded with zeros) for the batched products.  Returns the segments' updates, shaped as
-    x[rows] with the last dimension N, in x's dtype."""
+    stacked inside (ranks padded with zeros) for the batched products.
+
+    Without ``weight``: returns the segments' updates, shaped as x[rows] with the last dimension N, in x's dtype.
+    With a frozen ``weight`` (N, K) and ``bias`` of x's dtype: returns x Wᵀ + b, shaped as x with the last
+    dimension N, with each segment's update (rounded to x's dtype) added at its rows, in place: one output and
+    one autograd node for the layer, and backward's dx = dy W with the segments' part added in place."""
 
     @staticmethod
-    def forward(ctx, x, rows, counts, scalings, dropout_ps, seeds, *factors):
+    def forward(ctx, x, weight, bias, rows, counts, scalings, dropout_ps, seeds, *factors):
         lora_A, lora_B = _stacked(factors)
-        stacked = _stack_rows(x, rows, counts, lora_A.dtype)
+        stacked = _stack_rows(x, rows, counts, lora_A.dtype, fresh=any(seed is not None for seed in seeds))
         _drop_segments_(stacked, counts, seeds, dropout_ps)
         keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
         S = torch.bmm(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # the keep scale on the rank-r result
-        update = torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A))
-        ctx.save_for_backward(x, rows, S, *factors, *[seed for seed in seeds if seed is not None])
+        update = _unstack_rows(torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A)), counts)
+        ctx.save_for_backward(x, weight, rows, S, *factors, *[seed for seed in seeds if seed is not None])
         ctx.counts, ctx.scalings, ctx.dropout_ps = counts, scalings, dropout_ps
         ctx.seeded = [seed is not None for seed in seeds]
-        return _unstack_rows(update, counts).to(x.dtype).view(len(rows), *x.shape[1:-1], lora_B.shape[1])
+        if weight is None:
+            return update.to(x.dtype).view(len(rows), *x.shape[1:-1], lora_B.shape[1])
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
+        _add_at_rows_(y, rows, update.to(y.dtype))
+        return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    def backward(ctx, d_update):
-        x, rows, S, *kept = ctx.saved_tensors
+    def backward(ctx, d_out):
+        x, weight, rows, S, *kept = ctx.saved_tensors
         factors = kept[:2 * len(ctx.counts)]
         seeds = iter(kept[2 * len(ctx.counts):])
         seeds = [next(seeds) if seeded else None for seeded in ctx.seeded]
         counts, scalings, dropout_ps = ctx.counts, ctx.scalings, ctx.dropout_ps
         lora_A, lora_B = _stacked(factors)
         need_dx = ctx.needs_input_grad[0]
-        need_dA = any(ctx.needs_input_grad[6::2])
-        need_dB = any(ctx.needs_input_grad[7::2])
-        dy = _stack(d_update.reshape(-1, d_update.shape[-1]).to(lora_A.dtype), counts)
+        need_dA = any(ctx.needs_input_grad[8::2])
+        need_dB = any(ctx.needs_input_grad[9::2])
+        d_flat = d_out.reshape(-1, d_out.shape[-1])
+        d_rows = d_flat if weight is None or rows is None else _rows_of(d_flat, rows, x.shape[0])
+        dy = _stack(d_rows.to(lora_A.dtype), counts)
         dB = torch.bmm(dy.transpose(1, 2), S).mul_(_per_segment(scalings, lora_A)) if need_dB else None
         dx = dA = None
         if need_dx or need_dA:
@@ -104,13 +116,32 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
             if need_dA:
                 dA = torch.bmm(dS_kept.transpose(1, 2), parts[:, 0])
             if need_dx:
-                dx = torch.zeros_like(x).index_add_(0, rows, _unstack_rows(parts[:, -1], counts).to(x.dtype).view(
-                    len(rows), *x.shape[1:]))
+                dx_rows = _unstack_rows(parts[:, -1], counts).to(x.dtype)
+                if weight is None:
+                    dx = torch.zeros_like(x).index_add_(0, rows, dx_rows.view(len(rows), *x.shape[1:]))
+                else:
+                    dx = _add_at_rows_(torch.mm(d_flat, weight), rows, dx_rows).view(x.shape)
         grads = []
         for e, (A, B) in enumerate(zip(factors[0::2], factors[1::2])):
             r = A.shape[0]
             grads += [None if dA is None else dA[e, :r], None if dB is None else dB[e, :, :r]]
-        return (dx, None, None, None, None, None, *grads)
+        return (dx, None, None, None, None, None, None, None, *grads)
+
+
+def _rows_of(flat: Tensor, rows: Tensor, row_count: int) -> Tensor:
+    """The tokens of rows ``rows`` (dim 0 of a tensor of ``row_count`` rows, flattened to (tokens, ·) in ``flat``)."""
+    return flat.view(row_count, -1).index_select(0, rows).view(-1, flat.shape[-1])
+
+
+def _add_at_rows_(out: Tensor, rows: Tensor | None, values: Tensor) -> Tensor:
+    """out (tokens, ·) with ``values`` (the tokens of rows ``rows``, one after the other; every row in order
+    when ``rows`` is None) added at their rows, in place."""
+    if rows is None:
+        return out.add_(values)
+    if rows.numel() > 0:
+        tokens_per_row = values.shape[0] // rows.numel()
+        out.view(-1, tokens_per_row * out.shape[-1]).index_add_(0, rows, values.view(rows.numel(), -1))
+    return out
 
 
 def _stacked(factors) -> tuple[Tensor, Tensor]:
@@ -128,10 +159,14 @@ def _per_segment(values: list[float], like: Tensor) -> Tensor:
     return torch.tensor(values, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device).view(-1, 1, 1)
 
 
-def _stack_rows(x: Tensor, rows: Tensor, counts: list[int], dtype: torch.dtype) -> Tensor:
-    """The tokens of x's rows ``rows`` (segment after segment, ``counts`` tokens each) as a fresh (k, longest, K)
-    stack in ``dtype``, the shorter segments padded with zero rows."""
-    return _stack(x.index_select(0, rows).reshape(-1, x.shape[-1]).to(dtype), counts)
+def _stack_rows(x: Tensor, rows: Tensor | None, counts: list[int], dtype: torch.dtype, fresh: bool = True) -> Tensor:
+    """The tokens of x's rows ``rows`` (segment after segment, ``counts`` tokens each; None: every row in order)
+    as a (k, longest, K) stack in ``dtype``, the shorter segments padded with zero rows: a fresh tensor, or with
+    ``fresh=False`` possibly x's own storage (not to be written)."""
+    if rows is not None:
+        return _stack(x.index_select(0, rows).reshape(-1, x.shape[-1]).to(dtype), counts)
+    flat = x.reshape(-1, x.shape[-1])
+    return _stack(flat.to(dtype, copy=fresh, memory_format=torch.contiguous_format), counts)
 
 
 def _stack(rows: Tensor, counts: list[int]) -> Tensor:
@@ -186,9 +221,30 @@ def grouped_segments_low_rank(x: Tensor, groups: list[Tensor], factors: list[tup
     dimension out_features, in x's dtype, to be accumulated at those rows.  Seeds are drawn one per adapter in
     the order given, as one :func:`segment_low_rank` call per adapter would draw them."""
     rows = torch.cat([group.to(x.device) for group in groups])
-    tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-    counts = [len(group) * tokens_per_row for group in groups]
-    drawn = [dropout_and_seed(p, training, x.device) for p in dropout_ps]
-    update = _GroupedSegmentsLowRank.apply(x, rows, counts, [float(s) for s in scalings], [p for p, _ in drawn],
-                                           [seed for _, seed in drawn], *[t for pair in factors for t in pair])
+    update = _GroupedSegmentsLowRank.apply(x, None, None, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
+                                                                                     training, factors))
     return rows, update
+
+
+def grouped_segments_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: list[Tensor],
+                            factors: list[tuple[Tensor, Tensor]], scalings: list[float], dropout_ps: list[float],
+                            training: bool) -> Tensor:
+    """x Wᵀ + b (W and b frozen, of x's dtype) with every adapter's update (as :func:`grouped_segments_low_rank`
+    computes it, rounded to x's dtype) added at its own rows: one output tensor and one autograd node.  When the
+    groups are x's rows in order (a batch sorted by adapter, no base rows) the rows are read in place, never
+    gathered."""
+    rows = torch.cat([group.to(x.device) for group in groups])
+    if rows.numel() == x.shape[0] and torch.equal(rows, torch.arange(x.shape[0], device=rows.device)):
+        rows = None
+    return _GroupedSegmentsLowRank.apply(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
+                                                                                   training, factors))
+
+
+def _segment_arguments(x: Tensor, groups: list[Tensor], scalings: list[float], dropout_ps: list[float],
+                       training: bool, factors: list[tuple[Tensor, Tensor]]) -> tuple:
+    """(counts, scalings, ps, seeds, *factors flat) of :class:`_GroupedSegmentsLowRank`: each group's tokens,
+    and one seed drawn per adapter in order."""
+    tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+    drawn = [dropout_and_seed(p, training, x.device) for p in dropout_ps]
+    return ([len(group) * tokens_per_row for group in groups], [float(s) for s in scalings], [p for p, _ in drawn],
+            [seed for _, seed in drawn], *[t for pair in factors for t in pair])

@@ -170,23 +170,37 @@ def test_mixed_batch_training_gives_each_adapter_the_gradient_of_its_own_rows():
             assert_close(mixed[id(param)], grad, kind="same_math_cancelling")
 
 
+# Rows per adapter: scattered with a base row (gathered and scattered back), sorted by adapter over every row
+# (read in place), and sorted in equal segments (read in place, no padding).
+GROUPS = {"scattered": {"a": [0, 3, 4], "b": [1], "c": [5]}, "sorted": {"a": [0, 1, 2], "b": [3], "c": [4, 5]},
+          "sorted equal": {"a": [0, 1], "b": [2, 3], "c": [4, 5]}}
+
+
+@pytest.mark.parametrize("rows", list(GROUPS))
 @pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                   (torch.bfloat16, torch.bfloat16)],
                          ids=["fp32", "bf16 x, fp32 adapters", "bf16"])
-def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_masks(dtype, adapter_dtype):
+def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_masks(dtype, adapter_dtype, rows,
+                                                                                  monkeypatch):
     """A layer's mixed batch (adapters of unequal rows, ranks, alphas and dropout; a base row) computes, with
     dropout on, what each adapter's own step computes on its rows when it draws the same seed: outputs and the
     gradients of x and of every factor.  The masks are each adapter's own, on its own rows, as a step of its
-    own draws them."""
+    own draws them.  A batch sorted by adapter is read in place (no rows gathered)."""
+    from fastlora import segments
     from fastlora.adapter_settings import AdapterSettings
     from fastlora.functional import dropout_and_seed
+
+    gathered = []
+    add_at_rows = segments._add_at_rows_
+    monkeypatch.setattr(segments, "_add_at_rows_", lambda out, rows, values: (
+        gathered.append(rows is not None), add_at_rows(out, rows, values))[1])
 
     torch.manual_seed(0)
     layer = fastlora.LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.3, dtype=dtype, adapter_dtype=adapter_dtype,
                                 adapter_name="a")
     layer.add_adapter("b", AdapterSettings(2, 3, 0.1), adapter_dtype=adapter_dtype)
     layer.add_adapter("c", AdapterSettings(8, 16, 0.0), adapter_dtype=adapter_dtype)
-    groups = {"a": torch.tensor([0, 3, 4]), "b": torch.tensor([1]), "c": torch.tensor([5])}  # row 2: the base's
+    groups = {name: torch.tensor(r) for name, r in GROUPS[rows].items()}
     params = [t for name in groups for t in layer.lora_factors(name)]
     with torch.no_grad():
         for t in params:
@@ -200,7 +214,10 @@ def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_mask
 
     x.requires_grad_(True)
     torch.manual_seed(7)
+    x_before = x.detach().clone()
     mixed = grads(layer.mixed_batch_forward(x, groups))
+    assert gathered == [rows == "scattered"] * 2  # forward's update and backward's dx, each added at the rows
+    assert torch.equal(x.detach(), x_before)  # the masks go on copies: x itself is read, never written
 
     y = layer.base_forward(x)
     for i, (name, rows) in enumerate(groups.items()):

@@ -13,7 +13,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["zero_dropped_", "cpu_keep_mask", "rare_dropped_positions", "keep_threshold"]
+__all__ = ["zero_dropped_", "zero_dropped_segments_", "cpu_keep_mask", "rare_dropped_positions", "keep_threshold"]
 
 # The two backends draw different masks for one seed; each is reproducible from it.
 # One generator per thread: reseeding a shared one while another thread draws from it would mix masks.
@@ -98,20 +98,83 @@ def _rare_positions(generator: torch.Generator, numel: int, q: float) -> Tensor:
     found = []
     start = 0  # the first position the next gap counts from
     while start < numel:
-        left = numel - start
-        count = int(left * q + 6.0 * math.sqrt(left * q * (1.0 - q))) + 64
+        count = _draw_count(numel - start, q)
         words = torch.empty((count + 1) // 2, dtype=torch.int64).random_(-(2**63), None, generator=generator)
-        # 23-bit uniforms u = (k + 1/2) / 2^23, k < 2^23: exact in float32, never 0 or 1 (log u is finite, < 0)
-        # (k - 2^22 for the word's top 23 bits k, exact in float32; + 2^22 + 1/2 is exact too)
-        centred = words.view(torch.int32)[:count].bitwise_right_shift(9).to(torch.float32)
-        u = centred.add_(2**22 + 0.5).mul_(2.0**-23)
-        # A gap past numel ends the draw either way; clamping first keeps a tiny q's astronomically long gaps (up
-        # to inf) from overflowing int64 (positions before the first such gap are unchanged).  The gaps are
-        # positive, so the conversion's truncation is their floor.
-        gaps = u.log_().mul_(inv_log_not_q).clamp_(max=numel)
-        # position of the j-th marked element: start + Σ_{i≤j} (gap_i + 1) - 1
-        positions = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        positions = _positions(words.view(torch.int32)[:count], inv_log_not_q, numel, start)
         inside = int(torch.searchsorted(positions, numel))
         found.append(positions[:inside])
         start = numel if inside < count else int(positions[-1]) + 1
     return found[0] if len(found) == 1 else torch.cat(found)
+
+
+def _draw_count(left: int, q: float) -> int:
+    """Gaps drawn in one batch for ``left`` positions: the expected count plus six standard deviations."""
+    return int(left * q + 6.0 * math.sqrt(left * q * (1.0 - q))) + 64
+
+
+def _positions(words: Tensor, inv_log_not_q: float | Tensor, numel: int | Tensor, start: int) -> Tensor:
+    """Positions (along the last dimension, from ``start``) of the marked elements whose geometric gaps the int32
+    ``words`` give; ``inv_log_not_q`` = 1 / log(1 - q) and ``numel`` scalars, or (n, 1) float32 columns for n rows
+    of words (the same values per row as the scalars give)."""
+    # 23-bit uniforms u = (k + 1/2) / 2^23, k < 2^23: exact in float32, never 0 or 1 (log u is finite, < 0)
+    # (k - 2^22 for the word's top 23 bits k, exact in float32; + 2^22 + 1/2 is exact too)
+    u = words.bitwise_right_shift(9).to(torch.float32).add_(2**22 + 0.5).mul_(2.0**-23)
+    # A gap past numel ends the draw either way; clamping first keeps a tiny q's astronomically long gaps (up
+    # to inf) from overflowing int64 (positions before the first such gap are unchanged).  The gaps are
+    # positive, so the conversion's truncation is their floor.
+    gaps = u.log_().mul_(inv_log_not_q).clamp_(max=numel)
+    # position of the j-th marked element: start + Σ_{i≤j} (gap_i + 1) - 1
+    return gaps.to(torch.int64).add_(1).cumsum_(-1).add_(start - 1)
+
+
+def zero_dropped_segments_(stacked: Tensor, counts: list[int], seeds: list[int | None],
+                           dropout_ps: list[float]) -> Tensor:
+    """For each segment e of the contiguous ``stacked`` (k, longest, K) or (k, parts, longest, K), multiply by 0 in
+    place what the mask of ``(seeds[e], dropout_ps[e])`` drops in its first ``counts[e]`` rows (each part alike):
+    the mask :func:`zero_dropped_` applies to those rows, element for element (None or p = 0: no dropout).  The
+    rare-drop segments' positions come from one batch of ops for all of them (one seeded draw each), the others
+    from one :func:`zero_dropped_` call each."""
+    if not stacked.is_contiguous():
+        raise ValueError("zero_dropped_segments_ needs a contiguous tensor")
+    k, longest, K = stacked.shape[0], stacked.shape[-2], stacked.shape[-1]
+    parts = stacked.shape[1] if stacked.dim() == 4 else 1
+    dropping = [e for e in range(k) if seeds[e] is not None and dropout_ps[e] > 0.0 and counts[e] > 0]
+    rare = [e for e in dropping if dropout_ps[e] <= _GEOMETRIC_MAX_Q]
+    positions, inside = _rare_positions_batched([seeds[e] for e in rare], [counts[e] * K for e in rare],
+                                                [dropout_ps[e] for e in rare])
+    one_by_one = [e for e in dropping if e not in rare] + [e for e, n in zip(rare, inside) if n is None]
+    if positions is not None:
+        segment_starts = torch.tensor([e * parts * longest * K for e in rare], dtype=torch.int64).view(-1, 1)
+        taken = torch.tensor([n or 0 for n in inside]).view(-1, 1)
+        flat = (positions + segment_starts)[torch.arange(positions.shape[1]) < taken]
+        if parts > 1:
+            flat = (flat + (torch.arange(parts) * (longest * K)).view(-1, 1)).view(-1)
+        flat = flat.to(stacked.device)
+        every = stacked.view(-1)
+        if not stacked.is_floating_point() or math.isfinite(stacked.sum().item()):
+            every.index_fill_(0, flat, 0)
+        else:  # x ⊙ m: a dropped NaN or Inf stays NaN
+            every.index_copy_(0, flat, every.index_select(0, flat).mul_(0))
+    for e in one_by_one:
+        segment = stacked[e]
+        for part in (segment,) if stacked.dim() == 3 or counts[e] == longest else segment:
+            zero_dropped_(part[..., :counts[e], :], seeds[e], dropout_ps[e])
+    return stacked
+
+
+def _rare_positions_batched(seeds: list[int], numels: list[int], qs: list[float]) -> tuple[Tensor | None, list]:
+    """:func:`_rare_positions` of several (seed, numel, q) at once: (positions, one row per draw, each row's
+    first ``inside[i]`` valid; inside[i] None where one batch of gaps ended short of numel, a draw to make alone)."""
+    if not seeds:
+        return None, []
+    generator = _seeded_generator(0)  # this thread's, reseeded for each draw
+    draws = [_draw_count(numel, q) for numel, q in zip(numels, qs)]
+    words = torch.zeros(len(seeds), (max(draws) + 1) // 2, dtype=torch.int64)
+    for row, seed, count in zip(words, seeds, draws):
+        generator.manual_seed(int(seed))
+        row[:(count + 1) // 2].random_(-(2**63), None, generator=generator)
+    inv = torch.tensor([1.0 / math.log1p(-q) for q in qs], dtype=torch.float32).view(-1, 1)
+    limit = torch.tensor(numels, dtype=torch.float32).view(-1, 1)
+    positions = _positions(words.view(torch.int32)[:, :max(draws)], inv, limit, 0)
+    inside = torch.searchsorted(positions, torch.tensor(numels, dtype=torch.int64).view(-1, 1)).view(-1).tolist()
+    return positions, [n if n < count else None for n, count in zip(inside, draws)]

@@ -119,8 +119,9 @@ def stack_factors(factors: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]
     """(A_e stacked (E, r, in), B_e stacked (E, out, r)) from (A_e, B_e) pairs, ranks padded to the largest with
     zeros (differentiable: each A_e, B_e gets its own gradient back)."""
     r = max(A.shape[0] for A, _ in factors)
-    return (torch.stack([F.pad(A, (0, 0, 0, r - A.shape[0])) for A, _ in factors]),
-            torch.stack([F.pad(B, (0, r - B.shape[1])) for _, B in factors]))
+    # (F.pad copies even when it pads nothing: the factors of the largest rank go to the stack as they are)
+    return (torch.stack([A if A.shape[0] == r else F.pad(A, (0, 0, 0, r - A.shape[0])) for A, _ in factors]),
+            torch.stack([B if B.shape[1] == r else F.pad(B, (0, r - B.shape[1])) for _, B in factors]))
 
 
 def grouped_lora(x: Tensor, per_segment_A: Tensor, per_segment_B: Tensor, starts: Tensor, scalings: list[float],

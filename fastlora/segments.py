@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastlora import torch_path
+from fastlora import cpu_masks, torch_path
 from fastlora.functional import dropout_and_seed
 from fastlora.ops import keep_fn
 
@@ -200,7 +200,10 @@ def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | Non
     """Each segment's rows ⊙ its mask, in place: the mask of (seed, p) on the segment's own (rows × K), as one
     adapter's call draws it.  ``stacked`` is (k, longest, K), or (k, parts, longest, K) for parts that share
     their segment's mask (drawn once for all of them where the segment is the longest)."""
-    for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):
+    if type(stacked) is Tensor and not torch.compiler.is_compiling():  # eager: the rare drops in one batch of ops
+        return cpu_masks.zero_dropped_segments_(stacked, counts, [None if s is None else int(s) for s in seeds],
+                                                dropout_ps)
+    for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):  # traced: the registered op per segment
         keep = keep_fn(seed, p)
         if keep is None:
             continue

@@ -711,5 +711,9 @@ def test_step_cases_run_every_provider_and_write_their_results(tmp_path, capsys)
         assert rows["fastlora"]["trainable_params"] == rows["peft"]["trainable_params"] > 0
         assert rows["frozen"]["trainable_params"] == 0
     mixed = [r for r in doc["rows"] if r["step"] == "mixed-batch"]
-    assert [r["adapters"] for r in mixed] == [1, 2] and all(r["fastlora-mixed_ms"] > 0 for r in mixed)
-    assert "gpt2: GPT-2" in capsys.readouterr().out
+    assert [r["adapters"] for r in mixed] == [1, 2]
+    for r in mixed:
+        assert r["fastlora-mixed_ms"] > 0 and r["fastlora-one-adapter_ms"] > 0
+        assert r["one_adapter_over_separate"] == round(r["fastlora-one-adapter_ms"] / r["fastlora-separate_ms"], 3)
+    printed = capsys.readouterr().out
+    assert "gpt2: GPT-2" in printed and "one adapter" in printed

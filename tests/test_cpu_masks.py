@@ -91,3 +91,50 @@ def test_a_vanishing_dropout_probability_drops_nothing_and_does_not_fail(p):
     for shape in [(1, 1), (7, 13)]:
         assert cpu_masks.cpu_keep_mask(3, shape, p).all()
     assert cpu_masks.rare_dropped_positions(3, 7, 13, p)[0].numel() == 0
+
+
+def _one_segment_at_a_time(stacked, counts, seeds, ps):
+    """Each segment's mask as one zero_dropped_ call on its rows draws it (each part of a 4-D stack alike)."""
+    for e, (count, seed, p) in enumerate(zip(counts, seeds, ps)):
+        if seed is None or p == 0.0 or count == 0:
+            continue
+        segment = stacked[e]
+        for part in (segment,) if segment.dim() == 2 or count == segment.shape[-2] else segment:
+            cpu_masks.zero_dropped_(part[..., :count, :], seed, p)
+    return stacked
+
+
+def _same(a, b):
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_segments_masks_are_each_segments_own_call():
+    """zero_dropped_segments_ (the rare-drop segments drawn in one batch of ops) applies, element for element, the
+    mask one zero_dropped_ call per segment applies: unequal and empty segments, every sampler, no seed, parts
+    sharing a mask, NaNs (dropped ones stay NaN), three dtypes."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(150):
+        k, K, longest = rng.randint(1, 6), rng.choice([1, 3, 16, 64]), rng.randint(1, 40)
+        counts = [rng.randint(0, longest) for _ in range(k)]
+        counts[rng.randrange(k)] = longest
+        seeds = [rng.choice([None, rng.randrange(2**62)]) for _ in range(k)]
+        ps = [rng.choice([0.0, 1e-6, 0.05, 0.1, 0.15, 0.3, 0.9]) for _ in range(k)]
+        parts = rng.choice([(), (1,), (2,)])
+        t = torch.randn(k, *parts, longest, K, dtype=rng.choice([torch.float32, torch.float64, torch.bfloat16]))
+        if rng.random() < 0.3:
+            t.view(-1)[rng.randrange(t.numel())] = float("nan")
+        expected = _one_segment_at_a_time(t.clone(), counts, seeds, ps)
+        assert _same(cpu_masks.zero_dropped_segments_(t.clone(), counts, seeds, ps), expected), (counts, seeds, ps)
+
+
+def test_segments_masks_whose_batch_of_gaps_ends_short(monkeypatch):
+    """A segment whose first batch of gaps ends before its last element (six standard deviations off, forced here
+    with batches of 5 gaps) is drawn again on its own: still its own call's mask."""
+    monkeypatch.setattr(cpu_masks, "_draw_count", lambda left, q: 5)
+    t = torch.randn(3, 2, 8, 16)
+    counts, seeds, ps = [8, 5, 8], [11, 12, 13], [0.1, 0.15, 0.05]
+    expected = _one_segment_at_a_time(t.clone(), counts, seeds, ps)
+    assert (expected == 0).sum() > 30  # the many short batches drew the whole mask
+    assert _same(cpu_masks.zero_dropped_segments_(t.clone(), counts, seeds, ps), expected)

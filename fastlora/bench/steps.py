@@ -201,6 +201,8 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
 
         fastlora-mixed      one training step (forward, loss, backward) over the k·batch rows, ``adapter_names=``
         fastlora-separate   k training steps, one per adapter (``set_adapter``), each over its own rows
+        fastlora-one-adapter  one training step of one adapter over all k·batch rows: the floor a mixed step
+                            approaches (the same tokens, one adapter's masks and products)
         fastlora-mixed-fwd  the mixed forward alone, in eval mode without autograd
         peft-mixed-fwd      PEFT's mixed forward, the same way (PEFT cannot train a mixed batch)
 
@@ -244,6 +246,12 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
             ours.zero_grad(set_to_none=True)
             ours.set_requires_grad(names)
 
+        def one_adapter_step():
+            ours.set_adapter(names[0])
+            ours(input_ids=ids, labels=ids).loss.backward()
+            ours.zero_grad(set_to_none=True)
+            ours.set_requires_grad(names)
+
         def mixed_forward(model):
             training = model.training
             model.eval()
@@ -252,6 +260,7 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
             model.train(training)
 
         medians = _interleaved({"fastlora-mixed": mixed_step, "fastlora-separate": separate_steps,
+                                "fastlora-one-adapter": one_adapter_step,
                                 "fastlora-mixed-fwd": lambda: mixed_forward(ours),
                                 "peft-mixed-fwd": lambda: mixed_forward(theirs)}, warmup, repeats, device)
         mixed_bytes = _saved_bytes(ours, lambda: ours(input_ids=ids, labels=ids, adapter_names=per_row).loss)
@@ -263,6 +272,7 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
                **{f"{name}_ms": round(1000 * m, 2) for name, m in medians.items()},
                "saved_bytes_mixed": mixed_bytes, "saved_bytes_one_adapter": one_bytes}
         row["mixed_over_separate"] = round(row["fastlora-mixed_ms"] / row["fastlora-separate_ms"], 3)
+        row["one_adapter_over_separate"] = round(row["fastlora-one-adapter_ms"] / row["fastlora-separate_ms"], 3)
         rows.append(row)
     return rows
 
@@ -273,11 +283,12 @@ def format_step_rows(rows: list[dict]) -> str:
     for name in dict.fromkeys(r["step"] for r in rows):
         case_rows = [r for r in rows if r["step"] == name]
         if name == "mixed-batch":
-            lines.append(f"mixed-batch  {'k':>3} {'mixed':>9} {'separate':>9} {'ratio':>6} {'mixed fwd':>10} "
-                         f"{'peft fwd':>9} {'saved mixed':>12} {'saved one':>12}")
+            lines.append(f"mixed-batch  {'k':>3} {'mixed':>9} {'separate':>9} {'ratio':>6} {'one adapter':>11} "
+                         f"{'ratio':>6} {'mixed fwd':>10} {'peft fwd':>9} {'saved mixed':>12} {'saved one':>12}")
             for r in case_rows:
                 lines.append(f"{'':13}{r['adapters']:>3} {r['fastlora-mixed_ms']:>7.1f}ms {r['fastlora-separate_ms']:>7.1f}ms "
-                             f"{r['mixed_over_separate']:>6.2f} {r['fastlora-mixed-fwd_ms']:>8.1f}ms "
+                             f"{r['mixed_over_separate']:>6.2f} {r['fastlora-one-adapter_ms']:>9.1f}ms "
+                             f"{r['one_adapter_over_separate']:>6.2f} {r['fastlora-mixed-fwd_ms']:>8.1f}ms "
                              f"{r['peft-mixed-fwd_ms']:>7.1f}ms {r['saved_bytes_mixed']:>12,d} "
                              f"{r['saved_bytes_one_adapter']:>12,d}")
             continue

@@ -561,6 +561,8 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{self.row_count} and {x.shape[0]} respectively.")
         held = {name: index for name, index in row_adapters.items() if name in self.adapter_settings}
+        if self.adapter_enabled and self._one_adapter_for_every_row(x, held):
+            return self.adapted_forward(x, list(held))  # that adapter's own forward, its seed drawn alike
         grouped = self._grouped_rows(x, held) if held and self.adapter_enabled else None
         if grouped is not None and self._frozen_dense_base(x):  # the base product takes every adapter's update
             return self.grouped_rows_forward(x, held, grouped)
@@ -580,6 +582,14 @@ class LoRALinear(nn.Linear):
             # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
             result.index_put_((index,), self.rows_update(x, index, name).to(result.dtype), accumulate=True)
         return result
+
+    def _one_adapter_for_every_row(self, x: Tensor, held: dict[str, Tensor]) -> bool:
+        """Whether one LoRA adapter takes every row of x, in order (a mixed batch of one name)."""
+        if len(held) != 1:
+            return False
+        (name, rows), = held.items()
+        return (self.magnitude(name) is None and rows.numel() == x.shape[0]
+                and torch.equal(rows, torch.arange(x.shape[0], device=rows.device)))
 
     def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> str | None:
         """How a mixed batch's updates run all at once: "kernels" (:meth:`grouped_rows_update`, on the kernels'

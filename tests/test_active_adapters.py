@@ -234,6 +234,32 @@ def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_mask
         assert_close(got, want, kind="same_math", msg=f"output / gradient {i}")
 
 
+def test_a_mixed_batch_of_one_adapter_is_that_adapters_forward():
+    """Every row naming one adapter: the layer's forward with that adapter active, bit for bit, its mask drawn
+    from the same seed (output and gradients), whichever adapter is active."""
+    from fastlora.adapter_settings import AdapterSettings
+
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.2, adapter_name="a")
+    layer.add_adapter("b", AdapterSettings(2, 3, 0.1))
+    with torch.no_grad():
+        for name in ("a", "b"):
+            layer.lora_factors(name)[1].normal_()
+    layer.train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    dy = torch.randn(3, 5, 12)
+    params = [x, *layer.lora_factors("b")]
+    torch.manual_seed(4)
+    mixed = layer.mixed_batch_forward(x, {"b": torch.arange(3)})
+    mixed_grads = torch.autograd.grad(mixed, params, dy)
+    layer.set_adapter("b")
+    torch.manual_seed(4)
+    alone = layer(x)
+    assert torch.equal(mixed, alone)
+    for got, want in zip(mixed_grads, torch.autograd.grad(alone, params, dy)):
+        assert torch.equal(got, want)
+
+
 def test_a_mixed_batch_keeps_what_one_adapter_keeps():
     """Autograd keeps x once per layer (the rows are gathered again in backward), each adapter's S and its rows'
     indices: the one-adapter step's bytes plus a few indices, with dropout on."""
@@ -298,6 +324,7 @@ def test_a_mixed_batch_naming_a_dora_adapter_is_refused_as_peft_refuses_it():
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
         theirs(input_ids=ids, adapter_names=["dora", "default"])
     before = snapshot(ours)
-    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
-        ours(input_ids=ids, adapter_names=["dora", "default"])
+    for names in (["dora", "default"], ["dora", "dora"]):
+        with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
+            ours(input_ids=ids, adapter_names=names)
     assert_unchanged(ours, before)

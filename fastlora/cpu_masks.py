@@ -131,7 +131,8 @@ def zero_dropped_segments_(stacked: Tensor, counts: list[int], seeds: list[int |
                            dropout_ps: list[float]) -> Tensor:
     """For each segment e of the contiguous ``stacked`` (k, longest, K) or (k, parts, longest, K), multiply by 0 in
     place what the mask of ``(seeds[e], dropout_ps[e])`` drops in its first ``counts[e]`` rows (each part alike):
-    the mask :func:`zero_dropped_` applies to those rows, element for element (None or p = 0: no dropout).  The
+    the mask :func:`zero_dropped_` applies to those rows, element for element (None or p = 0: no dropout; where
+    the stack holds a NaN or Inf, a dropped finite element may become -0.0 where that call gives 0.0).  The
     rare-drop segments' positions come from one batch of ops for all of them (one seeded draw each), the others
     from one :func:`zero_dropped_` call each."""
     if not stacked.is_contiguous():

@@ -555,8 +555,11 @@ class LoRALinear(nn.Linear):
     def mixed_batch_forward(self, x: Tensor, row_adapters: dict[str, Tensor]) -> Tensor:
         """The base output for every row of x (dim 0), plus for each adapter its update on its own rows
         (``row_adapters``: name → row indices; rows of ``"__base__"``, or of an adapter this layer does not hold,
-        get the base output alone).  Per adapter: one gather of its rows, one update, one in-place accumulate;
-        gradients reach each adapter from its rows only, so a mixed batch also trains."""
+        get the base output alone); gradients reach each adapter from its rows only, so a mixed batch also trains.
+        Every row one adapter's: that adapter's own forward.  Else, where the adapters allow (:meth:`_grouped_rows`),
+        every adapter's rows at once: over a frozen dense base in the base product's own autograd node
+        (:meth:`grouped_rows_forward`, a batch sorted by adapter read in place), else added to the base output;
+        otherwise per adapter one gather of its rows, one update and one in-place accumulate."""
         if self.row_count is not None and x.shape[0] != self.row_count:  # PEFT's check, in every layer
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{self.row_count} and {x.shape[0]} respectively.")
@@ -592,9 +595,10 @@ class LoRALinear(nn.Linear):
                 and torch.equal(rows, torch.arange(x.shape[0], device=rows.device)))
 
     def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> str | None:
-        """How a mixed batch's updates run all at once: "kernels" (:meth:`grouped_rows_update`, on the kernels'
-        schedule within one launch's positions), "torch" (:meth:`_add_batched_rows_update`, the torch path's batched
-        products), or None (one update per adapter, :meth:`rows_update`).  Grouped only for LoRA adapters of one
+        """How a mixed batch's updates run all at once: "kernels" (on the kernels' schedule within one launch's
+        positions: :meth:`grouped_rows_forward` over a frozen dense base, else :meth:`grouped_rows_update`), "torch"
+        (the torch path's batched products: :meth:`grouped_rows_forward`, else :meth:`_add_batched_rows_update`), or
+        None (one update per adapter, :meth:`rows_update`).  Grouped only for LoRA adapters of one
         dtype without a bias on B, in a layer whose rows' update is the dense one, outside autocast (whose casts
         the per-adapter path follows)."""
         kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)

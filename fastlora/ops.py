@@ -50,9 +50,10 @@ def keep_fn(seed: Optional[Tensor], dropout_p: float, philox: bool = False) -> t
             from fastlora.kernels import launchers as kernels
 
             return kernels.zero_dropped_(t, seed, dropout_p)
-        if type(t) is Tensor and not torch.compiler.is_compiling():
+        if type(t) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             # Eager: the function itself.  Dispatching the registered op costs ~50 µs of Python per call, as much
-            # as drawing a small mask; tracing (torch.compile, export: a subclass such as a FakeTensor) needs the op.
+            # as drawing a small mask; tracing (torch.compile, export: a subclass such as a FakeTensor; jit.trace)
+            # needs the op, so that the mask is drawn when the trace runs, not once into it.
             return cpu_masks.zero_dropped_(t, int(seed), dropout_p)
         cpu_zero_dropped_(t, seed, dropout_p)
         return t

@@ -46,7 +46,8 @@ def is_bnb_linear(module: nn.Module) -> bool:
 class LoRAQuantizedLinear(LoRALinear):
     """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ for a bitsandbytes 4-bit or 8-bit Linear ``base_layer``."""
 
-    # bitsandbytes' output is not modified in place (PEFT clones it too before adding to it)
+    # A mixed batch copies bitsandbytes' output before its indexed adds (PEFT clones it too before adding to it);
+    # one adapter's term goes into it in place where autograd allows that: no view (see _adds_in_place).
     CLONE_BASE_OUTPUT = True
 
     @classmethod

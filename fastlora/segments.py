@@ -5,10 +5,13 @@
 :func:`segment_low_rank` computes one adapter's; :func:`grouped_segments_low_rank` every adapter's at once, as
 batched products over the segments stacked (k, rows, ·), padded to the longest with zero rows and ranks padded
 to the largest with zeros: a fixed number of ops per layer whatever the number of adapters, each adapter's
-mask drawn from its own seed on its own rows exactly as :func:`segment_low_rank` draws it.  What autograd keeps
-in both: x itself (the same storage the base product keeps, so no copy of the rows), the row indices, the
-rank-r S and the seeds; backward gathers the rows again and regenerates the masks.  dx is the rows' gradient
-scattered into a zero tensor of x's shape.
+mask drawn from its own seed on its own rows exactly as :func:`segment_low_rank` draws it (the rare-drop masks
+of all of them in one batch of ops, :func:`fastlora.cpu_masks.zero_dropped_segments_`).
+:func:`grouped_segments_linear` adds the frozen base product, x Wᵀ + b, in the same autograd node, and reads a
+batch sorted by adapter in place.  What autograd keeps in all three: x itself (the same storage the base
+product keeps, so no copy of the rows), the row indices, the rank-r S and the seeds; backward gathers the rows
+again (not for a sorted batch) and regenerates the masks.  dx is the rows' gradient scattered into a zero tensor
+of x's shape, or, with the base product, added at the rows into dy W.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from fastlora import cpu_masks, torch_path
 from fastlora.functional import dropout_and_seed
 from fastlora.ops import keep_fn
 
-__all__ = ["segment_low_rank", "grouped_segments_low_rank"]
+__all__ = ["segment_low_rank", "grouped_segments_low_rank", "grouped_segments_linear"]
 
 
 class _SegmentLowRank(torch.autograd.Function):
@@ -62,10 +65,11 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
     (r_e, K), B_e (N, r_e), given flat (A_0, B_0, A_1, B_1, …) so that autograd keeps the parameters themselves,
     stacked inside (ranks padded with zeros) for the batched products.
 
-    Without ``weight``: returns the segments' updates, shaped as x[rows] with the last dimension N, in x's dtype.
-    With a frozen ``weight`` (N, K) and ``bias`` of x's dtype: returns x Wᵀ + b, shaped as x with the last
-    dimension N, with each segment's update (rounded to x's dtype) added at its rows, in place: one output and
-    one autograd node for the layer, and backward's dx = dy W with the segments' part added in place."""
+    Without ``weight``: returns the segments' updates (their tokens, N), in x's dtype.  With a frozen ``weight``
+    (N, K) and ``bias`` of x's dtype: returns x Wᵀ + b (x's tokens, N) with each segment's update (rounded to x's
+    dtype) added at its rows, in place: one output and one autograd node for the layer, and backward's
+    dx = dy W with the segments' part added in place.  The outputs are 2-D (the callers shape them); the base
+    product's is no view, so that the layer's output may be changed in place."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, counts, scalings, dropout_ps, seeds, *factors):
@@ -78,12 +82,11 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
         ctx.save_for_backward(x, weight, rows, S, *factors, *[seed for seed in seeds if seed is not None])
         ctx.counts, ctx.scalings, ctx.dropout_ps = counts, scalings, dropout_ps
         ctx.seeded = [seed is not None for seed in seeds]
-        if weight is None:
-            return update.to(x.dtype).view(len(rows), *x.shape[1:-1], lora_B.shape[1])
+        if weight is None:  # (the callers add it into the base output, never change it in place)
+            return update.to(x.dtype)
         flat = x.reshape(-1, x.shape[-1])
         y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
-        _add_at_rows_(y, rows, update.to(y.dtype))
-        return y.view(*x.shape[:-1], weight.shape[0])
+        return _add_at_rows_(y, rows, update.to(y.dtype))
 
     @staticmethod
     def backward(ctx, d_out):
@@ -129,8 +132,11 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
 
 
 def _rows_of(flat: Tensor, rows: Tensor, row_count: int) -> Tensor:
-    """The tokens of rows ``rows`` (dim 0 of a tensor of ``row_count`` rows, flattened to (tokens, ·) in ``flat``)."""
-    return flat.view(row_count, -1).index_select(0, rows).view(-1, flat.shape[-1])
+    """The tokens of rows ``rows`` (dim 0 of a tensor of ``row_count`` rows, flattened to (tokens, ·) in ``flat``,
+    any strides)."""
+    tokens_per_row = flat.shape[0] // max(row_count, 1)
+    by_row = flat.reshape(row_count, tokens_per_row, flat.shape[-1])
+    return by_row.index_select(0, rows).reshape(-1, flat.shape[-1])
 
 
 def _add_at_rows_(out: Tensor, rows: Tensor | None, values: Tensor) -> Tensor:
@@ -138,7 +144,7 @@ def _add_at_rows_(out: Tensor, rows: Tensor | None, values: Tensor) -> Tensor:
     when ``rows`` is None) added at their rows, in place."""
     if rows is None:
         return out.add_(values)
-    if rows.numel() > 0:
+    if values.numel() > 0:
         tokens_per_row = values.shape[0] // rows.numel()
         out.view(-1, tokens_per_row * out.shape[-1]).index_add_(0, rows, values.view(rows.numel(), -1))
     return out
@@ -200,7 +206,8 @@ def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | Non
     """Each segment's rows ⊙ its mask, in place: the mask of (seed, p) on the segment's own (rows × K), as one
     adapter's call draws it.  ``stacked`` is (k, longest, K), or (k, parts, longest, K) for parts that share
     their segment's mask (drawn once for all of them where the segment is the longest)."""
-    if type(stacked) is Tensor and not torch.compiler.is_compiling():  # eager: the rare drops in one batch of ops
+    if type(stacked) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+        # eager: the rare drops in one batch of ops
         return cpu_masks.zero_dropped_segments_(stacked, counts, [None if s is None else int(s) for s in seeds],
                                                 dropout_ps)
     for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):  # traced: the registered op per segment
@@ -226,7 +233,7 @@ def grouped_segments_low_rank(x: Tensor, groups: list[Tensor], factors: list[tup
     rows = torch.cat([group.to(x.device) for group in groups])
     update = _GroupedSegmentsLowRank.apply(x, None, None, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
                                                                                      training, factors))
-    return rows, update
+    return rows, update.view(len(rows), *x.shape[1:-1], factors[0][1].shape[0])
 
 
 def grouped_segments_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: list[Tensor],
@@ -236,11 +243,12 @@ def grouped_segments_linear(x: Tensor, weight: Tensor, bias: Tensor | None, grou
     computes it, rounded to x's dtype) added at its own rows: one output tensor and one autograd node.  When the
     groups are x's rows in order (a batch sorted by adapter, no base rows) the rows are read in place, never
     gathered."""
-    rows = torch.cat([group.to(x.device) for group in groups])
-    if rows.numel() == x.shape[0] and torch.equal(rows, torch.arange(x.shape[0], device=rows.device)):
-        rows = None
-    return _GroupedSegmentsLowRank.apply(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
-                                                                                   training, factors))
+    rows = torch.cat(groups)  # checked where the groups are (the CPU, as PeftModel builds them): no device sync
+    in_order = rows.numel() == x.shape[0] and torch.equal(rows, torch.arange(x.shape[0], device=rows.device))
+    rows = None if in_order else rows.to(x.device)
+    y = _GroupedSegmentsLowRank.apply(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
+                                                                                training, factors))
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _segment_arguments(x: Tensor, groups: list[Tensor], scalings: list[float], dropout_ps: list[float],

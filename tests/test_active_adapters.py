@@ -234,6 +234,40 @@ def test_mixed_batch_with_dropout_equals_one_step_per_adapter_with_the_same_mask
         assert_close(got, want, kind="same_math", msg=f"output / gradient {i}")
 
 
+@pytest.mark.parametrize("rows", ["scattered", "sorted"])
+def test_a_mixed_batch_output_takes_in_place_ops_strided_gradients_and_empty_rows(rows):
+    """The layer's mixed-batch output is an ordinary tensor: an in-place op on it (as an activation's ``relu_``
+    or a residual ``+=``) and a gradient that reaches it as a slice of a wider one (``torch.cat`` along the last
+    dimension) give the gradients the plain expression gives; rows of no tokens pass through."""
+    from fastlora.adapter_settings import AdapterSettings
+
+    torch.manual_seed(0)
+    layer = fastlora.LoRALinear(16, 12, r=4, lora_alpha=8, adapter_name="a")
+    layer.add_adapter("b", AdapterSettings(2, 3, 0.0))
+    with torch.no_grad():
+        for name in ("a", "b"):
+            layer.lora_factors(name)[1].normal_()
+    groups = {name: torch.tensor(r) for name, r in GROUPS[rows].items() if name != "c"}
+    count = sum(len(r) for r in groups.values()) + (rows == "scattered")  # the scattered one has a base row
+    x = torch.randn(count, 5, 16, requires_grad=True)
+    params = [x, *layer.lora_factors("a"), *layer.lora_factors("b")]
+    dy = torch.randn(count, 5, 24)
+    plain = torch.autograd.grad(layer.mixed_batch_forward(x, groups), params, dy[..., :12].contiguous())
+    y = layer.mixed_batch_forward(x, groups)
+    beside = torch.zeros_like(y)  # y's gradient: a strided slice of dy
+    for got, want in zip(torch.autograd.grad(torch.cat([y, beside], -1), params, dy), plain):
+        assert_close(got, want, kind="same_math")
+    y = layer.mixed_batch_forward(x, groups)
+    y.mul_(2)
+    for got, want in zip(torch.autograd.grad(y, params, dy[..., :12] / 2), plain):
+        assert_close(got, want, kind="same_math")
+    empty = torch.randn(count, 0, 16, requires_grad=True)
+    out = layer.mixed_batch_forward(empty, groups)
+    assert out.shape == (count, 0, 12)
+    out.sum().backward()
+    assert empty.grad.shape == empty.shape
+
+
 def test_a_mixed_batch_of_one_adapter_is_that_adapters_forward():
     """Every row naming one adapter: the layer's forward with that adapter active, bit for bit, its mask drawn
     from the same seed (output and gradients), whichever adapter is active."""
@@ -261,8 +295,8 @@ def test_a_mixed_batch_of_one_adapter_is_that_adapters_forward():
 
 
 def test_a_mixed_batch_keeps_what_one_adapter_keeps():
-    """Autograd keeps x once per layer (the rows are gathered again in backward), each adapter's S and its rows'
-    indices: the one-adapter step's bytes plus a few indices, with dropout on."""
+    """Autograd keeps x once per layer (the rows are gathered again in backward, or read in place when sorted),
+    each adapter's S and its rows' indices: the one-adapter step's bytes plus a few indices, with dropout on."""
     from fastlora.bench.measure import SavedTensorCounter, module_tensors
 
     _, ours = _pair()

@@ -77,7 +77,7 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
         stacked = _stack_rows(x, rows, counts, lora_A.dtype, fresh=any(seed is not None for seed in seeds))
         _drop_segments_(stacked, counts, seeds, dropout_ps)
         keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
-        S = torch.bmm(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # the keep scale on the rank-r result
+        S = torch_path.mm_rank_columns(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # keep scale on rank-r S
         update = _unstack_rows(torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A)), counts)
         ctx.save_for_backward(x, weight, rows, S, *factors, *[seed for seed in seeds if seed is not None])
         ctx.counts, ctx.scalings, ctx.dropout_ps = counts, scalings, dropout_ps
@@ -102,12 +102,14 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
         d_flat = d_out.reshape(-1, d_out.shape[-1])
         d_rows = d_flat if weight is None or rows is None else _rows_of(d_flat, rows, x.shape[0])
         dy = _stack(d_rows.to(lora_A.dtype), counts)
-        dB = torch.bmm(dy.transpose(1, 2), S).mul_(_per_segment(scalings, lora_A)) if need_dB else None
+        dB = None
+        if need_dB:
+            dB = torch_path.mm_rank_columns(dy.transpose(1, 2), S).mul_(_per_segment(scalings, lora_A))
         dx = dA = None
         if need_dx or need_dA:
             # dS · 1/(1-p) per segment, so the masked products below need no M × K scaling pass
-            dS_kept = torch.bmm(dy, lora_B).mul_(_per_segment([s / (1.0 - p) for s, p in zip(scalings, dropout_ps)],
-                                                              lora_A))
+            dS_kept = torch_path.mm_rank_columns(dy, lora_B).mul_(
+                _per_segment([s / (1.0 - p) for s, p in zip(scalings, dropout_ps)], lora_A))
             # x's rows and the dx part side by side, so that each segment's mask is regenerated once for both
             parts = torch.empty((len(counts), int(need_dA) + int(need_dx), max(counts), x.shape[-1]),
                                 dtype=lora_A.dtype, device=x.device)

@@ -136,12 +136,14 @@ def test_fp32_adapters_beside_half_base(base):
     assert A.grad.dtype == torch.float32 and xh.grad.dtype == base
 
 
+@pytest.mark.parametrize("stack", [(), (3,)], ids=["mm", "bmm"])
 @pytest.mark.parametrize("r", [1, 8, 9, 16])
-def test_rank_column_products_equal_plain_matmul(r):
+def test_rank_column_products_equal_plain_matmul(r, stack):
     g = torch.Generator().manual_seed(r)
-    a, b = torch.randn(33, 50, generator=g, dtype=torch.float64), torch.randn(50, r, generator=g, dtype=torch.float64)
-    got = torch_path._mm_rank_columns(a, b)
-    assert got.shape == (33, r)
+    a = torch.randn(*stack, 33, 50, generator=g, dtype=torch.float64)
+    b = torch.randn(*stack, 50, r, generator=g, dtype=torch.float64)
+    got = torch_path.mm_rank_columns(a, b)
+    assert got.shape == (*stack, 33, r)
     torch.testing.assert_close(got, a @ b)
 
 

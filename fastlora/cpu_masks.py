@@ -7,6 +7,7 @@ kernels draw their masks from Philox instead (``kernels/dropout.py``): the same 
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -168,13 +169,23 @@ def _rare_positions_batched(seeds: list[int], numels: list[int], qs: list[float]
     if not seeds:
         return None, []
     generator = _seeded_generator(0)  # this thread's, reseeded for each draw
-    draws = [_draw_count(numel, q) for numel, q in zip(numels, qs)]
-    words = torch.zeros(len(seeds), (max(draws) + 1) // 2, dtype=torch.int64)
+    draws, inv, limit, numel_column = _batch_constants(tuple(numels), tuple(qs))
+    # (a row's words past its own draws are never read as its positions: see the fallback below)
+    words = torch.empty(len(seeds), (max(draws) + 1) // 2, dtype=torch.int64)
     for row, seed, count in zip(words, seeds, draws):
         generator.manual_seed(int(seed))
         row[:(count + 1) // 2].random_(-(2**63), None, generator=generator)
-    inv = torch.tensor([1.0 / math.log1p(-q) for q in qs], dtype=torch.float32).view(-1, 1)
-    limit = torch.tensor(numels, dtype=torch.float32).view(-1, 1)
     positions = _positions(words.view(torch.int32)[:, :max(draws)], inv, limit, 0)
-    inside = torch.searchsorted(positions, torch.tensor(numels, dtype=torch.int64).view(-1, 1)).view(-1).tolist()
+    # Every word gives a gap ≥ 0, so each row is sorted and a row counts a position past its draws only when
+    # all its draws fell short of numel: the draw one batch did not finish, made again alone.
+    inside = torch.searchsorted(positions, numel_column).view(-1).tolist()
     return positions, [n if n < count else None for n, count in zip(inside, draws)]
+
+
+@functools.lru_cache(maxsize=256)
+def _batch_constants(numels: tuple[int, ...], qs: tuple[float, ...]) -> tuple[list[int], Tensor, Tensor, Tensor]:
+    """The batched draw's per-row constants (one layer's segments repeat them in every layer): each row's gap
+    count, 1 / log(1 - q) and numel as float32 columns, numel as an int64 column (read only)."""
+    return ([_draw_count(numel, q) for numel, q in zip(numels, qs)],
+            torch.tensor([1.0 / math.log1p(-q) for q in qs], dtype=torch.float32).view(-1, 1),
+            torch.tensor(numels, dtype=torch.float32).view(-1, 1), torch.tensor(numels, dtype=torch.int64).view(-1, 1))

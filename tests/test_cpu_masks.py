@@ -133,8 +133,10 @@ def test_segments_masks_whose_batch_of_gaps_ends_short(monkeypatch):
     """A segment whose first batch of gaps ends before its last element (six standard deviations off, forced here
     with batches of 5 gaps) is drawn again on its own: still its own call's mask."""
     monkeypatch.setattr(cpu_masks, "_draw_count", lambda left, q: 5)
+    cpu_masks._batch_constants.cache_clear()  # (the gap counts are cached per segment sizes and p)
     t = torch.randn(3, 2, 8, 16)
     counts, seeds, ps = [8, 5, 8], [11, 12, 13], [0.1, 0.15, 0.05]
     expected = _one_segment_at_a_time(t.clone(), counts, seeds, ps)
     assert (expected == 0).sum() > 30  # the many short batches drew the whole mask
     assert _same(cpu_masks.zero_dropped_segments_(t.clone(), counts, seeds, ps), expected)
+    cpu_masks._batch_constants.cache_clear()

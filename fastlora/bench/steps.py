@@ -201,8 +201,9 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
 
         fastlora-mixed      one training step (forward, loss, backward) over the k·batch rows, ``adapter_names=``
         fastlora-separate   k training steps, one per adapter (``set_adapter``), each over its own rows
-        fastlora-one-adapter  one training step of one adapter over all k·batch rows: the floor a mixed step
-                            approaches (the same tokens, one adapter's masks and products)
+        fastlora-one-adapter  one training step over all k·batch rows of a model holding one adapter (the first's
+                            weights, no switching): the floor a mixed step approaches (the same tokens, one
+                            adapter's masks and products)
         fastlora-mixed-fwd  the mixed forward alone, in eval mode without autograd
         peft-mixed-fwd      PEFT's mixed forward, the same way (PEFT cannot train a mixed batch)
 
@@ -228,7 +229,7 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
     rows = []
     for k in adapters:
         names = [f"a{i}" for i in range(k)]
-        ours, theirs = build(fastlora, names), build(peft, names).eval()
+        ours, theirs, alone = build(fastlora, names), build(peft, names).eval(), build(fastlora, names[:1])
         ours.set_requires_grad(names)
         ids = torch.randint(0, sizes.vocab, (k * sizes.batch, sizes.seq),
                             generator=torch.Generator().manual_seed(0)).to(device)
@@ -247,10 +248,8 @@ def mixed_batch_rows(sizes: StepSizes, device, warmup: int, repeats: int, adapte
             ours.set_requires_grad(names)
 
         def one_adapter_step():
-            ours.set_adapter(names[0])
-            ours(input_ids=ids, labels=ids).loss.backward()
-            ours.zero_grad(set_to_none=True)
-            ours.set_requires_grad(names)
+            alone(input_ids=ids, labels=ids).loss.backward()
+            alone.zero_grad(set_to_none=True)
 
         def mixed_forward(model):
             training = model.training

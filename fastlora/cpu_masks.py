@@ -61,10 +61,15 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
 
 
 def _seeded_generator(seed: int) -> torch.Generator:
+    generator = _thread_generator()
+    generator.manual_seed(int(seed))
+    return generator
+
+
+def _thread_generator() -> torch.Generator:
     generator = getattr(_GENERATORS, "cpu", None)
     if generator is None:
         generator = _GENERATORS.cpu = torch.Generator(device="cpu")
-    generator.manual_seed(int(seed))
     return generator
 
 
@@ -147,10 +152,12 @@ def zero_dropped_segments_(stacked: Tensor, counts: list[int], seeds: list[int |
     one_by_one = [e for e in dropping if e not in rare] + [e for e, n in zip(rare, inside) if n is None]
     if positions is not None:
         # each segment's valid positions, offset to its place in the stack (slices: a boolean mask costs 5x more)
-        flat = torch.cat([row[:n or 0].add(e * parts * longest * K) for row, n, e in zip(positions, inside, rare)])
-        if parts > 1:
-            flat = (flat + (torch.arange(parts) * (longest * K)).view(-1, 1)).view(-1)
-        flat = flat.to(stacked.device)
+        placed = positions.add_(_column(tuple(e * parts * longest * K for e in rare)))
+        flat = torch.cat([placed[i, :n or 0] for i, n in enumerate(inside)])
+        if parts > 1:  # each part of a segment takes its mask
+            flat = flat.add(_column(tuple(p * longest * K for p in range(parts)))).view(-1)
+        if flat.device != stacked.device:
+            flat = flat.to(stacked.device)
         every = stacked.view(-1)
         if not stacked.is_floating_point() or math.isfinite(stacked.sum().item()):
             every.index_fill_(0, flat, 0)
@@ -168,18 +175,24 @@ def _rare_positions_batched(seeds: list[int], numels: list[int], qs: list[float]
     first ``inside[i]`` valid; inside[i] None where one batch of gaps ended short of numel, a draw to make alone)."""
     if not seeds:
         return None, []
-    generator = _seeded_generator(0)  # this thread's, reseeded for each draw
+    generator = _thread_generator()  # reseeded for each draw
     draws, inv, limit, numel_column = _batch_constants(tuple(numels), tuple(qs))
     # (a row's words past its own draws are never read as its positions: see the fallback below)
     words = torch.empty(len(seeds), (max(draws) + 1) // 2, dtype=torch.int64)
-    for row, seed, count in zip(words, seeds, draws):
+    for i, (seed, count) in enumerate(zip(seeds, draws)):
         generator.manual_seed(int(seed))
-        row[:(count + 1) // 2].random_(-(2**63), None, generator=generator)
+        words[i, :(count + 1) // 2].random_(-(2**63), None, generator=generator)
     positions = _positions(words.view(torch.int32)[:, :max(draws)], inv, limit, 0)
     # Every word gives a gap ≥ 0, so each row is sorted and a row counts a position past its draws only when
     # all its draws fell short of numel: the draw one batch did not finish, made again alone.
     inside = torch.searchsorted(positions, numel_column).view(-1).tolist()
     return positions, [n if n < count else None for n, count in zip(inside, draws)]
+
+
+@functools.lru_cache(maxsize=256)
+def _column(values: tuple[int, ...]) -> Tensor:
+    """``values`` as an int64 (n, 1) column (read only; one layer's segments repeat it in every layer)."""
+    return torch.tensor(values, dtype=torch.int64).view(-1, 1)
 
 
 @functools.lru_cache(maxsize=256)

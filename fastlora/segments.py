@@ -16,6 +16,8 @@ of x's shape, or, with the base product, added at the rows into dy W.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -163,8 +165,13 @@ def _stacked(factors) -> tuple[Tensor, Tensor]:
 def _per_segment(values: list[float], like: Tensor) -> Tensor:
     """Per-segment factors as a (k, 1, 1) tensor, to scale a stack of segments: in float32 (float64 for float64
     stacks), so that a 16-bit stack is scaled in float32 and rounded once, as by a Python scalar, not by a factor
-    rounded to 16 bits first."""
-    return torch.tensor(values, dtype=torch.promote_types(like.dtype, torch.float32), device=like.device).view(-1, 1, 1)
+    rounded to 16 bits first.  Read only (cached: every layer of a mixed batch asks for the same)."""
+    return _segment_factors(tuple(values), torch.promote_types(like.dtype, torch.float32), like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _segment_factors(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
 
 
 def _stack_rows(x: Tensor, rows: Tensor | None, counts: list[int], dtype: torch.dtype, fresh: bool = True) -> Tensor:

@@ -149,6 +149,30 @@ def test_term_added_into_the_base_output_in_place(checkpoint, quant, training):
         assert_close(got, want, kind="same_math", dtype=dtype)
 
 
+def test_two_active_adapters_each_added_in_place(checkpoint):
+    """Two active adapters on a 4-bit layer: each term goes into the output in turn, with its own mask; the output
+    and every gradient are those of the out-of-place sums, as PEFT adds them."""
+    from fastlora.adapter_settings import AdapterSettings
+
+    base = _load(checkpoint, "nf4-fp32").model.layers[0].mlp.up_proj
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["up_proj"]).settings
+    layer = LoRAQuantizedLinear.from_quantized(base, "a", settings, False, None).train()
+    layer.add_adapter("b", AdapterSettings(2, 3, 0.1), init_lora_weights=False)
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(2, 5, base.in_features, requires_grad=True)
+    params = [x, *layer.lora_factors("a"), *layer.lora_factors("b")]
+    torch.manual_seed(1)
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), params)
+    torch.manual_seed(1)
+    expected = layer.base_layer(x)
+    for name in ("a", "b"):
+        expected = expected + layer.low_rank_term(x, name).to(expected.dtype)
+    assert_close(y, expected, kind="same_math", dtype=torch.float32)
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), params)):
+        assert_close(got, want, kind="same_math", dtype=torch.float32)
+
+
 @pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
 def test_adapter_files_both_ways(checkpoint, quant):
     """fastlora's adapter file has PEFT's keys and shapes; PEFT's state-dict loader takes it onto a fresh quantized

@@ -14,7 +14,7 @@ import threading
 import torch
 from torch import Tensor
 
-__all__ = ["zero_dropped_", "zero_dropped_segments_", "cpu_keep_mask", "rare_dropped_positions", "keep_threshold"]
+__all__ = ["zero_dropped_", "zero_dropped_segments_", "segment_pieces", "cpu_keep_mask", "rare_dropped_positions", "keep_threshold"]
 
 # The two backends draw different masks for one seed; each is reproducible from it.
 # One generator per thread: reseeding a shared one while another thread draws from it would mix masks.
@@ -164,10 +164,19 @@ def zero_dropped_segments_(stacked: Tensor, counts: list[int], seeds: list[int |
         else:  # x ⊙ m: a dropped NaN or Inf stays NaN
             every.index_copy_(0, flat, every.index_select(0, flat).mul_(0))
     for e in one_by_one:
-        segment = stacked[e]
-        for part in (segment,) if stacked.dim() == 3 or counts[e] == longest else segment:
-            zero_dropped_(part[..., :counts[e], :], seeds[e], dropout_ps[e])
+        for piece in segment_pieces(stacked, e, counts[e]):
+            zero_dropped_(piece, seeds[e], dropout_ps[e])
     return stacked
+
+
+def segment_pieces(stacked: Tensor, e: int, count: int) -> tuple[Tensor, ...]:
+    """The contiguous views of segment e's first ``count`` rows in ``stacked`` (k, longest, K) or
+    (k, parts, longest, K), each to take the segment's mask (a mask call's leading dimensions share it): the
+    segment at once where its rows are contiguous across the parts, else one view per part."""
+    segment = stacked[e]
+    if segment.dim() == 2 or count == segment.shape[-2]:
+        return (segment[..., :count, :],)
+    return tuple(part[:count] for part in segment)
 
 
 def _rare_positions_batched(seeds: list[int], numels: list[int], qs: list[float]) -> tuple[Tensor | None, list]:

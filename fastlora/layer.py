@@ -21,6 +21,8 @@ from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings, check_adapter_name
 from fastlora.functional import BACKENDS, lora_linear
+from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
+                               tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
@@ -591,8 +593,7 @@ class LoRALinear(nn.Linear):
         if len(held) != 1:
             return False
         (name, rows), = held.items()
-        return (self.magnitude(name) is None and rows.numel() == x.shape[0]
-                and torch.equal(rows, torch.arange(x.shape[0], device=rows.device)))
+        return self.magnitude(name) is None and rows_in_order(rows, x.shape[0])
 
     def _grouped_rows(self, x: Tensor, held: dict[str, Tensor]) -> str | None:
         """How a mixed batch's updates run all at once: "kernels" (on the kernels' schedule within one launch's
@@ -618,21 +619,22 @@ class LoRALinear(nn.Linear):
             return "torch"
         from fastlora.kernels.grouped import MAX_POSITIONS
 
-        tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-        return "kernels" if sum(len(rows) for rows in held.values()) * tokens_per_row <= MAX_POSITIONS else None
+        return "kernels" if sum(len(rows) for rows in held.values()) * tokens_per_row(x) <= MAX_POSITIONS else None
 
     def _add_batched_rows_update(self, result: Tensor, x: Tensor, held: dict[str, Tensor]) -> Tensor:
         """``result`` plus every adapter's update on its own rows (``held``: name → row indices, disjoint), computed
         as batched products over the adapters (:func:`fastlora.segments.grouped_segments_low_rank`) and
         accumulated at the rows in one indexed add, in place."""
-        from fastlora.segments import grouped_segments_low_rank
-
-        settings = [self.adapter_settings[name] for name in held]
-        rows, update = grouped_segments_low_rank(
-            x, list(held.values()), [self.lora_factors(name) for name in held], [s.scaling for s in settings],
-            [s.lora_dropout for s in settings], self.training)
+        rows, update = grouped_segments_low_rank(x, *self._segments_arguments(held), self.training)
         # index_put_ with accumulate keeps only the indices for backward (index_add_ would keep the update)
         return result.index_put_((rows,), update.to(result.dtype), accumulate=True)
+
+    def _segments_arguments(self, held: dict[str, Tensor]) -> tuple[list, list, list, list]:
+        """The torch path's per-adapter arguments of a mixed batch (:mod:`fastlora.segments`): each adapter's rows,
+        (A, B), scaling and dropout p, in ``held``'s order."""
+        settings = [self.adapter_settings[name] for name in held]
+        return (list(held.values()), [self.lora_factors(name) for name in held], [s.scaling for s in settings],
+                [s.lora_dropout for s in settings])
 
     def _frozen_dense_base(self, x: Tensor) -> bool:
         """Whether this layer's base output is F.linear(x, W, b) with W and b frozen and of x's dtype: then a mixed
@@ -646,16 +648,11 @@ class LoRALinear(nn.Linear):
         the base product: one output and one autograd node for the layer, on the kernels
         (:func:`fastlora.grouped_lora.grouped_lora_linear`, the output written once) or, with ``grouped="torch"``,
         the torch path's batched products (:func:`fastlora.segments.grouped_segments_linear`)."""
+        if grouped == "torch":
+            return grouped_segments_linear(x, self.weight, self.bias, *self._segments_arguments(held), self.training)
         from fastlora.grouped_lora import grouped_lora_linear
         from fastlora.schedules import resolve
 
-        if grouped == "torch":
-            from fastlora.segments import grouped_segments_linear
-
-            settings = [self.adapter_settings[name] for name in held]
-            return grouped_segments_linear(x, self.weight, self.bias, list(held.values()),
-                                           [self.lora_factors(name) for name in held], [s.scaling for s in settings],
-                                           [s.lora_dropout for s in settings], self.training)
         flat = x.reshape(-1, x.shape[-1])
         flat = flat if flat.stride(-1) == 1 else flat.contiguous()
         index, starts, factors, scalings, dropout = self._grouped_segments(x, held)
@@ -682,10 +679,10 @@ class LoRALinear(nn.Linear):
         from fastlora.functional import dropout_and_seed
         from fastlora.grouped_lora import stack_factors
 
-        tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
-        within = torch.arange(tokens_per_row, device=x.device)
-        index = torch.cat([(rows.to(x.device)[:, None] * tokens_per_row + within).reshape(-1) for rows in held.values()])
-        starts = torch.tensor([0] + [len(rows) * tokens_per_row for rows in held.values()], device=x.device).cumsum(0)
+        tokens = tokens_per_row(x)
+        within = torch.arange(tokens, device=x.device)
+        index = torch.cat([(rows.to(x.device)[:, None] * tokens + within).reshape(-1) for rows in held.values()])
+        starts = torch.tensor([0] + [len(rows) * tokens for rows in held.values()], device=x.device).cumsum(0)
         settings = [self.adapter_settings[name] for name in held]
         dropout = [dropout_and_seed(s.lora_dropout, self.training, x.device) for s in settings]
         factors = stack_factors([self.lora_factors(name) for name in held])
@@ -697,8 +694,6 @@ class LoRALinear(nn.Linear):
         if self.magnitude(name) is not None:
             raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled.  (adapter {name!r} is a DoRA adapter: "
                              f"a mixed batch takes LoRA adapters only, as in PEFT)")
-        from fastlora.segments import segment_low_rank
-
         lora_A, lora_B = self.lora_factors(name)
         settings = self.adapter_settings[name]
         update = segment_low_rank(x, rows, lora_A, lora_B, settings.scaling, settings.lora_dropout, self.training)

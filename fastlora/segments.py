@@ -25,7 +25,8 @@ from fastlora import cpu_masks, torch_path
 from fastlora.functional import dropout_and_seed
 from fastlora.ops import keep_fn
 
-__all__ = ["segment_low_rank", "grouped_segments_low_rank", "grouped_segments_linear"]
+__all__ = ["segment_low_rank", "grouped_segments_low_rank", "grouped_segments_linear", "rows_in_order",
+           "tokens_per_row"]
 
 
 class _SegmentLowRank(torch.autograd.Function):
@@ -221,14 +222,9 @@ def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | Non
                                                 dropout_ps)
     for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):  # traced: the registered op per segment
         keep = keep_fn(seed, p)
-        if keep is None:
-            continue
-        segment = stacked[e]
-        if segment.dim() == 2 or count == segment.shape[-2]:
-            keep(segment[..., :count, :])
-        else:  # a shorter segment's rows are contiguous in each part, not across the parts
-            for part in segment:
-                keep(part[:count])
+        if keep is not None:
+            for piece in cpu_masks.segment_pieces(stacked, e, count):
+                keep(piece)
     return stacked
 
 
@@ -253,8 +249,7 @@ def grouped_segments_linear(x: Tensor, weight: Tensor, bias: Tensor | None, grou
     groups are x's rows in order (a batch sorted by adapter, no base rows) the rows are read in place, never
     gathered."""
     rows = torch.cat(groups)  # checked where the groups are (the CPU, as PeftModel builds them): no device sync
-    in_order = rows.numel() == x.shape[0] and torch.equal(rows, torch.arange(x.shape[0], device=rows.device))
-    rows = None if in_order else rows.to(x.device)
+    rows = None if rows_in_order(rows, x.shape[0]) else rows.to(x.device)
     y = _GroupedSegmentsLowRank.apply(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
                                                                                 training, factors))
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -264,7 +259,17 @@ def _segment_arguments(x: Tensor, groups: list[Tensor], scalings: list[float], d
                        training: bool, factors: list[tuple[Tensor, Tensor]]) -> tuple:
     """(counts, scalings, ps, seeds, *factors flat) of :class:`_GroupedSegmentsLowRank`: each group's tokens,
     and one seed drawn per adapter in order."""
-    tokens_per_row = x.numel() // max(x.shape[0] * x.shape[-1], 1)
+    tokens = tokens_per_row(x)
     drawn = [dropout_and_seed(p, training, x.device) for p in dropout_ps]
-    return ([len(group) * tokens_per_row for group in groups], [float(s) for s in scalings], [p for p, _ in drawn],
+    return ([len(group) * tokens for group in groups], [float(s) for s in scalings], [p for p, _ in drawn],
             [seed for _, seed in drawn], *[t for pair in factors for t in pair])
+
+
+def rows_in_order(rows: Tensor, row_count: int) -> bool:
+    """Whether ``rows`` are every one of ``row_count`` rows, in order (a batch sorted by adapter, no other rows)."""
+    return rows.numel() == row_count and torch.equal(rows, torch.arange(row_count, device=rows.device))
+
+
+def tokens_per_row(x: Tensor) -> int:
+    """The tokens (positions of in_features values) in one row (dim 0) of x (rows, …, in_features)."""
+    return x.numel() // max(x.shape[0] * x.shape[-1], 1)

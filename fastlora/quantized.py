@@ -155,13 +155,14 @@ class LoRAQuantizedLinear(LoRALinear):
         (:func:`fastlora.qlora_ops.add_low_rank_`): in eager mode outside autocast, on the torch path (``backend``
         not "triton"), without lora_bias, and where ``result`` is a contiguous tensor and no view (an 8-bit
         layer's output in eval mode is a view made inside bitsandbytes' autograd Function, which autograd forbids
-        changing in place).  The other calls
-        take :meth:`low_rank_term`, a registered op (torch.compile, autocast's casts)."""
+        changing in place).  The other calls take :meth:`low_rank_term`, a registered op (torch.compile,
+        autocast's casts)."""
         from fastlora.functional import _autocast_dtype
 
+        if torch.compiler.is_compiling():  # first: Tensor._is_view is a graph break under torch.compile
+            return False
         return (self.backend != "triton" and self.lora_bias(name) is None and not result._is_view()
-                and result.is_contiguous()
-                and not torch.compiler.is_compiling() and _autocast_dtype(x.device.type) is None)
+                and result.is_contiguous() and _autocast_dtype(x.device.type) is None)
 
     def _add_low_rank_(self, result: Tensor, x: Tensor, name: str) -> Tensor:
         """``result`` plus adapter ``name``'s term, added in place, its dropout seed drawn as

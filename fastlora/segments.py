@@ -119,7 +119,7 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
             if need_dA:
                 parts[:, 0] = _stack_rows(x, rows, counts, lora_A.dtype)
             if need_dx:
-                torch.bmm(dS_kept, lora_A, out=parts[:, -1])
+                parts[:, -1] = torch.bmm(dS_kept, lora_A)  # not out=: into a strided view it is slower and untraceable
             _drop_segments_(parts, counts, seeds, dropout_ps)
             if need_dA:
                 dA = torch.bmm(dS_kept.transpose(1, 2), parts[:, 0])
@@ -266,7 +266,11 @@ def _segment_arguments(x: Tensor, groups: list[Tensor], scalings: list[float], d
 
 
 def rows_in_order(rows: Tensor, row_count: int) -> bool:
-    """Whether ``rows`` are every one of ``row_count`` rows, in order (a batch sorted by adapter, no other rows)."""
+    """Whether ``rows`` are every one of ``row_count`` rows, in order (a batch sorted by adapter, no other rows).
+    False under ``torch.compile``, whose trace does not know the rows' values (comparing them would break the graph):
+    the compiled batch takes the general path, which gives the same values."""
+    if torch.compiler.is_compiling():
+        return False
     return rows.numel() == row_count and torch.equal(rows, torch.arange(row_count, device=rows.device))
 
 

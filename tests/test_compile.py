@@ -70,9 +70,11 @@ def test_a_compiled_step_equals_the_eager_step(results, name):
     eager, compiled = result["eager"], result["compiled"]
     assert set(compiled) == set(eager) and len(eager) > 1
     # fp32 values computed through activations of the case's dtype; the gradients sum a step's positions in the
-    # order each path takes (cancelling sums in fp32)
+    # order each path takes (cancelling sums).  Each tensor is compared relative to its largest element: some of
+    # these gradients are of order 1e-5, where the table's absolute part alone would pass any mask.
     low = result["activations"] if result["activations"] != torch.float32 else None
     kind = "same_math" if low is not None else "same_math_cancelling"
     for key, value in eager.items():
-        assert value.abs().sum() > 0, key  # every trainable parameter reached
-        assert_close(compiled[key], value, kind=kind, dtype=low, msg=key)
+        scale = value.abs().max()
+        assert scale > 0, key  # every trainable parameter reached
+        assert_close(compiled[key] / scale, value / scale, kind=kind, dtype=low, msg=key)

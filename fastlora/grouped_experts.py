@@ -18,7 +18,9 @@ keeps each segment's rank-r product beside the input, and A and B get their grad
 
 The base products run one expert after the other (as transformers' eager implementation); the low-rank ones run
 grouped on the kernels' device (two Triton launches forward and four backward for every expert at once:
-:mod:`fastlora.grouped_lora`), one expert after the other in torch ops elsewhere.
+:mod:`fastlora.grouped_lora`), one expert after the other in torch ops elsewhere.  In eager mode only: the loop
+over experts depends on each expert's token count, which a ``torch.compile`` trace does not know, so there the
+layer gives the experts W + ΔW as PEFT does (:class:`fastlora.parameter_lora.LoRAParameter`).
 """
 
 from __future__ import annotations

@@ -143,7 +143,8 @@ class LoRAParameter(LoRALinear):
         if self.merged or not self.adapter_enabled or not names:
             return self.base_layer(*args, **kwargs)
         routed = self._routed_arguments(args, kwargs)
-        if routed is not None:  # a transformers experts module: the low-rank products per expert, no ΔW
+        # transformers experts: per expert, no ΔW (eager only: the per-expert loop would break a compiled graph)
+        if routed is not None and not torch.compiler.is_compiling():
             updates = {layer.parameter_name: layer.factor_stacks() for layer in parameter_chain(self)}
             kernels = resolve(self.backend, routed[0]).uses_kernels
             return grouped_experts_forward(owner_of(self), *routed, updates=updates, kernels=kernels)

@@ -5,7 +5,8 @@ qlora_backward), with autograd:
 
 What autograd keeps is a dense base's: x, the rank-r S and the one-element seed (plus references to the packed
 weight and the adapters).  The dequantized weight is never formed, forward or backward (dx = dy Ŵ + (dS A) ⊙ m
-reads the packed weight again).  Eager autograd only: under ``torch.compile`` the call is a graph break.
+reads the packed weight again).  Eager autograd only (under ``torch.compile`` the layer takes bitsandbytes'
+product instead: this call would break the graph).
 
 :func:`add_low_rank_` is the other quantized path, any bitsandbytes layer on the torch path: the layer's own
 product first, then the adapter's term added into that output in place (no M × N temporary, no second output

@@ -177,10 +177,14 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active
-        adapter, the kernels' device and a schedule whose base product is fused: ``base=fused``); None for bitsandbytes' product plus the low-rank term
-        (the default, ``base=cublas``: bitsandbytes' dequantize-then-matmul, the bounded-downside choice until a GPU
-        run says otherwise)."""
+        adapter, the kernels' device, eager mode, and a schedule whose base product is fused: ``base=fused``);
+        None for bitsandbytes' product plus the low-rank term (the default, ``base=cublas``: bitsandbytes'
+        dequantize-then-matmul, the bounded-downside choice until a GPU run says otherwise; and under
+        ``torch.compile``, where the fused call, an autograd.Function over bitsandbytes' quantization state, would
+        break the graph)."""
         base = self.base_layer
+        if torch.compiler.is_compiling():
+            return None
         if len(names) != 1 or not isinstance(base, _bnb().nn.Linear4bit):
             return None
         if (base.compute_dtype or x.dtype) not in (torch.float16, torch.bfloat16):  # the kernel's 16-bit dots

@@ -45,6 +45,16 @@ def _gpt2(_):
     return transformers.GPT2LMHeadModel(config)
 
 
+def _mixtral(_):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    return transformers.MixtralForCausalLM(config)
+
+
 def _quantized(**quantization):
     def build(scratch):
         import bitsandbytes as bnb
@@ -77,6 +87,8 @@ CASES = {
     "two-active-adapters": Case(_llama, dict(target_modules=SEED_TARGETS), second_adapter="active"),
     "mixed-batch": Case(_llama, dict(target_modules=SEED_TARGETS), second_adapter="mixed"),
     "gpt2-conv1d": Case(_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"])),
+    "moe-experts": Case(_mixtral, dict(target_modules=["q_proj"], lora_dropout=0.0,  # no dropout there, as in PEFT
+                                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
     "nf4": Case(_quantized(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
                 dict(target_modules=SEED_TARGETS), backend="inductor"),
     "nf4-double-bf16": Case(_quantized(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -116,9 +128,9 @@ def run(name: str, scratch: str) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen_breaks, _ = _breaks(case.build(scratch).train(), inputs)
-        model = fastlora.get_peft_model(case.build(scratch), fastlora.LoraConfig(**ADAPTER, **case.config)).train()
+        model = fastlora.get_peft_model(case.build(scratch), fastlora.LoraConfig(**{**ADAPTER, **case.config})).train()
         if case.second_adapter is not None:
-            model.add_adapter("other", fastlora.LoraConfig(**ADAPTER, **case.config))
+            model.add_adapter("other", fastlora.LoraConfig(**{**ADAPTER, **case.config}))
             if case.second_adapter == "active":
                 model.base_model.set_adapter(["default", "other"])
             else:

@@ -115,6 +115,17 @@ def test_the_default_schedule_keeps_bitsandbytes_product():
     assert fused._fused_4bit_schedule(x, ["default"]) is None  # base=cublas: dequantize-then-matmul
 
 
+def test_a_traced_call_keeps_bitsandbytes_product(monkeypatch):
+    """Under torch.compile (which cannot run under the interpreter: is_compiling stands in) a 4-bit layer takes
+    bitsandbytes' product and the registered op, not the fused call, which would break the graph."""
+    fused, _ = _layers()
+    x = torch.randn(5, 72).to(torch.bfloat16)
+    with use_kernel_variants(base="fused"):
+        assert fused._fused_4bit_schedule(x, ["default"]) is not None
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert fused._fused_4bit_schedule(x, ["default"]) is None
+
+
 def test_autograd_keeps_x_S_and_the_seed_only():
     fused, _ = _layers(dropout=0.2)
     x = torch.randn(8, 72).to(torch.bfloat16).requires_grad_(True)  # smaller than the weight: a saved weight would

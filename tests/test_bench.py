@@ -717,3 +717,32 @@ def test_step_cases_run_every_provider_and_write_their_results(tmp_path, capsys)
         assert r["one_adapter_over_separate"] == round(r["fastlora-one-adapter_ms"] / r["fastlora-separate_ms"], 3)
     printed = capsys.readouterr().out
     assert "gpt2: GPT-2" in printed and "one adapter" in printed
+
+
+def test_step_cases_under_compile_time_their_first_step_apart(tmp_path, capsys):
+    """``--step … --compile``: each provider also compiled (the same model), its first step timed apart as
+    compile_s, the ratios of a compiled row taken against the compiled frozen base and PEFT; the mixed-batch case,
+    which has no compiled providers, is refused."""
+    import json
+
+    from fastlora.bench.cli import main
+    from fastlora.bench.providers import compile_unavailable
+
+    if compile_unavailable(CPU):
+        pytest.skip(compile_unavailable(CPU))
+    out = tmp_path / "steps.json"
+    assert main(["--device", "cpu", "--step", "gpt2", "--compile", "--hidden", "32", "--layers", "1", "--batch", "1",
+                 "--seq", "8", "--vocab", "64", "--warmup", "0", "--repeats", "1", "--no-progress",
+                 "--json", str(out)]) == 0
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["fastlora", "fastlora+compile", "frozen", "frozen+compile", "peft", "peft+compile"]
+    for name, r in rows.items():
+        assert r["step_ms"] > 0 and r["saved_bytes"] > 0, name
+        assert ("compile_s" in r) == name.endswith("+compile"), name
+    assert rows["fastlora+compile"]["trainable_params"] == rows["fastlora"]["trainable_params"] > 0
+    printed = capsys.readouterr().out
+    line = next(li for li in printed.splitlines() if li.strip().startswith("fastlora+compile"))
+    ratio = rows["fastlora+compile"]["step_ms"] / rows["peft+compile"]["step_ms"]
+    assert f"{ratio:.2f}x" in line.split()[3]
+    assert main(["--device", "cpu", "--step", "mixed-batch", "--compile"]) == 2
+    assert "no compiled providers" in capsys.readouterr().err

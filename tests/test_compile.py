@@ -36,9 +36,9 @@ def _needs(name: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from fastlora.bench.providers import _compile_unavailable
+    from fastlora.bench.providers import compile_unavailable
 
-    why = _compile_unavailable(torch.device("cpu"))
+    why = compile_unavailable(torch.device("cpu"))
     if why:
         pytest.skip(why)
     out = tmp_path_factory.mktemp("compile")

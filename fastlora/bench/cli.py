@@ -67,8 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "fastlora-torch+inactive, the DoRA ones and the +compile ones)")
     g.add_argument("--compile", action="store_true",
                    help="also each chosen provider under torch.compile (frozen+compile, peft+compile, "
-                        "fastlora-torch+compile, fastlora-triton+compile); the first call, which compiles, is "
-                        "timed apart (compile s) and not counted in the step")
+                        "fastlora-torch+compile, fastlora-triton+compile; with --step: frozen+compile, "
+                        "peft+compile, fastlora+compile); the first call, which compiles, is timed apart "
+                        "(compile s) and not counted in the step")
     g.add_argument("--quick", action="store_true", help="small cases and few repeats: under a minute on a 2-core CPU")
     g = ap.add_argument_group("LoRA and numerics")
     g.add_argument("--rank", "-r", type=int, default=8, help="LoRA rank (default 8)")
@@ -163,7 +164,7 @@ def _run_steps(args, argv_list: list[str], device: torch.device, warmup: int, re
         if small:
             rows += mixed_batch_rows(sizes, device, warmup, repeats, [int(k) for k in args.adapters.split(",")])
         else:
-            rows += run_step_case(name, sizes, device, warmup, repeats)
+            rows += run_step_case(name, sizes, device, warmup, repeats, compiled=args.compile)
     meta = environment(device)
     print(f"fastlora bench — {report._machine_line(meta)}, {torch.get_num_threads()} threads")
     print(format_step_rows(rows))
@@ -209,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args.step = (args.step or []) + [f"qlora-{q}" for q in args.quant or []]
     if args.step:
+        if args.compile:
+            from .providers import compile_unavailable
+
+            why = ("the mixed-batch case has no compiled providers" if "mixed-batch" in args.step
+                   else compile_unavailable(device))
+            if why:
+                print(f"fastlora bench: --compile with --step: {why}", file=sys.stderr)
+                return 2
         return _run_steps(args, argv_list, device, warmup, repeats)
 
     # ---- cases

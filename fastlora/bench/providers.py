@@ -36,7 +36,7 @@ from torch import nn
 from fastlora.functional import triton_interpreter_on
 
 __all__ = ["Provider", "PROVIDERS", "DEFAULT_ORDER", "ALL_PROVIDERS", "COMPILED_PROVIDERS", "COMPILE_SUFFIX",
-           "compiled", "resolve_providers", "SEED_TARGETS"]
+           "compiled", "compile_unavailable", "resolve_providers", "SEED_TARGETS"]
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -267,7 +267,7 @@ PROVIDERS: dict[str, Provider] = {
 COMPILE_SUFFIX = "+compile"
 
 
-def _compile_unavailable(device) -> str | None:
+def compile_unavailable(device) -> str | None:
     """Why torch.compile cannot run here (None when it can): inductor needs a C++ compiler for CPU code and
     triton for CUDA code."""
     if not hasattr(torch, "compile"):
@@ -290,7 +290,7 @@ def compiled(base: Provider) -> Provider:
     """``base`` under ``torch.compile``: the same layer or adapted model, compiled as a whole."""
 
     def unavailable(device, explicit):
-        return base.unavailable(device, explicit) or _compile_unavailable(device)
+        return base.unavailable(device, explicit) or compile_unavailable(device)
 
     def layer(*args):
         return torch.compile(base.layer(*args))

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from .providers import COMPILE_SUFFIX
+
 __all__ = [
     "format_table",
     "format_profiles",
@@ -32,7 +34,6 @@ MIB = 2**20
 PROVIDER_ORDER = {"frozen": 0, "peft": 1, "peft+patch": 2, "fastlora-torch": 3, "fastlora-torch+inactive": 4,
                   "fastlora-triton": 5, "peft-dora": 6, "fastlora-torch-dora": 7, "fastlora-triton-dora": 8,
                   "frozen+compile": 9, "peft+compile": 10, "fastlora-torch+compile": 11, "fastlora-triton+compile": 12}
-COMPILE_SUFFIX = "+compile"
 
 # The project's CPU targets for the torch path (tiny model), checked from model rows.
 TARGET_SAVED_P_VS_P0 = 1.0

@@ -16,7 +16,9 @@ as torch.profiler sees it: fastlora.bench.measure.peak_memory).
     mixed-batch   k = 1, 2, 4, 8 adapters over one batch of a small Llama (see :func:`mixed_batch_rows`)
 
 Providers (but for mixed-batch): ``frozen`` (the base, every weight frozen, its input embeddings' output
-requiring grad, as gradient checkpointing would), ``peft`` and ``fastlora`` (each library's get_peft_model).
+requiring grad, as gradient checkpointing would), ``peft`` and ``fastlora`` (each library's get_peft_model); with
+``compiled``, also each of them under ``torch.compile`` (``frozen+compile``, ...: the same model, compiled as a
+whole), its first step (tracing and compiling) timed apart as ``compile_s`` before the rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from .measure import SavedTensorCounter, module_tensors, peak_memory
+from .providers import COMPILE_SUFFIX
 
 __all__ = ["STEP_CASES", "STEPS_SCHEMA", "StepSizes", "run_step_case", "mixed_batch_rows", "format_step_rows"]
 
@@ -157,6 +160,21 @@ def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _first_steps(steps: dict[str, Callable[[], None]], device) -> dict[str, float]:
+    """Seconds of each step's first call (a compiled step's tracing and compiling), made before any timed round;
+    dynamo's caches emptied first, so that no provider reuses what another compiled."""
+    if steps:
+        torch._dynamo.reset()
+    seconds = {}
+    for name, step in steps.items():
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def _saved_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -> int:
     with SavedTensorCounter(exclude=module_tensors(model)) as counter:
         value = loss()
@@ -165,28 +183,36 @@ def _saved_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -> int:
     return counter.bytes
 
 
-def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int) -> list[dict]:
-    """One row per provider of ``STEP_CASES[name]``: median step time, bytes kept for backward, trainable
-    parameters, peak memory."""
+def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int,
+                  compiled: bool = False) -> list[dict]:
+    """One row per provider of ``STEP_CASES[name]`` (with ``compiled``, also each under ``torch.compile``): median
+    step time, bytes kept for backward, trainable parameters, peak memory, and the compiled ones' compile time."""
     case = STEP_CASES[name]
     models = _models(case, sizes, device)
+    runs = {provider: model for provider, model in models.items()}  # what each provider calls
+    if compiled:
+        runs.update({provider + COMPILE_SUFFIX: torch.compile(model) for provider, model in models.items()})
     ids = torch.randint(0, sizes.vocab, (sizes.batch, sizes.seq), generator=torch.Generator().manual_seed(1)).to(device)
     steps = {}
-    for provider, model in models.items():
+    for provider, run in runs.items():
+        model = models[provider.removesuffix(COMPILE_SUFFIX)]
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trained or [torch.zeros(1, requires_grad=True)], lr=1e-4)
 
-        def step(model=model, optimizer=optimizer):
-            model(input_ids=ids, labels=ids).loss.backward()
+        def step(run=run, optimizer=optimizer):
+            run(input_ids=ids, labels=ids).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[provider] = step
+    compile_s = _first_steps({p: s for p, s in steps.items() if p.endswith(COMPILE_SUFFIX)}, device)
     medians = _interleaved(steps, warmup, repeats, device)
     rows = []
-    for provider, model in models.items():
+    for provider, run in runs.items():
+        model = models[provider.removesuffix(COMPILE_SUFFIX)]
         rows.append({
             "step": name, "provider": provider, "step_ms": round(1000 * medians[provider], 2),
-            "saved_bytes": _saved_bytes(model, lambda m=model: m(input_ids=ids, labels=ids).loss),
+            **({"compile_s": round(compile_s[provider], 2)} if provider in compile_s else {}),
+            "saved_bytes": _saved_bytes(model, lambda r=run: r(input_ids=ids, labels=ids).loss),
             "peak_bytes": peak_memory(steps[provider], torch.device(device))[0],
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "about": case.about, "hidden": sizes.hidden, "layers": sizes.layers, "batch": sizes.batch,
@@ -293,9 +319,13 @@ def format_step_rows(rows: list[dict]) -> str:
             continue
         by = {r["provider"]: r for r in case_rows}
         lines.append(f"{name}: {case_rows[0]['about']}")
-        lines.append(f"  {'provider':<10} {'step':>10} {'vs frozen':>10} {'vs peft':>8} {'saved':>14} {'peak':>14}")
-        for r in case_rows:
+        lines.append(f"  {'provider':<18} {'step':>10} {'vs frozen':>10} {'vs peft':>8} {'saved':>14} {'peak':>14}"
+                     f"{'  compile' if any('compile_s' in r for r in case_rows) else ''}")
+        for r in case_rows:  # a compiled provider against the compiled frozen base and PEFT
+            suffix = COMPILE_SUFFIX if r["provider"].endswith(COMPILE_SUFFIX) else ""
+            frozen, theirs = by["frozen" + suffix]["step_ms"], by["peft" + suffix]["step_ms"]
             peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes']:,d}"
-            lines.append(f"  {r['provider']:<10} {r['step_ms']:>8.1f}ms {r['step_ms'] / by['frozen']['step_ms']:>9.2f}x "
-                         f"{r['step_ms'] / by['peft']['step_ms']:>7.2f}x {r['saved_bytes']:>14,d} {peak:>14}")
+            compile_s = f"  {r['compile_s']:>6.1f}s" if "compile_s" in r else ""
+            lines.append(f"  {r['provider']:<18} {r['step_ms']:>8.1f}ms {r['step_ms'] / frozen:>9.2f}x "
+                         f"{r['step_ms'] / theirs:>7.2f}x {r['saved_bytes']:>14,d} {peak:>14}{compile_s}")
     return "\n".join(lines)

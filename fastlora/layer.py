@@ -601,7 +601,8 @@ class LoRALinear(nn.Linear):
         (the torch path's batched products: :meth:`grouped_rows_forward`, else :meth:`_add_batched_rows_update`), or
         None (one update per adapter, :meth:`rows_update`).  Grouped only for LoRA adapters of one
         dtype without a bias on B, in a layer whose rows' update is the dense one, outside autocast (whose casts
-        the per-adapter path follows)."""
+        the per-adapter path follows).  Under ``torch.compile`` never "kernels": the grouped kernels' autograd
+        Function is eager code, which the torch path's batched products replace in a traced graph."""
         kernel_dtypes = (torch.float32, torch.float16, torch.bfloat16)
         if type(self).rows_update is not LoRALinear.rows_update or x.dtype not in kernel_dtypes:
             return None
@@ -615,7 +616,7 @@ class LoRALinear(nn.Linear):
 
         if _autocast_dtype(x.device.type) is not None:
             return None
-        if not resolve(self.backend, x).uses_kernels:
+        if not resolve(self.backend, x).uses_kernels or torch.compiler.is_compiling():
             return "torch"
         from fastlora.kernels.grouped import MAX_POSITIONS
 

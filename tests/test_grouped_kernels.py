@@ -153,6 +153,18 @@ def test_mixed_batch_rows_in_one_grouped_call_match_the_reference(shape, dtype):
     check_mixed_batch_rows(shape, dtype)
 
 
+def test_a_traced_mixed_batch_takes_the_torch_path(monkeypatch):
+    """Under torch.compile (which cannot run under the interpreter: is_compiling stands in) a mixed batch on the
+    kernels' device takes the torch path's batched products, which trace, not the grouped kernels' eager
+    autograd Function."""
+    layer = _mixed_layer()
+    x = torch.randn(9, 40)
+    held = {"b": torch.tensor([1, 2]), "c": torch.tensor([4, 0])}
+    assert layer._grouped_rows(x, held) == "kernels"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layer._grouped_rows(x, held) == "torch"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16 base, fp32 adapters"])
 @pytest.mark.parametrize("base", ["cublas", "fused"])
 def test_a_mixed_batch_on_the_kernels_takes_the_updates_into_the_base_product(base, dtype, monkeypatch):

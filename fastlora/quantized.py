@@ -9,9 +9,10 @@ quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes Lo
 The base product is bitsandbytes' own (dequantization inside its matmul, on CPU and CUDA); the low-rank term is
 ``fastlora.lora_linear`` without a base weight, so dropout regenerates its mask from a seed instead of storing a
 dropped copy of x.  On the kernels' device with the ``base=fused`` schedule, a 4-bit base with one active adapter
-runs fused instead (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in its main loop,
-forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by default, as PEFT creates them beside an integer weight.  Merging
-follows PEFT: dequantize, add scaling · B A in float32, quantize again (with PEFT's warning about rounding).
+runs fused instead in eager mode (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in
+its main loop, forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by
+default, as PEFT creates them beside an integer weight.  Merging follows PEFT: dequantize, add scaling · B A in
+float32, quantize again (with PEFT's warning about rounding).
 DoRA on a quantized base is refused.
 """
 

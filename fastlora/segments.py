@@ -76,20 +76,11 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, counts, scalings, dropout_ps, seeds, *factors):
-        lora_A, lora_B = _stacked(factors)
-        stacked = _stack_rows(x, rows, counts, lora_A.dtype, fresh=any(seed is not None for seed in seeds))
-        _drop_segments_(stacked, counts, seeds, dropout_ps)
-        keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
-        S = torch_path.mm_rank_columns(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # keep scale on rank-r S
-        update = _unstack_rows(torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A)), counts)
+        out, S = _segments_forward(x, weight, bias, rows, counts, scalings, dropout_ps, seeds, factors)
         ctx.save_for_backward(x, weight, rows, S, *factors, *[seed for seed in seeds if seed is not None])
         ctx.counts, ctx.scalings, ctx.dropout_ps = counts, scalings, dropout_ps
         ctx.seeded = [seed is not None for seed in seeds]
-        if weight is None:  # (the callers add it into the base output, never change it in place)
-            return update.to(x.dtype)
-        flat = x.reshape(-1, x.shape[-1])
-        y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
-        return _add_at_rows_(y, rows, update.to(y.dtype))
+        return out
 
     @staticmethod
     def backward(ctx, d_out):
@@ -134,6 +125,34 @@ class _GroupedSegmentsLowRank(torch.autograd.Function):
             r = A.shape[0]
             grads += [None if dA is None else dA[e, :r], None if dB is None else dB[e, :, :r]]
         return (dx, None, None, None, None, None, None, None, *grads)
+
+
+def _segments_forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, rows: Tensor | None, counts: list[int],
+                      scalings: list[float], dropout_ps: list[float], seeds: list[Tensor | None],
+                      factors: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """:class:`_GroupedSegmentsLowRank`'s output, and the stacked rank-r S its backward keeps."""
+    lora_A, lora_B = _stacked(factors)
+    stacked = _stack_rows(x, rows, counts, lora_A.dtype, fresh=any(seed is not None for seed in seeds))
+    _drop_segments_(stacked, counts, seeds, dropout_ps)
+    keep_scale = _per_segment([1.0 / (1.0 - p) for p in dropout_ps], lora_A)
+    S = torch_path.mm_rank_columns(stacked, lora_A.transpose(1, 2)).mul_(keep_scale)  # keep scale on rank-r S
+    update = _unstack_rows(torch.bmm(S, lora_B.transpose(1, 2)).mul_(_per_segment(scalings, lora_A)), counts)
+    if weight is None:  # (the callers add it into the base output, never change it in place)
+        return update.to(x.dtype), S
+    flat = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(bias, flat, weight.t()) if bias is not None else torch.mm(flat, weight.t())
+    return _add_at_rows_(y, rows, update.to(y.dtype)), S
+
+
+def _grouped_segments(x: Tensor, weight: Tensor | None, bias: Tensor | None, rows: Tensor | None, counts: list[int],
+                      scalings: list[float], dropout_ps: list[float], seeds: list[Tensor | None],
+                      *factors: Tensor) -> Tensor:
+    """:class:`_GroupedSegmentsLowRank` where autograd records (grad mode, and x or a factor requiring grad), else
+    its forward alone: the same values without a node.  (torch.compile also binds the arguments of an
+    autograd.Function that takes a variable number of them wrongly when no input requires grad.)"""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *factors)):
+        return _GroupedSegmentsLowRank.apply(x, weight, bias, rows, counts, scalings, dropout_ps, seeds, *factors)
+    return _segments_forward(x, weight, bias, rows, counts, scalings, dropout_ps, seeds, factors)[0]
 
 
 def _rows_of(flat: Tensor, rows: Tensor, row_count: int) -> Tensor:
@@ -236,8 +255,8 @@ def grouped_segments_low_rank(x: Tensor, groups: list[Tensor], factors: list[tup
     dimension out_features, in x's dtype, to be accumulated at those rows.  Seeds are drawn one per adapter in
     the order given, as one :func:`segment_low_rank` call per adapter would draw them."""
     rows = torch.cat([group.to(x.device) for group in groups])
-    update = _GroupedSegmentsLowRank.apply(x, None, None, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
-                                                                                     training, factors))
+    update = _grouped_segments(x, None, None, rows, *_segment_arguments(x, groups, scalings, dropout_ps, training,
+                                                                        factors))
     return rows, update.view(len(rows), *x.shape[1:-1], factors[0][1].shape[0])
 
 
@@ -250,8 +269,8 @@ def grouped_segments_linear(x: Tensor, weight: Tensor, bias: Tensor | None, grou
     gathered."""
     rows = torch.cat(groups)  # checked where the groups are (the CPU, as PeftModel builds them): no device sync
     rows = None if rows_in_order(rows, x.shape[0]) else rows.to(x.device)
-    y = _GroupedSegmentsLowRank.apply(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps,
-                                                                                training, factors))
+    y = _grouped_segments(x, weight, bias, rows, *_segment_arguments(x, groups, scalings, dropout_ps, training,
+                                                                   factors))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 

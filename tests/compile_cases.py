@@ -14,14 +14,14 @@ import sys
 import tempfile
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch._dynamo
 
-from tests.models import SEED_TARGETS, tiny_llama, tokens
+from tests.models import SEED_TARGETS, load_quantized, tiny_gpt2, tiny_llama, tiny_mixtral, tokens
 
 ADAPTER = dict(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False)
 
@@ -31,46 +31,25 @@ class Case:
     build: Callable[[str], torch.nn.Module]  # a tiny model (the argument: a scratch folder for checkpoints)
     config: dict  # LoraConfig arguments beside ADAPTER's
     backend: str = "aot_eager"  # traced as Inductor traces it (fake tensors, functionalization, AOT autograd)
-    second_adapter: str | None = None  # "active": both adapters active; "mixed": adapter_names, one per row
+    both_active: bool = False  # a second adapter, "other", active beside "default"
+    adapter_names: tuple[str, ...] | None = None  # a mixed batch over "default" and "other", one name per row
     activations: torch.dtype = torch.float32  # the dtype gradients flow in (the compute dtype of a 4-bit base)
-    inputs: dict = field(default_factory=dict)
 
 
 def _gpt2(_):
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                                     eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
+    return tiny_gpt2(vocab_size=128)
 
 
 def _mixtral(_):
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
-                                        num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
-    return transformers.MixtralForCausalLM(config)
+    return tiny_mixtral()
 
 
 def _quantized(**quantization):
     def build(scratch):
-        import bitsandbytes as bnb
-        import transformers
-
         checkpoint = Path(scratch) / "tiny-llama"
         if not checkpoint.exists():
             tiny_llama().save_pretrained(checkpoint)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                checkpoint, quantization_config=transformers.BitsAndBytesConfig(**quantization))
-        for module in model.modules():  # the portable CPU kernel (as tests/test_qlora.py explains)
-            if isinstance(module, bnb.nn.Linear4bit):
-                module.support_avx512bf16_for_cpu = False
-        return model
+        return load_quantized(checkpoint, **quantization)
     return build
 
 
@@ -84,8 +63,12 @@ CASES = {
     "lora-bias": Case(_llama, dict(target_modules=["q_proj", "down_proj"], lora_bias=True)),
     "embedding": Case(_llama, dict(target_modules=["embed_tokens", "q_proj"])),
     "trainable-tokens": Case(_llama, dict(target_modules=["q_proj"], trainable_token_indices=[1, 2])),
-    "two-active-adapters": Case(_llama, dict(target_modules=SEED_TARGETS), second_adapter="active"),
-    "mixed-batch": Case(_llama, dict(target_modules=SEED_TARGETS), second_adapter="mixed"),
+    "two-active-adapters": Case(_llama, dict(target_modules=SEED_TARGETS), both_active=True),
+    # eager: rows gathered; rows read in place (sorted by adapter); one adapter's own forward (one name)
+    "mixed-batch": Case(_llama, dict(target_modules=SEED_TARGETS), adapter_names=("other", "default", "default", "other")),
+    "mixed-batch-sorted": Case(_llama, dict(target_modules=SEED_TARGETS),
+                               adapter_names=("default", "default", "other", "other")),
+    "mixed-batch-one-name": Case(_llama, dict(target_modules=SEED_TARGETS), adapter_names=("default",) * 4),
     "gpt2-conv1d": Case(_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"])),
     "moe-experts": Case(_mixtral, dict(target_modules=["q_proj"], lora_dropout=0.0,  # no dropout there, as in PEFT
                                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
@@ -124,26 +107,42 @@ def run(name: str, scratch: str) -> dict:
 
     case = CASES[name]
     ids = tokens(batch=4)
-    inputs = {"input_ids": ids, "labels": ids, **case.inputs}
+    inputs = {"input_ids": ids, "labels": ids}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         frozen_breaks, _ = _breaks(case.build(scratch).train(), inputs)
         model = fastlora.get_peft_model(case.build(scratch), fastlora.LoraConfig(**{**ADAPTER, **case.config})).train()
-        if case.second_adapter is not None:
+        if case.both_active or case.adapter_names:
             model.add_adapter("other", fastlora.LoraConfig(**{**ADAPTER, **case.config}))
-            if case.second_adapter == "active":
-                model.base_model.set_adapter(["default", "other"])
-            else:
-                inputs["adapter_names"] = ["other", "default", "default", "other"]
+        if case.both_active:
+            model.base_model.set_adapter(["default", "other"])
+        if case.adapter_names:
+            inputs["adapter_names"] = list(case.adapter_names)
         breaks, reasons = _breaks(model, inputs)
         torch._dynamo.reset()
         eager = _step(model, inputs)
+        torch._dynamo.utils.counters.clear()
         patch = (torch._inductor.config.patch(fallback_random=True) if case.backend == "inductor"
                  else contextlib.nullcontext())  # Inductor's own generator otherwise: other seeds, other masks
         with patch:
             compiled = _step(model, inputs, torch.compile(model, backend=case.backend))
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        inference = _inference(model, inputs, case.backend) if case.adapter_names else None
     return {"breaks": breaks, "frozen_breaks": frozen_breaks, "reasons": reasons, "eager": eager,
-            "compiled": compiled, "activations": case.activations}
+            "compiled": compiled, "compiled_graphs": compiled_graphs, "activations": case.activations,
+            "inference": inference}
+
+
+def _inference(model, inputs: dict, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits in eval mode without autograd (a mixed batch served), eager and compiled: nothing requires grad
+    there, which torch.compile traces differently."""
+    model.eval()
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=backend)(**inputs).logits
+    return eager, compiled
 
 
 def main(out_dir: str, names: list[str]) -> None:

@@ -18,6 +18,48 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_gpt2(seed: int = 0, **overrides):
+    """A small GPT-2 (transformers' Conv1D layers), no dropout, in eval mode; ``overrides`` change its config."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(**{
+        "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2, "n_head": 2, "bos_token_id": 0,
+        "eos_token_id": 0, "attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **overrides,
+    })
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_mixtral(seed: int = 0):
+    """A small Mixtral: transformers' experts module (4 experts, top 2) with its 3-D parameters."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                            num_experts_per_tok=2))
+
+
+def load_quantized(directory, **quantization):
+    """The checkpoint in ``directory`` loaded by transformers with ``BitsAndBytesConfig(**quantization)``, on the
+    CPU.  bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on an inference forward and keeps
+    the old quantization state beside it, so the next forward fails (PEFT's models as much as fastlora's): the
+    model runs the portable CPU kernel."""
+    import warnings
+
+    import bitsandbytes as bnb
+    import transformers
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            directory, quantization_config=transformers.BitsAndBytesConfig(**quantization))
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def tokens(batch=2, length=16, vocab=128, seed=1):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

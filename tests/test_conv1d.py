@@ -13,6 +13,7 @@ import torch
 from fastlora import LoraConfig, LoraModel, get_peft_model
 from fastlora.conv1d import LoRAConv1D
 from fastlora.functional import triton_interpreter_on
+from tests.models import tiny_gpt2
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -21,12 +22,7 @@ CONV1D_WARNING = "fan_in_fan_out is set to False but the target module is `Conv1
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
-                        eos_token_id=0, attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
-    return GPT2LMHeadModel(config).eval()
+    return tiny_gpt2()
 
 
 def _both(base, **config):

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from fastlora import LoraConfig, LoraModel, get_peft_model
-from tests.models import assert_unchanged, snapshot, tiny_llama
+from tests.models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama
 
 
 def _gpt2():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2,
-                                      bos_token_id=0, eos_token_id=0))
+    return tiny_gpt2()
 
 
 def _peft_targets(model) -> set[str]:

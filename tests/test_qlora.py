@@ -14,7 +14,8 @@ import fastlora
 from fastlora import cpu_masks
 from fastlora.functional import SEED_HIGH
 from fastlora.quantized import LoRAQuantizedLinear
-from tests.models import SEED_TARGETS, copy_lora_weights, snapshot, assert_unchanged, tiny_llama, tokens
+from tests.models import (SEED_TARGETS, assert_unchanged, copy_lora_weights, load_quantized, snapshot, tiny_llama,
+                          tokens)
 from tests.tolerances import assert_close
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -44,17 +45,7 @@ def checkpoint():
 
 
 def _load(directory, quant):
-    config = transformers.BitsAndBytesConfig(**QUANT[quant])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, quantization_config=config)
-    # bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on an inference forward and keeps
-    # the old quantization state beside it, so the next forward fails (PEFT's models as much as fastlora's): the
-    # tests run the portable CPU kernel.
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-    return model
+    return load_quantized(directory, **QUANT[quant])
 
 
 def _pair(directory, quant, **changes):

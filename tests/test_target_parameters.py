@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.parameter_lora import LoRAParameter
-from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tokens
+from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_mixtral, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -53,8 +53,7 @@ class _Model(nn.Module):
 
 
 def _mixtral():
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(transformers.MixtralConfig(**_SMALL))
+    return tiny_mixtral()
 
 
 def _gpt_oss():

@@ -189,7 +189,7 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
     step time, bytes kept for backward, trainable parameters, peak memory, and the compiled ones' compile time."""
     case = STEP_CASES[name]
     models = _models(case, sizes, device)
-    runs = {provider: model for provider, model in models.items()}  # what each provider calls
+    runs = dict(models)  # what each provider calls
     if compiled:
         runs.update({provider + COMPILE_SUFFIX: torch.compile(model) for provider, model in models.items()})
     ids = torch.randint(0, sizes.vocab, (sizes.batch, sizes.seq), generator=torch.Generator().manual_seed(1)).to(device)

@@ -160,21 +160,6 @@ def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, repeats: int
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def _first_steps(steps: dict[str, Callable[[], None]], device) -> dict[str, float]:
-    """Seconds of each step's first call (a compiled step's tracing and compiling), made before any timed round;
-    dynamo's caches emptied first, so that no provider reuses what another compiled."""
-    if steps:
-        torch._dynamo.reset()
-    seconds = {}
-    for name, step in steps.items():
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        seconds[name] = time.perf_counter() - start
-    return seconds
-
-
 def _saved_bytes(model: nn.Module, loss: Callable[[], torch.Tensor]) -> int:
     with SavedTensorCounter(exclude=module_tensors(model)) as counter:
         value = loss()
@@ -189,13 +174,12 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
     step time, bytes kept for backward, trainable parameters, peak memory, and the compiled ones' compile time."""
     case = STEP_CASES[name]
     models = _models(case, sizes, device)
-    runs = dict(models)  # what each provider calls
+    runs = {provider: (model, model) for provider, model in models.items()}  # provider: (its model, what it calls)
     if compiled:
-        runs.update({provider + COMPILE_SUFFIX: torch.compile(model) for provider, model in models.items()})
+        runs.update({provider + COMPILE_SUFFIX: (model, torch.compile(model)) for provider, model in models.items()})
     ids = torch.randint(0, sizes.vocab, (sizes.batch, sizes.seq), generator=torch.Generator().manual_seed(1)).to(device)
     steps = {}
-    for provider, run in runs.items():
-        model = models[provider.removesuffix(COMPILE_SUFFIX)]
+    for provider, (model, run) in runs.items():
         trained = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(trained or [torch.zeros(1, requires_grad=True)], lr=1e-4)
 
@@ -204,11 +188,13 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         steps[provider] = step
-    compile_s = _first_steps({p: s for p, s in steps.items() if p.endswith(COMPILE_SUFFIX)}, device)
+    compile_s = {}
+    if compiled:  # each compiled step's first call (tracing, compiling) timed alone, before the rounds; dynamo's
+        torch._dynamo.reset()  # caches emptied first, so that no provider reuses what another compiled
+        compile_s = _interleaved({p: s for p, s in steps.items() if p.endswith(COMPILE_SUFFIX)}, 0, 1, device)
     medians = _interleaved(steps, warmup, repeats, device)
     rows = []
-    for provider, run in runs.items():
-        model = models[provider.removesuffix(COMPILE_SUFFIX)]
+    for provider, (model, run) in runs.items():
         rows.append({
             "step": name, "provider": provider, "step_ms": round(1000 * medians[provider], 2),
             **({"compile_s": round(compile_s[provider], 2)} if provider in compile_s else {}),

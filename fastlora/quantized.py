@@ -12,8 +12,8 @@ dropped copy of x.  On the kernels' device with the ``base=fused`` schedule, a 4
 runs fused instead in eager mode (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in
 its main loop, forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by
 default, as PEFT creates them beside an integer weight.  Merging follows PEFT: dequantize, add scaling · B A in
-float32, quantize again (with PEFT's warning about rounding).
-DoRA on a quantized base is refused.
+float32, quantize again (with PEFT's warning about rounding).  A DoRA adapter (QDoRA) adds PEFT's DoRA term to
+bitsandbytes' output (:mod:`fastlora.qdora_ops`), with the weight dequantized only while a pass needs it.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ class LoRAQuantizedLinear(LoRALinear):
     def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,
                        adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAQuantizedLinear":
         """Wrap ``base`` (kept as ``base_layer``, frozen)."""
-        if settings.use_dora or settings.lora_bias:
-            raise ValueError(f"{'use_dora' if settings.use_dora else 'lora_bias'}=True on a quantized (4-bit or 8-bit) "
-                             f"base is not supported by fastlora")
+        if settings.lora_bias:
+            raise ValueError("lora_bias=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = base.in_features, base.out_features
@@ -81,8 +80,6 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def add_adapter(self, adapter_name: str, settings: AdapterSettings, *, init_lora_weights=True,
                     adapter_dtype: torch.dtype | None = None) -> None:
-        if settings.use_dora:
-            raise ValueError("use_dora=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         if settings.lora_bias:
             raise ValueError("lora_bias=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         if adapter_dtype is None or not adapter_dtype.is_floating_point:
@@ -145,11 +142,25 @@ class LoRAQuantizedLinear(LoRALinear):
             return self._fused_4bit_forward(x, names[0], schedule)
         result = self.base_layer(x)
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
-            if self._adds_in_place(x, name, result):
+            if self.magnitude(name) is not None:
+                result = (result + self.dora_term(x, name, result)).to(result.dtype)
+            elif self._adds_in_place(x, name, result):
                 result = self._add_low_rank_(result, x, name)
             else:
                 result = result + self.low_rank_term(x, name).to(result.dtype)
         return result
+
+    def dora_term(self, x: Tensor, name: str, result: Tensor) -> Tensor:
+        """What DoRA adapter ``name`` adds to ``result``, the output so far (:mod:`fastlora.qdora_ops`: the weight
+        dequantized for the norm and, with dropout, for the dropped input's product; kept by neither pass)."""
+        from fastlora.functional import dropout_and_seed
+        from fastlora.qdora_ops import quantized_dora_term
+
+        lora_A, lora_B = self.lora_factors(name)
+        settings = self.adapter_settings[name]
+        p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
+        return quantized_dora_term(x, result, self.bias, self.base_weight, lora_A, lora_B, self.magnitude(name),
+                                   settings.scaling, p, seed)
 
     def _adds_in_place(self, x: Tensor, name: str, result: Tensor) -> bool:
         """Whether adapter ``name``'s term goes into the base output ``result`` in place
@@ -186,7 +197,7 @@ class LoRAQuantizedLinear(LoRALinear):
         base = self.base_layer
         if torch.compiler.is_compiling():
             return None
-        if len(names) != 1 or not isinstance(base, _bnb().nn.Linear4bit):
+        if len(names) != 1 or self.magnitude(names[0]) is not None or not isinstance(base, _bnb().nn.Linear4bit):
             return None
         if (base.compute_dtype or x.dtype) not in (torch.float16, torch.bfloat16):  # the kernel's 16-bit dots
             return None

@@ -78,6 +78,8 @@ CASES = {
                                        bnb_4bit_compute_dtype=torch.bfloat16),
                             dict(target_modules=SEED_TARGETS), activations=torch.bfloat16),
     "int8": Case(_quantized(load_in_8bit=True), dict(target_modules=SEED_TARGETS)),
+    "nf4-dora": Case(_quantized(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+                     dict(target_modules=SEED_TARGETS, use_dora=True)),
 }
 
 

@@ -253,11 +253,11 @@ def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
         assert_close(param.grad, grads_plain[name].grad, kind="same_math", dtype=torch.bfloat16, msg=name)
 
 
-def test_dora_on_a_quantized_base_is_refused_and_the_model_unchanged(checkpoint):
+def test_lora_bias_on_a_quantized_base_is_refused_and_the_model_unchanged(checkpoint):
     model = _load(checkpoint, "nf4-fp32")
     before = snapshot(model)
-    with pytest.raises(ValueError, match="use_dora=True on a quantized"):
-        fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "use_dora": True}))
+    with pytest.raises(ValueError, match="lora_bias=True on a quantized"):
+        fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "lora_bias": True}))
     assert_unchanged(model, before)
 
 

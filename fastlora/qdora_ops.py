@@ -1,0 +1,100 @@
+"""DoRA over a bitsandbytes 4-bit or 8-bit weight (QDoRA): the term a DoRA adapter adds to the output so far,
+with autograd, as PEFT's bitsandbytes layers compute it:
+
+    term = (g − 1) ⊙ P + g ⊙ s·(h Aᵀ) Bᵀ,   g = m / n,   n = ‖Ŵ + s·B A‖ per output row (not differentiated)
+
+    h = x,  P = result − b            without dropout (``result``: the output so far, holding the base product
+                                      and any adapter added before this one; its gradient gets (g − 1) ⊙ dterm)
+    h = dropout(x),  P = h Ŵᵀ         with dropout (a second product with the dequantized weight Ŵ)
+
+Ŵ is dequantized where it is needed and dropped at once: for n and P in forward, for dh = ((g − 1) ⊙ dterm) Ŵ
+in backward.  What autograd keeps is x, the rank-r S = h Aᵀ, the seed and, when m trains, z = P + s·S Bᵀ
+(M × N) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it, N × K, in every dropped layer), and not the mask,
+which is drawn again from the seed.  The products run in the adapters' dtype, as PEFT casts x to it.
+
+Backward, with d = dterm:  dB = s·(g ⊙ d)ᵀ S,  dS = s·(g ⊙ d) B,  dA = dSᵀ h,
+dx = (dS A + [dropout] ((g − 1) ⊙ d) Ŵ) ⊙ mask / (1 − p),  dm = Σ_rows d ⊙ z / n.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from fastlora.ops import keep_fn
+from fastlora.torch_path import dora_weight_norm
+
+__all__ = ["quantized_dora_term"]
+
+
+def _dropped_input(x: Tensor, dtype: torch.dtype, seed: Optional[Tensor], dropout_p: float) -> Tensor:
+    """h = x ⊙ mask / (1 − p) in ``dtype`` (x itself, cast, without dropout); the mask drawn from ``seed``."""
+    if seed is None:
+        return x.to(dtype)
+    h = keep_fn(seed, dropout_p)(x.to(dtype, memory_format=torch.contiguous_format, copy=True))
+    return h.mul_(1.0 / (1.0 - dropout_p))
+
+
+class _QuantizedDoRATerm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base, lora_A, lora_B, magnitude, weight, dequantize, norm, seed, scaling, dropout_p):
+        acc = lora_A.dtype
+        with torch.autocast(x.device.type, enabled=False):  # the adapters' dtype throughout, as PEFT casts x
+            g = magnitude.detach().to(acc) / norm.to(acc)
+            h = _dropped_input(x, acc, seed, dropout_p)
+            P = torch.mm(h, weight.to(acc).t()) if seed is not None else base.to(acc)
+            S = torch.mm(h, lora_A.t())
+            low_rank = torch.mm(S, lora_B.t()).mul_(scaling)
+            term = torch.addcmul(P * (g - 1.0), low_rank, g)
+            z = P + low_rank if ctx.needs_input_grad[4] else None
+        ctx.save_for_backward(x, lora_A, lora_B, magnitude, norm, S, seed, z)
+        ctx.dequantize, ctx.scaling, ctx.dropout_p, ctx.base_dtype = dequantize, scaling, dropout_p, base.dtype
+        return term
+
+    @staticmethod
+    def backward(ctx, d):
+        x, lora_A, lora_B, magnitude, norm, S, seed, z = ctx.saved_tensors
+        need_dx, need_dbase, need_dA, need_dB, need_dm = ctx.needs_input_grad[:5]
+        acc, scaling, dropout_p = lora_A.dtype, ctx.scaling, ctx.dropout_p
+        g = magnitude.detach().to(acc) / norm.to(acc)
+        d = d.to(acc)
+        scaled = d * (g * scaling)  # s·(g ⊙ d)
+        dx = dbase = dA = dB = dm = None
+        if need_dB:
+            dB = torch.mm(scaled.t(), S)
+        if need_dx or need_dA:
+            dS = torch.mm(scaled, lora_B)
+            if need_dA:
+                dA = torch.mm(dS.t(), _dropped_input(x, acc, seed, dropout_p))
+            if need_dx:
+                dh = torch.mm(dS, lora_A)
+                if seed is not None:  # P = h Ŵᵀ: Ŵ dequantized again, not kept since forward
+                    dh.addmm_(d * (g - 1.0), ctx.dequantize().to(acc))
+                    dh = keep_fn(seed, dropout_p)(dh).mul_(1.0 / (1.0 - dropout_p))
+                dx = dh.to(x.dtype)
+        if need_dbase and seed is None:
+            dbase = (d * (g - 1.0)).to(ctx.base_dtype)
+        if need_dm:
+            dm = (d * z).sum(0).div_(norm.to(acc)).to(magnitude.dtype)
+        return dx, dbase, dA, dB, dm, None, None, None, None, None, None
+
+
+def quantized_dora_term(x: Tensor, result: Tensor, bias: Optional[Tensor], dequantize: Callable[[], Tensor],
+                        lora_A: Tensor, lora_B: Tensor, magnitude: Tensor, scaling: float, dropout_p: float,
+                        seed: Optional[Tensor]) -> Tensor:
+    """DoRA's term (..., out) in the adapters' dtype for x (..., in), ``result`` the output so far (..., out) and
+    ``bias`` the base layer's (see the module docstring); ``dequantize()`` returns Ŵ (out × in), a fresh tensor
+    each call; ``dropout_p`` and ``seed`` as :func:`fastlora.functional.dropout_and_seed` draws them."""
+    weight = dequantize()
+    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    x2d = x.reshape(-1, x.shape[-1])
+    base = result.reshape(-1, result.shape[-1])
+    if seed is not None:
+        base = base.detach()  # P is h Ŵᵀ: the output so far takes no part
+    elif bias is not None:
+        base = base - bias.to(base.dtype)
+    term = _QuantizedDoRATerm.apply(x2d, base, lora_A, lora_B, magnitude, weight if seed is not None else None,
+                                    dequantize, norm, seed, float(scaling), float(dropout_p))
+    return term.view(*result.shape[:-1], term.shape[-1])

@@ -1,0 +1,257 @@
+"""QDoRA: DoRA adapters on bitsandbytes 4-bit and 8-bit bases (on the CPU), compared with PEFT's bitsandbytes
+DoRA layers: outputs and every gradient with identical dropout masks, a base bias, files both ways, merges bit
+for bit, several active adapters, and what autograd keeps (no dequantized weight)."""
+
+import copy
+import re
+import tempfile
+import warnings
+
+import peft
+import peft.tuners.lora.bnb
+import pytest
+import torch
+from torch import nn
+
+import fastlora
+from fastlora import cpu_masks
+from fastlora.functional import SEED_HIGH
+from fastlora.quantized import LoRAQuantizedLinear
+from fastlora.torch_path import dora_weight_norm
+from tests.models import SEED_TARGETS, copy_lora_weights, load_quantized, tiny_llama, tokens
+from tests.test_qlora import GRAD_DTYPE, QUANT
+from tests.tolerances import assert_close
+
+bnb = pytest.importorskip("bitsandbytes")
+pytest.importorskip("transformers")
+
+CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0,
+              init_lora_weights=False, use_dora=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    with tempfile.TemporaryDirectory() as directory:
+        tiny_llama().save_pretrained(directory)
+        yield directory
+
+
+def _quantized_linear_with_bias(quant):
+    """A bitsandbytes 4-bit Linear (48 → 40) with a bias, quantized from a seeded float weight."""
+    torch.manual_seed(0)
+    dense = nn.Linear(48, 40)
+    layer = bnb.nn.Linear4bit(48, 40, bias=True, compute_dtype=QUANT[quant]["bnb_4bit_compute_dtype"],
+                              quant_type=QUANT[quant]["bnb_4bit_quant_type"])
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
+                                     quant_type=QUANT[quant]["bnb_4bit_quant_type"]).to("cpu")
+    layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    return layer
+
+
+class _SeededDropout(nn.Module):
+    """PEFT's dropout replaced by fastlora's CPU mask for the seed the fastlora layer drew (x flattened to rows)."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.seed = p, None
+
+    def forward(self, t):
+        rows = t.reshape(-1, t.shape[-1])
+        keep = cpu_masks.cpu_keep_mask(self.seed, tuple(rows.shape), self.p, t.dtype).view(t.shape)
+        return t * keep / (1 - self.p)
+
+
+def _layer_pair(base, p):
+    """fastlora's and PEFT's DoRA layer over copies of ``base``, with equal factors (float32, as get_peft_model
+    makes them beside a quantized weight) and a trained magnitude (within 20% of the norm it started at)."""
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_dropout=p, use_dora=True, target_modules=["x"]).settings
+    ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default", settings, False, None).train()
+    peft_class = peft.tuners.lora.bnb.Linear4bit if isinstance(base, bnb.nn.Linear4bit) else \
+        peft.tuners.lora.bnb.Linear8bitLt
+    theirs = peft_class(copy.deepcopy(base), "default", r=4, lora_alpha=8, config=peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=p, use_dora=True, init_lora_weights=False)).train()
+    theirs.lora_A["default"].float()
+    theirs.lora_B["default"].float()
+    magnitude = ours.magnitude("default")
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        norm = dora_weight_norm(ours.base_weight(), ours.lora_A, ours.lora_B, ours.scaling)
+        magnitude.copy_(norm * torch.linspace(0.8, 1.2, magnitude.numel()))
+        theirs.lora_magnitude_vector["default"].weight.copy_(magnitude)
+    if p:
+        theirs.lora_dropout["default"] = _SeededDropout(p)
+    return ours, theirs
+
+
+def _compare_layers(ours, theirs, in_features, p):
+    x = torch.randn(2, 5, in_features)
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        if p and layer is theirs:
+            layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))  # the seed ours drew
+        y = layer(xi)
+        params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
+                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                   theirs.lora_magnitude_vector["default"].weight))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert_close(a, b, kind="same_math", dtype=torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("quant", list(QUANT))
+def test_layer_matches_peft(checkpoint, quant, p):
+    """One quantized layer: output and the gradients of x, A, B and m as PEFT's, dropout masks identical (with
+    dropout the base product is the dropped input's, a second product with the dequantized weight)."""
+    base = load_quantized(checkpoint, **QUANT[quant]).model.layers[0].mlp.up_proj
+    ours, theirs = _layer_pair(base, p)
+    _compare_layers(ours, theirs, base.in_features, p)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16"])
+def test_layer_with_a_base_bias_matches_peft(quant, p):
+    """A base with a bias: without dropout DoRA's base is the output without the bias, as PEFT's."""
+    ours, theirs = _layer_pair(_quantized_linear_with_bias(quant), p)
+    _compare_layers(ours, theirs, 48, p)
+
+
+def test_no_dequantized_weight_kept_for_backward(checkpoint):
+    """With dropout, what autograd keeps for the DoRA term: x, the rank-r S, the seed, the norm and z; never the
+    weight dequantized (out × in), which PEFT's layer keeps for the dropped input's product."""
+    base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
+    ours, theirs = _layer_pair(base, 0.3)
+    weight_shape = (base.out_features, base.in_features)
+
+    def kept_shapes(layer):
+        shapes = []
+        x = torch.randn(3, base.in_features, requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            torch.manual_seed(7)
+            if layer is theirs:
+                layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
+            layer(x)
+        return shapes
+
+    assert weight_shape[::-1] in kept_shapes(theirs)  # the hook sees a kept weight (PEFT's Ŵᵀ)
+    kept = kept_shapes(ours)
+    assert max(torch.Size(s).numel() for s in kept) < torch.Size(weight_shape).numel(), kept
+
+
+def _peft_model(checkpoint, quant, **changes):
+    theirs = peft.get_peft_model(load_quantized(checkpoint, **QUANT[quant]), peft.LoraConfig(**{**CONFIG, **changes}))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # a trained magnitude, no longer the norm it started at
+        for name, param in theirs.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=generator))
+    return theirs
+
+
+def _grads(model):
+    """Each trainable parameter's gradient, by one name for PEFT's (``lora_A.default.weight``) and fastlora's
+    (``lora_A_default``) parameter."""
+    return {re.sub(r"\.(lora_\w+?)(\.default\.weight|_default)$", r".\1", n): p.grad
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
+def test_model_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_path):
+    """PEFT's QDoRA file loaded by fastlora: trainable counts, logits, loss and every gradient (A, B, m) as PEFT's;
+    fastlora's file loaded by PEFT gives the same logits, with the same keys."""
+    theirs = _peft_model(checkpoint, quant)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fastlora.LoraModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path / "peft",
+                                              is_trainable=True)
+    assert isinstance(ours.get_base_model().model.layers[0].mlp.up_proj, LoRAQuantizedLinear)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=GRAD_DTYPE[quant])
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs, grads_ours = _grads(theirs), _grads(ours)
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 3 * 7 * 2
+    for name, grad in grads_ours.items():
+        assert_close(grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path / "ours")
+    with torch.no_grad():
+        assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, kind="same_math",
+                     dtype=GRAD_DTYPE[quant])
+    assert fastlora.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(theirs).keys()
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
+def test_fresh_adapter_starts_at_the_base_model(checkpoint, quant):
+    """A new QDoRA adapter (B = 0, m = ‖W‖ per row of the dequantized weight) leaves the logits the base's, and its
+    magnitudes are PEFT's."""
+    config = {**CONFIG, "init_lora_weights": True}
+    base = load_quantized(checkpoint, **QUANT[quant])
+    ids = tokens()
+    with torch.no_grad():
+        want = base(input_ids=ids).logits
+    theirs = peft.get_peft_model(load_quantized(checkpoint, **QUANT[quant]), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(base, fastlora.LoraConfig(**config))
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, want, kind="same_math", dtype=torch.float32)
+    for name, layer in ours.lora_layers():
+        peft_layer = theirs.get_base_model().get_submodule(name)
+        assert_close(layer.magnitude("default"), peft_layer.lora_magnitude_vector["default"].weight,
+                     kind="same_math", dtype=torch.float32, msg=name)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
+def test_merge_and_unload_as_peft(checkpoint, quant, tmp_path):
+    """merge_and_unload dequantizes, applies W ← g ⊙ (W + s·B A) and quantizes again: the quantized weights equal
+    PEFT's merge of the same adapter, bit for bit, and so do the merged models' logits."""
+    theirs = _peft_model(checkpoint, quant).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.LoraModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path).eval()
+    ids = tokens()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_theirs, merged_ours = theirs.merge_and_unload(), ours.merge_and_unload(safe_merge=True)
+        assert not any(isinstance(m, LoRAQuantizedLinear) for m in merged_ours.modules())
+        for (name, a), (_, b) in zip(merged_theirs.named_modules(), merged_ours.named_modules()):
+            if isinstance(a, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                assert torch.equal(a.weight.data, b.weight.data), name
+        assert torch.equal(merged_ours(input_ids=ids).logits, merged_theirs(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("order", [["plain", "default"], ["default", "plain"]], ids=["LoRA then DoRA", "DoRA then LoRA"])
+def test_beside_a_lora_adapter_as_peft(checkpoint, order, tmp_path):
+    """A QDoRA adapter active with a plain one, in either order: each update added in turn, the DoRA one taking the
+    output so far as its base, as PEFT computes; logits and every gradient as PEFT's."""
+    plain = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=5,
+                 init_lora_weights=False)
+    theirs = _peft_model(checkpoint, "nf4-fp32")
+    theirs.add_adapter("plain", peft.LoraConfig(**plain))
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.LoraModel.from_pretrained(load_quantized(checkpoint, **QUANT["nf4-fp32"]), tmp_path,
+                                              is_trainable=True)
+    ours.load_adapter(tmp_path / "plain", adapter_name="plain", is_trainable=True)
+    copy_lora_weights(theirs, ours)
+    for model in (theirs, ours):
+        model.base_model.set_adapter(order)
+        for name, param in model.named_parameters():  # set_adapter freezes nothing it activates
+            if "lora_" in name:
+                param.requires_grad_(True)
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=torch.float32)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs = {n.replace(".weight", "") if "magnitude" in n else n: p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    for name, param in ours.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = re.sub(r"\.lora_magnitude_vector_(\w+)$", r".lora_magnitude_vector.\1", name)
+        key = re.sub(r"\.lora_([AB])_(\w+)$", r".lora_\1.\2.weight", key)
+        assert param.grad is not None, name
+        assert_close(param.grad, grads_theirs[key], kind="same_math_cancelling", msg=name)

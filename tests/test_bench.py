@@ -537,16 +537,17 @@ def test_profiler_chatter_does_not_reach_the_terminal(capfd):
     assert "USDT" not in capfd.readouterr().err
 
 
-def test_qlora_step_reports_cpu_peak_memory(tmp_path):
-    """The QLoRA step's peak memory on the CPU (torch's allocator through the profiler) for every provider: at
-    least the activations the step keeps for backward, which it allocates."""
+@pytest.mark.parametrize("case", ["qlora-nf4", "qdora-nf4"])
+def test_qlora_step_reports_cpu_peak_memory(tmp_path, case):
+    """The QLoRA (and QDoRA) step's peak memory on the CPU (torch's allocator through the profiler) for every
+    provider: at least the activations the step keeps for backward, which it allocates."""
     import json
 
     pytest.importorskip("bitsandbytes")
     from fastlora.bench.cli import main
 
     out = tmp_path / "qlora.json"
-    assert main(["--device", "cpu", "--step", "qlora-nf4", "--hidden", "64", "--layers", "1", "--batch", "2",
+    assert main(["--device", "cpu", "--step", case, "--hidden", "64", "--layers", "1", "--batch", "2",
                  "--seq", "16", "--vocab", "128", "--warmup", "0", "--repeats", "1", "--no-progress",
                  "--json", str(out)]) == 0
     rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}

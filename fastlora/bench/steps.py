@@ -117,6 +117,8 @@ STEP_CASES: dict[str, StepCase] = {
                           "4-bit nf4 Llama, the seven projections, dropout 0.1"),
     "qlora-int8": StepCase(_quantized(8), dict(_SEED, target_modules=SEVEN, lora_dropout=0.1),
                            "8-bit Llama, the seven projections, dropout 0.1"),
+    "qdora-nf4": StepCase(_quantized(4), dict(_SEED, target_modules=SEVEN, lora_dropout=0.1, use_dora=True),
+                          "4-bit nf4 Llama, DoRA on the seven projections, dropout 0.1"),
 }
 
 

@@ -4,7 +4,9 @@ quantization) and ``bnb.nn.Linear8bitLt``.
 :class:`LoRAQuantizedLinear` holds the quantized layer as ``base_layer`` (composition: its packed weight and
 quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes LoRA layers compute:
 
-    y = base_layer(x) + (scaling · (dropout(x) Aᵀ) Bᵀ, in the adapters' dtype, rounded to the base output's dtype)
+    y = base_layer(x) + (scaling · ((dropout(x) Aᵀ) Bᵀ + b_B), in the adapters' dtype, rounded to the base output's dtype)
+
+(b_B: B's bias, with ``lora_bias=True``; merged into the base bias as scaling · b_B, the term the forward adds)
 
 The base product is bitsandbytes' own (dequantization inside its matmul, on CPU and CUDA); the low-rank term is
 ``fastlora.lora_linear`` without a base weight, so dropout regenerates its mask from a seed instead of storing a
@@ -55,8 +57,6 @@ class LoRAQuantizedLinear(LoRALinear):
     def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,
                        adapter_dtype: torch.dtype | None, backend: str = "auto") -> "LoRAQuantizedLinear":
         """Wrap ``base`` (kept as ``base_layer``, frozen)."""
-        if settings.lora_bias:
-            raise ValueError("lora_bias=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features = base.in_features, base.out_features
@@ -80,8 +80,6 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def add_adapter(self, adapter_name: str, settings: AdapterSettings, *, init_lora_weights=True,
                     adapter_dtype: torch.dtype | None = None) -> None:
-        if settings.lora_bias:
-            raise ValueError("lora_bias=True on a quantized (4-bit or 8-bit) base is not supported by fastlora")
         if adapter_dtype is None or not adapter_dtype.is_floating_point:
             adapter_dtype = torch.float32
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
@@ -189,7 +187,7 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active
-        adapter, the kernels' device, eager mode, and a schedule whose base product is fused: ``base=fused``);
+        adapter, neither DoRA nor with lora_bias, the kernels' device, eager mode, and a schedule whose base product is fused: ``base=fused``);
         None for bitsandbytes' product plus the low-rank term (the default, ``base=cublas``: bitsandbytes'
         dequantize-then-matmul, the bounded-downside choice until a GPU run says otherwise; and under
         ``torch.compile``, where the fused call, an autograd.Function over bitsandbytes' quantization state, would
@@ -197,7 +195,9 @@ class LoRAQuantizedLinear(LoRALinear):
         base = self.base_layer
         if torch.compiler.is_compiling():
             return None
-        if len(names) != 1 or self.magnitude(names[0]) is not None or not isinstance(base, _bnb().nn.Linear4bit):
+        if len(names) != 1 or not isinstance(base, _bnb().nn.Linear4bit):
+            return None
+        if self.magnitude(names[0]) is not None or self.lora_bias(names[0]) is not None:  # not in the 4-bit kernel
             return None
         if (base.compute_dtype or x.dtype) not in (torch.float16, torch.bfloat16):  # the kernel's 16-bit dots
             return None

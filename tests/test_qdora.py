@@ -45,6 +45,7 @@ def _quantized_linear_with_bias(quant):
     layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
                                      quant_type=QUANT[quant]["bnb_4bit_quant_type"]).to("cpu")
     layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
+    layer.support_avx512bf16_for_cpu = False  # as tests.models.load_quantized: the portable CPU kernel
     return layer
 
 

@@ -6,6 +6,7 @@ import tempfile
 import warnings
 
 import peft
+import peft.tuners.lora.bnb
 import pytest
 import torch
 from torch import nn
@@ -253,11 +254,73 @@ def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
         assert_close(param.grad, grads_plain[name].grad, kind="same_math", dtype=torch.bfloat16, msg=name)
 
 
-def test_lora_bias_on_a_quantized_base_is_refused_and_the_model_unchanged(checkpoint):
-    model = _load(checkpoint, "nf4-fp32")
+def _randomize_lora_biases(model):
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
+def test_lora_bias_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_path):
+    """lora_bias=True on a quantized base: PEFT's file loaded by fastlora gives PEFT's logits, loss and every
+    gradient, B's bias included; fastlora's file loaded by PEFT gives the same logits."""
+    theirs = peft.get_peft_model(_load(checkpoint, quant), peft.LoraConfig(**{**CONFIG, "lora_bias": True}))
+    _randomize_lora_biases(theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = fastlora.LoraModel.from_pretrained(_load(checkpoint, quant), tmp_path / "peft", is_trainable=True)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=GRAD_DTYPE[quant])
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs = {n.replace(".default", "").replace("lora_B.bias", "lora_B_bias"): p.grad
+                    for n, p in theirs.named_parameters() if p.requires_grad}
+    grads_ours = {n.replace("_default", "").replace("lora_A", "lora_A.weight").replace("lora_B", "lora_B.weight")
+                  .replace("lora_B.weight_bias", "lora_B_bias"): p.grad
+                  for n, p in ours.named_parameters() if p.requires_grad}
+    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 3 * 7 * 2
+    for name, grad in grads_ours.items():
+        assert_close(grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(_load(checkpoint, quant), tmp_path / "ours")
+    with torch.no_grad():
+        assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, kind="same_math",
+                     dtype=GRAD_DTYPE[quant])
+
+
+def test_lora_bias_merges_into_the_base_bias_and_needs_one(checkpoint):
+    """Merging adds scaling · b_B to the base bias (as the forward pass adds it) and W as PEFT's merge, bit for
+    bit; on a base without a bias the merge is refused and the model left unchanged."""
+    from tests.test_qdora import _quantized_linear_with_bias
+
+    base = _quantized_linear_with_bias("nf4-fp32")
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["x"]).settings
+    ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default", settings, False, None).eval()
+    theirs = peft.tuners.lora.bnb.Linear4bit(copy.deepcopy(base), "default", r=4, lora_alpha=8, config=peft.LoraConfig(
+        r=4, lora_alpha=8, lora_bias=True, init_lora_weights=False))
+    with torch.no_grad():
+        ours.lora_bias("default").normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        theirs.lora_B["default"].bias.copy_(ours.lora_bias("default"))
+        x = torch.randn(3, 48)
+        assert_close(ours(x), theirs(x), kind="same_math", dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours.merge()
+            theirs.merge()
+    assert torch.equal(ours.base_layer.weight.data, theirs.base_layer.weight.data)
+    assert_close(ours.base_layer.bias, base.bias + 2.0 * ours.lora_bias("default"), kind="same_math",
+                 dtype=torch.float32)
+
+    model = fastlora.get_peft_model(_load(checkpoint, "nf4-fp32"), fastlora.LoraConfig(**{**CONFIG, "lora_bias": True}))
     before = snapshot(model)
-    with pytest.raises(ValueError, match="lora_bias=True on a quantized"):
-        fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "lora_bias": True}))
+    with pytest.raises(RuntimeError, match="the base layer has no bias"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.merge_and_unload()
     assert_unchanged(model, before)
 
 

@@ -136,3 +136,16 @@ def test_autograd_keeps_x_S_and_the_seed_only():
     weight_bytes = 40 * 72 * 2
     assert max(counter.storages.values()) < weight_bytes
     assert counter.bytes == x.numel() * 2 + 8 * 4 * 4 + 8  # x (bf16), S (8 × r=4, fp32), the seed
+
+
+def test_dora_and_lora_bias_adapters_keep_bitsandbytes_product():
+    """The 4-bit GEMM adds a plain adapter's term: a DoRA adapter or one with lora_bias takes bitsandbytes'
+    product plus its own term."""
+    fused, _ = _layers()
+    fused.add_adapter("dora", AdapterSettings(4, 8, 0.2, False, True, False))
+    fused.add_adapter("biased", AdapterSettings(4, 8, 0.2, False, False, True))
+    x = torch.randn(5, 72).to(torch.bfloat16)
+    with use_kernel_variants(base="fused"):
+        assert fused._fused_4bit_schedule(x, ["default"]) is not None
+        assert fused._fused_4bit_schedule(x, ["dora"]) is None
+        assert fused._fused_4bit_schedule(x, ["biased"]) is None

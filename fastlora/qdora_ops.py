@@ -10,7 +10,8 @@ with autograd, as PEFT's bitsandbytes layers compute it:
 Ŵ is dequantized where it is needed and dropped at once: for n and P in forward, for dh = ((g − 1) ⊙ dterm) Ŵ
 in backward.  What autograd keeps is x, the rank-r S = h Aᵀ, the seed and, when m trains, z = P + s·S Bᵀ
 (M × N) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it, N × K, in every dropped layer), and not the mask,
-which is drawn again from the seed.  The products run in the adapters' dtype, as PEFT casts x to it.
+which is drawn again from the seed.  The products run in the adapters' dtype, as PEFT casts x to it (autocast
+or not).  Backward dequantizes the weight the forward pass read, even if the layer holds another one by then.
 
 Backward, with d = dterm:  dB = s·(g ⊙ d)ᵀ S,  dS = s·(g ⊙ d) B,  dA = dSᵀ h,
 dx = (dS A + [dropout] ((g − 1) ⊙ d) Ŵ) ⊙ mask / (1 − p),  dm = Σ_rows d ⊙ z / n.
@@ -39,7 +40,7 @@ def _dropped_input(x: Tensor, dtype: torch.dtype, seed: Optional[Tensor], dropou
 
 class _QuantizedDoRATerm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, base, lora_A, lora_B, magnitude, weight, dequantize, norm, seed, scaling, dropout_p):
+    def forward(ctx, x, base, lora_A, lora_B, magnitude, weight, dequantize, norm, seed, scaling, dropout_p, keep_z):
         acc = lora_A.dtype
         with torch.autocast(x.device.type, enabled=False):  # the adapters' dtype throughout, as PEFT casts x
             g = magnitude.detach().to(acc) / norm.to(acc)
@@ -48,13 +49,18 @@ class _QuantizedDoRATerm(torch.autograd.Function):
             S = torch.mm(h, lora_A.t())
             low_rank = torch.mm(S, lora_B.t()).mul_(scaling)
             term = torch.addcmul(P * (g - 1.0), low_rank, g)
-            z = P + low_rank if ctx.needs_input_grad[4] else None
+            z = P + low_rank if keep_z else None
         ctx.save_for_backward(x, lora_A, lora_B, magnitude, norm, S, seed, z)
         ctx.dequantize, ctx.scaling, ctx.dropout_p, ctx.base_dtype = dequantize, scaling, dropout_p, base.dtype
         return term
 
     @staticmethod
     def backward(ctx, d):
+        with torch.autocast(d.device.type, enabled=False):
+            return _QuantizedDoRATerm._grads(ctx, d)
+
+    @staticmethod
+    def _grads(ctx, d):
         x, lora_A, lora_B, magnitude, norm, S, seed, z = ctx.saved_tensors
         need_dx, need_dbase, need_dA, need_dB, need_dm = ctx.needs_input_grad[:5]
         acc, scaling, dropout_p = lora_A.dtype, ctx.scaling, ctx.dropout_p
@@ -78,7 +84,7 @@ class _QuantizedDoRATerm(torch.autograd.Function):
             dbase = (d * (g - 1.0)).to(ctx.base_dtype)
         if need_dm:
             dm = (d * z).sum(0).div_(norm.to(acc)).to(magnitude.dtype)
-        return dx, dbase, dA, dB, dm, None, None, None, None, None, None
+        return dx, dbase, dA, dB, dm, None, None, None, None, None, None, None
 
 
 def quantized_dora_term(x: Tensor, result: Tensor, bias: Optional[Tensor], dequantize: Callable[[], Tensor],
@@ -86,9 +92,12 @@ def quantized_dora_term(x: Tensor, result: Tensor, bias: Optional[Tensor], dequa
                         seed: Optional[Tensor]) -> Tensor:
     """DoRA's term (..., out) in the adapters' dtype for x (..., in), ``result`` the output so far (..., out) and
     ``bias`` the base layer's (see the module docstring); ``dequantize()`` returns Ŵ (out × in), a fresh tensor
-    each call; ``dropout_p`` and ``seed`` as :func:`fastlora.functional.dropout_and_seed` draws them."""
-    weight = dequantize()
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    each call; ``dropout_p`` and ``seed`` as :func:`fastlora.functional.dropout_and_seed` draws them.  Autocast
+    does not change the term's dtype."""
+    with torch.autocast(x.device.type, enabled=False):
+        weight = dequantize()
+        norm = dora_weight_norm(weight, lora_A, lora_B, scaling)
+    keep_z = torch.is_grad_enabled() and magnitude.requires_grad  # what dm needs
     x2d = x.reshape(-1, x.shape[-1])
     base = result.reshape(-1, result.shape[-1])
     if seed is not None:
@@ -96,5 +105,5 @@ def quantized_dora_term(x: Tensor, result: Tensor, bias: Optional[Tensor], dequa
     elif bias is not None:
         base = base - bias.to(base.dtype)
     term = _QuantizedDoRATerm.apply(x2d, base, lora_A, lora_B, magnitude, weight if seed is not None else None,
-                                    dequantize, norm, seed, float(scaling), float(dropout_p))
+                                    dequantize, norm, seed, float(scaling), float(dropout_p), keep_z)
     return term.view(*result.shape[:-1], term.shape[-1])

@@ -20,6 +20,7 @@ bitsandbytes' output (:mod:`fastlora.qdora_ops`), with the weight dequantized on
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -85,9 +86,13 @@ class LoRAQuantizedLinear(LoRALinear):
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
     def base_weight(self) -> Tensor:
-        """W dequantized, (out × in): a copy, for merging (the forward pass never builds it)."""
+        """W dequantized, (out × in): a copy, for merging and DoRA's norm (a LoRA forward pass never builds it)."""
+        return self._dequantize(self.base_layer.weight)
+
+    def _dequantize(self, weight: Tensor) -> Tensor:
+        """``weight``, a quantized weight of the base layer (the current one, or the one a forward pass read),
+        dequantized as PEFT dequantizes it: a fresh (out × in) tensor."""
         bnb = _bnb()
-        weight = self.base_layer.weight
         if isinstance(self.base_layer, bnb.nn.Linear4bit):
             data, state = weight.data, weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
@@ -95,9 +100,9 @@ class LoRAQuantizedLinear(LoRALinear):
 
                 data, state = _convert_weight_packed_for_cpu_inverse(data, state)
             return bnb.functional.dequantize_4bit(data, state)
-        state = self.base_layer.state  # Linear8bitLt: int8 rows with one absmax each (SCB)
-        scale = (weight.SCB if weight.SCB is not None else state.SCB).float().unsqueeze(1)
-        return weight.data.float() * scale / 127.0
+        # Linear8bitLt: int8 rows with one absmax each (SCB)
+        scale = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
+        return bnb.functional.int8_vectorwise_dequant(weight.data, scale.to(weight.data.device))
 
     def _store_base_weight(self, weight: Tensor) -> None:
         """Quantize the merged or unmerged weight again, with the base's quantization settings."""
@@ -157,8 +162,9 @@ class LoRAQuantizedLinear(LoRALinear):
         lora_A, lora_B = self.lora_factors(name)
         settings = self.adapter_settings[name]
         p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
-        return quantized_dora_term(x, result, self.bias, self.base_weight, lora_A, lora_B, self.magnitude(name),
-                                   settings.scaling, p, seed)
+        packed = self.base_layer.weight  # the weight this pass reads, dequantized again in backward
+        return quantized_dora_term(x, result, self.bias, functools.partial(self._dequantize, packed), lora_A, lora_B,
+                                   self.magnitude(name), settings.scaling, p, seed)
 
     def _adds_in_place(self, x: Tensor, name: str, result: Tensor) -> bool:
         """Whether adapter ``name``'s term goes into the base output ``result`` in place

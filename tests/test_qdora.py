@@ -37,9 +37,13 @@ def checkpoint():
 
 
 def _quantized_linear_with_bias(quant):
-    """A bitsandbytes 4-bit Linear (48 → 40) with a bias, quantized from a seeded float weight."""
+    """A bitsandbytes 4-bit or 8-bit Linear (48 → 40) with a bias, quantized from a seeded float weight."""
     torch.manual_seed(0)
     dense = nn.Linear(48, 40)
+    if quant == "int8":
+        layer = bnb.nn.Linear8bitLt(48, 40, bias=True, has_fp16_weights=False)
+        layer.load_state_dict(dense.state_dict())
+        return layer.to("cpu")  # quantizes
     layer = bnb.nn.Linear4bit(48, 40, bias=True, compute_dtype=QUANT[quant]["bnb_4bit_compute_dtype"],
                               quant_type=QUANT[quant]["bnb_4bit_quant_type"])
     layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False,
@@ -85,8 +89,10 @@ def _layer_pair(base, p):
     return ours, theirs
 
 
-def _compare_layers(ours, theirs, in_features, p):
+def _compare_layers(ours, theirs, in_features, p, train_magnitude=True):
     x = torch.randn(2, 5, in_features)
+    ours.magnitude("default").requires_grad_(train_magnitude)
+    theirs.lora_magnitude_vector["default"].weight.requires_grad_(train_magnitude)
     results = []
     for layer in (ours, theirs):
         xi = x.clone().requires_grad_()
@@ -98,7 +104,7 @@ def _compare_layers(ours, theirs, in_features, p):
                   (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
                    theirs.lora_magnitude_vector["default"].weight))
         dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
+        results.append([y, *torch.autograd.grad(y, (xi, *params[:3 if train_magnitude else 2]), dy)])
     for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
         assert_close(a, b, kind="same_math", dtype=torch.float32, msg=name)
 
@@ -114,16 +120,63 @@ def test_layer_matches_peft(checkpoint, quant, p):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16"])
+def test_layer_with_a_frozen_magnitude_matches_peft(checkpoint, p):
+    """m frozen (nothing kept for its gradient): output and the gradients of x, A and B as PEFT's."""
+    base = load_quantized(checkpoint, **QUANT["nf4-double-bf16"]).model.layers[0].mlp.up_proj
+    ours, theirs = _layer_pair(base, p)
+    _compare_layers(ours, theirs, base.in_features, p, train_magnitude=False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
 def test_layer_with_a_base_bias_matches_peft(quant, p):
     """A base with a bias: without dropout DoRA's base is the output without the bias, as PEFT's."""
     ours, theirs = _layer_pair(_quantized_linear_with_bias(quant), p)
     _compare_layers(ours, theirs, 48, p)
 
 
-def test_no_dequantized_weight_kept_for_backward(checkpoint):
-    """With dropout, what autograd keeps for the DoRA term: x, the rank-r S, the seed, the norm and z; never the
-    weight dequantized (out × in), which PEFT's layer keeps for the dropped input's product."""
+def test_the_term_under_autocast_is_the_term_without(checkpoint):
+    """Under autocast (transformers' Trainer with bf16=True) the term is computed in the adapters' dtype, as
+    without: norm, products and all."""
+    base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
+    ours, _ = _layer_pair(base, 0.0)
+    x = torch.randn(6, base.in_features)
+    result = torch.randn(6, base.out_features)
+    want = ours.dora_term(x, "default", result)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ours.dora_term(x, "default", result)
+    assert_close(got, want, kind="same_math", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_no_dequantized_weight_outlives_its_pass(checkpoint, p):
+    """Each dequantized weight the DoRA term makes (the norm and, with dropout, the dropped input's product in
+    forward; dx in backward) is gone when its pass returns: none is kept for backward."""
+    import weakref
+
+    base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
+    ours, _ = _layer_pair(base, p)
+    made = []
+    dequantize = ours._dequantize
+
+    def recording(weight):
+        tensor = dequantize(weight)
+        made.append(weakref.ref(tensor))
+        return tensor
+
+    ours._dequantize = recording
+    x = torch.randn(3, base.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    y = ours(x)
+    assert made and all(ref() is None for ref in made)
+    forward_count = len(made)
+    y.sum().backward()
+    assert len(made) == forward_count + (1 if p else 0) and all(ref() is None for ref in made)
+
+
+def test_the_dropped_pass_keeps_no_weight_sized_tensor(checkpoint):
+    """What autograd keeps with dropout is smaller than the weight (x, S, the seed, the norm and z for 3 rows),
+    where PEFT's layer keeps the dequantized weight (its transpose) for the dropped input's product."""
     base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
     ours, theirs = _layer_pair(base, 0.3)
     weight_shape = (base.out_features, base.in_features)
@@ -141,6 +194,47 @@ def test_no_dequantized_weight_kept_for_backward(checkpoint):
     assert weight_shape[::-1] in kept_shapes(theirs)  # the hook sees a kept weight (PEFT's Ŵᵀ)
     kept = kept_shapes(ours)
     assert max(torch.Size(s).numel() for s in kept) < torch.Size(weight_shape).numel(), kept
+
+
+def test_backward_reads_the_weight_its_forward_read(checkpoint):
+    """A merge between forward and backward (a new quantized weight) does not change dx: backward dequantizes
+    the weight the forward pass read."""
+    base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
+    ours, _ = _layer_pair(base, 0.3)
+    x = torch.randn(3, base.in_features, requires_grad=True)
+    grads = []
+    for merge_in_between in (False, True):
+        torch.manual_seed(7)
+        y = ours(x)
+        if merge_in_between:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ours.merge()
+        grads.append(torch.autograd.grad(y.sum(), x)[0])
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_gradient_checkpointing_replays_the_masks(checkpoint):
+    """With activation checkpointing (torch's and the reentrant kind) a QDoRA step with dropout gives the loss and
+    every gradient of the step without."""
+    results = []
+    for checkpointing in (None, False, True):
+        model = load_quantized(checkpoint, **QUANT["nf4-double-bf16"])
+        model = fastlora.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing is not None,
+            gradient_checkpointing_kwargs={"use_reentrant": bool(checkpointing)})
+        torch.manual_seed(0)
+        model = fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "lora_dropout": 0.1})).train()
+        ids = tokens()
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), *others = results
+    for other_loss, other_grads in others:
+        assert torch.equal(other_loss, loss)
+        for name, grad in grads.items():
+            assert torch.equal(other_grads[name], grad), name
 
 
 def _peft_model(checkpoint, quant, **changes):
@@ -206,21 +300,40 @@ def test_fresh_adapter_starts_at_the_base_model(checkpoint, quant):
                      kind="same_math", dtype=torch.float32, msg=name)
 
 
+def _assert_quantized_weights_equal(theirs, ours):
+    layers = [(name, m) for name, m in theirs.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    ours_by_name = dict(ours.named_modules())
+    assert layers
+    for name, layer in layers:
+        mine = ours_by_name[name]
+        mine = getattr(mine, "base_layer", mine)
+        assert torch.equal(layer.weight.data, mine.weight.data), name
+
+
 @pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
 def test_merge_and_unload_as_peft(checkpoint, quant, tmp_path):
-    """merge_and_unload dequantizes, applies W ← g ⊙ (W + s·B A) and quantizes again: the quantized weights equal
-    PEFT's merge of the same adapter, bit for bit, and so do the merged models' logits."""
+    """Merging dequantizes, applies W ← g ⊙ (W + s·B A) and quantizes again: the quantized weights equal PEFT's
+    merge of the same adapter bit for bit, after merge_adapter, unmerge_adapter and merge_and_unload, and so do
+    the merged models' logits; with the adapter disabled the logits are the base model's."""
     theirs = _peft_model(checkpoint, quant).eval()
     theirs.save_pretrained(tmp_path)
     ours = fastlora.LoraModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path).eval()
     ids = tokens()
+    with torch.no_grad():
+        base_logits = load_quantized(checkpoint, **QUANT[quant])(input_ids=ids).logits
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        with ours.disable_adapter():
+            assert torch.equal(ours(input_ids=ids).logits, base_logits)
+        for model in (theirs, ours):  # unmerging requantizes again: each weight as PEFT's, bit for bit
+            model.merge_adapter()
+        _assert_quantized_weights_equal(theirs, ours)
+        for model in (theirs, ours):
+            model.unmerge_adapter()
+        _assert_quantized_weights_equal(theirs, ours)
         merged_theirs, merged_ours = theirs.merge_and_unload(), ours.merge_and_unload(safe_merge=True)
         assert not any(isinstance(m, LoRAQuantizedLinear) for m in merged_ours.modules())
-        for (name, a), (_, b) in zip(merged_theirs.named_modules(), merged_ours.named_modules()):
-            if isinstance(a, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
-                assert torch.equal(a.weight.data, b.weight.data), name
+        _assert_quantized_weights_equal(merged_theirs, merged_ours)
         assert torch.equal(merged_ours(input_ids=ids).logits, merged_theirs(input_ids=ids).logits)
 
 

@@ -135,8 +135,36 @@ def test_layer_with_a_base_bias_matches_peft(quant, p):
     _compare_layers(ours, theirs, 48, p)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_layer_with_bf16_factors_matches_peft(checkpoint, p):
+    """bf16 factors beside a float32 magnitude (TRL casts a quantized model's trained factors, not m): the
+    products in bf16, g and the term in float32 as PEFT's type promotion makes them; output and gradients as
+    PEFT's within bf16's tolerance (PEFT also rounds the norm to bf16, fastlora keeps it in float32)."""
+    base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
+    ours, theirs = _layer_pair(base, p)
+    for factor in (ours.lora_A, ours.lora_B, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight):
+        factor.data = factor.data.to(torch.bfloat16)
+    x = torch.randn(2, 5, base.in_features)
+    assert ours.dora_term(x, "default", torch.randn(2, 5, base.out_features)).dtype == torch.float32
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        if p and layer is theirs:
+            layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
+        y = layer(xi)
+        params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
+                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                   theirs.lora_magnitude_vector["default"].weight))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert a.dtype == b.dtype, name
+        assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
+
+
 def test_the_term_under_autocast_is_the_term_without(checkpoint):
-    """Under autocast (transformers' Trainer with bf16=True) the term is computed in the adapters' dtype, as
+    """Under autocast (transformers' Trainer with bf16=True) the term is computed in the dtypes it takes
     without: norm, products and all."""
     base = load_quantized(checkpoint, **QUANT["nf4-fp32"]).model.layers[0].mlp.up_proj
     ours, _ = _layer_pair(base, 0.0)

@@ -4,7 +4,8 @@ For users who keep their ``peft.PeftModel`` (built with PEFT's ``get_peft_model`
 ``PeftModel.from_pretrained``): each PEFT ``lora.Linear`` that fastlora can run gets, on that instance
 only, a ``forward`` that computes ``base_layer(x) + scaling · B(A(dropout(x)))`` with
 :func:`fastlora.lora_linear` — the same math, with fastlora's saved activations (x, S and a seed) and,
-on CUDA, its kernels.  PEFT's modules, parameter names, ``state_dict``, ``save_pretrained`` output,
+on CUDA, its kernels.  PEFT's bitsandbytes 4-bit and 8-bit LoRA layers (QLoRA) keep bitsandbytes' product
+and get the term added into its output (:func:`fastlora.quantized.plus_low_rank`), with the same saving.  PEFT's modules, parameter names, ``state_dict``, ``save_pretrained`` output,
 merging and ``disable_adapter`` are untouched: whenever a call is outside what the op covers (adapters
 disabled or merged, several active adapters, ``adapter_names=`` per row), the layer runs PEFT's own
 forward.  No class of PEFT or transformers is modified; ``unpatch_peft`` removes the per-instance
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from fastlora.functional import BACKENDS, lora_linear
+from fastlora.quantized import is_bnb_linear, plus_low_rank
 
 __all__ = ["patch_peft", "unpatch_peft", "PatchReport"]
 
@@ -63,11 +65,12 @@ def _static_reason(layer) -> str | None:
     """Why ``layer`` (a PEFT LoRA layer) can never run through fastlora's op, or None."""
     import peft
 
-    if not isinstance(layer, peft.tuners.lora.layer.Linear):
-        return f"{type(layer).__name__} is not PEFT's LoRA nn.Linear layer"
+    quantized = type(layer).__module__ == "peft.tuners.lora.bnb" and is_bnb_linear(layer.base_layer)
+    if not isinstance(layer, peft.tuners.lora.layer.Linear) and not quantized:
+        return f"{type(layer).__name__} is not PEFT's LoRA nn.Linear layer (or its bitsandbytes 4-bit / 8-bit one)"
     base = layer.base_layer
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not a plain nn.Linear (quantized or wrapped)"
+    if type(base) is not nn.Linear and not quantized:
+        return f"base layer is {type(base).__name__}, not a plain nn.Linear or a bitsandbytes Linear (wrapped)"
     if _has_hooks(base):
         return "base layer has forward hooks (e.g. accelerate offloading) that the fused op would bypass"
     if getattr(layer, "fan_in_fan_out", False):
@@ -121,6 +124,9 @@ def _fused_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
     dropout = self.lora_dropout[name]
     p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
     base = self.base_layer
+    if is_bnb_linear(base):  # bitsandbytes' product, then the term added into it (as fastlora's QLoRA layer)
+        return plus_low_rank(base(x), x, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
+                             self.training and dropout.training, patch.backend)
     return lora_linear(
         x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
         training=self.training and dropout.training, backend=patch.backend,

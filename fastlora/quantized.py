@@ -30,7 +30,7 @@ from fastlora.adapter_settings import AdapterSettings
 from fastlora.layer import LoRALinear
 from fastlora.schedules import Schedule, kernel_schedule, resolve
 
-__all__ = ["LoRAQuantizedLinear", "is_bnb_linear"]
+__all__ = ["LoRAQuantizedLinear", "is_bnb_linear", "plus_low_rank"]
 
 
 def _bnb():
@@ -47,11 +47,32 @@ def is_bnb_linear(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def plus_low_rank(result: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
+                  training: bool, backend: str) -> Tensor:
+    """``result``, a quantized layer's output for x, plus scaling · (dropout(x) Aᵀ) Bᵀ (in the adapters' dtype,
+    rounded to the output's), the mask drawn from a seed.  In place (:func:`fastlora.qlora_ops.add_low_rank_`:
+    no M × N temporary, no second output) in eager mode outside autocast, on the torch path (``backend`` not
+    "triton"), where ``result`` is contiguous and no view (an 8-bit layer's output in eval mode can be a view
+    made inside bitsandbytes' autograd Function, which autograd forbids changing in place); otherwise out of
+    place through the registered op (torch.compile, autocast's casts)."""
+    from fastlora.functional import _autocast_dtype, dropout_and_seed, lora_linear
+    from fastlora.qlora_ops import add_low_rank_
+
+    in_place = (not torch.compiler.is_compiling()  # first: Tensor._is_view is a graph break under torch.compile
+                and backend != "triton" and not result._is_view() and result.is_contiguous()
+                and _autocast_dtype(x.device.type) is None)
+    if in_place:
+        p, seed = dropout_and_seed(dropout_p, training, x.device)
+        return add_low_rank_(result, x, lora_A, lora_B, scaling, p, seed)
+    term = lora_linear(x, None, None, lora_A, lora_B, scaling, dropout_p, training=training, backend=backend)
+    return result + term.to(result.dtype)
+
+
 class LoRAQuantizedLinear(LoRALinear):
     """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ for a bitsandbytes 4-bit or 8-bit Linear ``base_layer``."""
 
     # A mixed batch copies bitsandbytes' output before its indexed adds (PEFT clones it too before adding to it);
-    # one adapter's term goes into it in place where autograd allows that: no view (see _adds_in_place).
+    # one adapter's term goes into it in place where autograd allows that: no view (see plus_low_rank).
     CLONE_BASE_OUTPUT = True
 
     @classmethod
@@ -147,10 +168,13 @@ class LoRAQuantizedLinear(LoRALinear):
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
             if self.magnitude(name) is not None:
                 result = (result + self.dora_term(x, name, result)).to(result.dtype)
-            elif self._adds_in_place(x, name, result):
-                result = self._add_low_rank_(result, x, name)
-            else:
+            elif self.lora_bias(name) is not None:
                 result = result + self.low_rank_term(x, name).to(result.dtype)
+            else:
+                lora_A, lora_B = self.lora_factors(name)
+                settings = self.adapter_settings[name]
+                result = plus_low_rank(result, x, lora_A, lora_B, settings.scaling, settings.lora_dropout,
+                                       self.training, self.backend)
         return result
 
     def dora_term(self, x: Tensor, name: str, result: Tensor) -> Tensor:
@@ -165,31 +189,6 @@ class LoRAQuantizedLinear(LoRALinear):
         packed = self.base_layer.weight  # the weight this pass reads, dequantized again in backward
         return quantized_dora_term(x, result, self.bias, functools.partial(self._dequantize, packed), lora_A, lora_B,
                                    self.magnitude(name), settings.scaling, p, seed)
-
-    def _adds_in_place(self, x: Tensor, name: str, result: Tensor) -> bool:
-        """Whether adapter ``name``'s term goes into the base output ``result`` in place
-        (:func:`fastlora.qlora_ops.add_low_rank_`): in eager mode outside autocast, on the torch path (``backend``
-        not "triton"), without lora_bias, and where ``result`` is a contiguous tensor and no view (an 8-bit
-        layer's output in eval mode is a view made inside bitsandbytes' autograd Function, which autograd forbids
-        changing in place).  The other calls take :meth:`low_rank_term`, a registered op (torch.compile,
-        autocast's casts)."""
-        from fastlora.functional import _autocast_dtype
-
-        if torch.compiler.is_compiling():  # first: Tensor._is_view is a graph break under torch.compile
-            return False
-        return (self.backend != "triton" and self.lora_bias(name) is None and not result._is_view()
-                and result.is_contiguous() and _autocast_dtype(x.device.type) is None)
-
-    def _add_low_rank_(self, result: Tensor, x: Tensor, name: str) -> Tensor:
-        """``result`` plus adapter ``name``'s term, added in place, its dropout seed drawn as
-        :meth:`low_rank_term`'s call draws it."""
-        from fastlora.functional import dropout_and_seed
-        from fastlora.qlora_ops import add_low_rank_
-
-        lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
-        p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
-        return add_low_rank_(result, x, lora_A, lora_B, settings.scaling, p, seed)
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active

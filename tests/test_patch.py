@@ -162,3 +162,77 @@ def test_patched_model_pickles():
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(input_ids=tokens()).logits, model.eval()(input_ids=tokens()).logits)
     assert "_fastlora_patch" in vars(loaded.base_model.model.model.layers[0].self_attn.q_proj)
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoint(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(directory)
+    return directory
+
+
+def _peft_qlora(checkpoint, quant, dropout=0.0):
+    from tests.models import load_quantized
+    from tests.test_qlora import QUANT
+
+    torch.manual_seed(0)
+    config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32,
+                             lora_dropout=dropout, init_lora_weights=False)
+    return peft.get_peft_model(load_quantized(checkpoint, **QUANT[quant]), config)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
+def test_patched_qlora_model_gives_peft_outputs_and_gradients(quantized_checkpoint, quant):
+    """PEFT's bitsandbytes LoRA layers patched: bitsandbytes' product plus fastlora's term, PEFT's logits and
+    every LoRA gradient."""
+    from tests.test_qlora import GRAD_DTYPE
+
+    plain, patched = _peft_qlora(quantized_checkpoint, quant), _peft_qlora(quantized_checkpoint, quant)
+    report = patch_peft(patched)
+    assert len(report.patched) == 14 and report.skipped == {}
+    ids = tokens()
+    outputs = []
+    for model in (plain, patched):
+        model.train()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outputs.append(out.logits)
+    assert_close(outputs[1], outputs[0], kind="same_math", dtype=GRAD_DTYPE[quant])
+    want, got = _lora_grads(plain), _lora_grads(patched)
+    assert want.keys() == got.keys() and len(got) == 28
+    for name in want:
+        assert_close(got[name], want[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
+
+
+def test_patched_qlora_layer_keeps_no_dropped_copy_of_x(quantized_checkpoint):
+    """A patched 4-bit layer with dropout 0.1 keeps x, S and an 8-byte seed for its term, where PEFT's also keeps
+    the dropped copy of x (and the mask); the patched model trains."""
+    def saved(patch):
+        model = _peft_qlora(quantized_checkpoint, "nf4-fp32", dropout=0.1)
+        layer = model.base_model.model.model.layers[0].mlp.up_proj
+        if patch:
+            assert patch_peft(model).skipped == {}
+        layer.train()
+        x = torch.randn(64, layer.in_features, requires_grad=True)
+        with SavedTensorCounter(exclude=module_tensors(layer), inputs=[x]) as counter:
+            y = layer(x)
+        y.sum().backward()
+        return counter
+
+    peft_saved, patched_saved = saved(False), saved(True)
+    x_bytes, s_bytes = 64 * 64 * 4, 64 * 8 * 4
+    assert patched_saved.bytes == x_bytes + s_bytes + 8 and patched_saved.one_element_bytes == 8
+    assert peft_saved.bytes >= x_bytes + s_bytes + 64 * 64  # the dropped copy and S, plus the mask
+
+    model = _peft_qlora(quantized_checkpoint, "nf4-fp32", dropout=0.1)
+    patch_peft(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens()
+    losses = []
+    for _ in range(4):
+        loss = model.train()(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step(), opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

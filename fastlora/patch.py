@@ -5,7 +5,8 @@ For users who keep their ``peft.PeftModel`` (built with PEFT's ``get_peft_model`
 only, a ``forward`` that computes ``base_layer(x) + scaling · B(A(dropout(x)))`` with
 :func:`fastlora.lora_linear` — the same math, with fastlora's saved activations (x, S and a seed) and,
 on CUDA, its kernels.  PEFT's bitsandbytes 4-bit and 8-bit LoRA layers (QLoRA) keep bitsandbytes' product
-and get the term added into its output (:func:`fastlora.quantized.plus_low_rank`), with the same saving.  PEFT's modules, parameter names, ``state_dict``, ``save_pretrained`` output,
+and get the term added into its output (:func:`fastlora.quantized.plus_low_rank`, on the torch path on every
+device), with the same saving.  PEFT's modules, parameter names, ``state_dict``, ``save_pretrained`` output,
 merging and ``disable_adapter`` are untouched: whenever a call is outside what the op covers (adapters
 disabled or merged, several active adapters, ``adapter_names=`` per row), the layer runs PEFT's own
 forward.  No class of PEFT or transformers is modified; ``unpatch_peft`` removes the per-instance
@@ -139,8 +140,8 @@ class _Patch:
 
 
 def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
-    """Route every PEFT LoRA ``nn.Linear`` layer of ``peft_model`` that fastlora can run through fastlora's op
-    (per instance; see the module docstring).  Returns a :class:`PatchReport`: the layers patched and, for
+    """Route every PEFT LoRA ``nn.Linear`` layer (dense or bitsandbytes 4-bit / 8-bit) of ``peft_model`` that
+    fastlora can run through fastlora's op (per instance; see the module docstring).  Returns a :class:`PatchReport`: the layers patched and, for
     each LoRA layer left to PEFT, why.  Patching twice is harmless; ``unpatch_peft`` undoes it.
 
     Args:
@@ -153,7 +154,7 @@ def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
     Raises ImportError when PEFT is not installed and ValueError when the model holds no PEFT LoRA layer.
 
     PEFT equivalent: none — PEFT has no switch for another forward; this keeps the model a PEFT model and
-    replaces only the forward of its ``peft.tuners.lora.Linear`` instances.
+    replaces only the forward of its ``peft.tuners.lora.Linear`` instances (and of its bitsandbytes ones).
 
     Example:
         >>> import peft, torch

@@ -168,8 +168,9 @@ class LoRAQuantizedLinear(LoRALinear):
         for name in names:  # one update after the other, each rounded to the output's dtype, as PEFT adds them
             if self.magnitude(name) is not None:
                 result = (result + self.dora_term(x, name, result)).to(result.dtype)
-            elif self.lora_bias(name) is not None:
-                result = result + self.low_rank_term(x, name).to(result.dtype)
+            elif self.lora_bias(name) is not None:  # term and b_B summed in the adapters' dtype, rounded once
+                adapters_dtype = self.lora_factors(name)[0].dtype
+                result = (result + self.low_rank_term(x.to(adapters_dtype), name)).to(result.dtype)
             else:
                 lora_A, lora_B = self.lora_factors(name)
                 settings = self.adapter_settings[name]

@@ -183,14 +183,19 @@ def _peft_qlora(checkpoint, quant, dropout=0.0):
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
-def test_patched_qlora_model_gives_peft_outputs_and_gradients(quantized_checkpoint, quant):
+def test_patched_qlora_model_gives_peft_outputs_and_gradients(quantized_checkpoint, quant, monkeypatch):
     """PEFT's bitsandbytes LoRA layers patched: bitsandbytes' product plus fastlora's term, PEFT's logits and
     every LoRA gradient."""
     from tests.test_qlora import GRAD_DTYPE
 
+    import fastlora.patch
+
     plain, patched = _peft_qlora(quantized_checkpoint, quant), _peft_qlora(quantized_checkpoint, quant)
     report = patch_peft(patched)
     assert len(report.patched) == 14 and report.skipped == {}
+    calls = []
+    real = fastlora.patch.plus_low_rank
+    monkeypatch.setattr(fastlora.patch, "plus_low_rank", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = tokens()
     outputs = []
     for model in (plain, patched):
@@ -198,6 +203,7 @@ def test_patched_qlora_model_gives_peft_outputs_and_gradients(quantized_checkpoi
         out = model(input_ids=ids, labels=ids)
         out.loss.backward()
         outputs.append(out.logits)
+    assert len(calls) == 14  # every patched layer ran fastlora's term
     assert_close(outputs[1], outputs[0], kind="same_math", dtype=GRAD_DTYPE[quant])
     want, got = _lora_grads(plain), _lora_grads(patched)
     assert want.keys() == got.keys() and len(got) == 28

@@ -291,6 +291,53 @@ def test_lora_bias_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_pa
                      dtype=GRAD_DTYPE[quant])
 
 
+def test_lora_bias_adapters_active_together_and_in_a_mixed_batch_as_peft(checkpoint, tmp_path):
+    """Two lora_bias adapters on a 4-bit model: both active (each term added in turn) and a mixed batch
+    (`adapter_names=`, one per row, a base row among them), logits as PEFT's."""
+    theirs = peft.get_peft_model(_load(checkpoint, "nf4-fp32"), peft.LoraConfig(**{**CONFIG, "lora_bias": True}))
+    theirs.add_adapter("other", peft.LoraConfig(**{**CONFIG, "lora_bias": True, "r": 4}))
+    _randomize_lora_biases(theirs)
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.LoraModel.from_pretrained(_load(checkpoint, "nf4-fp32"), tmp_path)
+    ours.load_adapter(tmp_path / "other", adapter_name="other")
+    theirs.eval(), ours.eval()
+    ids = tokens(batch=3)
+    with torch.no_grad():
+        for model in (theirs, ours):
+            model.base_model.set_adapter(["default", "other"])
+        assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", dtype=torch.float32)
+        names = ["other", "__base__", "default"]
+        assert_close(ours(input_ids=ids, adapter_names=names).logits, theirs(input_ids=ids, adapter_names=names).logits,
+                     kind="same_math", dtype=torch.float32)
+
+
+def test_lora_bias_beside_bf16_activations_sums_as_peft():
+    """bf16 activations (a bf16 compute dtype) and float32 adapters: the term and scaling · b_B are summed in
+    float32 and rounded once to the output's dtype, as PEFT's layer does; b_B's gradient is a float32 sum."""
+    from tests.test_qdora import _quantized_linear_with_bias
+
+    base = _quantized_linear_with_bias("nf4-double-bf16")
+    settings = fastlora.LoraConfig(r=4, lora_alpha=8, lora_bias=True, target_modules=["x"]).settings
+    ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default", settings, False, None).train()
+    theirs = peft.tuners.lora.bnb.Linear4bit(copy.deepcopy(base), "default", r=4, lora_alpha=8, config=peft.LoraConfig(
+        r=4, lora_alpha=8, lora_bias=True, init_lora_weights=False)).train()
+    theirs.lora_A["default"].float()
+    theirs.lora_B["default"].float()
+    with torch.no_grad():
+        ours.lora_bias("default").normal_()
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        theirs.lora_B["default"].bias.copy_(ours.lora_bias("default"))
+    x = torch.randn(4, 6, 48).to(torch.bfloat16)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert y_ours.dtype == y_theirs.dtype == torch.bfloat16
+    assert_close(y_ours, y_theirs, kind="same_math", dtype=torch.bfloat16)
+    dy = torch.randn(y_ours.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    (g_ours,) = torch.autograd.grad(y_ours, ours.lora_bias("default"), dy)
+    (g_theirs,) = torch.autograd.grad(y_theirs, theirs.lora_B["default"].bias, dy)
+    assert_close(g_ours, g_theirs, kind="same_math", dtype=torch.float32)
+
+
 def test_lora_bias_merges_into_the_base_bias_and_needs_one(checkpoint):
     """Merging adds scaling · b_B to the base bias (as the forward pass adds it) and W as PEFT's merge, bit for
     bit; on a base without a bias the merge is refused and the model left unchanged."""

@@ -195,6 +195,8 @@ def test_sft_trainer_on_a_4bit_model_trains_as_peft_would(tmp_path, use_dora):
     q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == "LoRAQuantizedLinear" and q_proj.lora_A.dtype == torch.bfloat16
     assert (q_proj.magnitude("default") is not None) == use_dora
+    if use_dora:
+        assert q_proj.magnitude("default").dtype == torch.float32  # TRL leaves DoRA's magnitudes in float32
     for trainer in trainers.values():
         trainer.train()
     losses = {name: _losses(trainer) for name, trainer in trainers.items()}

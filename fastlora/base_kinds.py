@@ -27,7 +27,7 @@ from fastlora.adapter_settings import AdapterSettings
 from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.embedding import LoRAEmbedding
 from fastlora.layer import LoRALinear
-from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear
+from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear, quantized_refusal
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
            "is_conv1d_target", "is_linear_like", "QUANTIZED_LINEAR", "EMBEDDING", "peft_factor_keys"]
@@ -82,7 +82,7 @@ CONV1D = BaseKind(
 
 QUANTIZED_LINEAR = BaseKind(
     "quantized Linear (bitsandbytes 4-bit / 8-bit)",
-    claims=lambda m: is_bnb_linear(m) and not isinstance(m, LoRALinear),
+    claims=lambda m: is_bnb_linear(m) and not isinstance(m, LoRALinear) and quantized_refusal(m) is None,
     sizes=lambda m: (m.in_features, m.out_features),
     adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRAQuantizedLinear.from_quantized(
         module, adapter_name, settings, init_lora_weights, adapter_dtype),
@@ -118,6 +118,8 @@ def kind_of(module: nn.Module) -> BaseKind | None:
 
 def refusal(module: nn.Module) -> str:
     """Why ``module`` is not adapted: the known kind it is, or the kinds fastlora adapts."""
+    if is_bnb_linear(module) and quantized_refusal(module) is not None:  # adapted once bitsandbytes / weights allow
+        return quantized_refusal(module)
     for matches, reason in _NOT_YET:
         if matches(module):
             return reason

@@ -441,6 +441,11 @@ class LoRALinear(nn.Linear):
             return True
         return _finite(self._merged_weight(names)[0], self._bias_after(names, +1.0))
 
+    def merge_refusal(self, adapter_names: Iterable[str] | None = None) -> str | None:
+        """Why merging ``adapter_names`` would damage this layer's weight whatever ``safe_merge`` says (None: it
+        would not); a base kind that stores W in another form (quantized) overrides it."""
+        return None
+
     @torch.no_grad()
     def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
         """W ← round(W + Σ scaling · B A) over ``adapter_names`` (default: the active adapter) not yet merged,
@@ -450,6 +455,9 @@ class LoRALinear(nn.Linear):
         names = self._names_to_merge(adapter_names)
         if not names:
             return
+        reason = self.merge_refusal(names)
+        if reason is not None:
+            raise ValueError(f"cannot merge adapter(s) {names}: {reason}; nothing was merged")
         merged, norms = self._merged_weight(names)
         bias = self._bias_after(names, +1.0)
         if safe_merge and not _finite(merged, bias):

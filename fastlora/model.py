@@ -603,6 +603,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if held and layer.bias is None:
                 raise RuntimeError(f"cannot merge adapter(s) {held} with lora_bias=True into {name}: the base layer has "
                                    f"no bias; nothing was merged")
+        for name, layer in self.lora_layers():  # what a merge would damage (a quantized weight): every layer first
+            held = [n for n in names if n in layer.adapter_settings]
+            reason = layer.merge_refusal(held) if held else None
+            if reason is not None:
+                raise ValueError(f"cannot merge adapter(s) {held} into {name}: {reason}; nothing was merged")
         if safe_merge:
             for name, layer in self.lora_layers():
                 held = [n for n in names if n in layer.adapter_settings]

@@ -21,6 +21,8 @@ bitsandbytes' output (:mod:`fastlora.qdora_ops`), with the weight dequantized on
 from __future__ import annotations
 
 import functools
+import math
+import re
 import warnings
 
 import torch
@@ -30,7 +32,11 @@ from fastlora.adapter_settings import AdapterSettings
 from fastlora.layer import LoRALinear
 from fastlora.schedules import Schedule, kernel_schedule, resolve
 
-__all__ = ["LoRAQuantizedLinear", "is_bnb_linear", "plus_low_rank"]
+__all__ = ["LoRAQuantizedLinear", "is_bnb_linear", "quantized_refusal", "plus_low_rank", "MIN_BITSANDBYTES"]
+
+
+# The oldest bitsandbytes whose 4-bit layers run on the CPU as well (the qlora extra's floor).
+MIN_BITSANDBYTES = (0, 46)
 
 
 def _bnb():
@@ -40,11 +46,35 @@ def _bnb():
 
 
 def is_bnb_linear(module: nn.Module) -> bool:
-    """bitsandbytes' Linear4bit or Linear8bitLt (recognised without importing bitsandbytes when it is not loaded)."""
+    """bitsandbytes' Linear4bit or Linear8bitLt (recognised without importing bitsandbytes when it is not loaded;
+    by class name when it cannot be imported, so that :func:`quantized_refusal` can say why)."""
     if type(module).__module__.split(".")[0] != "bitsandbytes":
         return False
-    bnb = _bnb()
+    try:
+        bnb = _bnb()
+    except ImportError:
+        return any(c.__name__ in ("Linear4bit", "Linear8bitLt") for c in type(module).__mro__)
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def quantized_refusal(module: nn.Module) -> str | None:
+    """Why the bitsandbytes layer ``module`` cannot be adapted (None when it can): bitsandbytes missing or older
+    than fastlora's QLoRA needs, or the layer's weight not loaded (on the meta device: no quantization state
+    to read)."""
+    needed = ".".join(map(str, MIN_BITSANDBYTES))
+    try:
+        bnb = _bnb()
+    except ImportError as err:
+        return (f"a bitsandbytes layer, but bitsandbytes cannot be imported ({err}); QLoRA needs "
+                f"bitsandbytes>={needed}: pip install 'fastlora-kernels[qlora]'")
+    found = tuple(int(part) for part in re.findall(r"\d+", bnb.__version__)[:2])
+    if found < MIN_BITSANDBYTES:
+        return (f"bitsandbytes {bnb.__version__} is installed; fastlora's QLoRA needs bitsandbytes>={needed}: "
+                f"pip install -U 'bitsandbytes>={needed}'")
+    if module.weight.device.type == "meta":
+        return (f"a bitsandbytes {type(module).__name__} whose weight is on the meta device (not loaded, no "
+                f"quantization state): load the model's weights before adapting it")
+    return None
 
 
 def plus_low_rank(result: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
@@ -137,6 +167,26 @@ class LoRAQuantizedLinear(LoRALinear):
         else:
             self.base_layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
                                                        has_fp16_weights=old.has_fp16_weights).to(old.device)
+
+    @torch.no_grad()
+    def merge_refusal(self, adapter_names=None) -> str | None:
+        """Why requantizing the merged weight would damage it (None when it would not): NaN or Inf in it, or a
+        value beyond the dtype bitsandbytes gives the weight (a 4-bit layer's compute dtype, into which forward
+        casts the dequantized weight; float16 for an 8-bit layer, which quantizes from float16)."""
+        names = self._names_to_merge(adapter_names)
+        if not names:
+            return None
+        merged, _ = self._merged_weight(names)
+        peak = float(merged.abs().max()) if merged.numel() else 0.0
+        if not math.isfinite(peak):
+            return "the merged weight holds NaN or Inf"
+        base = self.base_layer
+        dtype = ((base.compute_dtype or base.weight.quant_state.dtype) if isinstance(base, _bnb().nn.Linear4bit)
+                 else torch.float16)
+        if peak > torch.finfo(dtype).max:
+            return (f"the merged weight reaches {peak:.4g}, beyond {dtype}'s range ({torch.finfo(dtype).max:.4g}) "
+                    f"in which the {self._bits()}-bit layer holds it: requantizing would overflow")
+        return None
 
     def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
         """As :meth:`LoRALinear.merge`: W ← quantize(dequantize(W) + scaling · B A), with PEFT's warning."""

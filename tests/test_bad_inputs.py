@@ -250,3 +250,116 @@ def test_saved_files_get_the_mode_open_gives(tmp_path):
         os.umask(old)
     for name in (WEIGHTS_NAME, CONFIG_NAME, "README.md"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+# QLoRA: bad calls on bitsandbytes 4-bit / 8-bit models (on the CPU).  Each case: (name, prepare(ctx, monkeypatch)
+# run before the snapshot, the call, the exception type, a fragment of its message).
+QLORA_CONFIG = dict(task_type="CAUSAL_LM", target_modules=["q_proj", "down_proj"], r=4, lora_alpha=8)
+
+
+def _qlora_model(ctx, quant, **config):
+    from fastlora import get_peft_model as fastlora_get_peft_model
+    from tests.models import load_quantized
+    from tests.test_qlora import QUANT
+
+    return fastlora_get_peft_model(load_quantized(ctx["checkpoint"], **QUANT[quant]),
+                                   LoraConfig(**{**QLORA_CONFIG, "init_lora_weights": False, **config}))
+
+
+def _huge_factors(quant, value=1e3, only=""):
+    """A QLoRA model whose factors (those of the modules named with ``only``) are all ``value``."""
+    def prepare(ctx, monkeypatch):
+        ctx["lora"] = _qlora_model(ctx, quant)
+        with torch.no_grad():
+            for name, param in ctx["lora"].named_parameters():
+                if "lora_" in name and only in name:
+                    param.fill_(value)
+    return prepare
+
+
+def _old_bitsandbytes(ctx, monkeypatch):
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "__version__", "0.45.5")
+
+
+def _bitsandbytes_unimportable(ctx, monkeypatch):
+    import fastlora.quantized
+
+    def fail():
+        raise ImportError("No module named 'bitsandbytes'")
+    monkeypatch.setattr(fastlora.quantized, "_bnb", fail)
+
+
+def _another_shape(ctx, monkeypatch):
+    from tests.models import load_quantized
+    from tests.test_qlora import QUANT
+
+    folder = ctx["tmp_path"] / "other-shape"
+    tiny_llama(hidden_size=32, intermediate_size=48).save_pretrained(folder / "base")
+    get_peft_model(load_quantized(folder / "base", **QUANT["nf4-fp32"]), LoraConfig(**QLORA_CONFIG)).save_pretrained(
+        folder / "adapter")
+    ctx["adapter"] = folder / "adapter"
+
+
+QLORA_CASES = [
+    ("bitsandbytes older than the QLoRA floor", _old_bitsandbytes, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**QLORA_CONFIG)), TypeError, r"q_proj \(Linear4bit: bitsandbytes 0\.45\.5 is installed; fastlora's QLoRA needs bitsandbytes>=0\.46"),
+    ("bitsandbytes that cannot be imported", _bitsandbytes_unimportable, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**QLORA_CONFIG)), TypeError, r"bitsandbytes cannot be imported .*needs bitsandbytes>=0\.46"),
+    ("lora_dropout out of range on a 4-bit model", None, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "lora_dropout": 1.0})), ValueError, r"lora_dropout must be a number in \[0, 1\)"),
+    ("r of zero on a 4-bit model", None, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "r": 0})), ValueError, "r must be an integer >= 1"),
+    ("a QLoRA adapter of another model's shape", _another_shape, lambda ctx: LoraModel.from_pretrained(ctx["model"], ctx["adapter"]), ValueError, r"does not match the model: .*down_proj\.lora_A\.weight has shape \(4, 48\), the model needs \(4, 96\)"),
+    # only the last layer merged would overflow: every layer is checked before any is merged
+    ("a merge past a 4-bit layer's float16 range", _huge_factors("fp4-double-fp16", only="layers.1.mlp.down_proj"), lambda ctx: ctx["lora"].merge_and_unload(), ValueError, r"into model\.layers\.1\.mlp\.down_proj: the merged weight reaches 8e\+06, beyond torch\.float16's range \(6\.55e\+04\) in which the 4-bit layer holds it: requantizing would overflow; nothing was merged"),
+    ("a merge past an 8-bit layer's float16 range", _huge_factors("int8"), lambda ctx: ctx["lora"].merge_adapter(), ValueError, "requantizing would overflow; nothing was merged"),
+    ("a merge of an Inf adapter into a 4-bit layer", _huge_factors("nf4-fp32", math.inf), lambda ctx: ctx["lora"].merge_adapter(), ValueError, "the merged weight holds NaN or Inf; nothing was merged"),
+    ("a layer's own merge past its float16 range", _huge_factors("fp4-double-fp16"), lambda ctx: ctx["lora"].get_base_model().model.layers[0].mlp.down_proj.merge(), ValueError, r"cannot merge adapter\(s\) \['default'\]: .*requantizing would overflow"),
+]
+
+
+@pytest.fixture(scope="module")
+def quantized_checkpoint(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("prepare, call, error, match", [c[1:] for c in QLORA_CASES], ids=[c[0] for c in QLORA_CASES])
+def test_bad_qlora_call_is_refused_and_changes_nothing(prepare, call, error, match, quantized_checkpoint, tmp_path,
+                                                       monkeypatch):
+    from tests.models import load_quantized
+    from tests.test_qlora import QUANT
+
+    ctx = {"checkpoint": quantized_checkpoint, "tmp_path": tmp_path,
+           "model": load_quantized(quantized_checkpoint, **QUANT["nf4-fp32"])}
+    if prepare is not None:
+        prepare(ctx, monkeypatch)
+    watched = [name for name in ("model", "lora") if name in ctx]
+    before = {name: snapshot(ctx[name]) for name in watched}
+    with pytest.raises(error, match=match):
+        call(ctx)
+    for name in watched:
+        assert_unchanged(ctx[name], before[name])
+
+
+def test_a_quantized_layer_on_the_meta_device_is_refused_by_name_and_changes_nothing(quantized_checkpoint):
+    """A bitsandbytes layer whose weight is not loaded (on the meta device, no quantization state)."""
+    import bitsandbytes as bnb
+    from accelerate import init_empty_weights
+
+    from tests.models import load_quantized
+    from tests.test_qlora import QUANT
+
+    model = load_quantized(quantized_checkpoint, **QUANT["nf4-fp32"])
+    with init_empty_weights():
+        unloaded = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4")
+    model.model.layers[0].self_attn.q_proj = unloaded
+    types = [(name, type(m)) for name, m in model.named_modules()]
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=r"q_proj \(Linear4bit: a bitsandbytes Linear4bit whose weight is on the meta "
+                                        r"device \(not loaded, no quantization state\)"):
+        get_peft_model(model, LoraConfig(**QLORA_CONFIG))
+    assert model.model.layers[0].self_attn.q_proj is unloaded
+    assert [(name, type(m)) for name, m in model.named_modules()] == types
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags

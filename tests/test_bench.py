@@ -537,23 +537,31 @@ def test_profiler_chatter_does_not_reach_the_terminal(capfd):
     assert "USDT" not in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("case", ["qlora-nf4", "qdora-nf4"])
-def test_qlora_step_reports_cpu_peak_memory(tmp_path, case):
-    """The QLoRA (and QDoRA) step's peak memory on the CPU (torch's allocator through the profiler) for every
-    provider: at least the activations the step keeps for backward, which it allocates."""
+@pytest.mark.parametrize("choice, case", [(["--quant", "nf4"], "qlora-nf4"), (["--step", "qdora-nf4"], "qdora-nf4")],
+                         ids=["qlora-nf4", "qdora-nf4"])
+def test_qlora_step_reports_cpu_peak_memory(tmp_path, choice, case):
+    """The QLoRA (``--quant nf4``) and QDoRA steps' peak memory on the CPU (torch's allocator through the
+    profiler) for every provider: at least the activations the step keeps for backward, which it allocates; and
+    fastlora's peak above the frozen 4-bit model's at most what it keeps beyond it, its adapters' gradients and one
+    layer's dequantized weight (float32, the largest: the MLP's), made and dropped layer by layer."""
     import json
 
     pytest.importorskip("bitsandbytes")
     from fastlora.bench.cli import main
 
     out = tmp_path / "qlora.json"
-    assert main(["--device", "cpu", "--step", case, "--hidden", "64", "--layers", "1", "--batch", "2",
+    assert main(["--device", "cpu", *choice, "--hidden", "64", "--layers", "1", "--batch", "2",
                  "--seq", "16", "--vocab", "128", "--warmup", "0", "--repeats", "1", "--no-progress",
                  "--json", str(out)]) == 0
     rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
-    assert sorted(rows) == ["fastlora", "frozen", "peft"]
+    assert sorted(rows) == ["fastlora", "frozen", "peft"] and {r["step"] for r in rows.values()} == {case}
     for r in rows.values():
         assert r["peak_bytes"] is not None and r["peak_bytes"] >= r["saved_bytes"] > 0, r
+    ours, frozen = rows["fastlora"], rows["frozen"]
+    dequantized_layer = 64 * int(64 * 2.6875) * 4  # hidden × the MLP width the case builds, float32
+    adapter_grads = 4 * ours["trainable_params"]
+    assert ours["peak_bytes"] - frozen["peak_bytes"] <= (ours["saved_bytes"] - frozen["saved_bytes"]) + adapter_grads \
+        + dequantized_layer, (ours, frozen)
 
 
 def test_kernel_variants_script_runs_its_code_paths(tmp_path):

@@ -167,9 +167,8 @@ def test_two_active_adapters_each_added_in_place(checkpoint):
 
 @pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
 def test_adapter_files_both_ways(checkpoint, quant):
-    """fastlora's adapter file has PEFT's keys and shapes; PEFT's state-dict loader takes it onto a fresh quantized
-    model and fastlora's from_pretrained takes PEFT's, logits equal.  (PEFT's own from_pretrained onto a 4-bit
-    model fails on the CPU with bitsandbytes 0.50, for PEFT's files too, in bitsandbytes' CPU weight packing.)"""
+    """fastlora's adapter file has PEFT's keys and shapes; PEFT's from_pretrained and its state-dict loader take it
+    onto a fresh quantized model and fastlora's from_pretrained takes PEFT's, logits equal."""
     from safetensors.torch import load_file
 
     theirs, ours = _pair(checkpoint, quant)
@@ -183,8 +182,9 @@ def test_adapter_files_both_ways(checkpoint, quant):
         loaded_by_peft = peft.get_peft_model(_load(checkpoint, quant), peft.LoraConfig(**CONFIG))
         peft.set_peft_model_state_dict(loaded_by_peft, ours_file)
         loaded_by_us = fastlora.PeftModel.from_pretrained(_load(checkpoint, quant), theirs_dir)
+        opened_by_peft = peft.PeftModel.from_pretrained(_load(checkpoint, quant), ours_dir)
         expected = ours.eval()(input_ids=ids).logits
-        for model in (loaded_by_peft.eval(), loaded_by_us):
+        for model in (loaded_by_peft.eval(), loaded_by_us, opened_by_peft.eval()):
             assert_close(model(input_ids=ids).logits, expected, kind="same_math", dtype=expected.dtype)
 
 
@@ -241,17 +241,44 @@ def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
     assert b.get_input_embeddings()(tokens()).requires_grad
 
     ours = fastlora.get_peft_model(b, fastlora.LoraConfig(**CONFIG)).train()
+    on_peft_prepared = fastlora.get_peft_model(a, fastlora.LoraConfig(**CONFIG)).train()  # PEFT's prepare, then ours
     plain = fastlora.get_peft_model(_load(checkpoint, "nf4-double-bf16"), fastlora.LoraConfig(**CONFIG)).train()
     with torch.no_grad():
-        for name, param in _trainable(plain).items():
-            param.copy_(_trainable(ours)[name])
+        for model in (plain, on_peft_prepared):
+            for name, param in _trainable(model).items():
+                param.copy_(_trainable(ours)[name])
     ids = tokens()
-    for model in (ours, plain):
+    for model in (ours, on_peft_prepared, plain):
         model(input_ids=ids, labels=ids).loss.backward()
-    grads_plain = dict(_trainable(plain))
+    grads_plain, grads_peft_prepared = dict(_trainable(plain)), dict(_trainable(on_peft_prepared))
     for name, param in _trainable(ours).items():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
         assert_close(param.grad, grads_plain[name].grad, kind="same_math", dtype=torch.bfloat16, msg=name)
+        assert torch.equal(param.grad, grads_peft_prepared[name].grad), name
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["QLoRA", "QDoRA"])
+def test_gradient_checkpointing_replays_the_masks(checkpoint, use_dora):
+    """With activation checkpointing (torch's and the reentrant kind) a step with dropout gives the loss and every
+    gradient of the step without: each layer's mask drawn again from the same seed on the recomputed forward."""
+    results = []
+    for checkpointing in (None, False, True):
+        model = fastlora.prepare_model_for_kbit_training(
+            _load(checkpoint, "nf4-double-bf16"), use_gradient_checkpointing=checkpointing is not None,
+            gradient_checkpointing_kwargs={"use_reentrant": bool(checkpointing)})
+        torch.manual_seed(0)
+        model = fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "lora_dropout": 0.1,
+                                                                      "use_dora": use_dora})).train()
+        ids = tokens()
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), *others = results
+    for other_loss, other_grads in others:
+        assert torch.equal(other_loss, loss)
+        for name, grad in grads.items():
+            assert torch.equal(other_grads[name], grad), name
 
 
 def _randomize_lora_biases(model):

@@ -19,7 +19,7 @@ from fastlora.functional import SEED_HIGH
 from fastlora.quantized import LoRAQuantizedLinear
 from fastlora.torch_path import dora_weight_norm
 from tests.models import SEED_TARGETS, copy_lora_weights, load_quantized, tiny_llama, tokens
-from tests.test_qlora import GRAD_DTYPE, QUANT
+from tests.test_qlora import QUANT, assert_peft_file_trains_alike
 from tests.tolerances import assert_close
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -252,38 +252,12 @@ def _peft_model(checkpoint, quant, **changes):
     return theirs
 
 
-def _grads(model):
-    """Each trainable parameter's gradient, by one name for PEFT's (``lora_A.default.weight``) and fastlora's
-    (``lora_A_default``) parameter."""
-    return {re.sub(r"\.(lora_\w+?)(\.default\.weight|_default)$", r".\1", n): p.grad
-            for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
 def test_model_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_path):
     """PEFT's QDoRA file loaded by fastlora: trainable counts, logits, loss and every gradient (A, B, m) as PEFT's;
     fastlora's file loaded by PEFT gives the same logits, with the same keys."""
-    theirs = _peft_model(checkpoint, quant)
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = fastlora.LoraModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path / "peft",
-                                              is_trainable=True)
-    assert isinstance(ours.get_base_model().model.layers[0].mlp.up_proj, LoRAQuantizedLinear)
-    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=GRAD_DTYPE[quant])
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    grads_theirs, grads_ours = _grads(theirs), _grads(ours)
-    assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 3 * 7 * 2
-    for name, grad in grads_ours.items():
-        assert_close(grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
-    ours.save_pretrained(tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(load_quantized(checkpoint, **QUANT[quant]), tmp_path / "ours")
-    with torch.no_grad():
-        assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, kind="same_math",
-                     dtype=GRAD_DTYPE[quant])
-    assert fastlora.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(theirs).keys()
+    assert_peft_file_trains_alike(_peft_model(checkpoint, quant), lambda: load_quantized(checkpoint, **QUANT[quant]),
+                                  quant, tmp_path)
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])

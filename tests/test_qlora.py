@@ -2,6 +2,7 @@
 compared with PEFT's bitsandbytes LoRA layers on the same quantized model."""
 
 import copy
+import re
 import tempfile
 import warnings
 
@@ -289,33 +290,52 @@ def _randomize_lora_biases(model):
                 param.copy_(torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
-def test_lora_bias_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_path):
-    """lora_bias=True on a quantized base: PEFT's file loaded by fastlora gives PEFT's logits, loss and every
-    gradient, B's bias included; fastlora's file loaded by PEFT gives the same logits."""
-    theirs = peft.get_peft_model(_load(checkpoint, quant), peft.LoraConfig(**{**CONFIG, "lora_bias": True}))
-    _randomize_lora_biases(theirs)
-    theirs.save_pretrained(tmp_path / "peft")
-    ours = fastlora.LoraModel.from_pretrained(_load(checkpoint, quant), tmp_path / "peft", is_trainable=True)
+def _grads_by_peft_name(model):
+    """Each trainable parameter's gradient, under one name for PEFT's parameter (``lora_A.default.weight``,
+    ``lora_B.default.bias``, ``lora_magnitude_vector.default.weight``) and fastlora's (``lora_A_default``,
+    ``lora_B_bias_default``, ``lora_magnitude_vector_default``)."""
+    grads = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            name = re.sub(r"\.(lora_\w+?)\.default\.(weight|bias)$",
+                          lambda m: f".{m[1]}" + ("_bias" if m[2] == "bias" else ""), name)
+            grads[re.sub(r"_default$", "", name)] = param.grad
+    return grads
+
+
+def assert_peft_file_trains_alike(theirs, load_base, quant, folder):
+    """PEFT's model ``theirs`` saved and loaded by fastlora onto ``load_base()``: trainable counts, logits, loss and
+    every gradient as PEFT's; fastlora's file opened by PEFT gives the same logits, with the same keys.  Returns
+    fastlora's model."""
+    theirs.save_pretrained(folder / "peft")
+    ours = fastlora.LoraModel.from_pretrained(load_base(), folder / "peft", is_trainable=True)
+    assert isinstance(ours.get_base_model().model.layers[0].mlp.up_proj, LoRAQuantizedLinear)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     ids = tokens()
     out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
     assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=GRAD_DTYPE[quant])
     out_theirs.loss.backward()
     out_ours.loss.backward()
-    grads_theirs = {n.replace(".default", "").replace("lora_B.bias", "lora_B_bias"): p.grad
-                    for n, p in theirs.named_parameters() if p.requires_grad}
-    grads_ours = {n.replace("_default", "").replace("lora_A", "lora_A.weight").replace("lora_B", "lora_B.weight")
-                  .replace("lora_B.weight_bias", "lora_B_bias"): p.grad
-                  for n, p in ours.named_parameters() if p.requires_grad}
+    grads_theirs, grads_ours = _grads_by_peft_name(theirs), _grads_by_peft_name(ours)
     assert grads_ours.keys() == grads_theirs.keys() and len(grads_ours) == 3 * 7 * 2
     for name, grad in grads_ours.items():
         assert_close(grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
-    ours.save_pretrained(tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(_load(checkpoint, quant), tmp_path / "ours")
+    ours.save_pretrained(folder / "ours")
+    back = peft.PeftModel.from_pretrained(load_base(), folder / "ours")
     with torch.no_grad():
         assert_close(back(input_ids=ids).logits, ours(input_ids=ids).logits, kind="same_math",
                      dtype=GRAD_DTYPE[quant])
+    assert fastlora.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(theirs).keys()
+    return ours
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "nf4-double-bf16", "int8"])
+def test_lora_bias_matches_peft_and_files_go_both_ways(checkpoint, quant, tmp_path):
+    """lora_bias=True on a quantized base: PEFT's file loaded by fastlora gives PEFT's logits, loss and every
+    gradient, B's bias included; fastlora's file loaded by PEFT gives the same logits."""
+    theirs = peft.get_peft_model(_load(checkpoint, quant), peft.LoraConfig(**{**CONFIG, "lora_bias": True}))
+    _randomize_lora_biases(theirs)
+    assert_peft_file_trains_alike(theirs, lambda: _load(checkpoint, quant), quant, tmp_path)
 
 
 def test_lora_bias_adapters_active_together_and_in_a_mixed_batch_as_peft(checkpoint, tmp_path):

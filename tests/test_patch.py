@@ -62,6 +62,14 @@ def test_patched_layer_really_runs_fastlora(monkeypatch):
     assert len(calls) == 14
 
 
+def _saved_for_backward(module, x):
+    """What autograd keeps for ``module(x)`` (its own parameters and x aside), after one backward."""
+    with SavedTensorCounter(exclude=module_tensors(module), inputs=[x]) as counter:
+        y = module(x)
+    y.sum().backward()
+    return counter
+
+
 def test_saved_activations_drop_to_x_S_and_a_seed():
     """One PEFT layer with dropout 0.1: PEFT keeps the dropped copy of x and its mask; patched, x, S and the
     8-byte seed."""
@@ -72,12 +80,7 @@ def test_saved_activations_drop_to_x_S_and_a_seed():
         wrap = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["proj"], r=8, lora_dropout=0.1), wrap)
         if patch:
             patch_peft(wrap)
-        wrap.train()
-        x = torch.randn(64, 256, requires_grad=True)
-        with SavedTensorCounter(exclude=module_tensors(wrap), inputs=[x]) as counter:
-            y = wrap(x)
-        y.sum().backward()
-        return counter
+        return _saved_for_backward(wrap.train(), torch.randn(64, 256, requires_grad=True))
 
     peft_saved, patched_saved = saved(False), saved(True)
     x_bytes, s_bytes = 64 * 256 * 4, 64 * 8 * 4
@@ -219,12 +222,7 @@ def test_patched_qlora_layer_keeps_no_dropped_copy_of_x(quantized_checkpoint):
         layer = model.base_model.model.model.layers[0].mlp.up_proj
         if patch:
             assert patch_peft(model).skipped == {}
-        layer.train()
-        x = torch.randn(64, layer.in_features, requires_grad=True)
-        with SavedTensorCounter(exclude=module_tensors(layer), inputs=[x]) as counter:
-            y = layer(x)
-        y.sum().backward()
-        return counter
+        return _saved_for_backward(layer.train(), torch.randn(64, layer.in_features, requires_grad=True))
 
     peft_saved, patched_saved = saved(False), saved(True)
     x_bytes, s_bytes = 64 * 64 * 4, 64 * 8 * 4

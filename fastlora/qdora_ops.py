@@ -9,7 +9,7 @@ with autograd, as PEFT's bitsandbytes layers compute it:
 
 Ŵ is dequantized where it is needed and dropped at once: for n and P in forward, for dh = ((g − 1) ⊙ dterm) Ŵ
 in backward.  What autograd keeps is x, the rank-r S = h Aᵀ, the seed and, when m trains, z = P + s·S Bᵀ
-(M × N) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it, N × K, in every dropped layer), and not the mask,
+(M × N, in the output's dtype where that is the narrower) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it, N × K, in every dropped layer), and not the mask,
 which is drawn again from the seed.  The products run in the adapters' dtype, as PEFT casts x to it, and the
 term in the widest of the adapters', m's and the output's dtypes, as PEFT's type promotion (autocast or not).
 Backward dequantizes the weight the forward pass read, even if the layer holds another one by then.
@@ -55,7 +55,8 @@ class _QuantizedDoRATerm(torch.autograd.Function):
             S = torch.mm(h, lora_A.t())
             low_rank = torch.mm(S, lora_B.t()).to(acc).mul_(scaling)
             term = torch.addcmul(P * (g - 1.0), low_rank, g)
-            z = P + low_rank if keep_z else None
+            # z in the output's dtype where that is narrower: PEFT's dm reads the output so far in it too
+            z = (P + low_rank).to(base.dtype if base.dtype.itemsize < acc.itemsize else acc) if keep_z else None
         ctx.save_for_backward(x, lora_A, lora_B, magnitude, norm, S, seed, z)
         ctx.dequantize, ctx.scaling, ctx.dropout_p, ctx.base_dtype = dequantize, scaling, dropout_p, base.dtype
         return term
@@ -88,7 +89,7 @@ class _QuantizedDoRATerm(torch.autograd.Function):
         if need_dbase and seed is None:
             dbase = (d * (g - 1.0)).to(ctx.base_dtype)
         if need_dm:
-            dm = (d * z).sum(0).div_(norm.to(acc)).to(magnitude.dtype)
+            dm = (d * z.to(acc)).sum(0).div_(norm.to(acc)).to(magnitude.dtype)
         return dx, dbase, dA, dB, dm, None, None, None, None, None, None, None
 
 

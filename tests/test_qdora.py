@@ -163,6 +163,35 @@ def test_layer_with_bf16_factors_matches_peft(checkpoint, p):
         assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_layer_with_bf16_activations_matches_peft(p):
+    """bf16 activations (a bf16 compute dtype, the output in bf16) beside float32 adapters, a base bias: output
+    and gradients as PEFT's within bf16's tolerance, z kept for m's gradient in bf16 (as PEFT's dm reads the
+    bf16 output)."""
+    ours, theirs = _layer_pair(_quantized_linear_with_bias("nf4-double-bf16"), p)
+    x = torch.randn(2, 5, 48).to(torch.bfloat16)
+    kept = []
+    results = []
+    for layer in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        if p and layer is theirs:
+            layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((layer is ours, t.dtype, t.shape)) or t,
+                                                      lambda t: t):
+            y = layer(xi)
+        params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
+                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                   theirs.lora_magnitude_vector["default"].weight))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert a.dtype == b.dtype, name
+        assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
+    output_sized = [dtype for is_ours, dtype, shape in kept if is_ours and tuple(shape) == (10, 40)]
+    assert output_sized == [torch.bfloat16]  # z, and nothing else of the output's size
+
+
 def test_the_term_under_autocast_is_the_term_without(checkpoint):
     """Under autocast (transformers' Trainer with bf16=True) the term is computed in the dtypes it takes
     without: norm, products and all."""

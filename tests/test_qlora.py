@@ -29,12 +29,13 @@ QUANT = {
                             bnb_4bit_compute_dtype=torch.bfloat16),
     "fp4-double-fp16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
                             bnb_4bit_compute_dtype=torch.float16),
+    "fp4-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
 }
 # The dtype the activations' gradients flow in: the adapters' gradients are float32 sums over values that reach
 # them in this dtype, whose summation order (several projections read one x) is autograd's, not the layers'.
 GRAD_DTYPE = {"nf4-fp32": torch.float32, "nf4-double-bf16": torch.bfloat16, "fp4-double-fp16": torch.float16,
-              "int8": torch.float32}
+              "fp4-fp32": torch.float32, "int8": torch.float32}
 CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0,
               init_lora_weights=False)
 

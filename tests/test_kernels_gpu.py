@@ -480,6 +480,49 @@ def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_te
     assert_close(fused.float(), layers[1](x).float(), kind="same_math", dtype=bf16)
 
 
+def test_qdora_layer_on_cuda_matches_peft():
+    """A DoRA adapter on a CUDA nf4 base (bf16 compute, bf16 activations, float32 adapters) against PEFT's
+    bitsandbytes DoRA layer: output and the gradients of x, A, B and m, within bf16's tolerance (no dropout)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    import copy
+
+    import peft.tuners.lora.bnb  # noqa: F401  (PEFT's bitsandbytes layers)
+    from torch import nn
+
+    from fastlora.adapter_settings import AdapterSettings
+    from fastlora.quantized import LoRAQuantizedLinear
+
+    torch.manual_seed(0)
+    dense = nn.Linear(1024, 512)
+    base = bnb.nn.Linear4bit(1024, 512, compute_dtype=bf16, quant_type="nf4")
+    base.load_state_dict(dense.state_dict())
+    base = base.to(DEVICE)
+    ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default",
+                                              AdapterSettings(16, 32, 0.0, False, True, False), False, f32).train()
+    theirs = peft.tuners.lora.bnb.Linear4bit(copy.deepcopy(base), "default", r=16, lora_alpha=32, config=peft.LoraConfig(
+        r=16, lora_alpha=32, use_dora=True, init_lora_weights=False)).train()
+    theirs.lora_A["default"].float()
+    theirs.lora_B["default"].float()
+    with torch.no_grad():
+        theirs.lora_A["default"].weight.copy_(ours.lora_A)
+        theirs.lora_B["default"].weight.copy_(ours.lora_B)
+        ours.magnitude("default").mul_(torch.linspace(0.8, 1.2, 512, device=DEVICE))
+        theirs.lora_magnitude_vector["default"].weight.copy_(ours.magnitude("default"))
+    x = torch.randn(4, 256, 1024, device=DEVICE, dtype=bf16)
+    dy = torch.randn(4, 256, 512, device=DEVICE, dtype=bf16)
+    results = []
+    for layer, params in ((ours, (ours.lora_A, ours.lora_B, ours.magnitude("default"))),
+                          (theirs, (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
+                                    theirs.lora_magnitude_vector["default"].weight))):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
+    for name, got, expected in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert got.dtype == expected.dtype, name
+        assert_close(got.float(), expected.float(), kind="same_math_max", dtype=bf16, msg=name)
+
+
 def test_grouped_low_rank_compiled_equals_the_per_expert_products():
     """tests/test_grouped_kernels.py's check, compiled: 8 experts of uneven (one empty) segments, 4096 rows of bf16
     beside fp32 adapters, 1024 → 2048, r = 16; forward and every gradient."""

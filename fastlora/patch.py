@@ -141,8 +141,9 @@ class _Patch:
 
 def patch_peft(peft_model: nn.Module, backend: str = "auto") -> PatchReport:
     """Route every PEFT LoRA ``nn.Linear`` layer (dense or bitsandbytes 4-bit / 8-bit) of ``peft_model`` that
-    fastlora can run through fastlora's op (per instance; see the module docstring).  Returns a :class:`PatchReport`: the layers patched and, for
-    each LoRA layer left to PEFT, why.  Patching twice is harmless; ``unpatch_peft`` undoes it.
+    fastlora can run through fastlora's op (per instance; see the module docstring).  Returns a
+    :class:`PatchReport`: the layers patched and, for each LoRA layer left to PEFT, why.  Patching twice is
+    harmless; ``unpatch_peft`` undoes it.
 
     Args:
         peft_model (nn.Module): a model built or loaded with PEFT (``peft.get_peft_model``,

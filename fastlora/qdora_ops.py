@@ -9,9 +9,10 @@ with autograd, as PEFT's bitsandbytes layers compute it:
 
 Ŵ is dequantized where it is needed and dropped at once: for n and P in forward, for dh = ((g − 1) ⊙ dterm) Ŵ
 in backward.  What autograd keeps is x, the rank-r S = h Aᵀ, the seed and, when m trains, z = P + s·S Bᵀ
-(M × N, in the output's dtype where that is the narrower) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it, N × K, in every dropped layer), and not the mask,
-which is drawn again from the seed.  The products run in the adapters' dtype, as PEFT casts x to it, and the
-term in the widest of the adapters', m's and the output's dtypes, as PEFT's type promotion (autocast or not).
+(M × N, in the output's dtype where that is the narrower) for dm = Σ_rows dterm ⊙ z / n; not Ŵ (PEFT keeps it,
+N × K, in every dropped layer), and not the mask, which is drawn again from the seed.  The products run in the
+adapters' dtype, as PEFT casts x to it, and the term in the widest of the adapters', m's and the output's
+dtypes, as PEFT's type promotion (autocast or not).
 Backward dequantizes the weight the forward pass read, even if the layer holds another one by then.
 
 Backward, with d = dterm:  dB = s·(g ⊙ d)ᵀ S,  dS = s·(g ⊙ d) B,  dA = dSᵀ h,

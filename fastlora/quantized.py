@@ -4,7 +4,8 @@ quantization) and ``bnb.nn.Linear8bitLt``.
 :class:`LoRAQuantizedLinear` holds the quantized layer as ``base_layer`` (composition: its packed weight and
 quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes LoRA layers compute:
 
-    y = base_layer(x) + (scaling · ((dropout(x) Aᵀ) Bᵀ + b_B), in the adapters' dtype, rounded to the base output's dtype)
+    y = base_layer(x) + scaling · ((dropout(x) Aᵀ) Bᵀ + b_B)    (the term in the adapters' dtype, rounded to the
+                                                                 base output's dtype)
 
 (b_B: B's bias, with ``lora_bias=True``; merged into the base bias as scaling · b_B, the term the forward adds)
 
@@ -243,7 +244,8 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active
-        adapter, neither DoRA nor with lora_bias, the kernels' device, eager mode, and a schedule whose base product is fused: ``base=fused``);
+        adapter, plain LoRA (no DoRA, no lora_bias), the kernels' device, eager mode, and a schedule whose base
+        product is fused: ``base=fused``);
         None for bitsandbytes' product plus the low-rank term (the default, ``base=cublas``: bitsandbytes'
         dequantize-then-matmul, the bounded-downside choice until a GPU run says otherwise; and under
         ``torch.compile``, where the fused call, an autograd.Function over bitsandbytes' quantization state, would

@@ -89,8 +89,9 @@ def _layer_pair(base, p):
     return ours, theirs
 
 
-def _compare_layers(ours, theirs, in_features, p, train_magnitude=True):
-    x = torch.randn(2, 5, in_features)
+def _outputs_and_grads(ours, theirs, x, p, train_magnitude=True, on_saved=None):
+    """For each layer, fastlora's then PEFT's: [y, dx, dA, dB, dm] (dm only when m trains) for the same x, dy and
+    dropout mask; ``on_saved(is_ours, tensor)`` sees each tensor autograd keeps in forward."""
     ours.magnitude("default").requires_grad_(train_magnitude)
     theirs.lora_magnitude_vector["default"].weight.requires_grad_(train_magnitude)
     results = []
@@ -99,14 +100,27 @@ def _compare_layers(ours, theirs, in_features, p, train_magnitude=True):
         torch.manual_seed(7)
         if p and layer is theirs:
             layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))  # the seed ours drew
-        y = layer(xi)
+        saved = on_saved or (lambda is_ours, t: None)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved(layer is ours, t) or t, lambda t: t):
+            y = layer(xi)
         params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
                   (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
                    theirs.lora_magnitude_vector["default"].weight))
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
         results.append([y, *torch.autograd.grad(y, (xi, *params[:3 if train_magnitude else 2]), dy)])
+    return results
+
+
+def _compare_layers(ours, theirs, in_features, p, train_magnitude=True):
+    results = _outputs_and_grads(ours, theirs, torch.randn(2, 5, in_features), p, train_magnitude)
     for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
         assert_close(a, b, kind="same_math", dtype=torch.float32, msg=name)
+
+
+def _compare_layers_at_bf16(results):
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
+        assert a.dtype == b.dtype, name
+        assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -146,21 +160,7 @@ def test_layer_with_bf16_factors_matches_peft(checkpoint, p):
         factor.data = factor.data.to(torch.bfloat16)
     x = torch.randn(2, 5, base.in_features)
     assert ours.dora_term(x, "default", torch.randn(2, 5, base.out_features)).dtype == torch.float32
-    results = []
-    for layer in (ours, theirs):
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(7)
-        if p and layer is theirs:
-            layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
-        y = layer(xi)
-        params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
-                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
-                   theirs.lora_magnitude_vector["default"].weight))
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
-        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
-    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
-        assert a.dtype == b.dtype, name
-        assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
+    _compare_layers_at_bf16(_outputs_and_grads(ours, theirs, x, p))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -171,23 +171,8 @@ def test_layer_with_bf16_activations_matches_peft(p):
     ours, theirs = _layer_pair(_quantized_linear_with_bias("nf4-double-bf16"), p)
     x = torch.randn(2, 5, 48).to(torch.bfloat16)
     kept = []
-    results = []
-    for layer in (ours, theirs):
-        xi = x.clone().requires_grad_()
-        torch.manual_seed(7)
-        if p and layer is theirs:
-            layer.lora_dropout["default"].seed = int(torch.randint(0, SEED_HIGH, (1,)))
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((layer is ours, t.dtype, t.shape)) or t,
-                                                      lambda t: t):
-            y = layer(xi)
-        params = ((ours.lora_A, ours.lora_B, ours.magnitude("default")) if layer is ours else
-                  (theirs.lora_A["default"].weight, theirs.lora_B["default"].weight,
-                   theirs.lora_magnitude_vector["default"].weight))
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        results.append([y, *torch.autograd.grad(y, (xi, *params), dy)])
-    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
-        assert a.dtype == b.dtype, name
-        assert_close(a.float(), b.float(), kind="same_math_max", dtype=torch.bfloat16, msg=name)
+    _compare_layers_at_bf16(_outputs_and_grads(
+        ours, theirs, x, p, on_saved=lambda is_ours, t: kept.append((is_ours, t.dtype, t.shape))))
     output_sized = [dtype for is_ours, dtype, shape in kept if is_ours and tuple(shape) == (10, 40)]
     assert output_sized == [torch.bfloat16]  # z, and nothing else of the output's size
 

@@ -43,6 +43,13 @@ MODE=full
 [[ "${1:-}" == "--preflight" ]] && MODE=preflight
 [[ "${1:-}" == "--steps" ]] && MODE=steps
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu_check.sh: no CUDA device')" || exit 2
+# Packages the machine lacks, carried as wheels in .whl/ (bench/gpu_wheels.sh fetches them): bitsandbytes.
+# shellcheck source=bench/carried_wheels.sh
+source "$REPO/bench/carried_wheels.sh"
+use_carried_wheels "$REPO" "$PY"
+# QLoRA's GPU tests skip, and its steps are left out, where bitsandbytes cannot be imported.
+has_bnb=0
+"$PY" -c "import bitsandbytes" >/dev/null 2>&1 && has_bnb=1
 
 # shellcheck source=bench/step_runner.sh
 source "$REPO/bench/step_runner.sh"
@@ -58,7 +65,9 @@ stem="$RUNNER_STAGE/$(date -u +%F)-$slug"
 {
     echo "gpu_check $MODE $(date -u +%FT%TZ), commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
-    "$PY" -c "import importlib.metadata as m; print(' | '.join(f'{d} {m.version(d)}' for d in ('peft', 'transformers', 'accelerate') if __import__('importlib.util').util.find_spec(d)))" 2>/dev/null
+    "$PY" -c "import importlib.metadata as m; print(' | '.join(f'{d} {m.version(d)}' for d in ('peft', 'transformers', 'accelerate', 'bitsandbytes') if __import__('importlib.util').util.find_spec(d)))" 2>/dev/null
+    [[ -n "$CARRIED_WHEELS" ]] && echo "$CARRIED_WHEELS"
+    [[ "$has_bnb" == 1 ]] || echo "bitsandbytes cannot be imported: QLoRA's GPU tests skip and its steps are left out (bash bench/gpu_wheels.sh, then carry .whl)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 } | tee -a "$SUMMARY"
 pack
@@ -75,9 +84,12 @@ if [[ "$MODE" == steps ]]; then
     # the fused 4-bit GEMM instead of bitsandbytes' dequantize-then-matmul (the default until this run decides).
     # QLoRA at Llama-3-8B's projection shapes (one layer, 4 × 512 tokens): bitsandbytes' dequantize-then-matmul
     # (the default) against PEFT's QLoRA here, the fused 4-bit GEMM in the next step
-    step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
+    qlora_step() {  # qlora_step NAME SECONDS CMD...: a step that needs bitsandbytes, left out (and said so) without it
+        if [[ "$has_bnb" == 1 ]]; then step "$@"; else echo "step $1: left out (bitsandbytes cannot be imported)" | tee -a "$SUMMARY"; fi
+    }
+    qlora_step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps-qlora.json"
-    step kinds-qlora-fused 20 env FASTLORA_KERNEL_VARIANTS=base=fused "$PY" -m fastlora.bench --device cuda \
+    qlora_step kinds-qlora-fused 20 env FASTLORA_KERNEL_VARIANTS=base=fused "$PY" -m fastlora.bench --device cuda \
         --step qlora-nf4 --preset llama-3-8b --layers 1 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress \
         --json "$stem-steps-qlora-fused.json"
     step kinds-moe-gpt2 15 "$PY" -m fastlora.bench --device cuda --step moe --step gpt2 --hidden 2048 --layers 2 \

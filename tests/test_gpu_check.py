@@ -108,3 +108,38 @@ def test_the_check_falls_back_to_python3_and_stops_without_cuda(tmp_path):
         done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *args], env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 2 and "no CUDA device" in done.stderr, done.stdout + done.stderr
+
+
+def _wheel(folder: Path, name: str, version: str) -> Path:
+    """A minimal wheel of one module ``name`` whose ``VERSION`` is ``version`` (what pip needs to install it)."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}.py": f"VERSION = {version!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as z:
+        for f, text in files.items():
+            z.writestr(f, text)
+    return path
+
+
+def test_carried_wheels_are_installed_and_importable(tmp_path):
+    """A package the device machine lacks travels as a wheel in .whl/: gpu_check.sh installs it (no index) and
+    puts it on PYTHONPATH behind what was there; without .whl/ nothing happens."""
+    repo = tmp_path / "repo"
+    (repo / ".whl").mkdir(parents=True)
+    _wheel(repo / ".whl", "carried_probe", "1.2.3")
+    script = (f'source "{REPO / "bench" / "carried_wheels.sh"}"\nexport PYTHONPATH=/first\n'
+              f'use_carried_wheels "$1" "{sys.executable}"\necho "note: $CARRIED_WHEELS"\necho "path: $PYTHONPATH"\n'
+              f'"{sys.executable}" -c "import carried_probe; print(\'version:\', carried_probe.VERSION)"\n')
+    done = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "version: 1.2.3" in done.stdout
+    assert "note: carried wheels installed: carried_probe-1.2.3-py3-none-any.whl" in done.stdout
+    assert "path: /first:" in done.stdout  # appended: the checkout keeps its place in front
+    done = subprocess.run(["bash", "-c", script, "-", str(tmp_path / "no-wheels")], capture_output=True, text=True,
+                          timeout=120)
+    assert "note: \n" in done.stdout and "path: /first\n" in done.stdout

@@ -76,6 +76,18 @@ def test_preflight_one_small_case():
             kc.check_case(Case(96, 128, 80, 8, bf16, f32, p=0.1), DEVICE)
 
 
+@pytest.mark.preflight
+def test_preflight_bitsandbytes_4bit_on_cuda():
+    """bitsandbytes on the GPU (its CUDA library loaded: a 4-bit quantize and dequantize there), and the Triton
+    4-bit reader agreeing with it: what QLoRA's GPU tests and steps rest on.  Skipped without bitsandbytes
+    (bench/gpu_wheels.sh fetches its wheel to carry to a machine that lacks it)."""
+    from fastlora.kernels.dequant4 import dequantize_4bit
+
+    packed, state, expected = _bnb_4bit(256, 320, "nf4", False)
+    assert packed.is_cuda and expected.is_cuda
+    assert torch.equal(dequantize_4bit(packed, state), expected)
+
+
 BASES = pytest.mark.parametrize("base", schedules.VARIANTS["base"])  # cuBLAS + the low-rank pass; the fused GEMM
 
 

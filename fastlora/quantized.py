@@ -11,7 +11,7 @@ quantization state stay bitsandbytes'), and computes what PEFT's bitsandbytes Lo
 
 The base product is bitsandbytes' own (dequantization inside its matmul, on CPU and CUDA); the low-rank term is
 ``fastlora.lora_linear`` without a base weight, so dropout regenerates its mask from a seed instead of storing a
-dropped copy of x.  On the kernels' device with the ``base=fused`` schedule, a 4-bit base with one active adapter
+dropped copy of x.  On the kernels' device with the ``base_4bit=fused`` schedule, a 4-bit base with one active adapter
 runs fused instead in eager mode (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in
 its main loop, forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by
 default, as PEFT creates them beside an integer weight.  Merging follows PEFT: dequantize, add scaling · B A in
@@ -244,10 +244,10 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _fused_4bit_schedule(self, x: Tensor, names: list[str]) -> Schedule | None:
         """The kernel schedule when this call runs fused (a 4-bit base with a 16-bit compute dtype, one active
-        adapter, plain LoRA (no DoRA, no lora_bias), the kernels' device, eager mode, and a schedule whose base
-        product is fused: ``base=fused``);
-        None for bitsandbytes' product plus the low-rank term (the default, ``base=cublas``: bitsandbytes'
-        dequantize-then-matmul, the bounded-downside choice until a GPU run says otherwise; and under
+        adapter, plain LoRA (no DoRA, no lora_bias), the kernels' device, eager mode, and a schedule whose 4-bit
+        product is fused: ``base_4bit=fused``, by name or from the schedule table for this shape);
+        None for bitsandbytes' product plus the low-rank term (the default, ``base_4bit=dequant``: bitsandbytes'
+        dequantize-then-matmul, the bounded-downside choice where no GPU run says otherwise; and under
         ``torch.compile``, where the fused call, an autograd.Function over bitsandbytes' quantization state, would
         break the graph)."""
         base = self.base_layer
@@ -265,7 +265,7 @@ class LoRAQuantizedLinear(LoRALinear):
             return None
         out_features, in_features = (int(s) for s in base.weight.quant_state.shape)
         schedule = kernel_schedule(x.numel() // max(in_features, 1), out_features, in_features)
-        return schedule if schedule.base == "fused" else None
+        return schedule if schedule.base_4bit == "fused" else None
 
     def _fused_4bit_forward(self, x: Tensor, name: str, schedule: Schedule) -> Tensor:
         """bitsandbytes' Linear4bit forward (x and bias in its compute dtype, the output in x's) with the adapter's

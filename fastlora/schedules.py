@@ -19,12 +19,19 @@ A kernel schedule has variants the GPU check times side by side, the first choic
     low_rank   the fused GEMMs' low-rank term before ("prologue") or after ("epilogue") the main loop (base="fused")
     dora       DoRA on its own kernels ("fused": their own GEMMs, whatever ``base``) or composed of the LoRA
                kernels and torch passes ("composed", which follows ``base``)
+    base_4bit  a bitsandbytes 4-bit base's product (one active LoRA adapter): "dequant", bitsandbytes' own
+               (the weight dequantized to 16 bits, then cuBLAS, forward and for dx) with the low-rank term added
+               after; "fused", one Triton GEMM that dequantizes the weight tile by tile in its main loop with the
+               low-rank term in its accumulator (no 16-bit copy of the weight).  "dequant" is the default until a
+               GPU run records where the fused GEMM wins (it reads a quarter of the weight's bytes, so it can win
+               where the product is memory-bound: few tokens)
 
 ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or :func:`use_kernel_variants` choose them.
 A variant neither names is taken from the schedule table, ``fastlora/data/kernel_schedules.json``: the winner per
-(token count, N, K) class that a GPU run of bench/kernel_variants.py measured.  A shape of no class, or a
-token count more than twice away from its class's range, takes the defaults above: with the table empty (no
-GPU run yet), every shape does.
+(token count, N, K) class that a GPU run of bench/kernel_variants.py measured (a class may decide some variants
+only: the 4-bit run decides ``base_4bit``, the dense one the others).  A shape of no class, or a token count
+more than twice away from its class's range, takes the defaults above: with the table empty (no GPU run yet),
+every shape does.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ __all__ = ["Schedule", "SCHEDULES", "VARIANTS", "BACKENDS", "resolve", "kernel_s
 
 BACKENDS = ("auto", "torch", "triton")
 VARIANTS = {"base": ("cublas", "fused"), "db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"),
-            "dora": ("fused", "composed")}
+            "dora": ("fused", "composed"), "base_4bit": ("dequant", "fused")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Schedule:
     db: str = VARIANTS["db"][0]
     low_rank: str = VARIANTS["low_rank"][0]
     dora: str = VARIANTS["dora"][0]
+    base_4bit: str = VARIANTS["base_4bit"][0]
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULES:
@@ -69,7 +77,8 @@ class Schedule:
 
     @property
     def key(self) -> str:
-        """The schedule as the ops carry it: ``"triton:base=cublas,db=atomic,low_rank=prologue,dora=fused"``."""
+        """The schedule as the ops carry it, the name and every variant:
+        ``"triton:base=cublas,db=atomic,low_rank=prologue,dora=fused,base_4bit=dequant"``."""
         if not self.uses_kernels:
             return self.name
         return self.name + ":" + ",".join(f"{v}={getattr(self, v)}" for v in VARIANTS)
@@ -118,17 +127,20 @@ def schedule_table() -> list[dict]:
 
 
 def table_variants(tokens: int, N: int, K: int, table: list[dict] | None = None) -> dict[str, str]:
-    """The variants the table gives an (tokens × K) → N call: the class of the same N, K whose token range holds
-    ``tokens``, else one whose range widened by a factor of 2 each way holds it (the first in the table); {} when
-    none does (the defaults).  Integer comparisons only: under torch.compile with a dynamic token count each
-    one is a guard, so the graphs are at most as many as the classes."""
+    """The variants the table gives an (tokens × K) → N call, each from the first class of the same N, K that
+    decides it and whose token range holds ``tokens``, else whose range widened by a factor of 2 each way holds
+    it; a variant no such class decides is left out (its default).  Integer comparisons only: under
+    torch.compile with a dynamic token count each one is a guard, so the graphs are at most as many as the
+    classes."""
     classes = [e for e in (schedule_table() if table is None else table) if (e["N"], e["K"]) == (N, K)]
+    chosen: dict[str, str] = {}
     for widen in (False, True):
         for entry in classes:
             lo, hi = entry["tokens"]
             if (lo + 1) // 2 <= tokens <= 2 * hi if widen else lo <= tokens <= hi:
-                return dict(entry["variants"])
-    return {}
+                for variant, choice in entry["variants"].items():
+                    chosen.setdefault(variant, choice)
+    return chosen
 
 
 def kernel_schedule(tokens: int | None = None, N: int | None = None, K: int | None = None) -> Schedule:

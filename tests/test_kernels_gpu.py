@@ -465,7 +465,8 @@ def test_gemm4bit_compiled_equals_the_dense_kernel_on_the_dequantized_weight(dro
 
 
 def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_term():
-    """The fused QLoRA layer (base=fused) against bitsandbytes' product plus the torch path's low-rank term, bf16."""
+    """The fused QLoRA layer (base_4bit=fused) against bitsandbytes' product plus the torch path's low-rank term,
+    bf16."""
     bnb = pytest.importorskip("bitsandbytes")
     from torch import nn
 
@@ -486,7 +487,7 @@ def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_te
         layers[1].lora_A.copy_(layers[0].lora_A)
         layers[1].lora_B.copy_(layers[0].lora_B)
     x = torch.randn(4, 512, 4096, device=DEVICE, dtype=bf16)
-    with schedules.use_kernel_variants(base="fused"):
+    with schedules.use_kernel_variants(base_4bit="fused"):
         assert layers[0]._fused_4bit_schedule(x, ["default"]) is not None
         fused = layers[0](x)
     assert_close(fused.float(), layers[1](x).float(), kind="same_math", dtype=bf16)

@@ -1,4 +1,4 @@
-"""The fused QLoRA layer (a 4-bit base with ``base=fused``: fastlora.qlora_ops over kernels/qlora.py) under the
+"""The fused QLoRA layer (a 4-bit base with ``base_4bit=fused``: fastlora.qlora_ops over kernels/qlora.py) under the
 interpreter: outputs and every gradient equal to the dense kernels' on bitsandbytes' dequantized weight (the same
 seed, so the same dropout mask), and to bitsandbytes' own product plus the low-rank term without dropout; autograd
 keeps x, S and the seed, never a weight-sized tensor."""
@@ -66,7 +66,7 @@ def _run(layer, x, seed=7):
 def test_fused_layer_equals_the_dense_kernels_on_the_dequantized_weight(quant_type, nested, dropout):
     fused, dense = _layers(quant_type, nested, dropout)
     x = torch.randn(3, 11, 72, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         assert fused._fused_4bit_schedule(x, ["default"]) is not None
         got = _run(fused, x)
         expected = _run(dense, x)
@@ -78,7 +78,7 @@ def test_fused_layer_equals_bitsandbytes_product_plus_the_low_rank_term():
     fused, _ = _layers(dropout=0.0)
     reference, _ = _layers(dropout=0.0, backend="torch")
     x = torch.randn(13, 72, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         got = _run(fused, x)
     expected = _run(reference, x)  # bitsandbytes' bf16 product, then the low-rank term: one more rounding
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
@@ -92,7 +92,7 @@ def test_a_trained_base_bias_gets_its_gradient_as_on_bitsandbytes_path():
     x = torch.randn(9, 72, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     for layer in (fused, reference):
         layer.base_layer.bias.requires_grad_(True)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         _run(fused, x)
     _run(reference, x)
     assert fused.base_layer.bias.grad is not None
@@ -105,14 +105,40 @@ def test_an_fp32_compute_dtype_keeps_bitsandbytes_product():
     """The 4-bit GEMM's dots and config lists are 16-bit: an fp32 compute dtype (transformers' default) keeps
     bitsandbytes' product plus the low-rank term."""
     fused, _ = _layers(compute=torch.float32)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         assert fused._fused_4bit_schedule(torch.randn(5, 72), ["default"]) is None
 
 
 def test_the_default_schedule_keeps_bitsandbytes_product():
     fused, _ = _layers()
-    x = torch.randn(5, 72)
-    assert fused._fused_4bit_schedule(x, ["default"]) is None  # base=cublas: dequantize-then-matmul
+    x = torch.randn(5, 72).to(torch.bfloat16)
+    assert fused._fused_4bit_schedule(x, ["default"]) is None  # base_4bit=dequant: dequantize-then-matmul
+    with use_kernel_variants(base="fused"):  # the dense GEMM's choice is not the 4-bit one
+        assert fused._fused_4bit_schedule(x, ["default"]) is None
+
+
+def test_the_schedule_table_chooses_the_fused_4bit_product_per_shape(monkeypatch):
+    """A GPU run records where the fused 4-bit GEMM wins (bench/kernel_variants.py --quant nf4): a class of the
+    layer's (N, K) deciding base_4bit=fused fuses the calls whose token count it holds, and only those; the
+    environment still wins."""
+    from fastlora import schedules
+
+    fused, _ = _layers()
+    table = [{"N": 40, "K": 72, "tokens": [1, 64], "variants": {"base_4bit": "fused"}},
+             {"N": 40, "K": 72, "tokens": [65, 512], "variants": {"base_4bit": "dequant"}},
+             {"N": 40, "K": 72, "tokens": [1, 512], "variants": {"base": "fused"}}]  # the dense run's class
+    monkeypatch.setattr(schedules, "_TABLE", table)
+    few, many = torch.randn(2, 16, 72).to(torch.bfloat16), torch.randn(4, 100, 72).to(torch.bfloat16)
+    chosen = fused._fused_4bit_schedule(few, ["default"])
+    assert chosen is not None and chosen.base == "fused"  # both classes' variants, merged
+    assert fused._fused_4bit_schedule(many, ["default"]) is None
+    y_table = _run(fused, few)
+    with use_kernel_variants(base_4bit="fused"):
+        y_named = _run(fused, few)
+    for g, e in zip(y_table, y_named):
+        assert torch.equal(g, e)
+    monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "base_4bit=dequant")
+    assert fused._fused_4bit_schedule(few, ["default"]) is None
 
 
 def test_a_traced_call_keeps_bitsandbytes_product(monkeypatch):
@@ -120,7 +146,7 @@ def test_a_traced_call_keeps_bitsandbytes_product(monkeypatch):
     bitsandbytes' product and the registered op, not the fused call, which would break the graph."""
     fused, _ = _layers()
     x = torch.randn(5, 72).to(torch.bfloat16)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         assert fused._fused_4bit_schedule(x, ["default"]) is not None
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert fused._fused_4bit_schedule(x, ["default"]) is None
@@ -130,7 +156,8 @@ def test_autograd_keeps_x_S_and_the_seed_only():
     fused, _ = _layers(dropout=0.2)
     x = torch.randn(8, 72).to(torch.bfloat16).requires_grad_(True)  # smaller than the weight: a saved weight would
     # be the largest
-    with use_kernel_variants(base="fused"), SavedTensorCounter(exclude=module_tensors(fused), inputs=[x]) as counter:
+    counter = SavedTensorCounter(exclude=module_tensors(fused), inputs=[x])
+    with use_kernel_variants(base_4bit="fused"), counter:
         y = fused(x)
     y.sum().backward()
     weight_bytes = 40 * 72 * 2
@@ -145,7 +172,7 @@ def test_dora_and_lora_bias_adapters_keep_bitsandbytes_product():
     fused.add_adapter("dora", AdapterSettings(4, 8, 0.2, False, True, False))
     fused.add_adapter("biased", AdapterSettings(4, 8, 0.2, False, False, True))
     x = torch.randn(5, 72).to(torch.bfloat16)
-    with use_kernel_variants(base="fused"):
+    with use_kernel_variants(base_4bit="fused"):
         assert fused._fused_4bit_schedule(x, ["default"]) is not None
         assert fused._fused_4bit_schedule(x, ["dora"]) is None
         assert fused._fused_4bit_schedule(x, ["biased"]) is None

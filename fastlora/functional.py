@@ -194,6 +194,14 @@ def dropout_and_seed(dropout_p: float, training: bool, device: torch.device) -> 
     return p, (torch.randint(0, SEED_HIGH, (1,), device=device) if p > 0.0 else None)
 
 
+def term_backend(backend: str) -> str:
+    """The backend a layer of backend ``backend`` gives a low-rank term computed apart from a base product (a
+    second active adapter's; the term added to a quantized base's output): its own, but "triton" as "auto".
+    The kernels fuse the term into a base product, which this call does not compute, so the term takes the
+    torch path on every device, as it does with "auto"."""
+    return "auto" if backend == "triton" else backend
+
+
 def _low_rank_only(backend: str) -> Schedule:
     """The schedule of a call without the base weight (the base product computed elsewhere): the torch path,
     which the fused kernels, built around the base GEMM, do not replace."""

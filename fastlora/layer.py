@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings, check_adapter_name
-from fastlora.functional import BACKENDS, lora_linear
+from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
@@ -716,7 +716,7 @@ class LoRALinear(nn.Linear):
         lora_A, lora_B = self.lora_factors(name)
         settings = self.adapter_settings[name]
         term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
-                           training=self.training, backend=self.backend)
+                           training=self.training, backend=term_backend(self.backend))
         bias = self._scaled_lora_bias(name)
         return term if bias is None else term + bias.to(term.dtype)
 

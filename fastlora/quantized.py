@@ -81,21 +81,22 @@ def quantized_refusal(module: nn.Module) -> str | None:
 def plus_low_rank(result: Tensor, x: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, dropout_p: float,
                   training: bool, backend: str) -> Tensor:
     """``result``, a quantized layer's output for x, plus scaling · (dropout(x) Aᵀ) Bᵀ (in the adapters' dtype,
-    rounded to the output's), the mask drawn from a seed.  In place (:func:`fastlora.qlora_ops.add_low_rank_`:
-    no M × N temporary, no second output) in eager mode outside autocast, on the torch path (``backend`` not
-    "triton"), where ``result`` is contiguous and no view (an 8-bit layer's output in eval mode can be a view
-    made inside bitsandbytes' autograd Function, which autograd forbids changing in place); otherwise out of
-    place through the registered op (torch.compile, autocast's casts)."""
-    from fastlora.functional import _autocast_dtype, dropout_and_seed, lora_linear
+    rounded to the output's), the mask drawn from a seed, on the torch path whatever the layer's ``backend``
+    (:func:`fastlora.functional.term_backend`).  In place (:func:`fastlora.qlora_ops.add_low_rank_`: no M × N
+    temporary, no second output) in eager mode outside autocast, where ``result`` is contiguous and no view (an
+    8-bit layer's output in eval mode can be a view made inside bitsandbytes' autograd Function, which autograd
+    forbids changing in place); otherwise out of place through the registered op (torch.compile, autocast's
+    casts)."""
+    from fastlora.functional import _autocast_dtype, dropout_and_seed, lora_linear, term_backend
     from fastlora.qlora_ops import add_low_rank_
 
     in_place = (not torch.compiler.is_compiling()  # first: Tensor._is_view is a graph break under torch.compile
-                and backend != "triton" and not result._is_view() and result.is_contiguous()
-                and _autocast_dtype(x.device.type) is None)
+                and not result._is_view() and result.is_contiguous() and _autocast_dtype(x.device.type) is None)
     if in_place:
         p, seed = dropout_and_seed(dropout_p, training, x.device)
         return add_low_rank_(result, x, lora_A, lora_B, scaling, p, seed)
-    term = lora_linear(x, None, None, lora_A, lora_B, scaling, dropout_p, training=training, backend=backend)
+    term = lora_linear(x, None, None, lora_A, lora_B, scaling, dropout_p, training=training,
+                       backend=term_backend(backend))
     return result + term.to(result.dtype)
 
 

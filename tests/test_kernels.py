@@ -410,3 +410,23 @@ def test_the_schedule_chosen_per_call_reaches_the_launchers(monkeypatch):
     monkeypatch.setenv("FASTLORA_KERNEL_VARIANTS", "dora=composed")
     step(use_dora=True)
     assert seen["dora_kernels"] == 1 and seen["add_passes"] == 4  # composed DoRA on the cuBLAS-backed LoRA kernels
+
+
+def test_a_second_active_adapter_on_the_triton_backend_adds_its_term_on_the_torch_path():
+    """backend="triton" with two active adapters: the first runs in the kernels, the second's term (no base product
+    of its own to fuse into) on the torch path, as with backend="auto"; the result is both adapters' sum."""
+    from fastlora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(16, 12, r=4, lora_alpha=8, backend="triton", init_lora_weights=False)
+    layer.add_adapter("second", layer.adapter_settings["default"], init_lora_weights=False)
+    layer.set_adapter(["default", "second"])
+    x = torch.randn(6, 16, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    expected = x @ layer.weight.t() + layer.bias
+    for name in ("default", "second"):
+        A, B = layer.lora_factors(name)
+        expected = expected + 2.0 * (x @ A.t()) @ B.t()
+    assert_close(y, expected, kind="same_math", dtype=torch.float32)
+    assert all(f.grad is not None for name in ("default", "second") for f in layer.lora_factors(name))

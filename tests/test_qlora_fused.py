@@ -117,6 +117,28 @@ def test_the_default_schedule_keeps_bitsandbytes_product():
         assert fused._fused_4bit_schedule(x, ["default"]) is None
 
 
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_the_triton_backend_off_the_fused_path_adds_the_term_as_the_torch_path(lora_bias):
+    """backend="triton" on a quantized layer whose call does not run fused (the default schedule, or an adapter the
+    4-bit GEMM does not take) keeps bitsandbytes' product and adds the adapter's term on the torch path, as
+    backend="auto" does: the kernels have no call for a term without its base product."""
+    settings = AdapterSettings(4, 8, 0.2, False, False, lora_bias)
+    layers = []
+    for backend in ("triton", "torch"):
+        layer, _ = _layers(backend=backend)
+        torch.manual_seed(5)
+        layer.add_adapter("other", settings, init_lora_weights=False)
+        layer.set_adapter("other")
+        if lora_bias:
+            with torch.no_grad():
+                layer.lora_bias("other").normal_()
+        layers.append(layer)
+    x = torch.randn(5, 72, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    got, expected = _run(layers[0], x), _run(layers[1], x)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert torch.equal(g, e), name
+
+
 def test_the_schedule_table_chooses_the_fused_4bit_product_per_shape(monkeypatch):
     """A GPU run records where the fused 4-bit GEMM wins (bench/kernel_variants.py --quant nf4): a class of the
     layer's (N, K) deciding base_4bit=fused fuses the calls whose token count it holds, and only those; the

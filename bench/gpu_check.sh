@@ -4,7 +4,7 @@
 #
 #     bash bench/gpu_check.sh --preflight   # at most 60 s: versions, CUDA, one small kernel forward+backward
 #     bash bench/gpu_check.sh               # the full check, at most 420 s of steps (limits below)
-#     bash bench/gpu_check.sh --steps       # whole-model steps of the other base kinds, torch.compile peers: 105 s
+#     bash bench/gpu_check.sh --steps       # QLoRA, the other base kinds, torch.compile peers: 110 s
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
@@ -15,9 +15,10 @@
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
 #   6. dora-composed     20 s  DoRA on the composed schedule, to hold against step 5
-# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 105 s of steps):
+# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 110 s of steps):
 #   kinds-steps         30 s  a 4-bit QLoRA step at Llama-3-8B's projection shapes, fastlora / PEFT / frozen
-#   kinds-qlora-fused   20 s  the same with the 4-bit weight dequantized inside the fused GEMM
+#   kinds-qlora-crossover 25 s  QLoRA layers per token count: the fused 4-bit GEMM against dequantize-then-cuBLAS,
+#                             PEFT and the frozen layer; the winners as the schedule table's base_4bit classes
 #   kinds-moe-gpt2      15 s  whole-model steps: MoE experts as parameters, GPT-2's Conv1D
 #   kinds-mixed-batch   10 s  k = 1, 2, 4, 8 adapters over one batch
 #   kinds-compile       30 s  frozen, PEFT and fastlora under torch.compile beside their eager selves
@@ -80,18 +81,17 @@ if [[ "$MODE" == preflight ]]; then
 fi
 
 if [[ "$MODE" == steps ]]; then
-    # Whole-model steps of the other base kinds (frozen vs PEFT vs fastlora), then QLoRA with the base product in
-    # the fused 4-bit GEMM instead of bitsandbytes' dequantize-then-matmul (the default until this run decides).
-    # QLoRA at Llama-3-8B's projection shapes (one layer, 4 × 512 tokens): bitsandbytes' dequantize-then-matmul
-    # (the default) against PEFT's QLoRA here, the fused 4-bit GEMM in the next step
+    # QLoRA first: a whole training step at Llama-3-8B's projection shapes (one decoder layer, 4 × 512 tokens),
+    # bitsandbytes' dequantize-then-matmul (the default) against PEFT's QLoRA and the frozen 4-bit base; then per
+    # layer and token count the fused 4-bit GEMM against it, PEFT and the frozen layer: the crossover, as the
+    # schedule table's base_4bit classes (*-kernel-schedules-4bit.json, merged into the package's table).
     qlora_step() {  # qlora_step NAME SECONDS CMD...: a step that needs bitsandbytes, left out (and said so) without it
         if [[ "$has_bnb" == 1 ]]; then step "$@"; else echo "step $1: left out (bitsandbytes cannot be imported)" | tee -a "$SUMMARY"; fi
     }
     qlora_step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps-qlora.json"
-    qlora_step kinds-qlora-fused 20 env FASTLORA_KERNEL_VARIANTS=base=fused "$PY" -m fastlora.bench --device cuda \
-        --step qlora-nf4 --preset llama-3-8b --layers 1 --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress \
-        --json "$stem-steps-qlora-fused.json"
+    qlora_step kinds-qlora-crossover 25 "$PY" bench/qlora_crossover.py --tokens 8192,512,2048 --budget 22 \
+        --json "$stem-qlora-crossover.json" --package-table "$stem-kernel-schedules-4bit.json"
     step kinds-moe-gpt2 15 "$PY" -m fastlora.bench --device cuda --step moe --step gpt2 --hidden 2048 --layers 2 \
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps.json"
     step kinds-mixed-batch 10 "$PY" -m fastlora.bench --device cuda --step mixed-batch --hidden 1024 --seq 256 \

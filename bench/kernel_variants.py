@@ -68,7 +68,7 @@ VARIANTS = [{"base": base, "db": db, "low_rank": low_rank}
 DEFAULT = {name: SCHEDULE_VARIANTS[name][0] for name in ("base", "db", "low_rank")}
 
 
-def _timer(dry: bool):
+def bench_timer(dry: bool):
     if dry:
         def once(fn) -> float:
             t0 = time.perf_counter()
@@ -216,7 +216,7 @@ def run(tokens: list[int], rank: int, dropouts: list[float], budget: float, dry:
     counts in the order given (the most valuable first)."""
     device = "cpu" if dry else "cuda"
     shapes = DRY_SHAPES if dry else SHAPES
-    timed = _timer(dry)
+    timed = bench_timer(dry)
     spec = None if dry else find_gpu_spec(torch.cuda.get_device_name(0))
     out.update({"shapes": {}, "skipped": [], "errors": {}})
 
@@ -266,6 +266,12 @@ def schedule_table(out: dict, precision: str = "tf32x3") -> list[dict]:
             continue
         base, db, low_rank = min(complete, key=complete.get)
         winners[(entry["N"], entry["K"], entry["M"])] = {"base": base, "db": db, "low_rank": low_rank}
+    return classes_from_winners(winners)
+
+
+def classes_from_winners(winners: dict[tuple, dict]) -> list[dict]:
+    """Schedule-table classes from the variants that won per (N, K, token count): one class per token count
+    measured, a shape measured at several splitting its range at their geometric means."""
     table = []
     for (N, K) in sorted({(n, k) for n, k, _ in winners}):
         counts = sorted(m for n, k, m in winners if (n, k) == (N, K))
@@ -341,14 +347,33 @@ def main() -> int:
                 json.dump(results, f, indent=1)
             print(f"wrote {opts.json}", flush=True)
         if opts.package_table:
-            with open(opts.package_table, "w") as f:
-                json.dump({"about": "The kernel schedule per shape class on CUDA (fastlora.schedules), chosen by "
-                                    "bench/kernel_variants.py on a GPU.", "measured_on": env,
-                           "source": os.path.basename(opts.json) if opts.json else None,
-                           "classes": results["schedule_table"]}, f, indent=1)
-                f.write("\n")
-            print(f"wrote {opts.package_table}", flush=True)
+            write_package_table(opts.package_table, results["schedule_table"], env, opts.json)
     return 0
+
+
+def write_package_table(path: str, classes: list[dict], env: dict, source: str | None) -> None:
+    """Write ``classes`` as the package's schedule table (fastlora/data/kernel_schedules.json's format) to
+    ``path``.  Where ``path`` holds a table already, its classes keep the variants this run did not decide for
+    their (N, K) (the dense run's beside the 4-bit run's: either may come first), and the runs are listed."""
+    decided: dict[tuple, set] = {}
+    for c in classes:
+        decided.setdefault((c["N"], c["K"]), set()).update(c["variants"])
+    kept, runs, name = [], [], os.path.basename(source) if source else None
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        for c in old.get("classes", []):
+            variants = {k: v for k, v in c["variants"].items() if k not in decided.get((c["N"], c["K"]), ())}
+            if variants:
+                kept.append(dict(c, variants=variants))
+        runs = [r for r in old.get("runs", []) if r.get("source") != name]
+    runs.append({"measured_on": env, "source": name})
+    with open(path, "w") as f:
+        json.dump({"about": "The kernel schedule per shape class on CUDA (fastlora.schedules), chosen by "
+                            "bench/kernel_variants.py and bench/qlora_crossover.py on a GPU.",
+                   "runs": runs, "classes": kept + classes}, f, indent=1)
+        f.write("\n")
+    print(f"wrote {path}", flush=True)
 
 
 def _report(results: dict) -> None:

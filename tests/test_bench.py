@@ -537,9 +537,10 @@ def test_profiler_chatter_does_not_reach_the_terminal(capfd):
     assert "USDT" not in capfd.readouterr().err
 
 
-@pytest.mark.parametrize("choice, case", [(["--quant", "nf4"], "qlora-nf4"), (["--step", "qdora-nf4"], "qdora-nf4")],
+@pytest.mark.parametrize("choice, case, adapter", [(["--quant", "nf4"], "qlora-nf4", "qlora"),
+                                                    (["--step", "qdora-nf4"], "qdora-nf4", "qdora")],
                          ids=["qlora-nf4", "qdora-nf4"])
-def test_qlora_step_reports_cpu_peak_memory(tmp_path, choice, case):
+def test_qlora_step_reports_cpu_peak_memory(tmp_path, capsys, choice, case, adapter):
     """The QLoRA (``--quant nf4``) and QDoRA steps' peak memory on the CPU (torch's allocator through the
     profiler) for every provider: at least the activations the step keeps for backward, which it allocates; and
     fastlora's peak above the frozen 4-bit model's at most what it keeps beyond it, its adapters' gradients and one
@@ -554,10 +555,16 @@ def test_qlora_step_reports_cpu_peak_memory(tmp_path, choice, case):
                  "--seq", "16", "--vocab", "128", "--warmup", "0", "--repeats", "1", "--no-progress",
                  "--json", str(out)]) == 0
     rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
-    assert sorted(rows) == ["fastlora", "frozen", "peft"] and {r["step"] for r in rows.values()} == {case}
+    # the providers named after the adapter: PEFT's and fastlora's QLoRA (QDoRA) beside the frozen 4-bit base
+    assert sorted(rows) == [f"fastlora-{adapter}", "frozen", f"peft-{adapter}"]
+    assert {r["step"] for r in rows.values()} == {case}
+    assert {r["provider"]: r["library"] for r in rows.values()} == {
+        "frozen": "frozen", f"peft-{adapter}": "peft", f"fastlora-{adapter}": "fastlora"}
     for r in rows.values():
         assert r["peak_bytes"] is not None and r["peak_bytes"] >= r["saved_bytes"] > 0, r
-    ours, frozen = rows["fastlora"], rows["frozen"]
+    ours, frozen, theirs = rows[f"fastlora-{adapter}"], rows["frozen"], rows[f"peft-{adapter}"]
+    line = next(li for li in capsys.readouterr().out.splitlines() if li.strip().startswith(f"fastlora-{adapter}"))
+    assert line.split()[2:4] == [f"{ours['step_ms'] / frozen['step_ms']:.2f}x", f"{ours['step_ms'] / theirs['step_ms']:.2f}x"]
     dequantized_layer = 64 * int(64 * 2.6875) * 4  # hidden × the MLP width the case builds, float32
     adapter_grads = 4 * ours["trainable_params"]
     assert ours["peak_bytes"] - frozen["peak_bytes"] <= (ours["saved_bytes"] - frozen["saved_bytes"]) + adapter_grads \

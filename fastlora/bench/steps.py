@@ -16,7 +16,8 @@ as torch.profiler sees it: fastlora.bench.measure.peak_memory).
     mixed-batch   k = 1, 2, 4, 8 adapters over one batch of a small Llama (see :func:`mixed_batch_rows`)
 
 Providers (but for mixed-batch): ``frozen`` (the base, every weight frozen, its input embeddings' output
-requiring grad, as gradient checkpointing would), ``peft`` and ``fastlora`` (each library's get_peft_model); with
+requiring grad, as gradient checkpointing would), ``peft`` and ``fastlora`` (each library's get_peft_model; named
+``peft-qlora`` / ``fastlora-qlora`` in the QLoRA cases, ``peft-qdora`` / ``fastlora-qdora`` in QDoRA's); with
 ``compiled``, also each of them under ``torch.compile`` (``frozen+compile``, ...: the same model, compiled as a
 whole), its first step (tracing and compiling) timed apart as ``compile_s`` before the rounds.
 """
@@ -98,27 +99,36 @@ def _quantized(bits: int) -> Callable[[StepSizes, str], nn.Module]:
     return build
 
 
+LIBRARIES = ("frozen", "peft", "fastlora")  # the roles of a step case's three models
+
+
 @dataclass(frozen=True)
 class StepCase:
-    """A model builder (``build(sizes, device)``, seeded by the caller) and the LoRA config both libraries get."""
+    """A model builder (``build(sizes, device)``, seeded by the caller), the LoRA config both libraries get, and
+    the provider name of each role (:data:`LIBRARIES`) in the rows: ``frozen``, ``peft`` and ``fastlora`` but where
+    the case names them after its adapter (``peft-qlora``, ``fastlora-qlora``: the frozen 4-bit base stays
+    ``frozen``)."""
 
     build: Callable[[StepSizes, str], nn.Module]
     lora: dict
     about: str
+    names: tuple[str, str, str] = LIBRARIES
 
 
 _SEED = dict(task_type="CAUSAL_LM", r=8, lora_alpha=32)
+_QLORA = ("frozen", "peft-qlora", "fastlora-qlora")
 STEP_CASES: dict[str, StepCase] = {
     "gpt2": StepCase(_gpt2, dict(_SEED, target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.1),
                      "GPT-2, Conv1D c_attn / c_proj / c_fc, dropout 0.1"),
     "moe": StepCase(_moe, dict(_SEED, target_modules="all-linear", lora_dropout=0.0),
                     "Mixtral-style MoE (8 experts, top 2), all-linear: experts via target_parameters"),
     "qlora-nf4": StepCase(_quantized(4), dict(_SEED, target_modules=SEVEN, lora_dropout=0.1),
-                          "4-bit nf4 Llama, the seven projections, dropout 0.1"),
+                          "4-bit nf4 Llama, the seven projections, dropout 0.1", _QLORA),
     "qlora-int8": StepCase(_quantized(8), dict(_SEED, target_modules=SEVEN, lora_dropout=0.1),
-                           "8-bit Llama, the seven projections, dropout 0.1"),
+                           "8-bit Llama, the seven projections, dropout 0.1", _QLORA),
     "qdora-nf4": StepCase(_quantized(4), dict(_SEED, target_modules=SEVEN, lora_dropout=0.1, use_dora=True),
-                          "4-bit nf4 Llama, DoRA on the seven projections, dropout 0.1"),
+                          "4-bit nf4 Llama, DoRA on the seven projections, dropout 0.1", ("frozen", "peft-qdora",
+                                                                                          "fastlora-qdora")),
 }
 
 
@@ -133,16 +143,16 @@ def _models(case: StepCase, sizes: StepSizes, device) -> dict[str, nn.Module]:
     import fastlora
 
     models = {}
-    for name in ("frozen", "peft", "fastlora"):
+    for role, name in zip(LIBRARIES, case.names):
         torch.manual_seed(0)
         model = case.build(sizes, device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PEFT's and fastlora's notes on the config (fan_in_fan_out, ...)
-            if name == "frozen":
+            if role == "frozen":
                 model.requires_grad_(False)
                 model.enable_input_require_grads()
             else:
-                library = peft if name == "peft" else fastlora
+                library = peft if role == "peft" else fastlora
                 model = library.get_peft_model(model, library.LoraConfig(**case.lora))
         models[name] = model.train()
     return models
@@ -198,7 +208,8 @@ def run_step_case(name: str, sizes: StepSizes, device, warmup: int, repeats: int
     rows = []
     for provider, (model, run) in runs.items():
         rows.append({
-            "step": name, "provider": provider, "step_ms": round(1000 * medians[provider], 2),
+            "step": name, "provider": provider, "library": LIBRARIES[case.names.index(provider.removesuffix(
+                COMPILE_SUFFIX))], "step_ms": round(1000 * medians[provider], 2),
             **({"compile_s": round(compile_s[provider], 2)} if provider in compile_s else {}),
             "saved_bytes": _saved_bytes(model, lambda r=run: r(input_ids=ids, labels=ids).loss),
             "peak_bytes": peak_memory(steps[provider], torch.device(device))[0],
@@ -305,13 +316,15 @@ def format_step_rows(rows: list[dict]) -> str:
                              f"{r['peft-mixed-fwd_ms']:>7.1f}ms {r['saved_bytes_mixed']:>12,d} "
                              f"{r['saved_bytes_one_adapter']:>12,d}")
             continue
-        by = {r["provider"]: r for r in case_rows}
+        # each row's role, compiled or not (results files from before the case named its providers: the name)
+        by = {(r.get("library", r["provider"].removesuffix(COMPILE_SUFFIX)), r["provider"].endswith(COMPILE_SUFFIX)): r
+              for r in case_rows}
         lines.append(f"{name}: {case_rows[0]['about']}")
         lines.append(f"  {'provider':<18} {'step':>10} {'vs frozen':>10} {'vs peft':>8} {'saved':>14} {'peak':>14}"
                      f"{'  compile' if any('compile_s' in r for r in case_rows) else ''}")
         for r in case_rows:  # a compiled provider against the compiled frozen base and PEFT
-            suffix = COMPILE_SUFFIX if r["provider"].endswith(COMPILE_SUFFIX) else ""
-            frozen, theirs = by["frozen" + suffix]["step_ms"], by["peft" + suffix]["step_ms"]
+            compiled = r["provider"].endswith(COMPILE_SUFFIX)
+            frozen, theirs = by[("frozen", compiled)]["step_ms"], by[("peft", compiled)]["step_ms"]
             peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes']:,d}"
             compile_s = f"  {r['compile_s']:>6.1f}s" if "compile_s" in r else ""
             lines.append(f"  {r['provider']:<18} {r['step_ms']:>8.1f}ms {r['step_ms'] / frozen:>9.2f}x "

@@ -85,13 +85,13 @@ if [[ "$MODE" == steps ]]; then
     # QLoRA first: a whole training step at Llama-3-8B's projection shapes (one decoder layer, 4 × 512 tokens),
     # bitsandbytes' dequantize-then-matmul (the default) against PEFT's QLoRA and the frozen 4-bit base; then per
     # layer and token count the fused 4-bit GEMM against it, PEFT and the frozen layer: the crossover, as the
-    # schedule table's base_4bit classes (*-kernel-schedules-4bit.json, merged into the package's table).
+    # schedule table's base_4bit classes (*-kernel-schedules-4bit.json; bench/README.md says how to merge them).
     qlora_step() {  # qlora_step NAME SECONDS CMD...: a step that needs bitsandbytes, left out (and said so) without it
         if [[ "$has_bnb" == 1 ]]; then step "$@"; else echo "step $1: left out (bitsandbytes cannot be imported)" | tee -a "$SUMMARY"; fi
     }
     qlora_step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps-qlora.json"
-    qlora_step kinds-qlora-crossover 25 "$PY" bench/qlora_crossover.py --tokens 8192,512,2048 --budget 22 \
+    qlora_step kinds-qlora-crossover 25 "$PY" bench/qlora_crossover.py --tokens 512,8192,64,2048 --budget 22 \
         --json "$stem-qlora-crossover.json" --package-table "$stem-kernel-schedules-4bit.json"
     # the whole step again with every 4-bit layer fused: its time and its peak beside the frozen 4-bit model's
     qlora_step kinds-qlora-fused 15 env FASTLORA_KERNEL_VARIANTS=base_4bit=fused "$PY" -m fastlora.bench --device cuda \

@@ -15,11 +15,14 @@ Each shape (q_proj 4096 → 4096, gate_proj 4096 → 14336, down_proj 14336 → 
 
 It records the median forward + backward time (``triton.testing.do_bench``) and the peak memory above what was
 allocated before the step, per layer; per shape and token count the fused layer's time over the dequantizing
-one's, and which wins.  Token counts are measured in the order given, every shape at one count before the next,
+one's, and which wins.  The default token counts span where the fused GEMM should win (few tokens: it reads a
+quarter of the weight's bytes and writes no 16-bit copy) to where cuBLAS should (8192: compute-bound); the
+lowest class of the table starts at the smallest count measured, and fewer tokens than half of it take the
+default.  Token counts are measured in the order given, every shape at one count before the next,
 until ``--budget`` seconds (counted from the start of the process) are spent; an interrupt (SIGINT) keeps what
 was measured.  JSON out::
 
-    python bench/qlora_crossover.py --json FILE [--tokens 8192,512,2048] [--package-table FILE] [--budget 22]
+    python bench/qlora_crossover.py --json FILE [--tokens 512,8192,64,2048] [--package-table FILE] [--budget 22]
     python bench/qlora_crossover.py --dry-run   # CPU, Triton's interpreter, a tiny shape: the code paths only
     python bench/qlora_crossover.py --from-json RESULTS --package-table fastlora/data/kernel_schedules.json
 
@@ -51,6 +54,7 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastlora.adapter_settings import AdapterSettings  # noqa: E402
+from fastlora.bench.measure import peak_memory  # noqa: E402
 from fastlora.quantized import LoRAQuantizedLinear  # noqa: E402
 from fastlora.schedules import use_kernel_variants  # noqa: E402
 from kernel_variants import SHAPES, bench_timer, classes_from_winners, write_package_table  # noqa: E402
@@ -60,21 +64,12 @@ PROVIDERS = ("frozen-nf4", "peft-qlora", "fastlora-qlora", "fastlora-qlora-fused
 ROUTES = {"fastlora-qlora": "dequant", "fastlora-qlora-fused": "fused"}  # fastlora's layers: their base_4bit
 
 
-class _Wrap(nn.Module):
-    """One layer under a name PEFT's ``target_modules`` can match."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _layers(K: int, N: int, rank: int, p: float, device: str) -> dict[str, nn.Module]:
-    """The four layers over one nf4 weight (quantized once, shared: none of them changes it)."""
+    """The four layers over one nf4 weight (quantized once, shared: none of them changes it).  PEFT's is its
+    bitsandbytes 4-bit LoRA layer, as ``get_peft_model`` makes it on a 4-bit model."""
     import bitsandbytes as bnb
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     weight = torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * K**-0.5
     base = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
@@ -82,10 +77,8 @@ def _layers(K: int, N: int, rank: int, p: float, device: str) -> dict[str, nn.Mo
     base.load_state_dict({"weight": weight.to(torch.bfloat16)})
     base = base.to(device)  # quantizes
     base.support_avx512bf16_for_cpu = False  # bitsandbytes 0.50 repacks CPU weights on inference forwards
-    peft_layer = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p,
-                                                    target_modules=["proj"]), _Wrap(base))
-    for name, parameter in peft_layer.named_parameters():
-        parameter.requires_grad_("lora_" in name)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p)
+    peft_layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=2 * rank, lora_dropout=p)
     settings = AdapterSettings(rank, 2 * rank, p, False, False, False)
     ours = {name: LoRAQuantizedLinear.from_quantized(base, "default", settings, False, torch.float32,
                                                      backend="triton").to(device)
@@ -106,18 +99,6 @@ def _step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, variants: dict):
     return run
 
 
-def _peak_bytes(step, device: str) -> int | None:
-    """The most memory allocated above the start of one step (CUDA's allocator; None on the CPU)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - start
-
-
 def _measure(name: str, M: int, K: int, N: int, rank: int, p: float, device: str, timed, out: dict,
              over_budget) -> None:
     """``out["shapes"][name]``, provider by provider (what was measured survives a budget cut)."""
@@ -129,13 +110,15 @@ def _measure(name: str, M: int, K: int, N: int, rank: int, p: float, device: str
     with use_kernel_variants(base_4bit="fused"), torch.no_grad():
         if fused.train()._fused_4bit_schedule(x, ["default"]) is None:  # else the row would time the other route
             raise RuntimeError(f"{name}: the fused 4-bit path does not run here (16-bit compute, the kernels)")
-    entry = out["shapes"][name] = {"M": M, "K": K, "N": N, "r": rank, "dropout": p, "ms": {}, "peak_bytes": {}}
+    kinds = {n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in layers.items()}  # what each row timed
+    entry = out["shapes"][name] = {"M": M, "K": K, "N": N, "r": rank, "dropout": p, "ms": {}, "peak_bytes": {},
+                                   "layers": kinds}
     for provider in PROVIDERS:
         if over_budget(f"{name} {provider}"):
             return
         step = _step(layers[provider].train(), x, dy, {"base_4bit": ROUTES.get(provider, "dequant")})
         entry["ms"][provider] = timed(step)
-        entry["peak_bytes"][provider] = _peak_bytes(step, device)
+        entry["peak_bytes"][provider] = peak_memory(step, torch.device(device))[0] if device == "cuda" else None
     ms = entry["ms"]
     entry["fused_over_dequant"] = ms["fastlora-qlora-fused"] / ms["fastlora-qlora"]
     entry["base_4bit"] = "fused" if ms["fastlora-qlora-fused"] < ms["fastlora-qlora"] else "dequant"
@@ -202,8 +185,8 @@ def _report(results: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", default="8192,512,2048", help="comma list of token counts, measured in this order "
-                                                              "(default 8192,512,2048)")
+    ap.add_argument("--tokens", default="512,8192,64,2048", help="comma list of token counts, measured in this "
+                                                                 "order (default 512,8192,64,2048)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--budget", type=float, default=22.0, help="seconds; later measurements are skipped (default 22)")

@@ -621,6 +621,9 @@ def test_qlora_crossover_script_runs_its_code_paths(tmp_path):
     assert set(result["shapes"]) == {"tiny M=24", "tiny M=40"}
     for entry in result["shapes"].values():
         assert set(entry["ms"]) == {"frozen-nf4", "peft-qlora", "fastlora-qlora", "fastlora-qlora-fused"}
+        # PEFT's row is its bitsandbytes 4-bit layer (what get_peft_model makes on a 4-bit model), not lora.Linear
+        assert entry["layers"]["peft-qlora"] == "peft.tuners.lora.bnb.Linear4bit", entry["layers"]
+        assert entry["layers"]["fastlora-qlora-fused"] == "fastlora.quantized.LoRAQuantizedLinear"
         assert all(t > 0 for t in entry["ms"].values())
         ms = entry["ms"]
         assert entry["base_4bit"] == ("fused" if ms["fastlora-qlora-fused"] < ms["fastlora-qlora"] else "dequant")

@@ -143,3 +143,4 @@ def test_carried_wheels_are_installed_and_importable(tmp_path):
     done = subprocess.run(["bash", "-c", script, "-", str(tmp_path / "no-wheels")], capture_output=True, text=True,
                           timeout=120)
     assert "note: \n" in done.stdout and "path: /first\n" in done.stdout
+    assert done.returncode != 0 and "No module named 'carried_probe'" in done.stderr  # nothing installed

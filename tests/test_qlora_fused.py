@@ -140,7 +140,7 @@ def test_the_triton_backend_off_the_fused_path_adds_the_term_as_the_torch_path(l
 
 
 def test_the_schedule_table_chooses_the_fused_4bit_product_per_shape(monkeypatch):
-    """A GPU run records where the fused 4-bit GEMM wins (bench/kernel_variants.py --quant nf4): a class of the
+    """A GPU run records where the fused 4-bit GEMM wins (bench/qlora_crossover.py): a class of the
     layer's (N, K) deciding base_4bit=fused fuses the calls whose token count it holds, and only those; the
     environment still wins."""
     from fastlora import schedules

@@ -320,13 +320,13 @@ def format_step_rows(rows: list[dict]) -> str:
         by = {(r.get("library", r["provider"].removesuffix(COMPILE_SUFFIX)), r["provider"].endswith(COMPILE_SUFFIX)): r
               for r in case_rows}
         lines.append(f"{name}: {case_rows[0]['about']}")
-        lines.append(f"  {'provider':<18} {'step':>10} {'vs frozen':>10} {'vs peft':>8} {'saved':>14} {'peak':>14}"
+        lines.append(f"  {'provider':<22} {'step':>10} {'vs frozen':>10} {'vs peft':>8} {'saved':>14} {'peak':>14}"
                      f"{'  compile' if any('compile_s' in r for r in case_rows) else ''}")
         for r in case_rows:  # a compiled provider against the compiled frozen base and PEFT
             compiled = r["provider"].endswith(COMPILE_SUFFIX)
             frozen, theirs = by[("frozen", compiled)]["step_ms"], by[("peft", compiled)]["step_ms"]
             peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes']:,d}"
             compile_s = f"  {r['compile_s']:>6.1f}s" if "compile_s" in r else ""
-            lines.append(f"  {r['provider']:<18} {r['step_ms']:>8.1f}ms {r['step_ms'] / frozen:>9.2f}x "
+            lines.append(f"  {r['provider']:<22} {r['step_ms']:>8.1f}ms {r['step_ms'] / frozen:>9.2f}x "
                          f"{r['step_ms'] / theirs:>7.2f}x {r['saved_bytes']:>14,d} {peak:>14}{compile_s}")
     return "\n".join(lines)

@@ -135,12 +135,17 @@ def test_carried_wheels_are_installed_and_importable(tmp_path):
     script = (f'source "{REPO / "bench" / "carried_wheels.sh"}"\nexport PYTHONPATH=/first\n'
               f'use_carried_wheels "$1" "{sys.executable}"\necho "note: $CARRIED_WHEELS"\necho "path: $PYTHONPATH"\n'
               f'"{sys.executable}" -c "import carried_probe; print(\'version:\', carried_probe.VERSION)"\n')
-    done = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "version: 1.2.3" in done.stdout
     assert "note: carried wheels installed: carried_probe-1.2.3-py3-none-any.whl" in done.stdout
-    assert "path: /first:" in done.stdout  # appended: the checkout keeps its place in front
+    assert f"path: /first:{tmp_path}/" in done.stdout  # appended: the checkout keeps its place in front
+    # the next call on the same machine finds them installed
+    again = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0 and "version: 1.2.3" in again.stdout, again.stdout + again.stderr
+    assert "note: carried wheels already installed: carried_probe-1.2.3-py3-none-any.whl" in again.stdout
     done = subprocess.run(["bash", "-c", script, "-", str(tmp_path / "no-wheels")], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert "note: \n" in done.stdout and "path: /first\n" in done.stdout
     assert done.returncode != 0 and "No module named 'carried_probe'" in done.stderr  # nothing installed

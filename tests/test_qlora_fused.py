@@ -198,3 +198,25 @@ def test_dora_and_lora_bias_adapters_keep_bitsandbytes_product():
         assert fused._fused_4bit_schedule(x, ["default"]) is not None
         assert fused._fused_4bit_schedule(x, ["dora"]) is None
         assert fused._fused_4bit_schedule(x, ["biased"]) is None
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_replays_the_fused_layers_mask(reentrant):
+    """Under activation checkpointing (both kinds) the fused layer's forward runs again in backward: it draws the
+    same seed (torch's RNG state is restored), so the mask, the output and every gradient equal the step without."""
+    from torch.utils.checkpoint import checkpoint
+
+    fused, _ = _layers(dropout=0.3)
+    x = torch.randn(2, 9, 72, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    weights = torch.linspace(-1, 1, 2 * 9 * 40).reshape(2, 9, 40)
+    results = []
+    for checkpointed in (False, True):
+        xi = x.clone().requires_grad_(True)
+        fused.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        with use_kernel_variants(base_4bit="fused"):
+            y = checkpoint(fused, xi, use_reentrant=reentrant) if checkpointed else fused(xi)
+            (y.float() * weights).sum().backward()
+        results.append((y, xi.grad, fused.lora_A.grad, fused.lora_B.grad))
+    for name, g, e in zip(("y", "dx", "dA", "dB"), *results):
+        assert torch.equal(g, e), name

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.layer import LoRALinear
-from fastlora.schedules import Schedule, kernel_schedule, resolve
+from fastlora.schedules import QUANTIZED_VARIANTS, Schedule, kernel_schedule, resolve
 
 __all__ = ["LoRAQuantizedLinear", "is_bnb_linear", "quantized_refusal", "plus_low_rank", "MIN_BITSANDBYTES"]
 
@@ -265,7 +265,7 @@ class LoRAQuantizedLinear(LoRALinear):
         if not resolve(self.backend, x).uses_kernels:
             return None
         out_features, in_features = (int(s) for s in base.weight.quant_state.shape)
-        schedule = kernel_schedule(x.numel() // max(in_features, 1), out_features, in_features)
+        schedule = kernel_schedule(x.numel() // max(in_features, 1), out_features, in_features, QUANTIZED_VARIANTS)
         return schedule if schedule.base_4bit == "fused" else None
 
     def _fused_4bit_forward(self, x: Tensor, name: str, schedule: Schedule) -> Tensor:

@@ -44,8 +44,8 @@ from importlib import resources
 
 from torch import Tensor
 
-__all__ = ["Schedule", "SCHEDULES", "VARIANTS", "BACKENDS", "resolve", "kernel_schedule", "use_kernel_variants",
-           "schedule_table", "table_variants", "triton_interpreter_on"]
+__all__ = ["Schedule", "SCHEDULES", "VARIANTS", "DENSE_VARIANTS", "QUANTIZED_VARIANTS", "BACKENDS", "resolve",
+           "kernel_schedule", "use_kernel_variants", "schedule_table", "table_variants", "triton_interpreter_on"]
 
 BACKENDS = ("auto", "torch", "triton")
 VARIANTS = {"base": ("cublas", "fused"), "db": ("atomic", "separate"), "low_rank": ("prologue", "epilogue"),
@@ -126,27 +126,38 @@ def schedule_table() -> list[dict]:
     return _TABLE
 
 
-def table_variants(tokens: int, N: int, K: int, table: list[dict] | None = None) -> dict[str, str]:
-    """The variants the table gives an (tokens × K) → N call, each from the first class of the same N, K that
+def table_variants(tokens: int, N: int, K: int, table: list[dict] | None = None,
+                   variants: tuple[str, ...] = tuple(VARIANTS)) -> dict[str, str]:
+    """The ``variants`` the table gives an (tokens × K) → N call, each from the first class of the same N, K that
     decides it and whose token range holds ``tokens``, else whose range widened by a factor of 2 each way holds
-    it; a variant no such class decides is left out (its default).  Integer comparisons only: under
-    torch.compile with a dynamic token count each one is a guard, so the graphs are at most as many as the
-    classes."""
-    classes = [e for e in (schedule_table() if table is None else table) if (e["N"], e["K"]) == (N, K)]
+    it; a variant no such class decides is left out (its default).  Integer comparisons only, and only with the
+    classes deciding one of ``variants``: under torch.compile with a dynamic token count each one is a guard, so
+    the graphs are at most as many as those classes (a dense layer's call does not split at the 4-bit run's
+    token ranges)."""
+    classes = [e for e in (schedule_table() if table is None else table)
+               if (e["N"], e["K"]) == (N, K) and any(v in e["variants"] for v in variants)]
     chosen: dict[str, str] = {}
     for widen in (False, True):
         for entry in classes:
             lo, hi = entry["tokens"]
             if (lo + 1) // 2 <= tokens <= 2 * hi if widen else lo <= tokens <= hi:
                 for variant, choice in entry["variants"].items():
-                    chosen.setdefault(variant, choice)
+                    if variant in variants:
+                        chosen.setdefault(variant, choice)
     return chosen
 
 
-def kernel_schedule(tokens: int | None = None, N: int | None = None, K: int | None = None) -> Schedule:
+# The variants a call over a dense (or Conv1D, or expert) weight reads, and those of a bitsandbytes 4-bit one.
+DENSE_VARIANTS = ("base", "db", "low_rank", "dora")
+QUANTIZED_VARIANTS = ("base_4bit", "db")
+
+
+def kernel_schedule(tokens: int | None = None, N: int | None = None, K: int | None = None,
+                    variants: tuple[str, ...] = DENSE_VARIANTS) -> Schedule:
     """The kernel schedule: the variants ``FASTLORA_KERNEL_VARIANTS`` and :func:`use_kernel_variants` choose,
-    the others from the schedule table for a (tokens × K) → N call when the shape is given, else the defaults."""
-    chosen = table_variants(tokens, N, K) if tokens is not None and schedule_table() else {}
+    the others (of ``variants``, those the call reads) from the schedule table for a (tokens × K) → N call when
+    the shape is given, else the defaults."""
+    chosen = table_variants(tokens, N, K, variants=variants) if tokens is not None and schedule_table() else {}
     chosen.update(_parse_variants(os.environ.get("FASTLORA_KERNEL_VARIANTS", "")))
     chosen.update(_VARIANT_OVERRIDE)
     return Schedule("triton", **chosen)

@@ -148,12 +148,16 @@ def test_the_schedule_table_chooses_the_fused_4bit_product_per_shape(monkeypatch
     fused, _ = _layers()
     table = [{"N": 40, "K": 72, "tokens": [1, 64], "variants": {"base_4bit": "fused"}},
              {"N": 40, "K": 72, "tokens": [65, 512], "variants": {"base_4bit": "dequant"}},
-             {"N": 40, "K": 72, "tokens": [1, 512], "variants": {"base": "fused"}}]  # the dense run's class
+             {"N": 40, "K": 72, "tokens": [1, 512], "variants": {"base": "fused", "db": "separate"}}]  # the dense run's
     monkeypatch.setattr(schedules, "_TABLE", table)
     few, many = torch.randn(2, 16, 72).to(torch.bfloat16), torch.randn(4, 100, 72).to(torch.bfloat16)
     chosen = fused._fused_4bit_schedule(few, ["default"])
-    assert chosen is not None and chosen.base == "fused"  # both classes' variants, merged
+    assert chosen is not None and chosen.db == "separate"  # both runs' classes: the rank-r kernels' db too
+    assert chosen.base == "cublas"  # a variant the 4-bit call does not read stays at its default
     assert fused._fused_4bit_schedule(many, ["default"]) is None
+    # a dense layer of the same shape reads the dense run's classes only: one schedule across the 4-bit ranges
+    dense = [schedules.resolve("triton", x, torch.zeros(40, 72)) for x in (few, many)]
+    assert dense[0] == dense[1] and (dense[0].base, dense[0].db, dense[0].base_4bit) == ("fused", "separate", "dequant")
     y_table = _run(fused, few)
     with use_kernel_variants(base_4bit="fused"):
         y_named = _run(fused, few)

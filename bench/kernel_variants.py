@@ -40,12 +40,9 @@ import os  # noqa: E402
 import sys  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if __name__ == "__main__":  # run as a script: choose compiled or interpreted kernels before triton is imported
-    if "--dry-run" in sys.argv:
-        os.environ["TRITON_INTERPRET"] = "1"
-    else:
-        os.environ.pop("TRITON_INTERPRET", None)
+from script_start import prepare  # noqa: E402
+
+prepare(__name__ == "__main__")  # before triton is imported: compiled or interpreted kernels
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -571,21 +571,32 @@ def test_qlora_step_reports_cpu_peak_memory(tmp_path, capsys, choice, case, adap
         + dequantized_layer, (ours, frozen)
 
 
-def test_kernel_variants_script_runs_its_code_paths(tmp_path):
-    """bench/kernel_variants.py (the GPU run that decides the kernel design) in its --dry-run mode: the real
-    launches of every schedule and precision variant under Triton's interpreter, tiny shapes, the JSON with a
-    decision.  Its timings mean nothing here; the point is that the one GPU run cannot fail on a code path."""
-    import json
+def _script(args: list[str]) -> None:
+    """Run bench/ARGS[0] with the rest of ARGS as a script (as gpu_check.sh does); it must succeed."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    out, table = tmp_path / "variants.json", tmp_path / "kernel_schedules.json"
-    done = subprocess.run([sys.executable, str(root / "bench" / "kernel_variants.py"), "--dry-run", "--json", str(out),
-                           "--package-table", str(table)], capture_output=True, text=True, timeout=900, cwd=root)
+    done = subprocess.run([sys.executable, str(root / "bench" / args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=900, cwd=root)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads(out.read_text())
+
+
+def _dry_run(tmp_path, script: str) -> tuple[dict, list[dict]]:
+    """A measuring script's --dry-run: its results file and the classes of the schedule table it writes."""
+    import json
+
+    out, table = tmp_path / "results.json", tmp_path / "kernel_schedules.json"
+    _script([script, "--dry-run", "--json", str(out), "--package-table", str(table)])
+    return json.loads(out.read_text()), json.loads(table.read_text())["classes"]
+
+
+def test_kernel_variants_script_runs_its_code_paths(tmp_path):
+    """bench/kernel_variants.py (the GPU run that decides the kernel design) in its --dry-run mode: the real
+    launches of every schedule and precision variant under Triton's interpreter, tiny shapes, the JSON with a
+    decision.  Its timings mean nothing here; the point is that the one GPU run cannot fail on a code path."""
+    result, classes = _dry_run(tmp_path, "kernel_variants.py")
     assert set(result["shapes"]) == {"tiny M=24", "tiny M=40"}
     variants = result["shapes"]["tiny M=24"]["variants"]
     assert len(variants) == 2 * 6 * 2  # dropouts × schedules × precisions
@@ -596,7 +607,6 @@ def test_kernel_variants_script_runs_its_code_paths(tmp_path):
         "tf32x3_error_within_4x_peft"}
     assert all(0 <= e < 1 for errs in result["errors"]["tiny M=24"].values() for e in errs.values())
     # the package's table: one class per token count measured, split at their geometric mean (√(24·40) ≈ 31)
-    classes = json.loads(table.read_text())["classes"]
     assert [(c["N"], c["K"], c["tokens"]) for c in classes] == [(40, 48, [24, 30]), (40, 48, [31, 40])]
     assert all(set(c["variants"]) == {"base", "db", "low_rank"} for c in classes)
     assert isinstance(result["gemm_autotune_winners"], list)  # one config under the interpreter: none tuned
@@ -607,17 +617,9 @@ def test_qlora_crossover_script_runs_its_code_paths(tmp_path):
     the four QLoRA layers over one nf4 weight under Triton's interpreter, the fused one checked to take the fused
     path, the winners as base_4bit classes of the package's table.  Timings mean nothing here."""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
     pytest.importorskip("bitsandbytes")
-    root = Path(__file__).resolve().parent.parent
-    out, table = tmp_path / "crossover.json", tmp_path / "kernel_schedules.json"
-    done = subprocess.run([sys.executable, str(root / "bench" / "qlora_crossover.py"), "--dry-run", "--json", str(out),
-                           "--package-table", str(table)], capture_output=True, text=True, timeout=600, cwd=root)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads(out.read_text())
+    result, classes = _dry_run(tmp_path, "qlora_crossover.py")
     assert set(result["shapes"]) == {"tiny M=24", "tiny M=40"}
     for entry in result["shapes"].values():
         assert set(entry["ms"]) == {"frozen-nf4", "peft-qlora", "fastlora-qlora", "fastlora-qlora-fused"}
@@ -628,16 +630,13 @@ def test_qlora_crossover_script_runs_its_code_paths(tmp_path):
         ms = entry["ms"]
         assert entry["base_4bit"] == ("fused" if ms["fastlora-qlora-fused"] < ms["fastlora-qlora"] else "dequant")
     assert [t["M"] for t in result["crossover"]["72->40"]["tokens"]] == [24, 40]
-    classes = json.loads(table.read_text())["classes"]
     assert [(c["N"], c["K"], c["tokens"]) for c in classes] == [(40, 72, [24, 30]), (40, 72, [31, 40])]
     assert all(set(c["variants"]) == {"base_4bit"} for c in classes)
     # committing a GPU run's results: the same classes from its results file, into a table that has others
     again = tmp_path / "package.json"
     again.write_text(json.dumps({"runs": [], "classes": [{"N": 40, "K": 72, "tokens": [1, 99],
                                                           "variants": {"base": "fused"}}]}))
-    done = subprocess.run([sys.executable, str(root / "bench" / "qlora_crossover.py"), "--from-json", str(out),
-                           "--package-table", str(again)], capture_output=True, text=True, timeout=600, cwd=root)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    _script(["qlora_crossover.py", "--from-json", str(tmp_path / "results.json"), "--package-table", str(again)])
     assert json.loads(again.read_text())["classes"][1:] == classes
 
 

@@ -325,10 +325,7 @@ def main() -> int:
     if not opts.dry_run and not torch.cuda.is_available():
         print("kernel_variants: needs CUDA (or --dry-run)", file=sys.stderr)
         return 2
-    env = {"torch": torch.__version__, "triton": triton.__version__, "dry_run": opts.dry_run,
-           "device": "cpu (interpreter)" if opts.dry_run else torch.cuda.get_device_name(0),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    results: dict = {"environment": env}
+    results: dict = {"environment": run_environment(opts.dry_run)}
     try:
         run([int(v) for v in opts.tokens.split(",")], opts.rank, [float(v) for v in opts.dropout.split(",")],
             opts.budget, opts.dry_run, results)
@@ -339,13 +336,26 @@ def main() -> int:
         results["schedule_table"] = schedule_table(results)
         results["gemm_autotune_winners"] = gemm_winners()
         _report(results)
-        if opts.json:
-            with open(opts.json, "w") as f:
-                json.dump(results, f, indent=1)
-            print(f"wrote {opts.json}", flush=True)
-        if opts.package_table:
-            write_package_table(opts.package_table, results["schedule_table"], env, opts.json)
+        write_results(results, opts.json, opts.package_table)
     return 0
+
+
+def run_environment(dry: bool) -> dict:
+    """What a results file records of the run: versions, the device, the date."""
+    return {"torch": torch.__version__, "triton": triton.__version__, "dry_run": dry,
+            "device": "cpu (interpreter)" if dry else torch.cuda.get_device_name(0),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_results(results: dict, json_path: str | None, package_table: str | None) -> None:
+    """The results file (``json_path``) and the package's schedule table (``package_table``: its classes
+    ``results["schedule_table"]``), each where named."""
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {json_path}", flush=True)
+    if package_table:
+        write_package_table(package_table, results["schedule_table"], results["environment"], json_path)
 
 
 def write_package_table(path: str, classes: list[dict], env: dict, source: str | None) -> None:

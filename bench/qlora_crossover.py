@@ -46,14 +46,14 @@ from script_start import prepare  # noqa: E402
 prepare(__name__ == "__main__")  # before triton is imported: compiled or interpreted kernels
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fastlora.adapter_settings import AdapterSettings  # noqa: E402
 from fastlora.bench.measure import peak_memory  # noqa: E402
 from fastlora.quantized import LoRAQuantizedLinear  # noqa: E402
 from fastlora.schedules import use_kernel_variants  # noqa: E402
-from kernel_variants import SHAPES, bench_timer, classes_from_winners, write_package_table  # noqa: E402
+from kernel_variants import (SHAPES, bench_timer, classes_from_winners, run_environment,  # noqa: E402
+                             write_package_table, write_results)
 
 DRY_SHAPES = {"tiny": (72, 40)}
 PROVIDERS = ("frozen-nf4", "peft-qlora", "fastlora-qlora", "fastlora-qlora-fused")
@@ -206,9 +206,7 @@ def main() -> int:
     if not opts.dry_run and not torch.cuda.is_available():
         print("qlora_crossover: needs CUDA (or --dry-run)", file=sys.stderr)
         return 2
-    env = {"torch": torch.__version__, "triton": triton.__version__, "dry_run": opts.dry_run,
-           "device": "cpu (interpreter)" if opts.dry_run else torch.cuda.get_device_name(0),
-           "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    env = run_environment(opts.dry_run)
     try:
         import bitsandbytes
         env["bitsandbytes"] = bitsandbytes.__version__
@@ -224,12 +222,7 @@ def main() -> int:
         results["schedule_table"] = schedule_table(results)
         results["crossover"] = crossover(results)
         _report(results)
-        if opts.json:
-            with open(opts.json, "w") as f:
-                json.dump(results, f, indent=1)
-            print(f"wrote {opts.json}", flush=True)
-        if opts.package_table:
-            write_package_table(opts.package_table, results["schedule_table"], env, opts.json)
+        write_results(results, opts.json, opts.package_table)
     return 0
 
 

@@ -74,7 +74,7 @@ def _layers(K: int, N: int, rank: int, p: float, device: str) -> dict[str, nn.Mo
     base = base.to(device)  # quantizes
     base.support_avx512bf16_for_cpu = False  # bitsandbytes 0.50 repacks CPU weights on inference forwards
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p)
-    peft_layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=2 * rank, lora_dropout=p)
+    peft_layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=2 * rank)  # dropout: config's
     settings = AdapterSettings(rank, 2 * rank, p, False, False, False)
     ours = {name: LoRAQuantizedLinear.from_quantized(base, "default", settings, False, torch.float32,
                                                      backend="triton").to(device)
@@ -209,9 +209,10 @@ def main() -> int:
     env = run_environment(opts.dry_run)
     try:
         import bitsandbytes
-        env["bitsandbytes"] = bitsandbytes.__version__
+        import peft
+        env["bitsandbytes"], env["peft"] = bitsandbytes.__version__, peft.__version__
     except ImportError as err:
-        print(f"qlora_crossover: needs bitsandbytes ({err})", file=sys.stderr)
+        print(f"qlora_crossover: needs bitsandbytes and peft ({err})", file=sys.stderr)
         return 2
     results: dict = {"environment": env}
     try:

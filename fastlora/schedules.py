@@ -29,9 +29,10 @@ A kernel schedule has variants the GPU check times side by side, the first choic
 ``FASTLORA_KERNEL_VARIANTS="db=separate,low_rank=epilogue"`` or :func:`use_kernel_variants` choose them.
 A variant neither names is taken from the schedule table, ``fastlora/data/kernel_schedules.json``: the winner per
 (token count, N, K) class that a GPU run measured (a class may decide some variants only: bench/qlora_crossover.py
-decides ``base_4bit``, bench/kernel_variants.py the others).  A shape of no class, or a token count
-more than twice away from its class's range, takes the defaults above: with the table empty (no GPU run yet),
-every shape does.
+decides ``base_4bit``, bench/kernel_variants.py ``base``, ``db`` and ``low_rank``; ``dora`` keeps its default).
+A call reads the variants of its kind (:data:`DENSE_VARIANTS`, :data:`QUANTIZED_VARIANTS`).  A shape of no class,
+or a token count more than twice away from its class's range, takes the defaults above: with the table empty (no
+GPU run yet), every shape does.
 """
 
 from __future__ import annotations

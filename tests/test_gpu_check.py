@@ -1,6 +1,8 @@
 """bench/gpu_check.sh without a GPU: its results must come home from a device machine that returns only a few
 files, so every file its steps write is packed into one archive as each step ends, and again on exit or on a
-signal.  The runner is exercised with stand-in steps; the script itself up to its CUDA check."""
+signal.  The runner is exercised with stand-in steps; the script itself up to its CUDA check, and its whole flow
+(the steps of each mode, in order, with their arguments; QLoRA's left out without bitsandbytes) with a stand-in
+Python that reports a GPU and runs nothing; the wheels it carries to a machine without network."""
 
 from __future__ import annotations
 
@@ -149,3 +151,54 @@ def test_carried_wheels_are_installed_and_importable(tmp_path):
                           timeout=120, env=env)
     assert "note: \n" in done.stdout and "path: /first\n" in done.stdout
     assert done.returncode != 0 and "No module named 'carried_probe'" in done.stderr  # nothing installed
+
+
+# A Python that reports a CUDA device and runs nothing: the check's own control flow (its steps, their order and
+# arguments, what it says when bitsandbytes is missing) runs here as it would on the device machine.
+FAKE_PYTHON = """#!/bin/bash
+case "$*" in
+    *"torch.cuda.is_available"*) exit 0 ;;
+    *"import bitsandbytes"*) exit "${FAKE_BNB_RC:-0}" ;;
+    *"hardware_slug"*) echo gpu-fake; exit 0 ;;
+esac
+echo "fake python: $* ${FASTLORA_KERNEL_VARIANTS:+[variants $FASTLORA_KERNEL_VARIANTS]}"
+"""
+
+
+@pytest.mark.parametrize("bnb", [True, False], ids=["bitsandbytes", "no-bitsandbytes"])
+@pytest.mark.parametrize("mode", ["--preflight", "", "--steps"], ids=["preflight", "full", "steps"])
+def test_the_check_runs_its_steps_in_order_and_leaves_out_qlora_without_bitsandbytes(tmp_path, mode, bnb):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(out), "TMPDIR": str(tmp_path),
+           "FAKE_BNB_RC": "0" if bnb else "1"}
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), *([mode] if mode else [])], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (summary,) = out.glob("*-gpu-fake-gpu-*.txt")
+    text = summary.read_text()
+    (archive,) = out.glob("*-gpu-fake-gpu-*.tar.gz")
+    logs = {name: data.decode() for name, data in _members(archive).items() if name.endswith(".log")}
+    ran = [line.split()[1].rstrip(":") for line in text.splitlines() if line.startswith("step ")]
+    if mode == "--preflight":
+        assert ran == ["preflight"] and "-m preflight" in logs["preflight.log"]
+    elif mode == "":
+        assert ran == ["kernel-tests", "kernel-variants", "layers", "model", "dora-layers", "dora-composed"]
+        assert "tests/test_kernels_gpu.py" in logs["kernel-tests.log"]
+        assert "--package-table" in logs["kernel-variants.log"]
+        assert "[variants dora=composed]" in logs["dora-composed.log"]
+    else:
+        assert ran == ["kinds-steps", "kinds-qlora-crossover", "kinds-qlora-fused", "kinds-moe-gpt2",
+                       "kinds-mixed-batch", "kinds-compile"]
+        qlora = ("kinds-steps", "kinds-qlora-crossover", "kinds-qlora-fused")
+        for name in qlora:
+            line = next(li for li in text.splitlines() if li.startswith(f"step {name}:"))
+            assert ("exit 0" in line) == bnb and ("left out (bitsandbytes cannot be imported)" in line) != bnb
+            assert (f"{name}.log" in logs) == bnb
+        if bnb:
+            assert "bench/qlora_crossover.py --tokens" in logs["kinds-qlora-crossover.log"]
+            assert "kernel-schedules-4bit.json" in logs["kinds-qlora-crossover.log"]
+            assert "[variants base_4bit=fused]" in logs["kinds-qlora-fused.log"]  # every 4-bit layer fused
+    assert ("bitsandbytes cannot be imported: QLoRA's GPU tests skip" in text) != bnb

@@ -118,8 +118,8 @@ def kind_of(module: nn.Module) -> BaseKind | None:
 
 def refusal(module: nn.Module) -> str:
     """Why ``module`` is not adapted: the known kind it is, or the kinds fastlora adapts."""
-    if is_bnb_linear(module) and quantized_refusal(module) is not None:  # adapted once bitsandbytes / weights allow
-        return quantized_refusal(module)
+    if is_bnb_linear(module) and (reason := quantized_refusal(module)) is not None:  # adapted once it is None
+        return reason
     for matches, reason in _NOT_YET:
         if matches(module):
             return reason

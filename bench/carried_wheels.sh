@@ -7,15 +7,16 @@
 #   use_carried_wheels REPO PY   installs every REPO/.whl/*.whl into a folder of their own (no index, no
 #                                dependencies: what they need must be on the machine or carried too) and appends
 #                                that folder to PYTHONPATH; CARRIED_WHEELS says what it did (empty with no .whl/).
-#                                The folder is named after the wheels, under $TMPDIR: a later call on the same
-#                                machine (the preflight, then the full check) reuses it instead of installing again.
+#                                The folder is named after the wheels' contents (a checksum), under $TMPDIR: a
+#                                later call on the same machine (the preflight, then the full check) reuses it
+#                                instead of installing again, and a wheel rebuilt under the same name is installed.
 
 use_carried_wheels() {
     local repo="$1" py="$2" names site
     CARRIED_WHEELS=""
     compgen -G "$repo/.whl/*.whl" >/dev/null || return 0
     names="$(cd "$repo/.whl" && echo *.whl)"
-    site="${TMPDIR:-/tmp}/fastlora-wheels-$(echo "$names" | cksum | cut -d' ' -f1)"
+    site="${TMPDIR:-/tmp}/fastlora-wheels-$(cat "$repo"/.whl/*.whl | cksum | cut -d' ' -f1)"
     if [[ -e "$site/.installed" ]]; then
         CARRIED_WHEELS="carried wheels already installed: $names"
     elif rm -rf "$site" && "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \

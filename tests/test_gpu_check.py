@@ -112,13 +112,14 @@ def test_the_check_falls_back_to_python3_and_stops_without_cuda(tmp_path):
         assert done.returncode == 2 and "no CUDA device" in done.stderr, done.stdout + done.stderr
 
 
-def _wheel(folder: Path, name: str, version: str) -> Path:
-    """A minimal wheel of one module ``name`` whose ``VERSION`` is ``version`` (what pip needs to install it)."""
+def _wheel(folder: Path, name: str, version: str, module_version: str | None = None) -> Path:
+    """A minimal wheel of one module ``name`` whose ``VERSION`` is ``module_version`` (``version`` unless given),
+    with what pip needs to install it."""
     import zipfile
 
     path = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
-    files = {f"{name}.py": f"VERSION = {version!r}\n",
+    files = {f"{name}.py": f"VERSION = {module_version or version!r}\n",
              f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
              f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     files[f"{info}/RECORD"] = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
@@ -147,6 +148,12 @@ def test_carried_wheels_are_installed_and_importable(tmp_path):
     again = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode == 0 and "version: 1.2.3" in again.stdout, again.stdout + again.stderr
     assert "note: carried wheels already installed: carried_probe-1.2.3-py3-none-any.whl" in again.stdout
+    # a wheel rebuilt under the same file name is a different package: installed, not taken for the old one
+    _wheel(repo / ".whl", "carried_probe", "1.2.3", module_version="1.2.3-rebuilt")
+    rebuilt = subprocess.run(["bash", "-c", script, "-", str(repo)], capture_output=True, text=True, timeout=120,
+                             env=env)
+    assert rebuilt.returncode == 0 and "version: 1.2.3-rebuilt" in rebuilt.stdout, rebuilt.stdout + rebuilt.stderr
+    assert "note: carried wheels installed: carried_probe-1.2.3-py3-none-any.whl" in rebuilt.stdout
     done = subprocess.run(["bash", "-c", script, "-", str(tmp_path / "no-wheels")], capture_output=True, text=True,
                           timeout=120, env=env)
     assert "note: \n" in done.stdout and "path: /first\n" in done.stdout

@@ -27,17 +27,14 @@ import torch
 from torch import Tensor
 
 from fastlora.ops import keep_fn
-from fastlora.torch_path import dora_weight_norm
+from fastlora.torch_path import dora_weight_norm, dropped_input
 
 __all__ = ["quantized_dora_term"]
 
 
 def _dropped_input(x: Tensor, dtype: torch.dtype, seed: Optional[Tensor], dropout_p: float) -> Tensor:
     """h = x ⊙ mask / (1 − p) in ``dtype`` (x itself, cast, without dropout); the mask drawn from ``seed``."""
-    if seed is None:
-        return x.to(dtype)
-    h = keep_fn(seed, dropout_p)(x.to(dtype, memory_format=torch.contiguous_format, copy=True))
-    return h.mul_(1.0 / (1.0 - dropout_p))
+    return dropped_input(x, dtype, None if seed is None else keep_fn(seed, dropout_p), dropout_p)
 
 
 class _QuantizedDoRATerm(torch.autograd.Function):

@@ -31,8 +31,9 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lora_forward", "add_low_rank_", "lora_backward", "mm_rank_columns", "accumulation_dtype",
-           "dora_weight_norm", "dora_scale", "dora_output", "dora_magnitude_grad", "dora_forward", "dora_backward", "Keep"]
+__all__ = ["lora_forward", "add_low_rank_", "lora_backward", "mm_rank_columns", "accumulation_dtype", "dropped_input",
+           "dora_weight_norm", "dora_scale", "dora_output", "dora_magnitude_grad", "dora_forward", "dora_backward",
+           "Keep"]
 
 Keep = Union[Tensor, Callable[[Tensor], Tensor], None]
 
@@ -50,6 +51,14 @@ def _drop_(fresh: Tensor, keep: Keep) -> Tensor:
 def _adapter_copy(x: Tensor, dtype: torch.dtype) -> Tensor:
     """A contiguous copy of x in ``dtype`` (x itself may be any view: a transposed input, say)."""
     return x.to(dtype, memory_format=torch.contiguous_format, copy=True)
+
+
+def dropped_input(x: Tensor, dtype: torch.dtype, keep: Keep, dropout_p: float) -> Tensor:
+    """h = x ⊙ m / (1-p) in ``dtype``, a fresh contiguous tensor (x cast, or x itself, without dropout: ``keep``
+    None).  For a caller that needs h whole; the paths here fold 1/(1-p) into a rank-r product instead."""
+    if keep is None:
+        return _to(x, dtype)
+    return _drop_(_adapter_copy(x, dtype), keep).mul_(1.0 / (1.0 - dropout_p))
 
 
 def _to(t: Tensor, dtype: torch.dtype) -> Tensor:

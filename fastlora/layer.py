@@ -434,16 +434,33 @@ class LoRALinear(nn.Linear):
         return total
 
     @torch.no_grad()
-    def merge_is_finite(self, adapter_names: Iterable[str] | None = None) -> bool:
-        """Whether merging ``adapter_names`` (default: the active adapter) would leave W free of NaN and Inf."""
+    def merge_problem(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False,
+                      layer_name: str | None = None) -> str | None:
+        """The message of the ValueError that merging ``adapter_names`` (default: the active adapter) would raise,
+        or None when the merge would go through, from one build of the merged weight; nothing changes.  A model
+        asks every layer before merging any; ``layer_name`` goes into the message."""
         names = self._names_to_merge(adapter_names)
         if not names:
-            return True
-        return _finite(self._merged_weight(names)[0], self._bias_after(names, +1.0))
+            return None
+        merged, _ = self._merged_weight(names)
+        return self._merge_problem(names, merged, self._bias_after(names, +1.0), safe_merge, layer_name)
 
-    def merge_refusal(self, adapter_names: Iterable[str] | None = None) -> str | None:
-        """Why merging ``adapter_names`` would damage this layer's weight whatever ``safe_merge`` says (None: it
-        would not); a base kind that stores W in another form (quantized) overrides it."""
+    def _merge_problem(self, names: list[str], merged: Tensor, bias: Tensor | None, safe_merge: bool,
+                       layer_name: str | None = None) -> str | None:
+        """Why storing ``merged`` (and ``bias``) would be refused: what storing would damage whatever
+        ``safe_merge`` says, then, with ``safe_merge``, NaN or Inf."""
+        reason = self._storage_refusal(merged)
+        if reason is not None:
+            into = f" into {layer_name}" if layer_name else ""
+            return f"cannot merge adapter(s) {names}{into}: {reason}; nothing was merged"
+        if safe_merge and not _finite(merged, bias):
+            of = f" of {layer_name} for" if layer_name else " of"
+            return f"NaNs or Infs in the merged weight{of} adapter(s) {names}: the adapter is broken; nothing was merged"
+        return None
+
+    def _storage_refusal(self, merged: Tensor) -> str | None:
+        """Why storing the float32 ``merged`` as this layer's weight would damage it whatever ``safe_merge`` says
+        (None: it would not); a base kind that stores W in another form (quantized) overrides it."""
         return None
 
     @torch.no_grad()
@@ -455,15 +472,11 @@ class LoRALinear(nn.Linear):
         names = self._names_to_merge(adapter_names)
         if not names:
             return
-        reason = self.merge_refusal(names)
-        if reason is not None:
-            raise ValueError(f"cannot merge adapter(s) {names}: {reason}; nothing was merged")
         merged, norms = self._merged_weight(names)
         bias = self._bias_after(names, +1.0)
-        if safe_merge and not _finite(merged, bias):
-            raise ValueError(
-                f"NaNs or Infs in the merged weight of adapter(s) {names}: the adapter is broken; nothing was merged"
-            )
+        problem = self._merge_problem(names, merged, bias, safe_merge)
+        if problem is not None:
+            raise ValueError(problem)
         self._store_base_weight(merged)
         if bias is not None:
             self.bias.copy_(bias)

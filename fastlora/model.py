@@ -605,16 +605,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                                    f"no bias; nothing was merged")
         for name, layer in self.lora_layers():  # what a merge would damage (a quantized weight; with safe_merge,
             held = [n for n in names if n in layer.adapter_settings]  # NaN/Inf anywhere): every layer first
-            if not held:
-                continue
-            reason = layer.merge_refusal(held)
-            if reason is not None:
-                raise ValueError(f"cannot merge adapter(s) {held} into {name}: {reason}; nothing was merged")
-            if safe_merge and not layer.merge_is_finite(held):
-                raise ValueError(
-                    f"NaNs or Infs in the merged weight of {name} for adapter(s) {held}: the adapter is broken; "
-                    f"nothing was merged"
-                )
+            problem = layer.merge_problem(held, safe_merge, name) if held else None
+            if problem is not None:
+                raise ValueError(problem)
         for layer in layers:
             layer.merge([n for n in names if n in layer.adapter_settings])
         for _, tokens in self.token_wrappers():  # the trained token rows written into their tables

@@ -170,15 +170,10 @@ class LoRAQuantizedLinear(LoRALinear):
             self.base_layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
                                                        has_fp16_weights=old.has_fp16_weights).to(old.device)
 
-    @torch.no_grad()
-    def merge_refusal(self, adapter_names=None) -> str | None:
+    def _storage_refusal(self, merged: Tensor) -> str | None:
         """Why requantizing the merged weight would damage it (None when it would not): NaN or Inf in it, or a
         value beyond the dtype bitsandbytes gives the weight (a 4-bit layer's compute dtype, into which forward
         casts the dequantized weight; float16 for an 8-bit layer, which quantizes from float16)."""
-        names = self._names_to_merge(adapter_names)
-        if not names:
-            return None
-        merged, _ = self._merged_weight(names)
         peak = float(merged.abs().max()) if merged.numel() else 0.0
         if not math.isfinite(peak):
             return "the merged weight holds NaN or Inf"

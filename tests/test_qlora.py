@@ -207,6 +207,30 @@ def test_merge_and_unload_equals_peft(checkpoint, quant):
         assert torch.equal(mine.weight.data, peers.weight.data), name
 
 
+@pytest.mark.parametrize("safe_merge", [False, True])
+def test_merge_dequantizes_each_weight_twice(checkpoint, monkeypatch, safe_merge):
+    """A model's merge dequantizes each quantized weight twice, whatever safe_merge says: once to check every
+    layer before any changes (overflow, and NaN/Inf with safe_merge), once to merge it; a layer's own merge once."""
+    _, ours = _pair(checkpoint, "nf4-fp32")
+    reads = {}
+    dequantize = LoRAQuantizedLinear._dequantize
+
+    def counted(self, weight):
+        reads[id(self)] = reads.get(id(self), 0) + 1
+        return dequantize(self, weight)
+
+    monkeypatch.setattr(LoRAQuantizedLinear, "_dequantize", counted)
+    layers = [m for m in ours.modules() if isinstance(m, LoRAQuantizedLinear)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours.merge_adapter(safe_merge=safe_merge)
+        assert sorted(reads.values()) == [2] * len(layers) and len(reads) == len(layers)
+        ours.unmerge_adapter()
+        reads.clear()
+        layers[0].merge(safe_merge=safe_merge)
+    assert reads == {id(layers[0]): 1} and layers[0].merged
+
+
 def test_merge_unmerge_equals_peft(checkpoint):
     """merge_adapter then unmerge_adapter: each quantized weight equals PEFT's after the same two steps, bit for
     bit (two quantizations away from the original: the rounding PEFT warns about), and the output is the adapted

@@ -40,7 +40,8 @@ def zero_dropped_(t: Tensor, seed: int, dropout_p: float) -> Tensor:
     generator = _seeded_generator(seed)
     mask_numel = t.shape[-1] * t.shape[-2] if t.dim() >= 2 else t.numel()
     rows = t.view(-1, mask_numel)  # one row per mask-shaped slice
-    # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator).
+    # Drawn on the CPU generator, then moved to t's device (the torch backend on an accelerator other than CUDA,
+    # where it applies the kernels' mask: fastlora.ops.kernel_masks_on).
     # Dropped elements are multiplied by 0, as dropout's x ⊙ m: a dropped NaN or Inf stays NaN.  Filling with 0
     # is the same when every element is finite, which one sum tells (a NaN or Inf makes it non-finite; an
     # overflow to Inf only sends the call the slow, exact way).  A bool or integer tensor holds no NaN.

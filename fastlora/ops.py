@@ -15,7 +15,8 @@ What autograd keeps for backward: ``x``, the rank-r ``S`` and the one-element ``
 mask is regenerated from (plus references to the parameters).  Never the mask, never ``dropout(x)``.
 On the CPU path the mask is applied by :func:`fastlora.cpu_masks.zero_dropped_` (under ``torch.compile``
 through the opaque op ``fastlora::cpu_zero_dropped_``), zeroing the dropped elements of a fresh tensor in
-place (by index for rare drops, so no mask tensor is built at all).  DoRA's op is
+place (by index for rare drops, so no mask tensor is built at all); the torch path on a CUDA device applies
+the kernels' Philox mask instead (:func:`kernel_masks_on`).  DoRA's op is
 :mod:`fastlora.dora_ops`.
 """
 
@@ -38,12 +39,20 @@ def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
     cpu_masks.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
+def kernel_masks_on(t: Tensor) -> bool:
+    """Whether the torch path applies the kernels' Philox mask to tensors on ``t``'s device rather than the CPU
+    generator's: on a CUDA device, where that is one launch with no host sync (the CPU generator's mask is drawn
+    on the host and copied over) and the very mask the fused kernels draw for the same seed."""
+    return t.is_cuda
+
+
 def keep_fn(seed: Optional[Tensor], dropout_p: float, philox: bool = False) -> torch_path.Keep:
     """The ``keep`` argument of the torch path's functions for the op's seed: None without dropout, else a
-    function zeroing in place what the mask drops (the kernels' Philox mask with ``philox``, else the
-    CPU generator's)."""
+    function zeroing in place what the mask drops: the kernels' Philox mask with ``philox`` (a call on the
+    kernels) or for a seed on a device of :func:`kernel_masks_on`, else the CPU generator's."""
     if seed is None or dropout_p == 0.0:
         return None
+    philox = philox or kernel_masks_on(seed)
 
     def keep(t: Tensor) -> Tensor:
         if philox:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastlora import cpu_masks, torch_path
 from fastlora.functional import dropout_and_seed
-from fastlora.ops import keep_fn
+from fastlora.ops import keep_fn, kernel_masks_on
 
 __all__ = ["segment_low_rank", "grouped_segments_low_rank", "grouped_segments_linear", "rows_in_order",
            "tokens_per_row"]
@@ -235,11 +235,11 @@ def _drop_segments_(stacked: Tensor, counts: list[int], seeds: list[Tensor | Non
     """Each segment's rows ⊙ its mask, in place: the mask of (seed, p) on the segment's own (rows × K), as one
     adapter's call draws it.  ``stacked`` is (k, longest, K), or (k, parts, longest, K) for parts that share
     their segment's mask (drawn once for all of them where the segment is the longest)."""
-    if type(stacked) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-        # eager: the rare drops in one batch of ops
+    if (type(stacked) is Tensor and not kernel_masks_on(stacked) and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()):  # eager on the CPU generator's masks: the rare drops in one batch of ops
         return cpu_masks.zero_dropped_segments_(stacked, counts, [None if s is None else int(s) for s in seeds],
                                                 dropout_ps)
-    for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):  # traced: the registered op per segment
+    for e, (count, seed, p) in enumerate(zip(counts, seeds, dropout_ps)):  # else each segment's keep function
         keep = keep_fn(seed, p)
         if keep is not None:
             for piece in cpu_masks.segment_pieces(stacked, e, count):

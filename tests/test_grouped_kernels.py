@@ -100,9 +100,9 @@ def _mixed_layer(dropouts=(0.0, 0.25, 0.1), ranks=(2, 4, 3)):
     return layer
 
 
-def _reference_update(layer, x, held, seeds):
+def _reference_update(layer, x, held, seeds, segment_rows=False):
     """float64: each adapter's s · ((x ⊙ m) Aᵀ / (1-p)) Bᵀ on its rows, m the Philox mask of its seed over x's
-    own (token, column)."""
+    own (token, column), or with ``segment_rows`` over the (token, column) of the adapter's rows gathered."""
     from tests import philox
 
     flat = x.reshape(-1, x.shape[-1]).double().cpu()
@@ -113,11 +113,41 @@ def _reference_update(layer, x, held, seeds):
         s = layer.adapter_settings[name]
         A, B = (t.double().cpu() for t in layer.lora_factors(name))
         tokens = (rows[:, None] * per_row + torch.arange(per_row)).reshape(-1)
-        h = flat
+        h = flat[tokens] if segment_rows else flat
         if s.lora_dropout > 0:
-            h = flat * philox.keep_mask(next(draws), flat.shape[0], flat.shape[1], s.lora_dropout) / (1 - s.lora_dropout)
-        out = out.index_put((tokens,), (h[tokens] @ A.t()) @ B.t() * s.scaling)
+            h = h * philox.keep_mask(next(draws), h.shape[0], h.shape[1], s.lora_dropout) / (1 - s.lora_dropout)
+        out = out.index_put((tokens,), ((h if segment_rows else h[tokens]) @ A.t()) @ B.t() * s.scaling)
     return out
+
+
+def test_a_mixed_batch_on_the_torch_path_on_a_cuda_device_draws_the_kernels_masks(monkeypatch):
+    """On a CUDA device the torch path's batched products of a mixed batch apply the kernels' Philox mask, each
+    adapter's over its own rows gathered (as a call of that adapter alone on them draws it), forward and backward:
+    with the device's rule in force here, the update and every gradient against float64 with those masks."""
+    import fastlora.ops
+    import fastlora.segments
+
+    for module in (fastlora.ops, fastlora.segments):
+        monkeypatch.setattr(module, "kernel_masks_on", lambda t: True)
+    layer = _mixed_layer()
+    layer.backend = "torch"
+    x = torch.randn(9, 5, 40, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    held = {"b": torch.tensor([1, 2, 6, 7, 8]), "c": torch.tensor([4, 0])}
+    assert layer._grouped_rows(x, held) == "torch"
+    seeds = _seeds(2, 11)
+    torch.manual_seed(11)
+    got = layer.mixed_batch_forward(x, held)
+    params = [x, *[p for n in "bc" for p in layer.lora_factors(n)]]
+    weights = torch.linspace(-1, 1, got.numel()).reshape(got.shape)
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    x_ref = x.detach().double().requires_grad_(True)
+    ref = (_reference_update(layer, x_ref, held, seeds, segment_rows=True).view(got.shape)
+           + torch.nn.functional.linear(x_ref, layer.weight.double(), layer.bias.double()))
+    ref_params = [x_ref, *[p for n in "bc" for p in layer.lora_factors(n)]]
+    ref_grads = torch.autograd.grad((ref * weights.double()).sum(), ref_params)
+    assert_close(got, ref.float(), kind="same_math_cancelling", dtype=torch.float32)
+    for i, (g, r) in enumerate(zip(got_grads, ref_grads)):
+        assert_close(g, r.float(), kind="same_math_cancelling", msg=f"gradient {i}")
 
 
 def check_mixed_batch_rows(shape, dtype=torch.float32, device="cpu"):

@@ -430,3 +430,30 @@ def test_a_second_active_adapter_on_the_triton_backend_adds_its_term_on_the_torc
         expected = expected + 2.0 * (x @ A.t()) @ B.t()
     assert_close(y, expected, kind="same_math", dtype=torch.float32)
     assert all(f.grad is not None for name in ("default", "second") for f in layer.lora_factors(name))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_the_torch_path_on_a_cuda_device_draws_the_kernels_mask(monkeypatch, use_dora):
+    """On a CUDA device the torch path applies the kernels' Philox mask (one launch, no host sync), forward and
+    backward: with the device's rule in force here, backend="torch" equals backend="triton" with dropout, the same
+    seed giving the same mask; a second active adapter's term (the torch path beside the kernels) too."""
+    import fastlora.ops
+    from fastlora import LoRALinear
+
+    monkeypatch.setattr(fastlora.ops, "kernel_masks_on", lambda t: True)
+    results = {}
+    for backend in ("triton", "torch"):
+        torch.manual_seed(0)
+        layer = LoRALinear(40, 24, r=4, lora_alpha=8, lora_dropout=0.3, use_dora=use_dora, backend=backend,
+                           init_lora_weights=False)
+        layer.add_adapter("second", layer.adapter_settings["default"], init_lora_weights=False)
+        layer.set_adapter(["default", "second"])
+        x = torch.randn(2, 9, 40, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(5)
+        y = layer(x)
+        (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+        results[backend] = [y, x.grad, *(f.grad for n in ("default", "second") for f in layer.lora_factors(n))]
+    with torch.no_grad():
+        assert not torch.allclose(results["torch"][0], layer.eval()(x))  # the mask drops something
+    for name, got, expected in zip(("y", "dx", "dA", "dB", "dA2", "dB2"), results["torch"], results["triton"]):
+        assert_close(got, expected, kind="same_math_cancelling", dtype=torch.float32, msg=name)

@@ -224,3 +224,50 @@ def test_activation_checkpointing_replays_the_fused_layers_mask(reentrant):
         results.append((y, xi.grad, fused.lora_A.grad, fused.lora_B.grad))
     for name, g, e in zip(("y", "dx", "dA", "dB"), *results):
         assert torch.equal(g, e), name
+
+
+@pytest.mark.parametrize("use_dora, x_shape", [(False, (3, 11, 72)), (False, (33, 72)), (True, (3, 11, 72))],
+                         ids=["lora", "lora 2-D", "dora"])
+def test_on_a_cuda_device_the_default_path_draws_the_fused_paths_mask(monkeypatch, use_dora, x_shape):
+    """On a CUDA device the low-rank term beside bitsandbytes' product (the default schedule, out of place or, for
+    a 2-D x, added into bitsandbytes' output; QDoRA's) applies the kernels' Philox mask, forward and backward:
+    with the device's rule in force here, the default path equals the fused one with dropout, the same seed giving
+    the same mask (for DoRA: the DoRA kernels on the dequantized weight, as the fused path does not take DoRA)."""
+    import fastlora.ops
+
+    monkeypatch.setattr(fastlora.ops, "kernel_masks_on", lambda t: True)
+    x = torch.randn(*x_shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    if use_dora:
+        fused, dense = _layers(dropout=0.3, backend="torch")
+        for layer in (fused, dense):
+            layer.add_adapter("dora", AdapterSettings(4, 8, 0.3, False, True, False), init_lora_weights=False,
+                              adapter_dtype=torch.float32)
+            layer.set_adapter("dora")
+        with torch.no_grad():
+            for mine, theirs in zip(dense.lora_factors("dora"), fused.lora_factors("dora")):
+                mine.copy_(theirs)
+            dense.magnitude("dora").copy_(fused.magnitude("dora"))
+        dense.backend = "triton"
+        got, expected = _run_named(fused, x, "dora"), _run_named(dense, x, "dora")
+    else:
+        default, _ = _layers(dropout=0.3, backend="torch")
+        fused, _ = _layers(dropout=0.3)
+        got = _run(default, x)
+        with use_kernel_variants(base_4bit="fused"):
+            assert fused._fused_4bit_schedule(x, ["default"]) is not None
+            expected = _run(fused, x)
+    with torch.no_grad():
+        assert not torch.equal(got[0], fused.eval()(x))  # the mask drops something
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        if use_dora and g.dtype != torch.bfloat16:  # the DoRA kernels' products read x, and h, in bf16
+            assert_close(g, e, kind="same_math", branch_dtype=torch.bfloat16, msg=name)
+        else:
+            assert_close(g, e, kind="same_math" if g.dtype == torch.bfloat16 else "same_math_cancelling", msg=name)
+
+
+def _run_named(layer, x, name, seed=7):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+    return (y, x.grad, *(f.grad for f in layer.lora_factors(name)))

@@ -394,7 +394,9 @@ class LoRALinear(nn.Linear):
         restored = weight.float()
         if restored is weight:
             restored = restored.clone()
-        for name in reversed(self.merged_adapters):
+        for step, name in enumerate(reversed(self.merged_adapters)):
+            if step:
+                restored = self._stored_and_read_again(restored)
             if name in self._merged_dora_norms:
                 restored.div_(dora_scale(self.magnitude(name), self._merged_dora_norms[name]).unsqueeze(1))
             restored.sub_(self.delta_weight(name))
@@ -410,7 +412,9 @@ class LoRALinear(nn.Linear):
             merged = merged.clone()
         norms = {}
         unmerged = None
-        for name in names:
+        for step, name in enumerate(names):
+            if step:
+                merged = self._stored_and_read_again(merged)
             delta = self.delta_weight(name)
             merged.add_(delta)
             if self.magnitude(name) is not None:
@@ -419,6 +423,12 @@ class LoRALinear(nn.Linear):
                 norms[name] = torch.linalg.vector_norm(unmerged + delta, dim=1)
                 merged.mul_(dora_scale(self.magnitude(name), norms[name]).unsqueeze(1))
         return merged, norms
+
+    def _stored_and_read_again(self, weight: Tensor) -> Tensor:
+        """The float32 ``weight`` as it reads after being stored, between two adapters of one merge or unmerge:
+        itself here (a float32 sum, rounded once, by the store); a base kind whose stores change the weight more
+        than its dtype's rounding (quantized) overrides it, to merge adapter by adapter as PEFT does there."""
+        return weight
 
     def _bias_after(self, names: list[str], sign: float) -> Tensor | None:
         """The base bias with ± scaling · b_B of each of ``names`` that has a lora_bias (None when none has),

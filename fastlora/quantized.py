@@ -159,16 +159,24 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _store_base_weight(self, weight: Tensor) -> None:
         """Quantize the merged or unmerged weight again, with the base's quantization settings."""
+        self.base_layer.weight = self._quantized(weight)
+
+    def _stored_and_read_again(self, weight: Tensor) -> Tensor:
+        """``weight`` quantized and dequantized: PEFT's bitsandbytes layers merge (and unmerge) several adapters
+        one by one, requantizing the weight after each, so the merged weight carries each rounding as theirs."""
+        return self._dequantize(self._quantized(weight))
+
+    def _quantized(self, weight: Tensor) -> nn.Parameter:
+        """``weight`` (out × in, float) quantized as the base layer's weight is: a new parameter of its kind."""
         bnb = _bnb()
         old = self.base_layer.weight
         if isinstance(self.base_layer, bnb.nn.Linear4bit):
             kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
             kwargs["bnb_quantized"] = False
             kwargs["requires_grad"] = False
-            self.base_layer.weight = bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
-        else:
-            self.base_layer.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
-                                                       has_fp16_weights=old.has_fp16_weights).to(old.device)
+            return bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
+        return bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
+                                 has_fp16_weights=old.has_fp16_weights).to(old.device)
 
     def _storage_refusal(self, merged: Tensor) -> str | None:
         """Why requantizing the merged weight would damage it (None when it would not): NaN or Inf in it, or a

@@ -249,6 +249,34 @@ def test_merge_unmerge_equals_peft(checkpoint):
     assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
+def test_several_adapters_merge_and_unmerge_as_peft(checkpoint, quant):
+    """Two adapters merged at once, as PEFT's bitsandbytes layers merge them: one by one, the weight requantized
+    after each (each rounding PEFT warns about), so the quantized weights equal PEFT's bit for bit; unmerged the
+    same way, last adapter first; and merged for good by merge_and_unload."""
+    theirs, ours = _pair(checkpoint, quant)
+    for model, library in ((theirs, peft), (ours, fastlora)):
+        model.add_adapter("second", library.LoraConfig(**{**CONFIG, "r": 4, "lora_alpha": 8}))
+    copy_lora_weights(theirs, ours)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    peers = theirs.base_model.model.model.layers[0].self_attn.q_proj
+    both = ["default", "second"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (theirs, ours):
+            model.base_model.merge_adapter(both)
+        assert layer.merged_adapters == both
+        assert torch.equal(layer.base_layer.weight.data, peers.base_layer.weight.data)
+        for model in (theirs, ours):
+            model.unmerge_adapter()
+        assert torch.equal(layer.base_layer.weight.data, peers.base_layer.weight.data)
+        merged_ours = ours.merge_and_unload(adapter_names=both)
+        merged_theirs = theirs.merge_and_unload(adapter_names=both)
+    for name, module in merged_ours.named_modules():
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            assert torch.equal(module.weight.data, dict(merged_theirs.named_modules())[name].weight.data), name
+
+
 def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
     """fastlora's prepare_model_for_kbit_training leaves what PEFT's does (dtypes, frozen parameters, gradient
     checkpointing on, input embeddings' output requiring grad), and a reentrant-checkpointed step's gradients

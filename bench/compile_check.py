@@ -38,7 +38,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastlora.kernels.common import small_skinny_tiles  # noqa: E402
+from fastlora.kernels.common import gemm_precision, small_skinny_tiles  # noqa: E402
 from fastlora.kernels.configs import gemm4bit_config_dicts  # noqa: E402
 from fastlora.kernels.configs import (  # noqa: E402
     SCHEDULE_FLAGS, cols_blocks, config_dicts, dora_config_dicts, rows_blocks, skinny_block_r,
@@ -396,7 +396,7 @@ def dequant4_jobs(arch: int) -> list[Job]:
             for int64 in ((False, True) if dt == "bf16" else (False,)):
                 args = dequantize_4bit_arguments(
                     packed=Ptr("u8"), absmax=Ptr("u8" if nested else "fp32"), code=Ptr("fp32"),
-                    absmax_code=Ptr("fp32"), absmax2=Ptr("fp32"), out=Ptr(dt), offset=0.25, n=M * K, blocksize=64,
+                    absmax_code=Ptr("fp32"), absmax2=Ptr("fp32"), out=Ptr(dt), offset=Ptr("fp32"), n=M * K, blocksize=64,
                     nested=nested, blocksize2=256, int64=int64)
                 label = f"{dt}" + (" double-quantized" if nested else "") + (" int64" if int64 else "")
                 jobs.append(Job("dequant4", f"dequant4 {DEQUANT4_BLOCK} w4", label, arch, args, 4, 3))
@@ -404,9 +404,11 @@ def dequant4_jobs(arch: int) -> list[Job]:
 
 
 def gemm4bit_jobs(arch: int) -> list[Job]:
-    """The fused GEMM over a 4-bit weight (dequantized in its main loop): each 16-bit config of the unmasked list
-    (the forward, B = Wᵀ) and of the masked list (dx with dropout, B = W), bf16 operands from a bf16 weight,
-    plain and double-quantized absmax; fp16, and 64-bit offsets, once per config."""
+    """The fused GEMM over a 4-bit weight (dequantized in its main loop) as the launcher calls it (fp32 adapters'
+    prologue in tf32, common.gemm_precision): each 16-bit config of the unmasked list (the forward, B = Wᵀ) and
+    of the masked list (dx with dropout, B = W), bf16 operands from a weight quantized from bf16 (transformers'
+    loading) or from fp32 (a Linear4bit quantized from its own fp32 parameter), plain and double-quantized
+    absmax; fp16, and 64-bit offsets, once per config."""
     jobs = []
     for masked in (False, True):
         direction, r = ("dx-dropout", 64) if masked else ("fwd", 16)
@@ -415,19 +417,21 @@ def gemm4bit_jobs(arch: int) -> list[Job]:
             meta = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
             name = "gemm4bit {BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{num_warps} s{num_stages}".format(**cfg) + (
                 " masked" if masked else "")
-            for dt, nested, int64 in (("bf16", False, False), ("bf16", True, False), ("fp16", True, False),
-                                      ("bf16", True, True)):
+            for dt, stored, nested, int64 in (("bf16", "bf16", False, False), ("bf16", "bf16", True, False),
+                                              ("bf16", "fp32", True, False), ("fp16", "fp16", True, False),
+                                              ("bf16", "bf16", True, True)):
                 weight = dict(packed_ptr=Ptr("u8"), absmax_ptr=Ptr("u8" if nested else "fp32"), code_ptr=Ptr("fp32"),
-                              absmax_code_ptr=Ptr("fp32"), absmax2_ptr=Ptr("fp32"), offset=0.25, BLOCKSIZE=64,
-                              NESTED=nested, BLOCKSIZE2=256)
+                              absmax_code_ptr=Ptr("fp32"), absmax2_ptr=Ptr("fp32"), offset_ptr=Ptr("fp32"),
+                              BLOCKSIZE=64, NESTED=nested, BLOCKSIZE2=256)
                 args = dict(fused_gemm_4bit_arguments(
                     a=Ptr(dt), weight=weight, c=Ptr(dt), bias=Ptr(dt), p=Ptr("fp32"), q=Ptr("fp32"), seed=Ptr("i64"),
                     M=M, N=N, K=K, R=r, a_strides=(K, 1), b_strides=(1, K) if fwd else (K, 1), c_strides=(N, 1),
                     p_strides=(r, 1), q_strides=(1, r) if fwd else (K, 1), lora_scale=0.5,
                     keep_threshold=keep_threshold(0.1), has_bias=fwd, dropout=masked,
-                    stored=STORED_CODES[_TORCH[dt]], fp32_adapters=True, int64=int64, upcast=False, precision="ieee"),
-                    **meta)
-                label = f"{direction} {dt}/fp32" + (" double-quantized" if nested else "") + (" int64" if int64 else "")
+                    stored=STORED_CODES[_TORCH[stored]], fp32_adapters=True, int64=int64, upcast=False,
+                    precision=gemm_precision(_TORCH[dt])), **meta)
+                label = (f"{direction} {dt}/fp32" + (f", {stored} weight" if stored != dt else "")
+                         + (" double-quantized" if nested else "") + (" int64" if int64 else ""))
                 jobs.append(Job("gemm4bit", name, label, arch, args, cfg["num_warps"], cfg["num_stages"],
                                 needs_wgmma=arch >= 90, needs_tensor_cores=True))
     return jobs

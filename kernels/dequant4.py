@@ -36,7 +36,7 @@ BLOCK = 1024  # elements per program
 def dequant4_values(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_ptr, offset, elements, inside,
                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
     """fp32 values of the flattened weight's ``elements`` (an int tensor of element indices; ``inside`` masks
-    the loads)."""
+    the loads); ``offset`` the fp32 value :func:`nested_offset` loads (0.0 without nesting)."""
     byte = tl.load(packed_ptr + elements // 2, mask=inside, other=0).to(tl.int32)
     nibble = tl.where(elements % 2 == 0, byte >> 4, byte & 15)
     value = tl.load(code_ptr + nibble, mask=inside, other=0.0)
@@ -45,14 +45,23 @@ def dequant4_values(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_p
         q = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
         scale = tl.load(absmax_code_ptr + q, mask=inside, other=0.0) * tl.load(absmax2_ptr + block // BLOCKSIZE2,
                                                                                mask=inside, other=0.0)
-        scale = scale + tl.cast(offset, tl.float32)
+        scale = scale + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
     return value * scale
 
 
 @triton.jit
-def dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_ptr, out_ptr, offset, n,
+def nested_offset(offset_ptr, NESTED: tl.constexpr):
+    """The double-quantized absmax's offset, read once per program from the one-element tensor bitsandbytes keeps
+    it in (on the device: no host sync to pass it as a scalar); 0.0 without nesting (the pointer is not read)."""
+    if NESTED:
+        return tl.load(offset_ptr).to(tl.float32)
+    return 0.0
+
+
+@triton.jit
+def dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_ptr, out_ptr, offset_ptr, n,
                            BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr,
                            INT64: tl.constexpr, BLOCK: tl.constexpr):
     """out[e] = w[e] for the flattened weight (module docstring), in out's dtype."""
@@ -60,24 +69,27 @@ def dequantize_4bit_kernel(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, ab
     if INT64:
         elements = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = elements < n
+    offset = nested_offset(offset_ptr, NESTED)
     values = dequant4_values(packed_ptr, absmax_ptr, code_ptr, absmax_code_ptr, absmax2_ptr, offset, elements, inside,
                              BLOCKSIZE, NESTED, BLOCKSIZE2)
     tl.store(out_ptr + elements, values.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def dequantize_4bit_arguments(*, packed, absmax, code, absmax_code, absmax2, out, offset: float, n: int,
+def dequantize_4bit_arguments(*, packed, absmax, code, absmax_code, absmax2, out, offset, n: int,
                               blocksize: int, nested: bool, blocksize2: int, int64: bool) -> dict:
     """``dequantize_4bit_kernel``'s arguments by name (the launcher passes tensors, bench/compile_check.py pointer
-    types and example sizes); without nesting ``absmax_code`` / ``absmax2`` are any pointer (never read)."""
+    types and example sizes); without nesting ``absmax_code`` / ``absmax2`` / ``offset`` are any pointer (never
+    read)."""
     return dict(packed_ptr=packed, absmax_ptr=absmax, code_ptr=code, absmax_code_ptr=absmax_code,
-                absmax2_ptr=absmax2, out_ptr=out, offset=offset, n=n, BLOCKSIZE=blocksize, NESTED=nested,
+                absmax2_ptr=absmax2, out_ptr=out, offset_ptr=offset, n=n, BLOCKSIZE=blocksize, NESTED=nested,
                 BLOCKSIZE2=blocksize2, INT64=int64, BLOCK=BLOCK)
 
 
 def weight_4bit_operands(packed: Tensor, quant_state) -> dict:
     """The 4-bit weight's arguments of ``dequant4_values`` (and of the kernels that call it), from a bitsandbytes
-    ``Params4bit`` (``packed``, uint8) and its ``QuantState``: the pointers, ``offset`` and the constexprs
-    BLOCKSIZE, NESTED, BLOCKSIZE2 (without nesting the absmax code pointers are any pointer, never read)."""
+    ``Params4bit`` (``packed``, uint8) and its ``QuantState``: the pointers (the nested absmax's offset too) and the
+    constexprs BLOCKSIZE, NESTED, BLOCKSIZE2 (without nesting the absmax code and offset pointers are any pointer,
+    never read)."""
     state = quant_state
     nested = bool(state.nested)
     inner = state.state2 if nested else None
@@ -85,8 +97,15 @@ def weight_4bit_operands(packed: Tensor, quant_state) -> dict:
                 code_ptr=state.code.float().contiguous(),
                 absmax_code_ptr=inner.code.float().contiguous() if nested else state.absmax,
                 absmax2_ptr=inner.absmax.float().contiguous() if nested else state.absmax,
-                offset=float(state.offset) if nested else 0.0, BLOCKSIZE=int(state.blocksize), NESTED=nested,
+                offset_ptr=_offset_tensor(state.offset, packed.device) if nested else state.absmax,
+                BLOCKSIZE=int(state.blocksize), NESTED=nested,
                 BLOCKSIZE2=int(inner.blocksize) if nested else 1)
+
+
+def _offset_tensor(offset, device: torch.device) -> Tensor:
+    """The nested absmax's offset as a float32 tensor on ``device``: bitsandbytes' own tensor where it is one
+    already (no copy), else made from the number."""
+    return torch.as_tensor(offset, dtype=torch.float32, device=device).reshape(1)
 
 
 def dequantize_4bit(packed: Tensor, quant_state) -> Tensor:
@@ -105,7 +124,7 @@ def dequantize_4bit(packed: Tensor, quant_state) -> Tensor:
     w = weight_4bit_operands(packed, state)
     args = dequantize_4bit_arguments(
         packed=w["packed_ptr"], absmax=w["absmax_ptr"], code=w["code_ptr"], absmax_code=w["absmax_code_ptr"],
-        absmax2=w["absmax2_ptr"], out=out, offset=w["offset"], n=n, blocksize=w["BLOCKSIZE"], nested=w["NESTED"],
+        absmax2=w["absmax2_ptr"], out=out, offset=w["offset_ptr"], n=n, blocksize=w["BLOCKSIZE"], nested=w["NESTED"],
         blocksize2=w["BLOCKSIZE2"], int64=n > 2**31 - BLOCK)
     launch(dequantize_4bit_kernel)[(triton.cdiv(n, BLOCK),)](**args)
     return out.to(state.dtype)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .common import gemm_precision, needs_int64, upcast
 from .configs import gemm4bit_configs
-from .dequant4 import dequant4_values, weight_4bit_operands
+from .dequant4 import dequant4_values, nested_offset, weight_4bit_operands
 from .dropout import keep_threshold
 from .gemm import dot_acc, gemm_arguments, launch_tiled_gemm, low_rank_tile, store_tile_with_bias, tile_coordinates
 
@@ -49,7 +49,7 @@ def fused_gemm_4bit_kernel(
     M, N, K, R,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_pm, stride_pr, stride_qr, stride_qn,
-    offset, lora_scale, keep_threshold, M_BUCKET,
+    offset_ptr, lora_scale, keep_threshold, M_BUCKET,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr, STORED: tl.constexpr,
     INT64: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -70,6 +70,7 @@ def fused_gemm_4bit_kernel(
         k_elements = k_elements.to(tl.int64)
     b_elements = k_elements[:, None] * stride_bk + cols[None, :] * stride_bn
     every_col = cols[None, :] >= 0  # all true: gives the K mask the tile's shape
+    offset = nested_offset(offset_ptr, NESTED)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)

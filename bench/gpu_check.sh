@@ -4,22 +4,24 @@
 #
 #     bash bench/gpu_check.sh --preflight   # at most 60 s: versions, CUDA, one small kernel forward+backward
 #     bash bench/gpu_check.sh               # the full check, at most 420 s of steps (limits below)
-#     bash bench/gpu_check.sh --steps       # QLoRA, the other base kinds, torch.compile peers: 125 s
+#     bash bench/gpu_check.sh --steps       # QLoRA, the other base kinds, torch.compile peers: 145 s
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
-#   1. kernel-tests     180 s  the compiled kernels against the float64 reference (JUnit XML)
+#   0. qlora-tests       40 s  the 4-bit kernels and layers compiled, against bitsandbytes, the dense kernels and
+#                              PEFT (JUnit XML); left out without bitsandbytes
+#   1. kernel-tests     140 s  the other compiled kernels against the float64 reference (JUnit XML)
 #   2. kernel-variants   90 s  the Triton GEMM against cuBLAS, schedule and precision variants, the winners
 #                              per shape and token count (*-kernel-schedules.json: the package's schedule table)
 #   3. layers            70 s  Llama-3-8B projections, 8192 tokens, r=16, bf16, p=0.1 and 0, beside PEFT
 #   4. model             25 s  one training step of a 2-layer llama-3-8b-width model
 #   5. dora-layers       35 s  DoRA layers beside PEFT's DoRA (4096 tokens)
 #   6. dora-composed     20 s  DoRA on the composed schedule, to hold against step 5
-# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 125 s of steps):
+# and, as a call of its own (bash bench/gpu_check.sh --steps, at most 145 s of steps):
 #   kinds-steps         30 s  a 4-bit QLoRA step at Llama-3-8B's projection shapes, fastlora / PEFT / frozen
-#   kinds-qlora-crossover 25 s  QLoRA layers per token count: the fused 4-bit GEMM against dequantize-then-cuBLAS,
+#   kinds-qlora-crossover 35 s  QLoRA layers per token count: the fused 4-bit GEMM against dequantize-then-cuBLAS,
 #                             PEFT and the frozen layer; the winners as the schedule table's base_4bit classes
-#   kinds-qlora-fused   15 s  the kinds-steps step with every 4-bit layer fused (base_4bit=fused): time and peak
+#   kinds-qlora-fused   25 s  the kinds-steps step with every 4-bit layer fused (base_4bit=fused): time and peak
 #   kinds-moe-gpt2      15 s  whole-model steps: MoE experts as parameters, GPT-2's Conv1D
 #   kinds-mixed-batch   10 s  k = 1, 2, 4, 8 adapters over one batch
 #   kinds-compile       30 s  frozen, PEFT and fastlora under torch.compile beside their eager selves
@@ -39,7 +41,7 @@ unset TRITON_INTERPRET
 # Autotuning results kept on disk (triton's TRITON_CACHE_AUTOTUNING; a version without it ignores it), so the
 # later steps reuse what the earlier ones tuned instead of benchmarking every config again.
 export TRITON_CACHE_AUTOTUNING=1
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 [[ -n "$PY" ]] || { echo "gpu_check.sh: neither python nor python3 on PATH" >&2; exit 2; }
 MODE=full
 [[ "${1:-}" == "--preflight" ]] && MODE=preflight
@@ -74,7 +76,13 @@ stem="$RUNNER_STAGE/$(date -u +%F)-$slug"
 } | tee -a "$SUMMARY"
 pack
 
+qlora_step() {  # qlora_step NAME SECONDS CMD...: a step that needs bitsandbytes, left out (and said so) without it
+    if [[ "$has_bnb" == 1 ]]; then step "$@"; else echo "step $1: left out (bitsandbytes cannot be imported)" | tee -a "$SUMMARY"; fi
+}
 pytest_args=(-q -rfEs -p no:cacheprovider)
+# The 4-bit tests of tests/test_kernels_gpu.py, run first in a step of their own (they would come last in the
+# file's order, after the longest tests), and left out of the kernel-tests step.
+qlora_tests="dequant4 or 4bit or qlora or qdora"
 if [[ "$MODE" == preflight ]]; then
     step preflight 50 "$PY" -m pytest tests/test_kernels_gpu.py -m preflight "${pytest_args[@]}"
     echo "gpu_check preflight: exit $RUNNER_STATUS" | tee -a "$SUMMARY"
@@ -86,15 +94,12 @@ if [[ "$MODE" == steps ]]; then
     # bitsandbytes' dequantize-then-matmul (the default) against PEFT's QLoRA and the frozen 4-bit base; then per
     # layer and token count the fused 4-bit GEMM against it, PEFT and the frozen layer: the crossover, as the
     # schedule table's base_4bit classes (*-kernel-schedules-4bit.json; bench/README.md says how to merge them).
-    qlora_step() {  # qlora_step NAME SECONDS CMD...: a step that needs bitsandbytes, left out (and said so) without it
-        if [[ "$has_bnb" == 1 ]]; then step "$@"; else echo "step $1: left out (bitsandbytes cannot be imported)" | tee -a "$SUMMARY"; fi
-    }
     qlora_step kinds-steps 30 "$PY" -m fastlora.bench --device cuda --step qlora-nf4 --preset llama-3-8b --layers 1 \
         --batch 4 --seq 512 --warmup 2 --repeats 5 --no-progress --json "$stem-steps-qlora.json"
-    qlora_step kinds-qlora-crossover 25 "$PY" bench/qlora_crossover.py --tokens 512,8192,64,2048 --budget 22 \
+    qlora_step kinds-qlora-crossover 35 "$PY" bench/qlora_crossover.py --tokens 512,8192,64,2048 --budget 32 \
         --json "$stem-qlora-crossover.json" --package-table "$stem-kernel-schedules-4bit.json"
     # the whole step again with every 4-bit layer fused: its time and its peak beside the frozen 4-bit model's
-    qlora_step kinds-qlora-fused 15 env FASTLORA_KERNEL_VARIANTS=base_4bit=fused "$PY" -m fastlora.bench --device cuda \
+    qlora_step kinds-qlora-fused 25 env FASTLORA_KERNEL_VARIANTS=base_4bit=fused "$PY" -m fastlora.bench --device cuda \
         --step qlora-nf4 --preset llama-3-8b --layers 1 --batch 4 --seq 512 --warmup 1 --repeats 4 --no-progress \
         --json "$stem-steps-qlora-fused.json"
     step kinds-moe-gpt2 15 "$PY" -m fastlora.bench --device cuda --step moe --step gpt2 --hidden 2048 --layers 2 \
@@ -120,7 +125,10 @@ plot_args() {  # plot_args NAME FILE: the array NAME holds --plot FILE where mat
     return 0
 }
 
-step kernel-tests 180 "$PY" -m pytest tests/test_kernels_gpu.py "${pytest_args[@]}" --junitxml="$stem-kernel-tests.xml"
+qlora_step qlora-tests 40 "$PY" -m pytest tests/test_kernels_gpu.py -k "$qlora_tests" "${pytest_args[@]}" \
+    --junitxml="$stem-qlora-tests.xml"
+step kernel-tests 140 "$PY" -m pytest tests/test_kernels_gpu.py -k "not ($qlora_tests)" "${pytest_args[@]}" \
+    --junitxml="$stem-kernel-tests.xml"
 
 step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192,2048,512 --rank 16 --dropout 0.1,0 --budget 75 \
     --json "$stem-kernel-variants.json" --package-table "$stem-kernel-schedules.json"

@@ -4,14 +4,15 @@ goes into the package's schedule table as ``base_4bit`` (fastlora/schedules.py).
 
 Each shape (q_proj 4096 → 4096, gate_proj 4096 → 14336, down_proj 14336 → 4096) is one bitsandbytes nf4 weight
 (double-quantized absmax, bf16 compute) shared by four layers, each run forward + backward on bf16 activations
-(x requires grad, the weight frozen), r=16, lora_alpha=32, float32 adapters, dropout 0.1:
+(x requires grad, the weight frozen), r=16, lora_alpha=32, float32 adapters, dropout 0.1, measured in this order
+(the two that decide the schedule first, so that a budget cut leaves the decision made):
 
-    frozen-nf4            the 4-bit layer alone: the floor
-    peft-qlora            PEFT's bitsandbytes LoRA layer
     fastlora-qlora        fastlora, ``base_4bit=dequant``: bitsandbytes' product (the weight dequantized to 16 bits,
                           then cuBLAS, forward and for dx), then the low-rank term
     fastlora-qlora-fused  fastlora, ``base_4bit=fused``: one Triton GEMM that dequantizes the weight tile by tile in
                           its main loop, the low-rank term in its accumulator
+    frozen-nf4            the 4-bit layer alone: the floor
+    peft-qlora            PEFT's bitsandbytes LoRA layer
 
 It records the median forward + backward time (``triton.testing.do_bench``) and the peak memory above what was
 allocated before the step, per layer; per shape and token count the fused layer's time over the dequantizing
@@ -22,7 +23,7 @@ default.  Token counts are measured in the order given, every shape at one count
 until ``--budget`` seconds (counted from the start of the process) are spent; an interrupt (SIGINT) keeps what
 was measured.  JSON out::
 
-    python bench/qlora_crossover.py --json FILE [--tokens 512,8192,64,2048] [--package-table FILE] [--budget 22]
+    python bench/qlora_crossover.py --json FILE [--tokens 512,8192,64,2048] [--package-table FILE] [--budget 32]
     python bench/qlora_crossover.py --dry-run   # CPU, Triton's interpreter, a tiny shape: the code paths only
     python bench/qlora_crossover.py --from-json RESULTS --package-table fastlora/data/kernel_schedules.json
 
@@ -56,7 +57,8 @@ from kernel_variants import (SHAPES, bench_timer, classes_from_winners, run_envi
                              write_package_table, write_results)
 
 DRY_SHAPES = {"tiny": (72, 40)}
-PROVIDERS = ("frozen-nf4", "peft-qlora", "fastlora-qlora", "fastlora-qlora-fused")
+# fastlora's two routes first: they decide the schedule, and a budget cut leaves that decision made.
+PROVIDERS = ("fastlora-qlora", "fastlora-qlora-fused", "frozen-nf4", "peft-qlora")
 ROUTES = {"fastlora-qlora": "dequant", "fastlora-qlora-fused": "fused"}  # fastlora's layers: their base_4bit
 
 
@@ -110,16 +112,18 @@ def _measure(name: str, M: int, layers: dict[str, nn.Module], rank: int, p: floa
     kinds = {n: f"{type(m).__module__}.{type(m).__qualname__}" for n, m in layers.items()}  # what each row timed
     entry = out["shapes"][name] = {"M": M, "K": K, "N": N, "r": rank, "dropout": p, "ms": {}, "peak_bytes": {},
                                    "layers": kinds}
+    ms = entry["ms"]
     for provider in PROVIDERS:
         if over_budget(f"{name} {provider}"):
-            return
+            break
         step = _step(layers[provider].train(), x, dy, {"base_4bit": ROUTES.get(provider, "dequant")})
-        entry["ms"][provider] = timed(step)
+        ms[provider] = timed(step)
         entry["peak_bytes"][provider] = peak_memory(step, torch.device(device))[0] if device == "cuda" else None
-    ms = entry["ms"]
-    entry["fused_over_dequant"] = ms["fastlora-qlora-fused"] / ms["fastlora-qlora"]
-    entry["base_4bit"] = "fused" if ms["fastlora-qlora-fused"] < ms["fastlora-qlora"] else "dequant"
-    entry["over_peft"] = {route: ms[provider] / ms["peft-qlora"] for provider, route in ROUTES.items()}
+    if all(provider in ms for provider in ROUTES):
+        entry["fused_over_dequant"] = ms["fastlora-qlora-fused"] / ms["fastlora-qlora"]
+        entry["base_4bit"] = "fused" if ms["fastlora-qlora-fused"] < ms["fastlora-qlora"] else "dequant"
+    if "peft-qlora" in ms:
+        entry["over_peft"] = {route: ms[provider] / ms["peft-qlora"] for provider, route in ROUTES.items()}
 
 
 def run(tokens: list[int], rank: int, dropout: float, budget: float, dry: bool, out: dict) -> None:
@@ -174,8 +178,9 @@ def _report(results: dict) -> None:
         peaks = " ".join(f"{p} {b / 2**20:.1f}" for p, b in entry["peak_bytes"].items() if b is not None)
         print(f"{name}: fwd+bwd ms: {times}" + (f"; peak MiB: {peaks}" if peaks else ""))
         if "base_4bit" in entry:
-            print(f"  fused / dequant {entry['fused_over_dequant']:.3f} -> base_4bit={entry['base_4bit']}; over PEFT: "
-                  + ", ".join(f"{route} {r:.3f}" for route, r in entry["over_peft"].items()))
+            print(f"  fused / dequant {entry['fused_over_dequant']:.3f} -> base_4bit={entry['base_4bit']}" + (
+                "; over PEFT: " + ", ".join(f"{route} {r:.3f}" for route, r in entry["over_peft"].items())
+                if "over_peft" in entry else ""))
     print("crossover:", json.dumps(results["crossover"]))
     if results.get("skipped"):
         print(f"skipped (budget): {len(results['skipped'])} measurements")
@@ -189,7 +194,7 @@ def main() -> int:
                                                                  "order (default 512,8192,64,2048)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.1)
-    ap.add_argument("--budget", type=float, default=22.0, help="seconds; later measurements are skipped (default 22)")
+    ap.add_argument("--budget", type=float, default=32.0, help="seconds; later measurements are skipped (default 32)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--package-table", help="write (or merge) the base_4bit classes into this schedule table")
     ap.add_argument("--dry-run", action="store_true", help="CPU, Triton's interpreter, a tiny shape: no timing worth "

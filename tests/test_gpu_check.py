@@ -192,8 +192,13 @@ def test_the_check_runs_its_steps_in_order_and_leaves_out_qlora_without_bitsandb
     if mode == "--preflight":
         assert ran == ["preflight"] and "-m preflight" in logs["preflight.log"]
     elif mode == "":
-        assert ran == ["kernel-tests", "kernel-variants", "layers", "model", "dora-layers", "dora-composed"]
-        assert "tests/test_kernels_gpu.py" in logs["kernel-tests.log"]
+        assert ran == ["qlora-tests", "kernel-tests", "kernel-variants", "layers", "model", "dora-layers",
+                       "dora-composed"]
+        assert "tests/test_kernels_gpu.py -k not (dequant4 or 4bit or qlora or qdora)" in logs["kernel-tests.log"]
+        line = next(li for li in text.splitlines() if li.startswith("step qlora-tests:"))
+        assert ("exit 0" in line) == bnb and ("left out (bitsandbytes cannot be imported)" in line) != bnb
+        if bnb:
+            assert "tests/test_kernels_gpu.py -k dequant4 or 4bit or qlora or qdora" in logs["qlora-tests.log"]
         assert "--package-table" in logs["kernel-variants.log"]
         assert "[variants dora=composed]" in logs["dora-composed.log"]
     else:

@@ -76,7 +76,8 @@ def _layers(K: int, N: int, rank: int, p: float, device: str) -> dict[str, nn.Mo
     base = base.to(device)  # quantizes
     base.support_avx512bf16_for_cpu = False  # bitsandbytes 0.50 repacks CPU weights on inference forwards
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=p)
-    peft_layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=2 * rank)  # dropout: config's
+    # recent PEFT reads the options from config, older versions from the keywords: both given
+    peft_layer = PeftLinear4bit(base, "default", config=config, r=rank, lora_alpha=2 * rank, lora_dropout=p)
     settings = AdapterSettings(rank, 2 * rank, p, False, False, False)
     ours = {name: LoRAQuantizedLinear.from_quantized(base, "default", settings, False, torch.float32,
                                                      backend="triton").to(device)

@@ -464,9 +464,11 @@ def test_gemm4bit_compiled_equals_the_dense_kernel_on_the_dequantized_weight(dro
         assert_close(got, dense, kind="same_math")
 
 
-def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_term():
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_term(p):
     """The fused QLoRA layer (base_4bit=fused) against bitsandbytes' product plus the torch path's low-rank term,
-    bf16."""
+    bf16, forward and backward (y, dx, dA, dB), with dropout too: on CUDA both draw the kernels' Philox mask from
+    one seed."""
     bnb = pytest.importorskip("bitsandbytes")
     from torch import nn
 
@@ -480,17 +482,26 @@ def test_fused_qlora_layer_compiled_agrees_with_bitsandbytes_and_the_low_rank_te
         base = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=bf16, quant_type="nf4")
         base.load_state_dict(dense.state_dict())
         base = base.to(DEVICE)
-        layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(16, 32, 0.0, False, False, False),
+        layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(16, 32, p, False, False, False),
                                                    False, torch.float32, backend=backend)
-        layers.append(layer)
+        layers.append(layer.train())
     with torch.no_grad():
         layers[1].lora_A.copy_(layers[0].lora_A)
         layers[1].lora_B.copy_(layers[0].lora_B)
     x = torch.randn(4, 512, 4096, device=DEVICE, dtype=bf16)
+    dy = torch.randn(4, 512, 1024, device=DEVICE, dtype=bf16)
+    results = []
     with schedules.use_kernel_variants(base_4bit="fused"):
         assert layers[0]._fused_4bit_schedule(x, ["default"]) is not None
-        fused = layers[0](x)
-    assert_close(fused.float(), layers[1](x).float(), kind="same_math", dtype=bf16)
+        for layer in layers:
+            xi = x.clone().requires_grad_(True)
+            torch.manual_seed(1)  # one seed: one mask
+            y = layer(xi)
+            results.append([y, *torch.autograd.grad(y, (xi, layer.lora_A, layer.lora_B), dy)])
+        assert layers[1]._fused_4bit_schedule(x, ["default"]) is None  # the torch backend: bitsandbytes' product
+    for name, got, expected in zip(("y", "dx", "dA", "dB"), *results):
+        # dA and dB are float32 sums of bf16 operands (x, dy) in both: bf16's bound
+        assert_close(got.float(), expected.float(), kind="same_math", dtype=bf16, msg=name)
 
 
 def test_qdora_layer_on_cuda_matches_peft():
@@ -514,7 +525,8 @@ def test_qdora_layer_on_cuda_matches_peft():
     ours = LoRAQuantizedLinear.from_quantized(copy.deepcopy(base), "default",
                                               AdapterSettings(16, 32, 0.0, False, True, False), False, f32).train()
     theirs = peft.tuners.lora.bnb.Linear4bit(copy.deepcopy(base), "default", r=16, lora_alpha=32, config=peft.LoraConfig(
-        r=16, lora_alpha=32, use_dora=True, init_lora_weights=False)).train()
+        r=16, lora_alpha=32, use_dora=True, init_lora_weights=False), use_dora=True, init_lora_weights=False).train()
+    assert theirs.use_dora["default"]  # a DoRA layer whichever way this PEFT reads its options
     theirs.lora_A["default"].float()
     theirs.lora_B["default"].float()
     with torch.no_grad():

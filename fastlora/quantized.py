@@ -60,8 +60,8 @@ def is_bnb_linear(module: nn.Module) -> bool:
 
 def quantized_refusal(module: nn.Module) -> str | None:
     """Why the bitsandbytes layer ``module`` cannot be adapted (None when it can): bitsandbytes missing or older
-    than fastlora's QLoRA needs, or the layer's weight not loaded (on the meta device: no quantization state
-    to read)."""
+    than fastlora's QLoRA needs, the layer's weight not loaded (on the meta device: no quantization state to
+    read), or a 4-bit weight not quantized yet (its forward would fail inside bitsandbytes)."""
     needed = ".".join(map(str, MIN_BITSANDBYTES))
     try:
         bnb = _bnb()
@@ -75,6 +75,11 @@ def quantized_refusal(module: nn.Module) -> str | None:
     if module.weight.device.type == "meta":
         return (f"a bitsandbytes {type(module).__name__} whose weight is on the meta device (not loaded, no "
                 f"quantization state): load the model's weights before adapting it")
+    if (isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is None
+            and getattr(module, "quant_state", None) is None):  # (bitsandbytes restores the first from the second)
+        return (f"a bitsandbytes {type(module).__name__} whose weight is not quantized yet (no quantization state; "
+                f"bitsandbytes quantizes it when the layer moves to a device): call .to(device) on the layer, or "
+                f"load the model with a BitsAndBytesConfig, before adapting it")
     return None
 
 
@@ -153,6 +158,8 @@ class LoRAQuantizedLinear(LoRALinear):
 
                 data, state = _convert_weight_packed_for_cpu_inverse(data, state)
             return bnb.functional.dequantize_4bit(data, state)
+        if weight.dtype != torch.int8:  # an 8-bit layer holding float weights (has_fp16_weights, or not moved to
+            return weight.data.to(torch.float32, copy=True)  # a device yet): bitsandbytes quantizes per call
         # Linear8bitLt: int8 rows with one absmax each (SCB)
         scale = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scale.to(weight.data.device))

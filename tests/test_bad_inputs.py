@@ -343,8 +343,16 @@ def test_bad_qlora_call_is_refused_and_changes_nothing(prepare, call, error, mat
         assert_unchanged(ctx[name], before[name])
 
 
-def test_a_quantized_layer_on_the_meta_device_is_refused_by_name_and_changes_nothing(quantized_checkpoint):
-    """A bitsandbytes layer whose weight is not loaded (on the meta device, no quantization state)."""
+@pytest.mark.parametrize("state, match", [
+    ("on the meta device", r"q_proj \(Linear4bit: a bitsandbytes Linear4bit whose weight is on the meta device \(not "
+                           r"loaded, no quantization state\)"),
+    ("not quantized yet", r"q_proj \(Linear4bit: a bitsandbytes Linear4bit whose weight is not quantized yet \(no "
+                          r"quantization state; .*\): call \.to\(device\) on the layer"),
+])
+def test_a_quantized_layer_without_its_quantization_state_is_refused_by_name_and_changes_nothing(
+        quantized_checkpoint, state, match):
+    """A bitsandbytes 4-bit layer with no quantization state to read: its weight not loaded (on the meta device), or
+    not quantized yet (built, never moved to a device: bitsandbytes' own forward would fail with a bare assert)."""
     import bitsandbytes as bnb
     from accelerate import init_empty_weights
 
@@ -352,13 +360,15 @@ def test_a_quantized_layer_on_the_meta_device_is_refused_by_name_and_changes_not
     from tests.test_qlora import QUANT
 
     model = load_quantized(quantized_checkpoint, **QUANT["nf4-fp32"])
-    with init_empty_weights():
+    if state == "on the meta device":
+        with init_empty_weights():
+            unloaded = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4")
+    else:
         unloaded = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4")
     model.model.layers[0].self_attn.q_proj = unloaded
     types = [(name, type(m)) for name, m in model.named_modules()]
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    with pytest.raises(TypeError, match=r"q_proj \(Linear4bit: a bitsandbytes Linear4bit whose weight is on the meta "
-                                        r"device \(not loaded, no quantization state\)"):
+    with pytest.raises(TypeError, match=match):
         get_peft_model(model, LoraConfig(**QLORA_CONFIG))
     assert model.model.layers[0].self_attn.q_proj is unloaded
     assert [(name, type(m)) for name, m in model.named_modules()] == types

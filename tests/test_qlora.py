@@ -478,3 +478,32 @@ def test_low_rank_term_without_a_weight_refuses_bias_and_the_triton_backend():
     with pytest.raises(ValueError, match="backend='triton' needs the base weight"):
         fastlora.lora_linear(x, None, None, A, B, 1.0, backend="triton")
     assert_close(fastlora.lora_linear(x, None, None, A, B, 2.0), 2.0 * (x @ A.t()) @ B.t(), kind="same_math", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("moved", [True, False], ids=["fp16 weights", "not moved yet"])
+def test_an_8bit_layer_holding_float_weights_merges_into_them(moved):
+    """A Linear8bitLt whose weight is still float (has_fp16_weights=True, or not yet moved to a device): its weight
+    reads as it is (not through an int8 scale a forward pass left behind), and merging adds scaling · B A to it."""
+    from fastlora.adapter_settings import AdapterSettings
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=moved)
+    base = base.to("cpu") if moved else base
+    original = base.weight.data.float().clone()
+    assert base.weight.dtype != torch.int8
+    layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(4, 8, 0.0, False, False, False), False,
+                                               torch.float32)
+    assert torch.equal(layer.base_weight(), original)
+    layer(torch.randn(3, 64))  # bitsandbytes leaves int8 scales in the layer's state (and quantizes a weight not moved)
+    if moved:
+        assert torch.equal(layer.base_weight(), original)
+    A, B = layer.lora_factors("default")
+    with pytest.warns(UserWarning, match="rounding errors"):
+        layer.merge()
+    merged = original + 2.0 * B.detach() @ A.detach()
+    if moved:  # still float: the sum itself, rounded once to float32
+        assert layer.base_layer.weight.dtype == torch.float32
+        assert_close(layer.base_layer.weight.data, merged, kind="roundoff")
+    else:  # quantized on its way back, as moving it would: within int8's rounding of each row's range
+        step = merged.abs().amax(1, keepdim=True) / 127
+        assert ((layer.base_weight() - merged).abs() <= step).all()

@@ -507,3 +507,30 @@ def test_an_8bit_layer_holding_float_weights_merges_into_them(moved):
     else:  # quantized on its way back, as moving it would: within int8's rounding of each row's range
         step = merged.abs().amax(1, keepdim=True) / 127
         assert ((layer.base_weight() - merged).abs() <= step).all()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("x_shape", [(12, 72), (3, 4, 72)], ids=["2-D (into bitsandbytes' output)", "3-D"])
+def test_the_default_path_keeps_x_S_and_the_seed_for_backward(bits, x_shape):
+    """What autograd keeps for the low-rank term beside bitsandbytes' product (added into its output, or out of
+    place): x, the rank-r S and the dropout seed; no dequantized weight, no mask, no dropped copy of x."""
+    from fastlora.adapter_settings import AdapterSettings
+    from fastlora.bench.measure import SavedTensorCounter, module_tensors
+
+    torch.manual_seed(0)
+    dense = nn.Linear(72, 40)
+    base = (bnb.nn.Linear4bit(72, 40, compute_dtype=torch.float32, quant_type="nf4") if bits == 4
+            else bnb.nn.Linear8bitLt(72, 40, has_fp16_weights=False))
+    base.load_state_dict(dense.state_dict())
+    base = base.to("cpu")
+    if bits == 4:
+        base.support_avx512bf16_for_cpu = False
+    layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(4, 8, 0.2, False, False, False), False,
+                                               torch.float32).train()
+    x = torch.randn(*x_shape, requires_grad=True)
+    counter = SavedTensorCounter(exclude=module_tensors(layer), inputs=[x])
+    with counter:
+        y = layer(x)
+    y.sum().backward()
+    tokens = x.numel() // 72
+    assert counter.bytes == x.numel() * 4 + tokens * 4 * 4 + 8, counter.storages  # x, S (tokens × r=4), the seed

@@ -202,15 +202,16 @@ _DORA_TABLES = {
 # The GEMM over a 4-bit weight (gemm4bit.py): the main loop dequantizes B's tile in registers (a byte, a code and an
 # absmax per element), which the dense lists' larger K steps and deeper pipelines spill or overflow shared memory
 # with.  Chosen with bench/compile_check.py (triton 3.6 and 3.9): no spills with plain or double-quantized absmax,
-# 32- or 64-bit offsets, wgmma on sm_90 (triton 3.6 spills 64-wide K steps, 64 × 128 tiles and, with the mask on
-# sm_80, three-stage 128-row tiles).  16-bit
+# 32- or 64-bit offsets, wgmma on sm_90, the fp32 adapters' prologue in tf32 as launched (triton 3.6 spills 64-wide
+# K steps, 64 × 128 tiles and, with the mask on sm_80, three-stage 128-row tiles and a two-stage 64 × 64 tile on
+# four warps).  16-bit
 # operands only (a QLoRA compute dtype).
 _GEMM4BIT_TABLES = {
     # (arch class, masked low-rank term: the dx GEMM with dropout)
     ("hopper", False): [(128, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 2)],
     ("hopper", True): [(128, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 2)],
     ("ampere", False): [(128, 64, 32, 8, 4, 3), (128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 2)],
-    ("ampere", True): [(128, 64, 32, 8, 4, 2), (64, 64, 32, 8, 4, 3), (64, 64, 32, 8, 4, 2)],
+    ("ampere", True): [(128, 64, 32, 8, 4, 2), (64, 64, 32, 8, 4, 3), (64, 64, 32, 8, 8, 2)],
 }
 
 

@@ -362,9 +362,10 @@ def skinny_jobs(arch: int) -> list[Job]:
 
 
 def mask_jobs(arch: int) -> list[Job]:
-    """The elementwise masking kernel (DoRA's dropout on whole tensors): each dtype, 32- and 64-bit offsets."""
+    """The elementwise masking kernel (dropout on whole tensors: the torch path and DoRA's products on CUDA): each
+    dtype, 32- and 64-bit offsets."""
     jobs = []
-    for dt in ("fp32", "bf16", "fp16"):
+    for dt in ("fp32", "bf16", "fp16", "fp64"):
         for int64 in (False, True):
             args = zero_dropped_arguments(t=Ptr(dt), seed=Ptr("i64"), rows_total=3 * M, M=M, K=K,
                                           keep_threshold=keep_threshold(0.1), int64=int64)

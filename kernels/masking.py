@@ -1,7 +1,8 @@
 """The dropout mask applied on its own: zero, in place, the elements the kernels' Philox mask drops.
 
-The fused kernels apply the mask inside their loops; the DoRA op, which runs its products through torch,
-applies it to whole tensors with this elementwise kernel instead, on the tensor's device.  Element
+The fused kernels apply the mask inside their loops; the products that run through torch on a CUDA device (the
+torch path, DoRA's op, the term beside a quantized base) apply it to whole tensors with this elementwise
+kernel instead, on the tensor's device.  Element
 (row, col) of each (M, K) slice of a contiguous (..., M, K) tensor gets the mask of element (row, col) of
 an M × K input under the same seed (:mod:`.dropout`), and is multiplied by 0 when dropped, as x ⊙ m
 (a dropped NaN stays NaN).
@@ -35,7 +36,9 @@ def zero_dropped_kernel(
     inside = (rows[:, None] < rows_total) & (cols[None, :] < K)
     offsets_rows = rows.to(tl.int64) if INT64 else rows
     ptrs = t_ptr + offsets_rows[:, None] * K + cols[None, :]
-    t = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)  # (the interpreter cannot compute in bf16)
+    t = tl.load(ptrs, mask=inside, other=0.0)
+    if t_ptr.dtype.element_ty != tl.float64:  # (the interpreter cannot compute in bf16; float64 stays exact)
+        t = t.to(tl.float32)
     k0, k1 = philox_key(seed_ptr)
     keep = keep_mask(k0, k1, rows % M, col_start, keep_threshold, BLOCK_ROWS, BLOCK_COLS)
     tl.store(ptrs, tl.where(keep, t, t * 0.0).to(t_ptr.dtype.element_ty), mask=inside)

@@ -272,7 +272,9 @@ def check_zero_dropped(device: str, dtype: torch.dtype, M: int = 37, K: int = 97
     """Every (M, K) slice of a stack multiplied by the kernels' mask for (seed, row, col), NaN kept as NaN."""
     from fastlora.kernels.launchers import zero_dropped_
 
-    t = torch.randn(3, M, K, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    # drawn in float64: a float64 tensor's values past float32's precision must come through unrounded
+    t = torch.randn(3, M, K, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(device=device,
+                                                                                                 dtype=dtype)
     keep = philox.keep_mask(seed, M, K, p, device=device)
     dropped, kept = (~keep).nonzero()[0], keep.nonzero()[0]
     t[1, dropped[0], dropped[1]] = t[2, kept[0], kept[1]] = float("nan")  # x ⊙ m: both stay NaN

@@ -176,7 +176,7 @@ def test_which_operands_tma_can_read():
     assert not tma_readable(x, torch.empty(1, 136, dtype=torch.float16).expand(104, 136))  # B's rows expanded
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_zero_dropped_kernel(dtype):
     kc.check_zero_dropped("cpu", dtype)
 

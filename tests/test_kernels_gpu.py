@@ -173,7 +173,7 @@ def test_empty_batch():
     kc.check_empty(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [f32, bf16], ids=str)
+@pytest.mark.parametrize("dtype", [f32, bf16, torch.float64], ids=str)
 def test_zero_dropped_kernel(dtype):
     kc.check_zero_dropped(DEVICE, dtype, M=1000, K=4096, p=0.1)
 

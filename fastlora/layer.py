@@ -448,7 +448,8 @@ class LoRALinear(nn.Linear):
                       layer_name: str | None = None) -> str | None:
         """The message of the ValueError that merging ``adapter_names`` (default: the active adapter) would raise,
         or None when the merge would go through, from one build of the merged weight; nothing changes.  A model
-        asks every layer before merging any; ``layer_name`` goes into the message."""
+        asks every layer before merging any; ``layer_name`` goes into the message.  RuntimeError where an adapter
+        with lora_bias meets a base without a bias (which a model checks first)."""
         names = self._names_to_merge(adapter_names)
         if not names:
             return None
@@ -477,8 +478,9 @@ class LoRALinear(nn.Linear):
     def merge(self, adapter_names: Iterable[str] | None = None, safe_merge: bool = False) -> None:
         """W ← round(W + Σ scaling · B A) over ``adapter_names`` (default: the active adapter) not yet merged,
         summed in float32 and rounded once to W's dtype (a DoRA adapter also scales the rows, see
-        ``_merged_weight``).  ``safe_merge``: refuse (ValueError, W unchanged) when the merged weight would hold
-        NaN or Inf."""
+        ``_merged_weight``; a base kind whose stores round more, quantized, rounds after each adapter:
+        ``_stored_and_read_again``).  ``safe_merge``: refuse (ValueError, W unchanged) when the merged weight would
+        hold NaN or Inf."""
         names = self._names_to_merge(adapter_names)
         if not names:
             return

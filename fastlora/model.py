@@ -586,7 +586,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         return names
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Fold the adapters (default: the active one) into the base weights: float32 sum, one rounding.
+        """Fold the adapters (default: the active one) into the base weights: float32 sum, one rounding (a
+        quantized weight: adapter by adapter, requantized after each, as PEFT's bitsandbytes layers merge).
         ``safe_merge``: first check every merged weight for NaN/Inf and refuse (ValueError) leaving the model
         unmerged."""
         names = self._check_adapter_names(adapter_names)

@@ -166,24 +166,31 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _store_base_weight(self, weight: Tensor) -> None:
         """Quantize the merged or unmerged weight again, with the base's quantization settings."""
-        self.base_layer.weight = self._quantized(weight)
+        self.base_layer.weight = self._quantized(weight, for_the_layer=True)
 
     def _stored_and_read_again(self, weight: Tensor) -> Tensor:
         """``weight`` quantized and dequantized: PEFT's bitsandbytes layers merge (and unmerge) several adapters
         one by one, requantizing the weight after each, so the merged weight carries each rounding as theirs."""
-        return self._dequantize(self._quantized(weight))
+        return self._dequantize(self._quantized(weight, for_the_layer=False))
 
-    def _quantized(self, weight: Tensor) -> nn.Parameter:
-        """``weight`` (out × in, float) quantized as the base layer's weight is: a new parameter of its kind."""
+    def _quantized(self, weight: Tensor, for_the_layer: bool) -> nn.Parameter:
+        """``weight`` (out × in, float) quantized as the base layer's weight is: a new parameter of its kind.  Only
+        one ``for_the_layer`` is bound to the layer (a 4-bit parameter gives its module its quantization state as
+        it quantizes): an intermediate one, between two adapters of a merge, leaves the layer as it was."""
         bnb = _bnb()
         old = self.base_layer.weight
         if isinstance(self.base_layer, bnb.nn.Linear4bit):
             kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_") and k != "data"}
             kwargs["bnb_quantized"] = False
             kwargs["requires_grad"] = False
+            if not for_the_layer:
+                kwargs.pop("module", None)
             return bnb.nn.Params4bit(weight.to("cpu"), **kwargs).to(old.device)
-        return bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False,
-                                 has_fp16_weights=old.has_fp16_weights).to(old.device)
+        if old.has_fp16_weights:  # kept in float and quantized per call: made where it lives, in its dtype (moving
+            # such a parameter from the CPU to CUDA gives a plain tensor, which a module refuses as its weight)
+            return bnb.nn.Int8Params(weight.to(device=old.device, dtype=old.dtype), requires_grad=False,
+                                     has_fp16_weights=True)
+        return bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, has_fp16_weights=False).to(old.device)
 
     def _storage_refusal(self, merged: Tensor) -> str | None:
         """Why requantizing the merged weight would damage it (None when it would not): NaN or Inf in it, or a

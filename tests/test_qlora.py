@@ -261,11 +261,16 @@ def test_several_adapters_merge_and_unmerge_as_peft(checkpoint, quant):
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     peers = theirs.base_model.model.model.layers[0].self_attn.q_proj
     both = ["default", "second"]
+    state = getattr(layer.base_layer, "quant_state", None)  # a 4-bit layer's own copy of its weight's state
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        assert layer.merge_problem(both) is None
+        assert getattr(layer.base_layer, "quant_state", None) is state  # the check's requantizations left it alone
         for model in (theirs, ours):
             model.base_model.merge_adapter(both)
         assert layer.merged_adapters == both
+        if state is not None:
+            assert layer.base_layer.quant_state is layer.base_layer.weight.quant_state is not state
         assert torch.equal(layer.base_layer.weight.data, peers.base_layer.weight.data)
         for model in (theirs, ours):
             model.unmerge_adapter()

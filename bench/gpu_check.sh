@@ -8,9 +8,9 @@
 #     SKIP_MODEL=1 / SKIP_DORA=1            # leave out the model step / the two DoRA steps
 #
 # The steps, most valuable first (bench/README.md says what each one decides):
-#   0. qlora-tests       40 s  the 4-bit kernels and layers compiled, against bitsandbytes, the dense kernels and
+#   0. qlora-tests       55 s  the 4-bit kernels and layers compiled, against bitsandbytes, the dense kernels and
 #                              PEFT (JUnit XML); left out without bitsandbytes
-#   1. kernel-tests     140 s  the other compiled kernels against the float64 reference (JUnit XML)
+#   1. kernel-tests     125 s  the other compiled kernels against the float64 reference (JUnit XML)
 #   2. kernel-variants   90 s  the Triton GEMM against cuBLAS, schedule and precision variants, the winners
 #                              per shape and token count (*-kernel-schedules.json: the package's schedule table)
 #   3. layers            70 s  Llama-3-8B projections, 8192 tokens, r=16, bf16, p=0.1 and 0, beside PEFT
@@ -51,7 +51,7 @@ MODE=full
 # shellcheck source=bench/carried_wheels.sh
 source "$REPO/bench/carried_wheels.sh"
 use_carried_wheels "$REPO" "$PY"
-# QLoRA's GPU tests skip, and its steps are left out, where bitsandbytes cannot be imported.
+# QLoRA's GPU tests and steps are left out where bitsandbytes cannot be imported.
 has_bnb=0
 "$PY" -c "import bitsandbytes" >/dev/null 2>&1 && has_bnb=1
 
@@ -71,7 +71,7 @@ stem="$RUNNER_STAGE/$(date -u +%F)-$slug"
     "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name(0))"
     "$PY" -c "import importlib.metadata as m; print(' | '.join(f'{d} {m.version(d)}' for d in ('peft', 'transformers', 'accelerate', 'bitsandbytes') if __import__('importlib.util').util.find_spec(d)))" 2>/dev/null
     [[ -n "$CARRIED_WHEELS" ]] && echo "$CARRIED_WHEELS"
-    [[ "$has_bnb" == 1 ]] || echo "bitsandbytes cannot be imported: QLoRA's GPU tests skip and its steps are left out (bash bench/gpu_wheels.sh, then carry .whl)"
+    [[ "$has_bnb" == 1 ]] || echo "bitsandbytes cannot be imported: QLoRA's GPU tests and steps are left out (bash bench/gpu_wheels.sh, then carry .whl)"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 } | tee -a "$SUMMARY"
 pack
@@ -125,9 +125,9 @@ plot_args() {  # plot_args NAME FILE: the array NAME holds --plot FILE where mat
     return 0
 }
 
-qlora_step qlora-tests 40 "$PY" -m pytest tests/test_kernels_gpu.py -k "$qlora_tests" "${pytest_args[@]}" \
+qlora_step qlora-tests 55 "$PY" -m pytest tests/test_kernels_gpu.py -k "$qlora_tests" "${pytest_args[@]}" \
     --junitxml="$stem-qlora-tests.xml"
-step kernel-tests 140 "$PY" -m pytest tests/test_kernels_gpu.py -k "not ($qlora_tests)" "${pytest_args[@]}" \
+step kernel-tests 125 "$PY" -m pytest tests/test_kernels_gpu.py -k "not ($qlora_tests)" "${pytest_args[@]}" \
     --junitxml="$stem-kernel-tests.xml"
 
 step kernel-variants 90 "$PY" bench/kernel_variants.py --tokens 8192,2048,512 --rank 16 --dropout 0.1,0 --budget 75 \

@@ -213,4 +213,4 @@ def test_the_check_runs_its_steps_in_order_and_leaves_out_qlora_without_bitsandb
             assert "bench/qlora_crossover.py --tokens" in logs["kinds-qlora-crossover.log"]
             assert "kernel-schedules-4bit.json" in logs["kinds-qlora-crossover.log"]
             assert "[variants base_4bit=fused]" in logs["kinds-qlora-fused.log"]  # every 4-bit layer fused
-    assert ("bitsandbytes cannot be imported: QLoRA's GPU tests skip" in text) != bnb
+    assert ("bitsandbytes cannot be imported: QLoRA's GPU tests and steps are left out" in text) != bnb

@@ -79,7 +79,8 @@ def _quantized(bits: int) -> Callable[[StepSizes, str], nn.Module]:
     this process (a temporary folder, removed at exit) and loaded with bitsandbytes' config for each role, so
     the three roles read one set of weights without initialising and writing the model three times (a
     Llama-3-8B-width layer is 0.9 GB in float32).  The checkpoint is float32 on the CPU, bf16 elsewhere (the
-    usual QLoRA checkpoint, and half the bytes)."""
+    usual QLoRA checkpoint, and half the bytes): there the model's unquantized parts (embeddings, norms, the
+    head) and its activations are bf16 too."""
     checkpoints: dict[tuple[str, torch.dtype], tempfile.TemporaryDirectory] = {}
 
     def build(sizes: StepSizes, device) -> nn.Module:

@@ -58,6 +58,15 @@ def is_bnb_linear(module: nn.Module) -> bool:
     return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
+def _quant_state(base: nn.Module, weight: Tensor | None = None):
+    """The quantization state of a 4-bit layer's weight (``weight``: the layer's current one unless given): the
+    weight's own, or, where a wrapper dropped it (FSDP's flattening), the copy bitsandbytes keeps on the layer,
+    which its own forward restores the weight's from."""
+    weight = base.weight if weight is None else weight
+    state = getattr(weight, "quant_state", None)
+    return state if state is not None or weight is not base.weight else getattr(base, "quant_state", None)
+
+
 def quantized_refusal(module: nn.Module) -> str | None:
     """Why the bitsandbytes layer ``module`` cannot be adapted (None when it can): bitsandbytes missing or older
     than fastlora's QLoRA needs, the layer's weight not loaded (on the meta device: no quantization state to
@@ -75,8 +84,7 @@ def quantized_refusal(module: nn.Module) -> str | None:
     if module.weight.device.type == "meta":
         return (f"a bitsandbytes {type(module).__name__} whose weight is on the meta device (not loaded, no "
                 f"quantization state): load the model's weights before adapting it")
-    if (isinstance(module, bnb.nn.Linear4bit) and getattr(module.weight, "quant_state", None) is None
-            and getattr(module, "quant_state", None) is None):  # (bitsandbytes restores the first from the second)
+    if isinstance(module, bnb.nn.Linear4bit) and _quant_state(module) is None:
         return (f"a bitsandbytes {type(module).__name__} whose weight is not quantized yet (no quantization state; "
                 f"bitsandbytes quantizes it when the layer moves to a device): call .to(device) on the layer, or "
                 f"load the model with a BitsAndBytesConfig, before adapting it")
@@ -152,7 +160,7 @@ class LoRAQuantizedLinear(LoRALinear):
         dequantized as PEFT dequantizes it: a fresh (out × in) tensor."""
         bnb = _bnb()
         if isinstance(self.base_layer, bnb.nn.Linear4bit):
-            data, state = weight.data, weight.quant_state
+            data, state = weight.data, _quant_state(self.base_layer, weight)
             if getattr(state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
@@ -200,7 +208,7 @@ class LoRAQuantizedLinear(LoRALinear):
         if not math.isfinite(peak):
             return "the merged weight holds NaN or Inf"
         base = self.base_layer
-        dtype = ((base.compute_dtype or base.weight.quant_state.dtype) if isinstance(base, _bnb().nn.Linear4bit)
+        dtype = ((base.compute_dtype or _quant_state(base).dtype) if isinstance(base, _bnb().nn.Linear4bit)
                  else torch.float16)
         if peak > torch.finfo(dtype).max:
             return (f"the merged weight reaches {peak:.4g}, beyond {dtype}'s range ({torch.finfo(dtype).max:.4g}) "
@@ -277,11 +285,11 @@ class LoRAQuantizedLinear(LoRALinear):
             return None
         if (base.compute_dtype or x.dtype) not in (torch.float16, torch.bfloat16):  # the kernel's 16-bit dots
             return None
-        if getattr(base.weight.quant_state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
+        if getattr(_quant_state(base), "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernels
             return None
         if not resolve(self.backend, x).uses_kernels:
             return None
-        out_features, in_features = (int(s) for s in base.weight.quant_state.shape)
+        out_features, in_features = (int(s) for s in _quant_state(base).shape)
         schedule = kernel_schedule(x.numel() // max(in_features, 1), out_features, in_features, QUANTIZED_VARIANTS)
         return schedule if schedule.base_4bit == "fused" else None
 
@@ -297,7 +305,7 @@ class LoRAQuantizedLinear(LoRALinear):
         lora_A, lora_B = self.lora_factors(name)
         settings = self.adapter_settings[name]
         p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
-        y = lora_linear_4bit(x.to(compute), base.weight.data, base.weight.quant_state, bias, lora_A, lora_B,
+        y = lora_linear_4bit(x.to(compute), base.weight.data, _quant_state(base), bias, lora_A, lora_B,
                              settings.scaling, p, seed, schedule)
         return y.to(x.dtype)
 

@@ -53,6 +53,8 @@ def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=7
 
 
 def _run(layer, x, seed=7):
+    """(y, dx, dA, dB) of one step, the gradients fresh tensors (a second run on the layer does not add into them)."""
+    layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = layer(x)
@@ -266,8 +268,27 @@ def test_on_a_cuda_device_the_default_path_draws_the_fused_paths_mask(monkeypatc
 
 
 def _run_named(layer, x, name, seed=7):
+    layer.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     torch.manual_seed(seed)
     y = layer(x)
     (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
     return (y, x.grad, *(f.grad for f in layer.lora_factors(name)))
+
+
+def test_a_weight_whose_quantization_state_a_wrapper_dropped_reads_the_layers_copy():
+    """Where a wrapper (FSDP's flattening) leaves a 4-bit weight without its quantization state, the copy
+    bitsandbytes keeps on the layer is read instead, as bitsandbytes' own forward does: the fused forward and
+    backward, the schedule's choice, and the dequantized weight a merge reads are what they were."""
+    fused, _ = _layers(dropout=0.2)
+    x = torch.randn(3, 11, 72, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with use_kernel_variants(base_4bit="fused"):
+        expected = _run(fused, x)
+        weight = fused.base_weight()
+        fused.base_layer.weight.quant_state = None
+        assert fused.base_layer.quant_state is not None
+        assert fused._fused_4bit_schedule(x, ["default"]) is not None
+        got = _run(fused, x)
+    assert torch.equal(fused.base_weight(), weight)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert torch.equal(g, e), name

@@ -178,7 +178,11 @@ class LoRAQuantizedLinear(LoRALinear):
 
     def _stored_and_read_again(self, weight: Tensor) -> Tensor:
         """``weight`` quantized and dequantized: PEFT's bitsandbytes layers merge (and unmerge) several adapters
-        one by one, requantizing the weight after each, so the merged weight carries each rounding as theirs."""
+        one by one, requantizing the weight after each, so the merged weight carries each rounding as theirs.  A
+        weight the layer cannot hold (:meth:`_storage_refusal`) stays as it is, so that the merge's own check names
+        the overflow (requantized, it would read back as Inf or NaN)."""
+        if self._storage_refusal(weight) is not None:
+            return weight
         return self._dequantize(self._quantized(weight, for_the_layer=False))
 
     def _quantized(self, weight: Tensor, for_the_layer: bool) -> nn.Parameter:

@@ -539,3 +539,23 @@ def test_the_default_path_keeps_x_S_and_the_seed_for_backward(bits, x_shape):
     y.sum().backward()
     tokens = x.numel() // 72
     assert counter.bytes == x.numel() * 4 + tokens * 4 * 4 + 8, counter.storages  # x, S (tokens × r=4), the seed
+
+
+def test_an_overflow_between_two_adapters_of_an_8bit_merge_is_named():
+    """Two adapters merged into an 8-bit layer, the first taking the weight past float16's range (where bitsandbytes
+    quantizes from): the refusal names the overflow (requantized between the adapters, the weight would read back
+    as Inf or NaN), and the weight is unchanged."""
+    from fastlora.adapter_settings import AdapterSettings
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear8bitLt(64, 32, has_fp16_weights=False).to("cpu")
+    settings = AdapterSettings(4, 8, 0.0, False, False, False)
+    layer = LoRAQuantizedLinear.from_quantized(base, "default", settings, False, torch.float32)
+    layer.add_adapter("second", settings, init_lora_weights=False)
+    with torch.no_grad():
+        layer.lora_factors("default")[1].fill_(3e4)
+        layer.lora_factors("default")[0].fill_(1.0)
+    before = layer.base_layer.weight.data.clone()
+    with pytest.raises(ValueError, match=r"beyond torch\.float16's range .* requantizing would overflow; nothing was"):
+        layer.merge(["default", "second"])
+    assert torch.equal(layer.base_layer.weight.data, before) and not layer.merged

@@ -559,3 +559,52 @@ def test_an_overflow_between_two_adapters_of_an_8bit_merge_is_named():
     with pytest.raises(ValueError, match=r"beyond torch\.float16's range .* requantizing would overflow; nothing was"):
         layer.merge(["default", "second"])
     assert torch.equal(layer.base_layer.weight.data, before) and not layer.merged
+
+
+def _stored_bytes(t):
+    """A tensor's bytes: a 4-bit weight stored in a float dtype holds packed codes, some of them NaN patterns that
+    torch.equal would call unequal to themselves."""
+    return t.detach().contiguous().view(torch.uint8) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_a_4bit_weight_stored_in_a_float_dtype_trains_and_merges_as_peft(checkpoint, storage):
+    """``bnb_4bit_quant_storage`` (FSDP's QLoRA keeps the packed codes in the model's float dtype): both
+    prepare_model_for_kbit_training leave the packed weight as it is stored, a step equals PEFT's (logits, every
+    gradient), and merge_and_unload gives PEFT's quantized weights byte for byte."""
+    quantization = {**QUANT["nf4-double-bf16"], "bnb_4bit_quant_storage": storage}
+    models = {}
+    for name, library in (("peft", peft), ("fastlora", fastlora)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared = library.prepare_model_for_kbit_training(load_quantized(checkpoint, **quantization),
+                                                               use_gradient_checkpointing=False)
+        assert prepared.model.layers[0].mlp.up_proj.weight.dtype == storage
+        models[name] = library.get_peft_model(prepared, library.LoraConfig(**{**CONFIG, "init_lora_weights": True}))
+    theirs, ours = models["peft"], models["fastlora"]
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad and p.abs().sum() == 0:  # B: PEFT's zeros, so that the step and merge move something
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    copy_lora_weights(theirs, ours)
+    q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRAQuantizedLinear) and q_proj.base_layer.weight.dtype == storage
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=out_ours.logits.dtype)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs = {n: p.grad for n, p in _trainable(theirs).items()}
+    for name, param in _trainable(ours).items():
+        assert_close(param.grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE["nf4-double-bf16"], msg=name)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged_ours, merged_theirs = ours.merge_and_unload(), theirs.merge_and_unload()
+    peers = dict(merged_theirs.named_modules())
+    merged = [name for name, module in merged_ours.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert len(merged) == 2 * len(SEED_TARGETS)
+    for name in merged:
+        mine = dict(merged_ours.named_modules())[name].weight
+        assert mine.dtype == storage
+        assert torch.equal(_stored_bytes(mine.data), _stored_bytes(peers[name].weight.data)), name

@@ -29,11 +29,11 @@ pytestmark = pytest.mark.skipif(not INTERPRET, reason="interpreter tests (TRITON
 
 
 def _layers(quant_type="nf4", nested=True, dropout=0.2, bias=True, in_features=72, out_features=40, backend="triton",
-            compute=torch.bfloat16):
+            compute=torch.bfloat16, storage=torch.uint8):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=bias)
     base = bnb.nn.Linear4bit(in_features, out_features, bias=bias, compute_dtype=compute,
-                             compress_statistics=nested, quant_type=quant_type)
+                             compress_statistics=nested, quant_type=quant_type, quant_storage=storage)
     base.load_state_dict(linear.state_dict())
     base = base.to("cpu")  # quantizes
     base.support_avx512bf16_for_cpu = False
@@ -85,6 +85,22 @@ def test_fused_layer_equals_bitsandbytes_product_plus_the_low_rank_term():
     expected = _run(reference, x)  # bitsandbytes' bf16 product, then the low-rank term: one more rounding
     for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
         assert_close(g.float(), e.float(), kind="same_math", dtype=torch.bfloat16, msg=name)
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_a_weight_stored_in_a_float_dtype_reads_as_its_bytes(storage):
+    """``quant_storage`` (FSDP's QLoRA) keeps the packed codes in a float tensor: the fused path reads its bytes,
+    so it gives the uint8-stored layer's output and gradients exactly."""
+    stored, _ = _layers(storage=storage)
+    packed, _ = _layers()
+    assert stored.base_layer.weight.dtype == storage
+    assert torch.equal(stored.base_layer.weight.data.view(torch.uint8).flatten(), packed.base_layer.weight.data.flatten())
+    x = torch.randn(3, 5, 72, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    with use_kernel_variants(base_4bit="fused"):
+        assert stored._fused_4bit_schedule(x, ["default"]) is not None
+        got, expected = _run(stored, x), _run(packed, x)
+    for name, g, e in zip(("y", "dx", "dA", "dB"), got, expected):
+        assert torch.equal(g, e), name
 
 
 def test_a_trained_base_bias_gets_its_gradient_as_on_bitsandbytes_path():

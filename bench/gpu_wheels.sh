@@ -8,7 +8,7 @@
 #     bash bench/gpu_wheels.sh 0.50.2     # a given version
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-$(command -v python || command -v python3)}"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 version="${1:-$("$PY" -c "import importlib.metadata as m; print(m.version('bitsandbytes'))" 2>/dev/null || true)}"
 mkdir -p "$REPO/.whl"
 rm -f "$REPO"/.whl/bitsandbytes-*.whl  # one version: two would clash when installed together

@@ -22,7 +22,6 @@ the kernels' Philox mask instead (:func:`kernel_masks_on`).  DoRA's op is
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
@@ -31,6 +30,7 @@ from torch import Tensor
 from fastlora import cpu_masks, torch_path
 from fastlora.op_autograd import keep_needed, with_autograd
 from fastlora.op_scalars import OpScalars
+from fastlora.schedules import triton_imports
 
 
 @torch.library.custom_op("fastlora::cpu_zero_dropped_", mutates_args=("t",))
@@ -40,17 +40,12 @@ def cpu_zero_dropped_(t: Tensor, seed: Tensor, dropout_p: float) -> None:
     cpu_masks.zero_dropped_(t, int(seed.item()), dropout_p)
 
 
-# Whether triton is installed (looked up, not imported): a CUDA machine may lack it (Windows), where the torch path
-# keeps the CPU generator's masks.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
 def kernel_masks_on(t: Tensor) -> bool:
     """Whether the torch path applies the kernels' Philox mask to tensors on ``t``'s device rather than the CPU
-    generator's: on a CUDA device where triton is installed, where that is one launch with no host sync (the CPU
+    generator's: on a CUDA device where triton imports, where that is one launch with no host sync (the CPU
     generator's mask is drawn on the host and copied over) and the very mask the fused kernels draw for the same
     seed."""
-    return t.is_cuda and _TRITON_INSTALLED
+    return t.is_cuda and triton_imports()
 
 
 def keep_fn(seed: Optional[Tensor], dropout_p: float, philox: bool = False) -> torch_path.Keep:

@@ -182,6 +182,24 @@ def triton_interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_TRITON_IMPORTS: bool | None = None  # triton_imports' answer once asked (not functools.cache: Dynamo warns on it)
+
+
+def triton_imports() -> bool:
+    """Whether triton imports here: tried once, on the first call that could use it (a CUDA tensor's), not at
+    fastlora's import.  False where it is missing (Windows) or broken, so that CUDA calls keep the torch path and
+    the CPU generator's dropout masks rather than fail."""
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_IMPORTS = True
+        except ImportError:
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
+
+
 def resolve(backend: str, x: Tensor, weight: Tensor | None = None) -> Schedule:
     """The schedule of one call: "torch" for backend="torch" and off CUDA, the kernel schedule for
     backend="triton" (CUDA, or the CPU under TRITON_INTERPRET=1) and for "auto" on CUDA where triton imports,
@@ -191,11 +209,8 @@ def resolve(backend: str, x: Tensor, weight: Tensor | None = None) -> Schedule:
     if backend == "torch":
         return TORCH
     if x.is_cuda or (backend == "triton" and triton_interpreter_on()):
-        if backend == "auto":
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                return TORCH
+        if backend == "auto" and not triton_imports():
+            return TORCH
         if weight is None:
             return kernel_schedule()
         N, K = weight.shape

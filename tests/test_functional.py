@@ -73,6 +73,28 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert y.dtype == torch.bfloat16
 
 
+def test_a_triton_that_fails_to_import_keeps_cuda_calls_on_the_torch_path(tmp_path):
+    """A triton installed but broken (its import raises) counts as no triton: "auto" resolves to the torch path
+    for a CUDA tensor, and that path keeps the CPU generator's masks rather than launch the kernels' mask."""
+    import subprocess
+    import sys
+
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('a broken triton install')\n")
+    script = (
+        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from types import SimpleNamespace\n"
+        "from fastlora import ops, schedules\n"
+        "on_cuda = SimpleNamespace(is_cuda=True)\n"
+        "assert schedules.resolve('auto', on_cuda) is schedules.TORCH\n"
+        "assert not ops.kernel_masks_on(on_cuda)\n"
+        "print('BROKEN_TRITON_OK')\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "BROKEN_TRITON_OK" in result.stdout, result.stderr[-2000:]
+
+
 def test_cpu_path_works_without_triton():
     import subprocess
     import sys

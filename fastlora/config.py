@@ -160,8 +160,9 @@ class LoraConfig:
         layers_to_transform (list[int] | int | None): adapt only the modules in these layer indices.
         layers_pattern (list[str] | str | None): the name of the layer list those indices count in (e.g.
             ``"layers"``); None: any ``<name>.<index>`` in the module's qualified name.
-        modules_to_save (list[str] | None): modules trained and saved whole (exact name or dotted suffix):
-            each gets a trainable copy that the model uses, beside its frozen original.
+        modules_to_save (list[str] | None): modules trained and saved whole (every module whose qualified name
+            ends with an entry, as in PEFT): each gets a trainable copy that the model uses, beside its frozen
+            original.
         init_lora_weights (bool | str): True (A kaiming-uniform, B = 0), ``"gaussian"`` (A normal with std
             1/r, B = 0) or False (both random); PEFT's other initialisations raise
             :class:`UnsupportedFeatureError`.  Default True.

@@ -203,8 +203,12 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     config = settle_fan_in_fan_out(model, config, targets)
     warn_order_dependent_patterns(config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
-    lora_model = _lora_model_class()(model, config, adapter_name)
-    lora_model._mark_trainable(adapter_name)
+    try:
+        lora_model = _lora_model_class()(model, config, adapter_name)
+        lora_model._mark_trainable(adapter_name)
+    except BaseException:
+        undo()
+        raise
     return lora_model, undo
 
 

@@ -55,8 +55,10 @@ def _all_linear(model: nn.Module) -> list[str]:
 
 
 def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
-    """PEFT's guard: no adapter on a modules_to_save module or inside one."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in config.modules_to_save or [])
+    """PEFT's guard: no adapter on a modules_to_save module or inside one (the module or one of its parents matched
+    as :func:`plan_modules_to_save` matches them)."""
+    parents = [name[:i] for i, c in enumerate(name) if c == "."] + [name]
+    return any(parent.endswith(m) for parent in parents for m in config.modules_to_save or [])
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -190,12 +192,13 @@ def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[st
 
 
 def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
-    """Qualified names of the modules ``config`` saves whole: the outermost match of each entry (exact name or
-    dotted suffix).  An entry that matches nothing is an error, but for task heads.  A match that is already
-    a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None)."""
+    """Qualified names of the modules ``config`` saves whole: the outermost match of each entry, an entry matching
+    every name that ends with it, as PEFT matches them (``"norm"`` takes ``model.norm`` and each layer's
+    ``input_layernorm`` alike).  An entry that matches nothing is an error, but for task heads.  A match that is
+    already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None)."""
     found = set()
     for wanted in config.modules_to_save or []:
-        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and _name_matches(n, [wanted])}
+        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and n.endswith(wanted)}
         if not matches and wanted not in _task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
         found |= matches
@@ -205,6 +208,12 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
             raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")
+        frozen_kinds = sorted({str(p.dtype) for p in module.parameters() if not p.is_floating_point()})
+        if frozen_kinds:
+            raise TypeError(f"modules_to_save module {name!r} ({type(module).__name__}) holds {', '.join(frozen_kinds)} "
+                            f"parameters, which cannot be trained (a quantized layer): leave it out of modules_to_save, "
+                            f"or load the model with that module unquantized (BitsAndBytesConfig's "
+                            f"llm_int8_skip_modules)")
     return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
 
 

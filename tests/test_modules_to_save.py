@@ -129,6 +129,49 @@ def test_failure_while_wrapping_rolls_back(monkeypatch):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("entry", ["norm", "layernorm", "head"])
+def test_an_entry_matches_every_name_ending_with_it_as_in_peft(entry, tmp_path):
+    """PEFT wraps every module whose qualified name ends with an entry (``"norm"``: model.norm and each layer's
+    input_layernorm); so does fastlora, and each loads the other's file with equal logits."""
+    base = tiny_llama()
+    kwargs = dict(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4, lora_alpha=8, modules_to_save=[entry])
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    ours = {n for n, m in fm.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+              if isinstance(m, peft.utils.other.ModulesToSaveWrapper)}
+    assert ours == theirs and len(ours) == {"norm": 5, "layernorm": 4, "head": 1}[entry]
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    ids = tokens()
+    _sgd_step(pm, ids, ids)
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+        assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
+
+
+def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead():
+    """A LoRA target inside a modules_to_save module (``"attn"`` ends ``layers.0.self_attn``) is left to the saved
+    copy: no adapter inside a module trained whole."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["attn"]))
+    assert {n.rsplit(".", 1)[-1] for n, _ in model.lora_layers()} == {"up_proj"}
+    assert isinstance(model.model.model.layers[0].self_attn, ModulesToSaveWrapper)
+
+
+def test_failure_after_the_layers_are_swapped_rolls_back(monkeypatch):
+    """An error once every layer is adapted (freezing the rest of the model, here) leaves the model as it was."""
+    model = tiny_llama()
+    before = snapshot(model)
+
+    def failing(self, adapter_name):
+        raise RuntimeError("interrupted (simulated)")
+
+    monkeypatch.setattr(LoraModel, "_mark_trainable", failing)
+    with pytest.raises(RuntimeError, match="simulated"):
+        get_peft_model(model, LoraConfig(target_modules=SEED_TARGETS, modules_to_save=["lm_head"]))
+    assert_unchanged(model, before)
+
+
 def test_targets_only_in_modules_to_save_are_refused_with_the_reason():
     model = tiny_llama()
     before = snapshot(model)

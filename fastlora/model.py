@@ -41,12 +41,20 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _adapter_dtype(weight: torch.Tensor, autocast_adapter_dtype: bool) -> torch.dtype:
+def _adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
-    dtype = weight.dtype
-    if not dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
+    if not base_dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
         return torch.float32
-    return torch.float32 if autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
+    return torch.float32 if autocast_adapter_dtype and base_dtype in _WIDE_ADAPTER_DTYPES else base_dtype
+
+
+def _base_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype PEFT gives a layer's adapters before ``autocast_adapter_dtype``: its weight's, but a 4-bit layer's
+    compute dtype (whatever dtype holds its packed codes; torch's default dtype where it has none)."""
+    base = getattr(module, "base_layer", module)
+    if hasattr(base, "compute_dtype"):  # bitsandbytes' Linear4bit
+        return base.compute_dtype or torch.get_default_dtype()
+    return module.weight.dtype
 
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
@@ -84,7 +92,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     try:
         for name in targets:
             module = originals[name]
-            dtype = _adapter_dtype(module.weight, autocast_adapter_dtype)
+            dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
@@ -92,7 +100,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
                 _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, config.init_lora_weights,
                                                                dtype))
         new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
-                                            lambda weight: _adapter_dtype(weight, autocast_adapter_dtype))
+                                            lambda weight: _adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
             _set_module(model, owner, layer)
         for name in to_save:

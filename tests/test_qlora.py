@@ -608,3 +608,21 @@ def test_a_4bit_weight_stored_in_a_float_dtype_trains_and_merges_as_peft(checkpo
         mine = dict(merged_ours.named_modules())[name].weight
         assert mine.dtype == storage
         assert torch.equal(_stored_bytes(mine.data), _stored_bytes(peers[name].weight.data)), name
+
+
+@pytest.mark.parametrize("compute, storage", [(torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
+                                              (torch.float32, torch.bfloat16)])
+def test_adapters_without_autocast_take_the_4bit_layers_compute_dtype_as_in_peft(checkpoint, compute, storage):
+    """``autocast_adapter_dtype=False``: PEFT gives a 4-bit layer's adapters its compute dtype (not the dtype its
+    packed codes are stored in); fastlora's are the same, and so are the logits."""
+    quantization = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
+                        bnb_4bit_quant_storage=storage)
+    theirs = peft.get_peft_model(load_quantized(checkpoint, **quantization), peft.LoraConfig(**CONFIG),
+                                 autocast_adapter_dtype=False)
+    ours = fastlora.get_peft_model(load_quantized(checkpoint, **quantization), fastlora.LoraConfig(**CONFIG),
+                                   autocast_adapter_dtype=False)
+    assert {p.dtype for p in _trainable(ours).values()} == {p.dtype for p in _trainable(theirs).values()} == {compute}
+    copy_lora_weights(theirs, ours)
+    ids = tokens()
+    logits = ours(input_ids=ids).logits
+    assert_close(logits, theirs(input_ids=ids).logits, kind="same_math", dtype=compute)

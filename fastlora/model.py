@@ -41,6 +41,15 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+# TRL's DPO, KTO, GRPO and RLOO trainers make their reference adapter this way, then copy "default" into it by PEFT's
+# parameter names (fastlora.trl_trainers' trainers copy it themselves, without this warning).
+REFERENCE_ADAPTER_WARNING = (
+    "add_adapter('ref', <the 'default' adapter's config>) is how TRL's DPO, KTO, GRPO and RLOO trainers make the "
+    "reference adapter of a model handed to them already adapted; TRL then copies 'default' into it by PEFT's "
+    "parameter names, which fastlora's layers do not have, so 'ref' keeps a fresh initialization (a wrong reference "
+    "for a trained adapter).  Build the trainer from fastlora.trl_trainers (same class names), which copies it")
+
+
 def _adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
     # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
     if not base_dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
@@ -753,6 +762,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             raise ValueError(f"Adapter with name {adapter_name!r} already exists.")
         config = with_task_heads(peft_config, self.get_base_model())
         self._check_second_adapter(config)
+        if adapter_name == "ref" and peft_config is self.peft_config.get("default"):
+            warnings.warn(REFERENCE_ADAPTER_WARNING, UserWarning, stacklevel=2)
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)

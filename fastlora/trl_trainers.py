@@ -7,8 +7,9 @@ would (a model id loaded by TRL's own ``create_model_from_path`` with the same `
 ``quantization_config``, after TRL's ``set_seed(args.seed)``), adapts it with :func:`fastlora.get_peft_model`,
 and hands TRL the adapted model with no ``peft_config``.  fastlora's model is an instance of
 ``peft.PeftModel``, so TRL treats it as the PEFT model it would have built: input gradients for gradient
-checkpointing, QLoRA's bf16 adapters, the adapter-only checkpoints, the reference model of DPO-style trainers
-as the model with its adapter disabled.  Given a ``peft.PeftConfig`` (or none), a trainer here is TRL's own.
+checkpointing, QLoRA's bf16 adapters, the adapter-only checkpoints, the reference adapter of DPO-style trainers
+(a copy of the adapter being trained: TRL's own copy picks tensors by PEFT's parameter names, so the trainers here
+copy it).  Given a ``peft.PeftConfig`` (or none), a trainer here is TRL's own, but for that copy.
 
     from fastlora import LoraConfig                 # was: from peft import LoraConfig
     from fastlora.trl_trainers import SFTTrainer    # was: from trl import SFTTrainer
@@ -21,13 +22,16 @@ is refused (give ``trainable_token_indices`` in the config and set the tokenizer
 from __future__ import annotations
 
 import inspect
+import re
+import warnings
 
+import torch
 import trl
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl.trainer.utils import create_model_from_path
 
 from fastlora.config import LoraConfig
-from fastlora.model import get_peft_model
+from fastlora.model import REFERENCE_ADAPTER_WARNING, PeftModel, get_peft_model
 
 __all__ = ["SFTTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "RLOOTrainer", "RewardTrainer",
            "with_fastlora_lora"]
@@ -69,6 +73,18 @@ def _adapted_model(trainer_class: type, bound: inspect.BoundArguments, config: L
     return get_peft_model(model, config, autocast_adapter_dtype=not keep_dtype)
 
 
+def _copy_into_a_new_reference_adapter(model: PeftModel, adapters_before: set[str]) -> None:
+    """TRL's DPO, KTO, GRPO and RLOO trainers, handed an adapted model and no reference model, add a frozen adapter
+    "ref" with "default"'s config and copy "default"'s values into it, picking them by PEFT's parameter names
+    (``...lora_A.default.weight``), which fastlora's layers do not have: "ref" would keep a fresh initialization
+    instead of the adapter being trained (a trained adapter's reference would be wrong, silently).  Copy them as
+    TRL means to: every tensor of "default"'s adapter file (factors, DoRA magnitudes, modules_to_save copies,
+    token rows, biases)."""
+    if "ref" in model.peft_config and "ref" not in adapters_before and "default" in adapters_before:
+        with torch.no_grad():
+            model.load_adapter_tensors(model.adapter_tensors("default", None, False), "ref", False)
+
+
 def with_fastlora_lora(trainer_class: type) -> type:
     """``trainer_class`` (a TRL trainer whose constructor takes ``model`` and ``peft_config``) taking fastlora's
     :class:`fastlora.LoraConfig` as ``peft_config``; every other argument is the TRL trainer's own."""
@@ -80,7 +96,13 @@ def with_fastlora_lora(trainer_class: type) -> type:
         if isinstance(config, LoraConfig):
             bound.arguments["model"] = _adapted_model(trainer_class, bound, config)
             bound.arguments["peft_config"] = None
-        trainer_class.__init__(*bound.args, **bound.kwargs)
+        model = bound.arguments.get("model")
+        adapters_before = set(model.peft_config) if isinstance(model, PeftModel) else None
+        with warnings.catch_warnings():  # the reference adapter is copied below
+            warnings.filterwarnings("ignore", message=re.escape(REFERENCE_ADAPTER_WARNING[:40]))
+            trainer_class.__init__(*bound.args, **bound.kwargs)
+        if adapters_before is not None:
+            _copy_into_a_new_reference_adapter(model, adapters_before)
 
     __init__.__signature__ = signature
     __init__.__doc__ = trainer_class.__init__.__doc__

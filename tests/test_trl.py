@@ -2,7 +2,9 @@
 matches the same run under PEFT's config from the same initial adapter (dropout 0): losses and the saved
 adapter to float32 rounding."""
 
+import math
 import os
+import warnings
 
 import peft
 import pytest
@@ -165,6 +167,57 @@ def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path):
     losses = {name: _losses(trainer) for name, trainer in trainers.items()}
     assert len(losses["fastlora"]) == 3
     assert_close(losses["fastlora"], losses["peft"], kind="same_math")
+
+
+def _preference_data():
+    g = torch.Generator().manual_seed(0)
+
+    def words(n):
+        return " ".join(f"w{int(t)}" for t in torch.randint(0, 124, (n,), generator=g))
+
+    return datasets.Dataset.from_dict({"prompt": [words(6) for _ in range(8)], "chosen": [words(4) for _ in range(8)],
+                                       "rejected": [words(4) for _ in range(8)]})
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["LoRA", "DoRA"])
+def test_dpo_on_an_adapted_model_takes_the_trained_adapter_as_its_reference(tmp_path, use_dora):
+    """Handed a model already adapted (as after SFT: here B ≠ 0) and no reference model, TRL's DPOTrainer adds an
+    adapter "ref" and copies "default" into it by PEFT's parameter names, which fastlora's layers do not have;
+    fastlora's DPOTrainer copies every tensor of it, so the reference is the trained adapter, frozen, and the first
+    step's loss is log 2 (policy and reference agree), as with PEFT."""
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(**CONFIG, init_lora_weights=False,
+                                                                      use_dora=use_dora, modules_to_save=["norm"]))
+    with torch.no_grad():  # the trained copies of modules_to_save, away from the originals
+        for key, tensor in model.adapter_tensors("default").items():
+            if key.endswith("norm.weight"):
+                tensor.add_(torch.linspace(-0.5, 0.5, tensor.numel()))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, learning_rate=1e-2,
+                         logging_steps=1, bf16=False, report_to=[], save_strategy="no", max_length=16, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = trl_trainers.DPOTrainer(model=model, args=args, train_dataset=_preference_data(),
+                                          processing_class=_tokenizer())
+    assert not [w for w in caught if "reference adapter" in str(w.message)]
+    assert set(model.peft_config) == {"default", "ref"}
+    default, ref = model.adapter_tensors("default"), model.adapter_tensors("ref")
+    assert default.keys() == ref.keys() and any("lora_magnitude" in k for k in ref) == use_dora
+    assert any(k.endswith("input_layernorm.weight") for k in ref)
+    for key, value in default.items():
+        assert torch.equal(ref[key], value), key
+    ref_parameters = {id(p) for p in model.adapter_tensors("ref").values()}
+    assert not any(p.requires_grad for p in model.parameters() if id(p) in ref_parameters)
+    trainer.train()
+    assert_close(_losses(trainer)[0], torch.tensor(math.log(2)), kind="same_math")
+
+
+def test_trls_own_dpo_trainer_on_an_adapted_fastlora_model_is_warned_of_its_reference(tmp_path):
+    """TRL's own DPOTrainer cannot copy the trained adapter into its reference adapter (it picks tensors by PEFT's
+    names): the user is told, with the class that does."""
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(**CONFIG, init_lora_weights=False))
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, bf16=False,
+                         report_to=[], save_strategy="no", max_length=16)
+    with pytest.warns(UserWarning, match=r"'ref' keeps a fresh initialization .* from fastlora\.trl_trainers"):
+        trl.DPOTrainer(model=model, args=args, train_dataset=_preference_data(), processing_class=_tokenizer())
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["QLoRA", "QDoRA"])

@@ -5,11 +5,14 @@ imported only when a kernel is first launched.
 """
 
 from fastlora._version import __version__
+from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
+                           AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
+                           AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state_dict
-from fastlora.config import LoraConfig, TaskType, UnsupportedFeatureError
+from fastlora.config import LoraConfig, PeftConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.kbit import prepare_model_for_kbit_training
-from fastlora.layer import LoRALinear
+from fastlora.layer import LoraLayer, LoRALinear
 from fastlora.model import LoraModel, PeftModel, get_peft_model
 from fastlora.patch import PatchReport, patch_peft, unpatch_peft
 
@@ -17,4 +20,7 @@ __all__ = [
     "LoRALinear", "LoraConfig", "TaskType", "lora_linear", "get_peft_model", "LoraModel", "PeftModel",
     "get_peft_model_state_dict", "set_peft_model_state_dict", "UnsupportedFeatureError",
     "patch_peft", "unpatch_peft", "PatchReport", "prepare_model_for_kbit_training", "__version__",
+    "PeftConfig", "LoraLayer", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
 ]

@@ -448,3 +448,8 @@ class LoraConfig:
             raise UnsupportedFeatureError(f"{path}: {err}") from None
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path} has an invalid field: {err}") from None
+
+
+# PEFT's base class of adapter configs, under which scripts read an adapter's config
+# (``PeftConfig.from_pretrained(folder).base_model_name_or_path``): fastlora's one adapter type is LoRA.
+PeftConfig = LoraConfig

@@ -766,3 +766,8 @@ class LoRALinear(nn.Linear):
             for name, s in self.adapter_settings.items()
         )
         return f"{super().extra_repr()}, adapters={{{adapters}}}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+
+# PEFT's base class of its LoRA layers (``peft.tuners.lora.LoraLayer``), as scripts test modules with it
+# (``isinstance(module, LoraLayer)``): every fastlora LoRA layer is a LoRALinear.
+LoraLayer = LoRALinear

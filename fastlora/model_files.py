@@ -121,19 +121,23 @@ class AdapterFilesMixin:
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         tables = peft_format.embedding_tables(model, targets)
-        if save_embedding_layers is True and not tables:
+        has_tables = bool(tables) or bool(peft_format.quantized_tables(model, targets))
+        if save_embedding_layers is True and not has_tables:
             raise NotImplementedError("save_pretrained(save_embedding_layers=True) without an embedding target: "
                                       "saving untargeted (resized) embedding layers is not supported by fastlora")
-        if tables and (save_embedding_layers is True or (
+        if has_tables and (save_embedding_layers is True or (
                 save_embedding_layers == "auto" and _names_an_embedding(self.peft_config[name]))):
             if save_embedding_layers == "auto":
                 warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
                               "`target_modules`.", UserWarning, stacklevel=3)
             expected.update(tables)
+            quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
+        else:
+            quantized = {}
         if state_dict is None:
             params = dict(model.named_parameters())
-            return {key: params[param] for key, (param, _) in expected.items()}
-        return {key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}
+            return {**{key: params[param] for key, (param, _) in expected.items()}, **quantized}
+        return {**{key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}, **quantized}
 
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
                              ignore_mismatched_sizes: bool = False):
@@ -371,6 +375,7 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
     expected.update({k: v for k, v in peft_format.embedding_tables(model, targets).items() if k in tensors})
+    tensors = peft_format.without_the_models_own_quantized_tables(model, targets, tensors, where)
     tensors = peft_format.with_bias_spellings(expected, tensors)
     peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))
     return expected, tensors

@@ -29,6 +29,7 @@ from fastlora.files import atomic_write, atomic_write_text
 from fastlora.hub import resolve_file
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.quantized import is_bnb_linear
 from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, parameter_sizes, plan_parameter_targets
 
 __all__ = [
@@ -110,32 +111,72 @@ def _owner_and_parameter(model: nn.Module, target: ParameterTarget) -> tuple[nn.
     return owner, getattr(owner, target.parameter)
 
 
-def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
-    """The weights of the targets that are the model's input or output embeddings (an embedding table, a Linear
-    head), under the keys PEFT saves them with beside the adapter (``<path>.base_layer.weight``; PEFT's
-    ``save_embedding_layers``): file key → (parameter once adapted, shape).  PEFT loads them into the model when
-    a file holds them, so a resized vocabulary travels."""
+def _targeted_tables(model: nn.Module, targets: list[str]):
+    """(name, module, the layer holding the table's weight: the module or its base layer) of each target that is
+    the model's input or output embeddings (an embedding table, a Linear head)."""
     embeddings = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
             embeddings.append(getattr(model, getter)())
         except (AttributeError, NotImplementedError, TypeError):
             continue
-    out = {}
     for name in targets:
         module = model.get_submodule(name)
-        if not any(module is e for e in embeddings if e is not None):
+        if any(module is e for e in embeddings if e is not None):
+            yield name, module, getattr(module, "base_layer", module) if is_adapted(module) else module
+
+
+def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
+    """The weights of the targets that are the model's input or output embeddings (an embedding table, a Linear
+    head), under the keys PEFT saves them with beside the adapter (``<path>.base_layer.weight``; PEFT's
+    ``save_embedding_layers``): file key → (parameter once adapted, shape).  PEFT loads them into the model when
+    a file holds them, so a resized vocabulary travels.  A quantized table: :func:`quantized_tables`."""
+    out = {}
+    for name, module, holder in _targeted_tables(model, targets):
+        if is_bnb_linear(holder):
             continue
-        holder = getattr(module, "base_layer", None)  # an adapted embedding (or quantized layer) holds its base
         if is_adapted(module):
-            holds = holder is not None
+            holds = module is not holder
         else:  # a base layer before adaptation: where its adapted kind will keep the weight
             holds = kind_of(module) is not None and getattr(kind_of(module).adapted_type, "PEFT_FACTOR_KEYS", None) is not None
-        weight = (holder if holder is not None else module).weight
         param = f"{name}.base_layer.weight" if holds else f"{name}.weight"
-        if weight.is_floating_point():  # a quantized table is not saved
-            out[f"{PREFIX}{name}.base_layer.weight"] = (param, tuple(weight.shape))
+        if holder.weight.is_floating_point():
+            out[f"{PREFIX}{name}.base_layer.weight"] = (param, tuple(holder.weight.shape))
     return out
+
+
+def quantized_tables(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
+    """The state of each targeted output head that bitsandbytes quantized (where ``llm_int8_skip_modules`` leaves
+    it quantized), under the keys PEFT saves it with beside the adapter: its packed weight and quantization state
+    (``<path>.base_layer.weight``, ``....weight.absmax``, ``....weight.quant_state.bitsandbytes__nf4``, ...).
+    fastlora saves them as PEFT does and, loading, takes them only where they are the model's own."""
+    return {key: value for name, _, holder in _targeted_tables(model, targets) if is_bnb_linear(holder)
+            for key, value in holder.state_dict(prefix=f"{PREFIX}{name}.base_layer.").items()}
+
+
+def without_the_models_own_quantized_tables(model: nn.Module, targets: list[str], tensors: dict[str, torch.Tensor],
+                                            where) -> dict[str, torch.Tensor]:
+    """``tensors`` without the quantized heads a file holds (:func:`quantized_tables`), which must equal the
+    model's own, byte for byte: a quantized head is not loaded into the model (ValueError otherwise)."""
+    own = quantized_tables(model, targets)
+    given = {key for key in tensors if key in own}
+    if not given:
+        return tensors
+    differ = sorted(key for key in own if key not in tensors or not _same_bytes(tensors[key], own[key]))
+    if differ:
+        raise ValueError(f"adapter in {where} holds a quantized table that is not the model's own ({differ[0]} "
+                         f"differs{' or is missing' if differ[0] not in tensors else ''}): fastlora loads a quantized "
+                         f"output head only as the model already holds it; load the adapter onto the model it was "
+                         f"trained on")
+    return {key: value for key, value in tensors.items() if key not in own}
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtypes, shapes and bytes (a 4-bit weight stored in a float dtype holds NaN patterns)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dim() else torch.equal(a, b)
 
 
 def adapter_targets(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:

@@ -626,3 +626,46 @@ def test_adapters_without_autocast_take_the_4bit_layers_compute_dtype_as_in_peft
     ids = tokens()
     logits = ours(input_ids=ids).logits
     assert_close(logits, theirs(input_ids=ids).logits, kind="same_math", dtype=compute)
+
+
+@pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
+def test_a_quantized_head_targeted_by_lora_is_saved_and_loaded_as_peft(checkpoint, quant, tmp_path):
+    """An output head bitsandbytes quantized (``llm_int8_skip_modules`` without it) and targeted by LoRA: PEFT
+    saves its packed weight and quantization state beside the adapter; fastlora's file holds the same keys and
+    bytes, each library loads the other's with equal logits, and a file whose head is not the model's is refused
+    with the model unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    quantization = {**QUANT[quant], "llm_int8_skip_modules": ["q_proj"]}
+    config = {**CONFIG, "target_modules": ["v_proj", "lm_head"]}
+    theirs = peft.get_peft_model(load_quantized(checkpoint, **quantization), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(load_quantized(checkpoint, **quantization), fastlora.LoraConfig(**config))
+    assert isinstance(ours.base_model.model.lm_head.base_layer, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+    copy_lora_weights(theirs, ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs")
+        ours.save_pretrained(tmp_path / "ours")
+    theirs_file = load_file(tmp_path / "theirs" / "adapter_model.safetensors")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert ours_file.keys() == theirs_file.keys()
+    assert any(".lm_head.base_layer.weight." in key for key in ours_file) == quant.startswith("nf4")
+    for key, value in ours_file.items():
+        assert _stored_bytes(value).equal(_stored_bytes(theirs_file[key])), key
+    ids = tokens()
+    with torch.no_grad():
+        expected = ours.eval()(input_ids=ids).logits
+        for model in (fastlora.PeftModel.from_pretrained(load_quantized(checkpoint, **quantization), tmp_path / "theirs"),
+                      peft.PeftModel.from_pretrained(load_quantized(checkpoint, **quantization), tmp_path / "ours")):
+            assert_close(model.eval()(input_ids=ids).logits, expected, kind="same_math", dtype=expected.dtype)
+
+    head_key = "base_model.model.lm_head.base_layer.weight"
+    theirs_file[head_key] = theirs_file[head_key].clone()
+    theirs_file[head_key].view(-1)[0] += 1
+    save_file(theirs_file, tmp_path / "theirs" / "adapter_model.safetensors")
+    model = load_quantized(checkpoint, **quantization)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"holds a quantized table that is not the model's own "
+                                         r"\(base_model\.model\.lm_head\.base_layer\.weight differs\)"):
+        fastlora.PeftModel.from_pretrained(model, tmp_path / "theirs")
+    assert_unchanged(model, before)

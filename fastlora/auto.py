@@ -96,20 +96,20 @@ class AutoPeftModel:
 
         task_type = adapter_config.task_type
         task = None if task_type is None else TaskType(task_type)
-        if cls.task_type is not None:
-            if task is not None and task != cls.task_type:
-                right = _CLASS_OF_TASK.get(task)
-                raise ValueError(f"the adapter's task_type is {task.value!r}, not {cls.task_type.value!r}: load it with "
-                                 f"{right.__name__ if right else 'PeftModel.from_pretrained'}")
-            return getattr(transformers, cls.transformers_class)
         if task is not None:
-            raise ValueError(f"AutoPeftModel loads adapters without a task type; this one's is {task.value!r}: use "
-                             f"{_CLASS_OF_TASK[task].__name__}")
+            if cls.task_type is None:
+                raise ValueError(f"AutoPeftModel loads adapters without a task type; this one's is {task.value!r}: "
+                                 f"use {_CLASS_OF_TASK[task].__name__}")
+            if task != cls.task_type:
+                raise ValueError(f"the adapter's task_type is {task.value!r}, not {cls.task_type.value!r}: load it "
+                                 f"with {_CLASS_OF_TASK[task].__name__}")
+            return getattr(transformers, cls.transformers_class)
+        # no task type (any class, as PEFT): the base model's class is the one auto_mapping names
         mapping = adapter_config.auto_mapping or {}
         library, class_name = mapping.get("parent_library"), mapping.get("base_model_class")
         if not library or not class_name:
             raise ValueError("the adapter has neither a task_type nor an auto_mapping naming its base model's class: "
-                             "use the AutoPeftModelFor* class of its task, or PeftModel.from_pretrained")
+                             "load the base model yourself and call PeftModel.from_pretrained(model, adapter)")
         allowed = tuple(import_allowlist) if import_allowlist is not None else DEFAULT_IMPORT_ALLOWLIST
         if not any(library == name or library.startswith(name + ".") for name in allowed):
             raise ValueError(f"the adapter's auto_mapping imports {library!r}, which is not in the import allowlist "

@@ -205,12 +205,13 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
-def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
-    """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet."""
+def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
+    """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet (``peft_rule``:
+    how modules_to_save entries match, :func:`fastlora.targets.saved_whole`)."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another")
-    return plan_targets(model, config), plan_modules_to_save(model, config)
+    return plan_targets(model, config, peft_rule=peft_rule), plan_modules_to_save(model, config, peft_rule=peft_rule)
 
 
 def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
@@ -357,8 +358,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         object.__setattr__(self.base_model, "_owner", self)
 
     @staticmethod
-    def _plan_new(model: nn.Module, config: LoraConfig) -> tuple[list[str], list[str]]:
-        return _plan_new(model, config)
+    def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
+        return _plan_new(model, config, peft_rule)
 
     @classmethod
     def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,

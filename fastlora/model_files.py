@@ -15,7 +15,7 @@ import re
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
-from fastlora.targets import plan_modules_to_save, plan_targets, with_task_heads
+from fastlora.targets import plan_modules_to_save, plan_targets, saved_whole, with_task_heads
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -63,8 +63,9 @@ class AdapterFilesMixin:
         else:
             config = with_task_heads(file_config.replace(inference_mode=not is_trainable), self.get_base_model())
             self._check_second_adapter(config)
-            targets = plan_targets(model, config, adapter_name)
-            to_save = plan_modules_to_save(model, config, adapter_name)
+            targets, to_save = _planned_for_file(lambda rule: (
+                plan_targets(model, config, adapter_name, rule), plan_modules_to_save(model, config, adapter_name, rule)),
+                config, tensors)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
             try:
@@ -97,7 +98,7 @@ class AdapterFilesMixin:
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model)
-        targets, to_save = cls._plan_new(model, config)
+        targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors)
         expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
         lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
         try:
@@ -334,6 +335,18 @@ def _hub_kwargs(kwargs: dict, caller: str) -> dict:
     return hub_kwargs
 
 
+def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], config: LoraConfig,
+                      tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """(targets, modules_to_save) of a file's adapter: modules_to_save entries matched as PEFT matches them, or as
+    fastlora matched them before (the name or a dotted suffix) where the file is one it wrote then, holding nothing
+    of a module that only PEFT's rule matches (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
+    ``pre_classifier``)."""
+    targets, to_save = plan(True)
+    written_before = [name for name in to_save if not saved_whole(name, config.modules_to_save, peft_rule=False)
+                      and not any(key.startswith(f"{peft_format.PREFIX}{name}.") for key in tensors)]
+    return plan(False) if written_before else (targets, to_save)
+
+
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
     """Loading values into an existing adapter: the file must describe the same adapter."""
     for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save"):
@@ -374,8 +387,8 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     _check_layout(model, config, targets, where)
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
+    tensors = peft_format.without_quantized_tables(model, targets, tensors, where)
     expected.update({k: v for k, v in peft_format.embedding_tables(model, targets).items() if k in tensors})
-    tensors = peft_format.without_the_models_own_quantized_tables(model, targets, tensors, where)
     tensors = peft_format.with_bias_spellings(expected, tensors)
     peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))
     return expected, tensors

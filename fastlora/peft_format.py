@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -148,27 +149,35 @@ def embedding_tables(model: nn.Module, targets: list[str]) -> Expected:
 def quantized_tables(model: nn.Module, targets: list[str]) -> dict[str, torch.Tensor]:
     """The state of each targeted output head that bitsandbytes quantized (where ``llm_int8_skip_modules`` leaves
     it quantized), under the keys PEFT saves it with beside the adapter: its packed weight and quantization state
-    (``<path>.base_layer.weight``, ``....weight.absmax``, ``....weight.quant_state.bitsandbytes__nf4``, ...).
-    fastlora saves them as PEFT does and, loading, takes them only where they are the model's own."""
+    (``<path>.base_layer.weight``, ``....weight.absmax``, ``....weight.quant_state.bitsandbytes__nf4``, ...)."""
     return {key: value for name, _, holder in _targeted_tables(model, targets) if is_bnb_linear(holder)
             for key, value in holder.state_dict(prefix=f"{PREFIX}{name}.base_layer.").items()}
 
 
-def without_the_models_own_quantized_tables(model: nn.Module, targets: list[str], tensors: dict[str, torch.Tensor],
-                                            where) -> dict[str, torch.Tensor]:
-    """``tensors`` without the quantized heads a file holds (:func:`quantized_tables`), which must equal the
-    model's own, byte for byte: a quantized head is not loaded into the model (ValueError otherwise)."""
-    own = quantized_tables(model, targets)
-    given = {key for key in tensors if key in own}
-    if not given:
-        return tensors
-    differ = sorted(key for key in own if key not in tensors or not _same_bytes(tensors[key], own[key]))
-    if differ:
-        raise ValueError(f"adapter in {where} holds a quantized table that is not the model's own ({differ[0]} "
-                         f"differs{' or is missing' if differ[0] not in tensors else ''}): fastlora loads a quantized "
-                         f"output head only as the model already holds it; load the adapter onto the model it was "
-                         f"trained on")
-    return {key: value for key, value in tensors.items() if key not in own}
+def without_quantized_tables(model: nn.Module, targets: list[str], tensors: dict[str, torch.Tensor],
+                             where) -> dict[str, torch.Tensor]:
+    """``tensors`` without the tables a file holds for targeted heads where the file's or the model's head is
+    quantized (:func:`quantized_tables`): such a head is the frozen base's, never trained, so the model keeps its
+    own.  Silently where the file's is the model's own (packed codes and scales, byte for byte; its recorded dtype
+    aside) or the model's head is not quantized (a QLoRA adapter served on the full-precision model); with a
+    warning where the model's quantized head is another."""
+    out = dict(tensors)
+    for name, _, holder in _targeted_tables(model, targets):
+        prefix = f"{PREFIX}{name}.base_layer."
+        keys = [key for key in tensors if key.startswith(prefix) and key != prefix + "bias"]
+        in_file = any(key != prefix + "weight" for key in keys) or (
+            prefix + "weight" in tensors and not tensors[prefix + "weight"].is_floating_point())
+        in_model = is_bnb_linear(holder)
+        if not keys or not (in_file or in_model):
+            continue
+        for key in keys:
+            del out[key]
+        own = {key: value for key, value in holder.state_dict(prefix=prefix).items()
+               if ".quant_state." not in key and not key.endswith("weight_format")} if in_model else {}
+        if any(key not in tensors or not _same_bytes(tensors[key], value) for key, value in own.items()):
+            warnings.warn(f"the adapter in {where} holds a quantized {name} that is not the model's own: the model "
+                          f"keeps its own (a frozen base layer is not part of the adapter)", UserWarning, stacklevel=4)
+    return out
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -195,7 +195,7 @@ def triton_imports() -> bool:
             import triton  # noqa: F401
 
             _TRITON_IMPORTS = True
-        except ImportError:
+        except Exception:  # not only ImportError: a broken install can raise anything while importing
             _TRITON_IMPORTS = False
     return _TRITON_IMPORTS
 

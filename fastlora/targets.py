@@ -14,10 +14,13 @@ from torch import nn
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig
 from fastlora.fused_experts import for_fused_experts
+from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.parameter_lora import LoRAParameter
+from fastlora.quantized import is_bnb_linear
+from fastlora.trainable_tokens import TrainableTokensWrapper
 
-__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "saved_whole"]
 
 # PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
 # its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
@@ -54,11 +57,20 @@ def _all_linear(model: nn.Module) -> list[str]:
             if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
 
 
-def _under_modules_to_save(name: str, config: LoraConfig) -> bool:
-    """PEFT's guard: no adapter on a modules_to_save module or inside one (the module or one of its parents matched
-    as :func:`plan_modules_to_save` matches them)."""
+def saved_whole(name: str, entries: list[str] | None, peft_rule: bool = True) -> bool:
+    """Whether a modules_to_save entry matches the module ``name``: PEFT's rule, every name that ends with the entry
+    (``"norm"`` matches ``input_layernorm``); with ``peft_rule=False`` the name or a dotted suffix of it, as fastlora
+    matched entries before (files it wrote then are read that way)."""
+    return any(name.endswith(m) if peft_rule else (name == m or name.endswith("." + m)) for m in entries or [])
+
+
+def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True) -> bool:
+    """No adapter on a modules_to_save module or inside one: the module or one of its parents matched as
+    :func:`plan_modules_to_save` matches them.  (PEFT's own guard matches whole dotted names only, and so may put
+    an adapter inside a module it then saves whole, with ``"attn"`` say; fastlora never does, and warns where it
+    leaves out a target PEFT would adapt.)"""
     parents = [name[:i] for i, c in enumerate(name) if c == "."] + [name]
-    return any(parent.endswith(m) for parent in parents for m in config.modules_to_save or [])
+    return any(saved_whole(parent, config.modules_to_save, peft_rule) for parent in parents)
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -95,9 +107,10 @@ def _named_modules_outside_wrappers(model: nn.Module):
         yield name, module
 
 
-def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
+def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
+                 peft_rule: bool = True) -> list[str]:
     """Qualified names of the modules ``config`` adapts, checked: each is of a kind fastlora adapts
-    (:mod:`fastlora.base_kinds`).
+    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`saved_whole`).
 
     With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
     a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
@@ -118,7 +131,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             continue
         if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
             continue
-        if _under_modules_to_save(name, config):
+        if _under_modules_to_save(name, config, peft_rule):
             saved_instead.append(name)
             continue
         if config.layers_to_transform is not None:
@@ -153,6 +166,13 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         )
     if config.target_modules == "all-linear" and not config.target_parameters:
         _warn_fused_experts(model)
+    peft_adapts = [n for n in saved_instead if not re.match(
+        r"(^|.*\.)(" + "|".join(map(re.escape, config.modules_to_save or [])) + r")($|\..*)", n)]
+    if peft_adapts:
+        warnings.warn(f"target_modules matched {peft_adapts[:3]}{' ...' if len(peft_adapts) > 3 else ''}, inside "
+                      f"modules the modules_to_save entries {config.modules_to_save} save whole: fastlora trains "
+                      f"them whole, without an adapter (PEFT would put one inside the module it saves)", UserWarning,
+                      stacklevel=3)
     return targets
 
 
@@ -191,14 +211,16 @@ def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[st
     return config if flag == config.fan_in_fan_out else config.replace(fan_in_fan_out=flag)
 
 
-def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None) -> list[str]:
+def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
+                         peft_rule: bool = True) -> list[str]:
     """Qualified names of the modules ``config`` saves whole: the outermost match of each entry, an entry matching
     every name that ends with it, as PEFT matches them (``"norm"`` takes ``model.norm`` and each layer's
     ``input_layernorm`` alike).  An entry that matches nothing is an error, but for task heads.  A match that is
-    already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None)."""
+    already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None);
+    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`saved_whole`."""
     found = set()
     for wanted in config.modules_to_save or []:
-        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and n.endswith(wanted)}
+        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and saved_whole(n, [wanted], peft_rule)}
         if not matches and wanted not in _task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
         found |= matches
@@ -208,11 +230,16 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
             raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")
-        frozen_kinds = sorted({str(p.dtype) for p in module.parameters() if not p.is_floating_point()})
-        if frozen_kinds:
-            raise TypeError(f"modules_to_save module {name!r} ({type(module).__name__}) holds {', '.join(frozen_kinds)} "
-                            f"parameters, which cannot be trained (a quantized layer): leave it out of modules_to_save, "
-                            f"or load the model with that module unquantized (BitsAndBytesConfig's "
+        inner = [m for m in module.modules() if m is not module]
+        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in inner):
+            raise ValueError(f"modules_to_save module {name!r} holds another adapter's layers: it cannot be saved "
+                             f"whole beside them; leave it out of modules_to_save")
+        quantized = [m for m in (module, *inner) if is_bnb_linear(m)] or [
+            p for p in module.parameters() if not p.is_floating_point()]
+        if quantized:
+            raise TypeError(f"modules_to_save module {name!r} ({type(module).__name__}) holds quantized weights "
+                            f"({type(quantized[0]).__name__}), which cannot be trained: leave it out of "
+                            f"modules_to_save, or load the model with that module unquantized (BitsAndBytesConfig's "
                             f"llm_int8_skip_modules)")
     return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
 

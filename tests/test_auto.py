@@ -85,8 +85,11 @@ def test_a_task_less_adapter_loads_through_its_auto_mapping_and_an_unlisted_libr
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
-    model = AutoPeftModel.from_pretrained(folder)
-    assert isinstance(model.get_base_model(), transformers.LlamaForCausalLM)
+    for auto_class in (AutoPeftModel, AutoPeftModelForCausalLM):  # PEFT's classes take auto_mapping alike
+        assert isinstance(auto_class.from_pretrained(folder).get_base_model(), transformers.LlamaForCausalLM)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "auto_mapping": None}))
+    with pytest.raises(ValueError, match="neither a task_type nor an auto_mapping"):
+        AutoPeftModelForCausalLM.from_pretrained(folder)
     config["auto_mapping"]["parent_library"] = "os"
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"imports 'os', which is not in the import allowlist"):

@@ -302,19 +302,23 @@ def _another_shape(ctx, monkeypatch):
     ctx["adapter"] = folder / "adapter"
 
 
-def _quantized_head(ctx, monkeypatch):
-    from tests.models import load_quantized
-    from tests.test_qlora import QUANT
+def _quantized_head(**quantization):
+    def prepare(ctx, monkeypatch):
+        from tests.models import load_quantized
+        from tests.test_qlora import QUANT
 
-    # a skip list without lm_head: transformers quantizes the head too
-    ctx["model"] = load_quantized(ctx["checkpoint"], **QUANT["nf4-fp32"], llm_int8_skip_modules=["q_proj"])
+        # a skip list without lm_head: transformers quantizes the head too
+        ctx["model"] = load_quantized(ctx["checkpoint"], **QUANT["nf4-fp32"], llm_int8_skip_modules=["q_proj"],
+                                      **quantization)
+    return prepare
 
 
 QLORA_CASES = [
     ("bitsandbytes older than the QLoRA floor", _old_bitsandbytes, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**QLORA_CONFIG)), TypeError, r"q_proj \(Linear4bit: bitsandbytes 0\.45\.5 is installed; fastlora's QLoRA needs bitsandbytes>=0\.46"),
     ("bitsandbytes that cannot be imported", _bitsandbytes_unimportable, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**QLORA_CONFIG)), TypeError, r"bitsandbytes cannot be imported .*needs bitsandbytes>=0\.46"),
     ("lora_dropout out of range on a 4-bit model", None, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "lora_dropout": 1.0})), ValueError, r"lora_dropout must be a number in \[0, 1\)"),
-    ("a 4-bit layer in modules_to_save", _quantized_head, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "modules_to_save": ["lm_head"]})), TypeError, r"modules_to_save module 'lm_head' \(Linear4bit\) holds torch\.uint8 parameters, which cannot be trained .*llm_int8_skip_modules"),
+    ("a 4-bit layer in modules_to_save", _quantized_head(), lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "modules_to_save": ["lm_head"]})), TypeError, r"modules_to_save module 'lm_head' \(Linear4bit\) holds quantized weights \(Linear4bit\), which cannot be trained: .*llm_int8_skip_modules"),
+    ("a 4-bit layer stored in bf16 in modules_to_save", _quantized_head(bnb_4bit_quant_storage=torch.bfloat16), lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "modules_to_save": ["lm_head"]})), TypeError, r"modules_to_save module 'lm_head' \(Linear4bit\) holds quantized weights"),
     ("r of zero on a 4-bit model", None, lambda ctx: get_peft_model(ctx["model"], LoraConfig(**{**QLORA_CONFIG, "r": 0})), ValueError, "r must be an integer >= 1"),
     ("a QLoRA adapter of another model's shape", _another_shape, lambda ctx: LoraModel.from_pretrained(ctx["model"], ctx["adapter"]), ValueError, r"does not match the model: .*down_proj\.lora_A\.weight has shape \(4, 48\), the model needs \(4, 96\)"),
     # only the last layer merged would overflow: every layer is checked before any is merged

@@ -1,6 +1,8 @@
 """modules_to_save as PEFT keeps it (the original frozen, a trained copy in use) and PEFT's task heads
 (SEQ_CLS / TOKEN_CLS train ``classifier`` / ``score``), against PEFT on small Llamas."""
 
+import json
+
 import peft
 import pytest
 import torch
@@ -150,12 +152,45 @@ def test_an_entry_matches_every_name_ending_with_it_as_in_peft(entry, tmp_path):
         assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
 
 
-def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead():
+def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead_and_said_so():
     """A LoRA target inside a modules_to_save module (``"attn"`` ends ``layers.0.self_attn``) is left to the saved
-    copy: no adapter inside a module trained whole."""
-    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["attn"]))
+    copy: no adapter inside a module trained whole.  PEFT's guard matches whole dotted names, so it would adapt
+    q_proj there: a warning says where fastlora differs."""
+    with pytest.warns(UserWarning, match=r"matched \['model\.layers\.0\.self_attn\.q_proj', .* save whole: "
+                                         r"fastlora trains them whole, without an adapter"):
+        model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["attn"]))
     assert {n.rsplit(".", 1)[-1] for n, _ in model.lora_layers()} == {"up_proj"}
     assert isinstance(model.model.model.layers[0].self_attn, ModulesToSaveWrapper)
+
+
+def test_a_file_fastlora_wrote_when_entries_matched_dotted_names_loads_as_it_was_saved(tmp_path):
+    """fastlora once matched an entry as the name or its dotted suffix (``"norm"``: model.norm only); such a file
+    holds nothing of the modules only PEFT's rule adds (each input_layernorm), and loads as it was saved."""
+    base = tiny_llama()
+    model = get_peft_model(clone(base), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4,
+                                                   init_lora_weights=False, modules_to_save=["model.norm"]))
+    with torch.no_grad():
+        model.model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["norm"]}))
+    loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+    assert {n for n, m in loaded.model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == {"model.norm"}
+    ids = tokens()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, kind="same_math")
+    second = get_peft_model(clone(base), LoraConfig(target_modules=["v_proj"], r=4))
+    second.load_adapter(tmp_path, adapter_name="old")
+    assert {n for n, m in second.model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == {"model.norm"}
+
+
+def test_a_module_holding_another_adapters_layers_is_not_saved_whole():
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"modules_to_save module 'model\.layers\.0\.self_attn' holds another "
+                                         r"adapter's layers"):
+        model.add_adapter("b", LoraConfig(target_modules=["up_proj"], r=4, modules_to_save=["attn"]))
+    assert_unchanged(model, before)
 
 
 def test_failure_after_the_layers_are_swapped_rolls_back(monkeypatch):

@@ -341,10 +341,28 @@ def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], confi
     fastlora matched them before (the name or a dotted suffix) where the file is one it wrote then, holding nothing
     of a module that only PEFT's rule matches (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
     ``pre_classifier``)."""
-    targets, to_save = plan(True)
-    written_before = [name for name in to_save if not saved_whole(name, config.modules_to_save, peft_rule=False)
-                      and not any(key.startswith(f"{peft_format.PREFIX}{name}.") for key in tensors)]
-    return plan(False) if written_before else (targets, to_save)
+    with warnings.catch_warnings(record=True) as said:  # said again below if this plan is kept
+        warnings.simplefilter("always")
+        try:
+            targets, to_save = plan(True)
+        except (TypeError, ValueError) as refusal:  # e.g. every target inside a module only PEFT's rule saves
+            try:
+                return plan(False)
+            except (TypeError, ValueError):
+                raise refusal from None
+
+    def copy_in_file(name: str) -> bool:  # the module's own tensors, not an adapter's on it (then a LoRA target)
+        prefix = f"{peft_format.PREFIX}{name}."
+        return any(key.startswith(prefix) and not key[len(prefix):].startswith(("lora_", "base_layer."))
+                   for key in tensors)
+
+    written_before = [name for name in to_save
+                      if not saved_whole(name, config.modules_to_save, peft_rule=False) and not copy_in_file(name)]
+    if written_before:
+        return plan(False)
+    for warning in said:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return targets, to_save
 
 
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:

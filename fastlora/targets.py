@@ -224,7 +224,7 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         if not matches and wanted not in _task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
         found |= matches
-    for name in found:
+    for name in sorted(found):
         module = model.get_submodule(name)
         if is_adapted(module) or (isinstance(module, ModulesToSaveWrapper) and adapter_name is None):
             raise ValueError(f"modules_to_save module {name!r} is already adapted: the model already has an adapter")

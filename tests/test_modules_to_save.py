@@ -2,6 +2,7 @@
 (SEQ_CLS / TOKEN_CLS train ``classifier`` / ``score``), against PEFT on small Llamas."""
 
 import json
+import warnings
 
 import peft
 import pytest
@@ -182,6 +183,35 @@ def test_a_file_fastlora_wrote_when_entries_matched_dotted_names_loads_as_it_was
     second = get_peft_model(clone(base), LoraConfig(target_modules=["v_proj"], r=4))
     second.load_adapter(tmp_path, adapter_name="old")
     assert {n for n, m in second.model.named_modules() if isinstance(m, ModulesToSaveWrapper)} == {"model.norm"}
+
+
+def test_a_file_fastlora_wrote_with_an_adapter_on_a_module_only_peft_would_save_loads_as_saved(tmp_path):
+    """Before fastlora matched entries as PEFT does, ``"classifier"`` left ``pre_classifier`` (DistilBERT's) to
+    target_modules: such a file holds pre_classifier's adapter, not a copy of it, and loads as it was saved."""
+    class Classifier(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Linear(8, 8)
+            self.pre_classifier = nn.Linear(8, 8)
+            self.head = nn.ModuleDict({"classifier": nn.Linear(8, 3)})
+
+        def forward(self, x):
+            return self.head["classifier"](torch.relu(self.pre_classifier(self.encoder(x))))
+
+    torch.manual_seed(0)
+    base = Classifier()
+    model = get_peft_model(clone(base), LoraConfig(target_modules=["encoder", "pre_classifier"], r=2,
+                                                   init_lora_weights=False, modules_to_save=["head.classifier"]))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["classifier"]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the trial of PEFT's rule, which the file does not follow, says nothing
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+    assert [n for n, _ in loaded.lora_layers()] == ["encoder", "pre_classifier"]
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert_close(loaded(x), model.eval()(x), kind="same_math")
 
 
 def test_a_module_holding_another_adapters_layers_is_not_saved_whole():

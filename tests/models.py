@@ -149,9 +149,12 @@ def peft_parameters(peft_model, fastlora_model):
     return pairs
 
 
-def assert_step_as_peft(peft_model, fastlora_model, ids, kind="same_math"):
-    """One forward and backward of both models on ``ids``: logits, and every adapter parameter's gradient, within
-    the ``kind`` tolerance (tests/tolerances.py)."""
+def assert_step_as_peft(peft_model, fastlora_model, ids, kind="same_math", grad_kind="same_math_max"):
+    """One forward and backward of both models on ``ids``: logits within the ``kind`` tolerance and every adapter
+    parameter's gradient within ``grad_kind``'s (tests/tolerances.py): a gradient is a sum through the model's
+    depth, whose rounding follows the CPU's BLAS blocking (an Intel Xeon's put one element of a float32 gradient
+    3.5e-5 off PEFT's, relative, where an AMD EPYC's stayed within 1e-5), so it is bounded relative to the
+    tensor's largest magnitude."""
     from tests.tolerances import assert_close
 
     out_theirs = peft_model(input_ids=ids, labels=ids)
@@ -161,5 +164,5 @@ def assert_step_as_peft(peft_model, fastlora_model, ids, kind="same_math"):
     out_ours.loss.backward()
     for ours, theirs in peft_parameters(peft_model, fastlora_model):
         if ours.requires_grad:
-            assert_close(ours.grad, theirs.grad, kind=kind)
+            assert_close(ours.grad, theirs.grad, kind=grad_kind)
 

@@ -231,8 +231,9 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """The batch size of a model call: the first dimension of input_ids, inputs_embeds or the first argument."""
-    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+    """The batch size of a model call: the first dimension of input_ids, inputs_embeds, ``inputs`` (generate's
+    name for its first argument) or the first argument."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), kwargs.get("inputs"), args[0] if args else None):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return value.shape[0]
     return None

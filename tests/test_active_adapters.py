@@ -333,8 +333,9 @@ def test_mixed_batch_checks_every_layer_and_refuses_checkpointed_training():
 
 
 def test_mixed_batch_generate_with_beams_as_peft_also_from_the_generation_config():
-    """num_beams repeats each row's adapter per beam: as PEFT with num_beams=2 in the call, and the same when it
-    comes from the model's generation config (which PEFT does not read)."""
+    """num_beams repeats each row's adapter per beam: as PEFT with num_beams=2 in the call (the ids given as
+    input_ids, as inputs or positionally), and the same when it comes from the model's generation config (which
+    PEFT does not read)."""
     theirs, ours = _pair()
     names = ["b", "default"]
     ids = tokens(batch=2)[:, :4]
@@ -344,8 +345,10 @@ def test_mixed_batch_generate_with_beams_as_peft_also_from_the_generation_config
     ours.eval()
     expected = theirs.generate(**common, num_beams=2)
     assert torch.equal(ours.generate(**common, num_beams=2), expected)
+    ids = common.pop("input_ids")
+    assert torch.equal(ours.generate(inputs=ids, **common, num_beams=2), expected)  # generate's own name for them
     ours.get_base_model().generation_config.num_beams = 2
-    assert torch.equal(ours.generate(**common), expected)
+    assert torch.equal(ours.generate(ids, **common), expected)
 
 
 def test_a_mixed_batch_naming_a_dora_adapter_is_refused_as_peft_refuses_it():

@@ -23,7 +23,7 @@ from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
-from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.targets import (
@@ -411,8 +411,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     @contextlib.contextmanager
     def _rows_use(self, adapter_names, batch: int | None, expanded_ok: bool = False):
-        """Every LoRA layer computes a mixed batch (``adapter_names[i]`` for row i) inside the block; PEFT's checks
-        first: a list of known names (or "__base__") as long as the batch, no merged adapter, no modules_to_save."""
+        """Every LoRA layer and modules_to_save wrapper computes a mixed batch (``adapter_names[i]`` for row i) inside
+        the block; PEFT's checks first: a list of known names (or "__base__") as long as the batch, no merged
+        adapter, no DoRA adapter, modules_to_save of the kinds PEFT takes."""
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names, one per row, got {adapter_names!r}")
         names = list(adapter_names)
@@ -425,9 +426,15 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if any(layer.merged for _, layer in self.lora_layers()):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if any(True for _ in self.wrappers()) or any(True for _ in self.token_wrappers()):
-            raise NotImplementedError("adapter_names with modules_to_save or trainable_token_indices: a mixed batch "
-                                      "over their per-adapter copies is not supported by fastlora")
+        if any(True for _ in self.token_wrappers()):
+            raise NotImplementedError("adapter_names with trainable_token_indices: a mixed batch over their per-adapter "
+                                      "token rows is not supported by fastlora")
+        wrappers = [wrapper for _, wrapper in self.wrappers()]
+        odd = sorted({type(w.original_module).__name__ for w in wrappers
+                      if not isinstance(w.original_module, MIXED_BATCH_MODULES)})
+        if odd:
+            raise TypeError(f"Mixed batching is only supported for the following modules: "
+                            f"{', '.join(m.__name__ for m in MIXED_BATCH_MODULES)}.  (modules_to_save holds {odd})")
         base = self.get_base_model()
         if self.training and torch.is_grad_enabled() and getattr(base, "is_gradient_checkpointing", False):
             # checkpointing recomputes the forward in backward, after this block has reset the rows' adapters
@@ -441,7 +448,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for row, name in enumerate(names):
             groups.setdefault(name, []).append(row)
         rows = {name: torch.tensor(index) for name, index in groups.items() if name != "__base__"}
-        layers = [layer for _, layer in self.lora_layers()]
+        layers = [layer for _, layer in self.lora_layers()] + wrappers
         for layer in layers:
             layer.row_adapters = rows
             layer.row_count = len(names)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import copy
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["ModulesToSaveWrapper"]
+__all__ = ["ModulesToSaveWrapper", "MIXED_BATCH_MODULES"]
+
+# The module kinds whose copies take a mixed batch (PEFT's list): dim 0 of their input is the batch's.
+MIXED_BATCH_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -41,8 +45,42 @@ class ModulesToSaveWrapper(nn.Module):
             return self.modules_to_save[self.active_adapter]
         return self.original_module
 
+    # A mixed batch's rows per adapter (name → row indices; ``"__base__"``'s rows are the others) and its number of
+    # rows, set by PeftModel around a call with ``adapter_names=[...]``.
+    row_adapters: dict[str, Tensor] | None = None
+    row_count: int | None = None
+
     def forward(self, *args, **kwargs):
+        if self.row_adapters is not None:
+            return self.mixed_batch_forward(*args, **kwargs)
         return self.active_module(*args, **kwargs)
+
+    def mixed_batch_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """PEFT's mixed batch over the copies: each row of ``x`` (dim 0) through its adapter's copy, and the rows of
+        ``"__base__"``, or of an adapter without a copy here, through the original; each copy's gradient comes from
+        its own rows only.  For the module kinds PEFT takes (:data:`MIXED_BATCH_MODULES`), whose dim 0 is the
+        batch's."""
+        if self.row_count is not None and x.shape[0] != self.row_count:  # PEFT's check, as the LoRA layers make it
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{self.row_count} and {x.shape[0]} respectively.")
+        groups = {name: rows.to(x.device) for name, rows in self.row_adapters.items()
+                  if self.adapter_enabled and name in self.modules_to_save}
+        taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for rows in groups.values():
+            taken[rows] = True
+        if not taken.all():
+            groups[None] = (~taken).nonzero().flatten()  # the original's rows
+        if len(groups) == 1:
+            (name, _), = groups.items()
+            return (self.original_module if name is None else self.modules_to_save[name])(x, *args, **kwargs)
+        result = None
+        for name, rows in groups.items():
+            module = self.original_module if name is None else self.modules_to_save[name]
+            out = module(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((x.shape[0], *out.shape[1:]))
+            result[rows] = out.to(result.dtype)
+        return result
 
     def __getattr__(self, name: str):
         try:

@@ -172,6 +172,41 @@ class LoRAQuantizedLinear(LoRALinear):
         scale = weight.SCB if weight.SCB is not None else self.base_layer.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scale.to(weight.data.device))
 
+    def _merged_weight(self, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """W with ``names`` merged in as PEFT's bitsandbytes layers merge LoRA adapters, one after the other,
+        requantized between two: each update added as :meth:`_plus_update` adds it, so that adapters held in bf16
+        (as TRL keeps QLoRA's) merge into PEFT's weights too.  With a DoRA adapter among them: LoRALinear's merge."""
+        if any(self.magnitude(name) is not None for name in names):
+            return super()._merged_weight(names)
+        merged = self.base_weight()
+        for step, name in enumerate(names):
+            if step:
+                merged = self._stored_and_read_again(merged)
+            merged = self._plus_update(merged, name, +1)
+        return merged, {}
+
+    def _unmerged_weight(self) -> Tensor:
+        """W with every merged adapter taken out again, last first, as PEFT's bitsandbytes layers unmerge (see
+        :meth:`_merged_weight`)."""
+        if any(self.magnitude(name) is not None for name in self.merged_adapters):
+            return super()._unmerged_weight()
+        restored = self.base_weight()
+        for step, name in enumerate(reversed(self.merged_adapters)):
+            if step:
+                restored = self._stored_and_read_again(restored)
+            restored = self._plus_update(restored, name, -1)
+        return restored
+
+    def _plus_update(self, weight: Tensor, name: str, sign: int) -> Tensor:
+        """``weight`` (dequantized) ± scaling · B A, computed as PEFT's bitsandbytes layers compute it: the update in
+        the adapters' dtype (B A, then times scaling), added to a 4-bit layer's weight in the dtype torch promotes
+        the two to, and to an 8-bit layer's weight once cast to the adapters' dtype."""
+        lora_A, lora_B = self.lora_factors(name)
+        update = (lora_B @ lora_A) * self.adapter_settings[name].scaling
+        if not isinstance(self.base_layer, _bnb().nn.Linear4bit):
+            weight = weight.to(update.dtype)
+        return weight + update if sign > 0 else weight - update
+
     def _store_base_weight(self, weight: Tensor) -> None:
         """Quantize the merged or unmerged weight again, with the base's quantization settings."""
         self.base_layer.weight = self._quantized(weight, for_the_layer=True)

@@ -40,9 +40,9 @@ def tiny_mixtral(seed: int = 0):
                                             num_experts_per_tok=2))
 
 
-def load_quantized(directory, **quantization):
-    """The checkpoint in ``directory`` loaded by transformers with ``BitsAndBytesConfig(**quantization)``, on the
-    CPU.  bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on an inference forward and keeps
+def load_quantized(directory, dtype=None, **quantization):
+    """The checkpoint in ``directory`` loaded by transformers with ``BitsAndBytesConfig(**quantization)`` (and
+    ``dtype`` where given), on the CPU.  bitsandbytes 0.50 repacks a 4-bit weight for its AVX512-BF16 CPU kernel on an inference forward and keeps
     the old quantization state beside it, so the next forward fails (PEFT's models as much as fastlora's): the
     model runs the portable CPU kernel."""
     import warnings
@@ -53,7 +53,8 @@ def load_quantized(directory, **quantization):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            directory, quantization_config=transformers.BitsAndBytesConfig(**quantization))
+            directory, quantization_config=transformers.BitsAndBytesConfig(**quantization),
+            **({"dtype": dtype} if dtype is not None else {}))
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False

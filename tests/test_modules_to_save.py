@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+import fastlora as fastlora_module
 from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from tests.models import SEED_TARGETS, assert_unchanged, clone, snapshot, tiny_llama, tokens
+from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 
@@ -279,3 +280,45 @@ def test_peft_bias_all_adapter_with_a_biased_head_loads(tmp_path):
     with pytest.raises(ValueError, match="hold different values"):
         LoraModel.from_pretrained(model, pm_dir)
     assert_unchanged(model, before)
+
+
+def test_a_mixed_batch_runs_each_row_through_its_adapters_copy_as_peft():
+    """adapter_names over adapters with modules_to_save copies: each row through its adapter's copy, "__base__"
+    through the original, as PEFT computes it (forward and generate); each copy's gradient comes from its own
+    rows only."""
+    base = tiny_llama()
+    kwargs = dict(target_modules=["q_proj"], r=4, init_lora_weights=False, modules_to_save=["lm_head"])
+    models = {}
+    for library in (peft, fastlora_module):
+        model = library.get_peft_model(clone(base), library.LoraConfig(**kwargs), adapter_name="a")
+        model.add_adapter("b", library.LoraConfig(**{**kwargs, "r": 2}))
+        models[library.__name__] = model.eval()
+    theirs, ours = models["peft"], models["fastlora"]
+    copy_lora_weights(theirs, ours)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            weight = theirs.base_model.model.lm_head.modules_to_save[name].weight
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+            ours.get_base_model().lm_head.modules_to_save[name].weight.copy_(weight)
+    ids, names = tokens(batch=3), ["a", "b", "__base__"]
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids, adapter_names=names).logits,
+                     theirs(input_ids=ids, adapter_names=names).logits, kind="same_math")
+        generated = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, adapter_names=names)
+        assert torch.equal(ours.generate(input_ids=ids[:, :6], **generated),
+                           theirs.generate(input_ids=ids[:, :6], **generated))
+    copy_a = ours.get_base_model().lm_head.modules_to_save["a"].weight
+    copy_a.requires_grad_(True)
+    ours(input_ids=ids, adapter_names=names).logits.square().sum().backward()
+    mixed = copy_a.grad.clone()
+    copy_a.grad = None
+    ours.set_adapter("a")
+    ours(input_ids=ids[:1]).logits.square().sum().backward()
+    assert_close(mixed, copy_a.grad, kind="same_math_max")
+
+
+def test_a_mixed_batch_over_a_saved_module_of_another_kind_is_refused_as_peft():
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4, modules_to_save=["model.norm"]))
+    with pytest.raises(TypeError, match=r"Mixed batching is only supported for the following modules: Linear, "
+                                        r"Embedding, Conv1d, Conv2d, Conv3d\.  \(modules_to_save holds \['LlamaRMSNorm'\]\)"):
+        model(input_ids=tokens(batch=2), adapter_names=["default", "__base__"])

@@ -282,6 +282,57 @@ def test_several_adapters_merge_and_unmerge_as_peft(checkpoint, quant):
             assert torch.equal(module.weight.data, dict(merged_theirs.named_modules())[name].weight.data), name
 
 
+def _quantized_states(model):
+    return {name: module.state_dict() for name, module in model.named_modules()
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
+
+
+def _assert_same_quantized_states(ours, theirs):
+    theirs = {name.replace("base_model.model.", "", 1): state for name, state in _quantized_states(theirs).items()}
+    ours = {name.replace("base_model.model.", "", 1): state for name, state in _quantized_states(ours).items()}
+    assert ours.keys() == theirs.keys() and ours
+    for name, state in ours.items():
+        assert state.keys() == theirs[name].keys(), name
+        for key, value in state.items():
+            assert torch.equal(_stored_bytes(value), _stored_bytes(theirs[name][key])), f"{name}: {key}"
+
+
+@pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
+def test_adapters_held_in_bf16_merge_as_peft(checkpoint, quant):
+    """Adapters held in bf16 (a 4-bit layer's with ``autocast_adapter_dtype=False``; TRL casts QLoRA's so) on a
+    model loaded in bf16:
+    PEFT's bitsandbytes layers compute each update B A · scaling in bf16 and add it to the dequantized weight in
+    the dtype the two promote to (an 8-bit layer's weight cast to the adapters' dtype first); merged, unmerged and
+    merged for good, two adapters at once, every quantized layer's state equals PEFT's byte for byte."""
+    models = {}
+    for library in (peft, fastlora):
+        model = library.get_peft_model(load_quantized(checkpoint, dtype=torch.bfloat16, **QUANT[quant]),
+                                       library.LoraConfig(**CONFIG), autocast_adapter_dtype=False)
+        model.add_adapter("second", library.LoraConfig(**{**CONFIG, "r": 4, "lora_alpha": 8}),
+                          autocast_adapter_dtype=False)
+        for name, param in model.named_parameters():  # an 8-bit layer's stay float32 there: cast as TRL casts them
+            if "lora_" in name:
+                param.data = param.data.to(torch.bfloat16)
+        models[library.__name__] = model
+    theirs, ours = models["peft"], models["fastlora"]
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.dtype == torch.bfloat16 and p.abs().sum() == 0:  # B: PEFT's zeros, so that merges move something
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
+    copy_lora_weights(theirs, ours)
+    both = ["default", "second"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for model in (theirs, ours):
+            model.base_model.merge_adapter(both)
+        _assert_same_quantized_states(ours, theirs)
+        for model in (theirs, ours):
+            model.unmerge_adapter()
+        _assert_same_quantized_states(ours, theirs)
+        merged_ours, merged_theirs = ours.merge_and_unload(adapter_names=both), theirs.merge_and_unload(adapter_names=both)
+    _assert_same_quantized_states(merged_ours, merged_theirs)
+
+
 def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
     """fastlora's prepare_model_for_kbit_training leaves what PEFT's does (dtypes, frozen parameters, gradient
     checkpointing on, input embeddings' output requiring grad), and a reentrant-checkpointed step's gradients

@@ -389,7 +389,8 @@ class LoRALinear(nn.Linear):
         return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
 
     def _unmerged_weight(self) -> Tensor:
-        """W with every merged adapter taken out again (a float32 copy), undoing merges in reverse order."""
+        """W with every merged adapter taken out again (a float32 copy here; a base kind may compute it as its
+        peers do), undoing merges in reverse order."""
         weight = self.base_weight()
         restored = weight.float()
         if restored is weight:
@@ -403,7 +404,8 @@ class LoRALinear(nn.Linear):
         return restored
 
     def _merged_weight(self, names: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
-        """(W with ``names`` merged in, in float32; the norms n of the DoRA adapters among them).  As PEFT's:
+        """(W with ``names`` merged in, in float32 here (a base kind may compute it as its peers do, quantized); the
+        norms n of the DoRA adapters among them).  As PEFT's:
         LoRA adds scaling · B A; DoRA makes W ← g ⊙ (W + scaling · B A), g = m / ‖W₀ + scaling · B A‖ with W₀
         the weight without any merged adapter."""
         weight = self.base_weight()
@@ -470,8 +472,9 @@ class LoRALinear(nn.Linear):
         return None
 
     def _storage_refusal(self, merged: Tensor) -> str | None:
-        """Why storing the float32 ``merged`` as this layer's weight would damage it whatever ``safe_merge`` says
-        (None: it would not); a base kind that stores W in another form (quantized) overrides it."""
+        """Why storing ``merged`` (float32, or a quantized layer's merge dtype) as this layer's weight would damage it
+        whatever ``safe_merge`` says (None: it would not); a base kind that stores W in another form (quantized)
+        overrides it."""
         return None
 
     @torch.no_grad()

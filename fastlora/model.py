@@ -448,15 +448,19 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for row, name in enumerate(names):
             groups.setdefault(name, []).append(row)
         rows = {name: torch.tensor(index) for name, index in groups.items() if name != "__base__"}
-        layers = [layer for _, layer in self.lora_layers()] + wrappers
+        layers = [layer for _, layer in self.lora_layers()]
         for layer in layers:
             layer.row_adapters = rows
             layer.row_count = len(names)
+        for wrapper in wrappers:
+            wrapper.use_rows({name: index for name, index in groups.items() if name != "__base__"}, len(names))
         try:
             yield
         finally:
             for layer in layers:
                 layer.row_adapters = layer.row_count = None
+            for wrapper in wrappers:
+                wrapper.use_rows(None)
 
     # ---- what PEFT users read ---------------------------------------------------------------------
 

@@ -63,10 +63,13 @@ class AdapterFilesMixin:
         else:
             config = with_task_heads(file_config.replace(inference_mode=not is_trainable), self.get_base_model())
             self._check_second_adapter(config)
+            def checked(targets, to_save):
+                return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
+
             targets, to_save = _planned_for_file(lambda rule: (
                 plan_targets(model, config, adapter_name, rule), plan_modules_to_save(model, config, adapter_name, rule)),
-                config, tensors)
-            expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
+                config, tensors, checked)
+            expected, tensors = checked(targets, to_save)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
             try:
                 _copy_values(model, expected, tensors)
@@ -98,8 +101,11 @@ class AdapterFilesMixin:
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model)
-        targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors)
-        expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
+        def checked(targets, to_save):
+            return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
+
+        targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors, checked)
+        expected, tensors = checked(targets, to_save)
         lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
         try:
             _copy_values(model, expected, tensors)
@@ -336,33 +342,35 @@ def _hub_kwargs(kwargs: dict, caller: str) -> dict:
 
 
 def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], config: LoraConfig,
-                      tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+                      tensors: dict[str, torch.Tensor], fits: Callable[[list[str], list[str]], object]
+                      ) -> tuple[list[str], list[str]]:
     """(targets, modules_to_save) of a file's adapter: modules_to_save entries matched as PEFT matches them, or as
-    fastlora matched them before (the name or a dotted suffix) where the file is one it wrote then, holding nothing
-    of a module that only PEFT's rule matches (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
-    ``pre_classifier``)."""
-    with warnings.catch_warnings(record=True) as said:  # said again below if this plan is kept
-        warnings.simplefilter("always")
+    fastlora matched them before (the name or a dotted suffix) where the file is one it wrote then: one holding
+    nothing of a module that only PEFT's rule saves (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
+    ``pre_classifier``), or one PEFT's rule refuses (every target inside such a module) that fits the old plan
+    (``fits(targets, to_save)`` raises where the file does not)."""
+    with warnings.catch_warnings():  # a trial: the plan kept is made again below, saying what it says
+        warnings.simplefilter("ignore")
         try:
-            targets, to_save = plan(True)
-        except (TypeError, ValueError) as refusal:  # e.g. every target inside a module only PEFT's rule saves
+            _, to_save = plan(True)
+        except (TypeError, ValueError) as refusal:
             try:
-                return plan(False)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fits(*plan(False))
             except (TypeError, ValueError):
                 raise refusal from None
+            return plan(False)
 
-    def copy_in_file(name: str) -> bool:  # the module's own tensors, not an adapter's on it (then a LoRA target)
+    def copy_in_file(name: str) -> bool:  # the module's own tensors, not an adapter's on it or inside it
         prefix = f"{peft_format.PREFIX}{name}."
-        return any(key.startswith(prefix) and not key[len(prefix):].startswith(("lora_", "base_layer."))
+        return any(key.startswith(prefix) and not any(part.startswith("lora_") or part == "base_layer"
+                                                      for part in key[len(prefix):].split("."))
                    for key in tensors)
 
-    written_before = [name for name in to_save
-                      if not saved_whole(name, config.modules_to_save, peft_rule=False) and not copy_in_file(name)]
-    if written_before:
-        return plan(False)
-    for warning in said:
-        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return targets, to_save
+    written_before = any(not saved_whole(name, config.modules_to_save, peft_rule=False) and not copy_in_file(name)
+                         for name in to_save)
+    return plan(not written_before)
 
 
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:

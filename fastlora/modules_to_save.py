@@ -9,6 +9,7 @@ or the original when adapters are disabled or the active adapter has no copy.  O
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -45,41 +46,54 @@ class ModulesToSaveWrapper(nn.Module):
             return self.modules_to_save[self.active_adapter]
         return self.original_module
 
-    # A mixed batch's rows per adapter (name → row indices; ``"__base__"``'s rows are the others) and its number of
-    # rows, set by PeftModel around a call with ``adapter_names=[...]``.
-    row_adapters: dict[str, Tensor] | None = None
+    # A mixed batch's rows, set by PeftModel around a call with ``adapter_names=[...]`` (:meth:`use_rows`): the
+    # module each group of rows goes through (an adapter's copy, or None: the original) and the number of rows.
+    row_groups: dict[str | None, Tensor] | None = None
     row_count: int | None = None
 
+    def use_rows(self, row_adapters: dict[str, list[int]] | None, row_count: int | None = None) -> None:
+        """Take a mixed batch's rows (``row_adapters``: adapter name → its rows; the others, ``"__base__"``'s, go
+        through the original, and so do an adapter's that has no copy here), or drop them (None).  Grouped here,
+        on the host, once per call of the model rather than once per forward (generate calls it per token)."""
+        if row_adapters is None:
+            self.row_groups = self.row_count = None
+            return
+        groups = {name: rows for name, rows in row_adapters.items() if name in self.modules_to_save}
+        taken = {row for rows in groups.values() for row in rows}
+        others = [row for row in range(row_count) if row not in taken]
+        self.row_groups = {name: torch.tensor(rows) for name, rows in ({**groups, None: others}).items() if rows}
+        self.row_count = row_count
+
     def forward(self, *args, **kwargs):
-        if self.row_adapters is not None:
+        if self.row_groups is not None:
             return self.mixed_batch_forward(*args, **kwargs)
         return self.active_module(*args, **kwargs)
 
-    def mixed_batch_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """PEFT's mixed batch over the copies: each row of ``x`` (dim 0) through its adapter's copy, and the rows of
-        ``"__base__"``, or of an adapter without a copy here, through the original; each copy's gradient comes from
-        its own rows only.  For the module kinds PEFT takes (:data:`MIXED_BATCH_MODULES`), whose dim 0 is the
-        batch's."""
+    def mixed_batch_forward(self, *args, **kwargs) -> Tensor:
+        """PEFT's mixed batch over the copies: each row of the input (dim 0; positional, or PEFT's ``input=``)
+        through its adapter's copy, the others through the original (:meth:`use_rows`); each copy's gradient comes
+        from its own rows only.  For the module kinds PEFT takes (:data:`MIXED_BATCH_MODULES`), whose dim 0 is the
+        batch's.  The outputs are put together in the dtype they promote to, as PEFT's stack of rows does."""
+        args = list(args) if args else [kwargs.pop("input")]
+        x = args[0]
         if self.row_count is not None and x.shape[0] != self.row_count:  # PEFT's check, as the LoRA layers make it
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{self.row_count} and {x.shape[0]} respectively.")
-        groups = {name: rows.to(x.device) for name, rows in self.row_adapters.items()
-                  if self.adapter_enabled and name in self.modules_to_save}
-        taken = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for rows in groups.values():
-            taken[rows] = True
-        if not taken.all():
-            groups[None] = (~taken).nonzero().flatten()  # the original's rows
-        if len(groups) == 1:
-            (name, _), = groups.items()
-            return (self.original_module if name is None else self.modules_to_save[name])(x, *args, **kwargs)
-        result = None
-        for name, rows in groups.items():
+        if not self.adapter_enabled or (len(self.row_groups) == 1 and None in self.row_groups):
+            return self.original_module(*args, **kwargs)
+        if len(self.row_groups) == 1:  # one copy takes every row
+            (name,) = self.row_groups
+            return self.modules_to_save[name](*args, **kwargs)
+        outputs = {}
+        for name, rows in self.row_groups.items():
+            rows = rows.to(x.device, non_blocking=True)
             module = self.original_module if name is None else self.modules_to_save[name]
-            out = module(x[rows], *args, **kwargs)
-            if result is None:
-                result = out.new_empty((x.shape[0], *out.shape[1:]))
-            result[rows] = out.to(result.dtype)
+            outputs[name] = (rows, module(x[rows], *args[1:], **kwargs))
+        first = next(iter(outputs.values()))[1]
+        dtype = functools.reduce(torch.promote_types, (out.dtype for _, out in outputs.values()))
+        result = first.new_empty((x.shape[0], *first.shape[1:]), dtype=dtype)
+        for rows, out in outputs.values():
+            result[rows] = out.to(dtype)
         return result
 
     def __getattr__(self, name: str):

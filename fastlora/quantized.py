@@ -14,8 +14,8 @@ The base product is bitsandbytes' own (dequantization inside its matmul, on CPU 
 dropped copy of x.  On the kernels' device with the ``base_4bit=fused`` schedule, a 4-bit base with one active adapter
 runs fused instead in eager mode (:mod:`fastlora.qlora_ops`): the GEMM dequantizes the weight tile by tile in
 its main loop, forward and for dx, and adds the low-rank term in the same accumulator.  Adapters are float32 by
-default, as PEFT creates them beside an integer weight.  Merging follows PEFT: dequantize, add scaling · B A in
-float32, quantize again (with PEFT's warning about rounding).  A DoRA adapter (QDoRA) adds PEFT's DoRA term to
+default, as PEFT creates them beside an integer weight.  Merging follows PEFT: dequantize, add scaling · B A
+computed in the adapters' dtype, quantize again, adapter by adapter (with PEFT's warning about rounding).  A DoRA adapter (QDoRA) adds PEFT's DoRA term to
 bitsandbytes' output (:mod:`fastlora.qdora_ops`), with the weight dequantized only while a pass needs it.
 """
 
@@ -200,10 +200,11 @@ class LoRAQuantizedLinear(LoRALinear):
     def _plus_update(self, weight: Tensor, name: str, sign: int) -> Tensor:
         """``weight`` (dequantized) ± scaling · B A, computed as PEFT's bitsandbytes layers compute it: the update in
         the adapters' dtype (B A, then times scaling), added to a 4-bit layer's weight in the dtype torch promotes
-        the two to, and to an 8-bit layer's weight once cast to the adapters' dtype."""
+        the two to, and to an 8-bit layer's int8 weight once cast to the adapters' dtype (float weights an 8-bit
+        layer holds take it in the dtype the two promote to: casting them would round them)."""
         lora_A, lora_B = self.lora_factors(name)
         update = (lora_B @ lora_A) * self.adapter_settings[name].scaling
-        if not isinstance(self.base_layer, _bnb().nn.Linear4bit):
+        if self.base_layer.weight.dtype == torch.int8:  # an 8-bit layer's int8 weight (not float weights it holds)
             weight = weight.to(update.dtype)
         return weight + update if sign > 0 else weight - update
 

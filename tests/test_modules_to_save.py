@@ -154,7 +154,7 @@ def test_an_entry_matches_every_name_ending_with_it_as_in_peft(entry, tmp_path):
         assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
 
 
-def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead_and_said_so():
+def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead_and_said_so(tmp_path):
     """A LoRA target inside a modules_to_save module (``"attn"`` ends ``layers.0.self_attn``) is left to the saved
     copy: no adapter inside a module trained whole.  PEFT's guard matches whole dotted names, so it would adapt
     q_proj there: a warning says where fastlora differs."""
@@ -163,6 +163,10 @@ def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead_and_said_so
         model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["attn"]))
     assert {n.rsplit(".", 1)[-1] for n, _ in model.lora_layers()} == {"up_proj"}
     assert isinstance(model.model.model.layers[0].self_attn, ModulesToSaveWrapper)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="fastlora trains them whole, without an adapter"):  # said again on load
+        loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path)
+    assert {n.rsplit(".", 1)[-1] for n, _ in loaded.lora_layers()} == {"up_proj"}
 
 
 def test_a_file_fastlora_wrote_when_entries_matched_dotted_names_loads_as_it_was_saved(tmp_path):
@@ -307,14 +311,33 @@ def test_a_mixed_batch_runs_each_row_through_its_adapters_copy_as_peft():
         generated = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, adapter_names=names)
         assert torch.equal(ours.generate(input_ids=ids[:, :6], **generated),
                            theirs.generate(input_ids=ids[:, :6], **generated))
-    copy_a = ours.get_base_model().lm_head.modules_to_save["a"].weight
-    copy_a.requires_grad_(True)
+    head = ours.get_base_model().lm_head
+    for name in ("a", "b"):
+        head.modules_to_save[name].weight.requires_grad_(True)
     ours(input_ids=ids, adapter_names=names).logits.square().sum().backward()
-    mixed = copy_a.grad.clone()
-    copy_a.grad = None
-    ours.set_adapter("a")
-    ours(input_ids=ids[:1]).logits.square().sum().backward()
-    assert_close(mixed, copy_a.grad, kind="same_math_max")
+    mixed = {name: head.modules_to_save[name].weight.grad.clone() for name in ("a", "b")}
+    assert head.original_module.weight.grad is None
+    for row, name in enumerate(("a", "b")):
+        head.modules_to_save[name].weight.grad = None
+        ours.set_adapter(name)
+        ours(input_ids=ids[row:row + 1]).logits.square().sum().backward()
+        assert_close(mixed[name], head.modules_to_save[name].weight.grad, kind="same_math_max", msg=name)
+
+
+def test_a_mixed_batch_row_of_an_adapter_without_a_copy_goes_through_the_original():
+    """Where PEFT fails (its wrapper looks the adapter's copy up), a row whose adapter saves no copy of the module
+    takes the original, as a LoRA layer gives the base output to a row whose adapter it does not hold."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False,
+                                                    modules_to_save=["lm_head"]), adapter_name="a")
+    model.add_adapter("c", LoraConfig(target_modules=["q_proj"], r=2, init_lora_weights=False))
+    model.eval()
+    with torch.no_grad():
+        model.get_base_model().lm_head.modules_to_save["a"].weight.mul_(1.5)
+        ids = tokens(batch=2)
+        mixed = model(input_ids=ids, adapter_names=["a", "c"]).logits
+        model.set_adapter("c")
+        alone = model(input_ids=ids[1:]).logits
+    assert_close(mixed[1:], alone, kind="same_math")
 
 
 def test_a_mixed_batch_over_a_saved_module_of_another_kind_is_refused_as_peft():

@@ -299,8 +299,7 @@ def _assert_same_quantized_states(ours, theirs):
 
 @pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
 def test_adapters_held_in_bf16_merge_as_peft(checkpoint, quant):
-    """Adapters held in bf16 (a 4-bit layer's with ``autocast_adapter_dtype=False``; TRL casts QLoRA's so) on a
-    model loaded in bf16:
+    """Adapters held in bf16 (cast so in both libraries, as TRL casts QLoRA's) on a model loaded in bf16:
     PEFT's bitsandbytes layers compute each update B A · scaling in bf16 and add it to the dequantized weight in
     the dtype the two promote to (an 8-bit layer's weight cast to the adapters' dtype first); merged, unmerged and
     merged for good, two adapters at once, every quantized layer's state equals PEFT's byte for byte."""
@@ -536,10 +535,12 @@ def test_low_rank_term_without_a_weight_refuses_bias_and_the_triton_backend():
     assert_close(fastlora.lora_linear(x, None, None, A, B, 2.0), 2.0 * (x @ A.t()) @ B.t(), kind="same_math", dtype=torch.float32)
 
 
-@pytest.mark.parametrize("moved", [True, False], ids=["fp16 weights", "not moved yet"])
-def test_an_8bit_layer_holding_float_weights_merges_into_them(moved):
+@pytest.mark.parametrize("moved, adapter_dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)],
+                         ids=["fp16 weights", "not moved yet", "fp16 weights, bf16 adapters"])
+def test_an_8bit_layer_holding_float_weights_merges_into_them(moved, adapter_dtype):
     """A Linear8bitLt whose weight is still float (has_fp16_weights=True, or not yet moved to a device): its weight
-    reads as it is (not through an int8 scale a forward pass left behind), and merging adds scaling · B A to it."""
+    reads as it is (not through an int8 scale a forward pass left behind), and merging adds scaling · B A to it
+    (computed in the adapters' dtype; bf16 adapters do not round the weight itself to bf16)."""
     from fastlora.adapter_settings import AdapterSettings
 
     torch.manual_seed(0)
@@ -548,15 +549,15 @@ def test_an_8bit_layer_holding_float_weights_merges_into_them(moved):
     original = base.weight.data.float().clone()
     assert base.weight.dtype != torch.int8
     layer = LoRAQuantizedLinear.from_quantized(base, "default", AdapterSettings(4, 8, 0.0, False, False, False), False,
-                                               torch.float32)
+                                               adapter_dtype)
     assert torch.equal(layer.base_weight(), original)
-    layer(torch.randn(3, 64))  # bitsandbytes leaves int8 scales in the layer's state (and quantizes a weight not moved)
-    if moved:
+    layer(torch.randn(3, 64).to(adapter_dtype))  # bitsandbytes leaves int8 scales in the layer's state (and
+    if moved:                                    # quantizes a weight not moved)
         assert torch.equal(layer.base_weight(), original)
     A, B = layer.lora_factors("default")
     with pytest.warns(UserWarning, match="rounding errors"):
         layer.merge()
-    merged = original + 2.0 * B.detach() @ A.detach()
+    merged = original + ((B.detach() @ A.detach()) * 2.0).float()
     if moved:  # still float: the sum itself, rounded once to float32
         assert layer.base_layer.weight.dtype == torch.float32
         assert_close(layer.base_layer.weight.data, merged, kind="roundoff")

@@ -76,9 +76,6 @@ def test_autocast_runs_in_the_autocast_dtype():
 def test_a_triton_that_fails_to_import_keeps_cuda_calls_on_the_torch_path(tmp_path):
     """A triton installed but broken (its import raises) counts as no triton: "auto" resolves to the torch path
     for a CUDA tensor, and that path keeps the CPU generator's masks rather than launch the kernels' mask."""
-    import subprocess
-    import sys
-
     (tmp_path / "triton").mkdir()
     (tmp_path / "triton" / "__init__.py").write_text("raise ImportError('a broken triton install')\n")
     script = (
@@ -90,15 +87,10 @@ def test_a_triton_that_fails_to_import_keeps_cuda_calls_on_the_torch_path(tmp_pa
         "assert not ops.kernel_masks_on(on_cuda)\n"
         "print('BROKEN_TRITON_OK')\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "BROKEN_TRITON_OK" in result.stdout, result.stderr[-2000:]
+    _run_in_a_fresh_interpreter(script, "BROKEN_TRITON_OK")
 
 
 def test_cpu_path_works_without_triton():
-    import subprocess
-    import sys
-
     script = (
         "import sys; sys.modules['triton'] = None\n"  # import triton now fails, as where it is not installed
         "import torch, fastlora\n"
@@ -108,6 +100,14 @@ def test_cpu_path_works_without_triton():
         "assert x.grad.shape == (3, 8) and layer.lora_A.grad is not None\n"
         "print('NO_TRITON_OK')\n"
     )
+    _run_in_a_fresh_interpreter(script, "NO_TRITON_OK")
+
+
+def _run_in_a_fresh_interpreter(script: str, done: str) -> None:
+    """Run ``script`` in a new Python (triton unimported, TRITON_INTERPRET unset) and check it printed ``done``."""
+    import subprocess
+    import sys
+
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert "NO_TRITON_OK" in result.stdout, result.stderr[-2000:]
+    assert done in result.stdout, result.stderr[-2000:]

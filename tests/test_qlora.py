@@ -63,6 +63,19 @@ def _trainable(model):
             if p.requires_grad}
 
 
+def _assert_step_as_peft(theirs, ours, grad_dtype):
+    """One step of both models: logits, loss and every LoRA gradient as PEFT's (the gradients at the tolerance of
+    ``grad_dtype``, the dtype the activations' gradients flow in)."""
+    ids = tokens()
+    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=out_ours.logits.dtype)
+    out_theirs.loss.backward()
+    out_ours.loss.backward()
+    grads_theirs = {n: p.grad for n, p in _trainable(theirs).items()}
+    for name, param in _trainable(ours).items():
+        assert_close(param.grad, grads_theirs[name], kind="same_math", dtype=grad_dtype, msg=name)
+
+
 @pytest.mark.parametrize("quant", list(QUANT))
 def test_matches_peft(checkpoint, quant):
     """Layer types, trainable parameters, logits, loss and every LoRA gradient as PEFT's, on one quantized model."""
@@ -74,14 +87,7 @@ def test_matches_peft(checkpoint, quant):
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert set(_trainable(ours)) == set(_trainable(theirs))
 
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=out_ours.logits.dtype)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    grads_theirs = {n: p.grad for n, p in _trainable(theirs).items()}
-    for name, param in _trainable(ours).items():
-        assert_close(param.grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE[quant], msg=name)
+    _assert_step_as_peft(theirs, ours, GRAD_DTYPE[quant])
 
 
 def test_dropout_mask_matches_peft(checkpoint):
@@ -641,14 +647,7 @@ def test_a_4bit_weight_stored_in_a_float_dtype_trains_and_merges_as_peft(checkpo
     copy_lora_weights(theirs, ours)
     q_proj = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, LoRAQuantizedLinear) and q_proj.base_layer.weight.dtype == storage
-    ids = tokens()
-    out_theirs, out_ours = theirs(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert_close(out_ours.logits, out_theirs.logits, kind="same_math", dtype=out_ours.logits.dtype)
-    out_theirs.loss.backward()
-    out_ours.loss.backward()
-    grads_theirs = {n: p.grad for n, p in _trainable(theirs).items()}
-    for name, param in _trainable(ours).items():
-        assert_close(param.grad, grads_theirs[name], kind="same_math", dtype=GRAD_DTYPE["nf4-double-bf16"], msg=name)
+    _assert_step_as_peft(theirs, ours, GRAD_DTYPE["nf4-double-bf16"])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

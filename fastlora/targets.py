@@ -13,7 +13,7 @@ from torch import nn
 
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig
-from fastlora.fused_experts import for_fused_experts
+from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.parameter_lora import LoRAParameter
@@ -42,10 +42,18 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
         config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
     if model is None:
         return config
-    if config.target_modules is None:  # PEFT fills the defaults beside target_parameters too, where it has them
+    if config.target_modules is None:
         from fastlora.default_targets import default_target_modules, has_default_targets
 
-        if not config.target_parameters or has_default_targets(model):
+        if getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_NAMES:
+            # PEFT rewrites such a model's config for its fused experts before it fills in defaults, and that turns
+            # no target_modules into none at all: only the target_parameters are adapted (written as [])
+            if not config.target_parameters:
+                raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "
+                                 "values for these arguments.  (PEFT's message: a mixture-of-experts model whose "
+                                 "experts transformers 5 fused has no default targets there)")
+            config = config.replace(target_modules=[])
+        elif not config.target_parameters or has_default_targets(model):  # PEFT fills them beside target_parameters
             config = config.replace(target_modules=default_target_modules(model))
     return for_fused_experts(config, model, lambda: _all_linear(model))
 

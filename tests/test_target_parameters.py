@@ -340,6 +340,35 @@ def test_default_targets_are_filled_beside_target_parameters_as_in_peft():
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
+def test_no_defaults_beside_target_parameters_on_fused_experts_as_in_peft(tmp_path):
+    """On a model whose experts transformers 5 fused, PEFT's rewrite of the config turns no target_modules into
+    none at all before defaults would be filled in: only the parameters are adapted, the config saved with [],
+    and such a file (its target_modules null) loads so; with no target_parameters either, PEFT's error."""
+    import json
+
+    base = _mixtral()
+    config = dict(target_parameters=["experts.gate_up_proj", "experts.down_proj", "gate.weight"], r=4,
+                  init_lora_weights=False)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert not any("self_attn" in name for name, _ in ours.lora_layers())
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == []
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**saved, "target_modules": None}))
+    loaded = fastlora.PeftModel.from_pretrained(clone(base), tmp_path)
+    ids = tokens(length=9)
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, kind="same_math")
+    model = clone(base)
+    before = snapshot(model)
+    for library in (peft, fastlora):
+        with pytest.raises(ValueError, match="No `target_modules` passed but also no `target_parameters` found"):
+            library.get_peft_model(model if library is fastlora else clone(base), library.LoraConfig(r=4))
+    assert_unchanged(model, before)
+
+
 def test_a_second_all_linear_adapter_on_fused_experts_as_in_peft():
     base = _mixtral()
     models = []

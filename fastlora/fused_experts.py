@@ -11,7 +11,8 @@ longer a Linear.  PEFT 0.21 rewrites a config for these architectures so that it
   and alpha 2·lora_alpha (``rank_pattern`` / ``alpha_pattern``), so each half keeps r and the scaling.
 
 fastlora rewrites the config the same way, so the same script adapts the same weights, and writes the same
-adapter_config.json.  Adapter files of per-expert (version 4) weights are not converted.
+adapter_config.json.  Adapter files of per-expert (version 4) weights are not converted: loading one is refused
+with what to do (:func:`check_not_per_expert`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from fastlora.config import LoraConfig
 
-__all__ = ["FUSED_EXPERT_NAMES", "for_fused_experts"]
+__all__ = ["FUSED_EXPERT_NAMES", "for_fused_experts", "check_not_per_expert"]
 
 _MIXTRAL = {"gate": "gate.weight", "w1": "gate_up_proj", "w3": "gate_up_proj", "w2": "down_proj"}
 _QWEN2_MOE = {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
@@ -104,3 +105,18 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
         return config
     return config.replace(target_modules=sorted(remaining), target_parameters=sorted(parameters) or None,
                           rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def check_not_per_expert(model: nn.Module, keys, where) -> None:
+    """ValueError, naming what to do, where an adapter file holds per-expert weights (``...experts.3.w1.lora_A...``,
+    written on transformers 4) for a model whose experts transformers 5 fused: fastlora does not convert them."""
+    names = FUSED_EXPERT_NAMES.get(getattr(getattr(model, "config", None), "model_type", None))
+    if names is None:
+        return
+    per_expert = re.compile(r"\.experts\.\d+\.(" + "|".join(map(re.escape, names)) + r")\.")
+    found = next((key for key in keys if per_expert.search(key)), None)
+    if found is not None:
+        raise ValueError(f"adapter in {where} holds per-expert weights written on transformers 4 ({found}); on this "
+                         f"model (transformers 5) each projection of the experts is one fused parameter, and fastlora "
+                         f"does not convert such files: load the adapter once with PEFT (which converts it) and save it "
+                         f"again, then load that")

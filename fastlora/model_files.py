@@ -23,6 +23,7 @@ from torch import nn
 from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
+from fastlora.fused_experts import check_not_per_expert
 from fastlora.targets import plan_modules_to_save, plan_targets, saved_whole, with_task_heads
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
@@ -411,6 +412,7 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
              tensors: dict[str, torch.Tensor], where) -> tuple[peft_format.Expected, dict[str, torch.Tensor]]:
     """The tensors an adapter file must hold for this plan, and the file's tensors checked against them."""
     _check_layout(model, config, targets, where)
+    check_not_per_expert(model, tensors, where)
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
     tensors = peft_format.without_quantized_tables(model, targets, tensors, where)

@@ -33,6 +33,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastlora.config import UnsupportedFeatureError
 from fastlora.conv1d import LoRAConv1D
 from fastlora.embedding import LoRAEmbedding
 
@@ -80,10 +81,10 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
             raise ValueError(f"Adapter {adapter} does not exist")
         config = model.peft_config[adapter]
         if config.target_parameters:
-            raise NotImplementedError(f"add_weighted_adapter: adapter {adapter!r} adapts parameters (target_parameters), "
+            raise UnsupportedFeatureError(f"add_weighted_adapter: adapter {adapter!r} adapts parameters (target_parameters), "
                                       f"which fastlora does not combine")
         if config.use_dora or config.lora_bias:
-            raise NotImplementedError(f"add_weighted_adapter: adapter {adapter!r} uses "
+            raise UnsupportedFeatureError(f"add_weighted_adapter: adapter {adapter!r} uses "
                                       f"{'DoRA' if config.use_dora else 'lora_bias'}, which fastlora does not combine")
     wrapped = [w for _, w in model.wrappers() if sum(a in w.modules_to_save for a in adapters) > 1]
     if wrapped:

@@ -235,7 +235,7 @@ BAD = [
     ("a mixed-adapter batch", lambda m: m(input_ids=tokens(batch=2), adapter_names=["default", "__base__"]),
      ValueError, r"mixed-adapter batch\) is not supported"),
     ("a weighted combination", lambda m: m.add_weighted_adapter(["default"], [1.0], "mix"),
-     NotImplementedError, "adapts parameters"),
+     ValueError, "adapts parameters"),  # PEFT's error type (an UnsupportedFeatureError: a NotImplementedError too)
     ("a parameter of the model itself",
      lambda m: fastlora.get_peft_model(_Experts(), fastlora.LoraConfig(target_parameters=["up"])),
      ValueError, "a parameter of the model itself"),
@@ -366,6 +366,23 @@ def test_no_defaults_beside_target_parameters_on_fused_experts_as_in_peft(tmp_pa
     for library in (peft, fastlora):
         with pytest.raises(ValueError, match="No `target_modules` passed but also no `target_parameters` found"):
             library.get_peft_model(model if library is fastlora else clone(base), library.LoraConfig(r=4))
+    assert_unchanged(model, before)
+
+
+def test_a_file_of_per_expert_weights_from_transformers_4_is_refused_with_what_to_do(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = _mixtral()
+    fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=["w1", "w2", "w3"], r=4)).save_pretrained(
+        tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.model.layers.0.block_sparse_moe.experts.0.w1.lora_A.weight"] = torch.zeros(4, 32)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    model = clone(base)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"holds per-expert weights written on transformers 4 \(.*experts\.0\.w1\.lora_A"
+                                         r"\.weight\); .* load the adapter once with PEFT \(which converts it\)"):
+        fastlora.PeftModel.from_pretrained(model, tmp_path)
     assert_unchanged(model, before)
 
 

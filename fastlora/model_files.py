@@ -143,7 +143,7 @@ class AdapterFilesMixin:
         else:
             quantized = {}
         if state_dict is None:
-            params = dict(model.named_parameters())
+            params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
             return {**{key: params[param] for key, (param, _) in expected.items()}, **quantized}
         return {**{key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}, **quantized}
 
@@ -426,7 +426,7 @@ def _copy_values(model: nn.Module, expected: peft_format.Expected, tensors: dict
                  restore_on_error: bool = False) -> None:
     """Copy each file tensor into its parameter.  ``restore_on_error``: the parameters already hold values the
     model uses, so an error part way puts back the ones already overwritten."""
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         try:

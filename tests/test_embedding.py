@@ -2,6 +2,8 @@
 gradients, trainable counts, files both ways (with the embedding table PEFT saves beside them), merges, a tied
 output head, a resized vocabulary, a scaled embedding (Gemma's embed_scale)."""
 
+import warnings
+
 import peft
 import pytest
 import torch
@@ -10,7 +12,8 @@ from torch import nn
 
 import fastlora
 from fastlora.embedding import LoRAEmbedding
-from tests.models import assert_step_as_peft, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import (assert_step_as_peft, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_gpt2, tiny_llama,
+                          tokens)
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore:Setting `save_embedding_layers`")
@@ -160,3 +163,26 @@ def test_a_targeted_linear_head_is_saved_and_loaded_as_peft(tmp_path):
     loads it from such a file: so does fastlora, both ways."""
     base, theirs, ours = _pair(target_modules=["q_proj", "lm_head"])
     _assert_files_both_ways(tmp_path, base, theirs, ours, "base_model.model.lm_head.base_layer.weight")
+
+
+@pytest.mark.parametrize("build, targets", [(lambda: tiny_llama(tie_word_embeddings=True), ["lm_head"]),
+                                            (tiny_gpt2, ["lm_head", "c_attn"])], ids=["llama tied", "gpt2"])
+def test_lora_on_a_head_tied_to_the_embeddings_saves_and_loads_as_peft(build, targets, tmp_path):
+    """The head's weight is the embedding table's (one parameter under two names): saving fastlora's adapter and
+    loading PEFT's both find it, and the files hold PEFT's keys."""
+    torch.manual_seed(0)
+    base = build()
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=targets, r=4, init_lora_weights=False))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=targets, r=4,
+                                                                    init_lora_weights=False))
+    copy_lora_weights(theirs, ours)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "theirs")
+        ours.save_pretrained(tmp_path / "ours")
+    assert load_file(tmp_path / "ours" / "adapter_model.safetensors").keys() == \
+        load_file(tmp_path / "theirs" / "adapter_model.safetensors").keys()
+    loaded = fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")
+    ids = tokens(vocab=base.config.vocab_size)
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, kind="same_math")

@@ -121,7 +121,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for name, rows in tokens.items():
             module = originals[name]
             wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
-            wrapper.add_adapter(adapter_name, rows)
+            table = getattr(wrapper.base_layer, "weight", None)
+            wrapper.add_adapter(adapter_name, rows, None if table is None else _adapter_dtype(table.dtype,
+                                                                                             autocast_adapter_dtype))
             _set_module(model, name, wrapper)
             if name in tied and not isinstance(originals[head_name], TrainableTokensWrapper):
                 _set_module(model, head_name, TrainableTokensWrapper(originals[head_name], tied_to=wrapper))

@@ -43,8 +43,10 @@ class TrainableTokensWrapper(nn.Module):
     def is_tied(self) -> bool:
         return bool(self._tied)
 
-    def add_adapter(self, adapter_name: str, indices: list[int]) -> None:
-        """Rows ``indices`` of the table train for ``adapter_name``, starting from their current values."""
+    def add_adapter(self, adapter_name: str, indices: list[int], dtype: torch.dtype | None = None) -> None:
+        """Rows ``indices`` of the table train for ``adapter_name``, starting from their current values, held in
+        ``dtype`` (default: the table's; float32 beside a half-precision table under PEFT's
+        ``autocast_adapter_dtype``, as PEFT holds them) and written into the table in its own dtype."""
         if not self.active_adapters:  # the first adapter added is active, as in a LoRA layer
             self.active_adapters = [adapter_name]
         if self.is_tied:
@@ -52,7 +54,8 @@ class TrainableTokensWrapper(nn.Module):
         weight = self.base_layer.weight
         rows = weight.detach()[torch.tensor(indices, device=weight.device)].clone()
         self.token_indices[adapter_name] = list(indices)
-        self.register_parameter(f"trainable_tokens_delta_{adapter_name}", nn.Parameter(rows.clone()))
+        delta = nn.Parameter(rows.to(dtype or rows.dtype, copy=True))  # never the original rows' storage
+        self.register_parameter(f"trainable_tokens_delta_{adapter_name}", delta)
         self.register_buffer(f"trainable_tokens_original_{adapter_name}", rows, persistent=False)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -105,3 +105,27 @@ def test_bad_indices_are_refused_and_change_nothing(tokens, error, match):
     with pytest.raises(error, match=match):
         fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj"], trainable_token_indices=tokens))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_rows_beside_a_bf16_table_are_held_as_peft_holds_them(autocast, tmp_path):
+    """autocast_adapter_dtype=True (the default) holds the trained rows of a bf16 table in float32, as PEFT does
+    (small updates are not rounded away), written into the table in bf16; False keeps them bf16.  The saved file
+    has PEFT's dtype."""
+    models = {}
+    for library in (peft, fastlora):
+        model = library.get_peft_model(tiny_llama().to(torch.bfloat16), library.LoraConfig(
+            target_modules=["q_proj"], r=4, trainable_token_indices=ROWS), autocast_adapter_dtype=autocast)
+        models[library.__name__] = model
+        model.save_pretrained(tmp_path / library.__name__)
+    deltas = {name: next(p for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+              for name, model in models.items()}
+    assert deltas["fastlora"].dtype == deltas["peft"].dtype == (torch.float32 if autocast else torch.bfloat16)
+    key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    assert load_file(tmp_path / "fastlora" / "adapter_model.safetensors")[key].dtype == \
+        load_file(tmp_path / "peft" / "adapter_model.safetensors")[key].dtype
+    with torch.no_grad():
+        deltas["peft"].add_(1e-3)  # below bf16's resolution at these magnitudes, kept in float32
+        deltas["fastlora"].copy_(deltas["peft"])
+        assert_close(models["fastlora"](input_ids=IDS).logits, models["peft"](input_ids=IDS).logits,
+                     kind="same_math")

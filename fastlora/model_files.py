@@ -208,6 +208,10 @@ class AdapterFilesMixin:
             config = self.peft_config[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None and base_name:  # as PEFT fills it in when saving
                 config = config.replace(base_model_name_or_path=base_name)
+            if config.task_type is None:  # PEFT records the base model's class, which AutoPeftModel loads
+                base_class = type(self.get_base_model())
+                config = config.replace(auto_mapping={"base_model_class": base_class.__name__,
+                                                      "parent_library": base_class.__module__})
             peft_format.write_adapter(directory, config, tensors[name], safe_serialization)
         self.create_or_update_model_card(save_directory)
 

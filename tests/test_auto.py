@@ -123,3 +123,18 @@ def test_peft_config_and_lora_layer_answer_as_in_peft(saved):
     theirs = peft.AutoPeftModelForCausalLM.from_pretrained(adapter)
     assert ours == {n for n, m in theirs.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert len(ours) == 2 * len(SEED_TARGETS)
+
+
+def test_an_adapter_saved_without_a_task_type_records_its_base_class_for_auto_peft_model(tmp_path):
+    """As PEFT's save_pretrained, fastlora's records ``auto_mapping`` (the base model's class and library) for an
+    adapter without a task type, so that either library's AutoPeftModel loads it."""
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = fastlora.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                    LoraConfig(target_modules=["q_proj"], r=4))
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["auto_mapping"] == {"base_model_class": "LlamaForCausalLM",
+                                     "parent_library": "transformers.models.llama.modeling_llama"}
+    for auto_class in (AutoPeftModel, peft.AutoPeftModel):
+        assert isinstance(auto_class.from_pretrained(tmp_path / "adapter").get_base_model(),
+                          transformers.LlamaForCausalLM)

@@ -10,6 +10,7 @@ nothing in a fastlora model).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -133,6 +134,8 @@ class AdapterFilesMixin:
         if save_embedding_layers is True and not has_tables:
             raise NotImplementedError("save_pretrained(save_embedding_layers=True) without an embedding target: "
                                       "saving untargeted (resized) embedding layers is not supported by fastlora")
+        if save_embedding_layers == "auto" and not has_tables:
+            _warn_of_a_resized_vocabulary(model, self.peft_config[name])
         if has_tables and (save_embedding_layers is True or (
                 save_embedding_layers == "auto" and _names_an_embedding(self.peft_config[name]))):
             if save_embedding_layers == "auto":
@@ -344,6 +347,27 @@ def _hub_kwargs(kwargs: dict, caller: str) -> dict:
     if rest:
         raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
     return hub_kwargs
+
+
+def _warn_of_a_resized_vocabulary(model: nn.Module, config: LoraConfig) -> None:
+    """PEFT's "auto" rule saves the embedding tables beside the adapter where the vocabulary differs from the base
+    checkpoint's (a local ``config.json`` at ``base_model_name_or_path``); fastlora does not save untargeted
+    tables, and says so there rather than lose the resized rows silently."""
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    base = config.base_model_name_or_path or model.__dict__.get("name_or_path")
+    path = Path(base) / "config.json" if base else None
+    if not vocab_size or path is None or not path.is_file():
+        return
+    try:
+        base_vocab = json.loads(path.read_text()).get("vocab_size")
+    except (OSError, ValueError):
+        return
+    if base_vocab is not None and base_vocab != vocab_size:
+        warnings.warn(f"the vocabulary was resized ({vocab_size} rows; the base model at {base} has {base_vocab}), "
+                      f"and fastlora does not save untargeted embedding tables beside the adapter (PEFT does): resize "
+                      f"the base model the same way before loading the adapter, and keep its new rows (save the base "
+                      f"model, or train them with trainable_token_indices or modules_to_save, which are saved)",
+                      UserWarning, stacklevel=4)
 
 
 def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], config: LoraConfig,

@@ -45,15 +45,13 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
     if config.target_modules is None:
         from fastlora.default_targets import default_target_modules, has_default_targets
 
-        if getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_NAMES:
+        fused_experts = getattr(getattr(model, "config", None), "model_type", None) in FUSED_EXPERT_NAMES
+        if config.target_parameters and fused_experts:
             # PEFT rewrites such a model's config for its fused experts before it fills in defaults, and that turns
             # no target_modules into none at all: only the target_parameters are adapted (written as [])
-            if not config.target_parameters:
-                raise ValueError("No `target_modules` passed but also no `target_parameters` found. Please check the "
-                                 "values for these arguments.  (PEFT's message: a mixture-of-experts model whose "
-                                 "experts transformers 5 fused has no default targets there)")
             config = config.replace(target_modules=[])
         elif not config.target_parameters or has_default_targets(model):  # PEFT fills them beside target_parameters
+            # (a config naming nothing at all on such a model takes the defaults, where PEFT's rewrite refuses it)
             config = config.replace(target_modules=default_target_modules(model))
     return for_fused_experts(config, model, lambda: _all_linear(model))
 

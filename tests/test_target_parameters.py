@@ -343,7 +343,8 @@ def test_default_targets_are_filled_beside_target_parameters_as_in_peft():
 def test_no_defaults_beside_target_parameters_on_fused_experts_as_in_peft(tmp_path):
     """On a model whose experts transformers 5 fused, PEFT's rewrite of the config turns no target_modules into
     none at all before defaults would be filled in: only the parameters are adapted, the config saved with [],
-    and such a file (its target_modules null) loads so; with no target_parameters either, PEFT's error."""
+    and such a file (its target_modules null) loads so.  (With no target_parameters either, PEFT refuses and
+    fastlora takes the architecture's default targets: tests/test_architectures.py.)"""
     import json
 
     base = _mixtral()
@@ -361,12 +362,6 @@ def test_no_defaults_beside_target_parameters_on_fused_experts_as_in_peft(tmp_pa
     ids = tokens(length=9)
     with torch.no_grad():
         assert_close(loaded(input_ids=ids).logits, ours.eval()(input_ids=ids).logits, kind="same_math")
-    model = clone(base)
-    before = snapshot(model)
-    for library in (peft, fastlora):
-        with pytest.raises(ValueError, match="No `target_modules` passed but also no `target_parameters` found"):
-            library.get_peft_model(model if library is fastlora else clone(base), library.LoraConfig(r=4))
-    assert_unchanged(model, before)
 
 
 def test_a_file_of_per_expert_weights_from_transformers_4_is_refused_with_what_to_do(tmp_path):

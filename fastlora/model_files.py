@@ -130,7 +130,8 @@ class AdapterFilesMixin:
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         tables = peft_format.embedding_tables(model, targets)
-        has_tables = bool(tables) or bool(peft_format.quantized_tables(model, targets))
+        quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
+        has_tables = bool(tables) or bool(quantized)
         if save_embedding_layers is True and not has_tables:
             raise NotImplementedError("save_pretrained(save_embedding_layers=True) without an embedding target: "
                                       "saving untargeted (resized) embedding layers is not supported by fastlora")
@@ -142,7 +143,6 @@ class AdapterFilesMixin:
                 warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
                               "`target_modules`.", UserWarning, stacklevel=3)
             expected.update(tables)
-            quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
         else:
             quantized = {}
         if state_dict is None:

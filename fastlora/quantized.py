@@ -178,24 +178,24 @@ class LoRAQuantizedLinear(LoRALinear):
         (as TRL keeps QLoRA's) merge into PEFT's weights too.  With a DoRA adapter among them: LoRALinear's merge."""
         if any(self.magnitude(name) is not None for name in names):
             return super()._merged_weight(names)
-        merged = self.base_weight()
-        for step, name in enumerate(names):
-            if step:
-                merged = self._stored_and_read_again(merged)
-            merged = self._plus_update(merged, name, +1)
-        return merged, {}
+        return self._with_updates(names, +1), {}
 
     def _unmerged_weight(self) -> Tensor:
         """W with every merged adapter taken out again, last first, as PEFT's bitsandbytes layers unmerge (see
         :meth:`_merged_weight`)."""
         if any(self.magnitude(name) is not None for name in self.merged_adapters):
             return super()._unmerged_weight()
-        restored = self.base_weight()
-        for step, name in enumerate(reversed(self.merged_adapters)):
+        return self._with_updates(list(reversed(self.merged_adapters)), -1)
+
+    def _with_updates(self, names: list[str], sign: int) -> Tensor:
+        """The dequantized W with each of ``names``' updates added (``sign`` +1) or taken out (-1) in turn
+        (:meth:`_plus_update`), requantized between two."""
+        weight = self.base_weight()
+        for step, name in enumerate(names):
             if step:
-                restored = self._stored_and_read_again(restored)
-            restored = self._plus_update(restored, name, -1)
-        return restored
+                weight = self._stored_and_read_again(weight)
+            weight = self._plus_update(weight, name, sign)
+        return weight
 
     def _plus_update(self, weight: Tensor, name: str, sign: int) -> Tensor:
         """``weight`` (dequantized) ± scaling · B A, computed as PEFT's bitsandbytes layers compute it: the update in

@@ -172,8 +172,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         )
     if config.target_modules == "all-linear" and not config.target_parameters:
         _warn_fused_experts(model)
-    peft_adapts = [n for n in saved_instead if not re.match(
-        r"(^|.*\.)(" + "|".join(map(re.escape, config.modules_to_save or [])) + r")($|\..*)", n)]
+    # PEFT's own guard matches whole dotted names: the old rule's
+    peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config, peft_rule=False)]
     if peft_adapts:
         warnings.warn(f"target_modules matched {peft_adapts[:3]}{' ...' if len(peft_adapts) > 3 else ''}, inside "
                       f"modules the modules_to_save entries {config.modules_to_save} save whole: fastlora trains "

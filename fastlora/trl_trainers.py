@@ -25,7 +25,6 @@ import inspect
 import re
 import warnings
 
-import torch
 import trl
 from transformers import AutoModelForSequenceClassification, set_seed
 from trl.trainer.utils import create_model_from_path
@@ -81,8 +80,7 @@ def _copy_into_a_new_reference_adapter(model: PeftModel, adapters_before: set[st
     TRL means to: every tensor of "default"'s adapter file (factors, DoRA magnitudes, modules_to_save copies,
     token rows, biases)."""
     if "ref" in model.peft_config and "ref" not in adapters_before and "default" in adapters_before:
-        with torch.no_grad():
-            model.load_adapter_tensors(model.adapter_tensors("default", None, False), "ref", False)
+        model.load_adapter_tensors(model.adapter_tensors("default", None, False), "ref", False)
 
 
 def with_fastlora_lora(trainer_class: type) -> type:

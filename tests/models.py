@@ -114,10 +114,10 @@ def assert_unchanged(model, before):
     assert modules == before[0]
     assert params.keys() == before[1].keys()
     for name, (value, flag) in params.items():
-        assert _same_bytes(value, before[1][name][0]) and flag == before[1][name][1], name
+        assert same_bytes(value, before[1][name][0]) and flag == before[1][name][1], name
 
 
-def _same_bytes(a, b):
+def same_bytes(a, b):
     """Equal dtypes, shapes and bytes: NaN is unchanged too (a 4-bit weight stored in a float dtype holds packed
     codes, some of them NaN patterns, that torch.equal calls unequal to themselves)."""
     if a.dtype != b.dtype or a.shape != b.shape:

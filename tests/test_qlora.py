@@ -16,8 +16,8 @@ import fastlora
 from fastlora import cpu_masks
 from fastlora.functional import SEED_HIGH
 from fastlora.quantized import LoRAQuantizedLinear
-from tests.models import (SEED_TARGETS, assert_unchanged, copy_lora_weights, load_quantized, snapshot, tiny_llama,
-                          tokens)
+from tests.models import (SEED_TARGETS, assert_unchanged, copy_lora_weights, load_quantized, same_bytes, snapshot,
+                          tiny_llama, tokens)
 from tests.tolerances import assert_close
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -300,7 +300,7 @@ def _assert_same_quantized_states(ours, theirs):
     for name, state in ours.items():
         assert state.keys() == theirs[name].keys(), name
         for key, value in state.items():
-            assert torch.equal(_stored_bytes(value), _stored_bytes(theirs[name][key])), f"{name}: {key}"
+            assert same_bytes(value, theirs[name][key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("quant", ["nf4-double-bf16", "int8"])
@@ -619,12 +619,6 @@ def test_an_overflow_between_two_adapters_of_an_8bit_merge_is_named():
     assert torch.equal(layer.base_layer.weight.data, before) and not layer.merged
 
 
-def _stored_bytes(t):
-    """A tensor's bytes: a 4-bit weight stored in a float dtype holds packed codes, some of them NaN patterns that
-    torch.equal would call unequal to themselves."""
-    return t.detach().contiguous().view(torch.uint8) if t.is_floating_point() else t
-
-
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
 def test_a_4bit_weight_stored_in_a_float_dtype_trains_and_merges_as_peft(checkpoint, storage):
     """``bnb_4bit_quant_storage`` (FSDP's QLoRA keeps the packed codes in the model's float dtype): both
@@ -661,7 +655,7 @@ def test_a_4bit_weight_stored_in_a_float_dtype_trains_and_merges_as_peft(checkpo
         state, peer_state = mine.state_dict(), peers[name].state_dict()
         assert state.keys() == peer_state.keys() and any("absmax" in key for key in state)
         for key, value in state.items():
-            assert torch.equal(_stored_bytes(value), _stored_bytes(peer_state[key])), f"{name}: {key}"
+            assert same_bytes(value, peer_state[key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("compute, storage", [(torch.bfloat16, torch.uint8), (torch.float16, torch.uint8),
@@ -706,7 +700,7 @@ def test_a_quantized_head_targeted_by_lora_is_saved_and_loaded_as_peft(checkpoin
     assert ours_file.keys() == theirs_file.keys()
     assert any(".lm_head.base_layer.weight." in key for key in ours_file) == quant.startswith("nf4")
     for key, value in ours_file.items():
-        assert _stored_bytes(value).equal(_stored_bytes(theirs_file[key])), key
+        assert same_bytes(value, theirs_file[key]), key
     ids = tokens()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the model's own head: nothing to say

@@ -378,18 +378,18 @@ def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], confi
     nothing of a module that only PEFT's rule saves (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
     ``pre_classifier``), or one PEFT's rule refuses (every target inside such a module) that fits the old plan
     (``fits(targets, to_save)`` raises where the file does not)."""
-    with warnings.catch_warnings():  # a trial: the plan kept is made again below, saying what it says
+    with warnings.catch_warnings():  # trials: the plan kept is made again below, saying what it says
         warnings.simplefilter("ignore")
         try:
             _, to_save = plan(True)
         except (TypeError, ValueError) as refusal:
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fits(*plan(False))
+                fits(*plan(False))
             except (TypeError, ValueError):
                 raise refusal from None
-            return plan(False)
+            to_save = None
+    if to_save is None:  # PEFT's rule refused, the old one fits the file
+        return plan(False)
 
     def copy_in_file(name: str) -> bool:  # the module's own tensors, not an adapter's on it or inside it
         prefix = f"{peft_format.PREFIX}{name}."

@@ -10,7 +10,6 @@ nothing in a fastlora model).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -25,7 +24,9 @@ from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
-from fastlora.targets import plan_modules_to_save, plan_targets, saved_whole, with_task_heads
+from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
+from fastlora.trainable_tokens import TrainableTokensWrapper
+from fastlora.vocabulary_tables import check_vocabulary_size, untargeted_tables, vocabulary_resized
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -123,32 +124,38 @@ class AdapterFilesMixin:
                         save_embedding_layers: Any = False) -> dict[str, torch.Tensor]:
         """The tensors of ``adapter_name`` (default: the active one) under PEFT's file keys.  With
         ``state_dict`` (this model's, e.g. gathered by FSDP or DeepSpeed) the values are taken from it.
-        ``save_embedding_layers``: True adds the targeted embedding tables, "auto" adds them where the config
-        names an embedding target (PEFT's rule, with its warning)."""
+        ``save_embedding_layers``: True adds the embedding tables (the targeted ones where target_modules names an
+        embedding, else the model's input and output embeddings: :mod:`fastlora.vocabulary_tables`); "auto" adds
+        them where target_modules names an embedding or the vocabulary was resized (PEFT's rule, with its
+        warnings)."""
         name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
         model = self.get_base_model()
+        config = self.peft_config[name]
         targets, wrappers = peft_format.adapter_targets(model, name)
-        expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
-        tables = peft_format.embedding_tables(model, targets)
-        quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
-        has_tables = bool(tables) or bool(quantized)
-        if save_embedding_layers is True and not has_tables:
-            raise NotImplementedError("save_pretrained(save_embedding_layers=True) without an embedding target: "
-                                      "saving untargeted (resized) embedding layers is not supported by fastlora")
-        if save_embedding_layers == "auto" and not has_tables:
-            _warn_of_a_resized_vocabulary(model, self.peft_config[name])
-        if has_tables and (save_embedding_layers is True or (
-                save_embedding_layers == "auto" and _names_an_embedding(self.peft_config[name]))):
-            if save_embedding_layers == "auto":
+        expected = peft_format.expected_tensors(model, config, targets, wrappers, name)
+        aliases: dict[str, str] = {}
+        quantized: dict[str, torch.Tensor] = {}
+        save_tables = save_embedding_layers is True
+        if save_embedding_layers == "auto":  # PEFT's rule: the targeted tables, else the tables of a resized vocabulary
+            if _names_an_embedding(config) and config.trainable_token_indices is None:
                 warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
                               "`target_modules`.", UserWarning, stacklevel=3)
+                save_tables = True
+            else:
+                save_tables = vocabulary_resized(model, config.base_model_name_or_path
+                                                 or model.__dict__.get("name_or_path"))
+        if save_tables and _names_an_embedding(config):
+            expected.update(peft_format.embedding_tables(model, targets))
+            quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
+        elif save_tables:
+            tables, aliases = untargeted_tables(model, targets, wrappers, _trained_tokens(model, name))
             expected.update(tables)
-        else:
-            quantized = {}
         if state_dict is None:
             params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
-            return {**{key: params[param] for key, (param, _) in expected.items()}, **quantized}
-        return {**{key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}, **quantized}
+            out = {key: params[param] for key, (param, _) in expected.items()}
+        else:
+            out = {key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}
+        return {**out, **{alias: out[key] for alias, key in aliases.items() if key in out}, **quantized}
 
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
                              ignore_mismatched_sizes: bool = False):
@@ -161,6 +168,10 @@ class AdapterFilesMixin:
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         given = {key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()}
+        tables, aliases = untargeted_tables(model, targets, wrappers, _trained_tokens(model, name))
+        tables.update(peft_format.embedding_tables(model, targets))
+        expected.update({key: value for key, value in tables.items() if key in given})
+        given = {key: t for key, t in given.items() if key not in aliases}
         usable, mismatched = {}, []
         for key, tensor in given.items():
             if key in expected:
@@ -257,8 +268,11 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor
             copies).
         adapter_name (str): the adapter whose tensors are returned.  Default "default".
         unwrap_compiled (bool): ``model`` is a ``torch.compile`` wrapper: use the model it wraps.  Default False.
-        save_embedding_layers (bool | str): the targeted embedding tables too (``<path>.base_layer.weight``):
-            True, or "auto" where target_modules names ``embed_tokens`` / ``lm_head`` (PEFT's rule).  Default "auto".
+        save_embedding_layers (bool | str): the embedding tables too: the targeted ones
+            (``<path>.base_layer.weight``) where target_modules names ``embed_tokens`` / ``lm_head``, else the
+            model's input and output embeddings (a vocabulary resized before fine-tuning).  True, or "auto":
+            where target_modules names an embedding or ``config.vocab_size`` differs from the base checkpoint's
+            (PEFT's rule).  Default "auto".
 
     Returns a dict of PEFT's file keys to tensors: the LoRA factors, DoRA magnitudes, ``modules_to_save``
     copies and trained biases of the adapter.
@@ -349,25 +363,10 @@ def _hub_kwargs(kwargs: dict, caller: str) -> dict:
     return hub_kwargs
 
 
-def _warn_of_a_resized_vocabulary(model: nn.Module, config: LoraConfig) -> None:
-    """PEFT's "auto" rule saves the embedding tables beside the adapter where the vocabulary differs from the base
-    checkpoint's (a local ``config.json`` at ``base_model_name_or_path``); fastlora does not save untargeted
-    tables, and says so there rather than lose the resized rows silently."""
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    base = config.base_model_name_or_path or model.__dict__.get("name_or_path")
-    path = Path(base) / "config.json" if base else None
-    if not vocab_size or path is None or not path.is_file():
-        return
-    try:
-        base_vocab = json.loads(path.read_text()).get("vocab_size")
-    except (OSError, ValueError):
-        return
-    if base_vocab is not None and base_vocab != vocab_size:
-        warnings.warn(f"the vocabulary was resized ({vocab_size} rows; the base model at {base} has {base_vocab}), "
-                      f"and fastlora does not save untargeted embedding tables beside the adapter (PEFT does): resize "
-                      f"the base model the same way before loading the adapter, and keep its new rows (save the base "
-                      f"model, or train them with trainable_token_indices or modules_to_save, which are saved)",
-                      UserWarning, stacklevel=4)
+def _trained_tokens(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:
+    """Table name → the rows ``adapter_name`` trains, of an adapted model's trainable-token tables."""
+    return {n: m.token_indices[adapter_name] for n, m in model.named_modules()
+            if isinstance(m, TrainableTokensWrapper) and not m.is_tied and adapter_name in m.token_indices}
 
 
 def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], config: LoraConfig,
@@ -444,9 +443,15 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
     tensors = peft_format.without_quantized_tables(model, targets, tensors, where)
-    expected.update({k: v for k, v in peft_format.embedding_tables(model, targets).items() if k in tensors})
+    tables = peft_format.embedding_tables(model, targets)
+    untargeted, table_aliases = untargeted_tables(model, targets, to_save, plan_trainable_tokens(model, config, targets))
+    tables.update(untargeted)
+    check_vocabulary_size(tables, tensors, where)
+    expected.update({k: v for k, v in tables.items() if k in tensors})
     tensors = peft_format.with_bias_spellings(expected, tensors)
-    peft_format.check_tensors(expected, tensors, where, peft_format.peft_bias_aliases(model, config, to_save))
+    aliases = {**peft_format.peft_bias_aliases(model, config, to_save),
+               **{alias: key for alias, key in table_aliases.items() if key in expected}}
+    peft_format.check_tensors(expected, tensors, where, aliases)
     return expected, tensors
 
 

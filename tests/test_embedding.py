@@ -187,19 +187,3 @@ def test_lora_on_a_head_tied_to_the_embeddings_saves_and_loads_as_peft(build, ta
     with torch.no_grad():
         assert_close(loaded(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, kind="same_math")
 
-
-def test_saving_after_a_resize_with_no_embedding_target_says_the_new_rows_are_not_saved(tmp_path):
-    import transformers
-
-    tiny_llama().save_pretrained(tmp_path / "base")
-    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
-    base.resize_token_embeddings(130)
-    model = fastlora.get_peft_model(base, fastlora.LoraConfig(target_modules=["q_proj"], r=4))
-    with pytest.warns(UserWarning, match=r"the vocabulary was resized \(130 rows; the base model at .* has 128\), and "
-                                         r"fastlora does not save untargeted embedding tables"):
-        model.save_pretrained(tmp_path / "adapter")
-    unresized = fastlora.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                        fastlora.LoraConfig(target_modules=["q_proj"], r=4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        unresized.save_pretrained(tmp_path / "plain")

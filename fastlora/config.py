@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.files import atomic_write_text
+from fastlora.weight_inits import check_weight_init, is_weight_init
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
 
@@ -123,7 +124,7 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
     return next((key for key in patterns if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name)), None)
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraConfig:
     """LoRA settings, field for field PEFT's ``LoraConfig``.
 
@@ -131,7 +132,10 @@ class LoraConfig:
     regex string (full match on the qualified name) or ``"all-linear"`` (every ``nn.Linear`` and transformers
     ``Conv1D`` but the output head).  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with ``use_rslora``.
 
-    The config is frozen; ``config.replace(**changes)`` returns a changed copy.  ``save_pretrained(dir)``
+    ``config.replace(**changes)`` returns a changed copy.  Assigning a field (as PEFT scripts do: a PiSSA
+    adapter's ``init_lora_weights = True`` before its initial state is saved) checks the value as the
+    constructor does, and changes what the config says and what is saved, not the layers already built.
+    ``save_pretrained(dir)``
     and ``LoraConfig.from_pretrained(dir_or_hub_id)`` write and read ``adapter_config.json`` as PEFT does.
 
     Args:
@@ -164,8 +168,11 @@ class LoraConfig:
             ends with an entry, as in PEFT): each gets a trainable copy that the model uses, beside its frozen
             original.
         init_lora_weights (bool | str): True (A kaiming-uniform, B = 0), ``"gaussian"`` (A normal with std
-            1/r, B = 0) or False (both random); PEFT's other initialisations raise
-            :class:`UnsupportedFeatureError`.  Default True.
+            1/r, B = 0), False (both random), or from the base weight: ``"pissa"`` / ``"pissa_niter_<n>"``
+            (the weight's top-r singular part moves into the adapter), ``"olora"`` (its QR decomposition's first r
+            columns and rows), and ``"orthogonal"`` (B A = 0 with neither factor 0, r even); see
+            :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT.
+            PEFT's other initialisations raise :class:`UnsupportedFeatureError`.  Default True.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
         base_model_name_or_path (str | None): recorded in ``adapter_config.json``; filled in from the model's
             ``name_or_path`` when None.
@@ -307,13 +314,15 @@ class LoraConfig:
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         init = self.init_lora_weights
-        if not (init is True or init is False or init == "gaussian"):
+        if not (init is True or init is False or init == "gaussian" or is_weight_init(init)):
             if isinstance(init, str):
                 raise UnsupportedFeatureError(
                     f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
-                    f"use True, False or 'gaussian'"
+                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'orthogonal'"
                 )
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init!r}")
+            raise ValueError(f"init_lora_weights must be True, False or a string, got {init!r}")
+        for r in (self.r, *self.rank_pattern.values()):
+            check_weight_init(init, r)
         if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
             value = self.target_parameters
             if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(
@@ -345,6 +354,7 @@ class LoraConfig:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
             put("modules_to_save", list(self.modules_to_save))
+        put("_checked", True)  # from here on, an assignment to a field is checked (__setattr__)
 
     @property
     def settings(self) -> AdapterSettings:
@@ -373,6 +383,23 @@ class LoraConfig:
 
     def replace(self, **changes: Any) -> "LoraConfig":
         return dataclasses.replace(self, **changes)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not self.__dict__.get("_checked") or name not in _FIELD_NAMES:  # the constructor's own assignments
+            object.__setattr__(self, name, value)
+            return
+        if name == "peft_type":
+            if PeftType(value) is not PeftType.LORA:
+                raise ValueError(f"a LoraConfig's peft_type is LORA, got {value!r}")
+            return
+        checked = self.replace(**{name: value})  # the constructor's checks and normal forms, or its error
+        for field_name in _FIELD_NAMES:
+            object.__setattr__(self, field_name, getattr(checked, field_name))
+
+    def __delattr__(self, name: str) -> None:
+        if name in _FIELD_NAMES:
+            raise AttributeError(f"cannot delete LoraConfig.{name}; assign it instead")
+        object.__delattr__(self, name)
 
     def to_dict(self) -> dict[str, Any]:
         """PEFT's adapter_config.json content (keys sorted when written)."""
@@ -453,3 +480,6 @@ class LoraConfig:
 # PEFT's base class of adapter configs, under which scripts read an adapter's config
 # (``PeftConfig.from_pretrained(folder).base_model_name_or_path``): fastlora's one adapter type is LoRA.
 PeftConfig = LoraConfig
+
+
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(LoraConfig))

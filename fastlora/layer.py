@@ -24,6 +24,8 @@ from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
+from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, olora_factors, orthogonal_factors,
+                                   pissa_factors)
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
@@ -49,8 +51,10 @@ def _finite(weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def _check_init(init_lora_weights, backend) -> None:
-    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"):
-        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
+            or is_weight_init(init_lora_weights)):
+        raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or one of {WEIGHT_INITS}, got "
+                         f"{init_lora_weights!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
@@ -304,14 +308,17 @@ class LoRALinear(nn.Linear):
             return
         name = self.active_adapter if adapter_name is None else adapter_name
         lora_A, lora_B = self.lora_factors(name)
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(lora_A, std=1.0 / self.adapter_settings[name].r)
+        if is_weight_init(init_lora_weights):
+            self._init_from_weight(init_lora_weights, name)
         else:
-            nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(lora_B)
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(lora_A, std=1.0 / self.adapter_settings[name].r)
+            else:
+                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(lora_B)
         bias = self.lora_bias(adapter_name)
         if bias is not None:  # nn.Linear(r, out)'s bias initialisation, or zero with B
             if init_lora_weights is False:
@@ -321,6 +328,34 @@ class LoRALinear(nn.Linear):
         magnitude = self.magnitude(adapter_name)
         if magnitude is not None:
             magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
+
+    def check_weight_init(self, init: str) -> None:
+        """Raise where this layer cannot take the initialisation ``init`` (:mod:`fastlora.weight_inits`), before
+        anything changes."""
+
+    def _factor_rounding_dtype(self) -> torch.dtype | None:
+        """The dtype PEFT moves a new adapter's factors to before ``autocast_adapter_dtype`` casts them (the base
+        weight's); None: none."""
+        return self.weight.dtype
+
+    def _init_from_weight(self, init: str, name: str) -> None:
+        """PiSSA, OLoRA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds them: rounded to a
+        floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the base weight, from the
+        float32 factors (requantized where the base is quantized), so the layer's output is unchanged."""
+        settings = self.adapter_settings[name]
+        check_weight_init(init, settings.r)
+        self.check_weight_init(init)
+        if init == "orthogonal":
+            A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)
+        else:
+            weight = self.base_weight().to(torch.float32)
+            A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")
+                    else olora_factors(weight, settings.r))
+            self._store_base_weight(weight - (settings.scaling * B) @ A)
+        lora_A, lora_B = self.lora_factors(name)
+        rounding = self._factor_rounding_dtype()
+        lora_A.copy_(A.to(rounding) if rounding is not None else A)
+        lora_B.copy_(B.to(rounding) if rounding is not None else B)
 
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.
     @property

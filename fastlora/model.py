@@ -23,6 +23,7 @@ from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
+from fastlora.weight_inits import is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.trainable_tokens import TrainableTokensWrapper
@@ -98,16 +99,19 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for param, flag in flags.items():
             param.requires_grad_(flag)
 
+    # PiSSA / OLoRA change the base weights, which undo() cannot put back: the layers are built with the default
+    # initialisation, and take that one once every other step has succeeded and every layer has accepted it
+    weight_init = config.init_lora_weights if is_weight_init(config.init_lora_weights) else None
+    creation_init = True if weight_init else config.init_lora_weights
     try:
         for name in targets:
             module = originals[name]
             dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
             if is_adapted(module):
-                module.add_adapter(adapter_name, settings, init_lora_weights=config.init_lora_weights, adapter_dtype=dtype)
+                module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
-                _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, config.init_lora_weights,
-                                                               dtype))
+                _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, creation_init, dtype))
         new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
                                             lambda weight: _adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
@@ -134,6 +138,16 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         if not isinstance(originals[name], LoRALinear):
             for param in originals[name].parameters(recurse=False):
                 param.requires_grad_(flags[param])
+    if weight_init:
+        layers = [model.get_submodule(name) for name in targets]
+        try:
+            for layer in layers:
+                layer.check_weight_init(weight_init)
+        except BaseException:
+            undo()
+            raise
+        for layer in layers:
+            layer.reset_lora_parameters(weight_init, adapter_name)
     return undo
 
 

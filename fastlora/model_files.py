@@ -26,6 +26,7 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
 from fastlora.trainable_tokens import TrainableTokensWrapper
+from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import check_vocabulary_size, untargeted_tables, vocabulary_resized
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
@@ -195,12 +196,9 @@ class AdapterFilesMixin:
         every other adapter in a sub-folder named after it (``selected_adapters``: which ones; default all),
         and a ``README.md`` model card.  ``safe_serialization=False`` writes ``adapter_model.bin``;
         ``state_dict=`` takes the values from that (full) state dict, e.g. one gathered by FSDP or DeepSpeed;
-        ``is_main_process=False`` writes nothing."""
-        if path_initial_model_for_weight_conversion is not None:
-            raise NotImplementedError(
-                "save_pretrained(path_initial_model_for_weight_conversion=...): PiSSA/OLoRA/CorDA weight conversion "
-                "is not supported by fastlora"
-            )
+        ``is_main_process=False`` writes nothing.  ``path_initial_model_for_weight_conversion``: the directory
+        where a PiSSA or OLoRA adapter was saved right after creation; the adapters are saved as plain LoRA
+        adapters of twice the rank for the original (unchanged) base weight (:mod:`fastlora.weight_conversion`)."""
         state_dict = kwargs.pop("state_dict", None)
         if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
             warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
@@ -216,10 +214,15 @@ class AdapterFilesMixin:
         directories = {name: _adapter_directory(Path(save_directory), name) for name in names}
         # any lookup error before writing
         tensors = {name: self.adapter_tensors(name, state_dict, save_embedding_layers) for name in names}
+        configs = {name: self.peft_config[name] for name in names}
+        if path_initial_model_for_weight_conversion is not None:  # a PiSSA / OLoRA adapter for the original weight
+            for name in names:
+                configs[name], tensors[name] = converted_for_the_original_weight(
+                    configs[name], tensors[name], path_initial_model_for_weight_conversion)
         base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
             directory = directories[name]
-            config = self.peft_config[name].replace(inference_mode=True)
+            config = configs[name].replace(inference_mode=True)
             if config.base_model_name_or_path is None and base_name:  # as PEFT fills it in when saving
                 config = config.replace(base_model_name_or_path=base_name)
             if config.task_type is None:  # PEFT records the base model's class, which AutoPeftModel loads

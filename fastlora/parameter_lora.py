@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
-from fastlora.config import LoraConfig
+from fastlora.config import LoraConfig, UnsupportedFeatureError
 from fastlora.grouped_experts import FIRST, FIRST_NO_GATE, SECOND, grouped_experts_forward, is_transformers_experts
 from fastlora.layer import LoRALinear
 from fastlora.schedules import resolve
@@ -75,6 +75,11 @@ class LoRAParameter(LoRALinear):
         layer._init_adapter_state(backend)
         layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
         return layer
+
+    def check_weight_init(self, init: str) -> None:
+        raise UnsupportedFeatureError(f"init_lora_weights={init!r} on a target_parameters adapter "
+                                      f"({type(owner_of(self.base_layer)).__name__}.{self.parameter_name}): PiSSA, OLoRA "
+                                      f"and orthogonal initialisations are for Linear layers (PEFT fails there too)")
 
     @staticmethod
     def check_settings(settings: AdapterSettings, where: str = "") -> None:

@@ -151,6 +151,17 @@ class LoRAQuantizedLinear(LoRALinear):
             adapter_dtype = torch.float32
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
+    def check_weight_init(self, init: str) -> None:
+        if init.startswith("pissa"):  # PEFT's refusal: PiSSA's residual is meant to be quantized afterwards
+            raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
+                            "the residual model to help minimize quantization errors.")
+
+    def _factor_rounding_dtype(self) -> torch.dtype | None:
+        """A 4-bit layer's compute dtype (PEFT's choice); none for an 8-bit layer's int8 weight."""
+        base = self.base_layer
+        dtype = base.compute_dtype if hasattr(base, "compute_dtype") else base.weight.dtype
+        return dtype if dtype is not None and dtype.is_floating_point else None
+
     def base_weight(self) -> Tensor:
         """W dequantized, (out × in): a copy, for merging and DoRA's norm (a LoRA forward pass never builds it)."""
         return self._dequantize(self.base_layer.weight)

@@ -27,7 +27,7 @@ def test_seed_config_and_scaling():
         ({"task_type": "CAUSAL"}, ValueError, "task_type"),
         ({"target_modules": []}, ValueError, "target_modules"),
         ({"target_modules": [1]}, TypeError, "target_modules"),
-        ({"init_lora_weights": "olora"}, ValueError, "init_lora_weights"),
+        ({"init_lora_weights": "loftq"}, ValueError, "init_lora_weights"),
         ({"layers_to_transform": [-1]}, ValueError, "layers_to_transform"),
         ({"modules_to_save": "lm_head"}, TypeError, "modules_to_save"),
     ],
@@ -53,3 +53,23 @@ def test_json_round_trip_and_unsupported_features():
     assert LoraConfig.from_dict({**data, "rank_pattern": {"q_proj": 16}}).settings_for("model.q_proj").r == 16
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         LoraConfig.from_dict({**data, "peft_type": "IA3"})
+
+
+def test_assigning_a_field_checks_it_as_the_constructor_does():
+    """PEFT scripts assign to a model's config (PiSSA's guide: ``init_lora_weights = True`` before saving the initial
+    adapter): the value is checked and put in its normal form; a bad one raises and leaves the config as it was."""
+    from fastlora import UnsupportedFeatureError
+
+    config = LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
+    config.init_lora_weights = True
+    config.layers_to_transform = 1
+    config.modules_to_save = ("lm_head",)
+    assert (config.init_lora_weights, config.layers_to_transform, config.modules_to_save) == (True, [1], ["lm_head"])
+    assert config == LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], modules_to_save=["lm_head"])
+    for field, value, error in [("r", 0, ValueError), ("init_lora_weights", "eva", UnsupportedFeatureError),
+                                ("bias", "some", ValueError), ("peft_type", "IA3", ValueError)]:
+        with pytest.raises(error):
+            setattr(config, field, value)
+    assert config.r == 8 and config.init_lora_weights is True and config.bias == "none"
+    config.r = 16
+    assert config.settings.r == 16 and config.settings.scaling == 8 / 16

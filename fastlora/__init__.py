@@ -9,10 +9,11 @@ from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftMode
                            AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                            AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state_dict
-from fastlora.config import LoraConfig, PeftConfig, TaskType, UnsupportedFeatureError
+from fastlora.config import LoftQConfig, LoraConfig, PeftConfig, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.kbit import prepare_model_for_kbit_training
 from fastlora.layer import LoraLayer, LoRALinear
+from fastlora.loftq import replace_lora_weights_loftq
 from fastlora.model import LoraModel, PeftModel, get_peft_model
 from fastlora.patch import PatchReport, patch_peft, unpatch_peft
 
@@ -22,5 +23,6 @@ __all__ = [
     "patch_peft", "unpatch_peft", "PatchReport", "prepare_model_for_kbit_training", "__version__",
     "PeftConfig", "LoraLayer", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
-    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction", "LoftQConfig",
+    "replace_lora_weights_loftq",
 ]

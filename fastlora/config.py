@@ -94,7 +94,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
     "layer_replication": None,
-    "loftq_config": {},
     "eva_config": None,
     "corda_config": None,
     "lora_ga_config": None,
@@ -108,6 +107,50 @@ UNSUPPORTED_FEATURES = {
     "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
 }
+
+
+@dataclass
+class LoftQConfig:
+    """LoftQ's settings for ``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``.
+
+    Args:
+        loftq_bits (int): quantize with 4 bits (NF4) or 8 (int8, per row).  Default 4.
+        loftq_iter (int): how many times quantization and the low-rank fit alternate.  Default 1.
+
+    PEFT equivalent: ``peft.LoftQConfig``.
+
+    Example:
+        >>> from fastlora import LoftQConfig, LoraConfig
+        >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="loftq",
+        ...                     loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=2))
+        >>> config.loftq_config
+        {'loftq_bits': 4, 'loftq_iter': 2}
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+def _checked_loftq_config(init, value) -> dict:
+    """``loftq_config`` as a plain dict (PEFT's form in adapter_config.json): required by ``init_lora_weights="loftq"``
+    and checked; ignored with PEFT's warning otherwise."""
+    if isinstance(value, LoftQConfig):
+        value = dataclasses.asdict(value)
+    if init != "loftq":
+        if value:
+            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
+                          UserWarning, stacklevel=5)
+        return {}
+    if not value:
+        raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+    if not isinstance(value, dict) or set(value) - {"loftq_bits", "loftq_iter"}:
+        raise ValueError(f"loftq_config must be a LoftQConfig or a dict of loftq_bits and loftq_iter, got {value!r}")
+    checked = {"loftq_bits": value.get("loftq_bits", 4), "loftq_iter": value.get("loftq_iter", 1)}
+    if checked["loftq_bits"] not in (4, 8) or isinstance(checked["loftq_bits"], bool):
+        raise ValueError(f"loftq_config: loftq_bits must be 4 (NF4) or 8 (int8), got {checked['loftq_bits']!r}")
+    if not isinstance(checked["loftq_iter"], int) or isinstance(checked["loftq_iter"], bool) or checked["loftq_iter"] < 1:
+        raise ValueError(f"loftq_config: loftq_iter must be an integer >= 1, got {checked['loftq_iter']!r}")
+    return checked
 
 
 def _is_off(name: str, value: Any) -> bool:
@@ -170,9 +213,13 @@ class LoraConfig:
         init_lora_weights (bool | str): True (A kaiming-uniform, B = 0), ``"gaussian"`` (A normal with std
             1/r, B = 0), False (both random), or from the base weight: ``"pissa"`` / ``"pissa_niter_<n>"``
             (the weight's top-r singular part moves into the adapter), ``"olora"`` (its QR decomposition's first r
-            columns and rows), and ``"orthogonal"`` (B A = 0 with neither factor 0, r even); see
-            :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT.
-            PEFT's other initialisations raise :class:`UnsupportedFeatureError`.  Default True.
+            columns and rows), ``"loftq"`` (the adapter absorbs the error of quantizing W, which the base keeps
+            quantized; with ``loftq_config``), and ``"orthogonal"`` (B A = 0 with neither factor 0, r even); see
+            :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT
+            (LoftQ refused there).  PEFT's other initialisations raise :class:`UnsupportedFeatureError`.
+            Default True.
+        loftq_config (LoftQConfig | dict): ``init_lora_weights="loftq"``'s settings (``loftq_bits`` 4 or 8,
+            ``loftq_iter``), required there and ignored (with a warning) otherwise; kept as a dict.  Default {}.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
         base_model_name_or_path (str | None): recorded in ``adapter_config.json``; filled in from the model's
             ``name_or_path`` when None.
@@ -190,7 +237,7 @@ class LoraConfig:
 
     PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
     ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
-    features fastlora does not implement (``loftq_config``, ``use_qalora``, ...) take
+    features fastlora does not implement (``layer_replication``, ``use_qalora``, ...) take
     only their "off" value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
     PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``).
@@ -318,11 +365,12 @@ class LoraConfig:
             if isinstance(init, str):
                 raise UnsupportedFeatureError(
                     f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
-                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora' or 'orthogonal'"
+                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' or 'loftq'"
                 )
             raise ValueError(f"init_lora_weights must be True, False or a string, got {init!r}")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
+        put("loftq_config", _checked_loftq_config(init, self.loftq_config))
         if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
             value = self.target_parameters
             if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(

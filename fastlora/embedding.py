@@ -66,9 +66,16 @@ class LoRAEmbedding(LoRALinear):
         self._check_settings(settings)
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
+    def check_weight_init(self, init: str) -> None:
+        if init == "loftq":  # PEFT fails there with a bare TypeError
+            raise TypeError(f"init_lora_weights='loftq' on an embedding target ({type(self.base_layer).__name__}): "
+                            f"LoftQ initialises Linear layers; leave the embedding out of target_modules")
+
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None) -> None:
-        """PEFT's embedding initialisation: A = 0 and B ~ N(0, 1) (True or "gaussian"); both ~ N(0, 1) (False)."""
+    def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
+                              loftq_config: dict | None = None) -> None:
+        """PEFT's embedding initialisation: A = 0 and B ~ N(0, 1) (True, "gaussian", and the initialisations from
+        the base weight, as PEFT's embedding layer takes them); both ~ N(0, 1) (False)."""
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(adapter_name)

@@ -24,8 +24,8 @@ from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
-from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, olora_factors, orthogonal_factors,
-                                   pissa_factors)
+from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, loftq_factors, olora_factors,
+                                   orthogonal_factors, pissa_factors)
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
@@ -300,16 +300,19 @@ class LoRALinear(nn.Linear):
         self.active_adapters = list(dict.fromkeys(names))
 
     @torch.no_grad()
-    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None) -> None:
+    def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None,
+                              loftq_config: dict | None = None) -> None:
         """PEFT's initialisations: True → A kaiming-uniform(a=√5), B = 0; "gaussian" → A ~ N(0, std=1/r), B = 0;
-        False → both kaiming-uniform (a non-zero update from the start, for tests).  A DoRA adapter's magnitude
-        is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base output (as PEFT's)."""
+        False → both kaiming-uniform (a non-zero update from the start, for tests); those from the base weight
+        (:mod:`fastlora.weight_inits`; "loftq" with ``loftq_config``, ``{"loftq_bits": 4, "loftq_iter": 1}``).  A
+        DoRA adapter's magnitude is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base
+        output (as PEFT's)."""
         if self.weight.device.type == "meta":
             return
         name = self.active_adapter if adapter_name is None else adapter_name
         lora_A, lora_B = self.lora_factors(name)
         if is_weight_init(init_lora_weights):
-            self._init_from_weight(init_lora_weights, name)
+            self._init_from_weight(init_lora_weights, name, loftq_config)
         else:
             if init_lora_weights == "gaussian":
                 nn.init.normal_(lora_A, std=1.0 / self.adapter_settings[name].r)
@@ -338,15 +341,22 @@ class LoRALinear(nn.Linear):
         weight's); None: none."""
         return self.weight.dtype
 
-    def _init_from_weight(self, init: str, name: str) -> None:
-        """PiSSA, OLoRA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds them: rounded to a
-        floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the base weight, from the
-        float32 factors (requantized where the base is quantized), so the layer's output is unchanged."""
+    def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None) -> None:
+        """PiSSA, OLoRA, LoftQ or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds them:
+        rounded to a floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the base
+        weight, from the float32 factors (requantized where the base is quantized), so the layer's output is
+        unchanged; LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
         check_weight_init(init, settings.r)
         self.check_weight_init(init)
         if init == "orthogonal":
             A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)
+        elif init == "loftq":
+            if not loftq_config:
+                raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
+            quantized, A, B = loftq_factors(self.base_weight(), settings.r, loftq_config["loftq_bits"],
+                                            loftq_config["loftq_iter"])
+            self._store_base_weight(quantized)
         else:
             weight = self.base_weight().to(torch.float32)
             A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")

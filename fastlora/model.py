@@ -147,7 +147,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             undo()
             raise
         for layer in layers:
-            layer.reset_lora_parameters(weight_init, adapter_name)
+            layer.reset_lora_parameters(weight_init, adapter_name, loftq_config=config.loftq_config or None)
     return undo
 
 

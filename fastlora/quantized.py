@@ -155,6 +155,10 @@ class LoRAQuantizedLinear(LoRALinear):
         if init.startswith("pissa"):  # PEFT's refusal: PiSSA's residual is meant to be quantized afterwards
             raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors.")
+        if init == "loftq":
+            raise TypeError("init_lora_weights='loftq' quantizes a full-precision model's weights itself (save that "
+                            "model and load it quantized afterwards); on an already quantized model, create the "
+                            "adapter and call fastlora.replace_lora_weights_loftq(model)")
 
     def _factor_rounding_dtype(self) -> torch.dtype | None:
         """A 4-bit layer's compute dtype (PEFT's choice); none for an 8-bit layer's int8 weight."""

@@ -9,6 +9,11 @@ PiSSA and OLoRA move the weight's principal part into the adapter, leaving the l
   singular values.  ``"pissa_niter_<n>"``: the same from torch's randomized ``svd_lowrank`` with n subspace
   iterations (faster on large weights, and drawn from the global random generator).
 - ``"olora"``: W = Q R (QR decomposition); B = Q[:, :r], A = R[:r].
+- ``"loftq"`` (with ``loftq_config``): the adapter absorbs the error of quantizing W (NF4 with bitsandbytes'
+  default block size and no double quantization, or int8 per row), alternated ``loftq_iter`` times from B A = 0:
+  Q = dequantize(quantize(W − B A)), then B A = the best rank-r approximation of W − Q (B = U_r √S_r,
+  A = √S_r V_rᵀ, without the adapter's scaling, as PEFT); Q becomes the base weight, for the model to be saved and
+  loaded quantized.
 - ``"orthogonal"`` (r even): Q from the QR decomposition of an r × r normal matrix, its even rows Q₀ and odd rows
   Q₁ (orthonormal to each other); A = (G_A Q₀)ᵀ / 10 and B = G_Bᵀ Q₁ / 10 with normal G_A (in × r/2) and G_B
   (r/2 × out): B A = G_Bᵀ Q₁ Q₀ᵀ G_Aᵀ / 100 = 0, so the layer starts at the base output while neither factor is 0.
@@ -20,9 +25,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["WEIGHT_INITS", "is_weight_init", "check_weight_init", "pissa_factors", "olora_factors",
-           "orthogonal_factors"]
+           "orthogonal_factors", "loftq_factors", "quantization_error_factors"]
 
-WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal")
+WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq")
 
 
 def _pissa_iterations(init: str) -> int | None:
@@ -37,7 +42,7 @@ def _pissa_iterations(init: str) -> int | None:
 
 def is_weight_init(init) -> bool:
     """Whether ``init`` names one of the initialisations this module computes."""
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal"))
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal", "loftq"))
 
 
 def check_weight_init(init, r: int) -> None:
@@ -75,3 +80,34 @@ def orthogonal_factors(in_features: int, out_features: int, r: int) -> tuple[Ten
     lora_A = torch.randn(in_features, r // 2).mm(Q[0::2, :]).T / 10.0
     lora_B = torch.randn(r // 2, out_features).T.mm(Q[1::2, :]) / 10.0
     return lora_A.contiguous(), lora_B.contiguous()
+
+
+def quantization_error_factors(residual: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """(A, B) with B A the best rank-r approximation of ``residual`` (float32): B = U_r √S_r, A = √S_r V_rᵀ."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    return torch.sqrt(torch.diag(S)[:r, :]) @ Vh, U @ torch.sqrt(torch.diag(S)[:, :r])
+
+
+def _quantized_and_back(weight: Tensor, bits: int) -> Tensor:
+    """``weight`` (float32) quantized by bitsandbytes as LoftQ quantizes it, and dequantized again."""
+    import bitsandbytes as bnb
+
+    if bits == 4:
+        packed = bnb.nn.Params4bit(weight.to("cpu"), requires_grad=False, compress_statistics=False,
+                                   quant_type="nf4").to(weight.device)
+        return bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
+    packed = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False).to(weight.device)
+    return bnb.functional.int8_vectorwise_dequant(packed.data, packed.SCB).to(weight.device)
+
+
+def loftq_factors(weight: Tensor, r: int, bits: int, iterations: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(Q, A, B) of LoftQ from ``weight`` (out × in): Q the quantized weight (dequantized, float32) the base keeps,
+    B A the rank-r part of W − Q (see the module docstring)."""
+    weight = weight.to(torch.float32)
+    remainder = weight.clone()
+    for step in range(iterations):
+        quantized = _quantized_and_back(remainder, bits)
+        A, B = quantization_error_factors(weight - quantized, r)
+        if step + 1 < iterations:
+            remainder = weight - torch.mm(B, A)
+    return quantized, A, B

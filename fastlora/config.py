@@ -361,6 +361,9 @@ class LoraConfig:
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         init = self.init_lora_weights
+        if isinstance(init, str) and init.lower() == "olora":  # PEFT takes it in any case
+            init = "olora"
+            put("init_lora_weights", init)
         if not (init is True or init is False or init == "gaussian" or is_weight_init(init)):
             if isinstance(init, str):
                 raise UnsupportedFeatureError(

@@ -66,7 +66,7 @@ class LoRAEmbedding(LoRALinear):
         self._check_settings(settings)
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
-    def check_weight_init(self, init: str) -> None:
+    def check_weight_init(self, init: str, r: int) -> None:  # the others give the default initialisation here
         if init == "loftq":  # PEFT fails there with a bare TypeError
             raise TypeError(f"init_lora_weights='loftq' on an embedding target ({type(self.base_layer).__name__}): "
                             f"LoftQ initialises Linear layers; leave the embedding out of target_modules")

@@ -307,9 +307,11 @@ class LoRALinear(nn.Linear):
         (:mod:`fastlora.weight_inits`; "loftq" with ``loftq_config``, ``{"loftq_bits": 4, "loftq_iter": 1}``).  A
         DoRA adapter's magnitude is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base
         output (as PEFT's)."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        if is_weight_init(init_lora_weights):  # raises on the meta device, which has no weight to read
+            self.check_weight_init(init_lora_weights, self.adapter_settings[name].r)
         if self.weight.device.type == "meta":
             return
-        name = self.active_adapter if adapter_name is None else adapter_name
         lora_A, lora_B = self.lora_factors(name)
         if is_weight_init(init_lora_weights):
             self._init_from_weight(init_lora_weights, name, loftq_config)
@@ -332,9 +334,18 @@ class LoRALinear(nn.Linear):
         if magnitude is not None:
             magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
 
-    def check_weight_init(self, init: str) -> None:
-        """Raise where this layer cannot take the initialisation ``init`` (:mod:`fastlora.weight_inits`), before
-        anything changes."""
+    def check_weight_init(self, init: str, r: int) -> None:
+        """Raise where this layer cannot take the initialisation ``init`` (:mod:`fastlora.weight_inits`) at rank
+        ``r``, before anything changes: a malformed name, an odd rank for "orthogonal", a weight on the meta device,
+        a rank beyond the weight's (PiSSA, OLoRA and LoftQ take r of its min(in, out) directions)."""
+        check_weight_init(init, r)
+        if self.weight.device.type == "meta":
+            raise ValueError(f"init_lora_weights={init!r} reads the base weight, which is on the meta device: load "
+                             f"the model's weights before adding the adapter")
+        if init != "orthogonal" and r > min(self.in_features, self.out_features):
+            raise ValueError(f"init_lora_weights={init!r} with r={r} on a layer of {self.in_features} → "
+                             f"{self.out_features} features: the rank can be at most "
+                             f"{min(self.in_features, self.out_features)} there")
 
     def _factor_rounding_dtype(self) -> torch.dtype | None:
         """The dtype PEFT moves a new adapter's factors to before ``autocast_adapter_dtype`` casts them (the base
@@ -347,8 +358,6 @@ class LoRALinear(nn.Linear):
         weight, from the float32 factors (requantized where the base is quantized), so the layer's output is
         unchanged; LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
-        check_weight_init(init, settings.r)
-        self.check_weight_init(init)
         if init == "orthogonal":
             A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)
         elif init == "loftq":

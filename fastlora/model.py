@@ -139,16 +139,56 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             for param in originals[name].parameters(recurse=False):
                 param.requires_grad_(flags[param])
     if weight_init:
-        layers = [model.get_submodule(name) for name in targets]
-        try:
-            for layer in layers:
-                layer.check_weight_init(weight_init)
-        except BaseException:
-            undo()
-            raise
-        for layer in layers:
-            layer.reset_lora_parameters(weight_init, adapter_name, loftq_config=config.loftq_config or None)
+        _init_from_weights(model, config, adapter_name, targets, undo)
     return undo
+
+
+def _init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
+                       undo: Callable[[], None]) -> None:
+    """Give the new adapter's layers PiSSA, OLoRA, LoftQ or orthogonal factors, once every layer has accepted the
+    initialisation (else ``undo`` and raise, the model unchanged).  The first three change the base weights, which
+    other adapters and modules sharing a weight (a head tied to the embeddings) see too: said with a warning."""
+    init = config.init_lora_weights
+    layers = {name: model.get_submodule(name) for name in targets}
+    try:
+        for layer in layers.values():
+            layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
+    except BaseException:
+        undo()
+        raise
+    if init != "orthogonal":
+        others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
+        if others:
+            warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
+                          f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
+        shared = _sharing_a_weight(model, layers)
+        if shared:
+            warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
+                          f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",
+                          UserWarning, stacklevel=4)
+    done = []
+    try:
+        for name, layer in layers.items():
+            layer.reset_lora_parameters(init, adapter_name, loftq_config=config.loftq_config or None)
+            done.append(name)
+    except BaseException as exc:
+        undo()
+        if init == "orthogonal" or not done:
+            raise
+        raise RuntimeError(f"init_lora_weights={init!r} failed on {name} ({type(exc).__name__}: {exc}); the adapter was "
+                           f"removed, but the base weights of {done[:3]}{' and more' if len(done) > 3 else ''} "
+                           f"already hold the initialisation's residual: reload the model") from exc
+
+
+def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """Target name → the name of a parameter outside the targets holding the same storage as its weight."""
+    owners = {layer.weight.data_ptr(): name for name, layer in layers.items() if layer.weight.numel()}
+    out = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owner = owners.get(param.data_ptr()) if param.numel() else None
+        if owner is not None and not any(param_name.startswith(n + ".") for n in layers):
+            out[owner] = param_name
+    return out
 
 
 def _check_model_and_config(model, config) -> None:

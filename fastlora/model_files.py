@@ -27,7 +27,8 @@ from fastlora.fused_experts import check_not_per_expert
 from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
-from fastlora.vocabulary_tables import check_vocabulary_size, untargeted_tables, vocabulary_resized
+from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,
+                                        vocabulary_resized)
 
 __all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -133,6 +134,7 @@ class AdapterFilesMixin:
         model = self.get_base_model()
         config = self.peft_config[name]
         targets, wrappers = peft_format.adapter_targets(model, name)
+        _check_config_describes_layers(model, config, name, targets)
         expected = peft_format.expected_tensors(model, config, targets, wrappers, name)
         aliases: dict[str, str] = {}
         quantized: dict[str, torch.Tensor] = {}
@@ -146,10 +148,20 @@ class AdapterFilesMixin:
                 save_tables = vocabulary_resized(model, config.base_model_name_or_path
                                                  or model.__dict__.get("name_or_path"))
         if save_tables and _names_an_embedding(config):
+            left_out = untargeted_embeddings(model, targets)
+            if save_embedding_layers == "auto" and left_out and vocabulary_resized(
+                    model, config.base_model_name_or_path or model.__dict__.get("name_or_path"), announce=False):
+                warnings.warn(f"the vocabulary was resized, and only the targeted embedding tables are saved (PEFT's "
+                              f"rule): {left_out} keep the new tokens' rows of this model only; target them too, or "
+                              f"train them whole (modules_to_save), for the adapter to carry them", UserWarning,
+                              stacklevel=3)
             expected.update(peft_format.embedding_tables(model, targets))
             quantized = peft_format.quantized_tables(model, targets)  # the frozen base's, whatever state_dict says
         elif save_tables:
             tables, aliases = untargeted_tables(model, targets, wrappers, _trained_tokens(model, name))
+            if not tables and not hasattr(model, "get_input_embeddings"):
+                warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                              UserWarning, stacklevel=3)
             expected.update(tables)
         if state_dict is None:
             params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
@@ -216,6 +228,15 @@ class AdapterFilesMixin:
         tensors = {name: self.adapter_tensors(name, state_dict, save_embedding_layers) for name in names}
         configs = {name: self.peft_config[name] for name in names}
         if path_initial_model_for_weight_conversion is not None:  # a PiSSA / OLoRA adapter for the original weight
+            if len(names) > 1:
+                raise ValueError(f"path_initial_model_for_weight_conversion names one adapter's initial state, and "
+                                 f"{names} would all be converted against it: pass selected_adapters=[<the adapter>]")
+            quantized = base_kinds.QUANTIZED_LINEAR.adapted_type
+            if any(isinstance(layer, quantized) for _, layer in self.lora_layers(names[0])):
+                warnings.warn(r"Note that Quant(W_res) + AB != Quant(W) + \Delta(AB); the converted LoRA, when "
+                              "combined with W or Quant(W), may introduce a certain gap in the fine-tuned model. "
+                              "Therefore, we recommend directly using the Quant(W_res) in conjunction with the PiSSA "
+                              "adapter.", UserWarning, stacklevel=2)
             for name in names:
                 configs[name], tensors[name] = converted_for_the_original_weight(
                     configs[name], tensors[name], path_initial_model_for_weight_conversion)
@@ -364,6 +385,27 @@ def _hub_kwargs(kwargs: dict, caller: str) -> dict:
     if rest:
         raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
     return hub_kwargs
+
+
+_LAYER_FIELDS = ("r", "lora_alpha", "use_rslora", "use_dora", "lora_bias")
+
+
+def _check_config_describes_layers(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str]) -> None:
+    """Raise ValueError where ``adapter_name``'s config (a field assigned after the adapter was built) no longer
+    describes its layers or its trainable-token rows: the file would record an adapter other than the one saved."""
+    for name in targets:
+        built, said = model.get_submodule(name).adapter_settings[adapter_name], config.settings_for(name)
+        differ = [f"{field}={getattr(said, field)!r} (the layer: {getattr(built, field)!r})" for field in _LAYER_FIELDS
+                  if getattr(said, field) != getattr(built, field)]
+        if differ:
+            raise ValueError(f"adapter {adapter_name!r}'s config says {', '.join(differ)} for {name}: a config field "
+                             f"assigned after the adapter was created does not rebuild its layers; set it back, or "
+                             f"create the adapter anew with that config")
+    if plan_trainable_tokens(model, config, targets) != _trained_tokens(model, adapter_name):
+        raise ValueError(f"adapter {adapter_name!r}'s config says trainable_token_indices="
+                         f"{config.trainable_token_indices!r}, and the model trains the rows "
+                         f"{_trained_tokens(model, adapter_name)}: a config field assigned after the adapter was created "
+                         f"does not rebuild it; set it back, or create the adapter anew with that config")
 
 
 def _trained_tokens(model: nn.Module, adapter_name: str) -> dict[str, list[int]]:

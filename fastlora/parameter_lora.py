@@ -76,7 +76,7 @@ class LoRAParameter(LoRALinear):
         layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
         return layer
 
-    def check_weight_init(self, init: str) -> None:
+    def check_weight_init(self, init: str, r: int) -> None:
         raise UnsupportedFeatureError(f"init_lora_weights={init!r} on a target_parameters adapter "
                                       f"({type(owner_of(self.base_layer)).__name__}.{self.parameter_name}): PiSSA, OLoRA "
                                       f"and orthogonal initialisations are for Linear layers (PEFT fails there too)")

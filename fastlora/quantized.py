@@ -151,7 +151,8 @@ class LoRAQuantizedLinear(LoRALinear):
             adapter_dtype = torch.float32
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
-    def check_weight_init(self, init: str) -> None:
+    def check_weight_init(self, init: str, r: int) -> None:
+        super().check_weight_init(init, r)
         if init.startswith("pissa"):  # PEFT's refusal: PiSSA's residual is meant to be quantized afterwards
             raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors.")

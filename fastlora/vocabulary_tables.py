@@ -35,13 +35,13 @@ from fastlora.peft_format import PREFIX, Expected, embedding_tables
 from fastlora.targets import output_head
 from fastlora.trainable_tokens import TrainableTokensWrapper
 
-__all__ = ["vocabulary_resized", "untargeted_tables", "check_vocabulary_size"]
+__all__ = ["vocabulary_resized", "untargeted_tables", "untargeted_embeddings", "check_vocabulary_size"]
 
 
-def vocabulary_resized(model: nn.Module, base_name_or_path: str | None) -> bool:
-    """Whether ``model.config.vocab_size`` differs from the base checkpoint's (with PEFT's warning when it does).
-    A base whose config cannot be read locally is taken as not resized, with a warning saying how to save the
-    tables anyway."""
+def vocabulary_resized(model: nn.Module, base_name_or_path: str | None, announce: bool = True) -> bool:
+    """Whether ``model.config.vocab_size`` differs from the base checkpoint's (with PEFT's warning when it does and
+    ``announce``).  A base whose config cannot be read locally is taken as not resized, with a warning saying how to
+    save the tables anyway."""
     config = getattr(model, "config", None)
     vocab_size = getattr(config, "vocab_size", None)
     read = getattr(type(config), "from_pretrained", None)
@@ -50,14 +50,17 @@ def vocabulary_resized(model: nn.Module, base_name_or_path: str | None) -> bool:
     try:  # the directory, or the Hub cache a model loaded by name left behind: never the network at save time
         base_vocab = getattr(read(str(base_name_or_path), local_files_only=True), "vocab_size", None)
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        warnings.warn(f"could not read the base model's config.json at {base_name_or_path!r} (locally or in the "
-                      f"Hugging Face cache) to see whether the vocabulary was resized: the embedding tables are not "
-                      f"saved with the adapter; pass save_embedding_layers=True to save them", UserWarning, stacklevel=5)
+        if announce:
+            warnings.warn(f"could not read the base model's config.json at {base_name_or_path!r} (locally or in the "
+                          f"Hugging Face cache) to see whether the vocabulary was resized: the embedding tables are "
+                          f"not saved with the adapter; pass save_embedding_layers=True to save them", UserWarning,
+                          stacklevel=5)
         return False
     if base_vocab is None or base_vocab == vocab_size:
         return False
-    warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
-                  "finetuning.", UserWarning, stacklevel=5)
+    if announce:
+        warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                      "finetuning.", UserWarning, stacklevel=5)
     return True
 
 
@@ -76,6 +79,11 @@ def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
         if name:
             found.append((name, module))
     return found
+
+
+def untargeted_embeddings(model: nn.Module, targets: list[str]) -> list[str]:
+    """The names of the model's input and output embeddings that are not LoRA targets."""
+    return [name for name, module in _embedding_modules(model) if name not in targets and not is_adapted(module)]
 
 
 def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],

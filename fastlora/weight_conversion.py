@@ -8,7 +8,9 @@ the model computes W_res + scaling · B A, which is W + scaling · (B A − B₀
     A' = [A ; A₀]  (rows stacked),   B' = [B | −B₀]  (columns side by side),   B' A' = B A − B₀ A₀
 
 an adapter of rank 2r whose config keeps the scaling (lora_alpha doubled with r, or times √2 with
-``use_rslora``) and says ``init_lora_weights=True``, so that loading it leaves the base weight alone.
+``use_rslora``) and says ``init_lora_weights=True``, so that loading it leaves the base weight alone.  A table the
+file holds for such a layer (``<path>.base_layer.weight``, a targeted output head's) is the residual weight: it
+becomes W_res + scaling · B₀ A₀, the original weight again.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastlora.config import LoraConfig, UnsupportedFeatureError
-from fastlora.peft_format import read_adapter
+from fastlora.peft_format import PREFIX, read_adapter
 
 __all__ = ["converted_for_the_original_weight"]
 
@@ -49,9 +51,16 @@ def converted_for_the_original_weight(config: LoraConfig, tensors: dict[str, tor
             other = key[: -len(first)] + second
             start, start_other = _initial(initial_tensors, key, tensors, initial), _initial(
                 initial_tensors, other, tensors, initial)
-            out[key] = torch.cat([tensors[key], start.to(tensors[key].dtype)], dim=0)
-            out[other] = torch.cat([tensors[other], -start_other.to(tensors[other].dtype)], dim=1)
-    config.replace(init_lora_weights=True, inference_mode=True).save_pretrained(initial)
+            start = start.to(device=tensors[key].device, dtype=tensors[key].dtype)
+            start_other = start_other.to(device=tensors[other].device, dtype=tensors[other].dtype)
+            out[key] = torch.cat([tensors[key], start], dim=0)
+            out[other] = torch.cat([tensors[other], -start_other], dim=1)
+            table = key[: -len(first)] + ".base_layer.weight"
+            if first == ".lora_A.weight" and table in tensors:  # the residual weight saved beside the adapter
+                scaling = config.settings_for(key[len(PREFIX): -len(first)]).scaling
+                original = tensors[table].float() + (scaling * start_other.float()) @ start.float()
+                out[table] = original.to(tensors[table].dtype)
+    config.replace(init_lora_weights=True).save_pretrained(initial)
     doubled = config.replace(
         init_lora_weights=True, r=2 * config.r,
         lora_alpha=config.lora_alpha * (2 ** 0.5 if config.use_rslora else 2),

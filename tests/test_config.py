@@ -73,3 +73,20 @@ def test_assigning_a_field_checks_it_as_the_constructor_does():
     assert config.r == 8 and config.init_lora_weights is True and config.bias == "none"
     config.r = 16
     assert config.settings.r == 16 and config.settings.scaling == 8 / 16
+
+
+def test_a_field_assigned_after_the_adapter_was_built_is_refused_at_save(tmp_path):
+    """Assigning a field does not rebuild the layers (as in PEFT); saving such a config would record another adapter
+    than the one saved, so the save says so and writes nothing."""
+    from fastlora import get_peft_model
+    from tests.models import tiny_llama
+
+    for field, value in [("r", 16), ("lora_alpha", 64), ("use_dora", True), ("lora_bias", True),
+                         ("trainable_token_indices", [1, 2])]:
+        model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4))
+        setattr(model.peft_config["default"], field, value)
+        with pytest.raises(ValueError, match="assigned after the adapter was created"):
+            model.save_pretrained(tmp_path / field)
+        assert not (tmp_path / field).exists()
+        setattr(model.peft_config["default"], field, getattr(LoraConfig(target_modules=["q_proj"], r=4), field))
+        model.save_pretrained(tmp_path / field)

@@ -156,3 +156,14 @@ def test_set_peft_model_state_dict_takes_the_tables(tmp_path):
     assert not result.missing_keys and not result.unexpected_keys
     with torch.no_grad():
         assert_close(target.eval()(input_ids=IDS).logits, source.eval()(input_ids=IDS).logits, kind="same_math")
+
+
+def test_targeting_only_the_head_of_a_resized_vocabulary_says_the_input_rows_stay_behind(tmp_path):
+    """PEFT's rule saves only the targeted tables when target_modules names an embedding: the resized input
+    embeddings' new rows are then not in the file, which is said."""
+    model = fastlora.get_peft_model(_resized_base(tmp_path / "base", 0, False),
+                                    fastlora.LoraConfig(target_modules=["q_proj", "lm_head"]))
+    saved, said = _saved(model, tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in saved
+    assert "base_model.model.model.embed_tokens.weight" not in saved
+    assert any("only the targeted embedding tables are saved" in m and "model.embed_tokens" in m for m in said)

@@ -3,6 +3,7 @@ path_initial_model_for_weight_conversion), following PEFT's guide step for step,
 (keys, values, config), and the converted adapter on the untouched base giving the trained model's logits."""
 
 import json
+import warnings
 
 import peft
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 
 import fastlora
 from fastlora import UnsupportedFeatureError
-from tests.models import clone, copy_lora_weights, tiny_llama, tokens
+from tests.models import clone, copy_lora_weights, load_quantized, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 CONFIG = dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4, lora_alpha=8)
@@ -102,3 +103,43 @@ def test_the_initial_adapters_config_is_rewritten_to_say_true_as_peft_does(tmp_p
     ours.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     assert json.loads((tmp_path / "initial" / "adapter_config.json").read_text())["init_lora_weights"] is True
     assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_a_targeted_heads_saved_table_is_converted_back_to_the_original_weight(tmp_path):
+    """A targeted output head's table is saved beside the adapter; after PiSSA it holds the residual, and the
+    converted file holds the original weight again, so the adapter loads onto the untouched base."""
+    base = tiny_llama()
+    ids = tokens()
+    ours = _guide(fastlora, base, tmp_path, "pissa", target_modules=["q_proj", "lm_head"])
+    _trained(peft.get_peft_model(clone(base), peft.LoraConfig(**{**CONFIG, "target_modules": ["q_proj", "lm_head"]})),
+             ours)
+    with torch.no_grad():
+        trained = ours(input_ids=ids).logits
+    ours.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    table = load_file(tmp_path / "final" / "adapter_model.safetensors")["base_model.model.lm_head.base_layer.weight"]
+    assert_close(table, base.lm_head.weight, kind="same_math_max")
+    for library in (fastlora, peft):
+        converted = library.PeftModel.from_pretrained(clone(base), tmp_path / "final")
+        with torch.no_grad():
+            assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")
+
+
+def test_one_adapter_at_a_time_and_a_quantized_gap_is_said(tmp_path):
+    base = tiny_llama()
+    ours = _guide(fastlora, base, tmp_path, "pissa", target_modules=["q_proj"])
+    ours.add_adapter("other", fastlora.LoraConfig(target_modules=["v_proj"], r=4))
+    with pytest.raises(ValueError, match="names one adapter's initial state"):
+        ours.save_pretrained(tmp_path / "final", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    ours.save_pretrained(tmp_path / "final", selected_adapters=["default"],
+                         path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+    assert json.loads((tmp_path / "final" / "adapter_config.json").read_text())["r"] == 8
+
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = load_quantized(tmp_path / "base", load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    olora = fastlora.get_peft_model(quantized, fastlora.LoraConfig(target_modules=["q_proj"], r=4,
+                                                                   init_lora_weights="olora"))
+    olora.save_pretrained(tmp_path / "q" / "initial")
+    with pytest.warns(UserWarning, match=r"Quant\(W_res\) \+ AB != Quant\(W\)"):
+        olora.save_pretrained(tmp_path / "q" / "final", path_initial_model_for_weight_conversion=str(tmp_path / "q" / "initial"))

@@ -240,3 +240,34 @@ def test_loading_an_adapter_whose_config_says_pissa_initialises_the_base_again_a
     for name, layer in ours.lora_layers():
         assert torch.equal(layer.weight, their_loaded.base_model.model.get_submodule(name).get_base_layer().weight)
     assert_close(_logits(ours, ids), _logits(their_loaded, ids), kind="same_math")
+
+
+def test_refusals_before_any_weight_changes_rank_and_meta_device():
+    """A rank beyond a layer's min(in, out) (v_proj here: 64 → 32) and weights on the meta device are refused with
+    the model unchanged (the other targets' weights included)."""
+    model = tiny_llama()
+    before = snapshot(model)
+    for init in ("pissa", "olora", "loftq"):
+        extra = {"loftq_config": {"loftq_bits": 4}} if init == "loftq" else {}
+        with pytest.raises(ValueError, match=r"r=48 on a layer of 64 → 32 features: the rank can be at most 32"):
+            fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj", "v_proj"], r=48,
+                                                               init_lora_weights=init, **extra))
+        assert_unchanged(model, before)
+    with torch.device("meta"):
+        on_meta = tiny_llama()
+    with pytest.raises(ValueError, match="on the meta device"):
+        fastlora.get_peft_model(on_meta, fastlora.LoraConfig(**CONFIG, init_lora_weights="olora"))
+    assert not any(isinstance(m, fastlora.LoRALinear) for m in on_meta.modules())
+
+
+def test_changing_weights_other_adapters_or_tied_modules_read_is_said():
+    ours = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"], r=4))
+    with pytest.warns(UserWarning, match=r"under the adapters \['default'\] as well"):
+        ours.add_adapter("pissa", fastlora.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights="pissa"))
+    tied = tiny_llama(tie_word_embeddings=True)
+    with pytest.warns(UserWarning, match=r"changes the base weights of \['lm_head'\], which \['model.embed_tokens"):
+        fastlora.get_peft_model(tied, fastlora.LoraConfig(target_modules=["q_proj", "lm_head"], r=4,
+                                                          init_lora_weights="olora"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # orthogonal changes no base weight: nothing to say
+        ours.add_adapter("orthogonal", fastlora.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights="orthogonal"))

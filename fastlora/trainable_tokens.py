@@ -97,8 +97,26 @@ class TrainableTokensWrapper(nn.Module):
             weight = weight.index_copy(0, index, self.delta(name).to(weight))
         return weight
 
+    @property
+    def weight(self) -> Tensor:
+        """The table the module computes with: the active adapters' trained rows in place (a new tensor, as PEFT's
+        wrapper returns it), or the base table itself where none applies (disabled, merged, none active)."""
+        names = self._applied()
+        return self.weight_with_rows(names) if names else self.base_layer.weight
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "_modules" not in self.__dict__ or "base_layer" not in self._modules:
+                raise
+        return getattr(self._modules["base_layer"], name)  # num_embeddings, padding_idx, embed_scale, ...
+
+    def _applied(self) -> list[str]:
+        return self._held(self.active_adapters) if self.adapter_enabled and not self.merged_adapters else []
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        names = self._held(self.active_adapters) if self.adapter_enabled and not self.merged_adapters else []
+        names = self._applied()
         if not names:
             return self.base_layer(x, *args, **kwargs)
         weight, base = self.weight_with_rows(names), self.base_layer

@@ -129,3 +129,25 @@ def test_rows_beside_a_bf16_table_are_held_as_peft_holds_them(autocast, tmp_path
         deltas["fastlora"].copy_(deltas["peft"])
         assert_close(models["fastlora"](input_ids=IDS).logits, models["peft"](input_ids=IDS).logits,
                      kind="same_math")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_the_wrapped_tables_weight_is_peft_s(tied):
+    """Scripts read ``model.get_input_embeddings().weight`` (and the tied head's): PEFT's wrapper gives the table with
+    the trained rows in place while the adapter applies, the base table when disabled; so does fastlora's, and the
+    table's own attributes (num_embeddings, ...) read through."""
+    base = tiny_llama(tie_word_embeddings=tied)
+    config = dict(target_modules=["q_proj"], r=4, trainable_token_indices=[3, 7])
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config))
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta["default"].add_(1.0)
+        ours.base_model.model.model.embed_tokens.delta("default").add_(1.0)
+    getters = ["get_input_embeddings"] + (["get_output_embeddings"] if tied else [])
+    for getter in getters:
+        ours_weight, their_weight = getattr(ours, getter)().weight, getattr(theirs, getter)().weight
+        assert torch.equal(ours_weight, their_weight) and not torch.equal(ours_weight, base.model.embed_tokens.weight)
+        with ours.disable_adapter(), theirs.disable_adapter():
+            assert torch.equal(getattr(ours, getter)().weight, getattr(theirs, getter)().weight)
+            assert torch.equal(getattr(ours, getter)().weight, base.model.embed_tokens.weight)
+    assert ours.get_input_embeddings().num_embeddings == 128

@@ -94,9 +94,7 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
     "layer_replication": None,
-    "eva_config": None,
     "corda_config": None,
-    "lora_ga_config": None,
     "velora_config": None,
     "monteclora_config": None,
     "arrow_config": None,
@@ -107,6 +105,11 @@ UNSUPPORTED_FEATURES = {
     "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
 }
+
+
+# Initialisations whose values come from a data-driven step PEFT runs after get_peft_model (initialize_lora_eva_weights,
+# preprocess_loraga), which fastlora does not have: before it, PEFT's layers start as with True, and so do fastlora's.
+DATA_DRIVEN_INITS = ("eva", "lora_ga")
 
 
 @dataclass
@@ -218,6 +221,11 @@ class LoraConfig:
             :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT
             (LoftQ refused there).  PEFT's other initialisations raise :class:`UnsupportedFeatureError`.
             Default True.
+        eva_config (dict | None): kept as given.  ``init_lora_weights="eva"`` starts as True (PEFT's layers too,
+            before PEFT's data-driven step ``initialize_lora_eva_weights``, which fastlora does not provide), so
+            trained EVA adapters' files load.
+        lora_ga_config (dict | None): kept as given; ``init_lora_weights="lora_ga"`` starts as True likewise
+            (PEFT's ``preprocess_loraga`` is not provided).
         loftq_config (LoftQConfig | dict): ``init_lora_weights="loftq"``'s settings (``loftq_bits`` 4 or 8,
             ``loftq_iter``), required there and ignored (with a warning) otherwise; kept as a dict.  Default {}.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
@@ -361,16 +369,18 @@ class LoraConfig:
         if self.bias not in _BIAS_MODES:
             raise ValueError(f"bias must be one of {_BIAS_MODES}, got {self.bias!r}")
         init = self.init_lora_weights
-        if isinstance(init, str) and init.lower() == "olora":  # PEFT takes it in any case
-            init = "olora"
+        if isinstance(init, str) and init.lower() in ("olora", "gaussian"):  # PEFT takes these in any case
+            init = init.lower()
             put("init_lora_weights", init)
-        if not (init is True or init is False or init == "gaussian" or is_weight_init(init)):
-            if isinstance(init, str):
+        if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
+                or init in DATA_DRIVEN_INITS):
+            if init in ("corda", "mica"):
                 raise UnsupportedFeatureError(
                     f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
                     f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' or 'loftq'"
                 )
-            raise ValueError(f"init_lora_weights must be True, False or a string, got {init!r}")
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: use True, False, 'gaussian', "
+                             f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'eva' or 'lora_ga'")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
         put("loftq_config", _checked_loftq_config(init, self.loftq_config))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastlora.model_files import AdapterFilesMixin
-from fastlora.config import LoraConfig, PeftType
+from fastlora.config import DATA_DRIVEN_INITS, LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
@@ -102,7 +102,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     # PiSSA / OLoRA change the base weights, which undo() cannot put back: the layers are built with the default
     # initialisation, and take that one once every other step has succeeded and every layer has accepted it
     weight_init = config.init_lora_weights if is_weight_init(config.init_lora_weights) else None
-    creation_init = True if weight_init else config.init_lora_weights
+    creation_init = True if weight_init or config.init_lora_weights in DATA_DRIVEN_INITS else config.init_lora_weights
     try:
         for name in targets:
             module = originals[name]
@@ -258,6 +258,11 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
     plan = _plan_new(model, config)
+    if config.init_lora_weights in DATA_DRIVEN_INITS:
+        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
+                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
+                      f"of fastlora; the adapter starts as with init_lora_weights=True, as PEFT's does before that step",
+                      UserWarning, stacklevel=2)
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 

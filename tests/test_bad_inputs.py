@@ -92,7 +92,7 @@ CASES = [
     ("rank 0", lambda ctx: LoRALinear(16, 16, r=0), ValueError, "r must be an integer >= 1"),
     ("alpha as a string", lambda ctx: LoRALinear(16, 16, lora_alpha="8"), ValueError, "lora_alpha must be"),
     ("NaN layer dropout", lambda ctx: LoRALinear(16, 16, lora_dropout=math.nan), ValueError, "lora_dropout"),
-    ("unknown init", lambda ctx: LoRALinear(16, 16, init_lora_weights="eva"), ValueError, "init_lora_weights"),
+    ("unknown init", lambda ctx: LoRALinear(16, 16, init_lora_weights="corda"), ValueError, "init_lora_weights"),
     ("from_linear of a conv", lambda ctx: LoRALinear.from_linear(nn.Conv1d(2, 2, 1)), TypeError, "needs an nn.Linear"),
     # LoraConfig
     ("config rank as a string", lambda ctx: LoraConfig(target_modules=TARGETS, r="8"), ValueError, "r must be"),

@@ -59,7 +59,7 @@ def test_from_linear_shares_and_freezes():
         ({"lora_alpha": -1}, "lora_alpha"),
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"lora_dropout": -0.1}, "lora_dropout"),
-        ({"init_lora_weights": "eva"}, "init_lora_weights"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights"),
         ({"backend": "cuda"}, "backend"),
     ],
 )

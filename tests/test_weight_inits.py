@@ -221,8 +221,11 @@ def test_weight_initialisations_on_target_parameters_are_refused_and_change_noth
 
 
 def test_other_initialisations_and_malformed_names_are_refused():
-    with pytest.raises(UnsupportedFeatureError, match="init_lora_weights='eva'"):
-        fastlora.LoraConfig(**CONFIG, init_lora_weights="eva")
+    with pytest.raises(UnsupportedFeatureError, match="init_lora_weights='corda'"):
+        fastlora.LoraConfig(**CONFIG, init_lora_weights="corda")
+    with pytest.raises(ValueError, match="Unknown initialization init_lora_weights='PISSA'"):
+        fastlora.LoraConfig(**CONFIG, init_lora_weights="PISSA")
+    assert fastlora.LoraConfig(**CONFIG, init_lora_weights="Gaussian").init_lora_weights == "gaussian"
     with pytest.raises(ValueError, match="'pissa' or 'pissa_niter_"):
         fastlora.LoraConfig(**CONFIG, init_lora_weights="pissa_niter_x")
 
@@ -271,3 +274,27 @@ def test_changing_weights_other_adapters_or_tied_modules_read_is_said():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # orthogonal changes no base weight: nothing to say
         ours.add_adapter("orthogonal", fastlora.LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights="orthogonal"))
+
+
+@pytest.mark.parametrize("init", ["eva", "lora_ga"])
+def test_trained_eva_and_lora_ga_adapters_load_and_the_config_starts_as_true(init, tmp_path):
+    """PEFT's EVA and LoRA-GA get their values from a data-driven step fastlora does not have; a trained adapter's
+    file (its config still naming the initialisation, with its eva_config) loads as PEFT loads it, and a new
+    adapter starts as PEFT's does before that step (B = 0), with a warning."""
+    base = tiny_llama()
+    ids = tokens()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**CONFIG, init_lora_weights=init))
+    with torch.no_grad():
+        for _, param in theirs.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05)
+    theirs.save_pretrained(tmp_path)
+    ours = fastlora.PeftModel.from_pretrained(clone(base), tmp_path)
+    assert ours.peft_config["default"].init_lora_weights == init
+    assert_close(_logits(ours, ids), _logits(theirs, ids), kind="same_math")
+    ours.save_pretrained(tmp_path / "again")
+    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}': the data-driven step"):
+        fresh = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**CONFIG, init_lora_weights=init))
+    assert all(torch.count_nonzero(layer.lora_factors("default")[1]) == 0 for _, layer in fresh.lora_layers())

@@ -74,16 +74,20 @@ class LoRAEmbedding(LoRALinear):
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
                               loftq_config: dict | None = None) -> None:
-        """PEFT's embedding initialisation: A = 0 and B ~ N(0, 1) (True, "gaussian", and the initialisations from
-        the base weight, as PEFT's embedding layer takes them); both ~ N(0, 1) (False)."""
+        """PEFT's embedding initialisation, drawn as PEFT draws it (on the default device, in its order, so a seeded
+        run starts from PEFT's values): A and B ~ N(0, 1) at creation; then A = 0 and B ~ N(0, 1) again (True,
+        "gaussian", and the initialisations from the base weight, as PEFT's embedding layer takes them), or the
+        creation's values (False)."""
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(adapter_name)
-        if init_lora_weights is False:
-            nn.init.normal_(lora_A)
-        else:
-            nn.init.zeros_(lora_A)
-        nn.init.normal_(lora_B)
+        A, B = torch.randn(lora_A.shape), torch.randn(lora_B.shape)
+        if init_lora_weights is not False:
+            A.zero_()
+            nn.init.normal_(B)
+        rounding = self._factor_rounding_dtype()
+        lora_A.copy_(A.to(rounding))
+        lora_B.copy_(B.to(rounding))
 
     def base_weight(self) -> Tensor:
         return self.weight.t()

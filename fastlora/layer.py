@@ -59,6 +59,28 @@ def _check_init(init_lora_weights, backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(A, B, B's bias) as PEFT's Linear LoRA layer draws them from the global generator, in its order, on the default
+    device and dtype: ``nn.Linear``'s own initialisation of A and of B (and of B's bias), then the adapter's
+    initialisation (True: A kaiming-uniform again; "gaussian": A normal with std 1/r; both: B and its bias 0;
+    False: the constructors' values).  So a seeded run starts from PEFT's values, and leaves the generator where
+    PEFT leaves it."""
+    A, B = torch.empty(a_shape), torch.empty(b_shape)
+    nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    bias = torch.empty(b_shape[0]).uniform_(-1.0 / math.sqrt(b_shape[1]), 1.0 / math.sqrt(b_shape[1])) \
+        if with_bias else None
+    if init is not False:
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        B.zero_()
+        if bias is not None:
+            bias.zero_()
+    return A, B, bias
+
+
 class LoRALinear(nn.Linear):
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ with W, b frozen and A (r × in), B (out × r) trained.
 
@@ -313,24 +335,19 @@ class LoRALinear(nn.Linear):
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(name)
+        bias = self.lora_bias(name)
         if is_weight_init(init_lora_weights):
             self._init_from_weight(init_lora_weights, name, loftq_config)
-        else:
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(lora_A, std=1.0 / self.adapter_settings[name].r)
-            else:
-                nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(lora_B)
-        bias = self.lora_bias(adapter_name)
-        if bias is not None:  # nn.Linear(r, out)'s bias initialisation, or zero with B
-            if init_lora_weights is False:
-                nn.init.uniform_(bias, -1.0 / math.sqrt(lora_B.shape[1]), 1.0 / math.sqrt(lora_B.shape[1]))
-            else:
+            if bias is not None:
                 nn.init.zeros_(bias)
-        magnitude = self.magnitude(adapter_name)
+        else:
+            values = _peft_draws(lora_A.shape, lora_B.shape, bias is not None, init_lora_weights,
+                                 self.adapter_settings[name].r)
+            rounding = self._factor_rounding_dtype()
+            for param, value in zip((lora_A, lora_B, bias), values):
+                if param is not None:
+                    param.copy_(value.to(rounding) if rounding is not None else value)
+        magnitude = self.magnitude(name)
         if magnitude is not None:
             magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
 

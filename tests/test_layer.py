@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from fastlora import LoRALinear
+from tests.models import clone, tiny_gpt2, tiny_llama, tiny_mixtral
 from tests.tolerances import assert_close
 
 
@@ -123,3 +124,46 @@ def test_each_training_forward_draws_its_own_dropout_mask():
     assert torch.equal(layer(x), first)
     layer.eval()
     assert torch.equal(layer(x), layer(x))
+
+
+_SEEDED_CASES = {
+    "default": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4)),
+    "gaussian": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj"], r=4,
+                                                      init_lora_weights="gaussian")),
+    "false-lora-bias": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj"], r=4,
+                                                             init_lora_weights=False, lora_bias=True)),
+    "bf16": (lambda: tiny_llama().to(torch.bfloat16), dict(target_modules=["q_proj", "down_proj"], r=4)),
+    "gpt2-conv1d": (lambda: tiny_gpt2(), dict(target_modules=["c_attn", "c_fc"], r=4)),
+    "dora": (lambda: tiny_llama(), dict(target_modules=["q_proj"], r=4, use_dora=True)),
+    "moe-parameters": (lambda: tiny_mixtral(), dict(target_modules=["q_proj"], r=4,
+                                                              target_parameters=["experts.gate_up_proj"])),
+}
+
+
+@pytest.mark.parametrize("case", list(_SEEDED_CASES))
+def test_a_seeded_model_starts_from_peft_s_values(case):
+    """From the same seed, fastlora's adapters start from PEFT's values bit for bit (PEFT's draws: nn.Linear's own
+    initialisation of A and B, then the adapter's; an embedding's two normal draws), held as PEFT holds them
+    (rounded to a bf16 base's dtype, then float32), and the generator is left where PEFT leaves it."""
+    import peft
+
+    from fastlora import LoraConfig as FastConfig, get_peft_model
+
+    make, config = _SEEDED_CASES[case]
+    base = make()
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    their_state = torch.get_rng_state()
+    torch.manual_seed(0)
+    ours = get_peft_model(clone(base), FastConfig(**config))
+    assert torch.equal(torch.get_rng_state(), their_state)
+    for name, layer in ours.lora_layers():
+        their_layer = theirs.base_model.model.get_submodule(name)
+        A, B = layer.lora_factors("default")
+        if "default" in getattr(their_layer, "lora_embedding_A", {}):
+            their_A, their_B = their_layer.lora_embedding_A["default"], their_layer.lora_embedding_B["default"]
+        else:
+            their_A, their_B = their_layer.lora_A["default"].weight, their_layer.lora_B["default"].weight
+        assert A.dtype == their_A.dtype and torch.equal(A, their_A) and torch.equal(B, their_B), name
+        if layer.lora_bias("default") is not None:
+            assert torch.equal(layer.lora_bias("default"), their_layer.lora_B["default"].bias), name

@@ -374,7 +374,7 @@ class LoraConfig:
             put("init_lora_weights", init)
         if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
                 or init in DATA_DRIVEN_INITS):
-            if init in ("corda", "mica"):
+            if isinstance(init, str) and init.lower() in ("corda", "mica"):
                 raise UnsupportedFeatureError(
                     f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
                     f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' or 'loftq'"
@@ -384,6 +384,10 @@ class LoraConfig:
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
         put("loftq_config", _checked_loftq_config(init, self.loftq_config))
+        for name in ("eva_config", "lora_ga_config"):  # PEFT's config objects, kept as the dicts its files hold
+            value = getattr(self, name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                put(name, dataclasses.asdict(value))
         if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
             value = self.target_parameters
             if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(

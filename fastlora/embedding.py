@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
-from fastlora.layer import LoRALinear
+from fastlora.layer import LoRALinear, _draw_device
 
 __all__ = ["LoRAEmbedding"]
 
@@ -71,6 +71,12 @@ class LoRAEmbedding(LoRALinear):
             raise TypeError(f"init_lora_weights='loftq' on an embedding target ({type(self.base_layer).__name__}): "
                             f"LoftQ initialises Linear layers; leave the embedding out of target_modules")
 
+    WEIGHT_INITS_CHANGE_BASE = False
+
+    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None) -> None:
+        """Nothing: an embedding keeps the default initialisation for those, as PEFT's embedding layer does."""
+        self.check_weight_init(init, self.adapter_settings[adapter_name].r)
+
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights=True, adapter_name: str | None = None,
                               loftq_config: dict | None = None) -> None:
@@ -81,7 +87,7 @@ class LoRAEmbedding(LoRALinear):
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(adapter_name)
-        A, B = torch.randn(lora_A.shape), torch.randn(lora_B.shape)
+        A, B = torch.randn(lora_A.shape, device=_draw_device()), torch.randn(lora_B.shape, device=_draw_device())
         if init_lora_weights is not False:
             A.zero_()
             nn.init.normal_(B)

@@ -51,33 +51,43 @@ def _finite(weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def _check_init(init_lora_weights, backend) -> None:
-    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights == "gaussian"
+    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in ("gaussian", "eva", "lora_ga")
             or is_weight_init(init_lora_weights)):
-        raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or one of {WEIGHT_INITS}, got "
-                         f"{init_lora_weights!r}")
+        raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'eva', 'lora_ga' or one of "
+                         f"{WEIGHT_INITS}, got {init_lora_weights!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _draw_device() -> torch.device:
+    """Where PEFT's constructors draw: the default device, but the CPU where that is "meta" (a meta-device context
+    around a model whose weights are real), whose tensors hold no values to copy."""
+    device = torch.empty(()).device
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """(A, B, B's bias) as PEFT's Linear LoRA layer draws them from the global generator, in its order, on the default
     device and dtype: ``nn.Linear``'s own initialisation of A and of B (and of B's bias), then the adapter's
-    initialisation (True: A kaiming-uniform again; "gaussian": A normal with std 1/r; both: B and its bias 0;
-    False: the constructors' values).  So a seeded run starts from PEFT's values, and leaves the generator where
-    PEFT leaves it."""
-    A, B = torch.empty(a_shape), torch.empty(b_shape)
+    initialisation: True (and "lora_ga" before its data-driven step): A kaiming-uniform again; "gaussian": A normal
+    with std 1/r; both, and "eva" (A as constructed): B and its bias 0; False and the initialisations from the base
+    weight: the constructors' values (those overwrite them).  So a seeded run starts from PEFT's values, and leaves
+    the generator where PEFT leaves it."""
+    device = _draw_device()
+    A, B = torch.empty(a_shape, device=device), torch.empty(b_shape, device=device)
     nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-    bias = torch.empty(b_shape[0]).uniform_(-1.0 / math.sqrt(b_shape[1]), 1.0 / math.sqrt(b_shape[1])) \
+    bias = torch.empty(b_shape[0], device=device).uniform_(-1.0 / math.sqrt(b_shape[1]), 1.0 / math.sqrt(b_shape[1])) \
         if with_bias else None
-    if init is not False:
-        if init == "gaussian":
-            nn.init.normal_(A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        B.zero_()
-        if bias is not None:
-            bias.zero_()
+    if init is False or is_weight_init(init):
+        return A, B, bias
+    if init == "gaussian":
+        nn.init.normal_(A, std=1.0 / r)
+    elif init != "eva":
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    B.zero_()
+    if bias is not None:
+        bias.zero_()
     return A, B, bias
 
 
@@ -324,11 +334,12 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def reset_lora_parameters(self, init_lora_weights: Union[bool, str] = True, adapter_name: str | None = None,
                               loftq_config: dict | None = None) -> None:
-        """PEFT's initialisations: True → A kaiming-uniform(a=√5), B = 0; "gaussian" → A ~ N(0, std=1/r), B = 0;
-        False → both kaiming-uniform (a non-zero update from the start, for tests); those from the base weight
-        (:mod:`fastlora.weight_inits`; "loftq" with ``loftq_config``, ``{"loftq_bits": 4, "loftq_iter": 1}``).  A
-        DoRA adapter's magnitude is then set to ‖W + scaling · B A‖ per output row, so the layer starts at the base
-        output (as PEFT's)."""
+        """PEFT's initialisations, drawn as PEFT draws them (see ``_peft_draws``): True → A kaiming-uniform(a=√5),
+        B = 0; "gaussian" → A ~ N(0, std=1/r), B = 0; False → both kaiming-uniform (a non-zero update from the
+        start, for tests); "eva" / "lora_ga" as PEFT's layers start before PEFT's data-driven step; those from the
+        base weight (:meth:`init_from_weight`; "loftq" with ``loftq_config``, ``{"loftq_bits": 4, "loftq_iter":
+        1}``).  A DoRA adapter's magnitude is then set to ‖W + scaling · B A‖ per output row, so the layer starts at
+        the base output (as PEFT's)."""
         name = self.active_adapter if adapter_name is None else adapter_name
         if is_weight_init(init_lora_weights):  # raises on the meta device, which has no weight to read
             self.check_weight_init(init_lora_weights, self.adapter_settings[name].r)
@@ -336,19 +347,35 @@ class LoRALinear(nn.Linear):
             return
         lora_A, lora_B = self.lora_factors(name)
         bias = self.lora_bias(name)
+        values = _peft_draws(lora_A.shape, lora_B.shape, bias is not None, init_lora_weights,
+                             self.adapter_settings[name].r)
+        rounding = self._factor_rounding_dtype()
+        for param, value in zip((lora_A, lora_B, bias), values):
+            if param is not None:
+                param.copy_(value.to(rounding) if rounding is not None else value)
         if is_weight_init(init_lora_weights):
-            self._init_from_weight(init_lora_weights, name, loftq_config)
-            if bias is not None:
-                nn.init.zeros_(bias)
+            self.init_from_weight(init_lora_weights, name, loftq_config)
         else:
-            values = _peft_draws(lora_A.shape, lora_B.shape, bias is not None, init_lora_weights,
-                                 self.adapter_settings[name].r)
-            rounding = self._factor_rounding_dtype()
-            for param, value in zip((lora_A, lora_B, bias), values):
-                if param is not None:
-                    param.copy_(value.to(rounding) if rounding is not None else value)
+            self._set_magnitude(name)
+
+    # PiSSA, OLoRA and LoftQ change this kind's base weight (an embedding keeps the default initialisation instead)
+    WEIGHT_INITS_CHANGE_BASE = True
+
+    @torch.no_grad()
+    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None) -> None:
+        """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ or the orthogonal initialisation (B's bias 0,
+        a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`."""
+        self.check_weight_init(init, self.adapter_settings[adapter_name].r)
+        self._init_from_weight(init, adapter_name, loftq_config)
+        bias = self.lora_bias(adapter_name)
+        if bias is not None:
+            nn.init.zeros_(bias)
+        self._set_magnitude(adapter_name)
+
+    def _set_magnitude(self, name: str) -> None:
         magnitude = self.magnitude(name)
         if magnitude is not None:
+            lora_A, lora_B = self.lora_factors(name)
             magnitude.copy_(dora_weight_norm(self.base_weight(), lora_A, lora_B, self.adapter_settings[name].scaling))
 
     def check_weight_init(self, init: str, r: int) -> None:

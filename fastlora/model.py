@@ -80,7 +80,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
                          f"adapt the layer or its parameters, not both")
     head = output_head(model)
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
-    tied = {name for name in tokens if head_name is not None and getattr(head, "weight", None) is getattr(
+    head_table = getattr(getattr(head, "base_layer", head), "weight", None)  # a wrapper's computed .weight is a copy
+    tied = {name for name in tokens if head_name is not None and head_table is getattr(
         getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)), "weight", False)}
     originals = {name: model.get_submodule(name)
                  for name in [*targets, *to_save, *tokens, *owners, *([head_name] if tied else [])]}
@@ -99,10 +100,12 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for param, flag in flags.items():
             param.requires_grad_(flag)
 
-    # PiSSA / OLoRA change the base weights, which undo() cannot put back: the layers are built with the default
-    # initialisation, and take that one once every other step has succeeded and every layer has accepted it
-    weight_init = config.init_lora_weights if is_weight_init(config.init_lora_weights) else None
-    creation_init = True if weight_init or config.init_lora_weights in DATA_DRIVEN_INITS else config.init_lora_weights
+    # PiSSA, OLoRA and LoftQ change the base weights, which undo() cannot put back: the layers are built with the
+    # values PEFT's constructors draw (what "eva" leaves before its own step: A as drawn, B = 0), and take the
+    # initialisation once every other step has succeeded and every layer has accepted it
+    init = config.init_lora_weights
+    weight_init = init if is_weight_init(init) and init != "orthogonal" else None
+    creation_init = "eva" if weight_init else init
     try:
         for name in targets:
             module = originals[name]
@@ -145,9 +148,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
 
 def _init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
                        undo: Callable[[], None]) -> None:
-    """Give the new adapter's layers PiSSA, OLoRA, LoftQ or orthogonal factors, once every layer has accepted the
-    initialisation (else ``undo`` and raise, the model unchanged).  The first three change the base weights, which
-    other adapters and modules sharing a weight (a head tied to the embeddings) see too: said with a warning."""
+    """Give the new adapter's layers PiSSA, OLoRA or LoftQ factors, once every layer has accepted the initialisation
+    (else ``undo`` and raise, the model unchanged).  They change the base weights, which other adapters and modules
+    sharing a weight (a head tied to the embeddings) see too: said with a warning."""
     init = config.init_lora_weights
     layers = {name: model.get_submodule(name) for name in targets}
     try:
@@ -156,24 +159,24 @@ def _init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, 
     except BaseException:
         undo()
         raise
-    if init != "orthogonal":
-        others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
-        if others:
-            warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
-                          f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
-        shared = _sharing_a_weight(model, layers)
-        if shared:
-            warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
-                          f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",
-                          UserWarning, stacklevel=4)
+    layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
+    others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
+    if others:
+        warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
+                      f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
+    shared = _sharing_a_weight(model, layers)
+    if shared:
+        warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
+                      f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",
+                      UserWarning, stacklevel=4)
     done = []
     try:
         for name, layer in layers.items():
-            layer.reset_lora_parameters(init, adapter_name, loftq_config=config.loftq_config or None)
+            layer.init_from_weight(init, adapter_name, loftq_config=config.loftq_config or None)
             done.append(name)
     except BaseException as exc:
         undo()
-        if init == "orthogonal" or not done:
+        if not done:
             raise
         raise RuntimeError(f"init_lora_weights={init!r} failed on {name} ({type(exc).__name__}: {exc}); the adapter was "
                            f"removed, but the base weights of {done[:3]}{' and more' if len(done) > 3 else ''} "
@@ -189,6 +192,15 @@ def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
         if owner is not None and not any(param_name.startswith(n + ".") for n in layers):
             out[owner] = param_name
     return out
+
+
+def _warn_of_a_data_driven_init(config: LoraConfig, stacklevel: int = 3) -> None:
+    """A new adapter (not one loaded from a file) whose initialisation needs PEFT's data-driven step."""
+    if config.init_lora_weights in DATA_DRIVEN_INITS:
+        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
+                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
+                      f"of fastlora; the adapter starts as PEFT's does before that step (B = 0)", UserWarning,
+                      stacklevel=stacklevel)
 
 
 def _check_model_and_config(model, config) -> None:
@@ -258,11 +270,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
     plan = _plan_new(model, config)
-    if config.init_lora_weights in DATA_DRIVEN_INITS:
-        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
-                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
-                      f"of fastlora; the adapter starts as with init_lora_weights=True, as PEFT's does before that step",
-                      UserWarning, stacklevel=2)
+    _warn_of_a_data_driven_init(config)
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
@@ -841,6 +849,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)
+        _warn_of_a_data_driven_init(config, stacklevel=3)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
 
     def _check_not_merged(self, adapter_name: str) -> None:

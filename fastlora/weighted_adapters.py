@@ -22,9 +22,8 @@ with ``use_rslora`` in the first adapter's config the new one keeps it, as PEFT'
 
 The random pruning of the dare types draws from torch's global generator in PEFT's order (after the new
 adapter's layers are created; then layer by layer in module order, within a layer the A's, then the B's,
-adapter by adapter; for the svd types the ΔW's).  With ``init_lora_weights=False`` in the first adapter's
-config the new layers' initial draws are PEFT's too, so the same seed gives PEFT's result (tested); with the
-default initialisation PEFT's layers draw more values first, so the same seed gives other masks.
+adapter by adapter; for the svd types the ΔW's).  The new layers' initial draws are PEFT's too (fastlora draws an
+adapter's initial values as PEFT's layers do), so the same seed gives PEFT's result (tested).
 """
 
 from __future__ import annotations

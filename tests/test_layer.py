@@ -137,6 +137,13 @@ _SEEDED_CASES = {
     "dora": (lambda: tiny_llama(), dict(target_modules=["q_proj"], r=4, use_dora=True)),
     "moe-parameters": (lambda: tiny_mixtral(), dict(target_modules=["q_proj"], r=4,
                                                               target_parameters=["experts.gate_up_proj"])),
+    "orthogonal": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="orthogonal")),
+    "pissa-embedding": (lambda: tiny_llama(), dict(target_modules=["q_proj", "embed_tokens"], r=4,
+                                                   init_lora_weights="pissa")),
+    "olora-bf16": (lambda: tiny_llama().to(torch.bfloat16), dict(target_modules=["q_proj"], r=4,
+                                                                 init_lora_weights="olora")),
+    "eva-moe": (lambda: tiny_mixtral(), dict(target_modules=["q_proj"], r=4, init_lora_weights="eva",
+                                             target_parameters=["experts.gate_up_proj"])),
 }
 
 
@@ -149,13 +156,19 @@ def test_a_seeded_model_starts_from_peft_s_values(case):
 
     from fastlora import LoraConfig as FastConfig, get_peft_model
 
+    import warnings
+
     make, config = _SEEDED_CASES[case]
     base = make()
     torch.manual_seed(0)
-    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's EVA default-config notice
+        theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
     their_state = torch.get_rng_state()
     torch.manual_seed(0)
-    ours = get_peft_model(clone(base), FastConfig(**config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # EVA's data-driven step is not part of fastlora
+        ours = get_peft_model(clone(base), FastConfig(**config))
     assert torch.equal(torch.get_rng_state(), their_state)
     for name, layer in ours.lora_layers():
         their_layer = theirs.base_model.model.get_submodule(name)
@@ -167,3 +180,15 @@ def test_a_seeded_model_starts_from_peft_s_values(case):
         assert A.dtype == their_A.dtype and torch.equal(A, their_A) and torch.equal(B, their_B), name
         if layer.lora_bias("default") is not None:
             assert torch.equal(layer.lora_bias("default"), their_layer.lora_B["default"].bias), name
+
+
+def test_adapters_are_created_inside_a_meta_device_context():
+    """A model with real weights adapted inside ``with torch.device("meta")`` (as loading code does): the initial
+    values are drawn where they can be copied from."""
+    from fastlora import LoraConfig as FastConfig, get_peft_model
+
+    model = tiny_llama()
+    with torch.device("meta"):
+        adapted = get_peft_model(model, FastConfig(target_modules=["q_proj", "embed_tokens"], r=4))
+    for _, layer in adapted.lora_layers():
+        assert all(factor.device.type == "cpu" for factor in layer.lora_factors("default"))

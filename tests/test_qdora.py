@@ -113,8 +113,8 @@ def _outputs_and_grads(ours, theirs, x, p, train_magnitude=True, on_saved=None):
 
 def _compare_layers(ours, theirs, in_features, p, train_magnitude=True):
     results = _outputs_and_grads(ours, theirs, torch.randn(2, 5, in_features), p, train_magnitude)
-    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):
-        assert_close(a, b, kind="same_math", dtype=torch.float32, msg=name)
+    for name, a, b in zip(("y", "dx", "dA", "dB", "dm"), *results):  # DoRA's gradients sum terms that cancel
+        assert_close(a, b, kind="same_math" if name == "y" else "same_math_cancelling", dtype=torch.float32, msg=name)
 
 
 def _compare_layers_at_bf16(results):

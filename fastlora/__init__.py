@@ -8,13 +8,17 @@ from fastlora._version import __version__
 from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
                            AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                            AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
-from fastlora.model_files import get_peft_model_state_dict, set_peft_model_state_dict
-from fastlora.config import LoftQConfig, LoraConfig, PeftConfig, TaskType, UnsupportedFeatureError
+from fastlora.model_files import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from fastlora.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
 from fastlora.kbit import prepare_model_for_kbit_training
 from fastlora.layer import LoraLayer, LoRALinear
 from fastlora.loftq import replace_lora_weights_loftq
-from fastlora.model import LoraModel, PeftModel, get_peft_model
+from fastlora.model import (LoraModel, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
+                            PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
+                            PeftModelForTokenClassification, get_peft_model)
+from fastlora.precision import cast_mixed_precision_params
+from fastlora.status import get_layer_status, get_model_status
 from fastlora.patch import PatchReport, patch_peft, unpatch_peft
 
 __all__ = [
@@ -24,5 +28,8 @@ __all__ = [
     "PeftConfig", "LoraLayer", "AutoPeftModel", "AutoPeftModelForCausalLM", "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
     "AutoPeftModelForQuestionAnswering", "AutoPeftModelForFeatureExtraction", "LoftQConfig",
-    "replace_lora_weights_loftq",
+    "replace_lora_weights_loftq", "PeftType", "load_peft_weights", "cast_mixed_precision_params",
+    "get_layer_status", "get_model_status", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
+    "PeftModelForFeatureExtraction",
 ]

@@ -51,7 +51,18 @@ class UnsupportedFeatureError(NotImplementedError, ValueError):
 
 class PeftType(str, enum.Enum):
     """PEFT's method type, as PEFT's ``PeftType``: a ``str`` enum, so ``config.peft_type == "LORA"``,
-    ``config.peft_type == peft.PeftType.LORA`` and ``config.peft_type.value`` all work as with PEFT's configs."""
+    ``config.peft_type == peft.PeftType.LORA`` and ``config.peft_type.value`` all work as with PEFT's configs.
+
+    Args:
+        LORA: LoRA (and its variants: DoRA, rsLoRA), the one method fastlora implements.
+
+    PEFT equivalent: ``peft.PeftType`` (its LORA member).
+
+    Example:
+        >>> from fastlora import LoraConfig, PeftType
+        >>> LoraConfig(target_modules=["q_proj"]).peft_type == PeftType.LORA == "LORA"
+        True
+    """
 
     LORA = "LORA"
 

@@ -322,6 +322,19 @@ class LoRALinear(nn.Linear):
             if not self.active_adapters:
                 self.active_adapter = next(iter(self.adapter_settings), None)
 
+    @property
+    def disable_adapters(self) -> bool:
+        """PEFT's flag: the layer computes its base output only."""
+        return not self.adapter_enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """PEFT's layer switch: on, the active adapters apply and train; off, the layer computes its base output
+        and its adapters are frozen."""
+        self.adapter_enabled = bool(enabled)
+        for name in self.adapter_names:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(bool(enabled) and name in self.active_adapters)
+
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` the active adapter, or a list of names the active adapters (their updates add up,
         as PEFT's).  A layer that does not hold an active adapter (a model's adapters may target different layers)

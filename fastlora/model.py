@@ -26,6 +26,7 @@ from fastlora.layer import LoRALinear
 from fastlora.weight_inits import is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
+from fastlora.status import get_layer_status, get_model_status
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.targets import (
     output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
@@ -596,6 +597,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
+    def get_layer_status(self) -> list:
+        """Each adapter layer's state: :func:`fastlora.get_layer_status`."""
+        return get_layer_status(self)
+
+    def get_model_status(self):
+        """The model's adapter state in one summary: :func:`fastlora.get_model_status`."""
+        return get_model_status(self)
+
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT returns them: a 4-bit parameter (two values per byte of its
         packed storage) counts 2 · its storage's bytes per element."""
@@ -652,8 +661,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             self.unmerge_adapter()
         for _, layer in self.lora_layers():
             layer.set_adapter(adapter_names)
-        for _, wrapper in self.wrappers():
-            wrapper.set_adapter(adapter_names[0])
+        for _, wrapper in self.wrappers():  # the active adapter holding a copy, else the original module
+            wrapper.set_adapter(next((n for n in adapter_names if n in wrapper.modules_to_save), adapter_names[0]))
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(adapter_names)
         for name in self.peft_config:
@@ -669,11 +678,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter {unknown[0]} not found; this model has {list(self.peft_config)}")
-        if len(names) > 1:
-            wrapped = [n for n in names if any(n in w.modules_to_save for _, w in self.wrappers())]
-            if wrapped:
-                raise ValueError(f"set_adapter({names!r}): adapters with modules_to_save ({wrapped}) cannot be active "
-                                 f"together with others (one copy of a module serves a forward), as in PEFT")
+        for wrapper_name, wrapper in self.wrappers():  # one copy of a module serves a forward (PEFT's check)
+            held = [n for n in names if n in wrapper.modules_to_save]
+            if len(held) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for {wrapper_name} (modules_to_save of "
+                                 f"{held}), got {len(held)}")
         self._active_adapters = names
         self._activate(names, trainable=not inference_mode)
 
@@ -959,3 +968,9 @@ def __getattr__(name: str):
 # The name this class had in earlier fastlora releases (it plays PEFT's PeftModel, not peft.LoraModel, which is
 # the ``base_model`` level): kept so existing imports and pickles keep working.
 LoraModel = PeftModel
+
+
+# PEFT's task classes: fastlora's PeftModel serves every task (the config's task_type says which), so a script
+# calling PeftModelForCausalLM.from_pretrained(...) gets it.
+PeftModelForCausalLM = PeftModelForSeq2SeqLM = PeftModelForSequenceClassification = PeftModel
+PeftModelForTokenClassification = PeftModelForQuestionAnswering = PeftModelForFeatureExtraction = PeftModel

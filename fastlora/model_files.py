@@ -30,7 +30,7 @@ from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,
                                         vocabulary_resized)
 
-__all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict"]
+__all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights"]
 
 
 class AdapterFilesMixin:
@@ -532,3 +532,26 @@ def _lookup(state_dict: dict[str, torch.Tensor], param_name: str, adapter_name: 
         f"the state_dict given to save adapter {adapter_name!r} has no entry for {param_name!r} (gathered without "
         f"frozen parameters? pass selected_adapters=[...] naming the adapters it holds)"
     )
+
+
+def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """An adapter file's tensors under PEFT's file keys, as :func:`set_peft_model_state_dict` takes them.
+
+    Args:
+        model_id (str | PathLike): a directory holding ``adapter_model.safetensors`` (or ``adapter_model.bin``), or
+            a Hub repository id.
+        device (str | None): where to put the tensors; None: CUDA where available, else the CPU (PEFT's choice).
+        hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``, ... for the Hub.
+
+    Returns a dict of file keys to tensors.
+
+    PEFT equivalent: ``peft.load_peft_weights``.
+
+    Example:
+        >>> from fastlora import load_peft_weights, set_peft_model_state_dict
+        >>> tensors = load_peft_weights("path/to/adapter", device="cpu")  # doctest: +SKIP
+        >>> set_peft_model_state_dict(model, tensors, adapter_name="other")  # doctest: +SKIP
+    """
+    tensors = peft_format.read_weights(model_id, **_hub_kwargs(hub_kwargs, "load_peft_weights"))
+    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    return {key: tensor.to(device) for key, tensor in tensors.items()}

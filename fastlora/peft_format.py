@@ -35,7 +35,7 @@ from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, pa
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_tables", "peft_bias_aliases",
-    "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter",
+    "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter", "read_weights",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -304,8 +304,14 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig,
     if config_path is None:
         raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")
     config = LoraConfig.from_file(config_path)
+    return config, read_weights(model_id, **hub_kwargs)
+
+
+def read_weights(model_id: str | os.PathLike, **hub_kwargs) -> dict[str, torch.Tensor]:
+    """An adapter's tensors (``adapter_model.safetensors``, else ``adapter_model.bin``) under its file keys, on the
+    CPU, from a directory or a Hub repository; ValueError where the file is missing, unreadable or corrupt."""
     weights_path = (resolve_file(model_id, WEIGHTS_NAME, missing_ok=True, **hub_kwargs)
                     or resolve_file(model_id, WEIGHTS_BIN_NAME, **hub_kwargs))
     if weights_path is None:
         raise ValueError(f"adapter file {WEIGHTS_NAME} (or {WEIGHTS_BIN_NAME}) does not exist in {str(model_id)!r}")
-    return config, _load_weights(weights_path)
+    return _load_weights(weights_path)

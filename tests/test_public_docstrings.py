@@ -60,7 +60,7 @@ def _section(doc: str, header: str) -> list[str] | None:
 
 def _expected_args(name: str) -> list[str]:
     obj = getattr(fastlora, name)
-    if obj is fastlora.TaskType:
+    if obj in (fastlora.TaskType, fastlora.PeftType):
         return list(obj.__members__)
     if obj is fastlora.LoraConfig:
         fields = [f.name for f in dataclasses.fields(obj) if f.init]

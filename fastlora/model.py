@@ -19,10 +19,11 @@ import torch
 from torch import nn
 
 from fastlora.model_files import AdapterFilesMixin
-from fastlora.config import DATA_DRIVEN_INITS, LoraConfig, PeftType
+from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
+from fastlora.model_inits import init_from_weights, warn_of_a_data_driven_init
 from fastlora.weight_inits import is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
@@ -143,65 +144,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             for param in originals[name].parameters(recurse=False):
                 param.requires_grad_(flags[param])
     if weight_init:
-        _init_from_weights(model, config, adapter_name, targets, undo)
+        init_from_weights(model, config, adapter_name, targets, undo)
     return undo
-
-
-def _init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
-                       undo: Callable[[], None]) -> None:
-    """Give the new adapter's layers PiSSA, OLoRA or LoftQ factors, once every layer has accepted the initialisation
-    (else ``undo`` and raise, the model unchanged).  They change the base weights, which other adapters and modules
-    sharing a weight (a head tied to the embeddings) see too: said with a warning."""
-    init = config.init_lora_weights
-    layers = {name: model.get_submodule(name) for name in targets}
-    try:
-        for layer in layers.values():
-            layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
-    except BaseException:
-        undo()
-        raise
-    layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
-    others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
-    if others:
-        warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
-                      f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
-    shared = _sharing_a_weight(model, layers)
-    if shared:
-        warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
-                      f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",
-                      UserWarning, stacklevel=4)
-    done = []
-    try:
-        for name, layer in layers.items():
-            layer.init_from_weight(init, adapter_name, loftq_config=config.loftq_config or None)
-            done.append(name)
-    except BaseException as exc:
-        undo()
-        if not done:
-            raise
-        raise RuntimeError(f"init_lora_weights={init!r} failed on {name} ({type(exc).__name__}: {exc}); the adapter was "
-                           f"removed, but the base weights of {done[:3]}{' and more' if len(done) > 3 else ''} "
-                           f"already hold the initialisation's residual: reload the model") from exc
-
-
-def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
-    """Target name → the name of a parameter outside the targets holding the same storage as its weight."""
-    owners = {layer.weight.data_ptr(): name for name, layer in layers.items() if layer.weight.numel()}
-    out = {}
-    for param_name, param in model.named_parameters(remove_duplicate=False):
-        owner = owners.get(param.data_ptr()) if param.numel() else None
-        if owner is not None and not any(param_name.startswith(n + ".") for n in layers):
-            out[owner] = param_name
-    return out
-
-
-def _warn_of_a_data_driven_init(config: LoraConfig, stacklevel: int = 3) -> None:
-    """A new adapter (not one loaded from a file) whose initialisation needs PEFT's data-driven step."""
-    if config.init_lora_weights in DATA_DRIVEN_INITS:
-        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
-                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
-                      f"of fastlora; the adapter starts as PEFT's does before that step (B = 0)", UserWarning,
-                      stacklevel=stacklevel)
 
 
 def _check_model_and_config(model, config) -> None:
@@ -271,7 +215,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
     plan = _plan_new(model, config)
-    _warn_of_a_data_driven_init(config)
+    warn_of_a_data_driven_init(config)
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
@@ -858,7 +802,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)
-        _warn_of_a_data_driven_init(config, stacklevel=3)
+        warn_of_a_data_driven_init(config, stacklevel=3)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
 
     def _check_not_merged(self, adapter_name: str) -> None:

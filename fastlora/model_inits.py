@@ -1,0 +1,74 @@
+"""The model-level steps of initialisations that read or change the base weights (PiSSA, OLoRA, LoftQ;
+:mod:`fastlora.weight_inits` has the math) or need a data-driven step fastlora does not have (EVA, LoRA-GA).
+
+The layers are built first, with the values PEFT's constructors draw; :func:`init_from_weights` then checks that
+every layer accepts the initialisation before any base weight changes, so a refusal leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+from torch import nn
+
+from fastlora.config import DATA_DRIVEN_INITS, LoraConfig
+
+__all__ = ["init_from_weights", "warn_of_a_data_driven_init"]
+
+
+def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
+                       undo: Callable[[], None]) -> None:
+    """Give the new adapter's layers PiSSA, OLoRA or LoftQ factors, once every layer has accepted the initialisation
+    (else ``undo`` and raise, the model unchanged).  They change the base weights, which other adapters and modules
+    sharing a weight (a head tied to the embeddings) see too: said with a warning."""
+    init = config.init_lora_weights
+    layers = {name: model.get_submodule(name) for name in targets}
+    try:
+        for layer in layers.values():
+            layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
+    except BaseException:
+        undo()
+        raise
+    layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
+    others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
+    if others:
+        warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
+                      f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
+    shared = _sharing_a_weight(model, layers)
+    if shared:
+        warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
+                      f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",
+                      UserWarning, stacklevel=4)
+    done = []
+    try:
+        for name, layer in layers.items():
+            layer.init_from_weight(init, adapter_name, loftq_config=config.loftq_config or None)
+            done.append(name)
+    except BaseException as exc:
+        undo()
+        if not done:
+            raise
+        raise RuntimeError(f"init_lora_weights={init!r} failed on {name} ({type(exc).__name__}: {exc}); the adapter was "
+                           f"removed, but the base weights of {done[:3]}{' and more' if len(done) > 3 else ''} "
+                           f"already hold the initialisation's residual: reload the model") from exc
+
+
+def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:
+    """Target name → the name of a parameter outside the targets holding the same storage as its weight."""
+    owners = {layer.weight.data_ptr(): name for name, layer in layers.items() if layer.weight.numel()}
+    out = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owner = owners.get(param.data_ptr()) if param.numel() else None
+        if owner is not None and not any(param_name.startswith(n + ".") for n in layers):
+            out[owner] = param_name
+    return out
+
+
+def warn_of_a_data_driven_init(config: LoraConfig, stacklevel: int = 3) -> None:
+    """A new adapter (not one loaded from a file) whose initialisation needs PEFT's data-driven step."""
+    if config.init_lora_weights in DATA_DRIVEN_INITS:
+        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
+                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
+                      f"of fastlora; the adapter starts as PEFT's does before that step (B = 0)", UserWarning,
+                      stacklevel=stacklevel)

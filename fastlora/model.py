@@ -148,6 +148,24 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     return undo
 
 
+def _wrapper_adapter(wrapper: ModulesToSaveWrapper, active: list[str]) -> str:
+    """The adapter a modules_to_save wrapper serves among the active ones: the one holding a copy (PEFT's rule;
+    set_adapter refuses two), else the first (the wrapper then runs its original module)."""
+    return next((name for name in active if name in wrapper.modules_to_save), active[0])
+
+
+def _holds_adapter(model: nn.Module, adapter_name: str) -> bool:
+    """Whether a layer or wrapper of ``model`` holds ``adapter_name``."""
+    for module in model.modules():
+        if isinstance(module, LoRALinear) and adapter_name in module.adapter_settings:
+            return True
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            return True
+        if isinstance(module, TrainableTokensWrapper) and adapter_name in module.token_indices:
+            return True
+    return False
+
+
 def _check_model_and_config(model, config) -> None:
     """``config`` None: only the model is checked."""
     if not isinstance(model, nn.Module):
@@ -349,6 +367,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     prefix = "lora_"
 
     def __init__(self, model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> None:
+        if not _holds_adapter(model, adapter_name):  # PEFT's constructor adapts the model itself; this one wraps
+            raise TypeError(f"PeftModel(model, config) wraps a model whose layers already hold adapter "
+                            f"{adapter_name!r}, and this one holds none: adapt it with "
+                            f"fastlora.get_peft_model(model, config), or load a saved adapter with "
+                            f"PeftModel.from_pretrained(model, path)")
         nn.Module.__init__(self)  # not super(): a subclass may add PEFT's PeftModel behind this class
         self.base_model = LoraTuner(model, self)
         self._peft_config: dict[str, LoraConfig] = {adapter_name: config}
@@ -605,8 +628,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             self.unmerge_adapter()
         for _, layer in self.lora_layers():
             layer.set_adapter(adapter_names)
-        for _, wrapper in self.wrappers():  # the active adapter holding a copy, else the original module
-            wrapper.set_adapter(next((n for n in adapter_names if n in wrapper.modules_to_save), adapter_names[0]))
+        for _, wrapper in self.wrappers():
+            wrapper.set_adapter(_wrapper_adapter(wrapper, adapter_names))
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(adapter_names)
         for name in self.peft_config:
@@ -622,6 +645,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"Adapter {unknown[0]} not found; this model has {list(self.peft_config)}")
+        for _, tokens in self.token_wrappers():  # overlapping trained rows have no defined result: said now
+            tokens._held(names)
         for wrapper_name, wrapper in self.wrappers():  # one copy of a module serves a forward (PEFT's check)
             held = [n for n in names if n in wrapper.modules_to_save]
             if len(held) > 1:
@@ -833,7 +858,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             layer.set_adapter(self._active_adapters)  # a layer new to the model points at the model's adapters
             layer.adapter_enabled = self.adapters_enabled
         for _, wrapper in self.wrappers():
-            wrapper.set_adapter(self._active_adapter)
+            wrapper.set_adapter(_wrapper_adapter(wrapper, self._active_adapters))
             wrapper.adapter_enabled = self.adapters_enabled
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(self._active_adapters)

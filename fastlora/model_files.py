@@ -534,13 +534,15 @@ def _lookup(state_dict: dict[str, torch.Tensor], param_name: str, adapter_name: 
     )
 
 
-def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, **hub_kwargs) -> dict[str, torch.Tensor]:
+def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None, key_mapping: Optional[dict] = None,
+                      **hub_kwargs) -> dict[str, torch.Tensor]:
     """An adapter file's tensors under PEFT's file keys, as :func:`set_peft_model_state_dict` takes them.
 
     Args:
         model_id (str | PathLike): a directory holding ``adapter_model.safetensors`` (or ``adapter_model.bin``), or
             a Hub repository id.
         device (str | None): where to put the tensors; None: CUDA where available, else the CPU (PEFT's choice).
+        key_mapping (dict | None): PEFT's renaming of keys; only None (renaming keys is not supported).
         hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``subfolder``, ... for the Hub.
 
     Returns a dict of file keys to tensors.
@@ -552,6 +554,9 @@ def load_peft_weights(model_id: str | os.PathLike, device: Optional[str] = None,
         >>> tensors = load_peft_weights("path/to/adapter", device="cpu")  # doctest: +SKIP
         >>> set_peft_model_state_dict(model, tensors, adapter_name="other")  # doctest: +SKIP
     """
+    if key_mapping:
+        raise NotImplementedError("load_peft_weights(key_mapping=...): renaming an adapter file's keys is not "
+                                  "supported by fastlora")
     tensors = peft_format.read_weights(model_id, **_hub_kwargs(hub_kwargs, "load_peft_weights"))
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return {key: tensor.to(device) for key, tensor in tensors.items()}

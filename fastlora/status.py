@@ -3,8 +3,9 @@ model's in one summary (:func:`get_model_status`), with PEFT's fields, so that a
 state (adapters active, merged or trainable in some layers only) shows as "irregular".
 
 A layer is a LoRA layer (``LoRALinear`` and its kinds), a ``modules_to_save`` wrapper, or a table with trainable
-token rows (its owner; a tied head shares its rows); names are PEFT's (``model.<path>``, the trainable-token layer
-as ``<path>.token_adapter``).
+token rows (and a head tied to it, sharing them); names are PEFT's (``model.<path>``, the trainable-token layer
+as ``<path>.token_adapter``).  One difference: a bitsandbytes layer names its quantization backend ("bnb 4bit",
+"bnb 8bit"), where PEFT 0.21's bitsandbytes LoRA layers report None.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _layer_parts(module: nn.Module):
         active = [module.active_adapter] if module.active_adapter in module.modules_to_save else []
         return ("", "ModulesToSaveWrapper", module.adapter_enabled, active, [],
                 {n: list(copy.parameters()) for n, copy in module.modules_to_save.items()}, None)
-    if isinstance(module, TrainableTokensWrapper) and not module.is_tied:
+    if isinstance(module, TrainableTokensWrapper):  # a tied head's shares its owner's rows, listed as PEFT lists it
         return (".token_adapter", "TrainableTokensLayer", module.adapter_enabled,
                 [n for n in module.active_adapters if n in module.token_indices],
                 list(module.merged_adapters), {n: [module.delta(n)] for n in module.adapter_names}, None)

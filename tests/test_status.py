@@ -25,8 +25,7 @@ def _as_peft(status):
     """A status as a dict, with the LoRA layer's type under PEFT's name."""
     out = dataclasses.asdict(status)
     if "module_type" in out:
-        out["module_type"] = {"LoRALinear": "lora.Linear", "LoRAQuantizedLinear": "lora.Linear4bit"}.get(
-            out["module_type"], out["module_type"])
+        out["module_type"] = {"LoRALinear": "lora.Linear"}.get(out["module_type"], out["module_type"])
     return out
 
 
@@ -147,3 +146,44 @@ def test_an_adapter_with_a_saved_module_is_active_beside_others_as_in_peft():
                                                                       modules_to_save=["lm_head"]))
         with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
             model.base_model.set_adapter(["default", "third"])
+
+
+def test_a_tied_heads_token_layer_is_listed_as_peft_lists_it():
+    theirs, ours = _pair(tiny_llama(tie_word_embeddings=True), modules_to_save=None)
+    assert ours.get_model_status().num_adapter_layers == 6  # 4 LoRA layers, the table and its tied head
+    _same_status(theirs, ours)
+
+
+def test_the_active_copy_stays_in_use_when_an_adapter_is_added(tmp_path):
+    """set_adapter([a, b]) with b holding the head's copy, then add_adapter / load_adapter: the head is still b's
+    copy, as in PEFT (it went back to the original module)."""
+    base = tiny_llama()
+    theirs, ours = _pair(base, modules_to_save=None, trainable_token_indices=None)
+    ids = tokens()
+    for model in (theirs, ours):
+        config = type(model.peft_config["default"])
+        model.add_adapter("b", config(target_modules=["v_proj"], r=2, modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            model.base_model.model.lm_head.modules_to_save["b"].weight.add_(0.1)
+        model.base_model.set_adapter(["default", "b"])
+    theirs.save_pretrained(tmp_path)
+    for model in (theirs, ours):
+        model.add_adapter("c", type(model.peft_config["default"])(target_modules=["q_proj"], r=2))
+        model.load_adapter(str(tmp_path), adapter_name="d")
+    from tests.models import copy_lora_weights
+    copy_lora_weights(theirs, ours)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+    assert [s.active_adapters for s in ours.get_layer_status() if s.name == "model.lm_head"] == [["b"]]
+
+
+def test_misuses_are_said_clearly(tmp_path):
+    with pytest.raises(TypeError, match="adapt it with fastlora.get_peft_model"):
+        fastlora.PeftModelForCausalLM(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"]))
+    _, ours = _pair(tiny_llama(), modules_to_save=None)
+    ours.add_adapter("b", fastlora.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[2, 5]))
+    with pytest.raises(ValueError, match="Only disjunct token indices are currently supported"):
+        ours.base_model.set_adapter(["default", "b"])
+    assert ours.active_adapters == ["default"]
+    ours.save_pretrained(tmp_path)
+    assert fastlora.load_peft_weights(tmp_path, device="cpu", key_mapping=None).keys()

@@ -463,9 +463,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if any(layer.merged for _, layer in self.lora_layers()):
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                              "`unmerge_adapter` first.")
-        if any(True for _ in self.token_wrappers()):
-            raise NotImplementedError("adapter_names with trainable_token_indices: a mixed batch over their per-adapter "
-                                      "token rows is not supported by fastlora")
+        tokens = [wrapper for _, wrapper in self.token_wrappers()]
+        if any(wrapper.merged_adapters for wrapper in tokens):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         wrappers = [wrapper for _, wrapper in self.wrappers()]
         odd = sorted({type(w.original_module).__name__ for w in wrappers
                       if not isinstance(w.original_module, MIXED_BATCH_MODULES)})
@@ -489,14 +490,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for layer in layers:
             layer.row_adapters = rows
             layer.row_count = len(names)
-        for wrapper in wrappers:
+        for wrapper in [*wrappers, *tokens]:
             wrapper.use_rows({name: index for name, index in groups.items() if name != "__base__"}, len(names))
         try:
             yield
         finally:
             for layer in layers:
                 layer.row_adapters = layer.row_count = None
-            for wrapper in wrappers:
+            for wrapper in [*wrappers, *tokens]:
                 wrapper.use_rows(None)
 
     # ---- what PEFT users read ---------------------------------------------------------------------

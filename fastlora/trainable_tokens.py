@@ -115,8 +115,46 @@ class TrainableTokensWrapper(nn.Module):
     def _applied(self) -> list[str]:
         return self._held(self.active_adapters) if self.adapter_enabled and not self.merged_adapters else []
 
+    # A mixed batch's rows, set by PeftModel around a call with ``adapter_names=[...]`` (:meth:`use_rows`): the
+    # adapter whose trained rows each group of batch rows reads (None: the table as it is) and the number of rows.
+    row_groups: dict[str | None, Tensor] | None = None
+    row_count: int | None = None
+
+    def use_rows(self, row_adapters: dict[str, list[int]] | None, row_count: int | None = None) -> None:
+        """Take a mixed batch's rows (adapter name → its batch rows; the others, ``"__base__"``'s or an adapter's
+        without token rows here, read the table as it is), or drop them (None)."""
+        if row_adapters is None:
+            self.row_groups = self.row_count = None
+            return
+        groups = {name: rows for name, rows in row_adapters.items() if name in self.owner.token_indices}
+        taken = {row for rows in groups.values() for row in rows}
+        others = [row for row in range(row_count) if row not in taken]
+        self.row_groups = {name: torch.tensor(rows) for name, rows in ({**groups, None: others}).items() if rows}
+        self.row_count = row_count
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        names = self._applied()
+        if self.row_groups is not None and self.adapter_enabled:
+            return self._mixed_batch_forward(x, *args, **kwargs)
+        return self._forward_with(self._applied(), x, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """PEFT's mixed batch: each group of batch rows (dim 0) through the table with its adapter's trained rows in
+        place (the others through the table as it is); each adapter's rows get gradient from its own batch rows."""
+        if self.row_count is not None and x.shape[0] != self.row_count:
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{self.row_count} and {x.shape[0]} respectively.")
+        if len(self.row_groups) == 1:
+            (name,) = self.row_groups
+            return self._forward_with([] if name is None else [name], x, *args, **kwargs)
+        outputs = [(rows.to(x.device), self._forward_with([] if name is None else [name], x[rows.to(x.device)], *args,
+                                                         **kwargs)) for name, rows in self.row_groups.items()]
+        first = outputs[0][1]
+        result = first.new_empty((x.shape[0], *first.shape[1:]))
+        for rows, out in outputs:
+            result[rows] = out
+        return result
+
+    def _forward_with(self, names: list[str], x: Tensor, *args, **kwargs) -> Tensor:
         if not names:
             return self.base_layer(x, *args, **kwargs)
         weight, base = self.weight_with_rows(names), self.base_layer

@@ -151,3 +151,44 @@ def test_the_wrapped_tables_weight_is_peft_s(tied):
             assert torch.equal(getattr(ours, getter)().weight, getattr(theirs, getter)().weight)
             assert torch.equal(getattr(ours, getter)().weight, base.model.embed_tokens.weight)
     assert ours.get_input_embeddings().num_embeddings == 128
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_mixed_batch_reads_each_rows_adapter_tokens_as_peft(tied):
+    """adapter_names=[...] with two adapters' trained rows (and "__base__" rows): each batch row reads its adapter's
+    rows, as PEFT's mixed batch computes it; each adapter's rows get gradient from its own batch rows only."""
+    base = tiny_llama(tie_word_embeddings=tied)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=["q_proj"], r=4,
+                                                              trainable_token_indices=[3, 7]))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=["q_proj"], r=4,
+                                                                    trainable_token_indices=[3, 7]))
+    for model in (theirs, ours):
+        model.add_adapter("b", type(model.peft_config["default"])(target_modules=["q_proj"], r=4,
+                                                                  trainable_token_indices=[5, 9]))
+    copy_lora_weights(theirs, ours)
+    with torch.no_grad():
+        for name, shift in (("default", 1.0), ("b", -0.5)):
+            theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta[name].add_(shift)
+            ours.base_model.model.model.embed_tokens.delta(name).add_(shift)
+    ids = torch.tensor([[3, 5, 7, 9, 1], [9, 7, 5, 3, 2], [3, 9, 4, 5, 7]])
+    names = ["default", "b", "__base__"]
+    theirs.eval(), ours.eval()  # PEFT takes adapter_names in eval mode only (its gradients are computed all the same)
+    got = ours(input_ids=ids, adapter_names=names).logits
+    expected = theirs(input_ids=ids, adapter_names=names).logits
+    assert_close(got, expected, kind="same_math")
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for name in ("default", "b"):
+        their_grad = theirs.base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta[name].grad
+        our_grad = ours.base_model.model.model.embed_tokens.delta(name).grad
+        if their_grad is None:
+            assert our_grad is None or not our_grad.any()
+        else:
+            assert_close(our_grad, their_grad, kind="same_math_max")
+    with torch.no_grad():  # one row per adapter, each as a forward with that adapter alone
+        for row, name in enumerate(names):
+            ours.base_model.set_adapter("default" if name == "__base__" else name)
+            context = ours.disable_adapter() if name == "__base__" else torch.no_grad()
+            with context:
+                alone = ours(input_ids=ids[row:row + 1]).logits
+            assert_close(got[row:row + 1].detach(), alone, kind="same_math")

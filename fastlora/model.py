@@ -31,7 +31,7 @@ from fastlora.status import get_layer_status, get_model_status
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.targets import (
     output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
-    warn_order_dependent_patterns, with_task_heads,
+    warn_order_dependent_patterns, with_all_linear_named, with_task_heads,
 )
 
 __all__ = ["get_peft_model", "PeftModel", "LoraModel", "LoraTuner"]
@@ -250,7 +250,7 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
            plan: tuple[list[str], list[str]]) -> tuple["PeftModel", Callable[[], None]]:
     """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
-    config = settle_fan_in_fan_out(model, config, targets)
+    config = with_all_linear_named(settle_fan_in_fan_out(model, config, targets), targets)
     warn_order_dependent_patterns(config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
     try:
@@ -851,7 +851,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
                      autocast_adapter_dtype: bool) -> Callable[[], None]:
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
-        config = settle_fan_in_fan_out(self.get_base_model(), config, targets)
+        config = with_all_linear_named(settle_fan_in_fan_out(self.get_base_model(), config, targets), targets)
         undo_inject = _inject(self.get_base_model(), config, adapter_name, targets, to_save,
                               autocast_adapter_dtype and config.autocast_adapter_dtype)
         self.peft_config[adapter_name] = config

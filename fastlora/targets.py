@@ -197,6 +197,15 @@ def _warn_fused_experts(model: nn.Module) -> None:
             f"them", UserWarning, stacklevel=4)
 
 
+def with_all_linear_named(config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """``config``, its ``target_modules="all-linear"`` replaced by the names of the modules it adapted, as PEFT
+    records it (in ``peft_config`` and in the saved ``adapter_config.json``)."""
+    modules = config.target_modules
+    if isinstance(modules, str) and modules.lower() == "all-linear" and targets:
+        return config.replace(target_modules=sorted(targets))
+    return config
+
+
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
     """``config`` with ``fan_in_fan_out`` as adapting ``targets`` leaves it in PEFT: visiting the targets in order,
     a Conv1D (weight stored in × out) sets it True and a Linear sets it False, each with PEFT's warning when it

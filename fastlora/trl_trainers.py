@@ -14,13 +14,16 @@ copy it).  Given a ``peft.PeftConfig`` (or none), a trainer here is TRL's own, b
     from fastlora import LoraConfig                 # was: from peft import LoraConfig
     from fastlora.trl_trainers import SFTTrainer    # was: from trl import SFTTrainer
 
-Nothing in TRL or PEFT is modified.  TRL's chat-template cloning (``chat_template_path``) adds tokens after the
+TRL's ``disable_dropout`` (on by default for DPO) reaches fastlora's LoRA dropout too: TRL zeroes ``nn.Dropout``
+modules, and fastlora keeps each adapter's rate in its layers, which the trainers here set to 0.  Nothing in TRL
+or PEFT is modified.  TRL's chat-template cloning (``chat_template_path``) adds tokens after the
 model is built and makes their rows trainable by editing the PEFT config it is given: with fastlora's config it
 is refused (give ``trainable_token_indices`` in the config and set the tokenizer's chat template yourself).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import warnings
@@ -83,6 +86,16 @@ def _copy_into_a_new_reference_adapter(model: PeftModel, adapters_before: set[st
         model.load_adapter_tensors(model.adapter_tensors("default", None, False), "ref", False)
 
 
+def _disable_lora_dropout(model) -> None:
+    """TRL's ``disable_dropout`` (DPO's default) sets ``p = 0`` on every ``nn.Dropout``, PEFT's LoRA dropout
+    included; fastlora's LoRA dropout is each adapter's rate, which is set to 0 here likewise (the configs keep
+    their value, as PEFT's do)."""
+    for _, layer in getattr(model, "lora_layers", lambda: [])():
+        for name, settings in list(layer.adapter_settings.items()):
+            if settings.lora_dropout:
+                layer.adapter_settings[name] = dataclasses.replace(settings, lora_dropout=0.0)
+
+
 def with_fastlora_lora(trainer_class: type) -> type:
     """``trainer_class`` (a TRL trainer whose constructor takes ``model`` and ``peft_config``) taking fastlora's
     :class:`fastlora.LoraConfig` as ``peft_config``; every other argument is the TRL trainer's own."""
@@ -101,6 +114,8 @@ def with_fastlora_lora(trainer_class: type) -> type:
             trainer_class.__init__(*bound.args, **bound.kwargs)
         if adapters_before is not None:
             _copy_into_a_new_reference_adapter(model, adapters_before)
+        if getattr(bound.arguments.get("args"), "disable_dropout", False):
+            _disable_lora_dropout(self.model)
 
     __init__.__signature__ = signature
     __init__.__doc__ = trainer_class.__init__.__doc__

@@ -452,3 +452,16 @@ def test_a_pickled_model_loads_in_a_fresh_process(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "PeftCompatibleLoraModel (2, 4)"
+
+
+def test_all_linear_is_recorded_as_the_modules_it_adapted_as_peft_records_it(tmp_path):
+    base = tiny_llama()
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules="all-linear", r=4))
+    fm = get_peft_model(clone(base), LoraConfig(target_modules="all-linear", r=4))
+    assert fm.peft_config["default"].target_modules == sorted(pm.peft_config["default"].target_modules)
+    pm.save_pretrained(tmp_path / "peft")
+    fm.save_pretrained(tmp_path / "ours")
+    saved = [json.loads((tmp_path / d / CONFIG_NAME).read_text())["target_modules"] for d in ("peft", "ours")]
+    assert sorted(saved[0]) == saved[1] and "lm_head" not in saved[1] and len(saved[1]) == 14
+    loaded = LoraModel.from_pretrained(clone(base), tmp_path / "ours")
+    assert sorted(name for name, _ in loaded.lora_layers()) == saved[1]

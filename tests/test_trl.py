@@ -133,9 +133,11 @@ def test_the_saved_folder_is_an_adapter_folder(tmp_path):
     assert not any(f.startswith("model") for f in files)
 
 
-def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path, dropout):
     """DPOTrainer: given fastlora's config it trains fastlora's layers, and three steps' losses equal those of the
-    run under PEFT's config from the same initial adapter.  TRL handles the adapted model it is handed as any PEFT
+    run under PEFT's config from the same initial adapter (with LoRA dropout too: DPO's disable_dropout turns it
+    off in both).  TRL handles the adapted model it is handed as any PEFT
     model, keeping a reference copy of the initial adapter ("ref"); with PEFT's config it disables the adapter
     for the reference instead: the same reference while B starts at zero, as it does by default."""
     g = torch.Generator().manual_seed(0)
@@ -146,8 +148,9 @@ def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path):
     data = datasets.Dataset.from_dict({"prompt": [words(6) for _ in range(8)], "chosen": [words(4) for _ in range(8)],
                                        "rejected": [words(4) for _ in range(8)]})
     trainers = {}
-    for name, trainer_class, config in (("peft", trl.DPOTrainer, peft.LoraConfig(**CONFIG)),
-                                        ("fastlora", trl_trainers.DPOTrainer, fastlora.LoraConfig(**CONFIG))):
+    settings = {**CONFIG, "lora_dropout": dropout}
+    for name, trainer_class, config in (("peft", trl.DPOTrainer, peft.LoraConfig(**settings)),
+                                        ("fastlora", trl_trainers.DPOTrainer, fastlora.LoraConfig(**settings))):
         args = trl.DPOConfig(output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, logging_steps=1, bf16=False, report_to=[], save_strategy="no",
                              max_length=16, seed=3)

@@ -91,9 +91,8 @@ class LoRAEmbedding(LoRALinear):
         if init_lora_weights is not False:
             A.zero_()
             nn.init.normal_(B)
-        rounding = self._factor_rounding_dtype()
-        lora_A.copy_(A.to(rounding))
-        lora_B.copy_(B.to(rounding))
+        self._hold(lora_A, A)
+        self._hold(lora_B, B)
 
     def base_weight(self) -> Tensor:
         return self.weight.t()

@@ -362,10 +362,9 @@ class LoRALinear(nn.Linear):
         bias = self.lora_bias(name)
         values = _peft_draws(lora_A.shape, lora_B.shape, bias is not None, init_lora_weights,
                              self.adapter_settings[name].r)
-        rounding = self._factor_rounding_dtype()
         for param, value in zip((lora_A, lora_B, bias), values):
             if param is not None:
-                param.copy_(value.to(rounding) if rounding is not None else value)
+                self._hold(param, value)
         if is_weight_init(init_lora_weights):
             self.init_from_weight(init_lora_weights, name, loftq_config)
         else:
@@ -409,6 +408,12 @@ class LoRALinear(nn.Linear):
         weight's); None: none."""
         return self.weight.dtype
 
+    def _hold(self, param: Tensor, value: Tensor) -> None:
+        """Copy a new adapter value into its parameter as PEFT holds it: rounded to :meth:`_factor_rounding_dtype`
+        first, then in the parameter's own dtype."""
+        rounding = self._factor_rounding_dtype()
+        param.copy_(value.to(rounding) if rounding is not None else value)
+
     def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None) -> None:
         """PiSSA, OLoRA, LoftQ or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds them:
         rounded to a floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the base
@@ -429,9 +434,8 @@ class LoRALinear(nn.Linear):
                     else olora_factors(weight, settings.r))
             self._store_base_weight(weight - (settings.scaling * B) @ A)
         lora_A, lora_B = self.lora_factors(name)
-        rounding = self._factor_rounding_dtype()
-        lora_A.copy_(A.to(rounding) if rounding is not None else A)
-        lora_B.copy_(B.to(rounding) if rounding is not None else B)
+        self._hold(lora_A, A)
+        self._hold(lora_B, B)
 
     # The active adapter's factors and settings, under the names a single-adapter layer has always had.
     @property

@@ -138,19 +138,19 @@ class AdapterFilesMixin:
         expected = peft_format.expected_tensors(model, config, targets, wrappers, name)
         aliases: dict[str, str] = {}
         quantized: dict[str, torch.Tensor] = {}
-        save_tables = save_embedding_layers is True
+        base = config.base_model_name_or_path or model.__dict__.get("name_or_path")
+        save_tables, resized = save_embedding_layers is True, None  # resized: the base's config read once, if at all
         if save_embedding_layers == "auto":  # PEFT's rule: the targeted tables, else the tables of a resized vocabulary
             if _names_an_embedding(config) and config.trainable_token_indices is None:
                 warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
                               "`target_modules`.", UserWarning, stacklevel=3)
                 save_tables = True
             else:
-                save_tables = vocabulary_resized(model, config.base_model_name_or_path
-                                                 or model.__dict__.get("name_or_path"))
+                save_tables = resized = vocabulary_resized(model, base)
         if save_tables and _names_an_embedding(config):
             left_out = untargeted_embeddings(model, targets)
-            if save_embedding_layers == "auto" and left_out and vocabulary_resized(
-                    model, config.base_model_name_or_path or model.__dict__.get("name_or_path"), announce=False):
+            if save_embedding_layers == "auto" and left_out and (
+                    resized if resized is not None else vocabulary_resized(model, base, announce=False)):
                 warnings.warn(f"the vocabulary was resized, and only the targeted embedding tables are saved (PEFT's "
                               f"rule): {left_out} keep the new tokens' rows of this model only; target them too, or "
                               f"train them whole (modules_to_save), for the adapter to carry them", UserWarning,
@@ -181,8 +181,7 @@ class AdapterFilesMixin:
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         given = {key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()}
-        tables, aliases = untargeted_tables(model, targets, wrappers, _trained_tokens(model, name))
-        tables.update(peft_format.embedding_tables(model, targets))
+        tables, aliases = _tables_a_file_may_hold(model, targets, wrappers, _trained_tokens(model, name))
         expected.update({key: value for key, value in tables.items() if key in given})
         given = {key: t for key, t in given.items() if key not in aliases}
         usable, mismatched = {}, []
@@ -488,9 +487,7 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
     tensors = peft_format.without_quantized_tables(model, targets, tensors, where)
-    tables = peft_format.embedding_tables(model, targets)
-    untargeted, table_aliases = untargeted_tables(model, targets, to_save, plan_trainable_tokens(model, config, targets))
-    tables.update(untargeted)
+    tables, table_aliases = _tables_a_file_may_hold(model, targets, to_save, plan_trainable_tokens(model, config, targets))
     check_vocabulary_size(tables, tensors, where)
     expected.update({k: v for k, v in tables.items() if k in tensors})
     tensors = peft_format.with_bias_spellings(expected, tensors)
@@ -498,6 +495,16 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
                **{alias: key for alias, key in table_aliases.items() if key in expected}}
     peft_format.check_tensors(expected, tensors, where, aliases)
     return expected, tensors
+
+
+def _tables_a_file_may_hold(model: nn.Module, targets: list[str], to_save: list[str],
+                            tokens) -> tuple[peft_format.Expected, dict[str, str]]:
+    """The embedding tables PEFT may save beside an adapter (targeted ones, or a resized vocabulary's), and the keys
+    PEFT writes as repeats of others: what a file read for this plan may hold besides the adapter's tensors."""
+    tables = peft_format.embedding_tables(model, targets)
+    untargeted, aliases = untargeted_tables(model, targets, to_save, tokens)
+    tables.update(untargeted)
+    return tables, aliases
 
 
 def _copy_values(model: nn.Module, expected: peft_format.Expected, tensors: dict[str, torch.Tensor],

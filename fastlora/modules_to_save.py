@@ -14,10 +14,35 @@ import functools
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModulesToSaveWrapper", "MIXED_BATCH_MODULES"]
+__all__ = ["ModulesToSaveWrapper", "MIXED_BATCH_MODULES", "mixed_batch_groups", "by_row_groups"]
 
 # The module kinds whose copies take a mixed batch (PEFT's list): dim 0 of their input is the batch's.
 MIXED_BATCH_MODULES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def mixed_batch_groups(row_adapters: dict[str, list[int]], held, row_count: int) -> dict[str | None, Tensor]:
+    """A mixed batch's rows as a wrapper takes them: adapter name → its batch rows, for the adapters in ``held``,
+    and None → every other row (``"__base__"``'s, and those of adapters the wrapper does not hold); no empty group.
+    Grouped on the host, once per call of the model rather than once per forward (generate calls it per token)."""
+    groups = {name: rows for name, rows in row_adapters.items() if name in held}
+    taken = {row for rows in groups.values() for row in rows}
+    others = [row for row in range(row_count) if row not in taken]
+    return {name: torch.tensor(rows) for name, rows in ({**groups, None: others}).items() if rows}
+
+
+def by_row_groups(x: Tensor, groups: dict[str | None, Tensor], compute) -> Tensor:
+    """``compute(name, x[rows])`` for each group of batch rows (dim 0), put back in the rows' order, in the dtype
+    the outputs promote to (as PEFT's stack of rows does); each group's parameters get gradient from its own rows."""
+    outputs = []
+    for name, rows in groups.items():
+        rows = rows.to(x.device, non_blocking=True)
+        outputs.append((rows, compute(name, x[rows])))
+    first = outputs[0][1]
+    dtype = functools.reduce(torch.promote_types, (out.dtype for _, out in outputs))
+    result = first.new_empty((x.shape[0], *first.shape[1:]), dtype=dtype)
+    for rows, out in outputs:
+        result[rows] = out.to(dtype)
+    return result
 
 
 class ModulesToSaveWrapper(nn.Module):
@@ -53,15 +78,11 @@ class ModulesToSaveWrapper(nn.Module):
 
     def use_rows(self, row_adapters: dict[str, list[int]] | None, row_count: int | None = None) -> None:
         """Take a mixed batch's rows (``row_adapters``: adapter name → its rows; the others, ``"__base__"``'s, go
-        through the original, and so do an adapter's that has no copy here), or drop them (None).  Grouped here,
-        on the host, once per call of the model rather than once per forward (generate calls it per token)."""
+        through the original, and so do an adapter's that has no copy here), or drop them (None)."""
         if row_adapters is None:
             self.row_groups = self.row_count = None
             return
-        groups = {name: rows for name, rows in row_adapters.items() if name in self.modules_to_save}
-        taken = {row for rows in groups.values() for row in rows}
-        others = [row for row in range(row_count) if row not in taken]
-        self.row_groups = {name: torch.tensor(rows) for name, rows in ({**groups, None: others}).items() if rows}
+        self.row_groups = mixed_batch_groups(row_adapters, self.modules_to_save, row_count)
         self.row_count = row_count
 
     def forward(self, *args, **kwargs):
@@ -84,17 +105,8 @@ class ModulesToSaveWrapper(nn.Module):
         if len(self.row_groups) == 1:  # one copy takes every row
             (name,) = self.row_groups
             return self.modules_to_save[name](*args, **kwargs)
-        outputs = {}
-        for name, rows in self.row_groups.items():
-            rows = rows.to(x.device, non_blocking=True)
-            module = self.original_module if name is None else self.modules_to_save[name]
-            outputs[name] = (rows, module(x[rows], *args[1:], **kwargs))
-        first = next(iter(outputs.values()))[1]
-        dtype = functools.reduce(torch.promote_types, (out.dtype for _, out in outputs.values()))
-        result = first.new_empty((x.shape[0], *first.shape[1:]), dtype=dtype)
-        for rows, out in outputs.values():
-            result[rows] = out.to(dtype)
-        return result
+        return by_row_groups(x, self.row_groups, lambda name, rows: (
+            self.original_module if name is None else self.modules_to_save[name])(rows, *args[1:], **kwargs))
 
     def __getattr__(self, name: str):
         try:

@@ -34,7 +34,7 @@ from fastlora.quantized import is_bnb_linear
 from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, parameter_sizes, plan_parameter_targets
 
 __all__ = [
-    "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_tables", "peft_bias_aliases",
+    "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_modules", "embedding_tables", "peft_bias_aliases",
     "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter", "read_weights",
 ]
 
@@ -112,18 +112,31 @@ def _owner_and_parameter(model: nn.Module, target: ParameterTarget) -> tuple[nn.
     return owner, getattr(owner, target.parameter)
 
 
+def embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the model's input and output embeddings, each module once."""
+    found: list[tuple[str, nn.Module]] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            module = get() if callable(get) else None
+        except (AttributeError, NotImplementedError, TypeError):
+            module = None
+        if module is None or any(module is m for _, m in found):
+            continue
+        name = next((n for n, m in model.named_modules() if m is module), None)
+        if name:
+            found.append((name, module))
+    return found
+
+
+
 def _targeted_tables(model: nn.Module, targets: list[str]):
     """(name, module, the layer holding the table's weight: the module or its base layer) of each target that is
     the model's input or output embeddings (an embedding table, a Linear head)."""
-    embeddings = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            embeddings.append(getattr(model, getter)())
-        except (AttributeError, NotImplementedError, TypeError):
-            continue
+    embeddings = [module for _, module in embedding_modules(model)]
     for name in targets:
         module = model.get_submodule(name)
-        if any(module is e for e in embeddings if e is not None):
+        if any(module is e for e in embeddings):
             yield name, module, getattr(module, "base_layer", module) if is_adapted(module) else module
 
 

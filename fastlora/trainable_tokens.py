@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastlora.modules_to_save import by_row_groups, mixed_batch_groups
+
 __all__ = ["TrainableTokensWrapper"]
 
 
@@ -126,10 +128,7 @@ class TrainableTokensWrapper(nn.Module):
         if row_adapters is None:
             self.row_groups = self.row_count = None
             return
-        groups = {name: rows for name, rows in row_adapters.items() if name in self.owner.token_indices}
-        taken = {row for rows in groups.values() for row in rows}
-        others = [row for row in range(row_count) if row not in taken]
-        self.row_groups = {name: torch.tensor(rows) for name, rows in ({**groups, None: others}).items() if rows}
+        self.row_groups = mixed_batch_groups(row_adapters, self.owner.token_indices, row_count)
         self.row_count = row_count
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
@@ -146,13 +145,8 @@ class TrainableTokensWrapper(nn.Module):
         if len(self.row_groups) == 1:
             (name,) = self.row_groups
             return self._forward_with([] if name is None else [name], x, *args, **kwargs)
-        outputs = [(rows.to(x.device), self._forward_with([] if name is None else [name], x[rows.to(x.device)], *args,
-                                                         **kwargs)) for name, rows in self.row_groups.items()]
-        first = outputs[0][1]
-        result = first.new_empty((x.shape[0], *first.shape[1:]))
-        for rows, out in outputs:
-            result[rows] = out
-        return result
+        return by_row_groups(x, self.row_groups, lambda name, rows: self._forward_with(
+            [] if name is None else [name], rows, *args, **kwargs))
 
     def _forward_with(self, names: list[str], x: Tensor, *args, **kwargs) -> Tensor:
         if not names:

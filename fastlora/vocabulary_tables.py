@@ -31,7 +31,7 @@ from torch import nn
 
 from fastlora.base_kinds import is_adapted
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.peft_format import PREFIX, Expected, embedding_tables
+from fastlora.peft_format import PREFIX, Expected, embedding_modules, embedding_tables
 from fastlora.targets import output_head
 from fastlora.trainable_tokens import TrainableTokensWrapper
 
@@ -64,26 +64,9 @@ def vocabulary_resized(model: nn.Module, base_name_or_path: str | None, announce
     return True
 
 
-def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the model's input and output embeddings, each module once."""
-    found: list[tuple[str, nn.Module]] = []
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        get = getattr(model, getter, None)
-        try:
-            module = get() if callable(get) else None
-        except (AttributeError, NotImplementedError, TypeError):
-            module = None
-        if module is None or any(module is m for _, m in found):
-            continue
-        name = next((n for n, m in model.named_modules() if m is module), None)
-        if name:
-            found.append((name, module))
-    return found
-
-
 def untargeted_embeddings(model: nn.Module, targets: list[str]) -> list[str]:
     """The names of the model's input and output embeddings that are not LoRA targets."""
-    return [name for name, module in _embedding_modules(model) if name not in targets and not is_adapted(module)]
+    return [name for name, module in embedding_modules(model) if name not in targets and not is_adapted(module)]
 
 
 def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],
@@ -97,7 +80,7 @@ def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],
     head = output_head(model)
     owner_of_tied_head = next((n for n in tokens if head is not None and not isinstance(head, TrainableTokensWrapper)
                                and getattr(head, "weight", None) is _table(model.get_submodule(n))), None)
-    for name, module in _embedding_modules(model):
+    for name, module in embedding_modules(model):
         prefix = f"{PREFIX}{name}."
         if name in targets or is_adapted(module):
             tables.update(embedding_tables(model, [name]))

@@ -9,11 +9,13 @@ from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftMode
                            AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                            AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from fastlora.model_files import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
-from fastlora.config import LoftQConfig, LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
+from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
 from fastlora.functional import lora_linear
+from fastlora.init_configs import EvaConfig, LoftQConfig, LoraGAConfig
 from fastlora.kbit import prepare_model_for_kbit_training
 from fastlora.layer import LoraLayer, LoRALinear
 from fastlora.loftq import replace_lora_weights_loftq
+from fastlora.lora_ga import preprocess_loraga
 from fastlora.model import (LoraModel, PeftModel, PeftModelForCausalLM, PeftModelForFeatureExtraction,
                             PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM, PeftModelForSequenceClassification,
                             PeftModelForTokenClassification, get_peft_model)
@@ -31,5 +33,5 @@ __all__ = [
     "replace_lora_weights_loftq", "PeftType", "load_peft_weights", "cast_mixed_precision_params",
     "get_layer_status", "get_model_status", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
-    "PeftModelForFeatureExtraction",
+    "PeftModelForFeatureExtraction", "LoraGAConfig", "EvaConfig", "preprocess_loraga",
 ]

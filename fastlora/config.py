@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.files import atomic_write_text
+from fastlora.init_configs import checked_eva_config, checked_loftq_config, checked_lora_ga_config
 from fastlora.weight_inits import check_weight_init, is_weight_init
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
@@ -118,53 +119,9 @@ UNSUPPORTED_FEATURES = {
 }
 
 
-# Initialisations whose values come from a data-driven step PEFT runs after get_peft_model (initialize_lora_eva_weights,
-# preprocess_loraga), which fastlora does not have: before it, PEFT's layers start as with True, and so do fastlora's.
+# Initialisations whose values come from a data-driven step: preprocess_loraga's gradients before get_peft_model
+# (without them, the layers start as with True, as PEFT's), and EVA's step after it.
 DATA_DRIVEN_INITS = ("eva", "lora_ga")
-
-
-@dataclass
-class LoftQConfig:
-    """LoftQ's settings for ``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``.
-
-    Args:
-        loftq_bits (int): quantize with 4 bits (NF4) or 8 (int8, per row).  Default 4.
-        loftq_iter (int): how many times quantization and the low-rank fit alternate.  Default 1.
-
-    PEFT equivalent: ``peft.LoftQConfig``.
-
-    Example:
-        >>> from fastlora import LoftQConfig, LoraConfig
-        >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="loftq",
-        ...                     loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=2))
-        >>> config.loftq_config
-        {'loftq_bits': 4, 'loftq_iter': 2}
-    """
-
-    loftq_bits: int = 4
-    loftq_iter: int = 1
-
-
-def _checked_loftq_config(init, value) -> dict:
-    """``loftq_config`` as a plain dict (PEFT's form in adapter_config.json): required by ``init_lora_weights="loftq"``
-    and checked; ignored with PEFT's warning otherwise."""
-    if isinstance(value, LoftQConfig):
-        value = dataclasses.asdict(value)
-    if init != "loftq":
-        if value:
-            warnings.warn("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.",
-                          UserWarning, stacklevel=5)
-        return {}
-    if not value:
-        raise ValueError("`loftq_config` must be specified when `init_lora_weights` is 'loftq'.")
-    if not isinstance(value, dict) or set(value) - {"loftq_bits", "loftq_iter"}:
-        raise ValueError(f"loftq_config must be a LoftQConfig or a dict of loftq_bits and loftq_iter, got {value!r}")
-    checked = {"loftq_bits": value.get("loftq_bits", 4), "loftq_iter": value.get("loftq_iter", 1)}
-    if checked["loftq_bits"] not in (4, 8) or isinstance(checked["loftq_bits"], bool):
-        raise ValueError(f"loftq_config: loftq_bits must be 4 (NF4) or 8 (int8), got {checked['loftq_bits']!r}")
-    if not isinstance(checked["loftq_iter"], int) or isinstance(checked["loftq_iter"], bool) or checked["loftq_iter"] < 1:
-        raise ValueError(f"loftq_config: loftq_iter must be an integer >= 1, got {checked['loftq_iter']!r}")
-    return checked
 
 
 def _is_off(name: str, value: Any) -> bool:
@@ -232,11 +189,13 @@ class LoraConfig:
             :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT
             (LoftQ refused there).  PEFT's other initialisations raise :class:`UnsupportedFeatureError`.
             Default True.
-        eva_config (dict | None): kept as given.  ``init_lora_weights="eva"`` starts as True (PEFT's layers too,
-            before PEFT's data-driven step ``initialize_lora_eva_weights``, which fastlora does not provide), so
-            trained EVA adapters' files load.
-        lora_ga_config (dict | None): kept as given; ``init_lora_weights="lora_ga"`` starts as True likewise
-            (PEFT's ``preprocess_loraga`` is not provided).
+        eva_config (EvaConfig | dict | None): EVA's settings, kept as a dict (PEFT's defaults, with its warning,
+            where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts as True (PEFT's layers
+            too, before PEFT's data-driven step ``initialize_lora_eva_weights``, which fastlora does not provide),
+            so trained EVA adapters' files load.
+        lora_ga_config (LoraGAConfig | dict | None): LoRA-GA's settings, kept as a dict; required where a target
+            holds the gradient :func:`fastlora.preprocess_loraga` estimated.  ``init_lora_weights="lora_ga"``
+            starts each such layer from that gradient (:mod:`fastlora.weight_inits`), the others as True.
         loftq_config (LoftQConfig | dict): ``init_lora_weights="loftq"``'s settings (``loftq_bits`` 4 or 8,
             ``loftq_iter``), required there and ignored (with a warning) otherwise; kept as a dict.  Default {}.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
@@ -394,11 +353,9 @@ class LoraConfig:
                              f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'eva' or 'lora_ga'")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
-        put("loftq_config", _checked_loftq_config(init, self.loftq_config))
-        for name in ("eva_config", "lora_ga_config"):  # PEFT's config objects, kept as the dicts its files hold
-            value = getattr(self, name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
-                put(name, dataclasses.asdict(value))
+        put("loftq_config", checked_loftq_config(init, self.loftq_config))
+        put("lora_ga_config", checked_lora_ga_config(init, self.lora_ga_config))
+        put("eva_config", checked_eva_config(init, self.eva_config))
         if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
             value = self.target_parameters
             if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(

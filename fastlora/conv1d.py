@@ -45,6 +45,9 @@ class LoRAConv1D(LoRALinear):
     def base_weight(self) -> Tensor:
         return self.weight.t()
 
+    def _out_by_in(self, stored: Tensor) -> Tensor:
+        return stored.t()
+
     def _store_base_weight(self, weight: Tensor) -> None:
         self.weight.copy_(weight.t())
 

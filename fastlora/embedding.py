@@ -73,7 +73,8 @@ class LoRAEmbedding(LoRALinear):
 
     WEIGHT_INITS_CHANGE_BASE = False
 
-    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None) -> None:
+    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None,
+                         factors=None) -> None:
         """Nothing: an embedding keeps the default initialisation for those, as PEFT's embedding layer does."""
         self.check_weight_init(init, self.adapter_settings[adapter_name].r)
 

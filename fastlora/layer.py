@@ -24,8 +24,8 @@ from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
-from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, loftq_factors, olora_factors,
-                                   orthogonal_factors, pissa_factors)
+from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, loftq_factors, lora_ga_factors,
+                                   olora_factors, orthogonal_factors, pissa_factors, rank_limit)
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
@@ -374,15 +374,36 @@ class LoRALinear(nn.Linear):
     WEIGHT_INITS_CHANGE_BASE = True
 
     @torch.no_grad()
-    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None) -> None:
-        """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ or the orthogonal initialisation (B's bias 0,
-        a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`."""
+    def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None,
+                         factors: tuple[Tensor, Tensor] | None = None) -> None:
+        """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ, LoRA-GA or the orthogonal initialisation (B's
+        bias 0, a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`.  ``factors``: the (A, B)
+        :meth:`draw_init_factors` drew when the layer was built (required by "lora_ga")."""
         self.check_weight_init(init, self.adapter_settings[adapter_name].r)
-        self._init_from_weight(init, adapter_name, loftq_config)
+        self._init_from_weight(init, adapter_name, loftq_config, factors)
         bias = self.lora_bias(adapter_name)
         if bias is not None:
             nn.init.zeros_(bias)
         self._set_magnitude(adapter_name)
+
+    @torch.no_grad()
+    def draw_init_factors(self, init: str, adapter_name: str, gradient: Tensor | None = None,
+                          lora_ga_config: dict | None = None) -> tuple[Tensor, Tensor]:
+        """(A, B) in float32 of an initialisation that draws from the global random generator ("pissa_niter_<n>",
+        or "lora_ga" from ``gradient``, laid out as the stored weight, and ``lora_ga_config``), drawn now — PEFT
+        draws them as it builds each layer — and given to :meth:`init_from_weight` once every layer is built.
+        Nothing in the layer changes."""
+        settings = self.adapter_settings[adapter_name]
+        self.check_weight_init(init, settings.r)
+        if init != "lora_ga":
+            return pissa_factors(self.base_weight().to(torch.float32), settings.r, settings.scaling, init)
+        weight = self.base_weight().to(torch.float32) if lora_ga_config["scale"] == "weight_svd" else None
+        return lora_ga_factors(self._out_by_in(gradient).to(torch.float32), settings.r, settings.scaling,
+                               lora_ga_config, self.weight.shape[0], weight)
+
+    def _out_by_in(self, stored: Tensor) -> Tensor:
+        """A tensor laid out as the stored weight (a gradient of it), seen out × in as :meth:`base_weight`."""
+        return stored
 
     def _set_magnitude(self, name: str) -> None:
         magnitude = self.magnitude(name)
@@ -393,15 +414,15 @@ class LoRALinear(nn.Linear):
     def check_weight_init(self, init: str, r: int) -> None:
         """Raise where this layer cannot take the initialisation ``init`` (:mod:`fastlora.weight_inits`) at rank
         ``r``, before anything changes: a malformed name, an odd rank for "orthogonal", a weight on the meta device,
-        a rank beyond the weight's (PiSSA, OLoRA and LoftQ take r of its min(in, out) directions)."""
+        a rank beyond :func:`fastlora.weight_inits.rank_limit`."""
         check_weight_init(init, r)
         if self.weight.device.type == "meta":
             raise ValueError(f"init_lora_weights={init!r} reads the base weight, which is on the meta device: load "
                              f"the model's weights before adding the adapter")
-        if init != "orthogonal" and r > min(self.in_features, self.out_features):
+        limit = rank_limit(init, self.in_features, self.out_features)
+        if limit is not None and r > limit:
             raise ValueError(f"init_lora_weights={init!r} with r={r} on a layer of {self.in_features} → "
-                             f"{self.out_features} features: the rank can be at most "
-                             f"{min(self.in_features, self.out_features)} there")
+                             f"{self.out_features} features: the rank can be at most {limit} there")
 
     def _factor_rounding_dtype(self) -> torch.dtype | None:
         """The dtype PEFT moves a new adapter's factors to before ``autocast_adapter_dtype`` casts them (the base
@@ -414,11 +435,12 @@ class LoRALinear(nn.Linear):
         rounding = self._factor_rounding_dtype()
         param.copy_(value.to(rounding) if rounding is not None else value)
 
-    def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None) -> None:
-        """PiSSA, OLoRA, LoftQ or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds them:
-        rounded to a floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the base
-        weight, from the float32 factors (requantized where the base is quantized), so the layer's output is
-        unchanged; LoftQ leaves the quantized W."""
+    def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None,
+                          factors: tuple[Tensor, Tensor] | None = None) -> None:
+        """PiSSA, OLoRA, LoftQ, LoRA-GA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds
+        them: rounded to a floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the
+        base weight, from the float32 factors (requantized where the base is quantized), LoRA-GA W − scaling · (B A)
+        from the rounded factors, so the layer's output is unchanged; LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
         if init == "orthogonal":
             A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)
@@ -428,10 +450,21 @@ class LoRALinear(nn.Linear):
             quantized, A, B = loftq_factors(self.base_weight(), settings.r, loftq_config["loftq_bits"],
                                             loftq_config["loftq_iter"])
             self._store_base_weight(quantized)
+        elif init == "lora_ga":
+            if factors is None:
+                raise ValueError("init_lora_weights='lora_ga' takes the factors drawn from the estimated gradient "
+                                 "(draw_init_factors) when the layer is built")
+            A, B = factors
+            rounding = self._factor_rounding_dtype() or torch.float32
+            held_A, held_B = A.to(rounding).to(torch.float32), B.to(rounding).to(torch.float32)
+            self._store_base_weight(self.base_weight().to(torch.float32) - settings.scaling * (held_B @ held_A))
         else:
             weight = self.base_weight().to(torch.float32)
-            A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")
-                    else olora_factors(weight, settings.r))
+            if factors is not None:
+                A, B = factors
+            else:
+                A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")
+                        else olora_factors(weight, settings.r))
             self._store_base_weight(weight - (settings.scaling * B) @ A)
         lora_A, lora_B = self.lora_factors(name)
         self._hold(lora_A, A)

@@ -24,7 +24,8 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
 from fastlora.model_inits import init_from_weights, warn_of_a_data_driven_init
-from fastlora.weight_inits import is_weight_init
+from fastlora.lora_ga import GRADIENT_ATTRIBUTE, lora_ga_gradients
+from fastlora.weight_inits import draws_from_the_generator, is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.status import get_layer_status, get_model_status
@@ -102,21 +103,31 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for param, flag in flags.items():
             param.requires_grad_(flag)
 
-    # PiSSA, OLoRA and LoftQ change the base weights, which undo() cannot put back: the layers are built with the
-    # values PEFT's constructors draw (what "eva" leaves before its own step: A as drawn, B = 0), and take the
-    # initialisation once every other step has succeeded and every layer has accepted it
+    # PiSSA, OLoRA, LoftQ and LoRA-GA change the base weights, which undo() cannot put back: the layers are built
+    # with the values PEFT's constructors draw (what "eva" leaves before its own step: A as drawn, B = 0), and take
+    # the initialisation once every other step has succeeded and every layer has accepted it.  The factors that
+    # draw from the random generator are drawn as each layer is built, in PEFT's order of draws.
     init = config.init_lora_weights
-    weight_init = init if is_weight_init(init) and init != "orthogonal" else None
-    creation_init = "eva" if weight_init else init
+    gradients = lora_ga_gradients({name: originals[name] for name in targets}) if init == "lora_ga" else {}
+    if gradients and config.lora_ga_config is None:
+        raise ValueError("lora_ga_config must be provided when init_lora_weights='lora_ga'. Please pass "
+                         "lora_ga_config=LoraGAConfig(...) to LoraConfig.")
+    from_weights = list(gradients) if init == "lora_ga" else targets if is_weight_init(init) and init != "orthogonal" \
+        else []
+    drawn = {}
     try:
         for name in targets:
             module = originals[name]
             dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
+            creation_init = "eva" if name in gradients or (from_weights and init != "lora_ga") else init
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
                 _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, creation_init, dtype))
+            layer = model.get_submodule(name)
+            if name in from_weights and draws_from_the_generator(init) and layer.WEIGHT_INITS_CHANGE_BASE:
+                drawn[name] = layer.draw_init_factors(init, adapter_name, gradients.get(name), config.lora_ga_config)
         new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
                                             lambda weight: _adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
@@ -143,8 +154,10 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         if not isinstance(originals[name], LoRALinear):
             for param in originals[name].parameters(recurse=False):
                 param.requires_grad_(flags[param])
-    if weight_init:
-        init_from_weights(model, config, adapter_name, targets, undo)
+    if from_weights:
+        init_from_weights(model, config, adapter_name, from_weights, undo, drawn)
+    for name in gradients:  # used: PEFT drops it too
+        delattr(originals[name], GRADIENT_ATTRIBUTE)
     return undo
 
 
@@ -233,7 +246,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
     plan = _plan_new(model, config)
-    warn_of_a_data_driven_init(config)
+    warn_of_a_data_driven_init(config, [model.get_submodule(name) for name in plan[0]])
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
@@ -828,7 +841,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)
-        warn_of_a_data_driven_init(config, stacklevel=3)
+        warn_of_a_data_driven_init(config, [model.get_submodule(name) for name in targets], stacklevel=3)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
 
     def _check_not_merged(self, adapter_name: str) -> None:

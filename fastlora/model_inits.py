@@ -1,5 +1,5 @@
-"""The model-level steps of initialisations that read or change the base weights (PiSSA, OLoRA, LoftQ;
-:mod:`fastlora.weight_inits` has the math) or need a data-driven step fastlora does not have (EVA, LoRA-GA).
+"""The model-level steps of initialisations that read or change the base weights (PiSSA, OLoRA, LoftQ, LoRA-GA;
+:mod:`fastlora.weight_inits` has the math) or need a data-driven step (EVA, LoRA-GA).
 
 The layers are built first, with the values PEFT's constructors draw; :func:`init_from_weights` then checks that
 every layer accepts the initialisation before any base weight changes, so a refusal leaves the model as it was.
@@ -10,18 +10,20 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
-from fastlora.config import DATA_DRIVEN_INITS, LoraConfig
+from fastlora.config import LoraConfig
+from fastlora.lora_ga import lora_ga_gradients
 
 __all__ = ["init_from_weights", "warn_of_a_data_driven_init"]
 
 
 def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
-                       undo: Callable[[], None]) -> None:
-    """Give the new adapter's layers PiSSA, OLoRA or LoftQ factors, once every layer has accepted the initialisation
-    (else ``undo`` and raise, the model unchanged).  They change the base weights, which other adapters and modules
-    sharing a weight (a head tied to the embeddings) see too: said with a warning."""
+                       undo: Callable[[], None], drawn: dict[str, tuple[Tensor, Tensor]]) -> None:
+    """Give the new adapter's layers PiSSA, OLoRA, LoftQ or LoRA-GA factors (``drawn``: those drawn from the
+    random generator as the layers were built), once every layer has accepted the initialisation (else ``undo``
+    and raise, the model unchanged).  They change the base weights, which other adapters and modules sharing a
+    weight (a head tied to the embeddings) see too: said with a warning."""
     init = config.init_lora_weights
     layers = {name: model.get_submodule(name) for name in targets}
     try:
@@ -43,7 +45,8 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
     done = []
     try:
         for name, layer in layers.items():
-            layer.init_from_weight(init, adapter_name, loftq_config=config.loftq_config or None)
+            layer.init_from_weight(init, adapter_name, loftq_config=config.loftq_config or None,
+                                   factors=drawn.get(name))
             done.append(name)
     except BaseException as exc:
         undo()
@@ -65,10 +68,15 @@ def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
     return out
 
 
-def warn_of_a_data_driven_init(config: LoraConfig, stacklevel: int = 3) -> None:
-    """A new adapter (not one loaded from a file) whose initialisation needs PEFT's data-driven step."""
-    if config.init_lora_weights in DATA_DRIVEN_INITS:
-        warnings.warn(f"init_lora_weights={config.init_lora_weights!r}: the data-driven step that gives this "
-                      f"initialisation its values (PEFT's initialize_lora_eva_weights / preprocess_loraga) is not part "
-                      f"of fastlora; the adapter starts as PEFT's does before that step (B = 0)", UserWarning,
-                      stacklevel=stacklevel)
+def warn_of_a_data_driven_init(config: LoraConfig, modules: list[nn.Module], stacklevel: int = 3) -> None:
+    """A new adapter (not one loaded from a file) on ``modules`` whose initialisation needs a data-driven step
+    that has not run: LoRA-GA without any target holding :func:`fastlora.preprocess_loraga`'s gradient, EVA."""
+    init = config.init_lora_weights
+    if init == "lora_ga" and not lora_ga_gradients(dict(enumerate(modules))):
+        warnings.warn("init_lora_weights='lora_ga': no target layer holds the gradient preprocess_loraga(model, "
+                      "config, train_step) estimates (call it before get_peft_model); the adapter starts as "
+                      "init_lora_weights=True", UserWarning, stacklevel=stacklevel)
+    elif init == "eva":
+        warnings.warn("init_lora_weights='eva': the data-driven step that gives this initialisation its values "
+                      "(PEFT's initialize_lora_eva_weights) is not part of fastlora; the adapter starts as PEFT's does "
+                      "before that step (B = 0)", UserWarning, stacklevel=stacklevel)

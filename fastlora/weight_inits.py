@@ -14,6 +14,14 @@ PiSSA and OLoRA move the weight's principal part into the adapter, leaving the l
   Q = dequantize(quantize(W − B A)), then B A = the best rank-r approximation of W − Q (B = U_r √S_r,
   A = √S_r V_rᵀ, without the adapter's scaling, as PEFT); Q becomes the base weight, for the model to be saved and
   loaded quantized.
+- ``"lora_ga"`` (LoRA-GA, after :func:`fastlora.preprocess_loraga` estimated the full weight's gradient G,
+  out × in): G ≈ U S Vᵀ from torch's randomized ``svd_lowrank`` (q = min(4r, min(out, in)), 4 iterations, the
+  global random generator); A takes r rows of Vᵀ and B the matching scaled columns U S of another r of the 2r
+  leading directions (``direction``: "ArB2r" A the first r, B the next r; "A2rBr" the reverse; "ArBr" A the odd,
+  B the even; "random" r of the 2r drawn with ``randperm``), then B is scaled (``scale``: "stable" by
+  out^¼ / √γ; "weight_svd" by W's largest singular value over B's first; "gd_scale" A and B both divided by
+  the adapter's scaling; "unit" not at all).  The base weight keeps W − scaling · B A (the factors rounded to
+  W's dtype first), so the layer's output is unchanged.
 - ``"orthogonal"`` (r even): Q from the QR decomposition of an r × r normal matrix, its even rows Q₀ and odd rows
   Q₁ (orthonormal to each other); A = (G_A Q₀)ᵀ / 10 and B = G_Bᵀ Q₁ / 10 with normal G_A (in × r/2) and G_B
   (r/2 × out): B A = G_Bᵀ Q₁ Q₀ᵀ G_Aᵀ / 100 = 0, so the layer starts at the base output while neither factor is 0.
@@ -24,10 +32,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["WEIGHT_INITS", "is_weight_init", "check_weight_init", "pissa_factors", "olora_factors",
-           "orthogonal_factors", "loftq_factors", "quantization_error_factors"]
+__all__ = ["WEIGHT_INITS", "LORA_GA_DIRECTIONS", "LORA_GA_SCALES", "is_weight_init", "draws_from_the_generator",
+           "check_weight_init", "rank_limit", "pissa_factors", "olora_factors", "orthogonal_factors", "loftq_factors",
+           "quantization_error_factors", "lora_ga_factors"]
 
 WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq")
+LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
 
 def _pissa_iterations(init: str) -> int | None:
@@ -41,8 +52,15 @@ def _pissa_iterations(init: str) -> int | None:
 
 
 def is_weight_init(init) -> bool:
-    """Whether ``init`` names one of the initialisations this module computes."""
+    """Whether ``init`` names one of the initialisations this module computes from the weight alone ("lora_ga"
+    also needs the gradient :func:`fastlora.preprocess_loraga` estimates)."""
     return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal", "loftq"))
+
+
+def draws_from_the_generator(init) -> bool:
+    """Whether computing ``init``'s factors draws from the global random generator (a randomized SVD): PEFT draws
+    them as it builds each layer, between that layer's constructor draws and the next layer's."""
+    return isinstance(init, str) and (init.startswith("pissa_niter_") or init == "lora_ga")
 
 
 def check_weight_init(init, r: int) -> None:
@@ -51,6 +69,14 @@ def check_weight_init(init, r: int) -> None:
         _pissa_iterations(init)
     if init == "orthogonal" and r % 2:
         raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
+
+
+def rank_limit(init, in_features: int, out_features: int) -> int | None:
+    """The largest rank ``init`` can give a layer of these sizes: PiSSA, OLoRA and LoftQ take r of the weight's
+    min(in, out) directions, LoRA-GA 2r of the gradient's; None: no limit."""
+    if init == "lora_ga":
+        return min(in_features, out_features) // 2
+    return None if init == "orthogonal" else min(in_features, out_features)
 
 
 def pissa_factors(weight: Tensor, r: int, scaling: float, init: str) -> tuple[Tensor, Tensor]:
@@ -111,3 +137,34 @@ def loftq_factors(weight: Tensor, r: int, bits: int, iterations: int) -> tuple[T
         if step + 1 < iterations:
             remainder = weight - torch.mm(B, A)
     return quantized, A, B
+
+
+def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict, stable_rows: int,
+                    weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(A, B) of LoRA-GA from the estimated gradient (out × in, float32) and ``config`` (``direction``, ``scale``,
+    ``stable_gamma``; see the module docstring); ``stable_rows`` is the "out" of the stable scale (PEFT takes the
+    stored weight's first dimension: a transposed Conv1D weight's is its in_features); ``weight`` (out × in,
+    float32) is read by ``scale="weight_svd"`` only.  Draws from the global random generator on the gradient's
+    device."""
+    U, S, V = torch.svd_lowrank(gradient, q=min(4 * r, min(gradient.shape)), niter=4)
+    U, S, Vh = U[:, :2 * r], S[:2 * r], V.t()[:2 * r]
+    direction = config["direction"]
+    if direction == "random":
+        picked = torch.randperm(2 * r)[:r]
+        a_rows = b_columns = picked
+    else:
+        a_rows, b_columns = {"ArBr": (slice(1, 2 * r, 2), slice(0, 2 * r, 2)), "A2rBr": (slice(r, 2 * r), slice(0, r)),
+                             "ArB2r": (slice(0, r), slice(r, 2 * r))}[direction]
+    A = Vh[a_rows]
+    B_singular = S[b_columns]
+    B = U[:, b_columns] @ torch.diag(B_singular)
+    scale = config["scale"]
+    if scale == "stable":
+        B = B * (stable_rows ** 0.25 / config["stable_gamma"] ** 0.5)
+    elif scale == "weight_svd":
+        _, weight_singular, _ = torch.svd_lowrank(weight, q=r, niter=4)
+        if B_singular[0] > 0:
+            B = B * (weight_singular[0] / B_singular[0])
+    elif scale == "gd_scale":
+        A, B = A / scaling, B / scaling
+    return A, B

@@ -63,9 +63,8 @@ def test_pissa_and_olora_move_the_principal_part_of_w_into_the_adapter_as_in_pef
 
 
 def test_pissa_with_subspace_iterations_factors_the_weight_and_keeps_the_output():
-    """pissa_niter_<n>: torch's randomized SVD, from the global generator (PEFT's draws interleave with its layers'
-    own initialisation, so the two are compared by what they compute, not bit for bit).  Each weight gets a clear
-    rank-4 part (singular values 4, 3, 2, 1.5 over a small rest), which the randomized method recovers."""
+    """pissa_niter_<n>: torch's randomized SVD, from the global generator.  Each weight gets a clear rank-4 part
+    (singular values 4, 3, 2, 1.5 over a small rest), which the randomized method recovers."""
     base = tiny_llama()
     generator = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -94,6 +93,21 @@ def test_pissa_with_subspace_iterations_factors_the_weight_and_keeps_the_output(
         ours_sv = torch.linalg.svdvals(scaling * B @ A)[:4]
         full_A, full_B = full.lora_factors("default")
         assert torch.allclose(ours_sv, torch.linalg.svdvals(scaling * full_B @ full_A)[:4], rtol=1e-3)
+
+
+def test_pissa_with_subspace_iterations_is_peft_s_bit_for_bit():
+    """pissa_niter_<n> draws its randomized SVD as each layer is built, as PEFT does."""
+    base = tiny_llama().to(torch.bfloat16)
+    torch.manual_seed(5)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**CONFIG, init_lora_weights="pissa_niter_3"))
+    their_generator = torch.get_rng_state()
+    torch.manual_seed(5)
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**CONFIG, init_lora_weights="pissa_niter_3"))
+    their_state, our_state = _peft_state(theirs), _our_state(ours)
+    assert their_state.keys() == our_state.keys() and len(our_state) == 6
+    for name, ours_values in our_state.items():
+        assert all(torch.equal(a, b) for a, b in zip(ours_values, their_state[name])), name
+    assert torch.equal(torch.get_rng_state(), their_generator)
 
 
 def test_orthogonal_factors_start_from_a_zero_update_with_neither_factor_zero():
@@ -288,9 +302,9 @@ def test_changing_weights_other_adapters_or_tied_modules_read_is_said():
 
 @pytest.mark.parametrize("init", ["eva", "lora_ga"])
 def test_trained_eva_and_lora_ga_adapters_load_and_the_config_starts_as_true(init, tmp_path):
-    """PEFT's EVA and LoRA-GA get their values from a data-driven step fastlora does not have; a trained adapter's
-    file (its config still naming the initialisation, with its eva_config) loads as PEFT loads it, and a new
-    adapter starts as PEFT's does before that step (B = 0), with a warning."""
+    """EVA and LoRA-GA get their values from a data-driven step; a trained adapter's file (its config still naming
+    the initialisation, with its eva_config) loads as PEFT loads it, and a new adapter whose step has not run
+    starts as PEFT's does before it (B = 0), with a warning."""
     base = tiny_llama()
     ids = tokens()
     with warnings.catch_warnings():
@@ -305,7 +319,7 @@ def test_trained_eva_and_lora_ga_adapters_load_and_the_config_starts_as_true(ini
     assert ours.peft_config["default"].init_lora_weights == init
     assert_close(_logits(ours, ids), _logits(theirs, ids), kind="same_math")
     ours.save_pretrained(tmp_path / "again")
-    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}': the data-driven step"):
+    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}': (the data-driven step|no target layer holds)"):
         fresh = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**CONFIG, init_lora_weights=init))
     assert all(torch.count_nonzero(layer.lora_factors("default")[1]) == 0 for _, layer in fresh.lora_layers())
 

@@ -1,0 +1,157 @@
+"""LoRA-GA's data-driven step: estimate the gradient of each target's full weight, before ``get_peft_model``.
+
+:func:`preprocess_loraga` runs the caller's training step with only the target weights requiring gradients and
+leaves each target module holding the mean gradient G (``module._peft_loraga_grad``, PEFT's attribute, so PEFT's
+step and fastlora's are interchangeable).  ``get_peft_model`` with ``init_lora_weights="lora_ga"`` then starts each
+of those layers from G's leading singular directions (:func:`fastlora.weight_inits.lora_ga_factors`) and drops it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastlora.config import LoraConfig
+from fastlora.conv1d import is_conv1d
+from fastlora.files import atomic_write
+from fastlora.targets import plan_targets, with_task_heads
+
+__all__ = ["preprocess_loraga", "GRADIENT_ATTRIBUTE", "lora_ga_gradients"]
+
+GRADIENT_ATTRIBUTE = "_peft_loraga_grad"
+
+
+def lora_ga_gradients(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+    """Name → the gradient :func:`preprocess_loraga` left on that module, for the modules holding one."""
+    return {name: getattr(module, GRADIENT_ATTRIBUTE) for name, module in modules.items()
+            if isinstance(getattr(module, GRADIENT_ATTRIBUTE, None), Tensor)}
+
+
+def _targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
+    """The Linear and Conv1D modules ``config`` adapts, as ``get_peft_model`` will find them; a quantized one is
+    refused (its weight has no full-precision gradient)."""
+    config = with_task_heads(config, model)
+    modules = {name: model.get_submodule(name) for name in plan_targets(model, config)}
+    modules = {name: module for name, module in modules.items()
+               if type(module) is not nn.Embedding and (isinstance(module, nn.Linear) or is_conv1d(module))}
+    for name, module in modules.items():
+        if hasattr(module, "quant_state") or not module.weight.dtype.is_floating_point:
+            raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. LoRA-GA "
+                             f"requires full-precision gradients during preprocessing.")
+    if not modules:
+        raise ValueError("No supported layers found for LoRA-GA initialization: LoRA-GA adapts nn.Linear and Conv1D "
+                         "layers, and target_modules matched none")
+    return modules
+
+
+@torch.no_grad()
+def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Callable[[], None],
+                      cache_file: Optional[str | os.PathLike] = None) -> None:
+    """Estimate, for each Linear / Conv1D layer ``lora_config`` targets, the gradient of the loss with respect to
+    its full weight, for ``get_peft_model(model, lora_config)`` with ``init_lora_weights="lora_ga"`` to start from.
+
+    ``train_step()`` runs forward and backward passes (as many as it likes; gradients accumulate, and each layer's
+    sum is divided by the number of backward passes through it).  Only the target weights require gradients
+    meanwhile, the model is in training mode; requires_grad flags, the training mode and the target weights'
+    ``.grad`` are put back afterwards, also when ``train_step`` raises.  A layer no backward pass reached keeps no
+    gradient (and starts as ``init_lora_weights=True``, with a warning).
+
+    Args:
+        model (nn.Module): the model, not yet adapted, in full precision (quantized layers are refused).
+        lora_config (LoraConfig): the config ``get_peft_model`` will get; ``lora_ga_config`` must be set.
+        train_step (Callable[[], None]): runs the forward and backward passes.
+        cache_file (str | PathLike | None): where the gradients are kept (PEFT's format: a ``torch.save`` of
+            ``{"<module name>._peft_loraga_grad": tensor}``): read when the file exists and is not empty, otherwise
+            written after the estimate (atomically).  Default None.
+
+    PEFT equivalent: ``peft.preprocess_loraga``.
+
+    Example:
+        >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
+        ...                     lora_ga_config=LoraGAConfig())
+        >>> def train_step():
+        ...     for batch in batches:
+        ...         model(**batch).loss.backward()
+        >>> preprocess_loraga(model, config, train_step)  # doctest: +SKIP
+        >>> model = get_peft_model(model, config)  # doctest: +SKIP
+    """
+    if lora_config.lora_ga_config is None:
+        raise ValueError("If you want to use LoRA-GA, please initialize the LoraConfig with "
+                         "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...).")
+    modules = _targets(model, lora_config)
+    if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
+        _read_cache(Path(cache_file), modules)
+        return
+    _estimate(model, modules, train_step)
+    if cache_file is not None:
+        held = lora_ga_gradients(modules)
+        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache_file, lambda tmp: torch.save(
+            {f"{name}.{GRADIENT_ATTRIBUTE}": gradient for name, gradient in held.items()}, tmp))
+
+
+def _read_cache(path: Path, modules: dict[str, nn.Module]) -> None:
+    device = next(iter(modules.values())).weight.device
+    cache = torch.load(path, map_location=device, weights_only=True)
+    missing = [name for name in modules if f"{name}.{GRADIENT_ATTRIBUTE}" not in cache]
+    if missing:
+        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds no gradient for {missing[:3]}"
+                         f"{' and more' if len(missing) > 3 else ''}: it was written for other target modules "
+                         f"(delete it to estimate the gradients again)")
+    wrong = [name for name, module in modules.items()
+             if cache[f"{name}.{GRADIENT_ATTRIBUTE}"].shape != module.weight.shape]
+    if wrong:
+        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds gradients of other shapes than the weights of "
+                         f"{wrong[:3]}: it was written for another model")
+    for name, module in modules.items():
+        setattr(module, GRADIENT_ATTRIBUTE, cache[f"{name}.{GRADIENT_ATTRIBUTE}"])
+
+
+def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Callable[[], None]) -> None:
+    """Run ``train_step`` with only the target weights requiring gradients; leave each reached module its mean
+    gradient, and everything else as it was."""
+    was_training = model.training
+    flags = {param: param.requires_grad for param in model.parameters()}
+    earlier_grads = {name: module.weight.grad for name, module in modules.items()}
+    passes = dict.fromkeys(modules, 0)
+
+    def counter(name: str):
+        def count(module, grad_input, grad_output) -> None:
+            passes[name] += 1
+        return count
+
+    hooks = []
+    try:
+        for param in flags:
+            param.requires_grad_(False)
+        for name, module in modules.items():
+            module.weight.grad = None
+            module.weight.requires_grad_(True)
+            hooks.append(module.register_full_backward_hook(counter(name)))
+        model.train()
+        with torch.enable_grad(), warnings.catch_warnings():
+            # the counting hooks fire where no input of a layer requires gradients (only its weight does), as meant
+            warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+            train_step()
+        gradients = {name: module.weight.grad.detach() / passes[name] for name, module in modules.items()
+                     if passes[name] and module.weight.grad is not None}
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for name, module in modules.items():
+            module.weight.grad = earlier_grads[name]
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+    for name, gradient in gradients.items():
+        setattr(modules[name], GRADIENT_ATTRIBUTE, gradient)
+    unreached = [name for name in modules if name not in gradients]
+    if unreached:
+        warnings.warn(f"preprocess_loraga: no backward pass of train_step reached {unreached[:3]}"
+                      f"{' and more' if len(unreached) > 3 else ''}; without a gradient, those layers start as "
+                      f"init_lora_weights=True", UserWarning, stacklevel=3)

@@ -1,0 +1,231 @@
+"""LoRA-GA: preprocess_loraga's gradient estimate and init_lora_weights="lora_ga", compared with PEFT's bit for
+bit from the same seed (factors, residual base weights, the random generator left where PEFT leaves it), each
+library's estimate usable by the other; the estimate's bookkeeping (mean over backward passes, the model's state
+put back, also on failure), its cache file, and the refusals."""
+
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastlora
+from fastlora import LoraGAConfig, preprocess_loraga
+from tests.models import assert_unchanged, clone, copy_lora_weights, load_quantized, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
+GPT2 = dict(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=8)
+
+
+def _config(library, settings, **lora_ga):
+    return library.LoraConfig(**settings, init_lora_weights="lora_ga", lora_ga_config=library.LoraGAConfig(**lora_ga))
+
+
+def _adapted(library, base, settings, ids, estimator=None, seed=0, **lora_ga):
+    """``base`` adapted by ``library`` after ``estimator``'s (default: the same library's) preprocess_loraga, with
+    the generator seeded before each step; returns (model, the generator's state afterwards)."""
+    model = clone(base)
+    config = _config(library, settings, **lora_ga)
+    estimate_config = config if estimator in (None, library) else _config(estimator, settings, **lora_ga)
+
+    def train_step():
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (estimator or library).preprocess_loraga(model, estimate_config, train_step)
+        torch.manual_seed(seed + 1)
+        return library.get_peft_model(model, config), torch.get_rng_state()
+
+
+def _assert_peft_s(theirs, ours, magnitude_kind=None):
+    layers = dict(ours.lora_layers())
+    assert len(layers) > 0
+    for name, layer in layers.items():
+        their_layer = theirs.base_model.model.get_submodule(name)
+        A, B = layer.lora_factors("default")
+        assert torch.equal(A, their_layer.lora_A["default"].weight), name
+        assert torch.equal(B, their_layer.lora_B["default"].weight), name
+        assert torch.equal(layer.weight, their_layer.get_base_layer().weight), name  # the residual, as PEFT rounds it
+        if magnitude_kind:
+            assert_close(layer.magnitude("default"), their_layer.lora_magnitude_vector["default"].weight,
+                         kind=magnitude_kind)
+
+
+@pytest.mark.parametrize("scale", ["stable", "weight_svd", "gd_scale", "unit"])
+@pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr", "random"])
+def test_lora_ga_starts_from_peft_s_factors_and_residual(direction, scale):
+    base, ids = tiny_llama(), tokens()
+    theirs, their_generator = _adapted(peft, base, LLAMA, ids, direction=direction, scale=scale)
+    ours, our_generator = _adapted(fastlora, base, LLAMA, ids, direction=direction, scale=scale)
+    _assert_peft_s(theirs, ours)
+    assert torch.equal(our_generator, their_generator)  # the same draws, in the same order
+    with torch.no_grad():  # W_res + scaling · B A = W: the model starts where the base model was
+        assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, kind="same_math_max")
+        assert not torch.equal(ours.base_model.model.model.layers[0].self_attn.q_proj.weight,
+                               base.model.layers[0].self_attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("setup", ["gpt2-conv1d", "bf16", "dora", "estimated-by-peft", "estimated-by-fastlora"])
+def test_lora_ga_equals_peft_s_on_other_setups(setup):
+    base, settings, ids = tiny_llama(), dict(LLAMA), tokens()
+    estimators = {"estimated-by-peft": (peft, fastlora), "estimated-by-fastlora": (fastlora, peft)}
+    if setup == "gpt2-conv1d":  # weights stored (in, out); PEFT's stable scale reads the stored first dimension
+        base, settings, ids = tiny_gpt2(), dict(GPT2), tokens(vocab=64)
+    elif setup == "bf16":
+        base = base.to(torch.bfloat16)
+    elif setup == "dora":
+        settings["use_dora"] = True
+    theirs_estimator, ours_estimator = estimators.get(setup, (None, None))
+    scale = "stable" if setup == "gpt2-conv1d" else "weight_svd"
+    theirs, their_generator = _adapted(peft, base, settings, ids, theirs_estimator, scale=scale)
+    ours, our_generator = _adapted(fastlora, base, settings, ids, ours_estimator, scale=scale)
+    # DoRA's magnitude ‖W + scaling · B A‖ is computed another way (fastlora's never forms W + scaling · B A)
+    _assert_peft_s(theirs, ours, magnitude_kind="same_math" if setup == "dora" else None)
+    assert torch.equal(our_generator, their_generator)
+
+
+def test_the_estimate_is_the_mean_gradient_and_the_model_is_put_back():
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)  # a flag of the caller's, kept
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    batches = [tokens(seed=s) for s in (1, 2, 3)]
+
+    def train_step():
+        for batch in batches:
+            model(input_ids=batch, labels=batch).loss.backward()
+
+    preprocess_loraga(model, _config(fastlora, LLAMA), train_step)
+    assert not model.training and {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    reference = clone(model)
+    for p in reference.parameters():
+        p.grad = None
+    reference.train()
+    for batch in batches:
+        reference(input_ids=batch, labels=batch).loss.backward()
+    holders = [n for n, m in model.named_modules() if hasattr(m, "_peft_loraga_grad")]
+    assert len(holders) == 6 and all(n.endswith(("q_proj", "v_proj", "down_proj")) for n in holders)
+    for name in holders:
+        assert_close(model.get_submodule(name)._peft_loraga_grad, reference.get_submodule(name).weight.grad / 3,
+                     kind="same_math")
+    originals = [model.get_submodule(name) for name in holders]
+    fastlora.get_peft_model(model, _config(fastlora, LLAMA))
+    assert not [m for m in originals if hasattr(m, "_peft_loraga_grad")]  # used, then dropped (as PEFT)
+
+
+def test_a_failing_train_step_leaves_the_model_as_it_was():
+    model = tiny_llama()
+    before = snapshot(model)
+
+    def train_step():
+        model(input_ids=tokens(), labels=tokens()).loss.backward()
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        preprocess_loraga(model, _config(fastlora, LLAMA), train_step)
+    assert_unchanged(model, before)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert not [n for n, m in model.named_modules() if hasattr(m, "_peft_loraga_grad")]
+
+
+def test_the_cache_file_is_peft_s_and_is_read_back(tmp_path):
+    base, ids = tiny_llama(), tokens()
+    cache = tmp_path / "cache" / "gradients.pt"
+    calls = []
+
+    def train_step(model):
+        calls.append(1)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    first = clone(base)
+    preprocess_loraga(first, _config(fastlora, LLAMA), lambda: train_step(first), cache_file=cache)
+    stored = torch.load(cache, weights_only=True)
+    assert sorted(stored) == sorted(f"{n}._peft_loraga_grad" for n, m in first.named_modules()
+                                    if hasattr(m, "_peft_loraga_grad"))
+    again = clone(base)
+    preprocess_loraga(again, _config(fastlora, LLAMA), lambda: train_step(again), cache_file=cache)
+    assert len(calls) == 1  # read from the file, not estimated again
+    theirs = clone(base)
+    peft.preprocess_loraga(theirs, _config(peft, LLAMA), lambda: train_step(theirs), cache_file=str(cache))
+    assert len(calls) == 1
+    for name, module in first.named_modules():
+        if hasattr(module, "_peft_loraga_grad"):
+            assert torch.equal(again.get_submodule(name)._peft_loraga_grad, module._peft_loraga_grad)
+            assert torch.equal(theirs.get_submodule(name)._peft_loraga_grad, module._peft_loraga_grad)
+    other = tiny_llama(hidden_size=48)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="another model"):
+        preprocess_loraga(other, _config(fastlora, LLAMA), lambda: train_step(other), cache_file=cache)
+    assert_unchanged(other, before)
+
+
+def test_without_an_estimate_layers_start_as_peft_s_do_with_a_warning():
+    base = tiny_llama()
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(clone(base), _config(peft, LLAMA))
+    torch.manual_seed(4)
+    with pytest.warns(UserWarning, match="preprocess_loraga"):
+        ours = fastlora.get_peft_model(clone(base), _config(fastlora, LLAMA))
+    _assert_peft_s(theirs, ours)
+    assert all(not layer.lora_factors("default")[1].any() for _, layer in ours.lora_layers())  # B = 0
+
+
+def test_refusals_leave_the_model_unchanged(tmp_path):
+    ids = tokens()
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="lora_ga_config=LoraGAConfig"):
+        preprocess_loraga(model, fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga"), lambda: None)
+    preprocess_loraga(model, _config(fastlora, LLAMA), lambda: model(input_ids=ids, labels=ids).loss.backward())
+    for config, match in [(_config(fastlora, dict(LLAMA, r=17)), "at most 16"),  # 2r of v_proj (64 → 32)
+                          (fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga"), "lora_ga_config must be")]:
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=match):
+            fastlora.get_peft_model(model, config)
+        assert_unchanged(model, before)
+        assert len([m for m in model.modules() if hasattr(m, "_peft_loraga_grad")]) == 6  # kept for another try
+    with pytest.raises(ValueError, match="direction must be one of"):
+        fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(direction="BA"))
+    with pytest.raises(ValueError, match="unknown field"):
+        fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga", lora_ga_config={"gamma": 4})
+    tiny_llama().save_pretrained(tmp_path)
+    quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    before = snapshot(quantized)
+    with pytest.raises(ValueError, match="does not support quantized models"):
+        preprocess_loraga(quantized, _config(fastlora, LLAMA), lambda: None)
+    assert_unchanged(quantized, before)
+
+
+def test_a_trained_lora_ga_adapter_converts_for_the_original_weight_as_peft(tmp_path):
+    """PEFT's conversion (save_pretrained with path_initial_model_for_weight_conversion) takes LoRA-GA adapters:
+    the files equal PEFT's, and on the untouched base the converted adapter computes the trained model's logits."""
+    base, ids = tiny_llama(), tokens()
+    models = {}
+    for library in (peft, fastlora):
+        model, _ = _adapted(library, base, LLAMA, ids)
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(tmp_path / library.__name__ / "initial")
+        models[library] = model
+    with torch.no_grad():  # training steps' worth of change to PEFT's factors, and the same values in fastlora's
+        for _, param in sorted(models[peft].named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    copy_lora_weights(models[peft], models[fastlora])
+    with torch.no_grad():
+        trained = models[fastlora](input_ids=ids).logits
+        assert_close(trained, models[peft](input_ids=ids).logits, kind="same_math")
+    for library, model in models.items():
+        directory = tmp_path / library.__name__
+        model.save_pretrained(directory / "final", path_initial_model_for_weight_conversion=str(directory / "initial"))
+    their_file = load_file(tmp_path / "peft" / "final" / "adapter_model.safetensors")
+    our_file = load_file(tmp_path / "fastlora" / "final" / "adapter_model.safetensors")
+    assert their_file.keys() == our_file.keys()
+    for key in their_file:
+        assert torch.equal(our_file[key], their_file[key]), key
+    for library in (fastlora, peft):
+        converted = library.PeftModel.from_pretrained(clone(base), tmp_path / "fastlora" / "final")
+        with torch.no_grad():
+            assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")

@@ -10,6 +10,7 @@ from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftMode
                            AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
 from fastlora.model_files import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
+from fastlora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fastlora.functional import lora_linear
 from fastlora.init_configs import EvaConfig, LoftQConfig, LoraGAConfig
 from fastlora.kbit import prepare_model_for_kbit_training
@@ -34,4 +35,5 @@ __all__ = [
     "get_layer_status", "get_model_status", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction", "LoraGAConfig", "EvaConfig", "preprocess_loraga",
+    "get_eva_state_dict", "initialize_lora_eva_weights",
 ]

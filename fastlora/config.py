@@ -120,7 +120,7 @@ UNSUPPORTED_FEATURES = {
 
 
 # Initialisations whose values come from a data-driven step: preprocess_loraga's gradients before get_peft_model
-# (without them, the layers start as with True, as PEFT's), and EVA's step after it.
+# (without them, the layers start as with True, as PEFT's), and initialize_lora_eva_weights after it.
 DATA_DRIVEN_INITS = ("eva", "lora_ga")
 
 
@@ -190,9 +190,9 @@ class LoraConfig:
             (LoftQ refused there).  PEFT's other initialisations raise :class:`UnsupportedFeatureError`.
             Default True.
         eva_config (EvaConfig | dict | None): EVA's settings, kept as a dict (PEFT's defaults, with its warning,
-            where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts as True (PEFT's layers
-            too, before PEFT's data-driven step ``initialize_lora_eva_weights``, which fastlora does not provide),
-            so trained EVA adapters' files load.
+            where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts with A as drawn and
+            B = 0, until :func:`fastlora.initialize_lora_eva_weights` gives A the layers' principal input
+            directions (as PEFT's).
         lora_ga_config (LoraGAConfig | dict | None): LoRA-GA's settings, kept as a dict; required where a target
             holds the gradient :func:`fastlora.preprocess_loraga` estimated.  ``init_lora_weights="lora_ga"``
             starts each such layer from that gradient (:mod:`fastlora.weight_inits`), the others as True.

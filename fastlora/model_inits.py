@@ -69,14 +69,11 @@ def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
 
 
 def warn_of_a_data_driven_init(config: LoraConfig, modules: list[nn.Module], stacklevel: int = 3) -> None:
-    """A new adapter (not one loaded from a file) on ``modules`` whose initialisation needs a data-driven step
-    that has not run: LoRA-GA without any target holding :func:`fastlora.preprocess_loraga`'s gradient, EVA."""
+    """A new LoRA-GA adapter (not one loaded from a file) on ``modules``, none of which holds the gradient
+    :func:`fastlora.preprocess_loraga` estimates.  (EVA's step, :func:`fastlora.initialize_lora_eva_weights`,
+    comes after ``get_peft_model``: until then the adapter is PEFT's before that step, A as drawn, B = 0.)"""
     init = config.init_lora_weights
     if init == "lora_ga" and not lora_ga_gradients(dict(enumerate(modules))):
         warnings.warn("init_lora_weights='lora_ga': no target layer holds the gradient preprocess_loraga(model, "
                       "config, train_step) estimates (call it before get_peft_model); the adapter starts as "
                       "init_lora_weights=True", UserWarning, stacklevel=stacklevel)
-    elif init == "eva":
-        warnings.warn("init_lora_weights='eva': the data-driven step that gives this initialisation its values "
-                      "(PEFT's initialize_lora_eva_weights) is not part of fastlora; the adapter starts as PEFT's does "
-                      "before that step (B = 0)", UserWarning, stacklevel=stacklevel)

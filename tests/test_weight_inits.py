@@ -304,7 +304,7 @@ def test_changing_weights_other_adapters_or_tied_modules_read_is_said():
 def test_trained_eva_and_lora_ga_adapters_load_and_the_config_starts_as_true(init, tmp_path):
     """EVA and LoRA-GA get their values from a data-driven step; a trained adapter's file (its config still naming
     the initialisation, with its eva_config) loads as PEFT loads it, and a new adapter whose step has not run
-    starts as PEFT's does before it (B = 0), with a warning."""
+    starts as PEFT's does before it (B = 0)."""
     base = tiny_llama()
     ids = tokens()
     with warnings.catch_warnings():
@@ -319,7 +319,8 @@ def test_trained_eva_and_lora_ga_adapters_load_and_the_config_starts_as_true(ini
     assert ours.peft_config["default"].init_lora_weights == init
     assert_close(_logits(ours, ids), _logits(theirs, ids), kind="same_math")
     ours.save_pretrained(tmp_path / "again")
-    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}': (the data-driven step|no target layer holds)"):
+    # LoRA-GA's estimate comes before get_peft_model: without it, a warning; EVA's step comes after
+    with pytest.warns(UserWarning, match="no target layer holds" if init == "lora_ga" else "Using default EVA"):
         fresh = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**CONFIG, init_lora_weights=init))
     assert all(torch.count_nonzero(layer.lora_factors("default")[1]) == 0 for _, layer in fresh.lora_layers())
 

@@ -132,10 +132,7 @@ class _PrincipalDirections(_InputHook):
                 return
             self.pca.partial_fit(rows.to(torch.float32))
             if previous is not None:
-                components = self.pca.components_
-                if components.ndim == 1:
-                    components, previous = components.reshape(1, -1), previous.reshape(1, -1)
-                self.converged = torch.nn.functional.cosine_similarity(components, previous) >= self.tau
+                self.converged = torch.nn.functional.cosine_similarity(self.pca.components_, previous) >= self.tau
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -272,9 +269,14 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
         raise ValueError(f"prepare_layer_inputs_fn is a mapping but the following module names were not found in the "
                          f"model: {per_layer_fn.keys()}")
     forward_fn(model, batch)
+    for hook in fingerprints.values():
+        hook.handle.remove()
+    unused = [name for name, hook in fingerprints.items() if not hasattr(hook, "digest")]
+    if unused:
+        raise ValueError(f"forward_fn did not run {unused[:3]}{' and more' if len(unused) > 3 else ''} on the first "
+                         f"batch: EVA fits the inputs of every layer the adapter targets")
     groups: dict = {}
     for name, hook in fingerprints.items():
-        hook.handle.remove()
         groups.setdefault(hook.digest, []).append(name)
     follows = {name: names[0] for names in groups.values() for name in names[1:]}  # follower → the layer fitted
     for names in groups.values():
@@ -415,8 +417,9 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Optional[Iterable]
 def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
     config = model.peft_config[adapter_name]
     base = model.get_base_model()
-    layers = {name: layer for name, layer in base.named_modules()
-              if isinstance(layer, LoRALinear) and adapter_name in layer.adapter_settings}
+    layers = {name: layer for name, layer in base.named_modules()  # target_parameters' layers keep their values
+              if isinstance(layer, LoRALinear) and not isinstance(layer, LoRAParameter)
+              and adapter_name in layer.adapter_settings}
     fitted = dict(_eva_layers(base, adapter_name))
     components = {key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key: value
                   for key, value in eva_state_dict.items()}
@@ -459,8 +462,10 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
     for name, step in plan.items():
         layer = layers[name]
         if step is None:
-            if len(layer.adapter_names) > 1:
+            if len(layer.adapter_names) > 1:  # the layer's other adapters stay, as inactive as they were
+                active = list(layer.active_adapters)
                 layer.delete_adapter(adapter_name)
+                layer.set_adapter(active)
             else:
                 _set_module(base, name, layer.to_base())
             continue
@@ -472,8 +477,13 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
     model.peft_config[adapter_name] = new_config
     if restarted:
         warnings.warn(f"the following layers were initialized with init_lora_weights=True because they were not "
-                      f"found in the eva state_dict: {restarted}\nEVA fits Linear and Conv1D layers (not embeddings "
-                      f"or target_parameters)", UserWarning, stacklevel=3)
+                      f"found in the eva state_dict: {restarted}\nEVA fits Linear and Conv1D layers (not embeddings)",
+                      UserWarning, stacklevel=3)
+    parameters = sorted({name for name, layer in base.named_modules()
+                         if isinstance(layer, LoRAParameter) and adapter_name in layer.adapter_settings})
+    if parameters:
+        warnings.warn(f"EVA does not fit target_parameters adapters: those on {parameters[:3]} keep the values they "
+                      f"were created with (A as drawn, B = 0)", UserWarning, stacklevel=3)
 
 
 def _restart(layer: LoRALinear, adapter_name: str, settings, init) -> None:

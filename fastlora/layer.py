@@ -397,6 +397,9 @@ class LoRALinear(nn.Linear):
         self.check_weight_init(init, settings.r)
         if init != "lora_ga":
             return pissa_factors(self.base_weight().to(torch.float32), settings.r, settings.scaling, init)
+        if gradient.shape != self.weight.shape:
+            raise ValueError(f"the LoRA-GA gradient held for this layer has shape {tuple(gradient.shape)}, its weight "
+                             f"{tuple(self.weight.shape)}: it was estimated for another model")
         weight = self.base_weight().to(torch.float32) if lora_ga_config["scale"] == "weight_svd" else None
         return lora_ga_factors(self._out_by_in(gradient).to(torch.float32), settings.r, settings.scaling,
                                lora_ga_config, self.weight.shape[0], weight)

@@ -37,8 +37,7 @@ def _targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
     refused (its weight has no full-precision gradient)."""
     config = with_task_heads(config, model)
     modules = {name: model.get_submodule(name) for name in plan_targets(model, config)}
-    modules = {name: module for name, module in modules.items()
-               if type(module) is not nn.Embedding and (isinstance(module, nn.Linear) or is_conv1d(module))}
+    modules = {name: module for name, module in modules.items() if isinstance(module, nn.Linear) or is_conv1d(module)}
     for name, module in modules.items():
         if hasattr(module, "quant_state") or not module.weight.dtype.is_floating_point:
             raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. LoRA-GA "
@@ -59,7 +58,8 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
     sum is divided by the number of backward passes through it).  Only the target weights require gradients
     meanwhile, the model is in training mode; requires_grad flags, the training mode and the target weights'
     ``.grad`` are put back afterwards, also when ``train_step`` raises.  A layer no backward pass reached keeps no
-    gradient (and starts as ``init_lora_weights=True``, with a warning).
+    gradient (and starts as ``init_lora_weights=True``, with a warning).  On a model that already has adapters the
+    target weights are fastlora's layers' (refused: estimate before the first ``get_peft_model``, as in PEFT).
 
     Args:
         model (nn.Module): the model, not yet adapted, in full precision (quantized layers are refused).
@@ -98,18 +98,19 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
 def _read_cache(path: Path, modules: dict[str, nn.Module]) -> None:
     device = next(iter(modules.values())).weight.device
     cache = torch.load(path, map_location=device, weights_only=True)
-    missing = [name for name in modules if f"{name}.{GRADIENT_ATTRIBUTE}" not in cache]
-    if missing:
-        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds no gradient for {missing[:3]}"
-                         f"{' and more' if len(missing) > 3 else ''}: it was written for other target modules "
-                         f"(delete it to estimate the gradients again)")
-    wrong = [name for name, module in modules.items()
+    held = {name: module for name, module in modules.items() if f"{name}.{GRADIENT_ATTRIBUTE}" in cache}
+    if not held:
+        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds no gradient for any of the target modules "
+                         f"({list(modules)[:3]}...): it was written for other ones (delete it to estimate the "
+                         f"gradients again)")
+    wrong = [name for name, module in held.items()
              if cache[f"{name}.{GRADIENT_ATTRIBUTE}"].shape != module.weight.shape]
     if wrong:
         raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds gradients of other shapes than the weights of "
                          f"{wrong[:3]}: it was written for another model")
-    for name, module in modules.items():
+    for name, module in held.items():
         setattr(module, GRADIENT_ATTRIBUTE, cache[f"{name}.{GRADIENT_ATTRIBUTE}"])
+    _warn_of_layers_without_gradient([name for name in modules if name not in held])
 
 
 def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Callable[[], None]) -> None:
@@ -150,8 +151,11 @@ def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Calla
         model.train(was_training)
     for name, gradient in gradients.items():
         setattr(modules[name], GRADIENT_ATTRIBUTE, gradient)
-    unreached = [name for name in modules if name not in gradients]
-    if unreached:
-        warnings.warn(f"preprocess_loraga: no backward pass of train_step reached {unreached[:3]}"
-                      f"{' and more' if len(unreached) > 3 else ''}; without a gradient, those layers start as "
-                      f"init_lora_weights=True", UserWarning, stacklevel=3)
+    _warn_of_layers_without_gradient([name for name in modules if name not in gradients])
+
+
+def _warn_of_layers_without_gradient(names: list[str]) -> None:
+    if names:
+        warnings.warn(f"preprocess_loraga: no gradient for {names[:3]}{' and more' if len(names) > 3 else ''} (no "
+                      f"backward pass of train_step reached them); without one, those layers start as "
+                      f"init_lora_weights=True", UserWarning, stacklevel=4)

@@ -23,7 +23,7 @@ from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
-from fastlora.model_inits import init_from_weights, warn_of_a_data_driven_init
+from fastlora.model_inits import init_from_weights, warn_of_lora_ga_without_gradients
 from fastlora.lora_ga import GRADIENT_ATTRIBUTE, lora_ga_gradients
 from fastlora.weight_inits import draws_from_the_generator, is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
@@ -246,7 +246,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
     plan = _plan_new(model, config)
-    warn_of_a_data_driven_init(config, [model.get_submodule(name) for name in plan[0]])
+    warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in plan[0]])
     return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
@@ -841,7 +841,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         model = self.get_base_model()
         targets = plan_targets(model, config, adapter_name)
         to_save = plan_modules_to_save(model, config, adapter_name)
-        warn_of_a_data_driven_init(config, [model.get_submodule(name) for name in targets], stacklevel=3)
+        warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in targets], stacklevel=3)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
 
     def _check_not_merged(self, adapter_name: str) -> None:

@@ -74,6 +74,7 @@ class AdapterFilesMixin:
             targets, to_save = _planned_for_file(lambda rule: (
                 plan_targets(model, config, adapter_name, rule), plan_modules_to_save(model, config, adapter_name, rule)),
                 config, tensors, checked)
+            targets, config = _without_layers_eva_removed(config, targets, tensors)
             expected, tensors = checked(targets, to_save)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
             try:
@@ -110,6 +111,7 @@ class AdapterFilesMixin:
             return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
 
         targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors, checked)
+        targets, config = _without_layers_eva_removed(config, targets, tensors)
         expected, tensors = checked(targets, to_save)
         lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
         try:
@@ -443,6 +445,21 @@ def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], confi
     written_before = any(not saved_whole(name, config.modules_to_save, peft_rule=False) and not copy_in_file(name)
                          for name in to_save)
     return plan(not written_before)
+
+
+def _without_layers_eva_removed(config: LoraConfig, targets: list[str],
+                                tensors: dict[str, torch.Tensor]) -> tuple[list[str], LoraConfig]:
+    """(targets, config) of an EVA adapter's file without the layers EVA removed: PEFT records the adapted layers
+    by their shortest suffixes without leaving those layers out, so its ``target_modules`` can match layers the
+    file holds no tensor of.  Such a target is left unadapted, and the config names the layers adapted.  Other
+    adapters' targets are kept (a missing tensor is then an error)."""
+    if config.init_lora_weights != "eva":
+        return targets, config
+    held = {key[len(peft_format.PREFIX):].split(".lora_")[0] for key in tensors if ".lora_" in key}
+    kept = [name for name in targets if name in held]
+    if len(kept) == len(targets):
+        return targets, config
+    return kept, config.replace(target_modules=kept)
 
 
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:

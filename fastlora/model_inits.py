@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from fastlora.config import LoraConfig
 from fastlora.lora_ga import lora_ga_gradients
 
-__all__ = ["init_from_weights", "warn_of_a_data_driven_init"]
+__all__ = ["init_from_weights", "warn_of_lora_ga_without_gradients"]
 
 
 def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
@@ -68,7 +68,7 @@ def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
     return out
 
 
-def warn_of_a_data_driven_init(config: LoraConfig, modules: list[nn.Module], stacklevel: int = 3) -> None:
+def warn_of_lora_ga_without_gradients(config: LoraConfig, modules: list[nn.Module], stacklevel: int = 3) -> None:
     """A new LoRA-GA adapter (not one loaded from a file) on ``modules``, none of which holds the gradient
     :func:`fastlora.preprocess_loraga` estimates.  (EVA's step, :func:`fastlora.initialize_lora_eva_weights`,
     comes after ``get_peft_model``: until then the adapter is PEFT's before that step, A as drawn, B = 0.)"""

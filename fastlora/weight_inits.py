@@ -52,8 +52,8 @@ def _pissa_iterations(init: str) -> int | None:
 
 
 def is_weight_init(init) -> bool:
-    """Whether ``init`` names one of the initialisations this module computes from the weight alone ("lora_ga"
-    also needs the gradient :func:`fastlora.preprocess_loraga` estimates)."""
+    """Whether ``init`` names one of the initialisations computed from the base weight alone (not "lora_ga", which
+    needs the gradient :func:`fastlora.preprocess_loraga` estimates)."""
     return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal", "loftq"))
 
 
@@ -144,8 +144,8 @@ def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict, stab
     """(A, B) of LoRA-GA from the estimated gradient (out × in, float32) and ``config`` (``direction``, ``scale``,
     ``stable_gamma``; see the module docstring); ``stable_rows`` is the "out" of the stable scale (PEFT takes the
     stored weight's first dimension: a transposed Conv1D weight's is its in_features); ``weight`` (out × in,
-    float32) is read by ``scale="weight_svd"`` only.  Draws from the global random generator on the gradient's
-    device."""
+    float32) is read by ``scale="weight_svd"`` only.  Draws from the global random generator: the randomized SVDs
+    on the gradient's device, ``direction="random"``'s permutation on the CPU (as PEFT's)."""
     U, S, V = torch.svd_lowrank(gradient, q=min(4 * r, min(gradient.shape)), niter=4)
     U, S, Vh = U[:, :2 * r], S[:2 * r], V.t()[:2 * r]
     direction = config["direction"]

@@ -42,7 +42,7 @@ def _their_layers(model):
             if isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) and "default" in module.lora_A}
 
 
-def _assert_peft_s(theirs, ours, exact=True):
+def _assert_peft_s(theirs, ours, exact=True, same_targets=True):
     their_layers = _their_layers(theirs)
     our_layers = {name: layer for name, layer in ours.named_modules() if isinstance(layer, fastlora.LoRALinear)}
     assert their_layers.keys() == our_layers.keys()
@@ -57,7 +57,8 @@ def _assert_peft_s(theirs, ours, exact=True):
     their_config, our_config = theirs.peft_config["default"], ours.peft_config["default"]
     assert our_config.rank_pattern == their_config.rank_pattern
     assert our_config.alpha_pattern == their_config.alpha_pattern
-    assert sorted(our_config.target_modules) == sorted(their_config.target_modules)
+    if same_targets:
+        assert sorted(our_config.target_modules) == sorted(their_config.target_modules)
 
 
 @pytest.mark.parametrize("targets,r,eva", [
@@ -163,29 +164,81 @@ def test_an_eva_state_dict_computed_before_from_either_library_gives_the_same_ad
 
 
 def test_an_eva_adapter_s_files_load_in_both_libraries(tmp_path):
-    base, batches = tiny_llama(num_hidden_layers=3), _batches()
+    """21 of 28 layers keep an adapter: the config names them by their shortest suffixes, which match no layer
+    whose adapter was removed (PEFT's match some: fastlora loads PEFT's file without adapting those)."""
+    base, batches = tiny_llama(num_hidden_layers=4), _batches()
     theirs, _ = _initialised(peft, base, ALL, batches, r=2, rho=4.0, tau=0.9)
     ours, _ = _initialised(fastlora, base, ALL, batches, r=2, rho=4.0, tau=0.9)
+    _assert_peft_s(theirs, ours, same_targets=False)
+    adapted = {name: layer.adapter_settings["default"].r for name, layer in ours.lora_layers()}
+    assert 20 <= len(adapted) < 28
     with torch.no_grad():  # training steps' worth of change, the same for both
-        for _, layer in ours.lora_layers():
-            for factor in layer.lora_factors("default"):
+        for (_, layer), their_layer in zip(ours.lora_layers(), _their_layers(theirs).values()):
+            for factor, their_factor in zip(layer.lora_factors("default"),
+                                            (their_layer.lora_A["default"].weight, their_layer.lora_B["default"].weight)):
                 factor.add_(torch.randn(factor.shape, generator=torch.Generator().manual_seed(factor.numel())) * 0.05)
+                their_factor.copy_(factor)
     ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
     saved = fastlora.LoraConfig.from_pretrained(tmp_path / "ours")
-    assert len(saved.target_modules) < 21  # 21 layers adapted: the config names them by their shortest suffixes
+    assert len(saved.target_modules) < len(adapted) and not any(name.startswith("model.") for name in saved.target_modules)
     ids = batches[0]["input_ids"]
     with torch.no_grad():
         want = ours(input_ids=ids).logits
+        assert_close(theirs(input_ids=ids).logits, want, kind="same_math")
         for library in (fastlora, peft):
             loaded = library.PeftModel.from_pretrained(clone(base), tmp_path / "ours")
             assert_close(loaded(input_ids=ids).logits, want, kind="same_math")
             ranks = {name.removeprefix("base_model.model."): module.lora_A["default"].weight.shape[0]
                      for name, module in _their_layers(loaded).items()} if library is peft else \
                 {name: layer.adapter_settings["default"].r for name, layer in loaded.lora_layers()}
-            assert ranks == {name: layer.adapter_settings["default"].r for name, layer in ours.lora_layers()}
-        theirs.save_pretrained(tmp_path / "theirs")
+            assert ranks == adapted, library.__name__
         loaded = fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")
-        assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
+        assert_close(loaded(input_ids=ids).logits, want, kind="same_math")
+        assert {name: layer.adapter_settings["default"].r for name, layer in loaded.lora_layers()} == adapted
+
+
+def test_eva_leaves_the_other_adapters_and_target_parameters_as_they_were():
+    base, batches = tiny_llama(), _batches()
+    torch.manual_seed(0)
+    model = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=ALL, r=2, lora_alpha=8))
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            layer.lora_factors("default")[1].normal_()
+    model.add_adapter("eva", fastlora.LoraConfig(target_modules=ALL, r=2, lora_alpha=8, init_lora_weights="eva",
+                                                 eva_config=EvaConfig(rho=4.0, tau=0.9)))
+    model.set_adapter("eva")
+    initialize_lora_eva_weights(model, batches, adapter_name="eva", show_progress_bar=False)
+    assert sum("eva" not in layer.adapter_names for _, layer in model.lora_layers()) > 0  # removed there
+    with torch.no_grad():  # "eva" (B = 0) is the only active adapter: the base output, on every layer
+        assert torch.equal(model(**batches[0]).logits, base(**batches[0]).logits)
+    model.set_adapter("default")
+    with torch.no_grad():
+        assert not torch.equal(model(**batches[0]).logits, base(**batches[0]).logits)
+
+    from tests.models import tiny_mixtral
+    config = fastlora.LoraConfig(target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"], r=2,
+                                 init_lora_weights="eva", eva_config=EvaConfig(tau=0.9))
+    model = fastlora.get_peft_model(tiny_mixtral(), config)
+    experts = {name: [p.clone() for p in layer.adapter_parameters("default")] for name, layer in model.lora_layers()
+               if isinstance(layer, fastlora.parameter_lora.LoRAParameter)}
+    with pytest.warns(UserWarning, match="EVA does not fit target_parameters"):
+        initialize_lora_eva_weights(model, batches, show_progress_bar=False)
+    for name, values in experts.items():
+        layer = model.get_base_model().get_submodule(name)
+        assert all(torch.equal(a, b) for a, b in zip(layer.adapter_parameters("default"), values))
+    assert all("experts" not in name for name in model.peft_config["default"].target_modules)
+
+
+def test_a_layer_the_forward_function_does_not_reach_is_named():
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(
+        target_modules=["q_proj", "lm_head"], r=2, init_lora_weights="eva", eva_config=EvaConfig()))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"did not run \['base_model.model.lm_head'\]"):
+        initialize_lora_eva_weights(model, _batches(), forward_fn=lambda m, batch: m.base_model.model.model(**batch),
+                                    show_progress_bar=False)
+    assert_unchanged(model, before)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_incremental_pca_finds_the_principal_directions_of_all_batches_seen():

@@ -161,6 +161,39 @@ def test_the_cache_file_is_peft_s_and_is_read_back(tmp_path):
     with pytest.raises(ValueError, match="another model"):
         preprocess_loraga(other, _config(fastlora, LLAMA), lambda: train_step(other), cache_file=cache)
     assert_unchanged(other, before)
+    with pytest.raises(ValueError, match="for other ones"):
+        preprocess_loraga(clone(base), _config(fastlora, dict(LLAMA, target_modules=["o_proj"])), lambda: None,
+                          cache_file=cache)
+
+
+def test_layers_the_training_step_does_not_reach_keep_no_gradient_in_the_cache_too(tmp_path):
+    base, ids = tiny_llama(), tokens()
+    cache = tmp_path / "gradients.pt"
+
+    def first_layer_only(model):  # a loss on the first layer's output: the second layer gets no gradient
+        model(input_ids=ids, output_hidden_states=True).hidden_states[1].sum().backward()
+
+    model = clone(base)
+    with pytest.warns(UserWarning, match=r"no gradient for \['model.layers.1"):
+        preprocess_loraga(model, _config(fastlora, LLAMA), lambda: first_layer_only(model), cache_file=cache)
+    again = clone(base)
+    with pytest.warns(UserWarning, match=r"no gradient for \['model.layers.1"):
+        preprocess_loraga(again, _config(fastlora, LLAMA), lambda: None, cache_file=cache)
+    holders = {name for name, module in model.named_modules() if hasattr(module, "_peft_loraga_grad")}
+    assert len(holders) == 3 and all(name.startswith("model.layers.0.") for name in holders)
+    assert {name for name, module in again.named_modules() if hasattr(module, "_peft_loraga_grad")} == holders
+    for name in holders:
+        assert torch.equal(again.get_submodule(name)._peft_loraga_grad, model.get_submodule(name)._peft_loraga_grad)
+
+
+def test_a_gradient_of_another_shape_is_refused_before_anything_changes():
+    model = tiny_llama()
+    model.model.layers[1].mlp.down_proj._peft_loraga_grad = torch.ones(3, 3)
+    model.model.layers[0].mlp.down_proj._peft_loraga_grad = torch.ones(64, 96)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="estimated for another model"):
+        fastlora.get_peft_model(model, _config(fastlora, LLAMA))
+    assert_unchanged(model, before)
 
 
 def test_without_an_estimate_layers_start_as_peft_s_do_with_a_warning():

@@ -12,7 +12,8 @@ from fastlora.model_files import get_peft_model_state_dict, load_peft_weights, s
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
 from fastlora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fastlora.functional import lora_linear
-from fastlora.init_configs import EvaConfig, LoftQConfig, LoraGAConfig
+from fastlora.corda import preprocess_corda
+from fastlora.init_configs import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig
 from fastlora.kbit import prepare_model_for_kbit_training
 from fastlora.layer import LoraLayer, LoRALinear
 from fastlora.loftq import replace_lora_weights_loftq
@@ -35,5 +36,5 @@ __all__ = [
     "get_layer_status", "get_model_status", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction", "LoraGAConfig", "EvaConfig", "preprocess_loraga",
-    "get_eva_state_dict", "initialize_lora_eva_weights",
+    "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda",
 ]

@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.files import atomic_write_text
-from fastlora.init_configs import checked_eva_config, checked_loftq_config, checked_lora_ga_config
+from fastlora.init_configs import checked_corda_config, checked_eva_config, checked_loftq_config, checked_lora_ga_config
 from fastlora.weight_inits import check_weight_init, is_weight_init
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
@@ -106,7 +106,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
     "layer_replication": None,
-    "corda_config": None,
     "velora_config": None,
     "monteclora_config": None,
     "arrow_config": None,
@@ -119,9 +118,9 @@ UNSUPPORTED_FEATURES = {
 }
 
 
-# Initialisations whose values come from a data-driven step: preprocess_loraga's gradients before get_peft_model
-# (without them, the layers start as with True, as PEFT's), and initialize_lora_eva_weights after it.
-DATA_DRIVEN_INITS = ("eva", "lora_ga")
+# Initialisations whose values come from a data-driven step: preprocess_loraga's gradients and preprocess_corda's
+# decompositions before get_peft_model, initialize_lora_eva_weights after it.
+DATA_DRIVEN_INITS = ("eva", "lora_ga", "corda")
 
 
 def _is_off(name: str, value: Any) -> bool:
@@ -186,8 +185,9 @@ class LoraConfig:
             (the weight's top-r singular part moves into the adapter), ``"olora"`` (its QR decomposition's first r
             columns and rows), ``"loftq"`` (the adapter absorbs the error of quantizing W, which the base keeps
             quantized; with ``loftq_config``), and ``"orthogonal"`` (B A = 0 with neither factor 0, r even); see
-            :mod:`fastlora.weight_inits`.  Embedding tables take True's initialisation for those, as in PEFT
-            (LoftQ refused there).  PEFT's other initialisations raise :class:`UnsupportedFeatureError`.
+            :mod:`fastlora.weight_inits`; from data: ``"lora_ga"``, ``"corda"`` and ``"eva"`` (see their
+            configs below).  Embedding tables take True's initialisation for those, as in PEFT (LoftQ refused
+            there).  PEFT's other initialisations ("mica") raise :class:`UnsupportedFeatureError`.
             Default True.
         eva_config (EvaConfig | dict | None): EVA's settings, kept as a dict (PEFT's defaults, with its warning,
             where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts with A as drawn and
@@ -196,6 +196,9 @@ class LoraConfig:
         lora_ga_config (LoraGAConfig | dict | None): LoRA-GA's settings, kept as a dict; required where a target
             holds the gradient :func:`fastlora.preprocess_loraga` estimated.  ``init_lora_weights="lora_ga"``
             starts each such layer from that gradient (:mod:`fastlora.weight_inits`), the others as True.
+        corda_config (CordaConfig | dict | None): CorDA's settings, kept as a dict (PEFT's defaults, with its
+            warning, where ``init_lora_weights="corda"`` has none); ``init_lora_weights="corda"`` starts each
+            Linear target from the decomposition :func:`fastlora.preprocess_corda` left on it.
         loftq_config (LoftQConfig | dict): ``init_lora_weights="loftq"``'s settings (``loftq_bits`` 4 or 8,
             ``loftq_iter``), required there and ignored (with a warning) otherwise; kept as a dict.  Default {}.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
@@ -344,18 +347,20 @@ class LoraConfig:
             put("init_lora_weights", init)
         if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
                 or init in DATA_DRIVEN_INITS):
-            if isinstance(init, str) and init.lower() in ("corda", "mica"):
+            if isinstance(init, str) and init.lower() == "mica":
                 raise UnsupportedFeatureError(
                     f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
-                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal' or 'loftq'"
-                )
+                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', "
+                    f"'lora_ga', 'eva' or 'corda'")
             raise ValueError(f"Unknown initialization init_lora_weights={init!r}: use True, False, 'gaussian', "
-                             f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'eva' or 'lora_ga'")
+                             f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'eva', 'lora_ga' or "
+                             f"'corda'")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
         put("loftq_config", checked_loftq_config(init, self.loftq_config))
         put("lora_ga_config", checked_lora_ga_config(init, self.lora_ga_config))
         put("eva_config", checked_eva_config(init, self.eva_config))
+        put("corda_config", checked_corda_config(init, self.corda_config))
         if self.target_parameters is not None:  # a set of names, as PEFT keeps it; empty: none (PEFT writes [])
             value = self.target_parameters
             if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)) or not all(

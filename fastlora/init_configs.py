@@ -1,5 +1,5 @@
 """The settings of PEFT's initialisations that take their own sub-config: LoftQ (``loftq_config``), LoRA-GA
-(``lora_ga_config``) and EVA (``eva_config``).  Each is a dataclass as in PEFT; a :class:`fastlora.LoraConfig` keeps
+(``lora_ga_config``), EVA (``eva_config``) and CorDA (``corda_config``).  Each is a dataclass as in PEFT; a :class:`fastlora.LoraConfig` keeps
 it as the plain dict PEFT's ``adapter_config.json`` holds, checked here."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from typing import Any
 
 from fastlora.weight_inits import LORA_GA_DIRECTIONS, LORA_GA_SCALES
 
-__all__ = ["LoftQConfig", "LoraGAConfig", "EvaConfig", "checked_loftq_config", "checked_lora_ga_config",
-           "checked_eva_config"]
+__all__ = ["LoftQConfig", "LoraGAConfig", "EvaConfig", "CordaConfig", "CORDA_METHODS", "checked_loftq_config",
+           "checked_lora_ga_config", "checked_eva_config", "checked_corda_config"]
+
+CORDA_METHODS = ("ipm", "kpm")
 
 
 @dataclass
@@ -122,6 +124,43 @@ class EvaConfig:
     adjust_scaling_factors: bool = True
 
 
+@dataclass
+class CordaConfig:
+    """CorDA's settings for ``LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(...))`` (used by
+    :func:`fastlora.preprocess_corda`).
+
+    Args:
+        cache_file (str | None): where the decomposition of each layer is kept (PEFT's format): read when it
+            exists, written otherwise.  Default None.
+        covariance_file (str | None): where the layers' input covariances are kept (as large as the model): read
+            when it exists, written otherwise; reusable for another rank.  Default None.
+        corda_method (str): ``"ipm"`` (instruction-previewed: the adapter starts from the r leading directions of
+            W C, C the inputs' covariance) or ``"kpm"`` (knowledge-preserved: the r trailing ones, keeping what
+            the inputs use most in the frozen weight).  Default "ipm".
+        verbose (bool): show the decompositions' progress (needs tqdm).  Default False.
+        use_float16_for_covariance (bool): accumulate the covariance in the inputs' own dtype instead of float32
+            (half the memory, less accurate).  Default False.
+        prune_temporary_fields (bool): PEFT's switch for dropping its intermediate module attributes; fastlora
+            keeps none on the modules either way.  Default True.
+
+    PEFT equivalent: ``peft.CordaConfig``.
+
+    Example:
+        >>> from fastlora import CordaConfig, LoraConfig
+        >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="corda",
+        ...                     corda_config=CordaConfig(corda_method="kpm"))
+        >>> config.corda_config["corda_method"]
+        'kpm'
+    """
+
+    cache_file: Any = None
+    covariance_file: Any = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+
 def _as_dict(value: Any, config_class: type, field_name: str) -> dict:
     """A sub-config as the dict a file holds, from its dataclass (fastlora's or PEFT's, by field names) or a dict;
     PEFT's defaults fill what is missing, and a field the dataclass lacks is refused."""
@@ -170,4 +209,25 @@ def checked_eva_config(init, value) -> dict | None:
         raise ValueError(f"eva_config: `rho` must be >= 1.0, got {rho!r}")
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0.0 <= tau <= 1.0:
         raise ValueError(f"eva_config: `tau` must be between 0.0 and 1.0, got {tau!r}")
+    return checked
+
+
+def checked_corda_config(init, value) -> dict | None:
+    """``corda_config`` as a checked dict: PEFT's defaults (with its warning) where ``init_lora_weights="corda"``
+    has none; ignored with PEFT's warning where another initialisation is asked for."""
+    if value is None:
+        if init != "corda":
+            return None
+        warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.",
+                      UserWarning, stacklevel=5)
+        return dataclasses.asdict(CordaConfig())
+    checked = _as_dict(value, CordaConfig, "corda_config")
+    if init != "corda":
+        warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
+                      UserWarning, stacklevel=5)
+    if checked["corda_method"] not in CORDA_METHODS:
+        raise ValueError(f"corda_config: corda_method must be 'ipm' or 'kpm', got {checked['corda_method']!r}")
+    for name in ("cache_file", "covariance_file"):
+        if checked[name] is not None:
+            checked[name] = str(checked[name])
     return checked

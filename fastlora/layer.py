@@ -24,8 +24,8 @@ from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
-from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, is_weight_init, loftq_factors, lora_ga_factors,
-                                   olora_factors, orthogonal_factors, pissa_factors, rank_limit)
+from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, corda_factors, is_weight_init, loftq_factors,
+                                   lora_ga_factors, olora_factors, orthogonal_factors, pissa_factors, rank_limit)
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
@@ -378,7 +378,7 @@ class LoRALinear(nn.Linear):
                          factors: tuple[Tensor, Tensor] | None = None) -> None:
         """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ, LoRA-GA or the orthogonal initialisation (B's
         bias 0, a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`.  ``factors``: the (A, B)
-        :meth:`draw_init_factors` drew when the layer was built (required by "lora_ga")."""
+        :meth:`init_factors` computed when the layer was built (required by "lora_ga" and "corda")."""
         self.check_weight_init(init, self.adapter_settings[adapter_name].r)
         self._init_from_weight(init, adapter_name, loftq_config, factors)
         bias = self.lora_bias(adapter_name)
@@ -387,22 +387,39 @@ class LoRALinear(nn.Linear):
         self._set_magnitude(adapter_name)
 
     @torch.no_grad()
-    def draw_init_factors(self, init: str, adapter_name: str, gradient: Tensor | None = None,
-                          lora_ga_config: dict | None = None) -> tuple[Tensor, Tensor]:
-        """(A, B) in float32 of an initialisation that draws from the global random generator ("pissa_niter_<n>",
-        or "lora_ga" from ``gradient``, laid out as the stored weight, and ``lora_ga_config``), drawn now — PEFT
-        draws them as it builds each layer — and given to :meth:`init_from_weight` once every layer is built.
-        Nothing in the layer changes."""
+    def init_factors(self, init: str, adapter_name: str, source=None,
+                     lora_ga_config: dict | None = None) -> tuple[Tensor, Tensor]:
+        """(A, B) in float32 of an initialisation computed as the layer is built and given to
+        :meth:`init_from_weight` once every layer is: one that draws from the global random generator, in PEFT's
+        order ("pissa_niter_<n>"; "lora_ga" from ``source``, the estimated gradient laid out as the stored weight,
+        and ``lora_ga_config``), or one from what a data-driven step left on the base layer ("corda": ``source``,
+        the kept directions U_WC, S_WC, V_WC).  Nothing in the layer changes."""
         settings = self.adapter_settings[adapter_name]
         self.check_weight_init(init, settings.r)
+        if init == "corda":
+            return self._corda_factors(source, settings)
         if init != "lora_ga":
             return pissa_factors(self.base_weight().to(torch.float32), settings.r, settings.scaling, init)
+        gradient = source
         if gradient.shape != self.weight.shape:
             raise ValueError(f"the LoRA-GA gradient held for this layer has shape {tuple(gradient.shape)}, its weight "
                              f"{tuple(self.weight.shape)}: it was estimated for another model")
         weight = self.base_weight().to(torch.float32) if lora_ga_config["scale"] == "weight_svd" else None
         return lora_ga_factors(self._out_by_in(gradient).to(torch.float32), settings.r, settings.scaling,
                                lora_ga_config, self.weight.shape[0], weight)
+
+    def _corda_factors(self, eigens, settings) -> tuple[Tensor, Tensor]:
+        U, S, V = eigens.U_WC, eigens.S_WC, eigens.V_WC
+        for name, value in (("U", U), ("S", S), ("V", V)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"CorDA's decomposition holds an invalid value (NaN or Inf) in {name} for this layer")
+        for name, value, want in (("U", U, (self.out_features, settings.r)), ("S", S, (settings.r,)),
+                                  ("V", V, (self.in_features, settings.r))):
+            if tuple(value.shape) != want:
+                raise ValueError(f"Matrix {name} size mismatch: {tuple(value.shape)} vs. {want}. Please make sure the "
+                                 f"`lora_config` and `model` argument of `preprocess_corda` is consistent with "
+                                 f"`get_peft_model` (a cache file built with the same model and LoRA rank).")
+        return corda_factors(U.float(), S.float(), V.float(), settings.scaling)
 
     def _out_by_in(self, stored: Tensor) -> Tensor:
         """A tensor laid out as the stored weight (a gradient of it), seen out × in as :meth:`base_weight`."""
@@ -440,9 +457,9 @@ class LoRALinear(nn.Linear):
 
     def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None,
                           factors: tuple[Tensor, Tensor] | None = None) -> None:
-        """PiSSA, OLoRA, LoftQ, LoRA-GA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT holds
-        them: rounded to a floating base weight's dtype first.  PiSSA and OLoRA leave W − (scaling · B) A as the
-        base weight, from the float32 factors (requantized where the base is quantized), LoRA-GA W − scaling · (B A)
+        """PiSSA, OLoRA, LoftQ, LoRA-GA, CorDA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT
+        holds them: rounded to a floating base weight's dtype first.  PiSSA, OLoRA and CorDA leave W − (scaling · B) A
+        as the base weight, from the float32 factors (requantized where the base is quantized), LoRA-GA W − scaling · (B A)
         from the rounded factors, so the layer's output is unchanged; LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
         if init == "orthogonal":
@@ -456,15 +473,18 @@ class LoRALinear(nn.Linear):
         elif init == "lora_ga":
             if factors is None:
                 raise ValueError("init_lora_weights='lora_ga' takes the factors drawn from the estimated gradient "
-                                 "(draw_init_factors) when the layer is built")
+                                 "(init_factors) when the layer is built")
             A, B = factors
             rounding = self._factor_rounding_dtype() or torch.float32
             held_A, held_B = A.to(rounding).to(torch.float32), B.to(rounding).to(torch.float32)
             self._store_base_weight(self.base_weight().to(torch.float32) - settings.scaling * (held_B @ held_A))
         else:
             weight = self.base_weight().to(torch.float32)
-            if factors is not None:
+            if factors is not None:  # pissa_niter_<n>'s, drawn as the layer was built; CorDA's
                 A, B = factors
+            elif init == "corda":
+                raise ValueError("init_lora_weights='corda' takes the factors from preprocess_corda's decomposition "
+                                 "(init_factors) when the layer is built")
             else:
                 A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")
                         else olora_factors(weight, settings.r))

@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
-from fastlora.conv1d import is_conv1d
 from fastlora.files import atomic_write
-from fastlora.targets import plan_targets, with_task_heads
+from fastlora.targets import full_precision_linear_targets
 
 __all__ = ["preprocess_loraga", "GRADIENT_ATTRIBUTE", "lora_ga_gradients"]
 
@@ -30,22 +29,6 @@ def lora_ga_gradients(modules: dict[str, nn.Module]) -> dict[str, Tensor]:
     """Name → the gradient :func:`preprocess_loraga` left on that module, for the modules holding one."""
     return {name: getattr(module, GRADIENT_ATTRIBUTE) for name, module in modules.items()
             if isinstance(getattr(module, GRADIENT_ATTRIBUTE, None), Tensor)}
-
-
-def _targets(model: nn.Module, config: LoraConfig) -> dict[str, nn.Module]:
-    """The Linear and Conv1D modules ``config`` adapts, as ``get_peft_model`` will find them; a quantized one is
-    refused (its weight has no full-precision gradient)."""
-    config = with_task_heads(config, model)
-    modules = {name: model.get_submodule(name) for name in plan_targets(model, config)}
-    modules = {name: module for name, module in modules.items() if isinstance(module, nn.Linear) or is_conv1d(module)}
-    for name, module in modules.items():
-        if hasattr(module, "quant_state") or not module.weight.dtype.is_floating_point:
-            raise ValueError(f"LoRA-GA does not support quantized models. Found quantized module: '{name}'. LoRA-GA "
-                             f"requires full-precision gradients during preprocessing.")
-    if not modules:
-        raise ValueError("No supported layers found for LoRA-GA initialization: LoRA-GA adapts nn.Linear and Conv1D "
-                         "layers, and target_modules matched none")
-    return modules
 
 
 @torch.no_grad()
@@ -83,7 +66,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
     if lora_config.lora_ga_config is None:
         raise ValueError("If you want to use LoRA-GA, please initialize the LoraConfig with "
                          "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...).")
-    modules = _targets(model, lora_config)
+    modules = full_precision_linear_targets(model, lora_config, "LoRA-GA")
     if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
         _read_cache(Path(cache_file), modules)
         return

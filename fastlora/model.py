@@ -23,8 +23,7 @@ from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
-from fastlora.model_inits import init_from_weights, warn_of_lora_ga_without_gradients
-from fastlora.lora_ga import GRADIENT_ATTRIBUTE, lora_ga_gradients
+from fastlora.model_inits import data_driven_sources, forget_sources, init_from_weights, warn_of_lora_ga_without_gradients
 from fastlora.weight_inits import draws_from_the_generator, is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
@@ -103,31 +102,31 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
         for param, flag in flags.items():
             param.requires_grad_(flag)
 
-    # PiSSA, OLoRA, LoftQ and LoRA-GA change the base weights, which undo() cannot put back: the layers are built
-    # with the values PEFT's constructors draw (what "eva" leaves before its own step: A as drawn, B = 0), and take
-    # the initialisation once every other step has succeeded and every layer has accepted it.  The factors that
-    # draw from the random generator are drawn as each layer is built, in PEFT's order of draws.
+    # PiSSA, OLoRA, LoftQ, LoRA-GA and CorDA change the base weights, which undo() cannot put back: the layers are
+    # built with the values PEFT's constructors draw (what "eva" leaves before its own step: A as drawn, B = 0), and
+    # take the initialisation once every other step has succeeded and every layer has accepted it.  The factors
+    # that draw from the random generator are drawn as each layer is built, in PEFT's order of draws; those from a
+    # data-driven step's results (LoRA-GA's gradients, CorDA's decompositions) are computed then too.
     init = config.init_lora_weights
-    gradients = lora_ga_gradients({name: originals[name] for name in targets}) if init == "lora_ga" else {}
-    if gradients and config.lora_ga_config is None:
-        raise ValueError("lora_ga_config must be provided when init_lora_weights='lora_ga'. Please pass "
-                         "lora_ga_config=LoraGAConfig(...) to LoraConfig.")
-    from_weights = list(gradients) if init == "lora_ga" else targets if is_weight_init(init) and init != "orthogonal" \
-        else []
-    drawn = {}
+    sources = data_driven_sources(config, {name: originals[name] for name in targets})
+    from_weights = list(sources) if init in ("lora_ga", "corda") \
+        else targets if is_weight_init(init) and init != "orthogonal" else []
+    factors = {}
     try:
         for name in targets:
             module = originals[name]
             dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
-            creation_init = "eva" if name in gradients or (from_weights and init != "lora_ga") else init
+            # CorDA's layers all start from their decomposition; an embedding target takes True's values, as PEFT's
+            creation_init = "eva" if name in from_weights else True if init == "corda" else init
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
                 _set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, creation_init, dtype))
             layer = model.get_submodule(name)
-            if name in from_weights and draws_from_the_generator(init) and layer.WEIGHT_INITS_CHANGE_BASE:
-                drawn[name] = layer.draw_init_factors(init, adapter_name, gradients.get(name), config.lora_ga_config)
+            if name in from_weights and (draws_from_the_generator(init) or name in sources) \
+                    and layer.WEIGHT_INITS_CHANGE_BASE:
+                factors[name] = layer.init_factors(init, adapter_name, sources.get(name), config.lora_ga_config)
         new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
                                             lambda weight: _adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
@@ -155,9 +154,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             for param in originals[name].parameters(recurse=False):
                 param.requires_grad_(flags[param])
     if from_weights:
-        init_from_weights(model, config, adapter_name, from_weights, undo, drawn)
-    for name in gradients:  # used: PEFT drops it too
-        delattr(originals[name], GRADIENT_ATTRIBUTE)
+        init_from_weights(model, config, adapter_name, from_weights, undo, factors)
+    forget_sources(config, {name: originals[name] for name in sources})  # used: PEFT drops them too
     return undo
 
 

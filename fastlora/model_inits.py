@@ -13,9 +13,11 @@ from typing import Callable
 from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
-from fastlora.lora_ga import lora_ga_gradients
+from fastlora.conv1d import is_conv1d
+from fastlora.corda import EIGENS_ATTRIBUTE, corda_eigens
+from fastlora.lora_ga import GRADIENT_ATTRIBUTE, lora_ga_gradients
 
-__all__ = ["init_from_weights", "warn_of_lora_ga_without_gradients"]
+__all__ = ["init_from_weights", "data_driven_sources", "forget_sources", "warn_of_lora_ga_without_gradients"]
 
 
 def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
@@ -55,6 +57,37 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
         raise RuntimeError(f"init_lora_weights={init!r} failed on {name} ({type(exc).__name__}: {exc}); the adapter was "
                            f"removed, but the base weights of {done[:3]}{' and more' if len(done) > 3 else ''} "
                            f"already hold the initialisation's residual: reload the model") from exc
+
+
+def data_driven_sources(config: LoraConfig, modules: dict[str, nn.Module]) -> dict[str, object]:
+    """Target name → what a data-driven step left on that module for ``config``'s initialisation to start from:
+    LoRA-GA's estimated gradient (a target without one starts as True, as in PEFT), CorDA's kept directions (every
+    Linear and Conv1D target needs them: PEFT's error otherwise).  Checked before anything changes."""
+    init = config.init_lora_weights
+    if init == "lora_ga":
+        gradients = lora_ga_gradients(modules)
+        if gradients and config.lora_ga_config is None:
+            raise ValueError("lora_ga_config must be provided when init_lora_weights='lora_ga'. Please pass "
+                             "lora_ga_config=LoraGAConfig(...) to LoraConfig.")
+        return gradients
+    if init == "corda":
+        eigens = corda_eigens(modules)
+        missing = [name for name, module in modules.items()
+                   if name not in eigens and (isinstance(module, nn.Linear) or is_conv1d(module))]
+        if missing:
+            raise ValueError(f"`eigens` attribute not found for layer {missing[0]!r}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, please run "
+                             f"`preprocess_corda` first")
+        return eigens
+    return {}
+
+
+def forget_sources(config: LoraConfig, modules: dict[str, nn.Module]) -> None:
+    """Drop what :func:`data_driven_sources` found on ``modules``, once used (PEFT drops it too)."""
+    attribute = {"lora_ga": GRADIENT_ATTRIBUTE, "corda": EIGENS_ATTRIBUTE}.get(config.init_lora_weights)
+    for module in modules.values():
+        if attribute is not None and hasattr(module, attribute):
+            delattr(module, attribute)
 
 
 def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:

@@ -156,6 +156,9 @@ class LoRAQuantizedLinear(LoRALinear):
         if init.startswith("pissa"):  # PEFT's refusal: PiSSA's residual is meant to be quantized afterwards
             raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors.")
+        if init == "corda":  # PEFT's refusal: the residual is meant to be quantized afterwards
+            raise TypeError("Please initialize CorDA under float32, float16, or bfloat16. Subsequently, re-quantize "
+                            "the residual model to help minimize quantization errors.")
         if init == "lora_ga":  # PEFT's preprocess_loraga refuses these layers
             raise ValueError("LoRA-GA does not support quantized models: it needs the full-precision weight's "
                              "gradient; estimate it on the model loaded unquantized")

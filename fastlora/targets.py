@@ -310,3 +310,20 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[st
             plan[name] = list(rows)
     return plan
 
+
+def full_precision_linear_targets(model: nn.Module, config: LoraConfig, method: str) -> dict[str, nn.Module]:
+    """Name → module of the Linear and Conv1D layers ``config`` adapts in ``model`` (not yet adapted), as
+    ``get_peft_model`` will find them, for a data-driven initialisation (``method``: "LoRA-GA", "CorDA") that reads
+    full-precision weights: a quantized one is refused, as PEFT refuses it; ValueError where none is matched."""
+    config = with_task_heads(config, model)
+    modules = {name: model.get_submodule(name) for name in plan_targets(model, config)}
+    modules = {name: module for name, module in modules.items()
+               if isinstance(module, nn.Linear) or is_conv1d_target(module)}
+    for name, module in modules.items():
+        if hasattr(module, "quant_state") or not module.weight.dtype.is_floating_point:
+            raise ValueError(f"{method} does not support quantized models. Found quantized module: '{name}'. "
+                             f"{method} reads the full-precision weights: run it on the model loaded unquantized")
+    if not modules:
+        raise ValueError(f"No supported layers found for {method} initialization: {method} adapts nn.Linear and "
+                         f"Conv1D layers, and target_modules matched none")
+    return modules

@@ -1,6 +1,6 @@
-"""An adapter trained from a PiSSA, OLoRA or LoRA-GA initialisation, saved as a plain LoRA adapter for the
-unchanged base model (``save_pretrained(path_initial_model_for_weight_conversion=<the adapter saved right after
-creation>)``, PEFT's conversion).
+"""An adapter trained from a PiSSA, OLoRA, LoRA-GA or CorDA initialisation, saved as a plain LoRA adapter
+for the unchanged base model (``save_pretrained(path_initial_model_for_weight_conversion=<the adapter saved
+right after creation>)``, PEFT's conversion).
 
 Those initialisations moved scaling · B₀ A₀ out of the base weight (W_res = W − scaling · B₀ A₀); after training
 the model computes W_res + scaling · B A, which is W + scaling · (B A − B₀ A₀) on the original W:

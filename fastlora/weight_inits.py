@@ -22,6 +22,9 @@ PiSSA and OLoRA move the weight's principal part into the adapter, leaving the l
   out^¼ / √γ; "weight_svd" by W's largest singular value over B's first; "gd_scale" A and B both divided by
   the adapter's scaling; "unit" not at all).  The base weight keeps W − scaling · B A (the factors rounded to
   W's dtype first), so the layer's output is unchanged.
+- ``"corda"`` (CorDA, after :func:`fastlora.preprocess_corda` decomposed W C = U S Vᵀ, C the inputs' covariance,
+  and kept r directions): with S' = S / scaling, A = √S' (C⁻¹ V)ᵀ and B = U √S', so that scaling · B A is those
+  directions' part of W; the base weight keeps W − (scaling · B) A.
 - ``"orthogonal"`` (r even): Q from the QR decomposition of an r × r normal matrix, its even rows Q₀ and odd rows
   Q₁ (orthonormal to each other); A = (G_A Q₀)ᵀ / 10 and B = G_Bᵀ Q₁ / 10 with normal G_A (in × r/2) and G_B
   (r/2 × out): B A = G_Bᵀ Q₁ Q₀ᵀ G_Aᵀ / 100 = 0, so the layer starts at the base output while neither factor is 0.
@@ -34,7 +37,7 @@ from torch import Tensor
 
 __all__ = ["WEIGHT_INITS", "LORA_GA_DIRECTIONS", "LORA_GA_SCALES", "is_weight_init", "draws_from_the_generator",
            "check_weight_init", "rank_limit", "pissa_factors", "olora_factors", "orthogonal_factors", "loftq_factors",
-           "quantization_error_factors", "lora_ga_factors"]
+           "quantization_error_factors", "lora_ga_factors", "corda_factors"]
 
 WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq")
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -168,3 +171,10 @@ def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict, stab
     elif scale == "gd_scale":
         A, B = A / scaling, B / scaling
     return A, B
+
+
+def corda_factors(U: Tensor, S: Tensor, V: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """(A, B) of CorDA from a layer's kept directions (U out × r, S r, V = C⁻¹ V in × r; see the module
+    docstring): scaling · B A = U diag(S) Vᵀ."""
+    root = (S / scaling).sqrt()
+    return V.t().mul(root.view(-1, 1)).contiguous(), U.mul(root).contiguous()

@@ -1,0 +1,192 @@
+"""CorDA: preprocess_corda's decomposition and init_lora_weights="corda", compared with PEFT's bit for bit (factors,
+residual base weights; either library's decomposition fed to the other), its cache and covariance files both ways,
+the model's state put back, and the refusals."""
+
+import warnings
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
+from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
+
+import fastlora
+from fastlora import CordaConfig, preprocess_corda
+from tests.models import assert_unchanged, clone, copy_lora_weights, load_quantized, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
+GPT2 = dict(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=8)
+
+
+def _config(library, settings, **corda):
+    corda_class = CordaConfig if library is fastlora else PeftCordaConfig
+    return library.LoraConfig(**settings, init_lora_weights="corda", corda_config=corda_class(**corda))
+
+
+def _samples(vocab=128):
+    return [tokens(batch=1, length=16, vocab=vocab, seed=s) for s in range(5)]  # PEFT takes one sample per call
+
+
+def _adapted(library, base, settings, samples, estimator=None, **corda):
+    model = clone(base)
+    estimator = estimator or library
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocess = preprocess_corda if estimator is fastlora else peft_preprocess_corda
+        preprocess(model, _config(estimator, settings, **corda), lambda: [model(input_ids=ids) for ids in samples])
+        torch.manual_seed(1)
+        return library.get_peft_model(model, _config(library, settings, **corda))
+
+
+def _assert_peft_s(theirs, ours):
+    layers = dict(ours.lora_layers())
+    assert len(layers) > 0
+    for name, layer in layers.items():
+        their_layer = theirs.base_model.model.get_submodule(name)
+        A, B = layer.lora_factors("default")
+        assert torch.equal(A, their_layer.lora_A["default"].weight), name
+        assert torch.equal(B, their_layer.lora_B["default"].weight), name
+        assert torch.equal(layer.weight, their_layer.get_base_layer().weight), name
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+@pytest.mark.parametrize("setup", ["llama", "bf16", "gpt2-conv1d", "rank-pattern", "estimated-by-peft"])
+def test_corda_starts_from_peft_s_factors_and_residual(setup, method):
+    base, settings, samples, estimator = tiny_llama(), dict(LLAMA), _samples(), None
+    if setup == "bf16":
+        base = base.to(torch.bfloat16)
+    elif setup == "gpt2-conv1d":  # weights stored (in, out)
+        base, settings, samples = tiny_gpt2(), dict(GPT2), _samples(vocab=64)
+    elif setup == "rank-pattern":
+        settings["rank_pattern"] = {"v_proj": 2}
+    elif setup == "estimated-by-peft":
+        estimator = peft
+    theirs = _adapted(peft, base, settings, samples, corda_method=method)
+    ours = _adapted(fastlora, base, settings, samples, estimator, corda_method=method)
+    _assert_peft_s(theirs, ours)
+    if setup == "rank-pattern":
+        assert ours.base_model.model.model.layers[0].self_attn.v_proj.adapter_settings["default"].r == 2
+    if base.dtype == torch.float32:  # W_res + scaling · B A = W: the model starts where the base model was
+        with torch.no_grad():
+            ids = samples[0]
+            assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, kind="same_math_max")
+
+
+def test_the_cache_and_covariance_files_are_peft_s_and_are_read_back(tmp_path):
+    base, samples = tiny_llama(), _samples()
+    files = dict(cache_file=str(tmp_path / "cache" / "eigens.pt"), covariance_file=str(tmp_path / "covariance.pt"))
+    calls = []
+
+    def run(model):
+        calls.append(1)
+        for ids in samples:
+            model(input_ids=ids)
+
+    first = clone(base)
+    preprocess_corda(first, _config(fastlora, LLAMA, **files), lambda: run(first))
+    held = {name: module.eigens for name, module in first.named_modules() if hasattr(module, "eigens")}
+    assert len(held) == 6 and len(calls) == 1
+    again, theirs = clone(base), clone(base)
+    preprocess_corda(again, _config(fastlora, LLAMA, **files), lambda: run(again))
+    peft_preprocess_corda(theirs, _config(peft, LLAMA, **files), lambda: run(theirs))
+    assert len(calls) == 1  # both read the cache file
+    for name, eigens in held.items():
+        for copy in (again, theirs):
+            other = copy.get_submodule(name).eigens
+            assert all(torch.equal(getattr(other, part), getattr(eigens, part)) for part in ("S_WC", "U_WC", "V_WC"))
+    # the covariance file serves another rank without running the model again, as PEFT's does
+    other_rank = dict(LLAMA, r=2)
+    ours, reference = clone(base), clone(base)
+    preprocess_corda(ours, _config(fastlora, other_rank, covariance_file=files["covariance_file"]), None)
+    peft_preprocess_corda(reference, _config(peft, other_rank, covariance_file=files["covariance_file"]), None)
+    assert len(calls) == 1
+    for name, module in ours.named_modules():
+        if hasattr(module, "eigens"):
+            assert module.eigens.S_WC.shape == (2,)
+            assert torch.equal(module.eigens.V_WC, reference.get_submodule(name).eigens.V_WC)
+    with pytest.raises(ValueError, match="other target modules"):
+        preprocess_corda(clone(base), _config(fastlora, dict(LLAMA, target_modules=["o_proj"]), **files), None)
+
+
+def test_the_model_is_put_back_and_samples_may_come_in_batches():
+    base = tiny_llama()
+    model = clone(base).train()
+    before = snapshot(model)
+
+    def failing():
+        model(input_ids=tokens(batch=1))
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        preprocess_corda(model, _config(fastlora, LLAMA), failing)
+    assert_unchanged(model, before)
+    assert model.training and not any(m._forward_hooks for m in model.modules())
+    assert not any(hasattr(m, "eigens") for m in model.modules())
+    # a batch of several samples (PEFT's hook takes one sample per call): its rows together
+    preprocess_corda(model, _config(fastlora, LLAMA), lambda: model(input_ids=tokens(batch=3)))
+    assert model.training
+    decomposed = [module for module in model.modules() if hasattr(module, "eigens")]
+    adapted = fastlora.get_peft_model(model, _config(fastlora, LLAMA)).eval()
+    assert len(decomposed) == 6 and not any(hasattr(module, "eigens") for module in decomposed)  # used, dropped
+    with torch.no_grad():
+        assert_close(adapted(input_ids=tokens()).logits, base(input_ids=tokens()).logits, kind="same_math_max")
+
+
+def test_refusals_leave_the_model_unchanged(tmp_path):
+    base, samples = tiny_llama(), _samples()
+    with pytest.raises(ValueError, match="run_model must be specified"):
+        preprocess_corda(clone(base), _config(fastlora, LLAMA), None)
+    model = clone(base)
+    with pytest.raises(ValueError, match=r"run_model did not run \['lm_head'\]"):  # the decoder without its head
+        preprocess_corda(model, _config(fastlora, dict(LLAMA, target_modules=["q_proj", "lm_head"])),
+                         lambda: model.model(input_ids=samples[0]))
+    with pytest.raises(ValueError, match="at most min"):
+        model = clone(base)
+        preprocess_corda(model, _config(fastlora, dict(LLAMA, r=40)), lambda: [model(input_ids=i) for i in samples])
+    model = clone(base)
+    preprocess_corda(model, _config(fastlora, LLAMA), lambda: [model(input_ids=ids) for ids in samples])
+    del model.model.layers[1].mlp.down_proj.eigens
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="`eigens` attribute not found for layer 'model.layers.1.mlp.down_proj'"):
+        fastlora.get_peft_model(model, _config(fastlora, LLAMA))
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match=r"Matrix U size mismatch"):  # decomposed for another rank
+        fastlora.get_peft_model(model, _config(fastlora, dict(LLAMA, r=2, target_modules=["q_proj", "v_proj"])))
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="corda_method must be 'ipm' or 'kpm'"):
+        fastlora.LoraConfig(**LLAMA, init_lora_weights="corda", corda_config={"corda_method": "svd"})
+    tiny_llama().save_pretrained(tmp_path)
+    quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    before = snapshot(quantized)
+    with pytest.raises(ValueError, match="CorDA does not support quantized models"):
+        preprocess_corda(quantized, _config(fastlora, LLAMA), lambda: None)
+    assert_unchanged(quantized, before)
+
+
+def test_a_trained_corda_adapter_converts_for_the_original_weight_as_peft(tmp_path):
+    base, samples = tiny_llama(), _samples()
+    models = {library: _adapted(library, base, LLAMA, samples) for library in (peft, fastlora)}
+    for library, model in models.items():
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(tmp_path / library.__name__ / "initial")
+    with torch.no_grad():  # training steps' worth of change to PEFT's factors, and the same values in fastlora's
+        for _, param in sorted(models[peft].named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    copy_lora_weights(models[peft], models[fastlora])
+    ids = samples[0]
+    with torch.no_grad():
+        trained = models[fastlora](input_ids=ids).logits
+    for library, model in models.items():
+        directory = tmp_path / library.__name__
+        model.save_pretrained(directory / "final", path_initial_model_for_weight_conversion=str(directory / "initial"))
+    their_file = load_file(tmp_path / "peft" / "final" / "adapter_model.safetensors")
+    our_file = load_file(tmp_path / "fastlora" / "final" / "adapter_model.safetensors")
+    assert their_file.keys() == our_file.keys()
+    assert all(torch.equal(our_file[key], their_file[key]) for key in their_file)
+    for library in (fastlora, peft):
+        converted = library.PeftModel.from_pretrained(clone(base), tmp_path / "fastlora" / "final")
+        with torch.no_grad():
+            assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")

@@ -191,19 +191,26 @@ def checked_lora_ga_config(init, value) -> dict | None:
     return checked
 
 
-def checked_eva_config(init, value) -> dict | None:
-    """``eva_config`` as a checked dict: PEFT's defaults (with its warning) where ``init_lora_weights="eva"`` has
-    none; ignored with PEFT's warning where another initialisation is asked for."""
+def _for_its_init(init, value, own_init: str, config_class: type, field_name: str, name: str) -> dict | None:
+    """A sub-config that belongs to ``own_init`` as a dict, as PEFT takes it: its defaults, with PEFT's warning,
+    where that initialisation is asked for without one; kept but said to be ignored where another one is."""
     if value is None:
-        if init != "eva":
+        if init != own_init:
             return None
-        warnings.warn("`init_lora_weights` is 'eva' but `eva_config` is not specified. Using default EVA config.",
-                      UserWarning, stacklevel=5)
-        return dataclasses.asdict(EvaConfig())
-    checked = _as_dict(value, EvaConfig, "eva_config")
-    if init != "eva":
-        warnings.warn("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.",
-                      UserWarning, stacklevel=5)
+        warnings.warn(f"`init_lora_weights` is '{own_init}' but `{field_name}` is not specified. Using default {name} "
+                      f"config.", UserWarning, stacklevel=6)
+        return dataclasses.asdict(config_class())
+    if init != own_init:
+        warnings.warn(f"`{field_name}` specified but will be ignored when `init_lora_weights` is not '{own_init}'.",
+                      UserWarning, stacklevel=6)
+    return _as_dict(value, config_class, field_name)
+
+
+def checked_eva_config(init, value) -> dict | None:
+    """``eva_config`` as a checked dict (see :func:`_for_its_init`)."""
+    checked = _for_its_init(init, value, "eva", EvaConfig, "eva_config", "EVA")
+    if checked is None:
+        return None
     rho, tau = checked["rho"], checked["tau"]
     if isinstance(rho, bool) or not isinstance(rho, (int, float)) or rho < 1.0:
         raise ValueError(f"eva_config: `rho` must be >= 1.0, got {rho!r}")
@@ -213,18 +220,10 @@ def checked_eva_config(init, value) -> dict | None:
 
 
 def checked_corda_config(init, value) -> dict | None:
-    """``corda_config`` as a checked dict: PEFT's defaults (with its warning) where ``init_lora_weights="corda"``
-    has none; ignored with PEFT's warning where another initialisation is asked for."""
-    if value is None:
-        if init != "corda":
-            return None
-        warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.",
-                      UserWarning, stacklevel=5)
-        return dataclasses.asdict(CordaConfig())
-    checked = _as_dict(value, CordaConfig, "corda_config")
-    if init != "corda":
-        warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
-                      UserWarning, stacklevel=5)
+    """``corda_config`` as a checked dict (see :func:`_for_its_init`), its file paths as strings."""
+    checked = _for_its_init(init, value, "corda", CordaConfig, "corda_config", "CorDA")
+    if checked is None:
+        return None
     if checked["corda_method"] not in CORDA_METHODS:
         raise ValueError(f"corda_config: corda_method must be 'ipm' or 'kpm', got {checked['corda_method']!r}")
     for name in ("cache_file", "covariance_file"):

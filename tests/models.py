@@ -167,3 +167,39 @@ def assert_step_as_peft(peft_model, fastlora_model, ids, kind="same_math", grad_
         if ours.requires_grad:
             assert_close(ours.grad, theirs.grad, kind=grad_kind)
 
+
+def assert_converts_for_the_original_weight_as_peft(models, base, ids, directory):
+    """PEFT's guide for an initialisation that changed the base weights, from its step "save the initial adapter"
+    (``models``: {peft: PEFT's model, fastlora: fastlora's}, built the same way): the initial adapters saved
+    saying ``init_lora_weights=True``, PEFT's factors moved as training would and fastlora given the same values,
+    both saved converted for the original weight (``path_initial_model_for_weight_conversion``); the files are
+    equal, and the converted adapter on the untouched ``base`` gives the trained logits in both libraries."""
+    import peft
+    from safetensors.torch import load_file
+
+    import fastlora
+    from tests.tolerances import assert_close
+
+    for library, model in models.items():
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(directory / library.__name__ / "initial")
+    with torch.no_grad():
+        for _, param in sorted(models[peft].named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
+    copy_lora_weights(models[peft], models[fastlora])
+    with torch.no_grad():
+        trained = models[fastlora](input_ids=ids).logits
+        assert_close(trained, models[peft](input_ids=ids).logits, kind="same_math")
+    for library, model in models.items():
+        folder = directory / library.__name__
+        model.save_pretrained(folder / "final", path_initial_model_for_weight_conversion=str(folder / "initial"))
+    their_file = load_file(directory / "peft" / "final" / "adapter_model.safetensors")
+    our_file = load_file(directory / "fastlora" / "final" / "adapter_model.safetensors")
+    assert their_file.keys() == our_file.keys()
+    for key in their_file:
+        assert torch.equal(our_file[key], their_file[key]), key
+    for library in (fastlora, peft):
+        converted = library.PeftModel.from_pretrained(clone(base), directory / "fastlora" / "final")
+        with torch.no_grad():
+            assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")

@@ -7,13 +7,13 @@ import warnings
 import peft
 import pytest
 import torch
-from safetensors.torch import load_file
 from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 import fastlora
 from fastlora import CordaConfig, preprocess_corda
-from tests.models import assert_unchanged, clone, copy_lora_weights, load_quantized, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_unchanged, clone, load_quantized,
+                          snapshot, tiny_gpt2, tiny_llama, tokens)
 from tests.tolerances import assert_close
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
@@ -168,25 +168,4 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
 def test_a_trained_corda_adapter_converts_for_the_original_weight_as_peft(tmp_path):
     base, samples = tiny_llama(), _samples()
     models = {library: _adapted(library, base, LLAMA, samples) for library in (peft, fastlora)}
-    for library, model in models.items():
-        model.peft_config["default"].init_lora_weights = True
-        model.save_pretrained(tmp_path / library.__name__ / "initial")
-    with torch.no_grad():  # training steps' worth of change to PEFT's factors, and the same values in fastlora's
-        for _, param in sorted(models[peft].named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())) * 0.05)
-    copy_lora_weights(models[peft], models[fastlora])
-    ids = samples[0]
-    with torch.no_grad():
-        trained = models[fastlora](input_ids=ids).logits
-    for library, model in models.items():
-        directory = tmp_path / library.__name__
-        model.save_pretrained(directory / "final", path_initial_model_for_weight_conversion=str(directory / "initial"))
-    their_file = load_file(tmp_path / "peft" / "final" / "adapter_model.safetensors")
-    our_file = load_file(tmp_path / "fastlora" / "final" / "adapter_model.safetensors")
-    assert their_file.keys() == our_file.keys()
-    assert all(torch.equal(our_file[key], their_file[key]) for key in their_file)
-    for library in (fastlora, peft):
-        converted = library.PeftModel.from_pretrained(clone(base), tmp_path / "fastlora" / "final")
-        with torch.no_grad():
-            assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")
+    assert_converts_for_the_original_weight_as_peft(models, base, samples[0], tmp_path)

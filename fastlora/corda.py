@@ -23,12 +23,15 @@ from torch import Tensor, nn
 from fastlora.config import LoraConfig
 from fastlora.conv1d import is_conv1d
 from fastlora.files import atomic_write
+from fastlora.module_modes import in_mode
 from fastlora.targets import full_precision_linear_targets
 
 __all__ = ["preprocess_corda", "CordaEigens", "EIGENS_ATTRIBUTE", "corda_eigens"]
 
 EIGENS_ATTRIBUTE = "eigens"
 _PARTS = ("S_WC", "U_WC", "V_WC")
+# the damping doubles from 0.01 at most this often (to about 1e16 times the mean diagonal)
+_MOST_DAMPINGS = 60
 
 
 @dataclass
@@ -79,7 +82,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
     modules = full_precision_linear_targets(model, lora_config, "CorDA")
     cache_file = settings["cache_file"]
     if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
-        eigens = _read_cache(Path(cache_file), modules, lora_config)
+        eigens = _read_cache(Path(cache_file), modules)
     else:
         covariances = _covariances(model, modules, lora_config, run_model, hooked_model)
         eigens = {}
@@ -104,10 +107,17 @@ def _covariances(model, modules, config: LoraConfig, run_model, hooked_model) ->
         if missing:
             raise ValueError(f"the covariance file {path!r} holds nothing for {missing[:3]}: it was written for other "
                              f"target modules (delete it to measure again)")
+        wrong = [name for name, module in modules.items() if stored[name].shape != (_in_features(module),) * 2]
+        if wrong:
+            raise ValueError(f"the covariance file {path!r} holds covariances of other sizes for {wrong[:3]}: it was "
+                             f"written for another model")
         return {name: stored[name] for name in modules}
     if run_model is None:
         raise ValueError("run_model must be specified when covariance file and cache file aren't built.")
     hooked = hooked_model if hooked_model is not None else model
+    absent = [name for name in modules if not _has_submodule(hooked, name)]
+    if absent:
+        raise ValueError(f"hooked_model has no layer named {absent[0]!r}: it must have the model's layer names")
     hooked_modules = {name: hooked.get_submodule(name) for name in modules}
     sums, calls = dict.fromkeys(modules, 0), dict.fromkeys(modules, 0)
     keep_dtype = config.corda_config["use_float16_for_covariance"]
@@ -121,19 +131,21 @@ def _covariances(model, modules, config: LoraConfig, run_model, hooked_model) ->
             x = x / torch.max(x).abs()
             if not torch.isfinite(x).all():
                 raise ValueError(f"Invalid value found in the input of {name}, please check your input data.")
-            sums[name] = sums[name] + x.t().matmul(x)
+            product = x.t().matmul(x)
+            if not torch.isfinite(product).all():  # a 16-bit covariance (use_float16_for_covariance) can overflow
+                raise ValueError(f"Invalid value found in the covariance of {name}'s inputs (an overflow: leave "
+                                 f"use_float16_for_covariance off, or pass fewer samples per call)")
+            sums[name] = sums[name] + product
             calls[name] += 1
         return hook
 
-    training = hooked.training
     handles = [module.register_forward_hook(accumulate(name)) for name, module in hooked_modules.items()]
     try:
-        hooked.eval()
-        run_model()
+        with in_mode(hooked, training=False):
+            run_model()
     finally:
         for handle in handles:
             handle.remove()
-        hooked.train(training)
     unreached = [name for name in modules if not calls[name]]
     if unreached:
         raise ValueError(f"run_model did not run {unreached[:3]}{' and more' if len(unreached) > 3 else ''}: CorDA "
@@ -150,15 +162,21 @@ def _decomposition(module: nn.Module, covariance: Tensor) -> CordaEigens:
     if is_conv1d(module):
         weight = weight.T
     covariance = covariance.float()
+    if not torch.isfinite(covariance).all():
+        raise ValueError("Invalid value found in covariance (NaN or Inf): please check the input data or the "
+                         "covariance file")
     identity = torch.eye(covariance.size(0), device=covariance.device)
     damp = 0.01
-    while True:
+    for _ in range(_MOST_DAMPINGS):
         damped = covariance + torch.diag(torch.ones(covariance.size(0), device=covariance.device)
                                          * torch.mean(torch.diag(covariance)) * damp)
         inverse = torch.linalg.inv(damped)
         if torch.dist(damped @ inverse, identity).item() < 0.05:
             break
         damp *= 2
+    else:
+        raise ValueError(f"the covariance of this layer's inputs cannot be inverted, even damped by {damp / 2:g} times "
+                         f"its mean diagonal: the calibration samples are too few or too alike")
     U, S, Vh = torch.linalg.svd(weight @ damped, full_matrices=False)
     return CordaEigens(S_WC=S, U_WC=U, V_WC=(Vh @ inverse).transpose(0, 1))
 
@@ -173,7 +191,7 @@ def _kept(eigens: CordaEigens, rank: int, method: str, device: torch.device) -> 
                        V_WC=eigens.V_WC[:, kept].clone().to(device))
 
 
-def _read_cache(path: Path, modules: dict[str, nn.Module], config: LoraConfig) -> dict[str, CordaEigens]:
+def _read_cache(path: Path, modules: dict[str, nn.Module]) -> dict[str, CordaEigens]:
     cache = torch.load(path, map_location=next(iter(modules.values())).weight.device, weights_only=True)
     eigens = {}
     for name, module in modules.items():
@@ -183,6 +201,18 @@ def _read_cache(path: Path, modules: dict[str, nn.Module], config: LoraConfig) -
                              f"other target modules (delete it to decompose again)")
         eigens[name] = CordaEigens(*(cache[key] for key in keys))
     return eigens
+
+
+def _in_features(module: nn.Module) -> int:
+    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _write(path, tensors: dict) -> None:

@@ -32,6 +32,7 @@ from fastlora.conv1d import is_conv1d
 from fastlora.embedding import LoRAEmbedding
 from fastlora.incremental_pca import IncrementalPCA
 from fastlora.layer import LoRALinear
+from fastlora.module_modes import in_mode
 from fastlora.model import _set_module
 from fastlora.parameter_lora import LoRAParameter
 from fastlora.targets import plan_targets, with_task_heads
@@ -235,16 +236,16 @@ def _fit(model, dataloader, config: LoraConfig, layers: dict[str, nn.Module], la
     if rho > _RHO_CEILING:
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // config.r)
     per_layer_fn = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
-    training, device = model.training, _model_device(model)
-    model.eval()
+    device = _model_device(model)
     try:
-        return _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn, prepare_model_inputs_fn,
-                                 prepare_layer_inputs_fn, per_layer_fn, gather, show_progress_bar, rho, eva, device)
+        with in_mode(model, training=False):
+            return _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn,
+                                     prepare_model_inputs_fn, prepare_layer_inputs_fn, per_layer_fn, gather,
+                                     show_progress_bar, rho, eva, device)
     finally:
         for module in layers.values():  # whatever happened, no hook of EVA's stays behind
             for key in [k for k, hook in module._forward_hooks.items() if isinstance(hook, _InputHook)]:
                 del module._forward_hooks[key]
-        model.train(training)
 
 
 def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn, prepare_model_inputs_fn,
@@ -287,7 +288,8 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
     hooks, handles = {}, {}
     for name, fingerprint in fingerprints.items():
         if name not in follows:
-            hooks[name] = _PrincipalDirections(name, fingerprint.prepare, gather, max_components[name], eva.get("tau", 0.99))
+            hooks[name] = _PrincipalDirections(name, fingerprint.prepare, gather, max_components[name],
+                                               eva.get("tau", 0.99))
             handles[name] = layers[name].register_forward_hook(hooks[name])
     fitted_by = {**{name: name for name in hooks}, **follows}
 
@@ -426,7 +428,8 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
     unknown = sorted(set(components) - set(fitted))
     if unknown:
         raise ValueError(f"eva_state_dict has components for {unknown[:3]}{' and more' if len(unknown) > 3 else ''}, "
-                         f"which are not layers of the adapter {adapter_name!r} that EVA fits (its Linear and Conv1D layers)")
+                         f"which are not layers of the adapter {adapter_name!r} that EVA fits (its Linear and Conv1D "
+                         f"layers)")
     for name, value in components.items():
         if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[1] != fitted[name].in_features:
             raise ValueError(f"eva_state_dict[{name!r}] must be a (rank × {fitted[name].in_features}) tensor, got "

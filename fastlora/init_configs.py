@@ -1,6 +1,6 @@
 """The settings of PEFT's initialisations that take their own sub-config: LoftQ (``loftq_config``), LoRA-GA
-(``lora_ga_config``), EVA (``eva_config``) and CorDA (``corda_config``).  Each is a dataclass as in PEFT; a :class:`fastlora.LoraConfig` keeps
-it as the plain dict PEFT's ``adapter_config.json`` holds, checked here."""
+(``lora_ga_config``), EVA (``eva_config``) and CorDA (``corda_config``).  Each is a dataclass as in PEFT; a
+:class:`fastlora.LoraConfig` keeps it as the plain dict PEFT's ``adapter_config.json`` holds, checked here."""
 
 from __future__ import annotations
 

@@ -370,15 +370,17 @@ class LoRALinear(nn.Linear):
         else:
             self._set_magnitude(name)
 
-    # PiSSA, OLoRA and LoftQ change this kind's base weight (an embedding keeps the default initialisation instead)
+    # PiSSA, OLoRA, LoftQ, LoRA-GA and CorDA change this kind's base weight (an embedding keeps the default
+    # initialisation instead)
     WEIGHT_INITS_CHANGE_BASE = True
 
     @torch.no_grad()
     def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None,
                          factors: tuple[Tensor, Tensor] | None = None) -> None:
-        """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ, LoRA-GA or the orthogonal initialisation (B's
-        bias 0, a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`.  ``factors``: the (A, B)
-        :meth:`init_factors` computed when the layer was built (required by "lora_ga" and "corda")."""
+        """Give ``adapter_name`` the factors of PiSSA, OLoRA, LoftQ, LoRA-GA, CorDA or the orthogonal
+        initialisation (B's bias 0, a DoRA magnitude from the resulting weight): see :meth:`_init_from_weight`.
+        ``factors``: the (A, B) :meth:`init_factors` computed when the layer was built (required by "lora_ga" and
+        "corda")."""
         self.check_weight_init(init, self.adapter_settings[adapter_name].r)
         self._init_from_weight(init, adapter_name, loftq_config, factors)
         bias = self.lora_bias(adapter_name)
@@ -458,9 +460,10 @@ class LoRALinear(nn.Linear):
     def _init_from_weight(self, init: str, name: str, loftq_config: dict | None = None,
                           factors: tuple[Tensor, Tensor] | None = None) -> None:
         """PiSSA, OLoRA, LoftQ, LoRA-GA, CorDA or orthogonal factors (:mod:`fastlora.weight_inits`), held as PEFT
-        holds them: rounded to a floating base weight's dtype first.  PiSSA, OLoRA and CorDA leave W − (scaling · B) A
-        as the base weight, from the float32 factors (requantized where the base is quantized), LoRA-GA W − scaling · (B A)
-        from the rounded factors, so the layer's output is unchanged; LoftQ leaves the quantized W."""
+        holds them: rounded to a floating base weight's dtype first.  PiSSA, OLoRA and CorDA leave
+        W − (scaling · B) A as the base weight, from the float32 factors (requantized where the base is
+        quantized), LoRA-GA W − scaling · (B A) from the rounded factors, so the layer's output is unchanged;
+        LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
         if init == "orthogonal":
             A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)

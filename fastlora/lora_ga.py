@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
 from fastlora.files import atomic_write
+from fastlora.module_modes import in_mode
 from fastlora.targets import full_precision_linear_targets
 
 __all__ = ["preprocess_loraga", "GRADIENT_ATTRIBUTE", "lora_ga_gradients"]
@@ -99,7 +100,6 @@ def _read_cache(path: Path, modules: dict[str, nn.Module]) -> None:
 def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Callable[[], None]) -> None:
     """Run ``train_step`` with only the target weights requiring gradients; leave each reached module its mean
     gradient, and everything else as it was."""
-    was_training = model.training
     flags = {param: param.requires_grad for param in model.parameters()}
     earlier_grads = {name: module.weight.grad for name, module in modules.items()}
     passes = dict.fromkeys(modules, 0)
@@ -117,8 +117,7 @@ def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Calla
             module.weight.grad = None
             module.weight.requires_grad_(True)
             hooks.append(module.register_full_backward_hook(counter(name)))
-        model.train()
-        with torch.enable_grad(), warnings.catch_warnings():
+        with in_mode(model, training=True), torch.enable_grad(), warnings.catch_warnings():
             # the counting hooks fire where no input of a layer requires gradients (only its weight does), as meant
             warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
             train_step()
@@ -131,7 +130,6 @@ def _estimate(model: nn.Module, modules: dict[str, nn.Module], train_step: Calla
             module.weight.grad = earlier_grads[name]
         for param, flag in flags.items():
             param.requires_grad_(flag)
-        model.train(was_training)
     for name, gradient in gradients.items():
         setattr(modules[name], GRADIENT_ATTRIBUTE, gradient)
     _warn_of_layers_without_gradient([name for name in modules if name not in gradients])

@@ -1,5 +1,6 @@
-"""The model-level steps of initialisations that read or change the base weights (PiSSA, OLoRA, LoftQ, LoRA-GA;
-:mod:`fastlora.weight_inits` has the math) or need a data-driven step (EVA, LoRA-GA).
+"""The model-level steps of initialisations that read or change the base weights (PiSSA, OLoRA, LoftQ, LoRA-GA,
+CorDA; :mod:`fastlora.weight_inits` has the math), LoRA-GA's and CorDA's from what their data-driven step
+(:mod:`fastlora.lora_ga`, :mod:`fastlora.corda`) left on the target modules.
 
 The layers are built first, with the values PEFT's constructors draw; :func:`init_from_weights` then checks that
 every layer accepts the initialisation before any base weight changes, so a refusal leaves the model as it was.
@@ -12,7 +13,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
-from fastlora.config import LoraConfig
+from fastlora.config import LoraConfig, UnsupportedFeatureError
 from fastlora.conv1d import is_conv1d
 from fastlora.corda import EIGENS_ATTRIBUTE, corda_eigens
 from fastlora.lora_ga import GRADIENT_ATTRIBUTE, lora_ga_gradients
@@ -22,10 +23,11 @@ __all__ = ["init_from_weights", "data_driven_sources", "forget_sources", "warn_o
 
 def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str],
                        undo: Callable[[], None], drawn: dict[str, tuple[Tensor, Tensor]]) -> None:
-    """Give the new adapter's layers PiSSA, OLoRA, LoftQ or LoRA-GA factors (``drawn``: those drawn from the
-    random generator as the layers were built), once every layer has accepted the initialisation (else ``undo``
-    and raise, the model unchanged).  They change the base weights, which other adapters and modules sharing a
-    weight (a head tied to the embeddings) see too: said with a warning."""
+    """Give the new adapter's layers PiSSA, OLoRA, LoftQ, LoRA-GA or CorDA factors (``drawn``: those computed as
+    the layers were built, from the random generator or a data-driven step's results), once every layer has
+    accepted the initialisation (else ``undo`` and raise, the model unchanged).  They change the base weights,
+    which other adapters and modules sharing a weight (a head tied to the embeddings) see too: said with a
+    warning."""
     init = config.init_lora_weights
     layers = {name: model.get_submodule(name) for name in targets}
     try:
@@ -71,6 +73,10 @@ def data_driven_sources(config: LoraConfig, modules: dict[str, nn.Module]) -> di
                              "lora_ga_config=LoraGAConfig(...) to LoraConfig.")
         return gradients
     if init == "corda":
+        if config.target_parameters:
+            raise UnsupportedFeatureError("init_lora_weights='corda' with target_parameters: CorDA decomposes the "
+                                          "weights of Linear and Conv1D layers; adapt the parameters in another "
+                                          "adapter")
         eigens = corda_eigens(modules)
         missing = [name for name, module in modules.items()
                    if name not in eigens and (isinstance(module, nn.Linear) or is_conv1d(module))]

@@ -78,8 +78,9 @@ class LoRAParameter(LoRALinear):
 
     def check_weight_init(self, init: str, r: int) -> None:
         raise UnsupportedFeatureError(f"init_lora_weights={init!r} on a target_parameters adapter "
-                                      f"({type(owner_of(self.base_layer)).__name__}.{self.parameter_name}): PiSSA, OLoRA "
-                                      f"and orthogonal initialisations are for Linear layers (PEFT fails there too)")
+                                      f"({type(owner_of(self.base_layer)).__name__}.{self.parameter_name}): PiSSA, OLoRA, "
+                                      f"LoftQ, LoRA-GA, CorDA and orthogonal initialisations are for Linear layers "
+                                      f"(PEFT fails there too)")
 
     @staticmethod
     def check_settings(settings: AdapterSettings, where: str = "") -> None:

@@ -11,9 +11,9 @@ from peft.tuners.lora.config import CordaConfig as PeftCordaConfig
 from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 import fastlora
-from fastlora import CordaConfig, preprocess_corda
+from fastlora import CordaConfig, UnsupportedFeatureError, preprocess_corda
 from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_unchanged, clone, load_quantized,
-                          snapshot, tiny_gpt2, tiny_llama, tokens)
+                          snapshot, tiny_gpt2, tiny_llama, tiny_mixtral, tokens)
 from tests.tolerances import assert_close
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
@@ -52,7 +52,7 @@ def _assert_peft_s(theirs, ours):
 
 
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
-@pytest.mark.parametrize("setup", ["llama", "bf16", "gpt2-conv1d", "rank-pattern", "estimated-by-peft"])
+@pytest.mark.parametrize("setup", ["llama", "bf16", "gpt2-conv1d", "rank-pattern", "rslora", "estimated-by-peft"])
 def test_corda_starts_from_peft_s_factors_and_residual(setup, method):
     base, settings, samples, estimator = tiny_llama(), dict(LLAMA), _samples(), None
     if setup == "bf16":
@@ -61,6 +61,8 @@ def test_corda_starts_from_peft_s_factors_and_residual(setup, method):
         base, settings, samples = tiny_gpt2(), dict(GPT2), _samples(vocab=64)
     elif setup == "rank-pattern":
         settings["rank_pattern"] = {"v_proj": 2}
+    elif setup == "rslora":
+        settings["use_rslora"] = True
     elif setup == "estimated-by-peft":
         estimator = peft
     theirs = _adapted(peft, base, settings, samples, corda_method=method)
@@ -108,11 +110,50 @@ def test_the_cache_and_covariance_files_are_peft_s_and_are_read_back(tmp_path):
             assert torch.equal(module.eigens.V_WC, reference.get_submodule(name).eigens.V_WC)
     with pytest.raises(ValueError, match="other target modules"):
         preprocess_corda(clone(base), _config(fastlora, dict(LLAMA, target_modules=["o_proj"]), **files), None)
+    with pytest.raises(ValueError, match="other target modules"):
+        preprocess_corda(clone(base), _config(fastlora, dict(LLAMA, target_modules=["o_proj"]),
+                                              covariance_file=files["covariance_file"]), None)
+    with pytest.raises(ValueError, match="another model"):
+        preprocess_corda(tiny_llama(hidden_size=48), _config(fastlora, LLAMA, covariance_file=files["covariance_file"]),
+                         None)
+    # PEFT's files, read by fastlora: the same decomposition as PEFT's own
+    peft_files = dict(cache_file=str(tmp_path / "peft" / "eigens.pt"), covariance_file=str(tmp_path / "peft.pt"))
+    theirs, ours, reference = clone(base), clone(base), clone(base)
+    peft_preprocess_corda(theirs, _config(peft, other_rank, **peft_files), lambda: run(theirs))
+    preprocess_corda(ours, _config(fastlora, other_rank, **peft_files), None)
+    preprocess_corda(reference, _config(fastlora, other_rank, covariance_file=peft_files["covariance_file"]), None)
+    for name, module in theirs.named_modules():
+        if hasattr(module, "eigens"):
+            for copy in (ours, reference):
+                other = copy.get_submodule(name).eigens
+                assert all(torch.equal(getattr(other, part), getattr(module.eigens, part))
+                           for part in ("S_WC", "U_WC", "V_WC")), name
+    # a covariance that is not finite (a 16-bit overflow) is refused, not damped forever
+    broken = torch.load(files["covariance_file"], weights_only=True)
+    broken["model.layers.0.self_attn.q_proj"][0, 0] = float("inf")
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match="Invalid value found in covariance"):
+        preprocess_corda(clone(base), _config(fastlora, LLAMA, covariance_file=str(tmp_path / "broken.pt")), None)
+
+
+def test_a_hooked_model_gives_the_covariances():
+    base, samples = tiny_llama(), _samples()
+    direct, other, hooked = clone(base), clone(base), clone(base)
+    preprocess_corda(direct, _config(fastlora, LLAMA), lambda: [direct(input_ids=ids) for ids in samples])
+    preprocess_corda(other, _config(fastlora, LLAMA), lambda: [hooked(input_ids=ids) for ids in samples],
+                     hooked_model=hooked)
+    assert not any(hasattr(module, "eigens") for module in hooked.modules())
+    for name, module in direct.named_modules():
+        if hasattr(module, "eigens"):
+            assert torch.equal(other.get_submodule(name).eigens.V_WC, module.eigens.V_WC)
+    with pytest.raises(ValueError, match="hooked_model has no layer named 'model.layers.1"):
+        preprocess_corda(clone(base), _config(fastlora, LLAMA), lambda: None, hooked_model=tiny_llama(num_hidden_layers=1))
 
 
 def test_the_model_is_put_back_and_samples_may_come_in_batches():
     base = tiny_llama()
     model = clone(base).train()
+    model.model.layers[0].eval()  # a submodule's own mode, kept too
     before = snapshot(model)
 
     def failing():
@@ -122,7 +163,8 @@ def test_the_model_is_put_back_and_samples_may_come_in_batches():
     with pytest.raises(RuntimeError, match="out of memory"):
         preprocess_corda(model, _config(fastlora, LLAMA), failing)
     assert_unchanged(model, before)
-    assert model.training and not any(m._forward_hooks for m in model.modules())
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    assert not any(m._forward_hooks for m in model.modules())
     assert not any(hasattr(m, "eigens") for m in model.modules())
     # a batch of several samples (PEFT's hook takes one sample per call): its rows together
     preprocess_corda(model, _config(fastlora, LLAMA), lambda: model(input_ids=tokens(batch=3)))
@@ -155,6 +197,9 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match=r"Matrix U size mismatch"):  # decomposed for another rank
         fastlora.get_peft_model(model, _config(fastlora, dict(LLAMA, r=2, target_modules=["q_proj", "v_proj"])))
     assert_unchanged(model, before)
+    with pytest.raises(UnsupportedFeatureError, match="init_lora_weights='corda' with target_parameters"):
+        model = tiny_mixtral()
+        fastlora.get_peft_model(model, _config(fastlora, dict(LLAMA, target_parameters=["mlp.experts.down_proj"])))
     with pytest.raises(ValueError, match="corda_method must be 'ipm' or 'kpm'"):
         fastlora.LoraConfig(**LLAMA, init_lora_weights="corda", corda_config={"corda_method": "svd"})
     tiny_llama().save_pretrained(tmp_path)
@@ -169,3 +214,14 @@ def test_a_trained_corda_adapter_converts_for_the_original_weight_as_peft(tmp_pa
     base, samples = tiny_llama(), _samples()
     models = {library: _adapted(library, base, LLAMA, samples) for library in (peft, fastlora)}
     assert_converts_for_the_original_weight_as_peft(models, base, samples[0], tmp_path)
+
+
+def test_a_16_bit_covariance_that_overflows_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.float16)
+    x = torch.full((1, 16, 8), -300.0, dtype=torch.float16)
+    x[..., 0] = 1.0  # scaled by 1 / max(x) = 1: the products reach 16 · 300² = 1.44e6, past float16's 65504
+    config = fastlora.LoraConfig(target_modules=["0"], r=2, init_lora_weights="corda",
+                                 corda_config=CordaConfig(use_float16_for_covariance=True))
+    with pytest.raises(ValueError, match="an overflow"):
+        preprocess_corda(model, config, lambda: model(x))
+    assert not hasattr(model[0], "eigens")

@@ -119,6 +119,7 @@ def test_the_estimate_is_the_mean_gradient_and_the_model_is_put_back():
 
 def test_a_failing_train_step_leaves_the_model_as_it_was():
     model = tiny_llama()
+    model.model.layers[0].train()  # a submodule's own mode, kept too
     before = snapshot(model)
 
     def train_step():
@@ -128,7 +129,8 @@ def test_a_failing_train_step_leaves_the_model_as_it_was():
     with pytest.raises(RuntimeError, match="out of memory"):
         preprocess_loraga(model, _config(fastlora, LLAMA), train_step)
     assert_unchanged(model, before)
-    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert not model.training and model.model.layers[0].training and not model.model.layers[1].training
+    assert all(p.grad is None for p in model.parameters())
     assert not [n for n, m in model.named_modules() if hasattr(m, "_peft_loraga_grad")]
 
 

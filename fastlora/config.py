@@ -357,6 +357,16 @@ class LoraConfig:
                              f"'corda'")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
+        if self.lora_bias and init not in (True, False):  # PEFT's refusal: its files would not load there
+            raise ValueError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
+                             f"init_lora_weights={init} instead.")
+        if self.use_rslora and (self.rank_pattern or self.alpha_pattern) and (
+                (isinstance(init, str) and init.startswith("pissa")) or init in ("olora", "corda", "lora_ga")):
+            warnings.warn("Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training conversion of "
+                          "modified base weights PiSSA/CorDA/OLoRA/LoRA-GA means that you won't be able to pass "
+                          "`path_initial_model_for_weight_conversion` to `save_pretrained` to restore the initial "
+                          "values of the base weights; if you intend to do this, please ensure not to use rslora or "
+                          "rank_pattern/alpha_pattern.", UserWarning, stacklevel=4)
         put("loftq_config", checked_loftq_config(init, self.loftq_config))
         put("lora_ga_config", checked_lora_ga_config(init, self.lora_ga_config))
         put("eva_config", checked_eva_config(init, self.eva_config))

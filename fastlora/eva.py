@@ -46,6 +46,8 @@ _PEFT_PREFIX = "base_model.model."
 _RHO_CEILING = 1000
 # from this many target names on, the config records the shortest suffixes that name them
 _FEW_TARGETS = 20
+# a fit still moving after this many passes over the dataloader is stopped
+_MOST_PASSES = 100
 
 
 def forward_fn_dict(model: nn.Module, inputs: Mapping):
@@ -55,12 +57,13 @@ def forward_fn_dict(model: nn.Module, inputs: Mapping):
 
 def prepare_model_inputs_fn_language_modeling(model_input: Mapping, peft_config: LoraConfig) -> Tensor:
     """(k × 2) indices (batch row, position) of the tokens whose inputs EVA fits: those the attention mask keeps,
-    and with ``eva_config["use_label_mask"]``, whose label is not ``label_mask_value``."""
+    and with ``eva_config["use_label_mask"]`` and labels per token, whose label is not ``label_mask_value``."""
     if not isinstance(model_input, Mapping):
         raise TypeError("When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary")
     mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
     eva = peft_config.eva_config or {}
-    if eva.get("use_label_mask", True) and "labels" in model_input:
+    # labels mask tokens where they are per token (a sequence classifier's are not)
+    if eva.get("use_label_mask", True) and "labels" in model_input and model_input["labels"].shape == mask.shape:
         mask = torch.logical_and(mask, model_input["labels"] != eva.get("label_mask_value", -100))
     return mask.nonzero()
 
@@ -296,7 +299,7 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
     batches = iter(cycle(dataloader))
     progress = _progress(batches) if show_progress_bar and (not dist.is_initialized() or dist.get_rank() == 0) else None
     done = dict.fromkeys(hooks, False)
-    ranks = dict(max_components)
+    ranks, runs = dict(max_components), 0
     for batch in (progress if progress is not None else batches):
         batch, hook_input = hook_inputs(batch)
         for name, hook in hooks.items():
@@ -317,6 +320,8 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
         forward_fn(model, batch)
         if all(hook.pca.fitted for hook in hooks.values()):
             ranks = _shares(hooks, fitted_by, follows, budget, max_components)
+        runs += 1
+        _check_progress(hooks, done, runs, len(dataloader), eva.get("tau", 0.99))
 
     components = {}
     for name, rank in ranks.items():
@@ -328,6 +333,24 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
             u = u / hook.pca.singular_values_[:rank].sqrt().reshape(-1, 1)
         components[name] = u if device is None else u.to(device)
     return components
+
+
+def _check_progress(hooks: dict, done: dict, runs: int, batches_per_pass: int, tau: float) -> None:
+    """Stop a fit that cannot end (PEFT's goes on for ever): after a whole pass over the dataloader, a layer that
+    no batch could fit (fewer kept tokens than its components); after ``_MOST_PASSES`` passes, layers whose
+    components still move more than tau allows."""
+    if runs % batches_per_pass:
+        return
+    unfitted = [name for name, hook in hooks.items() if not hook.pca.fitted]
+    if unfitted:
+        hook = hooks[unfitted[0]]
+        raise ValueError(f"no batch of the dataloader gives {unfitted[:3]} the {hook.n_components} rows (tokens the "
+                         f"masks keep) that fitting {hook.n_components} components needs: use larger batches, or a "
+                         f"smaller r or rho")
+    if runs >= _MOST_PASSES * batches_per_pass:
+        moving = [name for name, finished in done.items() if not finished]
+        raise ValueError(f"EVA's components of {moving[:3]} did not converge in {_MOST_PASSES} passes over the "
+                         f"dataloader (tau={tau}): use a lower tau, or more varied batches")
 
 
 def _progress(batches):

@@ -294,3 +294,36 @@ def test_refusals_leave_the_model_unchanged():
         initialize_lora_eva_weights(model, batches)
     with pytest.raises(ValueError, match="peft_config is required"):
         get_eva_state_dict(clone(base), batches)
+
+
+def test_a_fit_that_cannot_end_is_stopped_with_the_reason(monkeypatch):
+    """PEFT's goes on for ever: batches with fewer kept tokens than a layer's components, or components that keep
+    moving (tau = 1)."""
+    config = fastlora.LoraConfig(target_modules=QKV_DOWN, r=4, init_lora_weights="eva", eva_config=EvaConfig())
+    model = fastlora.get_peft_model(tiny_llama(), config)
+    before = snapshot(model)
+    short = [{"input_ids": tokens(batch=1, length=6, seed=s)} for s in range(3)]  # 6 tokens, 8 components
+    with pytest.raises(ValueError, match=r"no batch of the dataloader gives .* the 8 rows"):
+        initialize_lora_eva_weights(model, short, show_progress_bar=False)
+    assert_unchanged(model, before)
+    monkeypatch.setattr(fastlora.eva, "_MOST_PASSES", 3)
+    model.peft_config["default"].eva_config = {"tau": 1.0}
+    with pytest.raises(ValueError, match=r"did not converge in 3 passes over the dataloader \(tau=1.0\)"):
+        initialize_lora_eva_weights(model, _batches(), show_progress_bar=False)
+    assert_unchanged(model, before)
+
+
+def test_a_sequence_classifier_s_labels_mask_no_token():
+    """Labels per sequence (SEQ_CLS) say nothing about tokens: every token the attention mask keeps is fitted, as
+    with use_label_mask=False (PEFT fails comparing their shapes)."""
+    batches = [{**batch, "labels": torch.tensor([0, 1, 1, 0])} for batch in _batches()]
+    unmasked = [{key: value for key, value in batch.items() if key != "labels"} for batch in _batches()]
+    base = tiny_llama()
+    config = fastlora.LoraConfig(target_modules=QKV_DOWN, r=4, init_lora_weights="eva", eva_config=EvaConfig(tau=0.9))
+    def forward(model, batch):  # the classifier's loss is not this causal LM's: run it without the labels
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    with_labels = get_eva_state_dict(clone(base), batches, config, forward_fn=forward, show_progress_bar=False)
+    without = get_eva_state_dict(clone(base), unmasked, config, forward_fn=forward, show_progress_bar=False)
+    assert with_labels.keys() == without.keys()
+    assert all(torch.equal(with_labels[name], without[name]) for name in without)

@@ -41,7 +41,8 @@ def check_adapter_name(name) -> None:
 class AdapterSettings:
     """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA;
     ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`);
-    ``lora_bias``: a trained bias on B, so the update is scaling · ((dropout(x) Aᵀ) Bᵀ + b_B)."""
+    ``lora_bias``: a trained bias on B, so the update is scaling · ((dropout(x) Aᵀ) Bᵀ + b_B);
+    ``frozen_lora_B``: B keeps its initial values, only A trains (an adapter added with MiCA's initialisation)."""
 
     r: int
     lora_alpha: float
@@ -49,6 +50,7 @@ class AdapterSettings:
     use_rslora: bool = False
     use_dora: bool = False
     lora_bias: bool = False
+    frozen_lora_B: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -57,7 +59,7 @@ class AdapterSettings:
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
-        for name in ("use_rslora", "use_dora", "lora_bias"):
+        for name in ("use_rslora", "use_dora", "lora_bias", "frozen_lora_B"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 

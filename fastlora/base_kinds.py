@@ -56,11 +56,7 @@ def _is_quantized(module: nn.Module) -> bool:
 
 def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings, init_lora_weights,
                  adapter_dtype: torch.dtype) -> LoRALinear:
-    return LoRALinear.from_linear(
-        module, r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-        use_rslora=settings.use_rslora, use_dora=settings.use_dora, lora_bias=settings.lora_bias,
-        init_lora_weights=init_lora_weights,
-        adapter_dtype=adapter_dtype, adapter_name=adapter_name)
+    return LoRALinear.wrapping(module, adapter_name, settings, init_lora_weights, adapter_dtype)
 
 
 DENSE_LINEAR = BaseKind(

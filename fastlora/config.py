@@ -184,11 +184,11 @@ class LoraConfig:
             1/r, B = 0), False (both random), or from the base weight: ``"pissa"`` / ``"pissa_niter_<n>"``
             (the weight's top-r singular part moves into the adapter), ``"olora"`` (its QR decomposition's first r
             columns and rows), ``"loftq"`` (the adapter absorbs the error of quantizing W, which the base keeps
-            quantized; with ``loftq_config``), and ``"orthogonal"`` (B A = 0 with neither factor 0, r even); see
+            quantized; with ``loftq_config``), ``"orthogonal"`` (B A = 0 with neither factor 0, r even) and
+            ``"mica"`` (B the weight's r minor left singular vectors, kept frozen; A = 0 trains); see
             :mod:`fastlora.weight_inits`; from data: ``"lora_ga"``, ``"corda"`` and ``"eva"`` (see their
-            configs below).  Embedding tables take True's initialisation for those, as in PEFT (LoftQ refused
-            there).  PEFT's other initialisations ("mica") raise :class:`UnsupportedFeatureError`.
-            Default True.
+            configs below).  Embedding tables take True's initialisation for those but MiCA, as in PEFT (LoftQ
+            refused there).  Default True.
         eva_config (EvaConfig | dict | None): EVA's settings, kept as a dict (PEFT's defaults, with its warning,
             where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts with A as drawn and
             B = 0, until :func:`fastlora.initialize_lora_eva_weights` gives A the layers' principal input
@@ -345,16 +345,17 @@ class LoraConfig:
         if isinstance(init, str) and init.lower() in ("olora", "gaussian"):  # PEFT takes these in any case
             init = init.lower()
             put("init_lora_weights", init)
+        if isinstance(init, str) and init.lower() == "mica":  # PEFT takes it in any case
+            init = "mica"
+            put("init_lora_weights", init)
         if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
                 or init in DATA_DRIVEN_INITS):
-            if isinstance(init, str) and init.lower() == "mica":
-                raise UnsupportedFeatureError(
-                    f"LoraConfig(init_lora_weights={init!r}): that PEFT initialisation is not supported by fastlora; "
-                    f"use True, False, 'gaussian', 'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', "
-                    f"'lora_ga', 'eva' or 'corda'")
             raise ValueError(f"Unknown initialization init_lora_weights={init!r}: use True, False, 'gaussian', "
-                             f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'eva', 'lora_ga' or "
+                             f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'mica', 'eva', 'lora_ga' or "
                              f"'corda'")
+        if init == "mica" and self.use_dora:
+            raise UnsupportedFeatureError("LoraConfig(init_lora_weights='mica', use_dora=True): MiCA's frozen B with "
+                                          "DoRA is not supported (PEFT has no variant for the pair either)")
         for r in (self.r, *self.rank_pattern.values()):
             check_weight_init(init, r)
         if self.lora_bias and init not in (True, False):  # PEFT's refusal: its files would not load there

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.layer import LoRALinear, _draw_device
+from fastlora.weight_inits import mica_factors
 
 __all__ = ["LoRAEmbedding"]
 
@@ -70,6 +71,10 @@ class LoRAEmbedding(LoRALinear):
         if init == "loftq":  # PEFT fails there with a bare TypeError
             raise TypeError(f"init_lora_weights='loftq' on an embedding target ({type(self.base_layer).__name__}): "
                             f"LoftQ initialises Linear layers; leave the embedding out of target_modules")
+        if init == "mica" and r > min(self.weight.shape):
+            raise ValueError(f"MiCA requires `r` <= min(num_embeddings, embedding_dim) but got r={r} for an embedding "
+                             f"layer with weight shape {tuple(self.weight.shape)} (max usable r is "
+                             f"{min(self.weight.shape)}).")
 
     WEIGHT_INITS_CHANGE_BASE = False
 
@@ -83,13 +88,17 @@ class LoRAEmbedding(LoRALinear):
                               loftq_config: dict | None = None) -> None:
         """PEFT's embedding initialisation, drawn as PEFT draws it (on the default device, in its order, so a seeded
         run starts from PEFT's values): A and B ~ N(0, 1) at creation; then A = 0 and B ~ N(0, 1) again (True,
-        "gaussian", and the initialisations from the base weight, as PEFT's embedding layer takes them), or the
-        creation's values (False)."""
+        "gaussian", and the other initialisations from the base weight, as PEFT's embedding layer takes them),
+        MiCA's factors of the table (B its r minor left singular vectors, A = 0), or the creation's values
+        (False)."""
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(adapter_name)
         A, B = torch.randn(lora_A.shape, device=_draw_device()), torch.randn(lora_B.shape, device=_draw_device())
-        if init_lora_weights is not False:
+        if init_lora_weights == "mica":
+            self.check_weight_init("mica", lora_A.shape[0])
+            A, B = mica_factors(self.base_weight().to(torch.float32), lora_A.shape[0])
+        elif init_lora_weights is not False:
             A.zero_()
             nn.init.normal_(B)
         self._hold(lora_A, A)

@@ -25,7 +25,8 @@ from fastlora.segments import (grouped_segments_linear, grouped_segments_low_ran
                                tokens_per_row)
 from fastlora.torch_path import dora_scale, dora_weight_norm
 from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, corda_factors, is_weight_init, loftq_factors,
-                                   lora_ga_factors, olora_factors, orthogonal_factors, pissa_factors, rank_limit)
+                                   lora_ga_factors, mica_factors, olora_factors, orthogonal_factors, pissa_factors,
+                                   rank_limit)
 
 __all__ = ["LoRALinear", "AdapterSettings", "check_adapter_name"]  # the last two live in adapter_settings
 
@@ -192,6 +193,12 @@ class LoRALinear(nn.Linear):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
         settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
+        return cls.wrapping(linear, adapter_name, settings, init_lora_weights, adapter_dtype, backend)
+
+    @classmethod
+    def wrapping(cls, linear: nn.Linear, adapter_name: str, settings: AdapterSettings, init_lora_weights=True,
+                 adapter_dtype: torch.dtype | None = None, backend: str = "auto") -> "LoRALinear":
+        """:meth:`from_linear` with the adapter's settings given whole."""
         _check_init(init_lora_weights, backend)
         check_adapter_name(adapter_name)
         layer = cls.__new__(cls)
@@ -240,7 +247,14 @@ class LoRALinear(nn.Linear):
         return self._parameters.get(f"lora_B_bias_{name}")
 
     def adapter_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
-        """Every trained parameter of ``adapter_name``: A, B and, for DoRA, m; with lora_bias, B's bias."""
+        """Every trained parameter of ``adapter_name``: A, B (not a frozen B: MiCA's) and, for DoRA, m; with
+        lora_bias, B's bias."""
+        name = self.active_adapter if adapter_name is None else adapter_name
+        frozen = self.adapter_settings[name].frozen_lora_B if name in self.adapter_settings else False
+        return [p for p in self.adapter_tensors(adapter_name) if not (frozen and p is self.lora_factors(name)[1])]
+
+    def adapter_tensors(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """Every parameter of ``adapter_name``, trained or frozen."""
         extra = [self.magnitude(adapter_name), self.lora_bias(adapter_name)]
         return [*self.lora_factors(adapter_name), *(p for p in extra if p is not None)]
 
@@ -285,6 +299,8 @@ class LoRALinear(nn.Linear):
         _check_init(init_lora_weights, self.backend)
         if adapter_name in self.adapter_settings:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if init_lora_weights == "mica":  # MiCA's B is its initialisation, kept
+            settings = dataclasses.replace(settings, frozen_lora_B=True)
         factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
         rank = self.stored_rank(settings.r)
         self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(rank, self.in_features, **factory)))
@@ -298,6 +314,8 @@ class LoRALinear(nn.Linear):
                               f"the adapter cannot be merged into it", UserWarning, stacklevel=2)
             self.register_parameter(f"lora_B_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
+        if settings.frozen_lora_B:
+            self.lora_factors(adapter_name)[1].requires_grad_(False)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
         self.reset_lora_parameters(init_lora_weights, adapter_name)
@@ -473,6 +491,8 @@ class LoRALinear(nn.Linear):
             quantized, A, B = loftq_factors(self.base_weight(), settings.r, loftq_config["loftq_bits"],
                                             loftq_config["loftq_iter"])
             self._store_base_weight(quantized)
+        elif init == "mica":  # the base weight stays: B A = 0
+            A, B = mica_factors(self.base_weight().to(torch.float32), settings.r)
         elif init == "lora_ga":
             if factors is None:
                 raise ValueError("init_lora_weights='lora_ga' takes the factors drawn from the estimated gradient "

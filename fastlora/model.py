@@ -110,7 +110,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     init = config.init_lora_weights
     sources = data_driven_sources(config, {name: originals[name] for name in targets})
     from_weights = list(sources) if init in ("lora_ga", "corda") \
-        else targets if is_weight_init(init) and init != "orthogonal" else []
+        else targets if is_weight_init(init) and init not in ("orthogonal", "mica") else []
     factors = {}
     try:
         for name in targets:

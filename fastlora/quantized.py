@@ -156,6 +156,8 @@ class LoRAQuantizedLinear(LoRALinear):
         if init.startswith("pissa"):  # PEFT's refusal: PiSSA's residual is meant to be quantized afterwards
             raise TypeError("Please initialize PiSSA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors.")
+        if init == "mica":  # PEFT's refusal
+            raise TypeError("Please initialize MiCA under float32, float16, or bfloat16.")
         if init == "corda":  # PEFT's refusal: the residual is meant to be quantized afterwards
             raise TypeError("Please initialize CorDA under float32, float16, or bfloat16. Subsequently, re-quantize "
                             "the residual model to help minimize quantization errors.")

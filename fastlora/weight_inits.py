@@ -25,6 +25,9 @@ PiSSA and OLoRA move the weight's principal part into the adapter, leaving the l
 - ``"corda"`` (CorDA, after :func:`fastlora.preprocess_corda` decomposed W C = U S Vᵀ, C the inputs' covariance,
   and kept r directions): with S' = S / scaling, A = √S' (C⁻¹ V)ᵀ and B = U √S', so that scaling · B A is those
   directions' part of W; the base weight keeps W − (scaling · B) A.
+- ``"mica"`` (MiCA, minor component adaptation): W = U S Vᵀ; B = the r left singular vectors of the smallest
+  singular values, U[:, -r:], frozen; A = 0 (so B A = 0 and W stays), and only A trains: the update lives in the
+  output directions the weight uses least.
 - ``"orthogonal"`` (r even): Q from the QR decomposition of an r × r normal matrix, its even rows Q₀ and odd rows
   Q₁ (orthonormal to each other); A = (G_A Q₀)ᵀ / 10 and B = G_Bᵀ Q₁ / 10 with normal G_A (in × r/2) and G_B
   (r/2 × out): B A = G_Bᵀ Q₁ Q₀ᵀ G_Aᵀ / 100 = 0, so the layer starts at the base output while neither factor is 0.
@@ -37,9 +40,9 @@ from torch import Tensor
 
 __all__ = ["WEIGHT_INITS", "LORA_GA_DIRECTIONS", "LORA_GA_SCALES", "is_weight_init", "draws_from_the_generator",
            "check_weight_init", "rank_limit", "pissa_factors", "olora_factors", "orthogonal_factors", "loftq_factors",
-           "quantization_error_factors", "lora_ga_factors", "corda_factors"]
+           "quantization_error_factors", "lora_ga_factors", "corda_factors", "mica_factors"]
 
-WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq")
+WEIGHT_INITS = ("pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica")
 LORA_GA_DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 
@@ -57,7 +60,7 @@ def _pissa_iterations(init: str) -> int | None:
 def is_weight_init(init) -> bool:
     """Whether ``init`` names one of the initialisations computed from the base weight alone (not "lora_ga", which
     needs the gradient :func:`fastlora.preprocess_loraga` estimates)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal", "loftq"))
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "orthogonal", "loftq", "mica"))
 
 
 def draws_from_the_generator(init) -> bool:
@@ -178,3 +181,9 @@ def corda_factors(U: Tensor, S: Tensor, V: Tensor, scaling: float) -> tuple[Tens
     docstring): scaling · B A = U diag(S) Vᵀ."""
     root = (S / scaling).sqrt()
     return V.t().mul(root.view(-1, 1)).contiguous(), U.mul(root).contiguous()
+
+
+def mica_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """(A, B) of MiCA from ``weight`` (out × in, float32): B = its r minor left singular vectors, A = 0."""
+    U, _, _ = torch.linalg.svd(weight, full_matrices=False)
+    return torch.zeros(r, weight.shape[1], device=weight.device), U[:, -r:].contiguous()

@@ -128,14 +128,14 @@ def test_failure_while_applying_rolls_back(monkeypatch):
     before = snapshot(model)
     calls = []
 
-    def flaky(linear, **kwargs):
+    def flaky(linear, *args, **kwargs):
         if len(calls) == 5:
             raise RuntimeError("out of memory (simulated)")
         calls.append(1)
-        return original(linear, **kwargs)
+        return original(linear, *args, **kwargs)
 
-    original = LoRALinear.from_linear
-    monkeypatch.setattr(LoRALinear, "from_linear", staticmethod(flaky))
+    original = LoRALinear.wrapping
+    monkeypatch.setattr(LoRALinear, "wrapping", staticmethod(flaky))
     with pytest.raises(RuntimeError, match="simulated"):
         get_peft_model(model, LoraConfig(target_modules=SEED_TARGETS))
     assert_unchanged(model, before)

@@ -322,7 +322,7 @@ def test_config_save_and_from_pretrained_interoperate_with_peft(tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("velora_config", {"rank": 4}), ("layer_replication", [[0, 1]]),
-    ("init_lora_weights", "mica"), ("use_qalora", True),
+    ("kasa_config", {"rank": 4}), ("use_qalora", True),
 ])
 def test_unsupported_peft_fields_are_named(field, value, tmp_path):
     with pytest.raises(UnsupportedFeatureError, match=rf"{field}.*not support"):

@@ -245,8 +245,8 @@ def test_weight_initialisations_on_target_parameters_are_refused_and_change_noth
 
 
 def test_other_initialisations_and_malformed_names_are_refused():
-    with pytest.raises(UnsupportedFeatureError, match="init_lora_weights='mica'"):
-        fastlora.LoraConfig(**CONFIG, init_lora_weights="mica")
+    with pytest.raises(UnsupportedFeatureError, match="kasa_config"):
+        fastlora.LoraConfig(**CONFIG, kasa_config={"rank": 4})
     with pytest.raises(ValueError, match="Unknown initialization init_lora_weights='PISSA'"):
         fastlora.LoraConfig(**CONFIG, init_lora_weights="PISSA")
     assert fastlora.LoraConfig(**CONFIG, init_lora_weights="Gaussian").init_lora_weights == "gaussian"

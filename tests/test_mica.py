@@ -1,0 +1,140 @@
+"""MiCA (init_lora_weights="mica"): B the weight's minor left singular vectors, frozen, A = 0 and trained, compared
+with PEFT's from the same seed (factors, requires_grad, trainable counts, layer status, training steps, files both
+ways), B frozen through every adapter operation, and the refusals."""
+
+import warnings
+
+import peft
+import pytest
+import torch
+
+import fastlora
+from fastlora import UnsupportedFeatureError
+from tests.models import assert_unchanged, clone, load_quantized, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.tolerances import assert_close
+
+LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], r=4, lora_alpha=8)
+GPT2 = dict(target_modules=["c_attn", "c_proj"], r=2, lora_alpha=8)
+
+
+def _pair(base, settings):
+    models = []
+    for library in (peft, fastlora):
+        torch.manual_seed(3)
+        models.append(library.get_peft_model(clone(base), library.LoraConfig(**settings, init_lora_weights="mica")))
+        models.append(torch.get_rng_state())
+    return models
+
+
+def _their_factors(layer):
+    if "default" in layer.lora_A:
+        return layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    return layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+
+
+@pytest.mark.parametrize("setup", ["llama", "bf16", "gpt2-conv1d"])
+def test_mica_starts_and_trains_as_peft_s(setup):
+    base, settings, ids = tiny_llama(), LLAMA, tokens()
+    if setup == "bf16":
+        base = base.to(torch.bfloat16)
+    elif setup == "gpt2-conv1d":
+        base, settings, ids = tiny_gpt2(), GPT2, tokens(vocab=64)
+    theirs, their_generator, ours, our_generator = _pair(base, settings)
+    assert torch.equal(our_generator, their_generator)
+    layers = dict(ours.lora_layers())
+    assert len(layers) > 0
+    for name, layer in layers.items():
+        A, B = layer.lora_factors("default")
+        their_A, their_B = _their_factors(theirs.base_model.model.get_submodule(name))
+        assert torch.equal(A, their_A) and torch.equal(B, their_B), name
+        assert not A.any() and B.any() and A.requires_grad and not B.requires_grad, name
+        # PEFT's cast of a bf16 base's embedding factors to float32 makes new parameters: its B trains there
+        assert their_B.requires_grad == (setup == "bf16" and "embed" in name), name
+        weight = layer.base_weight().float()  # B's columns: the left singular vectors of W's r smallest values
+        U, _, _ = torch.linalg.svd(weight, full_matrices=False)
+        assert_close(B.abs().float(), U[:, -B.shape[1]:].abs(), kind="same_math", dtype=base.dtype)
+    if setup == "bf16":
+        return
+    trainable = [sum(p.numel() for p in model.parameters() if p.requires_grad) for model in (ours, theirs)]
+    assert trainable[0] == trainable[1]
+    assert [(s.name, s.requires_grad) for s in fastlora.get_layer_status(ours)] == \
+        [(s.name, s.requires_grad) for s in peft.get_layer_status(theirs)]
+    frozen = {name: layer.lora_factors("default")[1].clone() for name, layer in layers.items()}
+    losses = {}
+    for library, model in (("peft", theirs), ("fastlora", ours)):
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses[library] = []
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[library].append(loss.item())
+    assert_close(torch.tensor(losses["fastlora"]), torch.tensor(losses["peft"]), kind="same_math")
+    for name, layer in layers.items():
+        A, B = layer.lora_factors("default")
+        assert torch.equal(B, frozen[name]) and A.any(), name  # only A trained
+
+
+def test_b_stays_frozen_through_adapter_operations_and_files(tmp_path):
+    base, ids = tiny_llama(), tokens()
+    theirs, _, ours, _ = _pair(base, LLAMA)
+    ours.add_adapter("other", fastlora.LoraConfig(target_modules=["q_proj"], r=2))
+    for operation in (lambda: ours.set_adapter("other"), lambda: ours.set_adapter("default"),
+                      lambda: ours.base_model.set_adapter(["default", "other"]), lambda: ours.set_adapter("default"),
+                      ours.disable_adapter_layers, ours.enable_adapter_layers,
+                      lambda: ours.base_model.set_requires_grad("default", True)):
+        operation()
+        assert not any(layer.lora_factors("default")[1].requires_grad for _, layer in ours.lora_layers("default"))
+    assert all(layer.lora_factors("default")[0].requires_grad for _, layer in ours.lora_layers("default"))
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for name, param in model.named_parameters():
+                if "lora_A" in name or "lora_embedding_A" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+        want = theirs(input_ids=ids).logits
+        assert_close(ours(input_ids=ids).logits, want, kind="same_math")
+    ours.delete_adapter("other")
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
+    for library, folder in ((peft, "ours"), (fastlora, "theirs"), (fastlora, "ours")):
+        loaded = library.PeftModel.from_pretrained(clone(base), tmp_path / folder, is_trainable=True)
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, want, kind="same_math")
+        trainable = {name for name, p in loaded.named_parameters() if p.requires_grad}
+        assert trainable and not any("lora_B" in name or "lora_embedding_B" in name for name in trainable)
+    merged = ours.merge_and_unload()
+    with torch.no_grad():
+        assert_close(merged(input_ids=ids).logits, want, kind="same_math_max")
+
+
+def test_refusals_leave_the_model_unchanged(tmp_path):
+    with pytest.raises(UnsupportedFeatureError, match="'mica', use_dora=True"):
+        fastlora.LoraConfig(target_modules=["q_proj"], init_lora_weights="mica", use_dora=True)
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="at most 32"):  # v_proj: 64 → 32
+        fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["v_proj"], r=33, init_lora_weights="mica"))
+    assert_unchanged(model, before)
+    tiny_llama().save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    before = snapshot(quantized)
+    with pytest.raises(TypeError, match="Please initialize MiCA under float32"):
+        fastlora.get_peft_model(quantized, fastlora.LoraConfig(target_modules=["q_proj"], init_lora_weights="mica"))
+    assert_unchanged(quantized, before)
+
+
+def test_a_layer_made_with_mica_keeps_its_b():
+    layer = fastlora.LoRALinear(16, 12, r=4, init_lora_weights="mica")
+    A, B = layer.lora_factors()
+    assert not A.any() and not B.requires_grad and A.requires_grad
+    assert layer.adapter_parameters() == [A]
+    layer.enable_adapters(False)
+    layer.enable_adapters(True)
+    assert not B.requires_grad and A.requires_grad
+    A.data.normal_()
+    layer(torch.randn(3, 16)).sum().backward()
+    assert A.grad is not None and B.grad is None

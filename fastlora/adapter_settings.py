@@ -42,7 +42,7 @@ class AdapterSettings:
     """One adapter's hyper-parameters.  ``scaling`` = lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA;
     ``use_dora``: a DoRA adapter (a trained magnitude per output feature, see :func:`fastlora.lora_linear`);
     ``lora_bias``: a trained bias on B, so the update is scaling · ((dropout(x) Aᵀ) Bᵀ + b_B);
-    ``frozen_lora_B``: B keeps its initial values, only A trains (an adapter added with MiCA's initialisation)."""
+    ``frozen_lora_B``: B keeps its initial values, only A trains (MiCA's adapters)."""
 
     r: int
     lora_alpha: float

@@ -345,7 +345,7 @@ class LoraConfig:
         if isinstance(init, str) and init.lower() in ("olora", "gaussian"):  # PEFT takes these in any case
             init = init.lower()
             put("init_lora_weights", init)
-        if isinstance(init, str) and init.lower() == "mica":  # PEFT takes it in any case
+        if isinstance(init, str) and init.lower() == "mica":  # PEFT's initialisation takes it in any case
             init = "mica"
             put("init_lora_weights", init)
         if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
@@ -417,7 +417,8 @@ class LoraConfig:
         (the first key, in the dict's order, that is the name or a dotted suffix of it, as a regex)."""
         r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
         alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
-        return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora, self.lora_bias)
+        return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora, self.lora_bias,
+                               frozen_lora_B=self.init_lora_weights == "mica")
 
     @property
     def is_prompt_learning(self) -> bool:

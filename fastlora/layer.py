@@ -301,6 +301,9 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
         if init_lora_weights == "mica":  # MiCA's B is its initialisation, kept
             settings = dataclasses.replace(settings, frozen_lora_B=True)
+        if settings.frozen_lora_B and (settings.use_dora or settings.lora_bias):
+            raise ValueError("MiCA's frozen B (init_lora_weights='mica') does not go with use_dora or lora_bias, as in "
+                             "PEFT")
         factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
         rank = self.stored_rank(settings.r)
         self.register_parameter(f"lora_A_{adapter_name}", nn.Parameter(torch.empty(rank, self.in_features, **factory)))
@@ -350,8 +353,11 @@ class LoRALinear(nn.Linear):
         and its adapters are frozen."""
         self.adapter_enabled = bool(enabled)
         for name in self.adapter_names:
-            for param in self.adapter_parameters(name):
-                param.requires_grad_(bool(enabled) and name in self.active_adapters)
+            for param in self.adapter_tensors(name):
+                param.requires_grad_(False)
+            if enabled and name in self.active_adapters:
+                for param in self.adapter_parameters(name):
+                    param.requires_grad_(True)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` the active adapter, or a list of names the active adapters (their updates add up,
@@ -374,6 +380,9 @@ class LoRALinear(nn.Linear):
         name = self.active_adapter if adapter_name is None else adapter_name
         if is_weight_init(init_lora_weights):  # raises on the meta device, which has no weight to read
             self.check_weight_init(init_lora_weights, self.adapter_settings[name].r)
+        if init_lora_weights == "mica" and not self.adapter_settings[name].frozen_lora_B:  # now a MiCA adapter
+            self.adapter_settings[name] = dataclasses.replace(self.adapter_settings[name], frozen_lora_B=True)
+            self.lora_factors(name)[1].requires_grad_(False)
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(name)

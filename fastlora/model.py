@@ -70,10 +70,12 @@ def _base_dtype(module: nn.Module) -> torch.dtype:
 
 
 def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
-            autocast_adapter_dtype: bool) -> Callable[[], None]:
+            autocast_adapter_dtype: bool, values_from_file: bool = False) -> Callable[[], None]:
     """Give ``adapter_name`` to every target (swapping each base layer for its kind's adapted layer) and a copy of
     every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
-    flag back as they were; an error part way through calls it before raising."""
+    flag back as they were; an error part way through calls it before raising.  ``values_from_file``: the
+    adapter's values are copied in next, so MiCA's decomposition is not computed (nor refused on a quantized
+    base) only to be overwritten."""
     tokens = plan_trainable_tokens(model, config, targets)  # checked before anything changes
     parameters = plan_parameter_targets(model, config)
     owners = list(dict.fromkeys(target.owner for target in parameters))
@@ -118,7 +120,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
             # CorDA's layers all start from their decomposition; an embedding target takes True's values, as PEFT's
-            creation_init = "eva" if name in from_weights else True if init == "corda" else init
+            creation_init = "eva" if name in from_weights or (init == "mica" and values_from_file) \
+                else True if init == "corda" else init
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
@@ -258,12 +261,13 @@ def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> t
 
 
 def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
-           plan: tuple[list[str], list[str]]) -> tuple["PeftModel", Callable[[], None]]:
+           plan: tuple[list[str], list[str]], values_from_file: bool = False
+           ) -> tuple["PeftModel", Callable[[], None]]:
     """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
     config = with_all_linear_named(settle_fan_in_fan_out(model, config, targets), targets)
     warn_order_dependent_patterns(config, targets)
-    undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype)
+    undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype, values_from_file)
     try:
         lora_model = _lora_model_class()(model, config, adapter_name)
         lora_model._mark_trainable(adapter_name)
@@ -413,8 +417,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     @classmethod
     def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
                plan: tuple[list[str], list[str]]) -> tuple["PeftModel", Callable[[], None]]:
-        """Adapt ``model`` as ``get_peft_model`` along a checked plan; returns the model and an ``undo``."""
-        return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)
+        """Adapt ``model`` as ``get_peft_model`` along a checked plan, for a file's values; returns the model and
+        an ``undo``."""
+        return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan,
+                      values_from_file=True)
 
     def __getattr__(self, name: str):
         try:
@@ -596,10 +602,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     # ---- trainable flags (PEFT's rules, operation by operation) -----------------------------------
 
-    def _adapter_parameters(self, adapter_name: str) -> Iterator[nn.Parameter]:
-        """``adapter_name``'s LoRA factors (and DoRA magnitudes) and modules_to_save copies."""
+    def _adapter_parameters(self, adapter_name: str, frozen_too: bool = False) -> Iterator[nn.Parameter]:
+        """``adapter_name``'s trained LoRA factors (and DoRA magnitudes) and modules_to_save copies; with
+        ``frozen_too``, the factors it keeps frozen as well (MiCA's B)."""
         for _, layer in self.lora_layers(adapter_name):
-            yield from layer.adapter_parameters(adapter_name)
+            yield from (layer.adapter_tensors if frozen_too else layer.adapter_parameters)(adapter_name)
         for _, wrapper in self.wrappers():
             if adapter_name in wrapper.modules_to_save:
                 yield from wrapper.modules_to_save[adapter_name].parameters()
@@ -611,7 +618,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         self._check_adapter_names(names)
         for name in names:
-            for param in self._adapter_parameters(name):
+            for param in self._adapter_parameters(name, frozen_too=not requires_grad):
                 param.requires_grad_(requires_grad)
 
     def _mark_trainable(self, adapter_name: str) -> None:
@@ -645,8 +652,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(adapter_names)
         for name in self.peft_config:
-            for param in self._adapter_parameters(name):
-                param.requires_grad_(trainable and name in adapter_names)
+            for param in self._adapter_parameters(name, frozen_too=True):
+                param.requires_grad_(False)
+            if trainable and name in adapter_names:
+                for param in self._adapter_parameters(name):
+                    param.requires_grad_(True)
 
     def _set_active_adapters(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``base_model.set_adapter``: one adapter or several, whose updates add up in every layer; each
@@ -860,11 +870,11 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                              f"for another")
 
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
-                     autocast_adapter_dtype: bool) -> Callable[[], None]:
+                     autocast_adapter_dtype: bool, values_from_file: bool = False) -> Callable[[], None]:
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
         config = with_all_linear_named(settle_fan_in_fan_out(self.get_base_model(), config, targets), targets)
         undo_inject = _inject(self.get_base_model(), config, adapter_name, targets, to_save,
-                              autocast_adapter_dtype and config.autocast_adapter_dtype)
+                              autocast_adapter_dtype and config.autocast_adapter_dtype, values_from_file)
         self.peft_config[adapter_name] = config
         for _, layer in self.lora_layers(adapter_name):
             layer.set_adapter(self._active_adapters)  # a layer new to the model points at the model's adapters

@@ -76,7 +76,8 @@ class AdapterFilesMixin:
                 config, tensors, checked)
             targets, config = _without_layers_eva_removed(config, targets, tensors)
             expected, tensors = checked(targets, to_save)
-            undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+            undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype,
+                                     values_from_file=True)
             try:
                 _copy_values(model, expected, tensors)
             except BaseException:

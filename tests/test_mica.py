@@ -138,3 +138,45 @@ def test_a_layer_made_with_mica_keeps_its_b():
     A.data.normal_()
     layer(torch.randn(3, 16)).sum().backward()
     assert A.grad is not None and B.grad is None
+
+
+def test_turning_adapters_off_freezes_b_too_and_a_plain_adapter_can_become_mica():
+    _, _, model, _ = _pair(tiny_llama(), LLAMA)
+    layers = dict(model.lora_layers())
+    for operation in (lambda: model.base_model.set_requires_grad("default", False), model.disable_adapter_layers):
+        for layer in layers.values():  # a B unfrozen on purpose ...
+            layer.lora_factors("default")[1].requires_grad_(True)
+        operation()  # ... is turned off with the rest, as in PEFT
+        assert not any(p.requires_grad for layer in layers.values() for p in layer.adapter_tensors("default"))
+    layer = fastlora.LoRALinear(16, 12, r=4)
+    layer.reset_lora_parameters("mica")
+    assert layer.adapter_parameters() == [layer.lora_factors()[0]] and not layer.lora_factors()[1].requires_grad
+    layer.lora_factors()[1].requires_grad_(True)
+    layer.enable_adapters(False)
+    assert not any(p.requires_grad for p in layer.adapter_tensors())
+    for changes in ({"use_dora": True}, {"lora_bias": True}):
+        with pytest.raises(ValueError, match="does not go with use_dora or lora_bias"):
+            fastlora.LoRALinear(16, 12, r=4, init_lora_weights="mica", **changes)
+
+
+def test_a_mica_adapter_loads_onto_a_4_bit_base_and_casts_for_mixed_precision(tmp_path):
+    base, ids = tiny_llama(), tokens()
+    _, _, ours, _ = _pair(base, dict(LLAMA, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for _, layer in ours.lora_layers():
+            layer.lora_factors("default")[0].normal_()
+    ours.save_pretrained(tmp_path / "adapter")
+    base.save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = {library: library.PeftModel.from_pretrained(
+            load_quantized(tmp_path / "base", load_in_4bit=True, bnb_4bit_quant_type="nf4"), tmp_path / "adapter",
+            is_trainable=True, **({"low_cpu_mem_usage": True} if library is peft else {}))  # PEFT's skips the SVD
+            for library in (peft, fastlora)}
+    with torch.no_grad():
+        assert_close(loaded[fastlora](input_ids=ids).logits, loaded[peft](input_ids=ids).logits, kind="same_math")
+    assert not any(layer.lora_factors("default")[1].requires_grad for _, layer in loaded[fastlora].lora_layers())
+    fastlora.cast_mixed_precision_params(ours, torch.bfloat16)  # B follows A's float32, so the forward runs
+    assert {layer.lora_factors("default")[1].dtype for _, layer in ours.lora_layers()} == {torch.float32}
+    with torch.no_grad():
+        ours(input_ids=ids)

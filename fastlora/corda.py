@@ -12,9 +12,7 @@ leaves W − scaling · B A as the base weight and drops them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -22,7 +20,8 @@ from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
 from fastlora.conv1d import is_conv1d
-from fastlora.files import atomic_write
+from fastlora.base_kinds import sizes
+from fastlora.files import save_tensors, saved_tensors
 from fastlora.module_modes import in_mode
 from fastlora.targets import full_precision_linear_targets
 
@@ -81,8 +80,9 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
                          "and corda_config=CordaConfig(...).")
     modules = full_precision_linear_targets(model, lora_config, "CorDA")
     cache_file = settings["cache_file"]
-    if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
-        eigens = _read_cache(Path(cache_file), modules)
+    cache = saved_tensors(cache_file, next(iter(modules.values())).weight.device)
+    if cache is not None:
+        eigens = _from_cache(cache, cache_file, modules)
     else:
         covariances = _covariances(model, modules, lora_config, run_model, hooked_model)
         eigens = {}
@@ -91,8 +91,8 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
             eigens[name] = _kept(_decomposition(module, covariances[name]), rank, settings["corda_method"],
                                  module.weight.device)
         if cache_file is not None:
-            _write(cache_file, {f"{name}.{EIGENS_ATTRIBUTE}.{part}": getattr(value, part)
-                                for name, value in eigens.items() for part in _PARTS})
+            save_tensors(cache_file, {f"{name}.{EIGENS_ATTRIBUTE}.{part}": getattr(value, part)
+                                      for name, value in eigens.items() for part in _PARTS})
     for name, value in eigens.items():
         setattr(modules[name], EIGENS_ATTRIBUTE, value)
 
@@ -101,13 +101,13 @@ def _covariances(model, modules, config: LoraConfig, run_model, hooked_model) ->
     """Each target's mean input covariance: from the covariance file where it exists, else measured by running
     ``run_model`` (and written to the file where one is named)."""
     path = config.corda_config["covariance_file"]
-    if path is not None and os.path.exists(path) and os.path.getsize(path) > 0:
-        stored = torch.load(path, map_location=next(iter(modules.values())).weight.device, weights_only=True)
+    stored = saved_tensors(path, next(iter(modules.values())).weight.device)
+    if stored is not None:
         missing = [name for name in modules if name not in stored]
         if missing:
             raise ValueError(f"the covariance file {path!r} holds nothing for {missing[:3]}: it was written for other "
                              f"target modules (delete it to measure again)")
-        wrong = [name for name, module in modules.items() if stored[name].shape != (_in_features(module),) * 2]
+        wrong = [name for name, module in modules.items() if stored[name].shape != (sizes(module)[0],) * 2]
         if wrong:
             raise ValueError(f"the covariance file {path!r} holds covariances of other sizes for {wrong[:3]}: it was "
                              f"written for another model")
@@ -152,7 +152,7 @@ def _covariances(model, modules, config: LoraConfig, run_model, hooked_model) ->
                          f"needs the inputs of every layer it adapts")
     covariances = {name: sums[name] / calls[name] for name in modules}
     if path is not None:
-        _write(path, covariances)
+        save_tensors(path, covariances)
     return covariances
 
 
@@ -191,20 +191,15 @@ def _kept(eigens: CordaEigens, rank: int, method: str, device: torch.device) -> 
                        V_WC=eigens.V_WC[:, kept].clone().to(device))
 
 
-def _read_cache(path: Path, modules: dict[str, nn.Module]) -> dict[str, CordaEigens]:
-    cache = torch.load(path, map_location=next(iter(modules.values())).weight.device, weights_only=True)
+def _from_cache(cache: dict, path: str, modules: dict[str, nn.Module]) -> dict[str, CordaEigens]:
     eigens = {}
     for name, module in modules.items():
         keys = [f"{name}.{EIGENS_ATTRIBUTE}.{part}" for part in _PARTS]
         if not all(key in cache for key in keys):
-            raise ValueError(f"the CorDA cache file {str(path)!r} holds nothing for {name!r}: it was written for "
+            raise ValueError(f"the CorDA cache file {path!r} holds nothing for {name!r}: it was written for "
                              f"other target modules (delete it to decompose again)")
         eigens[name] = CordaEigens(*(cache[key] for key in keys))
     return eigens
-
-
-def _in_features(module: nn.Module) -> int:
-    return module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1]
 
 
 def _has_submodule(model: nn.Module, name: str) -> bool:
@@ -213,11 +208,6 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _write(path, tensors: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
 def _progress(items, verbose: bool):

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "save_tensors", "saved_tensors"]
 
 
 def _umask() -> int:
@@ -46,3 +46,21 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """:func:`atomic_write` of ``text`` (UTF-8)."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict) -> None:
+    """:func:`atomic_write` of ``torch.save(tensors)`` (a dict of tensors), its folder made where missing."""
+    import torch
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def saved_tensors(path: str | os.PathLike | None, device) -> dict | None:
+    """What :func:`save_tensors` (or PEFT's ``torch.save`` of a dict of tensors) wrote at ``path``, on ``device``;
+    None where ``path`` is None, missing or empty.  Read with ``weights_only``: plain tensors, never code."""
+    if path is None or not os.path.exists(path) or os.path.getsize(path) == 0:
+        return None
+    import torch
+
+    return torch.load(path, map_location=device, weights_only=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from fastlora.config import LoraConfig
-from fastlora.files import atomic_write
+from fastlora.files import save_tensors, saved_tensors
 from fastlora.module_modes import in_mode
 from fastlora.targets import full_precision_linear_targets
 
@@ -68,29 +67,26 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
         raise ValueError("If you want to use LoRA-GA, please initialize the LoraConfig with "
                          "init_lora_weights='lora_ga' and lora_ga_config=LoraGAConfig(...).")
     modules = full_precision_linear_targets(model, lora_config, "LoRA-GA")
-    if cache_file is not None and os.path.exists(cache_file) and os.path.getsize(cache_file) > 0:
-        _read_cache(Path(cache_file), modules)
+    cache = saved_tensors(cache_file, next(iter(modules.values())).weight.device)
+    if cache is not None:
+        _from_cache(cache, str(cache_file), modules)
         return
     _estimate(model, modules, train_step)
     if cache_file is not None:
-        held = lora_ga_gradients(modules)
-        Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(cache_file, lambda tmp: torch.save(
-            {f"{name}.{GRADIENT_ATTRIBUTE}": gradient for name, gradient in held.items()}, tmp))
+        save_tensors(cache_file, {f"{name}.{GRADIENT_ATTRIBUTE}": gradient
+                                  for name, gradient in lora_ga_gradients(modules).items()})
 
 
-def _read_cache(path: Path, modules: dict[str, nn.Module]) -> None:
-    device = next(iter(modules.values())).weight.device
-    cache = torch.load(path, map_location=device, weights_only=True)
+def _from_cache(cache: dict, path: str, modules: dict[str, nn.Module]) -> None:
     held = {name: module for name, module in modules.items() if f"{name}.{GRADIENT_ATTRIBUTE}" in cache}
     if not held:
-        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds no gradient for any of the target modules "
+        raise ValueError(f"the LoRA-GA cache file {path!r} holds no gradient for any of the target modules "
                          f"({list(modules)[:3]}...): it was written for other ones (delete it to estimate the "
                          f"gradients again)")
     wrong = [name for name, module in held.items()
              if cache[f"{name}.{GRADIENT_ATTRIBUTE}"].shape != module.weight.shape]
     if wrong:
-        raise ValueError(f"the LoRA-GA cache file {str(path)!r} holds gradients of other shapes than the weights of "
+        raise ValueError(f"the LoRA-GA cache file {path!r} holds gradients of other shapes than the weights of "
                          f"{wrong[:3]}: it was written for another model")
     for name, module in held.items():
         setattr(module, GRADIENT_ATTRIBUTE, cache[f"{name}.{GRADIENT_ATTRIBUTE}"])

@@ -299,9 +299,7 @@ class LoRALinear(nn.Linear):
         _check_init(init_lora_weights, self.backend)
         if adapter_name in self.adapter_settings:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
-        if init_lora_weights == "mica":  # MiCA's B is its initialisation, kept
-            settings = dataclasses.replace(settings, frozen_lora_B=True)
-        if settings.frozen_lora_B and (settings.use_dora or settings.lora_bias):
+        if (settings.frozen_lora_B or init_lora_weights == "mica") and (settings.use_dora or settings.lora_bias):
             raise ValueError("MiCA's frozen B (init_lora_weights='mica') does not go with use_dora or lora_bias, as in "
                              "PEFT")
         factory = {"device": self.weight.device, "dtype": adapter_dtype or self.weight.dtype}
@@ -318,7 +316,7 @@ class LoRALinear(nn.Linear):
             self.register_parameter(f"lora_B_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
         if settings.frozen_lora_B:
-            self.lora_factors(adapter_name)[1].requires_grad_(False)
+            self._freeze_lora_B(adapter_name)
         if self.active_adapter is None:
             self.active_adapter = adapter_name
         self.reset_lora_parameters(init_lora_weights, adapter_name)
@@ -380,9 +378,8 @@ class LoRALinear(nn.Linear):
         name = self.active_adapter if adapter_name is None else adapter_name
         if is_weight_init(init_lora_weights):  # raises on the meta device, which has no weight to read
             self.check_weight_init(init_lora_weights, self.adapter_settings[name].r)
-        if init_lora_weights == "mica" and not self.adapter_settings[name].frozen_lora_B:  # now a MiCA adapter
-            self.adapter_settings[name] = dataclasses.replace(self.adapter_settings[name], frozen_lora_B=True)
-            self.lora_factors(name)[1].requires_grad_(False)
+        if init_lora_weights == "mica":  # MiCA's B is its initialisation, kept
+            self._freeze_lora_B(name)
         if self.weight.device.type == "meta":
             return
         lora_A, lora_B = self.lora_factors(name)
@@ -454,6 +451,11 @@ class LoRALinear(nn.Linear):
         """A tensor laid out as the stored weight (a gradient of it), seen out × in as :meth:`base_weight`."""
         return stored
 
+    def _freeze_lora_B(self, name: str) -> None:
+        """Make ``name`` an adapter whose B keeps its values (MiCA's): only A trains."""
+        self.adapter_settings[name] = dataclasses.replace(self.adapter_settings[name], frozen_lora_B=True)
+        self.lora_factors(name)[1].requires_grad_(False)
+
     def _set_magnitude(self, name: str) -> None:
         magnitude = self.magnitude(name)
         if magnitude is not None:
@@ -492,6 +494,9 @@ class LoRALinear(nn.Linear):
         quantized), LoRA-GA W − scaling · (B A) from the rounded factors, so the layer's output is unchanged;
         LoftQ leaves the quantized W."""
         settings = self.adapter_settings[name]
+        if init in ("lora_ga", "corda") and factors is None:
+            raise ValueError(f"init_lora_weights={init!r} takes the factors computed from its data-driven step's "
+                             f"results (init_factors) when the layer is built")
         if init == "orthogonal":
             A, B = orthogonal_factors(self.in_features, self.out_features, settings.r)
         elif init == "loftq":
@@ -503,9 +508,6 @@ class LoRALinear(nn.Linear):
         elif init == "mica":  # the base weight stays: B A = 0
             A, B = mica_factors(self.base_weight().to(torch.float32), settings.r)
         elif init == "lora_ga":
-            if factors is None:
-                raise ValueError("init_lora_weights='lora_ga' takes the factors drawn from the estimated gradient "
-                                 "(init_factors) when the layer is built")
             A, B = factors
             rounding = self._factor_rounding_dtype() or torch.float32
             held_A, held_B = A.to(rounding).to(torch.float32), B.to(rounding).to(torch.float32)
@@ -514,9 +516,6 @@ class LoRALinear(nn.Linear):
             weight = self.base_weight().to(torch.float32)
             if factors is not None:  # pissa_niter_<n>'s, drawn as the layer was built; CorDA's
                 A, B = factors
-            elif init == "corda":
-                raise ValueError("init_lora_weights='corda' takes the factors from preprocess_corda's decomposition "
-                                 "(init_factors) when the layer is built")
             else:
                 A, B = (pissa_factors(weight, settings.r, settings.scaling, init) if init.startswith("pissa")
                         else olora_factors(weight, settings.r))

@@ -31,6 +31,7 @@ from fastlora.config import LoraConfig
 from fastlora.conv1d import is_conv1d
 from fastlora.embedding import LoRAEmbedding
 from fastlora.incremental_pca import IncrementalPCA
+from fastlora.init_configs import EvaConfig
 from fastlora.layer import LoRALinear
 from fastlora.module_modes import in_mode
 from fastlora.model import _set_module
@@ -61,16 +62,21 @@ def prepare_model_inputs_fn_language_modeling(model_input: Mapping, peft_config:
     if not isinstance(model_input, Mapping):
         raise TypeError("When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary")
     mask = model_input.get("attention_mask", torch.ones_like(model_input["input_ids"])).bool()
-    eva = peft_config.eva_config or {}
+    eva = _eva_settings(peft_config)
     # labels mask tokens where they are per token (a sequence classifier's are not)
-    if eva.get("use_label_mask", True) and "labels" in model_input and model_input["labels"].shape == mask.shape:
-        mask = torch.logical_and(mask, model_input["labels"] != eva.get("label_mask_value", -100))
+    if eva["use_label_mask"] and "labels" in model_input and model_input["labels"].shape == mask.shape:
+        mask = torch.logical_and(mask, model_input["labels"] != eva["label_mask_value"])
     return mask.nonzero()
 
 
 def prepare_layer_inputs_fn_language_modeling(layer_input, model_input: Tensor, layer_name: str) -> Tensor:
     """The layer's input rows at the token indices :func:`prepare_model_inputs_fn_language_modeling` chose."""
     return _first_tensor(layer_input, layer_name)[model_input.T.unbind()]
+
+
+def _eva_settings(config: LoraConfig) -> dict:
+    """The config's EVA settings, EvaConfig's defaults where it has none (a config of another initialisation)."""
+    return config.eva_config or dataclasses.asdict(EvaConfig())
 
 
 def _first_tensor(layer_input, layer_name: str) -> Tensor:
@@ -234,8 +240,8 @@ def _fit(model, dataloader, config: LoraConfig, layers: dict[str, nn.Module], la
         warnings.warn("torch.distributed is initialized and `gather_distributed_inputs` is True, therefore EVA "
                       "initialization will gather tensors from all ranks. Ensure the model does not receive the same "
                       "inputs on different ranks.", UserWarning, stacklevel=4)
-    eva = config.eva_config or {}
-    rho = eva.get("rho", 2.0)
+    eva = _eva_settings(config)
+    rho = eva["rho"]
     if rho > _RHO_CEILING:
         rho = min(rho, max(max(p.shape) for p in model.parameters()) // config.r)
     per_layer_fn = dict(prepare_layer_inputs_fn) if isinstance(prepare_layer_inputs_fn, Mapping) else None
@@ -292,7 +298,7 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
     for name, fingerprint in fingerprints.items():
         if name not in follows:
             hooks[name] = _PrincipalDirections(name, fingerprint.prepare, gather, max_components[name],
-                                               eva.get("tau", 0.99))
+                                               eva["tau"])
             handles[name] = layers[name].register_forward_hook(hooks[name])
     fitted_by = {**{name: name for name in hooks}, **follows}
 
@@ -304,7 +310,7 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
         batch, hook_input = hook_inputs(batch)
         for name, hook in hooks.items():
             converged = bool(torch.all(hook.converged[:ranks[name]]))
-            if not done[name] and converged and handles[name] is not None:
+            if not done[name] and converged:
                 handles[name].remove()
                 handles[name], done[name] = None, True
                 continue
@@ -321,7 +327,7 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
         if all(hook.pca.fitted for hook in hooks.values()):
             ranks = _shares(hooks, fitted_by, follows, budget, max_components)
         runs += 1
-        _check_progress(hooks, done, runs, len(dataloader), eva.get("tau", 0.99))
+        _check_progress(hooks, done, runs, len(dataloader), eva["tau"])
 
     components = {}
     for name, rank in ranks.items():
@@ -329,7 +335,7 @@ def _fit_in_eval_mode(model, dataloader, config, layers, layer_ranks, forward_fn
         if not torch.all(hook.converged[:rank]):
             raise ValueError(f"Layer {name} has not converged but was assigned rank {rank}")
         u = hook.pca.components_[:rank]
-        if eva.get("whiten", False):
+        if eva["whiten"]:
             u = u / hook.pca.singular_values_[:rank].sqrt().reshape(-1, 1)
         components[name] = u if device is None else u.to(device)
     return components
@@ -457,7 +463,7 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
         if not isinstance(value, Tensor) or value.ndim != 2 or value.shape[1] != fitted[name].in_features:
             raise ValueError(f"eva_state_dict[{name!r}] must be a (rank × {fitted[name].in_features}) tensor, got "
                              f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__}")
-    eva = config.eva_config or {}
+    eva = _eva_settings(config)
     plan, rank_pattern, alpha_pattern, kept, restarted, removed = {}, {}, {}, [], [], []
     for name, layer in layers.items():
         settings = layer.adapter_settings[adapter_name]
@@ -471,7 +477,7 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
                 plan[name] = None
                 removed.append(name)
                 continue
-            if new_rank != settings.r and eva.get("adjust_scaling_factors", True):
+            if new_rank != settings.r and eva["adjust_scaling_factors"]:
                 alpha *= new_rank / settings.r
             plan[name] = (dataclasses.replace(settings, r=new_rank, lora_alpha=alpha), "eva", components[name])
             kept.append(name)

@@ -203,3 +203,34 @@ def assert_converts_for_the_original_weight_as_peft(models, base, ids, directory
         converted = library.PeftModel.from_pretrained(clone(base), directory / "fastlora" / "final")
         with torch.no_grad():
             assert_close(converted(input_ids=ids).logits, trained, kind="same_math_max")
+
+
+def assert_refused_on_a_4bit_model(directory, call, error, match):
+    """``call(model)`` on the tiny Llama saved in ``directory`` and loaded in nf4 raises ``error`` (matching
+    ``match``) and leaves the model unchanged."""
+    import pytest
+
+    tiny_llama().save_pretrained(directory)
+    model = load_quantized(directory, load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        call(model)
+    assert_unchanged(model, before)
+
+
+def assert_factors_and_base_as_peft(theirs, ours, magnitude_kind=None):
+    """Each of ``ours``' LoRA layers holds PEFT's A, B and base weight (a residual, rounded as PEFT rounds it) bit
+    for bit; with ``magnitude_kind``, DoRA's magnitude within that tolerance."""
+    from tests.tolerances import assert_close
+
+    layers = dict(ours.lora_layers())
+    assert len(layers) > 0
+    for name, layer in layers.items():
+        their_layer = theirs.base_model.model.get_submodule(name)
+        A, B = layer.lora_factors("default")
+        assert torch.equal(A, their_layer.lora_A["default"].weight), name
+        assert torch.equal(B, their_layer.lora_B["default"].weight), name
+        assert torch.equal(layer.weight, their_layer.get_base_layer().weight), name  # the residual, as PEFT rounds it
+        if magnitude_kind:
+            assert_close(layer.magnitude("default"), their_layer.lora_magnitude_vector["default"].weight,
+                         kind=magnitude_kind)

@@ -12,8 +12,9 @@ from peft.tuners.lora.corda import preprocess_corda as peft_preprocess_corda
 
 import fastlora
 from fastlora import CordaConfig, UnsupportedFeatureError, preprocess_corda
-from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_unchanged, clone, load_quantized,
-                          snapshot, tiny_gpt2, tiny_llama, tiny_mixtral, tokens)
+from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_factors_and_base_as_peft,
+                          assert_refused_on_a_4bit_model, assert_unchanged, clone, snapshot, tiny_gpt2, tiny_llama,
+                          tiny_mixtral, tokens)
 from tests.tolerances import assert_close
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
@@ -40,17 +41,6 @@ def _adapted(library, base, settings, samples, estimator=None, **corda):
         return library.get_peft_model(model, _config(library, settings, **corda))
 
 
-def _assert_peft_s(theirs, ours):
-    layers = dict(ours.lora_layers())
-    assert len(layers) > 0
-    for name, layer in layers.items():
-        their_layer = theirs.base_model.model.get_submodule(name)
-        A, B = layer.lora_factors("default")
-        assert torch.equal(A, their_layer.lora_A["default"].weight), name
-        assert torch.equal(B, their_layer.lora_B["default"].weight), name
-        assert torch.equal(layer.weight, their_layer.get_base_layer().weight), name
-
-
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
 @pytest.mark.parametrize("setup", ["llama", "bf16", "gpt2-conv1d", "rank-pattern", "rslora", "estimated-by-peft"])
 def test_corda_starts_from_peft_s_factors_and_residual(setup, method):
@@ -67,7 +57,7 @@ def test_corda_starts_from_peft_s_factors_and_residual(setup, method):
         estimator = peft
     theirs = _adapted(peft, base, settings, samples, corda_method=method)
     ours = _adapted(fastlora, base, settings, samples, estimator, corda_method=method)
-    _assert_peft_s(theirs, ours)
+    assert_factors_and_base_as_peft(theirs, ours)
     if setup == "rank-pattern":
         assert ours.base_model.model.model.layers[0].self_attn.v_proj.adapter_settings["default"].r == 2
     if base.dtype == torch.float32:  # W_res + scaling · B A = W: the model starts where the base model was
@@ -202,12 +192,8 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
         fastlora.get_peft_model(model, _config(fastlora, dict(LLAMA, target_parameters=["mlp.experts.down_proj"])))
     with pytest.raises(ValueError, match="corda_method must be 'ipm' or 'kpm'"):
         fastlora.LoraConfig(**LLAMA, init_lora_weights="corda", corda_config={"corda_method": "svd"})
-    tiny_llama().save_pretrained(tmp_path)
-    quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    before = snapshot(quantized)
-    with pytest.raises(ValueError, match="CorDA does not support quantized models"):
-        preprocess_corda(quantized, _config(fastlora, LLAMA), lambda: None)
-    assert_unchanged(quantized, before)
+    assert_refused_on_a_4bit_model(tmp_path, lambda quantized: preprocess_corda(
+        quantized, _config(fastlora, LLAMA), lambda: None), ValueError, "CorDA does not support quantized models")
 
 
 def test_a_trained_corda_adapter_converts_for_the_original_weight_as_peft(tmp_path):

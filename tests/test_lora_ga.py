@@ -11,8 +11,9 @@ import torch
 
 import fastlora
 from fastlora import LoraGAConfig, preprocess_loraga
-from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_unchanged, clone, load_quantized,
-                          snapshot, tiny_gpt2, tiny_llama, tokens)
+from tests.models import (assert_converts_for_the_original_weight_as_peft, assert_factors_and_base_as_peft,
+                          assert_refused_on_a_4bit_model, assert_unchanged, clone, snapshot, tiny_gpt2, tiny_llama,
+                          tokens)
 from tests.tolerances import assert_close
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8)
@@ -41,27 +42,13 @@ def _adapted(library, base, settings, ids, estimator=None, seed=0, **lora_ga):
         return library.get_peft_model(model, config), torch.get_rng_state()
 
 
-def _assert_peft_s(theirs, ours, magnitude_kind=None):
-    layers = dict(ours.lora_layers())
-    assert len(layers) > 0
-    for name, layer in layers.items():
-        their_layer = theirs.base_model.model.get_submodule(name)
-        A, B = layer.lora_factors("default")
-        assert torch.equal(A, their_layer.lora_A["default"].weight), name
-        assert torch.equal(B, their_layer.lora_B["default"].weight), name
-        assert torch.equal(layer.weight, their_layer.get_base_layer().weight), name  # the residual, as PEFT rounds it
-        if magnitude_kind:
-            assert_close(layer.magnitude("default"), their_layer.lora_magnitude_vector["default"].weight,
-                         kind=magnitude_kind)
-
-
 @pytest.mark.parametrize("scale", ["stable", "weight_svd", "gd_scale", "unit"])
 @pytest.mark.parametrize("direction", ["ArB2r", "A2rBr", "ArBr", "random"])
 def test_lora_ga_starts_from_peft_s_factors_and_residual(direction, scale):
     base, ids = tiny_llama(), tokens()
     theirs, their_generator = _adapted(peft, base, LLAMA, ids, direction=direction, scale=scale)
     ours, our_generator = _adapted(fastlora, base, LLAMA, ids, direction=direction, scale=scale)
-    _assert_peft_s(theirs, ours)
+    assert_factors_and_base_as_peft(theirs, ours)
     assert torch.equal(our_generator, their_generator)  # the same draws, in the same order
     with torch.no_grad():  # W_res + scaling · B A = W: the model starts where the base model was
         assert_close(ours(input_ids=ids).logits, base(input_ids=ids).logits, kind="same_math_max")
@@ -84,7 +71,7 @@ def test_lora_ga_equals_peft_s_on_other_setups(setup):
     theirs, their_generator = _adapted(peft, base, settings, ids, theirs_estimator, scale=scale)
     ours, our_generator = _adapted(fastlora, base, settings, ids, ours_estimator, scale=scale)
     # DoRA's magnitude ‖W + scaling · B A‖ is computed another way (fastlora's never forms W + scaling · B A)
-    _assert_peft_s(theirs, ours, magnitude_kind="same_math" if setup == "dora" else None)
+    assert_factors_and_base_as_peft(theirs, ours, magnitude_kind="same_math" if setup == "dora" else None)
     assert torch.equal(our_generator, their_generator)
 
 
@@ -205,7 +192,7 @@ def test_without_an_estimate_layers_start_as_peft_s_do_with_a_warning():
     torch.manual_seed(4)
     with pytest.warns(UserWarning, match="preprocess_loraga"):
         ours = fastlora.get_peft_model(clone(base), _config(fastlora, LLAMA))
-    _assert_peft_s(theirs, ours)
+    assert_factors_and_base_as_peft(theirs, ours)
     assert all(not layer.lora_factors("default")[1].any() for _, layer in ours.lora_layers())  # B = 0
 
 
@@ -226,12 +213,8 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
         fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(direction="BA"))
     with pytest.raises(ValueError, match="unknown field"):
         fastlora.LoraConfig(**LLAMA, init_lora_weights="lora_ga", lora_ga_config={"gamma": 4})
-    tiny_llama().save_pretrained(tmp_path)
-    quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    before = snapshot(quantized)
-    with pytest.raises(ValueError, match="does not support quantized models"):
-        preprocess_loraga(quantized, _config(fastlora, LLAMA), lambda: None)
-    assert_unchanged(quantized, before)
+    assert_refused_on_a_4bit_model(tmp_path, lambda quantized: preprocess_loraga(
+        quantized, _config(fastlora, LLAMA), lambda: None), ValueError, "does not support quantized models")
 
 
 def test_a_trained_lora_ga_adapter_converts_for_the_original_weight_as_peft(tmp_path):

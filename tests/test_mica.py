@@ -10,7 +10,8 @@ import torch
 
 import fastlora
 from fastlora import UnsupportedFeatureError
-from tests.models import assert_unchanged, clone, load_quantized, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.models import (assert_refused_on_a_4bit_model, assert_unchanged, clone, load_quantized, snapshot,
+                          tiny_gpt2, tiny_llama, tokens)
 from tests.tolerances import assert_close
 
 LLAMA = dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"], r=4, lora_alpha=8)
@@ -117,14 +118,9 @@ def test_refusals_leave_the_model_unchanged(tmp_path):
     with pytest.raises(ValueError, match="at most 32"):  # v_proj: 64 → 32
         fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["v_proj"], r=33, init_lora_weights="mica"))
     assert_unchanged(model, before)
-    tiny_llama().save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = load_quantized(tmp_path, load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    before = snapshot(quantized)
-    with pytest.raises(TypeError, match="Please initialize MiCA under float32"):
-        fastlora.get_peft_model(quantized, fastlora.LoraConfig(target_modules=["q_proj"], init_lora_weights="mica"))
-    assert_unchanged(quantized, before)
+    assert_refused_on_a_4bit_model(tmp_path, lambda quantized: fastlora.get_peft_model(
+        quantized, fastlora.LoraConfig(target_modules=["q_proj"], init_lora_weights="mica")),
+        TypeError, "Please initialize MiCA under float32")
 
 
 def test_a_layer_made_with_mica_keeps_its_b():

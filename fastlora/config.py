@@ -114,7 +114,6 @@ UNSUPPORTED_FEATURES = {
     "use_bdlora": None,
     "megatron_config": None,
     "alora_invocation_tokens": None,
-    "ensure_weight_tying": False,
 }
 
 
@@ -212,6 +211,12 @@ class LoraConfig:
         lora_bias (bool): a trained bias on B (PEFT's ``lora_B.bias``), merged into the base bias.  Default False.
         trainable_token_indices (list[int] | dict[str, list[int]] | None): rows of an embedding table that train
             (a list: the input embeddings'; a dict: module name → rows), the rest of the table frozen.
+        ensure_weight_tying (bool): an output head tied to the input embeddings (``tie_word_embeddings``) keeps
+            sharing what the adapter trains there: with the embeddings or the head in ``modules_to_save``, the
+            head computes with the embeddings' trained copy; in ``target_modules``, the embeddings get the adapter
+            and the head its transpose, sharing the factors; in ``trainable_token_indices``, other rows for the
+            two are an error.  As PEFT, the config then names the embeddings instead of the head (see
+            :mod:`fastlora.weight_tying`).  Default False.
         fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
             (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
             otherwise.  Default False.

@@ -80,8 +80,16 @@ def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor
     nn.init.kaiming_uniform_(B, a=math.sqrt(5))
     bias = torch.empty(b_shape[0], device=device).uniform_(-1.0 / math.sqrt(b_shape[1]), 1.0 / math.sqrt(b_shape[1])) \
         if with_bias else None
+    peft_reset_(A, B, bias, init, r)
+    return A, B, bias
+
+
+def peft_reset_(A: Tensor, B: Tensor, bias: Tensor | None, init, r: int) -> None:
+    """PEFT's ``reset_lora_parameters`` on constructed factors, in place: True (and "lora_ga" before its data-driven
+    step): A kaiming-uniform again; "gaussian": A normal with std 1/r; both, and "eva": B and its bias 0; False and
+    the initialisations from the base weight: nothing."""
     if init is False or is_weight_init(init):
-        return A, B, bias
+        return
     if init == "gaussian":
         nn.init.normal_(A, std=1.0 / r)
     elif init != "eva":
@@ -89,7 +97,6 @@ def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor
     B.zero_()
     if bias is not None:
         bias.zero_()
-    return A, B, bias
 
 
 class LoRALinear(nn.Linear):
@@ -259,6 +266,24 @@ class LoRALinear(nn.Linear):
         return [*self.lora_factors(adapter_name), *(p for p in extra if p is not None)]
 
     @property
+    def tied_adapters(self) -> dict[str, "LoRALinear"]:
+        """Adapter name → the layer whose factors this layer's are the transposes of (a head tied to the input
+        embeddings, see :mod:`fastlora.weight_tying`); that layer's merge state is this adapter's."""
+        return self.__dict__.setdefault("_tied_adapters", {})  # a plain dict: the owner is not a submodule here
+
+    def tie_factors(self, adapter_name: str, owner: "LoRALinear", lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
+        """Hold ``lora_A`` / ``lora_B`` (views of ``owner``'s factors) as ``adapter_name``'s factors."""
+        for param, held in zip((lora_A, lora_B), self.lora_factors(adapter_name)):
+            if param.shape != held.shape:
+                raise ValueError(f"tied factors of shape {tuple(param.shape)} for {tuple(held.shape)}")
+        self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"] = lora_A, lora_B
+        self.tied_adapters[adapter_name] = owner
+
+    def merged_by_owner(self) -> list[str]:
+        """The tied adapters merged, by their owner, into the table this layer shares."""
+        return [name for name, owner in self.tied_adapters.items() if name in owner.merged_adapters]
+
+    @property
     def active_adapter(self) -> str | None:
         """The (first) active adapter, whose factors ``lora_A`` / ``lora_B`` and settings the layer's attributes show."""
         return self.active_adapters[0] if self.active_adapters else None
@@ -333,6 +358,7 @@ class LoRALinear(nn.Linear):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged into the weight; unmerge before deleting it")
         del self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"]
+        self.tied_adapters.pop(adapter_name, None)
         self._parameters.pop(f"lora_magnitude_vector_{adapter_name}", None)
         self._parameters.pop(f"lora_B_bias_{adapter_name}", None)
         del self.adapter_settings[adapter_name]
@@ -582,13 +608,24 @@ class LoRALinear(nn.Linear):
 
     @property
     def merged(self) -> bool:
-        return bool(self.merged_adapters)
+        return bool(self.merged_adapters) or bool(self.merged_by_owner())
 
     def _names_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        """The names to merge here, not merged yet; a tied adapter's are its owner's to merge."""
         names = self.active_held() if adapter_names is None else list(adapter_names)
         for name in names:
             self.lora_factors(name)  # unknown names raise before anything changes
-        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters]
+        return [n for n in dict.fromkeys(names) if n not in self.merged_adapters and n not in self.tied_adapters]
+
+    def _tied_to_merge(self, adapter_names: Iterable[str] | None) -> dict["LoRALinear", list[str]]:
+        """Owner → the tied adapters among ``adapter_names`` (default: the active ones) it has not merged."""
+        names = self.active_held() if adapter_names is None else list(adapter_names)
+        owners: dict[LoRALinear, list[str]] = {}
+        for name in dict.fromkeys(names):
+            owner = self.tied_adapters.get(name)
+            if owner is not None and name not in owner.merged_adapters:
+                owners.setdefault(owner, []).append(name)
+        return owners
 
     def _unmerged_weight(self) -> Tensor:
         """W with every merged adapter taken out again (a float32 copy here; a base kind may compute it as its
@@ -654,6 +691,10 @@ class LoRALinear(nn.Linear):
         or None when the merge would go through, from one build of the merged weight; nothing changes.  A model
         asks every layer before merging any; ``layer_name`` goes into the message.  RuntimeError where an adapter
         with lora_bias meets a base without a bias (which a model checks first)."""
+        for owner, tied in self._tied_to_merge(adapter_names).items():
+            problem = owner.merge_problem(tied, safe_merge, layer_name)
+            if problem is not None:
+                return problem
         names = self._names_to_merge(adapter_names)
         if not names:
             return None
@@ -685,7 +726,10 @@ class LoRALinear(nn.Linear):
         summed in float32 and rounded once to W's dtype (a DoRA adapter also scales the rows, see
         ``_merged_weight``; a base kind whose stores round more, quantized, rounds after each adapter:
         ``_stored_and_read_again``).  ``safe_merge``: refuse (ValueError, W unchanged) when the merged weight would
-        hold NaN or Inf."""
+        hold NaN or Inf.  A tied adapter (:attr:`tied_adapters`) is merged by its owner, once, into the table both
+        layers share."""
+        for owner, tied in self._tied_to_merge(adapter_names).items():
+            owner.merge(tied, safe_merge)
         names = self._names_to_merge(adapter_names)
         if not names:
             return
@@ -703,7 +747,10 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Take the merged adapters out of W again (W ← round(W − Σ scaling · B A), a DoRA adapter's row scale
-        divided out first): W back to within one rounding of its value before merge()."""
+        divided out first): W back to within one rounding of its value before merge().  The owners of tied adapters
+        merged into the shared table unmerge too."""
+        for owner in {self.tied_adapters[name] for name in self.merged_by_owner()}:
+            owner.unmerge()
         if not self.merged_adapters:
             return
         bias = self._bias_after(self.merged_adapters, -1.0)

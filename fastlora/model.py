@@ -12,6 +12,7 @@ back as it was: a failed ``get_peft_model``, ``add_adapter`` or ``load_adapter``
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -29,6 +30,7 @@ from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.status import get_layer_status, get_model_status
 from fastlora.trainable_tokens import TrainableTokensWrapper
+from fastlora.weight_tying import retie, tie_copies, tie_targets, tied_heads
 from fastlora.targets import (
     output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
     warn_order_dependent_patterns, with_all_linear_named, with_task_heads,
@@ -77,6 +79,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     adapter's values are copied in next, so MiCA's decomposition is not computed (nor refused on a quantized
     base) only to be overwritten."""
     tokens = plan_trainable_tokens(model, config, targets)  # checked before anything changes
+    how, embedding, heads = tied_heads(config, model)  # heads sharing the embeddings' adapter or copy
+    tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets]
     parameters = plan_parameter_targets(model, config)
     owners = list(dict.fromkeys(target.owner for target in parameters))
     if set(owners) & set(targets):
@@ -85,7 +89,7 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     head = output_head(model)
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     head_table = getattr(getattr(head, "base_layer", head), "weight", None)  # a wrapper's computed .weight is a copy
-    tied = {name for name in tokens if head_name is not None and head_table is getattr(
+    tied = {name for name in tokens if head_name is not None and head_name not in tokens and head_table is getattr(
         getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)), "weight", False)}
     originals = {name: model.get_submodule(name)
                  for name in [*targets, *to_save, *tokens, *owners, *([head_name] if tied else [])]}
@@ -120,8 +124,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             dtype = _adapter_dtype(_base_dtype(module), autocast_adapter_dtype)
             settings = config.settings_for(name)
             # CorDA's layers all start from their decomposition; an embedding target takes True's values, as PEFT's
+            # a head sharing the embeddings' adapter is drawn as constructed, then initialised once tied
             creation_init = "eva" if name in from_weights or (init == "mica" and values_from_file) \
-                else True if init == "corda" else init
+                else True if init == "corda" else False if name in tied_heads_adapted else init
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
@@ -130,6 +135,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
             if name in from_weights and (draws_from_the_generator(init) or name in sources) \
                     and layer.WEIGHT_INITS_CHANGE_BASE:
                 factors[name] = layer.init_factors(init, adapter_name, sources.get(name), config.lora_ga_config)
+        if tied_heads_adapted:
+            tie_targets(model, config, adapter_name, embedding, tied_heads_adapted)
         new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
                                             lambda weight: _adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
@@ -140,6 +147,8 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
                 module.add_adapter(adapter_name, trainable=False)
             else:
                 _set_module(model, name, ModulesToSaveWrapper(module, adapter_name, trainable=False))
+        if how == "modules_to_save":
+            tie_copies(model, adapter_name, embedding, [h for h in heads if h in to_save])
         for name, rows in tokens.items():
             module = originals[name]
             wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
@@ -253,7 +262,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
     """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet (``peft_rule``:
-    how modules_to_save entries match, :func:`fastlora.targets.saved_whole`)."""
+    how modules_to_save entries match, :func:`fastlora.name_rules.saved_whole`)."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another")
@@ -410,6 +419,15 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         super().__setstate__(state)
         object.__setattr__(self.base_model, "_owner", self)
 
+    def __deepcopy__(self, memo: dict) -> "PeftModel":
+        """A deep copy, whose heads tied to the input embeddings share the copied embeddings' factors (a copied
+        Parameter has storage of its own)."""
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
+        retie(copied)
+        return copied
+
     @staticmethod
     def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
         return _plan_new(model, config, peft_rule)
@@ -421,6 +439,13 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         an ``undo``."""
         return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan,
                       values_from_file=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        """nn.Module's (``to``, ``half``, ...), then heads tied to the input embeddings share their factors again
+        (each parameter was moved on its own)."""
+        result = super()._apply(fn, *args, **kwargs)
+        retie(self)
+        return result
 
     def __getattr__(self, name: str):
         try:

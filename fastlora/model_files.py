@@ -24,7 +24,8 @@ from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
-from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
+from fastlora.name_rules import saved_whole
+from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, with_task_heads
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,

@@ -72,7 +72,8 @@ def _layer_parts(module: nn.Module):
         if isinstance(module, LoRAQuantizedLinear):
             backend = "bnb 4bit" if isinstance(module.base_layer, _bnb().nn.Linear4bit) else "bnb 8bit"
         return ("", type(module).__name__, module.adapter_enabled, list(module.active_adapters),
-                list(module.merged_adapters), {n: module.adapter_tensors(n) for n in module.adapter_names}, backend)
+                [*module.merged_adapters, *module.merged_by_owner()],
+                {n: module.adapter_tensors(n) for n in module.adapter_names}, backend)
     if isinstance(module, ModulesToSaveWrapper):  # the active adapter that holds a copy, as PEFT's wrapper keeps it
         active = [module.active_adapter] if module.active_adapter in module.modules_to_save else []
         return ("", "ModulesToSaveWrapper", module.adapter_enabled, active, [],

@@ -16,11 +16,13 @@ from fastlora.config import LoraConfig
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
+from fastlora.name_rules import name_matches, saved_whole
 from fastlora.parameter_lora import LoRAParameter
 from fastlora.quantized import is_bnb_linear
 from fastlora.trainable_tokens import TrainableTokensWrapper
+from fastlora.weight_tying import tied_heads, tied_with_input_embeddings, with_weight_tying
 
-__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "saved_whole"]
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
 
 # PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
 # its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
@@ -35,8 +37,9 @@ def _task_heads(config: LoraConfig) -> tuple[str, ...]:
 def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraConfig:
     """``config`` with its task's heads added to ``modules_to_save``, as PEFT's task models do, and, given the
     ``model``, as PEFT completes it for that model: its architecture's default ``target_modules`` when the config
-    names none, and the targets of a mixture-of-experts model whose experts transformers 5 stores as parameters
-    rewritten (:mod:`fastlora.fused_experts`)."""
+    names none, the targets of a mixture-of-experts model whose experts transformers 5 stores as parameters
+    rewritten (:mod:`fastlora.fused_experts`), and a head tied to the input embeddings taken out for the
+    embeddings under ``ensure_weight_tying`` (:mod:`fastlora.weight_tying`)."""
     heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
     if heads:
         config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
@@ -53,7 +56,7 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
         elif not config.target_parameters or has_default_targets(model):  # PEFT fills them beside target_parameters
             # (a config naming nothing at all on such a model takes the defaults, where PEFT's rewrite refuses it)
             config = config.replace(target_modules=default_target_modules(model))
-    return for_fused_experts(config, model, lambda: _all_linear(model))
+    return with_weight_tying(for_fused_experts(config, model, lambda: _all_linear(model)), model)
 
 
 def _all_linear(model: nn.Module) -> list[str]:
@@ -63,13 +66,6 @@ def _all_linear(model: nn.Module) -> list[str]:
             if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
 
 
-def saved_whole(name: str, entries: list[str] | None, peft_rule: bool = True) -> bool:
-    """Whether a modules_to_save entry matches the module ``name``: PEFT's rule, every name that ends with the entry
-    (``"norm"`` matches ``input_layernorm``); with ``peft_rule=False`` the name or a dotted suffix of it, as fastlora
-    matched entries before (files it wrote then are read that way)."""
-    return any(name.endswith(m) if peft_rule else (name == m or name.endswith("." + m)) for m in entries or [])
-
-
 def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True) -> bool:
     """No adapter on a modules_to_save module or inside one: the module or one of its parents matched as
     :func:`plan_modules_to_save` matches them.  (PEFT's own guard matches whole dotted names only, and so may put
@@ -77,13 +73,6 @@ def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True
     leaves out a target PEFT would adapt.)"""
     parents = [name[:i] for i, c in enumerate(name) if c == "."] + [name]
     return any(saved_whole(parent, config.modules_to_save, peft_rule) for parent in parents)
-
-
-def _name_matches(name: str, patterns: list[str] | str) -> bool:
-    """PEFT's rule: a string is a regex matched in full; a list entry matches exactly or as a dotted suffix."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
@@ -116,7 +105,7 @@ def _named_modules_outside_wrappers(model: nn.Module):
 def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
                  peft_rule: bool = True) -> list[str]:
     """Qualified names of the modules ``config`` adapts, checked: each is of a kind fastlora adapts
-    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`saved_whole`).
+    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`fastlora.name_rules.saved_whole`).
 
     With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
     a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
@@ -126,16 +115,18 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     if not config.target_modules and config.target_parameters:  # None or []: only target_parameters
         return []
     head = output_head(model)
+    how, _, tied = tied_heads(config, model)
+    tied = tied if how == "target_modules" else []  # adapted last, sharing the embeddings' adapter (as PEFT orders them)
     targets, not_linear, saved_instead = [], [], []
     for name, module in _named_modules_outside_wrappers(model):
-        if not name or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):  # a parameter's layer: its own plan
-            continue
+        if not name or name in tied or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
+            continue  # a parameter's layer: its own plan
         if config.target_modules == "all-linear":
             if not is_linear_like(module) or module is head:
                 continue
-        elif not _name_matches(name, config.target_modules):
+        elif not name_matches(name, config.target_modules):
             continue
-        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
+        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
             continue
         if _under_modules_to_save(name, config, peft_rule):
             saved_instead.append(name)
@@ -172,6 +163,11 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         )
     if config.target_modules == "all-linear" and not config.target_parameters:
         _warn_fused_experts(model)
+    for name in tied:
+        module = model.get_submodule(name)
+        if is_adapted(module) and adapter_name in module.adapter_settings:
+            raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        targets.append(name)
     # PEFT's own guard matches whole dotted names: the old rule's
     peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config, peft_rule=False)]
     if peft_adapts:
@@ -232,13 +228,16 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
     every name that ends with it, as PEFT matches them (``"norm"`` takes ``model.norm`` and each layer's
     ``input_layernorm`` alike).  An entry that matches nothing is an error, but for task heads.  A match that is
     already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None);
-    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`saved_whole`."""
+    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`fastlora.name_rules.saved_whole`."""
     found = set()
     for wanted in config.modules_to_save or []:
         matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and saved_whole(n, [wanted], peft_rule)}
         if not matches and wanted not in _task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
         found |= matches
+    how, _, tied = tied_heads(config, model)
+    if how == "modules_to_save":  # trained as the embeddings' copy (:mod:`fastlora.weight_tying`)
+        found |= set(tied)
     for name in sorted(found):
         module = model.get_submodule(name)
         if is_adapted(module) or (isinstance(module, ModulesToSaveWrapper) and adapter_name is None):
@@ -294,20 +293,40 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[st
         wanted = {name: tokens}
     plan = {}
     for key, rows in wanted.items():
-        matches = [n for n, _ in _named_modules_outside_wrappers(model) if n and _name_matches(n, [key])]
+        matches = [n for n, _ in _named_modules_outside_wrappers(model) if n and name_matches(n, [key])]
         if not matches:
             raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of the model")
         for name in matches:
             module = model.get_submodule(name)
             table = getattr(getattr(module, "base_layer", module), "weight", None)
-            if name in targets or is_adapted(module) or not isinstance(getattr(module, "base_layer", module), nn.Embedding):
+            if name in targets or is_adapted(module) or not isinstance(getattr(module, "base_layer", module),
+                                                                      (nn.Embedding, nn.Linear)):
                 raise TypeError(f"trainable_token_indices on {name} ({type(module).__name__}): it must be an embedding "
-                                f"table that target_modules does not adapt")
+                                f"table that target_modules does not adapt (or such a Linear, an output head)")
             bad = [i for i in rows if i >= table.shape[0]]
             if bad:
                 raise ValueError(f"trainable_token_indices for {name}: token ids {bad[:5]} are outside its "
                                  f"{table.shape[0]} rows")
             plan[name] = list(rows)
+    return _with_tied_heads_sharing_rows(model, config, plan)
+
+
+def _with_tied_heads_sharing_rows(model: nn.Module, config: LoraConfig, plan: dict[str, list[int]]
+                                  ) -> dict[str, list[int]]:
+    """``plan`` without the heads tied to the input embeddings that list the embeddings' own rows (they share the
+    embeddings' trained rows, as PEFT ties them); a tied head with other rows trains its own, untied, and is an
+    error under ``ensure_weight_tying`` (PEFT's)."""
+    embedding, tied = tied_with_input_embeddings(model)
+    listed = [name for name in tied if name in plan]
+    if embedding not in plan or not listed:
+        return plan
+    if all(plan[name] == plan[embedding] for name in listed):
+        return {name: rows for name, rows in plan.items() if name not in listed}
+    if config.ensure_weight_tying:
+        conflicting = ", ".join(f"{name}: {plan[name]}" for name in [embedding, *listed])
+        raise ValueError(f"Cannot ensure weight tying when different token indices are specified for tied layers. "
+                         f"Conflicting layers: {conflicting}. Please use the same indices for all tied layers or set "
+                         f"ensure_weight_tying=False.")
     return plan
 
 

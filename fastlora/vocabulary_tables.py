@@ -78,8 +78,10 @@ def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],
     tables: Expected = {}
     aliases: dict[str, str] = {}
     head = output_head(model)
+    head_rows = any(model.get_submodule(n) is head for n in tokens)  # a head with rows of its own is not tied
     owner_of_tied_head = next((n for n in tokens if head is not None and not isinstance(head, TrainableTokensWrapper)
-                               and getattr(head, "weight", None) is _table(model.get_submodule(n))), None)
+                               and not head_rows and getattr(head, "weight", None) is _table(model.get_submodule(n))),
+                              None)
     for name, module in embedding_modules(model):
         prefix = f"{PREFIX}{name}."
         if name in targets or is_adapted(module):

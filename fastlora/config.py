@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.files import atomic_write_text
 from fastlora.init_configs import checked_corda_config, checked_eva_config, checked_loftq_config, checked_lora_ga_config
+from fastlora.layer_replication import check_layer_map
 from fastlora.weight_inits import check_weight_init, is_weight_init
 
 __all__ = ["LoraConfig", "TaskType", "UnsupportedFeatureError", "CONFIG_NAME"]
@@ -105,7 +106,6 @@ _BIAS_MODES = ("none", "all", "lora_only")
 
 # PEFT fields that switch on a feature fastlora does not implement, with the value that means "off".
 UNSUPPORTED_FEATURES = {
-    "layer_replication": None,
     "velora_config": None,
     "monteclora_config": None,
     "arrow_config": None,
@@ -217,13 +217,17 @@ class LoraConfig:
             and the head its transpose, sharing the factors; in ``trainable_token_indices``, other rows for the
             two are an error.  As PEFT, the config then names the embeddings instead of the head (see
             :mod:`fastlora.weight_tying`).  Default False.
+        layer_replication (list[list[int]] | None): a new stack of decoder layers built from the model's, each
+            ``[start, end)`` range appended in turn (``[[0, 4], [2, 5]]`` makes ``[0, 1, 2, 3, 2, 3, 4]``); the
+            copies share the base weights and get adapters of their own (see :mod:`fastlora.layer_replication`).
+            Such a model cannot merge, as in PEFT.  Default None.
         fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
             (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
             otherwise.  Default False.
 
     PEFT's other fields are accepted too: its bookkeeping fields (``auto_mapping``, ``peft_version``,
     ``megatron_core``, ``qalora_group_size``, ``runtime_config``) are kept as given, and the switches of
-    features fastlora does not implement (``layer_replication``, ``use_qalora``, ...) take
+    features fastlora does not implement (``use_qalora``, ``kasa_config``, ...) take
     only their "off" value; anything else raises :class:`UnsupportedFeatureError` naming the field.
 
     PEFT equivalent: ``peft.LoraConfig`` (the same fields, defaults and ``adapter_config.json``).
@@ -322,6 +326,9 @@ class LoraConfig:
                                  f"-> such a list, got {tokens!r}")
             put("trainable_token_indices", {k: list(v) for k, v in tokens.items()} if isinstance(tokens, dict)
                 else list(tokens))
+        if self.layer_replication:  # None or [] (PEFT writes either): the model's own layers
+            check_layer_map(self.layer_replication)
+            put("layer_replication", [list(pair) for pair in self.layer_replication])
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:

@@ -24,6 +24,7 @@ from fastlora.config import LoraConfig, PeftType
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.base_kinds import is_adapted, kind_of
 from fastlora.layer import LoRALinear
+from fastlora.layer_replication import layers_replicated, shared_parameters, unshare_parameters
 from fastlora.model_inits import data_driven_sources, forget_sources, init_from_weights, warn_of_lora_ga_without_gradients
 from fastlora.weight_inits import draws_from_the_generator, is_weight_init
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
@@ -255,9 +256,10 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         config = config.replace(revision=revision)
     if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
         config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
-    plan = _plan_new(model, config)
-    warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in plan[0]])
-    return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
+    with layers_replicated(model, config.layer_replication):  # the stack the adapter is planned on, undone on error
+        plan = _plan_new(model, config)
+        warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in plan[0]])
+        return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
 def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
@@ -719,6 +721,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         ``safe_merge``: first check every merged weight for NaN/Inf and refuse (ValueError) leaving the model
         unmerged."""
         names = self._check_adapter_names(adapter_names)
+        if self._replicated and shared_parameters(self.get_base_model()):  # PEFT's refusal (which PEFT never makes)
+            raise ValueError("Cannot merge LORA layers when base model layers are replicated: the copies share their "
+                             "base weights, each with an adapter of its own (merge_and_unload gives each its own "
+                             "weights first)")
         layers = [layer for _, layer in self.lora_layers()]
         already = sorted({n for layer in layers for n in layer.merged_adapters})
         if already and all(n in already for n in names):
@@ -753,8 +759,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for wrapper in tokens:
             wrapper.unmerge()
 
+    @property
+    def _replicated(self) -> bool:
+        return any(config.layer_replication for config in self.peft_config.values())
+
     def _replace_lora_layers(self, merge: bool, **merge_kwargs) -> nn.Module:
         if merge:
+            if self._replicated:  # a standalone model of the new depth: each layer its own merged weights
+                unshare_parameters(self.get_base_model())
             self.merge_adapter(**merge_kwargs)
         model = self.get_base_model()
         for name, layer in reversed(list(self.lora_layers())):  # nested layers (a module's parameters) inside out
@@ -883,7 +895,13 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                              f"giving it new values (unmerging would subtract the new values, not the merged ones)")
 
     def _check_second_adapter(self, config: LoraConfig) -> None:
-        """PEFT's rule: biases are shared by every adapter, so at most one adapter of a model may train them."""
+        """PEFT's rule: biases are shared by every adapter, so at most one adapter of a model may train them.  A
+        second adapter is built on the layer stack the first replicated (``layer_replication``), and must say so."""
+        first = next(iter(self.peft_config.values()), None)
+        if first is not None and (config.layer_replication or None) != (first.layer_replication or None):
+            raise ValueError(f"layer_replication={config.layer_replication!r} for a new adapter of a model whose layers "
+                             f"are {'replicated as ' + repr(first.layer_replication) if first.layer_replication else 'not replicated'}: "
+                             f"every adapter of a model adapts the same stack of layers")
         if sum(c.bias != "none" for c in [*self.peft_config.values(), config]) > 1:
             raise ValueError("LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias "
                              "to 'none' for all adapters.")

@@ -24,6 +24,7 @@ from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
+from fastlora.layer_replication import layers_replicated
 from fastlora.name_rules import saved_whole
 from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, with_task_heads
 from fastlora.trainable_tokens import TrainableTokensWrapper
@@ -112,15 +113,17 @@ class AdapterFilesMixin:
         def checked(targets, to_save):
             return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
 
-        targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors, checked)
-        targets, config = _without_layers_eva_removed(config, targets, tensors)
-        expected, tensors = checked(targets, to_save)
-        lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
-        try:
-            _copy_values(model, expected, tensors)
-        except BaseException:
-            undo()
-            raise
+        with layers_replicated(model, config.layer_replication):  # the stack the file was trained on
+            targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors,
+                                                 checked)
+            targets, config = _without_layers_eva_removed(config, targets, tensors)
+            expected, tensors = checked(targets, to_save)
+            lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
+            try:
+                _copy_values(model, expected, tensors)
+            except BaseException:
+                undo()
+                raise
         if not is_trainable:
             lora_model.eval()
         return lora_model

@@ -48,8 +48,11 @@ def test_json_round_trip_and_unsupported_features():
     with pytest.raises(ValueError, match="some_new_peft_field=3"):
         LoraConfig.from_dict({**data, "some_new_peft_field": 3})
     assert LoraConfig.from_dict({**data, "use_dora": True}).use_dora is True
-    with pytest.raises(ValueError, match="layer_replication"):
-        LoraConfig.from_dict({**data, "layer_replication": [[0, 1]]})
+    with pytest.raises(ValueError, match="use_qalora"):
+        LoraConfig.from_dict({**data, "use_qalora": True})
+    assert LoraConfig.from_dict({**data, "layer_replication": [[0, 1], [0, 1]]}).layer_replication == [[0, 1], [0, 1]]
+    with pytest.raises(ValueError, match="layer_replication must be a list"):
+        LoraConfig.from_dict({**data, "layer_replication": [[1, 0]]})
     assert LoraConfig.from_dict({**data, "rank_pattern": {"q_proj": 16}}).settings_for("model.q_proj").r == 16
     with pytest.raises(ValueError, match="not a LoRA adapter"):
         LoraConfig.from_dict({**data, "peft_type": "IA3"})

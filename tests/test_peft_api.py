@@ -321,7 +321,7 @@ def test_config_save_and_from_pretrained_interoperate_with_peft(tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("velora_config", {"rank": 4}), ("layer_replication", [[0, 1]]),
+    ("velora_config", {"rank": 4}), ("monteclora_config", {"rank": 4}),
     ("kasa_config", {"rank": 4}), ("use_qalora", True),
 ])
 def test_unsupported_peft_fields_are_named(field, value, tmp_path):

@@ -271,6 +271,12 @@ class LoRALinear(nn.Linear):
         embeddings, see :mod:`fastlora.weight_tying`); that layer's merge state is this adapter's."""
         return self.__dict__.setdefault("_tied_adapters", {})  # a plain dict: the owner is not a submodule here
 
+    @property
+    def tied_heads(self) -> list["LoRALinear"]:
+        """The layers whose factors of some adapter are this layer's, transposed (the owner's side of
+        :attr:`tied_adapters`)."""
+        return self.__dict__.setdefault("_tied_heads", [])
+
     def tie_factors(self, adapter_name: str, owner: "LoRALinear", lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
         """Hold ``lora_A`` / ``lora_B`` (views of ``owner``'s factors) as ``adapter_name``'s factors."""
         for param, held in zip((lora_A, lora_B), self.lora_factors(adapter_name)):
@@ -278,6 +284,26 @@ class LoRALinear(nn.Linear):
                 raise ValueError(f"tied factors of shape {tuple(param.shape)} for {tuple(held.shape)}")
         self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"] = lora_A, lora_B
         self.tied_adapters[adapter_name] = owner
+        if not any(head is self for head in owner.tied_heads):
+            owner.tied_heads.append(self)
+
+    def reshare_tied_factors(self) -> None:
+        """Point the tied adapters' factors at their owner's storage again (each parameter is moved, cast or copied
+        on its own: ``to()``, ``half()``, a deep copy), and those of the heads tied to this layer."""
+        for name, owner in self.tied_adapters.items():
+            if name in owner.adapter_settings:
+                A, B = self.lora_factors(name)
+                owner_A, owner_B = owner.lora_factors(name)
+                A.data, B.data = owner_B.data.t(), owner_A.data.t()
+        for head in self.tied_heads:
+            if head is not self and any(owner is self for owner in head.tied_adapters.values()):
+                head.reshare_tied_factors()
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        if self.tied_adapters or self.tied_heads:
+            self.reshare_tied_factors()
+        return result
 
     def merged_by_owner(self) -> list[str]:
         """The tied adapters merged, by their owner, into the table this layer shares."""

@@ -31,7 +31,7 @@ from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
 from fastlora.status import get_layer_status, get_model_status
 from fastlora.trainable_tokens import TrainableTokensWrapper
-from fastlora.weight_tying import retie, tie_copies, tie_targets, tied_heads
+from fastlora.weight_tying import is_embedding, retie, tie_copies, tie_targets, tied_heads
 from fastlora.targets import (
     output_head, plan_modules_to_save, plan_targets, plan_trainable_tokens, settle_fan_in_fan_out,
     warn_order_dependent_patterns, with_all_linear_named, with_task_heads,
@@ -81,7 +81,9 @@ def _inject(model: nn.Module, config: LoraConfig, adapter_name: str, targets: li
     base) only to be overwritten."""
     tokens = plan_trainable_tokens(model, config, targets)  # checked before anything changes
     how, embedding, heads = tied_heads(config, model)  # heads sharing the embeddings' adapter or copy
-    tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets]
+    # (an encoder-decoder's other embedding tables computing with the table take adapters of their own, as in PEFT)
+    tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets and not is_embedding(
+        model.get_submodule(h))]
     parameters = plan_parameter_targets(model, config)
     owners = list(dict.fromkeys(target.owner for target in parameters))
     if set(owners) & set(targets):
@@ -264,7 +266,7 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
 
 def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
     """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet (``peft_rule``:
-    how modules_to_save entries match, :func:`fastlora.name_rules.saved_whole`)."""
+    how modules_to_save entries match, :func:`fastlora.targets.saved_whole`)."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another")
@@ -420,6 +422,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             state["_active_adapters"] = [state.pop("_active_adapter")]
         super().__setstate__(state)
         object.__setattr__(self.base_model, "_owner", self)
+        retie(self)  # unpickled, each factor has storage of its own
 
     def __deepcopy__(self, memo: dict) -> "PeftModel":
         """A deep copy, whose heads tied to the input embeddings share the copied embeddings' factors (a copied
@@ -441,13 +444,6 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         an ``undo``."""
         return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan,
                       values_from_file=True)
-
-    def _apply(self, fn, *args, **kwargs):
-        """nn.Module's (``to``, ``half``, ...), then heads tied to the input embeddings share their factors again
-        (each parameter was moved on its own)."""
-        result = super()._apply(fn, *args, **kwargs)
-        retie(self)
-        return result
 
     def __getattr__(self, name: str):
         try:

@@ -25,8 +25,8 @@ from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.layer_replication import layers_replicated
-from fastlora.name_rules import saved_whole
-from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, with_task_heads
+from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
+from fastlora.weight_tying import without_tied_head_factors
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,
@@ -507,6 +507,7 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     _check_layout(model, config, targets, where)
     check_not_per_expert(model, tensors, where)
     expected = peft_format.expected_tensors(model, config, targets, to_save, adapter_name)
+    expected, tensors = without_tied_head_factors(model, config, expected, tensors, where)
     # an embedding table PEFT saved beside the adapter (save_embedding_layers) is loaded, as PEFT loads it
     tensors = peft_format.without_quantized_tables(model, targets, tensors, where)
     tables, table_aliases = _tables_a_file_may_hold(model, targets, to_save, plan_trainable_tokens(model, config, targets))

@@ -16,13 +16,12 @@ from fastlora.config import LoraConfig
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.name_rules import name_matches, saved_whole
 from fastlora.parameter_lora import LoRAParameter
 from fastlora.quantized import is_bnb_linear
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import tied_heads, tied_with_input_embeddings, with_weight_tying
 
-__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads"]
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "saved_whole"]
 
 # PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
 # its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
@@ -66,6 +65,13 @@ def _all_linear(model: nn.Module) -> list[str]:
             if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
 
 
+def saved_whole(name: str, entries: list[str] | None, peft_rule: bool = True) -> bool:
+    """Whether a modules_to_save entry matches the module ``name``: PEFT's rule, every name that ends with the entry
+    (``"norm"`` matches ``input_layernorm``); with ``peft_rule=False`` the name or a dotted suffix of it, as fastlora
+    matched entries before (files it wrote then are read that way)."""
+    return any(name.endswith(m) if peft_rule else (name == m or name.endswith("." + m)) for m in entries or [])
+
+
 def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True) -> bool:
     """No adapter on a modules_to_save module or inside one: the module or one of its parents matched as
     :func:`plan_modules_to_save` matches them.  (PEFT's own guard matches whole dotted names only, and so may put
@@ -73,6 +79,13 @@ def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True
     leaves out a target PEFT would adapt.)"""
     parents = [name[:i] for i, c in enumerate(name) if c == "."] + [name]
     return any(saved_whole(parent, config.modules_to_save, peft_rule) for parent in parents)
+
+
+def _name_matches(name: str, patterns: list[str] | str) -> bool:
+    """PEFT's rule: a string is a regex matched in full; a list entry matches exactly or as a dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
@@ -105,7 +118,7 @@ def _named_modules_outside_wrappers(model: nn.Module):
 def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
                  peft_rule: bool = True) -> list[str]:
     """Qualified names of the modules ``config`` adapts, checked: each is of a kind fastlora adapts
-    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`fastlora.name_rules.saved_whole`).
+    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`saved_whole`).
 
     With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
     a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
@@ -115,18 +128,19 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     if not config.target_modules and config.target_parameters:  # None or []: only target_parameters
         return []
     head = output_head(model)
-    how, _, tied = tied_heads(config, model)
-    tied = tied if how == "target_modules" else []  # adapted last, sharing the embeddings' adapter (as PEFT orders them)
+    how, embedding, tied = tied_heads(config, model)
+    heads = tied if how == "target_modules" else []  # adapted last, sharing the embeddings' adapter (PEFT's order)
+    saved_tied = tied if how == "modules_to_save" else []  # computing with the embeddings' copy
     targets, not_linear, saved_instead = [], [], []
     for name, module in _named_modules_outside_wrappers(model):
-        if not name or name in tied or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
-            continue  # a parameter's layer: its own plan
+        if not name or name in heads or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
+            continue  # a parameter's layer has its own plan, a tied head the one below
         if config.target_modules == "all-linear":
             if not is_linear_like(module) or module is head:
                 continue
-        elif not name_matches(name, config.target_modules):
+        elif not _name_matches(name, config.target_modules):
             continue
-        if config.exclude_modules is not None and name_matches(name, config.exclude_modules):
+        if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
             continue
         if _under_modules_to_save(name, config, peft_rule):
             saved_instead.append(name)
@@ -134,6 +148,10 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if config.layers_to_transform is not None:
             if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
                 continue
+        if name in saved_tied:  # PEFT fails here with a TypeError from inside its wrapper
+            raise ValueError(f"target_modules matched {name}, which ensure_weight_tying ties to the copy of {embedding} "
+                             f"that modules_to_save trains: it cannot also take an adapter; leave it out of "
+                             f"target_modules")
         if is_adapted(module):
             if adapter_name is None:
                 raise ValueError(f"module {name!r} is already a LoRALinear: the model already has an adapter")
@@ -163,10 +181,16 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         )
     if config.target_modules == "all-linear" and not config.target_parameters:
         _warn_fused_experts(model)
-    for name in tied:
+    for name in heads:
         module = model.get_submodule(name)
+        if isinstance(module, ModulesToSaveWrapper):
+            raise ValueError(f"ensure_weight_tying: {name} is saved whole (modules_to_save) by another adapter, so it "
+                             f"cannot share the adapter of {embedding}; tie both adapters the same way")
         if is_adapted(module) and adapter_name in module.adapter_settings:
             raise ValueError(f"module {name!r} already has an adapter named {adapter_name!r}")
+        if not is_adapted(module) and kind_of(module) is None:
+            raise TypeError(f"ensure_weight_tying: the head {name} tied to {embedding} ({type(module).__name__}) is "
+                            f"not a layer fastlora adapts: {refusal(module)}")
         targets.append(name)
     # PEFT's own guard matches whole dotted names: the old rule's
     peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config, peft_rule=False)]
@@ -228,7 +252,7 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
     every name that ends with it, as PEFT matches them (``"norm"`` takes ``model.norm`` and each layer's
     ``input_layernorm`` alike).  An entry that matches nothing is an error, but for task heads.  A match that is
     already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None);
-    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`fastlora.name_rules.saved_whole`."""
+    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`saved_whole`."""
     found = set()
     for wanted in config.modules_to_save or []:
         matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and saved_whole(n, [wanted], peft_rule)}
@@ -293,7 +317,7 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[st
         wanted = {name: tokens}
     plan = {}
     for key, rows in wanted.items():
-        matches = [n for n, _ in _named_modules_outside_wrappers(model) if n and name_matches(n, [key])]
+        matches = [n for n, _ in _named_modules_outside_wrappers(model) if n and _name_matches(n, [key])]
         if not matches:
             raise ValueError(f"trainable_token_indices names {key!r}, which matches no module of the model")
         for name in matches:

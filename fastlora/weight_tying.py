@@ -15,9 +15,11 @@ Training one side alone unties them; with ``ensure_weight_tying=True`` fastlora,
 * ``trainable_token_indices``: a head listed with the embedding's rows shares them (PEFT ties these even without the
   flag); with other rows the flag is an error.
 
-The rewrite of the config is PEFT's: the embedding is added to ``modules_to_save`` / ``target_modules`` and the tied
-head taken out (it is tied, not adapted on its own), which is what ``adapter_config.json`` records.  Which modules
-are tied is read from the model itself: those computing with the input embeddings' table.
+What triggers the tie is PEFT's rule (an entry naming ``embed_tokens`` or ``lm_head``, or the embeddings'
+qualified name where PEFT's rewrite put it), and so is the rewrite of the config: the embedding is added to
+``modules_to_save`` / ``target_modules`` and the tied head taken out (it is tied, not adapted on its own), which is
+what ``adapter_config.json`` records.  Which modules are tied is read from the model itself: those computing with
+the input embeddings' table.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ from torch import nn
 from fastlora.config import LoraConfig
 from fastlora.layer import LoRALinear, peft_reset_
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.name_rules import name_matches, saved_whole
 from fastlora.trainable_tokens import TrainableTokensWrapper
 
-__all__ = ["tied_with_input_embeddings", "with_weight_tying", "tied_heads", "tie_targets", "tie_copies", "retie"]
+__all__ = ["tied_with_input_embeddings", "with_weight_tying", "tied_heads", "tie_targets", "tie_copies", "retie",
+           "without_tied_head_factors", "is_embedding"]
 
 # The inits that draw factors from the generator only; the others change or read the shared base weight.
 _TIEABLE_INITS = (True, False, "gaussian")
@@ -80,13 +82,36 @@ def tied_with_input_embeddings(model: nn.Module) -> tuple[str | None, list[str]]
     return name, tied
 
 
-def _names(config: LoraConfig, embedding: str, tied: list[str]) -> tuple[bool, bool]:
-    """(a modules_to_save entry names a module of the tied pair, target_modules names one), as PEFT matches them."""
-    pair = [embedding, *tied]
-    saved = any(saved_whole(n, config.modules_to_save) for n in pair)
+# The names PEFT's rule looks for in a config's entries (an entry's last component, or what a regex matches whole).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _names(config: LoraConfig, embedding: str) -> tuple[bool, bool]:
+    """(a modules_to_save entry names the embeddings or the head, target_modules does), by PEFT's rule: an entry
+    whose last component is ``embed_tokens`` or ``lm_head``, a regex matching one of those names whole, and, so that
+    a saved config reads as it was written, the embeddings' qualified name where PEFT's rewrite put it."""
+    def names(entry: str) -> bool:
+        return entry.split(".")[-1] in EMBEDDING_LAYER_NAMES or entry == embedding
+
+    saved = any(names(m) for m in config.modules_to_save or [])
     targets = config.target_modules
-    adapted = targets is not None and targets != "all-linear" and any(name_matches(n, targets) for n in pair)
+    if isinstance(targets, str):
+        adapted = targets != "all-linear" and (any(re.fullmatch(targets, n) for n in EMBEDDING_LAYER_NAMES)
+                                               or _rewritten(targets, embedding))
+    else:
+        adapted = any(names(m) for m in targets or [])
     return saved, adapted
+
+
+def _rewritten(pattern: str, embedding: str) -> bool:
+    """Whether a target_modules regex is one PEFT's rewrite made (it ends naming the embeddings)."""
+    return pattern.endswith(f"|^{re.escape(embedding)}$)")
+
+
+def is_embedding(module: nn.Module) -> bool:
+    """An embedding table (adapted or not): a module reading the tied table as its input, not an output head."""
+    module = _unwrapped(module)
+    return isinstance(module, nn.Embedding) or isinstance(getattr(module, "base_layer", None), nn.Embedding)
 
 
 def _without_entries_for(entries: list[str], tied: list[str]) -> list[str]:
@@ -103,8 +128,11 @@ def with_weight_tying(config: LoraConfig, model: nn.Module) -> LoraConfig:
     """``config`` as PEFT rewrites it for ``ensure_weight_tying`` on ``model``: the input embeddings added to
     ``modules_to_save`` (or else ``target_modules``) and the tied heads taken out; with PEFT's warnings where the flag
     ties nothing, or where a tied module is adapted without it."""
+    named = _names(config, "")
+    if not (config.ensure_weight_tying or any(named)):
+        return config  # nothing to tie or warn about: the model is not even read
     embedding, tied = tied_with_input_embeddings(model)
-    saved, adapted = _names(config, embedding, tied) if tied else (False, False)
+    saved, adapted = _names(config, embedding) if tied else (False, False)
     if not config.ensure_weight_tying:
         if saved or adapted:
             warnings.warn(NOT_TIED_WARNING, UserWarning, stacklevel=4)
@@ -123,8 +151,8 @@ def with_weight_tying(config: LoraConfig, model: nn.Module) -> LoraConfig:
         return config.replace(modules_to_save=_without_entries_for(entries, tied))
     if adapted:
         targets = config.target_modules
-        if isinstance(targets, str):  # (a regex that names the embeddings already is kept: rewriting is idempotent)
-            return config if re.fullmatch(targets, embedding) else config.replace(
+        if isinstance(targets, str):  # (rewritten once: a saved config reads back as it was written)
+            return config if _rewritten(targets, embedding) else config.replace(
                 target_modules=rf"(?:{targets}|^{re.escape(embedding)}$)")
         entries = list(targets) + ([] if embedding in targets else [embedding])
         return config.replace(target_modules=_without_entries_for(entries, tied))
@@ -134,13 +162,21 @@ def with_weight_tying(config: LoraConfig, model: nn.Module) -> LoraConfig:
 
 
 def tied_heads(config: LoraConfig, model: nn.Module) -> tuple[str | None, str | None, list[str]]:
-    """(how the heads are tied: "modules_to_save", "target_modules" or None; the embedding's name; the tied heads'
-    names) for a config :func:`with_weight_tying` has rewritten."""
+    """(how the heads are tied: "modules_to_save", "target_modules" or None; the embedding's name; the tied
+    modules' names) for a config :func:`with_weight_tying` has rewritten.  Every one is adapted (target_modules)
+    or computes with the embeddings' trained copy (modules_to_save); an adapter is shared with the heads only, other
+    embedding tables computing with the table (an encoder-decoder's) getting adapters of their own, as in PEFT."""
+    if not config.ensure_weight_tying:
+        return None, None, []
     embedding, tied = tied_with_input_embeddings(model)
-    if not (config.ensure_weight_tying and tied):
+    if not tied:
         return None, embedding, []
-    saved, adapted = _names(config, embedding, tied)
-    return ("modules_to_save" if saved else "target_modules" if adapted else None), embedding, tied
+    saved, adapted = _names(config, embedding)
+    if saved:
+        return "modules_to_save", embedding, tied
+    if adapted:
+        return "target_modules", embedding, tied
+    return None, embedding, []
 
 
 def tie_targets(model: nn.Module, config: LoraConfig, adapter_name: str, embedding: str, heads: list[str]) -> None:
@@ -149,9 +185,10 @@ def tie_targets(model: nn.Module, config: LoraConfig, adapter_name: str, embeddi
     initialisation that reads or changes the shared table, another rank or scaling, a head of another kind, or
     embeddings without that adapter (left out by exclude_modules, say)."""
     if config.init_lora_weights not in _TIEABLE_INITS:
-        raise ValueError(f"ensure_weight_tying with init_lora_weights={config.init_lora_weights!r}: that "
-                         f"initialisation reads or changes the base weight, which {heads} share with {embedding}; "
-                         f"use True, False or 'gaussian'")
+        raise ValueError(f"ensure_weight_tying with init_lora_weights={config.init_lora_weights!r}: a head sharing "
+                         f"the embeddings' adapter starts from drawn factors (True, False or 'gaussian'); the other "
+                         f"initialisations read or change the table {heads} share with {embedding}, or give each "
+                         f"layer factors of its own")
     owner = model.get_submodule(embedding)
     if not (isinstance(owner, LoRALinear) and adapter_name in owner.adapter_settings):
         raise ValueError(f"ensure_weight_tying: {heads} share their table with {embedding}, which this config does "
@@ -190,12 +227,34 @@ def tie_copies(model: nn.Module, adapter_name: str, embedding: str, heads: list[
         model.get_submodule(name).modules_to_save[adapter_name].weight = table
 
 
+def without_tied_head_factors(model: nn.Module, config: LoraConfig, expected: dict, tensors: dict, where
+                              ) -> tuple[dict, dict]:
+    """(``expected``, ``tensors``) of an adapter file without the factors of the heads tied to the embeddings (file
+    key → (parameter name, shape), and the file's tensors): those are the embeddings' factors transposed, loaded
+    with them.  A file may leave them out (PEFT's second tied adapter does); where it holds them, they must be the
+    embeddings' transposed (ValueError otherwise: the file was not trained tied)."""
+    how, embedding, heads = tied_heads(config, model)
+    if how != "target_modules":
+        return expected, tensors
+    key_of = {param: key for key, (param, _) in expected.items()}
+    expected, tensors = dict(expected), dict(tensors)
+    for head in (h for h in heads if not is_embedding(model.get_submodule(h))):
+        for key, (param, _) in list(expected.items()):
+            factor, _, adapter = param.removeprefix(f"{head}.lora_").partition("_")
+            if not param.startswith(f"{head}.lora_") or factor not in ("A", "B"):
+                continue
+            owner_key = key_of.get(f"{embedding}.lora_{'B' if factor == 'A' else 'A'}_{adapter}")
+            if key in tensors and owner_key in tensors and not torch.equal(tensors[key], tensors[owner_key].t()):
+                raise ValueError(f"adapter in {where} does not match the model: ensure_weight_tying ties {head} to "
+                                 f"{embedding}, but the file's {key} is not the transpose of {owner_key}")
+            del expected[key]
+            tensors.pop(key, None)
+    return expected, tensors
+
+
 def retie(model: nn.Module) -> None:
-    """Point every tied head's factors at its embedding's storage again, after ``model.to(...)`` or a dtype cast,
-    which move each parameter on its own."""
+    """Point every tied head's factors at its embedding's storage again (after a deep copy or unpickling, which
+    copy each parameter on its own; a move or a cast reshares them by itself)."""
     for module in model.modules():
-        if isinstance(module, LoRALinear):
-            for name, embedding in module.tied_adapters.items():
-                A, B = module.lora_factors(name)
-                emb_A, emb_B = embedding.lora_factors(name)
-                A.data, B.data = emb_B.data.t(), emb_A.data.t()
+        if isinstance(module, LoRALinear) and module.tied_adapters:
+            module.reshare_tied_factors()

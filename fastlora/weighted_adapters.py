@@ -138,6 +138,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     model.add_adapter(adapter_name, config)
     try:
         for _, layer in model.lora_layers(adapter_name):
+            if adapter_name in layer.tied_adapters:  # a head tied to the embeddings: its factors are theirs, combined
+                continue                             # there (ensure_weight_tying)
             held = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapter_settings]
             A, B = layer.lora_factors(adapter_name)
             A.zero_()

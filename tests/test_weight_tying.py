@@ -5,6 +5,7 @@ through training, dtype casts and copies, and a merge that adds the tied update 
 
 import copy
 import json
+import pickle
 import warnings
 
 import peft
@@ -120,7 +121,10 @@ def test_the_head_shares_the_embeddings_factors_through_training_casts_and_copie
     ours.double()
     assert_shared(ours)
     assert ours.lm_head.lora_A_default.dtype == torch.float64
-    assert_shared(copy.deepcopy(ours.float()))
+    ours.get_base_model().float()  # a cast of the model inside reshares them too
+    assert_shared(ours)
+    assert_shared(copy.deepcopy(ours))
+    assert_shared(pickle.loads(pickle.dumps(ours)))
 
 
 def test_a_merge_adds_the_tied_update_to_the_shared_table_once():
@@ -167,8 +171,23 @@ def test_a_second_tied_adapter_is_tied_too(tmp_path):
     assert_close(_logits(ours), _logits(theirs), kind="same_math")
 
 
+def test_an_entry_naming_wte_ties_nothing_as_in_peft():
+    """PEFT's rule ties where an entry names embed_tokens or lm_head (GPT-2's wte alone leaves the head untied)."""
+    config = dict(target_modules=["c_attn", "wte"], ensure_weight_tying=True, init_lora_weights=False)
+    logits = []
+    for lib in (peft, fastlora):
+        torch.manual_seed(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(tiny_gpt2(), lib.LoraConfig(**copy.deepcopy(config)))
+        logits.append(model(input_ids=tokens(vocab=64)).logits)
+    assert not isinstance(model.base_model.model.lm_head, fastlora.LoRALinear)
+    assert_close(logits[1], logits[0], kind="same_math")
+
+
 def test_a_gpt2_head_tied_to_wte_is_tied_and_reloads_tied(tmp_path):
-    """GPT-2 names its embeddings wte: the tie is read from the model, and a saved adapter reloads tied."""
+    """GPT-2's head named in target_modules: the embeddings are found as wte, and a saved adapter reloads tied
+    (PEFT's rule, reading the saved ``transformer.wte``, reloads it untied)."""
     config = dict(target_modules=["c_attn", "lm_head"], ensure_weight_tying=True, init_lora_weights=False)
     torch.manual_seed(3)
     ours = fastlora.get_peft_model(tiny_gpt2(), fastlora.LoraConfig(**config))
@@ -245,7 +264,9 @@ def test_the_warnings_are_peft_s(tied, ensure, options):
 
 
 @pytest.mark.parametrize("options, error, match", [
-    (dict(target_modules=["q_proj", "lm_head"], init_lora_weights="pissa"), ValueError, "reads or changes the base"),
+    (dict(target_modules=["q_proj", "lm_head"], init_lora_weights="pissa"), ValueError, "starts from drawn factors"),
+    (dict(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"]), ValueError,
+     "cannot also take an adapter"),
     (dict(target_modules=["q_proj", "lm_head"], rank_pattern={"lm_head": 4}), ValueError, "same r and lora_alpha"),
     (dict(target_modules=["q_proj", "lm_head"], alpha_pattern={"embed_tokens": 2}), ValueError, "same r and"),
     (dict(target_modules=["q_proj", "lm_head"], exclude_modules=["embed_tokens"]), ValueError, "does not adapt"),
@@ -282,3 +303,63 @@ def test_a_tied_head_on_a_4bit_model_trains_as_peft(case, tmp_path):
         losses.append(_steps(model))
     for ours, theirs in zip(losses[1], losses[0]):
         assert_close(ours, theirs, kind="same_math")
+
+
+def test_peft_s_second_tied_adapter_file_and_a_file_not_trained_tied(tmp_path):
+    """PEFT saves a second tied adapter without the head's factors: it loads, the head tied (as PEFT loads it); a
+    file whose head factors are not the embeddings' transposed is refused with the model unchanged."""
+    options = dict(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True, init_lora_weights=False)
+    theirs = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), peft.LoraConfig(**copy.deepcopy(options)))
+    theirs.add_adapter("second", peft.LoraConfig(**copy.deepcopy(options)))
+    theirs.save_pretrained(tmp_path)
+    assert not any("lm_head" in key for key in load_file(tmp_path / "second" / "adapter_model.safetensors"))
+    reference = peft.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "second")
+    ours = fastlora.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "second")
+    assert_close(_logits(ours), _logits(reference), kind="same_math")
+
+    untied = fastlora.get_peft_model(tiny_llama(tie_word_embeddings=True), fastlora.LoraConfig(
+        target_modules=["q_proj", "embed_tokens", "lm_head"], init_lora_weights=False))
+    untied.peft_config["default"].ensure_weight_tying = True  # a file that says tied, whose factors are not
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        untied.save_pretrained(tmp_path / "untied")
+    model = tiny_llama(tie_word_embeddings=True)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="is not the transpose of"):
+        fastlora.PeftModel.from_pretrained(model, tmp_path / "untied")
+    assert_unchanged(model, before)
+
+
+def test_a_weighted_combination_of_a_tied_adapter_is_the_embeddings_shared_with_the_head():
+    _, ours = _pair("random")
+    ours.add_adapter("table", fastlora.LoraConfig(target_modules=["embed_tokens"], init_lora_weights=False))
+    ours.add_weighted_adapter(["default", "table"], [1.0, -0.5], "combined", combination_type="cat")
+    embedding, head = _embedding_and_head(ours)
+    expected = embedding.delta_weight("default") - 0.5 * embedding.delta_weight("table")
+    assert_close(embedding.delta_weight("combined"), expected, kind="same_math")
+    assert head.lora_factors("combined")[0].data_ptr() == embedding.lora_factors("combined")[1].data_ptr()
+
+
+def test_an_encoder_decoder_s_embedding_tables_keep_adapters_of_their_own_as_in_peft():
+    """BART's encoder and decoder tables compute with the shared one: PEFT adapts them on their own and ties the
+    head to the shared table's adapter; so does fastlora."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    outputs, names = [], []
+    for lib in (peft, fastlora):
+        torch.manual_seed(0)
+        bart = BartForConditionalGeneration(BartConfig(
+            vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)).eval()
+        torch.manual_seed(3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(bart, lib.LoraConfig(target_modules=["q_proj", "lm_head"],
+                                                            ensure_weight_tying=True, init_lora_weights=False))
+        names.append(sorted({n.split(".lora")[0] for n, _ in model.named_parameters() if ".lora" in n}))
+        with torch.no_grad():
+            outputs.append(model(input_ids=tokens(vocab=64), decoder_input_ids=tokens(vocab=64, seed=2)).logits)
+    assert names[1] == names[0]
+    assert_close(outputs[1], outputs[0], kind="same_math")
+    inner = model.base_model.model
+    assert inner.lm_head.lora_A_default.data_ptr() == inner.model.shared.lora_B_default.data_ptr()

@@ -219,8 +219,9 @@ class LoraConfig:
             :mod:`fastlora.weight_tying`).  Default False.
         layer_replication (list[list[int]] | None): a new stack of decoder layers built from the model's, each
             ``[start, end)`` range appended in turn (``[[0, 4], [2, 5]]`` makes ``[0, 1, 2, 3, 2, 3, 4]``); the
-            copies share the base weights and get adapters of their own (see :mod:`fastlora.layer_replication`).
-            Such a model cannot merge, as in PEFT.  Default None.
+            copies share the base weights and get adapters of their own (see :mod:`fastlora.layer_replication`);
+            ``merge_and_unload`` gives each copy its own weights, ``merge_adapter`` in place is refused.  Default
+            None.
         fan_in_fan_out (bool): whether the targets store their weight (in, out), as transformers' ``Conv1D``
             (GPT-2) does.  As PEFT, adapting a model sets it from the targets' kind, warning when it was set
             otherwise.  Default False.

@@ -21,26 +21,29 @@ __all__ = ["replicate_layers", "layers_replicated", "check_layer_map", "shared_p
 
 
 def check_layer_map(layer_map) -> None:
-    """ValueError unless ``layer_map`` is a non-empty list of ``[start, end]`` pairs of ints, 0 <= start < end."""
+    """ValueError unless ``layer_map`` is a list of ``[start, end]`` pairs of ints, 0 <= start <= end (an empty
+    range adds nothing, as in PEFT), that adds at least one layer."""
     pairs = layer_map if isinstance(layer_map, (list, tuple)) else None
     if not pairs or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in p) and 0 <= p[0] < p[1] for p in pairs):
-        raise ValueError(f"layer_replication must be a list of [start, end] pairs of layer indices, 0 <= start < end "
-                         f"(e.g. [[0, 4], [2, 5]]), got {layer_map!r}")
+            isinstance(i, int) and not isinstance(i, bool) for i in p) and 0 <= p[0] <= p[1] for p in pairs) \
+            or not any(p[0] < p[1] for p in pairs):
+        raise ValueError(f"layer_replication must be a list of [start, end] pairs of layer indices, 0 <= start <= end, "
+                         f"adding at least one layer (e.g. [[0, 4], [2, 5]]), got {layer_map!r}")
 
 
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
-    """(the module holding the decoder layers' ModuleList, that attribute's name), as PEFT locates them."""
+def _layer_list(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+    """(the innermost model, whose config describes the stack; the module holding the decoder layers' ModuleList;
+    that attribute's name), as PEFT locates them."""
     while hasattr(model, "model"):
         model = model.model
     if hasattr(model, "bert"):
         model = model.bert
     if isinstance(getattr(model, "layers", None), nn.ModuleList):
-        return model, "layers"
+        return model, model, "layers"
     if hasattr(model, "encoder") and isinstance(getattr(model.encoder, "layer", None), nn.ModuleList):
-        return model.encoder, "layer"
+        return model, model.encoder, "layer"
     if isinstance(getattr(model, "h", None), nn.ModuleList):
-        return model, "h"
+        return model, model, "h"
     raise ValueError("layer_replication: could not locate the layers attribute in the model. Expected Llama, Bert or "
                      "Falcon compatible architectures (a ModuleList at model.layers, encoder.layer or h)")
 
@@ -64,13 +67,13 @@ def replicate_layers(model: nn.Module, layer_map) -> Callable[[], None]:
     ``undo`` that puts the original stack and config back.  Checked before anything changes: the map's form, and
     each index inside the stack."""
     check_layer_map(layer_map)
-    holder, attribute = _layer_list(model)
+    inner, holder, attribute = _layer_list(model)
     layers = getattr(holder, attribute)
     outside = [pair for pair in layer_map if pair[1] > len(layers)]
     if outside:
         raise ValueError(f"layer_replication {layer_map}: {outside} reach past the model's {len(layers)} layers")
     order = [i for start, end in layer_map for i in range(start, end)]
-    config = getattr(model, "config", None)
+    config = getattr(inner, "config", None)  # PEFT's (the outer model's, where it has one, is the same object)
     before = {name: getattr(config, name) for name in ("num_hidden_layers", "layer_types") if hasattr(config, name)}
     setattr(holder, attribute, nn.ModuleList(_copy_sharing_parameters(layers[i], position)
                                              for position, i in enumerate(order)))
@@ -102,7 +105,7 @@ def layers_replicated(model: nn.Module, layer_map) -> Iterator[None]:
 
 def _stack_parameters(model: nn.Module):
     """(module, parameter name, parameter) of every parameter of the layer stack, layer by layer."""
-    holder, attribute = _layer_list(model)
+    _, holder, attribute = _layer_list(model)
     for layer in getattr(holder, attribute):
         for module in layer.modules():
             for name, param in module.named_parameters(recurse=False):
@@ -120,14 +123,23 @@ def shared_parameters(model: nn.Module) -> list[tuple[nn.Module, str, nn.Paramet
     return shared
 
 
-def unshare_parameters(model: nn.Module) -> None:
+def unshare_parameters(model: nn.Module) -> Callable[[], None]:
     """Give each replicated layer copies of the parameters it shares with a layer before it, so that each can merge
-    its own adapter; ValueError, before anything changes, where such a parameter is not floating point (quantized
-    weights are not copied here)."""
+    its own adapter; returns the ``undo`` that shares them again.  ValueError, before anything changes, where such a
+    parameter is not floating point (quantized weights are not copied here)."""
     shared = shared_parameters(model)
-    quantized = [name for _, name, param in shared if not param.is_floating_point()]
+    names = {id(module): name for name, module in model.named_modules()}
+    quantized = [(module, name, param) for module, name, param in shared if not param.is_floating_point()]
     if quantized:
-        raise ValueError(f"cannot give the replicated layers weights of their own to merge into: {quantized[0]} is "
-                         f"quantized ({shared[0][2].dtype}); merge on a model loaded unquantized")
+        module, name, param = quantized[0]
+        raise ValueError(f"cannot give the replicated layers weights of their own to merge into: "
+                         f"{names[id(module)]}.{name} is quantized ({type(param).__name__}, {param.dtype}); merge on "
+                         f"the model loaded unquantized")
     for module, name, param in shared:
         module.register_parameter(name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+
+    def undo() -> None:
+        for module, name, param in shared:
+            module.register_parameter(name, param)
+
+    return undo

@@ -56,6 +56,9 @@ def replace_lora_weights_loftq(peft_model, model_path: Optional[str] = None, ada
               if isinstance(layer, LoRAQuantizedLinear) and isinstance(layer.base_layer, _bnb().nn.Linear4bit)]
     if not layers:
         raise ValueError("No bnb LoRA module found on the model")
+    if any(config.layer_replication for config in peft_model.peft_config.values()):
+        raise ValueError("replace_lora_weights_loftq on a model whose layers are replicated (layer_replication): the "
+                         "checkpoint names the original layers, not the copies; nothing was replaced")
     read = _checkpoint_reader(peft_model.get_base_model(), model_path)
     for name, layer in layers:
         weight = read(f"{name}.weight").to(device=layer.base_layer.weight.device, dtype=torch.float32)

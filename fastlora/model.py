@@ -761,9 +761,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     def _replace_lora_layers(self, merge: bool, **merge_kwargs) -> nn.Module:
         if merge:
-            if self._replicated:  # a standalone model of the new depth: each layer its own merged weights
-                unshare_parameters(self.get_base_model())
-            self.merge_adapter(**merge_kwargs)
+            # replicated layers: a standalone model of the new depth, each layer its own merged weights
+            share_again = unshare_parameters(self.get_base_model()) if self._replicated else None
+            try:
+                self.merge_adapter(**merge_kwargs)
+            except BaseException:
+                if share_again is not None:
+                    share_again()
+                raise
         model = self.get_base_model()
         for name, layer in reversed(list(self.lora_layers())):  # nested layers (a module's parameters) inside out
             if not merge:

@@ -469,7 +469,7 @@ def _without_layers_eva_removed(config: LoraConfig, targets: list[str],
 
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
     """Loading values into an existing adapter: the file must describe the same adapter."""
-    for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save"):
+    for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save", "layer_replication"):
         if getattr(have, field) != getattr(file, field):
             raise ValueError(
                 f"adapter {adapter_name!r} exists with {field}={getattr(have, field)!r} but the file has "

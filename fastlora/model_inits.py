@@ -33,10 +33,11 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
     try:
         for layer in layers.values():
             layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
+        layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
+        _check_no_weight_shared_by_targets(init, layers)
     except BaseException:
         undo()
         raise
-    layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
     others = sorted({other for layer in layers.values() for other in layer.adapter_names if other != adapter_name})
     if others:
         warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
@@ -94,6 +95,20 @@ def forget_sources(config: LoraConfig, modules: dict[str, nn.Module]) -> None:
     for module in modules.values():
         if attribute is not None and hasattr(module, attribute):
             delattr(module, attribute)
+
+
+def _check_no_weight_shared_by_targets(init, layers: dict[str, nn.Module]) -> None:
+    """ValueError where two targets compute with one weight (layer_replication's copies of a layer): each would take
+    its residual from the weight in turn, and the model would no longer compute the base's outputs (PEFT's does
+    that silently)."""
+    seen: dict[int, str] = {}
+    for name, layer in layers.items():
+        other = seen.setdefault(layer.weight.data_ptr(), name) if layer.weight.numel() else name
+        if other != name:
+            raise ValueError(f"init_lora_weights={init!r} changes the base weight, which {other} and {name} share "
+                             f"(layer_replication's copies of one layer): each would subtract its own part from it "
+                             f"and the model would no longer start at the base's outputs; use True, False, "
+                             f"'gaussian', 'orthogonal' or 'mica' with replicated layers")
 
 
 def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:

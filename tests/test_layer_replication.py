@@ -90,6 +90,10 @@ def test_merge_and_unload_gives_a_standalone_model_of_the_new_depth(tmp_path):
     with pytest.raises(ValueError, match="base model layers are replicated"):
         model.merge_adapter()  # in place, over shared weights: refused
     assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="nope"):
+        model.merge_and_unload(adapter_names=["nope"])  # refused after the copies got their own weights: shared again
+    assert_unchanged(model, before)
+    assert _layers(model)[2].self_attn.q_proj.weight is _layers(model)[1].self_attn.q_proj.weight
     merged = model.merge_and_unload()
     pointers = [p.data_ptr() for p in merged.parameters()]
     assert len(pointers) == len(set(pointers))
@@ -116,7 +120,7 @@ def test_a_second_adapter_adapts_the_same_stack(tmp_path):
     assert "loaded" in _layers(model)[2].self_attn.q_proj.adapter_settings
 
 
-@pytest.mark.parametrize("layer_map", [[[0, 3]], [[1, 1]], [[0]], "0-2", [[0, 1.5]]])
+@pytest.mark.parametrize("layer_map", [[[0, 3]], [[1, 1]], [[2, 1]], [[0]], "0-2", [[0, 1.5]]])
 def test_a_bad_layer_map_is_refused_with_the_model_unchanged(layer_map):
     model = tiny_llama()
     before = snapshot(model)
@@ -133,4 +137,60 @@ def test_a_failed_adaptation_puts_the_original_stack_back():
     with pytest.raises(ValueError, match="matched no module"):
         fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["nothing"], layer_replication=MAP))
     assert model.model.layers is layers and model.config.num_hidden_layers == 2
+    assert_unchanged(model, before)
+
+
+def test_an_empty_range_adds_nothing_as_in_peft():
+    model = _adapted(fastlora, layer_replication=[[0, 2], [1, 1]])
+    assert len(_layers(model)) == 2
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_initialisation_changing_a_weight_two_copies_share_is_refused(init):
+    """Each copy would subtract its part from the one weight (PEFT's model then no longer starts at the base's
+    outputs)."""
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="share"):
+        _adapted(fastlora, model, init_lora_weights=init)
+    assert_unchanged(model, before)
+    assert model.config.num_hidden_layers == 2
+
+
+def test_the_config_of_the_model_holding_the_stack_follows_it():
+    """A wrapper without a config of its own around a transformers model: the inner model's config is the stack's
+    (PEFT's)."""
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama()
+
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids).logits
+
+    model = _adapted(fastlora, Wrapper(), target_modules=["q_proj"])
+    assert model.base_model.model.model.config.num_hidden_layers == 3
+    assert model(IDS).shape[0] == IDS.shape[0]
+
+
+def test_a_file_of_another_stack_does_not_load_into_an_existing_adapter(tmp_path):
+    """Trainer's resume loads into the existing adapter: a file trained on another stack is refused, unchanged."""
+    _adapted(fastlora, layer_replication=[[0, 2], [0, 1]]).save_pretrained(tmp_path)
+    model = _adapted(fastlora)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="layer_replication"):
+        model.load_adapter(tmp_path, "default")
+    assert_unchanged(model, before)
+
+
+def test_loftq_s_replacement_is_refused_on_replicated_4bit_layers(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from tests.models import load_quantized
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = _adapted(fastlora, load_quantized(tmp_path, load_in_4bit=True), target_modules=["q_proj"],
+                     init_lora_weights=True)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="replicated"):
+        fastlora.replace_lora_weights_loftq(model, tmp_path)
     assert_unchanged(model, before)

@@ -363,3 +363,33 @@ def test_an_encoder_decoder_s_embedding_tables_keep_adapters_of_their_own_as_in_
     assert_close(outputs[1], outputs[0], kind="same_math")
     inner = model.base_model.model
     assert inner.lm_head.lora_A_default.data_ptr() == inner.model.shared.lora_B_default.data_ptr()
+
+
+@pytest.mark.parametrize("variants", [{}, {"base": "fused", "low_rank": "epilogue"}])
+def test_the_kernels_read_a_tied_head_s_transposed_factors(variants):
+    """A tied head's factors are transposed views of the embeddings' (last stride r, not 1): the Triton kernels
+    (under the interpreter here) give the outputs and gradients they give with contiguous copies, dropout included."""
+    from fastlora import schedules
+
+    torch.manual_seed(0)
+    x = torch.randn(9, 16)
+    table_B, table_A = torch.randn(16, 4), torch.randn(4, 12)  # an embedding's B (dim × r) and A (r × vocab)
+    results = []
+    for transposed in (True, False):
+        layer = fastlora.LoRALinear(16, 12, r=4, lora_alpha=8, lora_dropout=0.25, backend="triton").train()
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(12, 16, generator=torch.Generator().manual_seed(1)))
+            layer.bias.copy_(torch.randn(12, generator=torch.Generator().manual_seed(2)))
+        A = table_B.clone().t() if transposed else table_B.t().contiguous()
+        B = table_A.clone().t() if transposed else table_A.t().contiguous()
+        layer.lora_A_default, layer.lora_B_default = torch.nn.Parameter(A), torch.nn.Parameter(B)
+        assert layer.lora_A_default.is_contiguous() != transposed
+        inputs = x.clone().requires_grad_()
+        torch.manual_seed(7)  # the same dropout seed for both
+        with schedules.use_kernel_variants(**variants):
+            layer(inputs).square().sum().backward()
+            torch.manual_seed(7)
+            y = layer(x)
+        results.append((y, inputs.grad, layer.lora_A_default.grad, layer.lora_B_default.grad))
+    for got, expected in zip(*results):
+        assert_close(got, expected, kind="same_math")

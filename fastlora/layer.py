@@ -23,6 +23,7 @@ from fastlora.adapter_settings import AdapterSettings, check_adapter_name
 from fastlora.functional import BACKENDS, lora_linear, term_backend
 from fastlora.segments import (grouped_segments_linear, grouped_segments_low_rank, rows_in_order, segment_low_rank,
                                tokens_per_row)
+from fastlora.tied_factors import TiedFactors
 from fastlora.torch_path import dora_scale, dora_weight_norm
 from fastlora.weight_inits import (WEIGHT_INITS, check_weight_init, corda_factors, is_weight_init, loftq_factors,
                                    lora_ga_factors, mica_factors, olora_factors, orthogonal_factors, pissa_factors,
@@ -99,7 +100,7 @@ def peft_reset_(A: Tensor, B: Tensor, bias: Tensor | None, init, r: int) -> None
         bias.zero_()
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(TiedFactors, nn.Linear):
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ with W, b frozen and A (r × in), B (out × r) trained.
 
     ``weight`` and ``bias`` keep ``nn.Linear``'s names, so a base checkpoint loads unchanged.  A and B
@@ -264,50 +265,6 @@ class LoRALinear(nn.Linear):
         """Every parameter of ``adapter_name``, trained or frozen."""
         extra = [self.magnitude(adapter_name), self.lora_bias(adapter_name)]
         return [*self.lora_factors(adapter_name), *(p for p in extra if p is not None)]
-
-    @property
-    def tied_adapters(self) -> dict[str, "LoRALinear"]:
-        """Adapter name → the layer whose factors this layer's are the transposes of (a head tied to the input
-        embeddings, see :mod:`fastlora.weight_tying`); that layer's merge state is this adapter's."""
-        return self.__dict__.setdefault("_tied_adapters", {})  # a plain dict: the owner is not a submodule here
-
-    @property
-    def tied_heads(self) -> list["LoRALinear"]:
-        """The layers whose factors of some adapter are this layer's, transposed (the owner's side of
-        :attr:`tied_adapters`)."""
-        return self.__dict__.setdefault("_tied_heads", [])
-
-    def tie_factors(self, adapter_name: str, owner: "LoRALinear", lora_A: nn.Parameter, lora_B: nn.Parameter) -> None:
-        """Hold ``lora_A`` / ``lora_B`` (views of ``owner``'s factors) as ``adapter_name``'s factors."""
-        for param, held in zip((lora_A, lora_B), self.lora_factors(adapter_name)):
-            if param.shape != held.shape:
-                raise ValueError(f"tied factors of shape {tuple(param.shape)} for {tuple(held.shape)}")
-        self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"] = lora_A, lora_B
-        self.tied_adapters[adapter_name] = owner
-        if not any(head is self for head in owner.tied_heads):
-            owner.tied_heads.append(self)
-
-    def reshare_tied_factors(self) -> None:
-        """Point the tied adapters' factors at their owner's storage again (each parameter is moved, cast or copied
-        on its own: ``to()``, ``half()``, a deep copy), and those of the heads tied to this layer."""
-        for name, owner in self.tied_adapters.items():
-            if name in owner.adapter_settings:
-                A, B = self.lora_factors(name)
-                owner_A, owner_B = owner.lora_factors(name)
-                A.data, B.data = owner_B.data.t(), owner_A.data.t()
-        for head in self.tied_heads:
-            if head is not self and any(owner is self for owner in head.tied_adapters.values()):
-                head.reshare_tied_factors()
-
-    def _apply(self, fn, *args, **kwargs):
-        result = super()._apply(fn, *args, **kwargs)
-        if self.tied_adapters or self.tied_heads:
-            self.reshare_tied_factors()
-        return result
-
-    def merged_by_owner(self) -> list[str]:
-        """The tied adapters merged, by their owner, into the table this layer shares."""
-        return [name for name, owner in self.tied_adapters.items() if name in owner.merged_adapters]
 
     @property
     def active_adapter(self) -> str | None:
@@ -642,16 +599,6 @@ class LoRALinear(nn.Linear):
         for name in names:
             self.lora_factors(name)  # unknown names raise before anything changes
         return [n for n in dict.fromkeys(names) if n not in self.merged_adapters and n not in self.tied_adapters]
-
-    def _tied_to_merge(self, adapter_names: Iterable[str] | None) -> dict["LoRALinear", list[str]]:
-        """Owner → the tied adapters among ``adapter_names`` (default: the active ones) it has not merged."""
-        names = self.active_held() if adapter_names is None else list(adapter_names)
-        owners: dict[LoRALinear, list[str]] = {}
-        for name in dict.fromkeys(names):
-            owner = self.tied_adapters.get(name)
-            if owner is not None and name not in owner.merged_adapters:
-                owners.setdefault(owner, []).append(name)
-        return owners
 
     def _unmerged_weight(self) -> Tensor:
         """W with every merged adapter taken out again (a float32 copy here; a base kind may compute it as its

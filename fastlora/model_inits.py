@@ -98,17 +98,17 @@ def forget_sources(config: LoraConfig, modules: dict[str, nn.Module]) -> None:
 
 
 def _check_no_weight_shared_by_targets(init, layers: dict[str, nn.Module]) -> None:
-    """ValueError where two targets compute with one weight (layer_replication's copies of a layer): each would take
-    its residual from the weight in turn, and the model would no longer compute the base's outputs (PEFT's does
-    that silently)."""
+    """ValueError where two targets compute with one weight (copies of one layer, as layer_replication makes them):
+    each would take its residual from the weight in turn, and the model would no longer compute the base's outputs
+    (PEFT's does that silently)."""
     seen: dict[int, str] = {}
     for name, layer in layers.items():
         other = seen.setdefault(layer.weight.data_ptr(), name) if layer.weight.numel() else name
         if other != name:
             raise ValueError(f"init_lora_weights={init!r} changes the base weight, which {other} and {name} share "
-                             f"(layer_replication's copies of one layer): each would subtract its own part from it "
-                             f"and the model would no longer start at the base's outputs; use True, False, "
-                             f"'gaussian', 'orthogonal' or 'mica' with replicated layers")
+                             f"(copies of one layer, as layer_replication makes them): each would subtract its own "
+                             f"part from it and the model would no longer start at the base's outputs; use True, "
+                             f"False, 'gaussian', 'orthogonal' or 'mica' there")
 
 
 def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, str]:

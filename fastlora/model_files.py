@@ -26,7 +26,7 @@ from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.layer_replication import layers_replicated
 from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
-from fastlora.weight_tying import without_tied_head_factors
+from fastlora.weight_tying import untied_where_the_file_is, without_tied_head_factors
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,
@@ -62,13 +62,17 @@ class AdapterFilesMixin:
         model = self.get_base_model()
         if adapter_name in self.peft_config:
             config = self.peft_config[adapter_name]
-            _check_same_adapter(adapter_name, config, with_task_heads(file_config, self.get_base_model()))
+            with warnings.catch_warnings():  # the config's warnings were given when the adapter was made
+                warnings.simplefilter("ignore")
+                file_config = with_task_heads(file_config, self.get_base_model())
+            _check_same_adapter(adapter_name, config, file_config)
             self._check_not_merged(adapter_name)
             targets, to_save = peft_format.adapter_targets(model, adapter_name)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             _copy_values(model, expected, tensors, restore_on_error=True)
         else:
-            config = with_task_heads(file_config.replace(inference_mode=not is_trainable), self.get_base_model())
+            config = untied_where_the_file_is(with_task_heads(file_config.replace(inference_mode=not is_trainable),
+                                                              self.get_base_model()), self.get_base_model(), tensors)
             self._check_second_adapter(config)
             def checked(targets, to_save):
                 return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
@@ -109,7 +113,8 @@ class AdapterFilesMixin:
         _placement_options(model, kwargs)
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
-        config = with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model)
+        config = untied_where_the_file_is(
+            with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model), model, tensors)
         def checked(targets, to_save):
             return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
 

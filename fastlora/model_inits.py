@@ -35,6 +35,12 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
             layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
         layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
         _check_no_weight_shared_by_targets(init, layers)
+        if config.layer_replication and (shared := _sharing_a_weight(model, layers)):
+            target, other = next(iter(shared.items()))
+            raise ValueError(f"init_lora_weights={init!r} changes the base weight of {target}, which {other} (a copy "
+                             f"of the same layer under layer_replication, not adapted) computes with too: that copy "
+                             f"would compute with the residual and the model would no longer start at the base's "
+                             f"outputs; use True, False, 'gaussian', 'orthogonal' or 'mica' there")
     except BaseException:
         undo()
         raise

@@ -33,6 +33,7 @@ from transformers import AutoModelForSequenceClassification, set_seed
 from trl.trainer.utils import create_model_from_path
 
 from fastlora.config import LoraConfig
+from fastlora.layer import LoRALinear
 from fastlora.model import REFERENCE_ADAPTER_WARNING, PeftModel, get_peft_model
 
 __all__ = ["SFTTrainer", "DPOTrainer", "GRPOTrainer", "KTOTrainer", "RLOOTrainer", "RewardTrainer",
@@ -75,6 +76,21 @@ def _adapted_model(trainer_class: type, bound: inspect.BoundArguments, config: L
     return get_peft_model(model, config, autocast_adapter_dtype=not keep_dtype)
 
 
+# TRL's trainers whose loss reads the output head's weight directly (a fused log-probability), which an adapter on
+# the head would not reach: TRL refuses PEFT's adapters there.
+_HEAD_WEIGHT_LOSS = (trl.SFTTrainer, trl.DPOTrainer, trl.GRPOTrainer, trl.KTOTrainer, trl.RLOOTrainer)
+
+
+def _check_no_adapter_on_the_head(trainer_class: type, model) -> None:
+    """TRL's refusal of an adapter on ``lm_head``, for fastlora's layers (TRL looks for PEFT's)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if issubclass(trainer_class, _HEAD_WEIGHT_LOSS) and isinstance(model, PeftModel) and isinstance(head, LoRALinear):
+        raise ValueError("Applying a PEFT adapter to `lm_head` is not supported: the log-probabilities are computed "
+                         "from `lm_head.weight` directly, so the adapter would never be trained. Remove `'lm_head'` "
+                         "from your `target_modules` (with ensure_weight_tying, the embeddings' adapter is the "
+                         "head's too: leave the embeddings out as well).")
+
+
 def _copy_into_a_new_reference_adapter(model: PeftModel, adapters_before: set[str]) -> None:
     """TRL's DPO, KTO, GRPO and RLOO trainers, handed an adapted model and no reference model, add a frozen adapter
     "ref" with "default"'s config and copy "default"'s values into it, picking them by PEFT's parameter names
@@ -105,9 +121,16 @@ def with_fastlora_lora(trainer_class: type) -> type:
         bound = signature.bind(self, *args, **kwargs)
         config = bound.arguments.get("peft_config")
         if isinstance(config, LoraConfig):
-            bound.arguments["model"] = _adapted_model(trainer_class, bound, config)
+            adapted = _adapted_model(trainer_class, bound, config)
+            try:
+                _check_no_adapter_on_the_head(trainer_class, adapted)
+            except ValueError:
+                adapted.unload()  # the model given, as it was
+                raise
+            bound.arguments["model"] = adapted
             bound.arguments["peft_config"] = None
         model = bound.arguments.get("model")
+        _check_no_adapter_on_the_head(trainer_class, model)
         adapters_before = set(model.peft_config) if isinstance(model, PeftModel) else None
         with warnings.catch_warnings():  # the reference adapter is copied below
             warnings.filterwarnings("ignore", message=re.escape(REFERENCE_ADAPTER_WARNING[:40]))

@@ -36,7 +36,7 @@ from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.trainable_tokens import TrainableTokensWrapper
 
 __all__ = ["tied_with_input_embeddings", "with_weight_tying", "tied_heads", "tie_targets", "tie_copies", "retie",
-           "without_tied_head_factors", "is_embedding"]
+           "without_tied_head_factors", "is_embedding", "untied_where_the_file_is"]
 
 # The inits that draw factors from the generator only; the others change or read the shared base weight.
 _TIEABLE_INITS = (True, False, "gaussian")
@@ -221,10 +221,56 @@ def tie_adapter_factors(head: LoRALinear, embedding: LoRALinear, adapter_name: s
 
 
 def tie_copies(model: nn.Module, adapter_name: str, embedding: str, heads: list[str]) -> None:
-    """Each head's copy for ``adapter_name`` computes with the embeddings' copy of the table (the same parameter)."""
+    """Each head's copy for ``adapter_name`` computes with the embeddings' copy of the table (the same parameter).
+    PEFT makes each such copy an ``nn.Linear`` of the table's shape before it takes the table, and so draws that
+    Linear's initial weight: drawn here too (and dropped), so the random generator goes on as after PEFT's."""
     table = model.get_submodule(embedding).modules_to_save[adapter_name].weight
     for name in heads:
+        _draw_as_a_new_linear(table.shape)
         model.get_submodule(name).modules_to_save[adapter_name].weight = table
+
+
+def _draw_as_a_new_linear(shape: torch.Size, chunk: int = 1 << 20) -> None:
+    """Take from the global generator what ``nn.Linear(*shape, bias=False)`` takes (one uniform draw per weight
+    element), on the CPU a chunk at a time (a vocabulary-sized table need not be allocated twice)."""
+    device = torch.empty(()).device
+    count = shape[0] * shape[1]
+    if device.type != "cpu":  # another generator's offsets depend on the call: one call, as PEFT's
+        torch.empty(count, device=device).uniform_()
+        return
+    scratch = torch.empty(min(count, chunk))
+    while count > 0:
+        scratch[: min(count, chunk)].uniform_()
+        count -= chunk
+
+
+def untied_where_the_file_is(config: LoraConfig, model: nn.Module, tensors: dict) -> LoraConfig:
+    """The config to load an adapter file holding ``tensors`` with: ``config``, but where the file's head factors
+    are not the embeddings' transposed (PEFT casts a 16-bit base's adapters to float32 one parameter at a time,
+    which unties them as the model is built, so its runs there train them apart), the head adapted on its own, with
+    a warning: the file's model as it was trained."""
+    how, embedding, heads = tied_heads(config, model)
+    if how != "target_modules":
+        return config
+    key = "base_model.model.{}.{}".format
+    untied = []
+    for head in (h for h in heads if not is_embedding(model.get_submodule(h))):
+        pairs = [(tensors.get(key(head, "lora_A.weight")), tensors.get(key(embedding, "lora_embedding_B"))),
+                 (tensors.get(key(head, "lora_B.weight")), tensors.get(key(embedding, "lora_embedding_A")))]
+        if any(ours is not None and theirs is not None and (ours.shape != theirs.t().shape or not torch.equal(
+                ours, theirs.t())) for ours, theirs in pairs):
+            untied.append(head)
+    if not untied:
+        return config
+    warnings.warn(f"ensure_weight_tying: the file's factors of {untied} are not those of {embedding} transposed (as "
+                  f"PEFT leaves them on a 16-bit base, whose float32 cast unties them): loaded as adapters of their "
+                  f"own, untied, as the file was trained", UserWarning, stacklevel=4)
+    targets = config.target_modules
+    if isinstance(targets, str):
+        targets = "(?:{}|{})".format(targets, "|".join(f"^{re.escape(h)}$" for h in untied))
+    else:
+        targets = [*targets, *untied]
+    return config.replace(ensure_weight_tying=False, target_modules=targets)
 
 
 def without_tied_head_factors(model: nn.Module, config: LoraConfig, expected: dict, tensors: dict, where

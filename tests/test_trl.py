@@ -115,6 +115,23 @@ def test_chat_template_path_is_refused_with_a_fastlora_config(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+@pytest.mark.parametrize("options", [dict(target_modules=["q_proj", "lm_head"]),
+                                     dict(target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)])
+def test_an_adapter_on_the_head_is_refused_as_trl_refuses_peft_s(options, tmp_path):
+    """TRL's loss reads lm_head.weight directly: an adapter there (or the embeddings' one tied to it) would never
+    train, and TRL refuses PEFT's; the model given is left as it was."""
+    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+        _trainer(trl.SFTTrainer, peft.LoraConfig(**options), tmp_path, model=tiny_llama(tie_word_embeddings=True))
+    model = tiny_llama(tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+        _trainer(trl_trainers.SFTTrainer, fastlora.LoraConfig(**options), tmp_path, model=model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    adapted = fastlora.get_peft_model(tiny_llama(tie_word_embeddings=True), fastlora.LoraConfig(**options))
+    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported"):
+        _trainer(trl_trainers.DPOTrainer, None, tmp_path, model=adapted)
+
+
 def test_every_trainer_is_trls_subclass_with_its_signature():
     import inspect
 

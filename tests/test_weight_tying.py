@@ -306,8 +306,9 @@ def test_a_tied_head_on_a_4bit_model_trains_as_peft(case, tmp_path):
 
 
 def test_peft_s_second_tied_adapter_file_and_a_file_not_trained_tied(tmp_path):
-    """PEFT saves a second tied adapter without the head's factors: it loads, the head tied (as PEFT loads it); a
-    file whose head factors are not the embeddings' transposed is refused with the model unchanged."""
+    """PEFT saves a second tied adapter without the head's factors: it loads, the head tied (as PEFT loads it).  A
+    file whose head factors are not the embeddings' transposed (PEFT's, from a 16-bit base) loads untied, as it was
+    trained, with a warning; into an existing tied adapter it is refused with the model unchanged."""
     options = dict(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True, init_lora_weights=False)
     theirs = peft.get_peft_model(tiny_llama(tie_word_embeddings=True), peft.LoraConfig(**copy.deepcopy(options)))
     theirs.add_adapter("second", peft.LoraConfig(**copy.deepcopy(options)))
@@ -323,11 +324,14 @@ def test_peft_s_second_tied_adapter_file_and_a_file_not_trained_tied(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         untied.save_pretrained(tmp_path / "untied")
-    model = tiny_llama(tie_word_embeddings=True)
-    before = snapshot(model)
+    with pytest.warns(UserWarning, match="loaded as adapters of their own, untied"):
+        loaded = fastlora.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / "untied")
+    assert_close(_logits(loaded), _logits(untied), kind="same_math")
+    _, tied = _pair("both_adapted", init_lora_weights=False)
+    before = snapshot(tied)
     with pytest.raises(ValueError, match="is not the transpose of"):
-        fastlora.PeftModel.from_pretrained(model, tmp_path / "untied")
-    assert_unchanged(model, before)
+        tied.load_adapter(tmp_path / "untied", "default")
+    assert_unchanged(tied, before)
 
 
 def test_a_weighted_combination_of_a_tied_adapter_is_the_embeddings_shared_with_the_head():
@@ -393,3 +397,17 @@ def test_the_kernels_read_a_tied_head_s_transposed_factors(variants):
         results.append((y, inputs.grad, layer.lora_A_default.grad, layer.lora_B_default.grad))
     for got, expected in zip(*results):
         assert_close(got, expected, kind="same_math")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_random_generator_goes_on_as_after_peft_s(case):
+    """What follows the adapter's creation (dropout masks, noise a script adds) draws PEFT's numbers."""
+    states = []
+    for lib in (peft, fastlora):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = lib.LoraConfig(ensure_weight_tying=True, **copy.deepcopy(CASES[case]))
+            torch.manual_seed(3)
+            lib.get_peft_model(tiny_llama(tie_word_embeddings=True), config)
+        states.append(torch.get_rng_state())
+    assert torch.equal(states[0], states[1])

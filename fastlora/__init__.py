@@ -8,7 +8,8 @@ from fastlora._version import __version__
 from fastlora.auto import (AutoPeftModel, AutoPeftModelForCausalLM, AutoPeftModelForFeatureExtraction,
                            AutoPeftModelForQuestionAnswering, AutoPeftModelForSeq2SeqLM,
                            AutoPeftModelForSequenceClassification, AutoPeftModelForTokenClassification)
-from fastlora.model_files import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+from fastlora.injection import get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from fastlora.model_files import load_peft_weights
 from fastlora.config import LoraConfig, PeftConfig, PeftType, TaskType, UnsupportedFeatureError
 from fastlora.eva import get_eva_state_dict, initialize_lora_eva_weights
 from fastlora.functional import lora_linear
@@ -36,5 +37,5 @@ __all__ = [
     "get_layer_status", "get_model_status", "PeftModelForCausalLM", "PeftModelForSeq2SeqLM",
     "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftModelForQuestionAnswering",
     "PeftModelForFeatureExtraction", "LoraGAConfig", "EvaConfig", "preprocess_loraga",
-    "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda",
+    "get_eva_state_dict", "initialize_lora_eva_weights", "CordaConfig", "preprocess_corda", "inject_adapter_in_model",
 ]

@@ -200,7 +200,7 @@ def _check_model_and_config(model, config) -> None:
         raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
 
 
-def _lora_model_class() -> type:
+def lora_model_class() -> type:
     """``PeftModel``, or where PEFT is installed its subclass that HF Trainer, accelerate and TRL recognise as
     a PEFT model (see :mod:`fastlora.peft_identity`)."""
     try:
@@ -282,7 +282,7 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     warn_order_dependent_patterns(config, targets)
     undo = _inject(model, config, adapter_name, targets, to_save, autocast_adapter_dtype, values_from_file)
     try:
-        lora_model = _lora_model_class()(model, config, adapter_name)
+        lora_model = lora_model_class()(model, config, adapter_name)
         lora_model._mark_trainable(adapter_name)
     except BaseException:
         undo()
@@ -996,7 +996,7 @@ def __getattr__(name: str):
     """``PeftCompatibleLoraModel`` (see :mod:`fastlora.peft_identity`) on first access, so that a model pickled in
     one process unpickles in another before anything there called ``get_peft_model``."""
     if name == "PeftCompatibleLoraModel":
-        return _lora_model_class()
+        return lora_model_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -32,7 +32,7 @@ from fastlora.weight_conversion import converted_for_the_original_weight
 from fastlora.vocabulary_tables import (check_vocabulary_size, untargeted_embeddings, untargeted_tables,
                                         vocabulary_resized)
 
-__all__ = ["AdapterFilesMixin", "get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights"]
+__all__ = ["AdapterFilesMixin", "load_peft_weights"]
 
 
 class AdapterFilesMixin:
@@ -288,77 +288,6 @@ class AdapterFilesMixin:
             return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
                                      commit_description=commit_description, private=private, token=token,
                                      revision=revision, create_pr=create_pr)
-
-
-def get_peft_model_state_dict(model, state_dict: Optional[dict[str, torch.Tensor]] = None, adapter_name: str = "default",
-                              unwrap_compiled: bool = False, save_embedding_layers: Any = "auto") -> dict[str, torch.Tensor]:
-    """PEFT's ``get_peft_model_state_dict`` for a fastlora model: the adapter's tensors under the keys of PEFT's
-    adapter file (``base_model.model.<path>.lora_A.weight``, ...).  With ``state_dict`` the values come from it.
-
-    Args:
-        model (PeftModel): the fastlora model (from :func:`fastlora.get_peft_model` or
-            ``PeftModel.from_pretrained``).
-        state_dict (dict[str, Tensor] | None): a state dict of this model (e.g. one gathered by FSDP or
-            DeepSpeed) to take the values from; None: the model's own parameters, returned as they are (not
-            copies).
-        adapter_name (str): the adapter whose tensors are returned.  Default "default".
-        unwrap_compiled (bool): ``model`` is a ``torch.compile`` wrapper: use the model it wraps.  Default False.
-        save_embedding_layers (bool | str): the embedding tables too: the targeted ones
-            (``<path>.base_layer.weight``) where target_modules names ``embed_tokens`` / ``lm_head``, else the
-            model's input and output embeddings (a vocabulary resized before fine-tuning).  True, or "auto":
-            where target_modules names an embedding or ``config.vocab_size`` differs from the base checkpoint's
-            (PEFT's rule).  Default "auto".
-
-    Returns a dict of PEFT's file keys to tensors: the LoRA factors, DoRA magnitudes, ``modules_to_save``
-    copies and trained biases of the adapter.
-
-    PEFT equivalent: ``peft.get_peft_model_state_dict`` (PEFT's own selects tensors by PEFT's layer
-    classes, so it finds nothing in a fastlora model).
-
-    Example:
-        >>> import torch
-        >>> from fastlora import LoraConfig, get_peft_model, get_peft_model_state_dict
-        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), LoraConfig(target_modules=["0"]))
-        >>> sorted(get_peft_model_state_dict(model))
-        ['base_model.model.0.lora_A.weight', 'base_model.model.0.lora_B.weight']
-    """
-    if unwrap_compiled:
-        model = getattr(model, "_orig_mod", model)
-    return model.adapter_tensors(adapter_name, state_dict, save_embedding_layers)
-
-
-def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",
-                              ignore_mismatched_sizes: bool = False, low_cpu_mem_usage: bool = False):
-    """PEFT's ``set_peft_model_state_dict`` for a fastlora model: copy an adapter state dict (PEFT's file keys,
-    with or without the ``base_model.model.`` prefix) into the existing adapter ``adapter_name``.  As PEFT's,
-    it is not strict and returns ``(missing_keys, unexpected_keys)``; a wrong shape raises ValueError (or
-    is skipped with a warning with ``ignore_mismatched_sizes=True``), before any value changes.
-
-    Args:
-        model (PeftModel): the fastlora model that already holds the adapter ``adapter_name``.
-        peft_model_state_dict (dict[str, Tensor]): the adapter's tensors under PEFT's file keys (as
-            :func:`get_peft_model_state_dict` returns them, or read from a PEFT ``adapter_model.safetensors``).
-        adapter_name (str): the existing adapter that receives the values.  Default "default".
-        ignore_mismatched_sizes (bool): skip tensors of the wrong shape with a warning instead of raising
-            ValueError.  Default False.
-        low_cpu_mem_usage (bool): accepted for PEFT's signature; the values are copied into the existing
-            parameters either way.  Default False.
-
-    Returns ``(missing_keys, unexpected_keys)``, a named tuple as ``nn.Module.load_state_dict`` returns.
-
-    PEFT equivalent: ``peft.set_peft_model_state_dict``.
-
-    Example:
-        >>> import torch
-        >>> from fastlora import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-        >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), LoraConfig(target_modules=["0"]))
-        >>> tensors = {key: torch.ones_like(t) for key, t in get_peft_model_state_dict(model).items()}
-        >>> set_peft_model_state_dict(model, tensors)
-        <All keys matched successfully>
-        >>> bool((model.base_model.model[0].lora_B == 1).all())
-        True
-    """
-    return model.load_adapter_tensors(peft_model_state_dict, adapter_name, ignore_mismatched_sizes)
 
 
 def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:

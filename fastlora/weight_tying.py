@@ -75,7 +75,7 @@ def tied_with_input_embeddings(model: nn.Module) -> tuple[str | None, list[str]]
     for other, module in model.named_modules():
         if not other or other == name or any(other.startswith(n + ".") for n in inside):
             continue
-        if isinstance(module, ModulesToSaveWrapper | TrainableTokensWrapper) or _table(module) is table:
+        if isinstance(module, (ModulesToSaveWrapper, TrainableTokensWrapper)) or _table(module) is table:
             inside.append(other)
             if _table(module) is table:
                 tied.append(other)

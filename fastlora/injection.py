@@ -6,6 +6,7 @@ well as a ``PeftModel``, its keys relative to the module, as PEFT's.
 
 from __future__ import annotations
 
+import re
 import warnings
 from typing import Any, Optional
 
@@ -16,6 +17,7 @@ from fastlora.config import LoraConfig
 from fastlora.layer import LoRALinear
 from fastlora.model import PeftModel, lora_model_class, get_peft_model
 from fastlora.peft_format import PREFIX
+from fastlora.targets import plan_targets
 
 __all__ = ["inject_adapter_in_model", "get_peft_model_state_dict", "set_peft_model_state_dict"]
 
@@ -25,8 +27,10 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
                             state_dict: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """Adapt ``model`` in place as :func:`fastlora.get_peft_model` does, and return ``model`` itself.
 
-    A module already adapted this way takes ``adapter_name`` as a further adapter (with PEFT's warning), which
-    becomes the active one in every layer, the others keeping their gradient flags, as in PEFT.
+    As PEFT's, and unlike ``get_peft_model``: a ``task_type`` adds no task head to ``modules_to_save``, and the
+    config records no ``base_model_name_or_path``.  A module already adapted this way takes ``adapter_name`` as a
+    further adapter (with PEFT's warning), which becomes the active one in every layer, the other adapters keeping
+    their gradient flags and their layers their enabled state, as in PEFT.
 
     Args:
         peft_config (LoraConfig): the adapter's config.
@@ -34,7 +38,8 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
         adapter_name (str): the adapter's name.  Default "default".
         low_cpu_mem_usage (bool): accepted for PEFT's signature; the adapters are created at once either way.
         state_dict (dict[str, Tensor] | None): an adapter state dict whose keys (not values) name the modules to
-            adapt, in place of the config's ``target_modules`` (for a checkpoint saved without its config).
+            adapt, exactly, in place of the config's matching rules (for a checkpoint saved without its config);
+            PEFT's warning where the two disagree.
 
     Returns ``model``, its ``peft_config`` mapping each adapter's name to its config.
 
@@ -49,32 +54,71 @@ def inject_adapter_in_model(peft_config: LoraConfig, model: nn.Module, adapter_n
     """
     if not isinstance(peft_config, LoraConfig):
         raise TypeError(f"peft_config must be a fastlora.LoraConfig, got {type(peft_config).__name__}")
+    # what the layers are built from: no task heads (PEFT adds them in its task models only), the modules a
+    # state dict names where one is given
+    building = peft_config.replace(task_type=None)
+    existing = getattr(model, "peft_config", None)
     if state_dict is not None:
-        peft_config = peft_config.replace(target_modules=_modules_named_in(state_dict))
-    if getattr(model, "peft_config", None):
+        building = _adapting_what_is_named(building, model, state_dict, adapter_name if existing else None)
+    if existing:
         warnings.warn("Already found a `peft_config` attribute in the model. This will lead to having multiple "
                       "adapters in the model. Make sure to know what you are doing!", UserWarning, stacklevel=2)
         adapted = injected_view(model)
         flags = {param: param.requires_grad for param in model.parameters()}
-        adapted.add_adapter(adapter_name, peft_config)
-        adapted.set_adapter(adapter_name)
-        for param, flag in flags.items():  # PEFT's injection leaves the other adapters trainable as they were
+        enabled = {layer: layer.adapter_enabled for layer in model.modules() if isinstance(layer, LoRALinear)}
+        adapted.add_adapter(adapter_name, building)
+        try:
+            adapted.set_adapter(adapter_name)
+        except BaseException:
+            adapted.delete_adapter(adapter_name)
+            raise
+        for param, flag in flags.items():  # PEFT's injection leaves the other adapters as they were
             param.requires_grad_(flag)
+        for layer, flag in enabled.items():
+            layer.adapter_enabled = flag
         adapted.set_requires_grad(adapter_name, not peft_config.inference_mode)
     else:
-        adapted = get_peft_model(model, peft_config, adapter_name)
-    model.peft_config = dict(adapted.peft_config)
+        adapted = get_peft_model(model, building, adapter_name)
+    recorded = adapted.peft_config[adapter_name].replace(
+        task_type=peft_config.task_type, base_model_name_or_path=peft_config.base_model_name_or_path,
+        **({"target_modules": peft_config.target_modules} if state_dict is not None else {}))
+    if existing:
+        existing[adapter_name] = recorded
+    else:
+        model.peft_config = {adapter_name: recorded}
     return model
 
 
-def _modules_named_in(state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """The modules an adapter state dict's keys belong to (``<path>.lora_A.weight``, ``<path>.lora_embedding_B``,
-    with or without PEFT's ``base_model.model.`` prefix)."""
-    names = sorted({key.removeprefix(PREFIX).split(".lora_")[0] for key in state_dict if ".lora_" in key})
+def _adapting_what_is_named(config: LoraConfig, model: nn.Module, state_dict: dict[str, torch.Tensor],
+                            adapter_name: str | None) -> LoraConfig:
+    """``config`` adapting exactly the modules an adapter state dict's keys name (``<path>.lora_A.weight``,
+    ``<path>.lora_embedding_B``; PEFT's ``base_model.model.`` and a compiled model's ``_orig_mod.`` taken off), as
+    PEFT injects from a state dict, with PEFT's warning where the config would have adapted others."""
+    if config.target_parameters:
+        raise ValueError("Trying to inject a PEFT adapter from a state_dict but the PEFT config uses "
+                         "`target_parameters`. This is not supported -- when using `target_parameters`, please inject "
+                         "the adapter without the state_dict.")
+    names = sorted({key.removeprefix(PREFIX).removeprefix("_orig_mod.").rsplit(".lora_", 1)[0]
+                    for key in state_dict if ".lora_" in key})
     if not names:
         raise ValueError("inject_adapter_in_model(state_dict=...): no key of the state dict names a LoRA factor "
                          "(<module>.lora_A.weight, ...)")
-    return names
+    if config.target_modules is not None:
+        try:
+            by_config = set(plan_targets(model, config, adapter_name))
+        except (ValueError, TypeError):  # the config alone matches nothing adaptable: the state dict decides
+            by_config = set()
+        extra_config, extra_state = sorted(by_config - set(names)), sorted(set(names) - by_config)
+        if extra_config or extra_state:
+            warnings.warn("While injecting the PEFT adapters, an inconsistency was discovered between the PEFT config "
+                          "and the provided state_dict. This is not necessarily an issue and can be ignored if this "
+                          "was the intent. "
+                          + (f"The PEFT config contained these additional target modules: {extra_config}. "
+                             if extra_config else "")
+                          + (f"The state_dict contained these additional target modules: {extra_state}. "
+                             if extra_state else ""), RuntimeWarning, stacklevel=3)
+    return config.replace(target_modules="|".join(f"(?:{re.escape(name)})" for name in names), exclude_modules=None,
+                          layers_to_transform=None, layers_pattern=None)
 
 
 def injected_view(model: nn.Module) -> PeftModel:

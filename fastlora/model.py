@@ -269,7 +269,8 @@ def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> t
     how modules_to_save entries match, :func:`fastlora.targets.saved_whole`)."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
-                         "to add another")
+                         "to add another (on a module inject_adapter_in_model adapted, inject_adapter_in_model(config, "
+                         "module, name) adds one)")
     return plan_targets(model, config, peft_rule=peft_rule), plan_modules_to_save(model, config, peft_rule=peft_rule)
 
 

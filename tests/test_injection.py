@@ -91,3 +91,45 @@ def test_a_module_without_fastlora_s_adapter_is_refused():
             fastlora.inject_adapter_in_model(fastlora.LoraConfig(target_modules=["0"]), module,
                                              state_dict={"0.weight": torch.zeros(5, 6)})
     assert_unchanged(module, before)
+
+
+def test_peft_s_injection_rules_task_heads_name_or_path_enabled_layers_and_state_dict_keys(tmp_path):
+    """No task head saved whole and no base_model_name_or_path recorded (PEFT's task models add those, its injection
+    does not); a layer disabled stays so through a second injection; a state dict's keys name modules exactly
+    (compiled-model prefix taken off, the last ``.lora_`` split), as PEFT's."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    classifier = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                            num_hidden_layers=1, num_attention_heads=2,
+                                                            num_key_value_heads=1, num_labels=2))
+    classifier.save_pretrained(tmp_path)
+    classifier = type(classifier).from_pretrained(tmp_path)
+    fastlora.inject_adapter_in_model(fastlora.LoraConfig(target_modules=["q_proj"], task_type="SEQ_CLS"), classifier)
+    assert type(classifier.score) is torch.nn.Linear and not classifier.score.weight.requires_grad
+    recorded = classifier.peft_config["default"]
+    assert recorded.modules_to_save is None and recorded.base_model_name_or_path is None
+    assert recorded.task_type.value == "SEQ_CLS"
+
+    models = []
+    for lib in (peft, fastlora):
+        module = _injected(lib)
+        module[0].enable_adapters(False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["0", "2"], init_lora_weights=False), module, "b")
+        models.append(module)
+    assert models[1][0].adapter_enabled is False
+    x = torch.randn(4, 6)
+    assert_close(models[1](x), models[0](x), kind="same_math")
+
+    nested = []
+    for lib in (peft, fastlora):
+        torch.manual_seed(0)
+        module = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Sequential(torch.nn.Linear(6, 6)))
+        state = {"_orig_mod.0.lora_A.weight": torch.zeros(8, 6), "_orig_mod.0.lora_B.weight": torch.zeros(6, 8)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lib.inject_adapter_in_model(lib.LoraConfig(target_modules=["1.0"]), module, state_dict=state)
+        nested.append(([isinstance(m, (fastlora.LoRALinear, peft.tuners.lora.LoraLayer)) for m in (module[0], module[1][0])],
+                       any("inconsistency" in str(w.message) for w in caught)))
+    assert nested[1] == nested[0] == ([True, False], True)

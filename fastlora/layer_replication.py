@@ -128,12 +128,12 @@ def unshare_parameters(model: nn.Module) -> Callable[[], None]:
     its own adapter; returns the ``undo`` that shares them again.  ValueError, before anything changes, where such a
     parameter is not floating point (quantized weights are not copied here)."""
     shared = shared_parameters(model)
-    names = {id(module): name for name, module in model.named_modules()}
     quantized = [(module, name, param) for module, name, param in shared if not param.is_floating_point()]
     if quantized:
         module, name, param = quantized[0]
+        path = next(n for n, m in model.named_modules() if m is module)
         raise ValueError(f"cannot give the replicated layers weights of their own to merge into: "
-                         f"{names[id(module)]}.{name} is quantized ({type(param).__name__}, {param.dtype}); merge on "
+                         f"{path}.{name} is quantized ({type(param).__name__}, {param.dtype}); merge on "
                          f"the model loaded unquantized")
     for module, name, param in shared:
         module.register_parameter(name, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))

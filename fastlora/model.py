@@ -12,7 +12,6 @@ back as it was: a failed ``get_peft_model``, ``add_adapter`` or ``load_adapter``
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Any, Callable, Iterator, Optional
 
@@ -423,16 +422,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             state["_active_adapters"] = [state.pop("_active_adapter")]
         super().__setstate__(state)
         object.__setattr__(self.base_model, "_owner", self)
-        retie(self)  # unpickled, each factor has storage of its own
-
-    def __deepcopy__(self, memo: dict) -> "PeftModel":
-        """A deep copy, whose heads tied to the input embeddings share the copied embeddings' factors (a copied
-        Parameter has storage of its own)."""
-        copied = self.__class__.__new__(self.__class__)
-        memo[id(self)] = copied
-        copied.__setstate__(copy.deepcopy(self.__dict__, memo))
-        retie(copied)
-        return copied
+        retie(self)  # unpickled or deep-copied, each factor has storage of its own
 
     @staticmethod
     def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:

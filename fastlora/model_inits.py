@@ -35,7 +35,8 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
             layer.check_weight_init(init, layer.adapter_settings[adapter_name].r)
         layers = {name: layer for name, layer in layers.items() if layer.WEIGHT_INITS_CHANGE_BASE}
         _check_no_weight_shared_by_targets(init, layers)
-        if config.layer_replication and (shared := _sharing_a_weight(model, layers)):
+        shared = _sharing_a_weight(model, layers)
+        if config.layer_replication and shared:
             target, other = next(iter(shared.items()))
             raise ValueError(f"init_lora_weights={init!r} changes the base weight of {target}, which {other} (a copy "
                              f"of the same layer under layer_replication, not adapted) computes with too: that copy "
@@ -48,7 +49,6 @@ def init_from_weights(model: nn.Module, config: LoraConfig, adapter_name: str, t
     if others:
         warnings.warn(f"init_lora_weights={init!r} changes the base weights of the layers it adapts, under the "
                       f"adapters {others} as well: their outputs change", UserWarning, stacklevel=4)
-    shared = _sharing_a_weight(model, layers)
     if shared:
         warnings.warn(f"init_lora_weights={init!r} changes the base weights of {sorted(shared)[:3]}, which "
                       f"{sorted(set(shared.values()))[:3]} share (tied): their outputs change too",

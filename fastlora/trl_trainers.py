@@ -120,17 +120,17 @@ def with_fastlora_lora(trainer_class: type) -> type:
     def __init__(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         config = bound.arguments.get("peft_config")
-        if isinstance(config, LoraConfig):
-            adapted = _adapted_model(trainer_class, bound, config)
-            try:
-                _check_no_adapter_on_the_head(trainer_class, adapted)
-            except ValueError:
-                adapted.unload()  # the model given, as it was
-                raise
-            bound.arguments["model"] = adapted
+        adapted_here = isinstance(config, LoraConfig)
+        if adapted_here:
+            bound.arguments["model"] = _adapted_model(trainer_class, bound, config)
             bound.arguments["peft_config"] = None
         model = bound.arguments.get("model")
-        _check_no_adapter_on_the_head(trainer_class, model)
+        try:
+            _check_no_adapter_on_the_head(trainer_class, model)
+        except ValueError:
+            if adapted_here:
+                model.unload()  # the model given, as it was
+            raise
         adapters_before = set(model.peft_config) if isinstance(model, PeftModel) else None
         with warnings.catch_warnings():  # the reference adapter is copied below
             warnings.filterwarnings("ignore", message=re.escape(REFERENCE_ADAPTER_WARNING[:40]))

@@ -30,6 +30,7 @@ import warnings
 import torch
 from torch import nn
 
+from fastlora.base_kinds import peft_factor_keys
 from fastlora.config import LoraConfig
 from fastlora.layer import LoRALinear, peft_reset_
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -252,11 +253,14 @@ def untied_where_the_file_is(config: LoraConfig, model: nn.Module, tensors: dict
     how, embedding, heads = tied_heads(config, model)
     if how != "target_modules":
         return config
-    key = "base_model.model.{}.{}".format
+    def file_factors(name: str) -> list:  # (A, B) under the file's keys, None where absent
+        return [tensors.get(f"base_model.model.{name}.{key}") for key in peft_factor_keys(model.get_submodule(name))]
+
+    emb_A, emb_B = file_factors(embedding)
     untied = []
     for head in (h for h in heads if not is_embedding(model.get_submodule(h))):
-        pairs = [(tensors.get(key(head, "lora_A.weight")), tensors.get(key(embedding, "lora_embedding_B"))),
-                 (tensors.get(key(head, "lora_B.weight")), tensors.get(key(embedding, "lora_embedding_A")))]
+        head_A, head_B = file_factors(head)
+        pairs = [(head_A, emb_B), (head_B, emb_A)]
         if any(ours is not None and theirs is not None and (ours.shape != theirs.t().shape or not torch.equal(
                 ours, theirs.t())) for ours, theirs in pairs):
             untied.append(head)

@@ -46,7 +46,7 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
     card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\nlibrary_name: peft\n---\n\n{_new_card_text(base_model_id)}")
     card.data["library_name"] = "peft"
     tags = set(card.data.get("tags") or []) | set(getattr(base_model, "model_tags", None) or []) | {"lora", "fastlora"}
-    if _is_transformers_model(base_model):
+    if is_transformers_model(base_model):
         tags.add("transformers")
     if base_model_id:
         tags.add(f"base_model:adapter:{base_model_id}")
@@ -66,7 +66,8 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
     atomic_write_text(path, content)
 
 
-def _is_transformers_model(model: nn.Module) -> bool:
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a transformers ``PreTrainedModel`` (False where transformers is not installed)."""
     try:
         from transformers import PreTrainedModel
     except ImportError:

@@ -3,8 +3,8 @@ model's in one summary (:func:`get_model_status`), with PEFT's fields, so that a
 state (adapters active, merged or trainable in some layers only) shows as "irregular".
 
 A layer is a LoRA layer (``LoRALinear`` and its kinds), a ``modules_to_save`` wrapper, or a table with trainable
-token rows (and a head tied to it, sharing them); names are PEFT's (``model.<path>``, the trainable-token layer
-as ``<path>.token_adapter``).  One difference: a bitsandbytes layer names its quantization backend ("bnb 4bit",
+token rows (and a head tied to it, sharing them); names are PEFT's (``model.<path>``, or ``<path>`` on a module
+adapted in place, the trainable-token layer as ``<path>.token_adapter``).  One difference: a bitsandbytes layer names its quantization backend ("bnb 4bit",
 "bnb 8bit"), where PEFT 0.21's bitsandbytes LoRA layers report None.
 """
 
@@ -16,6 +16,7 @@ from typing import Literal, Union
 from torch import nn
 
 from fastlora.layer import LoRALinear
+from fastlora.model_card import is_transformers_model
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.quantized import LoRAQuantizedLinear, _bnb
 from fastlora.trainable_tokens import TrainableTokensWrapper
@@ -102,7 +103,9 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
         >>> [(s.name, s.active_adapters, s.requires_grad) for s in get_layer_status(model)]
         [('model.0', ['default'], {'default': True})]
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wrapped = hasattr(model, "get_base_model")
+    base = model.get_base_model() if wrapped else model
+    prefix = "model." if wrapped else ""  # PEFT names layers from its LoraModel, or from a model adapted in place
     out = []
     for name, module in base.named_modules():
         parts = _layer_parts(module)
@@ -110,7 +113,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
             continue
         suffix, module_type, enabled, active, merged, parameters, backend = parts
         out.append(TunerLayerStatus(
-            name=f"model.{name}{suffix}", module_type=module_type, enabled=enabled, active_adapters=active,
+            name=f"{prefix}{name}{suffix}", module_type=module_type, enabled=enabled, active_adapters=active,
             merged_adapters=merged,
             requires_grad={adapter: _all_or_none(p.requires_grad for p in params) for adapter, params in parameters.items()},
             available_adapters=sorted(parameters),
@@ -141,8 +144,12 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         (1, ['default'], 128)
     """
     layers = get_layer_status(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    configs = getattr(model, "peft_config", {})
+    if hasattr(model, "get_base_model"):
+        base_model_type, adapter_model_type = type(model.get_base_model()).__name__, "LoraModel"
+        configs = model.peft_config
+    else:  # adapted in place (inject_adapter_in_model): PEFT names no adapter model or types here
+        base_model_type = type(model).__name__ if is_transformers_model(model) else "other"
+        adapter_model_type, configs = "None", {}
     params = list(model.parameters())
     counts = model.get_nb_trainable_parameters() if hasattr(model, "get_nb_trainable_parameters") else (
         sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
@@ -160,7 +167,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
             devices.setdefault(adapter, set()).update(kinds)
     backends = {status.quantization_backend for status in layers}
     return TunerModelStatus(
-        base_model_type=type(base).__name__, adapter_model_type="LoraModel" if configs else "None",
+        base_model_type=base_model_type, adapter_model_type=adapter_model_type,
         peft_types={name: "LORA" for name in configs}, trainable_params=counts[0], total_params=counts[1],
         num_adapter_layers=len(layers), enabled=enabled.pop() if len(enabled) == 1 else "irregular",
         active_adapters=list(active.pop()) if len(active) == 1 else "irregular",

@@ -133,3 +133,23 @@ def test_peft_s_injection_rules_task_heads_name_or_path_enabled_layers_and_state
         nested.append(([isinstance(m, (fastlora.LoRALinear, peft.tuners.lora.LoraLayer)) for m in (module[0], module[1][0])],
                        any("inconsistency" in str(w.message) for w in caught)))
     assert nested[1] == nested[0] == ([True, False], True)
+
+
+def test_status_of_a_module_adapted_in_place_is_peft_s():
+    """No adapter model around it: PEFT's layer names (no ``model.`` prefix), no adapter model type or PEFT types,
+    and the base type "other" for a plain module, the class name for a transformers model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+
+    for make, target in ((_module, "0"), (llama, "q_proj")):
+        theirs, ours = (lib.inject_adapter_in_model(lib.LoraConfig(target_modules=[target]), make())
+                        for lib in (peft, fastlora))
+        assert [s.name for s in fastlora.get_layer_status(ours)] == [s.name for s in peft.get_layer_status(theirs)]
+        their_status, our_status = peft.get_model_status(theirs), fastlora.get_model_status(ours)
+        assert (our_status.base_model_type, our_status.adapter_model_type, our_status.peft_types) == \
+            (their_status.base_model_type, their_status.adapter_model_type, their_status.peft_types)
+        assert our_status.trainable_params == their_status.trainable_params

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fastlora.adapt_modules import set_module
 from fastlora.config import LoraConfig
 from fastlora.conv1d import is_conv1d
 from fastlora.embedding import LoRAEmbedding
@@ -34,7 +35,6 @@ from fastlora.incremental_pca import IncrementalPCA
 from fastlora.init_configs import EvaConfig
 from fastlora.layer import LoRALinear
 from fastlora.module_modes import in_mode
-from fastlora.model import _set_module
 from fastlora.parameter_lora import LoRAParameter
 from fastlora.targets import plan_targets, with_task_heads
 
@@ -499,7 +499,7 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
                 layer.delete_adapter(adapter_name)
                 layer.set_adapter(active)
             else:
-                _set_module(base, name, layer.to_base())
+                set_module(base, name, layer.to_base())
             continue
         settings, init, value = step
         if settings != layer.adapter_settings[adapter_name] or init is True:

@@ -3,9 +3,10 @@
 A layer holds one or more named adapters (``"default"`` unless named otherwise); one is active, or several,
 whose updates add up.
 Each adapter's factors are Parameters of the layer itself, ``lora_A_<name>`` (r × in) and
-``lora_B_<name>`` (out × r), plus ``lora_magnitude_vector_<name>`` (out) for a DoRA adapter, so FSDP
-and ZeRO-3 gather them with the layer; ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``, ``lora_dropout``
-and ``scaling`` are the active adapter's.
+``lora_B_<name>`` (out × r), plus ``lora_magnitude_vector_<name>`` (out) for a DoRA adapter and
+``lora_bias_<name>`` (out) for a bias on B, so FSDP and ZeRO-3 gather them with the layer (no prefix begins
+another, so no two adapters' names give one parameter name); ``lora_A``, ``lora_B``, ``r``, ``lora_alpha``,
+``lora_dropout`` and ``scaling`` are the active adapter's.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         """The bias on B (out) of ``adapter_name`` (default: the active adapter), with ``lora_bias=True``; else None."""
         name = self.active_adapter if adapter_name is None else adapter_name
         self.lora_factors(name)
-        return self._parameters.get(f"lora_B_bias_{name}")
+        return self._parameters.get(f"lora_bias_{name}")
 
     def adapter_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
         """Every trained parameter of ``adapter_name``: A, B (not a frozen B: MiCA's) and, for DoRA, m; with
@@ -320,7 +321,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
             if self.bias is None:
                 warnings.warn(f"lora_bias=True on a layer of type {type(self.to_base()).__name__} without a bias: "
                               f"the adapter cannot be merged into it", UserWarning, stacklevel=2)
-            self.register_parameter(f"lora_B_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
+            self.register_parameter(f"lora_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
         if settings.frozen_lora_B:
             self._freeze_lora_B(adapter_name)
@@ -342,7 +343,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         del self._parameters[f"lora_A_{adapter_name}"], self._parameters[f"lora_B_{adapter_name}"]
         self.tied_adapters.pop(adapter_name, None)
         self._parameters.pop(f"lora_magnitude_vector_{adapter_name}", None)
-        self._parameters.pop(f"lora_B_bias_{adapter_name}", None)
+        self._parameters.pop(f"lora_bias_{adapter_name}", None)
         del self.adapter_settings[adapter_name]
         if adapter_name in self.active_adapters:
             self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -578,6 +579,12 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
             for which in ("lora_A", "lora_B"):
                 if prefix + which in state_dict and f"{prefix}{which}_{name}" not in state_dict:
                     state_dict[f"{prefix}{which}_{name}"] = state_dict.pop(prefix + which)
+        # Earlier checkpoints name a bias on B lora_B_bias_<name>, which adapter "bias_<name>"'s B could also be.
+        for name, settings in self.adapter_settings.items():
+            old, new = f"{prefix}lora_B_bias_{name}", f"{prefix}lora_bias_{name}"
+            if settings.lora_bias and f"bias_{name}" not in self.adapter_settings and old in state_dict \
+                    and new not in state_dict:
+                state_dict[new] = state_dict.pop(old)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- merge ------------------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
             out[f"{PREFIX}{name}.lora_magnitude_vector"] = (f"{name}.lora_magnitude_vector_{adapter_name}",
                                                             (out_features,))
         if config.lora_bias:
-            out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_B_bias_{adapter_name}", (out_features,))
+            out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_bias_{adapter_name}", (out_features,))
     for target in plan_parameter_targets(model, config):
         layer_path = target.layer_path
         experts, in_features, out_features, _ = parameter_sizes(*_owner_and_parameter(model, target))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import fastlora as fastlora_lib
 from fastlora import LoraConfig, LoraModel, get_peft_model, get_peft_model_state_dict
 from fastlora.bench.measure import SavedTensorCounter, module_tensors
 from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
@@ -429,3 +430,45 @@ def test_merge_and_unload_merges_the_active_adapter_as_peft():
     assert_close(_logits(ours), _logits(theirs), kind="same_math")
     fm.set_adapter("default")
     assert not torch.allclose(_logits(ours), _logits(fm))
+
+
+def test_no_adapter_name_gives_another_adapter_s_parameter_name(tmp_path):
+    """Adapter "x" with a bias on B beside "bias_x", and a DoRA adapter "magnitude_vector_x": each keeps its own
+    parameters through adding, deleting and saving, and each computes as PEFT's loaded from the same folder."""
+    def config(lib, r, **extra):
+        return lib.LoraConfig(target_modules=["q_proj"], r=r, init_lora_weights=False, **extra)
+
+    model = get_peft_model(tiny_llama(), config(fastlora_lib, 4, lora_bias=True), adapter_name="x")
+    model.add_adapter("bias_x", config(fastlora_lib, 2))
+    model.add_adapter("magnitude_vector_x", config(fastlora_lib, 3, use_dora=True))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    shapes = {name: [tuple(p.shape) for p in layer.adapter_tensors(name)] for name in layer.adapter_names}
+    assert shapes == {"x": [(4, 64), (64, 4), (64,)], "bias_x": [(2, 64), (64, 2)],
+                      "magnitude_vector_x": [(3, 64), (64, 3), (64,)]}
+    assert len(list(layer.parameters())) == 1 + 3 + 2 + 3
+    model.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "x", adapter_name="x")
+    for name in ("bias_x", "magnitude_vector_x"):
+        theirs.load_adapter(tmp_path / name, adapter_name=name)
+    for name in ("x", "bias_x", "magnitude_vector_x"):
+        model.set_adapter(name), theirs.set_adapter(name)
+        assert_close(_logits(model), _logits(theirs), kind="same_math", msg=name)
+    kept = {name: [p.detach().clone() for p in layer.adapter_tensors(name)] for name in ("bias_x", "magnitude_vector_x")}
+    model.delete_adapter("x")
+    for name, values in kept.items():
+        assert all(torch.equal(p, v) for p, v in zip(layer.adapter_tensors(name), values, strict=True))
+        model.set_adapter(name), theirs.set_adapter(name)
+        assert_close(_logits(model), _logits(theirs), kind="same_math", msg=name)
+
+
+def test_a_module_state_dict_from_before_the_bias_on_b_had_its_own_name_loads():
+    def model(seed):
+        torch.manual_seed(seed)
+        return get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4, lora_bias=True,
+                                                       init_lora_weights=False), adapter_name="x")
+
+    source, target = model(1), model(2)
+    earlier = {key.replace(".lora_bias_x", ".lora_B_bias_x"): value for key, value in source.state_dict().items()}
+    assert any(".lora_B_bias_x" in key for key in earlier)
+    target.load_state_dict(earlier)
+    assert_close(_logits(target), _logits(source), kind="same_math")

@@ -407,7 +407,7 @@ def _randomize_lora_biases(model):
 def _grads_by_peft_name(model):
     """Each trainable parameter's gradient, under one name for PEFT's parameter (``lora_A.default.weight``,
     ``lora_B.default.bias``, ``lora_magnitude_vector.default.weight``) and fastlora's (``lora_A_default``,
-    ``lora_B_bias_default``, ``lora_magnitude_vector_default``)."""
+    ``lora_bias_default``, ``lora_magnitude_vector_default``)."""
     grads = {}
     for name, param in model.named_parameters():
         if param.requires_grad:

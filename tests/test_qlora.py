@@ -413,7 +413,7 @@ def _grads_by_peft_name(model):
         if param.requires_grad:
             name = re.sub(r"\.(lora_\w+?)\.default\.(weight|bias)$",
                           lambda m: f".{m[1]}" + ("_bias" if m[2] == "bias" else ""), name)
-            grads[re.sub(r"_default$", "", name)] = param.grad
+            grads[re.sub(r"\.lora_bias$", ".lora_B_bias", re.sub(r"_default$", "", name))] = param.grad
     return grads
 
 

@@ -528,10 +528,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _activate(self, adapter_names: list[str], trainable: bool) -> None:
         """Point every layer and modules_to_save wrapper at ``adapter_names``; their parameters get
         ``requires_grad=trainable``, every other adapter's False (PEFT's ``set_adapter``)."""
-        if any(layer.merged for _, layer in self.lora_layers()):
-            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
-                          stacklevel=3)
-            self.unmerge_adapter()
+        self._unmerge_to_set_adapters(stacklevel=4)
         for _, layer in self.lora_layers():
             layer.set_adapter(adapter_names)
         for _, wrapper in self.wrappers():
@@ -544,6 +541,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if trainable and name in adapter_names:
                 for param in self._adapter_parameters(name):
                     param.requires_grad_(True)
+
+    def _unmerge_to_set_adapters(self, stacklevel: int = 3) -> None:
+        """PEFT's unmerge, with its warning, of a merged model whose active adapters are set: by ``set_adapter``,
+        and at the end of ``add_adapter`` and of ``load_adapter`` of a new adapter (which set them again)."""
+        if any(layer.merged for _, layer in self.lora_layers()):
+            warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.", UserWarning,
+                          stacklevel=stacklevel)
+            self.unmerge_adapter()
 
     def _set_active_adapters(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``base_model.set_adapter``: one adapter or several, whose updates add up in every layer; each
@@ -753,6 +758,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         to_save = plan_modules_to_save(model, config, adapter_name)
         warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in targets], stacklevel=3)
         self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype)
+        self._unmerge_to_set_adapters()
 
     def _check_not_merged(self, adapter_name: str) -> None:
         if any(adapter_name in layer.merged_adapters for _, layer in self.lora_layers()):

@@ -89,6 +89,7 @@ class AdapterFilesMixin:
             except BaseException:
                 undo()
                 raise
+            self._unmerge_to_set_adapters()
             if is_trainable:
                 self.set_requires_grad(adapter_name, True)
         if not is_trainable:

@@ -288,6 +288,28 @@ def test_several_adapters_merge_and_unmerge_as_peft(checkpoint, quant):
             assert torch.equal(module.weight.data, dict(merged_theirs.named_modules())[name].weight.data), name
 
 
+@pytest.mark.parametrize("how", ["add_adapter", "load_adapter"])
+def test_a_new_adapter_unmerges_a_merged_model_as_peft(checkpoint, how, tmp_path):
+    """add_adapter, or load_adapter of a new adapter, on a merged model: unmerged with PEFT's warning (PEFT sets the
+    active adapters again, which unmerges), the quantized weights then PEFT's bit for bit, the outputs alike."""
+    theirs, ours = _pair(checkpoint, "nf4-fp32")
+    peft.get_peft_model(_load(checkpoint, "nf4-fp32"), peft.LoraConfig(r=2, target_modules=["k_proj"])) \
+        .save_pretrained(tmp_path)
+    for model, library in ((theirs, peft), (ours, fastlora)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.merge_adapter()
+        with pytest.warns(UserWarning, match="Unmerging the model first"):
+            if how == "add_adapter":
+                model.add_adapter("second", library.LoraConfig(r=2, target_modules=["k_proj"]))
+            else:
+                model.load_adapter(tmp_path, adapter_name="second")
+    assert not any(layer.merged for _, layer in ours.lora_layers())
+    _assert_same_quantized_states(ours, theirs)
+    ids = tokens()
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", dtype=torch.float32)
+
+
 def _quantized_states(model):
     return {name: module.state_dict() for name, module in model.named_modules()
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}

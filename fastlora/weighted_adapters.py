@@ -157,8 +157,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
 def _combine(layer, held, combination_type, rank, density, sign_method, svd_clamp, full_matrices, driver):
     """(A, B) of the new adapter in one layer, from the adapters it holds (name, weight)."""
     if combination_type == "cat":
-        factors = [(layer.lora_factors(a), w * layer.adapter_settings[a].scaling) for a, w in held]
-        return torch.cat([A * c for (A, _), c in factors]), torch.cat([B for (_, B), _ in factors], dim=1)
+        # A · weight · scaling in PEFT's order (two roundings), so that the combined A equals PEFT's bit for bit
+        factors = [(layer.lora_factors(a), w, layer.adapter_settings[a].scaling) for a, w in held]
+        return (torch.cat([A * w * scaling for (A, _), w, scaling in factors]),
+                torch.cat([B for (_, B), _, _ in factors], dim=1))
     if combination_type in _SAME_RANK:
         scaled = [w * layer.adapter_settings[a].scaling for a, w in held]
         c_A = torch.tensor([math.copysign(math.sqrt(abs(c)), c) if c != 0 else 0.0 for c in scaled])

@@ -49,6 +49,8 @@ def test_combination_as_peft(combination_type, options):
         A, B = layer.lora_factors("mix")
         assert_close(A, state[f"base_model.model.{name}.lora_A.mix.weight"], kind="same_math_cancelling", msg=name)
         assert_close(B, state[f"base_model.model.{name}.lora_B.mix.weight"], kind="same_math_cancelling", msg=name)
+        if combination_type == "cat":  # the same products in the same order: PEFT's bits
+            assert torch.equal(A, state[f"base_model.model.{name}.lora_A.mix.weight"]), name
     assert ours.peft_config["mix"].r == theirs.peft_config["mix"].r
     assert not any(p.requires_grad for n, p in ours.named_parameters() if n.endswith("_mix"))  # frozen, not active
     ids = tokens()

@@ -31,6 +31,9 @@ def cast_mixed_precision_params(model: nn.Module, dtype: torch.dtype) -> None:
         >>> model.base_model.model[0].weight.dtype, model.base_model.model[0].lora_A.dtype
         (torch.bfloat16, torch.float32)
     """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"cast_mixed_precision_params: dtype must be a floating-point torch.dtype (torch.float16 or "
+                        f"torch.bfloat16), got {dtype!r}; the model is unchanged")
     for param in model.parameters():
         if not param.is_floating_point() or type(param) is not nn.Parameter and type(param).__module__.startswith(
                 "bitsandbytes"):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastlora
-from tests.models import clone, load_quantized, tiny_llama, tokens
+from tests.models import assert_unchanged, clone, load_quantized, snapshot, tiny_llama, tokens
 
 CONFIG = dict(target_modules=["q_proj", "v_proj"], r=4, modules_to_save=["lm_head"], trainable_token_indices=[1, 2])
 
@@ -111,6 +111,12 @@ def test_cast_mixed_precision_params_is_peft_s_and_leaves_packed_weights(tmp_pat
     before = packed.data.clone()
     fastlora.cast_mixed_precision_params(quantized, torch.bfloat16)
     assert packed.dtype == torch.float32 and torch.equal(packed.data.view(torch.uint8), before.view(torch.uint8))
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"], r=4))
+    untouched = snapshot(model)
+    for dtype in (torch.int8, torch.bool, "bfloat16"):  # an integer cast would truncate every frozen weight
+        with pytest.raises(TypeError, match="dtype must be a floating-point torch.dtype"):
+            fastlora.cast_mixed_precision_params(model, dtype)
+    assert_unchanged(model, untouched)
 
 
 def test_peft_s_task_classes_and_peft_type(tmp_path):

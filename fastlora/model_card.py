@@ -9,6 +9,7 @@ tags are added to its own, and a framework line is added once.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from fastlora._version import __version__
 from fastlora.files import atomic_write_text
 
-__all__ = ["write_model_card"]
+__all__ = ["model_card_text", "write_model_card"]
 
 _CARD_NAME = "README.md"
 _FRAMEWORK_HEADING = "### Framework versions"
@@ -36,22 +37,32 @@ def _new_card_text(base_model_id: str) -> str:
     )
 
 
-def write_model_card(directory: Path, base_model: nn.Module, task_type: str | None) -> None:
-    """Create or update ``directory/README.md`` (written atomically)."""
+def model_card_text(directory: Path, base_model: nn.Module, task_type: str | None) -> str | None:
+    """The content of ``directory/README.md`` once created or updated; None, with a warning, where an existing
+    README.md cannot be read as a model card (its front matter not YAML metadata, say), which is then left as it
+    is.  Computed before a save writes anything, so that such a card never stops a save half-way."""
+    import yaml
     from huggingface_hub import ModelCard
 
     path = directory / _CARD_NAME
     config = getattr(base_model, "config", None)
     base_model_id = getattr(config, "_name_or_path", "") or ""
-    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\nlibrary_name: peft\n---\n\n{_new_card_text(base_model_id)}")
+    try:
+        card = ModelCard.load(path) if path.is_file() else ModelCard(
+            f"---\nlibrary_name: peft\n---\n\n{_new_card_text(base_model_id)}")
+        tags = set(card.data.get("tags") or []) | set(getattr(base_model, "model_tags", None) or [])
+    except (ValueError, TypeError, UnicodeDecodeError, yaml.YAMLError) as err:
+        warnings.warn(f"{path} is not a model card fastlora can update ({type(err).__name__}: {err}); the adapters "
+                      f"are saved and it is left as it is", UserWarning, stacklevel=3)
+        return None
     card.data["library_name"] = "peft"
-    tags = set(card.data.get("tags") or []) | set(getattr(base_model, "model_tags", None) or []) | {"lora", "fastlora"}
+    tags |= {"lora", "fastlora"}
     if is_transformers_model(base_model):
         tags.add("transformers")
     if base_model_id:
         tags.add(f"base_model:adapter:{base_model_id}")
         card.data["base_model"] = base_model_id
-    card.data["tags"] = sorted(tags)
+    card.data["tags"] = sorted(tags, key=str)  # a card's own tags may be numbers (YAML reads `- 2024` as one)
     if task_type == "CAUSAL_LM" and not card.data.get("pipeline_tag"):
         card.data["pipeline_tag"] = "text-generation"
     lines = card.text.splitlines()
@@ -62,8 +73,13 @@ def write_model_card(directory: Path, base_model: nn.Module, task_type: str | No
         else:
             lines += ["", _FRAMEWORK_HEADING, version_line]
     card.text = "\n".join(lines) + "\n"
-    content = str(card)
-    atomic_write_text(path, content)
+    return str(card)
+
+
+def write_model_card(directory: Path, content: str | None) -> None:
+    """Write ``content`` (from :func:`model_card_text`) to ``directory/README.md``, atomically; None: nothing."""
+    if content is not None:
+        atomic_write_text(directory / _CARD_NAME, content)
 
 
 def is_transformers_model(model: nn.Module) -> bool:

@@ -252,6 +252,9 @@ class AdapterFilesMixin:
             for name in names:
                 configs[name], tensors[name] = converted_for_the_original_weight(
                     configs[name], tensors[name], path_initial_model_for_weight_conversion)
+        from fastlora.model_card import model_card_text, write_model_card
+
+        card = model_card_text(Path(save_directory), self.get_base_model(), self._task_type_name())
         base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
             directory = directories[name]
@@ -263,14 +266,18 @@ class AdapterFilesMixin:
                 config = config.replace(auto_mapping={"base_model_class": base_class.__name__,
                                                       "parent_library": base_class.__module__})
             peft_format.write_adapter(directory, config, tensors[name], safe_serialization)
-        self.create_or_update_model_card(save_directory)
+        write_model_card(Path(save_directory), card)
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Create or update ``output_dir/README.md`` with the metadata PEFT and the Hub read."""
-        from fastlora.model_card import write_model_card
+        from fastlora.model_card import model_card_text, write_model_card
 
+        directory = Path(output_dir)
+        write_model_card(directory, model_card_text(directory, self.get_base_model(), self._task_type_name()))
+
+    def _task_type_name(self) -> str | None:
         task = self.active_peft_config.task_type
-        write_model_card(Path(output_dir), self.get_base_model(), task.value if task is not None else None)
+        return task.value if task is not None else None
 
     def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
                     commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
@@ -284,7 +291,7 @@ class AdapterFilesMixin:
                 from huggingface_hub import ModelCard
 
                 card = ModelCard.load(Path(tmp) / "README.md")
-                card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags))
+                card.data["tags"] = sorted(set(card.data.get("tags") or []) | set(tags), key=str)
                 card.save(Path(tmp) / "README.md")
             return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
                                      commit_description=commit_description, private=private, token=token,
@@ -301,6 +308,9 @@ def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:
     directory = (save_directory / adapter_name).resolve()
     if directory.parent != root:
         raise ValueError(f"adapter {adapter_name!r} would be saved in {directory}, outside {root}")
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"adapter {adapter_name!r} is saved in the folder {save_directory / adapter_name}, which is a "
+                         f"file; nothing was written")
     return save_directory / adapter_name
 
 

@@ -49,3 +49,19 @@ def test_config_save_goes_through_the_atomic_writer(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         LoraConfig(target_modules=["q_proj"]).save_pretrained(tmp_path)
     assert (tmp_path / "adapter_config.json").read_text() == "old" and len(os.listdir(tmp_path)) == 1
+
+
+def test_a_save_refused_for_a_second_adapter_s_folder_writes_nothing(tmp_path):
+    """The folder of a second adapter taken by a file: refused before any adapter is written, so that an earlier save
+    in that folder stays whole."""
+    from fastlora import get_peft_model
+    from tests.models import tiny_llama
+
+    get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4)).save_pretrained(tmp_path)
+    (tmp_path / "other").write_text("notes")
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    model = get_peft_model(tiny_llama(seed=1), LoraConfig(target_modules=["q_proj"], r=8, init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(target_modules=["q_proj"], r=8))
+    with pytest.raises(ValueError, match="which is a file; nothing was written"):
+        model.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before

@@ -2,9 +2,11 @@
 card), an existing card's content kept, repeated saves stable."""
 
 import peft
+import pytest
+import torch
 from huggingface_hub import ModelCard
 
-from fastlora import LoraConfig, get_peft_model
+from fastlora import LoraConfig, get_peft_model, get_peft_model_state_dict
 from tests.models import clone, tiny_llama
 
 
@@ -47,3 +49,26 @@ def test_existing_card_is_kept_and_updated_once(tmp_path):
     assert "# My card\n\nHello body." in card.text and card.text.count("- fastlora ") == 1
     fm.save_pretrained(tmp_path)
     assert (tmp_path / "README.md").read_text() == first
+
+
+def test_a_card_that_cannot_be_updated_never_stops_a_save(tmp_path):
+    """A README.md whose front matter is not YAML metadata (or not UTF-8): the adapters are saved and the card is
+    left as it was, with a warning; a card's numeric tag is kept beside fastlora's."""
+    from safetensors.torch import load_file
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
+    expected = get_peft_model_state_dict(model)
+    for text in (b"---\nfoo: [unclosed\n---\nhello\n", b"---\n- a list\n---\nhello\n", b"---\ntags: 5\n---\n",
+                 b"\xff\xfe not utf-8"):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        (folder / "README.md").write_bytes(text)
+        with pytest.warns(UserWarning, match="not a model card fastlora can update"):
+            model.save_pretrained(folder)
+        assert (folder / "README.md").read_bytes() == text
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
+        assert (folder / "adapter_config.json").is_file()
+    (tmp_path / "README.md").write_text("---\ntags:\n- 2024\n- custom\n---\n\nBody.\n")
+    model.save_pretrained(tmp_path)
+    assert {2024, "custom", "fastlora"} <= set(ModelCard.load(tmp_path / "README.md").data.tags)

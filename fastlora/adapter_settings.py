@@ -4,13 +4,26 @@ that both use them."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
-__all__ = ["AdapterSettings", "check_adapter_name"]
+__all__ = ["AdapterSettings", "check_adapter_name", "plain_number"]
 
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plain_number(value):
+    """A number of another library (numpy's int64 or float32, as sweeps and optuna hand them) as Python's int or
+    float, so that checks, arithmetic and JSON take it as PEFT's would; anything else unchanged."""
+    if isinstance(value, bool) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
 
 
 # The name mixed-adapter batches use for rows that take the base model alone (PEFT's).
@@ -53,6 +66,8 @@ class AdapterSettings:
     frozen_lora_B: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("r", "lora_alpha", "lora_dropout"):
+            object.__setattr__(self, name, plain_number(getattr(self, name)))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
         if not _is_number(self.lora_alpha) or not self.lora_alpha > 0:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from fastlora.adapter_settings import AdapterSettings
+from fastlora.adapter_settings import AdapterSettings, plain_number
 from fastlora.files import atomic_write_text
 from fastlora.init_configs import checked_corda_config, checked_eva_config, checked_loftq_config, checked_lora_ga_config
 from fastlora.layer_replication import check_layer_map
@@ -304,6 +304,8 @@ class LoraConfig:
                     f"LoraConfig({name}={value!r}): {name} is a PEFT feature fastlora does not support; "
                     f"leave it at {UNSUPPORTED_FEATURES[name]!r}"
                 )
+        for name in ("r", "lora_alpha", "lora_dropout"):
+            put(name, plain_number(getattr(self, name)))
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
             try:
                 put("task_type", TaskType(self.task_type))
@@ -318,6 +320,10 @@ class LoraConfig:
             raise UnsupportedFeatureError("LoraConfig(use_dora=True, lora_bias=True): a bias on B with DoRA is not "
                                           "supported by fastlora; use one of the two")
         tokens = self.trainable_token_indices
+        if tokens is not None and any(isinstance(v, (list, tuple)) and not v
+                                      for v in (tokens.values() if isinstance(tokens, dict) else [tokens])):
+            raise ValueError(f"trainable_token_indices={tokens!r} lists no token id for a table: list the rows to train, "
+                             f"or leave it None to train none")
         if tokens is not None:
             lists = tokens.values() if isinstance(tokens, dict) else [tokens]
             if (isinstance(tokens, dict) and not all(isinstance(k, str) for k in tokens)) or not all(
@@ -337,7 +343,7 @@ class LoraConfig:
             elif not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise TypeError(f"{name} must be a dict of module name (or regex) -> value, got {value!r}")
             else:
-                put(name, dict(value))
+                put(name, {key: plain_number(v) for key, v in value.items()})
         for key in [*self.rank_pattern, *self.alpha_pattern]:
             try:
                 re.compile(key)

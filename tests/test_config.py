@@ -30,6 +30,8 @@ def test_seed_config_and_scaling():
         ({"init_lora_weights": "loftq"}, ValueError, "init_lora_weights"),
         ({"layers_to_transform": [-1]}, ValueError, "layers_to_transform"),
         ({"modules_to_save": "lm_head"}, TypeError, "modules_to_save"),
+        ({"trainable_token_indices": []}, ValueError, "lists no token id"),
+        ({"trainable_token_indices": {"embed_tokens": []}}, ValueError, "lists no token id"),
     ],
 )
 def test_bad_config(kwargs, error, match):
@@ -93,3 +95,29 @@ def test_a_field_assigned_after_the_adapter_was_built_is_refused_at_save(tmp_pat
         assert not (tmp_path / field).exists()
         setattr(model.peft_config["default"], field, getattr(LoraConfig(target_modules=["q_proj"], r=4), field))
         model.save_pretrained(tmp_path / field)
+
+
+def test_numbers_of_other_libraries_are_taken_as_python_s(tmp_path):
+    """numpy's integers and floats (as hyper-parameter sweeps hand them), in the fields and the patterns: the layers
+    take them, and the config saves as plain JSON numbers."""
+    import json
+
+    np = pytest.importorskip("numpy")
+    import torch
+
+    from fastlora import get_peft_model
+
+    config = LoraConfig(target_modules=["0"], r=np.int64(4), lora_alpha=np.int32(8), lora_dropout=np.float32(0.25),
+                        rank_pattern={"0": np.int64(2)}, alpha_pattern={"0": np.float64(3.0)})
+    assert (type(config.r), type(config.lora_alpha), type(config.lora_dropout)) == (int, int, float)
+    assert config.lora_dropout == 0.25 and type(config.rank_pattern["0"]) is int
+    config.r = np.int16(6)
+    assert type(config.r) is int and config.r == 6
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), config)
+    assert model.base_model.model[0].lora_A.shape == (2, 8) and model.base_model.model[0].scaling == 1.5
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"], saved["rank_pattern"]) == (6, 8, 0.25, {"0": 2})
+    from fastlora import LoRALinear
+
+    assert LoRALinear(8, 8, r=np.int64(2), lora_alpha=np.float32(4), lora_dropout=np.float64(0.1)).scaling == 2.0

@@ -63,8 +63,6 @@ def test_json_round_trip_and_unsupported_features():
 def test_assigning_a_field_checks_it_as_the_constructor_does():
     """PEFT scripts assign to a model's config (PiSSA's guide: ``init_lora_weights = True`` before saving the initial
     adapter): the value is checked and put in its normal form; a bad one raises and leaves the config as it was."""
-    from fastlora import UnsupportedFeatureError
-
     config = LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
     config.init_lora_weights = True
     config.layers_to_transform = 1

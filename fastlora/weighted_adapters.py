@@ -29,6 +29,8 @@ adapter's initial values as PEFT's layers do), so the same seed gives PEFT's res
 from __future__ import annotations
 
 import math
+import numbers
+
 import torch
 from torch import Tensor, nn
 
@@ -40,6 +42,7 @@ __all__ = ["COMBINATION_TYPES", "add_weighted_adapter"]
 
 _SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 _SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+_SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")
 COMBINATION_TYPES = ("cat", *_SAME_RANK, *_SVD)
 
 
@@ -69,12 +72,15 @@ def _merge(kind: str, tensors: list[Tensor], coefficients: Tensor, density: floa
 
 
 def _check(model: nn.Module, adapters: list[str], weights: list[float], combination_type: str,
-           svd_rank: int | None, density: float | None, sign_method: str) -> tuple[str, int]:
+           svd_rank: int | None, density: float | None, sign_method: str, svd_clamp: float | None = None,
+           svd_driver: str | None = None) -> tuple[str, int]:
     """(combination type, new rank), PEFT's checks and a few more, before anything changes."""
     if not isinstance(adapters, (list, tuple)) or not adapters or not all(isinstance(a, str) for a in adapters):
         raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
         raise ValueError(f"weights must be a list with one weight per adapter, got {weights!r}")
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite numbers, got {weights!r}")
     for adapter in adapters:
         if adapter not in model.peft_config:
             raise ValueError(f"Adapter {adapter} does not exist")
@@ -97,12 +103,22 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
         raise ValueError(f"combination_type={combination_type!r} needs a density in [0, 1], got {density!r}")
     if sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {sign_method!r}")
+    if svd_clamp is not None and not (isinstance(svd_clamp, numbers.Real) and 0.0 <= svd_clamp <= 1.0):
+        raise ValueError(f"svd_clamp is a quantile in [0, 1] (or None: no clamping), got {svd_clamp!r}")
+    if svd_driver not in _SVD_DRIVERS:
+        raise ValueError(f"svd_driver must be one of {_SVD_DRIVERS} (torch.linalg.svd's), got {svd_driver!r}")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r
              for c in (model.peft_config[a] for a in adapters)]
     if combination_type in _SAME_RANK:
         if len(set(ranks)) != 1:
             raise ValueError("All adapters must have the same r value when using combination_type linear, ties, "
                              "dare_ties or dare_linear.")
+        for name, layer in model.lora_layers():  # a rank_pattern can give one layer other ranks
+            held = {a: layer.adapter_settings[a].r for a in adapters if a in layer.adapter_settings}
+            if len(set(held.values())) > 1:
+                raise ValueError(f"All adapters must have the same r value when using combination_type "
+                                 f"{combination_type}: in {name} their ranks are {held} (a rank_pattern); use 'cat' "
+                                 f"or an svd type")
         return combination_type, ranks[0]
     if combination_type == "cat":
         return combination_type, sum(ranks)
@@ -130,7 +146,8 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     """See :meth:`fastlora.PeftModel.add_weighted_adapter`."""
     if adapter_name in model.peft_config:  # PEFT returns without a change
         return
-    combination_type, rank = _check(model, adapters, weights, combination_type, svd_rank, density, majority_sign_method)
+    combination_type, rank = _check(model, adapters, weights, combination_type, svd_rank, density, majority_sign_method,
+                                    svd_clamp, svd_driver)
     config = model.peft_config[adapters[0]].replace(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
                                                     target_modules=_target_modules(model, adapters))
     # The new adapter first, then the combinations, layer by layer in module order: the dare types' draws then

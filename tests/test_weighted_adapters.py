@@ -77,6 +77,12 @@ def test_cat_adds_the_deltas_exactly_and_takes_different_ranks():
      "Invalid combination_type"),
     (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="ties_svd"), ValueError,
      "needs a density"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], ["1", 1.0], "x", combination_type="cat"), ValueError,
+     "weights must be finite numbers"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", svd_clamp=-1), ValueError,
+     r"svd_clamp is a quantile in \[0, 1\]"),
+    (lambda m: m.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", svd_driver="fast"), ValueError,
+     "svd_driver must be one of"),
 ])
 def test_bad_calls_are_refused_and_change_nothing(call, error, match):
     _, ours = _pair(ranks=(4, 2))
@@ -85,3 +91,17 @@ def test_bad_calls_are_refused_and_change_nothing(call, error, match):
         call(ours)
     assert_unchanged(ours, before)
     assert "x" not in ours.peft_config
+
+
+def test_same_rank_types_refuse_adapters_whose_ranks_differ_in_a_layer():
+    """Equal ranks in the configs, but a rank_pattern gives one layer another: refused before anything changes."""
+    _, ours = _pair(ranks=(4, 4))
+    ours.add_adapter("c", fastlora.LoraConfig(target_modules=list(SEED_TARGETS), r=4, rank_pattern={"q_proj": 2}))
+    before = snapshot(ours)
+    for combination_type in ("linear", "ties", "dare_linear", "magnitude_prune"):
+        with pytest.raises(ValueError, match=r"in model\.layers\.0\.self_attn\.q_proj their ranks are"):
+            ours.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x", combination_type=combination_type,
+                                      density=0.5)
+    assert_unchanged(ours, before)
+    ours.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x", combination_type="cat")
+

@@ -404,6 +404,13 @@ class LoraConfig:
                 if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(v, str) for v in value):
                     raise TypeError(f"{name} must be a string or a list of strings, got {value!r}")
                 put(name, sorted(set(value)))  # a set of names, as PEFT keeps it; sorted so configs compare equal
+        for name in ("target_modules", "exclude_modules"):  # a string is a regex the full module name must match
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as exc:
+                    raise ValueError(f"{name}={value!r} is not a valid regex: {exc}") from None
         if isinstance(self.target_modules, list) and not self.target_modules and not self.target_parameters:
             raise ValueError(
                 "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'), or be "
@@ -418,6 +425,10 @@ class LoraConfig:
             raise ValueError(f"layers_to_transform must be layer indices >= 0, got {self.layers_to_transform!r}")
         if isinstance(self.layers_pattern, str):
             put("layers_pattern", [self.layers_pattern])
+        if self.layers_pattern is not None and (not isinstance(self.layers_pattern, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in self.layers_pattern)):
+            raise TypeError(f"layers_pattern must be the name of the layer list (as 'layers') or a list of such names, "
+                            f"got {self.layers_pattern!r}")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")

@@ -37,6 +37,9 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         >>> prepare_model_for_kbit_training(model)[0].weight.dtype, model[0].weight.requires_grad
         (torch.float32, False)
     """
+    if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
+        raise TypeError(f"gradient_checkpointing_kwargs must be a dict (as {{'use_reentrant': False}}) or None, got "
+                        f"{gradient_checkpointing_kwargs!r}")
     kwargs = dict(gradient_checkpointing_kwargs or {})
     for param in model.parameters():
         param.requires_grad_(False)

@@ -46,6 +46,14 @@ REFERENCE_ADAPTER_WARNING = (
     "for a trained adapter).  Build the trainer from fastlora.trl_trainers (same class names), which copies it")
 
 
+def _names_given(adapter_names, caller: str) -> list[str]:
+    """One adapter name or a list (tuple) of them, as a list; anything else a TypeError naming ``caller``."""
+    names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"{caller} takes an adapter name or a list of adapter names, got {adapter_names!r}")
+    return list(names)
+
+
 def _wrapper_adapter(wrapper: ModulesToSaveWrapper, active: list[str]) -> str:
     """The adapter a modules_to_save wrapper serves among the active ones: the one holding a copy (PEFT's rule;
     set_adapter refuses two), else the first (the wrapper then runs its original module)."""
@@ -502,7 +510,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
         """Turn gradients of the given adapters' parameters (factors and modules_to_save copies) on or off."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        names = _names_given(adapter_names, "set_requires_grad")
+        if not isinstance(requires_grad, bool):
+            raise TypeError(f"set_requires_grad: requires_grad must be True or False, got {requires_grad!r}")
         self._check_adapter_names(names)
         for name in names:
             for param in self._adapter_parameters(name, frozen_too=not requires_grad):
@@ -553,7 +563,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _set_active_adapters(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's ``base_model.set_adapter``: one adapter or several, whose updates add up in every layer; each
         trains (unless ``inference_mode``).  Checked before anything changes."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(dict.fromkeys(adapter_names))
+        names = list(dict.fromkeys(_names_given(adapter_names, "set_adapter")))
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
         unknown = [n for n in names if n not in self.peft_config]
@@ -574,7 +584,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _check_adapter_names(self, adapter_names) -> list[str]:
         if isinstance(adapter_names, str):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        names = list(self._active_adapters) if adapter_names is None else list(adapter_names)
+        names = list(self._active_adapters) if adapter_names is None else _names_given(adapter_names, "adapter_names")
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
@@ -745,6 +755,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if isinstance(adapter_name, LoraConfig):
             raise TypeError("add_adapter(adapter_name, peft_config): the name comes first (PEFT's order; "
                             "transformers' add_adapter(config, name) order is not accepted)")
+        if not isinstance(peft_config, LoraConfig):
+            raise TypeError(f"add_adapter: peft_config must be a fastlora.LoraConfig, got {type(peft_config).__name__}")
         _check_model_and_config(self.get_base_model(), peft_config)
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
@@ -813,6 +825,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if isinstance(adapter_name, (list, tuple)):  # PEFT takes a list at the base_model level; so does fastlora here
             self._set_active_adapters(list(adapter_name), inference_mode)
             return
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"set_adapter takes an adapter name (or a list of them), got {adapter_name!r}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} not found; this model has {list(self.peft_config)}")
         self._set_active_adapters(adapter_name, inference_mode)
@@ -820,6 +834,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter.  Deleting the active one activates (and unfreezes) the alphabetically first that
         remains, as PEFT does; the last adapter cannot be deleted (``unload()`` removes it)."""
+        if not isinstance(adapter_name, str):
+            raise TypeError(f"delete_adapter takes one adapter name, got {adapter_name!r}")
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist; this model has {list(self.peft_config)}")
         if len(self.peft_config) == 1:

@@ -190,6 +190,10 @@ class AdapterFilesMixin:
         from torch.nn.modules.module import _IncompatibleKeys
 
         name = self._check_adapter_names([adapter_name])[0]
+        if not isinstance(tensors, dict) or not all(isinstance(key, str) and isinstance(t, torch.Tensor)
+                                                    and t.device.type != "meta" for key, t in tensors.items()):
+            raise TypeError(f"an adapter state dict maps PEFT's keys (str) to tensors holding values (not on the meta "
+                            f"device), got {_describe(tensors)}")
         model = self.get_base_model()
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
@@ -296,6 +300,15 @@ class AdapterFilesMixin:
             return hub.upload_folder(tmp, repo_id, commit_message=commit_message or "Upload adapter",
                                      commit_description=commit_description, private=private, token=token,
                                      revision=revision, create_pr=create_pr)
+
+
+def _describe(tensors) -> str:
+    """A state dict's shape in words, for an error: its type, or its first entry that is not a key and a tensor."""
+    if not isinstance(tensors, dict):
+        return type(tensors).__name__
+    key, value = next((k, v) for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+                      or v.device.type == "meta")
+    return f"{key!r}: {type(value).__name__}" + (" on the meta device" if isinstance(value, torch.Tensor) else "")
 
 
 def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:

@@ -313,6 +313,8 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig,
     """Read and parse an adapter from a directory or a Hub repository: its config, then its weights
     (``adapter_model.safetensors``, else ``adapter_model.bin``).  Anything missing, unreadable or corrupt
     raises ValueError naming it."""
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise TypeError(f"an adapter is read from a folder or a Hub repository id (a str or a path), got {model_id!r}")
     config_path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
     if config_path is None:
         raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")

@@ -335,6 +335,21 @@ def test_refused_features_are_named():
     (lambda m: m.add_adapter("x", _configs("other", "fastlora", modules_to_save=["nope"])), ValueError, "matches no module"),
     (lambda m: m.merge_and_unload(adapter_names=["nope"]), ValueError, "unknown adapter"),
     (lambda m: m.save_pretrained("/tmp/never", selected_adapters=["nope"]), ValueError, "selected_adapters"),
+    (lambda m: m.add_adapter("x", None), TypeError, "peft_config must be a fastlora.LoraConfig"),
+    (lambda m: m.add_adapter("keys", _configs("other", "fastlora", modules_to_save=["lm_head"])), ValueError,
+     "'keys' is an attribute of torch's nn.ModuleDict"),
+    (lambda m: m.set_adapter({"default"}), TypeError, "set_adapter takes an adapter name"),
+    (lambda m: m.base_model.set_adapter([["default"]]), TypeError, "set_adapter takes an adapter name"),
+    (lambda m: m.delete_adapter(["default"]), TypeError, "delete_adapter takes one adapter name"),
+    (lambda m: m.merge_and_unload(adapter_names=5), TypeError, "adapter_names takes an adapter name"),
+    (lambda m: m.set_requires_grad(None), TypeError, "set_requires_grad takes an adapter name"),
+    (lambda m: m.set_requires_grad("default", requires_grad="no"), TypeError, "requires_grad must be True or False"),
+    (lambda m: m.load_adapter(None, adapter_name="x"), TypeError, "a str or a path"),
+    (lambda m: fastlora_lib.set_peft_model_state_dict(m, {k: 1.0 for k in get_peft_model_state_dict(m)}), TypeError,
+     "lora_A.weight': float"),
+    (lambda m: fastlora_lib.set_peft_model_state_dict(m, None), TypeError, "got NoneType"),
+    (lambda m: fastlora_lib.set_peft_model_state_dict(
+        m, {k: v.to("meta") for k, v in get_peft_model_state_dict(m).items()}), TypeError, "on the meta device"),
 ])
 def test_bad_adapter_calls_change_nothing(call, error, match):
     _, _, fm = _both()

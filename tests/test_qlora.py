@@ -392,6 +392,11 @@ def test_prepare_model_for_kbit_training_matches_peft(checkpoint):
         assert param.grad is not None and param.grad.abs().sum() > 0, name
         assert_close(param.grad, grads_plain[name].grad, kind="same_math", dtype=torch.bfloat16, msg=name)
         assert torch.equal(param.grad, grads_peft_prepared[name].grad), name
+    model = _load(checkpoint, "nf4-fp32")
+    before = snapshot(model)
+    with pytest.raises(TypeError, match="gradient_checkpointing_kwargs must be a dict"):
+        fastlora.prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs="use_reentrant")
+    assert_unchanged(model, before)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["QLoRA", "QDoRA"])

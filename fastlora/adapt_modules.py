@@ -18,7 +18,7 @@ from fastlora.layer import LoRALinear
 from fastlora.model_inits import data_driven_sources, forget_sources, init_from_weights
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.parameter_lora import add_parameter_adapters, parameter_chain, plan_parameter_targets
-from fastlora.targets import output_head, plan_trainable_tokens
+from fastlora.targets import output_head, plan_trainable_tokens, warn_of_patterns
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_inits import draws_from_the_generator, is_weight_init
 from fastlora.weight_tying import is_embedding, tie_copies, tie_targets, tied_heads
@@ -63,6 +63,7 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
     tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets and not is_embedding(
         model.get_submodule(h))]
     parameters = plan_parameter_targets(model, config)
+    warn_of_patterns(config, [*targets, *(target.key for target in parameters)])
     owners = list(dict.fromkeys(target.owner for target in parameters))
     if set(owners) & set(targets):
         raise ValueError(f"target_parameters and target_modules both adapt {sorted(set(owners) & set(targets))[:3]}; "

@@ -131,7 +131,7 @@ def _is_off(name: str, value: Any) -> bool:
     return type(value) is type(off) and value == off
 
 
-def _pattern_key(patterns: dict, module_name: str) -> str | None:
+def pattern_key(patterns: dict, module_name: str) -> str | None:
     """The first key of ``patterns`` that matches ``module_name`` whole or as its last dotted components."""
     return next((key for key in patterns if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name)), None)
 
@@ -445,8 +445,8 @@ class LoraConfig:
         """The settings of the layer at ``module_name`` (its qualified name in the adapted model): ``settings`` with
         r from ``rank_pattern`` and lora_alpha from ``alpha_pattern`` where a key matches, as PEFT matches them
         (the first key, in the dict's order, that is the name or a dotted suffix of it, as a regex)."""
-        r = self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r)
-        alpha = self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
+        r = self.rank_pattern.get(pattern_key(self.rank_pattern, module_name), self.r)
+        alpha = self.alpha_pattern.get(pattern_key(self.alpha_pattern, module_name), self.lora_alpha)
         return AdapterSettings(r, alpha, self.lora_dropout, self.use_rslora, self.use_dora, self.lora_bias,
                                frozen_lora_B=self.init_lora_weights == "mica")
 

@@ -28,10 +28,8 @@ from fastlora.model_files import AdapterFilesMixin
 from fastlora.model_inits import warn_of_lora_ga_without_gradients
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.status import get_layer_status, get_model_status
-from fastlora.targets import (
-    plan_modules_to_save, plan_targets, settle_fan_in_fan_out, warn_order_dependent_patterns, with_all_linear_named,
-    with_task_heads,
-)
+from fastlora.targets import (plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_all_linear_named,
+                              with_task_heads)
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import retie
 
@@ -160,7 +158,6 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
     """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
     config = with_all_linear_named(settle_fan_in_fan_out(model, config, targets), targets)
-    warn_order_dependent_patterns(config, targets)
     undo = adapt_modules(model, config, adapter_name, targets, to_save, autocast_adapter_dtype, values_from_file)
     try:
         lora_model = lora_model_class()(model, config, adapter_name)

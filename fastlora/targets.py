@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
-from fastlora.config import LoraConfig
+from fastlora.config import LoraConfig, pattern_key
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -282,11 +282,17 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
     return sorted(n for n in found if not any(n.startswith(other + ".") for other in found))
 
 
-def warn_order_dependent_patterns(config: LoraConfig, targets: list[str]) -> None:
-    """Warn when a target's rank or alpha depends on the order of ``rank_pattern`` / ``alpha_pattern``'s keys
-    (several keys match it, with different values): the first key in the dict's order decides, as in PEFT, but
-    adapter_config.json is written with sorted keys (PEFT's format), so a saved adapter would reload with
-    another value there."""
+def warn_of_patterns(config: LoraConfig, targets: list[str]) -> None:
+    """Warn, as PEFT does, of ``rank_pattern`` / ``alpha_pattern`` keys that match no target (ignored); and when a
+    target's rank or alpha depends on the order of their keys (several keys match it, with different values): the
+    first key in the dict's order decides, as in PEFT, but adapter_config.json is written with sorted keys (PEFT's
+    format), so a saved adapter would reload with another value there."""
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, name)
+        unmatched = sorted(key for key in patterns if not any(pattern_key({key: None}, t) for t in targets))
+        if unmatched:
+            warnings.warn(f"The following {name} keys did not match any targeted module and were ignored: "
+                          f"{unmatched}.", RuntimeWarning, stacklevel=3)
     resorted = config.replace(rank_pattern=dict(sorted(config.rank_pattern.items())),
                               alpha_pattern=dict(sorted(config.alpha_pattern.items())))
     changed = [name for name in targets if config.settings_for(name) != resorted.settings_for(name)]

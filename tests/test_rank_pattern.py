@@ -92,3 +92,31 @@ def test_the_first_matching_key_wins_and_an_order_dependent_pattern_is_warned_ab
 def test_none_means_no_pattern():
     config = fastlora.LoraConfig(target_modules=["q_proj"], rank_pattern=None, alpha_pattern=None)
     assert config.rank_pattern == {} and config.settings_for("model.q_proj") == config.settings
+
+
+def test_pattern_keys_that_match_no_target_are_warned_about_as_peft_warns():
+    """PEFT's warning, on get_peft_model and add_adapter alike; a key matching an adapted parameter's name
+    (target_parameters) is used, so not warned about (PEFT's warning counts modules only)."""
+    import warnings
+
+    changes = {"rank_pattern": {"q_proj": 2, "nowhere": 3}, "alpha_pattern": {r"layers\.9\..*": 4}}
+    caught = {}
+    for library in (peft, fastlora):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            model = library.get_peft_model(tiny_llama(), library.LoraConfig(**{**CONFIG, **changes}))
+            model.add_adapter("other", library.LoraConfig(**{**CONFIG, "target_modules": ["q_proj"],
+                                                              "rank_pattern": {"up_proj": 2}}))
+        caught[library] = sorted(str(w.message) for w in record if "did not match any targeted" in str(w.message))
+    assert caught[fastlora] == caught[peft] == [
+        "The following alpha_pattern keys did not match any targeted module and were ignored: ['layers\\\\.9\\\\..*'].",
+        "The following rank_pattern keys did not match any targeted module and were ignored: ['nowhere'].",
+        "The following rank_pattern keys did not match any targeted module and were ignored: ['up_proj']."]
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "The following", RuntimeWarning)
+        fastlora.get_peft_model(moe, fastlora.LoraConfig(target_modules=["q_proj"], target_parameters=[
+            "mlp.experts.gate_up_proj"], rank_pattern={"gate_up_proj": 2}))

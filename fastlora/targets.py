@@ -171,7 +171,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
                       stacklevel=3)
         return []
     if not targets:
-        linears = [n for n, m in model.named_modules() if is_linear_like(m)]
+        linears = [n for n, m in model.named_modules() if is_linear_like(m) and not n.endswith(".base_layer")]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of the model"
             + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")

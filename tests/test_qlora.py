@@ -310,6 +310,13 @@ def test_a_new_adapter_unmerges_a_merged_model_as_peft(checkpoint, how, tmp_path
     assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", dtype=torch.float32)
 
 
+def test_a_target_matching_nothing_names_the_modules_to_adapt_not_their_inner_layers(checkpoint):
+    _, ours = _pair(checkpoint, "nf4-fp32")
+    with pytest.raises(ValueError, match="matched no module of the model") as refused:
+        ours.add_adapter("x", fastlora.LoraConfig(target_modules=["nope"]))
+    assert "self_attn.q_proj, " in str(refused.value) and ".base_layer" not in str(refused.value)
+
+
 def _quantized_states(model):
     return {name: module.state_dict() for name, module in model.named_modules()
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}

@@ -34,11 +34,12 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def adapter_dtype(base_dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
-    # PEFT's autocast_adapter_dtype: half-precision bases get float32 adapters.
-    if not base_dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
+def adapter_dtype(dtype: torch.dtype, autocast_adapter_dtype: bool) -> torch.dtype:
+    """The dtype of a new adapter's factors beside a base weight of ``dtype`` (PEFT's autocast_adapter_dtype:
+    half-precision bases get float32 adapters)."""
+    if not dtype.is_floating_point:  # a quantized base: float32 adapters, as PEFT creates them
         return torch.float32
-    return torch.float32 if autocast_adapter_dtype and base_dtype in _WIDE_ADAPTER_DTYPES else base_dtype
+    return torch.float32 if autocast_adapter_dtype and dtype in _WIDE_ADAPTER_DTYPES else dtype
 
 
 def base_dtype(module: nn.Module) -> torch.dtype:
@@ -51,7 +52,7 @@ def base_dtype(module: nn.Module) -> torch.dtype:
 
 
 def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targets: list[str], to_save: list[str],
-            autocast_adapter_dtype: bool, values_from_file: bool = False) -> Callable[[], None]:
+                  autocast_adapter_dtype: bool, values_from_file: bool = False) -> Callable[[], None]:
     """Give ``adapter_name`` to every target (swapping each base layer for its kind's adapted layer) and a copy of
     every ``to_save`` module.  Returns ``undo``, which puts every module object, adapter and requires_grad
     flag back as they were; an error part way through calls it before raising.  ``values_from_file``: the
@@ -63,11 +64,11 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
     tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets and not is_embedding(
         model.get_submodule(h))]
     parameters = plan_parameter_targets(model, config)
-    warn_of_patterns(config, [*targets, *(target.key for target in parameters)])
     owners = list(dict.fromkeys(target.owner for target in parameters))
     if set(owners) & set(targets):
         raise ValueError(f"target_parameters and target_modules both adapt {sorted(set(owners) & set(targets))[:3]}; "
                          f"adapt the layer or its parameters, not both")
+    warn_of_patterns(config, [*targets, *(target.key for target in parameters)])
     head = output_head(model)
     head_name = next((n for n, m in model.named_modules() if head is not None and m is head), None)
     head_table = getattr(getattr(head, "base_layer", head), "weight", None)  # a wrapper's computed .weight is a copy
@@ -135,8 +136,8 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
             module = originals[name]
             wrapper = module if isinstance(module, TrainableTokensWrapper) else TrainableTokensWrapper(module)
             table = getattr(wrapper.base_layer, "weight", None)
-            wrapper.add_adapter(adapter_name, rows, None if table is None else adapter_dtype(table.dtype,
-                                                                                             autocast_adapter_dtype))
+            wrapper.add_adapter(adapter_name, rows,
+                                None if table is None else adapter_dtype(table.dtype, autocast_adapter_dtype))
             set_module(model, name, wrapper)
             if name in tied and not isinstance(originals[head_name], TrainableTokensWrapper):
                 set_module(model, head_name, TrainableTokensWrapper(originals[head_name], tied_to=wrapper))

@@ -322,8 +322,8 @@ class LoraConfig:
         tokens = self.trainable_token_indices
         if tokens is not None and any(isinstance(v, (list, tuple)) and not v
                                       for v in (tokens.values() if isinstance(tokens, dict) else [tokens])):
-            raise ValueError(f"trainable_token_indices={tokens!r} lists no token id for a table: list the rows to train, "
-                             f"or leave it None to train none")
+            raise ValueError(f"trainable_token_indices={tokens!r} lists no token id for a table: list the rows to "
+                             f"train, or leave it None to train none")
         if tokens is not None:
             lists = tokens.values() if isinstance(tokens, dict) else [tokens]
             if (isinstance(tokens, dict) and not all(isinstance(k, str) for k in tokens)) or not all(

@@ -321,7 +321,8 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
             if self.bias is None:
                 warnings.warn(f"lora_bias=True on a layer of type {type(self.to_base()).__name__} without a bias: "
                               f"the adapter cannot be merged into it", UserWarning, stacklevel=2)
-            self.register_parameter(f"lora_bias_{adapter_name}", nn.Parameter(torch.empty(self.out_features, **factory)))
+            self.register_parameter(f"lora_bias_{adapter_name}",
+                                    nn.Parameter(torch.empty(self.out_features, **factory)))
         self.adapter_settings[adapter_name] = settings
         if settings.frozen_lora_B:
             self._freeze_lora_B(adapter_name)

@@ -4,8 +4,8 @@ mixed batch also trains.  All adapters' rows go at once where they allow it (the
 batched products), else one gather, update and in-place accumulate per adapter.
 
 :class:`MixedBatchRows` is a mixin of :class:`fastlora.LoRALinear`: ``adapted_forward``, ``base_forward``,
-``lora_factors``, ``magnitude``, ``lora_bias``, ``adapter_settings``, ``backend`` and ``_frozen_dense_base`` are the
-layer's.
+``lora_factors``, ``magnitude``, ``lora_bias``, ``_scaled_lora_bias``, ``adapter_settings``, ``adapter_enabled``,
+``backend``, ``training``, ``weight``, ``bias`` and ``_frozen_dense_base`` are the layer's.
 """
 
 from __future__ import annotations

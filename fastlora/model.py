@@ -579,9 +579,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     # ---- merge / unload / disable -----------------------------------------------------------------
 
     def _check_adapter_names(self, adapter_names) -> list[str]:
-        if isinstance(adapter_names, str):
+        if adapter_names is not None and (not isinstance(adapter_names, (list, tuple))  # a str too (PEFT's message)
+                                          or not all(isinstance(name, str) for name in adapter_names)):
             raise TypeError(f"adapter_names should be a list of strings, got {adapter_names!r}.")
-        names = list(self._active_adapters) if adapter_names is None else _names_given(adapter_names, "adapter_names")
+        names = list(self._active_adapters) if adapter_names is None else list(adapter_names)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"unknown adapter name(s) {unknown}; this model has {list(self.peft_config)}")
@@ -797,7 +798,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
         config = with_all_linear_named(settle_fan_in_fan_out(self.get_base_model(), config, targets), targets)
         undo_inject = adapt_modules(self.get_base_model(), config, adapter_name, targets, to_save,
-                              autocast_adapter_dtype and config.autocast_adapter_dtype, values_from_file)
+                                    autocast_adapter_dtype and config.autocast_adapter_dtype, values_from_file)
         self.peft_config[adapter_name] = config
         for _, layer in self.lora_layers(adapter_name):
             layer.set_adapter(self._active_adapters)  # a layer new to the model points at the model's adapters

@@ -39,8 +39,8 @@ def _new_card_text(base_model_id: str) -> str:
 
 def model_card_text(directory: Path, base_model: nn.Module, task_type: str | None) -> str | None:
     """The content of ``directory/README.md`` once created or updated; None, with a warning, where an existing
-    README.md cannot be read as a model card (its front matter not YAML metadata, say), which is then left as it
-    is.  Computed before a save writes anything, so that such a card never stops a save half-way."""
+    README.md cannot be read as a model card (its front matter not YAML metadata, say, or a folder of that name),
+    which is then left as it is: a card never stops a save."""
     import yaml
     from huggingface_hub import ModelCard
 
@@ -48,12 +48,14 @@ def model_card_text(directory: Path, base_model: nn.Module, task_type: str | Non
     config = getattr(base_model, "config", None)
     base_model_id = getattr(config, "_name_or_path", "") or ""
     try:
+        if path.exists() and not path.is_file():
+            raise IsADirectoryError("not a file")
         card = ModelCard.load(path) if path.is_file() else ModelCard(
             f"---\nlibrary_name: peft\n---\n\n{_new_card_text(base_model_id)}")
         tags = set(card.data.get("tags") or []) | set(getattr(base_model, "model_tags", None) or [])
-    except (ValueError, TypeError, UnicodeDecodeError, yaml.YAMLError) as err:
-        warnings.warn(f"{path} is not a model card fastlora can update ({type(err).__name__}: {err}); the adapters "
-                      f"are saved and it is left as it is", UserWarning, stacklevel=3)
+    except (ValueError, TypeError, UnicodeDecodeError, IsADirectoryError, yaml.YAMLError) as err:
+        warnings.warn(f"{path} is not a model card fastlora can update ({type(err).__name__}: {err}); it is left as "
+                      f"it is", UserWarning, stacklevel=5)
         return None
     card.data["library_name"] = "peft"
     tags |= {"lora", "fastlora"}
@@ -76,8 +78,9 @@ def model_card_text(directory: Path, base_model: nn.Module, task_type: str | Non
     return str(card)
 
 
-def write_model_card(directory: Path, content: str | None) -> None:
-    """Write ``content`` (from :func:`model_card_text`) to ``directory/README.md``, atomically; None: nothing."""
+def write_model_card(directory: Path, base_model: nn.Module, task_type: str | None) -> None:
+    """Create or update ``directory/README.md``, atomically (see :func:`model_card_text`)."""
+    content = model_card_text(directory, base_model, task_type)
     if content is not None:
         atomic_write_text(directory / _CARD_NAME, content)
 

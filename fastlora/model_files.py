@@ -256,9 +256,8 @@ class AdapterFilesMixin:
             for name in names:
                 configs[name], tensors[name] = converted_for_the_original_weight(
                     configs[name], tensors[name], path_initial_model_for_weight_conversion)
-        from fastlora.model_card import model_card_text, write_model_card
-
-        card = model_card_text(Path(save_directory), self.get_base_model(), self._task_type_name())
+        Path(save_directory).mkdir(parents=True, exist_ok=True)  # the card first, as PEFT writes it
+        self.create_or_update_model_card(save_directory)
         base_name = self.get_base_model().__dict__.get("name_or_path") or None
         for name in names:
             directory = directories[name]
@@ -270,18 +269,14 @@ class AdapterFilesMixin:
                 config = config.replace(auto_mapping={"base_model_class": base_class.__name__,
                                                       "parent_library": base_class.__module__})
             peft_format.write_adapter(directory, config, tensors[name], safe_serialization)
-        write_model_card(Path(save_directory), card)
 
     def create_or_update_model_card(self, output_dir: str | os.PathLike) -> None:
         """Create or update ``output_dir/README.md`` with the metadata PEFT and the Hub read."""
-        from fastlora.model_card import model_card_text, write_model_card
+        from fastlora.model_card import write_model_card
 
-        directory = Path(output_dir)
-        write_model_card(directory, model_card_text(directory, self.get_base_model(), self._task_type_name()))
-
-    def _task_type_name(self) -> str | None:
         task = self.active_peft_config.task_type
-        return task.value if task is not None else None
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_model_card(Path(output_dir), self.get_base_model(), task.value if task is not None else None)
 
     def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
                     commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
@@ -308,7 +303,8 @@ def _describe(tensors) -> str:
         return type(tensors).__name__
     key, value = next((k, v) for k, v in tensors.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
                       or v.device.type == "meta")
-    return f"{key!r}: {type(value).__name__}" + (" on the meta device" if isinstance(value, torch.Tensor) else "")
+    on_meta = isinstance(value, torch.Tensor) and value.device.type == "meta"
+    return f"{key!r}: {type(value).__name__}" + (" on the meta device" if on_meta else "")
 
 
 def _adapter_directory(save_directory: Path, adapter_name: str) -> Path:

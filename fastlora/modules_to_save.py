@@ -58,8 +58,9 @@ class ModulesToSaveWrapper(nn.Module):
     def add_adapter(self, adapter_name: str, trainable: bool) -> None:
         if adapter_name not in self.modules_to_save and hasattr(self.modules_to_save, adapter_name):
             # the copies live in an nn.ModuleDict under the adapter's name, as PEFT keeps them (and its files name them)
-            raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch's nn.ModuleDict, which holds each "
-                             f"adapter's copy of a modules_to_save module under the adapter's name: choose another name")
+            raise ValueError(f"adapter name {adapter_name!r} is an attribute of torch's nn.ModuleDict, which holds "
+                             f"each adapter's copy of a modules_to_save module under the adapter's name: choose "
+                             f"another name")
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(trainable)
 
     def delete_adapter(self, adapter_name: str) -> None:

@@ -292,7 +292,7 @@ def warn_of_patterns(config: LoraConfig, targets: list[str]) -> None:
         unmatched = sorted(key for key in patterns if not any(pattern_key({key: None}, t) for t in targets))
         if unmatched:
             warnings.warn(f"The following {name} keys did not match any targeted module and were ignored: "
-                          f"{unmatched}.", RuntimeWarning, stacklevel=3)
+                          f"{unmatched}.", RuntimeWarning, stacklevel=5)
     resorted = config.replace(rank_pattern=dict(sorted(config.rank_pattern.items())),
                               alpha_pattern=dict(sorted(config.alpha_pattern.items())))
     changed = [name for name in targets if config.settings_for(name) != resorted.settings_for(name)]
@@ -301,7 +301,7 @@ def warn_of_patterns(config: LoraConfig, targets: list[str]) -> None:
             f"rank_pattern / alpha_pattern: several keys match {changed[:3]}{' ...' if len(changed) > 3 else ''} "
             f"with different values, so the first in the dict's order decides; adapter_config.json is written with "
             f"sorted keys (as PEFT writes it), so the saved adapter would not reload with these ranks.  Make the keys "
-            f"match disjoint modules", UserWarning, stacklevel=3)
+            f"match disjoint modules", UserWarning, stacklevel=5)
 
 
 def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, list[int]]:

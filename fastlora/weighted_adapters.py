@@ -71,6 +71,13 @@ def _merge(kind: str, tensors: list[Tensor], coefficients: Tensor, density: floa
     return (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
+def _is_weight(w) -> bool:
+    """A finite number: Python's, numpy's or a one-element tensor (as ``list(torch.tensor([...]))`` gives)."""
+    if isinstance(w, Tensor):
+        return w.numel() == 1 and w.dtype != torch.bool and not w.is_complex() and bool(torch.isfinite(w).all())
+    return isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w)
+
+
 def _check(model: nn.Module, adapters: list[str], weights: list[float], combination_type: str,
            svd_rank: int | None, density: float | None, sign_method: str, svd_clamp: float | None = None,
            svd_driver: str | None = None) -> tuple[str, int]:
@@ -79,7 +86,7 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
         raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
     if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
         raise ValueError(f"weights must be a list with one weight per adapter, got {weights!r}")
-    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+    if not all(_is_weight(w) for w in weights):
         raise ValueError(f"weights must be finite numbers, got {weights!r}")
     for adapter in adapters:
         if adapter not in model.peft_config:
@@ -103,9 +110,10 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
         raise ValueError(f"combination_type={combination_type!r} needs a density in [0, 1], got {density!r}")
     if sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {sign_method!r}")
-    if svd_clamp is not None and not (isinstance(svd_clamp, numbers.Real) and 0.0 <= svd_clamp <= 1.0):
+    if combination_type in _SVD and svd_clamp is not None and not (
+            isinstance(svd_clamp, numbers.Real) and 0.0 <= svd_clamp <= 1.0):
         raise ValueError(f"svd_clamp is a quantile in [0, 1] (or None: no clamping), got {svd_clamp!r}")
-    if svd_driver not in _SVD_DRIVERS:
+    if combination_type in _SVD and svd_driver not in _SVD_DRIVERS:
         raise ValueError(f"svd_driver must be one of {_SVD_DRIVERS} (torch.linalg.svd's), got {svd_driver!r}")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r
              for c in (model.peft_config[a] for a in adapters)]
@@ -148,6 +156,7 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
         return
     combination_type, rank = _check(model, adapters, weights, combination_type, svd_rank, density, majority_sign_method,
                                     svd_clamp, svd_driver)
+    weights = [float(w) for w in weights]  # a one-element tensor's value exactly (a float32 is a double too)
     config = model.peft_config[adapters[0]].replace(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
                                                     target_modules=_target_modules(model, adapters))
     # The new adapter first, then the combinations, layer by layer in module order: the dare types' draws then

@@ -52,8 +52,8 @@ def test_existing_card_is_kept_and_updated_once(tmp_path):
 
 
 def test_a_card_that_cannot_be_updated_never_stops_a_save(tmp_path):
-    """A README.md whose front matter is not YAML metadata (or not UTF-8): the adapters are saved and the card is
-    left as it was, with a warning; a card's numeric tag is kept beside fastlora's."""
+    """A README.md whose front matter is not YAML metadata (or not UTF-8, or a folder): the adapters are saved and
+    the card is left as it was, with a warning; a card's numeric tag is kept beside fastlora's."""
     from safetensors.torch import load_file
 
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
@@ -69,6 +69,12 @@ def test_a_card_that_cannot_be_updated_never_stops_a_save(tmp_path):
         saved = load_file(folder / "adapter_model.safetensors")
         assert saved.keys() == expected.keys() and all(torch.equal(saved[k], v) for k, v in expected.items())
         assert (folder / "adapter_config.json").is_file()
+    folder = tmp_path / "card-is-a-folder"
+    (folder / "README.md").mkdir(parents=True)
+    with pytest.warns(UserWarning, match="not a model card fastlora can update") as caught:
+        model.save_pretrained(folder)
+    assert caught[0].filename == __file__  # the warning points at the caller's save
+    assert (folder / "README.md").is_dir() and (folder / "adapter_model.safetensors").is_file()
     (tmp_path / "README.md").write_text("---\ntags:\n- 2024\n- custom\n---\n\nBody.\n")
     model.save_pretrained(tmp_path)
     assert {2024, "custom", "fastlora"} <= set(ModelCard.load(tmp_path / "README.md").data.tags)

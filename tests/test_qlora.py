@@ -299,6 +299,12 @@ def test_a_new_adapter_unmerges_a_merged_model_as_peft(checkpoint, how, tmp_path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.merge_adapter()
+        if library is fastlora:  # a refused adapter leaves the model merged
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(ValueError, match="matched no module"):
+                    model.add_adapter("second", library.LoraConfig(r=2, target_modules=["nope"]))
+            assert all(layer.merged for _, layer in ours.lora_layers())
         with pytest.warns(UserWarning, match="Unmerging the model first"):
             if how == "add_adapter":
                 model.add_adapter("second", library.LoraConfig(r=2, target_modules=["k_proj"]))

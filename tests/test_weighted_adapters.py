@@ -105,3 +105,21 @@ def test_same_rank_types_refuse_adapters_whose_ranks_differ_in_a_layer():
     assert_unchanged(ours, before)
     ours.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x", combination_type="cat")
 
+
+
+def test_weights_may_be_one_element_tensors_or_numpy_numbers():
+    """As PEFT takes them (``list(torch.tensor([...]))``): the same adapter as from the numbers themselves; options
+    of the SVD alone (svd_clamp, svd_driver) are not checked for a type that runs none, as PEFT ignores them."""
+    np = pytest.importorskip("numpy")
+    _, ours = _pair()
+    for combination_type in ("cat", "linear", "svd"):
+        ours.add_weighted_adapter(["default", "b"], [0.7, -1.3], "floats", combination_type=combination_type)
+        ours.add_weighted_adapter(["default", "b"], list(torch.tensor([0.7, -1.3], dtype=torch.float64)), "tensors",
+                                  combination_type=combination_type, svd_clamp=None if combination_type == "svd" else 5)
+        ours.add_weighted_adapter(["default", "b"], [np.float64(0.7), np.float32(-1.3)], "numpy",
+                                  combination_type=combination_type)
+        for name, layer in ours.lora_layers("floats"):
+            assert all(torch.equal(a, b) for a, b in zip(layer.lora_factors("floats"), layer.lora_factors("tensors"))), name
+            assert_close(layer.delta_weight("numpy"), layer.delta_weight("floats"), kind="same_math", msg=name)
+        for name in ("floats", "tensors", "numpy"):
+            ours.delete_adapter(name)

@@ -26,7 +26,7 @@ from torch import nn
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.embedding import LoRAEmbedding
-from fastlora.layer import LoRALinear
+from fastlora.layer import LoRALinear, computes_as_linear
 from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear, quantized_refusal
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
@@ -61,7 +61,8 @@ def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings
 
 DENSE_LINEAR = BaseKind(
     "dense Linear",
-    claims=lambda m: isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and not _is_quantized(m),
+    claims=lambda m: isinstance(m, nn.Linear) and not isinstance(m, LoRALinear) and not _is_quantized(m)
+    and computes_as_linear(m),
     sizes=lambda m: (m.in_features, m.out_features),
     adapt=_adapt_dense,
     adapted_type=LoRALinear,
@@ -102,6 +103,9 @@ ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHER
 _NOT_YET = [
     (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
                     "and Linear8bitLt)"),
+    (lambda m: isinstance(m, nn.Linear) and not computes_as_linear(m),
+     "an nn.Linear subclass with a forward of its own, which fastlora's LoRA layer (x Wᵀ + b + the update) would "
+     "not reproduce: not adapted"),
     (lambda m: isinstance(m, nn.MultiheadAttention), "an nn.MultiheadAttention: not adapted"),
     (lambda m: isinstance(m, nn.modules.conv._ConvNd), "a convolution: not adapted"),
 ]
@@ -146,8 +150,8 @@ def is_adapted(module: nn.Module) -> bool:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """What ``target_modules="all-linear"`` matches: modules of a linear-like kind, adapted or not, and quantized
-    Linears (PEFT matches them; they are then refused by name)."""
+    """What ``target_modules="all-linear"`` matches: modules of a linear-like kind, adapted or not, and the other
+    Linears, quantized or computing a forward of their own (PEFT matches them; they are then refused by name)."""
     kind = kind_of(module)
     return (kind is not None and kind.linear_like) or is_adapted(module) or (
-        isinstance(module, nn.Linear) and _is_quantized(module))
+        isinstance(module, nn.Linear) and (_is_quantized(module) or not computes_as_linear(module)))

@@ -52,6 +52,18 @@ def _finite(weight: Tensor, bias: Tensor | None) -> bool:
     return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
 
 
+# nn.Linear subclasses whose own forward computes x Wᵀ + b all the same (in another order of operations).
+_FORWARDS_AS_LINEAR = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+
+
+def computes_as_linear(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is x Wᵀ + b, as nn.Linear's: a subclass with a forward of its own (a router
+    returning its top-k, a projection with extra features, a quantization library's layer) computes something else,
+    which an adapted layer of W and b would not reproduce."""
+    cls = type(module)
+    return cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in _FORWARDS_AS_LINEAR
+
+
 def _check_init(init_lora_weights, backend) -> None:
     if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in ("gaussian", "eva", "lora_ga")
             or is_weight_init(init_lora_weights)):
@@ -200,6 +212,9 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         (PEFT's: r=8, lora_alpha=8)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        if not computes_as_linear(linear):
+            raise TypeError(f"from_linear needs a layer computing x Wᵀ + b; {type(linear).__name__} has a forward of "
+                            f"its own (get_peft_model adapts bitsandbytes' 4-bit and 8-bit layers)")
         settings = AdapterSettings(r, lora_alpha, lora_dropout, use_rslora, use_dora, lora_bias)
         return cls.wrapping(linear, adapter_name, settings, init_lora_weights, adapter_dtype, backend)
 
@@ -214,11 +229,11 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
         layer.weight = linear.weight
         layer.bias = linear.bias
-        linear.weight.requires_grad_(False)
-        if linear.bias is not None:
-            linear.bias.requires_grad_(False)
         layer._init_adapter_state(backend)
         layer.add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
+        linear.weight.requires_grad_(False)  # once the adapter is made: a refused one leaves the Linear as it was
+        if linear.bias is not None:
+            linear.bias.requires_grad_(False)
         return layer
 
     def _init_adapter_state(self, backend: str) -> None:
@@ -307,6 +322,10 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         _check_init(init_lora_weights, self.backend)
         if adapter_name in self.adapter_settings:
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype)
+                                              and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype must be a floating-point torch.dtype (or None: the weight's), got "
+                            f"{adapter_dtype!r}")
         if (settings.frozen_lora_B or init_lora_weights == "mica") and (settings.use_dora or settings.lora_bias):
             raise ValueError("MiCA's frozen B (init_lora_weights='mica') does not go with use_dora or lora_bias, as in "
                              "PEFT")

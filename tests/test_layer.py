@@ -51,6 +51,36 @@ def test_from_linear_shares_and_freezes():
         LoRALinear.from_linear(nn.Conv1d(2, 2, 1), r=2, lora_alpha=4)
 
 
+class _Doubled(nn.Linear):
+    """A Linear subclass computing something else than x Wᵀ + b."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_linear_computing_something_else_is_refused_and_left_alone():
+    """Its forward would be lost in an adapted layer of W and b: refused by from_linear and by get_peft_model (named
+    or through all-linear, as PEFT matches it), the module unchanged; a refused from_linear leaves a plain Linear's
+    flags as they were.  transformers' FalconLinear, x Wᵀ + b in another order, is adapted (tests/test_architectures)."""
+    from fastlora import LoraConfig, get_peft_model
+    from tests.models import assert_unchanged, snapshot
+
+    with pytest.raises(TypeError, match="has a forward of its own"):
+        LoRALinear.from_linear(_Doubled(4, 4))
+    model = nn.Sequential(_Doubled(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    before = snapshot(model)
+    for targets in (["0"], "all-linear"):
+        with pytest.raises(TypeError, match=r"0 \(_Doubled: an nn.Linear subclass with a forward of its own"):
+            get_peft_model(model, LoraConfig(target_modules=targets))
+        assert_unchanged(model, before)
+    linear = nn.Linear(4, 4)
+    for kwargs, error in (({"adapter_dtype": torch.int32}, TypeError), ({"adapter_dtype": "float32"}, TypeError),
+                          ({"r": 3, "init_lora_weights": "orthogonal"}, ValueError)):
+        with pytest.raises(error):
+            LoRALinear.from_linear(linear, **kwargs)
+        assert linear.weight.requires_grad and linear.bias.requires_grad, kwargs
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -3,6 +3,8 @@ registered op."""
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -25,6 +27,14 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     except RuntimeError:  # a device type autocast does not know (meta, ...)
         return None
     return torch.get_autocast_dtype(device_type) if enabled else None
+
+
+def _autocast_off(device_type: str):
+    """Autocast switched off for the op's own dtypes (nothing to switch off on a device autocast does not know)."""
+    try:
+        return torch.autocast(device_type, enabled=False)
+    except RuntimeError:  # meta, ...
+        return contextlib.nullcontext()
 
 
 def _check(x: Tensor, weight: Tensor | None, bias, lora_A: Tensor, lora_B: Tensor, dropout_p: float) -> None:
@@ -176,7 +186,7 @@ def lora_linear(
     schedule = resolve(backend, x, weight) if weight is not None else _low_rank_only(backend)
     p, seed = dropout_and_seed(dropout_p, training, x.device)  # after every check: a refused call draws nothing
     scalars = OpScalars(float(scaling), p, schedule)
-    with torch.autocast(x.device.type, enabled=False):
+    with _autocast_off(x.device.type):
         x2d = x.reshape(-1, x.shape[-1])
         if magnitude is not None:
             y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars)
@@ -190,7 +200,8 @@ def dropout_and_seed(dropout_p: float, training: bool, device: torch.device) -> 
     (which Dynamo cannot query; compiled code sees only the training flag) — and with dropout a seed drawn from
     torch's generator on ``device``, the mask's only state."""
     in_inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-    p = float(dropout_p) if training and not in_inference else 0.0
+    # a meta tensor holds no values to drop: its output's shape is the same without a mask
+    p = float(dropout_p) if training and not in_inference and torch.device(device).type != "meta" else 0.0
     return p, (torch.randint(0, SEED_HIGH, (1,), device=device) if p > 0.0 else None)
 
 

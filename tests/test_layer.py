@@ -222,3 +222,18 @@ def test_adapters_are_created_inside_a_meta_device_context():
         adapted = get_peft_model(model, FastConfig(target_modules=["q_proj", "embed_tokens"], r=4))
     for _, layer in adapted.lora_layers():
         assert all(factor.device.type == "cpu" for factor in layer.lora_factors("default"))
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["LoRA", "DoRA"])
+def test_a_layer_on_the_meta_device_computes_shapes_in_training_and_eval(use_dora):
+    """As torch's own layers (and PEFT's) do on meta tensors: the output's shape, gradients' shapes, no error (a
+    meta tensor has no values to drop, so no mask is drawn)."""
+    with torch.device("meta"):
+        layer = LoRALinear(8, 4, r=2, lora_dropout=0.1, use_dora=use_dora)
+        x = torch.randn(3, 5, 8, requires_grad=True)
+    for training in (False, True):
+        layer.train(training)
+        y = layer(x)
+        assert y.shape == (3, 5, 4) and y.device.type == "meta"
+        y.sum().backward()
+        assert layer.lora_A.grad.shape == (2, 8) and x.grad.shape == x.shape

@@ -217,6 +217,9 @@ def unpatch_peft(peft_model: nn.Module) -> int:
         >>> unpatch_peft(peft_model), unpatch_peft(peft_model)
         (1, 0)
     """
+    if not isinstance(peft_model, nn.Module):
+        raise TypeError(f"unpatch_peft needs the model given to patch_peft (a torch.nn.Module), got "
+                        f"{type(peft_model).__name__}")
     count = 0
     for module in peft_model.modules():
         if _MARK in module.__dict__:

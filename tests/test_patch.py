@@ -140,6 +140,11 @@ def test_report_names_each_layer_left_to_peft_and_unpatch_restores():
     assert all("forward" not in vars(m) for m in model.modules())
     with pytest.raises(ValueError, match="no PEFT LoRA layer"):
         patch_peft(base)
+    for wrong in (None, "model"):
+        with pytest.raises(TypeError, match="a torch.nn.Module"):
+            patch_peft(wrong)
+        with pytest.raises(TypeError, match="a torch.nn.Module"):
+            unpatch_peft(wrong)
 
 
 def test_hooks_added_after_patching_send_the_call_to_peft():

@@ -69,6 +69,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
     ``{"<name>.eigens.S_WC": ...}``, and of ``{"<name>": covariance}``), written atomically.
 
     Example:
+        >>> from fastlora import CordaConfig, LoraConfig, get_peft_model, preprocess_corda
         >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights="corda",
         ...                     corda_config=CordaConfig(corda_method="ipm"))
         >>> preprocess_corda(model, config, run_model=lambda: [model(**batch) for batch in samples])  # doctest: +SKIP

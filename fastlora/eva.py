@@ -207,6 +207,7 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Opti
     PEFT equivalent: ``peft.get_eva_state_dict`` (the same math and the same numbers).
 
     Example:
+        >>> from fastlora import LoraConfig, get_eva_state_dict, get_peft_model, initialize_lora_eva_weights
         >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights="eva")
         >>> components = get_eva_state_dict(base_model, dataloader, config)  # doctest: +SKIP
         >>> model = get_peft_model(base_model, config)  # doctest: +SKIP
@@ -417,6 +418,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Optional[Iterable]
     PEFT equivalent: ``peft.initialize_lora_eva_weights``.
 
     Example:
+        >>> from fastlora import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
         >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], r=8, init_lora_weights="eva",
         ...                     eva_config=EvaConfig(rho=2.0))
         >>> model = get_peft_model(base_model, config)  # doctest: +SKIP

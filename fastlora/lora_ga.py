@@ -55,6 +55,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
     PEFT equivalent: ``peft.preprocess_loraga``.
 
     Example:
+        >>> from fastlora import LoraConfig, LoraGAConfig, get_peft_model, preprocess_loraga
         >>> config = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
         ...                     lora_ga_config=LoraGAConfig())
         >>> def train_step():

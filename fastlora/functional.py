@@ -187,7 +187,7 @@ def lora_linear(
     p, seed = dropout_and_seed(dropout_p, training, x.device)  # after every check: a refused call draws nothing
     scalars = OpScalars(float(scaling), p, schedule)
     with _autocast_off(x.device.type):
-        x2d = x.reshape(-1, x.shape[-1])
+        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 is ambiguous where x has no features
         if magnitude is not None:
             y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars)
         else:

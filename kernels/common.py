@@ -81,11 +81,12 @@ def check_dtypes(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> N
     """x and weight share a dtype (tl.dot needs one operand dtype); so do lora_A and lora_B, in any of fp32,
     fp16, bf16 (fp32 adapters beside a 16-bit base is PEFT's default; 16-bit adapters beside an fp32 base run
     the LoRA branch in 16 bits, as the torch path does)."""
-    if x.dtype != weight.dtype or x.dtype not in _FLOATS:
-        raise TypeError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype, one of fp32, fp16, bf16")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in _FLOATS:
-        raise TypeError(f"lora_A ({lora_A.dtype}) and lora_B ({lora_B.dtype}) must share a dtype, one of fp32, "
-                        f"fp16, bf16")
+    for pair, (a, b) in (("x and weight", (x, weight)), ("lora_A and lora_B", (lora_A, lora_B))):
+        if a.dtype != b.dtype:
+            raise TypeError(f"{pair} must share a dtype, got {a.dtype} and {b.dtype}")
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"the Triton kernels take {pair} in fp32, fp16 or bf16, got {a.dtype} (backend='torch' "
+                            f"computes in any floating dtype)")
 
 
 def split_reduction(programs: int, length: int, block: int) -> tuple[int, int]:

@@ -111,3 +111,25 @@ def _run_in_a_fresh_interpreter(script: str, done: str) -> None:
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done in result.stdout, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_layer_without_input_features_gives_its_bias_as_torch_does(training):
+    """nn.Linear(0, n) gives the bias for every row; so does the op, with zero gradients for the factors."""
+    x, W, b = torch.randn(3, 0, requires_grad=True), torch.randn(4, 0), torch.randn(4)
+    A, B = torch.randn(2, 0, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    y = lora_linear(x, W, b, A, B, 1.0, 0.5, training=training)
+    assert torch.equal(y, torch.nn.functional.linear(x, W, b))
+    y.sum().backward()
+    assert A.grad.shape == (2, 0) and torch.equal(B.grad, torch.zeros_like(B))
+
+
+def test_the_kernels_say_which_dtypes_they_take():
+    from fastlora.kernels.common import check_dtypes
+
+    f32, f64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="take x and weight in fp32, fp16 or bf16, got torch.float64"):
+        check_dtypes(f64, f64, f32, f32)
+    with pytest.raises(TypeError, match="lora_A and lora_B must share a dtype, got torch.float32 and torch.float16"):
+        check_dtypes(f32, f32, f32, f32.half())
+    check_dtypes(f32, f32, f32.half(), f32.half())

@@ -1,8 +1,15 @@
-"""The ``fastlora`` command: ``fastlora demo`` and ``fastlora bench`` (thin dispatch)."""
+"""The ``fastlora`` command: ``fastlora demo`` and ``fastlora bench`` (thin dispatch), and the argument checks
+both share (argparse ``type=`` functions and the output-path check), so a mistake is a usage error before any
+work starts."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
 import sys
+from pathlib import Path
+from typing import Callable
 
 COMMANDS = {
     "demo": ("fastlora.demo", "fine-tune a small Llama with LoRA on CPU, save, reload, check"),
@@ -17,11 +24,85 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+# ---- argument checks shared by the subcommands ----------------------------------------------------------
+
+
+def checked(kind: type, allowed: Callable[[float], bool], wanted: str) -> Callable[[str], float]:
+    """An argparse ``type=``: ``kind(text)`` (a float must be finite) for which ``allowed`` holds, else a usage
+    error saying it must be ``wanted``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not allowed(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text!r}")
+        return value
+
+    parse.__name__ = wanted
+    return parse
+
+
+positive_int = checked(int, lambda v: v >= 1, "an integer ≥ 1")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer ≥ 0")
+positive_float = checked(float, lambda v: v > 0, "a number > 0")
+non_negative_float = checked(float, lambda v: v >= 0, "a number ≥ 0")
+share = checked(float, lambda v: 0 <= v <= 1, "a number from 0 to 1")
+probability = checked(float, lambda v: 0 <= v < 1, "a number from 0 to below 1")
+
+
+def one_of(choices) -> Callable[[str], str]:
+    """An argparse ``type=``: one of ``choices``."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {text!r}; choose from {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
+    """An argparse ``type=``: a non-empty comma-separated list, each item parsed by ``item``."""
+
+    def parse(text: str) -> list:
+        items = [item(t.strip()) for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("must be a comma-separated list, not empty")
+        return items
+
+    return parse
+
+
+def check_output(parser: argparse.ArgumentParser, option: str, path: str, folder: bool = False) -> None:
+    """A usage error unless ``path`` can be written as a file (``folder``: as a folder) before any work starts:
+    not an existing folder (file), no file among its parents, a writable place; missing parent folders are
+    made now."""
+    target = Path(path)
+    if target.exists() and target.is_dir() != folder:
+        parser.error(f"{option} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"{option} {path}: {parent} is a file, not a folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"{option} {path}: cannot make its folder ({e.strerror})")
+    if not os.access(target if target.exists() else target.parent, os.W_OK):
+        parser.error(f"{option} {path}: not writable")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(_usage())
         return 0
+    if not argv:
+        print(f"{_usage()}\n\nfastlora: error: a command is required ({', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
     if argv[0] in ("-V", "--version"):
         from fastlora._version import __version__
 
@@ -29,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[0] not in COMMANDS:
         kind = "option" if argv[0].startswith("-") else "command"
-        print(f"fastlora: unknown {kind} {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"{_usage()}\n\nfastlora: error: unknown {kind} {argv[0]!r}", file=sys.stderr)
         return 2
     import importlib
 

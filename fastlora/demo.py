@@ -19,7 +19,10 @@ from pathlib import Path
 
 import torch
 
+from fastlora.cli import check_output, positive_float, positive_int
+
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+POSITIONS = 512  # the model's max_position_embeddings: the longest --length
 
 
 def load_text_tokens() -> torch.Tensor:
@@ -33,7 +36,7 @@ def build_base_model(seed: int, hidden: int = 128, layers: int = 2):
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=POSITIONS,
     )
     return LlamaForCausalLM(config)
 
@@ -124,6 +127,9 @@ def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, se
         ok = abs(value - end_loss) <= 1e-5 * max(1.0, abs(end_loss))
         failed |= not ok
         print(f"reloaded with {name}: loss {value:.6f} ({'same as trained' if ok else 'DIFFERENT from trained'})")
+    if not end_loss < start_loss:
+        print(f"fastlora demo: the eval loss did not decrease ({start_loss:.4f} -> {end_loss:.4f}) with these "
+              "settings: try more --steps or a larger --lr", file=sys.stderr)
     return 1 if failed or not end_loss < start_loss else 0
 
 
@@ -134,16 +140,23 @@ def main(argv: list[str] | None = None) -> int:
                     "q/k/v/o/gate/up/down), then the adapter saved in PEFT's format and reloaded with fastlora and "
                     "PEFT, which must give the trained model's loss. Nothing is downloaded.",
     )
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default: 8)")
-    parser.add_argument("--length", type=int, default=64, help="tokens (bytes of the text) per sequence (default: 64)")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 0.003)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the base model, the adapter and the batches (default: 0)")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the model (default: 128)")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers of the model (default: 2)")
+    parser.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="sequences per step (default: 8)")
+    parser.add_argument("--length", type=positive_int, default=64,
+                        help=f"tokens (bytes of the text) per sequence, 2 to {POSITIONS} (default: 64)")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate (default: 0.003)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the base model, the adapter and the batches (default: 0)")
+    parser.add_argument("--hidden", type=positive_int, default=128,
+                        help="hidden size of the model, a multiple of 8 (default: 128)")
+    parser.add_argument("--layers", type=positive_int, default=2, help="decoder layers of the model (default: 2)")
     parser.add_argument("--output", help="directory to keep the adapter in (default: a temporary one, deleted at the end)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.length < 2:
-        parser.error("--steps and --batch must be >= 1 and --length >= 2")
+    if not 2 <= args.length <= POSITIONS:
+        parser.error(f"--length must be from 2 to {POSITIONS} (the model's positions)")
+    if args.hidden % 8:
+        parser.error("--hidden must be a multiple of 8 (4 attention heads of an even size)")
+    if args.output:
+        check_output(parser, "--output", args.output, folder=True)
     torch.set_num_threads(min(torch.get_num_threads(), 8))
     return run(args.steps, args.batch, args.length, args.lr, args.seed, args.output, args.hidden, args.layers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 
 import pytest
@@ -121,9 +122,9 @@ def test_companion_target_lines():
             dict(common, provider="peft+patch", fwd_bwd_ms=0.8, saved_bytes=64),
             dict(common, provider="fastlora-torch+inactive", fwd_bwd_ms=0.9, saved_bytes=64)]
     lines = report.targets(rows)
-    assert "tiny 2L 4x256 float32 p=0.1: peft+patch saved / fastlora-torch saved = 1.00 (target ≤ 1): met" in lines
-    assert ("tiny 2L 4x256 float32 p=0.1: fastlora-torch+inactive step time / one adapter's = 1.12 (target ≤ 1.05): "
-            "MISSED") in lines
+    assert "tiny 2L 4x256 float32 p=0.1: peft+patch saved / fastlora-torch saved = 1.00 (goal ≤ 1): reached" in lines
+    assert ("tiny 2L 4x256 float32 p=0.1: fastlora-torch+inactive step time / one adapter's = 1.12 (goal ≤ 1.05): "
+            "not reached") in lines
 
 
 def test_dora_providers_compute_the_same_layer():
@@ -160,10 +161,10 @@ def test_dora_target_lines():
     lines = report.targets(rows)
     assert not any("fastlora-torch step time / PEFT step time" in line for line in lines)  # judged without DoRA
     for head in ("tiny 2L 4x256 float32", "q_proj 8×4→4 float32"):
-        assert f"{head} p=0.1: fastlora-torch-dora step time / peft-dora step time = 0.55 (target ≤ 0.6): met" in lines
-        assert f"{head} p=0: fastlora-torch-dora step time / fastlora-torch step time = 1.11 (target ≤ 1.15): met" in lines
-        assert f"{head} p=0: fastlora-torch-dora peak / fastlora-torch peak = 1.10 (target ≤ 1.05): MISSED" in lines
-        assert f"{head} p=0.1: fastlora-torch-dora saved / PEFT (LoRA) saved = 0.90 (target ≤ 1): met" in lines
+        assert f"{head} p=0.1: fastlora-torch-dora step time / peft-dora step time = 0.55 (goal ≤ 0.6): reached" in lines
+        assert f"{head} p=0: fastlora-torch-dora step time / fastlora-torch step time = 1.11 (goal ≤ 1.15): reached" in lines
+        assert f"{head} p=0: fastlora-torch-dora peak / fastlora-torch peak = 1.10 (goal ≤ 1.05): not reached" in lines
+        assert f"{head} p=0.1: fastlora-torch-dora saved / PEFT (LoRA) saved = 0.90 (goal ≤ 1): reached" in lines
 
 
 # ---- peak memory ------------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def test_compiled_fastlora_layer_computes_what_the_eager_one_does():
 
 
 def test_cli_layers_writes_json_csv_plot_markdown(tmp_path, capsys):
-    j, c, p, md = (tmp_path / n for n in ("r.json", "r.csv", "r.png", "r.md"))
+    j, c, p, md = (tmp_path / n / f"r.{n}" for n in ("json", "csv", "png", "md"))  # missing folders are made
     rc = main([
         "--shape", "32,16,24", "--providers", "frozen,peft,fastlora-torch", "--warmup", "0", "--repeats", "2",
         "--peak-tflops", "1", "--bandwidth-gbs", "10", "--json", str(j), "--csv", str(c), "--plot", str(p),
@@ -423,6 +424,125 @@ def test_cli_model_mode_tiny(tmp_path, capsys):
     assert next(r for r in rows if r["provider"] == "frozen")["trainable_params"] == 0
 
 
+LAYER_RUN = ["--shape", "8,16,16", "--providers", "frozen", "--warmup", "0", "--repeats", "1", "--no-memory",
+             "--no-progress"]
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """Any measurement fails the test: the checks must come first."""
+    from fastlora.bench import cli
+
+    def measure(*args, **kwargs):
+        raise AssertionError("measured before the arguments were checked")
+
+    for name in ("run_layers", "run_model", "_run_steps"):
+        monkeypatch.setattr(cli, name, measure)
+
+
+def _bench_usage_error(capsys, argv: list[str]) -> str:
+    """The error line of ``fastlora bench ARGV``, which must be a usage error (exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fastlora bench: error: "), line
+    return line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rank", "0"], "argument --rank/-r: must be an integer ≥ 1, not '0'"),
+    (["--dropout", "1.5"], "argument --dropout: must be a number from 0 to below 1, not '1.5'"),
+    (["--dropout", "0.1,-0.1"], "argument --dropout: must be a number from 0 to below 1, not '-0.1'"),
+    (["--alpha", "nan"], "argument --alpha: must be a number > 0, not 'nan'"),
+    (["--threads", "-2"], "argument --threads: must be an integer ≥ 1, not '-2'"),
+    (["--device", "foo"], "argument --device: must be cpu, cuda or cuda:INDEX, not 'foo'"),
+    (["--device", "mps"], "argument --device: must be cpu, cuda or cuda:INDEX, not 'mps'"),
+    (["--tokens", "-5"], "argument --tokens: must be an integer ≥ 1, not '-5'"),
+    (["--preset", "tiny", "--proj", "nope"], "argument --proj: unknown 'nope'; choose from q_proj, k_proj"),
+    (["--shape", "8,16"], "argument --shape: must be M,K,N"),
+    (["--repeats", "0"], "argument --repeats: must be an integer ≥ 1, not '0'"),
+    (["--repeats", "-3"], "argument --repeats: must be an integer ≥ 1, not '-3'"),
+    (["--warmup", "-1"], "argument --warmup: must be an integer ≥ 0, not '-1'"),
+    (["--max-other-load", "5"], "argument --max-other-load: must be a number from 0 to 1, not '5'"),
+    (["--retries", "-1"], "argument --retries: must be an integer ≥ 0"),
+    (["--wait-idle", "-1"], "argument --wait-idle: must be a number ≥ 0"),
+    (["--profile", "-1"], "argument --profile: must be an integer ≥ 0"),
+    (["--peak-tflops", "-5"], "argument --peak-tflops: must be a number > 0, not '-5'"),
+    (["--bandwidth-gbs", "-1"], "argument --bandwidth-gbs: must be a number > 0, not '-1'"),
+    (["--providers", ""], "argument --providers: must be a comma-separated list, not empty"),
+    (["--providers", "frozen,nope"], "argument --providers: unknown 'nope'; choose from frozen"),
+    (["--gpu", "H900"], "argument --gpu: 'H900' is not in the table (H200"),
+    (["--hidden", "64"], "--hidden applies only with --step"),
+    (["--adapters", "1,2"], "--adapters applies only with --step"),
+    (["--step", "mixed-batch", "--adapters", "0"], "argument --adapters: must be an integer ≥ 1, not '0'"),
+    (["--step", "mixed-batch", "--adapters", "x"], "argument --adapters: must be an integer ≥ 1, not 'x'"),
+    (["--step", "mixed-batch", "--hidden", "-16"], "argument --hidden: must be an integer ≥ 1, not '-16'"),
+    (["--step", "gpt2", "--hidden", "24"], "--hidden must be a multiple of 16 with --step"),
+    (["--step", "gpt2", "--adapters", "2"], "--adapters applies only with --step mixed-batch"),
+    (["--step", "gpt2", "--preset", "tiny"], "--step takes one --preset, for its mixed-batch, qlora-nf4"),
+    (["--quant", "nf4", "--preset", "tiny", "--preset", "llama-3-8b"], "--step takes one --preset"),
+    (["--step", "qdora-nf4", "--preset", "tiny", "--hidden", "64"], "--hidden and --preset both set the width"),
+])
+def test_bench_refuses_bad_values_before_measuring(capsys, no_measuring, argv, message):
+    step_mode = argv[0] in ("--step", "--quant")
+    assert message in _bench_usage_error(capsys, ["--device", "cpu", *([] if step_mode else LAYER_RUN), *argv])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_bench_refuses_cuda_where_there_is_none(capsys, no_measuring):
+    assert _bench_usage_error(capsys, ["--device", "cuda", *LAYER_RUN]).endswith(
+        "--device cuda: CUDA is not available here")
+
+
+def test_bench_step_mode_refuses_the_options_it_does_not_use(capsys, no_measuring):
+    """--step runs whole models of its own: the layer benchmark's options would be silently ignored, so they are
+    refused, each by name; the --step help names exactly the options that apply."""
+    from fastlora.bench.cli import STEP_OPTIONS, build_parser
+
+    line = _bench_usage_error(capsys, [
+        "--step", "gpt2", "--providers", "frozen", "--rank", "2", "--dropout", "0.5", "--dtype", "bf16", "--csv",
+        "x.csv", "--markdown", "x.md", "--model", "--max-other-load", "0.1", "--gpu", "H100 SXM"])
+    assert line.endswith("--csv, --dropout, --dtype, --gpu, --markdown, --max-other-load, --model, --providers, "
+                         "--rank: not used with --step (see --help for the options that apply)")
+    parser = build_parser()
+    step_help = next(a.help for a in parser._actions if a.dest == "step")
+    named = set(re.findall(r"--[a-z-]+", step_help.split("apply with it:")[1]))
+    assert named == {"--" + dest.replace("_", "-") for dest in STEP_OPTIONS[1:]}
+    for case in ("gpt2", "moe", "qlora-nf4", "qlora-int8", "qdora-nf4", "mixed-batch"):
+        assert f"{case} (" in step_help or f"{case}, " in step_help, case
+    assert "seed config" not in parser.format_help()
+
+
+def test_bench_checks_every_output_path_before_measuring(tmp_path, capsys, no_measuring):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for option in ("--json", "--csv", "--plot", "--markdown"):
+        line = _bench_usage_error(capsys, ["--device", "cpu", *LAYER_RUN, option, str(tmp_path)])
+        assert line.endswith(f"{option} {tmp_path}: is a folder; give a file")
+        line = _bench_usage_error(capsys, ["--device", "cpu", *LAYER_RUN, option, str(afile / "sub" / "out")])
+        assert line.endswith(f"{option} {afile / 'sub' / 'out'}: {afile} is a file, not a folder")
+    line = _bench_usage_error(capsys, ["--device", "cpu", "--step", "mixed-batch", "--json", str(tmp_path)])
+    assert line.endswith(f"--json {tmp_path}: is a folder; give a file")
+
+
+def test_report_main_says_what_is_wrong_with_its_files(tmp_path, capsys):
+    empty, listing = tmp_path / "empty.json", tmp_path / "list.json"
+    empty.write_text("")
+    listing.write_text("[]")
+    for argv, message in (([str(tmp_path / "missing.json")], "missing.json: No such file or directory"),
+                          ([str(empty)], "empty.json: not a JSON file"),
+                          ([str(listing)], "none of the files holds layer / model rows"),
+                          ([str(listing), "--page", str(tmp_path / "no" / "page.md")], "page.md: no such file"),
+                          ([str(listing), "-o", str(empty / "x.md")], f"{empty} is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            report.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1].startswith("python -m fastlora.bench.report: error: ") and message in err
+
+
 def test_report_main_and_targets(tmp_path, capsys):
     meta = {"cpu": "Test CPU", "device": "cpu", "threads": 2, "torch": "x", "git_commit": "abc"}
     common = dict(mode="model", preset="tiny", case="tiny 2L 4x256", layers=2, batch=4, seq=256, r=8, dtype="float32")
@@ -442,15 +562,15 @@ def test_report_main_and_targets(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("## Performance")
     assert "| case | provider | step ×frozen | step ×PEFT |" in out
-    assert "saved / PEFT saved = 0.76 (target ≤ 0.7): MISSED" in out
-    assert "step time / PEFT step time = 0.80 (target ≤ 0.85): met" in out
+    assert "saved / PEFT saved = 0.76 (goal ≤ 0.7): not reached" in out
+    assert "step time / PEFT step time = 0.80 (goal ≤ 0.85): reached" in out
     assert ("saved activations(p) / saved activations(p=0) [all saved storages +16 bytes, +2 one-element "
-            "tensors] = 1.00 (target ≤ 1): met") in out
+            "tensors] = 1.00 (goal ≤ 1): reached") in out
     # one more activation byte at p > 0 is a miss
     rows[2]["saved_bytes"] += 1
     report.write_json(path, rows, meta)
     assert report.main([str(path)]) == 0
-    assert "+17 bytes, +2 one-element tensors] = 1.02 (target ≤ 1): MISSED" in capsys.readouterr().out
+    assert "+17 bytes, +2 one-element tensors] = 1.02 (goal ≤ 1): not reached" in capsys.readouterr().out
     assert "![fastlora benchmark](bench/results/x.png)" in out
     with pytest.raises(ValueError):
         bad = tmp_path / "bad.json"
@@ -497,11 +617,11 @@ def _model_rows(**fastlora_fields):
 
 
 def test_targets_are_not_judged_on_unreliable_timings():
-    assert "step time / PEFT step time = 0.80 (target ≤ 0.85): met" in "\n".join(report.targets(_model_rows()))
+    assert "step time / PEFT step time = 0.80 (goal ≤ 0.85): reached" in "\n".join(report.targets(_model_rows()))
     loaded = report.targets(_model_rows(other_load=0.4))
     line = next(t for t in loaded if "step time" in t)
     assert "not judged (fastlora-torch: other processes used 40% of the CPUs" in line
-    assert any("saved / PEFT saved = 0.64 (target ≤ 0.7): met" in t for t in loaded)  # bytes do not depend on load
+    assert any("saved / PEFT saved = 0.64 (goal ≤ 0.7): reached" in t for t in loaded)  # bytes do not depend on load
     noisy = report.targets(_model_rows(fwd_bwd_ms_q1=0.5, fwd_bwd_ms_q3=0.9))
     assert "not judged (fastlora-torch: its rounds spread 50% of the median" in next(t for t in noisy if "step time" in t)
     table = report.format_table(_model_rows(fwd_bwd_ms=0.1))
@@ -816,7 +936,7 @@ def test_every_table_and_the_targets_carry_a_legend():
         assert "new saved MiB: the same without the layer's input" in block
     for block in blocks[2:4]:
         assert "step: forward + loss + backward" in block
-    assert blocks[4].startswith("targets") and "the bracket gives what p adds over p=0" in blocks[4]
+    assert blocks[4].startswith("goals") and "the bracket gives what p adds over p=0" in blocks[4]
 
 
 def test_step_cases_run_every_provider_and_write_their_results(tmp_path, capsys):
@@ -827,7 +947,7 @@ def test_step_cases_run_every_provider_and_write_their_results(tmp_path, capsys)
     from fastlora.bench.cli import main
     from fastlora.bench.steps import STEPS_SCHEMA
 
-    out = tmp_path / "steps.json"
+    out = tmp_path / "new" / "steps.json"  # a missing folder is made
     assert main(["--device", "cpu", "--step", "gpt2", "--step", "moe", "--step", "mixed-batch", "--adapters", "1,2",
                  "--hidden", "32", "--layers", "1", "--batch", "1", "--seq", "8", "--vocab", "64", "--warmup", "0",
                  "--repeats", "1", "--json", str(out)]) == 0

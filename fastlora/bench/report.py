@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from fastlora.cli import check_output
+
 from .providers import COMPILE_SUFFIX
 
 __all__ = [
@@ -219,7 +221,7 @@ LEGEND = {
         "saved activations: saved storages other than one-element ones (the layers' dropout seeds, 8 bytes "
         "each); the bracket gives what p adds over p=0 counting every storage, seeds included, and how many "
         "one-element tensors it adds",
-        "each line: the measured ratio, then the target it must stay within and whether it does",
+        "each line: the measured ratio, then the goal it should stay within and whether it is reached",
     ],
 }
 
@@ -254,7 +256,7 @@ def format_table(rows: list[dict]) -> str:
             out.append("")
     tl = targets(rows)
     if tl:
-        out.append("targets (fastlora's torch path vs PEFT; model mode, and DoRA per layer too):")
+        out.append("goals (fastlora's torch path vs PEFT; model mode, and DoRA per layer too):")
         out.extend("  " + line for line in tl)
         out.extend(_legend("targets"))
         out.append("")
@@ -377,9 +379,9 @@ def _doubt(doubts: dict[int, str], *rows) -> str | None:
 def _target_line(label: str, value: float, target: float, doubt: str | None = None) -> str:
     shown = f"{value:.6f}" if value > target + 1e-9 and round(value, 2) <= target else f"{value:.2f}"
     if doubt:
-        return f"{label} = {shown} (target ≤ {target:g}): not judged ({doubt})"
-    ok = "met" if value <= target + 1e-9 else "MISSED"
-    return f"{label} = {shown} (target ≤ {target:g}): {ok}"
+        return f"{label} = {shown} (goal ≤ {target:g}): not judged ({doubt})"
+    reached = "reached" if value <= target + 1e-9 else "not reached"
+    return f"{label} = {shown} (goal ≤ {target:g}): {reached}"
 
 
 def _companion_targets(head: str, by: dict, case, dtype, p, fl: dict, doubts: dict[int, str]) -> list[str]:
@@ -456,7 +458,7 @@ def markdown(results: list[dict], plot_links: Iterable[str] = (), from_results_d
                 out += ["Timings not to be trusted (their ratios are not judged):", "", *notes, ""]
         tl = targets(rows)
         if tl:
-            out.append("Targets (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter; "
+            out.append("Goals (fastlora's torch path; a PEFT model after patch_peft; an inactive second adapter; "
                        "DoRA):")
             out.append("")
             out.extend(f"- {line}" for line in tl)
@@ -620,9 +622,18 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"replace the text between {README_START} and {README_END} in FILE ({PERFORMANCE_PAGE} "
                          "when FILE is left out); plot links are then written relative to FILE's folder")
     args = ap.parse_args(argv)
+    if args.page and not Path(args.page).is_file():
+        ap.error(f"--page {args.page}: no such file")
+    for option, path in (("--plot", args.plot), ("--output", args.output)):
+        if path:
+            check_output(ap, option, path)
     docs = []
     for path in args.results:  # a glob of a results folder also holds other files: steps, kernel variants
-        schema = json.loads(Path(path).read_text()).get("schema")
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            ap.error(f"{path}: {e.strerror if isinstance(e, OSError) else 'not a JSON file'}")
+        schema = doc.get("schema") if isinstance(doc, dict) else None
         if schema != SCHEMA:
             print(f"skipping {path}: {schema or 'another format'}, not layer / model rows", file=sys.stderr)
             continue

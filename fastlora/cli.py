@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -77,22 +78,24 @@ def comma_list(item: Callable[[str], object]) -> Callable[[str], list]:
 
 def check_output(parser: argparse.ArgumentParser, option: str, path: str, folder: bool = False) -> None:
     """A usage error unless ``path`` can be written as a file (``folder``: as a folder) before any work starts:
-    not an existing folder (file), no file among its parents, a writable place; missing parent folders are
-    made now."""
+    not an existing folder (file), no file among its parents, and its nearest existing folder one a file can be
+    made in (tried with a temporary file, removed at once).  Nothing is left behind: the writers make the missing
+    folders when they write."""
     target = Path(path)
-    if target.exists() and target.is_dir() != folder:
-        parser.error(f"{option} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        parser.error(f"{option} {path}: {parent} is a file, not a folder")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        if str(path).endswith(("/", os.sep)) and not folder:
+            parser.error(f"{option} {path}: names a folder; give a file")
+        if target.exists() and target.is_dir() != folder:
+            parser.error(f"{option} {path}: is a {'file' if folder else 'folder'}; give a "
+                         f"{'folder' if folder else 'file'}")
+        existing = target.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            parser.error(f"{option} {path}: {existing} is a file, not a folder")
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        parser.error(f"{option} {path}: cannot make its folder ({e.strerror})")
-    if not os.access(target if target.exists() else target.parent, os.W_OK):
-        parser.error(f"{option} {path}: not writable")
+        parser.error(f"{option} {path}: cannot be written ({e.strerror or e})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """``fastlora demo``: LoRA fine-tuning of a small Llama-architecture model on CPU, end to end.
 
-The seed configuration (r=8, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down) on a model built from a
+The common PEFT configuration (r=8, alpha=32, dropout 0.1 on q/k/v/o/gate/up/down) on a model built from a
 config with random weights (nothing downloaded), trained on a text that ships with the package as
 bytes (vocabulary 256); then the adapter is saved in PEFT's format, reloaded onto a fresh copy of the
 base model (with fastlora, and with PEFT when installed) and the reloaded models must give the

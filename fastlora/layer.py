@@ -52,8 +52,9 @@ def _finite(weight: Tensor, bias: Tensor | None) -> bool:
     return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
 
 
-# nn.Linear subclasses whose own forward computes x Wᵀ + b all the same (in another order of operations).
-_FORWARDS_AS_LINEAR = frozenset({"transformers.models.falcon.modeling_falcon.FalconLinear"})
+# nn.Linear subclasses whose own forward computes x Wᵀ + b all the same (in another order of operations): (the
+# end of the module's name, the class name), so that a copy of the modeling file (trust_remote_code) counts too.
+_FORWARDS_AS_LINEAR = frozenset({("modeling_falcon", "FalconLinear")})
 
 
 def computes_as_linear(module: nn.Module) -> bool:
@@ -61,7 +62,8 @@ def computes_as_linear(module: nn.Module) -> bool:
     returning its top-k, a projection with extra features, a quantization library's layer) computes something else,
     which an adapted layer of W and b would not reproduce."""
     cls = type(module)
-    return cls.forward is nn.Linear.forward or f"{cls.__module__}.{cls.__qualname__}" in _FORWARDS_AS_LINEAR
+    return (cls.forward is nn.Linear.forward
+            or (cls.__module__.rpartition(".")[2], cls.__qualname__) in _FORWARDS_AS_LINEAR)
 
 
 def _check_init(init_lora_weights, backend) -> None:

@@ -260,9 +260,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         >>> model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16)), LoraConfig(target_modules=["0"]))
         >>> model.active_adapter, list(model.peft_config)
         ('default', ['default'])
-        >>> directory = tempfile.mkdtemp()
-        >>> model.save_pretrained(directory)   # adapter_config.json, adapter_model.safetensors, README.md
-        >>> loaded = PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(16, 16)), directory)
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     model.save_pretrained(directory)   # adapter_config.json, adapter_model.safetensors, README.md
+        ...     loaded = PeftModel.from_pretrained(torch.nn.Sequential(torch.nn.Linear(16, 16)), directory)
         >>> loaded.training   # is_trainable=False (the default): frozen and in eval mode
         False
         >>> plain = loaded.merge_and_unload()   # the plain nn.Sequential, adapter folded into the weight

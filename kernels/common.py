@@ -86,7 +86,7 @@ def check_dtypes(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor) -> N
             raise TypeError(f"{pair} must share a dtype, got {a.dtype} and {b.dtype}")
         if a.dtype not in _FLOATS:
             raise TypeError(f"the Triton kernels take {pair} in fp32, fp16 or bf16, got {a.dtype} (backend='torch' "
-                            f"computes in any floating dtype)")
+                            f"also takes float64)")
 
 
 def split_reduction(programs: int, length: int, block: int) -> tuple[int, int]:

@@ -114,3 +114,26 @@ def test_the_shared_argument_types_say_what_is_allowed():
                                  (cli.one_of(("a", "b")), "c", "choose from a, b")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             parse(text)
+
+
+def test_an_output_path_is_checked_without_leaving_anything_behind(tmp_path, monkeypatch):
+    """check_output makes no folder (the writers make them when they write), tries the nearest existing folder with
+    a temporary file it removes, and turns any OS error (an unreadable parent, say) into a usage error."""
+    import argparse
+    import pathlib
+
+    parser = argparse.ArgumentParser(prog="fastlora bench")
+
+    def refused(path, **kwargs):
+        with pytest.raises(SystemExit) as exit_:
+            cli.check_output(parser, "--json", str(path), **kwargs)
+        assert exit_.value.code == 2
+
+    cli.check_output(parser, "--json", str(tmp_path / "new" / "deeper" / "out.json"))
+    assert list(tmp_path.iterdir()) == []  # neither the folders nor the trial file stay
+    refused(f"{tmp_path}/out/")  # a folder's name where a file is wanted
+    (tmp_path / "a-file").write_text("x")
+    refused(tmp_path / "a-file" / "out.json")
+    refused(tmp_path / "a-file", folder=True)
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    refused(tmp_path / "locked" / "out.json")

@@ -73,6 +73,9 @@ def test_a_linear_computing_something_else_is_refused_and_left_alone():
         with pytest.raises(TypeError, match=r"0 \(_Doubled: an nn.Linear subclass with a forward of its own"):
             get_peft_model(model, LoraConfig(target_modules=targets))
         assert_unchanged(model, before)
+    remote_falcon = type("FalconLinear", (nn.Linear,), {"forward": lambda self, x: x @ self.weight.T + self.bias,
+                                                         "__module__": "transformers_modules.some.modeling_falcon"})
+    assert type(LoRALinear.from_linear(remote_falcon(4, 4))) is LoRALinear  # a trust_remote_code copy of the file
     linear = nn.Linear(4, 4)
     for kwargs, error in (({"adapter_dtype": torch.int32}, TypeError), ({"adapter_dtype": "float32"}, TypeError),
                           ({"r": 3, "init_lora_weights": "orthogonal"}, ValueError)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 import torch
 
@@ -208,6 +209,7 @@ def _run_steps(args, argv_list: list[str], device: torch.device, warmup: int, re
     print(format_step_rows(rows))
     if args.json:
         command = "fastlora bench " + " ".join(shlex.quote(a) for a in argv_list)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"schema": STEPS_SCHEMA, "meta": meta, "torch_threads": torch.get_num_threads(),
                        "command": command, "rows": rows}, f, indent=2)
@@ -372,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.markdown == "-":
             print(text)
         else:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             with open(args.markdown, "w") as f:
                 f.write(text)
             print(f"wrote {args.markdown}")

@@ -647,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.page:
         embed_in_readme(Path(args.page), text)
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
     else:
         sys.stdout.write(text)

@@ -476,6 +476,8 @@ def _bench_usage_error(capsys, argv: list[str]) -> str:
     (["--gpu", "H900"], "argument --gpu: 'H900' is not in the table (H200"),
     (["--hidden", "64"], "--hidden applies only with --step"),
     (["--adapters", "1,2"], "--adapters applies only with --step"),
+    (["--layers", "3"], "--layers sizes the model benchmark (--model, --quick) or --step"),
+    (["--preset", "tiny", "--seq", "64"], "--seq sizes the model benchmark"),
     (["--step", "mixed-batch", "--adapters", "0"], "argument --adapters: must be an integer ≥ 1, not '0'"),
     (["--step", "mixed-batch", "--adapters", "x"], "argument --adapters: must be an integer ≥ 1, not 'x'"),
     (["--step", "mixed-batch", "--hidden", "-16"], "argument --hidden: must be an integer ≥ 1, not '-16'"),

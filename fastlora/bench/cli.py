@@ -225,6 +225,10 @@ def _check_options(parser: argparse.ArgumentParser, args) -> None:
     if not args.step:
         for dest in sorted(given & {"hidden", "adapters"}):
             parser.error(f"--{dest} applies only with --step")
+        if args.model is None and not (args.quick and not (args.preset or args.shape)):  # the layer benchmark alone
+            for dest in sorted(given & {"layers", "batch", "seq", "vocab"}):
+                parser.error(f"--{dest} sizes the model benchmark (--model, --quick) or --step; the layer benchmark "
+                             f"takes --tokens")
         return
     refused = sorted(given - set(STEP_OPTIONS))
     if refused:

@@ -156,7 +156,8 @@ class LoraConfig:
             ``modules_to_save``.  Default None.
         target_modules (list[str] | str | None): which modules get an adapter, as above; each match must be a
             layer fastlora adapts (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, bitsandbytes'
-            ``Linear4bit`` / ``Linear8bitLt``).  None: the architecture's defaults,
+            ``Linear4bit`` / ``Linear8bitLt``; an ``nn.Linear`` subclass with a forward of its own is refused,
+            "all-linear" matching it too).  None: the architecture's defaults,
             PEFT's (``q_proj`` and ``v_proj`` for Llama, ``c_attn`` for GPT-2, ...), filled in by
             ``get_peft_model`` (not when ``target_parameters`` names what to adapt).  Default None.
         target_parameters (list[str] | None): parameters that get an adapter, each the qualified name of a

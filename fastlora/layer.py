@@ -144,7 +144,8 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
             weight); None: the weight's dtype.
         backend (str): ``"auto"`` (the Triton kernels for CUDA tensors, the PyTorch path otherwise),
             ``"torch"`` or ``"triton"``; see :func:`fastlora.lora_linear`.  Default "auto".
-        adapter_name (str): the first adapter's name, a non-empty string without ".".  Default "default".
+        adapter_name (str): the first adapter's name (:func:`fastlora.adapter_settings.check_adapter_name`'s rule:
+            a non-empty string without ".", a path separator or a control character).  Default "default".
         device (torch.device | str | None): where the weight, bias and adapter are created, as ``nn.Linear``.
         dtype (torch.dtype | None): the weight's and bias's dtype, as ``nn.Linear``.
 

@@ -105,7 +105,8 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         model (nn.Module): the model to adapt, changed in place; it must not hold an adapter yet (add more
             with ``PeftModel.add_adapter`` or ``load_adapter``).
         peft_config (LoraConfig): the adapter's :class:`fastlora.LoraConfig`.
-        adapter_name (str): the adapter's name, a non-empty string without ".".  Default "default".
+        adapter_name (str): the adapter's name: a non-empty string without ".", a path separator or a control
+            character, not "__base__", at most 255 bytes.  Default "default".
         mixed (bool): PEFT's mixed adapter types; True raises NotImplementedError.  Default False.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters (when the
             config's ``autocast_adapter_dtype`` is True as well).  Default True.
@@ -734,7 +735,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         "dare_ties", "magnitude_prune" (equal ranks) or their "_svd" forms and "svd" (the combined delta weights
         truncated to ``svd_rank``); ``density`` for the pruning types; ``majority_sign_method`` "total" or
         "frequency" for the ties types.  The new adapter is frozen and not active; a name that exists already
-        changes nothing.  DoRA and lora_bias adapters are refused."""
+        changes nothing.  DoRA, lora_bias and target_parameters adapters are refused."""
         from fastlora.weighted_adapters import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,

@@ -225,8 +225,9 @@ class AdapterFilesMixin:
         and a ``README.md`` model card.  ``safe_serialization=False`` writes ``adapter_model.bin``;
         ``state_dict=`` takes the values from that (full) state dict, e.g. one gathered by FSDP or DeepSpeed;
         ``is_main_process=False`` writes nothing.  ``path_initial_model_for_weight_conversion``: the directory
-        where a PiSSA or OLoRA adapter was saved right after creation; the adapters are saved as plain LoRA
-        adapters of twice the rank for the original (unchanged) base weight (:mod:`fastlora.weight_conversion`)."""
+        where a PiSSA, OLoRA, LoRA-GA or CorDA adapter was saved right after creation; the adapters are saved as
+        plain LoRA adapters of twice the rank for the original (unchanged) base weight
+        (:mod:`fastlora.weight_conversion`)."""
         state_dict = kwargs.pop("state_dict", None)
         if kwargs:  # PEFT ignores what it does not know (transformers passes max_shard_size, for one)
             warnings.warn(f"save_pretrained ignored the keyword arguments {sorted(kwargs)}", UserWarning, stacklevel=2)
@@ -243,7 +244,7 @@ class AdapterFilesMixin:
         # any lookup error before writing
         tensors = {name: self.adapter_tensors(name, state_dict, save_embedding_layers) for name in names}
         configs = {name: self.peft_config[name] for name in names}
-        if path_initial_model_for_weight_conversion is not None:  # a PiSSA / OLoRA adapter for the original weight
+        if path_initial_model_for_weight_conversion is not None:  # a PiSSA / OLoRA / LoRA-GA / CorDA adapter
             if len(names) > 1:
                 raise ValueError(f"path_initial_model_for_weight_conversion names one adapter's initial state, and "
                                  f"{names} would all be converted against it: pass selected_adapters=[<the adapter>]")

@@ -14,6 +14,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -121,7 +122,10 @@ def run(steps: int = 300, batch: int = 8, length: int = 64, lr: float = 3e-3, se
         except ImportError:
             print("peft is not installed: reload checked with fastlora only")
         else:
-            reloaded["peft"] = eval_loss(PeftModel.from_pretrained(build_base_model(seed, hidden, layers), directory), eval_ids)
+            with warnings.catch_warnings():  # PEFT's loading asks transformers for a name it has deprecated
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                peft_model = PeftModel.from_pretrained(build_base_model(seed, hidden, layers), directory)
+            reloaded["peft"] = eval_loss(peft_model, eval_ids)
     failed = False
     for name, value in reloaded.items():
         ok = abs(value - end_loss) <= 1e-5 * max(1.0, abs(end_loss))

@@ -28,6 +28,8 @@ def plain_number(value):
 
 # The name mixed-adapter batches use for rows that take the base model alone (PEFT's).
 RESERVED_ADAPTER_NAMES = frozenset({"__base__"})
+# The largest rank accepted, the kernels' 32-bit index range (the factors' memory runs out long before).
+MAX_RANK = 2**31 - 1
 # A file name's limit on common file systems: a non-default adapter is saved in a folder named after it.
 MAX_ADAPTER_NAME_BYTES = 255
 
@@ -70,6 +72,8 @@ class AdapterSettings:
             object.__setattr__(self, name, plain_number(getattr(self, name)))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r must be an integer >= 1, got {self.r!r}")
+        if self.r > MAX_RANK:
+            raise ValueError(f"r must be at most {MAX_RANK}, got {self.r!r}")
         if not _is_number(self.lora_alpha) or not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be a finite number > 0, got {self.lora_alpha!r}")
         if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:

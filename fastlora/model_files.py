@@ -241,6 +241,12 @@ class AdapterFilesMixin:
         if not is_main_process:
             return
         directories = {name: _adapter_directory(Path(save_directory), name) for name in names}
+        weights_name = peft_format.WEIGHTS_NAME if safe_serialization else peft_format.WEIGHTS_BIN_NAME
+        taken = [str(d / f) for d in directories.values() for f in (weights_name, peft_format.CONFIG_NAME)
+                 if (d / f).is_dir()]
+        if taken:  # checked before any adapter is written, as every other check
+            raise ValueError(f"save_pretrained: {', '.join(taken)} is a folder where an adapter file goes; nothing "
+                             f"was written")
         # any lookup error before writing
         tensors = {name: self.adapter_tensors(name, state_dict, save_embedding_layers) for name in names}
         configs = {name: self.peft_config[name] for name in names}

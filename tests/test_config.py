@@ -21,6 +21,7 @@ def test_seed_config_and_scaling():
     "kwargs, error, match",
     [
         ({"r": 0}, ValueError, "r must be"),
+        ({"r": 10**20}, ValueError, "r must be at most 2147483647"),
         ({"lora_alpha": 0}, ValueError, "lora_alpha"),
         ({"lora_dropout": 1.0}, ValueError, "lora_dropout"),
         ({"bias": "some"}, ValueError, "bias must be"),

@@ -52,8 +52,8 @@ def test_config_save_goes_through_the_atomic_writer(tmp_path, monkeypatch):
 
 
 def test_a_save_refused_for_a_second_adapter_s_folder_writes_nothing(tmp_path):
-    """The folder of a second adapter taken by a file: refused before any adapter is written, so that an earlier save
-    in that folder stays whole."""
+    """The folder of a second adapter taken by a file, or an adapter file's name taken by a folder: refused before
+    any adapter is written, so that an earlier save in that folder stays whole."""
     from fastlora import get_peft_model
     from tests.models import tiny_llama
 
@@ -65,3 +65,10 @@ def test_a_save_refused_for_a_second_adapter_s_folder_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="which is a file; nothing was written"):
         model.save_pretrained(tmp_path)
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    (tmp_path / "other").unlink()
+    (tmp_path / "other" / "adapter_config.json").mkdir(parents=True)  # a folder where the second config goes
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with pytest.raises(ValueError, match="is a folder where an adapter file goes; nothing was written"):
+        model.save_pretrained(tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+

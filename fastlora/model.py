@@ -71,11 +71,10 @@ def _holds_adapter(model: nn.Module, adapter_name: str) -> bool:
 
 
 def _check_model_and_config(model, config) -> None:
-    """``config`` None: only the model is checked."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if config is not None and not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a fastlora.LoraConfig, got {type(config).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"peft_config must be a fastlora.LoraConfig, got {type(config).__name__}")
 
 
 def lora_model_class() -> type:
@@ -754,8 +753,6 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         if isinstance(adapter_name, LoraConfig):
             raise TypeError("add_adapter(adapter_name, peft_config): the name comes first (PEFT's order; "
                             "transformers' add_adapter(config, name) order is not accepted)")
-        if not isinstance(peft_config, LoraConfig):
-            raise TypeError(f"add_adapter: peft_config must be a fastlora.LoraConfig, got {type(peft_config).__name__}")
         _check_model_and_config(self.get_base_model(), peft_config)
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:

@@ -336,6 +336,7 @@ def test_refused_features_are_named():
     (lambda m: m.merge_and_unload(adapter_names=["nope"]), ValueError, "unknown adapter"),
     (lambda m: m.save_pretrained("/tmp/never", selected_adapters=["nope"]), ValueError, "selected_adapters"),
     (lambda m: m.add_adapter("x", None), TypeError, "peft_config must be a fastlora.LoraConfig"),
+    (lambda m: get_peft_model(tiny_llama(), None), TypeError, "peft_config must be a fastlora.LoraConfig"),
     (lambda m: m.add_adapter("keys", _configs("other", "fastlora", modules_to_save=["lm_head"])), ValueError,
      "'keys' is an attribute of torch's nn.ModuleDict"),
     (lambda m: m.set_adapter({"default"}), TypeError, "set_adapter takes an adapter name"),

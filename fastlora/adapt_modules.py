@@ -102,6 +102,10 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
         else targets if is_weight_init(init) and init not in ("orthogonal", "mica") else []
     factors = {}
     try:
+        # the parameters' factors drawn first, then the modules', then the tied heads': PEFT's order, and so its
+        # draws; the parameters' layers go in last, around their modules as adapted (a target inside one included)
+        new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
+                                            lambda weight: adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for name in targets:
             module = originals[name]
             dtype = adapter_dtype(base_dtype(module), autocast_adapter_dtype)
@@ -120,8 +124,6 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
                 factors[name] = layer.init_factors(init, adapter_name, sources.get(name), config.lora_ga_config)
         if tied_heads_adapted:
             tie_targets(model, config, adapter_name, embedding, tied_heads_adapted)
-        new_layers = add_parameter_adapters(model, config, adapter_name, parameters,
-                                            lambda weight: adapter_dtype(weight.dtype, autocast_adapter_dtype))
         for owner, layer in new_layers.items():
             set_module(model, owner, layer)
         for name in to_save:

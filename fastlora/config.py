@@ -110,12 +110,16 @@ UNSUPPORTED_FEATURES = {
     "monteclora_config": None,
     "arrow_config": None,
     "kasa_config": None,
+    "astra_config": None,
     "use_qalora": False,
     "use_bdlora": None,
     "megatron_config": None,
     "alora_invocation_tokens": None,
 }
 
+
+# Fields PEFT 0.22 added, which fastlora leaves out of the files it writes while they are off.
+_FIELDS_SINCE_0_22 = ("astra_config",)
 
 # Initialisations whose values come from a data-driven step: preprocess_loraga's gradients and preprocess_corda's
 # decompositions before get_peft_model, initialize_lora_eva_weights after it.
@@ -177,18 +181,19 @@ class LoraConfig:
         layers_to_transform (list[int] | int | None): adapt only the modules in these layer indices.
         layers_pattern (list[str] | str | None): the name of the layer list those indices count in (e.g.
             ``"layers"``); None: any ``<name>.<index>`` in the module's qualified name.
-        modules_to_save (list[str] | None): modules trained and saved whole (every module whose qualified name
-            ends with an entry, as in PEFT): each gets a trainable copy that the model uses, beside its frozen
+        modules_to_save (list[str] | None): modules trained and saved whole (the module an entry names, whole or
+            as a dotted suffix, as in PEFT): each gets a trainable copy that the model uses, beside its frozen
             original.
         init_lora_weights (bool | str): True (A kaiming-uniform, B = 0), ``"gaussian"`` (A normal with std
-            1/r, B = 0), False (both random), or from the base weight: ``"pissa"`` / ``"pissa_niter_<n>"``
+            1/r, B = 0), ``"nora"`` (A kaiming-uniform, each column divided by its norm; B = 0), False (both
+            random), or from the base weight: ``"pissa"`` / ``"pissa_niter_<n>"``
             (the weight's top-r singular part moves into the adapter), ``"olora"`` (its QR decomposition's first r
             columns and rows), ``"loftq"`` (the adapter absorbs the error of quantizing W, which the base keeps
             quantized; with ``loftq_config``), ``"orthogonal"`` (B A = 0 with neither factor 0, r even) and
             ``"mica"`` (B the weight's r minor left singular vectors, kept frozen; A = 0 trains); see
             :mod:`fastlora.weight_inits`; from data: ``"lora_ga"``, ``"corda"`` and ``"eva"`` (see their
-            configs below).  Embedding tables take True's initialisation for those but MiCA, as in PEFT (LoftQ
-            refused there).  Default True.
+            configs below).  Embedding tables take True's initialisation for those but MiCA, as in PEFT.  Default
+            True.
         eva_config (EvaConfig | dict | None): EVA's settings, kept as a dict (PEFT's defaults, with its warning,
             where ``init_lora_weights="eva"`` has none).  ``init_lora_weights="eva"`` starts with A as drawn and
             B = 0, until :func:`fastlora.initialize_lora_eva_weights` gives A the layers' principal input
@@ -284,6 +289,7 @@ class LoraConfig:
     monteclora_config: Optional[Any] = None
     arrow_config: Optional[Any] = None
     kasa_config: Optional[Any] = None
+    astra_config: Optional[Any] = None
     use_qalora: bool = False
     use_bdlora: Optional[Any] = None
     lora_bias: bool = False
@@ -368,9 +374,13 @@ class LoraConfig:
         if isinstance(init, str) and init.lower() == "mica":  # PEFT's initialisation takes it in any case
             init = "mica"
             put("init_lora_weights", init)
-        if not (init is True or init is False or init == "gaussian" or is_weight_init(init)
+        if init == "astra":
+            raise UnsupportedFeatureError("LoraConfig(init_lora_weights='astra'): ASTRA (PEFT's preprocess_astra, then "
+                                          "the base weight changed by its decomposition) is a PEFT initialisation "
+                                          "fastlora does not implement")
+        if not (init is True or init is False or init in ("gaussian", "nora") or is_weight_init(init)
                 or init in DATA_DRIVEN_INITS):
-            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: use True, False, 'gaussian', "
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}: use True, False, 'gaussian', 'nora', "
                              f"'pissa', 'pissa_niter_<n>', 'olora', 'orthogonal', 'loftq', 'mica', 'eva', 'lora_ga' or "
                              f"'corda'")
         if init == "mica" and self.use_dora:
@@ -482,6 +492,17 @@ class LoraConfig:
             raise AttributeError(f"cannot delete LoraConfig.{name}; assign it instead")
         object.__delattr__(self, name)
 
+    def to_json(self) -> str:
+        """``adapter_config.json``'s text, as PEFT writes it: keys sorted, in nested dicts too, but for
+        ``rank_pattern`` and ``alpha_pattern``, whose order decides where several keys match a module."""
+        def sorted_keys(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {k: v if k in ("rank_pattern", "alpha_pattern") else sorted_keys(v)
+                        for k, v in sorted(value.items())}
+            return [sorted_keys(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+        return json.dumps(sorted_keys(self.to_dict()), indent=2) + "\n"
+
     def to_dict(self) -> dict[str, Any]:
         """PEFT's adapter_config.json content (keys sorted when written)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -493,6 +514,8 @@ class LoraConfig:
         for option in ("autocast_adapter_dtype", "runtime_config"):  # loading options in PEFT, not saved fields
             out.pop(option)
         out.update(UNSUPPORTED_FEATURES)  # written as PEFT writes them: each feature off
+        for name in _FIELDS_SINCE_0_22:  # off, and left out so that PEFT 0.21 reads the file without a warning
+            out.pop(name)
         return out
 
     @classmethod
@@ -520,14 +543,14 @@ class LoraConfig:
         return cls(**{key: value for key, value in data.items() if key in names})
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` (PEFT's content, sorted keys) into ``save_directory``; keyword arguments
+        """Write ``adapter_config.json`` (PEFT's content, :meth:`to_json`) into ``save_directory``; keyword arguments
         replace fields first."""
         directory = Path(save_directory)
         if directory.is_file():
             raise ValueError(f"save_directory {str(directory)!r} is a file, not a directory")
         directory.mkdir(parents=True, exist_ok=True)
         config = self.replace(**kwargs) if kwargs else self
-        atomic_write_text(directory / CONFIG_NAME, json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        atomic_write_text(directory / CONFIG_NAME, config.to_json())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,

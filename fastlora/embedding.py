@@ -67,10 +67,7 @@ class LoRAEmbedding(LoRALinear):
         self._check_settings(settings)
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
-    def check_weight_init(self, init: str, r: int) -> None:  # the others give the default initialisation here
-        if init == "loftq":  # PEFT fails there with a bare TypeError
-            raise TypeError(f"init_lora_weights='loftq' on an embedding target ({type(self.base_layer).__name__}): "
-                            f"LoftQ initialises Linear layers; leave the embedding out of target_modules")
+    def check_weight_init(self, init: str, r: int) -> None:  # the others (LoftQ too) give the default one here
         if init == "mica" and r > min(self.weight.shape):
             raise ValueError(f"MiCA requires `r` <= min(num_embeddings, embedding_dim) but got r={r} for an embedding "
                              f"layer with weight shape {tuple(self.weight.shape)} (max usable r is "

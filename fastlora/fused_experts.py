@@ -3,14 +3,17 @@
 transformers 5 stores the experts of Mixtral, Qwen3-MoE, DeepSeek-V3 and their relatives as 3-D parameters of one
 module (``experts.gate_up_proj``, ``experts.down_proj``) where version 4 had one ``nn.Linear`` per expert and
 projection (``w1`` / ``w3`` / ``w2``, or ``gate_proj`` / ``up_proj`` / ``down_proj``), and the router ``gate`` is no
-longer a Linear.  PEFT 0.21 rewrites a config for these architectures so that it means what it meant on version 4:
+longer a Linear.  PEFT rewrites a config for these architectures so that it means what it meant on version 4 (as
+0.22 does; 0.21 moved every such name to ``target_parameters``, without its prefix, and left Qwen2-MoE as it was):
 
 * the expert projections and the router named in ``target_modules`` (``"all-linear"`` names all of them) move to
-  ``target_parameters`` (``gate_up_proj``, ``down_proj``, ``gate.weight``);
+  ``target_parameters`` (``gate_up_proj``, ``down_proj``, ``gate.weight``, a prefix kept: ``layers.0.gate`` becomes
+  ``layers.0.gate.weight``); a name whose modules are all still Linear layers (a shared expert's ``down_proj``)
+  stays in ``target_modules``, and names the fused parameter too where the model has one beside them;
 * the two projections fused into ``gate_up_proj`` must be named together, and their parameter then gets rank 2r
   and alpha 2·lora_alpha (``rank_pattern`` / ``alpha_pattern``), so each half keeps r and the scaling.
 
-fastlora rewrites the config the same way, so the same script adapts the same weights, and writes the same
+fastlora rewrites the config as PEFT 0.22 does, so the same script adapts the same weights, and writes the same
 adapter_config.json.  Adapter files of per-expert (version 4) weights are not converted: loading one is refused
 with what to do (:func:`check_not_per_expert`).
 """
@@ -32,7 +35,7 @@ _QWEN2_MOE = {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "ga
 # model_type → {version-4 module name → the version-5 parameter it became}
 FUSED_EXPERT_NAMES: dict[str, dict[str, str]] = {
     **dict.fromkeys(["mixtral", "minimax", "minimax_m2"], _MIXTRAL),
-    **dict.fromkeys(["afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1",
+    **dict.fromkeys(["qwen2_moe", "afmoe", "beam", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1",
                      "ernie4_5_moe", "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa",
                      "hunyuan_v1_moe", "longcat_flash", "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe",
                      "qwen3_omni_moe_text", "qwen3_omni_moe_thinker", "sarvam_mla", "solar_open"], _QWEN2_MOE),
@@ -80,14 +83,27 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
         if not targets:
             return config
     parameters = set(config.target_parameters or [])
-    remaining, named = set(), set()
+    remaining, named, added = set(), set(), set()
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    # parameters only target_parameters reach: those a module other than a Linear holds itself (the fused experts)
+    outside_linears = [re.sub(r"\.base_layer(?=\.)", "", f"{n}.{p}") for n, m in modules if not isinstance(m, nn.Linear)
+                       for p, _ in m.named_parameters(recurse=False)]
     for target in targets:
         old = next((o for o in names if target == o or target.endswith("." + o)), None)
         if old is None:
             remaining.add(target)
-        else:
-            parameters.add(names[old])
-            named.add(old)
+            continue
+        parameter = target[: len(target) - len(old)] + names[old]  # its prefix kept: layers.0.gate → layers.0.gate.weight
+        matched = [m for n, m in modules if n == target or n.endswith("." + target)]
+        if matched and all(isinstance(m, nn.Linear) for m in matched):
+            # still Linear layers on this model (a shared expert's down_proj): adapted as modules, and the
+            # parameter of the same name (the routed experts' down_proj beside them) too where there is one
+            remaining.add(target)
+            if not any(h == parameter or h.endswith("." + parameter) for h in outside_linears):
+                continue
+        parameters.add(parameter)
+        named.add(old)
+        added.add(parameter)
     rank_pattern, alpha_pattern = dict(config.rank_pattern), dict(config.alpha_pattern)
     for new, olds in _fused_into(names).items():
         present = [o for o in olds if o in named]
@@ -99,7 +115,7 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
             alpha_pattern[rf".*\.{re.escape(new)}"] = config.lora_alpha * len(olds)
     # of the parameters named here, those this model has (a table entry for a projection it lacks is left out)
     held = {re.sub(r"\.base_layer(?=\.)", "", n) for n, p in model.named_parameters() if p.dim() >= 2}
-    added = {names[old] for old in named} - set(config.target_parameters or [])
+    added -= set(config.target_parameters or [])
     parameters -= {p for p in added if not any(h == p or h.endswith("." + p) for h in held)}
     if not remaining and not parameters:
         return config

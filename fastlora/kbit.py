@@ -14,19 +14,22 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
-                                    gradient_checkpointing_kwargs: dict | None = None,
-                                    auto_clear_cache: bool = True) -> nn.Module:
+                                    activation_checkpointing_kwargs: dict | None = None,
+                                    auto_clear_cache: bool = True, *,
+                                    gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
     """Freeze every parameter, keep the non-quantized float16 / bfloat16 parameters (norms, embeddings, the head)
-    in float32, and for a model loaded in 4 or 8 bits with ``use_gradient_checkpointing`` turn on gradient
-    checkpointing, making the input embeddings' output require grad unless ``use_reentrant=False`` is asked for
-    (reentrant checkpointing needs an input that requires grad).  Returns ``model``, changed in place.
+    in float32, and for a model loaded in 4 or 8 bits with ``use_gradient_checkpointing`` turn on activation
+    checkpointing (transformers' default kind unless the kwargs ask for another: non-reentrant since transformers
+    5.23, reentrant before), making the input embeddings' output require grad for the reentrant kind (it needs an
+    input that requires grad).  Returns ``model``, changed in place.
 
     Args:
         model (nn.Module): a transformers model, typically loaded with ``BitsAndBytesConfig(load_in_4bit=True)``.
-        use_gradient_checkpointing (bool): turn on gradient checkpointing (quantized models only).  Default True.
-        gradient_checkpointing_kwargs (dict | None): passed to ``model.gradient_checkpointing_enable``, e.g.
-            ``{"use_reentrant": False}``.
+        use_gradient_checkpointing (bool): turn on activation checkpointing (quantized models only).  Default True.
+        activation_checkpointing_kwargs (dict | None): passed to ``torch.utils.checkpoint.checkpoint`` through
+            transformers' ``activation_checkpointing_enable``, e.g. ``{"use_reentrant": False}``.
         auto_clear_cache (bool): empty the CUDA allocator's cache after the float32 casts.  Default True.
+        gradient_checkpointing_kwargs (dict | None): the same, under PEFT 0.21's name (keyword only; not both).
 
     PEFT equivalent: ``peft.prepare_model_for_kbit_training``.
 
@@ -37,10 +40,15 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         >>> prepare_model_for_kbit_training(model)[0].weight.dtype, model[0].weight.requires_grad
         (torch.float32, False)
     """
-    if gradient_checkpointing_kwargs is not None and not isinstance(gradient_checkpointing_kwargs, dict):
-        raise TypeError(f"gradient_checkpointing_kwargs must be a dict (as {{'use_reentrant': False}}) or None, got "
-                        f"{gradient_checkpointing_kwargs!r}")
-    kwargs = dict(gradient_checkpointing_kwargs or {})
+    for name, value in (("activation_checkpointing_kwargs", activation_checkpointing_kwargs),
+                        ("gradient_checkpointing_kwargs", gradient_checkpointing_kwargs)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{name} must be a dict (as {{'use_reentrant': False}}) or None, got {value!r}")
+    if activation_checkpointing_kwargs and gradient_checkpointing_kwargs:
+        raise ValueError("activation_checkpointing_kwargs and gradient_checkpointing_kwargs are one setting under two "
+                         "names: give one")
+    kwargs = activation_checkpointing_kwargs or gradient_checkpointing_kwargs
+    kwargs = None if kwargs is None else dict(kwargs)
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
@@ -50,7 +58,9 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
         torch.cuda.empty_cache()
     quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
     if quantized and use_gradient_checkpointing:
-        if kwargs.get("use_reentrant", True):
+        # transformers' own default: non-reentrant since activation_checkpointing_enable (5.23), reentrant before
+        new_name = hasattr(model, "activation_checkpointing_enable")
+        if (kwargs or {}).get("use_reentrant", not new_name):
             if hasattr(model, "enable_input_require_grads"):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
@@ -58,5 +68,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
             else:
                 model.get_input_embeddings().register_forward_hook(lambda module, args, output:
                                                                    output.requires_grad_(True))
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if new_name:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model

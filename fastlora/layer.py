@@ -67,9 +67,9 @@ def computes_as_linear(module: nn.Module) -> bool:
 
 
 def _check_init(init_lora_weights, backend) -> None:
-    if not (init_lora_weights is True or init_lora_weights is False or init_lora_weights in ("gaussian", "eva", "lora_ga")
-            or is_weight_init(init_lora_weights)):
-        raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'eva', 'lora_ga' or one of "
+    if not (init_lora_weights is True or init_lora_weights is False
+            or init_lora_weights in ("gaussian", "nora", "eva", "lora_ga") or is_weight_init(init_lora_weights)):
+        raise ValueError(f"init_lora_weights must be True, False, 'gaussian', 'nora', 'eva', 'lora_ga' or one of "
                          f"{WEIGHT_INITS}, got {init_lora_weights!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -85,9 +85,8 @@ def _draw_device() -> torch.device:
 def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor, Tensor, Tensor | None]:
     """(A, B, B's bias) as PEFT's Linear LoRA layer draws them from the global generator, in its order, on the default
     device and dtype: ``nn.Linear``'s own initialisation of A and of B (and of B's bias), then the adapter's
-    initialisation: True (and "lora_ga" before its data-driven step): A kaiming-uniform again; "gaussian": A normal
-    with std 1/r; both, and "eva" (A as constructed): B and its bias 0; False and the initialisations from the base
-    weight: the constructors' values (those overwrite them).  So a seeded run starts from PEFT's values, and leaves
+    initialisation (:func:`peft_reset_`; False and the initialisations from the base weight keep the constructors'
+    values, which those overwrite).  So a seeded run starts from PEFT's values, and leaves
     the generator where PEFT leaves it."""
     device = _draw_device()
     A, B = torch.empty(a_shape, device=device), torch.empty(b_shape, device=device)
@@ -101,12 +100,16 @@ def _peft_draws(a_shape, b_shape, with_bias: bool, init, r: int) -> tuple[Tensor
 
 def peft_reset_(A: Tensor, B: Tensor, bias: Tensor | None, init, r: int) -> None:
     """PEFT's ``reset_lora_parameters`` on constructed factors, in place: True (and "lora_ga" before its data-driven
-    step): A kaiming-uniform again; "gaussian": A normal with std 1/r; both, and "eva": B and its bias 0; False and
-    the initialisations from the base weight: nothing."""
+    step): A kaiming-uniform again; "gaussian": A normal with std 1/r; "nora" (NoRA): A as constructed, each column
+    of it (of each expert's r rows, for a stack of experts' A) divided by its norm, A[:, j] / max(‖A[:, j]‖, 1e-6);
+    these, and "eva": B and its bias 0; False and the initialisations from the base weight: nothing."""
     if init is False or is_weight_init(init):
         return
     if init == "gaussian":
         nn.init.normal_(A, std=1.0 / r)
+    elif init == "nora":
+        per_expert = A.view(-1, r, A.shape[-1])
+        per_expert.div_(per_expert.norm(dim=1, keepdim=True).clamp_min(1e-6))
     elif init != "eva":
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     B.zero_()
@@ -464,7 +467,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
                              f"{tuple(self.weight.shape)}: it was estimated for another model")
         weight = self.base_weight().to(torch.float32) if lora_ga_config["scale"] == "weight_svd" else None
         return lora_ga_factors(self._out_by_in(gradient).to(torch.float32), settings.r, settings.scaling,
-                               lora_ga_config, self.weight.shape[0], weight)
+                               lora_ga_config, weight)
 
     def _corda_factors(self, eigens, settings) -> tuple[Tensor, Tensor]:
         U, S, V = eigens.U_WC, eigens.S_WC, eigens.V_WC

@@ -142,14 +142,14 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
         return _build(model, config, adapter_name, autocast_adapter_dtype and config.autocast_adapter_dtype, plan)[0]
 
 
-def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
-    """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet (``peft_rule``:
+def _plan_new(model: nn.Module, config: LoraConfig, by_ending: bool = False) -> tuple[list[str], list[str]]:
+    """(targets, modules_to_save) for the first adapter of ``model``, which must have none yet (``by_ending``:
     how modules_to_save entries match, :func:`fastlora.targets.saved_whole`)."""
     if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in model.modules()):
         raise ValueError("the model already has an adapter: use add_adapter() or load_adapter() on its PeftModel "
                          "to add another (on a module inject_adapter_in_model adapted, inject_adapter_in_model(config, "
                          "module, name) adds one)")
-    return plan_targets(model, config, peft_rule=peft_rule), plan_modules_to_save(model, config, peft_rule=peft_rule)
+    return plan_targets(model, config, by_ending=by_ending), plan_modules_to_save(model, config, by_ending=by_ending)
 
 
 def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
@@ -303,8 +303,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         retie(self)  # unpickled or deep-copied, each factor has storage of its own
 
     @staticmethod
-    def _plan_new(model: nn.Module, config: LoraConfig, peft_rule: bool = True) -> tuple[list[str], list[str]]:
-        return _plan_new(model, config, peft_rule)
+    def _plan_new(model: nn.Module, config: LoraConfig, by_ending: bool = False) -> tuple[list[str], list[str]]:
+        return _plan_new(model, config, by_ending)
 
     @classmethod
     def _adapt(cls, model: nn.Module, config: LoraConfig, adapter_name: str, autocast_adapter_dtype: bool,
@@ -636,12 +636,14 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _replicated(self) -> bool:
         return any(config.layer_replication for config in self.peft_config.values())
 
-    def _replace_lora_layers(self, merge: bool, **merge_kwargs) -> nn.Module:
+    def _replace_lora_layers(self, merge: bool, safe_merge: bool = False,
+                             adapter_names: Optional[list[str]] = None) -> nn.Module:
+        kept = {name: self._copy_kept(wrapper, merge, adapter_names) for name, wrapper in self.wrappers()}  # checked first
         if merge:
             # replicated layers: a standalone model of the new depth, each layer its own merged weights
             share_again = unshare_parameters(self.get_base_model()) if self._replicated else None
             try:
-                self.merge_adapter(**merge_kwargs)
+                self.merge_adapter(safe_merge=safe_merge, adapter_names=adapter_names)
             except BaseException:
                 if share_again is not None:
                     share_again()
@@ -651,23 +653,39 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if not merge:
                 layer.unmerge()
             set_module(model, name, layer.to_base())
-        for name, wrapper in list(self.wrappers()):  # PEFT keeps the active adapter's trained copy either way
-            set_module(model, name, wrapper.active_module)
+        for name, module in kept.items():
+            set_module(model, name, module)
         for name, tokens in list(self.token_wrappers()):
             if not merge:
                 tokens.unmerge()
             set_module(model, name, tokens.to_base())
         return model
 
+    @staticmethod
+    def _copy_kept(wrapper: ModulesToSaveWrapper, merge: bool, adapter_names: Optional[list[str]]) -> nn.Module:
+        """The module that replaces a modules_to_save wrapper when the adapters are dropped, as PEFT picks it: the
+        original without a merge; with one, the active adapter's trained copy, or, given ``adapter_names``, the copy
+        of the one of them that has one here (the original where none has; ValueError where several have)."""
+        if not merge:
+            return wrapper.original_module
+        if adapter_names is None:  # the active adapter's, merged even while the adapters are disabled
+            adapter_names = [wrapper.active_adapter]
+        held = [n for n in adapter_names if n in wrapper.modules_to_save]
+        if len(held) > 1:
+            raise ValueError(f"adapters {held} each hold a copy of one modules_to_save module: merging them would "
+                             f"keep only one; merge one of them (nothing was merged)")
+        return wrapper.modules_to_save[held[0]] if held else wrapper.original_module
+
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Fold the adapters (default: the active one) into their base weights (float32 sum, one rounding) and
-        return the plain model.  ``progressbar`` is accepted for PEFT's signature (merging is quick)."""
+        return the plain model; each modules_to_save module becomes the trained copy of the adapter merged (the
+        original where it has none).  ``progressbar`` is accepted for PEFT's signature (merging is quick)."""
         return self._replace_lora_layers(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        """Drop the adapters without merging and return the plain model: its original weights, and each
-        modules_to_save module as the active adapter's trained copy (as PEFT's ``unload``)."""
+        """Drop the adapters without merging and return the plain model: its original weights and original
+        modules_to_save modules (as PEFT's ``unload`` since 0.22)."""
         return self._replace_lora_layers(merge=False)
 
     def _set_adapters_enabled(self, enabled: bool) -> None:

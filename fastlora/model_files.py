@@ -25,7 +25,8 @@ from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.layer_replication import layers_replicated
-from fastlora.targets import plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, with_task_heads
+from fastlora.targets import (plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, task_heads,
+                              with_task_heads)
 from fastlora.weight_tying import untied_where_the_file_is, without_tied_head_factors
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
@@ -73,6 +74,7 @@ class AdapterFilesMixin:
         else:
             config = untied_where_the_file_is(with_task_heads(file_config.replace(inference_mode=not is_trainable),
                                                               self.get_base_model()), self.get_base_model(), tensors)
+            config = _without_entries_matching_nothing(model, config, tensors, model_id)
             self._check_second_adapter(config)
             def checked(targets, to_save):
                 return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
@@ -116,6 +118,7 @@ class AdapterFilesMixin:
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         config = untied_where_the_file_is(
             with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model), model, tensors)
+        config = _without_entries_matching_nothing(model, config, tensors, model_id)
         def checked(targets, to_save):
             return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
 
@@ -348,6 +351,12 @@ def _placement_options(model: nn.Module, kwargs: dict) -> None:
 
 
 def _hub_kwargs(kwargs: dict, caller: str) -> dict:
+    """The Hub's options among ``kwargs``; ``strict_adapter_check`` (PEFT 0.22's "warn", "error" or "ignore" for
+    a file whose keys differ from the adapter's) is taken and checked, a file that differs being refused in any case;
+    anything else is a TypeError."""
+    check = kwargs.pop("strict_adapter_check", "error")
+    if check not in ("warn", "error", "ignore"):
+        raise ValueError(f"strict_adapter_check must be one of 'warn', 'error' or 'ignore', got {check!r}")
     hub_kwargs, rest = hub.split_hub_kwargs(kwargs)
     if rest:
         raise TypeError(f"{caller}() got unexpected keyword arguments {sorted(rest)}")
@@ -384,33 +393,57 @@ def _trained_tokens(model: nn.Module, adapter_name: str) -> dict[str, list[int]]
 def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], config: LoraConfig,
                       tensors: dict[str, torch.Tensor], fits: Callable[[list[str], list[str]], object]
                       ) -> tuple[list[str], list[str]]:
-    """(targets, modules_to_save) of a file's adapter: modules_to_save entries matched as PEFT matches them, or as
-    fastlora matched them before (the name or a dotted suffix) where the file is one it wrote then: one holding
-    nothing of a module that only PEFT's rule saves (``"norm"``'s ``input_layernorm``, ``"classifier"``'s
-    ``pre_classifier``), or one PEFT's rule refuses (every target inside such a module) that fits the old plan
-    (``fits(targets, to_save)`` raises where the file does not)."""
+    """(targets, modules_to_save) of a file's adapter: modules_to_save entries matched as PEFT matches them (the
+    name or a dotted suffix), or by PEFT 0.21's rule (every name ending with the entry) where the file was written
+    under it: one holding a copy of a module only that rule saves (``"norm"``'s ``input_layernorm``), or one the
+    first rule refuses (``"layernorm"`` matches no module's dotted suffix) that fits the other's plan
+    (``fits(targets, to_save)`` raises where the file does not).  ``plan(by_ending)`` makes a plan."""
     with warnings.catch_warnings():  # trials: the plan kept is made again below, saying what it says
         warnings.simplefilter("ignore")
         try:
-            _, to_save = plan(True)
+            _, to_save = plan(False)
         except (TypeError, ValueError) as refusal:
             try:
-                fits(*plan(False))
+                fits(*plan(True))
             except (TypeError, ValueError):
                 raise refusal from None
             to_save = None
-    if to_save is None:  # PEFT's rule refused, the old one fits the file
-        return plan(False)
+        if to_save is not None:
+            try:
+                _, saved_by_ending = plan(True)
+            except (TypeError, ValueError):
+                saved_by_ending = []
+    if to_save is None:  # the rule of today refused, PEFT 0.21's fits the file
+        return plan(True)
 
-    def copy_in_file(name: str) -> bool:  # the module's own tensors, not an adapter's on it or inside it
-        prefix = f"{peft_format.PREFIX}{name}."
-        return any(key.startswith(prefix) and not any(part.startswith("lora_") or part == "base_layer"
-                                                      for part in key[len(prefix):].split("."))
-                   for key in tensors)
+    written_by_ending = any(not saved_whole(name, config.modules_to_save) and _holds_copy(
+        tensors, name, tuple(saved for saved in to_save if saved.startswith(name + "."))) for name in saved_by_ending)
+    return plan(written_by_ending)
 
-    written_before = any(not saved_whole(name, config.modules_to_save, peft_rule=False) and not copy_in_file(name)
-                         for name in to_save)
-    return plan(not written_before)
+
+def _without_entries_matching_nothing(model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                                      where) -> LoraConfig:
+    """``config`` without the modules_to_save entries that match no module of ``model`` as PEFT matches them now,
+    nor, by PEFT 0.21's rule, a module the file holds a copy of (PEFT 0.22 saves nothing for such an entry, and
+    writes it in its file), with a warning; task heads a model lacks stay (they are skipped)."""
+    names = [n for n, _ in model.named_modules() if n]
+    unmatched = [e for e in config.modules_to_save or [] if e not in task_heads(config)
+                 and not any(saved_whole(n, [e]) for n in names)
+                 and not any(_holds_copy(tensors, n) for n in names if saved_whole(n, [e], by_ending=True))]
+    if not unmatched:
+        return config
+    warnings.warn(f"modules_to_save entries {unmatched} of the adapter in {str(where)!r} match no module of the model: "
+                  f"left out (the file holds nothing of them)", UserWarning, stacklevel=3)
+    return config.replace(modules_to_save=[e for e in config.modules_to_save if e not in unmatched] or None)
+
+
+def _holds_copy(tensors: dict[str, torch.Tensor], name: str, inside: tuple[str, ...] = ()) -> bool:
+    """Whether the file holds tensors of the module ``name`` itself (a modules_to_save copy), not an adapter's on
+    it or inside it, nor those of the modules ``inside`` it that are saved whole on their own."""
+    prefix = f"{peft_format.PREFIX}{name}."
+    inner = tuple(f"{peft_format.PREFIX}{module}." for module in inside)
+    return any(key.startswith(prefix) and not key.startswith(inner) and not any(
+        part.startswith("lora_") or part == "base_layer" for part in key[len(prefix):].split(".")) for key in tensors)
 
 
 def _without_layers_eva_removed(config: LoraConfig, targets: list[str],

@@ -227,8 +227,9 @@ class ParameterTarget:
         return self.owner + ".base_layer" * (self.count - 1 - self.index)
 
 
-def _matches(key: str, wanted: list[str]) -> str | None:
-    return next((w for w in wanted if key == w or key.endswith("." + w)), None)
+def _matching(key: str, wanted: list[str]) -> list[str]:
+    """The entries of ``wanted`` naming the parameter ``key``, whole or as a dotted suffix."""
+    return [w for w in wanted if key == w or key.endswith("." + w)]
 
 
 def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[ParameterTarget]:
@@ -249,9 +250,10 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[Paramet
             continue  # its owner, under it, is visited
         owner = re.sub(r"(\.base_layer)+$", "", name) if _wrapped_by_parameter_layers(model, name) else name
         for parameter_name, parameter in module.named_parameters(recurse=False):
-            match = _matches(f"{owner}.{parameter_name}" if owner else parameter_name, wanted)
-            if match is None:
+            matching = _matching(f"{owner}.{parameter_name}" if owner else parameter_name, wanted)
+            if not matching:
                 continue
+            match = matching[0]
             if not owner:
                 raise ValueError(f"target_parameters entry {match!r} matches {parameter_name}, a parameter of the "
                                  f"model itself: LoRA adapts a parameter of a submodule (its layer wraps the "
@@ -264,7 +266,7 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[Paramet
                                  f"{parameter.dtype} parameter (quantized?): LoRA adapts floating-point parameters")
             parameter_sizes(module, parameter)  # 2-D or 3-D
             found.setdefault(owner, []).append(parameter_name)
-            used.add(match)
+            used.update(matching)  # two entries may name one parameter ("experts.gate_up_proj", "gate_up_proj")
     missing = [w for w in wanted if w not in used]
     if missing:
         raise ValueError(f"target_parameters entries {missing} match no parameter of the model; parameters with "

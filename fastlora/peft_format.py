@@ -14,7 +14,6 @@ tensor against the model (names, shapes, rank) before anything in the model chan
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -287,8 +286,7 @@ def write_adapter(directory: str | os.PathLike, config: LoraConfig, tensors: dic
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     else:
         atomic_write(directory / WEIGHTS_BIN_NAME, lambda tmp: torch.save(tensors, tmp))
-    config_text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write_text(directory / CONFIG_NAME, config_text)
+    atomic_write_text(directory / CONFIG_NAME, config.to_json())
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:

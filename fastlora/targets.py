@@ -21,15 +21,18 @@ from fastlora.quantized import is_bnb_linear
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import tied_heads, tied_with_input_embeddings, with_weight_tying
 
-__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "saved_whole"]
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "task_heads", "saved_whole"]
 
-# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier`` and ``score`` to modules_to_save,
-# its QUESTION_ANS model ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a
-# BERT ``classifier``); any other modules_to_save entry must match a module.
-_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+# PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier``, ``score`` and ``pre_classifier`` (the
+# freshly initialised layer before DistilBERT's classifier) to modules_to_save, its QUESTION_ANS model
+# ``qa_outputs``.  The ones a model lacks are skipped (a Llama has ``score``, a BERT ``classifier``); any other
+# modules_to_save entry must match a module.
+_CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
+_TASK_HEADS = {"SEQ_CLS": _CLASSIFIER_HEADS, "TOKEN_CLS": _CLASSIFIER_HEADS, "QUESTION_ANS": ("qa_outputs",)}
 
 
-def _task_heads(config: LoraConfig) -> tuple[str, ...]:
+def task_heads(config: LoraConfig) -> tuple[str, ...]:
+    """The modules_to_save entries PEFT's model for ``config.task_type`` adds (none a model lacks is an error)."""
     return _TASK_HEADS.get(config.task_type.value if config.task_type is not None else "", ())
 
 
@@ -39,7 +42,7 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
     names none, the targets of a mixture-of-experts model whose experts transformers 5 stores as parameters
     rewritten (:mod:`fastlora.fused_experts`), and a head tied to the input embeddings taken out for the
     embeddings under ``ensure_weight_tying`` (:mod:`fastlora.weight_tying`)."""
-    heads = [h for h in _task_heads(config) if h not in (config.modules_to_save or [])]
+    heads = [h for h in task_heads(config) if h not in (config.modules_to_save or [])]
     if heads:
         config = config.replace(modules_to_save=list(config.modules_to_save or []) + heads)
     if model is None:
@@ -65,20 +68,21 @@ def _all_linear(model: nn.Module) -> list[str]:
             if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
 
 
-def saved_whole(name: str, entries: list[str] | None, peft_rule: bool = True) -> bool:
-    """Whether a modules_to_save entry matches the module ``name``: PEFT's rule, every name that ends with the entry
-    (``"norm"`` matches ``input_layernorm``); with ``peft_rule=False`` the name or a dotted suffix of it, as fastlora
-    matched entries before (files it wrote then are read that way)."""
-    return any(name.endswith(m) if peft_rule else (name == m or name.endswith("." + m)) for m in entries or [])
+def saved_whole(name: str, entries: list[str] | None, by_ending: bool = False) -> bool:
+    """Whether a modules_to_save entry matches the module ``name``: the name itself or a dotted suffix of it
+    (``"norm"`` matches ``model.norm``, not ``input_layernorm``), as PEFT matches entries since 0.22.  With
+    ``by_ending``, PEFT 0.21's rule, kept for the files written under it: every name that ends with the entry
+    (``"norm"`` matches ``input_layernorm`` too)."""
+    return any(name.endswith(m) if by_ending else (name == m or name.endswith("." + m)) for m in entries or [])
 
 
-def _under_modules_to_save(name: str, config: LoraConfig, peft_rule: bool = True) -> bool:
+def _under_modules_to_save(name: str, config: LoraConfig, by_ending: bool = False) -> bool:
     """No adapter on a modules_to_save module or inside one: the module or one of its parents matched as
-    :func:`plan_modules_to_save` matches them.  (PEFT's own guard matches whole dotted names only, and so may put
-    an adapter inside a module it then saves whole, with ``"attn"`` say; fastlora never does, and warns where it
-    leaves out a target PEFT would adapt.)"""
+    :func:`plan_modules_to_save` matches them.  (PEFT's own guard matches whole dotted names, as the default rule
+    does; under ``by_ending`` it may put an adapter inside a module it then saves whole, with ``"attn"`` say:
+    fastlora never does, and warns where it leaves out a target PEFT would adapt.)"""
     parents = [name[:i] for i, c in enumerate(name) if c == "."] + [name]
-    return any(saved_whole(parent, config.modules_to_save, peft_rule) for parent in parents)
+    return any(saved_whole(parent, config.modules_to_save, by_ending) for parent in parents)
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
@@ -116,9 +120,9 @@ def _named_modules_outside_wrappers(model: nn.Module):
 
 
 def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
-                 peft_rule: bool = True) -> list[str]:
+                 by_ending: bool = False) -> list[str]:
     """Qualified names of the modules ``config`` adapts, checked: each is of a kind fastlora adapts
-    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``peft_rule``: see :func:`saved_whole`).
+    (:mod:`fastlora.base_kinds`); none inside a modules_to_save module (``by_ending``: see :func:`saved_whole`).
 
     With ``adapter_name`` None (a model without adapters) an existing ``LoRALinear`` is an error; otherwise
     a ``LoRALinear`` target gains the new adapter, and one that already holds ``adapter_name`` is an error.
@@ -142,7 +146,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             continue
         if config.exclude_modules is not None and _name_matches(name, config.exclude_modules):
             continue
-        if _under_modules_to_save(name, config, peft_rule):
+        if _under_modules_to_save(name, config, by_ending):
             saved_instead.append(name)
             continue
         if config.layers_to_transform is not None:
@@ -192,8 +196,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             raise TypeError(f"ensure_weight_tying: the head {name} tied to {embedding} ({type(module).__name__}) is "
                             f"not a layer fastlora adapts: {refusal(module)}")
         targets.append(name)
-    # PEFT's own guard matches whole dotted names: the old rule's
-    peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config, peft_rule=False)]
+    # PEFT's own guard matches whole dotted names: only PEFT 0.21's rule for modules_to_save leaves it any
+    peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config)]
     if peft_adapts:
         warnings.warn(f"target_modules matched {peft_adapts[:3]}{' ...' if len(peft_adapts) > 3 else ''}, inside "
                       f"modules the modules_to_save entries {config.modules_to_save} save whole: fastlora trains "
@@ -247,16 +251,16 @@ def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[st
 
 
 def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str | None = None,
-                         peft_rule: bool = True) -> list[str]:
+                         by_ending: bool = False) -> list[str]:
     """Qualified names of the modules ``config`` saves whole: the outermost match of each entry, an entry matching
-    every name that ends with it, as PEFT matches them (``"norm"`` takes ``model.norm`` and each layer's
-    ``input_layernorm`` alike).  An entry that matches nothing is an error, but for task heads.  A match that is
-    already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error when ``adapter_name`` is None);
-    one holding an adapted layer, or quantized weights, is an error.  ``peft_rule``: see :func:`saved_whole`."""
+    the name itself or a dotted suffix, as PEFT matches them (``"norm"`` takes ``model.norm``, not each layer's
+    ``input_layernorm``; ``by_ending``: see :func:`saved_whole`).  An entry that matches nothing is an error, but
+    for task heads.  A match that is already a ``ModulesToSaveWrapper`` gains a copy for ``adapter_name`` (an error
+    when ``adapter_name`` is None); one holding an adapted layer, or quantized weights, is an error."""
     found = set()
     for wanted in config.modules_to_save or []:
-        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and saved_whole(n, [wanted], peft_rule)}
-        if not matches and wanted not in _task_heads(config):
+        matches = {n for n, _ in _named_modules_outside_wrappers(model) if n and saved_whole(n, [wanted], by_ending)}
+        if not matches and wanted not in task_heads(config):
             raise ValueError(f"modules_to_save entry {wanted!r} matches no module of the model")
         found |= matches
     how, _, tied = tied_heads(config, model)
@@ -283,25 +287,15 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
 
 
 def warn_of_patterns(config: LoraConfig, targets: list[str]) -> None:
-    """Warn, as PEFT does, of ``rank_pattern`` / ``alpha_pattern`` keys that match no target (ignored); and when a
-    target's rank or alpha depends on the order of their keys (several keys match it, with different values): the
-    first key in the dict's order decides, as in PEFT, but adapter_config.json is written with sorted keys (PEFT's
-    format), so a saved adapter would reload with another value there."""
+    """Warn, as PEFT does, of ``rank_pattern`` / ``alpha_pattern`` keys that match no target (ignored).  (Where
+    several keys match a target, the first in the dict's order decides, as in PEFT; adapter_config.json keeps
+    that order.)"""
     for name in ("rank_pattern", "alpha_pattern"):
         patterns = getattr(config, name)
         unmatched = sorted(key for key in patterns if not any(pattern_key({key: None}, t) for t in targets))
         if unmatched:
-            warnings.warn(f"The following {name} keys did not match any targeted module and were ignored: "
-                          f"{unmatched}.", RuntimeWarning, stacklevel=5)
-    resorted = config.replace(rank_pattern=dict(sorted(config.rank_pattern.items())),
-                              alpha_pattern=dict(sorted(config.alpha_pattern.items())))
-    changed = [name for name in targets if config.settings_for(name) != resorted.settings_for(name)]
-    if changed:
-        warnings.warn(
-            f"rank_pattern / alpha_pattern: several keys match {changed[:3]}{' ...' if len(changed) > 3 else ''} "
-            f"with different values, so the first in the dict's order decides; adapter_config.json is written with "
-            f"sorted keys (as PEFT writes it), so the saved adapter would not reload with these ranks.  Make the keys "
-            f"match disjoint modules", UserWarning, stacklevel=5)
+            warnings.warn(f"The following {name} keys did not match any targeted module or parameter and were "
+                          f"ignored: {unmatched}.", RuntimeWarning, stacklevel=5)
 
 
 def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[str]) -> dict[str, list[int]]:

@@ -145,12 +145,11 @@ def loftq_factors(weight: Tensor, r: int, bits: int, iterations: int) -> tuple[T
     return quantized, A, B
 
 
-def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict, stable_rows: int,
+def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict,
                     weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(A, B) of LoRA-GA from the estimated gradient (out × in, float32) and ``config`` (``direction``, ``scale``,
-    ``stable_gamma``; see the module docstring); ``stable_rows`` is the "out" of the stable scale (PEFT takes the
-    stored weight's first dimension: a transposed Conv1D weight's is its in_features); ``weight`` (out × in,
-    float32) is read by ``scale="weight_svd"`` only.  Draws from the global random generator: the randomized SVDs
+    ``stable_gamma``; see the module docstring); ``weight`` (out × in, float32) is read by ``scale="weight_svd"``
+    only.  Draws from the global random generator: the randomized SVDs
     on the gradient's device, ``direction="random"``'s permutation on the CPU (as PEFT's)."""
     U, S, V = torch.svd_lowrank(gradient, q=min(4 * r, min(gradient.shape)), niter=4)
     U, S, Vh = U[:, :2 * r], S[:2 * r], V.t()[:2 * r]
@@ -166,7 +165,7 @@ def lora_ga_factors(gradient: Tensor, r: int, scaling: float, config: dict, stab
     B = U[:, b_columns] @ torch.diag(B_singular)
     scale = config["scale"]
     if scale == "stable":
-        B = B * (stable_rows ** 0.25 / config["stable_gamma"] ** 0.5)
+        B = B * (gradient.shape[0] ** 0.25 / config["stable_gamma"] ** 0.5)
     elif scale == "weight_svd":
         _, weight_singular, _ = torch.svd_lowrank(weight, q=r, niter=4)
         if B_singular[0] > 0:

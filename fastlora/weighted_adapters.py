@@ -1,7 +1,7 @@
 """``add_weighted_adapter``: a new adapter combined from existing ones, with PEFT's combination types for LoRA.
 
-For adapters i with weights w_i and scalings s_i, per layer (the new adapter has lora_alpha = r, so scaling 1;
-with ``use_rslora`` in the first adapter's config the new one keeps it, as PEFT's, and its scaling is √r):
+For adapters i with weights w_i and scalings s_i, per layer (the new adapter has lora_alpha = r and no rsLoRA, so
+scaling 1; with ``lora_bias`` in any of them it has a bias on B too, b = Σ w_i s_i b_i over those that have one):
 
     cat              A = [w_1 s_1 A_1; w_2 s_2 A_2; …] (rows), B = [B_1, B_2, …] (columns): ΔW = Σ w_i s_i B_i A_i
                      exactly; the new rank is the sum of the ranks.
@@ -95,9 +95,15 @@ def _check(model: nn.Module, adapters: list[str], weights: list[float], combinat
         if config.target_parameters:
             raise UnsupportedFeatureError(f"add_weighted_adapter: adapter {adapter!r} adapts parameters (target_parameters), "
                                       f"which fastlora does not combine")
-        if config.use_dora or config.lora_bias:
-            raise UnsupportedFeatureError(f"add_weighted_adapter: adapter {adapter!r} uses "
-                                      f"{'DoRA' if config.use_dora else 'lora_bias'}, which fastlora does not combine")
+        if config.use_dora:
+            raise UnsupportedFeatureError(f"add_weighted_adapter: adapter {adapter!r} uses DoRA, which fastlora does "
+                                          f"not combine")
+    biased = [a for a in adapters if model.peft_config[a].lora_bias]
+    on_embeddings = [a for a in adapters if any(isinstance(layer, LoRAEmbedding) and a in layer.adapter_settings
+                                                for _, layer in model.lora_layers())]
+    if biased and on_embeddings:  # PEFT's refusal: the combined adapter would need a bias on an embedding
+        raise ValueError(f"add_weighted_adapter: adapters {biased} use lora_bias=True while adapters {on_embeddings} "
+                         f"adapt an nn.Embedding, which takes no bias; leave either group out")
     wrapped = [w for _, w in model.wrappers() if sum(a in w.modules_to_save for a in adapters) > 1]
     if wrapped:
         raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but found "
@@ -157,8 +163,10 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
     combination_type, rank = _check(model, adapters, weights, combination_type, svd_rank, density, majority_sign_method,
                                     svd_clamp, svd_driver)
     weights = [float(w) for w in weights]  # a one-element tensor's value exactly (a float32 is a double too)
-    config = model.peft_config[adapters[0]].replace(r=rank, lora_alpha=rank, rank_pattern={}, alpha_pattern={},
-                                                    target_modules=_target_modules(model, adapters))
+    # scaling 1: each adapter's scaling is in the combined factors (so no rsLoRA, whose scaling would be √r)
+    config = model.peft_config[adapters[0]].replace(
+        r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={},
+        lora_bias=any(model.peft_config[a].lora_bias for a in adapters), target_modules=_target_modules(model, adapters))
     # The new adapter first, then the combinations, layer by layer in module order: the dare types' draws then
     # follow PEFT's (whose new layers draw their initial values first).  An error takes the new adapter out again.
     model.add_adapter(adapter_name, config)
@@ -175,6 +183,12 @@ def add_weighted_adapter(model: nn.Module, adapters: list[str], weights: list[fl
                                         svd_full_matrices, svd_driver)
                 A[: new_A.shape[0]].copy_(new_A)
                 B[:, : new_B.shape[1]].copy_(new_B)
+            bias = layer.lora_bias(adapter_name)
+            if bias is not None:  # the bias adds to the output whatever the factors: its terms summed as PEFT sums them
+                bias.zero_()
+                for a, w in held:
+                    if layer.lora_bias(a) is not None:
+                        bias += w * layer.adapter_settings[a].scaling * layer.lora_bias(a)
     except BaseException:
         model.delete_adapter(adapter_name)
         raise

@@ -1,8 +1,14 @@
 """Small models built from configs (nothing downloaded) and PEFT-side helpers shared by the tests."""
 
 import copy
+from importlib.metadata import version
 
 import torch
+from packaging.version import Version
+
+# The PEFT these tests compare with: 0.21 and 0.22 differ where fastlora follows 0.22 (modules_to_save entries,
+# the order adapters are created in, "all-linear" on mixture-of-experts models), and files of both must load.
+PEFT_BEFORE_0_22 = Version(version("peft")) < Version("0.22")
 
 SEED_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastlora import LoRALinear
-from tests.models import clone, tiny_gpt2, tiny_llama, tiny_mixtral
+from tests.models import PEFT_BEFORE_0_22, clone, tiny_gpt2, tiny_llama, tiny_mixtral
 from tests.tolerances import assert_close
 
 
@@ -177,10 +177,20 @@ _SEEDED_CASES = {
                                                                  init_lora_weights="olora")),
     "eva-moe": (lambda: tiny_mixtral(), dict(target_modules=["q_proj"], r=4, init_lora_weights="eva",
                                              target_parameters=["experts.gate_up_proj"])),
+    "nora": (lambda: tiny_llama(), dict(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights="nora")),
+    "nora-gpt2-conv1d": (lambda: tiny_gpt2(), dict(target_modules=["c_attn"], r=4, init_lora_weights="nora")),
+    "nora-dora": (lambda: tiny_llama(), dict(target_modules=["q_proj"], r=4, init_lora_weights="nora", use_dora=True)),
+    "nora-parameter": (lambda: tiny_llama(), dict(target_modules=["v_proj"], r=4, init_lora_weights="nora",
+                                                  target_parameters=["self_attn.q_proj.weight"])),
 }
 
 
-@pytest.mark.parametrize("case", list(_SEEDED_CASES))
+_AFTER_0_21 = pytest.mark.skipif(PEFT_BEFORE_0_22, reason="PEFT 0.21 drew the parameters' adapters after the "
+                                                        "modules' (fastlora draws in 0.22's order), and had no NoRA")
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=_AFTER_0_21) if _SEEDED_CASES[c][1].get("target_parameters")
+                                  or c.startswith("nora") else c for c in _SEEDED_CASES])
 def test_a_seeded_model_starts_from_peft_s_values(case):
     """From the same seed, fastlora's adapters start from PEFT's values bit for bit (PEFT's draws: nn.Linear's own
     initialisation of A and B, then the adapter's; an embedding's two normal draws), held as PEFT holds them

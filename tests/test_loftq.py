@@ -12,7 +12,7 @@ import torch
 
 import fastlora
 from fastlora import LoftQConfig, replace_lora_weights_loftq
-from tests.models import assert_unchanged, clone, load_quantized, snapshot, tiny_llama, tiny_mixtral, tokens
+from tests.models import PEFT_BEFORE_0_22, assert_unchanged, clone, load_quantized, snapshot, tiny_llama, tiny_mixtral, tokens
 from tests.tolerances import assert_close
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -20,12 +20,17 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture
 def peft_loftq_on_cpu(monkeypatch):
-    """PEFT's LoftQ functions with their hard-coded CUDA device replaced by the CPU."""
+    """PEFT's LoftQ functions with their hard-coded CUDA device replaced by the CPU (PEFT 0.22 computes on the
+    device it finds: told the CPU)."""
     from peft.tuners.lora import layer as peft_layer
     from peft.utils import loftq_utils
 
     for name in ("loftq_init", "_loftq_init_new"):
         source = textwrap.dedent(inspect.getsource(getattr(loftq_utils, name)))
+        if not PEFT_BEFORE_0_22:
+            assert '"cuda"' not in source and "infer_device()" in source
+            monkeypatch.setattr(loftq_utils, "infer_device", lambda: "cpu")
+            continue
         assert source.count('"cuda"') == 1
         namespace = dict(vars(loftq_utils))
         exec(compile(source.replace('"cuda"', '"cpu"'), loftq_utils.__file__, "exec"), namespace)
@@ -60,6 +65,28 @@ def test_loftq_initialisation_is_peft_s(peft_loftq_on_cpu, bits, iterations, dty
     ids = tokens()
     with torch.no_grad():
         assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
+
+
+def test_an_embedding_target_takes_the_default_initialisation_under_loftq(peft_loftq_on_cpu):
+    """LoftQ initialises Linear layers; an embedding among the targets keeps its table and takes the default
+    initialisation (A = 0, B normal), as in PEFT since 0.22 (0.21 failed with a bare TypeError)."""
+    base = tiny_llama()
+    targets = ["q_proj", "embed_tokens"]
+    torch.manual_seed(0)
+    ours = fastlora.get_peft_model(clone(base), _config(fastlora, target_modules=targets))
+    embedding = ours.base_model.model.model.embed_tokens
+    A, B = embedding.lora_factors("default")
+    assert not A.any() and B.any()
+    assert torch.equal(embedding.weight, base.model.embed_tokens.weight)
+    assert not torch.equal(ours.base_model.model.model.layers[0].self_attn.q_proj.weight,
+                           base.model.layers[0].self_attn.q_proj.weight)  # the Linear's W quantized
+    if PEFT_BEFORE_0_22:
+        return
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(clone(base), _config(peft, target_modules=targets))
+    their_embedding = theirs.base_model.model.model.embed_tokens
+    assert torch.equal(A, their_embedding.lora_embedding_A["default"])
+    assert torch.equal(B, their_embedding.lora_embedding_B["default"])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -147,7 +174,6 @@ def test_loftq_refusals_leave_the_model_unchanged(tmp_path):
         quantized = load_quantized(tmp_path, load_in_4bit=True, llm_int8_skip_modules=["q_proj", "lm_head"])
     for model, config, error, match in [
         (quantized, _config(fastlora), TypeError, "replace_lora_weights_loftq"),
-        (tiny_llama(), _config(fastlora, target_modules=["q_proj", "embed_tokens"]), TypeError, "embedding target"),
         (tiny_mixtral(), _config(fastlora, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"]),
          fastlora.UnsupportedFeatureError, "target_parameters"),
     ]:

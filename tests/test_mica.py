@@ -10,7 +10,7 @@ import torch
 
 import fastlora
 from fastlora import UnsupportedFeatureError
-from tests.models import (assert_refused_on_a_4bit_model, assert_unchanged, clone, load_quantized, snapshot,
+from tests.models import (PEFT_BEFORE_0_22, assert_refused_on_a_4bit_model, assert_unchanged, clone, load_quantized, snapshot,
                           tiny_gpt2, tiny_llama, tokens)
 from tests.tolerances import assert_close
 
@@ -49,12 +49,12 @@ def test_mica_starts_and_trains_as_peft_s(setup):
         their_A, their_B = _their_factors(theirs.base_model.model.get_submodule(name))
         assert torch.equal(A, their_A) and torch.equal(B, their_B), name
         assert not A.any() and B.any() and A.requires_grad and not B.requires_grad, name
-        # PEFT's cast of a bf16 base's embedding factors to float32 makes new parameters: its B trains there
-        assert their_B.requires_grad == (setup == "bf16" and "embed" in name), name
+        # PEFT 0.21's cast of a bf16 base's embedding factors to float32 made new parameters: its B trained there
+        assert their_B.requires_grad == (PEFT_BEFORE_0_22 and setup == "bf16" and "embed" in name), name
         weight = layer.base_weight().float()  # B's columns: the left singular vectors of W's r smallest values
         U, _, _ = torch.linalg.svd(weight, full_matrices=False)
         assert_close(B.abs().float(), U[:, -B.shape[1]:].abs(), kind="same_math", dtype=base.dtype)
-    if setup == "bf16":
+    if setup == "bf16" and PEFT_BEFORE_0_22:
         return
     trainable = [sum(p.numel() for p in model.parameters() if p.requires_grad) for model in (ours, theirs)]
     assert trainable[0] == trainable[1]
@@ -72,7 +72,8 @@ def test_mica_starts_and_trains_as_peft_s(setup):
             optimizer.step()
             optimizer.zero_grad()
             losses[library].append(loss.item())
-    assert_close(torch.tensor(losses["fastlora"]), torch.tensor(losses["peft"]), kind="same_math")
+    # (a bf16 base's loss is float32 from bf16 logits: bf16's precision)
+    assert_close(torch.tensor(losses["fastlora"]), torch.tensor(losses["peft"]), kind="same_math", dtype=base.dtype)
     for name, layer in layers.items():
         A, B = layer.lora_factors("default")
         assert torch.equal(B, frozen[name]) and A.any(), name  # only A trained

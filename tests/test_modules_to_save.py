@@ -12,7 +12,8 @@ from torch import nn
 import fastlora as fastlora_module
 from fastlora import LoraConfig, LoraModel, LoRALinear, get_peft_model
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import (PEFT_BEFORE_0_22, SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama,
+                          tokens)
 from tests.tolerances import assert_close
 
 
@@ -62,6 +63,47 @@ def test_lm_head_copy_trains_and_disable_adapter_gives_the_base_model():
         assert_close(plain(input_ids=ids).logits, adapted, kind="same_math")
 
 
+@pytest.mark.parametrize("call", ["unload", "merge_and_unload", "merge_and_unload-b", "merge_and_unload-both",
+                                  "merge_and_unload-disabled"])
+def test_unloading_keeps_the_copy_of_the_adapter_merged_as_peft(call):
+    """unload() gives the original module back; merge_and_unload() the trained copy of the adapter it merges (the
+    active one, or the one of ``adapter_names`` holding a copy); two of them holding copies are refused before
+    anything merges.  As PEFT since 0.22."""
+    base = tiny_llama()
+    models = {}
+    for library in (fastlora_module, peft):
+        model = library.get_peft_model(clone(base), library.LoraConfig(target_modules=["q_proj"],
+                                                                       modules_to_save=["lm_head"]))
+        model.add_adapter("b", library.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "modules_to_save" in name:
+                    parameter.add_(1.0 if ".default." in name else 2.0)
+        models[library] = model
+    ours = models[fastlora_module]
+    if call == "merge_and_unload-both":
+        before = snapshot(ours)
+        with pytest.raises(ValueError, match=r"adapters \['default', 'b'\] each hold a copy of one modules_to_save"):
+            ours.merge_and_unload(adapter_names=["default", "b"])
+        assert_unchanged(ours, before)
+        if not PEFT_BEFORE_0_22:
+            with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+                models[peft].merge_and_unload(adapter_names=["default", "b"])
+        return
+    shift = {"unload": 0.0, "merge_and_unload": 1.0, "merge_and_unload-b": 2.0, "merge_and_unload-disabled": 1.0}[call]
+    results = {}
+    for library, model in models.items():
+        if call.endswith("-disabled"):  # the active adapter is merged, its copy kept, as PEFT merges them
+            model.disable_adapter_layers()
+        unloaded = model.unload() if call == "unload" else model.merge_and_unload(
+            adapter_names=["b"] if call.endswith("-b") else None)
+        results[library] = unloaded.lm_head
+    assert type(results[fastlora_module]) is nn.Linear
+    torch.testing.assert_close(results[fastlora_module].weight, base.lm_head.weight + shift, rtol=0, atol=0)
+    if not PEFT_BEFORE_0_22:  # 0.21 kept the active adapter's copy in each case
+        assert torch.equal(results[peft].weight, results[fastlora_module].weight)
+
+
 def test_trained_copy_saves_and_loads_both_ways_with_peft(tmp_path):
     base = tiny_llama()
     kwargs = dict(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4, lora_alpha=8, modules_to_save=["lm_head"])
@@ -86,7 +128,9 @@ def test_seq_cls_trains_the_score_head_like_peft(tmp_path):
     fm = get_peft_model(clone(base), LoraConfig(**kwargs))
     pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
     assert isinstance(fm.model.score, ModulesToSaveWrapper)
-    assert fm.peft_config["default"].modules_to_save == ["classifier", "score"]
+    assert fm.peft_config["default"].modules_to_save == ["classifier", "score", "pre_classifier"]
+    if not PEFT_BEFORE_0_22:  # 0.21 adds classifier and score only
+        assert fm.peft_config["default"].modules_to_save == pm.peft_config["default"].modules_to_save
     assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     ids, labels = tokens(), torch.tensor([0, 2])
     _sgd_step(fm, ids, labels)
@@ -96,7 +140,9 @@ def test_seq_cls_trains_the_score_head_like_peft(tmp_path):
         assert not torch.allclose(want, base(input_ids=ids).logits)
         loaded_peft = peft.PeftModel.from_pretrained(clone(base), tmp_path).eval()
         assert_close(loaded_peft(input_ids=ids).logits, want, kind="same_math")
-        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # the task heads the model lacks: nothing to say
+            loaded = LoraModel.from_pretrained(clone(base), tmp_path)
         assert_close(loaded(input_ids=ids).logits, want, kind="same_math")
 
 
@@ -133,18 +179,21 @@ def test_failure_while_wrapping_rolls_back(monkeypatch):
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("entry", ["norm", "layernorm", "head"])
-def test_an_entry_matches_every_name_ending_with_it_as_in_peft(entry, tmp_path):
-    """PEFT wraps every module whose qualified name ends with an entry (``"norm"``: model.norm and each layer's
-    input_layernorm); so does fastlora, and each loads the other's file with equal logits."""
+@pytest.mark.parametrize("entry", ["norm", "model.norm", "layers.0.mlp"])
+def test_an_entry_matches_the_name_or_a_dotted_suffix_as_in_peft(entry, tmp_path):
+    """An entry matches a module's qualified name or a dotted suffix of it (``"norm"``: model.norm, not each layer's
+    input_layernorm), as PEFT since 0.22; each loads the other's file with equal logits."""
     base = tiny_llama()
     kwargs = dict(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4, lora_alpha=8, modules_to_save=[entry])
     fm = get_peft_model(clone(base), LoraConfig(**kwargs))
-    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
     ours = {n for n, m in fm.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    assert ours == {"model.norm" if "norm" in entry else "model.layers.0.mlp"}
+    if PEFT_BEFORE_0_22:
+        return  # PEFT 0.21 matches by ending: compared in the test below
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
     theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
               if isinstance(m, peft.utils.other.ModulesToSaveWrapper)}
-    assert ours == theirs and len(ours) == {"norm": 5, "layernorm": 4, "head": 1}[entry]
+    assert ours == theirs
     assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     ids = tokens()
     _sgd_step(pm, ids, ids)
@@ -154,24 +203,141 @@ def test_an_entry_matches_every_name_ending_with_it_as_in_peft(entry, tmp_path):
         assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
 
 
-def test_a_target_inside_a_module_matched_by_suffix_is_saved_instead_and_said_so(tmp_path):
-    """A LoRA target inside a modules_to_save module (``"attn"`` ends ``layers.0.self_attn``) is left to the saved
-    copy: no adapter inside a module trained whole.  PEFT's guard matches whole dotted names, so it would adapt
-    q_proj there: a warning says where fastlora differs."""
+@pytest.mark.parametrize("entry", ["layernorm", "head", "attn"])
+def test_an_entry_matching_only_the_ending_of_names_is_refused(entry):
+    """``"layernorm"`` ends ``input_layernorm`` but is no dotted suffix of it: matching no module, it is refused
+    with the model unchanged (PEFT since 0.22 saves nothing for it, silently)."""
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=rf"modules_to_save entry '{entry}' matches no module of the model"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], r=4, modules_to_save=[entry]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("entry", ["norm", "layernorm", "head"])
+def test_a_file_written_when_entries_matched_every_ending_loads_as_written(entry, tmp_path):
+    """PEFT 0.21 wrapped every module whose name ends with an entry (``"norm"``: model.norm and each layer's
+    input_layernorm): its files (and fastlora's of then) hold those copies and load as they were written, with
+    equal logits.  With PEFT 0.21 installed its own file is loaded; otherwise one of that form is made."""
+    base = tiny_llama()
+    ending = {"norm": 5, "layernorm": 4, "head": 1}[entry]
+    ids = tokens()
+    if PEFT_BEFORE_0_22:
+        written = peft.get_peft_model(clone(base), peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"],
+                                                                   r=4, modules_to_save=[entry]))
+        _sgd_step(written, ids, ids)
+    else:
+        names = sorted({n.rsplit(".", 1)[-1] for n, _ in base.named_modules() if n.endswith(entry)})
+        written = get_peft_model(clone(base), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4,
+                                                         modules_to_save=names))
+        _sgd_step(written, ids, ids)
+    wrapped = {n for n, m in written.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"}
+    assert len(wrapped) == ending
+    written.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": [entry]}))
+    with torch.no_grad():
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+        assert len({n for n, m in loaded.named_modules() if isinstance(m, ModulesToSaveWrapper)}) == ending
+        assert_close(loaded(input_ids=ids).logits, written(input_ids=ids).logits, kind="same_math")
+    second = get_peft_model(clone(base), LoraConfig(target_modules=["v_proj"], r=4))
+    second.load_adapter(tmp_path, adapter_name="old")
+    assert len({n for n, m in second.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}) == ending
+
+
+def test_a_saved_module_inside_one_only_the_ending_rule_matches_reloads_as_saved(tmp_path):
+    """``"norm"`` saves ``prenorm.norm`` (a dotted suffix), not ``prenorm`` (which ends with it): the file's copy of
+    ``prenorm.norm`` lies under ``prenorm``, and is not taken for a copy of ``prenorm`` written by PEFT 0.21's rule."""
+    class Prenorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.LayerNorm(8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.norm(x))
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("prenorm", Prenorm())
+    base.add_module("body", nn.Linear(8, 8))
+    model = get_peft_model(clone(base), LoraConfig(target_modules=["body"], modules_to_save=["norm"]))
+    with torch.no_grad():
+        model.base_model.model.prenorm.norm.weight.add_(0.5)
+    model.save_pretrained(tmp_path)
+    loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+    assert [n for n, m in loaded.model.named_modules() if isinstance(m, ModulesToSaveWrapper)] == ["prenorm.norm"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_an_entry_matching_nothing_in_a_file_is_left_out_with_a_warning(tmp_path):
+    """PEFT 0.22 saves nothing for an entry matching no module (``"layernorm"``: no dotted suffix) and writes it in
+    the file: such a file loads, the entry left out with a warning."""
+    base = tiny_llama()
+    model = get_peft_model(clone(base), LoraConfig(target_modules=["q_proj"], r=4, init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["layernorm", "lm_head"]}))
+    with pytest.raises(ValueError, match="missing keys: base_model.model.lm_head"):  # an entry that matches: needed
+        LoraModel.from_pretrained(clone(base), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["layernorm"]}))
+    with pytest.warns(UserWarning, match=r"modules_to_save entries \['layernorm'\] of the adapter in .* match no module "
+                                         r"of the model: left out"):
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+    assert not loaded.peft_config["default"].modules_to_save
+    assert not [m for m in loaded.modules() if isinstance(m, ModulesToSaveWrapper)]
+    if not PEFT_BEFORE_0_22:
+        theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=["q_proj"], r=4,
+                                                                  modules_to_save=["layernorm"]))
+        theirs.save_pretrained(tmp_path / "theirs")
+        with pytest.warns(UserWarning, match="left out"):
+            LoraModel.from_pretrained(clone(base), tmp_path / "theirs")
+
+
+def test_a_file_saving_a_module_matched_by_ending_keeps_the_targets_inside_it_unadapted(tmp_path):
+    """A file written under PEFT 0.21's rule with ``"attn"`` saves each ``self_attn`` whole; a LoRA target inside
+    it (q_proj) is left to the saved copy: no adapter inside a module trained whole.  PEFT's guard matches dotted
+    names, so under that rule it would adapt q_proj there: a warning says where fastlora differs."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["up_proj"], modules_to_save=["self_attn"]))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "up_proj"],
+                                                               "modules_to_save": ["attn"]}))
     with pytest.warns(UserWarning, match=r"matched \['model\.layers\.0\.self_attn\.q_proj', .* save whole: "
                                          r"fastlora trains them whole, without an adapter"):
-        model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "up_proj"], modules_to_save=["attn"]))
-    assert {n.rsplit(".", 1)[-1] for n, _ in model.lora_layers()} == {"up_proj"}
-    assert isinstance(model.model.model.layers[0].self_attn, ModulesToSaveWrapper)
-    model.save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="fastlora trains them whole, without an adapter"):  # said again on load
         loaded = LoraModel.from_pretrained(tiny_llama(), tmp_path)
     assert {n.rsplit(".", 1)[-1] for n, _ in loaded.lora_layers()} == {"up_proj"}
+    assert isinstance(loaded.model.model.layers[0].self_attn, ModulesToSaveWrapper)
+
+
+def test_distilbert_seq_cls_trains_its_pre_classifier_whole_as_peft(tmp_path):
+    """DistilBERT's classification head is ``pre_classifier`` then ``classifier``, both freshly initialised: PEFT's
+    SEQ_CLS model trains both whole, and so does fastlora; a step and a save / load agree with PEFT's."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    base = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=100, dim=32, hidden_dim=64, n_layers=1, n_heads=4, max_position_embeddings=32, num_labels=3)).eval()
+    kwargs = dict(task_type="SEQ_CLS", target_modules=["q_lin", "v_lin"], r=4, lora_alpha=8)
+    fm = get_peft_model(clone(base), LoraConfig(**kwargs))
+    pm = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    ours = {n for n, m in fm.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    theirs = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+              if isinstance(m, peft.utils.other.ModulesToSaveWrapper)}
+    assert ours == theirs == {"pre_classifier", "classifier"}
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    ids, labels = tokens(vocab=100), torch.tensor([0, 2])
+    _sgd_step(pm, ids, labels)
+    pm.save_pretrained(tmp_path)
+    with torch.no_grad():
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path)
+        assert_close(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, kind="same_math")
 
 
 def test_a_file_fastlora_wrote_when_entries_matched_dotted_names_loads_as_it_was_saved(tmp_path):
-    """fastlora once matched an entry as the name or its dotted suffix (``"norm"``: model.norm only); such a file
-    holds nothing of the modules only PEFT's rule adds (each input_layernorm), and loads as it was saved."""
+    """A file whose ``"norm"`` entry saved model.norm alone (PEFT's rule since 0.22, fastlora's before and now)
+    holds nothing of the modules PEFT 0.21's rule adds (each input_layernorm), and loads as it was saved."""
     base = tiny_llama()
     model = get_peft_model(clone(base), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"], r=4,
                                                    init_lora_weights=False, modules_to_save=["model.norm"]))
@@ -191,8 +357,8 @@ def test_a_file_fastlora_wrote_when_entries_matched_dotted_names_loads_as_it_was
 
 
 def test_a_file_fastlora_wrote_with_an_adapter_on_a_module_only_peft_would_save_loads_as_saved(tmp_path):
-    """Before fastlora matched entries as PEFT does, ``"classifier"`` left ``pre_classifier`` (DistilBERT's) to
-    target_modules: such a file holds pre_classifier's adapter, not a copy of it, and loads as it was saved."""
+    """Matched by dotted suffix, ``"classifier"`` leaves a ``pre_classifier`` to target_modules: such a file holds
+    pre_classifier's adapter, not a copy of it, and loads as it was saved (PEFT 0.21's rule would save it whole)."""
     class Classifier(nn.Module):
         def __init__(self):
             super().__init__()
@@ -224,7 +390,7 @@ def test_a_module_holding_another_adapters_layers_is_not_saved_whole():
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"modules_to_save module 'model\.layers\.0\.self_attn' holds another "
                                          r"adapter's layers"):
-        model.add_adapter("b", LoraConfig(target_modules=["up_proj"], r=4, modules_to_save=["attn"]))
+        model.add_adapter("b", LoraConfig(target_modules=["up_proj"], r=4, modules_to_save=["self_attn"]))
     assert_unchanged(model, before)
 
 

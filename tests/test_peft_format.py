@@ -101,20 +101,32 @@ def _saved(tmp_path, base):
     return load_file(tmp_path / WEIGHTS_NAME)
 
 
-def _assert_refused(tmp_path, base, match):
+def _assert_refused(tmp_path, base, match, **options):
     model = clone(base)
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        LoraModel.from_pretrained(model, tmp_path)
+        LoraModel.from_pretrained(model, tmp_path, **options)
     assert_unchanged(model, before)
 
 
-def test_missing_key_refused(tmp_path):
+@pytest.mark.parametrize("check", [None, "warn", "error", "ignore"])
+def test_missing_key_refused(tmp_path, check):
+    """Whatever PEFT's strict_adapter_check asks (PEFT: "warn" by default, and load the rest), a file missing a
+    tensor is refused: the adapter would start half from the file, half from its initialisation."""
     base = tiny_llama()
     tensors = _saved(tmp_path, base)
+    LoraModel.from_pretrained(clone(base), tmp_path, **({} if check is None else {"strict_adapter_check": check}))
     del tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
     save_file(tensors, tmp_path / WEIGHTS_NAME)
-    _assert_refused(tmp_path, base, "missing keys: base_model.model.model.layers.1.mlp.down_proj.lora_B")
+    options = {} if check is None else {"strict_adapter_check": check}
+    _assert_refused(tmp_path, base, "missing keys: base_model.model.model.layers.1.mlp.down_proj.lora_B", **options)
+    model = get_peft_model(clone(base), LoraConfig(target_modules=["q_proj"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="missing keys: base_model.model.model.layers.1.mlp.down_proj.lora_B"):
+        model.load_adapter(tmp_path, "other", **options)
+    assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="strict_adapter_check must be one of 'warn', 'error' or 'ignore', got 'yes'"):
+        LoraModel.from_pretrained(clone(base), tmp_path, strict_adapter_check="yes")
 
 
 def test_wrong_rank_refused(tmp_path):

@@ -3,13 +3,14 @@ whose qualified name it is, or ends with after a dot, as a regex; the first matc
 order wins), compared with PEFT on one model."""
 
 import json
+import warnings
 
 import peft
 import pytest
 
 import fastlora
 from fastlora import LoRALinear
-from tests.models import SEED_TARGETS, assert_step_as_peft, clone, copy_lora_weights, tiny_llama, tokens
+from tests.models import PEFT_BEFORE_0_22, SEED_TARGETS, assert_step_as_peft, clone, copy_lora_weights, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 PATTERNS = dict(
@@ -77,16 +78,29 @@ def test_bad_patterns_are_refused(changes, error, match):
         fastlora.LoraConfig(target_modules=["q_proj"], **changes)
 
 
-def test_the_first_matching_key_wins_and_an_order_dependent_pattern_is_warned_about():
-    """Two keys matching one module with different ranks: the first in the dict's order decides (PEFT's rule),
-    with a warning, since the adapter's file, written with sorted keys as PEFT writes it, would reload with the
-    other."""
+def test_the_first_matching_key_wins_and_the_file_keeps_the_order(tmp_path):
+    """Two keys matching one module with different ranks: the first in the dict's order decides (PEFT's rule), and
+    adapter_config.json keeps the patterns' order (other keys sorted), so the adapter reloads with the same ranks
+    (as PEFT writes it since 0.22)."""
     patterns = {"v_proj": 5, r"layers\.1\.self_attn\.v_proj": 6}
-    with pytest.warns(UserWarning, match="several keys match"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn of
         ours = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(**{**CONFIG, "rank_pattern": patterns}))
     theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**{**CONFIG, "rank_pattern": patterns}))
     name = "model.layers.1.self_attn.v_proj"
     assert ours.base_model.model.get_submodule(name).r == theirs.base_model.model.get_submodule(name).r["default"] == 5
+    ours.save_pretrained(tmp_path / "ours")
+    text = (tmp_path / "ours" / "adapter_config.json").read_text()
+    assert list(json.loads(text)["rank_pattern"]) == list(patterns)
+    assert list(json.loads(text)) == sorted(json.loads(text))
+    assert fastlora.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").base_model.model.get_submodule(
+        name).r == 5
+    assert peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ours").base_model.model.get_submodule(
+        name).r["default"] == 5
+    if not PEFT_BEFORE_0_22:  # 0.21 sorted them
+        theirs.save_pretrained(tmp_path / "theirs")
+        assert list(json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())["rank_pattern"]) == \
+            list(patterns)
 
 
 def test_none_means_no_pattern():
@@ -96,9 +110,7 @@ def test_none_means_no_pattern():
 
 def test_pattern_keys_that_match_no_target_are_warned_about_as_peft_warns():
     """PEFT's warning, on get_peft_model and add_adapter alike; a key matching an adapted parameter's name
-    (target_parameters) is used, so not warned about (PEFT's warning counts modules only)."""
-    import warnings
-
+    (target_parameters) is used, so not warned about (as PEFT since 0.22)."""
     changes = {"rank_pattern": {"q_proj": 2, "nowhere": 3}, "alpha_pattern": {r"layers\.9\..*": 4}}
     caught = {}
     for library in (peft, fastlora):
@@ -108,10 +120,13 @@ def test_pattern_keys_that_match_no_target_are_warned_about_as_peft_warns():
             model.add_adapter("other", library.LoraConfig(**{**CONFIG, "target_modules": ["q_proj"],
                                                               "rank_pattern": {"up_proj": 2}}))
         caught[library] = sorted(str(w.message) for w in record if "did not match any targeted" in str(w.message))
-    assert caught[fastlora] == caught[peft] == [
-        "The following alpha_pattern keys did not match any targeted module and were ignored: ['layers\\\\.9\\\\..*'].",
-        "The following rank_pattern keys did not match any targeted module and were ignored: ['nowhere'].",
-        "The following rank_pattern keys did not match any targeted module and were ignored: ['up_proj']."]
+    said = "did not match any targeted module or parameter and were ignored"
+    assert caught[fastlora] == [
+        f"The following alpha_pattern keys {said}: ['layers\\\\.9\\\\..*'].",
+        f"The following rank_pattern keys {said}: ['nowhere'].",
+        f"The following rank_pattern keys {said}: ['up_proj']."]
+    if not PEFT_BEFORE_0_22:  # 0.21 said "module" alone
+        assert caught[peft] == caught[fastlora]
     from transformers import MixtralConfig, MixtralForCausalLM
 
     moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

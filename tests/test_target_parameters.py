@@ -13,7 +13,7 @@ from torch import nn
 
 import fastlora
 from fastlora.parameter_lora import LoRAParameter
-from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_mixtral, tokens
+from tests.models import PEFT_BEFORE_0_22, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_mixtral, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -274,6 +274,79 @@ def test_version_4_expert_names_move_to_parameters_as_peft_moves_them(targets):
     assert sorted(mine.target_modules or []) == sorted(peft_config.target_modules)
     assert (mine.rank_pattern, mine.alpha_pattern) == (peft_config.rank_pattern, peft_config.alpha_pattern)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def _qwen2_moe():
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(transformers.Qwen2MoeConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16)).eval()
+
+
+LINEARS = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "shared_expert_gate", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("targets, modules, parameters, adapted", [
+    ("all-linear", LINEARS, ["down_proj", "gate.weight", "gate_up_proj"], 6),
+    (["down_proj"], ["down_proj"], ["down_proj"], 2),  # the shared expert's Linear and the experts' parameter
+    (["gate_proj", "up_proj"], ["gate_proj", "up_proj"], ["gate_up_proj"], 2),
+    (["layers.0.mlp.gate", "q_proj"], ["q_proj"], ["layers.0.mlp.gate.weight"], 1),  # the prefix kept: one layer
+    (r".*\.(q_proj|gate)", ["q_proj"], ["gate.weight"], 2),
+], ids=["all-linear", "shared and routed", "fused pair", "one layer's router", "regex"])
+def test_a_name_of_linear_layers_stays_in_target_modules_beside_the_experts_as_in_peft(targets, modules, parameters,
+                                                                                      adapted):
+    """Qwen2-MoE keeps a shared expert of Linear layers beside its fused experts: a name its Linear layers still
+    carry stays in target_modules, and names the experts' parameter too; a prefix stays with the parameter.
+    PEFT (since 0.22) rewrites the config the same way."""
+    base = _qwen2_moe()
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(target_modules=targets, r=4, lora_alpha=8))
+    mine = ours.peft_config["default"]
+    assert (sorted(mine.target_modules), sorted(mine.target_parameters)) == (modules, parameters)
+    fused = {r".*\.gate_up_proj": 8} if "gate_up_proj" in parameters else {}
+    assert mine.rank_pattern == fused
+    assert len([m for m in ours.modules() if isinstance(m, LoRAParameter)]) == adapted
+    assert {n.rsplit(".", 1)[-1] for n, m in ours.lora_layers() if not isinstance(m, LoRAParameter)} == set(modules)
+    if PEFT_BEFORE_0_22:
+        return  # 0.21 leaves Qwen2-MoE's config as it is
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(target_modules=targets, r=4, lora_alpha=8))
+    peft_config = theirs.peft_config["default"]
+    assert (sorted(peft_config.target_modules), sorted(peft_config.target_parameters)) == (modules, parameters)
+    assert peft_config.rank_pattern == fused
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+
+def test_a_parameter_named_twice_by_all_linear_and_by_the_user_is_adapted_once_as_in_peft():
+    """"all-linear" on Mixtral adds ``gate_up_proj`` beside the user's ``experts.gate_up_proj``: both name the same
+    parameters, which are adapted once, as in PEFT."""
+    base = _mixtral()
+    config = dict(target_modules="all-linear", target_parameters=["experts.gate_up_proj"], r=4, lora_alpha=8)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config))
+    assert sorted(ours.peft_config["default"].target_parameters) == sorted(theirs.peft_config["default"].target_parameters)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert len([m for m in ours.modules() if isinstance(m, LoRAParameter)]) == 3 * base.config.num_hidden_layers
+
+
+def test_a_target_module_inside_a_parameter_s_module_computes_and_trains():
+    """A Linear target inside the module whose parameter is adapted: its adapted layer is the one the module's
+    forward calls (under the parameter's layer, at ``block.base_layer.out``), and it trains."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale, self.out = nn.Parameter(torch.randn(8, 8)), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.out(x @ self.scale.T)
+
+    torch.manual_seed(0)
+    base = nn.Sequential()
+    base.add_module("block", Block())
+    model = fastlora.get_peft_model(copy.deepcopy(base), fastlora.LoraConfig(
+        target_modules=["out"], target_parameters=["block.scale"], init_lora_weights=False))
+    assert [n for n, _ in model.lora_layers()] == ["block", "block.base_layer.out"]
+    model(torch.randn(3, 8)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
 
 
 def test_one_of_two_fused_projections_is_refused_as_in_peft():

@@ -247,11 +247,48 @@ def test_weight_initialisations_on_target_parameters_are_refused_and_change_noth
 def test_other_initialisations_and_malformed_names_are_refused():
     with pytest.raises(UnsupportedFeatureError, match="kasa_config"):
         fastlora.LoraConfig(**CONFIG, kasa_config={"rank": 4})
+    with pytest.raises(UnsupportedFeatureError, match="'astra'.* ASTRA .* fastlora does not implement"):
+        fastlora.LoraConfig(**CONFIG, init_lora_weights="astra")
     with pytest.raises(ValueError, match="Unknown initialization init_lora_weights='PISSA'"):
         fastlora.LoraConfig(**CONFIG, init_lora_weights="PISSA")
     assert fastlora.LoraConfig(**CONFIG, init_lora_weights="Gaussian").init_lora_weights == "gaussian"
     with pytest.raises(ValueError, match="'pissa' or 'pissa_niter_"):
         fastlora.LoraConfig(**CONFIG, init_lora_weights="pissa_niter_x")
+
+
+@pytest.mark.parametrize("model", ["llama", "llama-embedding", "mixtral-experts"])
+def test_nora_normalises_each_column_of_the_drawn_a_and_zeroes_b(model):
+    """NoRA: A as the layer constructs it (the draws of init_lora_weights=False, the generator left where False
+    leaves it), each column divided by its norm (a stack of experts' A: each expert's r rows on their own), B = 0;
+    an embedding target takes the default initialisation, as in PEFT.  (PEFT 0.22 fails on experts stored as a 3-D
+    parameter; its intended per-expert formula is followed.)"""
+    make, config = {"llama": (tiny_llama, dict(target_modules=["q_proj", "v_proj"], r=4)),
+                    "llama-embedding": (tiny_llama, dict(target_modules=["q_proj", "embed_tokens"], r=4)),
+                    "mixtral-experts": (tiny_mixtral, dict(target_modules=["q_proj"], r=4,
+                                                           target_parameters=["experts.gate_up_proj"]))}[model]
+    base = make()
+    torch.manual_seed(0)
+    nora = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config, init_lora_weights="nora"))
+    after_nora = torch.get_rng_state()
+    torch.manual_seed(0)
+    drawn = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**config, init_lora_weights=False))
+    same_draws = "embed_tokens" not in config["target_modules"]  # an embedding's default draws more than False's
+    assert torch.equal(torch.get_rng_state(), after_nora) or not same_draws
+    layers = dict(nora.lora_layers())
+    for name, layer in drawn.lora_layers():
+        A, B = layers[name].lora_factors("default")
+        if name.endswith("embed_tokens"):
+            assert not A.any() and B.any()
+            continue
+        drawn_A = layer.lora_factors("default")[0].detach()
+        per_expert = drawn_A.view(-1, 4, drawn_A.shape[-1])
+        assert torch.equal(A, (per_expert / per_expert.norm(dim=1, keepdim=True)).view_as(drawn_A)) or not same_draws
+        assert_close(A.view(-1, 4, A.shape[-1]).norm(dim=1), torch.ones(per_expert.shape[0], A.shape[-1]),
+                     kind="same_math", msg=name)
+        assert not B.any(), name
+    ids = tokens()
+    with torch.no_grad():  # B = 0: the base model's output
+        torch.testing.assert_close(nora(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_loading_an_adapter_whose_config_says_pissa_initialises_the_base_again_as_peft(tmp_path):

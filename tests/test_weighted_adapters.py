@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastlora
-from tests.models import SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import PEFT_BEFORE_0_22, SEED_TARGETS, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -123,3 +123,82 @@ def test_weights_may_be_one_element_tensors_or_numpy_numbers():
             assert_close(layer.delta_weight("numpy"), layer.delta_weight("floats"), kind="same_math", msg=name)
         for name in ("floats", "tensors", "numpy"):
             ours.delete_adapter(name)
+
+
+def _rslora_or_biased_pair(**options):
+    base = tiny_llama()
+    models = []
+    for library in (peft, fastlora):
+        torch.manual_seed(1)
+        model = library.get_peft_model(clone(base), library.LoraConfig(
+            target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8, init_lora_weights=False, **options))
+        model.add_adapter("b", library.LoraConfig(target_modules=["q_proj", "up_proj"], r=2, lora_alpha=3,
+                                                  init_lora_weights=False, **options))
+        models.append(model)
+    theirs, ours = models
+    copy_lora_weights(theirs, ours)
+    return theirs, ours
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "svd"])
+def test_the_combined_adapter_has_scaling_one_without_rslora_as_peft(combination_type):
+    """Each adapter's scaling (rsLoRA's α/√r here) is in the combined factors, so the new adapter has lora_alpha = r
+    and no rsLoRA (its scaling 1; with rsLoRA it would be √r): "cat" adds the deltas exactly (as PEFT since 0.22)."""
+    theirs, ours = _rslora_or_biased_pair(use_rslora=True)
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["default", "b"], [0.5, 2.0], "mix", combination_type=combination_type,
+                                   **({"svd_rank": 6} if combination_type == "svd" else {}))  # every direction kept
+    assert ours.peft_config["mix"].use_rslora is False
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.adapter_settings["mix"].scaling == 1.0
+    expected = 0.5 * layer.delta_weight("default") + 2.0 * layer.delta_weight("b")
+    assert_close(layer.delta_weight("mix"), expected, kind="same_math_cancelling")
+    if not PEFT_BEFORE_0_22:  # 0.21 kept rsLoRA, and so scaled the combination by √r
+        ids = tokens()
+        for model in (theirs, ours):
+            model.set_adapter("mix")
+        assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math_cancelling")
+
+
+@pytest.mark.parametrize("combination_type", ["cat", "linear", "svd"])
+def test_biases_on_b_combine_weighted_and_scaled_as_peft(combination_type):
+    """With lora_bias in the adapters the combined one has a bias on B: Σ w_i s_i b_i over the adapters holding
+    one in the layer (as PEFT since 0.22)."""
+    theirs, ours = _rslora_or_biased_pair(lora_bias=True)
+    if combination_type == "linear":  # equal ranks needed: the second adapter again, at r = 4
+        theirs, ours = _pair()
+        for model in (theirs, ours):
+            model.add_adapter("c", type(model.peft_config["default"])(target_modules=["q_proj", "up_proj"], r=4,
+                                                                       lora_alpha=3, init_lora_weights=False,
+                                                                       lora_bias=True))
+        copy_lora_weights(theirs, ours)
+    second = "b" if combination_type != "linear" else "c"
+    for model in (theirs, ours):
+        model.add_weighted_adapter(["default", second], [0.5, -2.0], "mix", combination_type=combination_type)
+    assert ours.peft_config["mix"].lora_bias is True
+    for name, layer in ours.lora_layers("mix"):
+        expected = torch.zeros_like(layer.lora_bias("mix")).detach()
+        holders = [(a, w) for a, w in (("default", 0.5), (second, -2.0))
+                   if a in layer.adapter_settings and layer.lora_bias(a) is not None]
+        for adapter, weight in holders:
+            expected += weight * layer.adapter_settings[adapter].scaling * layer.lora_bias(adapter).detach()
+        assert torch.equal(layer.lora_bias("mix"), expected) and bool(expected.all()) == bool(holders), name
+    if not PEFT_BEFORE_0_22:  # 0.21 refused lora_bias here
+        state = theirs.state_dict()
+        for name, layer in ours.lora_layers("mix"):
+            assert torch.equal(layer.lora_bias("mix"), state[f"base_model.model.{name}.lora_B.mix.bias"]), name
+        ids = tokens()
+        for model in (theirs, ours):
+            model.set_adapter("mix")
+        assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math_cancelling")
+
+
+def test_a_bias_on_b_beside_an_embedding_adapter_is_refused_as_peft():
+    model = fastlora.get_peft_model(tiny_llama(), fastlora.LoraConfig(target_modules=["q_proj"], lora_bias=True))
+    model.add_adapter("emb", fastlora.LoraConfig(target_modules=["embed_tokens"]))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"adapters \['default'\] use lora_bias=True while adapters \['emb'\] adapt an "
+                                         r"nn.Embedding"):
+        model.add_weighted_adapter(["default", "emb"], [1.0, 1.0], "mix", combination_type="cat")
+    assert_unchanged(model, before)
+    assert "mix" not in model.peft_config

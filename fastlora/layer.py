@@ -249,6 +249,20 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         self.merged_adapters: list[str] = []
         self.adapter_enabled = True
         self._merged_dora_norms: dict[str, Tensor] = {}  # n of each merged DoRA adapter, for unmerge
+        self.dropout_paused: set[str] = set()  # set_adapter(..., inference_mode=True)'s, until train() / eval()
+
+    def train(self, mode: bool = True) -> "LoRALinear":
+        """As nn.Module's; and every adapter's dropout applies again in training (PEFT: its dropout modules follow
+        the model's mode again)."""
+        self.dropout_paused = set()
+        return super().train(mode)
+
+    def forward_settings(self, adapter_name: str) -> AdapterSettings:
+        """The adapter's settings as a forward uses them: without dropout while ``set_adapter(...,
+        inference_mode=True)`` holds for it (until the next ``train()`` or ``eval()``), as in PEFT."""
+        settings = self.adapter_settings[adapter_name]
+        paused = adapter_name in getattr(self, "dropout_paused", ()) and settings.lora_dropout
+        return dataclasses.replace(settings, lora_dropout=0.0) if paused else settings
 
     # ---- adapters ---------------------------------------------------------------------------------
 
@@ -808,7 +822,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         shared."""
         first, *others = names
         lora_A, lora_B = self.lora_factors(first)
-        settings = self.adapter_settings[first]
+        settings = self.forward_settings(first)
         y = lora_linear(
             x, self.base_weight(), self._bias_with_lora_bias(first), lora_A, lora_B, settings.scaling,
             settings.lora_dropout, training=self.training, backend=self.backend, magnitude=self.magnitude(first),
@@ -825,7 +839,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         the adapters before this one, as in PEFT), else h Wᵀ.  On the torch path: its dropout mask is kept for
         backward (a combination PEFT's DoRA layer computes this way alone)."""
         lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
+        settings = self.forward_settings(name)
         weight = self.base_weight()
         dropping = self.training and settings.lora_dropout > 0
         h = F.dropout(x, settings.lora_dropout, training=True) if dropping else x
@@ -850,7 +864,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         adapters' dtype rounded to x's, with its own mask: the update a layer adds on top of its base output for an
         active adapter after the first, as PEFT adds each active adapter's."""
         lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
+        settings = self.forward_settings(name)
         term = lora_linear(x, None, None, lora_A, lora_B, settings.scaling, settings.lora_dropout,
                            training=self.training, backend=term_backend(self.backend))
         bias = self._scaled_lora_bias(name)

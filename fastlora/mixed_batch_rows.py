@@ -107,7 +107,7 @@ class MixedBatchRows:
     def _segments_arguments(self, held: dict[str, Tensor]) -> tuple[list, list, list, list]:
         """The torch path's per-adapter arguments of a mixed batch (:mod:`fastlora.segments`): each adapter's rows,
         (A, B), scaling and dropout p, in ``held``'s order."""
-        settings = [self.adapter_settings[name] for name in held]
+        settings = [self.forward_settings(name) for name in held]
         return (list(held.values()), [self.lora_factors(name) for name in held], [s.scaling for s in settings],
                 [s.lora_dropout for s in settings])
 
@@ -151,7 +151,7 @@ class MixedBatchRows:
         within = torch.arange(tokens, device=x.device)
         index = torch.cat([(rows.to(x.device)[:, None] * tokens + within).reshape(-1) for rows in held.values()])
         starts = torch.tensor([0] + [len(rows) * tokens for rows in held.values()], device=x.device).cumsum(0)
-        settings = [self.adapter_settings[name] for name in held]
+        settings = [self.forward_settings(name) for name in held]
         dropout = [dropout_and_seed(s.lora_dropout, self.training, x.device) for s in settings]
         factors = stack_factors([self.lora_factors(name) for name in held])
         return index, starts, factors, [s.scaling for s in settings], dropout
@@ -163,7 +163,7 @@ class MixedBatchRows:
             raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled.  (adapter {name!r} is a DoRA adapter: "
                              f"a mixed batch takes LoRA adapters only, as in PEFT)")
         lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
+        settings = self.forward_settings(name)
         update = segment_low_rank(x, rows, lora_A, lora_B, settings.scaling, settings.lora_dropout, self.training)
         bias = self._scaled_lora_bias(name)
         return update if bias is None else update + bias.to(update.dtype)

@@ -575,6 +575,16 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                                  f"{held}), got {len(held)}")
         self._active_adapters = names
         self._activate(names, trainable=not inference_mode)
+        # inference_mode pauses the adapters' dropout, and their modules_to_save copies' training mode, until the
+        # next train() / eval(); without it they follow the model's mode again (PEFT's set_training)
+        for _, layer in self.lora_layers():
+            held = {n for n in names if n in layer.adapter_settings}
+            paused = getattr(layer, "dropout_paused", set())  # (a layer pickled by an earlier release has none)
+            layer.dropout_paused = paused | held if inference_mode else paused - held
+        for _, wrapper in self.wrappers():
+            for name in names:
+                if name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[name].train(wrapper.training and not inference_mode)
 
     # ---- merge / unload / disable -----------------------------------------------------------------
 
@@ -835,7 +845,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
 
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter: the one the forward uses.  Its parameters get
-        ``requires_grad=not inference_mode``, every other adapter's False (PEFT's rule)."""
+        ``requires_grad=not inference_mode``, every other adapter's False (PEFT's rule); with ``inference_mode`` its
+        dropout is off, even in training mode, until the next ``train()`` or ``eval()`` (as PEFT since 0.22)."""
         if isinstance(adapter_name, (list, tuple)):  # PEFT takes a list at the base_model level; so does fastlora here
             self._set_active_adapters(list(adapter_name), inference_mode)
             return

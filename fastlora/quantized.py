@@ -314,7 +314,7 @@ class LoRAQuantizedLinear(LoRALinear):
                 result = (result + self.low_rank_term(x.to(adapters_dtype), name)).to(result.dtype)
             else:
                 lora_A, lora_B = self.lora_factors(name)
-                settings = self.adapter_settings[name]
+                settings = self.forward_settings(name)
                 result = plus_low_rank(result, x, lora_A, lora_B, settings.scaling, settings.lora_dropout,
                                        self.training, self.backend)
         return result
@@ -326,7 +326,7 @@ class LoRAQuantizedLinear(LoRALinear):
         from fastlora.qdora_ops import quantized_dora_term
 
         lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
+        settings = self.forward_settings(name)
         p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
         packed = self.base_layer.weight  # the weight this pass reads, dequantized again in backward
         return quantized_dora_term(x, result, self.bias, functools.partial(self._dequantize, packed), lora_A, lora_B,
@@ -367,7 +367,7 @@ class LoRAQuantizedLinear(LoRALinear):
         compute = base.compute_dtype or x.dtype
         bias = base.bias.to(compute) if base.bias is not None else None
         lora_A, lora_B = self.lora_factors(name)
-        settings = self.adapter_settings[name]
+        settings = self.forward_settings(name)
         p, seed = dropout_and_seed(settings.lora_dropout, self.training, x.device)
         y = lora_linear_4bit(x.to(compute), base.weight.data, _quant_state(base), bias, lora_A, lora_B,
                              settings.scaling, p, seed, schedule)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 import fastlora as fastlora_lib
 from fastlora import LoraConfig, LoraModel, get_peft_model, get_peft_model_state_dict
 from fastlora.bench.measure import SavedTensorCounter, module_tensors
-from tests.models import assert_unchanged, clone, snapshot, tiny_llama, tokens
+from tests.models import PEFT_BEFORE_0_22, assert_unchanged, clone, snapshot, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -489,3 +489,44 @@ def test_a_module_state_dict_from_before_the_bias_on_b_had_its_own_name_loads():
     assert any(".lora_B_bias_x" in key for key in earlier)
     target.load_state_dict(earlier)
     assert_close(_logits(target), _logits(source), kind="same_math")
+
+
+def test_set_adapter_in_inference_mode_pauses_dropout_until_train_or_eval_as_peft():
+    """set_adapter(name, inference_mode=True) on a model in training mode: the adapter is frozen, its dropout off
+    (and its modules_to_save copy in eval mode) until the next train() / eval() or set_adapter without
+    inference_mode, as PEFT since 0.22."""
+    from fastlora.modules_to_save import ModulesToSaveWrapper
+
+    base = tiny_llama()
+    ids = tokens()
+    config = dict(target_modules=["q_proj", "v_proj"], lora_dropout=0.5, init_lora_weights=False,
+                  modules_to_save=["lm_head"])
+
+    def stochastic(model):
+        with torch.no_grad():
+            return not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+    model = get_peft_model(clone(base), LoraConfig(**config)).train()
+    model.add_adapter("other", LoraConfig(**config))
+    with torch.no_grad():
+        evaluated = model.eval()(input_ids=ids).logits
+    model.train()
+    assert stochastic(model)
+    model.set_adapter("default", inference_mode=True)
+    assert model.training and not stochastic(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, evaluated, rtol=0, atol=0)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "default" in n)
+    copy = next(m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)).modules_to_save["default"]
+    assert not copy.training
+    model.set_adapter("default")  # training again, with its dropout
+    assert stochastic(model) and copy.training
+    model.set_adapter("default", inference_mode=True)
+    model.train()
+    assert stochastic(model) and copy.training
+    if not PEFT_BEFORE_0_22:
+        theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**config)).train()
+        theirs.set_adapter("default", inference_mode=True)
+        assert not stochastic(theirs)
+        theirs.train()
+        assert stochastic(theirs)

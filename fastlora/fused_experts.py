@@ -50,6 +50,11 @@ def _fused_into(names: dict[str, str]) -> dict[str, list[str]]:
     return {new: olds for new, olds in out.items() if len(olds) > 1}
 
 
+def _names(name: str, entry: str) -> bool:
+    """Whether ``entry`` names ``name``: the name itself or a dotted suffix of it, as PEFT matches targets."""
+    return name == entry or name.endswith("." + entry)
+
+
 def _resolved_string(config: LoraConfig, model: nn.Module, names: dict[str, str],
                      all_linear_names: Callable[[], list[str]]) -> set[str]:
     """A string ``target_modules`` as the version-4 leaf names it targets: ``"all-linear"`` the Linear layers' and
@@ -89,17 +94,17 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
     outside_linears = [re.sub(r"\.base_layer(?=\.)", "", f"{n}.{p}") for n, m in modules if not isinstance(m, nn.Linear)
                        for p, _ in m.named_parameters(recurse=False)]
     for target in targets:
-        old = next((o for o in names if target == o or target.endswith("." + o)), None)
+        old = next((o for o in names if _names(target, o)), None)
         if old is None:
             remaining.add(target)
             continue
         parameter = target[: len(target) - len(old)] + names[old]  # its prefix kept: layers.0.gate → layers.0.gate.weight
-        matched = [m for n, m in modules if n == target or n.endswith("." + target)]
+        matched = [m for n, m in modules if _names(n, target)]
         if matched and all(isinstance(m, nn.Linear) for m in matched):
             # still Linear layers on this model (a shared expert's down_proj): adapted as modules, and the
             # parameter of the same name (the routed experts' down_proj beside them) too where there is one
             remaining.add(target)
-            if not any(h == parameter or h.endswith("." + parameter) for h in outside_linears):
+            if not any(_names(h, parameter) for h in outside_linears):
                 continue
         parameters.add(parameter)
         named.add(old)
@@ -116,7 +121,7 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
     # of the parameters named here, those this model has (a table entry for a projection it lacks is left out)
     held = {re.sub(r"\.base_layer(?=\.)", "", n) for n, p in model.named_parameters() if p.dim() >= 2}
     added -= set(config.target_parameters or [])
-    parameters -= {p for p in added if not any(h == p or h.endswith("." + p) for h in held)}
+    parameters -= {p for p in added if not any(_names(h, p) for h in held)}
     if not remaining and not parameters:
         return config
     return config.replace(target_modules=sorted(remaining), target_parameters=sorted(parameters) or None,

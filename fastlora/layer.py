@@ -261,7 +261,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         """The adapter's settings as a forward uses them: without dropout while ``set_adapter(...,
         inference_mode=True)`` holds for it (until the next ``train()`` or ``eval()``), as in PEFT."""
         settings = self.adapter_settings[adapter_name]
-        paused = adapter_name in getattr(self, "dropout_paused", ()) and settings.lora_dropout
+        paused = adapter_name in self.dropout_paused and settings.lora_dropout
         return dataclasses.replace(settings, lora_dropout=0.0) if paused else settings
 
     # ---- adapters ---------------------------------------------------------------------------------
@@ -318,6 +318,7 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         if "active_adapter" in state and "active_adapters" not in state:  # pickled by a release with one active adapter
             name = state.pop("active_adapter")
             state["active_adapters"] = [] if name is None else [name]
+        state.setdefault("dropout_paused", set())  # pickled by a release without set_adapter's inference_mode pause
         super().__setstate__(state)
 
     def _active(self) -> str:

@@ -579,8 +579,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         # next train() / eval(); without it they follow the model's mode again (PEFT's set_training)
         for _, layer in self.lora_layers():
             held = {n for n in names if n in layer.adapter_settings}
-            paused = getattr(layer, "dropout_paused", set())  # (a layer pickled by an earlier release has none)
-            layer.dropout_paused = paused | held if inference_mode else paused - held
+            layer.dropout_paused = layer.dropout_paused | held if inference_mode else layer.dropout_paused - held
         for _, wrapper in self.wrappers():
             for name in names:
                 if name in wrapper.modules_to_save:

@@ -530,3 +530,21 @@ def test_set_adapter_in_inference_mode_pauses_dropout_until_train_or_eval_as_pef
         assert not stochastic(theirs)
         theirs.train()
         assert stochastic(theirs)
+
+
+def test_a_layer_pickled_before_the_dropout_pause_existed_unpickles_and_pauses():
+    """A layer's state from a release without set_adapter's dropout pause has no ``dropout_paused``: unpickled, it
+    computes and takes the pause."""
+    import pickle
+
+    layer = fastlora_lib.LoRALinear(16, 8, r=4, lora_dropout=0.5, init_lora_weights=False, backend="torch").train()
+    state = dict(layer.__dict__)
+    del state["dropout_paused"]
+    old = fastlora_lib.LoRALinear.__new__(fastlora_lib.LoRALinear)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    x = torch.randn(4, 16)
+    assert again.dropout_paused == set() and not torch.equal(again(x), again(x))  # dropout, not paused
+    again.dropout_paused = {"default"}
+    assert again.forward_settings("default").lora_dropout == 0.0
+    assert torch.equal(again(x), again(x))

@@ -61,6 +61,7 @@ class AdapterFilesMixin:
         hub_kwargs = _hub_kwargs(kwargs, "load_adapter")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
         model = self.get_base_model()
+        tensors = peft_format.with_model_paths(model, tensors)
         if adapter_name in self.peft_config:
             config = self.peft_config[adapter_name]
             with warnings.catch_warnings():  # the config's warnings were given when the adapter was made
@@ -116,6 +117,7 @@ class AdapterFilesMixin:
         _placement_options(model, kwargs)
         hub_kwargs = _hub_kwargs(kwargs, "from_pretrained")
         file_config, tensors = peft_format.read_adapter(model_id, **hub_kwargs)
+        tensors = peft_format.with_model_paths(model, tensors)
         config = untied_where_the_file_is(
             with_task_heads((config or file_config).replace(inference_mode=not is_trainable), model), model, tensors)
         config = _without_entries_matching_nothing(model, config, tensors, model_id)
@@ -123,6 +125,7 @@ class AdapterFilesMixin:
             return _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
 
         with layers_replicated(model, config.layer_replication):  # the stack the file was trained on
+            tensors = peft_format.with_model_paths(model, tensors)  # the copied layers' names too
             targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors,
                                                  checked)
             targets, config = _without_layers_eva_removed(config, targets, tensors)
@@ -184,7 +187,8 @@ class AdapterFilesMixin:
             out = {key: params[param] for key, (param, _) in expected.items()}
         else:
             out = {key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}
-        return {**out, **{alias: out[key] for alias, key in aliases.items() if key in out}, **quantized}
+        out = {**out, **{alias: out[key] for alias, key in aliases.items() if key in out}, **quantized}
+        return {peft_format.file_path(key): tensor for key, tensor in out.items()}
 
     def load_adapter_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str = "default",
                              ignore_mismatched_sizes: bool = False):
@@ -200,7 +204,8 @@ class AdapterFilesMixin:
         model = self.get_base_model()
         targets, wrappers = peft_format.adapter_targets(model, name)
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
-        given = {key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()}
+        given = peft_format.with_model_paths(model, {
+            key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()})
         tables, aliases = _tables_a_file_may_hold(model, targets, wrappers, _trained_tokens(model, name))
         expected.update({key: value for key, value in tables.items() if key in given})
         given = {key: t for key, t in given.items() if key not in aliases}
@@ -210,14 +215,16 @@ class AdapterFilesMixin:
                 if tuple(tensor.shape) == expected[key][1]:
                     usable[key] = tensor
                 else:
-                    mismatched.append(f"{key}: {tuple(tensor.shape)} in the state dict, {expected[key][1]} in the model")
+                    mismatched.append(f"{peft_format.file_path(key)}: {tuple(tensor.shape)} in the state dict, "
+                                      f"{expected[key][1]} in the model")
         if mismatched and not ignore_mismatched_sizes:
             raise ValueError(f"size mismatch for adapter {name!r}: " + "; ".join(mismatched[:4]))
         if mismatched:
             warnings.warn(f"skipped tensors of the wrong size: {'; '.join(mismatched[:4])}", UserWarning, stacklevel=3)
         self._check_not_merged(name)
         _copy_values(model, {k: expected[k] for k in usable}, usable, restore_on_error=True)
-        return _IncompatibleKeys(sorted(set(expected) - set(usable)), sorted(set(given) - set(expected)))
+        return _IncompatibleKeys(sorted(map(peft_format.file_path, set(expected) - set(usable))),
+                                 sorted(map(peft_format.file_path, set(given) - set(expected))))
 
     def save_pretrained(self, save_directory: str | os.PathLike, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers: Any = "auto",
@@ -549,7 +556,8 @@ def _copy_one(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _lookup(state_dict: dict[str, torch.Tensor], param_name: str, adapter_name: str) -> torch.Tensor:
     """``param_name`` of the adapted model in a state dict of the PeftModel (or of the adapted model)."""
-    for key in (f"base_model.model.{param_name}", param_name):
+    path = peft_format.file_path(param_name)  # a wrapper's state dict (FSDP's, gathered) leaves its level out
+    for key in dict.fromkeys((f"base_model.model.{param_name}", param_name, f"base_model.model.{path}", path)):
         if key in state_dict:
             return state_dict[key]
     raise ValueError(

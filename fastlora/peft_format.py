@@ -6,6 +6,9 @@ and ``.lora_B.weight`` (out × r), and with DoRA ``.lora_magnitude_vector`` (out
 and any other bias ``<path>.bias``; a ``modules_to_save`` module's parameters (its trained copy's) are
 ``<path>.<param>``.  In the model, adapter ``name``'s factors are the parameters ``<path>.lora_A_<name>``
 and ``<path>.lora_B_<name>`` (and ``<path>.lora_magnitude_vector_<name>``), and its modules_to_save copy is ``<path>.modules_to_save.<name>``.
+A module inside torch's activation-checkpointing or FSDP wrapper has the wrapper's level in its name
+(``layers.0._checkpoint_wrapped_module.mlp``); file keys leave it out, as the wrappers' own state dicts do, so a
+file saved from a wrapped model loads onto the plain one and back (:func:`file_path`, :func:`with_model_paths`).
 
 Saving writes each file under a temporary name, flushes it to disk and renames it over the old one,
 so a crash never leaves a half-written file where a good one was.  Loading reads and checks every
@@ -34,7 +37,8 @@ from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, pa
 
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_modules", "embedding_tables", "peft_bias_aliases",
-    "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter", "read_weights",
+    "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter", "read_weights", "file_path",
+    "with_model_paths",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -43,6 +47,36 @@ PREFIX = "base_model.model."
 
 # file key → (parameter name in the adapted model, shape)
 Expected = dict[str, tuple[str, tuple[int, ...]]]
+
+# The levels torch's checkpoint_wrapper and FSDP (version 1) add to the names of what they wrap.
+_WRAPPER_LEVELS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def file_path(name: str) -> str:
+    """A module or parameter name (or a file key) as adapter files write it: without torch's wrapper levels."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_LEVELS)
+
+
+def with_model_paths(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (file keys, with or without ``base_model.model.``) under ``model``'s names: the wrapper levels
+    the model's names have are put in (``layers.0.mlp`` → ``layers.0._checkpoint_wrapped_module.mlp``), and
+    those a key has that the model's names lack are taken out (a file written with them)."""
+    wrapped = {}
+    for name, _ in model.named_modules():  # parents first: a wrapper's inner module overwrites the wrapper
+        if file_path(name) != name:
+            wrapped[file_path(name)] = name
+    out = {}
+    for key, tensor in tensors.items():
+        prefix = PREFIX if key.startswith(PREFIX) else ""
+        path = file_path(key[len(prefix):])
+        parts = path.split(".")
+        for end in range(len(parts) - 1, 0, -1):  # the longest module path the key starts with
+            head = ".".join(parts[:end])
+            if head in wrapped:
+                path = wrapped[head] + path[len(head):]
+                break
+        out[prefix + path] = tensor
+    return out
 
 
 def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, str]:
@@ -246,23 +280,24 @@ def check_tensors(expected: Expected, tensors: Mapping[str, torch.Tensor], where
     """Raise ValueError listing every way ``tensors`` fail to match ``expected`` (missing or extra keys, a
     wrong shape, an alias that disagrees with the key it repeats)."""
     aliases = aliases or {}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - set(aliases))
+    missing = sorted(map(file_path, set(expected) - set(tensors)))  # named as files name them
+    unexpected = sorted(map(file_path, set(tensors) - set(expected) - set(aliases)))
     problems = []
     for alias, key in aliases.items():
         if key is not None and alias in tensors and key in tensors and not torch.equal(tensors[alias], tensors[key]):
-            problems.append(f"{alias} and {key} hold different values")
+            problems.append(f"{file_path(alias)} and {file_path(key)} hold different values")
     if missing:
         problems.append(f"missing keys: {', '.join(missing[:4])}" + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else ""))
     if unexpected:
         problems.append(f"keys the model has no place for: {', '.join(unexpected[:4])}" + (f" (+{len(unexpected) - 4} more)" if len(unexpected) > 4 else ""))
     for key in sorted(set(expected) & set(tensors)):
         if not isinstance(tensors[key], torch.Tensor) or not tensors[key].is_floating_point():
-            problems.append(f"{key} is not a floating-point tensor")
+            problems.append(f"{file_path(key)} is not a floating-point tensor")
             break
         shape = tuple(tensors[key].shape)
         if shape != expected[key][1]:
-            problems.append(f"{key} has shape {shape}, the model needs {expected[key][1]} (wrong rank or a different base model?)")
+            problems.append(f"{file_path(key)} has shape {shape}, the model needs {expected[key][1]} (wrong rank or a "
+                            f"different base model?)")
             break
     if problems:
         raise ValueError(f"adapter in {where} does not match the model: " + "; ".join(problems))

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastlora.config import LoraConfig, UnsupportedFeatureError
-from fastlora.peft_format import PREFIX, read_adapter
+from fastlora.peft_format import PREFIX, file_path, read_adapter
 
 __all__ = ["converted_for_the_original_weight"]
 
@@ -45,6 +45,7 @@ def converted_for_the_original_weight(config: LoraConfig, tensors: dict[str, tor
                          "when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.")
     initial = Path(initial)
     _, initial_tensors = read_adapter(initial)
+    initial_tensors = {file_path(key): tensor for key, tensor in initial_tensors.items()}  # an earlier release's keys
     out = dict(tensors)
     for first, second in _FACTOR_PAIRS:
         for key in [k for k in tensors if k.endswith(first)]:

@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
-from fastlora.config import LoraConfig, pattern_key
+from fastlora.config import LoraConfig, UnsupportedFeatureError, pattern_key
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -21,7 +21,7 @@ from fastlora.quantized import is_bnb_linear
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import tied_heads, tied_with_input_embeddings, with_weight_tying
 
-__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "task_heads", "saved_whole"]
+__all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "task_heads", "saved_whole", "TASK_HEAD_NAMES"]
 
 # PEFT's task heads: its SEQ_CLS and TOKEN_CLS models add ``classifier``, ``score`` and ``pre_classifier`` (the
 # freshly initialised layer before DistilBERT's classifier) to modules_to_save, its QUESTION_ANS model
@@ -29,6 +29,7 @@ __all__ = ["plan_targets", "plan_modules_to_save", "with_task_heads", "task_head
 # modules_to_save entry must match a module.
 _CLASSIFIER_HEADS = ("classifier", "score", "pre_classifier")
 _TASK_HEADS = {"SEQ_CLS": _CLASSIFIER_HEADS, "TOKEN_CLS": _CLASSIFIER_HEADS, "QUESTION_ANS": ("qa_outputs",)}
+TASK_HEAD_NAMES = tuple(dict.fromkeys(head for heads in _TASK_HEADS.values() for head in heads))  # every task's
 
 
 def task_heads(config: LoraConfig) -> tuple[str, ...]:
@@ -332,7 +333,25 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[st
                 raise ValueError(f"trainable_token_indices for {name}: token ids {bad[:5]} are outside its "
                                  f"{table.shape[0]} rows")
             plan[name] = list(rows)
-    return _with_tied_heads_sharing_rows(model, config, plan)
+    plan = _with_tied_heads_sharing_rows(model, config, plan)
+    _check_no_adapted_head_reads_the_rows(model, plan, targets)
+    return plan
+
+
+def _check_no_adapted_head_reads_the_rows(model: nn.Module, plan: dict[str, list[int]], targets: list[str]) -> None:
+    """A head tied to a table whose rows train would read the trained rows; where the head also has a LoRA
+    adapter (this one's or another's), it would have to add it on top of the rows, which fastlora's layers do not
+    combine: refused, before anything changes."""
+    embedding, tied = tied_with_input_embeddings(model)
+    if embedding not in plan:
+        return
+    adapted = [head for head in tied if head not in plan and (head in targets or is_adapted(model.get_submodule(head)))]
+    if adapted:
+        raise UnsupportedFeatureError(
+            f"trainable_token_indices trains rows of {embedding}, which {adapted[0]} shares (tie_word_embeddings), and "
+            f"{adapted[0]} has a LoRA adapter{' here' if adapted[0] in targets else ''}: fastlora does not combine "
+            f"trained token rows and a LoRA adapter on one layer (PEFT adds the adapter to the head reading the rows). "
+            f"Leave {adapted[0]} out of target_modules (it still reads the trained rows)")
 
 
 def _with_tied_heads_sharing_rows(model: nn.Module, config: LoraConfig, plan: dict[str, list[int]]

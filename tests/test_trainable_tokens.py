@@ -107,6 +107,24 @@ def test_bad_indices_are_refused_and_change_nothing(tokens, error, match):
     assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("second", [False, True], ids=["one adapter", "an adapter after another"])
+def test_a_tied_head_with_a_lora_adapter_is_refused_with_the_model_unchanged(second):
+    """The head of a tied model reads the table's trained rows; a LoRA adapter on it too (PEFT adds it on top of
+    the rows) is not something fastlora's layers combine: refused, rather than the head's adapter lost."""
+    model = tiny_llama(tie_word_embeddings=True)
+    head_config = fastlora.LoraConfig(target_modules=["q_proj", "lm_head"])
+    if second:
+        model = fastlora.get_peft_model(model, head_config)
+    before = snapshot(model)
+    with pytest.raises(fastlora.UnsupportedFeatureError, match="lm_head has a LoRA adapter.*Leave lm_head out"):
+        if second:
+            model.add_adapter("tokens", fastlora.LoraConfig(target_modules=["q_proj"], trainable_token_indices=ROWS))
+        else:
+            fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=["q_proj", "lm_head"],
+                                                               trainable_token_indices=ROWS))
+    assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("autocast", [True, False])
 def test_rows_beside_a_bf16_table_are_held_as_peft_holds_them(autocast, tmp_path):
     """autocast_adapter_dtype=True (the default) holds the trained rows of a bf16 table in float32, as PEFT does

@@ -22,10 +22,12 @@ from torch import nn
 from fastlora.adapt_modules import adapt_modules, set_module
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.config import LoraConfig, PeftType
+from fastlora.healthcheck import format_healthcheck, healthcheck
 from fastlora.layer import LoRALinear
 from fastlora.layer_replication import layers_replicated, shared_parameters, unshare_parameters
 from fastlora.model_files import AdapterFilesMixin
 from fastlora.model_inits import warn_of_lora_ga_without_gradients
+from fastlora.module_modes import activation_checkpointing_on
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.status import get_layer_status, get_model_status
 from fastlora.targets import (plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_all_linear_named,
@@ -383,7 +385,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             raise TypeError(f"Mixed batching is only supported for the following modules: "
                             f"{', '.join(m.__name__ for m in MIXED_BATCH_MODULES)}.  (modules_to_save holds {odd})")
         base = self.get_base_model()
-        if self.training and torch.is_grad_enabled() and getattr(base, "is_gradient_checkpointing", False):
+        if self.training and torch.is_grad_enabled() and activation_checkpointing_on(base):
             # checkpointing recomputes the forward in backward, after this block has reset the rows' adapters
             raise NotImplementedError("adapter_names in training with gradient checkpointing is not supported by "
                                       "fastlora: the recomputed forward would not see the rows' adapters")
@@ -481,6 +483,21 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def get_model_status(self):
         """The model's adapter state in one summary: :func:`fastlora.get_model_status`."""
         return get_model_status(self)
+
+    def healthcheck(self, min_trainable_params: int = 1, max_trainable_params_percent: float = 50) -> dict:
+        """A JSON-serialisable report on the model before training, PEFT 0.22's: the adapter state, environment,
+        dtypes and devices, and ``findings`` (each with a code, "warning" or "error", and a message) for adapters
+        disabled, merged, frozen or inconsistent across layers, fewer than ``min_trainable_params`` trainable
+        parameters (an error) or more than ``max_trainable_params_percent`` percent (a warning), and a newly
+        initialised task head that the adapter would not save.  ``is_ready`` is False where a finding is an error.
+        See :mod:`fastlora.healthcheck`."""
+        return healthcheck(self, min_trainable_params, max_trainable_params_percent)
+
+    def print_healthcheck(self, sink: Callable[[str], Any] = print, min_trainable_params: int = 1,
+                          max_trainable_params_percent: float = 50, **format_kwargs: Any) -> None:
+        """:meth:`healthcheck`'s report as a few lines, passed to ``sink`` (``print``, ``logger.info``, ...);
+        ``format_kwargs`` (``sep``, ``indent``) go to :func:`fastlora.healthcheck.format_healthcheck`."""
+        sink(format_healthcheck(self.healthcheck(min_trainable_params, max_trainable_params_percent), **format_kwargs))
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, as PEFT returns them: a 4-bit parameter (two values per byte of its

@@ -1,6 +1,6 @@
-"""TRL's SFTTrainer with fastlora's LoraConfig (fastlora.trl_trainers): it trains fastlora's layers, and a run
-matches the same run under PEFT's config from the same initial adapter (dropout 0): losses and the saved
-adapter to float32 rounding."""
+"""TRL's trainers with fastlora's LoraConfig (fastlora.trl_trainers): each trains fastlora's layers, and a run
+matches the same run under PEFT's config from the same initial adapter (dropout 0): losses, and the saved
+adapter or trained factors, to float32 rounding."""
 
 import math
 import os
@@ -173,20 +173,35 @@ def test_dpo_trainer_trains_fastlora_layers_as_peft_would(tmp_path, dropout):
                              max_length=16, seed=3)
         trainers[name] = trainer_class(model=tiny_llama(), args=args, train_dataset=data,
                                        processing_class=_tokenizer(), peft_config=config)
-    theirs, ours = trainers["peft"].model, trainers["fastlora"].model
-    state = theirs.state_dict()
-    with torch.no_grad():  # PEFT's initial adapter, in fastlora's "default" and its reference copy
-        for name, layer in ours.lora_layers():
-            for adapter in layer.adapter_names:
-                A, B = layer.lora_factors(adapter)
-                A.copy_(state[f"base_model.model.{name}.lora_A.default.weight"])
-                B.copy_(state[f"base_model.model.{name}.lora_B.default.weight"])
+    ours = trainers["fastlora"].model
+    _with_peft_s_initial_adapter(trainers["peft"].model, ours)
     assert any(isinstance(m, LoRALinear) for m in ours.modules())
     for trainer in trainers.values():
         trainer.train()
     losses = {name: _losses(trainer) for name, trainer in trainers.items()}
     assert len(losses["fastlora"]) == 3
     assert_close(losses["fastlora"], losses["peft"], kind="same_math")
+    _assert_trained_factors_as_peft(trainers["peft"].model, ours)
+
+
+def _with_peft_s_initial_adapter(theirs, ours):
+    """PEFT's initial adapter in fastlora's "default" and in its reference copy ("ref", where the trainer made one;
+    PEFT's trainer disables the adapter for its reference instead: the same reference while B starts at zero)."""
+    state = theirs.state_dict()
+    with torch.no_grad():
+        for name, layer in ours.lora_layers():
+            for adapter in layer.adapter_names:
+                A, B = layer.lora_factors(adapter)
+                A.copy_(state[f"base_model.model.{name}.lora_A.default.weight"])
+                B.copy_(state[f"base_model.model.{name}.lora_B.default.weight"])
+
+
+def _assert_trained_factors_as_peft(theirs, ours):
+    state = theirs.state_dict()
+    for layer_name, layer in ours.lora_layers():
+        for factor, value in zip("AB", layer.lora_factors("default")):
+            assert_close(value, state[f"base_model.model.{layer_name}.lora_{factor}.default.weight"],
+                         kind="same_math_max", msg=f"{layer_name} {factor}")
 
 
 def _preference_data():
@@ -284,3 +299,73 @@ def test_sft_trainer_on_a_4bit_model_trains_as_peft_would(tmp_path, use_dora):
             trained = state[f"base_model.model.{name}.lora_magnitude_vector.default.weight"]
             ours_moved, theirs_moved = layer.magnitude("default").detach() - initial[name], trained - initial[name]
             assert torch.nn.functional.cosine_similarity(ours_moved, theirs_moved, dim=0) > 0.9, name
+
+
+def _words(g, n):
+    return " ".join(f"w{int(t)}" for t in torch.randint(0, 124, (n,), generator=g))
+
+
+def _rewarded_by_length(completions, **_):
+    return [float(len(completion) % 7) for completion in completions]
+
+
+def _reward_model():
+    """A one-output Llama classifier, as TRL's RewardTrainer builds one from a model id."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128, num_labels=1, pad_token_id=124))
+
+
+def _online_run(name):
+    """(TRL's trainer, its config class, the data, the model, extra arguments, task type) of each trainer."""
+    g = torch.Generator().manual_seed(0)
+    generating = dict(num_generations=4, max_completion_length=8)
+    runs = {
+        "GRPO": (trl.GRPOConfig, generating, {"prompt": [_words(g, 6) for _ in range(8)]}),
+        "RLOO": (trl.RLOOConfig, generating, {"prompt": [_words(g, 6) for _ in range(8)]}),
+        "KTO": (trl.KTOConfig, dict(max_length=16), {"prompt": [_words(g, 6) for _ in range(8)],
+                                                   "completion": [_words(g, 4) for _ in range(8)],
+                                                   "label": [True, False] * 4}),
+        "Reward": (trl.RewardConfig, dict(max_length=16), {"chosen": [_words(g, 6) for _ in range(8)],
+                                                         "rejected": [_words(g, 6) for _ in range(8)]}),
+    }
+    config_class, options, data = runs[name]
+    extra = {"reward_funcs": _rewarded_by_length} if name in ("GRPO", "RLOO") else {}
+    return config_class, options, datasets.Dataset.from_dict(data), extra
+
+
+@pytest.mark.parametrize("name", ["GRPO", "RLOO", "KTO", "Reward"])
+def test_online_kto_and_reward_trainers_train_fastlora_layers_as_peft_would(tmp_path, name):
+    """GRPOTrainer and RLOOTrainer (completions sampled from the model being trained, rewarded, the policy
+    updated), KTOTrainer and RewardTrainer (a classifier with its head saved whole): given fastlora's config they
+    train fastlora's layers, and three steps' losses (and the sampled completions' rewards) equal those of the run
+    under PEFT's config from the same initial adapter, sampling from the same seed."""
+    config_class, options, data, extra = _online_run(name)
+    task = "SEQ_CLS" if name == "Reward" else "CAUSAL_LM"
+    trainers = {}
+    for library, trainer_class, lora in (("peft", getattr(trl, f"{name}Trainer"), peft.LoraConfig),
+                                         ("fastlora", getattr(trl_trainers, f"{name}Trainer"), fastlora.LoraConfig)):
+        args = config_class(output_dir=str(tmp_path / library), max_steps=3, per_device_train_batch_size=4,
+                            learning_rate=1e-2, logging_steps=1, bf16=False, report_to=[], save_strategy="no", seed=3,
+                            **options)
+        trainers[library] = trainer_class(model=_reward_model() if name == "Reward" else tiny_llama(), args=args,
+                                          train_dataset=data, processing_class=_tokenizer(),
+                                          peft_config=lora(**{**CONFIG, "task_type": task}), **extra)
+    _with_peft_s_initial_adapter(trainers["peft"].model, trainers["fastlora"].model)
+    assert any(isinstance(m, LoRALinear) for m in trainers["fastlora"].model.modules())
+    logs = {}
+    for library, trainer in trainers.items():
+        torch.manual_seed(0)  # the completions are sampled from torch's generator
+        trainer.train()
+        logs[library] = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs["fastlora"]) == 3
+    for key in ("loss", "reward"):
+        if key in logs["peft"][0]:
+            assert_close(torch.tensor([h[key] for h in logs["fastlora"]]), torch.tensor([h[key] for h in logs["peft"]]),
+                         kind="same_math", msg=key)
+    assert (name in ("GRPO", "RLOO")) == ("reward" in logs["fastlora"][0])
+    # the trained factors (GRPO's and RLOO's losses hardly depend on the model: its sampled rewards do)
+    _assert_trained_factors_as_peft(trainers["peft"].model, trainers["fastlora"].model)

@@ -29,5 +29,6 @@ python -m pip check
 python -m pytest -q -p no:cacheprovider \
     tests/test_peft_api.py tests/test_trainer.py tests/test_model.py tests/test_peft_format.py \
     tests/test_named_adapters.py tests/test_modules_to_save.py tests/test_hub.py tests/test_patch.py \
-    tests/test_bad_inputs.py tests/test_model_card.py tests/test_kernels.py tests/test_compile_check.py
+    tests/test_bad_inputs.py tests/test_model_card.py tests/test_torch_wrappers.py tests/test_kernels.py \
+    tests/test_compile_check.py
 deactivate

@@ -517,6 +517,8 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     tensors = peft_format.with_bias_spellings(expected, tensors)
     aliases = {**peft_format.peft_bias_aliases(model, config, to_save),
                **{alias: key for alias, key in table_aliases.items() if key in expected}}
+    if config.bias != "none":
+        aliases.update(peft_format.other_layers_biases(model, expected, tensors, where))
     peft_format.check_tensors(expected, tensors, where, aliases)
     return expected, tensors
 

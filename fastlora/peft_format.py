@@ -261,6 +261,35 @@ def peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) 
     return out
 
 
+def other_layers_biases(model: nn.Module, expected: Expected, tensors: Mapping[str, torch.Tensor],
+                        where) -> dict[str, None]:
+    """The biases a file holds of layers this adapter does not train, as keys to accept and leave unloaded (alias →
+    None, as :func:`check_tensors` takes them): PEFT's ``bias="lora_only"`` writes the bias of every LoRA layer of
+    the model it saved from, another adapter's layers included.  A value other than the model's own is named in
+    a warning (the model keeps its own, as PEFT's loading does for a layer that is not a LoRA layer)."""
+    out: dict[str, None] = {}
+    differing = []
+    for key, value in tensors.items():
+        if key in expected or not key.startswith(PREFIX) or not key.endswith(".bias"):
+            continue
+        path = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue
+        bias = getattr(getattr(module, "base_layer", module), "bias", None)
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != tuple(value.shape):
+            continue
+        out[key] = None
+        if not torch.equal(value.to(bias.device, bias.dtype), bias.detach()):
+            differing.append(path)
+    if differing:
+        warnings.warn(f"the adapter in {where} holds biases of {differing[:3]}{' and more' if len(differing) > 3 else ''}, "
+                      f"layers it does not adapt, that differ from the model's: the model keeps its own",
+                      UserWarning, stacklevel=4)
+    return out
+
+
 def with_bias_spellings(expected: Expected, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``tensors`` with each expected bias key filled from its other spelling when only that one is there:
     PEFT writes ``<path>.base_layer.bias`` for every LoRA layer of the model it saved from, which another

@@ -66,7 +66,7 @@ def _all_linear(model: nn.Module) -> list[str]:
     """The modules ``target_modules="all-linear"`` matches: the linear-like layers but the output head."""
     head = output_head(model)
     return [name for name, module in _named_modules_outside_wrappers(model)
-            if name and is_linear_like(module) and module is not head and not isinstance(module, LoRAParameter)]
+            if name and is_linear_like(module) and not _is_head(module, head) and not isinstance(module, LoRAParameter)]
 
 
 def saved_whole(name: str, entries: list[str] | None, by_ending: bool = False) -> bool:
@@ -108,6 +108,11 @@ def output_head(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def _is_head(module: nn.Module, head: nn.Module | None) -> bool:
+    """Whether ``module`` is the output head ``head``, or the layer inside it where trainable token rows wrap it."""
+    return head is not None and (module is head or (isinstance(head, TrainableTokensWrapper) and module is head.base_layer))
+
+
 def _named_modules_outside_wrappers(model: nn.Module):
     """``model.named_modules()`` without what lies inside a ``ModulesToSaveWrapper`` (the original and the
     adapters' copies), which PEFT never adapts or wraps again."""
@@ -141,7 +146,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if not name or name in heads or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
             continue  # a parameter's layer has its own plan, a tied head the one below
         if config.target_modules == "all-linear":
-            if not is_linear_like(module) or module is head:
+            if not is_linear_like(module) or _is_head(module, head):
                 continue
         elif not _name_matches(name, config.target_modules):
             continue

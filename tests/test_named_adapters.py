@@ -5,6 +5,7 @@ refused with a named NotImplementedError."""
 
 import os
 import re
+import warnings
 
 import peft
 import pytest
@@ -151,6 +152,38 @@ def test_adapters_beside_one_with_bias_as_peft(tmp_path):
     # model): both folders load in PEFT alike.
     theirs = [_logits(peft.PeftModel.from_pretrained(clone(base), tmp_path / f)) for f in ("ours", "peft")]
     assert_close(theirs[0], theirs[1], kind="same_math")
+
+
+def test_a_lora_only_adapter_beside_another_loads_its_file_as_peft(tmp_path):
+    """bias="lora_only" saves the bias of every LoRA layer of the model, another adapter's layers included (PEFT's
+    rule): both libraries' files of such an adapter load onto a fresh model, as PEFT loads them: the other layers'
+    biases are not the adapter's, and a changed one is named in a warning and left as the model has it."""
+    base = tiny_llama(attention_bias=True)
+    models = {}
+    for lib, cls, make in (("fastlora", LoraConfig, get_peft_model), ("peft", peft.LoraConfig, peft.get_peft_model)):
+        model = make(clone(base), cls(target_modules=["q_proj"], bias="lora_only"))
+        model.add_adapter("x", cls(target_modules=["v_proj"]))
+        models[lib] = model
+    fm, pm = models["fastlora"], models["peft"]
+    _copy_adapter(pm, fm, "default"), _copy_adapter(pm, fm, "x")
+    for model in (fm, pm):
+        model.save_pretrained(tmp_path / f"{model is fm}-unchanged")
+        with torch.no_grad():
+            model.base_model.model.model.layers[0].self_attn.v_proj.bias.add_(0.5)  # another layer's bias changed
+        model.save_pretrained(tmp_path / f"{model is fm}-changed")
+    saved = {folder.name: load_file(folder / "adapter_model.safetensors") for folder in tmp_path.iterdir()}
+    assert saved["True-changed"].keys() == saved["False-changed"].keys()
+    assert "base_model.model.model.layers.0.self_attn.v_proj.base_layer.bias" in saved["True-changed"]
+    for folder in sorted(saved):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = LoraModel.from_pretrained(clone(base), tmp_path / folder)
+        named = [w for w in caught if "layers it does not adapt" in str(w.message)]
+        assert len(named) == folder.endswith("-changed"), folder
+        if named:
+            assert "model.layers.0.self_attn.v_proj" in str(named[0].message)
+        theirs = peft.PeftModel.from_pretrained(clone(base), tmp_path / folder)
+        assert_close(_logits(ours), _logits(theirs), kind="same_math", msg=folder)
 
 
 def test_adding_an_adapter_keeps_a_trained_base_weight_trainable():

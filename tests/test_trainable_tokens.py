@@ -210,3 +210,16 @@ def test_a_mixed_batch_reads_each_rows_adapter_tokens_as_peft(tied):
             with context:
                 alone = ours(input_ids=ids[row:row + 1]).logits
             assert_close(got[row:row + 1].detach(), alone, kind="same_math")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_all_linear_after_token_rows_leaves_the_head_alone_as_peft(tied):
+    """"all-linear" adapts every Linear but the output head, also where trainable token rows wrap the head."""
+    def adapted(library, model):
+        model = library.get_peft_model(model, library.LoraConfig(target_modules=["q_proj"],
+                                                                 trainable_token_indices={"lm_head": ROWS}))
+        model.add_adapter("second", library.LoraConfig(target_modules="all-linear"))
+        return sorted(name for name, _ in model.named_parameters() if "second" in name and ".lora_A" in name)
+
+    ours, theirs = adapted(fastlora, tiny_llama(tie_word_embeddings=tied)), adapted(peft, tiny_llama(tie_word_embeddings=tied))
+    assert len(ours) == len(theirs) == 14 and not any("lm_head" in name for name in ours)

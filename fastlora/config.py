@@ -440,6 +440,14 @@ class LoraConfig:
                 isinstance(p, str) and p for p in self.layers_pattern)):
             raise TypeError(f"layers_pattern must be the name of the layer list (as 'layers') or a list of such names, "
                             f"got {self.layers_pattern!r}")
+        # PEFT's rules (its configs refuse these, so no PEFT file holds them): a regex or "all-linear" names modules
+        # by their full names, and a layer pattern alone selects nothing
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            raise ValueError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) for m in self.modules_to_save):
                 raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")

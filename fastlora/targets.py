@@ -58,7 +58,11 @@ def with_task_heads(config: LoraConfig, model: nn.Module | None = None) -> LoraC
             config = config.replace(target_modules=[])
         elif not config.target_parameters or has_default_targets(model):  # PEFT fills them beside target_parameters
             # (a config naming nothing at all on such a model takes the defaults, where PEFT's rewrite refuses it)
-            config = config.replace(target_modules=default_target_modules(model))
+            defaults = default_target_modules(model)
+            if isinstance(defaults, str) and (config.layers_to_transform is not None or config.layers_pattern):
+                raise ValueError(f"layers_to_transform with this architecture's default targets, a regex ({defaults!r}, "
+                                 f"which layers_to_transform cannot filter): name the modules in target_modules")
+            config = config.replace(target_modules=defaults)
     return with_weight_tying(for_fused_experts(config, model, lambda: _all_linear(model)), model)
 
 
@@ -91,6 +95,15 @@ def _name_matches(name: str, patterns: list[str] | str) -> bool:
     if isinstance(patterns, str):
         return re.fullmatch(patterns, name) is not None
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _outside_the_layers(name: str, config: LoraConfig) -> bool:
+    """Whether ``layers_to_transform`` leaves the module ``name`` out, as PEFT applies it: to the modules a
+    ``target_modules`` entry matches as a dotted suffix (one naming the module in full is taken as it is), an
+    empty list leaving none out."""
+    if not config.layers_to_transform or isinstance(config.target_modules, str) or name in config.target_modules:
+        return False
+    return _layer_index(name, config.layers_pattern) not in config.layers_to_transform
 
 
 def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
@@ -155,9 +168,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if _under_modules_to_save(name, config, by_ending):
             saved_instead.append(name)
             continue
-        if config.layers_to_transform is not None:
-            if _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
-                continue
+        if _outside_the_layers(name, config):
+            continue
         if name in saved_tied:  # PEFT fails here with a TypeError from inside its wrapper
             raise ValueError(f"target_modules matched {name}, which ensure_weight_tying ties to the copy of {embedding} "
                              f"that modules_to_save trains: it cannot also take an adapter; leave it out of "

@@ -34,6 +34,11 @@ def test_seed_config_and_scaling():
         ({"target_modules": "[q"}, ValueError, "target_modules='\\[q' is not a valid regex"),
         ({"exclude_modules": "(k"}, ValueError, "exclude_modules='\\(k' is not a valid regex"),
         ({"layers_pattern": 5}, TypeError, "layers_pattern must be the name"),
+        # PEFT's rules (its configs refuse these, so a file holding them would not load in PEFT)
+        ({"target_modules": r".*\.q_proj", "layers_to_transform": [1]}, ValueError, "`layers_to_transform` cannot"),
+        ({"target_modules": "all-linear", "layers_to_transform": 0}, ValueError, "`layers_to_transform` cannot"),
+        ({"target_modules": r".*\.q_proj", "layers_pattern": "layers"}, ValueError, "`layers_pattern` cannot"),
+        ({"layers_pattern": "layers"}, ValueError, "`layers_to_transform` must also be specified"),
         ({"trainable_token_indices": []}, ValueError, "lists no token id"),
         ({"trainable_token_indices": {"embed_tokens": []}}, ValueError, "lists no token id"),
     ],

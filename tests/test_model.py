@@ -104,6 +104,22 @@ def test_exclude_and_layers_to_transform():
     assert len(names) == 6 and all(".layers.1." in n and "down_proj" not in n for n in names)
 
 
+@pytest.mark.parametrize("settings", [
+    dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    dict(target_modules=["model.layers.0.self_attn.q_proj"], layers_to_transform=1),
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[]),
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"]),
+], ids=["a full name beside a suffix", "full names only", "no layers listed", "patterns"])
+def test_layers_to_transform_selects_the_layers_peft_selects(settings):
+    """layers_to_transform filters the modules a target_modules entry matches as a dotted suffix; an entry naming
+    a module in full takes it whatever its layer, and an empty list filters nothing (PEFT's rules)."""
+    def adapted(library):
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(**settings))
+        return sorted({name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_A" in name})
+
+    assert adapted(fastlora) == adapted(peft)
+
+
 def test_no_match_lists_existing_modules_and_changes_nothing():
     model = tiny_llama()
     before = snapshot(model)

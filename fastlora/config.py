@@ -386,8 +386,7 @@ class LoraConfig:
         if init == "mica" and self.use_dora:
             raise UnsupportedFeatureError("LoraConfig(init_lora_weights='mica', use_dora=True): MiCA's frozen B with "
                                           "DoRA is not supported (PEFT has no variant for the pair either)")
-        for r in (self.r, *self.rank_pattern.values()):
-            check_weight_init(init, r)
+        check_weight_init(init, None)  # the ranks where a layer takes one (a pattern may match no module, as in PEFT)
         if self.lora_bias and init not in (True, False):  # PEFT's refusal: its files would not load there
             raise ValueError(f"The argument lora_bias=True is only supported with init_lora_weights=True or False, got "
                              f"init_lora_weights={init} instead.")

@@ -69,11 +69,12 @@ def draws_from_the_generator(init) -> bool:
     return isinstance(init, str) and (init.startswith("pissa_niter_") or init == "lora_ga")
 
 
-def check_weight_init(init, r: int) -> None:
-    """ValueError for a malformed name or a rank the initialisation cannot use (PEFT's errors)."""
+def check_weight_init(init, r: int | None) -> None:
+    """ValueError for a malformed name or a rank the initialisation cannot use (PEFT's errors); ``r`` None: the
+    name alone."""
     if isinstance(init, str) and init.startswith("pissa"):
         _pissa_iterations(init)
-    if init == "orthogonal" and r % 2:
+    if init == "orthogonal" and r is not None and r % 2:
         raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
 
 

@@ -122,10 +122,20 @@ def test_orthogonal_factors_start_from_a_zero_update_with_neither_factor_zero():
         assert torch.linalg.matrix_rank(A) == 2 and torch.linalg.matrix_rank(B) == 2  # r/2 directions each
         assert (B @ A).abs().max() < 1e-6 * B.abs().max() * A.abs().max() * A.shape[0] * 10
     assert_close(_logits(ours, ids), _logits(base, ids), kind="same_math")
-    with pytest.raises(ValueError, match="rank to be even, got 3"):
-        fastlora.LoraConfig(**{**CONFIG, "r": 3}, init_lora_weights="orthogonal")
-    with pytest.raises(ValueError, match="rank to be even, got 5"):
-        fastlora.LoraConfig(**CONFIG, rank_pattern={"q_proj": 5}, init_lora_weights="orthogonal")
+    # an odd rank is refused where a layer takes it (as PEFT refuses it), the model unchanged; a pattern that matches
+    # no module does not count, nor r where the patterns give every target its rank (both accepted by PEFT)
+    for changes, odd in (({"r": 3}, 3), ({"rank_pattern": {"q_proj": 5}}, 5)):
+        model = clone(base)
+        before = snapshot(model)
+        with pytest.raises(ValueError, match=f"rank to be even, got {odd}"):
+            fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, **changes}, init_lora_weights="orthogonal"))
+        assert_unchanged(model, before)
+    for changes in ({"rank_pattern": {"no_such_module": 5}},
+                    {"r": 3, "rank_pattern": {name: 4 for name in CONFIG["target_modules"]}}):
+        settings = {**CONFIG, **changes, "init_lora_weights": "orthogonal"}
+        ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**settings))
+        theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**settings))
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
 def test_pissa_on_gpt2s_conv1d_reads_the_transposed_weight_as_peft():

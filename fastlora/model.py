@@ -539,9 +539,10 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         config = self.peft_config[adapter_name]
         model = self.get_base_model()
         model.requires_grad_(False)
-        if config.bias == "all":
+        if config.bias == "all":  # every bias but those of the originals modules_to_save keeps frozen (PEFT's)
+            originals = tuple(f"{name}.original_module." for name, _ in self.wrappers())
             for name, param in model.named_parameters():
-                if name == "bias" or name.endswith(".bias"):
+                if (name == "bias" or name.endswith(".bias")) and not name.startswith(originals):
                     param.requires_grad_(True)
         elif config.bias == "lora_only":
             for _, layer in self.lora_layers(adapter_name):

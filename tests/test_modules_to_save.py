@@ -511,3 +511,21 @@ def test_a_mixed_batch_over_a_saved_module_of_another_kind_is_refused_as_peft():
     with pytest.raises(TypeError, match=r"Mixed batching is only supported for the following modules: Linear, "
                                         r"Embedding, Conv1d, Conv2d, Conv3d\.  \(modules_to_save holds \['LlamaRMSNorm'\]\)"):
         model(input_ids=tokens(batch=2), adapter_names=["default", "__base__"])
+
+
+def test_bias_all_leaves_the_saved_modules_originals_frozen_as_peft():
+    """bias="all" trains every bias, but the frozen original beside a modules_to_save copy stays frozen."""
+    from tests.models import tiny_gpt2  # GPT-2: its final norm has a bias
+
+    def trainable(library):
+        """(the trainable count, the trainable biases' names, a LoRA layer's base bias under its plain name)"""
+        model = library.get_peft_model(tiny_gpt2(), library.LoraConfig(target_modules=["c_fc"], bias="all",
+                                                                        modules_to_save=["ln_f"]))
+        return model.get_nb_trainable_parameters()[0], sorted(
+            name.replace(".base_layer", "") for name, param in model.named_parameters()
+            if param.requires_grad and name.endswith("bias"))
+
+    ours = trainable(fastlora_module)
+    assert "base_model.model.transformer.ln_f.modules_to_save.default.bias" in ours[1]
+    assert not any("original_module" in name for name in ours[1])
+    assert ours == trainable(peft)

@@ -135,6 +135,12 @@ def _is_off(name: str, value: Any) -> bool:
     return type(value) is type(off) and value == off
 
 
+def as_list(value) -> list:
+    """``layers_to_transform`` or ``layers_pattern`` as a list: one index or one pattern as a list of one (PEFT
+    takes either), a list or tuple as it is."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def pattern_key(patterns: dict, module_name: str) -> str | None:
     """The first key of ``patterns`` that matches ``module_name`` whole or as its last dotted components."""
     return next((key for key in patterns if re.fullmatch(rf"(?:.*\.)?(?:{key})", module_name)), None)
@@ -426,19 +432,17 @@ class LoraConfig:
                 "target_modules must name the modules to adapt (a list of names, a regex or 'all-linear'), or be "
                 "left out for the architecture's default targets"
             )
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
-            put("layers_to_transform", [self.layers_to_transform])
-        if self.layers_to_transform is not None and not (
-            isinstance(self.layers_to_transform, (list, tuple))
-            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
-        ):
+        # one layer index or one pattern stays as given (PEFT writes it so), a tuple becomes a list
+        if self.layers_to_transform is not None and not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in as_list(self.layers_to_transform)):
             raise ValueError(f"layers_to_transform must be layer indices >= 0, got {self.layers_to_transform!r}")
-        if isinstance(self.layers_pattern, str):
-            put("layers_pattern", [self.layers_pattern])
-        if self.layers_pattern is not None and (not isinstance(self.layers_pattern, (list, tuple)) or not all(
-                isinstance(p, str) and p for p in self.layers_pattern)):
+        if isinstance(self.layers_to_transform, tuple):
+            put("layers_to_transform", list(self.layers_to_transform))
+        if self.layers_pattern is not None and not all(isinstance(p, str) and p for p in as_list(self.layers_pattern)):
             raise TypeError(f"layers_pattern must be the name of the layer list (as 'layers') or a list of such names, "
                             f"got {self.layers_pattern!r}")
+        if isinstance(self.layers_pattern, tuple):
+            put("layers_pattern", list(self.layers_pattern))
         # PEFT's rules (its configs refuse these, so no PEFT file holds them): a regex or "all-linear" names modules
         # by their full names, and a layer pattern alone selects nothing
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:

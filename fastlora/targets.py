@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
-from fastlora.config import LoraConfig, UnsupportedFeatureError, pattern_key
+from fastlora.config import LoraConfig, UnsupportedFeatureError, as_list, pattern_key
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
@@ -101,13 +101,14 @@ def _outside_the_layers(name: str, config: LoraConfig) -> bool:
     """Whether ``layers_to_transform`` leaves the module ``name`` out, as PEFT applies it: to the modules a
     ``target_modules`` entry matches as a dotted suffix (one naming the module in full is taken as it is), an
     empty list leaving none out."""
-    if not config.layers_to_transform or isinstance(config.target_modules, str) or name in config.target_modules:
+    indices = [] if config.layers_to_transform is None else as_list(config.layers_to_transform)
+    if not indices or isinstance(config.target_modules, str) or name in config.target_modules:
         return False
-    return _layer_index(name, config.layers_pattern) not in config.layers_to_transform
+    return _layer_index(name, config.layers_pattern) not in indices
 
 
-def _layer_index(name: str, layers_pattern: list[str] | None) -> int | None:
-    pattern = "|".join(re.escape(p) for p in layers_pattern) if layers_pattern else r"[^.]+"
+def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    pattern = "|".join(re.escape(p) for p in as_list(layers_pattern)) if layers_pattern else r"[^.]+"
     found = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?:\.|$)", name)
     return int(found.group(1)) if found else None
 

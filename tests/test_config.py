@@ -1,5 +1,7 @@
 """LoraConfig validation and its PEFT JSON form."""
 
+import json
+
 import pytest
 
 from fastlora import LoraConfig, TaskType
@@ -74,10 +76,12 @@ def test_assigning_a_field_checks_it_as_the_constructor_does():
     adapter): the value is checked and put in its normal form; a bad one raises and leaves the config as it was."""
     config = LoraConfig(target_modules=["q_proj"], init_lora_weights="pissa")
     config.init_lora_weights = True
-    config.layers_to_transform = 1
+    config.layers_to_transform = (1,)
     config.modules_to_save = ("lm_head",)
     assert (config.init_lora_weights, config.layers_to_transform, config.modules_to_save) == (True, [1], ["lm_head"])
     assert config == LoraConfig(target_modules=["q_proj"], layers_to_transform=[1], modules_to_save=["lm_head"])
+    config.layers_to_transform = 1  # one index stays one, as PEFT writes it
+    assert config.layers_to_transform == 1 and json.loads(config.to_json())["layers_to_transform"] == 1
     for field, value, error in [("r", 0, ValueError), ("init_lora_weights", "kasa", ValueError),
                                 ("bias", "some", ValueError), ("peft_type", "IA3", ValueError)]:
         with pytest.raises(error):

@@ -1,6 +1,8 @@
 """get_peft_model / LoraModel against PEFT itself on a small Llama, target selection, failures that
 change nothing, merge / unload / disable."""
 
+import json
+
 import peft
 import pytest
 import torch
@@ -109,7 +111,8 @@ def test_exclude_and_layers_to_transform():
     dict(target_modules=["model.layers.0.self_attn.q_proj"], layers_to_transform=1),
     dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[]),
     dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0], layers_pattern=["h", "layers"]),
-], ids=["a full name beside a suffix", "full names only", "no layers listed", "patterns"])
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1, layers_pattern="layers"),
+], ids=["a full name beside a suffix", "full names only", "no layers listed", "patterns", "one index, one pattern"])
 def test_layers_to_transform_selects_the_layers_peft_selects(settings):
     """layers_to_transform filters the modules a target_modules entry matches as a dotted suffix; an entry naming
     a module in full takes it whatever its layer, and an empty list filters nothing (PEFT's rules)."""
@@ -118,6 +121,10 @@ def test_layers_to_transform_selects_the_layers_peft_selects(settings):
         return sorted({name.split(".lora_")[0] for name, _ in model.named_parameters() if ".lora_A" in name})
 
     assert adapted(fastlora) == adapted(peft)
+    config = fastlora.LoraConfig(**settings)
+    their_config = peft.LoraConfig(**settings)
+    for field in ("layers_to_transform", "layers_pattern"):  # written as given, as PEFT writes them
+        assert json.loads(config.to_json())[field] == their_config.to_dict()[field]
 
 
 def test_no_match_lists_existing_modules_and_changes_nothing():

@@ -252,11 +252,14 @@ def with_all_linear_named(config: LoraConfig, targets: list[str]) -> LoraConfig:
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
     """``config`` with ``fan_in_fan_out`` as adapting ``targets`` leaves it in PEFT: visiting the targets in order,
     a Conv1D (weight stored in × out) sets it True and a Linear sets it False, each with PEFT's warning when it
-    was the other way.  fastlora reads each layer's layout from its kind; the flag is what the file records."""
+    was the other way; a layer an earlier adapter made a LoRA layer gains the adapter as it is, leaving the flag
+    alone.  fastlora reads each layer's layout from its kind; the flag is what the file records."""
     import warnings
 
     flag = config.fan_in_fan_out
     for name in targets:
+        if is_adapted(model.get_submodule(name)):
+            continue
         conv1d = is_conv1d_target(model.get_submodule(name))
         if conv1d and not flag:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "

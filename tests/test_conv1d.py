@@ -10,6 +10,7 @@ import peft
 import pytest
 import torch
 
+import fastlora
 from fastlora import LoraConfig, LoraModel, get_peft_model
 from fastlora.conv1d import LoRAConv1D
 from fastlora.functional import triton_interpreter_on
@@ -154,3 +155,23 @@ def test_a_conv1d_adapter_does_not_load_onto_linear_layers_of_the_same_shapes(tm
     with pytest.raises(ValueError, match="saved from Conv1D layers"):
         LoraModel.from_pretrained(linear_model, tmp_path / "conv")
     assert_unchanged(linear_model, before)
+
+
+@pytest.mark.parametrize("second", [["c_attn"], ["c_attn", "c_fc"]], ids=["the same layers", "and new ones"])
+def test_a_second_adapter_records_fan_in_fan_out_as_peft(tmp_path, second):
+    """Only the layers an adapter makes LoRA layers set the recorded flag (PEFT's rule): a second adapter on the
+    Conv1D layers the first adapted records the False it was given; its file loads onto a fresh model."""
+    flags = {}
+    for library in (fastlora, peft):
+        model = library.get_peft_model(tiny_gpt2(), library.LoraConfig(target_modules=["c_attn"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.add_adapter("second", library.LoraConfig(target_modules=second))
+        model.save_pretrained(tmp_path / library.__name__)
+        flags[library.__name__] = (model.peft_config["second"].fan_in_fan_out, json.loads(
+            (tmp_path / library.__name__ / "second" / "adapter_config.json").read_text())["fan_in_fan_out"])
+    assert flags["fastlora"] == flags["peft"] == ((len(second) > 1,) * 2)
+    recorded_false = len(second) == 1  # PEFT's warning as it corrects the flag for the fresh model's Conv1D layers
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True") if recorded_false else warnings.catch_warnings():
+        loaded = fastlora.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "fastlora" / "second")
+    assert loaded.peft_config["default"].fan_in_fan_out is True

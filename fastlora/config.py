@@ -15,7 +15,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from fastlora.adapter_settings import AdapterSettings, plain_number
 from fastlora.files import atomic_write_text
@@ -577,13 +577,16 @@ class LoraConfig:
         return cls.from_file(path).replace(**overrides) if overrides else cls.from_file(path)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "LoraConfig":
-        """Parse an ``adapter_config.json``; unreadable JSON or a bad field raises ValueError naming the file."""
+    def from_file(cls, path: str | Path, amend: Callable[[dict], dict] | None = None) -> "LoraConfig":
+        """Parse an ``adapter_config.json``; unreadable JSON or a bad field raises ValueError naming the file.
+        ``amend`` rewrites the parsed content first (a reader that has the adapter's tensors at hand)."""
         path = Path(path)
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if amend is not None and isinstance(data, dict):
+            data = amend(data)
         try:
             return cls.from_dict(data)
         except UnsupportedFeatureError as err:

@@ -25,8 +25,8 @@ from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.layer_replication import layers_replicated
-from fastlora.targets import (plan_modules_to_save, plan_targets, plan_trainable_tokens, saved_whole, task_heads,
-                              with_task_heads)
+from fastlora.targets import (outside_layers_to_transform, plan_modules_to_save, plan_targets, plan_trainable_tokens,
+                              saved_whole, task_heads, with_task_heads)
 from fastlora.weight_tying import untied_where_the_file_is, without_tied_head_factors
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
@@ -83,7 +83,7 @@ class AdapterFilesMixin:
             targets, to_save = _planned_for_file(lambda rule: (
                 plan_targets(model, config, adapter_name, rule), plan_modules_to_save(model, config, adapter_name, rule)),
                 config, tensors, checked)
-            targets, config = _without_layers_eva_removed(config, targets, tensors)
+            targets, config = _without_layers_the_file_lacks(config, targets, tensors)
             expected, tensors = checked(targets, to_save)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype,
                                      values_from_file=True)
@@ -128,7 +128,7 @@ class AdapterFilesMixin:
             tensors = peft_format.with_model_paths(model, tensors)  # the copied layers' names too
             targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors,
                                                  checked)
-            targets, config = _without_layers_eva_removed(config, targets, tensors)
+            targets, config = _without_layers_the_file_lacks(config, targets, tensors)
             expected, tensors = checked(targets, to_save)
             lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
             try:
@@ -453,19 +453,27 @@ def _holds_copy(tensors: dict[str, torch.Tensor], name: str, inside: tuple[str, 
         part.startswith("lora_") or part == "base_layer" for part in key[len(prefix):].split(".")) for key in tensors)
 
 
-def _without_layers_eva_removed(config: LoraConfig, targets: list[str],
-                                tensors: dict[str, torch.Tensor]) -> tuple[list[str], LoraConfig]:
-    """(targets, config) of an EVA adapter's file without the layers EVA removed: PEFT records the adapted layers
-    by their shortest suffixes without leaving those layers out, so its ``target_modules`` can match layers the
-    file holds no tensor of.  Such a target is left unadapted, and the config names the layers adapted.  Other
-    adapters' targets are kept (a missing tensor is then an error)."""
-    if config.init_lora_weights != "eva":
-        return targets, config
+def _without_layers_the_file_lacks(config: LoraConfig, targets: list[str],
+                                   tensors: dict[str, torch.Tensor]) -> tuple[list[str], LoraConfig]:
+    """(targets, config) of a file without the planned layers it holds no tensor of, where that is how it was
+    written; other targets are kept (a missing tensor is then an error):
+
+    * EVA's file: PEFT records the adapted layers by their shortest suffixes without leaving the layers EVA removed
+      out, so its ``target_modules`` can match layers the file lacks; the config then names the layers adapted;
+    * a module named in full in ``target_modules`` outside ``layers_to_transform``: an earlier fastlora applied the
+      layer filter to it too (PEFT takes it whatever its layer); the config then leaves that name out."""
     held = {key[len(peft_format.PREFIX):].split(".lora_")[0] for key in tensors if ".lora_" in key}
-    kept = [name for name in targets if name in held]
-    if len(kept) == len(targets):
+    if config.init_lora_weights == "eva":
+        kept = [name for name in targets if name in held]
+        return (targets, config) if len(kept) == len(targets) else (kept, config.replace(target_modules=kept))
+    if isinstance(config.target_modules, str):
         return targets, config
-    return kept, config.replace(target_modules=kept)
+    filtered = [name for name in targets if name not in held and name in config.target_modules
+                and outside_layers_to_transform(name, config)]
+    if not filtered:
+        return targets, config
+    return ([name for name in targets if name not in filtered],
+            config.replace(target_modules=[name for name in config.target_modules if name not in filtered]))
 
 
 def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
@@ -515,10 +523,12 @@ def _checked(model: nn.Module, config: LoraConfig, targets: list[str], to_save: 
     check_vocabulary_size(tables, tensors, where)
     expected.update({k: v for k, v in tables.items() if k in tensors})
     tensors = peft_format.with_bias_spellings(expected, tensors)
+    expected = peft_format.without_other_layers_missing_biases(expected, tensors, config, targets)
     aliases = {**peft_format.peft_bias_aliases(model, config, to_save),
                **{alias: key for alias, key in table_aliases.items() if key in expected}}
     if config.bias != "none":
-        aliases.update(peft_format.other_layers_biases(model, expected, tensors, where))
+        others = peft_format.other_layers_biases(model, expected, tensors, where)
+        aliases.update({key: None for key in others if key not in aliases})  # a repeat of this adapter's is checked
     peft_format.check_tensors(expected, tensors, where, aliases)
     return expected, tensors
 

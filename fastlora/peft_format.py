@@ -87,10 +87,13 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
     # PEFT names the bias of every LoRA layer ``base_layer.bias``, whichever adapter made the layer
     targets = sorted(set(targets) | {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
     wanted = set(targets) if config.bias == "lora_only" else None
-    saved_whole = set(to_save) | {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    # another adapter's copies are its own; the original beside them is the module this adapter computes with
+    others = {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} - set(to_save)
     out = {}
     for module_name, module in model.named_modules():
-        if any(module_name == n or module_name.startswith(n + ".") for n in saved_whole):
+        if any(module_name == n or module_name.startswith(n + ".") for n in to_save) or any(
+                module_name == n or (module_name.startswith(n + ".") and not module_name.startswith(n + ".original_module"))
+                for n in others):
             continue
         bias = module._parameters.get("bias")
         if not isinstance(bias, torch.Tensor) or (wanted is not None and module_name not in wanted):
@@ -263,16 +266,21 @@ def peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) 
 
 def other_layers_biases(model: nn.Module, expected: Expected, tensors: Mapping[str, torch.Tensor],
                         where) -> dict[str, None]:
-    """The biases a file holds of layers this adapter does not train, as keys to accept and leave unloaded (alias →
-    None, as :func:`check_tensors` takes them): PEFT's ``bias="lora_only"`` writes the bias of every LoRA layer of
-    the model it saved from, another adapter's layers included.  A value other than the model's own is named in
-    a warning (the model keeps its own, as PEFT's loading does for a layer that is not a LoRA layer)."""
+    """The biases a file holds that are not this adapter's, as keys to accept and leave unloaded (alias → None, as
+    :func:`check_tensors` takes them): PEFT's ``bias="lora_only"`` writes the bias of every LoRA layer of the model
+    it saved from, another adapter's layers included, and its ``bias="all"`` every bias, other adapters'
+    modules_to_save copies' included.  A layer's bias other than the model's own (the model's rounded to the
+    file's dtype) is named in a warning: the model keeps its own, as PEFT's loading does for a layer that is not
+    a LoRA layer."""
     out: dict[str, None] = {}
     differing = []
     for key, value in tensors.items():
         if key in expected or not key.startswith(PREFIX) or not key.endswith(".bias"):
             continue
         path = key[len(PREFIX): -len(".bias")].removesuffix(".base_layer")
+        if ".modules_to_save." in f".{path}." or ".original_module." in f".{path}.":
+            out[key] = None  # another adapter's copy of a saved module, or the frozen original
+            continue
         try:
             module = model.get_submodule(path)
         except AttributeError:
@@ -281,7 +289,8 @@ def other_layers_biases(model: nn.Module, expected: Expected, tensors: Mapping[s
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != tuple(value.shape):
             continue
         out[key] = None
-        if not torch.equal(value.to(bias.device, bias.dtype), bias.detach()):
+        if bias.device.type != "meta" and value.device.type != "meta" and not torch.equal(
+                value.to(bias.device), bias.detach().to(value.dtype)):
             differing.append(path)
     if differing:
         warnings.warn(f"the adapter in {where} holds biases of {differing[:3]}{' and more' if len(differing) > 3 else ''}, "
@@ -290,18 +299,32 @@ def other_layers_biases(model: nn.Module, expected: Expected, tensors: Mapping[s
     return out
 
 
+def without_other_layers_missing_biases(expected: Expected, tensors: Mapping[str, torch.Tensor], config: LoraConfig,
+                                        targets: list[str]) -> Expected:
+    """``expected`` without the ``bias="lora_only"`` keys of LoRA layers that are not this adapter's targets (another
+    adapter's) where the file lacks them: such a file was saved before those layers were LoRA layers, and PEFT
+    loads it (the model keeps those biases)."""
+    if config.bias != "lora_only":
+        return expected
+    own = {f"{PREFIX}{name}.base_layer.bias" for name in targets}
+    return {key: value for key, value in expected.items()
+            if key in tensors or key in own or not key.endswith(".base_layer.bias")}
+
+
 def with_bias_spellings(expected: Expected, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``tensors`` with each expected bias key filled from its other spelling when only that one is there:
-    PEFT writes ``<path>.base_layer.bias`` for every LoRA layer of the model it saved from, which another
-    adapter may have made a LoRA layer, and ``<path>.bias`` for the rest."""
+    """``tensors`` with each expected bias key filled from another spelling when only that one is there: PEFT
+    writes ``<path>.base_layer.bias`` for every LoRA layer of the model it saved from, which another adapter may
+    have made a LoRA layer, ``<path>.original_module.bias`` for a module another adapter saves whole, and
+    ``<path>.bias`` for the rest."""
     out = dict(tensors)
     for key in expected:
         if not key.endswith(".bias") or key in out:
             continue
-        other = (key[: -len("base_layer.bias")] + "bias" if key.endswith(".base_layer.bias")
-                 else key[: -len("bias")] + "base_layer.bias")
-        if other in out and other not in expected:
-            out[key] = out.pop(other)
+        stem = key[: -len(".bias")].removesuffix(".base_layer").removesuffix(".original_module")
+        for other in (f"{stem}.bias", f"{stem}.base_layer.bias", f"{stem}.original_module.bias"):
+            if other != key and other in out and other not in expected:
+                out[key] = out.pop(other)
+                break
     return out
 
 
@@ -380,8 +403,22 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig,
     config_path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
     if config_path is None:
         raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")
-    config = LoraConfig.from_file(config_path)
-    return config, read_weights(model_id, **hub_kwargs)
+    tensors = read_weights(model_id, **hub_kwargs)
+    return LoraConfig.from_file(config_path, lambda data: _with_layers_named(data, tensors, model_id)), tensors
+
+
+def _with_layers_named(data: dict, tensors: Mapping[str, torch.Tensor], where) -> dict:
+    """A config an earlier fastlora wrote with a layer filter PEFT's rules refuse (``layers_to_transform`` beside a
+    regex, a ``layers_pattern`` alone), read as naming in full the modules its tensors adapt, with a warning."""
+    targets, layers, pattern = (data.get(k) for k in ("target_modules", "layers_to_transform", "layers_pattern"))
+    if not ((isinstance(targets, str) and (layers is not None or pattern is not None)) or (pattern and layers is None)):
+        return data
+    held = sorted({file_path(key[len(PREFIX):]).split(".lora_")[0] for key in tensors
+                   if key.startswith(PREFIX) and ".lora_" in key})
+    warnings.warn(f"the adapter in {str(where)!r} names its modules with target_modules={targets!r}, "
+                  f"layers_to_transform={layers!r}, layers_pattern={pattern!r}, which PEFT's rules refuse (an earlier "
+                  f"fastlora wrote it): read as the {len(held)} modules its tensors adapt", UserWarning, stacklevel=4)
+    return {**data, "target_modules": held, "layers_to_transform": None, "layers_pattern": None}
 
 
 def read_weights(model_id: str | os.PathLike, **hub_kwargs) -> dict[str, torch.Tensor]:

@@ -101,10 +101,15 @@ def _outside_the_layers(name: str, config: LoraConfig) -> bool:
     """Whether ``layers_to_transform`` leaves the module ``name`` out, as PEFT applies it: to the modules a
     ``target_modules`` entry matches as a dotted suffix (one naming the module in full is taken as it is), an
     empty list leaving none out."""
-    indices = [] if config.layers_to_transform is None else as_list(config.layers_to_transform)
-    if not indices or isinstance(config.target_modules, str) or name in config.target_modules:
+    if isinstance(config.target_modules, str) or name in config.target_modules:
         return False
-    return _layer_index(name, config.layers_pattern) not in indices
+    return outside_layers_to_transform(name, config)
+
+
+def outside_layers_to_transform(name: str, config: LoraConfig) -> bool:
+    """Whether the module ``name`` lies outside the layers ``layers_to_transform`` lists (none when it is empty)."""
+    indices = [] if config.layers_to_transform is None else as_list(config.layers_to_transform)
+    return bool(indices) and _layer_index(name, config.layers_pattern) not in indices
 
 
 def _layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -197,7 +202,8 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         linears = [n for n, m in model.named_modules() if is_linear_like(m) and not n.endswith(".base_layer")]
         raise ValueError(
             f"target_modules={config.target_modules!r} matched no module of the model"
-            + (" (after exclude_modules / layers_to_transform)" if config.exclude_modules or config.layers_to_transform else "")
+            + (" (after exclude_modules / layers_to_transform)"
+               if config.exclude_modules is not None or config.layers_to_transform is not None else "")
             + (f" outside modules_to_save (which PEFT never adapts; matched there: {', '.join(saved_instead[:4])})"
                if saved_instead else "")
             + f"; the Linear and Conv1D modules it has include: {', '.join(linears[:6]) or 'none'}"

@@ -2,6 +2,7 @@
 change nothing, merge / unload / disable."""
 
 import json
+import warnings
 
 import peft
 import pytest
@@ -125,6 +126,36 @@ def test_layers_to_transform_selects_the_layers_peft_selects(settings):
     their_config = peft.LoraConfig(**settings)
     for field in ("layers_to_transform", "layers_pattern"):  # written as given, as PEFT writes them
         assert json.loads(config.to_json())[field] == their_config.to_dict()[field]
+
+
+@pytest.mark.parametrize("settings, written, warned", [
+    (dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[1]),
+     {"target_modules": r".*\.(q_proj|v_proj)", "layers_to_transform": [1]}, True),
+    (dict(target_modules=["q_proj"]), {"layers_pattern": ["layers"], "layers_to_transform": None}, True),
+    (dict(target_modules=["v_proj"], layers_to_transform=[1]),
+     {"target_modules": ["model.layers.0.self_attn.q_proj", "v_proj"]}, False),
+], ids=["a regex beside layers", "a layer pattern alone", "a full name outside the layers"])
+def test_a_file_with_a_layer_filter_as_an_earlier_release_applied_it_loads(tmp_path, settings, written, warned):
+    """Configs an earlier fastlora wrote with layer filters PEFT's rules refuse or apply otherwise load as the
+    adapter they hold, and save again as a config PEFT reads to the same adapter."""
+    trained = get_peft_model(tiny_llama(), LoraConfig(r=4, **settings))
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(0))
+    trained.eval().save_pretrained(tmp_path / "written")
+    path = tmp_path / "written" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **written}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = fastlora.PeftModel.from_pretrained(tiny_llama(), tmp_path / "written")
+    assert any("an earlier fastlora wrote it" in str(w.message) for w in caught) == warned
+    ids = tokens()
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, kind="same_math")
+        loaded.save_pretrained(tmp_path / "again")
+        by_peft = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "again")
+        assert_close(by_peft(input_ids=ids).logits, trained(input_ids=ids).logits, kind="same_math")
 
 
 def test_no_match_lists_existing_modules_and_changes_nothing():

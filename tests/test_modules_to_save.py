@@ -529,3 +529,38 @@ def test_bias_all_leaves_the_saved_modules_originals_frozen_as_peft():
     assert "base_model.model.transformer.ln_f.modules_to_save.default.bias" in ours[1]
     assert not any("original_module" in name for name in ours[1])
     assert ours == trainable(peft)
+
+
+def test_a_bias_all_adapter_beside_another_adapters_saved_module_loads_its_biases(tmp_path):
+    """bias="all" beside another adapter that saves a biased module whole: the adapter's own bias of that module is
+    the original's, written under ``<path>.original_module.bias`` (PEFT writes the other adapter's copy's bias too).
+    Both libraries' files load onto a fresh model with that bias, computing what the saved model computes with the
+    adapter active (PEFT's own loading leaves the trained bias out there)."""
+    base = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))
+    ids = tokens()
+    want = {}
+    for library in (fastlora_module, peft):
+        model = library.get_peft_model(clone(base), library.LoraConfig(target_modules=["q_proj"], bias="all"))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if param.requires_grad and name.endswith("bias"):
+                    param.add_(0.25)  # trained biases
+        model.add_adapter("b", library.LoraConfig(target_modules=["v_proj"], modules_to_save=["o_proj"]))
+        model.save_pretrained(tmp_path / library.__name__)
+        with torch.no_grad():
+            want[library.__name__] = model.eval()(input_ids=ids).logits
+    from safetensors.torch import load_file
+
+    assert_close(want["fastlora"], want["peft"], kind="same_math")
+    ours = load_file(tmp_path / "fastlora" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.o_proj.original_module.bias" in ours
+    for folder in ("fastlora", "peft"):
+        loaded = LoraModel.from_pretrained(clone(base), tmp_path / folder)
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, want[folder], kind="same_math", msg=folder)
+        o_proj = loaded.base_model.model.model.layers[0].self_attn.o_proj
+        assert torch.equal(o_proj.bias, base.model.layers[0].self_attn.o_proj.bias + 0.25), folder

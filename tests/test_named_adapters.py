@@ -186,6 +186,46 @@ def test_a_lora_only_adapter_beside_another_loads_its_file_as_peft(tmp_path):
         assert_close(_logits(ours), _logits(theirs), kind="same_math", msg=folder)
 
 
+def test_a_lora_only_file_loads_beside_another_adapters_layers(tmp_path):
+    """A bias="lora_only" file saved before another adapter made more LoRA layers lacks their biases: it loads
+    back into its adapter (a Trainer's resume) and onto a model holding the other adapter, as PEFT loads it."""
+    base = tiny_llama(attention_bias=True)
+    model = get_peft_model(clone(base), LoraConfig(target_modules=["q_proj"], bias="lora_only"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1)  # trained factors and q_proj biases
+    want = _logits(model)
+    model.save_pretrained(tmp_path)
+    model.add_adapter("other", LoraConfig(target_modules=["v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name and "default" in name:
+                param.zero_()
+    model.load_adapter(tmp_path, "default")
+    assert_close(_logits(model), want, kind="same_math")
+    beside = get_peft_model(clone(base), LoraConfig(target_modules=["v_proj"]), adapter_name="other")
+    beside.load_adapter(tmp_path, "default")
+    beside.set_adapter("default")
+    assert_close(_logits(beside), want, kind="same_math")
+
+
+def test_other_layers_biases_of_a_half_precision_file_are_not_called_changed(tmp_path):
+    """The model's own biases rounded to the file's dtype are the file's: no warning."""
+    base = tiny_llama(attention_bias=True)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(generator=torch.Generator().manual_seed(len(name)))  # values bf16 rounds
+    model = get_peft_model(clone(base).to(torch.bfloat16), LoraConfig(target_modules=["q_proj"], bias="lora_only"))
+    model.add_adapter("x", LoraConfig(target_modules=["v_proj"]))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        LoraModel.from_pretrained(clone(base), tmp_path)
+    assert not [w for w in caught if "layers it does not adapt" in str(w.message)]
+
+
 def test_adding_an_adapter_keeps_a_trained_base_weight_trainable():
     plain = get_peft_model(tiny_llama(attention_bias=True), LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]))
     plain.model.model.layers[0].self_attn.k_proj.bias.requires_grad_(True)  # a bias the user trains

@@ -63,7 +63,7 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
     # (an encoder-decoder's other embedding tables computing with the table take adapters of their own, as in PEFT)
     tied_heads_adapted = [h for h in heads if how == "target_modules" and h in targets and not is_embedding(
         model.get_submodule(h))]
-    parameters = plan_parameter_targets(model, config)
+    parameters = plan_parameter_targets(model, config, targets)
     owners = list(dict.fromkeys(target.owner for target in parameters))
     if set(owners) & set(targets):
         raise ValueError(f"target_parameters and target_modules both adapt {sorted(set(owners) & set(targets))[:3]}; "

@@ -22,6 +22,7 @@ files carry PEFT's keys (``experts.lora_A.weight``, ``experts.base_layer.lora_A.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -232,12 +233,15 @@ def _matching(key: str, wanted: list[str]) -> list[str]:
     return [w for w in wanted if key == w or key.endswith("." + w)]
 
 
-def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[ParameterTarget]:
+def plan_parameter_targets(model: nn.Module, config: LoraConfig,
+                           module_targets: list[str] | None = None) -> list[ParameterTarget]:
     """The parameters ``config.target_parameters`` adapts, in PEFT's order, on a model before or after adaptation.
 
-    An entry matches a parameter ``owner.name`` exactly or as its dotted suffix.  Checked: every entry matches a
-    parameter; each is a floating-point 2-D or 3-D parameter of a module fastlora does not adapt otherwise; the
-    settings are ones a parameter takes (:meth:`LoRAParameter.check_settings`)."""
+    An entry matches a parameter ``owner.name`` exactly or as its dotted suffix.  Checked: each is a floating-point
+    2-D or 3-D parameter of a module fastlora does not adapt otherwise; the settings are ones a parameter takes
+    (:meth:`LoRAParameter.check_settings`).  Given the modules ``target_modules`` adapts (``module_targets``, when
+    the adapter is made), entries that match nothing are PEFT's: left out where another entry matches, PEFT's
+    warning where none does but a module target does, an error where nothing at all is adapted."""
     wanted = list(config.target_parameters or [])
     if not wanted:
         return []
@@ -267,10 +271,12 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig) -> list[Paramet
             parameter_sizes(module, parameter)  # 2-D or 3-D
             found.setdefault(owner, []).append(parameter_name)
             used.update(matching)  # two entries may name one parameter ("experts.gate_up_proj", "gate_up_proj")
-    missing = [w for w in wanted if w not in used]
-    if missing:
-        raise ValueError(f"target_parameters entries {missing} match no parameter of the model; parameters with "
-                         f"more than one dimension include: {', '.join(_some_parameters(model)) or 'none'}")
+    if module_targets is not None and not used:
+        if not module_targets:
+            raise ValueError(f"target_parameters entries {wanted} match no parameter of the model; parameters with "
+                             f"more than one dimension include: {', '.join(_some_parameters(model)) or 'none'}")
+        warnings.warn(f"target_parameters={set(config.target_parameters)} were set but no parameter was matched.",
+                      RuntimeWarning, stacklevel=4)
     nested = [(inner, outer) for inner in found for outer in found if inner.startswith(outer + ".")]
     if nested:
         inner, outer = nested[0]

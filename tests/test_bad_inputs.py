@@ -135,7 +135,7 @@ CASES = [
     ("weighted adapter of an unknown type", lambda ctx: ctx["lora"].add_weighted_adapter(["default"], [1.0], "mix", combination_type="mean"), ValueError, "Invalid combination_type"),
     # PEFT features not supported yet
     # target_parameters
-    ("target_parameters naming a missing parameter", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["experts.gate_up_proj"])), ValueError, r"entries \['experts.gate_up_proj'\] match no parameter"),
+    ("target_parameters naming a missing parameter, nothing else adapted", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_modules=[], target_parameters=["experts.gate_up_proj"])), ValueError, r"entries \['experts.gate_up_proj'\] match no parameter"),
     ("target_parameters as one string", lambda ctx: LoraConfig(target_parameters="experts.gate_up_proj"), TypeError, "target_parameters must be a list"),
     ("target_parameters with dropout", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["mlp.down_proj.weight"], lora_dropout=0.1)), ValueError, "does not work with lora_dropout=0.1"),
     ("target_parameters with DoRA", lambda ctx: get_peft_model(ctx["model"], LoraConfig(target_parameters=["mlp.down_proj.weight"], use_dora=True)), ValueError, "does not work with use_dora=True"),

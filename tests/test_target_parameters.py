@@ -4,6 +4,7 @@ Mixtral (experts stored (E, out, in), two parameters of one module, and the rout
 keys, loading both ways, merging and unloading."""
 
 import copy
+import warnings
 
 import peft
 import pytest
@@ -466,3 +467,22 @@ def test_a_second_all_linear_adapter_on_fused_experts_as_in_peft():
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     assert sum(p.numel() for n, p in ours.named_parameters() if n.endswith("_second")) == sum(
         p.numel() for n, p in theirs.named_parameters() if ".second" in n)
+
+
+@pytest.mark.parametrize("target_parameters, warned", [
+    (["experts.gate_up_proj", "mlp.shared_expert.down_proj"], False),
+    (["no_such.weight"], True),
+], ids=["beside a matching entry", "no entry matching"])
+def test_target_parameters_entries_matching_nothing_are_left_out_as_peft(tmp_path, target_parameters, warned):
+    """An entry matching no parameter is left out where something else is adapted (PEFT's warning where no
+    entry matches); PEFT's file of such a config loads."""
+    settings = dict(r=4, target_modules=["q_proj"], target_parameters=target_parameters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = fastlora.get_peft_model(tiny_mixtral(), fastlora.LoraConfig(**settings))
+    assert any("no parameter was matched" in str(w.message) for w in caught) == warned
+    theirs = peft.get_peft_model(tiny_mixtral(), peft.LoraConfig(**settings))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    theirs.save_pretrained(tmp_path)
+    loaded = fastlora.PeftModel.from_pretrained(tiny_mixtral(), tmp_path)
+    assert loaded.get_nb_trainable_parameters()[1] == ours.get_nb_trainable_parameters()[1]

@@ -36,7 +36,7 @@ from fastlora.init_configs import EvaConfig
 from fastlora.layer import LoRALinear
 from fastlora.module_modes import in_mode
 from fastlora.parameter_lora import LoRAParameter
-from fastlora.targets import plan_targets, with_task_heads
+from fastlora.targets import plan_targets, shortest_suffixes, with_task_heads
 
 __all__ = ["get_eva_state_dict", "initialize_lora_eva_weights", "forward_fn_dict",
            "prepare_model_inputs_fn_language_modeling", "prepare_layer_inputs_fn_language_modeling"]
@@ -490,7 +490,7 @@ def _load(model: nn.Module, eva_state_dict: dict, adapter_name: str) -> None:
     targets = kept + restarted
     if len(targets) >= _FEW_TARGETS:
         others = [n for n, m in base.named_modules() if n and n not in layers] + removed
-        targets = _shortest_suffixes(targets, others)
+        targets = shortest_suffixes(targets, others)
     new_config = config.replace(target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
     for name, step in plan.items():
@@ -530,22 +530,3 @@ def _restart(layer: LoRALinear, adapter_name: str, settings, init) -> None:
     layer.set_adapter(active)
     for param in layer.adapter_parameters(adapter_name):
         param.requires_grad_(trainable)
-
-
-def _shortest_suffixes(targets: list[str], others: list[str]) -> list[str]:
-    """Dotted suffixes that match every name in ``targets`` and none in ``others`` (PEFT's matching: the name
-    itself or a suffix after a dot), each as short as it can be."""
-    def matches(suffix: str, name: str) -> bool:
-        return name == suffix or name.endswith("." + suffix)
-
-    chosen: list[str] = []
-    for target in targets:
-        if any(matches(suffix, target) for suffix in chosen):
-            continue
-        parts = target.split(".")
-        for start in range(len(parts) - 1, -1, -1):
-            suffix = ".".join(parts[start:])
-            if not any(matches(suffix, other) for other in others):
-                chosen.append(suffix)
-                break
-    return sorted(chosen)

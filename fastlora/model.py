@@ -30,7 +30,7 @@ from fastlora.model_inits import warn_of_lora_ga_without_gradients
 from fastlora.module_modes import activation_checkpointing_on
 from fastlora.modules_to_save import MIXED_BATCH_MODULES, ModulesToSaveWrapper
 from fastlora.status import get_layer_status, get_model_status
-from fastlora.targets import (plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_all_linear_named,
+from fastlora.targets import (plan_modules_to_save, plan_targets, settle_fan_in_fan_out, with_targets_recorded,
                               with_task_heads)
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import retie
@@ -159,7 +159,7 @@ def _build(model: nn.Module, config: LoraConfig, adapter_name: str, autocast_ada
            ) -> tuple["PeftModel", Callable[[], None]]:
     """Adapt and wrap ``model`` along a checked ``plan``; returns the PeftModel and the ``undo`` of the adaptation."""
     targets, to_save = plan
-    config = with_all_linear_named(settle_fan_in_fan_out(model, config, targets), targets)
+    config = with_targets_recorded(model, settle_fan_in_fan_out(model, config, targets), targets)
     undo = adapt_modules(model, config, adapter_name, targets, to_save, autocast_adapter_dtype, values_from_file)
     try:
         lora_model = lora_model_class()(model, config, adapter_name)
@@ -839,7 +839,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
     def _add_planned(self, adapter_name: str, config: LoraConfig, targets: list[str], to_save: list[str],
                      autocast_adapter_dtype: bool, values_from_file: bool = False) -> Callable[[], None]:
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
-        config = with_all_linear_named(settle_fan_in_fan_out(self.get_base_model(), config, targets), targets)
+        config = with_targets_recorded(self.get_base_model(), settle_fan_in_fan_out(self.get_base_model(), config, targets),
+                                       targets)
         undo_inject = adapt_modules(self.get_base_model(), config, adapter_name, targets, to_save,
                                     autocast_adapter_dtype and config.autocast_adapter_dtype, values_from_file)
         self.peft_config[adapter_name] = config

@@ -246,13 +246,46 @@ def _warn_fused_experts(model: nn.Module) -> None:
             f"them", UserWarning, stacklevel=4)
 
 
-def with_all_linear_named(config: LoraConfig, targets: list[str]) -> LoraConfig:
-    """``config``, its ``target_modules="all-linear"`` replaced by the names of the modules it adapted, as PEFT
-    records it (in ``peft_config`` and in the saved ``adapter_config.json``)."""
+# PEFT records a target_modules list of this many names or more by the dotted suffixes that pick the same modules
+_NAMES_TO_CONDENSE = 20
+
+
+def with_targets_recorded(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
+    """``config`` as PEFT records it (in ``peft_config`` and in the saved ``adapter_config.json``):
+    ``target_modules="all-linear"`` replaced by the names of the modules it adapts, and a list of 20 names or
+    more by the shortest dotted suffixes that pick the same modules of ``model`` (:func:`shortest_suffixes`; not
+    beside ``layers_to_transform``, which names in full escape).  ``model`` is the model before adaptation."""
     modules = config.target_modules
     if isinstance(modules, str) and modules.lower() == "all-linear" and targets:
-        return config.replace(target_modules=sorted(targets))
+        config = config.replace(target_modules=sorted(targets))
+    names = config.target_modules
+    if isinstance(names, list) and len(names) >= _NAMES_TO_CONDENSE and config.layers_to_transform is None:
+        endings = tuple("." + name for name in names)
+        others = [n for n, _ in model.named_modules() if n not in names and not n.endswith(endings)]
+        condensed = shortest_suffixes(names, others)
+        if len(condensed) < len(names):
+            config = config.replace(target_modules=condensed)
     return config
+
+
+def shortest_suffixes(targets: list[str], others: list[str]) -> list[str]:
+    """Dotted suffixes that match every name in ``targets`` and no name in ``others`` (PEFT's matching: the name
+    itself or a suffix after a dot), chosen as PEFT chooses them: the targets visited in the order of their
+    suffixes, each taking its shortest suffix no other name ends with, unless one already taken covers it."""
+    def suffixes(name: str) -> list[str]:  # shortest first
+        parts = name.split(".")
+        return [".".join(parts[start:]) for start in range(len(parts) - 1, -1, -1)]
+
+    taken_by_others = {suffix for name in others for suffix in suffixes(name)}
+    chosen: set[str] = set()
+    for name, candidates in sorted(((name, suffixes(name)) for name in set(targets)), key=lambda item: item[1]):
+        for suffix in candidates:
+            if suffix in chosen or suffix in taken_by_others:
+                continue
+            if not any(name.endswith("." + taken) for taken in chosen):
+                chosen.add(suffix)
+            break
+    return sorted(chosen) if chosen else sorted(set(targets))
 
 
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:

@@ -158,6 +158,29 @@ def test_a_file_with_a_layer_filter_as_an_earlier_release_applied_it_loads(tmp_p
         assert_close(by_peft(input_ids=ids).logits, trained(input_ids=ids).logits, kind="same_math")
 
 
+@pytest.mark.parametrize("settings, names", [
+    (dict(target_modules="all-linear"), 7),
+    (dict(target_modules=[f"model.layers.{i}.{m}" for i in range(3) for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj",
+        "mlp.gate_proj")]), 7),
+    (dict(target_modules=[f"model.layers.{i}.self_attn.{m}" for i in range(3) for m in ("q_proj", "v_proj")]), 6),
+], ids=["all-linear", "21 full names", "6 full names"])
+def test_target_modules_are_recorded_as_peft_records_them(tmp_path, settings, names):
+    """A list of 20 names or more ("all-linear" on a model of 21 Linear layers, or given) is recorded by the
+    shortest dotted suffixes that pick the same modules, in peft_config and the file, as PEFT records it."""
+    recorded = {}
+    for library in (fastlora, peft):
+        model = library.get_peft_model(tiny_llama(num_hidden_layers=3), library.LoraConfig(**settings))
+        model.save_pretrained(tmp_path / library.__name__)
+        recorded[library.__name__] = (sorted(model.peft_config["default"].target_modules), sorted(json.loads(
+            (tmp_path / library.__name__ / "adapter_config.json").read_text())["target_modules"]))
+    assert recorded["fastlora"] == recorded["peft"]
+    assert len(recorded["fastlora"][0]) == names
+    loaded = fastlora.PeftModel.from_pretrained(tiny_llama(num_hidden_layers=3), tmp_path / "peft")
+    assert sorted(n for n, _ in loaded.lora_layers()) == sorted(
+        n for n, _ in fastlora.PeftModel.from_pretrained(tiny_llama(num_hidden_layers=3), tmp_path / "fastlora").lora_layers())
+
+
 def test_no_match_lists_existing_modules_and_changes_nothing():
     model = tiny_llama()
     before = snapshot(model)

@@ -25,8 +25,8 @@ from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.fused_experts import check_not_per_expert
 from fastlora.layer_replication import layers_replicated
-from fastlora.targets import (outside_layers_to_transform, plan_modules_to_save, plan_targets, plan_trainable_tokens,
-                              saved_whole, task_heads, with_task_heads)
+from fastlora.targets import (names_the_same_modules, outside_layers_to_transform, plan_modules_to_save, plan_targets,
+                              plan_trainable_tokens, saved_whole, task_heads, with_task_heads)
 from fastlora.weight_tying import untied_where_the_file_is, without_tied_head_factors
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_conversion import converted_for_the_original_weight
@@ -67,7 +67,7 @@ class AdapterFilesMixin:
             with warnings.catch_warnings():  # the config's warnings were given when the adapter was made
                 warnings.simplefilter("ignore")
                 file_config = with_task_heads(file_config, self.get_base_model())
-            _check_same_adapter(adapter_name, config, file_config)
+            _check_same_adapter(model, adapter_name, config, file_config)
             self._check_not_merged(adapter_name)
             targets, to_save = peft_format.adapter_targets(model, adapter_name)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
@@ -83,7 +83,7 @@ class AdapterFilesMixin:
             targets, to_save = _planned_for_file(lambda rule: (
                 plan_targets(model, config, adapter_name, rule), plan_modules_to_save(model, config, adapter_name, rule)),
                 config, tensors, checked)
-            targets, config = _without_layers_the_file_lacks(config, targets, tensors)
+            targets, config = _without_layers_the_file_lacks(config, targets, tensors, model_id)
             expected, tensors = checked(targets, to_save)
             undo = self._add_planned(adapter_name, config, targets, to_save, autocast_adapter_dtype,
                                      values_from_file=True)
@@ -128,7 +128,7 @@ class AdapterFilesMixin:
             tensors = peft_format.with_model_paths(model, tensors)  # the copied layers' names too
             targets, to_save = _planned_for_file(lambda rule: cls._plan_new(model, config, rule), config, tensors,
                                                  checked)
-            targets, config = _without_layers_the_file_lacks(config, targets, tensors)
+            targets, config = _without_layers_the_file_lacks(config, targets, tensors, model_id)
             expected, tensors = checked(targets, to_save)
             lora_model, undo = cls._adapt(model, config, adapter_name, autocast_adapter_dtype, (targets, to_save))
             try:
@@ -453,15 +453,16 @@ def _holds_copy(tensors: dict[str, torch.Tensor], name: str, inside: tuple[str, 
         part.startswith("lora_") or part == "base_layer" for part in key[len(prefix):].split(".")) for key in tensors)
 
 
-def _without_layers_the_file_lacks(config: LoraConfig, targets: list[str],
-                                   tensors: dict[str, torch.Tensor]) -> tuple[list[str], LoraConfig]:
+def _without_layers_the_file_lacks(config: LoraConfig, targets: list[str], tensors: dict[str, torch.Tensor],
+                                   where) -> tuple[list[str], LoraConfig]:
     """(targets, config) of a file without the planned layers it holds no tensor of, where that is how it was
     written; other targets are kept (a missing tensor is then an error):
 
     * EVA's file: PEFT records the adapted layers by their shortest suffixes without leaving the layers EVA removed
       out, so its ``target_modules`` can match layers the file lacks; the config then names the layers adapted;
     * a module named in full in ``target_modules`` outside ``layers_to_transform``: an earlier fastlora applied the
-      layer filter to it too (PEFT takes it whatever its layer); the config then leaves that name out."""
+      layer filter to it too (PEFT takes it whatever its layer); the config then leaves that name out, with a
+      warning."""
     held = {key[len(peft_format.PREFIX):].split(".lora_")[0] for key in tensors if ".lora_" in key}
     if config.init_lora_weights == "eva":
         kept = [name for name in targets if name in held]
@@ -472,13 +473,19 @@ def _without_layers_the_file_lacks(config: LoraConfig, targets: list[str],
                 and outside_layers_to_transform(name, config)]
     if not filtered:
         return targets, config
+    warnings.warn(f"the adapter in {str(where)!r} names {filtered} in full in target_modules, outside "
+                  f"layers_to_transform={config.layers_to_transform}, and holds no tensors of them (an earlier fastlora "
+                  f"left such modules unadapted): left out", UserWarning, stacklevel=4)
     return ([name for name in targets if name not in filtered],
             config.replace(target_modules=[name for name in config.target_modules if name not in filtered]))
 
 
-def _check_same_adapter(adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
-    """Loading values into an existing adapter: the file must describe the same adapter."""
+def _check_same_adapter(model: nn.Module, adapter_name: str, have: LoraConfig, file: LoraConfig) -> None:
+    """Loading values into an existing adapter: the file must describe the same adapter (``target_modules`` naming
+    the same modules of ``model``: a list in full and its shortest suffixes alike)."""
     for field in ("r", "lora_alpha", "use_rslora", "target_modules", "bias", "modules_to_save", "layer_replication"):
+        if field == "target_modules" and names_the_same_modules(model, have.target_modules, file.target_modules):
+            continue
         if getattr(have, field) != getattr(file, field):
             raise ValueError(
                 f"adapter {adapter_name!r} exists with {field}={getattr(have, field)!r} but the file has "

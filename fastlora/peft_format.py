@@ -18,6 +18,7 @@ tensor against the model (names, shapes, rank) before anything in the model chan
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -316,15 +317,20 @@ def with_bias_spellings(expected: Expected, tensors: dict[str, torch.Tensor]) ->
     writes ``<path>.base_layer.bias`` for every LoRA layer of the model it saved from, which another adapter may
     have made a LoRA layer, ``<path>.original_module.bias`` for a module another adapter saves whole, and
     ``<path>.bias`` for the rest."""
+    def stem(key: str) -> str:  # the bias's module as the model without adapters names it
+        return re.sub(r"\.(?:base_layer|original_module)(?=\.)", "", key)
+
     out = dict(tensors)
+    spellings: dict[str, list[str]] = {}
+    for key in tensors:
+        if key.endswith(".bias") and key not in expected:
+            spellings.setdefault(stem(key), []).append(key)
     for key in expected:
         if not key.endswith(".bias") or key in out:
             continue
-        stem = key[: -len(".bias")].removesuffix(".base_layer").removesuffix(".original_module")
-        for other in (f"{stem}.bias", f"{stem}.base_layer.bias", f"{stem}.original_module.bias"):
-            if other != key and other in out and other not in expected:
-                out[key] = out.pop(other)
-                break
+        other = next((k for k in spellings.get(stem(key), []) if k in out), None)
+        if other is not None:
+            out[key] = out.pop(other)
     return out
 
 
@@ -403,16 +409,28 @@ def read_adapter(model_id: str | os.PathLike, **hub_kwargs) -> tuple[LoraConfig,
     config_path = resolve_file(model_id, CONFIG_NAME, **hub_kwargs)
     if config_path is None:
         raise ValueError(f"adapter file {CONFIG_NAME} does not exist in {str(model_id)!r}")
-    tensors = read_weights(model_id, **hub_kwargs)
-    return LoraConfig.from_file(config_path, lambda data: _with_layers_named(data, tensors, model_id)), tensors
+    read: list[dict[str, torch.Tensor]] = []  # the weights, where the config needs them to be read
+
+    def amend(data: dict) -> dict:
+        if not _layer_filter_peft_refuses(data):
+            return data
+        read.append(read_weights(model_id, **hub_kwargs))
+        return _with_layers_named(data, read[0], model_id)
+
+    config = LoraConfig.from_file(config_path, amend)  # the config first: its errors are named first
+    return config, read[0] if read else read_weights(model_id, **hub_kwargs)
+
+
+def _layer_filter_peft_refuses(data: dict) -> bool:
+    """Whether a config's content pairs ``layers_to_transform`` with a regex, or holds a ``layers_pattern`` alone."""
+    targets, layers, pattern = (data.get(k) for k in ("target_modules", "layers_to_transform", "layers_pattern"))
+    return (isinstance(targets, str) and (layers is not None or pattern is not None)) or bool(pattern and layers is None)
 
 
 def _with_layers_named(data: dict, tensors: Mapping[str, torch.Tensor], where) -> dict:
     """A config an earlier fastlora wrote with a layer filter PEFT's rules refuse (``layers_to_transform`` beside a
     regex, a ``layers_pattern`` alone), read as naming in full the modules its tensors adapt, with a warning."""
     targets, layers, pattern = (data.get(k) for k in ("target_modules", "layers_to_transform", "layers_pattern"))
-    if not ((isinstance(targets, str) and (layers is not None or pattern is not None)) or (pattern and layers is None)):
-        return data
     held = sorted({file_path(key[len(PREFIX):]).split(".lora_")[0] for key in tensors
                    if key.startswith(PREFIX) and ".lora_" in key})
     warnings.warn(f"the adapter in {str(where)!r} names its modules with target_modules={targets!r}, "

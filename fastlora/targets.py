@@ -261,11 +261,35 @@ def with_targets_recorded(model: nn.Module, config: LoraConfig, targets: list[st
     names = config.target_modules
     if isinstance(names, list) and len(names) >= _NAMES_TO_CONDENSE and config.layers_to_transform is None:
         endings = tuple("." + name for name in names)
-        others = [n for n, _ in model.named_modules() if n not in names and not n.endswith(endings)]
+        others = [n for n in _names_on_a_fresh_model(model) if n not in names and not n.endswith(endings)]
         condensed = shortest_suffixes(names, others)
         if len(condensed) < len(names):
             config = config.replace(target_modules=condensed)
     return config
+
+
+def names_the_same_modules(model: nn.Module, first, second) -> bool:
+    """Whether two ``target_modules`` values pick the same modules of ``model`` (equal values, or lists whose
+    entries match the same names: a list in full and its shortest suffixes)."""
+    if first == second:
+        return True
+    if not isinstance(first, list) or not isinstance(second, list):
+        return False
+    names = [name for name, _ in model.named_modules() if name]
+    return {n for n in names if _name_matches(n, first)} == {n for n in names if _name_matches(n, second)}
+
+
+def _names_on_a_fresh_model(model: nn.Module) -> list[str]:
+    """The module names of ``model``, and each as the model without adapters names it (no ``original_module`` or
+    ``modules_to_save.<adapter>`` level of a saved module, no ``base_layer`` level of an adapted one): a
+    condensed target list must pick the same modules there, where a file is loaded."""
+    out = []
+    for name, _ in model.named_modules():
+        out.append(name)
+        fresh = re.sub(r"\.modules_to_save\.[^.]+(?=\.|$)|\.original_module(?=\.|$)|\.base_layer(?=\.|$)", "", name)
+        if fresh != name:
+            out.append(fresh)
+    return list(dict.fromkeys(out))
 
 
 def shortest_suffixes(targets: list[str], others: list[str]) -> list[str]:
@@ -291,15 +315,17 @@ def shortest_suffixes(targets: list[str], others: list[str]) -> list[str]:
 def settle_fan_in_fan_out(model: nn.Module, config: LoraConfig, targets: list[str]) -> LoraConfig:
     """``config`` with ``fan_in_fan_out`` as adapting ``targets`` leaves it in PEFT: visiting the targets in order,
     a Conv1D (weight stored in × out) sets it True and a Linear sets it False, each with PEFT's warning when it
-    was the other way; a layer an earlier adapter made a LoRA layer gains the adapter as it is, leaving the flag
-    alone.  fastlora reads each layer's layout from its kind; the flag is what the file records."""
+    was the other way.  A Conv1D layer an earlier adapter made a LoRA layer gains the adapter as it is, leaving a
+    False alone, as in PEFT (such a file loads with PEFT's correcting warning); a Linear one still sets False,
+    where PEFT would record a True that no model's Linear layers load.  fastlora reads each layer's layout from
+    its kind; the flag is what the file records."""
     import warnings
 
     flag = config.fan_in_fan_out
     for name in targets:
-        if is_adapted(model.get_submodule(name)):
-            continue
         conv1d = is_conv1d_target(model.get_submodule(name))
+        if conv1d and is_adapted(model.get_submodule(name)):
+            continue
         if conv1d and not flag:
             warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
                           "Setting fan_in_fan_out to True.", UserWarning, stacklevel=3)

@@ -175,3 +175,17 @@ def test_a_second_adapter_records_fan_in_fan_out_as_peft(tmp_path, second):
     with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True") if recorded_false else warnings.catch_warnings():
         loaded = fastlora.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "fastlora" / "second")
     assert loaded.peft_config["default"].fan_in_fan_out is True
+
+
+def test_a_second_adapter_asking_fan_in_fan_out_on_linear_layers_records_false(tmp_path):
+    """fan_in_fan_out=True given for Linear layers an earlier adapter adapted is set False (PEFT's warning), so its
+    file loads onto Linear layers (PEFT records True there, which fastlora refuses as a Conv1D model's file)."""
+    from tests.models import tiny_llama
+
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        model.add_adapter("second", LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True))
+    assert model.peft_config["second"].fan_in_fan_out is False
+    model.save_pretrained(tmp_path)
+    fastlora.PeftModel.from_pretrained(tiny_llama(), tmp_path / "second")
+    model.load_adapter(tmp_path / "second", "second")  # a resume

@@ -564,3 +564,17 @@ def test_a_bias_all_adapter_beside_another_adapters_saved_module_loads_its_biase
             assert_close(loaded(input_ids=ids).logits, want[folder], kind="same_math", msg=folder)
         o_proj = loaded.base_model.model.model.layers[0].self_attn.o_proj
         assert torch.equal(o_proj.bias, base.model.layers[0].self_attn.o_proj.bias + 0.25), folder
+
+
+def test_a_bias_all_adapter_beside_another_adapters_saved_container_loads(tmp_path):
+    """The biases inside a container another adapter saves whole are written under PEFT's
+    ``<path>.original_module.<inner>.bias``, and both libraries' files of it load onto a fresh model."""
+    for library in (fastlora_module, peft):
+        model = library.get_peft_model(tiny_llama(mlp_bias=True), library.LoraConfig(target_modules=["q_proj"], bias="all"))
+        with torch.no_grad():
+            model.base_model.model.model.layers[0].mlp.up_proj.bias.add_(0.5)
+        model.add_adapter("b", library.LoraConfig(target_modules=["v_proj"], modules_to_save=["layers.0.mlp"]))
+        model.save_pretrained(tmp_path / library.__name__)
+        loaded = LoraModel.from_pretrained(tiny_llama(mlp_bias=True), tmp_path / library.__name__)
+        assert torch.equal(loaded.base_model.model.model.layers[0].mlp.up_proj.bias,
+                           tiny_llama(mlp_bias=True).model.layers[0].mlp.up_proj.bias + 0.5), library.__name__

@@ -16,7 +16,7 @@ from torch import nn
 from fastlora.config import LoraConfig
 from fastlora.layer import LoRALinear
 from fastlora.model import PeftModel, lora_model_class, get_peft_model
-from fastlora.peft_format import PREFIX, with_model_paths
+from fastlora.peft_format import PREFIX, adapted_module_paths, with_model_paths
 from fastlora.targets import plan_targets
 
 __all__ = ["inject_adapter_in_model", "get_peft_model_state_dict", "set_peft_model_state_dict"]
@@ -98,8 +98,8 @@ def _adapting_what_is_named(config: LoraConfig, model: nn.Module, state_dict: di
         raise ValueError("Trying to inject a PEFT adapter from a state_dict but the PEFT config uses "
                          "`target_parameters`. This is not supported -- when using `target_parameters`, please inject "
                          "the adapter without the state_dict.")
-    names = sorted({key.removeprefix(PREFIX).removeprefix("_orig_mod.").rsplit(".lora_", 1)[0]
-                    for key in with_model_paths(model, state_dict) if ".lora_" in key})
+    names = sorted({path.removeprefix("_orig_mod.")
+                    for path in adapted_module_paths(with_model_paths(model, state_dict))})
     if not names:
         raise ValueError("inject_adapter_in_model(state_dict=...): no key of the state dict names a LoRA factor "
                          "(<module>.lora_A.weight, ...)")

@@ -463,7 +463,7 @@ def _without_layers_the_file_lacks(config: LoraConfig, targets: list[str], tenso
     * a module named in full in ``target_modules`` outside ``layers_to_transform``: an earlier fastlora applied the
       layer filter to it too (PEFT takes it whatever its layer); the config then leaves that name out, with a
       warning."""
-    held = {key[len(peft_format.PREFIX):].split(".lora_")[0] for key in tensors if ".lora_" in key}
+    held = peft_format.adapted_module_paths(tensors)
     if config.init_lora_weights == "eva":
         kept = [name for name in targets if name in held]
         return (targets, config) if len(kept) == len(targets) else (kept, config.replace(target_modules=kept))

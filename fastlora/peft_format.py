@@ -39,7 +39,7 @@ from fastlora.parameter_lora import LoRAParameter, ParameterTarget, owner_of, pa
 __all__ = [
     "CONFIG_NAME", "WEIGHTS_NAME", "WEIGHTS_BIN_NAME", "PREFIX", "expected_tensors", "embedding_modules", "embedding_tables", "peft_bias_aliases",
     "with_bias_spellings", "check_tensors", "write_adapter", "read_adapter", "read_weights", "file_path",
-    "with_model_paths",
+    "with_model_paths", "adapted_module_paths",
 ]
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,6 +56,12 @@ _WRAPPER_LEVELS = frozenset({"_checkpoint_wrapped_module", "_fsdp_wrapped_module
 def file_path(name: str) -> str:
     """A module or parameter name (or a file key) as adapter files write it: without torch's wrapper levels."""
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_LEVELS)
+
+
+def adapted_module_paths(tensors: Mapping[str, torch.Tensor]) -> set[str]:
+    """The paths of the modules whose LoRA tensors ``tensors`` hold (keys ``<path>.lora_...``, with or without
+    ``base_model.model.``)."""
+    return {key.removeprefix(PREFIX).rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key}
 
 
 def with_model_paths(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -431,8 +437,7 @@ def _with_layers_named(data: dict, tensors: Mapping[str, torch.Tensor], where) -
     """A config an earlier fastlora wrote with a layer filter PEFT's rules refuse (``layers_to_transform`` beside a
     regex, a ``layers_pattern`` alone), read as naming in full the modules its tensors adapt, with a warning."""
     targets, layers, pattern = (data.get(k) for k in ("target_modules", "layers_to_transform", "layers_pattern"))
-    held = sorted({file_path(key[len(PREFIX):]).split(".lora_")[0] for key in tensors
-                   if key.startswith(PREFIX) and ".lora_" in key})
+    held = sorted(map(file_path, adapted_module_paths(tensors)))
     warnings.warn(f"the adapter in {str(where)!r} names its modules with target_modules={targets!r}, "
                   f"layers_to_transform={layers!r}, layers_pattern={pattern!r}, which PEFT's rules refuse (an earlier "
                   f"fastlora wrote it): read as the {len(held)} modules its tensors adapt", UserWarning, stacklevel=4)

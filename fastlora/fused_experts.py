@@ -25,6 +25,7 @@ from typing import Callable
 
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora.config import LoraConfig
 
 __all__ = ["FUSED_EXPERT_NAMES", "for_fused_experts", "check_not_per_expert"]
@@ -63,10 +64,10 @@ def _resolved_string(config: LoraConfig, model: nn.Module, names: dict[str, str]
     if config.target_modules == "all-linear":
         return {name.rsplit(".", 1)[-1] for name in all_linear_names()} | set(names)
     pattern = config.target_modules
-    keys = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    keys = [n for n, _ in model.named_modules()] + [n for n, _ in named_parameters(model)]
     matched = {key.rsplit(".", 1)[-1] for key in keys if re.fullmatch(pattern, key)}
     holders: dict[str, set[str]] = {}
-    for key, _ in model.named_parameters():
+    for key, _ in named_parameters(model):
         holder, _, leaf = key.rpartition(".")
         holders.setdefault(leaf, set()).add(holder)
     for old, new in names.items():
@@ -119,7 +120,7 @@ def for_fused_experts(config: LoraConfig, model: nn.Module, all_linear_names: Ca
             rank_pattern[rf".*\.{re.escape(new)}"] = config.r * len(olds)
             alpha_pattern[rf".*\.{re.escape(new)}"] = config.lora_alpha * len(olds)
     # of the parameters named here, those this model has (a table entry for a projection it lacks is left out)
-    held = {re.sub(r"\.base_layer(?=\.)", "", n) for n, p in model.named_parameters() if p.dim() >= 2}
+    held = {re.sub(r"\.base_layer(?=\.)", "", n) for n, p in named_parameters(model) if p.dim() >= 2}
     added -= set(config.target_parameters or [])
     parameters -= {p for p in added if not any(_names(h, p) for h in held)}
     if not remaining and not parameters:

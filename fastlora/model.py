@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora.adapt_modules import adapt_modules, set_module
 from fastlora.adapter_settings import check_adapter_name
 from fastlora.config import LoraConfig, PeftType
@@ -541,7 +542,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         model.requires_grad_(False)
         if config.bias == "all":  # every bias but those of the originals modules_to_save keeps frozen (PEFT's)
             originals = tuple(f"{name}.original_module." for name, _ in self.wrappers())
-            for name, param in model.named_parameters():
+            for name, param in named_parameters(model):
                 if (name == "bias" or name.endswith(".bias")) and not name.startswith(originals):
                     param.requires_grad_(True)
         elif config.bias == "lora_only":

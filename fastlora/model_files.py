@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora import base_kinds, hub, peft_format
 from fastlora.config import LoraConfig
 from fastlora.adapter_settings import check_adapter_name
@@ -183,7 +184,7 @@ class AdapterFilesMixin:
                               UserWarning, stacklevel=3)
             expected.update(tables)
         if state_dict is None:
-            params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
+            params = dict(named_parameters(model, remove_duplicate=False))  # a tied table under each name
             out = {key: params[param] for key, (param, _) in expected.items()}
         else:
             out = {key: _lookup(state_dict, param, name) for key, (param, _) in expected.items()}
@@ -554,7 +555,7 @@ def _copy_values(model: nn.Module, expected: peft_format.Expected, tensors: dict
                  restore_on_error: bool = False) -> None:
     """Copy each file tensor into its parameter.  ``restore_on_error``: the parameters already hold values the
     model uses, so an error part way puts back the ones already overwritten."""
-    params = dict(model.named_parameters(remove_duplicate=False))  # a tied table under each name
+    params = dict(named_parameters(model, remove_duplicate=False))  # a tied table under each name
     done: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         try:

@@ -13,6 +13,7 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from fastlora.module_names import named_parameters
 from fastlora.config import LoraConfig, UnsupportedFeatureError
 from fastlora.conv1d import is_conv1d
 from fastlora.corda import EIGENS_ATTRIBUTE, corda_eigens
@@ -121,7 +122,7 @@ def _sharing_a_weight(model: nn.Module, layers: dict[str, nn.Module]) -> dict[st
     """Target name → the name of a parameter outside the targets holding the same storage as its weight."""
     owners = {layer.weight.data_ptr(): name for name, layer in layers.items() if layer.weight.numel()}
     out = {}
-    for param_name, param in model.named_parameters(remove_duplicate=False):
+    for param_name, param in named_parameters(model, remove_duplicate=False):
         owner = owners.get(param.data_ptr()) if param.numel() else None
         if owner is not None and not any(param_name.startswith(n + ".") for n in layers):
             out[owner] = param_name

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastlora.module_names import named_parameters
 from fastlora.adapter_settings import AdapterSettings
 from fastlora.config import LoraConfig, UnsupportedFeatureError
 from fastlora.grouped_experts import FIRST, FIRST_NO_GATE, SECOND, grouped_experts_forward, is_transformers_experts
@@ -305,7 +306,7 @@ def _inside_adapted_layer(model: nn.Module, name: str) -> bool:
 
 
 def _some_parameters(model: nn.Module, limit: int = 6) -> list[str]:
-    names = [n for n, p in model.named_parameters() if p.dim() >= 2 and ".lora_" not in f".{n}"]
+    names = [n for n, p in named_parameters(model) if p.dim() >= 2 and ".lora_" not in f".{n}"]
     return [re.sub(r"(\.base_layer)+\.", ".", n) for n in names[:limit]]
 
 

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora.base_kinds import is_adapted, kind_of, peft_factor_keys, sizes as base_sizes
 from fastlora.targets import plan_trainable_tokens
 from fastlora.config import CONFIG_NAME, LoraConfig
@@ -138,14 +139,14 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         dim = getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape[1]
         out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = (
             f"{name}.trainable_tokens_delta_{adapter_name}", (len(rows), dim))
-    params = dict(model.named_parameters())
+    params = dict(named_parameters(model))
     for key, param_name in _bias_keys(model, config, targets, to_save).items():
         out[key] = (param_name, tuple(params[param_name].shape))
     for name in to_save:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             module = module.original_module
-        for pname, p in module.named_parameters():
+        for pname, p in named_parameters(module):
             out[f"{PREFIX}{name}.{pname}"] = (f"{name}.modules_to_save.{adapter_name}.{pname}", tuple(p.shape))
     return out
 
@@ -264,7 +265,7 @@ def peft_bias_aliases(model: nn.Module, config: LoraConfig, to_save: list[str]) 
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):
             module = module.original_module
-        for pname, _ in module.named_parameters():
+        for pname, _ in named_parameters(module):
             if "bias" in pname:
                 out[f"{PREFIX}{name}.modules_to_save.{pname}"] = f"{PREFIX}{name}.{pname}"
                 out[f"{PREFIX}{name}.original_module.{pname}"] = None

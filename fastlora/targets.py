@@ -11,6 +11,7 @@ import re
 
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig, UnsupportedFeatureError, as_list, pattern_key
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
@@ -236,7 +237,7 @@ def _warn_fused_experts(model: nn.Module) -> None:
     (transformers' fused experts: ``experts.gate_up_proj``, ``experts.down_proj``) has none there.  PEFT, for some
     of these architectures (Mixtral, Qwen3-MoE), also adapts those parameters and the router's ``gate.weight``
     through ``target_parameters``: say so rather than differ silently."""
-    fused = sorted({name.rsplit(".", 1)[0] for name, p in model.named_parameters()
+    fused = sorted({name.rsplit(".", 1)[0] for name, p in named_parameters(model)
                     if p.dim() >= 3 and ".experts." in f".{name}"})
     if fused:
         warnings.warn(

@@ -29,6 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from fastlora.module_names import named_parameters
 from fastlora.base_kinds import is_adapted
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.peft_format import PREFIX, Expected, embedding_modules, embedding_tables
@@ -88,7 +89,7 @@ def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],
             tables.update(embedding_tables(model, [name]))
         elif name in to_save or isinstance(module, ModulesToSaveWrapper):
             original = module.original_module if isinstance(module, ModulesToSaveWrapper) else module
-            for pname, param in original.named_parameters():
+            for pname, param in named_parameters(original):
                 if param.is_floating_point():
                     tables[f"{prefix}original_module.{pname}"] = (f"{name}.original_module.{pname}", tuple(param.shape))
                     if name in to_save:
@@ -103,7 +104,7 @@ def untargeted_tables(model: nn.Module, targets: list[str], to_save: list[str],
                 aliases[f"{prefix}token_adapter.trainable_tokens_delta"] = (
                     f"{PREFIX}{owner}.token_adapter.trainable_tokens_delta")
         else:
-            for pname, param in module.named_parameters():
+            for pname, param in named_parameters(module):
                 if param.is_floating_point():
                     tables[f"{prefix}{pname}"] = (f"{name}.{pname}", tuple(param.shape))
     return tables, aliases

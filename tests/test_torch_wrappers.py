@@ -2,6 +2,8 @@
 wrapper adds ``_checkpoint_wrapped_module`` to the names of what it wraps, and adapter files leave it out, as
 PEFT's do, so an adapter trained on the wrapped model loads onto the plain one and back."""
 
+import re
+
 import pytest
 import torch
 
@@ -200,3 +202,47 @@ def test_a_refused_file_names_its_keys_as_the_file_does(tmp_path):
     more = fastlora.LoraConfig(**{**SETTINGS, "target_modules": SETTINGS["target_modules"] + ["k_proj"]})
     with pytest.raises(ValueError, match=r"missing keys: base_model\.model\.model\.layers\.0\.self_attn\.k_proj\.base_"):
         fastlora.PeftModel.from_pretrained(wrap_layers(base()), tmp_path, config=more)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_model_wrapped_whole_trains_saves_and_loads_as_the_plain_model(tmp_path, bias):
+    """The wrapper at the model's root renames what its ``named_parameters`` yields (no level), while its modules keep
+    the level: the adapter is frozen, saved and loaded as on the plain model, and as PEFT 0.22 does it."""
+    settings = {**SETTINGS, "bias": bias, "modules_to_save": ["post_attention_layernorm", "k_proj"]}
+    plain = fastlora.get_peft_model(base(), fastlora.LoraConfig(**settings))
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn_like(param) * 0.1 + (1.0 if "layernorm" in name else 0.0))
+    tensors = fastlora.get_peft_model_state_dict(plain)
+    ours = fastlora.get_peft_model(checkpoint_wrapper(base()), fastlora.LoraConfig(**settings))
+    assert trainable(ours) == trainable(plain)
+    ours.load_adapter_tensors(tensors)
+    ids = tokens()
+    expected = logits(plain.eval(), ids)
+    assert_close(logits(ours.eval(), ids), expected, kind="same_math")
+    plain.save_pretrained(tmp_path / "plain")
+    ours.save_pretrained(tmp_path / "ours")
+    folders = ["ours", "plain"]
+    if not PEFT_BEFORE_0_22:  # (PEFT 0.21 leaves such a model's factors frozen and fails to save its copies)
+        theirs = peft.get_peft_model(checkpoint_wrapper(base()), peft.LoraConfig(**settings))
+        assert trainable(theirs) == trainable(plain)
+        peft.set_peft_model_state_dict(theirs, tensors)
+        assert_close(logits(theirs.eval(), ids), expected, kind="same_math")
+        theirs.save_pretrained(tmp_path / "peft")
+        folders.append("peft")
+    saved, plain_saved = (load_file(tmp_path / folder / "adapter_model.safetensors") for folder in folders[:2])
+    assert sorted(saved) == sorted(plain_saved) and not any(WRAPPED in key for key in saved)
+    assert all(torch.equal(saved[key], value) for key, value in plain_saved.items())
+    for folder in folders:
+        for model in (base(), checkpoint_wrapper(base())):
+            loaded = fastlora.PeftModel.from_pretrained(model, tmp_path / folder).eval()
+            assert_close(logits(loaded, ids), expected, kind="same_math")
+    assert_close(logits(ours.merge_and_unload(), ids), expected, kind="same_math")
+
+
+def trainable(model):
+    """The names of ``model``'s trainable parameters without the adapter's name or the wrapper's level, PEFT's layout
+    and fastlora's alike."""
+    names = (re.sub(rf"\.base_layer|[._]default|{WRAPPED}\.", "", n) for n, p in model.named_parameters() if p.requires_grad)
+    return sorted(re.sub(r"(lora_[AB])\.weight$", r"\1", name) for name in names)

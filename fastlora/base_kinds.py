@@ -51,7 +51,21 @@ def _is_quantized(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module).__module__.split(".")[0] == "bitsandbytes"
             or (isinstance(weight, torch.Tensor) and not weight.is_floating_point())
-            or hasattr(weight, "quant_state"))
+            or hasattr(weight, "quant_state") or _dispatches_itself(weight))
+
+
+def _dispatches_itself(weight) -> bool:
+    """Whether ``weight`` is a tensor subclass computing through a dispatch of its own (torchao's quantized weights,
+    which report a float dtype): the kernels and merges read a weight's elements, which such a tensor does not
+    hold.  torch's DTensor (a sharded weight) is one too, and is read through its own operations."""
+    if not isinstance(weight, torch.Tensor) or type(weight) in (torch.Tensor, nn.Parameter):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support: no DTensor to meet
+        DTensor = ()
+    return (type(weight).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
+            and not isinstance(weight, DTensor))
 
 
 def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings, init_lora_weights,
@@ -101,6 +115,10 @@ ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHER
 
 # Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
 _NOT_YET = [
+    (lambda m: _dispatches_itself(getattr(m, "weight", None)),
+     lambda m: f"its weight is a {type(m.weight).__name__}, a tensor subclass with operations of its own (as "
+               f"torchao's quantized weights are), whose elements fastlora's LoRA layer cannot read: not adapted "
+               f"(fastlora's quantized bases are bitsandbytes' Linear4bit and Linear8bitLt)"),
     (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
                     "and Linear8bitLt)"),
     (lambda m: isinstance(m, nn.Linear) and not computes_as_linear(m),
@@ -122,7 +140,7 @@ def refusal(module: nn.Module) -> str:
         return reason
     for matches, reason in _NOT_YET:
         if matches(module):
-            return reason
+            return reason(module) if callable(reason) else reason
     return f"not a kind fastlora adapts ({', '.join(kind.name for kind in DISPATCHERS)})"
 
 

@@ -219,6 +219,45 @@ def test_a_quantized_linear_target_is_refused_by_name_and_changes_nothing(target
     assert type(model.model.layers[0].self_attn.q_proj) is _PackedLinear
 
 
+class _QuantizedWeight(torch.Tensor):
+    """int8 codes and one scale per row, read as float32 through a dispatch of its own, as torchao's quantized
+    weights are (only detach, clone and a view of its bytes are implemented here: nothing else may be called on
+    it)."""
+
+    @staticmethod
+    def __new__(cls, codes, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32, device=codes.device)
+
+    def __init__(self, codes, scale):
+        self.codes, self.scale = codes, scale
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.detach.default, torch.ops.aten.clone.default):
+            return cls(func(args[0].codes), func(args[0].scale))
+        if func is torch.ops.aten.view.dtype and args[1] is torch.uint8:  # its bytes (tests.models.same_bytes)
+            return torch.cat([args[0].codes.view(torch.uint8).flatten(), args[0].scale.view(torch.uint8).flatten()])
+        raise NotImplementedError(f"{cls.__name__} does not implement {func}")
+
+    @classmethod
+    def of(cls, weight):
+        scale = weight.detach().abs().amax(1, keepdim=True) / 127
+        return nn.Parameter(cls(torch.round(weight.detach() / scale).to(torch.int8), scale), requires_grad=False)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"], ids=["named", "all-linear"])
+def test_a_linear_whose_weight_has_a_dispatch_of_its_own_is_refused_by_name_and_changes_nothing(targets):
+    model = tiny_llama()
+    attention = model.model.layers[0].self_attn
+    attention.q_proj.weight = _QuantizedWeight.of(attention.q_proj.weight)
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"model\.layers\.0\.self_attn\.q_proj \(Linear: its weight is a _QuantizedWeight, "
+                                        r"a tensor subclass with operations of its own \(as torchao's"):
+        get_peft_model(model, LoraConfig(target_modules=targets))
+    assert_unchanged(model, before)
+    assert type(attention.q_proj) is nn.Linear and type(attention.q_proj.weight) is _QuantizedWeight
+
+
 def test_a_convolution_target_is_refused_with_the_reason_and_changes_nothing():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(2))
     model(torch.randn(1, 3, 5, 5))

@@ -225,13 +225,16 @@ def dora_linear(
     magnitude: Tensor,
     seed: Optional[Tensor],
     scalars: OpScalars,
+    output_for_backward: bool = False,
 ) -> Tensor:
-    """y of ``fastlora::dora_linear`` with autograd.  Backward needs z for dm only; with no dropout and no bias
-    it computes dm from the output y instead of keeping z (its own M × N tensor), where y allows: on the kernel
-    path always (the columns with m = 0, where y keeps nothing of z, are recomputed in backward), on the
-    torch path when m has no zero, which eager mode reads (under torch.compile that path keeps z)."""
+    """y of ``fastlora::dora_linear`` with autograd.  Backward needs z for dm only.  ``output_for_backward``:
+    with no dropout and no bias, dm is computed from the output y instead of keeping z (its own M × N tensor),
+    where y allows: on the kernel path always (the columns with m = 0, where y keeps nothing of z, are recomputed
+    in backward), on the torch path when m has no zero, which eager mode reads (under torch.compile that path
+    keeps z).  The caller then must not change y in place before backward (autograd refuses it, as for torch's
+    ops that keep their output); a layer, whose output a model may change in place as a Linear's, keeps z."""
     keep_z = torch.is_grad_enabled() and magnitude.requires_grad
-    if keep_z and seed is None and bias is None:
+    if keep_z and output_for_backward and seed is None and bias is None:
         if scalars.uses_kernels:
             keep_z = False
         elif not torch.compiler.is_compiling():

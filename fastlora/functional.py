@@ -121,6 +121,7 @@ def lora_linear(
     training: bool = True,
     backend: str = "auto",
     magnitude: Tensor | None = None,
+    output_for_backward: bool = False,
 ) -> Tensor:
     """y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ, dropout on the LoRA branch only and only in training
     (not with ``training=False``, not under ``torch.inference_mode()``).
@@ -151,6 +152,10 @@ def lora_linear(
         backend (str): keyword-only; ``"auto"``, ``"torch"`` or ``"triton"`` as above.  Default "auto".
         magnitude (Tensor | None): keyword-only; DoRA's m, (out_features,), in the adapters' dtype and on
             W's device; None (default) for plain LoRA.
+        output_for_backward (bool): keyword-only; with DoRA, no dropout and no bias, backward reads the
+            returned y instead of keeping z = x Wᵀ + scaling · (x Aᵀ) Bᵀ (one M × N tensor less where the
+            next op keeps y anyway); y must then not be changed in place before backward.  Default False, as
+            fastlora's layers call it (a model may add into a Linear's output in place).
 
     Returns the output, (..., out_features).  All tensors must be on one device.
 
@@ -189,7 +194,8 @@ def lora_linear(
     with _autocast_off(x.device.type):
         x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 is ambiguous where x has no features
         if magnitude is not None:
-            y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars)
+            y = dora_ops.dora_linear(x2d, weight, bias, lora_A, lora_B, magnitude, seed, scalars,
+                                     output_for_backward=bool(output_for_backward))
         else:
             y = ops.lora_linear(x2d, weight, bias, lora_A, lora_B, seed, scalars)
     return y.view(*x.shape[:-1], lora_B.shape[0])

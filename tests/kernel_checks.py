@@ -298,11 +298,12 @@ def dora_operands(base_dtype: torch.dtype, adapter_dtype: torch.dtype, bias: boo
 
 
 def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, adapter_dtype: torch.dtype,
-               bias: bool, p: float, seed: int = 99, zero_magnitudes: tuple[int, ...] = ()) -> None:
+               bias: bool, p: float, seed: int = 99, zero_magnitudes: tuple[int, ...] = (),
+               output_for_backward: bool = True) -> None:
     """fastlora::dora_linear with ``use_kernels`` against float64 with the kernels' mask: y and dx to the base
     dtype's tolerance, dA and dB to the adapters', dm (in the adapters' dtype) to the coarser of the adapters'
     and the base dtype's (it sums dy ⊙ x Wᵀ, a product in the base dtype).  ``zero_magnitudes``: rows of m set
-    to 0."""
+    to 0; ``output_for_backward``: backward may read y (without dropout and bias), as the functional op allows."""
     from fastlora import dora_ops
 
     x, W, b, A, B, m = dora_operands(dtype, adapter_dtype, bias, M, K, N, r, seed=1)
@@ -311,7 +312,7 @@ def check_dora(device: str, M: int, K: int, N: int, r: int, dtype: torch.dtype, 
     leaves = [t.to(device).requires_grad_() for t in (x, A, B, m)]
     seed_t = torch.tensor([seed], device=device) if p else None
     y = dora_ops.dora_linear(leaves[0], W.to(device), b.to(device) if bias else None, *leaves[1:], seed_t,
-                             OpScalars(0.5, p, kernel_schedule()))
+                             OpScalars(0.5, p, kernel_schedule()), output_for_backward=output_for_backward)
     grads = torch.autograd.grad(y, leaves, dy.to(device))
     keep = philox.keep_mask(seed, M, K, p).double() if p else None
     ref_leaves = [t.double().requires_grad_() for t in (x, A, B, m)]

@@ -28,14 +28,16 @@ DTYPES = [(F32, F32), (BF16, F32), (F16, F32), (BF16, BF16), (F16, F16)]
 @pytest.mark.parametrize("base_dtype, adapter_dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_op_against_float64(base_dtype, adapter_dtype, p, bias):
+@pytest.mark.parametrize("output_for_backward", [False, True], ids=["keeps z", "reads y"])
+def test_op_against_float64(base_dtype, adapter_dtype, p, bias, output_for_backward):
     """Output and every gradient within the tolerance of its own dtype.  dm sums dy ⊙ (x Wᵀ + ...) where
     x Wᵀ is a product in the base dtype (PEFT rounds it there too), so it is held to the coarser of the two.  At
     p = 0.1 an fp32 base takes the products with the dropped input as sparse corrections (rare drops)."""
     x, W, b, A, B, m = _operands(base_dtype, adapter_dtype, bias)
     leaves = [t.clone().requires_grad_() for t in (x, A, B, m)]
     seed = torch.tensor([1234]) if p else None
-    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, OpScalars.from_flat(0.5, p, "torch"))
+    y = dora_ops.dora_linear(leaves[0], W, b, *leaves[1:], seed, OpScalars.from_flat(0.5, p, "torch"),
+                             output_for_backward=output_for_backward)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype)
     grads = torch.autograd.grad(y, leaves, dy)
 
@@ -57,7 +59,8 @@ def test_magnitude_with_a_zero_keeps_z():
     x, W, b, A, B, m = _operands(F32, F32, bias=False)
     m[3] = 0.0
     leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
-    y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, OpScalars.from_flat(0.5, 0.0, "torch"))
+    y = dora_ops.dora_linear(leaves[0], W.double(), None, *leaves[1:], None, OpScalars.from_flat(0.5, 0.0, "torch"),
+                             output_for_backward=True)
     ref_leaves = [t.clone().double().requires_grad_() for t in (x, A, B, m)]
     y_ref = reference.dora(ref_leaves[0], W.double(), None, *ref_leaves[1:], 0.5, None, 0.0)
     for got, want in zip(torch.autograd.grad(y.sum(), leaves), torch.autograd.grad(y_ref.sum(), ref_leaves)):
@@ -344,3 +347,60 @@ def test_no_output_features():
     y = layer(x)
     y.sum().backward()
     assert y.shape == (3, 0) and torch.equal(x.grad, torch.zeros(3, 8))
+
+
+class _AddsIntoTheOutput(nn.Module):
+    """A projection whose output the model adds into in place, as Falcon's decoder adds the attention output into
+    its MLP's (``mlp_output += attention_output``)."""
+
+    def __init__(self, bias: bool, in_place: bool):
+        super().__init__()
+        self.proj = nn.Linear(16, 24, bias=bias)
+        self.in_place = in_place
+
+    def forward(self, x):
+        y = self.proj(x)
+        if self.in_place:
+            y += 1.0
+            return y
+        return y + 1.0
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("second", [False, True], ids=["one DoRA adapter", "DoRA active after a LoRA one"])
+def test_a_model_may_add_into_a_dora_layers_output_in_place(bias, dropout, second):
+    """The layers do not give the output they keep for backward: a model changing it in place trains as with an
+    out-of-place add (PEFT's DoRA layers allow it too)."""
+    grads = {}
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        model = fastlora.get_peft_model(_AddsIntoTheOutput(bias, in_place), fastlora.LoraConfig(
+            target_modules=["proj"], r=4, use_dora=True, lora_dropout=dropout, init_lora_weights=False))
+        if second:
+            model.add_adapter("lora", fastlora.LoraConfig(target_modules=["proj"], r=2, init_lora_weights=False))
+            model.base_model.set_adapter(["lora", "default"])
+        x = torch.randn(3, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(2)
+        model.train()(x).square().sum().backward()
+        grads[in_place] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad} | {"x": x.grad}
+    assert grads[True].keys() == grads[False].keys()
+    for name, grad in grads[False].items():
+        assert torch.equal(grads[True][name], grad), name
+
+
+def test_the_functional_op_reads_its_output_in_backward_only_where_asked():
+    """``output_for_backward=True`` keeps y for dm instead of z (autograd then refuses an in-place change of y);
+    by default z is kept and y may change."""
+    x, W, _, A, B, m = _operands(F32, F32, False)
+    for output_for_backward in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (A, B, m)]
+        y = fastlora.lora_linear(x, W, None, leaves[0], leaves[1], 0.5, magnitude=leaves[2],
+                                 output_for_backward=output_for_backward)
+        y += 1.0
+        if output_for_backward:
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                y.sum().backward()
+        else:
+            y.sum().backward()
+            assert all(leaf.grad is not None for leaf in leaves)

@@ -229,7 +229,8 @@ def test_dora_zero_magnitude_strided_operands():
     m_view = torch.stack([m, torch.ones_like(m)], 1)[:, 0].requires_grad_()  # stride 2
     x_t = x.t().contiguous().t().requires_grad_()
     dy = torch.randn(20, 24, generator=torch.Generator().manual_seed(3))
-    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, OpScalars(0.5, 0.0, kernel_schedule())), m_view, dy)[0]
+    got = torch.autograd.grad(dora_ops.dora_linear(x_t, W, None, A, B, m_view, None, OpScalars(0.5, 0.0, kernel_schedule()),
+                                                output_for_backward=True), m_view, dy)[0]
     m64 = m.double().requires_grad_()
     y64 = reference.dora(x, W, None, A, B, m64, 0.5)
     want = torch.autograd.grad(y64, m64, dy.double())[0]

@@ -204,7 +204,8 @@ def test_dora_step_without_host_sync(p):
     seed = torch.tensor([5], device=DEVICE) if p else None
 
     def step():
-        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, OpScalars(0.5, p, schedules.kernel_schedule()))
+        y = dora_ops.dora_linear(leaves[0], W, None, *leaves[1:], seed, OpScalars(0.5, p, schedules.kernel_schedule()),
+                                 output_for_backward=True)
         return torch.autograd.grad(y.float().square().sum(), leaves)
 
     step()  # compiles the kernels
@@ -227,7 +228,8 @@ def test_compiled_dora_op_kernel_path(p):
     seed = torch.tensor([11], device=DEVICE) if p else None
 
     def f(x, A, B, m):
-        return dora_ops.dora_linear(x, W, None, A, B, m, seed, OpScalars(0.5, p, schedules.kernel_schedule()))
+        return dora_ops.dora_linear(x, W, None, A, B, m, seed, OpScalars(0.5, p, schedules.kernel_schedule()),
+                                    output_for_backward=True)
 
     results = []
     for fn in (f, torch.compile(f, fullgraph=True)):

@@ -813,6 +813,8 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
         if self.row_adapters is not None:
             return self.mixed_batch_forward(x, self.row_adapters)
         names = self.active_held()
+        if not self.adapter_enabled and self.merged:  # merged while disabled: taken out again first, as in PEFT
+            self.unmerge()
         if self.merged or not self.adapter_enabled or not names:
             return self.base_forward(x)
         return self.adapted_forward(x, names)

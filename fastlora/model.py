@@ -382,7 +382,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         wrappers = [wrapper for _, wrapper in self.wrappers()]
         odd = sorted({type(w.original_module).__name__ for w in wrappers
                       if not isinstance(w.original_module, MIXED_BATCH_MODULES)})
-        if odd:
+        if odd and self.adapters_enabled:  # disabled, every row computes the base model (PEFT's wrappers check later)
             raise TypeError(f"Mixed batching is only supported for the following modules: "
                             f"{', '.join(m.__name__ for m in MIXED_BATCH_MODULES)}.  (modules_to_save holds {odd})")
         base = self.get_base_model()
@@ -540,21 +540,20 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         config = self.peft_config[adapter_name]
         model = self.get_base_model()
         model.requires_grad_(False)
-        if config.bias == "all":  # every bias but those of the originals modules_to_save keeps frozen (PEFT's)
-            originals = tuple(f"{name}.original_module." for name, _ in self.wrappers())
-            for name, param in named_parameters(model):
-                if (name == "bias" or name.endswith(".bias")) and not name.startswith(originals):
-                    param.requires_grad_(True)
+        if config.bias == "all":
+            self._mark_biases(adapter_name)
         elif config.bias == "lora_only":
             for _, layer in self.lora_layers(adapter_name):
                 if layer.bias is not None:
                     layer.bias.requires_grad_(True)
         self.set_requires_grad(adapter_name, not config.inference_mode)
 
-    def _activate(self, adapter_names: list[str], trainable: bool) -> None:
+    def _activate(self, adapter_names: list[str], trainable: bool, unmerge: bool = True) -> None:
         """Point every layer and modules_to_save wrapper at ``adapter_names``; their parameters get
-        ``requires_grad=trainable``, every other adapter's False (PEFT's ``set_adapter``)."""
-        self._unmerge_to_set_adapters(stacklevel=4)
+        ``requires_grad=trainable``, every other adapter's False (PEFT's ``set_adapter``).  ``unmerge``: a merged
+        model is unmerged first, with PEFT's warning (not where the layers are only enabled again)."""
+        if unmerge:
+            self._unmerge_to_set_adapters(stacklevel=4)
         for _, layer in self.lora_layers():
             layer.set_adapter(adapter_names)
         for _, wrapper in self.wrappers():
@@ -730,8 +729,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
             if not enabled:
                 tokens.unmerge()
             tokens.adapter_enabled = enabled
-        if enabled:
-            self._activate(self._active_adapters, trainable=True)
+        if enabled:  # (a merged adapter stays merged, as in PEFT)
+            self._activate(self._active_adapters, trainable=True, unmerge=False)
         else:
             for name in self.peft_config:
                 self.set_requires_grad(name, False)
@@ -791,6 +790,18 @@ class PeftModel(AdapterFilesMixin, nn.Module):
                                   "supported by fastlora; use load_adapter() and set_adapter()")
 
     # ---- named adapters ---------------------------------------------------------------------------
+
+    def _mark_biases(self, adapter_name: str) -> None:
+        """``bias="all"``: every bias the adapter computes with trains, not those of the originals of the modules it
+        holds a copy of (PEFT's) nor those of other adapters' copies."""
+        skipped = []
+        for name, wrapper in self.wrappers():
+            if adapter_name in wrapper.modules_to_save:
+                skipped.append(f"{name}.original_module.")
+            skipped += [f"{name}.modules_to_save.{other}." for other in wrapper.modules_to_save if other != adapter_name]
+        for name, param in named_parameters(self.get_base_model()):
+            if (name == "bias" or name.endswith(".bias")) and not name.startswith(tuple(skipped)):
+                param.requires_grad_(True)
 
     def add_adapter(self, adapter_name: str, peft_config: LoraConfig, low_cpu_mem_usage: bool = False,
                     autocast_adapter_dtype: bool = True) -> None:
@@ -854,6 +865,9 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(self._active_adapters)
             tokens.adapter_enabled = self.adapters_enabled
+        for name in self._active_adapters:  # a module the new adapter wraps keeps the biases an active one trains
+            if name in self.peft_config and self.peft_config[name].bias == "all":
+                self._mark_biases(name)
         self.set_requires_grad(adapter_name, False)
 
         def undo() -> None:

@@ -365,3 +365,22 @@ def test_a_mixed_batch_naming_a_dora_adapter_is_refused_as_peft_refuses_it():
         with pytest.raises(ValueError, match="Cannot pass `adapter_names` when DoRA is enabled"):
             ours(input_ids=ids, adapter_names=names)
     assert_unchanged(ours, before)
+
+
+def test_a_mixed_batch_while_the_layers_are_disabled_computes_the_base_model_as_peft():
+    """Disabled, every row computes the base model, a modules_to_save module of a kind mixed batches do not take
+    (a norm) included, as in PEFT, whose wrappers check the kind only when they compute a mixed batch."""
+    base = tiny_llama(3)
+    ids = tokens(3, 8)
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    for lib in (peft, fastlora):
+        model = lib.get_peft_model(clone(base), lib.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False, modules_to_save=["norm"]))
+        model.eval().disable_adapter_layers()
+        with torch.no_grad():
+            logits = model(input_ids=ids, adapter_names=["default", "default", "__base__"]).logits
+        assert_close(logits, expected, kind="same_math", msg=lib.__name__)
+        model.enable_adapter_layers()
+        with pytest.raises(TypeError, match="Mixed batching is only supported"):
+            model(input_ids=ids, adapter_names=["default", "default", "__base__"])

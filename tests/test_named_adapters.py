@@ -621,3 +621,60 @@ def test_a_layer_pickled_before_the_dropout_pause_existed_unpickles_and_pauses()
     again.dropout_paused = {"default"}
     assert again.forward_settings("default").lora_dropout == 0.0
     assert torch.equal(again(x), again(x))
+
+
+def test_a_merge_while_the_layers_are_disabled_is_taken_out_by_the_next_forward_as_peft():
+    """PEFT's layers unmerge a merged adapter in a forward while they are disabled: the model computes its base
+    outputs until ``enable_adapter_layers()``, whatever was merged meanwhile."""
+    base, pm, fm = _both()
+    expected = _logits(base)
+    for model in (pm, fm):
+        model.disable_adapter_layers()
+        model.merge_adapter()
+    assert all(layer.merged for _, layer in fm.lora_layers())
+    assert_close(_logits(fm), expected, kind="same_math")
+    assert_close(_logits(pm), expected, kind="same_math")
+    assert not any(layer.merged for _, layer in fm.lora_layers())
+    for model in (pm, fm):
+        model.enable_adapter_layers()
+    assert_close(_logits(fm), _logits(pm), kind="same_math")
+
+
+def test_enabling_the_layers_leaves_a_merged_adapter_merged_as_peft():
+    base, pm, fm = _both()
+    for model, lib in ((pm, "peft"), (fm, "fastlora")):
+        model.add_adapter("other", _configs("other", lib))
+    _copy_adapter(pm, fm, "other")
+    for model in (pm, fm):
+        model.merge_adapter(adapter_names=["other"])
+    merged = _logits(fm)
+    assert_close(merged, _logits(pm), kind="same_math")
+    for model in (pm, fm):
+        model.enable_adapter_layers()  # already enabled: nothing changes
+    layer = fm.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.merged_adapters == ["other"]
+    assert torch.equal(_logits(fm), merged)
+    assert_close(_logits(pm), merged, kind="same_math")
+
+
+def test_an_adapter_saving_a_module_whole_leaves_its_bias_to_the_active_adapter_that_trains_it():
+    """With ``bias="all"`` on the active adapter, a second adapter that saves a biased module whole wraps it: the
+    original, which the active adapter computes with, keeps its trained bias (PEFT's flags), the copy is frozen."""
+    base = tiny_llama(attention_bias=True)
+    models = {}
+    for lib, cls in (("fastlora", LoraConfig), ("peft", peft.LoraConfig)):
+        model = (get_peft_model if lib == "fastlora" else peft.get_peft_model)(
+            clone(base), cls(task_type="CAUSAL_LM", target_modules=["q_proj"], bias="all"))
+        before = model.get_nb_trainable_parameters()[0]
+        model.add_adapter("x", cls(task_type="CAUSAL_LM", target_modules=["v_proj"],
+                                   modules_to_save=["layers.0.self_attn.k_proj"]))
+        model.add_adapter("y", cls(task_type="CAUSAL_LM", target_modules=["v_proj"],
+                                   modules_to_save=["layers.1.self_attn.k_proj"]))  # x's copy stays frozen
+        assert model.get_nb_trainable_parameters()[0] == before
+        models[lib] = model
+    fm = models["fastlora"]
+    assert _flags(fm, lora_only=False) == _flags(models["peft"], lora_only=False)
+    k_proj = fm.base_model.model.model.layers[0].self_attn.k_proj
+    assert k_proj.original_module.bias.requires_grad and not k_proj.modules_to_save["x"].bias.requires_grad
+    fm.train()(input_ids=tokens(), labels=tokens()).loss.backward()
+    assert k_proj.original_module.bias.grad is not None and k_proj.modules_to_save["x"].bias.grad is None

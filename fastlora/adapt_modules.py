@@ -117,7 +117,10 @@ def adapt_modules(model: nn.Module, config: LoraConfig, adapter_name: str, targe
             if is_adapted(module):
                 module.add_adapter(adapter_name, settings, init_lora_weights=creation_init, adapter_dtype=dtype)
             else:  # plan_targets checked that a kind claims it
-                set_module(model, name, kind_of(module).adapt(module, adapter_name, settings, creation_init, dtype))
+                kind = kind_of(module)
+                set_module(model, name, kind.adapt(module, adapter_name, settings, creation_init, dtype))
+                if kind.settle is not None:
+                    kind.settle(model, model.get_submodule(name))
             layer = model.get_submodule(name)
             if name in from_weights and (draws_from_the_generator(init) or name in sources) \
                     and layer.WEIGHT_INITS_CHANGE_BASE:

@@ -12,13 +12,14 @@ overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features
     dense Linear   torch.nn.Linear with a floating-point weight             → fastlora.LoRALinear
     Conv1D         transformers' Conv1D (GPT-2), weight stored in × out     → fastlora.conv1d.LoRAConv1D
     quantized      bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)          → fastlora.quantized.LoRAQuantizedLinear
+    torchao        nn.Linear with a torchao-quantized (int8) weight          → fastlora.torchao_linear.LoRATorchaoLinear
     Embedding      torch.nn.Embedding and its subclasses                    → fastlora.embedding.LoRAEmbedding
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,16 +29,18 @@ from fastlora.conv1d import LoRAConv1D, is_conv1d
 from fastlora.embedding import LoRAEmbedding
 from fastlora.layer import LoRALinear, computes_as_linear
 from fastlora.quantized import LoRAQuantizedLinear, is_bnb_linear, quantized_refusal
+from fastlora.torchao_linear import LoRATorchaoLinear, give_requantization, is_torchao_linear, torchao_refusal
 
 __all__ = ["BaseKind", "DISPATCHERS", "ADAPTED_TYPES", "kind_of", "refusal", "sizes", "is_adapted",
-           "is_conv1d_target", "is_linear_like", "QUANTIZED_LINEAR", "EMBEDDING", "peft_factor_keys"]
+           "is_conv1d_target", "is_linear_like", "dispatches_itself", "QUANTIZED_LINEAR", "EMBEDDING", "peft_factor_keys"]
 
 
 @dataclass(frozen=True)
 class BaseKind:
     """One kind of base layer: ``claims(module)`` says whether a module is of this kind; ``sizes(module)`` its
     (in_features, out_features); ``adapt(module, adapter_name, settings, init_lora_weights, adapter_dtype)``
-    returns the adapted layer, of ``adapted_type``; ``linear_like``: matched by ``target_modules="all-linear"``."""
+    returns the adapted layer, of ``adapted_type``; ``linear_like``: matched by ``target_modules="all-linear"``;
+    ``settle(model, layer)``, where given, gives a layer just put into ``model`` what it reads from the model."""
 
     name: str
     claims: Callable[[nn.Module], bool]
@@ -45,16 +48,17 @@ class BaseKind:
     adapt: Callable[..., nn.Module]
     adapted_type: type
     linear_like: bool = True
+    settle: Optional[Callable[[nn.Module, nn.Module], None]] = None
 
 
 def _is_quantized(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return (type(module).__module__.split(".")[0] == "bitsandbytes"
             or (isinstance(weight, torch.Tensor) and not weight.is_floating_point())
-            or hasattr(weight, "quant_state") or _dispatches_itself(weight))
+            or hasattr(weight, "quant_state") or dispatches_itself(weight))
 
 
-def _dispatches_itself(weight) -> bool:
+def dispatches_itself(weight) -> bool:
     """Whether ``weight`` is a tensor subclass computing through a dispatch of its own (torchao's quantized weights,
     which report a float dtype): the kernels and merges read a weight's elements, which such a tensor does not
     hold.  torch's DTensor (a sharded weight) is one too, and is read through its own operations."""
@@ -100,6 +104,16 @@ QUANTIZED_LINEAR = BaseKind(
     adapted_type=LoRAQuantizedLinear,
 )
 
+TORCHAO_LINEAR = BaseKind(
+    "torchao-quantized Linear (int8)",
+    claims=lambda m: is_torchao_linear(m) and torchao_refusal(m) is None,
+    sizes=lambda m: (m.in_features, m.out_features),
+    adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRATorchaoLinear.from_quantized(
+        module, adapter_name, settings, init_lora_weights, adapter_dtype),
+    adapted_type=LoRATorchaoLinear,
+    settle=give_requantization,  # the model's torchao configuration, to quantize a merged weight again
+)
+
 EMBEDDING = BaseKind(
     "Embedding",
     claims=lambda m: isinstance(m, nn.Embedding) and not _is_quantized(m),
@@ -110,15 +124,15 @@ EMBEDDING = BaseKind(
     linear_like=False,
 )
 
-DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D, QUANTIZED_LINEAR, EMBEDDING]
+DISPATCHERS: list[BaseKind] = [DENSE_LINEAR, CONV1D, QUANTIZED_LINEAR, TORCHAO_LINEAR, EMBEDDING]
 ADAPTED_TYPES: tuple[type, ...] = tuple(kind.adapted_type for kind in DISPATCHERS)
 
 # Kinds fastlora recognises and does not adapt yet: (test, what the user is told).
 _NOT_YET = [
-    (lambda m: _dispatches_itself(getattr(m, "weight", None)),
-     lambda m: f"its weight is a {type(m.weight).__name__}, a tensor subclass with operations of its own (as "
-               f"torchao's quantized weights are), whose elements fastlora's LoRA layer cannot read: not adapted "
-               f"(fastlora's quantized bases are bitsandbytes' Linear4bit and Linear8bitLt)"),
+    (lambda m: dispatches_itself(getattr(m, "weight", None)),
+     lambda m: f"its weight is a {type(m.weight).__name__}, a tensor subclass with operations of its own, whose "
+               f"elements fastlora's LoRA layer cannot read: not adapted (fastlora's quantized bases are "
+               f"bitsandbytes' Linear4bit and Linear8bitLt, and Linears with torchao's int8 weights)"),
     (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
                     "and Linear8bitLt)"),
     (lambda m: isinstance(m, nn.Linear) and not computes_as_linear(m),
@@ -137,6 +151,8 @@ def kind_of(module: nn.Module) -> BaseKind | None:
 def refusal(module: nn.Module) -> str:
     """Why ``module`` is not adapted: the known kind it is, or the kinds fastlora adapts."""
     if is_bnb_linear(module) and (reason := quantized_refusal(module)) is not None:  # adapted once it is None
+        return reason
+    if is_torchao_linear(module) and (reason := torchao_refusal(module)) is not None:
         return reason
     for matches, reason in _NOT_YET:
         if matches(module):

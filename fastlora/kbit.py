@@ -11,6 +11,8 @@ from torch import nn
 __all__ = ["prepare_model_for_kbit_training"]
 
 _HALF = (torch.float16, torch.bfloat16)
+# models transformers quantized with these libraries: PEFT leaves their parameters in the dtypes they were loaded in
+_KEPT_AS_LOADED = ("gptq", "aqlm", "eetq", "hqq", "torchao")
 
 
 def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing: bool = True,
@@ -18,7 +20,8 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
                                     auto_clear_cache: bool = True, *,
                                     gradient_checkpointing_kwargs: dict | None = None) -> nn.Module:
     """Freeze every parameter, keep the non-quantized float16 / bfloat16 parameters (norms, embeddings, the head)
-    in float32, and for a model loaded in 4 or 8 bits with ``use_gradient_checkpointing`` turn on activation
+    in float32 (a model transformers quantized with torchao, GPTQ, AQLM, EETQ or HQQ keeps its dtypes, as in PEFT),
+    and for a quantized model with ``use_gradient_checkpointing`` turn on activation
     checkpointing (transformers' default kind unless the kwargs ask for another: non-reentrant since transformers
     5.23, reentrant before), making the input embeddings' output require grad for the reentrant kind (it needs an
     input that requires grad).  Returns ``model``, changed in place.
@@ -51,12 +54,17 @@ def prepare_model_for_kbit_training(model: nn.Module, use_gradient_checkpointing
     kwargs = None if kwargs is None else dict(kwargs)
     for param in model.parameters():
         param.requires_grad_(False)
-    for param in model.parameters():
-        if param.dtype in _HALF and type(param).__name__ != "Params4bit":
-            param.data = param.data.to(torch.float32)
-    if auto_clear_cache and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    quantized = getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+    # other libraries' quantized models (torchao's, GPTQ's, ...) keep every dtype as loaded, as in PEFT
+    kept_as_loaded = getattr(model, "quantization_method", None) in _KEPT_AS_LOADED or getattr(
+        model, "hqq_quantized", False)
+    if not kept_as_loaded:
+        for param in model.parameters():
+            if param.dtype in _HALF and type(param).__name__ != "Params4bit":
+                param.data = param.data.to(torch.float32)
+        if auto_clear_cache and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    quantized = (getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+                 or kept_as_loaded)
     if quantized and use_gradient_checkpointing:
         # transformers' own default: non-reentrant since activation_checkpointing_enable (5.23), reentrant before
         new_name = hasattr(model, "activation_checkpointing_enable")

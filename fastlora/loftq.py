@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fastlora import hub
-from fastlora.quantized import LoRAQuantizedLinear, _bnb
+from fastlora.quantized import LoRAQuantizedLinear
 from fastlora.weight_inits import quantization_error_factors
 
 __all__ = ["replace_lora_weights_loftq"]
@@ -53,7 +53,7 @@ def replace_lora_weights_loftq(peft_model, model_path: Optional[str] = None, ada
         >>> replace_lora_weights_loftq(model)  # the checkpoint model_4bit was loaded from  # doctest: +SKIP
     """
     layers = [(name, layer) for name, layer in peft_model.lora_layers(adapter_name)
-              if isinstance(layer, LoRAQuantizedLinear) and isinstance(layer.base_layer, _bnb().nn.Linear4bit)]
+              if isinstance(layer, LoRAQuantizedLinear) and layer.quantization_backend() == "bnb 4bit"]
     if not layers:
         raise ValueError("No bnb LoRA module found on the model")
     if any(config.layer_replication for config in peft_model.peft_config.values()):

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from torch import Tensor, nn
 
 from fastlora.functional import BACKENDS, lora_linear
+from fastlora.base_kinds import dispatches_itself
 from fastlora.quantized import is_bnb_linear, plus_low_rank
 
 __all__ = ["patch_peft", "unpatch_peft", "PatchReport"]
@@ -72,6 +73,9 @@ def _static_reason(layer) -> str | None:
     base = layer.base_layer
     if type(base) is not nn.Linear and not quantized:
         return f"base layer is {type(base).__name__}, not a plain nn.Linear or a bitsandbytes Linear (wrapped)"
+    if dispatches_itself(getattr(base, "weight", None)):
+        return (f"base layer's weight is a {type(base.weight).__name__}, a tensor subclass with operations of its "
+                f"own (torchao's quantized weights), which the fused op does not read")
     if _has_hooks(base):
         return "base layer has forward hooks (e.g. accelerate offloading) that the fused op would bypass"
     if getattr(layer, "fan_in_fan_out", False):

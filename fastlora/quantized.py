@@ -292,6 +292,10 @@ class LoRAQuantizedLinear(LoRALinear):
                           f"rounding errors.")
         super().unmerge()
 
+    def quantization_backend(self) -> str:
+        """The quantization library and kind of the base layer, as the layer status reports it."""
+        return f"bnb {self._bits()}bit"
+
     def _bits(self) -> int:
         return 4 if isinstance(self.base_layer, _bnb().nn.Linear4bit) else 8
 

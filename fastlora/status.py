@@ -18,7 +18,7 @@ from torch import nn
 from fastlora.layer import LoRALinear
 from fastlora.model_card import is_transformers_model
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.quantized import LoRAQuantizedLinear, _bnb
+from fastlora.quantized import LoRAQuantizedLinear
 from fastlora.trainable_tokens import TrainableTokensWrapper
 
 __all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status"]
@@ -69,9 +69,7 @@ def _layer_parts(module: nn.Module):
     """(PEFT's name suffix, type, enabled, active, merged, {adapter: its parameters}, quantization backend), or None
     for a module that is not an adapter layer (a tied head's token wrapper is its owner's)."""
     if isinstance(module, LoRALinear):
-        backend = None
-        if isinstance(module, LoRAQuantizedLinear):
-            backend = "bnb 4bit" if isinstance(module.base_layer, _bnb().nn.Linear4bit) else "bnb 8bit"
+        backend = module.quantization_backend() if isinstance(module, LoRAQuantizedLinear) else None
         return ("", type(module).__name__, module.adapter_enabled, list(module.active_adapters),
                 [*module.merged_adapters, *module.merged_by_owner()],
                 {n: module.adapter_tensors(n) for n in module.adapter_names}, backend)

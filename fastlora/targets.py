@@ -12,7 +12,7 @@ import re
 from torch import nn
 
 from fastlora.module_names import named_parameters
-from fastlora.base_kinds import is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
+from fastlora.base_kinds import dispatches_itself, is_adapted, is_conv1d_target, is_linear_like, kind_of, refusal
 from fastlora.config import LoraConfig, UnsupportedFeatureError, as_list, pattern_key
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
@@ -365,7 +365,7 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
             raise ValueError(f"modules_to_save module {name!r} holds another adapter's layers: it cannot be saved "
                              f"whole beside them; leave it out of modules_to_save")
         quantized = [m for m in (module, *inner) if is_bnb_linear(m)] or [
-            p for p in module.parameters() if not p.is_floating_point()]
+            p for p in module.parameters() if not p.is_floating_point() or dispatches_itself(p)]
         if quantized:
             raise TypeError(f"modules_to_save module {name!r} ({type(module).__name__}) holds quantized weights "
                             f"({type(quantized[0]).__name__}), which cannot be trained: leave it out of "

@@ -128,6 +128,10 @@ def same_bytes(a, b):
     codes, some of them NaN patterns, that torch.equal calls unequal to themselves)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
+    if hasattr(type(a), "__tensor_flatten__"):  # a tensor subclass (torchao's quantized weights): its inner tensors
+        inner = a.__tensor_flatten__()[0]
+        return type(a) is type(b) and inner == b.__tensor_flatten__()[0] and all(
+            same_bytes(getattr(a, name), getattr(b, name)) for name in inner)
     if a.dim() == 0 or not a.is_floating_point():
         return torch.equal(a, b)
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))

@@ -213,8 +213,9 @@ class LoraConfig:
         loftq_config (LoftQConfig | dict): ``init_lora_weights="loftq"``'s settings (``loftq_bits`` 4 or 8,
             ``loftq_iter``), required there and ignored (with a warning) otherwise; kept as a dict.  Default {}.
         autocast_adapter_dtype (bool): float16 / bfloat16 base layers get float32 adapters.  Default True.
-        base_model_name_or_path (str | None): recorded in ``adapter_config.json``; filled in from the model's
-            ``name_or_path`` when None.
+        base_model_name_or_path (str | None): recorded in ``adapter_config.json``; ``get_peft_model`` sets it to
+            the model's ``name_or_path`` (with PEFT's warning where it named another), and keeps it for a model
+            without one (built from a config, where PEFT records None).
         revision (str | None): the base model's revision, recorded in ``adapter_config.json``.
         use_dora (bool): DoRA adapters (a trained magnitude per output feature).  Default False.
         rank_pattern (dict[str, int]): per-module ranks: a key (a module name, a dotted suffix of one, or a regex

@@ -136,9 +136,17 @@ def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str 
     check_adapter_name(adapter_name)
     config = with_task_heads(peft_config, model)
     if revision is not None:
+        if config.revision is not None and config.revision != revision:
+            warnings.warn(f"peft config has already set base model revision to {config.revision}, overwriting with "
+                          f"revision {revision}", UserWarning, stacklevel=2)
         config = config.replace(revision=revision)
-    if config.base_model_name_or_path is None and model.__dict__.get("name_or_path"):
-        config = config.replace(base_model_name_or_path=model.__dict__["name_or_path"])
+    name = model.__dict__.get("name_or_path") or None  # "" for a model built from a config: no checkpoint to name
+    if name is not None and config.base_model_name_or_path != name:  # the adapter's base is this model, as in PEFT
+        if config.base_model_name_or_path is not None:
+            warnings.warn(f"The PEFT config's `base_model_name_or_path` was renamed from "
+                          f"'{config.base_model_name_or_path}' to '{name}'. Please ensure that the correct base model "
+                          f"is loaded when loading this checkpoint.", UserWarning, stacklevel=2)
+        config = config.replace(base_model_name_or_path=name)
     with layers_replicated(model, config.layer_replication):  # the stack the adapter is planned on, undone on error
         plan = _plan_new(model, config)
         warn_of_lora_ga_without_gradients(config, [model.get_submodule(name) for name in plan[0]])

@@ -403,6 +403,35 @@ def test_added_adapter_records_the_base_model_when_saved(tmp_path):
         assert json.loads((folder / CONFIG_NAME).read_text())["base_model_name_or_path"] == "some-org/some-model"
 
 
+@pytest.mark.parametrize("revision", [None, "v2"])
+def test_a_config_naming_another_base_records_the_model_it_adapts_as_peft(tmp_path, revision):
+    """A config reused from another model's adapter names that model: the adapter records the model it adapts
+    (what AutoPeftModel loads), with PEFT's warnings about the name and the revision."""
+    config = dict(target_modules=["q_proj"], base_model_name_or_path="other-org/other-model", revision="v1")
+    models, said = {}, {}
+    for lib in (peft, fastlora):
+        base = tiny_llama()
+        base.name_or_path = "some-org/some-model"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            models[lib] = lib.get_peft_model(base, lib.LoraConfig(**config), revision=revision)
+        said[lib] = sorted(str(w.message) for w in caught if "renamed from" in str(w.message)
+                           or "overwriting with revision" in str(w.message))
+        models[lib].save_pretrained(tmp_path / lib.__name__)
+    assert said[fastlora] == said[peft] and len(said[peft]) == (2 if revision else 1)
+    recorded = [json.loads((tmp_path / lib.__name__ / CONFIG_NAME).read_text()) for lib in (peft, fastlora)]
+    assert recorded[0]["base_model_name_or_path"] == recorded[1]["base_model_name_or_path"] == "some-org/some-model"
+    assert recorded[0]["revision"] == recorded[1]["revision"] == (revision or "v1")
+
+
+def test_a_model_built_from_a_config_keeps_the_base_the_config_names(tmp_path):
+    """A model without a checkpoint name (built from a config) records the base the config names, where PEFT
+    records none."""
+    model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], base_model_name_or_path="/models/base"))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["base_model_name_or_path"] == "/models/base"
+
+
 def test_full_checkpoints_from_before_named_adapters_load():
     """A full state dict written when a layer's only adapter was named lora_A / lora_B loads into the layer."""
     _, _, fm = _pair()

@@ -148,6 +148,8 @@ class LoRAParameter(LoRALinear):
                              f"target_parameters adapt {type(owner_of(self)).__name__}.{self.parameter_name} (as in "
                              f"PEFT): the update is on the weight, shared by every row")
         names = self.active_held()
+        if not self.adapter_enabled and self.merged:  # merged while disabled: taken out again first, as in PEFT
+            self.unmerge()
         if self.merged or not self.adapter_enabled or not names:
             return self.base_layer(*args, **kwargs)
         routed = self._routed_arguments(args, kwargs)

@@ -132,6 +132,8 @@ class TrainableTokensWrapper(nn.Module):
         self.row_count = row_count
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.merged_adapters and not (self.adapter_enabled and self._held(self.active_adapters)):
+            self.unmerge()  # merged while disabled, or while no adapter with rows here is active: PEFT's layer too
         if self.row_groups is not None and self.adapter_enabled:
             return self._mixed_batch_forward(x, *args, **kwargs)
         return self._forward_with(self._applied(), x, *args, **kwargs)

@@ -486,3 +486,16 @@ def test_target_parameters_entries_matching_nothing_are_left_out_as_peft(tmp_pat
     theirs.save_pretrained(tmp_path)
     loaded = fastlora.PeftModel.from_pretrained(tiny_mixtral(), tmp_path)
     assert loaded.get_nb_trainable_parameters()[1] == ours.get_nb_trainable_parameters()[1]
+
+
+@pytest.mark.parametrize("case", ["plain module", "mixtral"])
+def test_a_merge_while_the_layers_are_disabled_is_taken_out_by_the_next_forward_as_peft(case):
+    base, theirs, ours = _pair(case)
+    inputs = _inputs(case)
+    with torch.no_grad():
+        expected = base.eval()(**inputs).logits
+        for model in (theirs, ours):
+            model.eval().disable_adapter_layers()
+            model.merge_adapter()
+            assert_close(model(**inputs).logits, expected, kind="same_math", msg=type(model).__module__)
+    assert not any(layer.merged for _, layer in ours.lora_layers())

@@ -223,3 +223,20 @@ def test_all_linear_after_token_rows_leaves_the_head_alone_as_peft(tied):
 
     ours, theirs = adapted(fastlora, tiny_llama(tie_word_embeddings=tied)), adapted(peft, tiny_llama(tie_word_embeddings=tied))
     assert len(ours) == len(theirs) == 14 and not any("lm_head" in name for name in ours)
+
+
+def test_rows_merged_while_the_layers_are_disabled_are_taken_out_by_the_next_forward_as_peft():
+    base = tiny_llama()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(input_ids=ids).logits
+    for lib in (peft, fastlora):
+        model = lib.get_peft_model(clone(base), lib.LoraConfig(target_modules=["q_proj"], init_lora_weights=False,
+                                                               trainable_token_indices=[1, 2, 3, 5, 7, 9, 11]))
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    param.add_(1.0)
+            model.eval().disable_adapter_layers()
+            model.merge_adapter()
+            assert_close(model(input_ids=ids).logits, expected, kind="same_math", msg=lib.__name__)

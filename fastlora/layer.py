@@ -448,6 +448,10 @@ class LoRALinear(TiedFactors, MixedBatchRows, nn.Linear):
     # initialisation instead)
     WEIGHT_INITS_CHANGE_BASE = True
 
+    # Whether the base layer stays a child module (``base_layer``) holding its weight and bias (a quantized
+    # base's), where this layer holds them itself
+    HOLDS_BASE_LAYER = False
+
     @torch.no_grad()
     def init_from_weight(self, init: str, adapter_name: str, loftq_config: dict | None = None,
                          factors: tuple[Tensor, Tensor] | None = None) -> None:

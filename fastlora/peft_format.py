@@ -87,14 +87,16 @@ def with_model_paths(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> d
     return out
 
 
-def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str]) -> dict[str, str]:
-    """file key → parameter name in the model, for the biases the config trains (a modules_to_save module's
-    bias is saved with the rest of that module)."""
+def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str],
+               to_save: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """file key → (parameter name once the model is adapted, shape), for the biases the config trains (a
+    modules_to_save module's bias is saved with the rest of that module)."""
     if config.bias == "none":
         return {}
     # PEFT names the bias of every LoRA layer ``base_layer.bias``, whichever adapter made the layer
     targets = sorted(set(targets) | {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
-    wanted = set(targets) if config.bias == "lora_only" else None
+    # (a quantized layer's bias is its base layer's: <target>.base_layer.bias, as PEFT's layers hold it too)
+    wanted = set(targets) | {f"{t}.base_layer" for t in targets} if config.bias == "lora_only" else None
     # another adapter's copies are its own; the original beside them is the module this adapter computes with
     others = {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} - set(to_save)
     out = {}
@@ -108,7 +110,9 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save
             continue
         prefix = f"{module_name}." if module_name else ""
         file_path = f"{prefix}base_layer.bias" if module_name in targets else f"{prefix}bias"
-        out[PREFIX + file_path] = f"{prefix}bias"
+        # a target not adapted yet whose adapted layer will hold it as base_layer: its bias is found there
+        held = module_name in targets and not is_adapted(module) and kind_of(module).adapted_type.HOLDS_BASE_LAYER
+        out[PREFIX + file_path] = (file_path if held else f"{prefix}bias", tuple(bias.shape))
     return out
 
 
@@ -139,9 +143,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         dim = getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape[1]
         out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = (
             f"{name}.trainable_tokens_delta_{adapter_name}", (len(rows), dim))
-    params = dict(named_parameters(model))
-    for key, param_name in _bias_keys(model, config, targets, to_save).items():
-        out[key] = (param_name, tuple(params[param_name].shape))
+    out.update(_bias_keys(model, config, targets, to_save))
     for name in to_save:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):

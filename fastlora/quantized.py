@@ -119,6 +119,7 @@ class LoRAQuantizedLinear(LoRALinear):
     # A mixed batch copies bitsandbytes' output before its indexed adds (PEFT clones it too before adding to it);
     # one adapter's term goes into it in place where autograd allows that: no view (see plus_low_rank).
     CLONE_BASE_OUTPUT = True
+    HOLDS_BASE_LAYER = True
 
     @classmethod
     def from_quantized(cls, base: nn.Module, adapter_name: str, settings: AdapterSettings, init_lora_weights,

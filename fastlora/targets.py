@@ -135,12 +135,13 @@ def _is_head(module: nn.Module, head: nn.Module | None) -> bool:
 
 def _named_modules_outside_wrappers(model: nn.Module):
     """``model.named_modules()`` without what lies inside a ``ModulesToSaveWrapper`` (the original and the
-    adapters' copies), which PEFT never adapts or wraps again."""
+    adapters' copies), which PEFT never adapts or wraps again, nor the base layer an adapted layer holds (a
+    quantized base's), which a new adapter reaches through that layer."""
     wrappers = []
     for name, module in model.named_modules():
         if any(name.startswith(w + ".") for w in wrappers):
             continue
-        if isinstance(module, ModulesToSaveWrapper):
+        if isinstance(module, ModulesToSaveWrapper) or getattr(type(module), "HOLDS_BASE_LAYER", False):
             wrappers.append(name)
         yield name, module
 

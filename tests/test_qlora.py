@@ -795,3 +795,38 @@ def test_a_quantized_head_targeted_by_lora_is_saved_and_loaded_as_peft(checkpoin
         model = fastlora.PeftModel.from_pretrained(load_quantized(checkpoint, **quantization), tmp_path / "theirs")
     with torch.no_grad():
         assert_close(model.eval()(input_ids=ids).logits, expected, kind="same_math", dtype=expected.dtype)
+
+
+@pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])
+def test_lora_only_biases_are_saved_and_loaded_as_peft(tmp_path, quant):
+    """bias="lora_only": the biases of the quantized layers (their base layers') train, are saved under PEFT's
+    keys, and load back, both ways."""
+    tiny_llama(attention_bias=True).save_pretrained(tmp_path / "base")
+    theirs, ours = _pair(tmp_path / "base", quant, bias="lora_only", target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and param.requires_grad:
+                    param.add_(0.5)  # a trained bias, the same in both
+    saved = {lib.__name__: lib.get_peft_model_state_dict(model) for lib, model in ((peft, theirs), (fastlora, ours))}
+    assert sorted(saved["fastlora"]) == sorted(saved["peft"]) and sum("bias" in k for k in saved["peft"]) == 4
+    for key, value in saved["peft"].items():
+        assert torch.equal(saved["fastlora"][key], value), key
+    ids = tokens()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    for folder, lib in (("peft", fastlora), ("ours", peft)):
+        loaded = lib.PeftModel.from_pretrained(_load(tmp_path / "base", quant), tmp_path / folder).eval()
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, expected, kind="same_math", dtype=torch.float32, msg=folder)
+
+
+def test_an_all_linear_second_adapter_adapts_the_layers_not_the_quantized_linears_inside(checkpoint):
+    theirs, ours = _pair(checkpoint, "nf4-fp32", target_modules=["down_proj"], r=2)
+    for model, library in ((theirs, peft), (ours, fastlora)):
+        model.add_adapter("x1", library.LoraConfig(target_modules="all-linear", r=2))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert not any(name.endswith("base_layer.base_layer") for name, _ in ours.named_modules())
+    assert sorted(ours.peft_config["x1"].target_modules) == sorted(theirs.peft_config["x1"].target_modules)

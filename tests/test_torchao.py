@@ -260,3 +260,39 @@ def test_loftq_is_refused_by_name(checkpoint):
         fastlora.get_peft_model(model, fastlora.LoraConfig(**{**CONFIG, "init_lora_weights": "loftq",
                                                               "loftq_config": fastlora.LoftQConfig(loftq_bits=4)}))
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_trained_biases_are_saved_and_loaded_as_peft(tmp_path, bias):
+    tiny_llama(attention_bias=True).save_pretrained(tmp_path / "base")
+    theirs, ours = _pair(tmp_path / "base", bias=bias, target_modules=["q_proj", "v_proj"])
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and param.requires_grad:
+                    param.add_(0.5)  # a trained bias, the same in both
+    saved = {lib.__name__: lib.get_peft_model_state_dict(model) for lib, model in ((peft, theirs), (fastlora, ours))}
+    assert sorted(saved["fastlora"]) == sorted(saved["peft"]) and any("bias" in key for key in saved["peft"])
+    assert all(torch.equal(saved["fastlora"][key], value) for key, value in saved["peft"].items())
+    ids = tokens()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    ours.save_pretrained(tmp_path / "ours")
+    for folder, lib in (("peft", fastlora), ("ours", peft)):
+        loaded = lib.PeftModel.from_pretrained(_load(tmp_path / "base"), tmp_path / folder).eval()
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, expected, kind="same_math", dtype=torch.bfloat16, msg=folder)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_an_all_linear_second_adapter_adapts_the_layers_not_the_quantized_linears_inside(checkpoint, merged):
+    theirs, ours = _pair(checkpoint, target_modules=["down_proj"], r=2)
+    for model, lib in ((theirs, peft), (ours, fastlora)):
+        if merged:
+            model.merge_adapter()
+        model.add_adapter("x1", lib.LoraConfig(target_modules="all-linear", r=2))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert not any(name.endswith("base_layer.base_layer") for name, _ in ours.named_modules())
+    assert sorted(ours.peft_config["x1"].target_modules) == sorted(theirs.peft_config["x1"].target_modules)

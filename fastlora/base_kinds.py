@@ -12,7 +12,7 @@ overriding :class:`fastlora.LoRALinear`'s base methods: its sizes (``in_features
     dense Linear   torch.nn.Linear with a floating-point weight             → fastlora.LoRALinear
     Conv1D         transformers' Conv1D (GPT-2), weight stored in × out     → fastlora.conv1d.LoRAConv1D
     quantized      bitsandbytes' Linear4bit / Linear8bitLt (QLoRA)          → fastlora.quantized.LoRAQuantizedLinear
-    torchao        nn.Linear with a torchao-quantized (int8) weight          → fastlora.torchao_linear.LoRATorchaoLinear
+    torchao        nn.Linear with a torchao-quantized weight (not int4)     → fastlora.torchao_linear.LoRATorchaoLinear
     Embedding      torch.nn.Embedding and its subclasses                    → fastlora.embedding.LoRAEmbedding
 """
 
@@ -61,15 +61,13 @@ def _is_quantized(module: nn.Module) -> bool:
 def dispatches_itself(weight) -> bool:
     """Whether ``weight`` is a tensor subclass computing through a dispatch of its own (torchao's quantized weights,
     which report a float dtype): the kernels and merges read a weight's elements, which such a tensor does not
-    hold.  torch's DTensor (a sharded weight) is one too, and is read through its own operations."""
+    hold.  torch's own subclasses are read through their operations and are not: DTensor (a sharded weight), and
+    the fake and functional tensors of tracing (a model built under FakeTensorMode to size it)."""
     if not isinstance(weight, torch.Tensor) or type(weight) in (torch.Tensor, nn.Parameter):
         return False
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support: no DTensor to meet
-        DTensor = ()
-    return (type(weight).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
-            and not isinstance(weight, DTensor))
+    if type(weight).__torch_dispatch__ is torch.Tensor.__torch_dispatch__:
+        return False
+    return not type(weight).__module__.startswith("torch.")
 
 
 def _adapt_dense(module: nn.Linear, adapter_name: str, settings: AdapterSettings, init_lora_weights,
@@ -105,7 +103,7 @@ QUANTIZED_LINEAR = BaseKind(
 )
 
 TORCHAO_LINEAR = BaseKind(
-    "torchao-quantized Linear (int8)",
+    "torchao-quantized Linear",
     claims=lambda m: is_torchao_linear(m) and torchao_refusal(m) is None,
     sizes=lambda m: (m.in_features, m.out_features),
     adapt=lambda module, adapter_name, settings, init_lora_weights, adapter_dtype: LoRATorchaoLinear.from_quantized(
@@ -132,7 +130,7 @@ _NOT_YET = [
     (lambda m: dispatches_itself(getattr(m, "weight", None)),
      lambda m: f"its weight is a {type(m.weight).__name__}, a tensor subclass with operations of its own, whose "
                f"elements fastlora's LoRA layer cannot read: not adapted (fastlora's quantized bases are "
-               f"bitsandbytes' Linear4bit and Linear8bitLt, and Linears with torchao's int8 weights)"),
+               f"bitsandbytes' Linear4bit and Linear8bitLt, and Linears with torchao's quantized weights)"),
     (_is_quantized, "a quantized layer of a kind fastlora does not adapt (it adapts bitsandbytes' Linear4bit "
                     "and Linear8bitLt)"),
     (lambda m: isinstance(m, nn.Linear) and not computes_as_linear(m),

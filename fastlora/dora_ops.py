@@ -8,9 +8,10 @@ products from one read of x (forward) and of dy (dx); S, dS, dB and dA come from
 dropout the LoRA kernels on dz = g ⊙ dy, the magnitude scale as torch passes; with dropout torch products and
 the mask applied by :func:`fastlora.ops.keep_fn`.  dm = Σ_rows dy ⊙ z / n is a torch reduction on every
 path (from y where z is not kept).  What backward keeps: ``x``, ``S``, the seed, the row norms n (N floats) and, when the magnitude is
-trained, what dm needs: the output ``y`` itself without dropout and bias (the next op may keep ``y`` anyway,
-an activation's input does; where m = 0, which y = g ⊙ z says nothing about, the kernel path recomputes z's
-columns and the torch path keeps z), else z (M × N).
+trained, what dm needs: z (M × N); or, where the caller asks (``output_for_backward``: it will not change y in
+place) and without dropout and bias, the output ``y`` itself (the next op may keep ``y`` anyway, an activation's
+input does; where m = 0, which y = g ⊙ z says nothing about, the kernel path recomputes z's columns and the torch
+path keeps z).
 
 The ops are ``custom_op`` s (opaque to torch.compile, which calls them as they are); :func:`dora_linear`
 is the entry point, calling them directly in eager mode as :func:`fastlora.ops.lora_linear` does.

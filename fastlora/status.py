@@ -4,8 +4,8 @@ state (adapters active, merged or trainable in some layers only) shows as "irreg
 
 A layer is a LoRA layer (``LoRALinear`` and its kinds), a ``modules_to_save`` wrapper, or a table with trainable
 token rows (and a head tied to it, sharing them); names are PEFT's (``model.<path>``, or ``<path>`` on a module
-adapted in place, the trainable-token layer as ``<path>.token_adapter``).  One difference: a bitsandbytes layer
-names its quantization backend ("bnb 4bit", "bnb 8bit"), where PEFT's bitsandbytes LoRA layers report None.
+adapted in place, the trainable-token layer as ``<path>.token_adapter``).  One difference: a quantized layer
+names its quantization backend ("bnb 4bit", "bnb 8bit", "torchao"), where PEFT's LoRA layers report None.
 """
 
 from __future__ import annotations

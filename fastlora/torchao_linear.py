@@ -1,16 +1,18 @@
 """LoRA on Linears whose weight torchao quantized (transformers' ``TorchAoConfig``, or ``torchao.quantize_``).
 
-torchao keeps the module an ``nn.Linear`` and makes its weight a tensor subclass (``Int8Tensor``, ...) that reports a
-float dtype and computes ``F.linear`` through operations of its own.  :class:`LoRATorchaoLinear` holds that Linear
-as ``base_layer`` and computes what PEFT's ``TorchaoLoraLinear`` computes:
+torchao keeps the module an ``nn.Linear`` and makes its weight a tensor subclass (``Int8Tensor``, ``Float8Tensor``,
+``IntxUnpackedToInt8Tensor``, ...) that reports a float dtype and computes ``F.linear`` through operations of its own.
+:class:`LoRATorchaoLinear` holds that Linear as ``base_layer`` and computes what PEFT's ``TorchaoLoraLinear``
+computes:
 
-    y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ    (the term in the adapters' dtype, rounded to the output's)
+    y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ    (the term in the adapters' dtype, the sum rounded once to
+                                                         the output's dtype)
 
-the term added as for bitsandbytes' layers (:class:`fastlora.quantized.LoRAQuantizedLinear`: the mask drawn from a
-seed, not stored).  Merging follows PEFT, adapter by adapter: W ← quantize(dequantize(W) + scaling · B A), the
-sum rounded to the weight's dtype, quantized again with the configuration transformers loaded the model with
-(``model.hf_quantizer``).  A model quantized otherwise trains and saves, and its merges are refused with the reason.
-As in PEFT, int4 weights and ``lora_bias`` are refused; DoRA is refused too (PEFT takes it).
+the dropout mask drawn from a seed, not stored.  Merging follows PEFT, adapter by adapter: W ← quantize(dequantize(W)
++ scaling · B A), the sum rounded to the weight's dtype and quantized again with the configuration transformers
+loaded the model with (``model.hf_quantizer``).  A model quantized otherwise trains and saves, and its merges are
+refused with the reason.  As in PEFT, int4 layouts and ``lora_bias`` are refused; DoRA is refused too (PEFT takes
+it).
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def is_torchao_linear(module: nn.Module) -> bool:
 
 
 def torchao_refusal(module: nn.Module) -> Optional[str]:
-    """Why the torchao Linear ``module`` cannot be adapted (None when it can): an int4 weight, as PEFT refuses it
-    (torchao's int4 tensors cannot be dequantized and added to)."""
+    """Why the torchao Linear ``module`` cannot be adapted (None when it can): one of torchao's int4 layouts
+    (``Int4Tensor``, which PEFT refuses, and its packed variants, CUDA-only, whose merges were never checked)."""
     if "Int4" in type(module.weight).__name__:
-        return (f"a torchao {type(module.weight).__name__} weight: LoRA on torchao bases supports int8 weights only "
-                f"(as PEFT); load the model with an int8 configuration (Int8WeightOnlyConfig) to train on it")
+        return (f"a torchao {type(module.weight).__name__} weight: its int4 layouts are not adapted (PEFT refuses "
+                f"them too); load the model with Int8WeightOnlyConfig, or IntxWeightOnlyConfig for int4 values")
     return None
 
 
@@ -78,7 +80,7 @@ def give_requantization(model: nn.Module, layer: nn.Module) -> None:
 
 class LoRATorchaoLinear(LoRAQuantizedLinear):
     """y = base_layer(x) + scaling · (dropout(x) Aᵀ) Bᵀ for an ``nn.Linear`` ``base_layer`` whose weight torchao
-    quantized (int8)."""
+    quantized (int8, float8, Intx; not its int4 layouts)."""
 
     #: the torchao configuration's factory for requantizing after a merge (None: merges refused)
     requantization: Optional[Callable[[], object]] = None

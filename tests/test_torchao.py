@@ -1,5 +1,5 @@
-"""LoRA on torchao-quantized bases (transformers' TorchAoConfig with int8 weights, on the CPU), compared with PEFT's
-TorchaoLoraLinear on the same quantized model."""
+"""LoRA on torchao-quantized bases (transformers' TorchAoConfig: int8, float8 and Intx weights, on the CPU), compared
+with PEFT's TorchaoLoraLinear on the same quantized model."""
 
 import copy
 import tempfile
@@ -20,7 +20,13 @@ from tests.tolerances import assert_close
 
 torchao = pytest.importorskip("torchao")
 transformers = pytest.importorskip("transformers")
-from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
+from torchao.quantization import (Float8WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,  # noqa: E402
+                                  Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_)
+
+# the weight layouts compared with PEFT: int8, float8, int4 values held in int8 (Intx), int8 with int8 activations
+QUANTS = {"int8": Int8WeightOnlyConfig, "float8": Float8WeightOnlyConfig,
+          "intx-int4": lambda: IntxWeightOnlyConfig(weight_dtype=torch.int4),
+          "int8-dynamic": Int8DynamicActivationInt8WeightConfig}
 
 CONFIG = dict(task_type="CAUSAL_LM", target_modules=SEED_TARGETS, r=8, lora_alpha=32, lora_dropout=0.0,
               init_lora_weights=False)
@@ -33,16 +39,16 @@ def checkpoint():
         yield directory
 
 
-def _load(directory, dtype=torch.bfloat16):
+def _load(directory, dtype=torch.bfloat16, quant="int8"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, quantization_config=transformers.TorchAoConfig(quant_type=Int8WeightOnlyConfig()))
+            directory, dtype=dtype, quantization_config=transformers.TorchAoConfig(quant_type=QUANTS[quant]()))
 
 
-def _pair(directory, dtype=torch.bfloat16, **changes):
-    theirs = peft.get_peft_model(_load(directory, dtype), peft.LoraConfig(**{**CONFIG, **changes}))
-    ours = fastlora.get_peft_model(_load(directory, dtype), fastlora.LoraConfig(**{**CONFIG, **changes}))
+def _pair(directory, dtype=torch.bfloat16, quant="int8", **changes):
+    theirs = peft.get_peft_model(_load(directory, dtype, quant), peft.LoraConfig(**{**CONFIG, **changes}))
+    ours = fastlora.get_peft_model(_load(directory, dtype, quant), fastlora.LoraConfig(**{**CONFIG, **changes}))
     copy_lora_weights(theirs, ours)
     return theirs, ours
 
@@ -57,11 +63,12 @@ def _quantized_weights(model):
             if isinstance(module, nn.Linear) and isinstance(module.weight, torchao.utils.TorchAOBaseTensor)}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_a_step_matches_peft(checkpoint, dtype):
+@pytest.mark.parametrize("dtype, quant", [(torch.bfloat16, "int8"), (torch.float32, "int8"), *(
+    (torch.bfloat16, quant) for quant in QUANTS if quant != "int8")])
+def test_a_step_matches_peft(checkpoint, dtype, quant):
     """Logits, loss and every LoRA gradient as PEFT's TorchaoLoraLinear computes them: torchao's product, then
     each term in the adapters' float32, the sum rounded once to the output's dtype."""
-    theirs, ours = _pair(checkpoint, dtype)
+    theirs, ours = _pair(checkpoint, dtype, quant)
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, LoRATorchaoLinear) and isinstance(layer.base_layer.weight, torchao.utils.TorchAOBaseTensor)
     assert layer.lora_A.dtype == torch.float32
@@ -125,10 +132,11 @@ def test_adapter_files_go_both_ways(checkpoint, tmp_path):
     assert_close(by_peft, reference, kind="same_math", dtype=torch.bfloat16)
 
 
-def test_two_adapters_merge_unmerge_and_unload_as_peft(checkpoint):
+@pytest.mark.parametrize("quant", list(QUANTS))
+def test_two_adapters_merge_unmerge_and_unload_as_peft(checkpoint, quant):
     """Merged one adapter after the other, the weight quantized again after each with the model's torchao
-    configuration, as PEFT merges: the int8 weights equal PEFT's; unmerged the same way, last first."""
-    theirs, ours = _pair(checkpoint)
+    configuration, as PEFT merges: the quantized weights equal PEFT's; unmerged the same way, last first."""
+    theirs, ours = _pair(checkpoint, quant=quant)
     for model, library in ((theirs, peft), (ours, fastlora)):
         model.add_adapter("second", library.LoraConfig(**{**CONFIG, "r": 4, "lora_alpha": 8}))
     copy_lora_weights(theirs, ours)
@@ -212,7 +220,7 @@ def test_all_linear_adapts_the_torchao_layers_as_peft(checkpoint):
     adapted = sorted(n for n, m in ours.named_modules() if isinstance(m, LoRATorchaoLinear))
     assert adapted and adapted == sorted(n for n, m in theirs.named_modules()
                                          if isinstance(m, peft.tuners.lora.torchao.TorchaoLoraLinear))
-    status = ours.get_layer_status()
+    status = ours.get_layer_status()  # (PEFT's layers report None: a documented difference)
     assert {s.quantization_backend for s in status} == {"torchao"}
 
 

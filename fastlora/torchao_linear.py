@@ -18,6 +18,7 @@ it).
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 from typing import Callable, Optional
@@ -75,7 +76,16 @@ def give_requantization(model: nn.Module, layer: nn.Module) -> None:
                       "configuration (not loaded by transformers with a TorchAoConfig): forward and training work, "
                       "merging and unmerging are refused. Load the model with "
                       "`from_pretrained(..., quantization_config=TorchAoConfig(...))` to merge.", UserWarning,
-                      stacklevel=2)
+                      stacklevel=_callers_level())
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning raised here at the first frame outside fastlora (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class LoRATorchaoLinear(LoRAQuantizedLinear):

@@ -182,8 +182,9 @@ def test_a_mixed_batch_matches_peft(checkpoint):
 def test_a_model_quantized_without_transformers_trains_and_refuses_merges_with_the_reason():
     model = tiny_llama()
     quantize_(model.model, Int8WeightOnlyConfig())
-    with pytest.warns(UserWarning, match="does not record its torchao configuration"):
+    with pytest.warns(UserWarning, match="does not record its torchao configuration") as caught:
         ours = fastlora.get_peft_model(model, fastlora.LoraConfig(**CONFIG))
+    assert {w.filename for w in caught if "torchao configuration" in str(w.message)} == {__file__}  # the caller's
     ids = tokens()
     ours(input_ids=ids, labels=ids).loss.backward()
     assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_B_default.grad is not None

@@ -301,6 +301,11 @@ def _assert_quantized_weights_equal(theirs, ours):
         mine = ours_by_name[name]
         mine = getattr(mine, "base_layer", mine)
         assert torch.equal(layer.weight.data, mine.weight.data), name
+        if isinstance(layer, bnb.nn.Linear4bit):  # the quantization state too: absmax, its own quantization
+            dequantized = [bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in (layer, mine)]
+            assert torch.equal(*dequantized), name
+        else:
+            assert torch.equal(*(m.weight.SCB if m.weight.SCB is not None else m.state.SCB for m in (layer, mine))), name
 
 
 @pytest.mark.parametrize("quant", ["nf4-fp32", "int8"])

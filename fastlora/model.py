@@ -861,6 +861,7 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         """Inject a planned adapter (frozen, not active); returns the ``undo`` that removes it again."""
         config = with_targets_recorded(self.get_base_model(), settle_fan_in_fan_out(self.get_base_model(), config, targets),
                                        targets)
+        flags = {param: param.requires_grad for param in self.get_base_model().parameters()}
         undo_inject = adapt_modules(self.get_base_model(), config, adapter_name, targets, to_save,
                                     autocast_adapter_dtype and config.autocast_adapter_dtype, values_from_file)
         self.peft_config[adapter_name] = config
@@ -873,9 +874,8 @@ class PeftModel(AdapterFilesMixin, nn.Module):
         for _, tokens in self.token_wrappers():
             tokens.set_adapter(self._active_adapters)
             tokens.adapter_enabled = self.adapters_enabled
-        for name in self._active_adapters:  # a module the new adapter wraps keeps the biases an active one trains
-            if name in self.peft_config and self.peft_config[name].bias == "all":
-                self._mark_biases(name)
+        for param, flag in flags.items():  # what the model had trains as before, inside a module the adapter
+            param.requires_grad_(flag)       # wraps too (a bias an active adapter trains, its token rows)
         self.set_requires_grad(adapter_name, False)
 
         def undo() -> None:

@@ -423,7 +423,22 @@ def plan_trainable_tokens(model: nn.Module, config: LoraConfig, targets: list[st
             plan[name] = list(rows)
     plan = _with_tied_heads_sharing_rows(model, config, plan)
     _check_no_adapted_head_reads_the_rows(model, plan, targets)
+    _check_rows_not_saved_whole(model, config, plan)
     return plan
+
+
+def _check_rows_not_saved_whole(model: nn.Module, config: LoraConfig, plan: dict[str, list[int]]) -> None:
+    """A table whose rows train (or a head tied to it, reading them) that ``modules_to_save`` also trains whole:
+    the two cannot both hold (PEFT takes the config and then fails in every forward): refused, before anything
+    changes."""
+    embedding, tied = tied_with_input_embeddings(model)
+    readers = set(plan) | (set(tied) if embedding in plan else set())
+    whole = sorted(name for name in readers if saved_whole(name, config.modules_to_save or []))
+    if whole:
+        raise ValueError(f"trainable_token_indices trains rows of {whole[0] if whole[0] in plan else embedding}, which "
+                         f"modules_to_save={config.modules_to_save} also trains whole"
+                         f"{'' if whole[0] in plan else f' (as {whole[0]}, tied to it)'}: train the whole table "
+                         f"(modules_to_save) or its listed rows (trainable_token_indices), not both")
 
 
 def _check_no_adapted_head_reads_the_rows(model: nn.Module, plan: dict[str, list[int]], targets: list[str]) -> None:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import fastlora
 from fastlora.trainable_tokens import TrainableTokensWrapper
-from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_llama
+from tests.models import assert_unchanged, clone, copy_lora_weights, snapshot, tiny_gpt2, tiny_llama
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -240,3 +240,38 @@ def test_rows_merged_while_the_layers_are_disabled_are_taken_out_by_the_next_for
             model.eval().disable_adapter_layers()
             model.merge_adapter()
             assert_close(model(input_ids=ids).logits, expected, kind="same_math", msg=lib.__name__)
+
+
+@pytest.mark.parametrize("build, settings", [
+    (lambda: tiny_llama(tie_word_embeddings=False), dict(modules_to_save=["embed_tokens"], trainable_token_indices=[1, 2])),
+    (lambda: tiny_llama(tie_word_embeddings=True), dict(modules_to_save=["embed_tokens"], trainable_token_indices=[1, 2])),
+    (tiny_gpt2, dict(modules_to_save=["lm_head"], trainable_token_indices=[4])),  # the head reads the wte rows
+    (tiny_gpt2, dict(modules_to_save=["wte"], trainable_token_indices=[4])),
+], ids=["untied table", "tied table", "tied head", "GPT-2 table"])
+def test_rows_of_a_table_modules_to_save_trains_whole_are_refused(build, settings):
+    """PEFT takes such a config and then fails in every forward; fastlora dropped the copy and wrote a file it could
+    not load: refused, the model unchanged."""
+    model = build()
+    before = snapshot(model)
+    target = "c_attn" if hasattr(model, "transformer") else "q_proj"
+    with pytest.raises(ValueError, match="also trains whole.*: train the whole table"):
+        fastlora.get_peft_model(model, fastlora.LoraConfig(target_modules=[target], **settings))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_an_adapter_saving_the_table_whole_leaves_the_active_adapters_rows_training(tied):
+    """A second adapter that saves the embeddings whole wraps the table holding the active adapter's rows: they keep
+    training, as in PEFT (adding an adapter changes no flag of what the model had)."""
+    base = tiny_llama(tie_word_embeddings=tied)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    ids[:, 3] = 7  # the trained row is read
+    models = {}
+    for lib in (peft, fastlora):
+        model = lib.get_peft_model(clone(base), lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[7]))
+        model.add_adapter("a2", lib.LoraConfig(target_modules=["v_proj"], modules_to_save=["embed_tokens"]))
+        model.train()(input_ids=ids, labels=ids).loss.backward()
+        models[lib] = model
+    assert models[fastlora].get_nb_trainable_parameters() == models[peft].get_nb_trainable_parameters()
+    rows = models[fastlora].base_model.model.model.embed_tokens.original_module.trainable_tokens_delta_default
+    assert rows.requires_grad and rows.grad is not None and rows.grad.abs().max() > 0

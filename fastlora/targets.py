@@ -163,7 +163,11 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     heads = tied if how == "target_modules" else []  # adapted last, sharing the embeddings' adapter (PEFT's order)
     saved_tied = tied if how == "modules_to_save" else []  # computing with the embeddings' copy
     targets, not_linear, saved_instead = [], [], []
+    saved_by_others = []  # modules another adapter saves whole that target_modules names
     for name, module in _named_modules_outside_wrappers(model):
+        if isinstance(module, ModulesToSaveWrapper) and name and config.target_modules != "all-linear" and \
+                _name_matches(name, config.target_modules) and not _under_modules_to_save(name, config, by_ending):
+            saved_by_others.append(name)
         if not name or name in heads or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
             continue  # a parameter's layer has its own plan, a tied head the one below
         if config.target_modules == "all-linear":
@@ -223,6 +227,10 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             raise TypeError(f"ensure_weight_tying: the head {name} tied to {embedding} ({type(module).__name__}) is "
                             f"not a layer fastlora adapts: {refusal(module)}")
         targets.append(name)
+    if saved_by_others:  # PEFT raises here (a LoRA layer cannot wrap its copies); the other modules are adapted
+        warnings.warn(f"target_modules matched {saved_by_others[:3]}{' ...' if len(saved_by_others) > 3 else ''}, "
+                      f"which another adapter saves whole (modules_to_save): not adapted (a module is trained whole "
+                      f"or through an adapter, not both)", UserWarning, stacklevel=3)
     # PEFT's own guard matches whole dotted names: only PEFT 0.21's rule for modules_to_save leaves it any
     peft_adapts = [n for n in saved_instead if not _under_modules_to_save(n, config)]
     if peft_adapts:

@@ -578,3 +578,14 @@ def test_a_bias_all_adapter_beside_another_adapters_saved_container_loads(tmp_pa
         loaded = LoraModel.from_pretrained(tiny_llama(mlp_bias=True), tmp_path / library.__name__)
         assert torch.equal(loaded.base_model.model.model.layers[0].mlp.up_proj.bias,
                            tiny_llama(mlp_bias=True).model.layers[0].mlp.up_proj.bias + 0.5), library.__name__
+
+
+def test_a_target_another_adapter_saves_whole_is_left_out_with_a_warning():
+    """PEFT raises on such a target; fastlora adapts the other matches and says which it left out."""
+    model = get_peft_model(tiny_llama(), LoraConfig(r=1, target_modules=["q_proj"]))
+    model.add_adapter("saved", LoraConfig(r=1, target_modules=["v_proj"],
+                                                   modules_to_save=["layers.0.self_attn.k_proj"]))
+    with pytest.warns(UserWarning, match=r"matched \['model.layers.0.self_attn.k_proj'\], which another adapter saves "
+                                         r"whole \(modules_to_save\): not adapted"):
+        model.add_adapter("later", LoraConfig(r=1, target_modules=["k_proj"]))
+    assert sorted(name for name, _ in model.lora_layers("later")) == ["model.layers.1.self_attn.k_proj"]

@@ -184,6 +184,16 @@ def is_adapted(module: nn.Module) -> bool:
 def is_linear_like(module: nn.Module) -> bool:
     """What ``target_modules="all-linear"`` matches: modules of a linear-like kind, adapted or not, and the other
     Linears, quantized or computing a forward of their own (PEFT matches them; they are then refused by name)."""
-    kind = kind_of(module)
-    return (kind is not None and kind.linear_like) or is_adapted(module) or (
-        isinstance(module, nn.Linear) and (_is_quantized(module) or not computes_as_linear(module)))
+    kind = kind_of(module) or _adapted_kind(module)
+    if kind is not None:
+        return kind.linear_like
+    return isinstance(module, nn.Linear) and (_is_quantized(module) or not computes_as_linear(module))
+
+
+def _adapted_kind(module: nn.Module) -> BaseKind | None:
+    """The kind whose adapted layer ``module`` is (the most derived one: an adapted embedding is an embedding's)."""
+    for cls in type(module).__mro__:
+        for kind in DISPATCHERS:
+            if kind.adapted_type is cls:
+                return kind
+    return None

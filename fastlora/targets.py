@@ -370,7 +370,8 @@ def plan_modules_to_save(model: nn.Module, config: LoraConfig, adapter_name: str
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             raise ValueError(f"modules_to_save module {name!r} already has a copy for adapter {adapter_name!r}")
         inner = [m for m in module.modules() if m is not module]
-        if any(isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in inner):
+        if isinstance(module, TrainableTokensWrapper) or any(
+                isinstance(m, (LoRALinear, ModulesToSaveWrapper, TrainableTokensWrapper)) for m in inner):
             raise ValueError(f"modules_to_save module {name!r} holds another adapter's layers: it cannot be saved "
                              f"whole beside them; leave it out of modules_to_save")
         quantized = [m for m in (module, *inner) if is_bnb_linear(m)] or [

@@ -187,3 +187,15 @@ def test_lora_on_a_head_tied_to_the_embeddings_saves_and_loads_as_peft(build, ta
     with torch.no_grad():
         assert_close(loaded(input_ids=ids).logits, theirs.eval()(input_ids=ids).logits, kind="same_math")
 
+
+
+def test_an_all_linear_adapter_beside_an_embedding_adapter_leaves_the_embeddings_as_peft():
+    """"all-linear" never takes an embedding, adapted by another adapter or not."""
+    base = tiny_llama(tie_word_embeddings=False)
+    models = {}
+    for lib in (peft, fastlora):
+        model = lib.get_peft_model(clone(base), lib.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"]))
+        model.add_adapter("b1", lib.LoraConfig(r=2, target_modules="all-linear", lora_bias=True))
+        models[lib] = model
+    assert not any("embed_tokens" in name and "b1" in name for name, _ in models[fastlora].named_parameters())
+    assert sorted(models[fastlora].peft_config["b1"].target_modules) == sorted(models[peft].peft_config["b1"].target_modules)

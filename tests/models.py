@@ -244,3 +244,77 @@ def assert_factors_and_base_as_peft(theirs, ours, magnitude_kind=None):
         if magnitude_kind:
             assert_close(layer.magnitude("default"), their_layer.lora_magnitude_vector["default"].weight,
                          kind=magnitude_kind)
+
+
+def assert_dropout_as_peft(ours, theirs, base, p=0.3, scaling=2.0):
+    """One quantized layer with dropout ``p`` (ours: fastlora's, in train mode; theirs: PEFT's of the same factors
+    over a copy of ``base``): the output and the gradients of x, A and B equal PEFT's layer given fastlora's mask for
+    the same seed; in eval mode, no dropout (base(x) + scaling · x Aᵀ Bᵀ)."""
+    from fastlora import cpu_masks
+    from fastlora.functional import SEED_HIGH
+    from tests.tolerances import assert_close
+
+    x = torch.randn(2, 5, base.in_features, requires_grad=True)
+    torch.manual_seed(7)
+    y_ours = ours(x)
+    torch.manual_seed(7)
+    seed = int(torch.randint(0, SEED_HIGH, (1,)))  # the seed the layer drew
+
+    def masked(t):
+        return t * cpu_masks.cpu_keep_mask(seed, (10, base.in_features), p, t.dtype).view(t.shape) / (1 - p)
+
+    theirs.lora_dropout["default"] = type("SeededDropout", (torch.nn.Module,), {"forward": lambda self, t: masked(t)})()
+    y_theirs = theirs(x)
+    assert_close(y_ours, y_theirs, kind="same_math", dtype=torch.float32)
+    dy = torch.randn_like(y_ours)
+    g_ours = torch.autograd.grad(y_ours, (x, ours.lora_A, ours.lora_B), dy)
+    g_theirs = torch.autograd.grad(y_theirs, (x, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight), dy)
+    for a, b in zip(g_ours, g_theirs):
+        assert_close(a, b, kind="same_math", dtype=torch.float32)
+    ours.eval()  # no dropout in eval mode
+    assert_close(ours(x), base(x) + scaling * x @ ours.lora_A.t() @ ours.lora_B.t(), kind="same_math",
+                 dtype=torch.float32)
+
+
+def assert_biases_saved_and_loaded_as_peft(theirs, ours, load_base, directory, dtype):
+    """PEFT's and fastlora's models of one config training biases: with the same trained biases, the state dicts are
+    equal (keys and values) and each library's file, loaded by the other onto ``load_base()``, gives PEFT's logits
+    (to ``dtype``'s tolerance).  Returns the state dict."""
+    import fastlora
+    import peft
+    from tests.tolerances import assert_close
+
+    with torch.no_grad():
+        for model in (theirs, ours):
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and param.requires_grad:
+                    param.add_(0.5)  # a trained bias, the same in both
+    saved = {lib.__name__: lib.get_peft_model_state_dict(model) for lib, model in ((peft, theirs), (fastlora, ours))}
+    assert sorted(saved["fastlora"]) == sorted(saved["peft"]) and any("bias" in key for key in saved["peft"])
+    for key, value in saved["peft"].items():
+        assert torch.equal(saved["fastlora"][key], value), key
+    ids = tokens()
+    with torch.no_grad():
+        expected = theirs.eval()(input_ids=ids).logits
+    theirs.save_pretrained(directory / "peft")
+    ours.save_pretrained(directory / "ours")
+    for folder, lib in (("peft", fastlora), ("ours", peft)):
+        loaded = lib.PeftModel.from_pretrained(load_base(), directory / folder).eval()
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, expected, kind="same_math", dtype=dtype, msg=folder)
+    return saved["fastlora"]
+
+
+def assert_all_linear_second_adapter_as_peft(theirs, ours, merged=False):
+    """A second adapter with ``target_modules="all-linear"`` (after a merge of the first, with ``merged``): the layers
+    adapted as PEFT's (counts, recorded targets), none nested inside an adapted quantized layer."""
+    import fastlora
+    import peft
+
+    for model, lib in ((theirs, peft), (ours, fastlora)):
+        if merged:
+            model.merge_adapter()
+        model.add_adapter("x1", lib.LoraConfig(target_modules="all-linear", r=2))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    assert not any(name.endswith("base_layer.base_layer") for name, _ in ours.named_modules())
+    assert sorted(ours.peft_config["x1"].target_modules) == sorted(theirs.peft_config["x1"].target_modules)

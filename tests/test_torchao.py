@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fastlora
-from fastlora import cpu_masks
-from fastlora.functional import SEED_HIGH
 from fastlora.torchao_linear import LoRATorchaoLinear
-from tests.models import SEED_TARGETS, assert_unchanged, copy_lora_weights, snapshot, tiny_llama, tokens
+from tests.models import (SEED_TARGETS, assert_all_linear_second_adapter_as_peft, assert_biases_saved_and_loaded_as_peft,
+                          assert_dropout_as_peft, assert_unchanged, copy_lora_weights, snapshot, tiny_llama,
+                          tokens)
 from tests.tolerances import assert_close
 
 torchao = pytest.importorskip("torchao")
@@ -95,25 +95,7 @@ def test_the_dropout_mask_is_regenerated_and_matches_peft_given_it(checkpoint):
     with torch.no_grad():
         theirs.lora_A["default"].weight.copy_(ours.lora_A)
         theirs.lora_B["default"].weight.copy_(ours.lora_B)
-    x = torch.randn(2, 5, base.in_features, requires_grad=True)
-    torch.manual_seed(7)
-    y_ours = ours(x)
-    torch.manual_seed(7)
-    seed = int(torch.randint(0, SEED_HIGH, (1,)))  # the seed the layer drew
-
-    def masked(t):
-        return t * cpu_masks.cpu_keep_mask(seed, (10, base.in_features), 0.3, t.dtype).view(t.shape) / 0.7
-
-    theirs.lora_dropout["default"] = type("SeededDropout", (nn.Module,), {"forward": lambda self, t: masked(t)})()
-    y_theirs = theirs(x)
-    assert_close(y_ours, y_theirs, kind="same_math", dtype=torch.float32)
-    dy = torch.randn_like(y_ours)
-    g_ours = torch.autograd.grad(y_ours, (x, ours.lora_A, ours.lora_B), dy)
-    g_theirs = torch.autograd.grad(y_theirs, (x, theirs.lora_A["default"].weight, theirs.lora_B["default"].weight), dy)
-    for a, b in zip(g_ours, g_theirs):
-        assert_close(a, b, kind="same_math", dtype=torch.float32)
-    ours.eval()  # no dropout in eval mode
-    assert_close(ours(x), base(x) + 2.0 * x @ ours.lora_A.t() @ ours.lora_B.t(), kind="same_math", dtype=torch.float32)
+    assert_dropout_as_peft(ours, theirs, base)
 
 
 def test_adapter_files_go_both_ways(checkpoint, tmp_path):
@@ -276,32 +258,9 @@ def test_trained_biases_are_saved_and_loaded_as_peft(tmp_path, bias):
     tiny_llama(attention_bias=True).save_pretrained(tmp_path / "base")
     theirs, ours = _pair(tmp_path / "base", bias=bias, target_modules=["q_proj", "v_proj"])
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    with torch.no_grad():
-        for model in (theirs, ours):
-            for name, param in model.named_parameters():
-                if name.endswith("bias") and param.requires_grad:
-                    param.add_(0.5)  # a trained bias, the same in both
-    saved = {lib.__name__: lib.get_peft_model_state_dict(model) for lib, model in ((peft, theirs), (fastlora, ours))}
-    assert sorted(saved["fastlora"]) == sorted(saved["peft"]) and any("bias" in key for key in saved["peft"])
-    assert all(torch.equal(saved["fastlora"][key], value) for key, value in saved["peft"].items())
-    ids = tokens()
-    with torch.no_grad():
-        expected = theirs.eval()(input_ids=ids).logits
-    theirs.save_pretrained(tmp_path / "peft")
-    ours.save_pretrained(tmp_path / "ours")
-    for folder, lib in (("peft", fastlora), ("ours", peft)):
-        loaded = lib.PeftModel.from_pretrained(_load(tmp_path / "base"), tmp_path / folder).eval()
-        with torch.no_grad():
-            assert_close(loaded(input_ids=ids).logits, expected, kind="same_math", dtype=torch.bfloat16, msg=folder)
+    assert_biases_saved_and_loaded_as_peft(theirs, ours, lambda: _load(tmp_path / "base"), tmp_path, torch.bfloat16)
 
 
 @pytest.mark.parametrize("merged", [False, True])
 def test_an_all_linear_second_adapter_adapts_the_layers_not_the_quantized_linears_inside(checkpoint, merged):
-    theirs, ours = _pair(checkpoint, target_modules=["down_proj"], r=2)
-    for model, lib in ((theirs, peft), (ours, fastlora)):
-        if merged:
-            model.merge_adapter()
-        model.add_adapter("x1", lib.LoraConfig(target_modules="all-linear", r=2))
-    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
-    assert not any(name.endswith("base_layer.base_layer") for name, _ in ours.named_modules())
-    assert sorted(ours.peft_config["x1"].target_modules) == sorted(theirs.peft_config["x1"].target_modules)
+    assert_all_linear_second_adapter_as_peft(*_pair(checkpoint, target_modules=["down_proj"], r=2), merged=merged)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import torch
 from torch import nn
 
-from fastlora._version import __version__
+from fastlora._version import __version__, installed_version
 from fastlora.module_modes import activation_checkpointing_on
 from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.status import get_layer_status, get_model_status
@@ -47,17 +46,10 @@ def _json(value: Any) -> Any:
     return str(value)
 
 
-def _installed(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def _environment() -> dict[str, Any]:
     return {"python_version": platform.python_version(), "platform": platform.platform(),
-            "fastlora_version": __version__, "peft_version": _installed("peft"), "torch_version": torch.__version__,
-            "transformers_version": _installed("transformers"), "accelerate_version": _installed("accelerate"),
+            "fastlora_version": __version__, "peft_version": installed_version("peft"), "torch_version": torch.__version__,
+            "transformers_version": installed_version("transformers"), "accelerate_version": installed_version("accelerate"),
             "cuda_version": torch.version.cuda}
 
 

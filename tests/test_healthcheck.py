@@ -84,6 +84,9 @@ def test_the_report_describes_the_model_and_its_runtime():
     report = model.healthcheck()
     assert report["environment"]["fastlora_version"] == fastlora.__version__
     assert report["environment"]["torch_version"] == torch.__version__
+    import transformers
+    assert report["environment"]["peft_version"] == peft.__version__
+    assert report["environment"]["transformers_version"] == transformers.__version__
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert (report["summary"]["trainable_params"], report["summary"]["total_params"]) == (trainable, total)

@@ -8,12 +8,13 @@ import platform
 import re
 import subprocess
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 
 import torch
 
-__all__ = ["environment", "cpu_name", "gpu_name", "git_commit", "hardware_slug", "package_version"]
+from fastlora._version import installed_version
+
+__all__ = ["environment", "cpu_name", "gpu_name", "git_commit", "hardware_slug"]
 
 
 def cpu_name() -> str:
@@ -33,13 +34,6 @@ def gpu_name(device: str | torch.device | None = None) -> str | None:
     if dev.type != "cuda":
         dev = torch.device("cuda")
     return torch.cuda.get_device_name(dev)
-
-
-def package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 @lru_cache(maxsize=1)
@@ -82,7 +76,7 @@ def environment(device: str | torch.device) -> dict:
     try:
         import fastlora
 
-        fastlora_version = getattr(fastlora, "__version__", None) or package_version("fastlora-kernels")
+        fastlora_version = getattr(fastlora, "__version__", None) or installed_version("fastlora-kernels")
     except Exception:  # noqa: BLE001 - the bench must still run when fastlora's import is broken
         fastlora_version = None
     return {
@@ -97,9 +91,9 @@ def environment(device: str | torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": package_version("triton"),
-        "peft": package_version("peft"),
-        "transformers": package_version("transformers"),
+        "triton": installed_version("triton"),
+        "peft": installed_version("peft"),
+        "transformers": installed_version("transformers"),
         "fastlora": fastlora_version,
         "git_commit": git_commit(),
         "loadavg_1m": _loadavg(),

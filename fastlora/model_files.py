@@ -424,7 +424,9 @@ def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], confi
     if to_save is None:  # the rule of today refused, PEFT 0.21's fits the file
         return plan(True)
 
-    written_by_ending = any(not saved_whole(name, config.modules_to_save) and _holds_copy(
+    saved_today = lambda name: any(name == saved or name.startswith(saved + ".") for saved in to_save)  # noqa: E731
+    # a name both rules save (a tied head saved with its embeddings, say) tells nothing of the rule the file used
+    written_by_ending = any(not saved_today(name) and _holds_copy(
         tensors, name, tuple(saved for saved in to_save if saved.startswith(name + "."))) for name in saved_by_ending)
     return plan(written_by_ending)
 

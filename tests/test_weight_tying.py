@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastlora
-from tests.models import assert_unchanged, snapshot, tiny_gpt2, tiny_llama, tokens
+from tests.models import PEFT_BEFORE_0_22, assert_unchanged, snapshot, tiny_gpt2, tiny_llama, tokens
 from tests.tolerances import assert_close
 
 IDS = tokens()
@@ -103,6 +103,24 @@ def test_a_tied_adapter_trains_saves_and_loads_as_peft(case, tmp_path):
             warnings.simplefilter("ignore")
             loaded = lib.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), directory)
         assert_close(_logits(loaded), logits, kind="same_math", msg=f"{lib.__name__} loading the other's file")
+
+
+def test_a_file_saving_the_tied_embeddings_beside_norm_loads_in_both_libraries(tmp_path):
+    """The head saved with the embeddings it is tied to is in the file under either rule PEFT has matched
+    ``"norm"`` by (model.norm alone since 0.22; each layer's norms too in 0.21), so it says nothing of which rule
+    wrote the file: each file, fastlora's and PEFT's, loads in both libraries as it was saved."""
+    models = _pair("both_saved_whole", modules_to_save=["embed_tokens", "norm"])
+    for model, name in zip(models, ("peft", "fastlora")):
+        _steps(model)
+        model.save_pretrained(tmp_path / name)
+    for saver, name in zip(models, ("peft", "fastlora")):
+        for lib in (peft, fastlora):
+            if lib is peft and name == "fastlora" and PEFT_BEFORE_0_22:
+                continue  # PEFT 0.21 wants each layer's norms in any file naming "norm" (KeyError): PEFT 0.22's rule
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = lib.PeftModel.from_pretrained(tiny_llama(tie_word_embeddings=True), tmp_path / name)
+            assert_close(_logits(loaded), _logits(saver), kind="same_math", msg=f"{lib.__name__} loading {name}'s")
 
 
 @pytest.mark.parametrize("case", ADAPTED)

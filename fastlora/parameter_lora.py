@@ -100,8 +100,10 @@ class LoRAParameter(LoRALinear):
         return getattr(owner_of(self.base_layer), self.parameter_name)
 
     @property
-    def bias(self) -> None:
-        return None
+    def bias(self) -> Tensor | None:
+        """The module's own bias, which its forward adds unchanged (``bias="lora_only"`` trains it, as PEFT's)."""
+        bias = getattr(owner_of(self.base_layer), "bias", None)
+        return bias if isinstance(bias, Tensor) else None
 
     def stored_rank(self, r: int) -> int:
         return r * self.num_experts

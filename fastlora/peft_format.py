@@ -95,8 +95,13 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str],
         return {}
     # PEFT names the bias of every LoRA layer ``base_layer.bias``, whichever adapter made the layer
     targets = sorted(set(targets) | {n for n, m in model.named_modules() if isinstance(m, LoRALinear)})
+    # a module whose parameters target_parameters adapts sits under one LoRAParameter per parameter (PEFT's
+    # ParamWrapper): its bias is <owner>.base_layer(.base_layer…).bias once the model is adapted
+    under_parameter_layers = {target.owner: target.owner + ".base_layer" * target.count
+                              for target in plan_parameter_targets(model, config)}
     # (a quantized layer's bias is its base layer's: <target>.base_layer.bias, as PEFT's layers hold it too)
-    wanted = set(targets) | {f"{t}.base_layer" for t in targets} if config.bias == "lora_only" else None
+    wanted = set(targets) | {f"{t}.base_layer" for t in targets} | set(under_parameter_layers) \
+        if config.bias == "lora_only" else None
     # another adapter's copies are its own; the original beside them is the module this adapter computes with
     others = {n for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)} - set(to_save)
     out = {}
@@ -109,6 +114,10 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str],
         if not isinstance(bias, torch.Tensor) or (wanted is not None and module_name not in wanted):
             continue
         prefix = f"{module_name}." if module_name else ""
+        if module_name in under_parameter_layers:  # not adapted yet: its LoRAParameter layers will hold it
+            path = f"{under_parameter_layers[module_name]}.bias"
+            out[PREFIX + path] = (path, tuple(bias.shape))
+            continue
         file_path = f"{prefix}base_layer.bias" if module_name in targets else f"{prefix}bias"
         # a target not adapted yet whose adapted layer will hold it as base_layer: its bias is found there
         held = module_name in targets and not is_adapted(module) and kind_of(module).adapted_type.HOLDS_BASE_LAYER

@@ -14,7 +14,8 @@ from torch import nn
 
 import fastlora
 from fastlora.parameter_lora import LoRAParameter
-from tests.models import PEFT_BEFORE_0_22, assert_unchanged, clone, copy_lora_weights, snapshot, tiny_mixtral, tokens
+from tests.models import (PEFT_BEFORE_0_22, assert_biases_saved_and_loaded_as_peft, assert_unchanged, clone,
+                          copy_lora_weights, snapshot, tiny_llama, tiny_mixtral, tokens)
 from tests.tolerances import assert_close
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -135,6 +136,30 @@ def test_adapter_files_have_peft_keys_and_load_both_ways(case, tmp_path):
     for model in (peft.PeftModel.from_pretrained(clone(base), tmp_path / "ours"),
                   fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "theirs")):
         assert_close(model(**inputs).logits, expected, kind="same_math")
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("build, parameter", [(lambda: tiny_llama(attention_bias=True), "o_proj.weight"),
+                                              (_gpt_oss, "router.weight")], ids=["linear weight", "gpt_oss router"])
+def test_the_bias_of_a_module_whose_weight_is_adapted_trains_saves_and_loads_as_peft(build, parameter, bias, tmp_path):
+    """The module keeps its bias beside the adapted weight: ``bias`` trains it as PEFT's (``lora_only`` too, the
+    module being a LoRA layer's), and the files hold it under PEFT's key ``<module>.base_layer.bias``."""
+    base = build()
+    kwargs = dict(target_modules=["q_proj"], target_parameters=[parameter], r=2, init_lora_weights=False, bias=bias)
+    theirs = peft.get_peft_model(clone(base), peft.LoraConfig(**kwargs))
+    ours = fastlora.get_peft_model(clone(base), fastlora.LoraConfig(**kwargs))
+    copy_lora_weights(theirs, ours)
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    module = parameter.removesuffix(".weight")
+    trained = [p for n, p in ours.named_parameters() if p.requires_grad and n.endswith(f"{module}.base_layer.bias")]
+    assert len(trained) == base.config.num_hidden_layers
+    ids = tokens(length=9)
+    ours(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert_biases_saved_and_loaded_as_peft(theirs, ours, lambda: clone(base), tmp_path, torch.float32)
+    loaded = fastlora.PeftModel.from_pretrained(clone(base), tmp_path / "ours").eval()  # its own file
+    with torch.no_grad():
+        assert_close(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math")
 
 
 @pytest.mark.parametrize("case", CASES)

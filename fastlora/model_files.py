@@ -70,7 +70,7 @@ class AdapterFilesMixin:
                 file_config = with_task_heads(file_config, self.get_base_model())
             _check_same_adapter(model, adapter_name, config, file_config)
             self._check_not_merged(adapter_name)
-            targets, to_save = peft_format.adapter_targets(model, adapter_name)
+            targets, to_save = peft_format.adapter_targets(model, adapter_name, config)
             expected, tensors = _checked(model, config, targets, to_save, adapter_name, tensors, model_id)
             _copy_values(model, expected, tensors, restore_on_error=True)
         else:
@@ -153,7 +153,7 @@ class AdapterFilesMixin:
         name = self._check_adapter_names(None if adapter_name is None else [adapter_name])[0]
         model = self.get_base_model()
         config = self.peft_config[name]
-        targets, wrappers = peft_format.adapter_targets(model, name)
+        targets, wrappers = peft_format.adapter_targets(model, name, config)
         _check_config_describes_layers(model, config, name, targets)
         expected = peft_format.expected_tensors(model, config, targets, wrappers, name)
         aliases: dict[str, str] = {}
@@ -203,7 +203,7 @@ class AdapterFilesMixin:
             raise TypeError(f"an adapter state dict maps PEFT's keys (str) to tensors holding values (not on the meta "
                             f"device), got {_describe(tensors)}")
         model = self.get_base_model()
-        targets, wrappers = peft_format.adapter_targets(model, name)
+        targets, wrappers = peft_format.adapter_targets(model, name, self.peft_config[name])
         expected = peft_format.expected_tensors(model, self.peft_config[name], targets, wrappers, name)
         given = peft_format.with_model_paths(model, {
             key if key.startswith(peft_format.PREFIX) else peft_format.PREFIX + key: t for key, t in tensors.items()})

@@ -36,7 +36,7 @@ from fastlora.layer import LoRALinear
 from fastlora.schedules import resolve
 
 __all__ = ["LoRAParameter", "ParameterTarget", "plan_parameter_targets", "parameter_chain", "owner_of",
-           "add_parameter_adapters"]
+           "add_parameter_adapters", "wrapped_by_parameter_layers"]
 
 
 def parameter_sizes(owner: nn.Module, parameter: Tensor) -> tuple[int, int, int, bool]:
@@ -85,14 +85,14 @@ class LoRAParameter(LoRALinear):
                                       f"(PEFT fails there too)")
 
     @staticmethod
-    def check_settings(settings: AdapterSettings, where: str = "") -> None:
+    def check_settings(settings: AdapterSettings, where: str = "target_parameters",
+                       otherwise: str = "adapt the parameter's module through target_modules if it is a Linear") -> None:
         """PEFT's refusals: the update is on a weight, so no dropout of the input, no DoRA, no bias on B."""
         for name, on in (("lora_dropout", settings.lora_dropout != 0), ("use_dora", settings.use_dora),
                          ("lora_bias", settings.lora_bias)):
             if on:
-                raise ValueError(f"target_parameters{where} does not work with {name}={getattr(settings, name)!r} "
-                                 f"(as in PEFT): the update is added to the weight itself; set {name} off, or adapt "
-                                 f"the parameter's module through target_modules if it is a Linear")
+                raise ValueError(f"{where} does not work with {name}={getattr(settings, name)!r} (as in PEFT): the "
+                                 f"update is added to the weight itself; set {name} off, or {otherwise}")
 
     @property
     def weight(self) -> nn.Parameter:
@@ -110,7 +110,7 @@ class LoRAParameter(LoRALinear):
 
     def add_adapter(self, adapter_name: str, settings: AdapterSettings, *, init_lora_weights=True,
                     adapter_dtype: torch.dtype | None = None) -> None:
-        self.check_settings(settings, f" ({self.parameter_name})")
+        self.check_settings(settings, f"target_parameters ({self.parameter_name})")
         super().add_adapter(adapter_name, settings, init_lora_weights=init_lora_weights, adapter_dtype=adapter_dtype)
 
     def _stacks(self, adapter_name: str) -> tuple[Tensor, Tensor]:
@@ -257,7 +257,7 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig,
     for name, module in model.named_modules():
         if isinstance(module, LoRAParameter):
             continue  # its owner, under it, is visited
-        owner = re.sub(r"(\.base_layer)+$", "", name) if _wrapped_by_parameter_layers(model, name) else name
+        owner = re.sub(r"(\.base_layer)+$", "", name) if wrapped_by_parameter_layers(model, name) else name
         for parameter_name, parameter in module.named_parameters(recurse=False):
             matching = _matching(f"{owner}.{parameter_name}" if owner else parameter_name, wanted)
             if not matching:
@@ -290,11 +290,12 @@ def plan_parameter_targets(model: nn.Module, config: LoraConfig,
     plan = [ParameterTarget(owner, parameter, i, len(names))
             for owner, names in found.items() for i, parameter in enumerate(names)]
     for target in plan:
-        LoRAParameter.check_settings(config.settings_for(target.key), f" ({target.key})")
+        LoRAParameter.check_settings(config.settings_for(target.key), f"target_parameters ({target.key})")
     return plan
 
 
-def _wrapped_by_parameter_layers(model: nn.Module, name: str) -> bool:
+def wrapped_by_parameter_layers(model: nn.Module, name: str) -> bool:
+    """Whether the module ``name`` is the base layer of a LoRAParameter (one whose parameters they adapt)."""
     parent = name.rsplit(".base_layer", 1)[0] if name.endswith(".base_layer") else None
     return parent is not None and isinstance(model.get_submodule(parent), LoRAParameter)
 

@@ -256,10 +256,13 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dim() else torch.equal(a, b)
 
 
-def adapter_targets(model: nn.Module, adapter_name: str) -> tuple[list[str], list[str]]:
-    """(LoRA layers holding ``adapter_name``, modules_to_save wrappers with a copy for it) of an adapted model."""
-    layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and not isinstance(m, LoRAParameter)
-              and adapter_name in m.adapter_settings]  # a module's parameters: from the config's target_parameters
+def adapter_targets(model: nn.Module, adapter_name: str, config: LoraConfig) -> tuple[list[str], list[str]]:
+    """(LoRA layers holding ``adapter_name``, modules_to_save wrappers with a copy for it) of an adapted model;
+    not the parameter layers ``config.target_parameters`` made (they have their own plan), but those its
+    ``target_modules`` named, which hold it on the parameter another adapter's target_parameters adapts."""
+    by_parameters = {target.layer_path for target in plan_parameter_targets(model, config)}
+    layers = [n for n, m in model.named_modules() if isinstance(m, LoRALinear) and adapter_name in m.adapter_settings
+              and not (isinstance(m, LoRAParameter) and n in by_parameters)]
     wrappers = [n for n, m in model.named_modules()
                 if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save]
     return layers, wrappers

@@ -17,7 +17,7 @@ from fastlora.config import LoraConfig, UnsupportedFeatureError, as_list, patter
 from fastlora.fused_experts import FUSED_EXPERT_NAMES, for_fused_experts
 from fastlora.layer import LoRALinear
 from fastlora.modules_to_save import ModulesToSaveWrapper
-from fastlora.parameter_lora import LoRAParameter
+from fastlora.parameter_lora import LoRAParameter, plan_parameter_targets, wrapped_by_parameter_layers
 from fastlora.quantized import is_bnb_linear
 from fastlora.trainable_tokens import TrainableTokensWrapper
 from fastlora.weight_tying import tied_heads, tied_with_input_embeddings, with_weight_tying
@@ -168,8 +168,10 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
         if isinstance(module, ModulesToSaveWrapper) and name and config.target_modules != "all-linear" and \
                 _name_matches(name, config.target_modules) and not _under_modules_to_save(name, config, by_ending):
             saved_by_others.append(name)
-        if not name or name in heads or isinstance(module, (ModulesToSaveWrapper, LoRAParameter)):
-            continue  # a parameter's layer has its own plan, a tied head the one below
+        if not name or name in heads or isinstance(module, ModulesToSaveWrapper) or wrapped_by_parameter_layers(
+                model, name) or (isinstance(module, LoRAParameter) and config.target_modules == "all-linear"):
+            continue  # a tied head has the plan below; a parameter's layer its own, but named it takes the adapter
+            # (the module under it, a target, would get a layer between it and the parameter's; PEFT leaves it too)
         if config.target_modules == "all-linear":
             if not is_linear_like(module) or _is_head(module, head):
                 continue
@@ -186,6 +188,13 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
             raise ValueError(f"target_modules matched {name}, which ensure_weight_tying ties to the copy of {embedding} "
                              f"that modules_to_save trains: it cannot also take an adapter; leave it out of "
                              f"target_modules")
+        if isinstance(module, LoRAParameter):  # on its parameter, as PEFT's ParamWrapper takes it: refusals first
+            if name in {target.owner for target in plan_parameter_targets(model, config)}:
+                continue  # this config's target_parameters adapt it too (PEFT's rewrite of expert names)
+            LoRAParameter.check_settings(
+                config.settings_for(name), f"target_modules matched {name}, whose {module.parameter_name} another "
+                f"adapter adapts through target_parameters: the adapter joins it there, which",
+                otherwise=f"leave {name} out of target_modules")
         if is_adapted(module):
             if adapter_name is None:
                 raise ValueError(f"module {name!r} is already a LoRALinear: the model already has an adapter")

@@ -280,6 +280,53 @@ def test_bad_calls_on_a_model_with_adapted_parameters_change_nothing(call, error
     assert_unchanged(model, before)
 
 
+def test_a_second_adapter_naming_a_module_whose_weight_is_adapted_joins_it_on_the_weight_as_peft(tmp_path):
+    """target_modules of a second adapter naming the Linear whose weight the first adapts through target_parameters:
+    the adapter joins the parameter's layer (PEFT's ParamWrapper takes it there too), nothing nested inside it,
+    with PEFT's output, trainable counts and file, which loads both ways; "all-linear" leaves that Linear."""
+    base, ids = tiny_llama(), tokens(length=9)
+    models = []
+    for lib in (peft, fastlora):
+        model = lib.get_peft_model(clone(base), lib.LoraConfig(target_parameters=["layers.0.mlp.gate_proj.weight"],
+                                                               r=1, init_lora_weights=False))
+        model.add_adapter("named", lib.LoraConfig(target_modules=["gate_proj", "q_proj"], r=2, init_lora_weights=False))
+        model.add_adapter("all", lib.LoraConfig(target_modules="all-linear", r=2, init_lora_weights=False))
+        models.append(model)
+    theirs, ours = models
+    before = snapshot(ours)
+    with pytest.raises(ValueError, match=r"target_modules matched model\.layers\.0\.mlp\.gate_proj, whose weight "
+                       r"another adapter adapts through target_parameters: the adapter joins it there, which does not "
+                       r"work with lora_dropout=0\.1 \(as in PEFT\)"):
+        ours.add_adapter("dropout", fastlora.LoraConfig(target_modules=["gate_proj"], lora_dropout=0.1))
+    assert_unchanged(ours, before)
+    copy_lora_weights(theirs, ours)
+    layer = ours.base_model.model.model.layers[0].mlp.gate_proj
+    assert isinstance(layer, LoRAParameter) and sorted(layer.adapter_names) == ["default", "named"]
+    assert not any(isinstance(m, fastlora.LoRALinear) for m in layer.base_layer.modules())
+    for name in ("named", "all"):
+        theirs.set_adapter(name)
+        ours.set_adapter(name)
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters(), name
+        with torch.no_grad():
+            assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, kind="same_math", msg=name)
+    theirs.set_adapter("named")
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+    from safetensors.torch import load_file
+    for lib, model in (("peft", theirs), ("ours", ours)):
+        model.save_pretrained(tmp_path / lib, selected_adapters=["named"])
+    files = [load_file(tmp_path / lib / "named" / "adapter_model.safetensors") for lib in ("peft", "ours")]
+    assert sorted(files[0]) == sorted(files[1]) and "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in files[1]
+    for lib, directory in ((peft, tmp_path / "ours" / "named"), (fastlora, tmp_path / "peft" / "named")):
+        loaded = lib.PeftModel.from_pretrained(clone(base), directory)
+        with torch.no_grad():
+            assert_close(loaded(input_ids=ids).logits, expected, kind="same_math", msg=lib.__name__)
+    ours.load_adapter(tmp_path / "peft" / "named", adapter_name="again")  # beside the first adapter's parameter
+    ours.set_adapter("again")
+    with torch.no_grad():
+        assert_close(ours(input_ids=ids).logits, expected, kind="same_math")
+
+
 def test_the_layer_reads_a_transposed_expert_stack_through_its_module():
     _, _, ours = _pair("gpt_oss")
     layer = ours.base_model.model.model.layers[0].mlp.experts

@@ -13,6 +13,7 @@ import transformers
 from torch import nn
 
 import fastlora
+from fastlora.modules_to_save import ModulesToSaveWrapper
 from fastlora.parameter_lora import LoRAParameter
 from tests.models import (PEFT_BEFORE_0_22, assert_biases_saved_and_loaded_as_peft, assert_unchanged, clone,
                           copy_lora_weights, snapshot, tiny_llama, tiny_mixtral, tokens)
@@ -325,6 +326,20 @@ def test_a_second_adapter_naming_a_module_whose_weight_is_adapted_joins_it_on_th
     ours.set_adapter("again")
     with torch.no_grad():
         assert_close(ours(input_ids=ids).logits, expected, kind="same_math")
+
+
+def test_a_parameter_s_module_in_modules_to_save_is_saved_whole_without_an_adapter():
+    """As a Linear named in both target_modules and modules_to_save: the copy trains, the parameter of that module
+    takes no adapter (the other layers' do)."""
+    model = fastlora.get_peft_model(_mixtral(), fastlora.LoraConfig(
+        target_parameters=["gate.weight"], modules_to_save=["layers.0.mlp.gate"], r=2, init_lora_weights=False))
+    layers = model.base_model.model.model.layers
+    assert isinstance(layers[0].mlp.gate, ModulesToSaveWrapper)
+    assert not any(isinstance(m, LoRAParameter) for m in layers[0].mlp.gate.modules())
+    assert isinstance(layers[1].mlp.gate, LoRAParameter)
+    ids = tokens(length=9)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert layers[0].mlp.gate.modules_to_save["default"].weight.grad is not None
 
 
 def test_the_layer_reads_a_transposed_expert_stack_through_its_module():

@@ -48,9 +48,9 @@ def _json(value: Any) -> Any:
 
 def _environment() -> dict[str, Any]:
     return {"python_version": platform.python_version(), "platform": platform.platform(),
-            "fastlora_version": __version__, "peft_version": installed_version("peft"), "torch_version": torch.__version__,
-            "transformers_version": installed_version("transformers"), "accelerate_version": installed_version("accelerate"),
-            "cuda_version": torch.version.cuda}
+            "fastlora_version": __version__, "peft_version": installed_version("peft"),
+            "torch_version": torch.__version__, "transformers_version": installed_version("transformers"),
+            "accelerate_version": installed_version("accelerate"), "cuda_version": torch.version.cuda}
 
 
 def _runtime(model: nn.Module, base: nn.Module) -> dict[str, Any]:

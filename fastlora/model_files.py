@@ -424,9 +424,9 @@ def _planned_for_file(plan: Callable[[bool], tuple[list[str], list[str]]], confi
     if to_save is None:  # the rule of today refused, PEFT 0.21's fits the file
         return plan(True)
 
-    saved_today = lambda name: any(name == saved or name.startswith(saved + ".") for saved in to_save)  # noqa: E731
+    inside_saved = tuple(f"{saved}." for saved in to_save)
     # a name both rules save (a tied head saved with its embeddings, say) tells nothing of the rule the file used
-    written_by_ending = any(not saved_today(name) and _holds_copy(
+    written_by_ending = any(name not in to_save and not name.startswith(inside_saved) and _holds_copy(
         tensors, name, tuple(saved for saved in to_save if saved.startswith(name + "."))) for name in saved_by_ending)
     return plan(written_by_ending)
 

@@ -86,8 +86,10 @@ class LoRAParameter(LoRALinear):
 
     @staticmethod
     def check_settings(settings: AdapterSettings, where: str = "target_parameters",
-                       otherwise: str = "adapt the parameter's module through target_modules if it is a Linear") -> None:
-        """PEFT's refusals: the update is on a weight, so no dropout of the input, no DoRA, no bias on B."""
+                       otherwise: str = "adapt the parameter's module through target_modules if it is a Linear"
+                       ) -> None:
+        """PEFT's refusals: the update is on a weight, so no dropout of the input, no DoRA, no bias on B.  The
+        message says ``where`` the settings were given and what to do ``otherwise`` than setting them off."""
         for name, on in (("lora_dropout", settings.lora_dropout != 0), ("use_dora", settings.use_dora),
                          ("lora_bias", settings.lora_bias)):
             if on:

@@ -317,7 +317,8 @@ def test_a_second_adapter_naming_a_module_whose_weight_is_adapted_joins_it_on_th
     for lib, model in (("peft", theirs), ("ours", ours)):
         model.save_pretrained(tmp_path / lib, selected_adapters=["named"])
     files = [load_file(tmp_path / lib / "named" / "adapter_model.safetensors") for lib in ("peft", "ours")]
-    assert sorted(files[0]) == sorted(files[1]) and "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in files[1]
+    assert sorted(files[0]) == sorted(files[1])
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in files[1]
     for lib, directory in ((peft, tmp_path / "ours" / "named"), (fastlora, tmp_path / "peft" / "named")):
         loaded = lib.PeftModel.from_pretrained(clone(base), directory)
         with torch.no_grad():

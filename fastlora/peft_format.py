@@ -87,10 +87,11 @@ def with_model_paths(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> d
     return out
 
 
-def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str],
-               to_save: list[str]) -> dict[str, tuple[str, tuple[int, ...]]]:
+def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str], to_save: list[str],
+               parameter_targets: list[ParameterTarget]) -> dict[str, tuple[str, tuple[int, ...]]]:
     """file key → (parameter name once the model is adapted, shape), for the biases the config trains (a
-    modules_to_save module's bias is saved with the rest of that module)."""
+    modules_to_save module's bias is saved with the rest of that module; ``parameter_targets``: the config's
+    :func:`plan_parameter_targets`)."""
     if config.bias == "none":
         return {}
     # PEFT names the bias of every LoRA layer ``base_layer.bias``, whichever adapter made the layer
@@ -98,7 +99,7 @@ def _bias_keys(model: nn.Module, config: LoraConfig, targets: list[str],
     # a module whose parameters target_parameters adapts sits under one LoRAParameter per parameter (PEFT's
     # ParamWrapper): its bias is <owner>.base_layer(.base_layer…).bias once the model is adapted
     under_parameter_layers = {target.owner: target.owner + ".base_layer" * target.count
-                              for target in plan_parameter_targets(model, config)}
+                              for target in parameter_targets}
     # (a quantized layer's bias is its base layer's: <target>.base_layer.bias, as PEFT's layers hold it too)
     wanted = set(targets) | {f"{t}.base_layer" for t in targets} | set(under_parameter_layers) \
         if config.bias == "lora_only" else None
@@ -142,7 +143,8 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
                                                             (out_features,))
         if config.lora_bias:
             out[f"{PREFIX}{name}.lora_B.bias"] = (f"{name}.lora_bias_{adapter_name}", (out_features,))
-    for target in plan_parameter_targets(model, config):
+    parameter_targets = plan_parameter_targets(model, config)
+    for target in parameter_targets:
         layer_path = target.layer_path
         experts, in_features, out_features, _ = parameter_sizes(*_owner_and_parameter(model, target))
         r = experts * config.settings_for(target.key).r
@@ -152,7 +154,7 @@ def expected_tensors(model: nn.Module, config: LoraConfig, targets: list[str], t
         dim = getattr(model.get_submodule(name), "base_layer", model.get_submodule(name)).weight.shape[1]
         out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = (
             f"{name}.trainable_tokens_delta_{adapter_name}", (len(rows), dim))
-    out.update(_bias_keys(model, config, targets, to_save))
+    out.update(_bias_keys(model, config, targets, to_save, parameter_targets))
     for name in to_save:
         module = model.get_submodule(name)
         if isinstance(module, ModulesToSaveWrapper):

@@ -164,6 +164,7 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
     saved_tied = tied if how == "modules_to_save" else []  # computing with the embeddings' copy
     targets, not_linear, saved_instead = [], [], []
     saved_by_others = []  # modules another adapter saves whole that target_modules names
+    parameter_owners = None  # the modules this config's target_parameters adapt: planned once, where needed
     for name, module in _named_modules_outside_wrappers(model):
         if isinstance(module, ModulesToSaveWrapper) and name and config.target_modules != "all-linear" and \
                 _name_matches(name, config.target_modules) and not _under_modules_to_save(name, config, by_ending):
@@ -189,7 +190,9 @@ def plan_targets(model: nn.Module, config: LoraConfig, adapter_name: str | None 
                              f"that modules_to_save trains: it cannot also take an adapter; leave it out of "
                              f"target_modules")
         if isinstance(module, LoRAParameter):  # on its parameter, as PEFT's ParamWrapper takes it: refusals first
-            if name in {target.owner for target in plan_parameter_targets(model, config)}:
+            if parameter_owners is None:
+                parameter_owners = {target.owner for target in plan_parameter_targets(model, config)}
+            if name in parameter_owners:
                 continue  # this config's target_parameters adapt it too (PEFT's rewrite of expert names)
             LoRAParameter.check_settings(
                 config.settings_for(name), f"target_modules matched {name}, whose {module.parameter_name} another "
